@@ -1,0 +1,17 @@
+//! # mcim-core
+//!
+//! What the device (`tred`) and the network roles (`mcim-roles`) both need, with no I/O:
+//!
+//! - [`aka`]: the 3GPP AKA core: MILENAGE (TS 35.206) over a pluggable block-cipher
+//!   [`aka::Kernel`] (software AES here, the TRE's AES key in `tred`), the SQN scheme of
+//!   TS 33.102 Annex C, authentication vectors on the network side, AUTN checking and AUTS on
+//!   the device side, and resynchronisation (TS 33.102 6.3.5).
+//! - [`secret`]: fixed-size secret byte strings (K, OP, OPc, CK, IK) that wipe themselves and
+//!   never print.
+//!
+//! Later slices add identities (PCID, IMSI), the MCIM package format, the lifecycle state
+//! machine (TR 33.812 5.1.1.1), the TPM duplication-blob builder and attestation evidence.
+#![forbid(unsafe_code)]
+
+pub mod aka;
+pub mod secret;
