@@ -360,3 +360,46 @@ fn recover_sqn_ms_matches_ts35208_set_1_resync_inputs() {
         sqn
     );
 }
+
+#[test]
+fn batch_of_vectors_equals_one_at_a_time_and_all_authenticate() {
+    let (net, dev) = (subscriber([3; 16]), subscriber([3; 16]));
+    let p = SqnProfile::default();
+    let rands: Vec<Rand> = (0u8..5).map(|i| Rand([i; 16])).collect();
+    let mut he_batch = HeSqnState::default();
+    let batch = generate_avs(&net, &mut he_batch, &p, AMF, &rands).unwrap();
+    let mut he_single = HeSqnState::default();
+    let singles: Vec<AuthVector> = rands
+        .iter()
+        .map(|r| generate_av(&net, &mut he_single, &p, AMF, *r).unwrap())
+        .collect();
+    assert_eq!(he_batch, he_single);
+    assert_eq!(batch.len(), 5);
+    let mut ms = MsSqnState::new(&p);
+    for (b, s) in batch.iter().zip(&singles) {
+        assert_eq!(b.autn, s.autn);
+        assert!(b.xres.ct_matches(&s.xres));
+        assert_eq!(b.ck, s.ck);
+        match authenticate(&dev, &mut ms, &p, &b.rand, &b.autn).unwrap() {
+            DeviceResponse::Success { res, .. } => assert!(res.ct_matches(&b.xres)),
+            other => panic!("{other:?}"),
+        }
+    }
+}
+
+#[test]
+fn batch_that_would_exhaust_the_counter_makes_nothing() {
+    let net = subscriber([3; 16]);
+    let p = SqnProfile::default();
+    let mut he = HeSqnState {
+        seq_he: p.max_seq() - 2,
+        next_ind: 0,
+    };
+    let before = he.clone();
+    let rands = [Rand([0; 16]); 5];
+    assert!(matches!(
+        generate_avs(&net, &mut he, &p, AMF, &rands),
+        Err(NetworkAkaError::Sqn(_))
+    ));
+    assert_eq!(he, before);
+}

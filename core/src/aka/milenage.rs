@@ -10,7 +10,11 @@
 
 use super::{Amf, Ck, Ik, K, Op, Opc, Rand, Res};
 use aes::Aes128;
-use aes::cipher::{Array, BlockCipherEncrypt, KeyInit};
+use aes::cipher::consts::U16;
+use aes::cipher::inout::InOutBuf;
+use aes::cipher::{
+    Array, BlockCipherEncBackend, BlockCipherEncClosure, BlockCipherEncrypt, BlockSizeUser, KeyInit,
+};
 use std::convert::Infallible;
 use zeroize::Zeroize;
 
@@ -28,6 +32,21 @@ pub trait Kernel {
     /// Replaces each block by E_K(block). Called with one block (TEMP) or with the batch of
     /// output blocks.
     fn encrypt_blocks(&self, blocks: &mut [Block]) -> Result<(), Self::Error>;
+
+    /// Two dependent rounds: E_K on `first`, then `between` builds `second` from the
+    /// encrypted `first`, then E_K on `second`. MILENAGE's TEMP followed by OUT1..OUT5 has
+    /// this shape. The default makes two [`Kernel::encrypt_blocks`] calls; a kernel with a
+    /// per-call set-up cost does both rounds in one session.
+    fn encrypt_two_rounds(
+        &self,
+        first: &mut [Block],
+        second: &mut [Block],
+        between: &mut dyn FnMut(&[Block], &mut [Block]),
+    ) -> Result<(), Self::Error> {
+        self.encrypt_blocks(first)?;
+        between(first, second);
+        self.encrypt_blocks(second)
+    }
 }
 
 /// AES-128 with its key schedule expanded once and kept; zeroized on drop.
@@ -55,6 +74,49 @@ impl Kernel for SoftKernel {
             .encrypt_blocks(Array::cast_slice_from_core_mut(blocks));
         Ok(())
     }
+
+    fn encrypt_two_rounds(
+        &self,
+        first: &mut [Block],
+        second: &mut [Block],
+        between: &mut dyn FnMut(&[Block], &mut [Block]),
+    ) -> Result<(), Infallible> {
+        // One backend session for both rounds: with AES-NI/VAES the set-up of a session
+        // costs more than the blocks themselves (BENCHMARKS.md).
+        self.0.encrypt_with_backend(TwoRounds {
+            first,
+            second,
+            between,
+        });
+        Ok(())
+    }
+}
+
+struct TwoRounds<'a> {
+    first: &'a mut [Block],
+    second: &'a mut [Block],
+    between: &'a mut dyn FnMut(&[Block], &mut [Block]),
+}
+
+impl BlockSizeUser for TwoRounds<'_> {
+    type BlockSize = U16;
+}
+
+impl BlockCipherEncClosure for TwoRounds<'_> {
+    fn call<B: BlockCipherEncBackend<BlockSize = U16>>(self, backend: &B) {
+        encrypt_with(backend, self.first);
+        (self.between)(self.first, self.second);
+        encrypt_with(backend, self.second);
+    }
+}
+
+fn encrypt_with<B: BlockCipherEncBackend<BlockSize = U16>>(backend: &B, blocks: &mut [Block]) {
+    let buf: InOutBuf<'_, '_, Array<u8, U16>> = Array::cast_slice_from_core_mut(blocks).into();
+    let (chunks, tail) = buf.into_chunks::<B::ParBlocksSize>();
+    for chunk in chunks {
+        backend.encrypt_par_blocks(chunk);
+    }
+    backend.encrypt_tail_blocks(tail);
 }
 
 /// The rotation and constant of TS 35.206 4.1 that were given out of range.
@@ -147,14 +209,6 @@ fn rot(x: u128, r: u32) -> u128 {
     x.rotate_left(r)
 }
 
-fn wipe(v: &mut u128) {
-    // A plain store can be elided; zeroize's volatile write cannot.
-    let mut bytes = v.to_be_bytes();
-    bytes.zeroize();
-    *v = 0;
-    std::hint::black_box(&v);
-}
-
 impl<Kn: Kernel> Milenage<Kn> {
     /// MILENAGE with a known OPc.
     pub fn with_opc(kernel: Kn, opc: Opc, consts: Constants) -> Self {
@@ -185,7 +239,7 @@ impl<Kn: Kernel> Milenage<Kn> {
     pub fn temp(&self, rand: &Rand) -> Result<u128, Kn::Error> {
         let mut opc = u128::from_be_bytes(*self.opc.expose());
         let mut block = [(u128::from_be_bytes(rand.0) ^ opc).to_be_bytes()];
-        wipe(&mut opc);
+        opc.zeroize();
         let r = self.kernel.encrypt_blocks(&mut block);
         let temp = u128::from_be_bytes(block[0]);
         block.zeroize();
@@ -248,7 +302,7 @@ impl<Kn: Kernel> Milenage<Kn> {
         let r = self.kernel.encrypt_blocks(&mut blocks);
         let out = r.map(|()| Self::split_f1(&blocks[0], opc));
         blocks.zeroize();
-        wipe(&mut opc);
+        opc.zeroize();
         out
     }
 
@@ -264,7 +318,7 @@ impl<Kn: Kernel> Milenage<Kn> {
         let r = self.kernel.encrypt_blocks(&mut blocks);
         let out = r.map(|()| Self::split_f2345(&blocks, opc));
         blocks.zeroize();
-        wipe(&mut opc);
+        opc.zeroize();
         out
     }
 
@@ -285,34 +339,94 @@ impl<Kn: Kernel> Milenage<Kn> {
         self.f2345_with_temp(temp)
     }
 
-    /// Everything for one (RAND, SQN, AMF): two kernel calls (TEMP, then OUT1..OUT5 batched).
+    /// Everything for one (RAND, SQN, AMF): TEMP, then OUT1..OUT5 batched, in one
+    /// [`Kernel::encrypt_two_rounds`].
     pub fn compute(
         &self,
         rand: &Rand,
         sqn: &[u8; 6],
         amf: &Amf,
     ) -> Result<MilenageOutput, Kn::Error> {
-        let temp = self.temp(rand)?;
         let mut opc = u128::from_be_bytes(*self.opc.expose());
-        let mut blocks = [
-            self.in1(temp, opc, sqn, amf),
-            self.in_i(temp, opc, 2),
-            self.in_i(temp, opc, 3),
-            self.in_i(temp, opc, 4),
-            self.in_i(temp, opc, 5),
-        ];
-        let r = self.kernel.encrypt_blocks(&mut blocks);
+        // Buffers are u128 so that wiping them is one volatile store per block.
+        let mut first = [0u128; 1];
+        let mut second = [0u128; 5];
+        let first_b: &mut [Block] = bytemuck::cast_slice_mut(&mut first);
+        first_b[0] = (u128::from_be_bytes(rand.0) ^ opc).to_be_bytes();
+        let second_b: &mut [Block] = bytemuck::cast_slice_mut(&mut second);
+        let r = self
+            .kernel
+            .encrypt_two_rounds(first_b, second_b, &mut |temps, five| {
+                self.fill_outputs_input(u128::from_be_bytes(temps[0]), opc, sqn, amf, five);
+            });
+        let out = r.map(|()| Self::split_outputs(bytemuck::cast_slice(&second), opc));
+        first.zeroize();
+        second.zeroize();
+        opc.zeroize();
+        out
+    }
+
+    /// The five inputs of OUT1..OUT5 (before E_K) from TEMP.
+    fn fill_outputs_input(
+        &self,
+        temp: u128,
+        opc: u128,
+        sqn: &[u8; 6],
+        amf: &Amf,
+        five: &mut [Block],
+    ) {
+        for (i, slot) in five.iter_mut().enumerate() {
+            *slot = if i == 0 {
+                self.in1(temp, opc, sqn, amf)
+            } else {
+                self.in_i(temp, opc, i + 1)
+            };
+        }
+    }
+
+    /// MilenageOutput from E_K of the five inputs.
+    fn split_outputs(o: &[Block], opc: u128) -> MilenageOutput {
+        let (mac_a, mac_s) = Self::split_f1(&o[0], opc);
+        let f2345 = Self::split_f2345(&[o[1], o[2], o[3], o[4]], opc);
+        MilenageOutput {
+            mac_a,
+            mac_s,
+            f2345,
+        }
+    }
+
+    /// Everything for several (RAND, SQN, AMF) at once: all TEMPs in the first round, all
+    /// OUT1..OUT5 in the second, one [`Kernel::encrypt_two_rounds`] for the lot.
+    pub fn compute_many(
+        &self,
+        inputs: &[(Rand, [u8; 6], Amf)],
+    ) -> Result<Vec<MilenageOutput>, Kn::Error> {
+        let mut opc = u128::from_be_bytes(*self.opc.expose());
+        let mut first = vec![0u128; inputs.len()];
+        let mut second = vec![0u128; 5 * inputs.len()];
+        let first_b: &mut [Block] = bytemuck::cast_slice_mut(&mut first);
+        for (slot, (rand, _, _)) in first_b.iter_mut().zip(inputs) {
+            *slot = (u128::from_be_bytes(rand.0) ^ opc).to_be_bytes();
+        }
+        let second_b: &mut [Block] = bytemuck::cast_slice_mut(&mut second);
+        let r = self
+            .kernel
+            .encrypt_two_rounds(first_b, second_b, &mut |temps, ins| {
+                for ((temp, (_, sqn, amf)), five) in
+                    temps.iter().zip(inputs).zip(ins.chunks_exact_mut(5))
+                {
+                    self.fill_outputs_input(u128::from_be_bytes(*temp), opc, sqn, amf, five);
+                }
+            });
         let out = r.map(|()| {
-            let (mac_a, mac_s) = Self::split_f1(&blocks[0], opc);
-            let f2345 = Self::split_f2345(&[blocks[1], blocks[2], blocks[3], blocks[4]], opc);
-            MilenageOutput {
-                mac_a,
-                mac_s,
-                f2345,
-            }
+            bytemuck::cast_slice::<u128, Block>(&second)
+                .chunks_exact(5)
+                .map(|o| Self::split_outputs(o, opc))
+                .collect()
         });
-        blocks.zeroize();
-        wipe(&mut opc);
+        first.zeroize();
+        second.zeroize();
+        opc.zeroize();
         out
     }
 }

@@ -22,7 +22,7 @@ pub mod sqn;
 
 pub use device::{DeviceResponse, authenticate};
 pub use milenage::{Constants, Kernel, Milenage, MilenageOutput, SoftKernel};
-pub use network::{AuthVector, generate_av, recover_sqn_ms, resynchronise};
+pub use network::{AuthVector, generate_av, generate_avs, recover_sqn_ms, resynchronise};
 pub use sqn::{HeSqnState, MsSqnState, Sqn, SqnProfile};
 
 use crate::secret::SecretBytes;

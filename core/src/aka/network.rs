@@ -3,7 +3,7 @@
 //! The RO's ICF makes vectors for PCIDs (TR 33.812 5.1.3.6.2 step 3, annex x.3 "securely
 //! generate authentication vectors for PCIDs"), the SHO for its IMSIs (5.1.3.3.2.2).
 
-use super::milenage::{Kernel, Milenage};
+use super::milenage::{Kernel, Milenage, MilenageOutput};
 use super::sqn::{HeSqnState, Sqn, SqnError, SqnProfile};
 use super::{Amf, Autn, Auts, Ck, Ik, Rand, Res, xor6};
 use subtle::ConstantTimeEq;
@@ -37,7 +37,7 @@ pub enum NetworkAkaError<E: std::error::Error + 'static> {
     Kernel(#[source] E),
 }
 
-/// Makes one vector with the next SQN of `state`. Two kernel calls. `state` changes only
+/// Makes one vector with the next SQN of `state`. One kernel session (two rounds). `state` changes only
 /// on success.
 pub fn generate_av<Kn: Kernel>(
     m: &Milenage<Kn>,
@@ -53,7 +53,31 @@ pub fn generate_av<Kn: Kernel>(
     Ok(av)
 }
 
-/// The vector for a given SQN (no state). Two kernel calls.
+/// Makes `rands.len()` vectors with consecutive SQNs of `state`, in one kernel session for
+/// the lot (GetAuthVectors asks for up to five at a time). `state` changes only on success.
+pub fn generate_avs<Kn: Kernel>(
+    m: &Milenage<Kn>,
+    state: &mut HeSqnState,
+    profile: &SqnProfile,
+    amf: Amf,
+    rands: &[Rand],
+) -> Result<Vec<AuthVector>, NetworkAkaError<Kn::Error>> {
+    let mut next = state.clone();
+    let mut inputs = Vec::with_capacity(rands.len());
+    for rand in rands {
+        inputs.push((*rand, next.next(profile)?.to_bytes(), amf));
+    }
+    let outs = m.compute_many(&inputs).map_err(NetworkAkaError::Kernel)?;
+    let avs = inputs
+        .iter()
+        .zip(outs)
+        .map(|((rand, sqn, amf), out)| assemble(*rand, sqn, *amf, out))
+        .collect();
+    *state = next;
+    Ok(avs)
+}
+
+/// The vector for a given SQN (no state). One kernel session.
 pub fn vector_for<Kn: Kernel>(
     m: &Milenage<Kn>,
     sqn: Sqn,
@@ -62,18 +86,23 @@ pub fn vector_for<Kn: Kernel>(
 ) -> Result<AuthVector, Kn::Error> {
     let sqn_b = sqn.to_bytes();
     let out = m.compute(&rand, &sqn_b, &amf)?;
+    Ok(assemble(rand, &sqn_b, amf, out))
+}
+
+/// AUTN = SQN ⊕ AK || AMF || MAC-A, and the rest of the vector.
+fn assemble(rand: Rand, sqn: &[u8; 6], amf: Amf, out: MilenageOutput) -> AuthVector {
     let mut autn = [0u8; 16];
-    autn[..6].copy_from_slice(&xor6(&sqn_b, &out.f2345.ak));
+    autn[..6].copy_from_slice(&xor6(sqn, &out.f2345.ak));
     autn[6..8].copy_from_slice(&amf.0);
     autn[8..].copy_from_slice(&out.mac_a);
     let f = out.f2345;
-    Ok(AuthVector {
+    AuthVector {
         rand,
         xres: f.res,
         ck: f.ck,
         ik: f.ik,
         autn: Autn(autn),
-    })
+    }
 }
 
 /// Recovers SQN_MS from AUTS and verifies MAC-S (TS 33.102 6.3.5), with no state.

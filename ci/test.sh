@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Every check CI runs: format, clippy with warnings denied, buf lint of the wire contract,
+# and all tests (unit, integration, end-to-end, doc). Run ci/install-deps.sh once first.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+
+echo "== buf lint (STANDARD)"
+.tools/buf/node_modules/.bin/buf lint
+
+echo "== cargo clippy -D warnings"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+echo "== tests"
+if cargo nextest --version >/dev/null 2>&1; then
+  # Doc tests first: nextest's summary is then the closing line.
+  cargo test --workspace --locked --doc
+  cargo nextest run --workspace --locked --no-fail-fast
+else
+  cargo test --workspace --locked --no-fail-fast
+fi
