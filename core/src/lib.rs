@@ -6,6 +6,8 @@
 //!   [`aka::Kernel`] (software AES here, the TRE's AES key in `tred`), the SQN scheme of
 //!   TS 33.102 Annex C, authentication vectors on the network side, AUTN checking and AUTS on
 //!   the device side, and resynchronisation (TS 33.102 6.3.5).
+//! - [`identity`]: PCID and IMSI (IMSI format, routed by MCC/MNC, annex x.2.1) and the
+//!   supplier's device identity.
 //! - [`secret`]: fixed-size secret byte strings (K, OP, OPc, CK, IK) that wipe themselves and
 //!   never print.
 //!
@@ -14,4 +16,5 @@
 #![forbid(unsafe_code)]
 
 pub mod aka;
+pub mod identity;
 pub mod secret;

@@ -1,0 +1,168 @@
+//! The Trusted Environment (TR 33.812 5.1.2) behind one trait, [`Tre`], with a backend per
+//! kind of hardware: `tpm` (TPM 2.0 through tss-esapi) and, later, `pkcs11` (cryptoki).
+//!
+//! Every operation has a default body that answers [`TreError::NotSupported`]; a backend
+//! overrides what it can and says so in [`Tre::capabilities`], so callers ask instead of
+//! guessing (the parsec provider model). One conformance suite (`tests/conformance.rs`) runs
+//! against every backend on a real TRE (swtpm, SoftHSM2), each test with its own instance.
+//!
+//! Operations, by clause of the seed:
+//! - supply-time initialisation and identity: [`Tre::init_device`], [`Tre::identity`]
+//!   (5.1.2.2 pre-provisioning; 5.1.3.3.4 M2ME supply; 5.1.3.4.1 CCIF);
+//! - randomness for nonces and ids: [`Tre::random`].
+//!
+//! Still to come in issue 3 (same trait, new methods with NotSupported defaults): import of
+//! MCIM secrets (TPM2_Import), the MILENAGE kernel inside the TRE, quotes, sealing, the
+//! monotonic counter and the NV-anchored audit chain.
+
+#[cfg(feature = "tpm")]
+pub mod tpm;
+
+use mcim_core::identity::{DeviceIdentity, IdentityError};
+
+/// The kind of TRE.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TreKind {
+    /// TPM 2.0.
+    Tpm2,
+    /// PKCS#11 token.
+    Pkcs11,
+}
+
+/// Where AKA's E_K runs (the device's evidence reports it; an SHO may refuse the weaker).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AkaExecution {
+    /// K is a TRE key object; every E_K is a TRE command (TPM2_EncryptDecrypt2, C_Encrypt).
+    InTre,
+    /// The TRE lacks a usable cipher command: K is sealed and unsealed into zeroized host
+    /// memory only for the computation.
+    UnsealedInHost,
+}
+
+/// What a backend can do, found at start-up (TPM2_GetCapability, token mechanisms).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Capabilities {
+    /// TPM or PKCS#11.
+    pub kind: TreKind,
+    /// How MILENAGE runs.
+    pub aka_execution: AkaExecution,
+    /// TPM2_EncryptDecrypt2 is implemented (TOOLCHAIN gotcha 8: many hardware TPMs lack it).
+    pub encrypt_decrypt2: bool,
+    /// A quote with a restricted attestation key is available.
+    pub quote: bool,
+    /// A monotonic counter in the TRE guards against rollback of the state directory.
+    pub monotonic_counter: bool,
+    /// The manufacturer and firmware the TRE reports, for logs and evidence.
+    pub vendor: String,
+}
+
+/// Public material of a device's keys, what the supplier certifies into the platform
+/// credential (5.1.3.5.8 PfC) and what an SHO wraps MCIM secrets to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DevicePublic {
+    /// The storage key: a marshalled TPM2B_PUBLIC (TPM) or a DER SPKI (PKCS#11).
+    pub storage_public: Vec<u8>,
+    /// The attestation key, same encodings.
+    pub attestation_public: Vec<u8>,
+    /// The TLS client key as DER SubjectPublicKeyInfo.
+    pub tls_public_spki: Vec<u8>,
+}
+
+/// Result of [`Tre::init_device`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InitOutcome {
+    /// False when the device already had exactly these keys and identity.
+    pub created: bool,
+    /// The identity as stored.
+    pub identity: DeviceIdentity,
+    /// The keys' public material.
+    pub public: DevicePublic,
+}
+
+/// What can go wrong in a TRE, in the caller's terms. Never carries secret bytes.
+#[derive(Debug, thiserror::Error)]
+pub enum TreError {
+    /// The backend does not implement this operation; see [`Tre::capabilities`].
+    #[error("the {backend} TRE does not support {operation}")]
+    NotSupported {
+        /// "tpm", "pkcs11"
+        backend: &'static str,
+        /// the operation asked for
+        operation: &'static str,
+    },
+    /// The TRE could not be reached or opened (TCTI, device node, module).
+    #[error("cannot open the TRE ({target}): {detail}")]
+    Unavailable {
+        /// what was tried, e.g. the TCTI string
+        target: String,
+        /// why it failed
+        detail: String,
+    },
+    /// The device already holds a different identity or keys; nothing was changed. Re-keying
+    /// a supplied device is never done silently (5.1.2.2, parsec's lesson).
+    #[error("the TRE is already initialised with a different identity or keys: {0}")]
+    AlreadyInitialised(String),
+    /// The device has not been through supply-time initialisation.
+    #[error("the TRE holds no device identity yet: run `mcimctl device init`")]
+    NotInitialised,
+    /// Stored state does not match what the TRE holds (e.g. the TPM was cleared): the TRE
+    /// must go into lockdown (5.1.2.2).
+    #[error("TRE state mismatch: {0}")]
+    Mismatch(String),
+    /// An identity field is malformed.
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    /// A command of the TRE failed.
+    #[error("TRE command {command} failed: {detail}")]
+    Command {
+        /// the command, e.g. "TPM2_CreatePrimary"
+        command: &'static str,
+        /// the TRE's answer (response code text)
+        detail: String,
+    },
+}
+
+/// A Trusted Environment. One instance owns one TRE connection; callers serialise access
+/// (the daemon keeps it behind a mutex-guarded actor: a TPM context is not `Send`-safe to
+/// share).
+pub trait Tre {
+    /// "tpm" or "pkcs11", for errors and logs.
+    fn backend_name(&self) -> &'static str;
+
+    /// What this TRE can do.
+    fn capabilities(&self) -> &Capabilities;
+
+    /// Supply-time initialisation (5.1.3.3.4; 5.1.2.2 "pre-provisioned in a secure,
+    /// out-of-band facility"): creates the storage key, the attestation key (restricted
+    /// signing) and the TLS client key, and writes `identity` into the TRE. Idempotent: the
+    /// same identity on an initialised device returns `created: false` and the same public
+    /// material; a different identity is [`TreError::AlreadyInitialised`] and changes nothing.
+    fn init_device(&mut self, identity: &DeviceIdentity) -> Result<InitOutcome, TreError> {
+        let _ = identity;
+        Err(self.not_supported("init_device"))
+    }
+
+    /// The identity stored at supply time, `None` before it.
+    fn identity(&mut self) -> Result<Option<DeviceIdentity>, TreError> {
+        Err(self.not_supported("identity"))
+    }
+
+    /// The public material of the device keys, after [`Tre::init_device`].
+    fn device_public(&mut self) -> Result<DevicePublic, TreError> {
+        Err(self.not_supported("device_public"))
+    }
+
+    /// `n` random bytes from the TRE's generator (n ≤ 64).
+    fn random(&mut self, n: usize) -> Result<Vec<u8>, TreError> {
+        let _ = n;
+        Err(self.not_supported("random"))
+    }
+
+    /// The error for an operation this backend lacks.
+    fn not_supported(&self, operation: &'static str) -> TreError {
+        TreError::NotSupported {
+            backend: self.backend_name(),
+            operation,
+        }
+    }
+}

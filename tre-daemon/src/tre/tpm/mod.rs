@@ -1,0 +1,217 @@
+//! The TPM 2.0 backend of [`Tre`](super::Tre), over tss-esapi.
+//!
+//! Objects it keeps in the TPM (the tpm2-tools witness sees them with
+//! `tpm2_getcap handles-persistent` and `tpm2_nvreadpublic`):
+//!
+//! | object | where | template |
+//! | --- | --- | --- |
+//! | storage key | persistent [`STORAGE_HANDLE`] | ECC P-256, restricted decrypt, AES-128-CFB (the parent MCIM secrets are imported under) |
+//! | attestation key (AK) | persistent [`AK_HANDLE`] | ECC P-256, restricted sign, ECDSA-SHA256 |
+//! | TLS client key | persistent [`TLS_HANDLE`] | ECC P-256, unrestricted sign, ECDSA-SHA256 |
+//! | device identity | NV index [`NV_IDENTITY`] | owner read/write; JSON of the identity and the storage key's name |
+//!
+//! The identity record carries the storage key's name, so that a TPM whose owner hierarchy
+//! was cleared (new keys) is detected rather than silently re-keyed.
+
+mod keys;
+mod nv;
+
+use super::{AkaExecution, Capabilities, DevicePublic, InitOutcome, Tre, TreError, TreKind};
+use mcim_core::identity::DeviceIdentity;
+use std::str::FromStr;
+use tss_esapi::constants::CapabilityType;
+use tss_esapi::constants::tss::TPM2_TRANSIENT_FIRST;
+use tss_esapi::handles::{ObjectHandle, TpmHandle};
+use tss_esapi::structures::CapabilityData;
+use tss_esapi::tcti_ldr::TctiNameConf;
+use tss_esapi::{Context, constants::CommandCode};
+
+/// Persistent handle of the storage key.
+pub const STORAGE_HANDLE: u32 = 0x8100_0100;
+/// Persistent handle of the attestation key.
+pub const AK_HANDLE: u32 = 0x8100_0101;
+/// Persistent handle of the TLS client key.
+pub const TLS_HANDLE: u32 = 0x8100_0102;
+/// NV index of the device identity record.
+pub const NV_IDENTITY: u32 = 0x0150_0100;
+
+/// How to reach the TPM.
+#[derive(Clone, Debug)]
+pub struct TpmConfig {
+    /// A TCTI string: `device:/dev/tpmrm0`, `swtpm:host=127.0.0.1,port=2321`, `tabrmd:`.
+    pub tcti: String,
+}
+
+/// A TPM 2.0 as the device's TRE.
+pub struct TpmTre {
+    ctx: Context,
+    caps: Capabilities,
+}
+
+impl std::fmt::Debug for TpmTre {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TpmTre")
+            .field("caps", &self.caps)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Maps a tss-esapi error of `command` to a [`TreError`].
+pub(crate) fn cmd(command: &'static str) -> impl Fn(tss_esapi::Error) -> TreError {
+    move |e| TreError::Command {
+        command,
+        detail: e.to_string(),
+    }
+}
+
+impl TpmTre {
+    /// Opens the TPM, flushes transient objects left by earlier clients (swtpm has no
+    /// resource manager: TOOLCHAIN gotcha 1), and reads its capabilities.
+    pub fn open(config: &TpmConfig) -> Result<Self, TreError> {
+        let unavailable = |detail: String| TreError::Unavailable {
+            target: config.tcti.clone(),
+            detail,
+        };
+        let tcti = TctiNameConf::from_str(&config.tcti).map_err(|e| unavailable(e.to_string()))?;
+        let mut ctx = Context::new(tcti).map_err(|e| unavailable(e.to_string()))?;
+        flush_transients(&mut ctx)?;
+        let caps = read_capabilities(&mut ctx)?;
+        Ok(Self { ctx, caps })
+    }
+}
+
+fn flush_transients(ctx: &mut Context) -> Result<(), TreError> {
+    let (data, _) = ctx
+        .get_capability(CapabilityType::Handles, TPM2_TRANSIENT_FIRST, 16)
+        .map_err(cmd("TPM2_GetCapability(handles)"))?;
+    if let CapabilityData::Handles(list) = data {
+        for h in list.iter() {
+            if let TpmHandle::Transient(_) = h {
+                let obj: ObjectHandle = ctx
+                    .execute_without_session(|c| c.tr_from_tpm_public(*h))
+                    .map_err(cmd("Esys_TR_FromTPMPublic"))?;
+                ctx.flush_context(obj).map_err(cmd("TPM2_FlushContext"))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn read_capabilities(ctx: &mut Context) -> Result<Capabilities, TreError> {
+    let code: u32 = CommandCode::EncryptDecrypt2.into();
+    let (data, _) = ctx
+        .get_capability(CapabilityType::Command, code, 1)
+        .map_err(cmd("TPM2_GetCapability(commands)"))?;
+    let encrypt_decrypt2 = match data {
+        CapabilityData::Commands(list) => list
+            .iter()
+            .any(|a| u32::from(a.command_index()) == code & 0xFFFF),
+        _ => false,
+    };
+    let vendor = tss_esapi::utils::get_tpm_vendor(ctx).unwrap_or_default();
+    Ok(Capabilities {
+        kind: TreKind::Tpm2,
+        aka_execution: if encrypt_decrypt2 {
+            AkaExecution::InTre
+        } else {
+            AkaExecution::UnsealedInHost
+        },
+        encrypt_decrypt2,
+        quote: true,
+        monotonic_counter: true,
+        vendor,
+    })
+}
+
+impl Tre for TpmTre {
+    fn backend_name(&self) -> &'static str {
+        "tpm"
+    }
+
+    fn capabilities(&self) -> &Capabilities {
+        &self.caps
+    }
+
+    fn init_device(&mut self, identity: &DeviceIdentity) -> Result<InitOutcome, TreError> {
+        let stored = nv::read_identity(&mut self.ctx)?;
+        let existing_storage = keys::storage_name_if_present(&mut self.ctx)?;
+        match (&stored, &existing_storage) {
+            (Some(rec), Some(name)) => {
+                if rec.storage_name != *name {
+                    return Err(TreError::Mismatch(
+                        "the storage key differs from the one recorded at supply time (was the TPM cleared?)".into(),
+                    ));
+                }
+                if rec.identity != *identity {
+                    return Err(TreError::AlreadyInitialised(format!(
+                        "device {} with PCID {}",
+                        rec.identity.device_id, rec.identity.pcid
+                    )));
+                }
+            }
+            (Some(_), None) => {
+                return Err(TreError::Mismatch(
+                    "an identity is recorded but the device keys are gone (was the TPM cleared?)"
+                        .into(),
+                ));
+            }
+            _ => {}
+        }
+        let created_keys = keys::ensure_all(&mut self.ctx)?;
+        let public = self.device_public()?;
+        let storage_name = keys::storage_name_if_present(&mut self.ctx)?.ok_or(
+            TreError::Mismatch("storage key missing right after creation".into()),
+        )?;
+        let created_identity = stored.is_none();
+        if created_identity {
+            nv::write_identity(
+                &mut self.ctx,
+                &nv::IdentityRecord {
+                    identity: identity.clone(),
+                    storage_name,
+                },
+            )?;
+        }
+        Ok(InitOutcome {
+            created: created_keys || created_identity,
+            identity: identity.clone(),
+            public,
+        })
+    }
+
+    fn identity(&mut self) -> Result<Option<DeviceIdentity>, TreError> {
+        Ok(nv::read_identity(&mut self.ctx)?.map(|r| r.identity))
+    }
+
+    fn device_public(&mut self) -> Result<DevicePublic, TreError> {
+        keys::device_public(&mut self.ctx)
+    }
+
+    fn random(&mut self, n: usize) -> Result<Vec<u8>, TreError> {
+        if n > 64 {
+            return Err(TreError::Command {
+                command: "TPM2_GetRandom",
+                detail: format!("{n} bytes asked, at most 64"),
+            });
+        }
+        let mut out = Vec::with_capacity(n);
+        while out.len() < n {
+            let d = self
+                .ctx
+                .get_random(n - out.len())
+                .map_err(cmd("TPM2_GetRandom"))?;
+            out.extend_from_slice(d.value());
+        }
+        Ok(out)
+    }
+}
+
+/// Errors that tss-esapi raises outside a named command (starting the null-auth session).
+impl From<tss_esapi::Error> for TreError {
+    fn from(e: tss_esapi::Error) -> Self {
+        TreError::Command {
+            command: "TPM2_StartAuthSession",
+            detail: e.to_string(),
+        }
+    }
+}

@@ -1,0 +1,104 @@
+//! Test support: a private swtpm per test, with its own state directory (TOOLCHAIN.md).
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::net::{TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A running swtpm on 127.0.0.1, killed when dropped.
+pub struct Swtpm {
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+    pub port: u16,
+}
+
+fn free_port_pair() -> u16 {
+    loop {
+        let a = TcpListener::bind("127.0.0.1:0").unwrap();
+        let p = a.local_addr().unwrap().port();
+        if p < 65534 && TcpListener::bind(("127.0.0.1", p + 1)).is_ok() {
+            return p;
+        }
+    }
+}
+
+impl Swtpm {
+    /// A new TPM with empty state.
+    pub fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Swtpm {
+            child: None,
+            dir,
+            port: 0,
+        };
+        s.launch();
+        s
+    }
+
+    fn launch(&mut self) {
+        for _attempt in 0..5 {
+            let port = free_port_pair();
+            let child = Command::new("swtpm")
+                .arg("socket")
+                .arg("--tpm2")
+                .arg("--tpmstate")
+                .arg(format!("dir={}", self.dir.path().display()))
+                .arg("--server")
+                .arg(format!("type=tcp,port={port},bindaddr=127.0.0.1"))
+                .arg("--ctrl")
+                .arg(format!("type=tcp,port={},bindaddr=127.0.0.1", port + 1))
+                .arg("--flags")
+                .arg("not-need-init,startup-clear")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("swtpm is installed (ci/install-deps.sh)");
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                    self.child = Some(child);
+                    self.port = port;
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let mut child = child;
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        panic!("swtpm did not start");
+    }
+
+    /// Power-cycles the TPM: stops swtpm and starts it again on the same state directory.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.launch();
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// The TCTI string for tss-esapi and tpm2-tools.
+    pub fn tcti(&self) -> String {
+        format!("swtpm:host=127.0.0.1,port={}", self.port)
+    }
+
+    /// Runs a tpm2-tools command against this TPM (an independent witness).
+    pub fn tpm2(&self, tool: &str, args: &[&str]) -> std::process::Output {
+        Command::new(tool)
+            .args(args)
+            .env("TPM2TOOLS_TCTI", self.tcti())
+            .output()
+            .expect("tpm2-tools is installed (ci/install-deps.sh)")
+    }
+}
+
+impl Drop for Swtpm {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
