@@ -21,58 +21,25 @@
     clippy::panic
 )]
 
-/// Generated code, one module per proto package.
-pub mod mcim {
-    /// `mcim.common.v1`
-    pub mod common {
-        /// v1
-        pub mod v1 {
-            tonic::include_proto!("mcim.common.v1");
+/// One module `mcim::<area>::v1` per proto package `mcim.<area>.v1`.
+macro_rules! packages {
+    ($($area:ident),* $(,)?) => {
+        /// Generated code, one module per proto package.
+        pub mod mcim {
+            $(
+                #[doc = concat!("`mcim.", stringify!($area), ".v1`")]
+                pub mod $area {
+                    /// v1
+                    pub mod v1 {
+                        include!(concat!(env!("OUT_DIR"), "/mcim.", stringify!($area), ".v1.rs"));
+                    }
+                }
+            )*
         }
-    }
-    /// `mcim.tre.v1`
-    pub mod tre {
-        /// v1
-        pub mod v1 {
-            tonic::include_proto!("mcim.tre.v1");
-        }
-    }
-    /// `mcim.supplier.v1`
-    pub mod supplier {
-        /// v1
-        pub mod v1 {
-            tonic::include_proto!("mcim.supplier.v1");
-        }
-    }
-    /// `mcim.ro.v1`
-    pub mod ro {
-        /// v1
-        pub mod v1 {
-            tonic::include_proto!("mcim.ro.v1");
-        }
-    }
-    /// `mcim.vno.v1`
-    pub mod vno {
-        /// v1
-        pub mod v1 {
-            tonic::include_proto!("mcim.vno.v1");
-        }
-    }
-    /// `mcim.sho.v1`
-    pub mod sho {
-        /// v1
-        pub mod v1 {
-            tonic::include_proto!("mcim.sho.v1");
-        }
-    }
-    /// `mcim.pva.v1`
-    pub mod pva {
-        /// v1
-        pub mod v1 {
-            tonic::include_proto!("mcim.pva.v1");
-        }
-    }
+    };
 }
+
+packages!(common, tre, supplier, ro, vno, sho, pva);
 
 /// The encoded `FileDescriptorSet` of every package, for gRPC reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("mcim_descriptor");
