@@ -11,10 +11,14 @@
 //! - [`secret`]: fixed-size secret byte strings (K, OP, OPc, CK, IK) that wipe themselves and
 //!   never print.
 //!
-//! Later slices add identities (PCID, IMSI), the MCIM package format, the lifecycle state
-//! machine (TR 33.812 5.1.1.1), the TPM duplication-blob builder and attestation evidence.
+//! - [`tpm`]: TPM 2.0 structures built without a TPM: duplication blobs for TPM2_Import (how
+//!   an SHO sends K and OPc to one device's TPM), policy digests, names.
+//!
+//! Later slices add the MCIM package format, the lifecycle state machine (TR 33.812 5.1.1.1)
+//! and attestation evidence.
 #![forbid(unsafe_code)]
 
 pub mod aka;
 pub mod identity;
 pub mod secret;
+pub mod tpm;

@@ -4,8 +4,17 @@
 
 mod support;
 
+use mcim_core::aka::network::{recover_sqn_ms, vector_for};
+use mcim_core::aka::{
+    Amf, Autn, Constants, DeviceResponse, K, Milenage, MsSqnState, Opc, Rand, SoftKernel, Sqn,
+    SqnProfile,
+};
 use mcim_core::identity::{DeviceIdentity, Pcid};
-use mcim_tre::tre::{AkaExecution, Tre, TreError, TreKind};
+use mcim_tre::tre::{
+    AkaChallenge, AkaExecution, DevicePublic, ProtectedSecrets, Tre, TreError, TreKind,
+    WrappedSecrets,
+};
+use support::{arr, ts35208_sets};
 
 fn identity(n: u32) -> DeviceIdentity {
     DeviceIdentity::new(
@@ -61,10 +70,183 @@ fn random_gives_fresh_bytes(t: &mut dyn Tre) {
     assert!(t.random(65).is_err());
 }
 
+/// How the SHO wraps K for a device: as a TRE key (AKA in the TRE) or as sealed data.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum KForm {
+    Key,
+    Sealed,
+}
+
+/// The SHO side of a backend: wraps K and OPc for one device's public material.
+type Wrap<'a> = &'a dyn Fn(&DevicePublic, &K, &Opc, KForm) -> WrappedSecrets;
+
+/// Δ wide enough for the test sets' large SQNs on a fresh device.
+fn wide_profile() -> SqnProfile {
+    SqnProfile {
+        delta: 1 << 43,
+        ..SqnProfile::default()
+    }
+}
+
+/// Every TS 35.208 set: K and OPc go in wrapped, AKA runs in the TRE, and RES/CK/IK equal the
+/// published f2/f3/f4. Replaying the same AUTN gives AUTS that the network decodes to the
+/// accepted SQN (f1*, f5* in the TRE too). Returns the protected records for further checks.
+fn aka_in_tre_equals_published_sets(
+    t: &mut dyn Tre,
+    wrap: Wrap<'_>,
+    form: KForm,
+) -> Vec<(ProtectedSecrets, K, Opc)> {
+    t.init_device(&identity(1)).unwrap();
+    let public = t.device_public().unwrap();
+    let mut kept = Vec::new();
+    for set in ts35208_sets() {
+        let k = K::new(arr(&set.k));
+        let opc = Opc::new(arr(&set.opc));
+        let secrets = t
+            .import_mcim_secrets(&wrap(&public, &k, &opc, form))
+            .unwrap();
+        let want_mode = match form {
+            KForm::Key => AkaExecution::InTre,
+            KForm::Sealed => AkaExecution::UnsealedInHost,
+        };
+        assert_eq!(secrets.aka_execution, want_mode, "set {}", set.set);
+
+        let network = Milenage::with_opc(SoftKernel::new(&k), opc.clone(), Constants::default());
+        let sqn = Sqn::from_bytes(arr(&set.sqn));
+        let rand = Rand(arr(&set.rand));
+        let av = vector_for(&network, sqn, Amf(arr(&set.amf)), rand).unwrap();
+        let mut ms = MsSqnState::new(&wide_profile());
+        let ch = AkaChallenge {
+            constants: &Constants::default(),
+            profile: &wide_profile(),
+            rand: &rand,
+            autn: &av.autn,
+        };
+        match t.authenticate(&secrets, &mut ms, &ch).unwrap() {
+            DeviceResponse::Success { res, ck, ik } => {
+                assert_eq!(hex::encode(res.0), set.f2, "RES, set {}", set.set);
+                assert_eq!(hex::encode(ck.expose()), set.f3, "CK, set {}", set.set);
+                assert_eq!(hex::encode(ik.expose()), set.f4, "IK, set {}", set.set);
+            }
+            other => panic!("set {}: {other:?}", set.set),
+        }
+        let before = ms.clone();
+        match t.authenticate(&secrets, &mut ms, &ch).unwrap() {
+            DeviceResponse::SyncFailure { auts, .. } => {
+                assert_eq!(recover_sqn_ms(&network, &rand, &auts).unwrap(), sqn);
+            }
+            other => panic!("replay accepted in set {}: {other:?}", set.set),
+        }
+        assert_eq!(ms, before, "a refused challenge changes no SQN state");
+        kept.push((secrets, k, opc));
+    }
+    kept
+}
+
+/// A forged AUTN (one bit of MAC-A flipped) is a MAC failure and leaves SQN state alone.
+fn forged_autn_is_mac_failure(t: &mut dyn Tre, wrap: Wrap<'_>) {
+    t.init_device(&identity(1)).unwrap();
+    let public = t.device_public().unwrap();
+    let k = K::new([0x11; 16]);
+    let opc = Opc::new([0x22; 16]);
+    let secrets = t
+        .import_mcim_secrets(&wrap(&public, &k, &opc, KForm::Key))
+        .unwrap();
+    let network = Milenage::with_opc(SoftKernel::new(&k), opc, Constants::default());
+    let rand = Rand([5; 16]);
+    let av = vector_for(
+        &network,
+        Sqn::from_bytes([0, 0, 0, 0, 0, 0x21]),
+        Amf([0x80, 0]),
+        rand,
+    )
+    .unwrap();
+    let mut forged = av.autn.0;
+    forged[15] ^= 1;
+    let mut ms = MsSqnState::new(&SqnProfile::default());
+    let before = ms.clone();
+    let ch = AkaChallenge {
+        constants: &Constants::default(),
+        profile: &SqnProfile::default(),
+        rand: &rand,
+        autn: &Autn(forged),
+    };
+    let err = t.authenticate(&secrets, &mut ms, &ch).unwrap_err();
+    assert!(matches!(err, TreError::MacFailure), "{err}");
+    assert_eq!(ms, before);
+    // The genuine AUTN still works afterwards.
+    let ch = AkaChallenge {
+        autn: &av.autn,
+        ..ch
+    };
+    assert!(matches!(
+        t.authenticate(&secrets, &mut ms, &ch).unwrap(),
+        DeviceResponse::Success { .. }
+    ));
+}
+
+/// A wrapped secret damaged in transit is refused by the TRE with a clear error.
+fn damaged_blob_is_refused(t: &mut dyn Tre, wrap: Wrap<'_>) {
+    t.init_device(&identity(1)).unwrap();
+    let public = t.device_public().unwrap();
+    let good = wrap(&public, &K::new([1; 16]), &Opc::new([2; 16]), KForm::Key);
+    for i in [good.k.len() - 1, good.k.len() / 2, 3] {
+        let mut bad = good.clone();
+        bad.k[i] ^= 0x40;
+        let err = t.import_mcim_secrets(&bad).unwrap_err();
+        assert!(matches!(err, TreError::BadSecrets(_)), "byte {i}: {err}");
+    }
+    let mut bad = good.clone();
+    bad.opc.truncate(10);
+    assert!(matches!(
+        t.import_mcim_secrets(&bad),
+        Err(TreError::BadSecrets(_))
+    ));
+    assert!(
+        t.import_mcim_secrets(&good).is_ok(),
+        "the undamaged one imports"
+    );
+}
+
+/// Secrets wrapped for another device's TRE are refused by this one.
+fn secrets_for_another_device_are_refused(mine: &mut dyn Tre, other: &mut dyn Tre, wrap: Wrap<'_>) {
+    mine.init_device(&identity(1)).unwrap();
+    other.init_device(&identity(2)).unwrap();
+    let theirs = other.device_public().unwrap();
+    let blob = wrap(&theirs, &K::new([1; 16]), &Opc::new([2; 16]), KForm::Key);
+    assert!(matches!(
+        mine.import_mcim_secrets(&blob),
+        Err(TreError::BadSecrets(_))
+    ));
+    assert!(other.import_mcim_secrets(&blob).is_ok());
+}
+
+/// The protected records hold neither K nor OPc, raw or hex.
+fn protected_records_hold_no_plaintext(kept: &[(ProtectedSecrets, K, Opc)]) {
+    for (p, k, opc) in kept {
+        let json = serde_json::to_string(p).unwrap();
+        for secret in [&k.expose()[..], &opc.expose()[..]] {
+            for hay in [&p.k[..], &p.opc[..], json.as_bytes()] {
+                assert!(!contains(hay, secret));
+                assert!(!contains(hay, hex::encode(secret).as_bytes()));
+                assert!(!contains(hay, hex::encode_upper(secret).as_bytes()));
+            }
+        }
+        let shown = format!("{p:?}");
+        assert!(!shown.contains(&hex::encode(k.expose())), "{shown}");
+    }
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
 // ---- TPM instantiation ----
 
 mod tpm {
     use super::*;
+    use mcim_core::tpm::import::{ObjectPolicy, wrap_aes128_key, wrap_sealed_data};
+    use mcim_core::tpm::public::EccPublic;
     use mcim_tre::tre::tpm::{
         AK_HANDLE, NV_IDENTITY, STORAGE_HANDLE, TLS_HANDLE, TpmConfig, TpmTre,
     };
@@ -72,6 +254,183 @@ mod tpm {
 
     fn open(s: &Swtpm) -> TpmTre {
         TpmTre::open(&TpmConfig { tcti: s.tcti() }).unwrap()
+    }
+
+    /// The SHO's side for a TPM: duplication blobs built in software by mcim-core.
+    fn tpm_wrap(public: &DevicePublic, k: &K, opc: &Opc, form: KForm) -> WrappedSecrets {
+        let parent = EccPublic::from_tpm2b(&public.storage_public).unwrap();
+        let mut rng = rand::rng();
+        let k_blob = match form {
+            KForm::Key => wrap_aes128_key(&parent, k, ObjectPolicy::default(), &mut rng),
+            KForm::Sealed => {
+                wrap_sealed_data(&parent, k.expose(), ObjectPolicy::default(), &mut rng)
+            }
+        }
+        .unwrap();
+        let opc_blob =
+            wrap_sealed_data(&parent, opc.expose(), ObjectPolicy::default(), &mut rng).unwrap();
+        WrappedSecrets {
+            k: k_blob.to_bytes().unwrap(),
+            opc: opc_blob.to_bytes().unwrap(),
+        }
+    }
+
+    #[test]
+    fn conformance_aka_in_tre_equals_published_sets() {
+        let s = Swtpm::start();
+        let mut t = open(&s);
+        let before = t.commands_issued();
+        let kept = aka_in_tre_equals_published_sets(&mut t, &tpm_wrap, KForm::Key);
+        protected_records_hold_no_plaintext(&kept);
+        // 20 sets x (2 imports + 2 authentications); the count per AKA is in BENCHMARKS.md.
+        assert!(t.commands_issued() > before);
+    }
+
+    #[test]
+    fn conformance_aka_sealed_fallback_equals_published_sets() {
+        let s = Swtpm::start();
+        let kept = aka_in_tre_equals_published_sets(&mut open(&s), &tpm_wrap, KForm::Sealed);
+        protected_records_hold_no_plaintext(&kept);
+    }
+
+    #[test]
+    fn conformance_forged_autn() {
+        let s = Swtpm::start();
+        forged_autn_is_mac_failure(&mut open(&s), &tpm_wrap);
+    }
+
+    #[test]
+    fn conformance_damaged_blob() {
+        let s = Swtpm::start();
+        damaged_blob_is_refused(&mut open(&s), &tpm_wrap);
+    }
+
+    #[test]
+    fn conformance_secrets_for_another_device() {
+        let (a, b) = (Swtpm::start(), Swtpm::start());
+        secrets_for_another_device_are_refused(&mut open(&a), &mut open(&b), &tpm_wrap);
+    }
+
+    /// One authentication in the TRE costs a fixed, small number of TPM commands.
+    #[test]
+    fn aka_command_count_is_fixed() {
+        let s = Swtpm::start();
+        let mut t = open(&s);
+        t.init_device(&identity(1)).unwrap();
+        let public = t.device_public().unwrap();
+        let k = K::new([7; 16]);
+        let opc = Opc::new([8; 16]);
+        let secrets = t
+            .import_mcim_secrets(&tpm_wrap(&public, &k, &opc, KForm::Key))
+            .unwrap();
+        let network = Milenage::with_opc(SoftKernel::new(&k), opc, Constants::default());
+        let mut ms = MsSqnState::new(&SqnProfile::default());
+        for seq in 1..=3u8 {
+            let rand = Rand([seq; 16]);
+            let av = vector_for(
+                &network,
+                Sqn::from_bytes([0, 0, 0, 0, seq, 0]),
+                Amf([0x80, 0]),
+                rand,
+            )
+            .unwrap();
+            let ch = AkaChallenge {
+                constants: &Constants::default(),
+                profile: &SqnProfile::default(),
+                rand: &rand,
+                autn: &av.autn,
+            };
+            let before = t.commands_issued();
+            t.authenticate(&secrets, &mut ms, &ch).unwrap();
+            assert_eq!(t.commands_issued() - before, 10, "authentication {seq}");
+        }
+    }
+
+    /// tpm2-tools, an independent TPM2_Import client, accepts mcim-core's duplication blob,
+    /// and the imported key encrypts exactly like software AES with K.
+    #[test]
+    fn tpm2_tools_imports_our_duplication_blob() {
+        let s = Swtpm::start();
+        let public = {
+            let mut t = open(&s);
+            t.init_device(&identity(1)).unwrap();
+            t.device_public().unwrap()
+        };
+        let parent = EccPublic::from_tpm2b(&public.storage_public).unwrap();
+        let k = K::new(arr("000102030405060708090a0b0c0d0e0f"));
+        let blob = wrap_aes128_key(&parent, &k, ObjectPolicy::default(), &mut rand::rng()).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = |n: &str| dir.path().join(n).to_str().unwrap().to_string();
+        let tpm2b = |b: &[u8]| [&(b.len() as u16).to_be_bytes()[..], b].concat();
+        std::fs::write(path("k.pub"), blob.public_tpm2b().unwrap()).unwrap();
+        std::fs::write(path("k.dpriv"), tpm2b(&blob.duplicate)).unwrap();
+        std::fs::write(path("k.seed"), tpm2b(&blob.in_sym_seed)).unwrap();
+        let parent_handle = format!("0x{STORAGE_HANDLE:x}");
+        let ok = |o: std::process::Output| {
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        };
+        ok(s.tpm2(
+            "tpm2_import",
+            &[
+                "-C",
+                &parent_handle,
+                "-u",
+                &path("k.pub"),
+                "-i",
+                &path("k.dpriv"),
+                "-s",
+                &path("k.seed"),
+                "-r",
+                &path("k.priv"),
+            ],
+        ));
+        ok(s.tpm2(
+            "tpm2_load",
+            &[
+                "-C",
+                &parent_handle,
+                "-u",
+                &path("k.pub"),
+                "-r",
+                &path("k.priv"),
+                "-c",
+                &path("k.ctx"),
+            ],
+        ));
+        let block = arr::<16>("00112233445566778899aabbccddeeff");
+        std::fs::write(path("in.bin"), block).unwrap();
+        ok(s.tpm2(
+            "tpm2_encryptdecrypt",
+            &[
+                "-c",
+                &path("k.ctx"),
+                "-G",
+                "ecb",
+                "-o",
+                &path("out.bin"),
+                &path("in.bin"),
+            ],
+        ));
+        let mut want = [block];
+        mcim_core::aka::Kernel::encrypt_blocks(&SoftKernel::new(&k), &mut want).unwrap();
+        // FIPS-197 appendix C.1: AES-128 of this block under this key.
+        assert_eq!(hex::encode(want[0]), "69c4e0d86a7b0430d8cdb78070b4c55a");
+        assert_eq!(std::fs::read(path("out.bin")).unwrap(), want[0]);
+        // K may only encrypt: the TPM refuses to decrypt with it.
+        let dec = s.tpm2(
+            "tpm2_encryptdecrypt",
+            &[
+                "-d",
+                "-c",
+                &path("k.ctx"),
+                "-G",
+                "ecb",
+                "-o",
+                &path("dec.bin"),
+                &path("out.bin"),
+            ],
+        );
+        assert!(!dec.status.success(), "decrypt must be refused");
     }
 
     #[test]

@@ -18,6 +18,7 @@
 #[cfg(feature = "tpm")]
 pub mod tpm;
 
+use mcim_core::aka::{Autn, Constants, DeviceResponse, MsSqnState, Rand, SqnProfile};
 use mcim_core::identity::{DeviceIdentity, IdentityError};
 
 /// The kind of TRE.
@@ -30,7 +31,8 @@ pub enum TreKind {
 }
 
 /// Where AKA's E_K runs (the device's evidence reports it; an SHO may refuse the weaker).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum AkaExecution {
     /// K is a TRE key object; every E_K is a TRE command (TPM2_EncryptDecrypt2, C_Encrypt).
     InTre,
@@ -79,6 +81,68 @@ pub struct InitOutcome {
     pub public: DevicePublic,
 }
 
+/// An MCIM's secrets as the SHO wrapped them for this TRE (5.1.3.6.2 step 12): for a TPM,
+/// two `mcim_core::tpm::import::ImportBlob`s in their transport encoding. No plaintext.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WrappedSecrets {
+    /// K: an AES-128 key object (AKA in the TRE) or sealed data (the fallback).
+    pub k: Vec<u8>,
+    /// OPc: sealed data.
+    pub opc: Vec<u8>,
+}
+
+/// An MCIM's secrets as the TRE keeps them at rest: usable only by this TRE (for a TPM, the
+/// public area and the private blob TPM2_Import returned, encrypted under the storage key).
+/// Safe to store in the state directory; the registry integrity-protects it.
+#[derive(Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ProtectedSecrets {
+    /// How AKA runs with this K.
+    pub aka_execution: AkaExecution,
+    /// K, in the backend's at-rest form.
+    #[serde(with = "hex_bytes")]
+    pub k: Vec<u8>,
+    /// OPc, in the backend's at-rest form.
+    #[serde(with = "hex_bytes")]
+    pub opc: Vec<u8>,
+}
+
+impl std::fmt::Debug for ProtectedSecrets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProtectedSecrets")
+            .field("aka_execution", &self.aka_execution)
+            .field("k_len", &self.k.len())
+            .field("opc_len", &self.opc.len())
+            .finish()
+    }
+}
+
+/// Hex encoding for byte strings in JSON records.
+pub(crate) mod hex_bytes {
+    /// Serialises as a lower-case hex string.
+    pub fn serialize<S: serde::Serializer>(b: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&hex::encode(b))
+    }
+
+    /// Parses a hex string.
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let s: String = serde::Deserialize::deserialize(d)?;
+        hex::decode(s).map_err(serde::de::Error::custom)
+    }
+}
+
+/// One run of the USIM side of AKA (TS 33.102 6.3.3) inside the TRE.
+#[derive(Debug)]
+pub struct AkaChallenge<'a> {
+    /// The MCIM's MILENAGE constants (the algorithm customisation in its package).
+    pub constants: &'a Constants,
+    /// The SQN scheme's parameters.
+    pub profile: &'a SqnProfile,
+    /// RAND from the network.
+    pub rand: &'a Rand,
+    /// AUTN from the network.
+    pub autn: &'a Autn,
+}
+
 /// What can go wrong in a TRE, in the caller's terms. Never carries secret bytes.
 #[derive(Debug, thiserror::Error)]
 pub enum TreError {
@@ -109,6 +173,16 @@ pub enum TreError {
     /// must go into lockdown (5.1.2.2).
     #[error("TRE state mismatch: {0}")]
     Mismatch(String),
+    /// A wrapped secret or a protected record is malformed or not for this TRE; nothing was
+    /// changed.
+    #[error("refused MCIM secrets: {0}")]
+    BadSecrets(String),
+    /// MAC-A did not verify (TS 33.102 6.3.3): the network does not know K or AUTN was altered.
+    #[error("network authentication failed: MAC-A does not verify")]
+    MacFailure,
+    /// The SQN profile is unusable.
+    #[error(transparent)]
+    Sqn(#[from] mcim_core::aka::sqn::SqnError),
     /// An identity field is malformed.
     #[error(transparent)]
     Identity(#[from] IdentityError),
@@ -156,6 +230,30 @@ pub trait Tre {
     fn random(&mut self, n: usize) -> Result<Vec<u8>, TreError> {
         let _ = n;
         Err(self.not_supported("random"))
+    }
+
+    /// Brings an MCIM's wrapped secrets into the TRE (TPM2_Import; C_UnwrapKey) and returns
+    /// their at-rest form. K never exists in plaintext outside the TRE when the result's
+    /// `aka_execution` is [`AkaExecution::InTre`].
+    fn import_mcim_secrets(
+        &mut self,
+        wrapped: &WrappedSecrets,
+    ) -> Result<ProtectedSecrets, TreError> {
+        let _ = wrapped;
+        Err(self.not_supported("import_mcim_secrets"))
+    }
+
+    /// Runs the USIM side of AKA with an MCIM's secrets: RES, CK, IK on success, AUTS on a
+    /// synchronisation failure, [`TreError::MacFailure`] when AUTN is not genuine. `sqn`
+    /// changes only on success (TS 33.102 6.3.3, Annex C).
+    fn authenticate(
+        &mut self,
+        secrets: &ProtectedSecrets,
+        sqn: &mut MsSqnState,
+        challenge: &AkaChallenge<'_>,
+    ) -> Result<DeviceResponse, TreError> {
+        let _ = (secrets, sqn, challenge);
+        Err(self.not_supported("authenticate"))
     }
 
     /// The error for an operation this backend lacks.

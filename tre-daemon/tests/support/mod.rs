@@ -102,3 +102,34 @@ impl Drop for Swtpm {
         self.stop();
     }
 }
+
+/// One TS 35.208 MILENAGE test set (core/testdata), as the conformance suite uses it.
+#[derive(serde::Deserialize)]
+#[allow(dead_code)]
+pub struct TestSet {
+    pub set: u32,
+    pub k: String,
+    pub rand: String,
+    pub sqn: String,
+    pub amf: String,
+    pub opc: String,
+    pub f2: String,
+    pub f3: String,
+    pub f4: String,
+}
+
+/// TS 35.208 sets 1-20.
+#[allow(dead_code)]
+pub fn ts35208_sets() -> Vec<TestSet> {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../core/testdata/milenage_ts35208.json"
+    );
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// Hex to a fixed-size array.
+#[allow(dead_code)]
+pub fn arr<const N: usize>(h: &str) -> [u8; N] {
+    hex::decode(h).unwrap().try_into().unwrap()
+}

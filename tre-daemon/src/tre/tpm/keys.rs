@@ -84,7 +84,10 @@ fn persistent(handle: u32) -> Result<PersistentTpmHandle, TreError> {
 }
 
 /// The ESYS handle of a persistent object, `None` if the handle is empty.
-fn open_persistent(ctx: &mut Context, handle: u32) -> Result<Option<ObjectHandle>, TreError> {
+pub(super) fn open_persistent(
+    ctx: &mut Context,
+    handle: u32,
+) -> Result<Option<ObjectHandle>, TreError> {
     let tpm_handle = TpmHandle::Persistent(persistent(handle)?);
     match ctx.execute_without_session(|c| c.tr_from_tpm_public(tpm_handle)) {
         Ok(h) => Ok(Some(h)),

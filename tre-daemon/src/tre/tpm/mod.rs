@@ -14,14 +14,20 @@
 //! was cleared (new keys) is detected rather than silently re-keyed.
 
 mod keys;
+mod mcim;
 mod nv;
 
-use super::{AkaExecution, Capabilities, DevicePublic, InitOutcome, Tre, TreError, TreKind};
+use super::{
+    AkaChallenge, AkaExecution, Capabilities, DevicePublic, InitOutcome, ProtectedSecrets, Tre,
+    TreError, TreKind, WrappedSecrets,
+};
+use mcim_core::aka::{DeviceResponse, MsSqnState};
 use mcim_core::identity::DeviceIdentity;
+use std::cell::Cell;
 use std::str::FromStr;
 use tss_esapi::constants::CapabilityType;
 use tss_esapi::constants::tss::TPM2_TRANSIENT_FIRST;
-use tss_esapi::handles::{ObjectHandle, TpmHandle};
+use tss_esapi::handles::{KeyHandle, ObjectHandle, TpmHandle};
 use tss_esapi::structures::CapabilityData;
 use tss_esapi::tcti_ldr::TctiNameConf;
 use tss_esapi::{Context, constants::CommandCode};
@@ -46,6 +52,10 @@ pub struct TpmConfig {
 pub struct TpmTre {
     ctx: Context,
     caps: Capabilities,
+    /// The ESYS handle of the storage key, opened on first use.
+    storage: Option<KeyHandle>,
+    /// TPM commands issued by mcim on this context.
+    commands: Cell<u64>,
 }
 
 impl std::fmt::Debug for TpmTre {
@@ -76,7 +86,27 @@ impl TpmTre {
         let mut ctx = Context::new(tcti).map_err(|e| unavailable(e.to_string()))?;
         flush_transients(&mut ctx)?;
         let caps = read_capabilities(&mut ctx)?;
-        Ok(Self { ctx, caps })
+        Ok(Self {
+            ctx,
+            caps,
+            storage: None,
+            commands: Cell::new(0),
+        })
+    }
+}
+
+impl TpmTre {
+    /// The storage key (the parent of imported MCIM secrets), opened once per context.
+    pub(crate) fn storage_key(&mut self) -> Result<KeyHandle, TreError> {
+        if let Some(h) = self.storage {
+            return Ok(h);
+        }
+        self.commands.set(self.commands.get() + 1);
+        let h = keys::open_persistent(&mut self.ctx, STORAGE_HANDLE)?
+            .ok_or(TreError::NotInitialised)?;
+        let h = KeyHandle::from(h);
+        self.storage = Some(h);
+        Ok(h)
     }
 }
 
@@ -185,6 +215,22 @@ impl Tre for TpmTre {
 
     fn device_public(&mut self) -> Result<DevicePublic, TreError> {
         keys::device_public(&mut self.ctx)
+    }
+
+    fn import_mcim_secrets(
+        &mut self,
+        wrapped: &WrappedSecrets,
+    ) -> Result<ProtectedSecrets, TreError> {
+        self.import_secrets(wrapped)
+    }
+
+    fn authenticate(
+        &mut self,
+        secrets: &ProtectedSecrets,
+        sqn: &mut MsSqnState,
+        challenge: &AkaChallenge<'_>,
+    ) -> Result<DeviceResponse, TreError> {
+        self.authenticate_with(secrets, sqn, challenge)
     }
 
     fn random(&mut self, n: usize) -> Result<Vec<u8>, TreError> {

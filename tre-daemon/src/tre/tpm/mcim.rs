@@ -1,0 +1,334 @@
+//! MCIM secrets in the TPM: TPM2_Import of the SHO's duplication blobs, and AKA with K as a
+//! TPM AES-128 key (every E_K one TPM2_EncryptDecrypt2 in ECB mode), or, on a TPM without
+//! EncryptDecrypt2, K as sealed data unsealed into zeroized memory for the computation
+//! (TR 33.812 5.1.2.2 "storage and execution of AKA functions").
+//!
+//! TPM commands per authentication (counted in [`TpmTre::commands_issued`]):
+//! - in the TRE: Load(OPc), StartAuthSession(salted), Unseal(OPc), FlushContext(session),
+//!   FlushContext(OPc), Load(K), EncryptDecrypt2 x3 (TEMP; OUT2..OUT5; OUT1), FlushContext(K):
+//!   10. OPc leaves the TPM encrypted by the salted session and lives in host memory only for
+//!   MILENAGE's XORs.
+//! - sealed fallback: the same OPc part, plus Load(K), StartAuthSession, Unseal(K), two flushes.
+
+use std::cell::{Cell, RefCell};
+
+use mcim_core::aka::milenage::Block;
+use mcim_core::aka::{DeviceResponse, K, Kernel, Milenage, MsSqnState, Opc, SoftKernel};
+use mcim_core::tpm::alg;
+use mcim_core::tpm::import::ImportBlob;
+use mcim_core::tpm::wire::{Reader, Writer};
+use tss_esapi::Context;
+use tss_esapi::attributes::SessionAttributesBuilder;
+use tss_esapi::constants::SessionType;
+use tss_esapi::handles::{KeyHandle, ObjectHandle, SessionHandle};
+use tss_esapi::interface_types::algorithm::{HashingAlgorithm, SymmetricMode};
+use tss_esapi::interface_types::session_handles::AuthSession;
+use tss_esapi::structures::{
+    EncryptedSecret, InitialValue, MaxBuffer, Private, Public, SymmetricDefinition,
+    SymmetricDefinitionObject,
+};
+use tss_esapi::traits::UnMarshall;
+use zeroize::Zeroizing;
+
+use super::{TpmTre, cmd};
+use crate::tre::{AkaChallenge, AkaExecution, ProtectedSecrets, TreError, WrappedSecrets};
+
+/// One imported object at rest: its public area and the private blob TPM2_Import returned
+/// (encrypted and HMACed by the TPM under the storage key).
+struct AtRest {
+    public: Vec<u8>,
+    private: Vec<u8>,
+}
+
+impl AtRest {
+    fn encode(&self) -> Result<Vec<u8>, TreError> {
+        let mut w = Writer::new();
+        w.tpm2b("public", &self.public)
+            .and_then(|w| w.tpm2b("private", &self.private))
+            .map_err(bad)?;
+        Ok(w.finish())
+    }
+
+    fn decode(b: &[u8]) -> Result<Self, TreError> {
+        let mut r = Reader::new("protected object", b);
+        let public = r.tpm2b().map_err(bad)?.to_vec();
+        let private = r.tpm2b().map_err(bad)?.to_vec();
+        r.finish().map_err(bad)?;
+        Ok(Self { public, private })
+    }
+
+    /// The object type (TPMT_PUBLIC.type).
+    fn object_type(&self) -> Result<u16, TreError> {
+        Reader::new("TPMT_PUBLIC", &self.public).u16().map_err(bad)
+    }
+}
+
+fn bad(e: impl std::fmt::Display) -> TreError {
+    TreError::BadSecrets(e.to_string())
+}
+
+/// The TPM's answer for a command, with the command's name.
+fn tpm_public(tpmt: &[u8]) -> Result<Public, TreError> {
+    Public::unmarshall(tpmt).map_err(|e| bad(format!("public area: {e}")))
+}
+
+impl TpmTre {
+    /// TPM commands mcim issued on this context so far (the benchmark and the tests read it).
+    pub fn commands_issued(&self) -> u64 {
+        self.commands.get()
+    }
+
+    fn count(&self, n: u64) {
+        self.commands.set(self.commands.get() + n);
+    }
+
+    /// TPM2_Import of one blob under the storage key; returns the at-rest form.
+    fn import_one(&mut self, blob: &[u8], what: &str) -> Result<AtRest, TreError> {
+        let blob = ImportBlob::from_bytes(blob).map_err(|e| bad(format!("{what}: {e}")))?;
+        let public = tpm_public(&blob.public)?;
+        let duplicate = Private::try_from(blob.duplicate.clone())
+            .map_err(|e| bad(format!("{what} duplicate: {e}")))?;
+        let seed = EncryptedSecret::try_from(blob.in_sym_seed.clone())
+            .map_err(|e| bad(format!("{what} seed: {e}")))?;
+        let parent = self.storage_key()?;
+        self.count(1);
+        let private = self
+            .ctx
+            .execute_with_session(Some(AuthSession::Password), |c| {
+                c.import(
+                    parent.into(),
+                    None,
+                    public,
+                    duplicate,
+                    seed,
+                    SymmetricDefinitionObject::Null,
+                )
+            })
+            .map_err(|e| TreError::BadSecrets(format!("TPM2_Import of {what} refused: {e}")))?;
+        Ok(AtRest {
+            public: blob.public,
+            private: private.value().to_vec(),
+        })
+    }
+
+    /// TPM2_Load of an at-rest object under the storage key.
+    fn load(&mut self, obj: &AtRest) -> Result<KeyHandle, TreError> {
+        let public = tpm_public(&obj.public)?;
+        let private = Private::try_from(obj.private.clone()).map_err(bad)?;
+        let parent = self.storage_key()?;
+        self.count(1);
+        self.ctx
+            .execute_with_session(Some(AuthSession::Password), |c| {
+                c.load(parent, private, public)
+            })
+            .map_err(cmd("TPM2_Load"))
+    }
+
+    fn flush(&mut self, h: impl Into<ObjectHandle>) -> Result<(), TreError> {
+        self.count(1);
+        self.ctx
+            .flush_context(h.into())
+            .map_err(cmd("TPM2_FlushContext"))
+    }
+
+    /// Loads a sealed data object, unseals it through a session salted to the storage key
+    /// (the response is encrypted on the bus), flushes both. The bytes come back zeroizing.
+    fn unseal(&mut self, obj: &AtRest) -> Result<Zeroizing<Vec<u8>>, TreError> {
+        let handle = self.load(obj)?;
+        let out = self.unseal_loaded(handle);
+        let flushed = self.flush(handle);
+        let out = out?;
+        flushed?;
+        Ok(out)
+    }
+
+    fn unseal_loaded(&mut self, handle: KeyHandle) -> Result<Zeroizing<Vec<u8>>, TreError> {
+        let parent = self.storage_key()?;
+        self.count(1);
+        let session = self
+            .ctx
+            .start_auth_session(
+                Some(parent),
+                None,
+                None,
+                SessionType::Hmac,
+                SymmetricDefinition::AES_128_CFB,
+                HashingAlgorithm::Sha256,
+            )
+            .map_err(cmd("TPM2_StartAuthSession"))?
+            .ok_or_else(|| TreError::Command {
+                command: "TPM2_StartAuthSession",
+                detail: "no session returned".into(),
+            })?;
+        let (attrs, mask) = SessionAttributesBuilder::new()
+            .with_encrypt(true)
+            .with_continue_session(true)
+            .build();
+        let result = self
+            .ctx
+            .tr_sess_set_attributes(session, attrs, mask)
+            .map_err(cmd("Esys_TRSess_SetAttributes"))
+            .and_then(|()| {
+                self.count(1);
+                self.ctx
+                    .execute_with_session(Some(session), |c| c.unseal(handle.into()))
+                    .map_err(cmd("TPM2_Unseal"))
+            })
+            .map(|data| Zeroizing::new(data.value().to_vec()));
+        let flushed = self.flush(SessionHandle::from(session));
+        let out = result?;
+        flushed?;
+        Ok(out)
+    }
+
+    fn unseal_opc(&mut self, secrets: &ProtectedSecrets) -> Result<Opc, TreError> {
+        let obj = AtRest::decode(&secrets.opc)?;
+        let bytes = self.unseal(&obj)?;
+        Opc::from_slice(&bytes).ok_or_else(|| bad("sealed OPc is not 16 octets"))
+    }
+
+    pub(super) fn import_secrets(
+        &mut self,
+        wrapped: &WrappedSecrets,
+    ) -> Result<ProtectedSecrets, TreError> {
+        let k_type = Reader::new(
+            "K public",
+            &ImportBlob::from_bytes(&wrapped.k).map_err(bad)?.public,
+        )
+        .u16()
+        .map_err(bad)?;
+        let aka_execution = match k_type {
+            alg::SYMCIPHER if self.caps.encrypt_decrypt2 => AkaExecution::InTre,
+            alg::SYMCIPHER => {
+                return Err(bad(
+                    "K is an AES key but this TPM lacks TPM2_EncryptDecrypt2: wrap K as sealed data",
+                ));
+            }
+            alg::KEYEDHASH => AkaExecution::UnsealedInHost,
+            other => return Err(bad(format!("K has object type {other:#06x}"))),
+        };
+        let opc_type = Reader::new(
+            "OPc public",
+            &ImportBlob::from_bytes(&wrapped.opc).map_err(bad)?.public,
+        )
+        .u16()
+        .map_err(bad)?;
+        if opc_type != alg::KEYEDHASH {
+            return Err(bad("OPc must be sealed data"));
+        }
+        let k = self.import_one(&wrapped.k, "K")?.encode()?;
+        let opc = self.import_one(&wrapped.opc, "OPc")?.encode()?;
+        Ok(ProtectedSecrets {
+            aka_execution,
+            k,
+            opc,
+        })
+    }
+
+    pub(super) fn authenticate_with(
+        &mut self,
+        secrets: &ProtectedSecrets,
+        sqn: &mut MsSqnState,
+        ch: &AkaChallenge<'_>,
+    ) -> Result<DeviceResponse, TreError> {
+        let k_obj = AtRest::decode(&secrets.k)?;
+        let k_type = k_obj.object_type()?;
+        match (secrets.aka_execution, k_type) {
+            (AkaExecution::InTre, alg::SYMCIPHER) => {
+                let opc = self.unseal_opc(secrets)?;
+                let key = self.load(&k_obj)?;
+                let kernel = TpmKernel {
+                    ctx: RefCell::new(&mut self.ctx),
+                    key,
+                    commands: &self.commands,
+                };
+                let m = Milenage::with_opc(kernel, opc, ch.constants.clone());
+                let out = mcim_core::aka::authenticate(&m, sqn, ch.profile, ch.rand, ch.autn);
+                drop(m);
+                let flushed = self.flush(key);
+                let out = out.map_err(device_error)?;
+                flushed?;
+                Ok(out)
+            }
+            (AkaExecution::UnsealedInHost, alg::KEYEDHASH) => {
+                let opc = self.unseal_opc(secrets)?;
+                let k_bytes = self.unseal(&k_obj)?;
+                let k = K::from_slice(&k_bytes).ok_or_else(|| bad("sealed K is not 16 octets"))?;
+                drop(k_bytes);
+                let m = Milenage::with_opc(SoftKernel::new(&k), opc, ch.constants.clone());
+                mcim_core::aka::authenticate(&m, sqn, ch.profile, ch.rand, ch.autn)
+                    .map_err(device_error)
+            }
+            (mode, ty) => Err(bad(format!(
+                "record says {mode:?} but K has object type {ty:#06x}"
+            ))),
+        }
+    }
+}
+
+fn device_error<E: std::error::Error + Send + Sync + 'static>(
+    e: mcim_core::aka::device::DeviceAkaError<E>,
+) -> TreError {
+    use mcim_core::aka::device::DeviceAkaError;
+    match e {
+        DeviceAkaError::MacFailure => TreError::MacFailure,
+        DeviceAkaError::Sqn(s) => TreError::Sqn(s),
+        DeviceAkaError::Kernel(k) => TreError::Command {
+            command: "TPM2_EncryptDecrypt2",
+            detail: k.to_string(),
+        },
+    }
+}
+
+/// E_K with K a loaded TPM AES-128 key: each call is one TPM2_EncryptDecrypt2 in ECB mode on
+/// all the blocks given (MILENAGE's OUT2..OUT5 go in one command).
+struct TpmKernel<'a> {
+    ctx: RefCell<&'a mut Context>,
+    key: KeyHandle,
+    commands: &'a Cell<u64>,
+}
+
+/// A TPM2_EncryptDecrypt2 failure inside MILENAGE.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct KernelError(String);
+
+impl Kernel for TpmKernel<'_> {
+    type Error = KernelError;
+
+    fn encrypt_blocks(&self, blocks: &mut [Block]) -> Result<(), KernelError> {
+        let mut input = Zeroizing::new(Vec::with_capacity(blocks.len() * 16));
+        for b in blocks.iter() {
+            input.extend_from_slice(b);
+        }
+        let data = MaxBuffer::try_from(input.to_vec()).map_err(|e| KernelError(e.to_string()))?;
+        let mut ctx = self
+            .ctx
+            .try_borrow_mut()
+            .map_err(|e| KernelError(e.to_string()))?;
+        self.commands.set(self.commands.get() + 1);
+        let (out, _) = ctx
+            .execute_with_session(Some(AuthSession::Password), |c| {
+                c.encrypt_decrypt_2(
+                    self.key,
+                    false,
+                    SymmetricMode::Ecb,
+                    data,
+                    InitialValue::default(),
+                )
+            })
+            .map_err(|e| KernelError(e.to_string()))?;
+        let out = out.value();
+        if out.len() != blocks.len() * 16 {
+            return Err(KernelError(format!(
+                "{} octets back for {} blocks",
+                out.len(),
+                blocks.len()
+            )));
+        }
+        for (b, chunk) in blocks.iter_mut().zip(out.chunks_exact(16)) {
+            b.copy_from_slice(chunk);
+        }
+        Ok(())
+    }
+}
