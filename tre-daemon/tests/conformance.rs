@@ -245,7 +245,9 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
 
 mod tpm {
     use super::*;
+    use mcim_core::tpm::attest::{QuoteError, verify_quote};
     use mcim_core::tpm::import::{ObjectPolicy, wrap_aes128_key, wrap_sealed_data};
+    use mcim_core::tpm::policy::PcrSelection;
     use mcim_core::tpm::public::EccPublic;
     use mcim_tre::tre::tpm::{
         AK_HANDLE, NV_IDENTITY, STORAGE_HANDLE, TLS_HANDLE, TpmConfig, TpmTre,
@@ -344,6 +346,116 @@ mod tpm {
             t.authenticate(&secrets, &mut ms, &ch).unwrap();
             assert_eq!(t.commands_issued() - before, 10, "authentication {seq}");
         }
+    }
+
+    /// A quote verifies with core's verifier and with tpm2_checkquote; a wrong nonce, a
+    /// changed PCR, or a tampered quote fails both.
+    #[test]
+    fn quote_verifies_in_core_and_tpm2_checkquote() {
+        let s = Swtpm::start();
+        let (ak_public, quote) = {
+            let mut t = open(&s);
+            t.init_device(&identity(1)).unwrap();
+            let ak = t.device_public().unwrap().attestation_public;
+            let sel = PcrSelection::sha256(&[0, 1, 2, 16]).unwrap();
+            // Bad requests are refused before the TPM is asked.
+            assert!(matches!(t.quote(&[], &sel), Err(TreError::BadRequest(_))));
+            assert!(matches!(
+                t.quote(&[1; 65], &sel),
+                Err(TreError::BadRequest(_))
+            ));
+            (ak, t.quote(b"nonce-0123456789", &sel).unwrap())
+        };
+        let v = verify_quote(&ak_public, &quote, b"nonce-0123456789").unwrap();
+        assert_eq!(
+            v.pcrs.iter().map(|p| p.0).collect::<Vec<_>>(),
+            [0, 1, 2, 16]
+        );
+        assert!(v.clock.safe);
+        assert_eq!(
+            verify_quote(&ak_public, &quote, b"nonce-other"),
+            Err(QuoteError::WrongNonce)
+        );
+        let mut forged = quote.clone();
+        forged.attest[20] ^= 1;
+        assert_eq!(
+            verify_quote(&ak_public, &forged, b"nonce-0123456789"),
+            Err(QuoteError::BadSignature)
+        );
+        // The TLS key is not restricted: a "quote" it signed would prove nothing.
+        let tls_like = {
+            let mut t = open(&s);
+            t.device_public().unwrap().storage_public
+        };
+        assert_eq!(
+            verify_quote(&tls_like, &quote, b"nonce-0123456789"),
+            Err(QuoteError::NotAnAttestationKey)
+        );
+
+        // tpm2_checkquote, independently.
+        let dir = tempfile::tempdir().unwrap();
+        let path = |n: &str| dir.path().join(n).to_str().unwrap().to_string();
+        std::fs::write(path("ak.pub"), &ak_public).unwrap();
+        std::fs::write(path("q.msg"), &quote.attest).unwrap();
+        std::fs::write(path("q.sig"), &quote.signature).unwrap();
+        std::fs::write(path("pcrs.bin"), quote.pcr_values.concat()).unwrap();
+        let check = |nonce_hex: &str| {
+            s.tpm2(
+                "tpm2_checkquote",
+                &[
+                    "-u",
+                    &path("ak.pub"),
+                    "-m",
+                    &path("q.msg"),
+                    "-s",
+                    &path("q.sig"),
+                    "-f",
+                    &path("pcrs.bin"),
+                    "-l",
+                    "sha256:0,1,2,16",
+                    "-g",
+                    "sha256",
+                    "-q",
+                    nonce_hex,
+                ],
+            )
+        };
+        let nonce_hex = hex::encode(b"nonce-0123456789");
+        let ok = check(&nonce_hex);
+        assert!(
+            ok.status.success(),
+            "{}",
+            String::from_utf8_lossy(&ok.stderr)
+        );
+        assert!(!check(&hex::encode(b"nonce-other")).status.success());
+
+        // PCR 16 changes: the verifier now expects the new value; both refuse the old quote.
+        let ext = s.tpm2(
+            "tpm2_pcrextend",
+            &[&format!("16:sha256={}", "ab".repeat(32))],
+        );
+        assert!(
+            ext.status.success(),
+            "{}",
+            String::from_utf8_lossy(&ext.stderr)
+        );
+        let now = open(&s)
+            .quote(b"n2", &PcrSelection::sha256(&[0, 1, 2, 16]).unwrap())
+            .unwrap();
+        assert_ne!(now.pcr_values[3], quote.pcr_values[3], "PCR 16 moved");
+        let mut stale = quote.clone();
+        stale.pcr_values = now.pcr_values.clone();
+        assert_eq!(
+            verify_quote(&ak_public, &stale, b"nonce-0123456789"),
+            Err(QuoteError::PcrMismatch)
+        );
+        std::fs::write(path("pcrs.bin"), now.pcr_values.concat()).unwrap();
+        assert!(
+            !check(&nonce_hex).status.success(),
+            "tpm2_checkquote refuses too"
+        );
+        // And the fresh quote verifies in both.
+        verify_quote(&ak_public, &now, b"n2").unwrap();
     }
 
     /// tpm2-tools, an independent TPM2_Import client, accepts mcim-core's duplication blob,

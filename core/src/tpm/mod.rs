@@ -1,6 +1,7 @@
 //! TPM 2.0 structures built and checked in software, with no TPM: what a network role needs to
 //! send secrets to a device's TPM and to judge what the TPM says back.
 //!
+//! - [`attest`]: TPM2_Quote evidence and its verification without a TPM (the PVA's side).
 //! - [`import`]: TPM2 duplication blobs (TPM 2.0 Part 1, 23.3 "Duplication"): an SHO wraps the
 //!   MCIM's K as an AES-128 key object, or OPc as a sealed data object, to the public area of
 //!   the device's storage key; the device brings them in with `TPM2_Import`. The plaintext
@@ -13,6 +14,7 @@
 //! Only SHA-256 name algorithms and ECC P-256 parents are supported: that is what `tred`
 //! creates (its storage primary) and what every TPM 2.0 PC-client profile TPM implements.
 
+pub mod attest;
 pub mod import;
 pub mod kdf;
 pub mod policy;

@@ -20,6 +20,8 @@ pub mod tpm;
 
 use mcim_core::aka::{Autn, Constants, DeviceResponse, MsSqnState, Rand, SqnProfile};
 use mcim_core::identity::{DeviceIdentity, IdentityError};
+use mcim_core::tpm::attest::TpmQuote;
+use mcim_core::tpm::policy::PcrSelection;
 
 /// The kind of TRE.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -177,6 +179,9 @@ pub enum TreError {
     /// changed.
     #[error("refused MCIM secrets: {0}")]
     BadSecrets(String),
+    /// The request is malformed (sizes, ranges); nothing was done.
+    #[error("bad request: {0}")]
+    BadRequest(String),
     /// MAC-A did not verify (TS 33.102 6.3.3): the network does not know K or AUTN was altered.
     #[error("network authentication failed: MAC-A does not verify")]
     MacFailure,
@@ -254,6 +259,14 @@ pub trait Tre {
     ) -> Result<DeviceResponse, TreError> {
         let _ = (secrets, sqn, challenge);
         Err(self.not_supported("authenticate"))
+    }
+
+    /// Integrity evidence (5.1.3.6.2 step 8): a quote by the attestation key over the selected
+    /// SHA-256 PCRs with the verifier's nonce, and the PCR values. Verified with
+    /// `mcim_core::tpm::attest::verify_quote`.
+    fn quote(&mut self, nonce: &[u8], pcrs: &PcrSelection) -> Result<TpmQuote, TreError> {
+        let _ = (nonce, pcrs);
+        Err(self.not_supported("quote"))
     }
 
     /// The error for an operation this backend lacks.

@@ -73,15 +73,6 @@ fn tpm_public(tpmt: &[u8]) -> Result<Public, TreError> {
 }
 
 impl TpmTre {
-    /// TPM commands mcim issued on this context so far (the benchmark and the tests read it).
-    pub fn commands_issued(&self) -> u64 {
-        self.commands.get()
-    }
-
-    fn count(&self, n: u64) {
-        self.commands.set(self.commands.get() + n);
-    }
-
     /// TPM2_Import of one blob under the storage key; returns the at-rest form.
     fn import_one(&mut self, blob: &[u8], what: &str) -> Result<AtRest, TreError> {
         let blob = ImportBlob::from_bytes(blob).map_err(|e| bad(format!("{what}: {e}")))?;

@@ -16,6 +16,9 @@
 mod keys;
 mod mcim;
 mod nv;
+mod quote;
+
+pub use quote::MAX_NONCE;
 
 use super::{
     AkaChallenge, AkaExecution, Capabilities, DevicePublic, InitOutcome, ProtectedSecrets, Tre,
@@ -23,6 +26,8 @@ use super::{
 };
 use mcim_core::aka::{DeviceResponse, MsSqnState};
 use mcim_core::identity::DeviceIdentity;
+use mcim_core::tpm::attest::TpmQuote;
+use mcim_core::tpm::policy::PcrSelection;
 use std::cell::Cell;
 use std::str::FromStr;
 use tss_esapi::constants::CapabilityType;
@@ -96,12 +101,22 @@ impl TpmTre {
 }
 
 impl TpmTre {
+    /// TPM commands mcim issued on this context so far (the benchmark and the tests read it).
+    pub fn commands_issued(&self) -> u64 {
+        self.commands.get()
+    }
+
+    /// Counts `n` TPM commands about to be issued.
+    pub(crate) fn count(&self, n: u64) {
+        self.commands.set(self.commands.get() + n);
+    }
+
     /// The storage key (the parent of imported MCIM secrets), opened once per context.
     pub(crate) fn storage_key(&mut self) -> Result<KeyHandle, TreError> {
         if let Some(h) = self.storage {
             return Ok(h);
         }
-        self.commands.set(self.commands.get() + 1);
+        self.count(1);
         let h = keys::open_persistent(&mut self.ctx, STORAGE_HANDLE)?
             .ok_or(TreError::NotInitialised)?;
         let h = KeyHandle::from(h);
@@ -231,6 +246,10 @@ impl Tre for TpmTre {
         challenge: &AkaChallenge<'_>,
     ) -> Result<DeviceResponse, TreError> {
         self.authenticate_with(secrets, sqn, challenge)
+    }
+
+    fn quote(&mut self, nonce: &[u8], pcrs: &PcrSelection) -> Result<TpmQuote, TreError> {
+        self.quote_pcrs(nonce, pcrs)
     }
 
     fn random(&mut self, n: usize) -> Result<Vec<u8>, TreError> {

@@ -1,0 +1,172 @@
+//! TPM quotes as evidence, verified without a TPM (TR 33.812 5.1.3.6.2 steps 8-10: the PVA
+//! validates the platform; TPM 2.0 Part 3, 18.4 TPM2_Quote; Part 2, 10.12 TPMS_ATTEST).
+//!
+//! The device sends the quote (TPMS_ATTEST and its signature by the attestation key), the
+//! values of the quoted PCRs and the AK's public area (certified by the supplier into the
+//! platform credential). [`verify_quote`] checks, in this order: the AK is a restricted
+//! signing key that never leaves its TPM (otherwise anyone could sign a TPMS_ATTEST), the
+//! signature, that the TPM made the structure (magic, type), the caller's nonce, and that the
+//! reported PCR values hash to the quoted digest. What the PCR values should be is policy, and
+//! belongs to the caller (the PVA's reference values).
+
+use p256::ecdsa::signature::hazmat::PrehashVerifier;
+use p256::ecdsa::{Signature, VerifyingKey};
+use serde::{Deserialize, Serialize};
+use subtle::ConstantTimeEq;
+
+use super::kdf::sha256;
+use super::policy::{PcrSelection, pcr_digest};
+use super::public::{EccPublic, attrs};
+use super::wire::Reader;
+use super::{TpmStructError, alg};
+
+/// TPM_GENERATED_VALUE: the magic that only the TPM puts in structures it signs.
+pub const TPM_GENERATED_VALUE: u32 = 0xff54_4347;
+/// TPM_ST_ATTEST_QUOTE.
+pub const TPM_ST_ATTEST_QUOTE: u16 = 0x8018;
+
+/// A quote as the device sends it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TpmQuote {
+    /// The marshalled TPMS_ATTEST (the contents of the TPM2B_ATTEST).
+    pub attest: Vec<u8>,
+    /// The marshalled TPMT_SIGNATURE over it.
+    pub signature: Vec<u8>,
+    /// The selected SHA-256 PCRs' indices, ascending.
+    pub pcrs: Vec<u8>,
+    /// Their values, in the same order, as the device read them.
+    pub pcr_values: Vec<[u8; 32]>,
+}
+
+/// TPMS_CLOCK_INFO: lets a verifier spot a reboot (reset count) or a TPM that was not shut
+/// down properly (safe = false).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClockInfo {
+    /// Milliseconds the TPM has been powered, since its last clear.
+    pub clock: u64,
+    /// TPM resets (reboots) since the last clear.
+    pub reset_count: u32,
+    /// TPM restarts (resume from hibernation) since the last reset.
+    pub restart_count: u32,
+    /// No clock value was ever lost (orderly shutdowns only).
+    pub safe: bool,
+}
+
+/// What a verified quote says.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VerifiedQuote {
+    /// The TPM's clock at the quote.
+    pub clock: ClockInfo,
+    /// The TPM firmware version.
+    pub firmware_version: u64,
+    /// The quoted PCRs and their values.
+    pub pcrs: Vec<(u8, [u8; 32])>,
+}
+
+/// Why a quote was not accepted.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum QuoteError {
+    /// A structure is malformed.
+    #[error(transparent)]
+    Structure(#[from] TpmStructError),
+    /// The AK is not a restricted signing key bound to its TPM.
+    #[error("the attestation key is not a restricted, fixedTPM signing key")]
+    NotAnAttestationKey,
+    /// The signature does not verify under the AK.
+    #[error("the quote signature does not verify")]
+    BadSignature,
+    /// The structure was not made by a TPM, or is not a quote.
+    #[error("not a TPM-generated quote")]
+    NotAQuote,
+    /// The quote answers another nonce (a replay, or another verifier's).
+    #[error("the quote does not carry our nonce")]
+    WrongNonce,
+    /// The quoted PCR set differs from the reported one.
+    #[error("the quoted PCR selection differs from the reported PCRs")]
+    SelectionMismatch,
+    /// The reported PCR values are not the ones the TPM quoted.
+    #[error("the reported PCR values do not match the quoted digest")]
+    PcrMismatch,
+}
+
+/// Verifies `quote` against the AK's public area (TPM2B_PUBLIC) and the nonce the verifier
+/// sent. See the module documentation for what is checked.
+pub fn verify_quote(
+    ak_tpm2b_public: &[u8],
+    quote: &TpmQuote,
+    nonce: &[u8],
+) -> Result<VerifiedQuote, QuoteError> {
+    let ak = EccPublic::from_tpm2b(ak_tpm2b_public)?;
+    let must = attrs::RESTRICTED | attrs::SIGN_ENCRYPT | attrs::FIXED_TPM | attrs::FIXED_PARENT;
+    if ak.attributes & must != must || ak.attributes & attrs::DECRYPT != 0 {
+        return Err(QuoteError::NotAnAttestationKey);
+    }
+    let key = VerifyingKey::from(ak.p256()?);
+    let signature = parse_ecdsa_signature(&quote.signature)?;
+    key.verify_prehash(&sha256(&[&quote.attest]), &signature)
+        .map_err(|_| QuoteError::BadSignature)?;
+
+    let mut r = Reader::new("TPMS_ATTEST", &quote.attest);
+    if r.u32()? != TPM_GENERATED_VALUE || r.u16()? != TPM_ST_ATTEST_QUOTE {
+        return Err(QuoteError::NotAQuote);
+    }
+    let _qualified_signer = r.tpm2b()?;
+    let extra = r.tpm2b()?;
+    if extra.len() != nonce.len() || !bool::from(extra.ct_eq(nonce)) {
+        return Err(QuoteError::WrongNonce);
+    }
+    let clock = ClockInfo {
+        clock: r.u64()?,
+        reset_count: r.u32()?,
+        restart_count: r.u32()?,
+        safe: r.u8()? != 0,
+    };
+    let firmware_version = r.u64()?;
+    let selection = PcrSelection::parse(&mut r)?;
+    let digest = r.tpm2b()?.to_vec();
+    r.finish()?;
+
+    if selection.indices() != quote.pcrs.as_slice() || quote.pcrs.len() != quote.pcr_values.len() {
+        return Err(QuoteError::SelectionMismatch);
+    }
+    if digest != pcr_digest(&quote.pcr_values) {
+        return Err(QuoteError::PcrMismatch);
+    }
+    Ok(VerifiedQuote {
+        clock,
+        firmware_version,
+        pcrs: quote
+            .pcrs
+            .iter()
+            .copied()
+            .zip(quote.pcr_values.iter().copied())
+            .collect(),
+    })
+}
+
+/// TPMT_SIGNATURE with ECDSA-SHA256 → (r, s).
+fn parse_ecdsa_signature(b: &[u8]) -> Result<Signature, QuoteError> {
+    let mut r = Reader::new("TPMT_SIGNATURE", b);
+    let sig_alg = r.u16()?;
+    let hash = r.u16()?;
+    if sig_alg != alg::ECDSA || hash != alg::SHA256 {
+        return Err(TpmStructError::Unsupported {
+            what: "signature scheme",
+            detail: format!("{sig_alg:#06x}/{hash:#06x} (need ECDSA/SHA-256)"),
+        }
+        .into());
+    }
+    let sr = scalar(r.tpm2b()?)?;
+    let ss = scalar(r.tpm2b()?)?;
+    r.finish()?;
+    Signature::from_scalars(sr, ss).map_err(|_| QuoteError::BadSignature)
+}
+
+fn scalar(b: &[u8]) -> Result<[u8; 32], TpmStructError> {
+    if b.len() > 32 {
+        return Err(TpmStructError::BadSize("ECDSA scalar"));
+    }
+    let mut out = [0u8; 32];
+    out[32 - b.len()..].copy_from_slice(b);
+    Ok(out)
+}

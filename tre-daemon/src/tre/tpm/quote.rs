@@ -1,0 +1,100 @@
+//! TPM2_Quote with the attestation key over SHA-256 PCRs and the verifier's nonce (TR 33.812
+//! 5.1.3.6.2 step 8: the device's integrity evidence for the PVA).
+
+use mcim_core::tpm::attest::TpmQuote;
+use mcim_core::tpm::policy::PcrSelection;
+use tss_esapi::abstraction::pcr;
+use tss_esapi::handles::KeyHandle;
+use tss_esapi::interface_types::algorithm::HashingAlgorithm;
+use tss_esapi::interface_types::session_handles::AuthSession;
+use tss_esapi::structures::{Data, HashScheme, PcrSelectionList, PcrSlot, SignatureScheme};
+use tss_esapi::traits::Marshall;
+
+use super::{AK_HANDLE, TpmTre, cmd, keys};
+use crate::tre::TreError;
+
+/// The largest nonce TPM2_Quote takes (TPM2B_DATA of a SHA-256 TPM).
+pub const MAX_NONCE: usize = 64;
+
+impl TpmTre {
+    pub(super) fn quote_pcrs(
+        &mut self,
+        nonce: &[u8],
+        pcrs: &PcrSelection,
+    ) -> Result<TpmQuote, TreError> {
+        if nonce.is_empty() || nonce.len() > MAX_NONCE {
+            return Err(TreError::BadRequest(format!(
+                "nonce of {} octets (1..={MAX_NONCE})",
+                nonce.len()
+            )));
+        }
+        if pcrs.indices().is_empty() {
+            return Err(TreError::BadRequest("no PCR selected".into()));
+        }
+        let slots = pcrs
+            .indices()
+            .iter()
+            .map(|&i| PcrSlot::try_from(1u32 << i).map_err(cmd("PCR slot")))
+            .collect::<Result<Vec<_>, _>>()?;
+        let selection = || {
+            PcrSelectionList::builder()
+                .with_selection(HashingAlgorithm::Sha256, &slots)
+                .build()
+                .map_err(cmd("PCR selection"))
+        };
+        let qualifying = Data::try_from(nonce.to_vec()).map_err(cmd("nonce"))?;
+
+        self.count(1);
+        let mut ak =
+            keys::open_persistent(&mut self.ctx, AK_HANDLE)?.ok_or(TreError::NotInitialised)?;
+        self.count(1);
+        let quoted = self
+            .ctx
+            .execute_with_session(Some(AuthSession::Password), |c| {
+                c.quote(
+                    KeyHandle::from(ak),
+                    qualifying,
+                    SignatureScheme::EcDsa {
+                        hash_scheme: HashScheme::new(HashingAlgorithm::Sha256),
+                    },
+                    selection()?,
+                )
+                .map_err(cmd("TPM2_Quote"))
+            });
+        let closed = self.ctx.tr_close(&mut ak).map_err(cmd("Esys_TR_Close"));
+        let (attest, signature) = quoted?;
+        closed?;
+
+        // TPM2_PCR_Read returns at most 8 digests per command.
+        self.count(pcrs.indices().len().div_ceil(8) as u64);
+        let data = self.ctx.execute_without_session(|c| {
+            pcr::read_all(c, selection()?).map_err(cmd("TPM2_PCR_Read"))
+        })?;
+        let bank = data
+            .pcr_bank(HashingAlgorithm::Sha256)
+            .ok_or_else(|| TreError::Command {
+                command: "TPM2_PCR_Read",
+                detail: "no SHA-256 bank".into(),
+            })?;
+        let mut pcr_values = Vec::with_capacity(slots.len());
+        for slot in &slots {
+            let d = bank.get_digest(*slot).ok_or_else(|| TreError::Command {
+                command: "TPM2_PCR_Read",
+                detail: format!("{slot:?} not read"),
+            })?;
+            let v: [u8; 32] = d.value().try_into().map_err(|_| TreError::Command {
+                command: "TPM2_PCR_Read",
+                detail: "digest is not 32 octets".into(),
+            })?;
+            pcr_values.push(v);
+        }
+        Ok(TpmQuote {
+            attest: attest.marshall().map_err(cmd("marshal TPMS_ATTEST"))?,
+            signature: signature
+                .marshall()
+                .map_err(cmd("marshal TPMT_SIGNATURE"))?,
+            pcrs: pcrs.indices().to_vec(),
+            pcr_values,
+        })
+    }
+}
