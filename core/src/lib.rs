@@ -12,13 +12,15 @@
 //!   never print.
 //!
 //! - [`tpm`]: TPM 2.0 structures built without a TPM: duplication blobs for TPM2_Import (how
-//!   an SHO sends K and OPc to one device's TPM), policy digests, names.
+//!   an SHO sends K and OPc to one device's TPM), policy digests, names, and quote
+//!   verification (the PVA's side of attestation).
+//! - [`lifecycle`]: the MCIM lifecycle state machine (TR 33.812 5.1.1.1).
 //!
-//! Later slices add the MCIM package format, the lifecycle state machine (TR 33.812 5.1.1.1)
-//! and attestation evidence.
+//! Later slices add the MCIM package format.
 #![forbid(unsafe_code)]
 
 pub mod aka;
 pub mod identity;
+pub mod lifecycle;
 pub mod secret;
 pub mod tpm;

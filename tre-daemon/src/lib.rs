@@ -6,7 +6,10 @@
 //!
 //! - [`tre`]: the [`tre::Tre`] trait and its backends (`tpm` today).
 //!
-//! Still to come: the MCIM registry and lifecycle (5.1.1.1), the audit record (5.1.2.2),
-//! the local gRPC API and the device side of every flow.
+//! - [`registry`]: the MCIM registry and lifecycle (5.1.1.1), PINs, the audit record
+//!   (5.1.2.2), start-up integrity checks, rollback detection and lockdown (5.1.2.3).
+//!
+//! Still to come: the local gRPC API and the device side of every flow.
 
+pub mod registry;
 pub mod tre;

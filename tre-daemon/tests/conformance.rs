@@ -14,7 +14,7 @@ use mcim_tre::tre::{
     AkaChallenge, AkaExecution, DevicePublic, ProtectedSecrets, Tre, TreError, TreKind,
     WrappedSecrets,
 };
-use support::{arr, ts35208_sets};
+use support::{KForm, arr, tpm_wrap, ts35208_sets};
 
 fn identity(n: u32) -> DeviceIdentity {
     DeviceIdentity::new(
@@ -68,13 +68,6 @@ fn random_gives_fresh_bytes(t: &mut dyn Tre) {
     assert_eq!(a.len(), 32);
     assert_ne!(a, b);
     assert!(t.random(65).is_err());
-}
-
-/// How the SHO wraps K for a device: as a TRE key (AKA in the TRE) or as sealed data.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum KForm {
-    Key,
-    Sealed,
 }
 
 /// The SHO side of a backend: wraps K and OPc for one device's public material.
@@ -246,7 +239,7 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
 mod tpm {
     use super::*;
     use mcim_core::tpm::attest::{QuoteError, verify_quote};
-    use mcim_core::tpm::import::{ObjectPolicy, wrap_aes128_key, wrap_sealed_data};
+    use mcim_core::tpm::import::{ObjectPolicy, wrap_aes128_key};
     use mcim_core::tpm::policy::PcrSelection;
     use mcim_core::tpm::public::EccPublic;
     use mcim_tre::tre::tpm::{
@@ -256,25 +249,6 @@ mod tpm {
 
     fn open(s: &Swtpm) -> TpmTre {
         TpmTre::open(&TpmConfig { tcti: s.tcti() }).unwrap()
-    }
-
-    /// The SHO's side for a TPM: duplication blobs built in software by mcim-core.
-    fn tpm_wrap(public: &DevicePublic, k: &K, opc: &Opc, form: KForm) -> WrappedSecrets {
-        let parent = EccPublic::from_tpm2b(&public.storage_public).unwrap();
-        let mut rng = rand::rng();
-        let k_blob = match form {
-            KForm::Key => wrap_aes128_key(&parent, k, ObjectPolicy::default(), &mut rng),
-            KForm::Sealed => {
-                wrap_sealed_data(&parent, k.expose(), ObjectPolicy::default(), &mut rng)
-            }
-        }
-        .unwrap();
-        let opc_blob =
-            wrap_sealed_data(&parent, opc.expose(), ObjectPolicy::default(), &mut rng).unwrap();
-        WrappedSecrets {
-            k: k_blob.to_bytes().unwrap(),
-            opc: opc_blob.to_bytes().unwrap(),
-        }
     }
 
     #[test]

@@ -160,6 +160,16 @@ impl Constants {
             r,
         })
     }
+
+    /// c1..c5 as blocks.
+    pub fn c_blocks(&self) -> [Block; 5] {
+        self.c.map(u128::to_be_bytes)
+    }
+
+    /// r1..r5.
+    pub fn rotations(&self) -> [u32; 5] {
+        self.r
+    }
 }
 
 /// f2..f5* of one RAND.

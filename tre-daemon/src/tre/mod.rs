@@ -132,6 +132,15 @@ pub(crate) mod hex_bytes {
     }
 }
 
+/// Where the audit chain stood after the last committed transaction, kept in the TRE.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AuditAnchor {
+    /// Sequence number of the last entry (0: none yet).
+    pub seq: u64,
+    /// Hash of the last entry (zeros: none yet).
+    pub head: [u8; 32],
+}
+
 /// One run of the USIM side of AKA (TS 33.102 6.3.3) inside the TRE.
 #[derive(Debug)]
 pub struct AkaChallenge<'a> {
@@ -259,6 +268,34 @@ pub trait Tre {
     ) -> Result<DeviceResponse, TreError> {
         let _ = (secrets, sqn, challenge);
         Err(self.not_supported("authenticate"))
+    }
+
+    /// HMAC-SHA-256 of a digest with a key that never leaves the TRE: what protects every
+    /// record the daemon stores outside it (5.1.2.3 integrity check at start).
+    fn integrity_mac(&mut self, digest: &[u8; 32]) -> Result<[u8; 32], TreError> {
+        let _ = digest;
+        Err(self.not_supported("integrity_mac"))
+    }
+
+    /// The TRE's monotonic counter (rollback detection of the state directory).
+    fn rollback_counter(&mut self) -> Result<u64, TreError> {
+        Err(self.not_supported("rollback_counter"))
+    }
+
+    /// Advances the monotonic counter by one; returns the new value.
+    fn advance_rollback_counter(&mut self) -> Result<u64, TreError> {
+        Err(self.not_supported("advance_rollback_counter"))
+    }
+
+    /// The audit chain's anchor in the TRE (5.1.2.2 audit record).
+    fn audit_anchor(&mut self) -> Result<AuditAnchor, TreError> {
+        Err(self.not_supported("audit_anchor"))
+    }
+
+    /// Moves the audit anchor to a new head.
+    fn set_audit_anchor(&mut self, anchor: &AuditAnchor) -> Result<(), TreError> {
+        let _ = anchor;
+        Err(self.not_supported("set_audit_anchor"))
     }
 
     /// Integrity evidence (5.1.3.6.2 step 8): a quote by the attestation key over the selected

@@ -133,3 +133,33 @@ pub fn ts35208_sets() -> Vec<TestSet> {
 pub fn arr<const N: usize>(h: &str) -> [u8; N] {
     hex::decode(h).unwrap().try_into().unwrap()
 }
+
+/// How the SHO wraps K for a device: as a TRE key (AKA in the TRE) or as sealed data.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KForm {
+    Key,
+    Sealed,
+}
+
+/// The SHO's side for a TPM: duplication blobs built in software by mcim-core.
+pub fn tpm_wrap(
+    public: &mcim_tre::tre::DevicePublic,
+    k: &mcim_core::aka::K,
+    opc: &mcim_core::aka::Opc,
+    form: KForm,
+) -> mcim_tre::tre::WrappedSecrets {
+    use mcim_core::tpm::import::{ObjectPolicy, wrap_aes128_key, wrap_sealed_data};
+    let parent = mcim_core::tpm::public::EccPublic::from_tpm2b(&public.storage_public).unwrap();
+    let mut rng = rand::rng();
+    let k_blob = match form {
+        KForm::Key => wrap_aes128_key(&parent, k, ObjectPolicy::default(), &mut rng),
+        KForm::Sealed => wrap_sealed_data(&parent, k.expose(), ObjectPolicy::default(), &mut rng),
+    }
+    .unwrap();
+    let opc_blob =
+        wrap_sealed_data(&parent, opc.expose(), ObjectPolicy::default(), &mut rng).unwrap();
+    mcim_tre::tre::WrappedSecrets {
+        k: k_blob.to_bytes().unwrap(),
+        opc: opc_blob.to_bytes().unwrap(),
+    }
+}

@@ -13,16 +13,18 @@
 //! The identity record carries the storage key's name, so that a TPM whose owner hierarchy
 //! was cleared (new keys) is detected rather than silently re-keyed.
 
+mod integrity;
 mod keys;
 mod mcim;
 mod nv;
 mod quote;
 
+pub use integrity::{NV_AUDIT_ANCHOR, NV_COUNTER};
 pub use quote::MAX_NONCE;
 
 use super::{
-    AkaChallenge, AkaExecution, Capabilities, DevicePublic, InitOutcome, ProtectedSecrets, Tre,
-    TreError, TreKind, WrappedSecrets,
+    AkaChallenge, AkaExecution, AuditAnchor, Capabilities, DevicePublic, InitOutcome,
+    ProtectedSecrets, Tre, TreError, TreKind, WrappedSecrets,
 };
 use mcim_core::aka::{DeviceResponse, MsSqnState};
 use mcim_core::identity::DeviceIdentity;
@@ -59,6 +61,8 @@ pub struct TpmTre {
     caps: Capabilities,
     /// The ESYS handle of the storage key, opened on first use.
     storage: Option<KeyHandle>,
+    /// The integrity key, created on first use.
+    integrity: Option<KeyHandle>,
     /// TPM commands issued by mcim on this context.
     commands: Cell<u64>,
 }
@@ -95,6 +99,7 @@ impl TpmTre {
             ctx,
             caps,
             storage: None,
+            integrity: None,
             commands: Cell::new(0),
         })
     }
@@ -109,6 +114,12 @@ impl TpmTre {
     /// Counts `n` TPM commands about to be issued.
     pub(crate) fn count(&self, n: u64) {
         self.commands.set(self.commands.get() + n);
+    }
+
+    /// Drops the cached ESYS handles. ESYS hands out one ESYS_TR per TPM handle, so when
+    /// `keys` opens and closes a persistent key, any copy cached here dies with it.
+    fn forget_handles(&mut self) {
+        self.storage = None;
     }
 
     /// The storage key (the parent of imported MCIM secrets), opened once per context.
@@ -202,11 +213,13 @@ impl Tre for TpmTre {
             }
             _ => {}
         }
+        self.forget_handles();
         let created_keys = keys::ensure_all(&mut self.ctx)?;
         let public = self.device_public()?;
         let storage_name = keys::storage_name_if_present(&mut self.ctx)?.ok_or(
             TreError::Mismatch("storage key missing right after creation".into()),
         )?;
+        self.ensure_anchors()?;
         let created_identity = stored.is_none();
         if created_identity {
             nv::write_identity(
@@ -229,6 +242,7 @@ impl Tre for TpmTre {
     }
 
     fn device_public(&mut self) -> Result<DevicePublic, TreError> {
+        self.forget_handles();
         keys::device_public(&mut self.ctx)
     }
 
@@ -246,6 +260,26 @@ impl Tre for TpmTre {
         challenge: &AkaChallenge<'_>,
     ) -> Result<DeviceResponse, TreError> {
         self.authenticate_with(secrets, sqn, challenge)
+    }
+
+    fn integrity_mac(&mut self, digest: &[u8; 32]) -> Result<[u8; 32], TreError> {
+        self.mac_digest(digest)
+    }
+
+    fn rollback_counter(&mut self) -> Result<u64, TreError> {
+        self.read_counter()
+    }
+
+    fn advance_rollback_counter(&mut self) -> Result<u64, TreError> {
+        self.increment_counter()
+    }
+
+    fn audit_anchor(&mut self) -> Result<AuditAnchor, TreError> {
+        self.read_anchor()
+    }
+
+    fn set_audit_anchor(&mut self, anchor: &AuditAnchor) -> Result<(), TreError> {
+        self.write_anchor(anchor)
     }
 
     fn quote(&mut self, nonce: &[u8], pcrs: &PcrSelection) -> Result<TpmQuote, TreError> {

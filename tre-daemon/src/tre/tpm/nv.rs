@@ -19,26 +19,8 @@ use tss_esapi::structures::NvPublicBuilder;
 pub(super) struct IdentityRecord {
     pub identity: DeviceIdentity,
     /// Name of the storage key at supply time, hex in JSON.
-    #[serde(with = "hex_bytes")]
+    #[serde(with = "crate::tre::hex_bytes")]
     pub storage_name: Vec<u8>,
-}
-
-mod hex_bytes {
-    use serde::{Deserialize, Deserializer, Serializer};
-    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&v.iter().map(|b| format!("{b:02x}")).collect::<String>())
-    }
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
-        let s = String::deserialize(d)?;
-        (0..s.len())
-            .step_by(2)
-            .map(|i| {
-                s.get(i..i + 2)
-                    .and_then(|h| u8::from_str_radix(h, 16).ok())
-                    .ok_or_else(|| serde::de::Error::custom("bad hex"))
-            })
-            .collect()
-    }
 }
 
 fn index() -> Result<NvIndexTpmHandle, TreError> {

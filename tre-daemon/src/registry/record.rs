@@ -1,0 +1,113 @@
+//! What the registry stores per MCIM and in its header.
+
+use std::collections::BTreeMap;
+
+use mcim_core::aka::milenage::InvalidConstants;
+use mcim_core::aka::{Constants, MsSqnState, SqnProfile};
+use mcim_core::lifecycle::{BlockReason, McimState};
+use serde::{Deserialize, Serialize};
+
+use crate::tre::ProtectedSecrets;
+
+/// One MCIM in the registry (5.1.1.1 "has an entry in the M2ME's registry").
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct McimRecord {
+    /// The registry key: the MCIM's operational IMSI.
+    pub id: String,
+    /// The SHO that issued it.
+    pub sho: String,
+    /// Lifecycle state.
+    pub state: McimState,
+    /// Why it is Blocked, when it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blocked: Option<BlockReason>,
+    /// K and OPc in the TRE's at-rest form; `None` once Retired.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secrets: Option<ProtectedSecrets>,
+    /// MILENAGE constants.
+    pub constants: ConstantsRecord,
+    /// The SQN scheme.
+    pub sqn_profile: SqnProfile,
+    /// The USIM's SQN state (changes with every accepted AUTN).
+    pub sqn: MsSqnState,
+    /// The application PIN, if the MCIM has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pin: Option<PinRecord>,
+    /// Bumped at every change; the header records it (per-record rollback).
+    pub version: u64,
+}
+
+/// MILENAGE c1..c5 (hex) and r1..r5.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConstantsRecord {
+    /// c1..c5, 32 hex digits each.
+    pub c: [String; 5],
+    /// r1..r5.
+    pub r: [u32; 5],
+}
+
+impl From<&Constants> for ConstantsRecord {
+    fn from(c: &Constants) -> Self {
+        Self {
+            c: c.c_blocks().map(hex::encode),
+            r: c.rotations(),
+        }
+    }
+}
+
+impl ConstantsRecord {
+    /// Back to MILENAGE constants; fails on malformed values.
+    pub fn to_constants(&self) -> Result<Constants, String> {
+        let mut c = [[0u8; 16]; 5];
+        for (out, h) in c.iter_mut().zip(&self.c) {
+            *out = hex::decode(h)
+                .ok()
+                .and_then(|v| v.try_into().ok())
+                .ok_or("a MILENAGE constant is not 32 hex digits")?;
+        }
+        Constants::new(c, self.r).map_err(|e: InvalidConstants| e.to_string())
+    }
+}
+
+/// PIN and PUK (TS 31.102 application PIN): TRE MACs of the values, never the values, and
+/// the retry counters.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PinRecord {
+    /// TRE MAC of the PIN (hex).
+    pub pin_tag: String,
+    /// Tries left before the MCIM is Blocked.
+    pub pin_tries_left: u8,
+    /// TRE MAC of the PUK (hex).
+    pub puk_tag: String,
+    /// PUK tries left; at 0 the PIN can never be reset.
+    pub puk_tries_left: u8,
+}
+
+/// Attempts allowed (TS 31.102 / ETSI TS 102 221 defaults).
+pub const PIN_TRIES: u8 = 3;
+/// PUK attempts allowed.
+pub const PUK_TRIES: u8 = 10;
+
+/// One MCIM as the header knows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeaderEntry {
+    /// The record's version.
+    pub version: u64,
+    /// TRE MAC of the record file (hex).
+    pub mac: String,
+}
+
+/// The registry header: the commit point of every transaction.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Header {
+    /// Format version.
+    pub format: u32,
+    /// The TRE counter value this header was committed with.
+    pub counter: u64,
+    /// Last committed audit entry: sequence number.
+    pub audit_seq: u64,
+    /// Last committed audit entry: hash (hex).
+    pub audit_head: String,
+    /// Every MCIM: id -> version and MAC.
+    pub mcims: BTreeMap<String, HeaderEntry>,
+}

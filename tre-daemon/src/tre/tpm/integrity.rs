@@ -1,0 +1,246 @@
+//! What keeps the state directory honest (TR 33.812 5.1.2.2 audit record and lockdown, 5.1.2.3
+//! integrity checks): an HMAC key that never leaves the TPM, a monotonic NV counter against
+//! rollback, and an NV index anchoring the audit chain's head.
+//!
+//! The HMAC key is a primary key of the owner hierarchy with a fixed template: the TPM derives
+//! the same key from its owner seed every time, so it needs no persistent handle and is gone
+//! only when the owner hierarchy is cleared (as are the MCIMs' parent key and everything else).
+//!
+//! The audit anchor is an ordinary owner-written index holding (sequence number, head hash).
+//! TPM_NT_EXTEND would be the natural type, but tss-esapi 7.7 has no TPM2_NV_Extend (8.0 has)
+//! and with an empty owner auth value an extend index can be undefined and re-extended from
+//! zero by the same attacker who could rewrite this one; the counter and the MACs carry the
+//! protection.
+
+use mcim_core::tpm::wire::{Reader, Writer};
+use tss_esapi::attributes::{NvIndexAttributesBuilder, ObjectAttributesBuilder};
+use tss_esapi::constants::NvIndexType;
+use tss_esapi::handles::{KeyHandle, NvIndexHandle, NvIndexTpmHandle, TpmHandle};
+use tss_esapi::interface_types::algorithm::{HashingAlgorithm, PublicAlgorithm};
+use tss_esapi::interface_types::resource_handles::{Hierarchy, NvAuth, Provision};
+use tss_esapi::interface_types::session_handles::AuthSession;
+use tss_esapi::structures::{
+    Digest, KeyedHashScheme, MaxBuffer, MaxNvBuffer, NvPublicBuilder, Public, PublicBuilder,
+    PublicKeyedHashParameters,
+};
+
+use super::{TpmTre, cmd};
+use crate::tre::{AuditAnchor, TreError};
+
+/// NV index of the rollback counter (TPM_NT_COUNTER).
+pub const NV_COUNTER: u32 = 0x0150_0101;
+/// NV index of the audit anchor: sequence number (8) || head (32).
+pub const NV_AUDIT_ANCHOR: u32 = 0x0150_0102;
+const ANCHOR_SIZE: usize = 40;
+
+fn hmac_template() -> Result<Public, TreError> {
+    let attrs = ObjectAttributesBuilder::new()
+        .with_fixed_tpm(true)
+        .with_fixed_parent(true)
+        .with_sensitive_data_origin(true)
+        .with_user_with_auth(true)
+        .with_no_da(true)
+        .with_sign_encrypt(true)
+        .build()
+        .map_err(cmd("HMAC template"))?;
+    PublicBuilder::new()
+        .with_public_algorithm(PublicAlgorithm::KeyedHash)
+        .with_name_hashing_algorithm(HashingAlgorithm::Sha256)
+        .with_object_attributes(attrs)
+        .with_keyed_hash_parameters(PublicKeyedHashParameters::new(
+            KeyedHashScheme::HMAC_SHA_256,
+        ))
+        .with_keyed_hash_unique_identifier(Digest::default())
+        .build()
+        .map_err(cmd("HMAC template"))
+}
+
+fn nv_handle(index: u32) -> Result<NvIndexTpmHandle, TreError> {
+    NvIndexTpmHandle::new(index).map_err(cmd("NV index handle"))
+}
+
+impl TpmTre {
+    /// The integrity key, created from the owner seed on first use and kept loaded.
+    fn integrity_key(&mut self) -> Result<KeyHandle, TreError> {
+        if let Some(h) = self.integrity {
+            return Ok(h);
+        }
+        self.count(1);
+        let template = hmac_template()?;
+        let h = self
+            .ctx
+            .execute_with_session(Some(AuthSession::Password), |c| {
+                c.create_primary(Hierarchy::Owner, template, None, None, None, None)
+            })
+            .map_err(cmd("TPM2_CreatePrimary(integrity key)"))?
+            .key_handle;
+        self.integrity = Some(h);
+        Ok(h)
+    }
+
+    /// HMAC-SHA-256 with the integrity key over a 32-octet digest.
+    pub(super) fn mac_digest(&mut self, digest: &[u8; 32]) -> Result<[u8; 32], TreError> {
+        let key = self.integrity_key()?;
+        let data = MaxBuffer::try_from(digest.to_vec()).map_err(cmd("TPM2_HMAC"))?;
+        self.count(1);
+        let mac = self
+            .ctx
+            .execute_with_session(Some(AuthSession::Password), |c| {
+                c.hmac(key.into(), data, HashingAlgorithm::Sha256)
+            })
+            .map_err(cmd("TPM2_HMAC"))?;
+        mac.value().try_into().map_err(|_| TreError::Command {
+            command: "TPM2_HMAC",
+            detail: "not 32 octets".into(),
+        })
+    }
+
+    fn open_nv(&mut self, index: u32) -> Result<Option<NvIndexHandle>, TreError> {
+        let h = TpmHandle::NvIndex(nv_handle(index)?);
+        self.count(1);
+        match self
+            .ctx
+            .execute_without_session(|c| c.tr_from_tpm_public(h))
+        {
+            Ok(o) => Ok(Some(o.into())),
+            Err(_) => Ok(None),
+        }
+    }
+
+    fn close_nv(&mut self, h: NvIndexHandle) -> Result<(), TreError> {
+        let mut o = h.into();
+        self.ctx.tr_close(&mut o).map_err(cmd("Esys_TR_Close"))
+    }
+
+    /// Defines the counter and the anchor if missing (supply time). Idempotent.
+    pub(super) fn ensure_anchors(&mut self) -> Result<(), TreError> {
+        if let Some(h) = self.open_nv(NV_COUNTER)? {
+            self.close_nv(h)?;
+        } else {
+            let public = NvPublicBuilder::new()
+                .with_nv_index(nv_handle(NV_COUNTER)?)
+                .with_index_name_algorithm(HashingAlgorithm::Sha256)
+                .with_index_attributes(
+                    NvIndexAttributesBuilder::new()
+                        .with_nv_index_type(NvIndexType::Counter)
+                        .with_owner_write(true)
+                        .with_owner_read(true)
+                        .with_no_da(true)
+                        .build()
+                        .map_err(cmd("NV attributes"))?,
+                )
+                .with_data_area_size(8)
+                .build()
+                .map_err(cmd("NV public"))?;
+            self.count(2);
+            let h = self
+                .ctx
+                .execute_with_session(Some(AuthSession::Password), |c| {
+                    c.nv_define_space(Provision::Owner, None, public)
+                })
+                .map_err(cmd("TPM2_NV_DefineSpace(counter)"))?;
+            // A counter reads only after its first increment.
+            self.ctx
+                .execute_with_session(Some(AuthSession::Password), |c| {
+                    c.nv_increment(NvAuth::Owner, h)
+                })
+                .map_err(cmd("TPM2_NV_Increment"))?;
+            self.close_nv(h)?;
+        }
+        if let Some(h) = self.open_nv(NV_AUDIT_ANCHOR)? {
+            self.close_nv(h)?;
+        } else {
+            let public = NvPublicBuilder::new()
+                .with_nv_index(nv_handle(NV_AUDIT_ANCHOR)?)
+                .with_index_name_algorithm(HashingAlgorithm::Sha256)
+                .with_index_attributes(
+                    NvIndexAttributesBuilder::new()
+                        .with_owner_write(true)
+                        .with_owner_read(true)
+                        .with_no_da(true)
+                        .build()
+                        .map_err(cmd("NV attributes"))?,
+                )
+                .with_data_area_size(ANCHOR_SIZE)
+                .build()
+                .map_err(cmd("NV public"))?;
+            self.count(1);
+            let h = self
+                .ctx
+                .execute_with_session(Some(AuthSession::Password), |c| {
+                    c.nv_define_space(Provision::Owner, None, public)
+                })
+                .map_err(cmd("TPM2_NV_DefineSpace(audit anchor)"))?;
+            self.close_nv(h)?;
+            self.write_anchor(&AuditAnchor::default())?;
+        }
+        Ok(())
+    }
+
+    fn read_nv(&mut self, index: u32, size: u16) -> Result<Vec<u8>, TreError> {
+        let h = self.open_nv(index)?.ok_or_else(|| {
+            TreError::Mismatch(format!("NV index {index:#x} is missing (TPM cleared?)"))
+        })?;
+        self.count(1);
+        let out = self
+            .ctx
+            .execute_with_session(Some(AuthSession::Password), |c| {
+                c.nv_read(NvAuth::Owner, h, size, 0)
+            })
+            .map_err(cmd("TPM2_NV_Read"))
+            .map(|b| b.value().to_vec());
+        self.close_nv(h)?;
+        out
+    }
+
+    pub(super) fn read_counter(&mut self) -> Result<u64, TreError> {
+        let b = self.read_nv(NV_COUNTER, 8)?;
+        Reader::new("NV counter", &b)
+            .u64()
+            .map_err(|e| TreError::Mismatch(e.to_string()))
+    }
+
+    pub(super) fn increment_counter(&mut self) -> Result<u64, TreError> {
+        let h = self.open_nv(NV_COUNTER)?.ok_or_else(|| {
+            TreError::Mismatch("the rollback counter is missing (TPM cleared?)".into())
+        })?;
+        self.count(1);
+        let r = self
+            .ctx
+            .execute_with_session(Some(AuthSession::Password), |c| {
+                c.nv_increment(NvAuth::Owner, h)
+            })
+            .map_err(cmd("TPM2_NV_Increment"));
+        self.close_nv(h)?;
+        r?;
+        self.read_counter()
+    }
+
+    pub(super) fn read_anchor(&mut self) -> Result<AuditAnchor, TreError> {
+        let b = self.read_nv(NV_AUDIT_ANCHOR, ANCHOR_SIZE as u16)?;
+        let mut r = Reader::new("audit anchor", &b);
+        let seq = r.u64().map_err(|e| TreError::Mismatch(e.to_string()))?;
+        let head = r
+            .array::<32>()
+            .map_err(|e| TreError::Mismatch(e.to_string()))?;
+        Ok(AuditAnchor { seq, head })
+    }
+
+    pub(super) fn write_anchor(&mut self, a: &AuditAnchor) -> Result<(), TreError> {
+        let mut w = Writer::new();
+        w.bytes(&a.seq.to_be_bytes()).bytes(&a.head);
+        let data = MaxNvBuffer::try_from(w.finish()).map_err(cmd("TPM2_NV_Write"))?;
+        let h = self.open_nv(NV_AUDIT_ANCHOR)?.ok_or_else(|| {
+            TreError::Mismatch("the audit anchor is missing (TPM cleared?)".into())
+        })?;
+        self.count(1);
+        let r = self
+            .ctx
+            .execute_with_session(Some(AuthSession::Password), |c| {
+                c.nv_write(NvAuth::Owner, h, data, 0)
+            })
+            .map_err(cmd("TPM2_NV_Write"));
+        self.close_nv(h)?;
+        r
+    }
+}

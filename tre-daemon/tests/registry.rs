@@ -1,0 +1,530 @@
+//! The MCIM registry on a real TPM (a private swtpm per test): lifecycle, PIN, AKA, the audit
+//! record, tamper and rollback detection (TR 33.812 5.1.1.1, 5.1.2.2, 5.1.2.3).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use std::path::{Path, PathBuf};
+
+use mcim_core::aka::network::vector_for;
+use mcim_core::aka::{
+    Amf, AuthVector, Constants, DeviceResponse, K, Milenage, Opc, Rand, SoftKernel, Sqn, SqnProfile,
+};
+use mcim_core::identity::{DeviceIdentity, Imsi, Pcid};
+use mcim_core::lifecycle::{BlockReason, LifecycleOp as Op, McimState};
+use mcim_tre::registry::{InstallRequest, Registry, RegistryError};
+use mcim_tre::tre::Tre;
+use mcim_tre::tre::tpm::{TpmConfig, TpmTre};
+use support::{KForm, Swtpm, tpm_wrap};
+
+const IMSI_A: &str = "001010123456789";
+const IMSI_B: &str = "001010987654321";
+
+/// A device: its swtpm, its state directory, and the SHO's knowledge of each MCIM's K/OPc.
+struct Device {
+    tpm: Swtpm,
+    state: tempfile::TempDir,
+}
+
+impl Device {
+    fn new() -> Self {
+        let tpm = Swtpm::start();
+        let mut t = TpmTre::open(&TpmConfig { tcti: tpm.tcti() }).unwrap();
+        t.init_device(
+            &DeviceIdentity::new("SN-1", Pcid::new("001010000000001").unwrap(), "meter").unwrap(),
+        )
+        .unwrap();
+        Self {
+            tpm,
+            state: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn dir(&self) -> &Path {
+        self.state.path()
+    }
+
+    fn open(&self) -> Registry {
+        let t = TpmTre::open(&TpmConfig {
+            tcti: self.tpm.tcti(),
+        })
+        .unwrap();
+        Registry::open(self.dir(), Box::new(t)).unwrap()
+    }
+}
+
+fn secrets(imsi: &str) -> (K, Opc) {
+    let seed = imsi.as_bytes()[14];
+    (K::new([seed; 16]), Opc::new([seed ^ 0x5a; 16]))
+}
+
+fn install(reg: &mut Registry, imsi: &str, pin: Option<(&str, &str)>) {
+    let (k, opc) = secrets(imsi);
+    let public = reg.tre().device_public().unwrap();
+    reg.install(InstallRequest {
+        imsi: Imsi::new(imsi).unwrap(),
+        sho: "sho.example".into(),
+        wrapped: tpm_wrap(&public, &k, &opc, KForm::Key),
+        constants: Constants::default(),
+        sqn_profile: SqnProfile::default(),
+        pin: pin.map(|(a, b)| (a.to_string(), b.to_string())),
+    })
+    .unwrap();
+}
+
+fn av(imsi: &str, seq: u8) -> AuthVector {
+    let (k, opc) = secrets(imsi);
+    let m = Milenage::with_opc(SoftKernel::new(&k), opc, Constants::default());
+    vector_for(
+        &m,
+        Sqn::from_bytes([0, 0, 0, 0, seq, 0]),
+        Amf([0x80, 0]),
+        Rand([seq; 16]),
+    )
+    .unwrap()
+}
+
+fn state(reg: &Registry, id: &str) -> McimState {
+    reg.get(id).unwrap().state
+}
+
+/// Every file under the state directory, by relative path, with its bytes.
+fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            if e.file_type().unwrap().is_dir() {
+                stack.push(e.path());
+            } else {
+                out.push((
+                    e.path().strip_prefix(dir).unwrap().to_path_buf(),
+                    std::fs::read(e.path()).unwrap(),
+                ));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    for (rel, bytes) in snapshot(from) {
+        let p = to.join(rel);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, bytes).unwrap();
+    }
+}
+
+#[test]
+fn every_allowed_transition_works_and_every_forbidden_one_changes_nothing() {
+    let dev = Device::new();
+    let mut reg = dev.open();
+    install(&mut reg, IMSI_A, None);
+    assert_eq!(state(&reg, IMSI_A), McimState::Installed);
+
+    let ops = [
+        Op::Activate,
+        Op::EndSession,
+        Op::Block(BlockReason::Requested),
+        Op::Unblock,
+        Op::Retire,
+    ];
+    // From each reachable state, every forbidden op is refused and no file changes.
+    let check_forbidden = |reg: &mut Registry, allowed: &[Op]| {
+        let before = snapshot(dev.dir());
+        let s = state(reg, IMSI_A);
+        for op in ops {
+            if allowed.contains(&op) {
+                continue;
+            }
+            let err = reg.apply(IMSI_A, op).unwrap_err();
+            assert!(
+                matches!(err, RegistryError::Lifecycle(_)),
+                "{s:?} {op:?}: {err}"
+            );
+        }
+        if s != McimState::Activated {
+            assert!(reg.select(IMSI_A, None).is_err(), "select from {s:?}");
+        }
+        assert_eq!(state(reg, IMSI_A), s);
+        assert_eq!(
+            snapshot(dev.dir()),
+            before,
+            "refusals from {s:?} wrote nothing"
+        );
+    };
+
+    check_forbidden(&mut reg, &[Op::Activate, Op::Retire]);
+    assert_eq!(
+        reg.apply(IMSI_A, Op::Activate).unwrap(),
+        McimState::Activated
+    );
+    check_forbidden(&mut reg, &[Op::Block(BlockReason::Requested), Op::Retire]);
+    reg.select(IMSI_A, None).unwrap();
+    assert_eq!(state(&reg, IMSI_A), McimState::Selected);
+    check_forbidden(&mut reg, &[Op::EndSession]);
+    let before = snapshot(dev.dir());
+    assert!(matches!(
+        reg.apply(IMSI_A, Op::Delete),
+        Err(RegistryError::Lifecycle(_))
+    ));
+    assert_eq!(snapshot(dev.dir()), before, "Selected is never deleted");
+    assert_eq!(
+        reg.apply(IMSI_A, Op::EndSession).unwrap(),
+        McimState::Activated
+    );
+    assert_eq!(
+        reg.apply(IMSI_A, Op::Block(BlockReason::Requested))
+            .unwrap(),
+        McimState::Blocked
+    );
+    check_forbidden(&mut reg, &[Op::Unblock, Op::Retire]);
+    assert_eq!(
+        reg.apply(IMSI_A, Op::Unblock).unwrap(),
+        McimState::Activated
+    );
+    assert_eq!(reg.apply(IMSI_A, Op::Retire).unwrap(), McimState::Retired);
+    assert!(
+        reg.get(IMSI_A).unwrap().secrets.is_none(),
+        "retired: credentials gone"
+    );
+    check_forbidden(&mut reg, &[]);
+    assert_eq!(reg.apply(IMSI_A, Op::Delete).unwrap(), McimState::Deleted);
+    assert!(matches!(reg.get(IMSI_A), Err(RegistryError::NotFound(_))));
+
+    // Deletion from Installed and from Blocked too.
+    install(&mut reg, IMSI_B, None);
+    assert_eq!(reg.apply(IMSI_B, Op::Delete).unwrap(), McimState::Deleted);
+    install(&mut reg, IMSI_B, None);
+    reg.apply(IMSI_B, Op::Activate).unwrap();
+    reg.apply(IMSI_B, Op::Block(BlockReason::Requested))
+        .unwrap();
+    assert_eq!(reg.apply(IMSI_B, Op::Delete).unwrap(), McimState::Deleted);
+
+    // Every transition is in the audit record.
+    let audit = reg.audit().unwrap();
+    assert!(audit.iter().filter(|e| e.event == "lifecycle").count() >= 9);
+    assert!(audit.iter().any(|e| e.detail.contains("Retired")));
+}
+
+#[test]
+fn one_selected_mcim_at_a_time() {
+    let dev = Device::new();
+    let mut reg = dev.open();
+    install(&mut reg, IMSI_A, None);
+    install(&mut reg, IMSI_B, None);
+    reg.apply(IMSI_A, Op::Activate).unwrap();
+    reg.apply(IMSI_B, Op::Activate).unwrap();
+    reg.select(IMSI_A, None).unwrap();
+    let err = reg.select(IMSI_B, None).unwrap_err();
+    assert!(
+        matches!(err, RegistryError::AnotherSelected(ref id) if id == IMSI_A),
+        "{err}"
+    );
+    assert_eq!(state(&reg, IMSI_B), McimState::Activated);
+    reg.apply(IMSI_A, Op::EndSession).unwrap();
+    reg.select(IMSI_B, None).unwrap();
+}
+
+#[test]
+fn aka_through_the_registry_keeps_sqn_across_restarts() {
+    let dev = Device::new();
+    {
+        let mut reg = dev.open();
+        install(&mut reg, IMSI_A, None);
+        reg.apply(IMSI_A, Op::Activate).unwrap();
+        let v = av(IMSI_A, 1);
+        assert!(
+            matches!(
+                reg.authenticate(IMSI_A, &v.rand, &v.autn),
+                Err(RegistryError::BadRequest(_))
+            ),
+            "AKA needs a selected MCIM"
+        );
+        reg.select(IMSI_A, None).unwrap();
+        match reg.authenticate(IMSI_A, &v.rand, &v.autn).unwrap() {
+            DeviceResponse::Success { res, .. } => assert!(res.ct_matches(&v.xres)),
+            other => panic!("{other:?}"),
+        }
+    }
+    let mut reg = dev.open();
+    // The session ended with the restart.
+    assert_eq!(state(&reg, IMSI_A), McimState::Activated);
+    reg.select(IMSI_A, None).unwrap();
+    let v = av(IMSI_A, 1);
+    assert!(
+        matches!(
+            reg.authenticate(IMSI_A, &v.rand, &v.autn).unwrap(),
+            DeviceResponse::SyncFailure { .. }
+        ),
+        "the replayed AUTN is refused after a restart"
+    );
+    let v2 = av(IMSI_A, 2);
+    assert!(matches!(
+        reg.authenticate(IMSI_A, &v2.rand, &v2.autn).unwrap(),
+        DeviceResponse::Success { .. }
+    ));
+    let audit = reg.audit().unwrap();
+    assert!(
+        audit
+            .iter()
+            .any(|e| e.detail.contains("synchronisation failure"))
+    );
+}
+
+#[test]
+fn no_k_or_opc_in_any_file_of_the_state_directory() {
+    let dev = Device::new();
+    let mut reg = dev.open();
+    install(&mut reg, IMSI_A, Some(("1234", "24681357")));
+    reg.apply(IMSI_A, Op::Activate).unwrap();
+    reg.select(IMSI_A, Some("1234")).unwrap();
+    let v = av(IMSI_A, 1);
+    reg.authenticate(IMSI_A, &v.rand, &v.autn).unwrap();
+    let (k, opc) = secrets(IMSI_A);
+    let files = snapshot(dev.dir());
+    assert!(files.len() >= 3, "{files:?}");
+    for (path, bytes) in files {
+        for secret in [&k.expose()[..], &opc.expose()[..]] {
+            for needle in [
+                secret.to_vec(),
+                hex::encode(secret).into_bytes(),
+                hex::encode_upper(secret).into_bytes(),
+            ] {
+                assert!(
+                    !bytes.windows(needle.len()).any(|w| w == needle.as_slice()),
+                    "{} holds a secret",
+                    path.display()
+                );
+            }
+        }
+        // Nor the PIN or PUK in clear.
+        let text = String::from_utf8_lossy(&bytes);
+        assert!(
+            !text.contains("24681357"),
+            "{} holds the PUK",
+            path.display()
+        );
+    }
+}
+
+#[test]
+fn one_flipped_byte_in_a_record_blocks_that_mcim_and_the_audit_says_why() {
+    let dev = Device::new();
+    {
+        let mut reg = dev.open();
+        install(&mut reg, IMSI_A, None);
+        install(&mut reg, IMSI_B, None);
+        reg.apply(IMSI_A, Op::Activate).unwrap();
+        reg.apply(IMSI_B, Op::Activate).unwrap();
+    }
+    let rec = std::fs::read_dir(dev.dir().join("mcims"))
+        .unwrap()
+        .flatten()
+        .find(|e| e.file_name().to_string_lossy().starts_with(IMSI_A))
+        .unwrap()
+        .path();
+    let mut bytes = std::fs::read(&rec).unwrap();
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0x01;
+    std::fs::write(&rec, bytes).unwrap();
+
+    let mut reg = dev.open();
+    assert_eq!(reg.status().lockdown, None);
+    let a = reg.get(IMSI_A).unwrap();
+    assert_eq!(
+        (a.state, a.blocked),
+        (McimState::Blocked, Some(BlockReason::Tampered))
+    );
+    assert!(
+        a.secrets.is_none(),
+        "nothing of a tampered record is trusted"
+    );
+    assert_eq!(
+        state(&reg, IMSI_B),
+        McimState::Activated,
+        "the other MCIM is untouched"
+    );
+    let audit = reg.audit().unwrap();
+    let last = audit.iter().rev().find(|e| e.event == "integrity").unwrap();
+    assert_eq!(last.mcim.as_deref(), Some(IMSI_A));
+    assert!(
+        last.detail.contains("integrity check failed"),
+        "{}",
+        last.detail
+    );
+    // Never unblocked; it can only be deleted.
+    assert!(matches!(
+        reg.apply(IMSI_A, Op::Unblock),
+        Err(RegistryError::Lifecycle(_))
+    ));
+    assert_eq!(reg.apply(IMSI_A, Op::Delete).unwrap(), McimState::Deleted);
+}
+
+#[test]
+fn an_older_copy_of_the_state_directory_is_refused_as_rollback() {
+    let dev = Device::new();
+    let old = tempfile::tempdir().unwrap();
+    {
+        let mut reg = dev.open();
+        install(&mut reg, IMSI_A, Some(("1234", "12345678")));
+        reg.apply(IMSI_A, Op::Activate).unwrap();
+        copy_dir(dev.dir(), old.path());
+        // Two wrong PINs: the attacker would like those counted tries back.
+        assert!(reg.verify_pin(IMSI_A, "0000").is_err());
+        assert!(reg.verify_pin(IMSI_A, "0000").is_err());
+    }
+    std::fs::remove_dir_all(dev.dir()).unwrap();
+    copy_dir(old.path(), dev.dir());
+    let mut reg = dev.open();
+    let why = reg.status().lockdown.expect("lockdown");
+    assert!(why.contains("rollback"), "{why}");
+    assert!(matches!(reg.list(), Err(RegistryError::Lockdown(_))));
+    assert!(matches!(
+        reg.verify_pin(IMSI_A, "1234"),
+        Err(RegistryError::Lockdown(_))
+    ));
+    assert!(matches!(
+        reg.apply(IMSI_A, Op::Block(BlockReason::Requested)),
+        Err(RegistryError::Lockdown(_))
+    ));
+    assert_eq!(
+        snapshot(dev.dir()),
+        snapshot(old.path()),
+        "lockdown writes nothing"
+    );
+}
+
+#[test]
+fn a_broken_audit_chain_is_lockdown() {
+    for damage in ["edit", "drop", "truncate_committed"] {
+        let dev = Device::new();
+        {
+            let mut reg = dev.open();
+            install(&mut reg, IMSI_A, None);
+            reg.apply(IMSI_A, Op::Activate).unwrap();
+            reg.apply(IMSI_A, Op::Block(BlockReason::Requested))
+                .unwrap();
+        }
+        let path = dev.dir().join("audit.log");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
+        match damage {
+            "edit" => lines[1] = lines[1].replace("installed", "INSTALLED"),
+            "drop" => {
+                lines.remove(1);
+            }
+            _ => {
+                lines.pop();
+            }
+        }
+        std::fs::write(&path, lines.join("\n") + "\n").unwrap();
+        let reg = dev.open();
+        let why = reg
+            .status()
+            .lockdown
+            .unwrap_or_else(|| panic!("{damage}: no lockdown"));
+        assert!(why.contains("audit"), "{damage}: {why}");
+        assert!(matches!(reg.get(IMSI_A), Err(RegistryError::Lockdown(_))));
+    }
+}
+
+#[test]
+fn a_tampered_header_is_lockdown() {
+    let dev = Device::new();
+    {
+        let mut reg = dev.open();
+        install(&mut reg, IMSI_A, None);
+    }
+    let path = dev.dir().join("header.json");
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, text.replacen("\"format\": 1", "\"format\": 2", 1)).unwrap();
+    let reg = dev.open();
+    assert!(reg.status().lockdown.unwrap().contains("header"));
+    // Removing it altogether is no better.
+    drop(reg);
+    std::fs::remove_file(&path).unwrap();
+    assert!(dev.open().status().lockdown.unwrap().contains("missing"));
+}
+
+#[test]
+fn pin_runs_out_blocks_the_mcim_and_the_puk_unblocks_it_across_restarts() {
+    let dev = Device::new();
+    {
+        let mut reg = dev.open();
+        install(&mut reg, IMSI_A, Some(("1234", "12345678")));
+        reg.apply(IMSI_A, Op::Activate).unwrap();
+        assert!(matches!(
+            reg.select(IMSI_A, None),
+            Err(RegistryError::BadRequest(_))
+        ));
+        assert!(matches!(
+            reg.verify_pin(IMSI_A, "9999"),
+            Err(RegistryError::WrongPin { tries_left: 2 })
+        ));
+        assert!(matches!(
+            reg.verify_pin(IMSI_A, "9999"),
+            Err(RegistryError::WrongPin { tries_left: 1 })
+        ));
+    }
+    // The counter survives a restart.
+    let mut reg = dev.open();
+    assert_eq!(
+        reg.get(IMSI_A)
+            .unwrap()
+            .pin
+            .as_ref()
+            .unwrap()
+            .pin_tries_left,
+        1
+    );
+    assert!(matches!(
+        reg.select(IMSI_A, Some("9999")),
+        Err(RegistryError::WrongPin { tries_left: 0 })
+    ));
+    let a = reg.get(IMSI_A).unwrap();
+    assert_eq!(
+        (a.state, a.blocked),
+        (McimState::Blocked, Some(BlockReason::PinBlocked))
+    );
+    // Even the right PIN is refused now, and a plain unblock is not enough.
+    assert!(reg.verify_pin(IMSI_A, "1234").is_err());
+    assert!(matches!(
+        reg.apply(IMSI_A, Op::Unblock),
+        Err(RegistryError::BadRequest(_))
+    ));
+    assert!(matches!(
+        reg.unblock_pin(IMSI_A, "00000000", "4321"),
+        Err(RegistryError::WrongPuk { tries_left: 9 })
+    ));
+    assert_eq!(state(&reg, IMSI_A), McimState::Blocked);
+    reg.unblock_pin(IMSI_A, "12345678", "4321").unwrap();
+    assert_eq!(state(&reg, IMSI_A), McimState::Activated);
+    assert!(
+        reg.select(IMSI_A, Some("1234")).is_err(),
+        "the old PIN is gone"
+    );
+    reg.select(IMSI_A, Some("4321")).unwrap();
+    assert!(
+        matches!(
+            reg.install(InstallRequest {
+                imsi: Imsi::new(IMSI_B).unwrap(),
+                sho: "x".into(),
+                wrapped: mcim_tre::tre::WrappedSecrets {
+                    k: vec![1],
+                    opc: vec![2]
+                },
+                constants: Constants::default(),
+                sqn_profile: SqnProfile::default(),
+                pin: Some(("12".into(), "12345678".into())),
+            }),
+            Err(RegistryError::BadRequest(_))
+        ),
+        "a 2-digit PIN is refused"
+    );
+    assert!(
+        matches!(reg.get(IMSI_B), Err(RegistryError::NotFound(_))),
+        "and nothing was installed"
+    );
+}
