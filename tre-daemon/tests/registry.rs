@@ -225,6 +225,66 @@ fn one_selected_mcim_at_a_time() {
     assert_eq!(state(&reg, IMSI_B), McimState::Activated);
     reg.apply(IMSI_A, Op::EndSession).unwrap();
     reg.select(IMSI_B, None).unwrap();
+    reg.apply(IMSI_B, Op::EndSession).unwrap();
+
+    // The owner chooses B for connectivity: A can no longer be selected until chosen.
+    reg.set_connectivity(IMSI_B).unwrap();
+    assert_eq!(reg.connectivity(), Some(IMSI_B));
+    assert!(matches!(
+        reg.select(IMSI_A, None),
+        Err(RegistryError::BadRequest(_))
+    ));
+    assert_eq!(state(&reg, IMSI_A), McimState::Activated);
+    reg.select(IMSI_B, None).unwrap();
+    assert!(matches!(
+        reg.set_connectivity(IMSI_A),
+        Err(RegistryError::AnotherSelected(_))
+    ));
+    reg.apply(IMSI_B, Op::EndSession).unwrap();
+    reg.set_connectivity(IMSI_A).unwrap();
+    reg.select(IMSI_A, None).unwrap();
+    // The choice survives a restart; a blocked MCIM is no longer the choice.
+    drop(reg);
+    let mut reg = dev.open();
+    assert_eq!(reg.connectivity(), Some(IMSI_A));
+    reg.apply(IMSI_A, Op::Block(BlockReason::Requested))
+        .unwrap();
+    assert_eq!(reg.connectivity(), None);
+    install(&mut reg, "001010555555555", None);
+    assert!(
+        matches!(
+            reg.set_connectivity("001010555555555"),
+            Err(RegistryError::BadRequest(_))
+        ),
+        "installed, not activated"
+    );
+}
+
+#[test]
+fn change_pin_needs_the_old_one() {
+    let dev = Device::new();
+    let mut reg = dev.open();
+    install(&mut reg, IMSI_A, Some(("1234", "24681357")));
+    reg.apply(IMSI_A, Op::Activate).unwrap();
+    assert!(matches!(
+        reg.change_pin(IMSI_A, "0000", "5555"),
+        Err(RegistryError::WrongPin { tries_left: 2 })
+    ));
+    assert!(matches!(
+        reg.change_pin(IMSI_A, "1234", "55"),
+        Err(RegistryError::BadRequest(_))
+    ));
+    reg.change_pin(IMSI_A, "1234", "5555").unwrap();
+    assert_eq!(
+        reg.get(IMSI_A)
+            .unwrap()
+            .pin
+            .as_ref()
+            .unwrap()
+            .pin_tries_left,
+        3
+    );
+    reg.select(IMSI_A, Some("5555")).unwrap();
 }
 
 #[test]

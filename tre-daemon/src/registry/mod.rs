@@ -123,6 +123,7 @@ pub struct Status {
 enum Change {
     Put(Box<McimRecord>),
     Remove(String),
+    Connectivity(Option<String>),
 }
 
 /// The registry over a state directory and a TRE.
@@ -434,8 +435,12 @@ impl Registry {
                 }
                 Change::Remove(id) => {
                     header.mcims.remove(&id);
+                    if header.connectivity.as_deref() == Some(id.as_str()) {
+                        header.connectivity = None;
+                    }
                     records.push(Change::Remove(id));
                 }
+                Change::Connectivity(c) => header.connectivity = c,
             }
         }
 
@@ -472,6 +477,7 @@ impl Registry {
                 Change::Remove(id) => {
                     self.records.remove(&id);
                 }
+                Change::Connectivity(_) => {}
             }
         }
         self.remove_stale_files();
@@ -573,6 +579,11 @@ impl Registry {
         }
         let to = lifecycle::transition(rec.state, rec.blocked, op)?;
         let detail = format!("{:?} -> {to:?} ({op:?})", rec.state);
+        let mut changes = Vec::new();
+        if matches!(to, McimState::Blocked | McimState::Retired) && self.connectivity() == Some(id)
+        {
+            changes.push(Change::Connectivity(None));
+        }
         let change = if to == McimState::Deleted {
             Change::Remove(id.to_string())
         } else {
@@ -590,7 +601,8 @@ impl Registry {
             }
             Change::Put(Box::new(next))
         };
-        self.commit(vec![change], "lifecycle", Some(id), detail)?;
+        changes.push(change);
+        self.commit(changes, "lifecycle", Some(id), detail)?;
         Ok(to)
     }
 
@@ -607,6 +619,11 @@ impl Registry {
         if !lifecycle::may_select(rec.state, usize::from(other.is_some())) {
             return Err(RegistryError::AnotherSelected(other.unwrap_or_default()));
         }
+        if let Some(c) = self.header.connectivity.as_deref().filter(|c| *c != id) {
+            return Err(RegistryError::BadRequest(format!(
+                "MCIM {c} is the one chosen for connectivity; choose {id} first"
+            )));
+        }
         if rec.pin.is_some() {
             let pin =
                 pin.ok_or_else(|| RegistryError::BadRequest("this MCIM needs its PIN".into()))?;
@@ -619,6 +636,55 @@ impl Registry {
             "lifecycle",
             Some(id),
             "Activated -> Selected".into(),
+        )
+    }
+
+    /// The MCIM the owner chose for connectivity, if any.
+    pub fn connectivity(&self) -> Option<&str> {
+        self.header.connectivity.as_deref()
+    }
+
+    /// The owner chooses the one MCIM used for connectivity (5.1.3.7.2: "the owner of the
+    /// device should control which MCIM in the device is used to provide connectivity"). It
+    /// must be Activated, and no other MCIM may be in a session.
+    pub fn set_connectivity(&mut self, id: &str) -> Result<(), RegistryError> {
+        let rec = self.record(id)?;
+        if rec.state != McimState::Activated && rec.state != McimState::Selected {
+            return Err(RegistryError::BadRequest(format!(
+                "only an activated MCIM provides connectivity; {id} is {:?}",
+                rec.state
+            )));
+        }
+        if let Some(other) = self
+            .records
+            .values()
+            .find(|r| r.state == McimState::Selected && r.id != id)
+        {
+            return Err(RegistryError::AnotherSelected(other.id.clone()));
+        }
+        self.commit(
+            vec![Change::Connectivity(Some(id.to_string()))],
+            "connectivity",
+            Some(id),
+            "chosen for connectivity".into(),
+        )
+    }
+
+    /// Changes the PIN: the old one is verified like [`Registry::verify_pin`] (and counts
+    /// as a try).
+    pub fn change_pin(&mut self, id: &str, old: &str, new: &str) -> Result<(), RegistryError> {
+        check_digits("PIN", new, 4, 8)?;
+        self.verify_pin(id, old)?;
+        let mut next = self.record(id)?.clone();
+        let tag = hex::encode(self.pin_tag(id, "pin", new)?);
+        if let Some(p) = next.pin.as_mut() {
+            p.pin_tag = tag;
+        }
+        self.commit(
+            vec![Change::Put(Box::new(next))],
+            "pin",
+            Some(id),
+            "PIN changed".into(),
         )
     }
 

@@ -110,4 +110,7 @@ pub struct Header {
     pub audit_head: String,
     /// Every MCIM: id -> version and MAC.
     pub mcims: BTreeMap<String, HeaderEntry>,
+    /// The MCIM the owner chose for connectivity (5.1.3.7.2), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connectivity: Option<String>,
 }
