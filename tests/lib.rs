@@ -1,5 +1,208 @@
 //! # mcim-e2e
 //!
-//! End-to-end tests: each starts the real binaries (`mcimctl`, later `tred` and
-//! `mcim-roles`) and, for flow tests, its own swtpm or SoftHSM2 instance with a fresh state
-//! directory. The helpers that start those live here; the tests are in `tests/tests/`.
+//! End-to-end tests: each starts the real binaries (`mcimctl`, `tred`, later `mcim-roles`)
+//! and its own swtpm (or SoftHSM2) instance with a fresh state directory. The helpers that
+//! start those live here, shared with the crates' own integration tests; the tests are in
+//! `tests/tests/`.
+// A test harness: failing loudly on a broken fixture is the point.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::PathBuf;
+
+/// A binary of the workspace, built next to the running test (`cargo test --workspace` and
+/// `cargo nextest run --workspace` build them all).
+pub fn workspace_bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let dir = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .expect("target/<profile>/deps/<test>");
+    let p = dir.join(name);
+    assert!(
+        p.exists(),
+        "{} is not built: run the tests with --workspace (or cargo build --workspace)",
+        p.display()
+    );
+    p
+}
+
+use std::net::{TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A running swtpm on 127.0.0.1, killed when dropped.
+pub struct Swtpm {
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+    /// The TPM command port (the control port is the next one).
+    pub port: u16,
+}
+
+fn free_port_pair() -> u16 {
+    loop {
+        let a = TcpListener::bind("127.0.0.1:0").unwrap();
+        let p = a.local_addr().unwrap().port();
+        if p < 65534 && TcpListener::bind(("127.0.0.1", p + 1)).is_ok() {
+            return p;
+        }
+    }
+}
+
+impl Swtpm {
+    /// A new TPM with empty state.
+    pub fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Swtpm {
+            child: None,
+            dir,
+            port: 0,
+        };
+        s.launch();
+        s
+    }
+
+    fn launch(&mut self) {
+        for _attempt in 0..5 {
+            let port = free_port_pair();
+            let child = Command::new("swtpm")
+                .arg("socket")
+                .arg("--tpm2")
+                .arg("--tpmstate")
+                .arg(format!("dir={}", self.dir.path().display()))
+                .arg("--server")
+                .arg(format!("type=tcp,port={port},bindaddr=127.0.0.1"))
+                .arg("--ctrl")
+                .arg(format!("type=tcp,port={},bindaddr=127.0.0.1", port + 1))
+                .arg("--flags")
+                .arg("not-need-init,startup-clear")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("swtpm is installed (ci/install-deps.sh)");
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                    self.child = Some(child);
+                    self.port = port;
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let mut child = child;
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        panic!("swtpm did not start");
+    }
+
+    /// Power-cycles the TPM: stops swtpm and starts it again on the same state directory.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.launch();
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// The TCTI string for tss-esapi and tpm2-tools.
+    pub fn tcti(&self) -> String {
+        format!("swtpm:host=127.0.0.1,port={}", self.port)
+    }
+
+    /// Runs a tpm2-tools command against this TPM (an independent witness).
+    pub fn tpm2(&self, tool: &str, args: &[&str]) -> std::process::Output {
+        Command::new(tool)
+            .args(args)
+            .env("TPM2TOOLS_TCTI", self.tcti())
+            .output()
+            .expect("tpm2-tools is installed (ci/install-deps.sh)")
+    }
+}
+
+impl Drop for Swtpm {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A running `tred` on its own state directory and socket, stopped (SIGTERM) when dropped.
+pub struct Tred {
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+}
+
+impl Tred {
+    /// Starts tred against `tcti`, waiting until its socket accepts connections.
+    pub fn start(tcti: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let log = std::fs::File::create(dir.path().join("tred.log")).unwrap();
+        let mut t = Tred { child: None, dir };
+        let child = Command::new(workspace_bin("tred"))
+            .env("MCIM_TCTI", tcti)
+            .env("MCIM_STATE_DIR", t.state_dir())
+            .env("MCIM_SOCKET", t.socket())
+            .env("MCIM_LOG", "debug")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("tred starts");
+        t.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if std::os::unix::net::UnixStream::connect(t.socket()).is_ok() {
+                return t;
+            }
+            if let Some(status) = t.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!("tred exited with {status}: {}", t.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("tred did not open its socket: {}", t.log());
+    }
+
+    /// The state directory.
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    /// The socket.
+    pub fn socket(&self) -> PathBuf {
+        self.dir.path().join("tred.sock")
+    }
+
+    /// Everything tred logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("tred.log")).unwrap_or_default()
+    }
+
+    /// SIGTERM, then waits; returns whether tred exited successfully.
+    pub fn stop(&mut self) -> bool {
+        let Some(mut c) = self.child.take() else {
+            return false;
+        };
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(c.id().to_string())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = c.try_wait() {
+                return status.success();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = c.kill();
+        let _ = c.wait();
+        false
+    }
+}
+
+impl Drop for Tred {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

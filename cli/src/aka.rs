@@ -129,6 +129,8 @@ struct MilenageJson {
     f4: String,
     f5: String,
     f5star: String,
+    /// AUTN = SQN ⊕ AK || AMF || MAC-A, what a network sends with RAND.
+    autn: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     opc: Option<String>,
 }
@@ -148,6 +150,13 @@ pub fn run(cmd: AkaCommand) -> Result<(), AkaCliError> {
                 f4: hex::encode(f.ik.expose()),
                 f5: hex::encode(f.ak),
                 f5star: hex::encode(f.ak_star),
+                autn: {
+                    let mut autn = Vec::with_capacity(16);
+                    autn.extend(a.sqn.iter().zip(f.ak).map(|(s, k)| s ^ k));
+                    autn.extend_from_slice(&a.amf);
+                    autn.extend_from_slice(&out.mac_a);
+                    hex::encode(autn)
+                },
                 opc: a.subscriber.op.map(|_| hex::encode(m.opc().expose())),
             };
             if a.json {
@@ -161,6 +170,7 @@ pub fn run(cmd: AkaCommand) -> Result<(), AkaCliError> {
                     ("f4", &j.f4),
                     ("f5", &j.f5),
                     ("f5star", &j.f5star),
+                    ("autn", &j.autn),
                 ] {
                     println!("{name:<7}{v}");
                 }

@@ -1,12 +1,16 @@
 //! `mcimctl`: the mcim command line.
 //!
-//! Today: `mcimctl aka milenage` and `mcimctl aka auts`, the AKA core at the command line.
-//! The device (`mcimctl device ...`), subscriber, operator, PKI and lab commands arrive with
-//! the issues that build those parts.
+//! - `mcimctl aka milenage|auts`: the AKA core at the command line.
+//! - `mcimctl device ...`, `mcimctl audit ...`: the device owner's side, through `tred`.
+//! - `mcimctl sho wrap`, `mcimctl pva verify-quote`: operator tools that need no server.
+//!
+//! Subscriber, PKI and lab commands arrive with the network roles.
 #![forbid(unsafe_code)]
 
 mod aka;
+mod device;
 mod hexarg;
+mod operator;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -24,12 +28,26 @@ enum Command {
     /// 3GPP AKA tools: MILENAGE (TS 35.206) and AUTS resynchronisation (TS 33.102 6.3.5).
     #[command(subcommand)]
     Aka(aka::AkaCommand),
+    /// The device's TRE through tred: init, MCIM registry and lifecycle, AKA, PIN, attestation.
+    Device(device::DeviceArgs),
+    /// The TRE's audit record: show it, verify its chain against the TRE.
+    Audit(device::AuditArgs),
+    /// Selected Home Operator tools.
+    #[command(subcommand)]
+    Sho(operator::ShoCommand),
+    /// Platform Validation Authority tools.
+    #[command(subcommand)]
+    Pva(operator::PvaCommand),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Aka(cmd) => aka::run(cmd),
+        Command::Aka(cmd) => aka::run(cmd).map_err(|e| e.to_string()),
+        Command::Device(a) => device::run(a).map_err(|e| e.to_string()),
+        Command::Audit(a) => device::run_audit(a).map_err(|e| e.to_string()),
+        Command::Sho(c) => operator::run_sho(c).map_err(|e| e.to_string()),
+        Command::Pva(c) => operator::run_pva(c).map_err(|e| e.to_string()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -9,7 +9,13 @@
 //! - [`registry`]: the MCIM registry and lifecycle (5.1.1.1), PINs, the audit record
 //!   (5.1.2.2), start-up integrity checks, rollback detection and lockdown (5.1.2.3).
 //!
-//! Still to come: the local gRPC API and the device side of every flow.
+//! - [`config`], [`engine`] (the thread that owns the TRE), [`service`] (the local gRPC API
+//!   `mcim.tre.v1` on a Unix socket): the daemon `tred`.
+//!
+//! Still to come: the device side of the provisioning flows.
 
+pub mod config;
+pub mod engine;
 pub mod registry;
+pub mod service;
 pub mod tre;

@@ -1,14 +1,116 @@
-//! `tred`: the TRE daemon (TR 33.812 5.1.2). The TPM backend and the local API arrive with
-//! the TRE issue; for now the binary only reports its version.
+//! `tred`: the TRE daemon (TR 33.812 5.1.2). Owns the device's TPM, keeps the MCIM registry
+//! and serves the local API `mcim.tre.v1` on a Unix socket.
+//!
+//! ```text
+//! tred [--config /etc/mcim/tred.toml]      # MCIM_* variables override the file
+//! ```
+use std::io::IsTerminal;
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+
 use clap::Parser;
+use mcim_proto::mcim::tre::v1::tre_service_server::TreServiceServer;
+use mcim_tre::config::Config;
+use mcim_tre::engine::{Engine, EngineHandle};
+use mcim_tre::service::TreApi;
+use mcim_tre::tre::tpm::{TpmConfig, TpmTre};
+use tokio::net::UnixListener;
+use tokio_stream::wrappers::UnixListenerStream;
 
 /// The mcim TRE daemon.
 #[derive(Parser)]
 #[command(version, about)]
-struct Args {}
+struct Args {
+    /// TOML configuration file (see tre-daemon/tred.toml).
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
 
-fn main() {
-    let _args = Args::parse();
-    eprintln!("tred: no TRE backend is built into this version yet");
-    std::process::exit(1);
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    let config = match Config::load(args.config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("tred: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    let filter = tracing_subscriber::EnvFilter::try_new(&config.log)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
+        .init();
+    match run(config) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("tred: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(config: Config) -> Result<(), String> {
+    let tcti = config.tcti.clone();
+    let state_dir = config.state_dir.clone();
+    let (engine, tre_thread) = EngineHandle::spawn(move || {
+        let tre = TpmTre::open(&TpmConfig { tcti }).map_err(|e| e.to_string())?;
+        Engine::new(Box::new(tre), state_dir).map_err(|e| e.to_string())
+    })?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let served = runtime.block_on(serve(&config, engine));
+    // Dropping the runtime drops the last engine handle; the TRE thread then ends.
+    drop(runtime);
+    let _ = tre_thread.join();
+    served
+}
+
+async fn serve(config: &Config, engine: EngineHandle) -> Result<(), String> {
+    let path = &config.socket;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => tracing::info!(socket = %path.display(), "removed a stale socket"),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(format!("{}: {e}", path.display())),
+    }
+    let listener = UnixListener::bind(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mode = config.socket_mode().map_err(|e| e.to_string())?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    tracing::info!(socket = %path.display(), mode = format!("{mode:o}"), tcti = %config.tcti, state = %config.state_dir.display(), "tred serving");
+
+    let api = TreApi::new(engine, config.quote_pcrs.clone());
+    let result = tonic::transport::Server::builder()
+        .add_service(TreServiceServer::new(api))
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown())
+        .await
+        .map_err(|e| e.to_string());
+    let _ = std::fs::remove_file(path);
+    tracing::info!("tred stopped");
+    result
+}
+
+/// SIGTERM or SIGINT: stop accepting, finish the calls in flight, exit.
+async fn shutdown() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = term => {},
+        _ = tokio::signal::ctrl_c() => {},
+    }
+    tracing::info!("shutting down");
 }

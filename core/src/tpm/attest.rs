@@ -106,25 +106,16 @@ pub fn verify_quote(
     key.verify_prehash(&sha256(&[&quote.attest]), &signature)
         .map_err(|_| QuoteError::BadSignature)?;
 
-    let mut r = Reader::new("TPMS_ATTEST", &quote.attest);
-    if r.u32()? != TPM_GENERATED_VALUE || r.u16()? != TPM_ST_ATTEST_QUOTE {
-        return Err(QuoteError::NotAQuote);
-    }
-    let _qualified_signer = r.tpm2b()?;
-    let extra = r.tpm2b()?;
-    if extra.len() != nonce.len() || !bool::from(extra.ct_eq(nonce)) {
+    let QuoteInfo {
+        extra_data,
+        clock,
+        firmware_version,
+        selection,
+        pcr_digest: digest,
+    } = parse_quote(&quote.attest)?;
+    if extra_data.len() != nonce.len() || !bool::from(extra_data.ct_eq(nonce)) {
         return Err(QuoteError::WrongNonce);
     }
-    let clock = ClockInfo {
-        clock: r.u64()?,
-        reset_count: r.u32()?,
-        restart_count: r.u32()?,
-        safe: r.u8()? != 0,
-    };
-    let firmware_version = r.u64()?;
-    let selection = PcrSelection::parse(&mut r)?;
-    let digest = r.tpm2b()?.to_vec();
-    r.finish()?;
 
     if selection.indices() != quote.pcrs.as_slice() || quote.pcrs.len() != quote.pcr_values.len() {
         return Err(QuoteError::SelectionMismatch);
@@ -141,6 +132,49 @@ pub fn verify_quote(
             .copied()
             .zip(quote.pcr_values.iter().copied())
             .collect(),
+    })
+}
+
+/// The fields of a TPMS_ATTEST of type quote, unverified.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct QuoteInfo {
+    /// extraData: the verifier's nonce.
+    pub extra_data: Vec<u8>,
+    /// clockInfo.
+    pub clock: ClockInfo,
+    /// firmwareVersion.
+    pub firmware_version: u64,
+    /// The quoted PCRs.
+    pub selection: PcrSelection,
+    /// Their digest.
+    pub pcr_digest: Vec<u8>,
+}
+
+/// Parses a quote's TPMS_ATTEST without verifying anything but its shape (for display; a
+/// verifier calls [`verify_quote`]).
+pub fn parse_quote(attest: &[u8]) -> Result<QuoteInfo, QuoteError> {
+    let mut r = Reader::new("TPMS_ATTEST", attest);
+    if r.u32()? != TPM_GENERATED_VALUE || r.u16()? != TPM_ST_ATTEST_QUOTE {
+        return Err(QuoteError::NotAQuote);
+    }
+    let _qualified_signer = r.tpm2b()?;
+    let extra_data = r.tpm2b()?.to_vec();
+    let clock = ClockInfo {
+        clock: r.u64()?,
+        reset_count: r.u32()?,
+        restart_count: r.u32()?,
+        safe: r.u8()? != 0,
+    };
+    let firmware_version = r.u64()?;
+    let selection = PcrSelection::parse(&mut r)?;
+    let pcr_digest = r.tpm2b()?.to_vec();
+    r.finish()?;
+    Ok(QuoteInfo {
+        extra_data,
+        clock,
+        firmware_version,
+        selection,
+        pcr_digest,
     })
 }
 

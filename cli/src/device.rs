@@ -1,0 +1,680 @@
+//! `mcimctl device ...` and `mcimctl audit ...`: the device owner's side, talking to `tred`
+//! over its Unix socket (`mcim.tre.v1`).
+
+use std::path::{Path, PathBuf};
+
+use clap::{Args, Subcommand};
+use mcim_proto::mcim::common::v1 as common;
+use mcim_proto::mcim::tre::v1 as pb;
+use mcim_proto::mcim::tre::v1::tre_service_client::TreServiceClient;
+use tonic::transport::Channel;
+
+use crate::hexarg;
+
+/// Where `tred` listens.
+#[derive(Args, Clone)]
+pub struct Socket {
+    /// tred's Unix socket.
+    #[arg(
+        long,
+        env = "MCIM_SOCKET",
+        default_value = "/run/mcim/tred.sock",
+        global = true
+    )]
+    socket: PathBuf,
+    /// Print JSON instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+/// `mcimctl device ...`
+#[derive(Args)]
+pub struct DeviceArgs {
+    #[command(flatten)]
+    socket: Socket,
+    #[command(subcommand)]
+    command: DeviceCommand,
+}
+
+/// The device commands.
+#[derive(Subcommand)]
+pub enum DeviceCommand {
+    /// Supply-time initialisation: TRE keys and identity (idempotent, never re-keys).
+    Init {
+        /// The supplier's device identifier (serial number).
+        #[arg(long)]
+        device_id: String,
+        /// Provisional Connectivity ID, IMSI format.
+        #[arg(long)]
+        pcid: String,
+        /// Equipment model.
+        #[arg(long)]
+        model: String,
+        /// Also write storage.pub, ak.pub (TPM2B_PUBLIC) and tls.spki.der here.
+        #[arg(long)]
+        out_dir: Option<PathBuf>,
+    },
+    /// TRE kind, capabilities, identity, lockdown.
+    Status,
+    /// The MCIM registry.
+    List,
+    /// One MCIM.
+    Get {
+        /// MCIM id (its IMSI).
+        id: String,
+    },
+    /// Install an MCIM from wrapped secrets (`mcimctl sho wrap` makes them).
+    Install {
+        /// Operational IMSI.
+        #[arg(long)]
+        imsi: String,
+        /// The issuing SHO.
+        #[arg(long)]
+        sho: String,
+        /// Wrapped K.
+        #[arg(long)]
+        k_blob: PathBuf,
+        /// Wrapped OPc.
+        #[arg(long)]
+        opc_blob: PathBuf,
+        /// Application PIN (4-8 digits).
+        #[arg(long, requires = "puk")]
+        pin: Option<String>,
+        /// PUK (8 digits).
+        #[arg(long, requires = "pin")]
+        puk: Option<String>,
+    },
+    /// Installed -> Activated.
+    Activate {
+        /// MCIM id.
+        id: String,
+    },
+    /// Activated -> Selected (a session).
+    Select {
+        /// MCIM id.
+        id: String,
+        /// Its PIN, if it has one.
+        #[arg(long)]
+        pin: Option<String>,
+    },
+    /// Selected -> Activated.
+    EndSession {
+        /// MCIM id.
+        id: String,
+    },
+    /// Activated -> Blocked.
+    Block {
+        /// MCIM id.
+        id: String,
+    },
+    /// Blocked -> Activated (owner blocks; a PIN block needs `pin unblock`).
+    Unblock {
+        /// MCIM id.
+        id: String,
+    },
+    /// -> Retired: the credentials go.
+    Retire {
+        /// MCIM id.
+        id: String,
+    },
+    /// -> Deleted.
+    Delete {
+        /// MCIM id.
+        id: String,
+    },
+    /// Choose the MCIM used for connectivity.
+    Connectivity {
+        /// MCIM id.
+        id: String,
+    },
+    /// Run AKA with a selected MCIM inside the TRE.
+    Aka {
+        /// MCIM id.
+        id: String,
+        /// RAND, 32 hex digits.
+        #[arg(long, value_parser = hexarg::parse::<16>)]
+        rand: [u8; 16],
+        /// AUTN, 32 hex digits.
+        #[arg(long, value_parser = hexarg::parse::<16>)]
+        autn: [u8; 16],
+    },
+    /// PIN operations.
+    #[command(subcommand)]
+    Pin(PinCommand),
+    /// A TPM quote over a nonce (write it out with --out-dir for `mcimctl pva verify-quote`).
+    Attest {
+        /// Nonce, 16 to 64 octets in hex.
+        #[arg(long)]
+        nonce: String,
+        /// PCRs (default: tred's configured set).
+        #[arg(long, value_delimiter = ',')]
+        pcrs: Vec<u32>,
+        /// Write quote.attest, quote.sig and pcrs.bin here.
+        #[arg(long)]
+        out_dir: Option<PathBuf>,
+    },
+}
+
+/// `mcimctl device pin ...`
+#[derive(Subcommand)]
+pub enum PinCommand {
+    /// Check the PIN (a wrong one counts).
+    Verify {
+        /// MCIM id.
+        id: String,
+        /// The PIN.
+        #[arg(long)]
+        pin: String,
+    },
+    /// Change the PIN.
+    Change {
+        /// MCIM id.
+        id: String,
+        /// Current PIN.
+        #[arg(long)]
+        old: String,
+        /// New PIN.
+        #[arg(long)]
+        new: String,
+    },
+    /// Unblock with the PUK and set a new PIN.
+    Unblock {
+        /// MCIM id.
+        id: String,
+        /// The PUK.
+        #[arg(long)]
+        puk: String,
+        /// New PIN.
+        #[arg(long)]
+        new: String,
+    },
+}
+
+/// `mcimctl audit ...`
+#[derive(Args)]
+pub struct AuditArgs {
+    #[command(flatten)]
+    socket: Socket,
+    #[command(subcommand)]
+    command: AuditCommand,
+}
+
+/// The audit commands.
+#[derive(Subcommand)]
+pub enum AuditCommand {
+    /// Print the audit record.
+    Show,
+    /// Check the chain and its anchor in the TRE; exit 1 when it does not verify.
+    Verify,
+}
+
+/// What went wrong talking to tred.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    /// No connection.
+    #[error("cannot reach tred at {path}: {detail}")]
+    Connect {
+        /// socket
+        path: String,
+        /// why
+        detail: String,
+    },
+    /// tred refused.
+    #[error("{}: {}", code_name(.0.code()), .0.message())]
+    Refused(tonic::Status),
+    /// A local file.
+    #[error("{path}: {detail}")]
+    File {
+        /// file
+        path: String,
+        /// why
+        detail: String,
+    },
+    /// Bad input.
+    #[error("{0}")]
+    Input(String),
+    /// The audit record does not verify.
+    #[error("the audit record does not verify: {0}")]
+    AuditBroken(String),
+}
+
+fn code_name(c: tonic::Code) -> &'static str {
+    use tonic::Code as C;
+    match c {
+        C::InvalidArgument => "invalid argument",
+        C::NotFound => "not found",
+        C::AlreadyExists => "already exists",
+        C::PermissionDenied => "permission denied",
+        C::FailedPrecondition => "refused",
+        C::Unauthenticated => "unauthenticated",
+        C::Unimplemented => "not implemented",
+        C::Unavailable => "unavailable",
+        _ => "error",
+    }
+}
+
+impl From<tonic::Status> for DeviceError {
+    fn from(s: tonic::Status) -> Self {
+        DeviceError::Refused(s)
+    }
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, DeviceError> {
+    std::fs::read(path).map_err(|e| DeviceError::File {
+        path: path.display().to_string(),
+        detail: e.to_string(),
+    })
+}
+
+fn write(path: &Path, data: &[u8]) -> Result<(), DeviceError> {
+    std::fs::write(path, data).map_err(|e| DeviceError::File {
+        path: path.display().to_string(),
+        detail: e.to_string(),
+    })
+}
+
+async fn connect(socket: &Path) -> Result<TreServiceClient<Channel>, DeviceError> {
+    let path = socket.to_path_buf();
+    let err = |detail: String| DeviceError::Connect {
+        path: socket.display().to_string(),
+        detail,
+    };
+    let channel = tonic::transport::Endpoint::try_from("http://tred.local")
+        .map_err(|e| err(e.to_string()))?
+        .connect_with_connector(tower::service_fn(move |_: tonic::codegen::http::Uri| {
+            let path = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    tokio::net::UnixStream::connect(path).await?,
+                ))
+            }
+        }))
+        .await
+        .map_err(|e| err(format!("{e} (is tred running?)")))?;
+    Ok(TreServiceClient::new(channel))
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, DeviceError> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| DeviceError::Input(e.to_string()))
+}
+
+fn state_name(s: i32) -> &'static str {
+    match common::McimState::try_from(s) {
+        Ok(common::McimState::Installed) => "installed",
+        Ok(common::McimState::Activated) => "activated",
+        Ok(common::McimState::Selected) => "selected",
+        Ok(common::McimState::Blocked) => "blocked",
+        Ok(common::McimState::Retired) => "retired",
+        Ok(common::McimState::Deleted) => "deleted",
+        _ => "unspecified",
+    }
+}
+
+fn mcim_json(m: &pb::Mcim) -> serde_json::Value {
+    serde_json::json!({
+        "id": m.mcim_id,
+        "imsi": m.imsi,
+        "sho": m.sho_id,
+        "state": state_name(m.state),
+        "blocked_reason": m.blocked_reason,
+        "pin_retries_left": m.pin_retries_left,
+        "connectivity": m.connectivity,
+    })
+}
+
+fn print_mcim(json: bool, m: Option<&pb::Mcim>) {
+    let Some(m) = m else { return };
+    if json {
+        println!("{}", mcim_json(m));
+    } else {
+        let mut line = format!("{}  {}  sho={}", m.mcim_id, state_name(m.state), m.sho_id);
+        if !m.blocked_reason.is_empty() {
+            line.push_str(&format!(" ({})", m.blocked_reason));
+        }
+        if m.pin_retries_left > 0 {
+            line.push_str(&format!("  pin_tries={}", m.pin_retries_left));
+        }
+        if m.connectivity {
+            line.push_str("  [connectivity]");
+        }
+        println!("{line}");
+    }
+}
+
+/// Runs `mcimctl device ...`.
+pub fn run(a: DeviceArgs) -> Result<(), DeviceError> {
+    runtime()?.block_on(device(a))
+}
+
+async fn device(a: DeviceArgs) -> Result<(), DeviceError> {
+    let json = a.socket.json;
+    let mut c = connect(&a.socket.socket).await?;
+    use DeviceCommand as D;
+    match a.command {
+        D::Init {
+            device_id,
+            pcid,
+            model,
+            out_dir,
+        } => {
+            let r = c
+                .init_device(pb::InitDeviceRequest {
+                    identity: Some(common::DeviceIdentity {
+                        device_id,
+                        pcid,
+                        model,
+                    }),
+                })
+                .await?
+                .into_inner();
+            if let Some(dir) = out_dir {
+                std::fs::create_dir_all(&dir).map_err(|e| DeviceError::File {
+                    path: dir.display().to_string(),
+                    detail: e.to_string(),
+                })?;
+                write(&dir.join("storage.pub"), &r.storage_public)?;
+                write(&dir.join("ak.pub"), &r.attestation_public)?;
+                write(&dir.join("tls.spki.der"), &r.tls_public_spki)?;
+            }
+            let v = serde_json::json!({
+                "created": r.created,
+                "storage_public": hex::encode(&r.storage_public),
+                "attestation_public": hex::encode(&r.attestation_public),
+                "tls_public_spki": hex::encode(&r.tls_public_spki),
+            });
+            if json {
+                println!("{v}");
+            } else {
+                println!(
+                    "{}",
+                    if r.created {
+                        "initialised"
+                    } else {
+                        "already initialised (nothing changed)"
+                    }
+                );
+                println!("storage_public      {}", hex::encode(&r.storage_public));
+                println!("attestation_public  {}", hex::encode(&r.attestation_public));
+                println!("tls_public_spki     {}", hex::encode(&r.tls_public_spki));
+            }
+        }
+        D::Status => {
+            let s = c.get_status(pb::GetStatusRequest {}).await?.into_inner();
+            let caps = s.capabilities.unwrap_or_default();
+            let aka = match common::AkaExecution::try_from(caps.aka_execution) {
+                Ok(common::AkaExecution::InTre) => "in_tre",
+                Ok(common::AkaExecution::UnsealedInHost) => "unsealed_in_host",
+                _ => "unspecified",
+            };
+            let id = s.identity.unwrap_or_default();
+            let v = serde_json::json!({
+                "tre": match common::TreKind::try_from(s.tre_kind) { Ok(common::TreKind::Tpm2) => "tpm2", Ok(common::TreKind::Pkcs11) => "pkcs11", _ => "unspecified" },
+                "aka_execution": aka,
+                "quote": caps.quote,
+                "initialised": !id.pcid.is_empty(),
+                "device_id": id.device_id,
+                "pcid": id.pcid,
+                "model": id.model,
+                "lockdown": s.lockdown,
+                "lockdown_reason": s.lockdown_reason,
+                "connectivity": s.connectivity_mcim_id,
+            });
+            if json {
+                println!("{v}");
+            } else if let Some(o) = v.as_object() {
+                for (k, val) in o {
+                    println!(
+                        "{k:<16}{}",
+                        val.as_str().map_or_else(|| val.to_string(), str::to_string)
+                    );
+                }
+            }
+        }
+        D::List => {
+            let r = c.list_mcims(pb::ListMcimsRequest {}).await?.into_inner();
+            if json {
+                println!(
+                    "{}",
+                    serde_json::Value::Array(r.mcims.iter().map(mcim_json).collect())
+                );
+            } else {
+                for m in &r.mcims {
+                    print_mcim(false, Some(m));
+                }
+            }
+        }
+        D::Get { id } => {
+            let r = c
+                .get_mcim(pb::GetMcimRequest { mcim_id: id })
+                .await?
+                .into_inner();
+            print_mcim(json, r.mcim.as_ref());
+        }
+        D::Install {
+            imsi,
+            sho,
+            k_blob,
+            opc_blob,
+            pin,
+            puk,
+        } => {
+            let r = c
+                .install_mcim(pb::InstallMcimRequest {
+                    imsi,
+                    sho_id: sho,
+                    wrapped_k: read(&k_blob)?,
+                    wrapped_opc: read(&opc_blob)?,
+                    milenage_c: Vec::new(),
+                    milenage_r: Vec::new(),
+                    pin: pin.unwrap_or_default(),
+                    puk: puk.unwrap_or_default(),
+                })
+                .await?
+                .into_inner();
+            print_mcim(json, r.mcim.as_ref());
+        }
+        D::Activate { id } => {
+            let r = c
+                .activate_mcim(pb::ActivateMcimRequest { mcim_id: id })
+                .await?;
+            print_mcim(json, r.get_ref().mcim.as_ref());
+        }
+        D::Select { id, pin } => {
+            let r = c
+                .select_mcim(pb::SelectMcimRequest {
+                    mcim_id: id,
+                    pin: pin.unwrap_or_default(),
+                })
+                .await?;
+            print_mcim(json, r.get_ref().mcim.as_ref());
+        }
+        D::EndSession { id } => {
+            let r = c
+                .end_mcim_session(pb::EndMcimSessionRequest { mcim_id: id })
+                .await?;
+            print_mcim(json, r.get_ref().mcim.as_ref());
+        }
+        D::Block { id } => {
+            let r = c
+                .block_mcim(pb::BlockMcimRequest {
+                    mcim_id: id,
+                    reason: "owner".into(),
+                })
+                .await?;
+            print_mcim(json, r.get_ref().mcim.as_ref());
+        }
+        D::Unblock { id } => {
+            let r = c
+                .unblock_mcim(pb::UnblockMcimRequest { mcim_id: id })
+                .await?;
+            print_mcim(json, r.get_ref().mcim.as_ref());
+        }
+        D::Retire { id } => {
+            let r = c.retire_mcim(pb::RetireMcimRequest { mcim_id: id }).await?;
+            print_mcim(json, r.get_ref().mcim.as_ref());
+        }
+        D::Delete { id } => {
+            c.delete_mcim(pb::DeleteMcimRequest {
+                mcim_id: id.clone(),
+            })
+            .await?;
+            if json {
+                println!("{}", serde_json::json!({ "id": id, "state": "deleted" }));
+            } else {
+                println!("{id}  deleted");
+            }
+        }
+        D::Connectivity { id } => {
+            let r = c
+                .set_connectivity_mcim(pb::SetConnectivityMcimRequest { mcim_id: id })
+                .await?;
+            print_mcim(json, r.get_ref().mcim.as_ref());
+        }
+        D::Aka { id, rand, autn } => {
+            let r = c
+                .authenticate(pb::AuthenticateRequest {
+                    credential: Some(pb::authenticate_request::Credential::McimId(id)),
+                    challenge: Some(common::AuthChallenge {
+                        rand: rand.to_vec(),
+                        autn: autn.to_vec(),
+                    }),
+                })
+                .await?
+                .into_inner();
+            let v = match r.result {
+                Some(pb::authenticate_response::Result::Success(s)) => serde_json::json!({
+                    "result": "success",
+                    "res": hex::encode(s.res),
+                    "ck": hex::encode(s.ck),
+                    "ik": hex::encode(s.ik),
+                }),
+                Some(pb::authenticate_response::Result::Auts(a)) => serde_json::json!({
+                    "result": "sync_failure",
+                    "auts": hex::encode(a),
+                }),
+                None => return Err(DeviceError::Input("tred gave no result".into())),
+            };
+            if json {
+                println!("{v}");
+            } else if let Some(o) = v.as_object() {
+                for (k, val) in o {
+                    println!("{k:<7}{}", val.as_str().unwrap_or_default());
+                }
+            }
+        }
+        D::Pin(p) => match p {
+            PinCommand::Verify { id, pin } => {
+                let r = c
+                    .verify_pin(pb::VerifyPinRequest { mcim_id: id, pin })
+                    .await?
+                    .into_inner();
+                println!("PIN verified ({} tries)", r.retries_left);
+            }
+            PinCommand::Change { id, old, new } => {
+                c.change_pin(pb::ChangePinRequest {
+                    mcim_id: id,
+                    old_pin: old,
+                    new_pin: new,
+                })
+                .await?;
+                println!("PIN changed");
+            }
+            PinCommand::Unblock { id, puk, new } => {
+                let r = c
+                    .unblock_pin(pb::UnblockPinRequest {
+                        mcim_id: id,
+                        puk,
+                        new_pin: new,
+                    })
+                    .await?;
+                print_mcim(json, r.get_ref().mcim.as_ref());
+            }
+        },
+        D::Attest {
+            nonce,
+            pcrs,
+            out_dir,
+        } => {
+            let nonce =
+                hex::decode(&nonce).map_err(|e| DeviceError::Input(format!("--nonce: {e}")))?;
+            let r = c
+                .attest(pb::AttestRequest { nonce, pcrs })
+                .await?
+                .into_inner();
+            let Some(common::evidence::Kind::TpmQuote(q)) = r.evidence.and_then(|e| e.kind) else {
+                return Err(DeviceError::Input("tred returned no TPM quote".into()));
+            };
+            if let Some(dir) = out_dir {
+                std::fs::create_dir_all(&dir).map_err(|e| DeviceError::File {
+                    path: dir.display().to_string(),
+                    detail: e.to_string(),
+                })?;
+                write(&dir.join("quote.attest"), &q.attest)?;
+                write(&dir.join("quote.sig"), &q.signature)?;
+                let values: Vec<u8> = q.pcrs.iter().flat_map(|p| p.digest.clone()).collect();
+                write(&dir.join("pcrs.bin"), &values)?;
+                let list: Vec<String> = q.pcrs.iter().map(|p| p.index.to_string()).collect();
+                write(&dir.join("pcrs.list"), list.join(",").as_bytes())?;
+            }
+            let v = serde_json::json!({
+                "attest": hex::encode(&q.attest),
+                "signature": hex::encode(&q.signature),
+                "pcrs": q.pcrs.iter().map(|p| serde_json::json!({"index": p.index, "sha256": hex::encode(&p.digest)})).collect::<Vec<_>>(),
+                "clock": r.clock, "reset_count": r.reset_count, "restart_count": r.restart_count, "safe": r.safe,
+            });
+            if json {
+                println!("{v}");
+            } else {
+                println!(
+                    "quote over PCRs {:?}: clock {} ms, resets {}, restarts {}, safe {}",
+                    q.pcrs.iter().map(|p| p.index).collect::<Vec<_>>(),
+                    r.clock,
+                    r.reset_count,
+                    r.restart_count,
+                    r.safe
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Runs `mcimctl audit ...`.
+pub fn run_audit(a: AuditArgs) -> Result<(), DeviceError> {
+    runtime()?.block_on(async move {
+        let mut c = connect(&a.socket.socket).await?;
+        match a.command {
+            AuditCommand::Show => {
+                let r = c
+                    .get_audit_log(pb::GetAuditLogRequest { from_seq: 0, limit: 0 })
+                    .await?
+                    .into_inner();
+                for e in r.entries {
+                    let at = e.at.map_or(0, |t| t.seconds);
+                    if a.socket.json {
+                        println!("{}", serde_json::json!({"seq": e.seq, "at": at, "event": e.event, "mcim": e.mcim_id, "detail": e.detail, "hash": hex::encode(&e.hash)}));
+                    } else {
+                        println!("{:>5} {at} {:<12} {:<16} {}", e.seq, e.event, e.mcim_id, e.detail);
+                    }
+                }
+                Ok(())
+            }
+            AuditCommand::Verify => {
+                let r = c.verify_audit_log(pb::VerifyAuditLogRequest {}).await?.into_inner();
+                if a.socket.json {
+                    println!("{}", serde_json::json!({"ok": r.ok, "entries": r.entries, "first_bad_seq": r.first_bad_seq, "detail": r.detail}));
+                } else {
+                    println!("{}", r.detail);
+                }
+                if r.ok {
+                    Ok(())
+                } else {
+                    Err(DeviceError::AuditBroken(r.detail))
+                }
+            }
+        }
+    })
+}

@@ -1,0 +1,180 @@
+//! Operator-side tools that need no server: `mcimctl sho wrap` (an SHO wrapping K and OPc for
+//! one device's TRE, 5.1.3.6.2 step 12) and `mcimctl pva verify-quote` (a PVA checking a
+//! device's quote, steps 9-10).
+
+use std::path::{Path, PathBuf};
+
+use clap::{Args, Subcommand, ValueEnum};
+use mcim_core::aka::{K, Opc};
+use mcim_core::tpm::attest::{TpmQuote, verify_quote};
+use mcim_core::tpm::import::{ObjectPolicy, wrap_aes128_key, wrap_sealed_data};
+use mcim_core::tpm::public::EccPublic;
+
+use crate::hexarg;
+
+/// `mcimctl sho ...`
+#[derive(Subcommand)]
+pub enum ShoCommand {
+    /// Wrap K and OPc for one device's TPM (TPM2 duplication blobs, no TPM needed).
+    Wrap(WrapArgs),
+}
+
+/// How K travels.
+#[derive(Clone, Copy, ValueEnum)]
+pub enum KForm {
+    /// An AES-128 key object: AKA runs inside the TPM (TPM2_EncryptDecrypt2).
+    Key,
+    /// Sealed data, for TPMs without TPM2_EncryptDecrypt2 (weaker).
+    Sealed,
+}
+
+/// Arguments of `mcimctl sho wrap`.
+#[derive(Args)]
+pub struct WrapArgs {
+    /// The device's storage key, TPM2B_PUBLIC (`mcimctl device init --out-dir` writes it).
+    #[arg(long)]
+    storage_public: PathBuf,
+    /// K, 32 hex digits.
+    #[arg(long, value_parser = hexarg::parse::<16>)]
+    k: [u8; 16],
+    /// OPc, 32 hex digits.
+    #[arg(long, value_parser = hexarg::parse::<16>)]
+    opc: [u8; 16],
+    /// How K travels.
+    #[arg(long, value_enum, default_value = "key")]
+    k_form: KForm,
+    /// Where k.blob and opc.blob go.
+    #[arg(long)]
+    out_dir: PathBuf,
+}
+
+/// `mcimctl pva ...`
+#[derive(Subcommand)]
+pub enum PvaCommand {
+    /// Verify a device's quote (signature, nonce, PCR digest) against its AK.
+    VerifyQuote(VerifyQuoteArgs),
+}
+
+/// Arguments of `mcimctl pva verify-quote`.
+#[derive(Args)]
+pub struct VerifyQuoteArgs {
+    /// The AK's TPM2B_PUBLIC (`mcimctl device init --out-dir` writes ak.pub).
+    #[arg(long)]
+    ak: PathBuf,
+    /// The directory `mcimctl device attest --out-dir` wrote.
+    #[arg(long)]
+    quote_dir: PathBuf,
+    /// The nonce the verifier sent, hex.
+    #[arg(long)]
+    nonce: String,
+}
+
+/// What went wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum OperatorError {
+    /// A file.
+    #[error("{path}: {detail}")]
+    File {
+        /// file
+        path: String,
+        /// why
+        detail: String,
+    },
+    /// Refused input or evidence.
+    #[error("{0}")]
+    Refused(String),
+}
+
+fn read(p: &Path) -> Result<Vec<u8>, OperatorError> {
+    std::fs::read(p).map_err(|e| OperatorError::File {
+        path: p.display().to_string(),
+        detail: e.to_string(),
+    })
+}
+
+fn write(p: &Path, b: &[u8]) -> Result<(), OperatorError> {
+    std::fs::write(p, b).map_err(|e| OperatorError::File {
+        path: p.display().to_string(),
+        detail: e.to_string(),
+    })
+}
+
+/// Runs `mcimctl sho ...`.
+pub fn run_sho(cmd: ShoCommand) -> Result<(), OperatorError> {
+    let ShoCommand::Wrap(a) = cmd;
+    let parent = EccPublic::from_tpm2b(&read(&a.storage_public)?)
+        .map_err(|e| OperatorError::Refused(format!("storage public key: {e}")))?;
+    let (k, opc) = (K::new(a.k), Opc::new(a.opc));
+    let mut rng = rand::rng();
+    let refuse = |e: mcim_core::tpm::TpmStructError| OperatorError::Refused(e.to_string());
+    let k_blob = match a.k_form {
+        KForm::Key => wrap_aes128_key(&parent, &k, ObjectPolicy::default(), &mut rng),
+        KForm::Sealed => wrap_sealed_data(&parent, k.expose(), ObjectPolicy::default(), &mut rng),
+    }
+    .map_err(refuse)?;
+    let opc_blob = wrap_sealed_data(&parent, opc.expose(), ObjectPolicy::default(), &mut rng)
+        .map_err(refuse)?;
+    std::fs::create_dir_all(&a.out_dir).map_err(|e| OperatorError::File {
+        path: a.out_dir.display().to_string(),
+        detail: e.to_string(),
+    })?;
+    write(
+        &a.out_dir.join("k.blob"),
+        &k_blob.to_bytes().map_err(refuse)?,
+    )?;
+    write(
+        &a.out_dir.join("opc.blob"),
+        &opc_blob.to_bytes().map_err(refuse)?,
+    )?;
+    println!(
+        "wrapped for the storage key {}: {}/k.blob, {}/opc.blob",
+        hex::encode(parent.name()),
+        a.out_dir.display(),
+        a.out_dir.display()
+    );
+    Ok(())
+}
+
+/// Runs `mcimctl pva ...`.
+pub fn run_pva(cmd: PvaCommand) -> Result<(), OperatorError> {
+    let PvaCommand::VerifyQuote(a) = cmd;
+    let nonce =
+        hex::decode(&a.nonce).map_err(|e| OperatorError::Refused(format!("--nonce: {e}")))?;
+    let list = String::from_utf8(read(&a.quote_dir.join("pcrs.list"))?)
+        .map_err(|e| OperatorError::Refused(e.to_string()))?;
+    let pcrs: Vec<u8> = list
+        .split(',')
+        .filter(|s| !s.is_empty())
+        .map(|s| s.trim().parse::<u8>())
+        .collect::<Result<_, _>>()
+        .map_err(|e| OperatorError::Refused(format!("pcrs.list: {e}")))?;
+    let values = read(&a.quote_dir.join("pcrs.bin"))?;
+    if values.len() != pcrs.len() * 32 {
+        return Err(OperatorError::Refused(
+            "pcrs.bin does not hold one SHA-256 value per PCR".into(),
+        ));
+    }
+    let quote = TpmQuote {
+        attest: read(&a.quote_dir.join("quote.attest"))?,
+        signature: read(&a.quote_dir.join("quote.sig"))?,
+        pcrs,
+        pcr_values: values
+            .chunks_exact(32)
+            .map(|c| {
+                let mut v = [0u8; 32];
+                v.copy_from_slice(c);
+                v
+            })
+            .collect(),
+    };
+    let v = verify_quote(&read(&a.ak)?, &quote, &nonce)
+        .map_err(|e| OperatorError::Refused(format!("quote refused: {e}")))?;
+    println!(
+        "quote verified: clock {} ms, resets {}, restarts {}, safe {}",
+        v.clock.clock, v.clock.reset_count, v.clock.restart_count, v.clock.safe
+    );
+    for (i, val) in v.pcrs {
+        println!("pcr {i:>2} {}", hex::encode(val));
+    }
+    Ok(())
+}

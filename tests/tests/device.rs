@@ -1,0 +1,341 @@
+//! The device side end to end with the real binaries: swtpm, `tred`, and `mcimctl` as the
+//! device owner, the SHO (wrapping K and OPc) and the PVA (verifying a quote).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use mcim_e2e::{Swtpm, Tred, workspace_bin};
+
+// TS 35.208 test set 1.
+const K: &str = "465b5ce8b199b49faa5f0a2ee238a6bc";
+const OPC: &str = "cd63cb71954a9f4e48a5994e37a02baf";
+const RAND: &str = "23553cbe9637a89d218ae64dae47bf35";
+// f2..f4 do not depend on SQN; a fresh USIM accepts only a small first SQN (Δ = 2^28).
+const SQN: &str = "000000000021";
+const AMF: &str = "b9b9";
+const IMSI: &str = "001010000012345";
+
+fn mcimctl(tred: &Tred, args: &[&str]) -> Output {
+    Command::new(workspace_bin("mcimctl"))
+        .env("MCIM_SOCKET", tred.socket())
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn ok(o: Output) -> String {
+    assert!(
+        o.status.success(),
+        "exit {:?}\nstdout: {}\nstderr: {}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8(o.stdout).unwrap()
+}
+
+fn json(o: Output) -> serde_json::Value {
+    serde_json::from_str(ok(o).trim()).unwrap()
+}
+
+fn p(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+#[test]
+fn owner_sho_and_pva_drive_a_device_through_tred() {
+    let tpm = Swtpm::start();
+    let mut tred = Tred::start(&tpm.tcti());
+    let work = tempfile::tempdir().unwrap();
+    let keys = work.path().join("keys");
+    let blobs = work.path().join("blobs");
+    let quote = work.path().join("quote");
+
+    // The socket is not world-accessible.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(tred.socket())
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o660);
+
+    // Before supply-time initialisation.
+    let s = json(mcimctl(&tred, &["device", "--json", "status"]));
+    assert_eq!(s["initialised"], false);
+    assert_eq!(s["tre"], "tpm2");
+    let before = mcimctl(&tred, &["device", "list"]);
+    assert!(!before.status.success());
+    assert!(String::from_utf8_lossy(&before.stderr).contains("mcimctl device init"));
+
+    // The supplier initialises; a second init changes nothing.
+    let init = [
+        "device",
+        "--json",
+        "init",
+        "--device-id",
+        "SN-42",
+        "--pcid",
+        "001010000000042",
+        "--model",
+        "meter-v2",
+        "--out-dir",
+        p(&keys),
+    ];
+    assert_eq!(json(mcimctl(&tred, &init))["created"], true);
+    assert_eq!(json(mcimctl(&tred, &init))["created"], false);
+    assert_eq!(
+        json(mcimctl(&tred, &["device", "--json", "status"]))["pcid"],
+        "001010000000042"
+    );
+
+    // The SHO wraps K and OPc for this device; the owner installs and activates.
+    ok(mcimctl(
+        &tred,
+        &[
+            "sho",
+            "wrap",
+            "--storage-public",
+            p(&keys.join("storage.pub")),
+            "--k",
+            K,
+            "--opc",
+            OPC,
+            "--out-dir",
+            p(&blobs),
+        ],
+    ));
+    let m = json(mcimctl(
+        &tred,
+        &[
+            "device",
+            "--json",
+            "install",
+            "--imsi",
+            IMSI,
+            "--sho",
+            "sho.example",
+            "--k-blob",
+            p(&blobs.join("k.blob")),
+            "--opc-blob",
+            p(&blobs.join("opc.blob")),
+            "--pin",
+            "1234",
+            "--puk",
+            "24681357",
+        ],
+    ));
+    assert_eq!(m["state"], "installed");
+    assert_eq!(
+        json(mcimctl(&tred, &["device", "--json", "activate", IMSI]))["state"],
+        "activated"
+    );
+
+    // A wrong PIN is refused with the tries left; the right one selects.
+    let wrong = mcimctl(&tred, &["device", "select", IMSI, "--pin", "9999"]);
+    assert_eq!(wrong.status.code(), Some(1));
+    let wrong_err = String::from_utf8_lossy(&wrong.stderr).to_string();
+    assert!(wrong_err.contains("wrong PIN, 2 tries left"), "{wrong_err}");
+    assert_eq!(
+        json(mcimctl(
+            &tred,
+            &["device", "--json", "select", IMSI, "--pin", "1234"]
+        ))["state"],
+        "selected"
+    );
+
+    // AKA inside the TPM gives TS 35.208 set 1's RES, CK, IK.
+    let net = json(mcimctl(
+        &tred,
+        &[
+            "aka", "milenage", "--k", K, "--opc", OPC, "--rand", RAND, "--sqn", SQN, "--amf", AMF,
+            "--json",
+        ],
+    ));
+    let autn = net["autn"].as_str().unwrap();
+    let r = json(mcimctl(
+        &tred,
+        &[
+            "device", "--json", "aka", IMSI, "--rand", RAND, "--autn", autn,
+        ],
+    ));
+    assert_eq!(r["result"], "success", "{r}");
+    assert_eq!(r["res"], "a54211d5e3ba50bf");
+    assert_eq!(r["ck"], "b40ba9a3c58b2a05bbf0d987b21bf8cb");
+    assert_eq!(r["ik"], "f769bcd751044604127672711c6d3441");
+    // Replayed: AUTS, which the network resolves to the SQN the device accepted.
+    let r = json(mcimctl(
+        &tred,
+        &[
+            "device", "--json", "aka", IMSI, "--rand", RAND, "--autn", autn,
+        ],
+    ));
+    assert_eq!(r["result"], "sync_failure");
+    let sqn_ms = json(mcimctl(
+        &tred,
+        &[
+            "aka",
+            "auts",
+            "--k",
+            K,
+            "--opc",
+            OPC,
+            "--rand",
+            RAND,
+            "--auts",
+            r["auts"].as_str().unwrap(),
+            "--json",
+        ],
+    ));
+    assert_eq!(sqn_ms["sqn_ms"], SQN);
+    // A forged AUTN: unauthenticated, exit 1.
+    let mut forged = autn.to_string();
+    forged.replace_range(31..32, if autn.ends_with('0') { "1" } else { "0" });
+    let f = mcimctl(
+        &tred,
+        &["device", "aka", IMSI, "--rand", RAND, "--autn", &forged],
+    );
+    assert_eq!(f.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&f.stderr).contains("MAC-A"));
+    // Malformed input never reaches tred: clap says which argument, exit 2.
+    let bad = mcimctl(
+        &tred,
+        &["device", "aka", IMSI, "--rand", "00", "--autn", autn],
+    );
+    assert_eq!(bad.status.code(), Some(2));
+
+    // Lifecycle refusals are clear; nothing changes.
+    let del = mcimctl(&tred, &["device", "delete", IMSI]);
+    assert_eq!(del.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&del.stderr).contains("except Selected"));
+    assert_eq!(
+        json(mcimctl(&tred, &["device", "--json", "get", IMSI]))["state"],
+        "selected"
+    );
+
+    // The PVA verifies a quote; a different nonce fails.
+    let nonce = "00112233445566778899aabbccddeeff";
+    ok(mcimctl(
+        &tred,
+        &[
+            "device",
+            "attest",
+            "--nonce",
+            nonce,
+            "--pcrs",
+            "0,1,2,7",
+            "--out-dir",
+            p(&quote),
+        ],
+    ));
+    let v = ok(mcimctl(
+        &tred,
+        &[
+            "pva",
+            "verify-quote",
+            "--ak",
+            p(&keys.join("ak.pub")),
+            "--quote-dir",
+            p(&quote),
+            "--nonce",
+            nonce,
+        ],
+    ));
+    assert!(v.contains("quote verified"), "{v}");
+    let v = mcimctl(
+        &tred,
+        &[
+            "pva",
+            "verify-quote",
+            "--ak",
+            p(&keys.join("ak.pub")),
+            "--quote-dir",
+            p(&quote),
+            "--nonce",
+            "ff112233445566778899aabbccddeeff",
+        ],
+    );
+    assert_eq!(v.status.code(), Some(1));
+
+    // The audit record verifies against the TRE and tells the story.
+    assert!(ok(mcimctl(&tred, &["audit", "verify"])).contains("anchored in the TRE"));
+    let audit = ok(mcimctl(&tred, &["audit", "show"]));
+    for needle in [
+        "registry created",
+        "installed from SHO sho.example",
+        "authenticated",
+        "synchronisation failure",
+        "MAC failure",
+    ] {
+        assert!(audit.contains(needle), "{needle} missing from\n{audit}");
+    }
+
+    // Graceful stop: exit 0, socket removed. The log names callers and holds no secret.
+    assert!(tred.stop(), "tred exits cleanly on SIGTERM");
+    assert!(!tred.socket().exists());
+    let log = tred.log();
+    assert!(log.contains("uid="), "peer credentials are logged:\n{log}");
+    for secret in [K, OPC] {
+        assert!(
+            !log.to_lowercase().contains(secret),
+            "the log holds a secret"
+        );
+        assert!(!log.contains(&secret.to_uppercase()));
+    }
+    for (path, bytes) in files(&tred.state_dir()) {
+        for secret in [K, OPC] {
+            let raw = hex::decode(secret).unwrap();
+            assert!(!bytes.windows(16).any(|w| w == raw.as_slice()), "{path}");
+            assert!(
+                !String::from_utf8_lossy(&bytes)
+                    .to_lowercase()
+                    .contains(secret),
+                "{path}"
+            );
+        }
+    }
+}
+
+fn files(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        if e.file_type().unwrap().is_dir() {
+            out.extend(files(&e.path()));
+        } else {
+            out.push((
+                e.path().display().to_string(),
+                std::fs::read(e.path()).unwrap(),
+            ));
+        }
+    }
+    out
+}
+
+/// The shipped configuration parses, and the systemd unit starts tred with it.
+#[test]
+fn shipped_config_and_unit_agree() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tre-daemon");
+    let toml = std::fs::read_to_string(root.join("tred.toml")).unwrap();
+    // tred refuses unknown keys, so a typo in the shipped file would fail here.
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("tred.toml");
+    std::fs::write(
+        &cfg,
+        toml.replace("device:/dev/tpmrm0", "swtpm:host=127.0.0.1,port=1"),
+    )
+    .unwrap();
+    let out = Command::new(workspace_bin("tred"))
+        .args(["--config", cfg.to_str().unwrap()])
+        .env("MCIM_SOCKET", dir.path().join("s"))
+        .env("MCIM_STATE_DIR", dir.path().join("st"))
+        .output()
+        .unwrap();
+    // No TPM on port 1: tred must say so clearly, not complain about the file.
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("cannot open the TRE"), "{err}");
+    let unit = std::fs::read_to_string(root.join("tred.service")).unwrap();
+    assert!(unit.contains("ExecStart=/usr/local/bin/tred --config /etc/mcim/tred.toml"));
+    assert!(unit.contains("KillSignal=SIGTERM"));
+}

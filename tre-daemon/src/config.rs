@@ -1,0 +1,155 @@
+//! `tred`'s configuration: a TOML file, then `MCIM_*` environment variables over it.
+//!
+//! ```toml
+//! tcti = "device:/dev/tpmrm0"          # MCIM_TCTI; swtpm:host=127.0.0.1,port=2321; tabrmd:
+//! state_dir = "/var/lib/mcim/tred"     # MCIM_STATE_DIR
+//! socket = "/run/mcim/tred.sock"       # MCIM_SOCKET
+//! socket_mode = "0660"                 # MCIM_SOCKET_MODE (octal)
+//! quote_pcrs = [0, 1, 2, 3, 4, 5, 6, 7] # MCIM_QUOTE_PCRS ("0,1,2")
+//! log = "info"                         # MCIM_LOG (tracing filter)
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// The daemon's settings.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// The TPM's TCTI.
+    pub tcti: String,
+    /// Registry, audit log and records.
+    pub state_dir: PathBuf,
+    /// The local API's Unix socket.
+    pub socket: PathBuf,
+    /// The socket's permissions, octal.
+    pub socket_mode: String,
+    /// PCRs quoted when the caller names none.
+    pub quote_pcrs: Vec<u8>,
+    /// tracing filter.
+    pub log: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            tcti: "device:/dev/tpmrm0".into(),
+            state_dir: "/var/lib/mcim/tred".into(),
+            socket: "/run/mcim/tred.sock".into(),
+            socket_mode: "0660".into(),
+            quote_pcrs: (0..8).collect(),
+            log: "info".into(),
+        }
+    }
+}
+
+/// A configuration that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {detail}")]
+    Read {
+        /// the file
+        path: PathBuf,
+        /// why
+        detail: String,
+    },
+    /// The file or a variable does not parse.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl Config {
+    /// Reads `path` (if given) and applies the environment.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let mut c = match path {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|e| ConfigError::Read {
+                    path: p.to_path_buf(),
+                    detail: e.to_string(),
+                })?;
+                toml::from_str(&text)
+                    .map_err(|e| ConfigError::Invalid(format!("{}: {e}", p.display())))?
+            }
+            None => Config::default(),
+        };
+        c.apply_env(|k| std::env::var(k).ok())?;
+        c.socket_mode()?;
+        Ok(c)
+    }
+
+    /// Applies `MCIM_*` overrides from `get`.
+    pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        if let Some(v) = get("MCIM_TCTI") {
+            self.tcti = v;
+        }
+        if let Some(v) = get("MCIM_STATE_DIR") {
+            self.state_dir = v.into();
+        }
+        if let Some(v) = get("MCIM_SOCKET") {
+            self.socket = v.into();
+        }
+        if let Some(v) = get("MCIM_SOCKET_MODE") {
+            self.socket_mode = v;
+        }
+        if let Some(v) = get("MCIM_LOG") {
+            self.log = v;
+        }
+        if let Some(v) = get("MCIM_QUOTE_PCRS") {
+            self.quote_pcrs = v
+                .split(',')
+                .filter(|s| !s.trim().is_empty())
+                .map(|s| s.trim().parse::<u8>())
+                .collect::<Result<_, _>>()
+                .map_err(|e| ConfigError::Invalid(format!("MCIM_QUOTE_PCRS: {e}")))?;
+        }
+        Ok(())
+    }
+
+    /// The socket mode as bits.
+    pub fn socket_mode(&self) -> Result<u32, ConfigError> {
+        u32::from_str_radix(self.socket_mode.trim_start_matches("0o"), 8)
+            .ok()
+            .filter(|m| *m <= 0o777)
+            .ok_or_else(|| {
+                ConfigError::Invalid(format!("socket_mode {:?} is not octal", self.socket_mode))
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_then_environment() {
+        let mut c: Config =
+            toml::from_str("tcti = \"swtpm:port=1\"\nquote_pcrs = [0, 7]\n").unwrap_or_default();
+        assert_eq!(c.tcti, "swtpm:port=1");
+        assert_eq!(c.quote_pcrs, [0, 7]);
+        assert_eq!(c.socket_mode, "0660");
+        c.apply_env(|k| match k {
+            "MCIM_TCTI" => Some("device:/dev/tpm0".into()),
+            "MCIM_QUOTE_PCRS" => Some("1, 2".into()),
+            _ => None,
+        })
+        .unwrap_or_default();
+        assert_eq!(c.tcti, "device:/dev/tpm0");
+        assert_eq!(c.quote_pcrs, [1, 2]);
+        assert_eq!(c.socket_mode().ok(), Some(0o660));
+    }
+
+    #[test]
+    fn bad_input_is_a_clear_error() {
+        assert!(toml::from_str::<Config>("tcti = 5").is_err());
+        assert!(toml::from_str::<Config>("unknown = 1").is_err());
+        let mut c = Config::default();
+        assert!(
+            c.apply_env(|k| (k == "MCIM_QUOTE_PCRS").then(|| "a".into()))
+                .is_err()
+        );
+        c.socket_mode = "999".into();
+        assert!(c.socket_mode().is_err());
+    }
+}
