@@ -287,7 +287,8 @@ mod tpm {
         secrets_for_another_device_are_refused(&mut open(&a), &mut open(&b), &tpm_wrap);
     }
 
-    /// One authentication in the TRE costs a fixed, small number of TPM commands.
+    /// One authentication in the TRE costs a fixed, small number of TPM commands: 8, plus 1
+    /// the first time (the salted session for unsealing OPc is started once and kept).
     #[test]
     fn aka_command_count_is_fixed() {
         let s = Swtpm::start();
@@ -318,7 +319,11 @@ mod tpm {
             };
             let before = t.commands_issued();
             t.authenticate(&secrets, &mut ms, &ch).unwrap();
-            assert_eq!(t.commands_issued() - before, 10, "authentication {seq}");
+            assert_eq!(
+                t.commands_issued() - before,
+                if seq == 1 { 9 } else { 8 },
+                "authentication {seq}"
+            );
         }
     }
 

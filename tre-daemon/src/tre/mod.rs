@@ -306,6 +306,11 @@ pub trait Tre {
         Err(self.not_supported("quote"))
     }
 
+    /// TRE commands issued so far, when the backend counts them (benchmarks, diagnostics).
+    fn command_count(&self) -> Option<u64> {
+        None
+    }
+
     /// The error for an operation this backend lacks.
     fn not_supported(&self, operation: &'static str) -> TreError {
         TreError::NotSupported {

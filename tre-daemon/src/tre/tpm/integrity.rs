@@ -95,21 +95,30 @@ impl TpmTre {
         })
     }
 
+    /// The ESYS handle of one of our NV indices, opened once and kept (nothing else in
+    /// this process opens these indices, so no other close can invalidate it).
     fn open_nv(&mut self, index: u32) -> Result<Option<NvIndexHandle>, TreError> {
+        if let Some(h) = self.nv.get(&index) {
+            return Ok(Some(*h));
+        }
         let h = TpmHandle::NvIndex(nv_handle(index)?);
         self.count(1);
         match self
             .ctx
             .execute_without_session(|c| c.tr_from_tpm_public(h))
         {
-            Ok(o) => Ok(Some(o.into())),
+            Ok(o) => {
+                let h: NvIndexHandle = o.into();
+                self.nv.insert(index, h);
+                Ok(Some(h))
+            }
             Err(_) => Ok(None),
         }
     }
 
-    fn close_nv(&mut self, h: NvIndexHandle) -> Result<(), TreError> {
-        let mut o = h.into();
-        self.ctx.tr_close(&mut o).map_err(cmd("Esys_TR_Close"))
+    /// Keeps the handle open (see [`TpmTre::open_nv`]).
+    fn close_nv(&mut self, _h: NvIndexHandle) -> Result<(), TreError> {
+        Ok(())
     }
 
     /// Defines the counter and the anchor if missing (supply time). Idempotent.

@@ -4,11 +4,11 @@
 //! (TR 33.812 5.1.2.2 "storage and execution of AKA functions").
 //!
 //! TPM commands per authentication (counted in [`TpmTre::commands_issued`]):
-//! - in the TRE: Load(OPc), StartAuthSession(salted), Unseal(OPc), FlushContext(session),
-//!   FlushContext(OPc), Load(K), EncryptDecrypt2 x3 (TEMP; OUT2..OUT5; OUT1), FlushContext(K):
-//!   10. OPc leaves the TPM encrypted by the salted session and lives in host memory only for
-//!   MILENAGE's XORs.
-//! - sealed fallback: the same OPc part, plus Load(K), StartAuthSession, Unseal(K), two flushes.
+//! - in the TRE: Load(OPc), Unseal(OPc), FlushContext(OPc), Load(K), EncryptDecrypt2 x3
+//!   (TEMP; OUT2..OUT5; OUT1), FlushContext(K): 8. OPc leaves the TPM encrypted by a session
+//!   salted to the storage key (started once per daemon, 2 more commands the first time) and
+//!   lives in host memory only for MILENAGE's XORs.
+//! - sealed fallback: the same OPc part, plus Load(K), Unseal(K), FlushContext(K): 6.
 
 use std::cell::{Cell, RefCell};
 
@@ -133,7 +133,14 @@ impl TpmTre {
         Ok(out)
     }
 
-    fn unseal_loaded(&mut self, handle: KeyHandle) -> Result<Zeroizing<Vec<u8>>, TreError> {
+    /// The session that encrypts unsealed secrets on their way out of the TPM: an HMAC
+    /// session salted to the storage key (its key is unknown to a bus observer), with
+    /// response encryption. Started once and kept (continueSession): starting one costs an
+    /// ECDH on both sides, the most expensive step of an authentication.
+    fn salted_session(&mut self) -> Result<AuthSession, TreError> {
+        if let Some(s) = self.salted {
+            return Ok(s);
+        }
         let parent = self.storage_key()?;
         self.count(1);
         let session = self
@@ -155,21 +162,27 @@ impl TpmTre {
             .with_encrypt(true)
             .with_continue_session(true)
             .build();
+        if let Err(e) = self.ctx.tr_sess_set_attributes(session, attrs, mask) {
+            let _ = self.flush(SessionHandle::from(session));
+            return Err(cmd("Esys_TRSess_SetAttributes")(e));
+        }
+        self.salted = Some(session);
+        Ok(session)
+    }
+
+    fn unseal_loaded(&mut self, handle: KeyHandle) -> Result<Zeroizing<Vec<u8>>, TreError> {
+        let session = self.salted_session()?;
+        self.count(1);
         let result = self
             .ctx
-            .tr_sess_set_attributes(session, attrs, mask)
-            .map_err(cmd("Esys_TRSess_SetAttributes"))
-            .and_then(|()| {
-                self.count(1);
-                self.ctx
-                    .execute_with_session(Some(session), |c| c.unseal(handle.into()))
-                    .map_err(cmd("TPM2_Unseal"))
-            })
-            .map(|data| Zeroizing::new(data.value().to_vec()));
-        let flushed = self.flush(SessionHandle::from(session));
-        let out = result?;
-        flushed?;
-        Ok(out)
+            .execute_with_session(Some(session), |c| c.unseal(handle.into()))
+            .map_err(cmd("TPM2_Unseal"));
+        if result.is_err() {
+            // The session may be gone (TPM restarted, flushed); start a new one next time.
+            self.salted = None;
+            let _ = self.flush(SessionHandle::from(session));
+        }
+        result.map(|data| Zeroizing::new(data.value().to_vec()))
     }
 
     fn unseal_opc(&mut self, secrets: &ProtectedSecrets) -> Result<Opc, TreError> {

@@ -63,6 +63,10 @@ pub struct TpmTre {
     storage: Option<KeyHandle>,
     /// The integrity key, created on first use.
     integrity: Option<KeyHandle>,
+    /// ESYS handles of mcim's NV indices (counter, audit anchor), opened on first use.
+    nv: std::collections::HashMap<u32, tss_esapi::handles::NvIndexHandle>,
+    /// The salted session for unsealing, started on first use.
+    salted: Option<tss_esapi::interface_types::session_handles::AuthSession>,
     /// TPM commands issued by mcim on this context.
     commands: Cell<u64>,
 }
@@ -100,6 +104,8 @@ impl TpmTre {
             caps,
             storage: None,
             integrity: None,
+            salted: None,
+            nv: std::collections::HashMap::new(),
             commands: Cell::new(0),
         })
     }
@@ -260,6 +266,10 @@ impl Tre for TpmTre {
         challenge: &AkaChallenge<'_>,
     ) -> Result<DeviceResponse, TreError> {
         self.authenticate_with(secrets, sqn, challenge)
+    }
+
+    fn command_count(&self) -> Option<u64> {
+        Some(self.commands_issued())
     }
 
     fn integrity_mac(&mut self, digest: &[u8; 32]) -> Result<[u8; 32], TreError> {

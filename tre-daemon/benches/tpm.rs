@@ -1,0 +1,230 @@
+//! TPM cost of the TRE operations on swtpm: TPM commands and wall time per AKA, per MCIM
+//! import, per quote, per registry transaction. A bench binary (not criterion): each case runs
+//! `N` times on its own swtpm and reports the median; the baseline is one TPM2_GetRandom, the
+//! cheapest round trip to the same TPM, measured in the same run.
+//!
+//! ```sh
+//! cargo bench -p mcim-tre --bench tpm            # N = 200
+//! MCIM_BENCH_N=50 cargo bench -p mcim-tre --bench tpm
+//! ```
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
+
+use std::time::{Duration, Instant};
+
+use mcim_core::aka::network::vector_for;
+use mcim_core::aka::{
+    Amf, Constants, K, Milenage, MsSqnState, Opc, Rand, SoftKernel, Sqn, SqnProfile,
+};
+use mcim_core::identity::{DeviceIdentity, Imsi, Pcid};
+use mcim_core::lifecycle::LifecycleOp;
+use mcim_core::tpm::import::{ObjectPolicy, wrap_aes128_key, wrap_sealed_data};
+use mcim_core::tpm::policy::PcrSelection;
+use mcim_core::tpm::public::EccPublic;
+use mcim_e2e::Swtpm;
+use mcim_tre::registry::{InstallRequest, Registry};
+use mcim_tre::tre::tpm::{TpmConfig, TpmTre};
+use mcim_tre::tre::{AkaChallenge, DevicePublic, Tre, WrappedSecrets};
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn wrap(public: &DevicePublic, k: &K, opc: &Opc, sealed_k: bool) -> WrappedSecrets {
+    let parent = EccPublic::from_tpm2b(&public.storage_public).unwrap();
+    let mut rng = rand::rng();
+    let kb = if sealed_k {
+        wrap_sealed_data(&parent, k.expose(), ObjectPolicy::default(), &mut rng)
+    } else {
+        wrap_aes128_key(&parent, k, ObjectPolicy::default(), &mut rng)
+    }
+    .unwrap();
+    let ob = wrap_sealed_data(&parent, opc.expose(), ObjectPolicy::default(), &mut rng).unwrap();
+    WrappedSecrets {
+        k: kb.to_bytes().unwrap(),
+        opc: ob.to_bytes().unwrap(),
+    }
+}
+
+fn device(s: &Swtpm) -> TpmTre {
+    let mut t = TpmTre::open(&TpmConfig { tcti: s.tcti() }).unwrap();
+    t.init_device(
+        &DeviceIdentity::new("SN-B", Pcid::new("001010000000777").unwrap(), "bench").unwrap(),
+    )
+    .unwrap();
+    t
+}
+
+struct Row {
+    name: &'static str,
+    median: Duration,
+    commands: f64,
+}
+
+fn main() {
+    let n: usize = std::env::var("MCIM_BENCH_N")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200);
+    let mut rows = Vec::new();
+    let k = K::new([0x46; 16]);
+    let opc = Opc::new([0xcd; 16]);
+    let network = Milenage::with_opc(SoftKernel::new(&k), opc.clone(), Constants::default());
+    let profile = SqnProfile::default();
+
+    // Baseline: one TPM2_GetRandom.
+    let s = Swtpm::start();
+    let mut t = device(&s);
+    let mut times = Vec::new();
+    let c0 = t.commands_issued();
+    for _ in 0..n {
+        let a = Instant::now();
+        t.random(16).unwrap();
+        times.push(a.elapsed());
+    }
+    rows.push(Row {
+        name: "baseline: TPM2_GetRandom",
+        median: median(times),
+        commands: 1.0,
+    });
+    let _ = c0;
+
+    // Import of one MCIM (K as AES key + OPc sealed): two TPM2_Import.
+    let public = t.device_public().unwrap();
+    let mut times = Vec::new();
+    let c0 = t.commands_issued();
+    let mut secrets = None;
+    for _ in 0..n {
+        let w = wrap(&public, &k, &opc, false);
+        let a = Instant::now();
+        secrets = Some(t.import_mcim_secrets(&w).unwrap());
+        times.push(a.elapsed());
+    }
+    rows.push(Row {
+        name: "import one MCIM (K key + OPc sealed)",
+        median: median(times),
+        commands: (t.commands_issued() - c0) as f64 / n as f64,
+    });
+    let secrets = secrets.unwrap();
+
+    // AKA inside the TPM.
+    let aka = |t: &mut TpmTre, secrets, label: &'static str| {
+        let mut ms = MsSqnState::new(&profile);
+        let mut times = Vec::new();
+        let c0 = t.commands_issued();
+        for i in 0..n {
+            let seq = (i as u64 + 1) << 5;
+            let rand = Rand([i as u8; 16]);
+            let av = vector_for(&network, Sqn::new(seq).unwrap(), Amf([0x80, 0]), rand).unwrap();
+            let ch = AkaChallenge {
+                constants: &Constants::default(),
+                profile: &profile,
+                rand: &rand,
+                autn: &av.autn,
+            };
+            let a = Instant::now();
+            t.authenticate(secrets, &mut ms, &ch).unwrap();
+            times.push(a.elapsed());
+        }
+        Row {
+            name: label,
+            median: median(times),
+            commands: (t.commands_issued() - c0) as f64 / n as f64,
+        }
+    };
+    rows.push(aka(&mut t, &secrets, "AKA, K in the TPM (EncryptDecrypt2)"));
+    let sealed = t
+        .import_mcim_secrets(&wrap(&public, &k, &opc, true))
+        .unwrap();
+    rows.push(aka(&mut t, &sealed, "AKA, sealed fallback (K unsealed)"));
+
+    // Quote over PCRs 0-7.
+    let sel = PcrSelection::sha256(&[0, 1, 2, 3, 4, 5, 6, 7]).unwrap();
+    let mut times = Vec::new();
+    let c0 = t.commands_issued();
+    for i in 0..n {
+        let nonce = [i as u8; 32];
+        let a = Instant::now();
+        t.quote(&nonce, &sel).unwrap();
+        times.push(a.elapsed());
+    }
+    rows.push(Row {
+        name: "quote over PCRs 0-7 (+ PCR read)",
+        median: median(times),
+        commands: (t.commands_issued() - c0) as f64 / n as f64,
+    });
+    drop(t);
+    drop(s);
+
+    // AKA through the registry: the TPM AKA plus the committed SQN state (MACs, counter,
+    // audit anchor). Commands counted on the registry's own TRE context.
+    let s = Swtpm::start();
+    let t = device(&s);
+    let state = tempfile::tempdir().unwrap();
+    let mut reg = Registry::open(state.path(), Box::new(t)).unwrap();
+    let public = reg.tre().device_public().unwrap();
+    let imsi = "001010000000001";
+    reg.install(InstallRequest {
+        imsi: Imsi::new(imsi).unwrap(),
+        sho: "bench".into(),
+        wrapped: wrap(&public, &k, &opc, false),
+        constants: Constants::default(),
+        sqn_profile: profile,
+        pin: None,
+    })
+    .unwrap();
+    reg.apply(imsi, LifecycleOp::Activate).unwrap();
+    reg.select(imsi, None).unwrap();
+    let mut times = Vec::new();
+    let m = n.min(100);
+    let c0 = reg.tre().command_count().unwrap();
+    for i in 0..m {
+        let seq = (i as u64 + 1) << 5;
+        let rand = Rand([i as u8; 16]);
+        let av = vector_for(&network, Sqn::new(seq).unwrap(), Amf([0x80, 0]), rand).unwrap();
+        let a = Instant::now();
+        reg.authenticate(imsi, &rand, &av.autn).unwrap();
+        times.push(a.elapsed());
+    }
+    rows.push(Row {
+        name: "AKA through the registry (+ commit)",
+        median: median(times),
+        commands: (reg.tre().command_count().unwrap() - c0) as f64 / m as f64,
+    });
+
+    // Software reference: the same AKA with K in host memory.
+    let mut times = Vec::new();
+    let mut ms = MsSqnState::new(&profile);
+    for i in 0..n {
+        let seq = (i as u64 + 1) << 5;
+        let rand = Rand([i as u8; 16]);
+        let av = vector_for(&network, Sqn::new(seq).unwrap(), Amf([0x80, 0]), rand).unwrap();
+        let a = Instant::now();
+        mcim_core::aka::authenticate(&network, &mut ms, &profile, &rand, &av.autn).unwrap();
+        times.push(a.elapsed());
+    }
+    rows.push(Row {
+        name: "reference: AKA in software (core)",
+        median: median(times),
+        commands: 0.0,
+    });
+
+    let base = rows[0].median.as_secs_f64();
+    println!("n = {n} per case (registry AKA: {m}); swtpm over TCP on loopback");
+    println!("| operation | median | TPM commands | vs GetRandom |");
+    println!("| --- | --- | --- | --- |");
+    for r in rows {
+        let cmds = format!("{:.1}", r.commands);
+        let ms = r.median.as_secs_f64() * 1e3;
+        let shown = if ms < 0.1 {
+            format!("{:.1} µs", ms * 1e3)
+        } else {
+            format!("{ms:.3} ms")
+        };
+        println!(
+            "| {} | {shown} | {cmds} | {:.3}x |",
+            r.name,
+            r.median.as_secs_f64() / base
+        );
+    }
+}
