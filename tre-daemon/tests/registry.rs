@@ -588,3 +588,191 @@ fn pin_runs_out_blocks_the_mcim_and_the_puk_unblocks_it_across_restarts() {
         "and nothing was installed"
     );
 }
+
+/// A real TPM TRE that fails on command: `fail_mac_in` fails the n-th next integrity MAC,
+/// `fail_advance` the next counter advance (a power cut at that point, as far as the registry
+/// can tell). Everything else goes to the TPM.
+struct Faulty {
+    inner: TpmTre,
+    fail_mac_in: std::rc::Rc<std::cell::Cell<u32>>,
+    fail_advance: std::rc::Rc<std::cell::Cell<bool>>,
+}
+
+fn cut() -> mcim_tre::tre::TreError {
+    mcim_tre::tre::TreError::Command {
+        command: "power cut",
+        detail: "injected".into(),
+    }
+}
+
+impl Tre for Faulty {
+    fn backend_name(&self) -> &'static str {
+        self.inner.backend_name()
+    }
+    fn capabilities(&self) -> &mcim_tre::tre::Capabilities {
+        self.inner.capabilities()
+    }
+    fn identity(&mut self) -> Result<Option<DeviceIdentity>, mcim_tre::tre::TreError> {
+        self.inner.identity()
+    }
+    fn device_public(&mut self) -> Result<mcim_tre::tre::DevicePublic, mcim_tre::tre::TreError> {
+        self.inner.device_public()
+    }
+    fn import_mcim_secrets(
+        &mut self,
+        w: &mcim_tre::tre::WrappedSecrets,
+    ) -> Result<mcim_tre::tre::ProtectedSecrets, mcim_tre::tre::TreError> {
+        self.inner.import_mcim_secrets(w)
+    }
+    fn integrity_mac(&mut self, d: &[u8; 32]) -> Result<[u8; 32], mcim_tre::tre::TreError> {
+        match self.fail_mac_in.get() {
+            0 => self.inner.integrity_mac(d),
+            1 => {
+                self.fail_mac_in.set(0);
+                Err(cut())
+            }
+            n => {
+                self.fail_mac_in.set(n - 1);
+                self.inner.integrity_mac(d)
+            }
+        }
+    }
+    fn rollback_counter(&mut self) -> Result<u64, mcim_tre::tre::TreError> {
+        self.inner.rollback_counter()
+    }
+    fn advance_rollback_counter(&mut self) -> Result<u64, mcim_tre::tre::TreError> {
+        if self.fail_advance.replace(false) {
+            return Err(cut());
+        }
+        self.inner.advance_rollback_counter()
+    }
+    fn audit_anchor(&mut self) -> Result<mcim_tre::tre::AuditAnchor, mcim_tre::tre::TreError> {
+        self.inner.audit_anchor()
+    }
+    fn set_audit_anchor(
+        &mut self,
+        a: &mcim_tre::tre::AuditAnchor,
+    ) -> Result<(), mcim_tre::tre::TreError> {
+        self.inner.set_audit_anchor(a)
+    }
+}
+
+impl Device {
+    fn open_faulty(
+        &self,
+    ) -> (
+        Registry,
+        std::rc::Rc<std::cell::Cell<u32>>,
+        std::rc::Rc<std::cell::Cell<bool>>,
+    ) {
+        let mac = std::rc::Rc::new(std::cell::Cell::new(0));
+        let adv = std::rc::Rc::new(std::cell::Cell::new(false));
+        let t = Faulty {
+            inner: TpmTre::open(&TpmConfig {
+                tcti: self.tpm.tcti(),
+            })
+            .unwrap(),
+            fail_mac_in: mac.clone(),
+            fail_advance: adv.clone(),
+        };
+        (Registry::open(self.dir(), Box::new(t)).unwrap(), mac, adv)
+    }
+}
+
+#[test]
+fn a_transaction_cut_after_its_commit_point_is_completed_at_the_next_start() {
+    let dev = Device::new();
+    {
+        let (mut reg, _, advance) = dev.open_faulty();
+        install(&mut reg, IMSI_A, None);
+        advance.set(true);
+        assert!(
+            reg.apply(IMSI_A, Op::Activate).is_err(),
+            "the cut is reported"
+        );
+    }
+    let mut reg = dev.open();
+    let st = reg.status();
+    assert_eq!(st.lockdown, None, "{st:?}");
+    assert!(st.startup.iter().any(|s| s.contains("cut short")), "{st:?}");
+    assert_eq!(
+        state(&reg, IMSI_A),
+        McimState::Activated,
+        "the committed transaction stands"
+    );
+    assert!(reg.verify_audit().unwrap().ok);
+    // And the registry goes on normally.
+    reg.apply(IMSI_A, Op::Block(BlockReason::Requested))
+        .unwrap();
+    drop(reg);
+    assert_eq!(dev.open().status().lockdown, None);
+}
+
+#[test]
+fn a_transaction_cut_before_its_commit_point_changes_nothing() {
+    // The 1st MAC of a transaction is the record's, the 2nd the audit entry's, the 3rd the
+    // header's: cut at each.
+    for nth in 1..=3 {
+        let dev = Device::new();
+        {
+            let (mut reg, mac, _) = dev.open_faulty();
+            install(&mut reg, IMSI_A, None);
+            mac.set(nth);
+            assert!(reg.apply(IMSI_A, Op::Activate).is_err(), "cut at MAC {nth}");
+            assert_eq!(
+                state(&reg, IMSI_A),
+                McimState::Installed,
+                "memory unchanged ({nth})"
+            );
+        }
+        let mut reg = dev.open();
+        let st = reg.status();
+        assert_eq!(st.lockdown, None, "cut at MAC {nth}: {st:?}");
+        assert_eq!(
+            state(&reg, IMSI_A),
+            McimState::Installed,
+            "cut at MAC {nth}"
+        );
+        if nth == 3 {
+            assert!(
+                st.startup.iter().any(|s| s.contains("did not commit")),
+                "{st:?}"
+            );
+        }
+        // Left-over record files of the cut transaction are gone.
+        let files: Vec<_> = std::fs::read_dir(dev.dir().join("mcims"))
+            .unwrap()
+            .flatten()
+            .collect();
+        assert_eq!(files.len(), 1, "cut at MAC {nth}: {files:?}");
+        reg.apply(IMSI_A, Op::Activate).unwrap();
+        assert!(reg.verify_audit().unwrap().ok);
+    }
+}
+
+#[test]
+fn an_older_copy_of_one_record_blocks_that_mcim() {
+    let dev = Device::new();
+    let old = {
+        let mut reg = dev.open();
+        install(&mut reg, IMSI_A, Some(("1234", "24681357")));
+        let v1 = std::fs::read(dev.dir().join("mcims").join(format!("{IMSI_A}.1.json"))).unwrap();
+        reg.apply(IMSI_A, Op::Activate).unwrap();
+        assert!(reg.verify_pin(IMSI_A, "0000").is_err());
+        v1
+    };
+    // The attacker puts the older record (full PIN tries) under the current name.
+    let current = std::fs::read_dir(dev.dir().join("mcims"))
+        .unwrap()
+        .flatten()
+        .next()
+        .unwrap()
+        .path();
+    std::fs::write(&current, old).unwrap();
+    let reg = dev.open();
+    let a = reg.get(IMSI_A).unwrap();
+    assert_eq!(
+        (a.state, a.blocked),
+        (McimState::Blocked, Some(BlockReason::Tampered))
+    );
+}
