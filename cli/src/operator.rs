@@ -8,6 +8,7 @@ use clap::{Args, Subcommand, ValueEnum};
 use mcim_core::aka::{K, Opc};
 use mcim_core::tpm::attest::{TpmQuote, verify_quote};
 use mcim_core::tpm::import::{ObjectPolicy, wrap_aes128_key, wrap_sealed_data};
+use mcim_core::tpm::policy::PcrSelection;
 use mcim_core::tpm::public::EccPublic;
 
 use crate::hexarg;
@@ -43,6 +44,11 @@ pub struct WrapArgs {
     /// How K travels.
     #[arg(long, value_enum, default_value = "key")]
     k_form: KForm,
+    /// Bind OPc to the PCR values of a quote (the directory `mcimctl device attest --out-dir`
+    /// wrote, after `mcimctl pva verify-quote` accepted it): the TPM then releases OPc only
+    /// while the platform is in that state (TPM2_PolicyPCR).
+    #[arg(long)]
+    bind_opc_to_quote: Option<PathBuf>,
     /// Where k.blob and opc.blob go.
     #[arg(long)]
     out_dir: PathBuf,
@@ -99,6 +105,33 @@ fn write(p: &Path, b: &[u8]) -> Result<(), OperatorError> {
     })
 }
 
+/// pcrs.list and pcrs.bin of a quote directory.
+fn read_pcrs(dir: &Path) -> Result<(Vec<u8>, Vec<[u8; 32]>), OperatorError> {
+    let list = String::from_utf8(read(&dir.join("pcrs.list"))?)
+        .map_err(|e| OperatorError::Refused(e.to_string()))?;
+    let pcrs: Vec<u8> = list
+        .split(',')
+        .filter(|s| !s.is_empty())
+        .map(|s| s.trim().parse::<u8>())
+        .collect::<Result<_, _>>()
+        .map_err(|e| OperatorError::Refused(format!("pcrs.list: {e}")))?;
+    let values = read(&dir.join("pcrs.bin"))?;
+    if values.len() != pcrs.len() * 32 {
+        return Err(OperatorError::Refused(
+            "pcrs.bin does not hold one SHA-256 value per PCR".into(),
+        ));
+    }
+    let values = values
+        .chunks_exact(32)
+        .map(|c| {
+            let mut v = [0u8; 32];
+            v.copy_from_slice(c);
+            v
+        })
+        .collect();
+    Ok((pcrs, values))
+}
+
 /// Runs `mcimctl sho ...`.
 pub fn run_sho(cmd: ShoCommand) -> Result<(), OperatorError> {
     let ShoCommand::Wrap(a) = cmd;
@@ -112,8 +145,15 @@ pub fn run_sho(cmd: ShoCommand) -> Result<(), OperatorError> {
         KForm::Sealed => wrap_sealed_data(&parent, k.expose(), ObjectPolicy::default(), &mut rng),
     }
     .map_err(refuse)?;
-    let opc_blob = wrap_sealed_data(&parent, opc.expose(), ObjectPolicy::default(), &mut rng)
-        .map_err(refuse)?;
+    let opc_policy = match &a.bind_opc_to_quote {
+        None => ObjectPolicy::default(),
+        Some(dir) => {
+            let (pcrs, values) = read_pcrs(dir)?;
+            let sel = PcrSelection::sha256(&pcrs).map_err(refuse)?;
+            ObjectPolicy::pcrs(sel, &values).map_err(refuse)?
+        }
+    };
+    let opc_blob = wrap_sealed_data(&parent, opc.expose(), opc_policy, &mut rng).map_err(refuse)?;
     std::fs::create_dir_all(&a.out_dir).map_err(|e| OperatorError::File {
         path: a.out_dir.display().to_string(),
         detail: e.to_string(),
@@ -140,32 +180,12 @@ pub fn run_pva(cmd: PvaCommand) -> Result<(), OperatorError> {
     let PvaCommand::VerifyQuote(a) = cmd;
     let nonce =
         hex::decode(&a.nonce).map_err(|e| OperatorError::Refused(format!("--nonce: {e}")))?;
-    let list = String::from_utf8(read(&a.quote_dir.join("pcrs.list"))?)
-        .map_err(|e| OperatorError::Refused(e.to_string()))?;
-    let pcrs: Vec<u8> = list
-        .split(',')
-        .filter(|s| !s.is_empty())
-        .map(|s| s.trim().parse::<u8>())
-        .collect::<Result<_, _>>()
-        .map_err(|e| OperatorError::Refused(format!("pcrs.list: {e}")))?;
-    let values = read(&a.quote_dir.join("pcrs.bin"))?;
-    if values.len() != pcrs.len() * 32 {
-        return Err(OperatorError::Refused(
-            "pcrs.bin does not hold one SHA-256 value per PCR".into(),
-        ));
-    }
+    let (pcrs, pcr_values) = read_pcrs(&a.quote_dir)?;
     let quote = TpmQuote {
         attest: read(&a.quote_dir.join("quote.attest"))?,
         signature: read(&a.quote_dir.join("quote.sig"))?,
         pcrs,
-        pcr_values: values
-            .chunks_exact(32)
-            .map(|c| {
-                let mut v = [0u8; 32];
-                v.copy_from_slice(c);
-                v
-            })
-            .collect(),
+        pcr_values,
     };
     let v = verify_quote(&read(&a.ak)?, &quote, &nonce)
         .map_err(|e| OperatorError::Refused(format!("quote refused: {e}")))?;

@@ -258,6 +258,59 @@ fn owner_sho_and_pva_drive_a_device_through_tred() {
     );
     assert_eq!(v.status.code(), Some(1));
 
+    // The SHO binds a second MCIM's OPc to the platform state the PVA just accepted; it
+    // works on this platform (tre-daemon's conformance suite shows the refusal once a PCR moves).
+    let imsi2 = "001010000067890";
+    let blobs2 = work.path().join("blobs2");
+    ok(mcimctl(
+        &tred,
+        &[
+            "sho",
+            "wrap",
+            "--storage-public",
+            p(&keys.join("storage.pub")),
+            "--k",
+            K,
+            "--opc",
+            OPC,
+            "--bind-opc-to-quote",
+            p(&quote),
+            "--out-dir",
+            p(&blobs2),
+        ],
+    ));
+    ok(mcimctl(
+        &tred,
+        &[
+            "device",
+            "install",
+            "--imsi",
+            imsi2,
+            "--sho",
+            "sho2.example",
+            "--k-blob",
+            p(&blobs2.join("k.blob")),
+            "--opc-blob",
+            p(&blobs2.join("opc.blob")),
+        ],
+    ));
+    ok(mcimctl(&tred, &["device", "activate", imsi2]));
+    ok(mcimctl(&tred, &["device", "end-session", IMSI]));
+    ok(mcimctl(&tred, &["device", "connectivity", imsi2]));
+    ok(mcimctl(&tred, &["device", "select", imsi2]));
+    let r = json(mcimctl(
+        &tred,
+        &[
+            "device", "--json", "aka", imsi2, "--rand", RAND, "--autn", autn,
+        ],
+    ));
+    assert_eq!(r["res"], "a54211d5e3ba50bf", "{r}");
+    let refused = mcimctl(&tred, &["device", "select", IMSI, "--pin", "1234"]);
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("end its session first"));
+    ok(mcimctl(&tred, &["device", "end-session", imsi2]));
+    let refused = mcimctl(&tred, &["device", "select", IMSI, "--pin", "1234"]);
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("chosen for connectivity"));
+
     // The audit record verifies against the TRE and tells the story.
     assert!(ok(mcimctl(&tred, &["audit", "verify"])).contains("anchored in the TRE"));
     let audit = ok(mcimctl(&tred, &["audit", "show"]));

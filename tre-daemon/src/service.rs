@@ -62,7 +62,9 @@ pub fn status(e: RegistryError) -> Status {
             | TreError::BadRequest(_)
             | TreError::Identity(_)
             | TreError::Sqn(_) => Status::invalid_argument(msg),
-            TreError::NotInitialised | TreError::Mismatch(_) => Status::failed_precondition(msg),
+            TreError::NotInitialised | TreError::Mismatch(_) | TreError::PolicyFailed(_) => {
+                Status::failed_precondition(msg)
+            }
             TreError::AlreadyInitialised(_) => Status::already_exists(msg),
             TreError::NotSupported { .. } => Status::unimplemented(msg),
             TreError::Unavailable { .. } | TreError::Command { .. } => Status::unavailable(msg),

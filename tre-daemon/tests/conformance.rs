@@ -11,8 +11,8 @@ use mcim_core::aka::{
 };
 use mcim_core::identity::{DeviceIdentity, Pcid};
 use mcim_tre::tre::{
-    AkaChallenge, AkaExecution, DevicePublic, ProtectedSecrets, Tre, TreError, TreKind,
-    WrappedSecrets,
+    AkaChallenge, AkaExecution, AuditAnchor, DevicePublic, ProtectedSecrets, Tre, TreError,
+    TreKind, WrappedSecrets,
 };
 use support::{KForm, arr, tpm_wrap, ts35208_sets};
 
@@ -239,7 +239,7 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
 mod tpm {
     use super::*;
     use mcim_core::tpm::attest::{QuoteError, verify_quote};
-    use mcim_core::tpm::import::{ObjectPolicy, wrap_aes128_key};
+    use mcim_core::tpm::import::{ObjectPolicy, wrap_aes128_key, wrap_sealed_data};
     use mcim_core::tpm::policy::PcrSelection;
     use mcim_core::tpm::public::EccPublic;
     use mcim_tre::tre::tpm::{
@@ -435,6 +435,146 @@ mod tpm {
         );
         // And the fresh quote verifies in both.
         verify_quote(&ak_public, &now, b"n2").unwrap();
+    }
+
+    /// OPc bound to PCRs (TPM2_PolicyPCR): AKA works while the platform is in that state and
+    /// is refused, changing nothing, once a PCR moves. K under a policy is refused at import.
+    #[test]
+    fn opc_bound_to_pcrs_is_usable_only_in_that_platform_state() {
+        let s = Swtpm::start();
+        let sel = PcrSelection::sha256(&[16, 23]).unwrap();
+        let k = K::new([0x31; 16]);
+        let opc = Opc::new([0x32; 16]);
+        let (public, values) = {
+            let mut t = open(&s);
+            t.init_device(&identity(1)).unwrap();
+            let q = t.quote(b"read-pcrs-nonce!", &sel).unwrap();
+            (t.device_public().unwrap(), q.pcr_values)
+        };
+        let parent = EccPublic::from_tpm2b(&public.storage_public).unwrap();
+        let mut rng = rand::rng();
+        let bound = |vals: &[[u8; 32]]| {
+            let pol = ObjectPolicy::pcrs(sel.clone(), vals).unwrap();
+            WrappedSecrets {
+                k: wrap_aes128_key(&parent, &k, ObjectPolicy::default(), &mut rand::rng())
+                    .unwrap()
+                    .to_bytes()
+                    .unwrap(),
+                opc: wrap_sealed_data(&parent, opc.expose(), pol, &mut rand::rng())
+                    .unwrap()
+                    .to_bytes()
+                    .unwrap(),
+            }
+        };
+        let network = Milenage::with_opc(SoftKernel::new(&k), opc.clone(), Constants::default());
+        let challenge = |seq: u8| {
+            let rand = Rand([seq; 16]);
+            let av = vector_for(
+                &network,
+                Sqn::from_bytes([0, 0, 0, 0, seq, 0]),
+                Amf([0x80, 0]),
+                rand,
+            )
+            .unwrap();
+            (rand, av.autn)
+        };
+        let run = |t: &mut TpmTre, secrets: &ProtectedSecrets, ms: &mut MsSqnState, seq: u8| {
+            let (rand, autn) = challenge(seq);
+            let ch = AkaChallenge {
+                constants: &Constants::default(),
+                profile: &SqnProfile::default(),
+                rand: &rand,
+                autn: &autn,
+            };
+            t.authenticate(secrets, ms, &ch)
+        };
+
+        let mut ms = MsSqnState::new(&SqnProfile::default());
+        let secrets = {
+            let mut t = open(&s);
+            let secrets = t.import_mcim_secrets(&bound(&values)).unwrap();
+            assert!(matches!(
+                run(&mut t, &secrets, &mut ms, 1).unwrap(),
+                DeviceResponse::Success { .. }
+            ));
+            // Bound to values the platform does not have: refused from the start.
+            let wrong = t
+                .import_mcim_secrets(&bound(&[[7; 32], values[1]]))
+                .unwrap();
+            let before = ms.clone();
+            let err = run(&mut t, &wrong, &mut ms, 2).unwrap_err();
+            assert!(matches!(err, TreError::PolicyFailed(_)), "{err}");
+            assert_eq!(ms, before);
+            // K cannot be bound (MILENAGE would need a policy per block encryption).
+            let mut k_bound = bound(&values);
+            k_bound.k = wrap_aes128_key(
+                &parent,
+                &k,
+                ObjectPolicy::pcrs(sel.clone(), &values).unwrap(),
+                &mut rng,
+            )
+            .unwrap()
+            .to_bytes()
+            .unwrap();
+            assert!(matches!(
+                t.import_mcim_secrets(&k_bound),
+                Err(TreError::BadSecrets(_))
+            ));
+            secrets
+        };
+        // The platform changes.
+        let ext = s.tpm2(
+            "tpm2_pcrextend",
+            &[&format!("16:sha256={}", "cd".repeat(32))],
+        );
+        assert!(
+            ext.status.success(),
+            "{}",
+            String::from_utf8_lossy(&ext.stderr)
+        );
+        let mut t = open(&s);
+        let before = ms.clone();
+        let err = run(&mut t, &secrets, &mut ms, 3).unwrap_err();
+        assert!(matches!(err, TreError::PolicyFailed(_)), "{err}");
+        assert!(err.to_string().contains("[16, 23]"), "{err}");
+        assert_eq!(ms, before, "a refused authentication changes no SQN state");
+    }
+
+    /// Status calls between transactions (identity, public keys, a repeated init) must not
+    /// break the handles the counter, anchor and imports use (ESYS shares one handle object
+    /// per TPM handle; a regression the daemon hit).
+    #[test]
+    fn counter_anchor_and_import_survive_status_calls() {
+        let s = Swtpm::start();
+        let mut t = open(&s);
+        t.init_device(&identity(1)).unwrap();
+        let c0 = t.rollback_counter().unwrap();
+        assert_eq!(t.advance_rollback_counter().unwrap(), c0 + 1);
+        let public = t.device_public().unwrap();
+        t.identity().unwrap();
+        t.init_device(&identity(1)).unwrap();
+        assert_eq!(t.advance_rollback_counter().unwrap(), c0 + 2);
+        t.identity().unwrap();
+        let a = AuditAnchor {
+            seq: 9,
+            head: [4; 32],
+        };
+        t.set_audit_anchor(&a).unwrap();
+        t.device_public().unwrap();
+        assert_eq!(t.audit_anchor().unwrap(), a);
+        t.identity().unwrap();
+        t.import_mcim_secrets(&tpm_wrap(
+            &public,
+            &K::new([1; 16]),
+            &Opc::new([2; 16]),
+            KForm::Key,
+        ))
+        .unwrap();
+        // The counter is monotonic across TPM restarts too (not a RAM copy).
+        drop(t);
+        let mut s = s;
+        s.restart();
+        assert_eq!(open(&s).rollback_counter().unwrap(), c0 + 2);
     }
 
     /// tpm2-tools, an independent TPM2_Import client, accepts mcim-core's duplication blob,

@@ -28,6 +28,7 @@ use rand::CryptoRng;
 use zeroize::Zeroizing;
 
 use super::kdf::{hmac_sha256, kdfa_sha256, kdfe_sha256, sha256};
+use super::policy::{PcrSelection, policy_pcr};
 use super::public::{EccPublic, aes128_key_public, attrs, name_sha256, sealed_data_public};
 use super::wire::{Reader, Writer};
 use super::{TpmStructError, alg};
@@ -46,6 +47,9 @@ pub struct ImportBlob {
     pub duplicate: Vec<u8>,
     /// inSymSeed: the contents of the TPM2B_ENCRYPTED_SECRET (a TPMS_ECC_POINT).
     pub in_sym_seed: Vec<u8>,
+    /// The PCRs of the object's TPM2_PolicyPCR, when it is bound to platform state: the
+    /// device needs them to satisfy the policy (the digest alone does not name them).
+    pub policy_pcrs: Option<PcrSelection>,
 }
 
 impl ImportBlob {
@@ -61,37 +65,64 @@ impl ImportBlob {
         Ok(w.finish())
     }
 
-    /// One byte string for transport: TPM2B(public) || TPM2B(duplicate) || TPM2B(inSymSeed).
+    /// One byte string for transport: TPM2B(public) || TPM2B(duplicate) || TPM2B(inSymSeed),
+    /// then the policy's TPML_PCR_SELECTION when there is one.
     pub fn to_bytes(&self) -> Result<Vec<u8>, TpmStructError> {
         let mut w = Writer::new();
         w.tpm2b("objectPublic", &self.public)?
             .tpm2b("duplicate", &self.duplicate)?
             .tpm2b("inSymSeed", &self.in_sym_seed)?;
+        if let Some(sel) = &self.policy_pcrs {
+            w.bytes(&sel.marshal());
+        }
         Ok(w.finish())
     }
 
     /// Parses [`ImportBlob::to_bytes`].
     pub fn from_bytes(b: &[u8]) -> Result<Self, TpmStructError> {
         let mut r = Reader::new("import blob", b);
-        let blob = Self {
-            public: r.tpm2b()?.to_vec(),
-            duplicate: r.tpm2b()?.to_vec(),
-            in_sym_seed: r.tpm2b()?.to_vec(),
+        let public = r.tpm2b()?.to_vec();
+        let duplicate = r.tpm2b()?.to_vec();
+        let in_sym_seed = r.tpm2b()?.to_vec();
+        let rest = r.rest();
+        let policy_pcrs = if rest.is_empty() {
+            None
+        } else {
+            let mut p = Reader::new("policy PCR selection", rest);
+            let sel = PcrSelection::parse(&mut p)?;
+            p.finish()?;
+            Some(sel)
         };
-        r.finish()?;
-        Ok(blob)
+        Ok(Self {
+            public,
+            duplicate,
+            in_sym_seed,
+            policy_pcrs,
+        })
     }
 }
 
 /// How the imported object may be used.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ObjectPolicy {
-    /// A policy digest (e.g. [`super::policy::policy_pcr`]) that every use must satisfy; when
-    /// `None` the object is used with its empty auth value.
+    /// A policy digest that every use must satisfy; when `None` the object is used with its
+    /// empty auth value.
     pub auth_policy: Option<[u8; 32]>,
+    /// The PCRs of the policy's TPM2_PolicyPCR, carried with the blob.
+    pub pcrs: Option<PcrSelection>,
 }
 
 impl ObjectPolicy {
+    /// Bound to platform state (TR 33.812 5.1.2.3: usable only on a platform in the state the
+    /// PVA validated): every use needs TPM2_PolicyPCR over `selection` with these `values`
+    /// (SHA-256 bank, in selection order).
+    pub fn pcrs(selection: PcrSelection, values: &[[u8; 32]]) -> Result<Self, TpmStructError> {
+        Ok(Self {
+            auth_policy: Some(policy_pcr(&selection, values)?),
+            pcrs: Some(selection),
+        })
+    }
+
     fn attributes(&self, usage: u32) -> u32 {
         let auth = if self.auth_policy.is_some() {
             0
@@ -118,7 +149,7 @@ pub fn wrap_aes128_key<R: CryptoRng + ?Sized>(
         &unique,
     );
     let sensitive = sensitive(alg::SYMCIPHER, &seed_value, k.expose())?;
-    wrap(parent, public, &sensitive, rng)
+    wrap(parent, public, &sensitive, policy.pcrs, rng)
 }
 
 /// Wraps up to 128 octets (OPc and other small secrets) as a sealed data object, read back on
@@ -139,7 +170,7 @@ pub fn wrap_sealed_data<R: CryptoRng + ?Sized>(
     let unique = sha256(&[&seed_value[..], data]);
     let public = sealed_data_public(policy.attributes(0), policy.auth_policy.as_ref(), &unique);
     let sensitive = sensitive(alg::KEYEDHASH, &seed_value, data)?;
-    wrap(parent, public, &sensitive, rng)
+    wrap(parent, public, &sensitive, policy.pcrs, rng)
 }
 
 /// seedValue: the obfuscation value that keeps `unique` from revealing the secret.
@@ -170,6 +201,7 @@ fn wrap<R: CryptoRng + ?Sized>(
     parent: &EccPublic,
     public: Vec<u8>,
     sensitive: &[u8],
+    policy_pcrs: Option<PcrSelection>,
     rng: &mut R,
 ) -> Result<ImportBlob, TpmStructError> {
     parent.check_storage_parent()?;
@@ -205,6 +237,7 @@ fn wrap<R: CryptoRng + ?Sized>(
         public,
         duplicate: duplicate.finish(),
         in_sym_seed: seed_point.finish(),
+        policy_pcrs,
     })
 }
 
@@ -279,6 +312,7 @@ mod tests {
     fn policy_clears_user_with_auth() {
         let with = ObjectPolicy {
             auth_policy: Some([9; 32]),
+            pcrs: None,
         }
         .attributes(attrs::SIGN_ENCRYPT);
         assert_eq!(with & attrs::USER_WITH_AUTH, 0);

@@ -191,6 +191,10 @@ pub enum TreError {
     /// The request is malformed (sizes, ranges); nothing was done.
     #[error("bad request: {0}")]
     BadRequest(String),
+    /// A secret bound to platform state (TPM2_PolicyPCR) was refused: the platform is not in
+    /// the state the SHO bound it to. Nothing changed.
+    #[error("policy refused: {0}")]
+    PolicyFailed(String),
     /// MAC-A did not verify (TS 33.102 6.3.3): the network does not know K or AUTN was altered.
     #[error("network authentication failed: MAC-A does not verify")]
     MacFailure,

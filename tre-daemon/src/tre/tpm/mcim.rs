@@ -16,16 +16,17 @@ use mcim_core::aka::milenage::Block;
 use mcim_core::aka::{DeviceResponse, K, Kernel, Milenage, MsSqnState, Opc, SoftKernel};
 use mcim_core::tpm::alg;
 use mcim_core::tpm::import::ImportBlob;
+use mcim_core::tpm::policy::PcrSelection;
 use mcim_core::tpm::wire::{Reader, Writer};
 use tss_esapi::Context;
 use tss_esapi::attributes::SessionAttributesBuilder;
 use tss_esapi::constants::SessionType;
 use tss_esapi::handles::{KeyHandle, ObjectHandle, SessionHandle};
 use tss_esapi::interface_types::algorithm::{HashingAlgorithm, SymmetricMode};
-use tss_esapi::interface_types::session_handles::AuthSession;
+use tss_esapi::interface_types::session_handles::{AuthSession, PolicySession};
 use tss_esapi::structures::{
-    EncryptedSecret, InitialValue, MaxBuffer, Private, Public, SymmetricDefinition,
-    SymmetricDefinitionObject,
+    Digest, EncryptedSecret, InitialValue, MaxBuffer, PcrSelectionList, PcrSlot, Private, Public,
+    SymmetricDefinition, SymmetricDefinitionObject,
 };
 use tss_esapi::traits::UnMarshall;
 use zeroize::Zeroizing;
@@ -38,6 +39,8 @@ use crate::tre::{AkaChallenge, AkaExecution, ProtectedSecrets, TreError, Wrapped
 struct AtRest {
     public: Vec<u8>,
     private: Vec<u8>,
+    /// The PCRs of its TPM2_PolicyPCR, when it is bound to platform state.
+    policy_pcrs: Option<PcrSelection>,
 }
 
 impl AtRest {
@@ -46,6 +49,9 @@ impl AtRest {
         w.tpm2b("public", &self.public)
             .and_then(|w| w.tpm2b("private", &self.private))
             .map_err(bad)?;
+        if let Some(sel) = &self.policy_pcrs {
+            w.bytes(&sel.marshal());
+        }
         Ok(w.finish())
     }
 
@@ -53,8 +59,20 @@ impl AtRest {
         let mut r = Reader::new("protected object", b);
         let public = r.tpm2b().map_err(bad)?.to_vec();
         let private = r.tpm2b().map_err(bad)?.to_vec();
-        r.finish().map_err(bad)?;
-        Ok(Self { public, private })
+        let rest = r.rest();
+        let policy_pcrs = if rest.is_empty() {
+            None
+        } else {
+            let mut p = Reader::new("policy PCR selection", rest);
+            let sel = PcrSelection::parse(&mut p).map_err(bad)?;
+            p.finish().map_err(bad)?;
+            Some(sel)
+        };
+        Ok(Self {
+            public,
+            private,
+            policy_pcrs,
+        })
     }
 
     /// The object type (TPMT_PUBLIC.type).
@@ -99,6 +117,7 @@ impl TpmTre {
         Ok(AtRest {
             public: blob.public,
             private: private.value().to_vec(),
+            policy_pcrs: blob.policy_pcrs,
         })
     }
 
@@ -126,7 +145,10 @@ impl TpmTre {
     /// (the response is encrypted on the bus), flushes both. The bytes come back zeroizing.
     fn unseal(&mut self, obj: &AtRest) -> Result<Zeroizing<Vec<u8>>, TreError> {
         let handle = self.load(obj)?;
-        let out = self.unseal_loaded(handle);
+        let out = match &obj.policy_pcrs {
+            None => self.unseal_loaded(handle),
+            Some(sel) => self.unseal_under_pcr_policy(handle, sel),
+        };
         let flushed = self.flush(handle);
         let out = out?;
         flushed?;
@@ -185,6 +207,65 @@ impl TpmTre {
         result.map(|data| Zeroizing::new(data.value().to_vec()))
     }
 
+    /// Unseals an object bound to PCRs: a policy session (salted, response-encrypted) that
+    /// runs TPM2_PolicyPCR with the current values, then TPM2_Unseal. The TPM refuses when
+    /// the platform is not in the state the SHO bound the object to.
+    fn unseal_under_pcr_policy(
+        &mut self,
+        handle: KeyHandle,
+        sel: &PcrSelection,
+    ) -> Result<Zeroizing<Vec<u8>>, TreError> {
+        let parent = self.storage_key()?;
+        let slots = sel
+            .indices()
+            .iter()
+            .map(|&i| PcrSlot::try_from(1u32 << i).map_err(cmd("PCR slot")))
+            .collect::<Result<Vec<_>, _>>()?;
+        let list = PcrSelectionList::builder()
+            .with_selection(HashingAlgorithm::Sha256, &slots)
+            .build()
+            .map_err(cmd("PCR selection"))?;
+        self.count(1);
+        let session = self
+            .ctx
+            .start_auth_session(
+                Some(parent),
+                None,
+                None,
+                SessionType::Policy,
+                SymmetricDefinition::AES_128_CFB,
+                HashingAlgorithm::Sha256,
+            )
+            .map_err(cmd("TPM2_StartAuthSession(policy)"))?
+            .ok_or_else(|| TreError::Command {
+                command: "TPM2_StartAuthSession(policy)",
+                detail: "no session returned".into(),
+            })?;
+        let result = (|| {
+            let (attrs, mask) = SessionAttributesBuilder::new().with_encrypt(true).build();
+            self.ctx
+                .tr_sess_set_attributes(session, attrs, mask)
+                .map_err(cmd("Esys_TRSess_SetAttributes"))?;
+            let policy = PolicySession::try_from(session).map_err(cmd("policy session"))?;
+            self.count(1);
+            self.ctx
+                .policy_pcr(policy, Digest::default(), list)
+                .map_err(cmd("TPM2_PolicyPCR"))?;
+            self.count(1);
+            self.ctx
+                .execute_with_session(Some(session), |c| c.unseal(handle.into()))
+                .map_err(|e| {
+                    TreError::PolicyFailed(format!(
+                        "the platform is not in the state the secret is bound to (PCRs {:?}): {e}",
+                        sel.indices()
+                    ))
+                })
+                .map(|d| Zeroizing::new(d.value().to_vec()))
+        })();
+        let _ = self.flush(SessionHandle::from(session));
+        result
+    }
+
     fn unseal_opc(&mut self, secrets: &ProtectedSecrets) -> Result<Opc, TreError> {
         let obj = AtRest::decode(&secrets.opc)?;
         let bytes = self.unseal(&obj)?;
@@ -195,6 +276,12 @@ impl TpmTre {
         &mut self,
         wrapped: &WrappedSecrets,
     ) -> Result<ProtectedSecrets, TreError> {
+        let k_blob = ImportBlob::from_bytes(&wrapped.k).map_err(bad)?;
+        if k_blob.policy_pcrs.is_some() {
+            return Err(bad(
+                "K under a PCR policy is not supported: bind OPc (sealed data) to the PCRs",
+            ));
+        }
         let k_type = Reader::new(
             "K public",
             &ImportBlob::from_bytes(&wrapped.k).map_err(bad)?.public,

@@ -123,9 +123,11 @@ impl TpmTre {
     }
 
     /// Drops the cached ESYS handles. ESYS hands out one ESYS_TR per TPM handle, so when
-    /// `keys` opens and closes a persistent key, any copy cached here dies with it.
+    /// `keys` or `nv` (whose NV listing opens and closes every index) close a handle, any
+    /// copy cached here dies with it. Called after every such call.
     fn forget_handles(&mut self) {
         self.storage = None;
+        self.nv.clear();
     }
 
     /// The storage key (the parent of imported MCIM secrets), opened once per context.
@@ -139,6 +141,58 @@ impl TpmTre {
         let h = KeyHandle::from(h);
         self.storage = Some(h);
         Ok(h)
+    }
+}
+
+impl TpmTre {
+    /// Supply-time initialisation; see [`Tre::init_device`].
+    fn init_device_once(&mut self, identity: &DeviceIdentity) -> Result<InitOutcome, TreError> {
+        let stored = nv::read_identity(&mut self.ctx)?;
+        let existing_storage = keys::storage_name_if_present(&mut self.ctx)?;
+        match (&stored, &existing_storage) {
+            (Some(rec), Some(name)) => {
+                if rec.storage_name != *name {
+                    return Err(TreError::Mismatch(
+                        "the storage key differs from the one recorded at supply time (was the TPM cleared?)".into(),
+                    ));
+                }
+                if rec.identity != *identity {
+                    return Err(TreError::AlreadyInitialised(format!(
+                        "device {} with PCID {}",
+                        rec.identity.device_id, rec.identity.pcid
+                    )));
+                }
+            }
+            (Some(_), None) => {
+                return Err(TreError::Mismatch(
+                    "an identity is recorded but the device keys are gone (was the TPM cleared?)"
+                        .into(),
+                ));
+            }
+            _ => {}
+        }
+        self.forget_handles();
+        let created_keys = keys::ensure_all(&mut self.ctx)?;
+        let public = self.device_public()?;
+        let storage_name = keys::storage_name_if_present(&mut self.ctx)?.ok_or(
+            TreError::Mismatch("storage key missing right after creation".into()),
+        )?;
+        self.ensure_anchors()?;
+        let created_identity = stored.is_none();
+        if created_identity {
+            nv::write_identity(
+                &mut self.ctx,
+                &nv::IdentityRecord {
+                    identity: identity.clone(),
+                    storage_name,
+                },
+            )?;
+        }
+        Ok(InitOutcome {
+            created: created_keys || created_identity,
+            identity: identity.clone(),
+            public,
+        })
     }
 }
 
@@ -195,61 +249,21 @@ impl Tre for TpmTre {
     }
 
     fn init_device(&mut self, identity: &DeviceIdentity) -> Result<InitOutcome, TreError> {
-        let stored = nv::read_identity(&mut self.ctx)?;
-        let existing_storage = keys::storage_name_if_present(&mut self.ctx)?;
-        match (&stored, &existing_storage) {
-            (Some(rec), Some(name)) => {
-                if rec.storage_name != *name {
-                    return Err(TreError::Mismatch(
-                        "the storage key differs from the one recorded at supply time (was the TPM cleared?)".into(),
-                    ));
-                }
-                if rec.identity != *identity {
-                    return Err(TreError::AlreadyInitialised(format!(
-                        "device {} with PCID {}",
-                        rec.identity.device_id, rec.identity.pcid
-                    )));
-                }
-            }
-            (Some(_), None) => {
-                return Err(TreError::Mismatch(
-                    "an identity is recorded but the device keys are gone (was the TPM cleared?)"
-                        .into(),
-                ));
-            }
-            _ => {}
-        }
+        let r = self.init_device_once(identity);
         self.forget_handles();
-        let created_keys = keys::ensure_all(&mut self.ctx)?;
-        let public = self.device_public()?;
-        let storage_name = keys::storage_name_if_present(&mut self.ctx)?.ok_or(
-            TreError::Mismatch("storage key missing right after creation".into()),
-        )?;
-        self.ensure_anchors()?;
-        let created_identity = stored.is_none();
-        if created_identity {
-            nv::write_identity(
-                &mut self.ctx,
-                &nv::IdentityRecord {
-                    identity: identity.clone(),
-                    storage_name,
-                },
-            )?;
-        }
-        Ok(InitOutcome {
-            created: created_keys || created_identity,
-            identity: identity.clone(),
-            public,
-        })
+        r
     }
 
     fn identity(&mut self) -> Result<Option<DeviceIdentity>, TreError> {
-        Ok(nv::read_identity(&mut self.ctx)?.map(|r| r.identity))
+        let r = nv::read_identity(&mut self.ctx);
+        self.forget_handles();
+        Ok(r?.map(|r| r.identity))
     }
 
     fn device_public(&mut self) -> Result<DevicePublic, TreError> {
+        let r = keys::device_public(&mut self.ctx);
         self.forget_handles();
-        keys::device_public(&mut self.ctx)
+        r
     }
 
     fn import_mcim_secrets(
