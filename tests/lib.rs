@@ -133,35 +133,69 @@ impl Drop for Swtpm {
 pub struct Tred {
     child: Option<Child>,
     dir: tempfile::TempDir,
+    tcti: String,
+    env: Vec<(String, String)>,
 }
 
 impl Tred {
     /// Starts tred against `tcti`, waiting until its socket accepts connections.
     pub fn start(tcti: &str) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let log = std::fs::File::create(dir.path().join("tred.log")).unwrap();
-        let mut t = Tred { child: None, dir };
+        Self::start_with(tcti, &[])
+    }
+
+    /// Starts tred with extra environment (e.g. `MCIM_REHABILITATION_KEY`).
+    pub fn start_with(tcti: &str, env: &[(&str, &str)]) -> Self {
+        let mut t = Tred {
+            child: None,
+            dir: tempfile::tempdir().unwrap(),
+            tcti: tcti.to_string(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        };
+        t.launch();
+        t
+    }
+
+    /// Starts tred again on the same state directory (after [`Tred::stop`]).
+    pub fn restart(&mut self) {
+        self.stop();
+        self.launch();
+    }
+
+    fn launch(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("tred.log"))
+            .unwrap();
         let child = Command::new(workspace_bin("tred"))
-            .env("MCIM_TCTI", tcti)
-            .env("MCIM_STATE_DIR", t.state_dir())
-            .env("MCIM_SOCKET", t.socket())
+            .env("MCIM_TCTI", &self.tcti)
+            .env("MCIM_STATE_DIR", self.state_dir())
+            .env("MCIM_SOCKET", self.socket())
             .env("MCIM_LOG", "debug")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .expect("tred starts");
-        t.child = Some(child);
+        self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
-            if std::os::unix::net::UnixStream::connect(t.socket()).is_ok() {
-                return t;
+            if std::os::unix::net::UnixStream::connect(self.socket()).is_ok() {
+                return;
             }
-            if let Some(status) = t.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                panic!("tred exited with {status}: {}", t.log());
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!("tred exited with {status}: {}", self.log());
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        panic!("tred did not open its socket: {}", t.log());
+        panic!("tred did not open its socket: {}", self.log());
     }
 
     /// The state directory.

@@ -141,6 +141,12 @@ pub enum DeviceCommand {
     /// PIN operations.
     #[command(subcommand)]
     Pin(PinCommand),
+    /// Leave lockdown with the supplier's rehabilitation token (`mcimctl supplier rehab-token`).
+    Rehabilitate {
+        /// The token file.
+        #[arg(long)]
+        token: PathBuf,
+    },
     /// A TPM quote over a nonce (write it out with --out-dir for `mcimctl pva verify-quote`).
     Attest {
         /// Nonce, 16 to 64 octets in hex.
@@ -421,6 +427,7 @@ async fn device(a: DeviceArgs) -> Result<(), DeviceError> {
                 "lockdown": s.lockdown,
                 "lockdown_reason": s.lockdown_reason,
                 "connectivity": s.connectivity_mcim_id,
+                "rehabilitation_counter": s.rehabilitation_counter,
             });
             if json {
                 println!("{v}");
@@ -593,6 +600,22 @@ async fn device(a: DeviceArgs) -> Result<(), DeviceError> {
                 print_mcim(json, r.get_ref().mcim.as_ref());
             }
         },
+        D::Rehabilitate { token } => {
+            let r = c
+                .rehabilitate(pb::RehabilitateRequest {
+                    token: read(&token)?,
+                })
+                .await?
+                .into_inner();
+            println!(
+                "{}",
+                if r.lockdown {
+                    "still in lockdown"
+                } else {
+                    "out of lockdown"
+                }
+            );
+        }
         D::Attest {
             nonce,
             pcrs,

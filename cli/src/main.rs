@@ -2,7 +2,8 @@
 //!
 //! - `mcimctl aka milenage|auts`: the AKA core at the command line.
 //! - `mcimctl device ...`, `mcimctl audit ...`: the device owner's side, through `tred`.
-//! - `mcimctl sho wrap`, `mcimctl pva verify-quote`: operator tools that need no server.
+//! - `mcimctl sho wrap`, `mcimctl pva verify-quote`, `mcimctl supplier keygen|rehab-token`:
+//!   operator tools that need no server.
 //!
 //! Subscriber, PKI and lab commands arrive with the network roles.
 #![forbid(unsafe_code)]
@@ -35,6 +36,9 @@ enum Command {
     /// Selected Home Operator tools.
     #[command(subcommand)]
     Sho(operator::ShoCommand),
+    /// Equipment supplier tools: rehabilitation keys and tokens.
+    #[command(subcommand)]
+    Supplier(operator::SupplierCommand),
     /// Platform Validation Authority tools.
     #[command(subcommand)]
     Pva(operator::PvaCommand),
@@ -48,6 +52,7 @@ fn main() -> ExitCode {
         Command::Audit(a) => device::run_audit(a).map_err(|e| e.to_string()),
         Command::Sho(c) => operator::run_sho(c).map_err(|e| e.to_string()),
         Command::Pva(c) => operator::run_pva(c).map_err(|e| e.to_string()),
+        Command::Supplier(c) => operator::run_supplier(c).map_err(|e| e.to_string()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

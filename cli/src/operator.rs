@@ -54,6 +54,34 @@ pub struct WrapArgs {
     out_dir: PathBuf,
 }
 
+/// `mcimctl supplier ...`
+#[derive(Subcommand)]
+pub enum SupplierCommand {
+    /// Make a rehabilitation key (P-256): the private key to a file, the public key (for
+    /// tred.toml's rehabilitation_key) to stdout.
+    Keygen {
+        /// Where the private key goes (hex, mode 0600).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Sign a token that lifts one device's lockdown (5.1.2.2), for its PCID and the counter
+    /// `mcimctl device status` shows.
+    RehabToken {
+        /// The rehabilitation key (from `keygen`).
+        #[arg(long)]
+        key: PathBuf,
+        /// The device's PCID.
+        #[arg(long)]
+        pcid: String,
+        /// The TRE's rehabilitation counter.
+        #[arg(long)]
+        counter: u64,
+        /// Where the token goes.
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
 /// `mcimctl pva ...`
 #[derive(Subcommand)]
 pub enum PvaCommand {
@@ -173,6 +201,64 @@ pub fn run_sho(cmd: ShoCommand) -> Result<(), OperatorError> {
         a.out_dir.display()
     );
     Ok(())
+}
+
+/// Runs `mcimctl supplier ...`.
+pub fn run_supplier(cmd: SupplierCommand) -> Result<(), OperatorError> {
+    use p256::ecdsa::{SigningKey, VerifyingKey};
+    use p256::elliptic_curve::Generate;
+    match cmd {
+        SupplierCommand::Keygen { out } => {
+            let key = SigningKey::generate_from_rng(&mut rand::rng());
+            let secret = zeroize::Zeroizing::new(hex::encode(key.to_bytes()));
+            {
+                use std::io::Write;
+                use std::os::unix::fs::OpenOptionsExt;
+                let mut f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(&out)
+                    .map_err(|e| OperatorError::File {
+                        path: out.display().to_string(),
+                        detail: e.to_string(),
+                    })?;
+                f.write_all(secret.as_bytes())
+                    .map_err(|e| OperatorError::File {
+                        path: out.display().to_string(),
+                        detail: e.to_string(),
+                    })?;
+            }
+            let public = VerifyingKey::from(&key).to_sec1_point(false);
+            println!("{}", hex::encode(public.as_bytes()));
+            Ok(())
+        }
+        SupplierCommand::RehabToken {
+            key,
+            pcid,
+            counter,
+            out,
+        } => {
+            let text = zeroize::Zeroizing::new(read(&key)?);
+            let bytes = zeroize::Zeroizing::new(
+                hex::decode(String::from_utf8_lossy(&text).trim())
+                    .map_err(|e| OperatorError::Refused(format!("{}: {e}", key.display())))?,
+            );
+            let key = SigningKey::from_slice(&bytes)
+                .map_err(|_| OperatorError::Refused("not a P-256 private key".into()))?;
+            let pcid = mcim_core::identity::Pcid::new(pcid)
+                .map_err(|e| OperatorError::Refused(e.to_string()))?;
+            let token = mcim_core::rehabilitation::issue(&key, &pcid, counter)
+                .map_err(|e| OperatorError::Refused(e.to_string()))?;
+            write(&out, &token)?;
+            println!(
+                "token for {} at counter {counter}: {}",
+                pcid.as_str(),
+                out.display()
+            );
+            Ok(())
+        }
+    }
 }
 
 /// Runs `mcimctl pva ...`.

@@ -15,6 +15,7 @@
 //!   an SHO sends K and OPc to one device's TPM), policy digests, names, and quote
 //!   verification (the PVA's side of attestation).
 //! - [`lifecycle`]: the MCIM lifecycle state machine (TR 33.812 5.1.1.1).
+//! - [`rehabilitation`]: the supplier's signed authorisation to leave lockdown (5.1.2.2).
 //!
 //! Later slices add the MCIM package format.
 #![forbid(unsafe_code)]
@@ -22,5 +23,6 @@
 pub mod aka;
 pub mod identity;
 pub mod lifecycle;
+pub mod rehabilitation;
 pub mod secret;
 pub mod tpm;

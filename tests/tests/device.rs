@@ -392,3 +392,137 @@ fn shipped_config_and_unit_agree() {
     assert!(unit.contains("ExecStart=/usr/local/bin/tred --config /etc/mcim/tred.toml"));
     assert!(unit.contains("KillSignal=SIGTERM"));
 }
+
+/// Tampering while tred is down puts the TRE in lockdown; the supplier's token, for this
+/// device and counter, lifts it once; the MCIMs the forged header vouched for stay blocked.
+#[test]
+fn lockdown_and_the_suppliers_rehabilitation_token() {
+    let tpm = Swtpm::start();
+    let work = tempfile::tempdir().unwrap();
+    let key = work.path().join("supplier.key");
+    let keygen = Command::new(workspace_bin("mcimctl"))
+        .args(["supplier", "keygen", "--out", p(&key)])
+        .output()
+        .unwrap();
+    let public = ok(keygen).trim().to_string();
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let mut tred = Tred::start_with(&tpm.tcti(), &[("MCIM_REHABILITATION_KEY", &public)]);
+    let keys = work.path().join("keys");
+    let blobs = work.path().join("blobs");
+    ok(mcimctl(
+        &tred,
+        &[
+            "device",
+            "init",
+            "--device-id",
+            "SN-7",
+            "--pcid",
+            "001010000000007",
+            "--model",
+            "m",
+            "--out-dir",
+            p(&keys),
+        ],
+    ));
+    ok(mcimctl(
+        &tred,
+        &[
+            "sho",
+            "wrap",
+            "--storage-public",
+            p(&keys.join("storage.pub")),
+            "--k",
+            K,
+            "--opc",
+            OPC,
+            "--out-dir",
+            p(&blobs),
+        ],
+    ));
+    ok(mcimctl(
+        &tred,
+        &[
+            "device",
+            "install",
+            "--imsi",
+            IMSI,
+            "--sho",
+            "s",
+            "--k-blob",
+            p(&blobs.join("k.blob")),
+            "--opc-blob",
+            p(&blobs.join("opc.blob")),
+        ],
+    ));
+
+    assert!(tred.stop());
+    let header = tred.state_dir().join("header.json");
+    let text = std::fs::read_to_string(&header).unwrap();
+    std::fs::write(&header, text.replacen("\"format\": 1", "\"format\": 2", 1)).unwrap();
+    tred.restart();
+
+    let s = json(mcimctl(&tred, &["device", "--json", "status"]));
+    assert_eq!(s["lockdown"], true, "{s}");
+    let listed = mcimctl(&tred, &["device", "list"]);
+    assert_eq!(listed.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&listed.stderr).contains("lockdown"));
+    let attest = mcimctl(
+        &tred,
+        &[
+            "device",
+            "attest",
+            "--nonce",
+            "00112233445566778899aabbccddeeff",
+        ],
+    );
+    assert_eq!(
+        attest.status.code(),
+        Some(1),
+        "no evidence from a TRE in lockdown"
+    );
+
+    let counter = s["rehabilitation_counter"].as_u64().unwrap().to_string();
+    let token = work.path().join("token.cose");
+    let make = |c: &str| {
+        Command::new(workspace_bin("mcimctl"))
+            .args([
+                "supplier",
+                "rehab-token",
+                "--key",
+                p(&key),
+                "--pcid",
+                "001010000000007",
+                "--counter",
+                c,
+                "--out",
+                p(&token),
+            ])
+            .output()
+            .unwrap()
+    };
+    ok(make("1"));
+    let stale = mcimctl(&tred, &["device", "rehabilitate", "--token", p(&token)]);
+    assert_eq!(stale.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&stale.stderr).contains("permission denied"));
+    ok(make(&counter));
+    assert!(
+        ok(mcimctl(
+            &tred,
+            &["device", "rehabilitate", "--token", p(&token)]
+        ))
+        .contains("out of lockdown")
+    );
+    let m = json(mcimctl(&tred, &["device", "--json", "get", IMSI]));
+    assert_eq!(
+        (m["state"].as_str(), m["blocked_reason"].as_str()),
+        (Some("blocked"), Some("tampered"))
+    );
+    let again = mcimctl(&tred, &["device", "rehabilitate", "--token", p(&token)]);
+    assert_eq!(again.status.code(), Some(1), "a token works once");
+    assert!(ok(mcimctl(&tred, &["audit", "verify"])).contains("anchored"));
+    assert!(ok(mcimctl(&tred, &["audit", "show"])).contains("rehabilitated from lockdown"));
+}

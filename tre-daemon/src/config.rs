@@ -7,6 +7,8 @@
 //! socket_mode = "0660"                 # MCIM_SOCKET_MODE (octal)
 //! quote_pcrs = [0, 1, 2, 3, 4, 5, 6, 7] # MCIM_QUOTE_PCRS ("0,1,2")
 //! log = "info"                         # MCIM_LOG (tracing filter)
+//! rehabilitation_key = "04..."         # MCIM_REHABILITATION_KEY: the supplier's P-256 key
+//!                                      # (SEC1 hex) whose tokens lift a lockdown
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -29,6 +31,8 @@ pub struct Config {
     pub quote_pcrs: Vec<u8>,
     /// tracing filter.
     pub log: String,
+    /// The supplier's rehabilitation key, SEC1 hex (5.1.2.2); none: lockdown is permanent.
+    pub rehabilitation_key: Option<String>,
 }
 
 impl Default for Config {
@@ -40,6 +44,7 @@ impl Default for Config {
             socket_mode: "0660".into(),
             quote_pcrs: (0..8).collect(),
             log: "info".into(),
+            rehabilitation_key: None,
         }
     }
 }
@@ -76,6 +81,7 @@ impl Config {
         };
         c.apply_env(|k| std::env::var(k).ok())?;
         c.socket_mode()?;
+        c.rehabilitation_key()?;
         Ok(c)
     }
 
@@ -96,6 +102,9 @@ impl Config {
         if let Some(v) = get("MCIM_LOG") {
             self.log = v;
         }
+        if let Some(v) = get("MCIM_REHABILITATION_KEY") {
+            self.rehabilitation_key = Some(v);
+        }
         if let Some(v) = get("MCIM_QUOTE_PCRS") {
             self.quote_pcrs = v
                 .split(',')
@@ -105,6 +114,18 @@ impl Config {
                 .map_err(|e| ConfigError::Invalid(format!("MCIM_QUOTE_PCRS: {e}")))?;
         }
         Ok(())
+    }
+
+    /// The supplier's rehabilitation key, parsed.
+    pub fn rehabilitation_key(&self) -> Result<Option<p256::ecdsa::VerifyingKey>, ConfigError> {
+        let Some(h) = &self.rehabilitation_key else {
+            return Ok(None);
+        };
+        let bytes = hex::decode(h.trim())
+            .map_err(|e| ConfigError::Invalid(format!("rehabilitation_key: {e}")))?;
+        p256::ecdsa::VerifyingKey::from_sec1_bytes(&bytes)
+            .map(Some)
+            .map_err(|_| ConfigError::Invalid("rehabilitation_key is not a P-256 point".into()))
     }
 
     /// The socket mode as bits.

@@ -87,7 +87,8 @@ async fn serve(config: &Config, engine: EngineHandle) -> Result<(), String> {
         .map_err(|e| format!("{}: {e}", path.display()))?;
     tracing::info!(socket = %path.display(), mode = format!("{mode:o}"), tcti = %config.tcti, state = %config.state_dir.display(), "tred serving");
 
-    let api = TreApi::new(engine, config.quote_pcrs.clone());
+    let key = config.rehabilitation_key().map_err(|e| e.to_string())?;
+    let api = TreApi::new(engine, config.quote_pcrs.clone(), key);
     let result = tonic::transport::Server::builder()
         .add_service(TreServiceServer::new(api))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown())

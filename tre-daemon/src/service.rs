@@ -23,12 +23,22 @@ use crate::tre::{AkaExecution, TreError, TreKind, WrappedSecrets};
 pub struct TreApi {
     engine: EngineHandle,
     quote_pcrs: Vec<u8>,
+    rehabilitation_key: Option<p256::ecdsa::VerifyingKey>,
 }
 
 impl TreApi {
-    /// Serves over the TRE thread; `quote_pcrs` is the default PCR set for Attest.
-    pub fn new(engine: EngineHandle, quote_pcrs: Vec<u8>) -> Self {
-        Self { engine, quote_pcrs }
+    /// Serves over the TRE thread; `quote_pcrs` is the default PCR set for Attest;
+    /// `rehabilitation_key` the supplier's key that may lift a lockdown.
+    pub fn new(
+        engine: EngineHandle,
+        quote_pcrs: Vec<u8>,
+        rehabilitation_key: Option<p256::ecdsa::VerifyingKey>,
+    ) -> Self {
+        Self {
+            engine,
+            quote_pcrs,
+            rehabilitation_key,
+        }
     }
 
     async fn run<R: Send + 'static>(
@@ -53,7 +63,9 @@ pub fn status(e: RegistryError) -> Status {
         }
         R::NotFound(_) => Status::not_found(msg),
         R::AlreadyInstalled(_) => Status::already_exists(msg),
-        R::WrongPin { .. } | R::WrongPuk { .. } => Status::permission_denied(msg),
+        R::WrongPin { .. } | R::WrongPuk { .. } | R::Unauthorised(_) => {
+            Status::permission_denied(msg)
+        }
         R::BadRequest(_) => Status::invalid_argument(msg),
         R::Io(_) => Status::internal(msg),
         R::Tre(t) => match t {
@@ -184,6 +196,11 @@ impl TreService for TreApi {
                 Ok(r) => (r.status().lockdown, r.connectivity().map(str::to_string)),
                 Err(_) => (None, None),
             };
+            let counter = if identity.is_some() {
+                e.tre()?.rollback_counter().unwrap_or(0)
+            } else {
+                0
+            };
             Ok(pb::GetStatusResponse {
                 tre_kind: match caps.kind {
                     TreKind::Tpm2 => common::TreKind::Tpm2,
@@ -200,6 +217,7 @@ impl TreService for TreApi {
                 lockdown: lockdown.is_some(),
                 lockdown_reason: lockdown.unwrap_or_default(),
                 connectivity_mcim_id: connectivity.unwrap_or_default(),
+                rehabilitation_counter: counter,
             })
         })
         .await
@@ -679,8 +697,19 @@ impl TreService for TreApi {
         req: Request<pb::RehabilitateRequest>,
     ) -> Result<Response<pb::RehabilitateResponse>, Status> {
         log_call("Rehabilitate", &req);
-        Err(Status::unimplemented(
-            "rehabilitation needs the supplier's signed token (with the supplier role)",
-        ))
+        let key = self.rehabilitation_key.ok_or_else(|| {
+            Status::failed_precondition("tred has no rehabilitation_key configured")
+        })?;
+        let token = req.into_inner().token;
+        self.run(move |e| {
+            let r = e.registry()?;
+            r.rehabilitate(&token, &key)?;
+            tracing::warn!("left lockdown with the supplier's rehabilitation token");
+            Ok(pb::RehabilitateResponse {
+                lockdown: r.status().lockdown.is_some(),
+            })
+        })
+        .await
+        .map(Response::new)
     }
 }

@@ -776,3 +776,110 @@ fn an_older_copy_of_one_record_blocks_that_mcim() {
         (McimState::Blocked, Some(BlockReason::Tampered))
     );
 }
+
+fn supplier() -> p256::ecdsa::SigningKey {
+    use p256::elliptic_curve::Generate;
+    p256::ecdsa::SigningKey::generate_from_rng(&mut rand::rng())
+}
+
+fn token(reg: &mut Registry, key: &p256::ecdsa::SigningKey) -> Vec<u8> {
+    let pcid = reg.tre().identity().unwrap().unwrap().pcid;
+    let counter = reg.tre().rollback_counter().unwrap();
+    mcim_core::rehabilitation::issue(key, &pcid, counter).unwrap()
+}
+
+#[test]
+fn the_suppliers_token_lifts_a_rollback_lockdown_once() {
+    let dev = Device::new();
+    let key = supplier();
+    let old = tempfile::tempdir().unwrap();
+    {
+        let mut reg = dev.open();
+        install(&mut reg, IMSI_A, None);
+        reg.apply(IMSI_A, Op::Activate).unwrap();
+        copy_dir(dev.dir(), old.path());
+        reg.apply(IMSI_A, Op::Block(BlockReason::Requested))
+            .unwrap();
+    }
+    std::fs::remove_dir_all(dev.dir()).unwrap();
+    copy_dir(old.path(), dev.dir());
+    let mut reg = dev.open();
+    assert!(reg.status().lockdown.is_some());
+    // Refused: not in lockdown yet is moot; a stranger's token, a token for a later counter.
+    let stranger = token(&mut reg, &supplier());
+    let vk = p256::ecdsa::VerifyingKey::from(&key);
+    assert!(matches!(
+        reg.rehabilitate(&stranger, &vk),
+        Err(RegistryError::Unauthorised(_))
+    ));
+    let pcid = reg.tre().identity().unwrap().unwrap().pcid;
+    let c = reg.tre().rollback_counter().unwrap();
+    let future = mcim_core::rehabilitation::issue(&key, &pcid, c + 1).unwrap();
+    assert!(matches!(
+        reg.rehabilitate(&future, &vk),
+        Err(RegistryError::Unauthorised(_))
+    ));
+    assert!(
+        reg.status().lockdown.is_some(),
+        "refused tokens change nothing"
+    );
+
+    let good = token(&mut reg, &key);
+    reg.rehabilitate(&good, &vk).unwrap();
+    assert_eq!(reg.status().lockdown, None);
+    // The old copy's records verify against its own header: kept as they were.
+    assert_eq!(state(&reg, IMSI_A), McimState::Activated);
+    let audit = reg.audit().unwrap();
+    assert_eq!(audit[0].event, "rehabilitation");
+    assert!(audit[0].detail.contains("rollback"), "{}", audit[0].detail);
+    assert!(reg.verify_audit().unwrap().ok);
+    assert!(std::fs::read_dir(dev.dir()).unwrap().flatten().any(|f| {
+        f.file_name()
+            .to_string_lossy()
+            .starts_with("audit.log.lockdown-")
+    }));
+    // The same token does not work twice, and the registry survives a restart.
+    assert!(matches!(
+        reg.rehabilitate(&good, &vk),
+        Err(RegistryError::BadRequest(_))
+    ));
+    drop(reg);
+    let reg = dev.open();
+    assert_eq!(reg.status().lockdown, None);
+    assert_eq!(state(&reg, IMSI_A), McimState::Activated);
+}
+
+#[test]
+fn rehabilitation_after_a_forged_header_blocks_every_mcim() {
+    let dev = Device::new();
+    let key = supplier();
+    {
+        let mut reg = dev.open();
+        install(&mut reg, IMSI_A, None);
+        install(&mut reg, IMSI_B, None);
+        reg.apply(IMSI_A, Op::Activate).unwrap();
+    }
+    let path = dev.dir().join("header.json");
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(
+        &path,
+        text.replacen("\"format\": 1", "\"format\": 1 ", 1)
+            .replacen("\"counter\"", "\"counter\" ", 1),
+    )
+    .unwrap();
+    let mut reg = dev.open();
+    assert!(reg.status().lockdown.is_some());
+    let t = token(&mut reg, &key);
+    reg.rehabilitate(&t, &p256::ecdsa::VerifyingKey::from(&key))
+        .unwrap();
+    for id in [IMSI_A, IMSI_B] {
+        let r = reg.get(id).unwrap();
+        assert_eq!(
+            (r.state, r.blocked),
+            (McimState::Blocked, Some(BlockReason::Tampered)),
+            "{id}"
+        );
+        assert!(r.secrets.is_none());
+    }
+    assert!(reg.verify_audit().unwrap().ok);
+}
