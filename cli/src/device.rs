@@ -279,7 +279,7 @@ fn write(path: &Path, data: &[u8]) -> Result<(), DeviceError> {
     })
 }
 
-async fn connect(socket: &Path) -> Result<TreServiceClient<Channel>, DeviceError> {
+pub(crate) async fn connect(socket: &Path) -> Result<TreServiceClient<Channel>, DeviceError> {
     let path = socket.to_path_buf();
     let err = |detail: String| DeviceError::Connect {
         path: socket.display().to_string(),
@@ -300,7 +300,7 @@ async fn connect(socket: &Path) -> Result<TreServiceClient<Channel>, DeviceError
     Ok(TreServiceClient::new(channel))
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime, DeviceError> {
+pub(crate) fn runtime() -> Result<tokio::runtime::Runtime, DeviceError> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -11,6 +11,7 @@
 mod aka;
 mod device;
 mod hexarg;
+mod lab;
 mod operator;
 
 use clap::{Parser, Subcommand};
@@ -36,6 +37,9 @@ enum Command {
     /// Selected Home Operator tools.
     #[command(subcommand)]
     Sho(operator::ShoCommand),
+    /// A whole system on one machine: swtpm, tred, and the roles' device-facing steps.
+    #[command(subcommand)]
+    Lab(lab::LabCommand),
     /// Equipment supplier tools: rehabilitation keys and tokens.
     #[command(subcommand)]
     Supplier(operator::SupplierCommand),
@@ -52,6 +56,7 @@ fn main() -> ExitCode {
         Command::Audit(a) => device::run_audit(a).map_err(|e| e.to_string()),
         Command::Sho(c) => operator::run_sho(c).map_err(|e| e.to_string()),
         Command::Pva(c) => operator::run_pva(c).map_err(|e| e.to_string()),
+        Command::Lab(c) => lab::run(c).map_err(|e| e.to_string()),
         Command::Supplier(c) => operator::run_supplier(c).map_err(|e| e.to_string()),
     };
     match result {

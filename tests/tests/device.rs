@@ -526,3 +526,30 @@ fn lockdown_and_the_suppliers_rehabilitation_token() {
     assert!(ok(mcimctl(&tred, &["audit", "verify"])).contains("anchored"));
     assert!(ok(mcimctl(&tred, &["audit", "show"])).contains("rehabilitated from lockdown"));
 }
+
+/// The README's main job: `mcimctl lab run` runs the whole device-side system and says so.
+#[test]
+fn lab_run_goes_end_to_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(workspace_bin("mcimctl"))
+        .args(["lab", "run", "--dir", p(dir.path())])
+        .output()
+        .unwrap();
+    let text = ok(out);
+    for n in 1..=8 {
+        assert!(
+            text.contains(&format!("[{n}/8]")),
+            "step {n} missing:\n{text}"
+        );
+    }
+    assert_eq!(
+        text.matches("RES = XRES, CK and IK agree").count(),
+        3,
+        "{text}"
+    );
+    assert!(text.contains("anchored in the TRE"), "{text}");
+    // tred stopped cleanly (SIGTERM) and removed its socket.
+    let log = std::fs::read_to_string(dir.path().join("tred.log")).unwrap();
+    assert!(log.contains("tred stopped"), "{log}");
+    assert!(!dir.path().join("tred.sock").exists());
+}
