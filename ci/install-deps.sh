@@ -17,6 +17,7 @@ PACKAGES=(
   swtpm swtpm-tools                   # software TPM for TRE and flow tests
   tpm2-tools                          # independent witness of what the TPM holds
   softhsm2 opensc                     # PKCS#11 token for tests, and pkcs11-tool as witness
+  procps                              # kill(1): tests and `mcimctl lab` stop tred with SIGTERM
   ca-certificates
 )
 
