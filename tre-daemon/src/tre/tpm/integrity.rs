@@ -13,7 +13,7 @@
 //! protection.
 
 use mcim_core::tpm::wire::{Reader, Writer};
-use tss_esapi::attributes::{NvIndexAttributesBuilder, ObjectAttributesBuilder};
+use tss_esapi::attributes::NvIndexAttributesBuilder;
 use tss_esapi::constants::NvIndexType;
 use tss_esapi::handles::{KeyHandle, NvIndexHandle, NvIndexTpmHandle, TpmHandle};
 use tss_esapi::interface_types::algorithm::{HashingAlgorithm, PublicAlgorithm};
@@ -34,12 +34,7 @@ pub const NV_AUDIT_ANCHOR: u32 = 0x0150_0102;
 const ANCHOR_SIZE: usize = 40;
 
 fn hmac_template() -> Result<Public, TreError> {
-    let attrs = ObjectAttributesBuilder::new()
-        .with_fixed_tpm(true)
-        .with_fixed_parent(true)
-        .with_sensitive_data_origin(true)
-        .with_user_with_auth(true)
-        .with_no_da(true)
+    let attrs = super::keys::device_key_attributes()
         .with_sign_encrypt(true)
         .build()
         .map_err(cmd("HMAC template"))?;

@@ -16,15 +16,22 @@ use tss_esapi::structures::{
 };
 use tss_esapi::traits::Marshall;
 
-/// ECC P-256 storage key: restricted decrypt with AES-128-CFB, the parent of imported MCIM
-/// secrets (TPM 2.0 Part 1, 23.3.2 storage keys).
-fn storage_template() -> Result<Public, TreError> {
-    let attrs = ObjectAttributesBuilder::new()
+/// What every key the TPM makes for mcim shares: generated inside, never leaves this TPM
+/// or its parent, usable with its (empty) auth value, not subject to dictionary-attack
+/// lockout (there is no secret to guess).
+pub(super) fn device_key_attributes() -> ObjectAttributesBuilder {
+    ObjectAttributesBuilder::new()
         .with_fixed_tpm(true)
         .with_fixed_parent(true)
         .with_sensitive_data_origin(true)
         .with_user_with_auth(true)
         .with_no_da(true)
+}
+
+/// ECC P-256 storage key: restricted decrypt with AES-128-CFB, the parent of imported MCIM
+/// secrets (TPM 2.0 Part 1, 23.3.2 storage keys).
+fn storage_template() -> Result<Public, TreError> {
+    let attrs = device_key_attributes()
         .with_restricted(true)
         .with_decrypt(true)
         .build()
@@ -48,12 +55,7 @@ fn storage_template() -> Result<Public, TreError> {
 /// ECC P-256 ECDSA-SHA256 signing key; `restricted` for the AK (it signs only TPM-made
 /// structures such as quotes), unrestricted for the TLS key.
 fn signing_template(restricted: bool) -> Result<Public, TreError> {
-    let attrs = ObjectAttributesBuilder::new()
-        .with_fixed_tpm(true)
-        .with_fixed_parent(true)
-        .with_sensitive_data_origin(true)
-        .with_user_with_auth(true)
-        .with_no_da(true)
+    let attrs = device_key_attributes()
         .with_restricted(restricted)
         .with_sign_encrypt(true)
         .build()

@@ -25,8 +25,8 @@ use tss_esapi::handles::{KeyHandle, ObjectHandle, SessionHandle};
 use tss_esapi::interface_types::algorithm::{HashingAlgorithm, SymmetricMode};
 use tss_esapi::interface_types::session_handles::{AuthSession, PolicySession};
 use tss_esapi::structures::{
-    Digest, EncryptedSecret, InitialValue, MaxBuffer, PcrSelectionList, PcrSlot, Private, Public,
-    SymmetricDefinition, SymmetricDefinitionObject,
+    Digest, EncryptedSecret, InitialValue, MaxBuffer, Private, Public, SymmetricDefinition,
+    SymmetricDefinitionObject,
 };
 use tss_esapi::traits::UnMarshall;
 use zeroize::Zeroizing;
@@ -163,6 +163,14 @@ impl TpmTre {
         if let Some(s) = self.salted {
             return Ok(s);
         }
+        let session = self.start_salted(SessionType::Hmac, true)?;
+        self.salted = Some(session);
+        Ok(session)
+    }
+
+    /// Starts a session salted to the storage key, with response encryption; `keep` sets
+    /// continueSession.
+    fn start_salted(&mut self, ty: SessionType, keep: bool) -> Result<AuthSession, TreError> {
         let parent = self.storage_key()?;
         self.count(1);
         let session = self
@@ -171,7 +179,7 @@ impl TpmTre {
                 Some(parent),
                 None,
                 None,
-                SessionType::Hmac,
+                ty,
                 SymmetricDefinition::AES_128_CFB,
                 HashingAlgorithm::Sha256,
             )
@@ -182,13 +190,12 @@ impl TpmTre {
             })?;
         let (attrs, mask) = SessionAttributesBuilder::new()
             .with_encrypt(true)
-            .with_continue_session(true)
+            .with_continue_session(keep)
             .build();
         if let Err(e) = self.ctx.tr_sess_set_attributes(session, attrs, mask) {
             let _ = self.flush(SessionHandle::from(session));
             return Err(cmd("Esys_TRSess_SetAttributes")(e));
         }
-        self.salted = Some(session);
         Ok(session)
     }
 
@@ -215,37 +222,9 @@ impl TpmTre {
         handle: KeyHandle,
         sel: &PcrSelection,
     ) -> Result<Zeroizing<Vec<u8>>, TreError> {
-        let parent = self.storage_key()?;
-        let slots = sel
-            .indices()
-            .iter()
-            .map(|&i| PcrSlot::try_from(1u32 << i).map_err(cmd("PCR slot")))
-            .collect::<Result<Vec<_>, _>>()?;
-        let list = PcrSelectionList::builder()
-            .with_selection(HashingAlgorithm::Sha256, &slots)
-            .build()
-            .map_err(cmd("PCR selection"))?;
-        self.count(1);
-        let session = self
-            .ctx
-            .start_auth_session(
-                Some(parent),
-                None,
-                None,
-                SessionType::Policy,
-                SymmetricDefinition::AES_128_CFB,
-                HashingAlgorithm::Sha256,
-            )
-            .map_err(cmd("TPM2_StartAuthSession(policy)"))?
-            .ok_or_else(|| TreError::Command {
-                command: "TPM2_StartAuthSession(policy)",
-                detail: "no session returned".into(),
-            })?;
+        let (_, list) = super::pcr_selection_list(sel)?;
+        let session = self.start_salted(SessionType::Policy, false)?;
         let result = (|| {
-            let (attrs, mask) = SessionAttributesBuilder::new().with_encrypt(true).build();
-            self.ctx
-                .tr_sess_set_attributes(session, attrs, mask)
-                .map_err(cmd("Esys_TRSess_SetAttributes"))?;
             let policy = PolicySession::try_from(session).map_err(cmd("policy session"))?;
             self.count(1);
             self.ctx

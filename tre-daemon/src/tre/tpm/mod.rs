@@ -196,6 +196,31 @@ impl TpmTre {
     }
 }
 
+/// The SHA-256 PCR selection as tss-esapi wants it: the slots and the selection list.
+pub(crate) fn pcr_selection_list(
+    sel: &mcim_core::tpm::policy::PcrSelection,
+) -> Result<
+    (
+        Vec<tss_esapi::structures::PcrSlot>,
+        tss_esapi::structures::PcrSelectionList,
+    ),
+    TreError,
+> {
+    let slots = sel
+        .indices()
+        .iter()
+        .map(|&i| tss_esapi::structures::PcrSlot::try_from(1u32 << i).map_err(cmd("PCR slot")))
+        .collect::<Result<Vec<_>, _>>()?;
+    let list = tss_esapi::structures::PcrSelectionList::builder()
+        .with_selection(
+            tss_esapi::interface_types::algorithm::HashingAlgorithm::Sha256,
+            &slots,
+        )
+        .build()
+        .map_err(cmd("PCR selection"))?;
+    Ok((slots, list))
+}
+
 fn flush_transients(ctx: &mut Context) -> Result<(), TreError> {
     let (data, _) = ctx
         .get_capability(CapabilityType::Handles, TPM2_TRANSIENT_FIRST, 16)

@@ -7,7 +7,7 @@ use tss_esapi::abstraction::pcr;
 use tss_esapi::handles::KeyHandle;
 use tss_esapi::interface_types::algorithm::HashingAlgorithm;
 use tss_esapi::interface_types::session_handles::AuthSession;
-use tss_esapi::structures::{Data, HashScheme, PcrSelectionList, PcrSlot, SignatureScheme};
+use tss_esapi::structures::{Data, HashScheme, SignatureScheme};
 use tss_esapi::traits::Marshall;
 
 use super::{AK_HANDLE, TpmTre, cmd, keys};
@@ -31,17 +31,7 @@ impl TpmTre {
         if pcrs.indices().is_empty() {
             return Err(TreError::BadRequest("no PCR selected".into()));
         }
-        let slots = pcrs
-            .indices()
-            .iter()
-            .map(|&i| PcrSlot::try_from(1u32 << i).map_err(cmd("PCR slot")))
-            .collect::<Result<Vec<_>, _>>()?;
-        let selection = || {
-            PcrSelectionList::builder()
-                .with_selection(HashingAlgorithm::Sha256, &slots)
-                .build()
-                .map_err(cmd("PCR selection"))
-        };
+        let (slots, list) = super::pcr_selection_list(pcrs)?;
         let qualifying = Data::try_from(nonce.to_vec()).map_err(cmd("nonce"))?;
 
         self.count(1);
@@ -57,7 +47,7 @@ impl TpmTre {
                     SignatureScheme::EcDsa {
                         hash_scheme: HashScheme::new(HashingAlgorithm::Sha256),
                     },
-                    selection()?,
+                    list.clone(),
                 )
                 .map_err(cmd("TPM2_Quote"))
             });
@@ -67,9 +57,9 @@ impl TpmTre {
 
         // TPM2_PCR_Read returns at most 8 digests per command.
         self.count(pcrs.indices().len().div_ceil(8) as u64);
-        let data = self.ctx.execute_without_session(|c| {
-            pcr::read_all(c, selection()?).map_err(cmd("TPM2_PCR_Read"))
-        })?;
+        let data = self
+            .ctx
+            .execute_without_session(|c| pcr::read_all(c, list).map_err(cmd("TPM2_PCR_Read")))?;
         let bank = data
             .pcr_bank(HashingAlgorithm::Sha256)
             .ok_or_else(|| TreError::Command {
