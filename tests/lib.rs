@@ -240,3 +240,92 @@ impl Drop for Tred {
         self.stop();
     }
 }
+
+/// The SoftHSM2 module on Debian.
+pub const SOFTHSM2_MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
+/// The token label, user PIN and SO PIN of every test token.
+pub const SOFTHSM2_LABEL: &str = "mcim-test";
+/// User PIN of the test token.
+pub const SOFTHSM2_PIN: &str = "246813";
+/// SO PIN of the test token.
+pub const SOFTHSM2_SO_PIN: &str = "975310";
+const CHILD_MARKER: &str = "MCIM_SOFTHSM2_CHILD";
+
+/// A SoftHSM2 token of one test: its own configuration file and token directory.
+pub struct SoftHsm {
+    /// The directory holding softhsm2.conf and tokens/.
+    pub dir: PathBuf,
+}
+
+impl SoftHsm {
+    /// The configuration file (what SOFTHSM2_CONF must name).
+    pub fn conf(&self) -> PathBuf {
+        self.dir.join("softhsm2.conf")
+    }
+
+    /// Runs `softhsm2-util` or `pkcs11-tool` against this token.
+    pub fn tool(&self, tool: &str, args: &[&str]) -> std::process::Output {
+        Command::new(tool)
+            .args(args)
+            .env("SOFTHSM2_CONF", self.conf())
+            .output()
+            .expect("softhsm2 / opensc are installed (ci/install-deps.sh)")
+    }
+}
+
+/// Runs the calling test on its own SoftHSM2 token. SoftHSM2 reads `SOFTHSM2_CONF` when the
+/// module is initialised, and setting a variable inside a running test would take unsafe code,
+/// so the test runs twice: the first run (the parent) makes a token directory and a
+/// configuration, then runs this same test binary for just `test` with `SOFTHSM2_CONF` set,
+/// and checks that it passed; it gets `None` and returns. The child gets `Some(token)` and
+/// runs the body.
+pub fn own_softhsm(test: &str) -> Option<SoftHsm> {
+    if let Ok(dir) = std::env::var(CHILD_MARKER) {
+        return Some(SoftHsm { dir: dir.into() });
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let hsm = SoftHsm {
+        dir: tmp.path().to_path_buf(),
+    };
+    std::fs::create_dir_all(hsm.dir.join("tokens")).unwrap();
+    std::fs::write(
+        hsm.conf(),
+        format!(
+            "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\nslots.removable = false\n",
+            hsm.dir.join("tokens").display()
+        ),
+    )
+    .unwrap();
+    let init = hsm.tool(
+        "softhsm2-util",
+        &[
+            "--init-token",
+            "--free",
+            "--label",
+            SOFTHSM2_LABEL,
+            "--pin",
+            SOFTHSM2_PIN,
+            "--so-pin",
+            SOFTHSM2_SO_PIN,
+        ],
+    );
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args([test, "--exact", "--nocapture", "--test-threads", "1"])
+        .env("SOFTHSM2_CONF", hsm.conf())
+        .env(CHILD_MARKER, &hsm.dir)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("1 passed"),
+        "{test} on its own token failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    drop(tmp);
+    None
+}

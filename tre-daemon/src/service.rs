@@ -79,7 +79,9 @@ pub fn status(e: RegistryError) -> Status {
             }
             TreError::AlreadyInitialised(_) => Status::already_exists(msg),
             TreError::NotSupported { .. } => Status::unimplemented(msg),
-            TreError::Unavailable { .. } | TreError::Command { .. } => Status::unavailable(msg),
+            TreError::Unavailable { .. } | TreError::Command { .. } | TreError::Login(_) => {
+                Status::unavailable(msg)
+            }
         },
     }
 }

@@ -771,3 +771,113 @@ mod tpm {
         );
     }
 }
+
+// ---- PKCS#11 instantiation (SoftHSM2, one token per test) ----
+
+mod pkcs11 {
+    use super::*;
+    use mcim_e2e::{SOFTHSM2_LABEL, SOFTHSM2_MODULE, SOFTHSM2_PIN, SoftHsm, own_softhsm};
+    use mcim_tre::tre::pkcs11::{Pkcs11Config, Pkcs11Tre};
+
+    fn config(pin: &str) -> Pkcs11Config {
+        Pkcs11Config {
+            module: SOFTHSM2_MODULE.into(),
+            token_label: SOFTHSM2_LABEL.into(),
+            pin: pin.to_string().into(),
+        }
+    }
+
+    fn open(_token: &SoftHsm) -> Pkcs11Tre {
+        Pkcs11Tre::open(&config(SOFTHSM2_PIN)).unwrap()
+    }
+
+    /// A test that runs on its own SoftHSM2 token (see `mcim_e2e::own_softhsm`).
+    macro_rules! on_token {
+        ($(#[$doc:meta])* $name:ident, |$token:ident| $body:block) => {
+            $(#[$doc])*
+            #[test]
+            fn $name() {
+                let Some($token) = own_softhsm(concat!("pkcs11::", stringify!($name))) else {
+                    return;
+                };
+                $body
+            }
+        };
+    }
+
+    on_token!(conformance_before_init, |t| {
+        before_init_there_is_no_identity(&mut open(&t));
+    });
+
+    on_token!(conformance_init_idempotent, |t| {
+        init_is_idempotent(&mut open(&t));
+    });
+
+    on_token!(conformance_different_identity_refused, |t| {
+        a_different_identity_is_refused_and_changes_nothing(&mut open(&t));
+    });
+
+    on_token!(conformance_random, |t| {
+        random_gives_fresh_bytes(&mut open(&t));
+    });
+
+    on_token!(
+        /// The identity and keys survive closing and reopening the token.
+        identity_survives_a_new_session,
+        |t| {
+            let first = open(&t).init_device(&identity(3)).unwrap();
+            let mut again = open(&t);
+            assert_eq!(again.identity().unwrap(), Some(identity(3)));
+            assert_eq!(again.device_public().unwrap(), first.public);
+            assert_eq!(again.capabilities().kind, TreKind::Pkcs11);
+            assert_eq!(again.capabilities().aka_execution, AkaExecution::InTre);
+            assert!(!again.capabilities().quote);
+        }
+    );
+
+    on_token!(
+        /// Wrong PIN, unknown token, missing module: each a clear error at start; nothing on
+        /// the token changes (the right PIN still opens it, no object appeared).
+        bad_configuration_is_a_clear_error_and_changes_nothing,
+        |t| {
+            let err = Pkcs11Tre::open(&config("000000")).unwrap_err();
+            assert!(matches!(err, TreError::Login(ref m) if m.contains("wrong user PIN")), "{err}");
+            let mut c = config(SOFTHSM2_PIN);
+            c.token_label = "no-such-token".into();
+            let err = Pkcs11Tre::open(&c).unwrap_err();
+            assert!(err.to_string().contains("no token with this label"), "{err}");
+            let mut c = config(SOFTHSM2_PIN);
+            c.module = "/nonexistent/libpkcs11.so".into();
+            let err = Pkcs11Tre::open(&c).unwrap_err();
+            assert!(err.to_string().contains("cannot load the PKCS#11 module"), "{err}");
+            let mut tre = open(&t);
+            assert_eq!(tre.identity().unwrap(), None);
+            assert!(matches!(tre.device_public(), Err(TreError::NotInitialised)));
+            // The PIN never shows in Debug output.
+            assert!(!format!("{:?}", config(SOFTHSM2_PIN)).contains(SOFTHSM2_PIN));
+        }
+    );
+
+    on_token!(
+        /// pkcs11-tool (OpenSC), independently, sees the key pairs and the identity object,
+        /// and the private keys sensitive and never extractable.
+        pkcs11_tool_witness_keys_and_identity,
+        |t| {
+            open(&t).init_device(&identity(7)).unwrap();
+            let out = t.tool(
+                "pkcs11-tool",
+                &[
+                    "--module", SOFTHSM2_MODULE, "--token-label", SOFTHSM2_LABEL, "--login",
+                    "--pin", SOFTHSM2_PIN, "--list-objects",
+                ],
+            );
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            let text = String::from_utf8_lossy(&out.stdout);
+            for label in ["mcim.unwrap", "mcim.attestation", "mcim.tls", "mcim.identity"] {
+                assert!(text.contains(label), "{label} missing:\n{text}");
+            }
+            assert_eq!(text.matches("Private Key Object; EC").count(), 3, "{text}");
+            assert_eq!(text.matches("never extractable").count(), 3, "{text}");
+        }
+    );
+}

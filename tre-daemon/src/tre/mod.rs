@@ -15,6 +15,8 @@
 //! MCIM secrets (TPM2_Import), the MILENAGE kernel inside the TRE, quotes, sealing, the
 //! monotonic counter and the NV-anchored audit chain.
 
+#[cfg(feature = "pkcs11")]
+pub mod pkcs11;
 #[cfg(feature = "tpm")]
 pub mod tpm;
 
@@ -201,6 +203,9 @@ pub enum TreError {
     /// The SQN profile is unusable.
     #[error(transparent)]
     Sqn(#[from] mcim_core::aka::sqn::SqnError),
+    /// The TRE refused the login (wrong or locked PIN); nothing changed.
+    #[error("TRE login refused: {0}")]
+    Login(String),
     /// An identity field is malformed.
     #[error(transparent)]
     Identity(#[from] IdentityError),

@@ -1,0 +1,178 @@
+//! The TRE on a PKCS#11 token through cryptoki (a secure element or HSM; SoftHSM2 in tests).
+//!
+//! | object | label | what |
+//! | --- | --- | --- |
+//! | EC P-256 key pair, derive | `mcim.unwrap` | the storage key: MCIM secrets are wrapped to it (ECDH, then AES key wrap) |
+//! | EC P-256 key pair, sign | `mcim.attestation` | signs attestation evidence |
+//! | EC P-256 key pair, sign | `mcim.tls` | the TLS client key |
+//! | data object | `mcim.identity` | the device identity (JSON), application `mcim` |
+//!
+//! All are token objects; private keys are sensitive and never extractable. The user PIN
+//! comes from the configuration (a file or an environment variable), is held in a
+//! `SecretString` and never logged.
+
+mod keys;
+
+use std::path::PathBuf;
+
+use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+use cryptoki::error::{Error as CkError, RvError};
+use cryptoki::mechanism::MechanismType;
+use cryptoki::session::{Session, UserType};
+use cryptoki::slot::Slot;
+use mcim_core::identity::DeviceIdentity;
+use secrecy::SecretString;
+
+use super::{AkaExecution, Capabilities, DevicePublic, InitOutcome, Tre, TreError, TreKind};
+
+/// How to reach the token.
+#[derive(Clone)]
+pub struct Pkcs11Config {
+    /// The PKCS#11 module, e.g. `/usr/lib/softhsm/libsofthsm2.so`.
+    pub module: PathBuf,
+    /// The token's label.
+    pub token_label: String,
+    /// The user PIN.
+    pub pin: SecretString,
+}
+
+impl std::fmt::Debug for Pkcs11Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pkcs11Config")
+            .field("module", &self.module)
+            .field("token_label", &self.token_label)
+            .field("pin", &"(redacted)")
+            .finish()
+    }
+}
+
+/// A PKCS#11 token as the device's TRE.
+pub struct Pkcs11Tre {
+    session: Session,
+    caps: Capabilities,
+}
+
+impl std::fmt::Debug for Pkcs11Tre {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pkcs11Tre")
+            .field("caps", &self.caps)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Maps a cryptoki error of `function` to a [`TreError`].
+pub(crate) fn ck(function: &'static str) -> impl Fn(CkError) -> TreError {
+    move |e| TreError::Command {
+        command: function,
+        detail: e.to_string(),
+    }
+}
+
+impl Pkcs11Tre {
+    /// Loads the module, finds the token by label and logs in as the user. Each failure is
+    /// its own clear error: a module that does not load, no such token, a wrong PIN, a locked
+    /// PIN. Nothing on the token changes.
+    pub fn open(config: &Pkcs11Config) -> Result<Self, TreError> {
+        let target = format!("{} token {:?}", config.module.display(), config.token_label);
+        let unavailable = |detail: String| TreError::Unavailable {
+            target: target.clone(),
+            detail,
+        };
+        let ctx = Pkcs11::new(&config.module)
+            .map_err(|e| unavailable(format!("cannot load the PKCS#11 module: {e}")))?;
+        ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
+            .map_err(|e| unavailable(format!("C_Initialize: {e}")))?;
+        let slot = find_slot(&ctx, &config.token_label)?
+            .ok_or_else(|| unavailable("no token with this label".into()))?;
+        let session = ctx
+            .open_rw_session(slot)
+            .map_err(|e| unavailable(format!("C_OpenSession: {e}")))?;
+        match session.login(UserType::User, Some(&config.pin)) {
+            Ok(()) => {}
+            Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {}
+            Err(CkError::Pkcs11(RvError::PinIncorrect, _)) => {
+                return Err(TreError::Login("wrong user PIN".into()));
+            }
+            Err(CkError::Pkcs11(RvError::PinLocked, _)) => {
+                return Err(TreError::Login(
+                    "the user PIN is locked (too many wrong PINs); the token's SO must reset it"
+                        .into(),
+                ));
+            }
+            Err(e) => return Err(TreError::Login(e.to_string())),
+        }
+        let caps = capabilities(&ctx, slot)?;
+        Ok(Self { session, caps })
+    }
+}
+
+fn find_slot(ctx: &Pkcs11, label: &str) -> Result<Option<Slot>, TreError> {
+    for slot in ctx.get_slots_with_token().map_err(ck("C_GetSlotList"))? {
+        let info = ctx.get_token_info(slot).map_err(ck("C_GetTokenInfo"))?;
+        if info.label().trim_end() == label {
+            return Ok(Some(slot));
+        }
+    }
+    Ok(None)
+}
+
+fn capabilities(ctx: &Pkcs11, slot: Slot) -> Result<Capabilities, TreError> {
+    let mechs = ctx
+        .get_mechanism_list(slot)
+        .map_err(ck("C_GetMechanismList"))?;
+    let has = |m: MechanismType| mechs.contains(&m);
+    let info = ctx.get_token_info(slot).map_err(ck("C_GetTokenInfo"))?;
+    Ok(Capabilities {
+        kind: TreKind::Pkcs11,
+        aka_execution: if has(MechanismType::AES_ECB) {
+            AkaExecution::InTre
+        } else {
+            AkaExecution::UnsealedInHost
+        },
+        encrypt_decrypt2: false,
+        quote: false,
+        // A counter kept as a token object is not a hardware monotonic counter.
+        monotonic_counter: false,
+        vendor: format!(
+            "{} {}",
+            info.manufacturer_id().trim_end(),
+            info.model().trim_end()
+        ),
+    })
+}
+
+impl Tre for Pkcs11Tre {
+    fn backend_name(&self) -> &'static str {
+        "pkcs11"
+    }
+
+    fn capabilities(&self) -> &Capabilities {
+        &self.caps
+    }
+
+    fn init_device(&mut self, identity: &DeviceIdentity) -> Result<InitOutcome, TreError> {
+        keys::init_device(&self.session, identity)
+    }
+
+    fn identity(&mut self) -> Result<Option<DeviceIdentity>, TreError> {
+        keys::read_identity(&self.session)
+    }
+
+    fn device_public(&mut self) -> Result<DevicePublic, TreError> {
+        keys::device_public(&self.session)
+    }
+
+    fn random(&mut self, n: usize) -> Result<Vec<u8>, TreError> {
+        if n > 64 {
+            return Err(TreError::Command {
+                command: "C_GenerateRandom",
+                detail: format!("{n} bytes asked, at most 64"),
+            });
+        }
+        let mut out = vec![0u8; n];
+        self.session
+            .generate_random_slice(&mut out)
+            .map_err(ck("C_GenerateRandom"))?;
+        Ok(out)
+    }
+}
