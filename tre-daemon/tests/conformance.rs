@@ -791,6 +791,22 @@ mod pkcs11 {
         Pkcs11Tre::open(&config(SOFTHSM2_PIN)).unwrap()
     }
 
+    /// The SHO's side for a token: ECDH + AES-KWP built in software by mcim-core.
+    fn token_wrap(public: &DevicePublic, k: &K, opc: &Opc, form: KForm) -> WrappedSecrets {
+        assert_eq!(form, KForm::Key, "a token always holds K as a key");
+        let mut rng = rand::rng();
+        let w = |s: &[u8]| {
+            mcim_core::token_wrap::wrap_for_token(&public.storage_public, s, &mut rand::rng())
+                .unwrap()
+                .to_bytes()
+        };
+        let _ = &mut rng;
+        WrappedSecrets {
+            k: w(k.expose()),
+            opc: w(opc.expose()),
+        }
+    }
+
     /// A test that runs on its own SoftHSM2 token (see `mcim_e2e::own_softhsm`).
     macro_rules! on_token {
         ($(#[$doc:meta])* $name:ident, |$token:ident| $body:block) => {
@@ -820,6 +836,91 @@ mod pkcs11 {
     on_token!(conformance_random, |t| {
         random_gives_fresh_bytes(&mut open(&t));
     });
+
+    on_token!(conformance_aka_in_tre_equals_published_sets, |t| {
+        let kept = aka_in_tre_equals_published_sets(&mut open(&t), &token_wrap, KForm::Key);
+        protected_records_hold_no_plaintext(&kept);
+    });
+
+    on_token!(conformance_forged_autn, |t| {
+        forged_autn_is_mac_failure(&mut open(&t), &token_wrap);
+    });
+
+    on_token!(conformance_damaged_blob, |t| {
+        damaged_blob_is_refused(&mut open(&t), &token_wrap);
+    });
+
+    on_token!(conformance_secrets_for_another_device, |t| {
+        let other = t.tool(
+            "softhsm2-util",
+            &[
+                "--init-token",
+                "--free",
+                "--label",
+                "other",
+                "--pin",
+                SOFTHSM2_PIN,
+                "--so-pin",
+                "975310",
+            ],
+        );
+        assert!(other.status.success());
+        let mut c = config(SOFTHSM2_PIN);
+        c.token_label = "other".into();
+        let mut theirs = Pkcs11Tre::open(&c).unwrap();
+        secrets_for_another_device_are_refused(&mut open(&t), &mut theirs, &token_wrap);
+    });
+
+    on_token!(
+        /// After an import, pkcs11-tool (independent) shows K sensitive and never extractable,
+        /// and reading its value is refused.
+        pkcs11_tool_sees_k_sensitive_and_unreadable,
+        |t| {
+            let mut tre = open(&t);
+            tre.init_device(&identity(1)).unwrap();
+            let public = tre.device_public().unwrap();
+            let k = K::new([0x5a; 16]);
+            let secrets = tre
+                .import_mcim_secrets(&token_wrap(&public, &k, &Opc::new([0x6b; 16]), KForm::Key))
+                .unwrap();
+            let base = [
+                "--module", SOFTHSM2_MODULE, "--token-label", SOFTHSM2_LABEL, "--login", "--pin",
+                SOFTHSM2_PIN,
+            ];
+            let list = t.tool("pkcs11-tool", &[&base[..], &["--list-objects", "--type", "secrkey"]].concat());
+            let text = String::from_utf8_lossy(&list.stdout);
+            let k_part = text.split("Secret Key Object").find(|p| p.contains("mcim.k")).unwrap();
+            assert!(k_part.contains("AES"), "{k_part}");
+            let access = k_part.lines().find(|l| l.contains("Access:")).unwrap();
+            assert!(access.contains("sensitive"), "{k_part}");
+            // pkcs11-tool prints "extractable" only when CKA_EXTRACTABLE is true. (An
+            // unwrapped key is never "never extractable": it existed outside once.)
+            assert!(!access.contains("extractable"), "{k_part}");
+            let usage = k_part.lines().find(|l| l.contains("Usage:")).unwrap();
+            assert_eq!(usage.split(':').nth(1).unwrap().trim(), "encrypt", "{k_part}");
+            let id = hex::encode(&secrets.k);
+            let read = t.tool(
+                "pkcs11-tool",
+                &[
+                    &base[..],
+                    &["--read-object", "--type", "secrkey", "--id", &id, "--label", "mcim.k"],
+                ]
+                .concat(),
+            );
+            assert!(
+                !read.status.success(),
+                "reading K's value must be refused: {:?} {} {}",
+                read.status,
+                String::from_utf8_lossy(&read.stdout),
+                String::from_utf8_lossy(&read.stderr)
+            );
+            let why = String::from_utf8_lossy(&read.stderr);
+            assert!(why.contains("SENSITIVE") || why.contains("sensitive"), "{why}");
+            let shown = String::from_utf8_lossy(&read.stdout);
+            assert!(!shown.contains(&hex::encode(k.expose())));
+            assert!(!read.stdout.windows(16).any(|w| w == k.expose()));
+        }
+    );
 
     on_token!(
         /// The identity and keys survive closing and reopening the token.

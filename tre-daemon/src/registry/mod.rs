@@ -296,7 +296,16 @@ impl Registry {
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         for (id, he) in entries {
-            match self.check_record(&id, &he)? {
+            let checked = match self.check_record(&id, &he)? {
+                Ok(rec) => match &rec.secrets {
+                    Some(s) if !self.tre.secrets_present(s)? => {
+                        Err("its key objects are missing from the TRE".to_string())
+                    }
+                    _ => Ok(rec),
+                },
+                Err(why) => Err(why),
+            };
+            match checked {
                 Ok(mut rec) => {
                     if rec.state == McimState::Selected {
                         rec.state =

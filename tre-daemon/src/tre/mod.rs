@@ -266,6 +266,14 @@ pub trait Tre {
         Err(self.not_supported("import_mcim_secrets"))
     }
 
+    /// Whether the TRE still holds what `secrets` refers to (start-up reconciliation: a token
+    /// whose key objects were deleted behind the daemon's back). A TPM's at-rest blobs are
+    /// self-contained, so the default is yes.
+    fn secrets_present(&mut self, secrets: &ProtectedSecrets) -> Result<bool, TreError> {
+        let _ = secrets;
+        Ok(true)
+    }
+
     /// Runs the USIM side of AKA with an MCIM's secrets: RES, CK, IK on success, AUTS on a
     /// synchronisation failure, [`TreError::MacFailure`] when AUTN is not genuine. `sqn`
     /// changes only on success (TS 33.102 6.3.3, Annex C).

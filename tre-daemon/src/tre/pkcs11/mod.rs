@@ -12,6 +12,7 @@
 //! `SecretString` and never logged.
 
 mod keys;
+mod mcim;
 
 use std::path::PathBuf;
 
@@ -23,7 +24,12 @@ use cryptoki::slot::Slot;
 use mcim_core::identity::DeviceIdentity;
 use secrecy::SecretString;
 
-use super::{AkaExecution, Capabilities, DevicePublic, InitOutcome, Tre, TreError, TreKind};
+use mcim_core::aka::{DeviceResponse, MsSqnState};
+
+use super::{
+    AkaChallenge, AkaExecution, Capabilities, DevicePublic, InitOutcome, ProtectedSecrets, Tre,
+    TreError, TreKind, WrappedSecrets,
+};
 
 /// How to reach the token.
 #[derive(Clone)]
@@ -80,8 +86,11 @@ impl Pkcs11Tre {
         };
         let ctx = Pkcs11::new(&config.module)
             .map_err(|e| unavailable(format!("cannot load the PKCS#11 module: {e}")))?;
-        ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
-            .map_err(|e| unavailable(format!("C_Initialize: {e}")))?;
+        match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+            // Another TRE in this process already initialised the module: it is shared.
+            Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
+            Err(e) => return Err(unavailable(format!("C_Initialize: {e}"))),
+        }
         let slot = find_slot(&ctx, &config.token_label)?
             .ok_or_else(|| unavailable("no token with this label".into()))?;
         let session = ctx
@@ -160,6 +169,23 @@ impl Tre for Pkcs11Tre {
 
     fn device_public(&mut self) -> Result<DevicePublic, TreError> {
         keys::device_public(&self.session)
+    }
+
+    fn import_mcim_secrets(&mut self, w: &WrappedSecrets) -> Result<ProtectedSecrets, TreError> {
+        self.import_secrets(w)
+    }
+
+    fn secrets_present(&mut self, secrets: &ProtectedSecrets) -> Result<bool, TreError> {
+        self.holds(secrets)
+    }
+
+    fn authenticate(
+        &mut self,
+        secrets: &ProtectedSecrets,
+        sqn: &mut MsSqnState,
+        challenge: &AkaChallenge<'_>,
+    ) -> Result<DeviceResponse, TreError> {
+        self.authenticate_with(secrets, sqn, challenge)
     }
 
     fn random(&mut self, n: usize) -> Result<Vec<u8>, TreError> {

@@ -1,0 +1,145 @@
+//! MCIM secrets wrapped for a PKCS#11 token: the PKCS#11 TRE's counterpart of
+//! [`crate::tpm::import`] (TR 33.812 5.1.3.6.2 step 12, "encrypted for the TRE").
+//!
+//! 1. an ephemeral P-256 key pair; Z = x(d_e · Q_token), where Q_token is the token's unwrap
+//!    key (`mcim.unwrap`, CKA_DERIVE);
+//! 2. KEK = Z as an AES-256 key: what `C_DeriveKey(CKM_ECDH1_DERIVE, kdf = CKD_NULL)` yields
+//!    on the token with CKA_KEY_TYPE = CKK_AES, CKA_VALUE_LEN = 32 (CKD_NULL is the KDF every
+//!    token implements; SoftHSM2 implements no other);
+//! 3. the secret wrapped with AES key wrap with padding (RFC 5649, CKM_AES_KEY_WRAP_PAD).
+//!
+//! The device unwraps K into a sensitive, never-extractable CKK_AES object and runs MILENAGE
+//! with CKM_AES_ECB on it; the plaintext K never leaves the token.
+
+use aes_kw::KwpAes256;
+use p256::ecdh::EphemeralSecret;
+use p256::elliptic_curve::Generate;
+use p256::elliptic_curve::sec1::ToSec1Point;
+use rand::CryptoRng;
+use zeroize::Zeroizing;
+
+/// DER prefix of a P-256 SubjectPublicKeyInfo with an uncompressed point (RFC 5480).
+pub const P256_SPKI_PREFIX: [u8; 26] = [
+    0x30, 0x59, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x08, 0x2a,
+    0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07, 0x03, 0x42, 0x00,
+];
+
+/// Why wrapping or parsing failed. Never carries secret bytes.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum TokenWrapError {
+    /// The token's public key is not a P-256 SPKI with a point on the curve.
+    #[error("the token's unwrap key is not a P-256 public key")]
+    BadPublicKey,
+    /// The secret's length is not 1..=64 octets.
+    #[error("a wrapped secret must be 1 to 64 octets")]
+    BadLength,
+    /// A blob that is too short or has a bad point.
+    #[error("malformed token blob")]
+    Malformed,
+}
+
+/// A secret wrapped for one token: the ephemeral public point and the AES-KWP ciphertext.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TokenBlob {
+    /// The ephemeral public key, SEC1 uncompressed (what CKM_ECDH1_DERIVE's pPublicData takes).
+    pub ephemeral_point: [u8; 65],
+    /// AES-KWP(KEK, secret).
+    pub wrapped: Vec<u8>,
+}
+
+impl TokenBlob {
+    /// point || wrapped.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut v = self.ephemeral_point.to_vec();
+        v.extend_from_slice(&self.wrapped);
+        v
+    }
+
+    /// Parses [`TokenBlob::to_bytes`].
+    pub fn from_bytes(b: &[u8]) -> Result<Self, TokenWrapError> {
+        if b.len() < 65 + 16 || b[0] != 0x04 || (b.len() - 65) % 8 != 0 {
+            return Err(TokenWrapError::Malformed);
+        }
+        let mut ephemeral_point = [0u8; 65];
+        ephemeral_point.copy_from_slice(&b[..65]);
+        Ok(Self {
+            ephemeral_point,
+            wrapped: b[65..].to_vec(),
+        })
+    }
+}
+
+/// The P-256 point of a DER SPKI.
+pub fn spki_point(spki: &[u8]) -> Result<p256::PublicKey, TokenWrapError> {
+    let point = spki
+        .strip_prefix(&P256_SPKI_PREFIX[..])
+        .filter(|p| p.len() == 65)
+        .ok_or(TokenWrapError::BadPublicKey)?;
+    p256::PublicKey::from_sec1_bytes(point).map_err(|_| TokenWrapError::BadPublicKey)
+}
+
+/// Wraps `secret` (K, OPc) for the token whose unwrap key is `token_spki`.
+pub fn wrap_for_token<R: CryptoRng + ?Sized>(
+    token_spki: &[u8],
+    secret: &[u8],
+    rng: &mut R,
+) -> Result<TokenBlob, TokenWrapError> {
+    if secret.is_empty() || secret.len() > 64 {
+        return Err(TokenWrapError::BadLength);
+    }
+    let q = spki_point(token_spki)?;
+    let eph = EphemeralSecret::generate_from_rng(rng);
+    let point = eph.public_key().to_sec1_point(false);
+    let mut ephemeral_point = [0u8; 65];
+    ephemeral_point.copy_from_slice(point.as_bytes());
+    let shared = eph.diffie_hellman(&q);
+    let kek = Zeroizing::new(*shared.raw_secret_bytes());
+    let kw = <KwpAes256 as aes_kw::KeyInit>::new_from_slice(&kek[..])
+        .map_err(|_| TokenWrapError::BadPublicKey)?;
+    let mut buf = vec![0u8; secret.len() + 16];
+    let n = kw
+        .wrap_key(secret, &mut buf)
+        .map_err(|_| TokenWrapError::BadLength)?
+        .len();
+    buf.truncate(n);
+    Ok(TokenBlob {
+        ephemeral_point,
+        wrapped: buf,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What the token does, in software: ECDH with the static key, KWP unwrap.
+    fn unwrap(sk: &p256::SecretKey, b: &TokenBlob) -> Vec<u8> {
+        let q =
+            p256::PublicKey::from_sec1_bytes(&b.ephemeral_point).unwrap_or_else(|e| panic!("{e}"));
+        let z = p256::ecdh::diffie_hellman(sk.to_nonzero_scalar(), q.as_affine());
+        let kw = <KwpAes256 as aes_kw::KeyInit>::new_from_slice(z.raw_secret_bytes().as_slice())
+            .unwrap_or_else(|e| panic!("{e}"));
+        let mut out = vec![0u8; b.wrapped.len()];
+        let n = kw
+            .unwrap_key(&b.wrapped, &mut out)
+            .map(|s| s.len())
+            .unwrap_or(0);
+        out.truncate(n);
+        out
+    }
+
+    #[test]
+    fn round_trip_and_refusals() {
+        let mut rng = rand::rng();
+        let sk = p256::SecretKey::generate_from_rng(&mut rng);
+        let mut spki = P256_SPKI_PREFIX.to_vec();
+        spki.extend_from_slice(sk.public_key().to_sec1_point(false).as_bytes());
+        let b = wrap_for_token(&spki, &[7u8; 16], &mut rng).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(b.wrapped.len(), 24);
+        assert_eq!(TokenBlob::from_bytes(&b.to_bytes()), Ok(b.clone()));
+        assert_eq!(unwrap(&sk, &b), vec![7u8; 16]);
+        assert!(wrap_for_token(&spki[1..], &[1], &mut rng).is_err());
+        assert!(wrap_for_token(&spki, &[], &mut rng).is_err());
+        assert!(TokenBlob::from_bytes(&[4; 70]).is_err());
+    }
+}
