@@ -57,7 +57,7 @@ impl TokenBlob {
 
     /// Parses [`TokenBlob::to_bytes`].
     pub fn from_bytes(b: &[u8]) -> Result<Self, TokenWrapError> {
-        if b.len() < 65 + 16 || b[0] != 0x04 || (b.len() - 65) % 8 != 0 {
+        if b.len() < 65 + 16 || b[0] != 0x04 || !(b.len() - 65).is_multiple_of(8) {
             return Err(TokenWrapError::Malformed);
         }
         let mut ephemeral_point = [0u8; 65];
