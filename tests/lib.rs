@@ -255,9 +255,49 @@ const CHILD_MARKER: &str = "MCIM_SOFTHSM2_CHILD";
 pub struct SoftHsm {
     /// The directory holding softhsm2.conf and tokens/.
     pub dir: PathBuf,
+    _tmp: Option<tempfile::TempDir>,
 }
 
 impl SoftHsm {
+    /// A new directory with a configuration and one initialised token (label
+    /// [`SOFTHSM2_LABEL`], PINs [`SOFTHSM2_PIN`], [`SOFTHSM2_SO_PIN`]); removed when dropped.
+    /// For processes started with `SOFTHSM2_CONF` = [`SoftHsm::conf`].
+    pub fn new() -> Self {
+        let tmp = tempfile::tempdir().unwrap();
+        let hsm = SoftHsm {
+            dir: tmp.path().to_path_buf(),
+            _tmp: Some(tmp),
+        };
+        std::fs::create_dir_all(hsm.dir.join("tokens")).unwrap();
+        std::fs::write(
+            hsm.conf(),
+            format!(
+                "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\nslots.removable = false\n",
+                hsm.dir.join("tokens").display()
+            ),
+        )
+        .unwrap();
+        let init = hsm.tool(
+            "softhsm2-util",
+            &[
+                "--init-token",
+                "--free",
+                "--label",
+                SOFTHSM2_LABEL,
+                "--pin",
+                SOFTHSM2_PIN,
+                "--so-pin",
+                SOFTHSM2_SO_PIN,
+            ],
+        );
+        assert!(
+            init.status.success(),
+            "{}",
+            String::from_utf8_lossy(&init.stderr)
+        );
+        hsm
+    }
+
     /// The configuration file (what SOFTHSM2_CONF must name).
     pub fn conf(&self) -> PathBuf {
         self.dir.join("softhsm2.conf")
@@ -273,6 +313,12 @@ impl SoftHsm {
     }
 }
 
+impl Default for SoftHsm {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 /// Runs the calling test on its own SoftHSM2 token. SoftHSM2 reads `SOFTHSM2_CONF` when the
 /// module is initialised, and setting a variable inside a running test would take unsafe code,
 /// so the test runs twice: the first run (the parent) makes a token directory and a
@@ -281,39 +327,12 @@ impl SoftHsm {
 /// runs the body.
 pub fn own_softhsm(test: &str) -> Option<SoftHsm> {
     if let Ok(dir) = std::env::var(CHILD_MARKER) {
-        return Some(SoftHsm { dir: dir.into() });
+        return Some(SoftHsm {
+            dir: dir.into(),
+            _tmp: None,
+        });
     }
-    let tmp = tempfile::tempdir().unwrap();
-    let hsm = SoftHsm {
-        dir: tmp.path().to_path_buf(),
-    };
-    std::fs::create_dir_all(hsm.dir.join("tokens")).unwrap();
-    std::fs::write(
-        hsm.conf(),
-        format!(
-            "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\nslots.removable = false\n",
-            hsm.dir.join("tokens").display()
-        ),
-    )
-    .unwrap();
-    let init = hsm.tool(
-        "softhsm2-util",
-        &[
-            "--init-token",
-            "--free",
-            "--label",
-            SOFTHSM2_LABEL,
-            "--pin",
-            SOFTHSM2_PIN,
-            "--so-pin",
-            SOFTHSM2_SO_PIN,
-        ],
-    );
-    assert!(
-        init.status.success(),
-        "{}",
-        String::from_utf8_lossy(&init.stderr)
-    );
+    let hsm = SoftHsm::new();
     let out = Command::new(std::env::current_exe().unwrap())
         .args([test, "--exact", "--nocapture", "--test-threads", "1"])
         .env("SOFTHSM2_CONF", hsm.conf())
@@ -326,6 +345,6 @@ pub fn own_softhsm(test: &str) -> Option<SoftHsm> {
         "{test} on its own token failed:\n{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    drop(tmp);
+    drop(hsm);
     None
 }

@@ -163,10 +163,38 @@ fn read_pcrs(dir: &Path) -> Result<(Vec<u8>, Vec<[u8; 32]>), OperatorError> {
 /// Runs `mcimctl sho ...`.
 pub fn run_sho(cmd: ShoCommand) -> Result<(), OperatorError> {
     let ShoCommand::Wrap(a) = cmd;
-    let parent = EccPublic::from_tpm2b(&read(&a.storage_public)?)
-        .map_err(|e| OperatorError::Refused(format!("storage public key: {e}")))?;
+    let storage = read(&a.storage_public)?;
     let (k, opc) = (K::new(a.k), Opc::new(a.opc));
     let mut rng = rand::rng();
+    if storage.starts_with(&mcim_core::token_wrap::P256_SPKI_PREFIX) {
+        // A PKCS#11 token's unwrap key (DER SPKI): ECDH + AES-KWP.
+        if a.bind_opc_to_quote.is_some() || matches!(a.k_form, KForm::Sealed) {
+            return Err(OperatorError::Refused(
+                "a PKCS#11 token takes K as a key and has no PCRs: drop --k-form/--bind-opc-to-quote"
+                    .into(),
+            ));
+        }
+        let wrap = |s: &[u8], rng: &mut rand::rngs::ThreadRng| {
+            mcim_core::token_wrap::wrap_for_token(&storage, s, rng)
+                .map(|b| b.to_bytes())
+                .map_err(|e| OperatorError::Refused(e.to_string()))
+        };
+        let (kb, ob) = (wrap(k.expose(), &mut rng)?, wrap(opc.expose(), &mut rng)?);
+        std::fs::create_dir_all(&a.out_dir).map_err(|e| OperatorError::File {
+            path: a.out_dir.display().to_string(),
+            detail: e.to_string(),
+        })?;
+        write(&a.out_dir.join("k.blob"), &kb)?;
+        write(&a.out_dir.join("opc.blob"), &ob)?;
+        println!(
+            "wrapped for the token's unwrap key: {}/k.blob, {}/opc.blob",
+            a.out_dir.display(),
+            a.out_dir.display()
+        );
+        return Ok(());
+    }
+    let parent = EccPublic::from_tpm2b(&storage)
+        .map_err(|e| OperatorError::Refused(format!("storage public key: {e}")))?;
     let refuse = |e: mcim_core::tpm::TpmStructError| OperatorError::Refused(e.to_string());
     let k_blob = match a.k_form {
         KForm::Key => wrap_aes128_key(&parent, &k, ObjectPolicy::default(), &mut rng),

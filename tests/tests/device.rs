@@ -5,7 +5,9 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
-use mcim_e2e::{Swtpm, Tred, workspace_bin};
+use mcim_e2e::{
+    SOFTHSM2_LABEL, SOFTHSM2_MODULE, SOFTHSM2_PIN, SoftHsm, Swtpm, Tred, workspace_bin,
+};
 
 // TS 35.208 test set 1.
 const K: &str = "465b5ce8b199b49faa5f0a2ee238a6bc";
@@ -552,4 +554,113 @@ fn lab_run_goes_end_to_end() {
     let log = std::fs::read_to_string(dir.path().join("tred.log")).unwrap();
     assert!(log.contains("tred stopped"), "{log}");
     assert!(!dir.path().join("tred.sock").exists());
+}
+
+/// The same daemon and commands on a PKCS#11 token (SoftHSM2): only the configuration
+/// changes. The SHO's `sho wrap` sees a token key and wraps with ECDH + AES-KWP.
+#[test]
+fn the_same_device_commands_on_a_pkcs11_token() {
+    let hsm = SoftHsm::new();
+    let conf = hsm.conf();
+    let tred = Tred::start_with(
+        "unused",
+        &[
+            ("MCIM_BACKEND", "pkcs11"),
+            ("SOFTHSM2_CONF", conf.to_str().unwrap()),
+            ("MCIM_PKCS11_MODULE", SOFTHSM2_MODULE),
+            ("MCIM_PKCS11_TOKEN", SOFTHSM2_LABEL),
+            ("MCIM_PKCS11_PIN", SOFTHSM2_PIN),
+        ],
+    );
+    let work = tempfile::tempdir().unwrap();
+    let keys = work.path().join("keys");
+    let blobs = work.path().join("blobs");
+    let s = json(mcimctl(&tred, &["device", "--json", "status"]));
+    assert_eq!(s["tre"], "pkcs11");
+    ok(mcimctl(
+        &tred,
+        &[
+            "device",
+            "init",
+            "--device-id",
+            "SN-P",
+            "--pcid",
+            "001010000000011",
+            "--model",
+            "se",
+            "--out-dir",
+            p(&keys),
+        ],
+    ));
+    ok(mcimctl(
+        &tred,
+        &[
+            "sho",
+            "wrap",
+            "--storage-public",
+            p(&keys.join("storage.pub")),
+            "--k",
+            K,
+            "--opc",
+            OPC,
+            "--out-dir",
+            p(&blobs),
+        ],
+    ));
+    ok(mcimctl(
+        &tred,
+        &[
+            "device",
+            "install",
+            "--imsi",
+            IMSI,
+            "--sho",
+            "s",
+            "--k-blob",
+            p(&blobs.join("k.blob")),
+            "--opc-blob",
+            p(&blobs.join("opc.blob")),
+        ],
+    ));
+    ok(mcimctl(&tred, &["device", "activate", IMSI]));
+    ok(mcimctl(&tred, &["device", "select", IMSI]));
+    let net = json(mcimctl(
+        &tred,
+        &[
+            "aka", "milenage", "--k", K, "--opc", OPC, "--rand", RAND, "--sqn", SQN, "--amf", AMF,
+            "--json",
+        ],
+    ));
+    let r = json(mcimctl(
+        &tred,
+        &[
+            "device",
+            "--json",
+            "aka",
+            IMSI,
+            "--rand",
+            RAND,
+            "--autn",
+            net["autn"].as_str().unwrap(),
+        ],
+    ));
+    assert_eq!(r["result"], "success", "{r}");
+    assert_eq!(r["res"], "a54211d5e3ba50bf");
+    assert!(ok(mcimctl(&tred, &["audit", "verify"])).contains("anchored"));
+    // No quote on a token (its evidence kind arrives with the PVA).
+    let att = mcimctl(
+        &tred,
+        &[
+            "device",
+            "attest",
+            "--nonce",
+            "00112233445566778899aabbccddeeff",
+        ],
+    );
+    assert_eq!(att.status.code(), Some(1));
+    let log = tred.log();
+    assert!(!log.contains(SOFTHSM2_PIN), "the PIN is never logged");
+    for secret in [K, OPC] {
+        assert!(!log.to_lowercase().contains(secret));
+    }
 }

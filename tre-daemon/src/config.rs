@@ -1,7 +1,11 @@
 //! `tred`'s configuration: a TOML file, then `MCIM_*` environment variables over it.
 //!
 //! ```toml
+//! backend = "tpm"                      # MCIM_BACKEND: "tpm" or "pkcs11"
 //! tcti = "device:/dev/tpmrm0"          # MCIM_TCTI; swtpm:host=127.0.0.1,port=2321; tabrmd:
+//! pkcs11_module = "/usr/lib/softhsm/libsofthsm2.so"   # MCIM_PKCS11_MODULE
+//! pkcs11_token = "mcim"                # MCIM_PKCS11_TOKEN: the token's label
+//! pkcs11_pin_file = "/etc/mcim/pin"    # the user PIN, or MCIM_PKCS11_PIN (never logged)
 //! state_dir = "/var/lib/mcim/tred"     # MCIM_STATE_DIR
 //! socket = "/run/mcim/tred.sock"       # MCIM_SOCKET
 //! socket_mode = "0660"                 # MCIM_SOCKET_MODE (octal)
@@ -19,8 +23,16 @@ use serde::Deserialize;
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
+    /// Which TRE: "tpm" or "pkcs11".
+    pub backend: String,
     /// The TPM's TCTI.
     pub tcti: String,
+    /// The PKCS#11 module.
+    pub pkcs11_module: PathBuf,
+    /// The PKCS#11 token's label.
+    pub pkcs11_token: String,
+    /// A file holding the token's user PIN (MCIM_PKCS11_PIN takes precedence).
+    pub pkcs11_pin_file: Option<PathBuf>,
     /// Registry, audit log and records.
     pub state_dir: PathBuf,
     /// The local API's Unix socket.
@@ -38,7 +50,11 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Self {
+            backend: "tpm".into(),
             tcti: "device:/dev/tpmrm0".into(),
+            pkcs11_module: "/usr/lib/softhsm/libsofthsm2.so".into(),
+            pkcs11_token: "mcim".into(),
+            pkcs11_pin_file: None,
             state_dir: "/var/lib/mcim/tred".into(),
             socket: "/run/mcim/tred.sock".into(),
             socket_mode: "0660".into(),
@@ -82,13 +98,45 @@ impl Config {
         c.apply_env(|k| std::env::var(k).ok())?;
         c.socket_mode()?;
         c.rehabilitation_key()?;
+        if c.backend != "tpm" && c.backend != "pkcs11" {
+            return Err(ConfigError::Invalid(format!(
+                "backend {:?}: \"tpm\" or \"pkcs11\"",
+                c.backend
+            )));
+        }
         Ok(c)
+    }
+
+    /// The token's user PIN: `MCIM_PKCS11_PIN`, else the first line of `pkcs11_pin_file`.
+    pub fn pkcs11_pin(&self) -> Result<secrecy::SecretString, ConfigError> {
+        if let Ok(p) = std::env::var("MCIM_PKCS11_PIN") {
+            return Ok(p.into());
+        }
+        let path = self.pkcs11_pin_file.as_ref().ok_or_else(|| {
+            ConfigError::Invalid("pkcs11: set pkcs11_pin_file or MCIM_PKCS11_PIN".into())
+        })?;
+        let text = zeroize::Zeroizing::new(std::fs::read_to_string(path).map_err(|e| {
+            ConfigError::Read {
+                path: path.clone(),
+                detail: e.to_string(),
+            }
+        })?);
+        Ok(text.lines().next().unwrap_or_default().to_string().into())
     }
 
     /// Applies `MCIM_*` overrides from `get`.
     pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        if let Some(v) = get("MCIM_BACKEND") {
+            self.backend = v;
+        }
         if let Some(v) = get("MCIM_TCTI") {
             self.tcti = v;
+        }
+        if let Some(v) = get("MCIM_PKCS11_MODULE") {
+            self.pkcs11_module = v.into();
+        }
+        if let Some(v) = get("MCIM_PKCS11_TOKEN") {
+            self.pkcs11_token = v;
         }
         if let Some(v) = get("MCIM_STATE_DIR") {
             self.state_dir = v.into();

@@ -13,6 +13,10 @@ use mcim_proto::mcim::tre::v1::tre_service_server::TreServiceServer;
 use mcim_tre::config::Config;
 use mcim_tre::engine::{Engine, EngineHandle};
 use mcim_tre::service::TreApi;
+use mcim_tre::tre::Tre;
+#[cfg(feature = "pkcs11")]
+use mcim_tre::tre::pkcs11::{Pkcs11Config, Pkcs11Tre};
+#[cfg(feature = "tpm")]
 use mcim_tre::tre::tpm::{TpmConfig, TpmTre};
 use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
@@ -53,12 +57,10 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run(config: Config) -> Result<(), String> {
-    let tcti = config.tcti.clone();
     let state_dir = config.state_dir.clone();
-    let (engine, tre_thread) = EngineHandle::spawn(move || {
-        let tre = TpmTre::open(&TpmConfig { tcti }).map_err(|e| e.to_string())?;
-        Engine::new(Box::new(tre), state_dir).map_err(|e| e.to_string())
-    })?;
+    let open = opener(&config)?;
+    let (engine, tre_thread) =
+        EngineHandle::spawn(move || Engine::new(open()?, state_dir).map_err(|e| e.to_string()))?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -69,6 +71,37 @@ fn run(config: Config) -> Result<(), String> {
     drop(runtime);
     let _ = tre_thread.join();
     served
+}
+
+type Opener = Box<dyn FnOnce() -> Result<Box<dyn Tre>, String> + Send>;
+
+/// What opens the configured TRE, on the TRE thread.
+fn opener(config: &Config) -> Result<Opener, String> {
+    match config.backend.as_str() {
+        #[cfg(feature = "pkcs11")]
+        "pkcs11" => {
+            let pkcs11 = Pkcs11Config {
+                module: config.pkcs11_module.clone(),
+                token_label: config.pkcs11_token.clone(),
+                pin: config.pkcs11_pin().map_err(|e| e.to_string())?,
+            };
+            Ok(Box::new(move || {
+                Pkcs11Tre::open(&pkcs11)
+                    .map(|t| Box::new(t) as Box<dyn Tre>)
+                    .map_err(|e| e.to_string())
+            }))
+        }
+        #[cfg(feature = "tpm")]
+        "tpm" => {
+            let tcti = config.tcti.clone();
+            Ok(Box::new(move || {
+                TpmTre::open(&TpmConfig { tcti })
+                    .map(|t| Box::new(t) as Box<dyn Tre>)
+                    .map_err(|e| e.to_string())
+            }))
+        }
+        other => Err(format!("the {other} backend is not built into this tred")),
+    }
 }
 
 async fn serve(config: &Config, engine: EngineHandle) -> Result<(), String> {
@@ -85,7 +118,7 @@ async fn serve(config: &Config, engine: EngineHandle) -> Result<(), String> {
     let mode = config.socket_mode().map_err(|e| e.to_string())?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
         .map_err(|e| format!("{}: {e}", path.display()))?;
-    tracing::info!(socket = %path.display(), mode = format!("{mode:o}"), tcti = %config.tcti, state = %config.state_dir.display(), "tred serving");
+    tracing::info!(socket = %path.display(), mode = format!("{mode:o}"), backend = %config.backend, state = %config.state_dir.display(), "tred serving");
 
     let key = config.rehabilitation_key().map_err(|e| e.to_string())?;
     let api = TreApi::new(engine, config.quote_pcrs.clone(), key);

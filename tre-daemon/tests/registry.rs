@@ -883,3 +883,141 @@ fn rehabilitation_after_a_forged_header_blocks_every_mcim() {
     }
     assert!(reg.verify_audit().unwrap().ok);
 }
+
+/// The same registry on a PKCS#11 token (SoftHSM2, one token per test).
+mod on_token {
+    use super::*;
+    use mcim_e2e::{SOFTHSM2_LABEL, SOFTHSM2_MODULE, SOFTHSM2_PIN, SoftHsm, own_softhsm};
+    use mcim_tre::tre::pkcs11::{Pkcs11Config, Pkcs11Tre};
+
+    fn tre() -> Pkcs11Tre {
+        Pkcs11Tre::open(&Pkcs11Config {
+            module: SOFTHSM2_MODULE.into(),
+            token_label: SOFTHSM2_LABEL.into(),
+            pin: SOFTHSM2_PIN.to_string().into(),
+        })
+        .unwrap()
+    }
+
+    fn install_on(reg: &mut Registry, imsi: &str) {
+        let (k, opc) = secrets(imsi);
+        let public = reg.tre().device_public().unwrap();
+        let w = |s: &[u8]| {
+            mcim_core::token_wrap::wrap_for_token(&public.storage_public, s, &mut rand::rng())
+                .unwrap()
+                .to_bytes()
+        };
+        reg.install(InstallRequest {
+            imsi: Imsi::new(imsi).unwrap(),
+            sho: "sho.example".into(),
+            wrapped: mcim_tre::tre::WrappedSecrets {
+                k: w(k.expose()),
+                opc: w(opc.expose()),
+            },
+            constants: Constants::default(),
+            sqn_profile: SqnProfile::default(),
+            pin: None,
+        })
+        .unwrap();
+    }
+
+    fn setup(_t: &SoftHsm) -> tempfile::TempDir {
+        let mut t = tre();
+        t.init_device(
+            &DeviceIdentity::new("SN-T", Pcid::new("001010000000009").unwrap(), "token").unwrap(),
+        )
+        .unwrap();
+        tempfile::tempdir().unwrap()
+    }
+
+    #[test]
+    fn lifecycle_aka_tamper_and_missing_objects() {
+        let Some(t) = own_softhsm("on_token::lifecycle_aka_tamper_and_missing_objects") else {
+            return;
+        };
+        let dir = setup(&t);
+        {
+            let mut reg = Registry::open(dir.path(), Box::new(tre())).unwrap();
+            install_on(&mut reg, IMSI_A);
+            install_on(&mut reg, IMSI_B);
+            reg.apply(IMSI_A, Op::Activate).unwrap();
+            reg.select(IMSI_A, None).unwrap();
+            let v = av(IMSI_A, 1);
+            match reg.authenticate(IMSI_A, &v.rand, &v.autn).unwrap() {
+                DeviceResponse::Success { res, .. } => assert!(res.ct_matches(&v.xres)),
+                other => panic!("{other:?}"),
+            }
+        }
+        let mut reg = Registry::open(dir.path(), Box::new(tre())).unwrap();
+        reg.select(IMSI_A, None).unwrap();
+        let v = av(IMSI_A, 1);
+        assert!(matches!(
+            reg.authenticate(IMSI_A, &v.rand, &v.autn).unwrap(),
+            DeviceResponse::SyncFailure { .. }
+        ));
+        let b_id = hex::encode(&reg.get(IMSI_B).unwrap().secrets.as_ref().unwrap().k);
+        drop(reg);
+
+        // B's K object disappears from the token behind the daemon's back.
+        let del = t.tool(
+            "pkcs11-tool",
+            &[
+                "--module",
+                SOFTHSM2_MODULE,
+                "--token-label",
+                SOFTHSM2_LABEL,
+                "--login",
+                "--pin",
+                SOFTHSM2_PIN,
+                "--delete-object",
+                "--type",
+                "secrkey",
+                "--id",
+                &b_id,
+                "--label",
+                "mcim.k",
+            ],
+        );
+        assert!(
+            del.status.success(),
+            "{}",
+            String::from_utf8_lossy(&del.stderr)
+        );
+        let mut reg = Registry::open(dir.path(), Box::new(tre())).unwrap();
+        let b = reg.get(IMSI_B).unwrap();
+        assert_eq!(
+            (b.state, b.blocked),
+            (McimState::Blocked, Some(BlockReason::Tampered))
+        );
+        let audit = reg.audit().unwrap();
+        assert!(
+            audit
+                .iter()
+                .any(|e| e.detail.contains("missing from the TRE")),
+            "{audit:?}"
+        );
+        assert_eq!(state(&reg, IMSI_A), McimState::Activated);
+        assert!(reg.verify_audit().unwrap().ok);
+    }
+
+    #[test]
+    fn an_older_state_directory_is_refused_on_a_token_too() {
+        let Some(t) = own_softhsm("on_token::an_older_state_directory_is_refused_on_a_token_too")
+        else {
+            return;
+        };
+        let dir = setup(&t);
+        let old = tempfile::tempdir().unwrap();
+        {
+            let mut reg = Registry::open(dir.path(), Box::new(tre())).unwrap();
+            install_on(&mut reg, IMSI_A);
+            copy_dir(dir.path(), old.path());
+            reg.apply(IMSI_A, Op::Activate).unwrap();
+        }
+        std::fs::remove_dir_all(dir.path()).unwrap();
+        copy_dir(old.path(), dir.path());
+        let reg = Registry::open(dir.path(), Box::new(tre())).unwrap();
+        let why = reg.status().lockdown.expect("lockdown");
+        assert!(why.contains("rollback"), "{why}");
+    }
+}

@@ -6,11 +6,15 @@
 //! | EC P-256 key pair, sign | `mcim.attestation` | signs attestation evidence |
 //! | EC P-256 key pair, sign | `mcim.tls` | the TLS client key |
 //! | data object | `mcim.identity` | the device identity (JSON), application `mcim` |
+//! | generic secret, sign | `mcim.integrity` | HMAC key of the registry's integrity checks |
+//! | data objects | `mcim.counter`, `mcim.audit-anchor` | rollback counter and audit anchor (see [`integrity`]: weaker than a TPM) |
+//! | AES key; generic secret | `mcim.k`, `mcim.opc` (one CKA_ID per MCIM) | an MCIM's K (sensitive, encrypt only) and OPc |
 //!
 //! All are token objects; private keys are sensitive and never extractable. The user PIN
 //! comes from the configuration (a file or an environment variable), is held in a
 //! `SecretString` and never logged.
 
+mod integrity;
 mod keys;
 mod mcim;
 
@@ -27,8 +31,8 @@ use secrecy::SecretString;
 use mcim_core::aka::{DeviceResponse, MsSqnState};
 
 use super::{
-    AkaChallenge, AkaExecution, Capabilities, DevicePublic, InitOutcome, ProtectedSecrets, Tre,
-    TreError, TreKind, WrappedSecrets,
+    AkaChallenge, AkaExecution, AuditAnchor, Capabilities, DevicePublic, InitOutcome,
+    ProtectedSecrets, Tre, TreError, TreKind, WrappedSecrets,
 };
 
 /// How to reach the token.
@@ -160,7 +164,29 @@ impl Tre for Pkcs11Tre {
     }
 
     fn init_device(&mut self, identity: &DeviceIdentity) -> Result<InitOutcome, TreError> {
-        keys::init_device(&self.session, identity)
+        let out = keys::init_device(&self.session, identity)?;
+        integrity::ensure(&self.session)?;
+        Ok(out)
+    }
+
+    fn integrity_mac(&mut self, digest: &[u8; 32]) -> Result<[u8; 32], TreError> {
+        self.mac_digest(digest)
+    }
+
+    fn rollback_counter(&mut self) -> Result<u64, TreError> {
+        self.read_counter()
+    }
+
+    fn advance_rollback_counter(&mut self) -> Result<u64, TreError> {
+        self.increment_counter()
+    }
+
+    fn audit_anchor(&mut self) -> Result<AuditAnchor, TreError> {
+        self.read_anchor()
+    }
+
+    fn set_audit_anchor(&mut self, anchor: &AuditAnchor) -> Result<(), TreError> {
+        self.write_anchor(anchor)
     }
 
     fn identity(&mut self) -> Result<Option<DeviceIdentity>, TreError> {
