@@ -627,8 +627,34 @@ async fn device(a: DeviceArgs) -> Result<(), DeviceError> {
                 .attest(pb::AttestRequest { nonce, pcrs })
                 .await?
                 .into_inner();
-            let Some(common::evidence::Kind::TpmQuote(q)) = r.evidence.and_then(|e| e.kind) else {
-                return Err(DeviceError::Input("tred returned no TPM quote".into()));
+            let q = match r.evidence.and_then(|e| e.kind) {
+                Some(common::evidence::Kind::TpmQuote(q)) => q,
+                Some(common::evidence::Kind::Pkcs11Signature(sig)) => {
+                    // A token: signed evidence, no quote (mcim_core::token_evidence).
+                    if let Some(dir) = out_dir {
+                        std::fs::create_dir_all(&dir).map_err(|e| DeviceError::File {
+                            path: dir.display().to_string(),
+                            detail: e.to_string(),
+                        })?;
+                        write(&dir.join("token.payload"), &sig.payload)?;
+                        write(&dir.join("token.sig"), &sig.signature)?;
+                    }
+                    let v = serde_json::json!({
+                        "kind": "pkcs11-signature",
+                        "payload": String::from_utf8_lossy(&sig.payload),
+                        "signature": hex::encode(&sig.signature),
+                    });
+                    if json {
+                        println!("{v}");
+                    } else {
+                        println!(
+                            "pkcs11-signature evidence: {}",
+                            String::from_utf8_lossy(&sig.payload)
+                        );
+                    }
+                    return Ok(());
+                }
+                None => return Err(DeviceError::Input("tred returned no evidence".into())),
             };
             if let Some(dir) = out_dir {
                 std::fs::create_dir_all(&dir).map_err(|e| DeviceError::File {

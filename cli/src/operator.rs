@@ -87,6 +87,9 @@ pub enum SupplierCommand {
 pub enum PvaCommand {
     /// Verify a device's quote (signature, nonce, PCR digest) against its AK.
     VerifyQuote(VerifyQuoteArgs),
+    /// Verify a PKCS#11 device's signed evidence (weaker than a quote) against its
+    /// attestation key (the SPKI `device init --out-dir` wrote as ak.pub).
+    VerifyTokenEvidence(VerifyQuoteArgs),
 }
 
 /// Arguments of `mcimctl pva verify-quote`.
@@ -291,7 +294,25 @@ pub fn run_supplier(cmd: SupplierCommand) -> Result<(), OperatorError> {
 
 /// Runs `mcimctl pva ...`.
 pub fn run_pva(cmd: PvaCommand) -> Result<(), OperatorError> {
-    let PvaCommand::VerifyQuote(a) = cmd;
+    let a = match cmd {
+        PvaCommand::VerifyQuote(a) => a,
+        PvaCommand::VerifyTokenEvidence(a) => {
+            let nonce = hex::decode(&a.nonce)
+                .map_err(|e| OperatorError::Refused(format!("--nonce: {e}")))?;
+            let p = mcim_core::token_evidence::verify(
+                &read(&a.ak)?,
+                &read(&a.quote_dir.join("token.payload"))?,
+                &read(&a.quote_dir.join("token.sig"))?,
+                &nonce,
+            )
+            .map_err(|e| OperatorError::Refused(format!("evidence refused: {e}")))?;
+            println!(
+                "token evidence verified (weaker than a quote): device {}, daemon measurement {}",
+                p.pcid, p.measurement
+            );
+            return Ok(());
+        }
+    };
     let nonce =
         hex::decode(&a.nonce).map_err(|e| OperatorError::Refused(format!("--nonce: {e}")))?;
     let (pcrs, pcr_values) = read_pcrs(&a.quote_dir)?;

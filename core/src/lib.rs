@@ -14,6 +14,7 @@
 //! - [`tpm`]: TPM 2.0 structures built without a TPM: duplication blobs for TPM2_Import (how
 //!   an SHO sends K and OPc to one device's TPM), policy digests, names, and quote
 //!   verification (the PVA's side of attestation).
+//! - [`token_evidence`]: a PKCS#11 TRE's signed attestation evidence (weaker than a quote).
 //! - [`token_wrap`]: MCIM secrets wrapped for a PKCS#11 token (ECDH + AES-KWP).
 //! - [`lifecycle`]: the MCIM lifecycle state machine (TR 33.812 5.1.1.1).
 //! - [`rehabilitation`]: the supplier's signed authorisation to leave lockdown (5.1.2.2).
@@ -26,5 +27,6 @@ pub mod identity;
 pub mod lifecycle;
 pub mod rehabilitation;
 pub mod secret;
+pub mod token_evidence;
 pub mod token_wrap;
 pub mod tpm;

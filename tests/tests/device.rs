@@ -647,17 +647,41 @@ fn the_same_device_commands_on_a_pkcs11_token() {
     assert_eq!(r["result"], "success", "{r}");
     assert_eq!(r["res"], "a54211d5e3ba50bf");
     assert!(ok(mcimctl(&tred, &["audit", "verify"])).contains("anchored"));
-    // No quote on a token (its evidence kind arrives with the PVA).
-    let att = mcimctl(
+    // A token has no quote: it signs the nonce and the daemon's measurement instead.
+    let ev = work.path().join("ev");
+    let nonce = "00112233445566778899aabbccddeeff";
+    ok(mcimctl(
+        &tred,
+        &["device", "attest", "--nonce", nonce, "--out-dir", p(&ev)],
+    ));
+    let v = ok(mcimctl(
         &tred,
         &[
-            "device",
-            "attest",
+            "pva",
+            "verify-token-evidence",
+            "--ak",
+            p(&keys.join("ak.pub")),
+            "--quote-dir",
+            p(&ev),
             "--nonce",
-            "00112233445566778899aabbccddeeff",
+            nonce,
+        ],
+    ));
+    assert!(v.contains("001010000000011"), "{v}");
+    let wrong = mcimctl(
+        &tred,
+        &[
+            "pva",
+            "verify-token-evidence",
+            "--ak",
+            p(&keys.join("ak.pub")),
+            "--quote-dir",
+            p(&ev),
+            "--nonce",
+            "ff112233445566778899aabbccddeeff",
         ],
     );
-    assert_eq!(att.status.code(), Some(1));
+    assert_eq!(wrong.status.code(), Some(1));
     let log = tred.log();
     assert!(!log.contains(SOFTHSM2_PIN), "the PIN is never logged");
     for secret in [K, OPC] {

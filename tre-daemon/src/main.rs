@@ -121,7 +121,11 @@ async fn serve(config: &Config, engine: EngineHandle) -> Result<(), String> {
     tracing::info!(socket = %path.display(), mode = format!("{mode:o}"), backend = %config.backend, state = %config.state_dir.display(), "tred serving");
 
     let key = config.rehabilitation_key().map_err(|e| e.to_string())?;
-    let api = TreApi::new(engine, config.quote_pcrs.clone(), key);
+    // Computed on first use, once: only a TRE without quotes needs it.
+    let conf = config.clone();
+    let cell = std::sync::Arc::new(std::sync::OnceLock::new());
+    let measure = std::sync::Arc::new(move || *cell.get_or_init(|| measurement(&conf)));
+    let api = TreApi::new(engine, config.quote_pcrs.clone(), key, measure);
     let result = tonic::transport::Server::builder()
         .add_service(TreServiceServer::new(api))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown())
@@ -130,6 +134,19 @@ async fn serve(config: &Config, engine: EngineHandle) -> Result<(), String> {
     let _ = std::fs::remove_file(path);
     tracing::info!("tred stopped");
     result
+}
+
+/// SHA-256 of this executable and the effective configuration: what a TRE without quotes
+/// signs as the daemon's state (mcim_core::token_evidence).
+fn measurement(config: &Config) -> [u8; 32] {
+    let exe = std::env::current_exe()
+        .and_then(std::fs::read)
+        .unwrap_or_default();
+    let conf = format!("{config:?}");
+    mcim_core::tpm::kdf::sha256(&[
+        &mcim_core::tpm::kdf::sha256(&[&exe]),
+        &mcim_core::tpm::kdf::sha256(&[conf.as_bytes()]),
+    ])
 }
 
 /// SIGTERM or SIGINT: stop accepting, finish the calls in flight, exit.

@@ -19,25 +19,38 @@ use crate::registry::{InstallRequest, RegistryError};
 use crate::tre::{AkaExecution, TreError, TreKind, WrappedSecrets};
 
 /// The service.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct TreApi {
     engine: EngineHandle,
     quote_pcrs: Vec<u8>,
     rehabilitation_key: Option<p256::ecdsa::VerifyingKey>,
+    measurement: std::sync::Arc<dyn Fn() -> [u8; 32] + Send + Sync>,
+}
+
+impl std::fmt::Debug for TreApi {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TreApi")
+            .field("quote_pcrs", &self.quote_pcrs)
+            .finish_non_exhaustive()
+    }
 }
 
 impl TreApi {
     /// Serves over the TRE thread; `quote_pcrs` is the default PCR set for Attest;
     /// `rehabilitation_key` the supplier's key that may lift a lockdown.
+    /// `measurement` is what a TRE without quotes signs as the daemon's state (SHA-256 of
+    /// its executable and configuration).
     pub fn new(
         engine: EngineHandle,
         quote_pcrs: Vec<u8>,
         rehabilitation_key: Option<p256::ecdsa::VerifyingKey>,
+        measurement: std::sync::Arc<dyn Fn() -> [u8; 32] + Send + Sync>,
     ) -> Self {
         Self {
             engine,
             quote_pcrs,
             rehabilitation_key,
+            measurement,
         }
     }
 
@@ -567,6 +580,7 @@ impl TreService for TreApi {
         let selection =
             PcrSelection::sha256(&pcrs).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let nonce = r.nonce;
+        let measurement = self.measurement.clone();
         self.run(move |e| {
             // A TRE in lockdown gives no evidence: a quote would vouch for a platform whose
             // MCIM store has been tampered with.
@@ -576,6 +590,29 @@ impl TreService for TreApi {
                 return Err(RegistryError::Lockdown(why));
             }
             let mode = e.tre()?.capabilities().aka_execution;
+            if !e.tre()?.capabilities().quote {
+                let pcid = e.tre()?.identity()?.ok_or(TreError::NotInitialised)?.pcid;
+                let payload = mcim_core::token_evidence::EvidencePayload::new(
+                    pcid.as_str(),
+                    &nonce,
+                    &measurement(),
+                )
+                .to_bytes();
+                let signature = e.tre()?.sign_evidence(&payload)?;
+                return Ok(pb::AttestResponse {
+                    evidence: Some(common::Evidence {
+                        kind: Some(common::evidence::Kind::Pkcs11Signature(
+                            common::Pkcs11Signature { payload, signature },
+                        )),
+                        aka_execution: aka_pb(mode) as i32,
+                        platform_credential: Vec::new(),
+                    }),
+                    clock: 0,
+                    reset_count: 0,
+                    restart_count: 0,
+                    safe: false,
+                });
+            }
             let q = e.tre()?.quote(&nonce, &selection)?;
             let info = parse_quote(&q.attest).map_err(|x| TreError::Mismatch(x.to_string()))?;
             Ok(pb::AttestResponse {

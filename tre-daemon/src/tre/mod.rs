@@ -287,6 +287,13 @@ pub trait Tre {
         Err(self.not_supported("authenticate"))
     }
 
+    /// Signs attestation evidence with the attestation key (a TRE without quotes:
+    /// `mcim_core::token_evidence`): ECDSA P-256 over SHA-256(payload), r || s.
+    fn sign_evidence(&mut self, payload: &[u8]) -> Result<Vec<u8>, TreError> {
+        let _ = payload;
+        Err(self.not_supported("sign_evidence"))
+    }
+
     /// HMAC-SHA-256 of a digest with a key that never leaves the TRE: what protects every
     /// record the daemon stores outside it (5.1.2.3 integrity check at start).
     fn integrity_mac(&mut self, digest: &[u8; 32]) -> Result<[u8; 32], TreError> {

@@ -189,3 +189,13 @@ pub(super) fn device_public(session: &Session) -> Result<DevicePublic, TreError>
         tls_public_spki: spki(&ec_point(session, TLS_LABEL)?),
     })
 }
+
+/// ECDSA P-256 by the attestation key over SHA-256(payload): r || s.
+pub(super) fn sign_evidence(session: &Session, payload: &[u8]) -> Result<Vec<u8>, TreError> {
+    let key = find(session, ObjectClass::PRIVATE_KEY, ATTESTATION_LABEL)?
+        .ok_or(TreError::NotInitialised)?;
+    let digest = mcim_core::tpm::kdf::sha256(&[payload]);
+    session
+        .sign(&Mechanism::Ecdsa, key, &digest)
+        .map_err(ck("C_Sign(CKM_ECDSA)"))
+}

@@ -169,6 +169,10 @@ impl Tre for Pkcs11Tre {
         Ok(out)
     }
 
+    fn sign_evidence(&mut self, payload: &[u8]) -> Result<Vec<u8>, TreError> {
+        keys::sign_evidence(&self.session, payload)
+    }
+
     fn integrity_mac(&mut self, digest: &[u8; 32]) -> Result<[u8; 32], TreError> {
         self.mac_digest(digest)
     }
