@@ -1001,6 +1001,49 @@ mod on_token {
     }
 
     #[test]
+    fn orphan_token_objects_are_reported_and_kept() {
+        let Some(t) = own_softhsm("on_token::orphan_token_objects_are_reported_and_kept") else {
+            return;
+        };
+        let dir = setup(&t);
+        let orphan_id = {
+            // Imported straight into the TRE, never recorded (a crash between the two, say).
+            let mut t = tre();
+            let public = t.device_public().unwrap();
+            let (k, opc) = secrets(IMSI_B);
+            let w = |s: &[u8]| {
+                mcim_core::token_wrap::wrap_for_token(&public.storage_public, s, &mut rand::rng())
+                    .unwrap()
+                    .to_bytes()
+            };
+            t.import_mcim_secrets(&mcim_tre::tre::WrappedSecrets {
+                k: w(k.expose()),
+                opc: w(opc.expose()),
+            })
+            .unwrap()
+            .k
+        };
+        let mut reg = Registry::open(dir.path(), Box::new(tre())).unwrap();
+        install_on(&mut reg, IMSI_A);
+        drop(reg);
+        let reg = Registry::open(dir.path(), Box::new(tre())).unwrap();
+        let st = reg.status();
+        assert_eq!(st.lockdown, None);
+        let note = st
+            .startup
+            .iter()
+            .find(|s| s.contains("no MCIM refers to"))
+            .unwrap();
+        assert!(note.contains(&hex::encode(&orphan_id)), "{note}");
+        let a_id = hex::encode(&reg.get(IMSI_A).unwrap().secrets.as_ref().unwrap().k);
+        assert!(!note.contains(&a_id), "{note}");
+        drop(reg);
+        // Still on the token.
+        let mut again = tre();
+        assert!(again.held_secret_refs().unwrap().contains(&orphan_id));
+    }
+
+    #[test]
     fn an_older_state_directory_is_refused_on_a_token_too() {
         let Some(t) = own_softhsm("on_token::an_older_state_directory_is_refused_on_a_token_too")
         else {

@@ -322,6 +322,27 @@ impl Registry {
             }
         }
         self.remove_stale_files();
+        // Objects in the TRE that no record refers to: reported, never deleted (they may be
+        // the only copy of something; an operator decides).
+        let referenced: Vec<&[u8]> = self
+            .records
+            .values()
+            .filter_map(|r| r.secrets.as_ref())
+            .flat_map(|s| [s.k.as_slice(), s.opc.as_slice()])
+            .collect();
+        let orphans: Vec<String> = self
+            .tre
+            .held_secret_refs()?
+            .into_iter()
+            .filter(|id| !referenced.contains(&id.as_slice()))
+            .map(hex::encode)
+            .collect();
+        if !orphans.is_empty() {
+            self.startup.push(format!(
+                "TRE objects no MCIM refers to (kept, not deleted): {}",
+                orphans.join(", ")
+            ));
+        }
         for (rec, why) in repairs {
             let id = rec.id.clone();
             let event = if why.starts_with("integrity") {

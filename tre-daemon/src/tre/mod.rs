@@ -274,6 +274,13 @@ pub trait Tre {
         Ok(true)
     }
 
+    /// References (at-rest `k`/`opc` values) of every MCIM secret the TRE itself holds, for
+    /// start-up reconciliation. A TPM holds none (its at-rest blobs live in the state
+    /// directory), so the default is an empty list.
+    fn held_secret_refs(&mut self) -> Result<Vec<Vec<u8>>, TreError> {
+        Ok(Vec::new())
+    }
+
     /// Runs the USIM side of AKA with an MCIM's secrets: RES, CK, IK on success, AUTS on a
     /// synchronisation failure, [`TreError::MacFailure`] when AUTN is not genuine. `sqn`
     /// changes only on success (TS 33.102 6.3.3, Annex C).

@@ -153,6 +153,32 @@ impl Pkcs11Tre {
         })
     }
 
+    /// The CKA_IDs of every K and OPc object on the token.
+    pub(super) fn held_ids(&self) -> Result<Vec<Vec<u8>>, TreError> {
+        let mut ids = Vec::new();
+        for label in [K_LABEL, OPC_LABEL] {
+            for obj in self
+                .session
+                .find_objects(&[
+                    Attribute::Class(ObjectClass::SECRET_KEY),
+                    Attribute::Label(label.as_bytes().to_vec()),
+                ])
+                .map_err(ck("C_FindObjects"))?
+            {
+                let attrs = self
+                    .session
+                    .get_attributes(obj, &[AttributeType::Id])
+                    .map_err(ck("C_GetAttributeValue"))?;
+                if let Some(Attribute::Id(id)) = attrs.into_iter().next()
+                    && !ids.contains(&id)
+                {
+                    ids.push(id);
+                }
+            }
+        }
+        Ok(ids)
+    }
+
     /// Whether both objects of an MCIM are on the token (start-up reconciliation).
     pub(super) fn holds(&self, s: &ProtectedSecrets) -> Result<bool, TreError> {
         Ok(self.object(&s.k, K_LABEL).is_ok() && self.object(&s.opc, OPC_LABEL).is_ok())

@@ -205,6 +205,10 @@ impl Tre for Pkcs11Tre {
         self.import_secrets(w)
     }
 
+    fn held_secret_refs(&mut self) -> Result<Vec<Vec<u8>>, TreError> {
+        self.held_ids()
+    }
+
     fn secrets_present(&mut self, secrets: &ProtectedSecrets) -> Result<bool, TreError> {
         self.holds(secrets)
     }
