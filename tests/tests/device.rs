@@ -687,4 +687,16 @@ fn the_same_device_commands_on_a_pkcs11_token() {
     for secret in [K, OPC] {
         assert!(!log.to_lowercase().contains(secret));
     }
+    for (path, bytes) in files(&tred.state_dir()) {
+        for secret in [K, OPC] {
+            let raw = hex::decode(secret).unwrap();
+            assert!(!bytes.windows(16).any(|w| w == raw.as_slice()), "{path}");
+            assert!(
+                !String::from_utf8_lossy(&bytes)
+                    .to_lowercase()
+                    .contains(secret),
+                "{path}"
+            );
+        }
+    }
 }
