@@ -196,6 +196,31 @@ pub fn run_sho(cmd: ShoCommand) -> Result<(), OperatorError> {
         );
         return Ok(());
     }
+    if mcim_core::token_wrap::is_rsa_spki(&storage) {
+        // A PKCS#11 token without ECDH: RSA-OAEP to its RSA unwrap key.
+        if a.bind_opc_to_quote.is_some() || matches!(a.k_form, KForm::Sealed) {
+            return Err(OperatorError::Refused(
+                "a PKCS#11 token takes K as a key and has no PCRs".into(),
+            ));
+        }
+        let wrap = |s: &[u8], rng: &mut rand::rngs::ThreadRng| {
+            mcim_core::token_wrap::wrap_for_token_rsa(&storage, s, rng)
+                .map(|b| b.0)
+                .map_err(|e| OperatorError::Refused(e.to_string()))
+        };
+        let (kb, ob) = (wrap(k.expose(), &mut rng)?, wrap(opc.expose(), &mut rng)?);
+        std::fs::create_dir_all(&a.out_dir).map_err(|e| OperatorError::File {
+            path: a.out_dir.display().to_string(),
+            detail: e.to_string(),
+        })?;
+        write(&a.out_dir.join("k.blob"), &kb)?;
+        write(&a.out_dir.join("opc.blob"), &ob)?;
+        println!(
+            "wrapped (RSA-OAEP) for the token's unwrap key: {}",
+            a.out_dir.display()
+        );
+        return Ok(());
+    }
     let parent = EccPublic::from_tpm2b(&storage)
         .map_err(|e| OperatorError::Refused(format!("storage public key: {e}")))?;
     let refuse = |e: mcim_core::tpm::TpmStructError| OperatorError::Refused(e.to_string());

@@ -10,6 +10,11 @@
 //!
 //! The device unwraps K into a sensitive, never-extractable CKK_AES object and runs MILENAGE
 //! with CKM_AES_ECB on it; the plaintext K never leaves the token.
+//!
+//! Tokens without ECDH get an RSA-2048 unwrap key instead, and the secret is encrypted to it
+//! with RSA-OAEP (CKM_RSA_PKCS_OAEP) with SHA-1 and MGF1-SHA-1: the one OAEP parameter set
+//! every token implements (SoftHSM2 accepts no other), and OAEP's security does not rest on
+//! SHA-1's collision resistance. The blob is then the bare OAEP ciphertext ([`RsaBlob`]).
 
 use aes_kw::KwpAes256;
 use p256::ecdh::EphemeralSecret;
@@ -78,7 +83,8 @@ pub fn spki_point(spki: &[u8]) -> Result<p256::PublicKey, TokenWrapError> {
     p256::PublicKey::from_sec1_bytes(point).map_err(|_| TokenWrapError::BadPublicKey)
 }
 
-/// Wraps `secret` (K, OPc) for the token whose unwrap key is `token_spki`.
+/// Wraps `secret` (K, OPc) for the token whose unwrap key is `token_spki`: ECDH + AES-KWP for
+/// a P-256 key (an RSA key needs [`wrap_for_token_rsa`]).
 pub fn wrap_for_token<R: CryptoRng + ?Sized>(
     token_spki: &[u8],
     secret: &[u8],
@@ -86,6 +92,9 @@ pub fn wrap_for_token<R: CryptoRng + ?Sized>(
 ) -> Result<TokenBlob, TokenWrapError> {
     if secret.is_empty() || secret.len() > 64 {
         return Err(TokenWrapError::BadLength);
+    }
+    if !token_spki.starts_with(&P256_SPKI_PREFIX) {
+        return Err(TokenWrapError::BadPublicKey);
     }
     let q = spki_point(token_spki)?;
     let eph = EphemeralSecret::generate_from_rng(rng);
@@ -106,6 +115,38 @@ pub fn wrap_for_token<R: CryptoRng + ?Sized>(
         ephemeral_point,
         wrapped: buf,
     })
+}
+
+/// A secret RSA-OAEP-encrypted to a token's RSA unwrap key (the fallback for tokens
+/// without ECDH).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RsaBlob(pub Vec<u8>);
+
+/// Whether `spki` is an RSA public key (the token's fallback unwrap key).
+pub fn is_rsa_spki(spki: &[u8]) -> bool {
+    use rsa::pkcs8::DecodePublicKey;
+    rsa::PublicKey::from_public_key_der(spki).is_ok()
+}
+
+/// Encrypts `secret` to the token's RSA unwrap key with RSA-OAEP (SHA-1, MGF1-SHA-1).
+pub fn wrap_for_token_rsa<R: CryptoRng + ?Sized>(
+    token_spki: &[u8],
+    secret: &[u8],
+    rng: &mut R,
+) -> Result<RsaBlob, TokenWrapError> {
+    use rsa::pkcs8::DecodePublicKey;
+    use rsa::traits::PublicKeyParts;
+    if secret.is_empty() || secret.len() > 64 {
+        return Err(TokenWrapError::BadLength);
+    }
+    let key = rsa::PublicKey::from_public_key_der(token_spki)
+        .map_err(|_| TokenWrapError::BadPublicKey)?;
+    if key.size() < 256 {
+        return Err(TokenWrapError::BadPublicKey);
+    }
+    key.encrypt(rng, rsa::Oaep::<sha1::Sha1>::new(), secret)
+        .map(RsaBlob)
+        .map_err(|_| TokenWrapError::BadLength)
 }
 
 #[cfg(test)]

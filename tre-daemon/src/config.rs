@@ -6,6 +6,7 @@
 //! pkcs11_module = "/usr/lib/softhsm/libsofthsm2.so"   # MCIM_PKCS11_MODULE
 //! pkcs11_token = "mcim"                # MCIM_PKCS11_TOKEN: the token's label
 //! pkcs11_pin_file = "/etc/mcim/pin"    # the user PIN, or MCIM_PKCS11_PIN (never logged)
+//! pkcs11_unwrap = "auto"               # MCIM_PKCS11_UNWRAP: "auto" or "rsa-oaep"
 //! state_dir = "/var/lib/mcim/tred"     # MCIM_STATE_DIR
 //! socket = "/run/mcim/tred.sock"       # MCIM_SOCKET
 //! socket_mode = "0660"                 # MCIM_SOCKET_MODE (octal)
@@ -33,6 +34,8 @@ pub struct Config {
     pub pkcs11_token: String,
     /// A file holding the token's user PIN (MCIM_PKCS11_PIN takes precedence).
     pub pkcs11_pin_file: Option<PathBuf>,
+    /// "auto" (ECDH + AES-KWP when the token has it, else RSA-OAEP) or "rsa-oaep".
+    pub pkcs11_unwrap: String,
     /// Registry, audit log and records.
     pub state_dir: PathBuf,
     /// The local API's Unix socket.
@@ -55,6 +58,7 @@ impl Default for Config {
             pkcs11_module: "/usr/lib/softhsm/libsofthsm2.so".into(),
             pkcs11_token: "mcim".into(),
             pkcs11_pin_file: None,
+            pkcs11_unwrap: "auto".into(),
             state_dir: "/var/lib/mcim/tred".into(),
             socket: "/run/mcim/tred.sock".into(),
             socket_mode: "0660".into(),
@@ -98,6 +102,12 @@ impl Config {
         c.apply_env(|k| std::env::var(k).ok())?;
         c.socket_mode()?;
         c.rehabilitation_key()?;
+        if c.pkcs11_unwrap != "auto" && c.pkcs11_unwrap != "rsa-oaep" {
+            return Err(ConfigError::Invalid(format!(
+                "pkcs11_unwrap {:?}: \"auto\" or \"rsa-oaep\"",
+                c.pkcs11_unwrap
+            )));
+        }
         if c.backend != "tpm" && c.backend != "pkcs11" {
             return Err(ConfigError::Invalid(format!(
                 "backend {:?}: \"tpm\" or \"pkcs11\"",
@@ -137,6 +147,9 @@ impl Config {
         }
         if let Some(v) = get("MCIM_PKCS11_TOKEN") {
             self.pkcs11_token = v;
+        }
+        if let Some(v) = get("MCIM_PKCS11_UNWRAP") {
+            self.pkcs11_unwrap = v;
         }
         if let Some(v) = get("MCIM_STATE_DIR") {
             self.state_dir = v.into();

@@ -84,6 +84,7 @@ fn opener(config: &Config) -> Result<Opener, String> {
                 module: config.pkcs11_module.clone(),
                 token_label: config.pkcs11_token.clone(),
                 pin: config.pkcs11_pin().map_err(|e| e.to_string())?,
+                force_rsa_unwrap: config.pkcs11_unwrap == "rsa-oaep",
             };
             Ok(Box::new(move || {
                 Pkcs11Tre::open(&pkcs11)

@@ -16,7 +16,7 @@ use tonic::{Request, Response, Status};
 use crate::engine::{Engine, EngineHandle};
 use crate::registry::record::McimRecord;
 use crate::registry::{InstallRequest, RegistryError};
-use crate::tre::{AkaExecution, TreError, TreKind, WrappedSecrets};
+use crate::tre::{AkaExecution, TreError, TreKind, UnwrapScheme, WrappedSecrets};
 
 /// The service.
 #[derive(Clone)]
@@ -225,8 +225,8 @@ impl TreService for TreApi {
                     aka_execution: aka_pb(caps.aka_execution) as i32,
                     quote: caps.quote,
                     monotonic_counter: caps.monotonic_counter,
-                    ecdh_unwrap: caps.kind == TreKind::Tpm2,
-                    rsa_oaep_unwrap: false,
+                    ecdh_unwrap: caps.unwrap != UnwrapScheme::RsaOaep,
+                    rsa_oaep_unwrap: caps.unwrap == UnwrapScheme::RsaOaep,
                 }),
                 identity: identity.as_ref().map(identity_pb),
                 lockdown: lockdown.is_some(),

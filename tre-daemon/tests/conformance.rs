@@ -784,6 +784,7 @@ mod pkcs11 {
             module: SOFTHSM2_MODULE.into(),
             token_label: SOFTHSM2_LABEL.into(),
             pin: pin.to_string().into(),
+            force_rsa_unwrap: false,
         }
     }
 
@@ -835,6 +836,46 @@ mod pkcs11 {
 
     on_token!(conformance_random, |t| {
         random_gives_fresh_bytes(&mut open(&t));
+    });
+
+    fn open_rsa(_token: &SoftHsm) -> Pkcs11Tre {
+        let mut c = config(SOFTHSM2_PIN);
+        c.force_rsa_unwrap = true;
+        Pkcs11Tre::open(&c).unwrap()
+    }
+
+    /// The SHO's side for a token without ECDH: RSA-OAEP to its RSA unwrap key.
+    fn token_wrap_rsa(public: &DevicePublic, k: &K, opc: &Opc, form: KForm) -> WrappedSecrets {
+        assert_eq!(form, KForm::Key);
+        assert!(mcim_core::token_wrap::is_rsa_spki(&public.storage_public));
+        let w = |s: &[u8]| {
+            mcim_core::token_wrap::wrap_for_token_rsa(&public.storage_public, s, &mut rand::rng())
+                .unwrap()
+                .0
+        };
+        WrappedSecrets {
+            k: w(k.expose()),
+            opc: w(opc.expose()),
+        }
+    }
+
+    on_token!(
+        /// The RSA-OAEP fallback (tokens without ECDH; forced here): the same AKA results,
+        /// and capabilities say which scheme the token takes.
+        conformance_rsa_oaep_fallback,
+        |t| {
+            let mut tre = open_rsa(&t);
+            assert_eq!(tre.capabilities().unwrap, mcim_tre::tre::UnwrapScheme::RsaOaep);
+            let kept = aka_in_tre_equals_published_sets(&mut tre, &token_wrap_rsa, KForm::Key);
+            protected_records_hold_no_plaintext(&kept);
+            // A later session without the flag keeps the scheme of the key it finds.
+            drop(tre);
+            assert_eq!(open(&t).capabilities().unwrap, mcim_tre::tre::UnwrapScheme::RsaOaep);
+        }
+    );
+
+    on_token!(conformance_rsa_oaep_damaged_blob, |t| {
+        damaged_blob_is_refused(&mut open_rsa(&t), &token_wrap_rsa);
     });
 
     on_token!(conformance_aka_in_tre_equals_published_sets, |t| {

@@ -895,6 +895,7 @@ mod on_token {
             module: SOFTHSM2_MODULE.into(),
             token_label: SOFTHSM2_LABEL.into(),
             pin: SOFTHSM2_PIN.to_string().into(),
+            force_rsa_unwrap: false,
         })
         .unwrap()
     }

@@ -45,6 +45,18 @@ pub enum AkaExecution {
     UnsealedInHost,
 }
 
+/// How MCIM secrets travel into the TRE (what an SHO must build).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UnwrapScheme {
+    /// TPM2 duplication blobs and TPM2_Import (`mcim_core::tpm::import`).
+    TpmImport,
+    /// ECDH P-256 + AES-KWP on a token (`mcim_core::token_wrap::wrap_for_token`).
+    EcdhAesKwp,
+    /// RSA-OAEP (SHA-1) to a token's RSA-2048 key, for tokens without ECDH
+    /// (`mcim_core::token_wrap::wrap_for_token_rsa`).
+    RsaOaep,
+}
+
 /// What a backend can do, found at start-up (TPM2_GetCapability, token mechanisms).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Capabilities {
@@ -60,6 +72,8 @@ pub struct Capabilities {
     pub monotonic_counter: bool,
     /// The manufacturer and firmware the TRE reports, for logs and evidence.
     pub vendor: String,
+    /// How MCIM secrets must be wrapped for it.
+    pub unwrap: UnwrapScheme,
 }
 
 /// Public material of a device's keys, what the supplier certifies into the platform

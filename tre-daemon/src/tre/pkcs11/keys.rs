@@ -1,12 +1,12 @@
 //! The device keys and identity as token objects.
 
 use cryptoki::mechanism::Mechanism;
-use cryptoki::object::{Attribute, AttributeType, ObjectClass, ObjectHandle};
+use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
 use cryptoki::session::Session;
 use mcim_core::identity::DeviceIdentity;
 
 use super::ck;
-use crate::tre::{DevicePublic, InitOutcome, TreError};
+use crate::tre::{DevicePublic, InitOutcome, TreError, UnwrapScheme};
 
 /// Label of the unwrap (storage) key pair.
 pub const UNWRAP_LABEL: &str = "mcim.unwrap";
@@ -61,6 +61,47 @@ pub(super) fn read_identity(session: &Session) -> Result<Option<DeviceIdentity>,
         .map_err(|e| TreError::Mismatch(format!("identity object does not parse: {e}")))
 }
 
+/// The scheme of the unwrap key on the token, if there is one.
+pub(super) fn unwrap_key_scheme(session: &Session) -> Result<Option<UnwrapScheme>, TreError> {
+    let Some(obj) = find(session, ObjectClass::PRIVATE_KEY, UNWRAP_LABEL)? else {
+        return Ok(None);
+    };
+    let attrs = session
+        .get_attributes(obj, &[AttributeType::KeyType])
+        .map_err(ck("C_GetAttributeValue"))?;
+    Ok(match attrs.into_iter().next() {
+        Some(Attribute::KeyType(KeyType::RSA)) => Some(UnwrapScheme::RsaOaep),
+        _ => Some(UnwrapScheme::EcdhAesKwp),
+    })
+}
+
+/// Creates the RSA-2048 unwrap key pair (the fallback for tokens without ECDH).
+fn generate_rsa_unwrap(session: &Session) -> Result<(), TreError> {
+    let l = UNWRAP_LABEL.as_bytes().to_vec();
+    let public = [
+        Attribute::Token(true),
+        Attribute::Private(false),
+        Attribute::Label(l.clone()),
+        Attribute::ModulusBits(2048.into()),
+        Attribute::PublicExponent(vec![0x01, 0x00, 0x01]),
+        Attribute::Encrypt(true),
+        Attribute::Wrap(true),
+    ];
+    let private = [
+        Attribute::Token(true),
+        Attribute::Private(true),
+        Attribute::Label(l),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(false),
+        Attribute::Decrypt(false),
+        Attribute::Unwrap(true),
+    ];
+    session
+        .generate_key_pair(&Mechanism::RsaPkcsKeyPairGen, &public, &private)
+        .map_err(ck("C_GenerateKeyPair(RSA)"))?;
+    Ok(())
+}
+
 /// Creates an EC P-256 key pair on the token. `sign` or derive (ECDH) use.
 fn generate(session: &Session, label: &str, sign: bool) -> Result<(), TreError> {
     let l = label.as_bytes().to_vec();
@@ -91,6 +132,7 @@ fn generate(session: &Session, label: &str, sign: bool) -> Result<(), TreError> 
 pub(super) fn init_device(
     session: &Session,
     identity: &DeviceIdentity,
+    scheme: UnwrapScheme,
 ) -> Result<InitOutcome, TreError> {
     let stored = read_identity(session)?;
     let mut present = Vec::new();
@@ -121,7 +163,11 @@ pub(super) fn init_device(
     .zip(present)
     {
         if !here {
-            generate(session, label, sign)?;
+            if label == UNWRAP_LABEL && scheme == UnwrapScheme::RsaOaep {
+                generate_rsa_unwrap(session)?;
+            } else {
+                generate(session, label, sign)?;
+            }
             created = true;
         }
     }
@@ -181,10 +227,42 @@ pub(super) fn spki(point: &[u8; 65]) -> Vec<u8> {
     der
 }
 
+/// DER SPKI of the RSA unwrap key.
+fn rsa_spki(session: &Session) -> Result<Vec<u8>, TreError> {
+    use rsa::pkcs8::EncodePublicKey;
+    let obj =
+        find(session, ObjectClass::PUBLIC_KEY, UNWRAP_LABEL)?.ok_or(TreError::NotInitialised)?;
+    let attrs = session
+        .get_attributes(
+            obj,
+            &[AttributeType::Modulus, AttributeType::PublicExponent],
+        )
+        .map_err(ck("C_GetAttributeValue"))?;
+    let (mut n, mut e) = (Vec::new(), Vec::new());
+    for a in attrs {
+        match a {
+            Attribute::Modulus(v) => n = v,
+            Attribute::PublicExponent(v) => e = v,
+            _ => {}
+        }
+    }
+    let bad = || TreError::Mismatch("the RSA unwrap key is malformed".into());
+    let n = rsa::BoxedUint::from_be_slice_vartime(&n);
+    let e = rsa::BoxedUint::from_be_slice_vartime(&e);
+    let key = rsa::PublicKey::new(n, e).map_err(|_| bad())?;
+    key.to_public_key_der()
+        .map(|d| d.as_bytes().to_vec())
+        .map_err(|_| bad())
+}
+
 /// The public material of the three key pairs, as DER SPKI.
 pub(super) fn device_public(session: &Session) -> Result<DevicePublic, TreError> {
+    let storage_public = match unwrap_key_scheme(session)? {
+        Some(UnwrapScheme::RsaOaep) => rsa_spki(session)?,
+        _ => spki(&ec_point(session, UNWRAP_LABEL)?),
+    };
     Ok(DevicePublic {
-        storage_public: spki(&ec_point(session, UNWRAP_LABEL)?),
+        storage_public,
         attestation_public: spki(&ec_point(session, ATTESTATION_LABEL)?),
         tls_public_spki: spki(&ec_point(session, TLS_LABEL)?),
     })

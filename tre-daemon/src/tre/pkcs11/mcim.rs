@@ -9,8 +9,9 @@
 
 use std::cell::RefCell;
 
-use cryptoki::mechanism::Mechanism;
 use cryptoki::mechanism::elliptic_curve::{EcKdf, Ecdh1DeriveParams};
+use cryptoki::mechanism::rsa::{PkcsMgfType, PkcsOaepParams, PkcsOaepSource};
+use cryptoki::mechanism::{Mechanism, MechanismType};
 use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
 use cryptoki::session::Session;
 use mcim_core::aka::milenage::Block;
@@ -20,7 +21,9 @@ use zeroize::Zeroizing;
 
 use super::keys::UNWRAP_LABEL;
 use super::{Pkcs11Tre, ck};
-use crate::tre::{AkaChallenge, AkaExecution, ProtectedSecrets, TreError, WrappedSecrets};
+use crate::tre::{
+    AkaChallenge, AkaExecution, ProtectedSecrets, TreError, UnwrapScheme, WrappedSecrets,
+};
 
 /// Label of an MCIM's K object.
 pub const K_LABEL: &str = "mcim.k";
@@ -46,6 +49,9 @@ impl Pkcs11Tre {
         what: &str,
         template: &[Attribute],
     ) -> Result<ObjectHandle, TreError> {
+        if self.caps.unwrap == UnwrapScheme::RsaOaep {
+            return self.unwrap_rsa(blob, what, template);
+        }
         let blob = TokenBlob::from_bytes(blob).map_err(|e| bad(format!("{what}: {e}")))?;
         let unwrap_key = find_one(
             &self.session,
@@ -82,6 +88,35 @@ impl Pkcs11Tre {
             });
         let _ = self.session.destroy_object(kek);
         out
+    }
+
+    /// RSA-OAEP (SHA-1, MGF1-SHA-1: see `mcim_core::token_wrap`) unwrap with the RSA key.
+    fn unwrap_rsa(
+        &self,
+        blob: &[u8],
+        what: &str,
+        template: &[Attribute],
+    ) -> Result<ObjectHandle, TreError> {
+        let unwrap_key = find_one(
+            &self.session,
+            &[
+                Attribute::Class(ObjectClass::PRIVATE_KEY),
+                Attribute::Label(UNWRAP_LABEL.as_bytes().to_vec()),
+            ],
+        )?
+        .ok_or(TreError::NotInitialised)?;
+        let params = PkcsOaepParams::new(
+            MechanismType::SHA1,
+            PkcsMgfType::MGF1_SHA1,
+            PkcsOaepSource::empty(),
+        );
+        self.session
+            .unwrap_key(&Mechanism::RsaPkcsOaep(params), unwrap_key, blob, template)
+            .map_err(|e| {
+                bad(format!(
+                    "{what}: C_UnwrapKey(RSA-OAEP) refused it (not for this token, or damaged): {e}"
+                ))
+            })
     }
 
     pub(super) fn import_secrets(

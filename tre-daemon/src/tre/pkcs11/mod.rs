@@ -28,6 +28,7 @@ use cryptoki::slot::Slot;
 use mcim_core::identity::DeviceIdentity;
 use secrecy::SecretString;
 
+use super::UnwrapScheme;
 use mcim_core::aka::{DeviceResponse, MsSqnState};
 
 use super::{
@@ -44,6 +45,10 @@ pub struct Pkcs11Config {
     pub token_label: String,
     /// The user PIN.
     pub pin: SecretString,
+    /// Use RSA-OAEP for MCIM secrets even when the token has ECDH (for tokens whose ECDH is
+    /// unusable, and to test the fallback on SoftHSM2). Otherwise RSA-OAEP is used only when
+    /// ECDH or AES-KWP is missing.
+    pub force_rsa_unwrap: bool,
 }
 
 impl std::fmt::Debug for Pkcs11Config {
@@ -52,6 +57,7 @@ impl std::fmt::Debug for Pkcs11Config {
             .field("module", &self.module)
             .field("token_label", &self.token_label)
             .field("pin", &"(redacted)")
+            .field("force_rsa_unwrap", &self.force_rsa_unwrap)
             .finish()
     }
 }
@@ -114,7 +120,11 @@ impl Pkcs11Tre {
             }
             Err(e) => return Err(TreError::Login(e.to_string())),
         }
-        let caps = capabilities(&ctx, slot)?;
+        let mut caps = capabilities(&ctx, slot, config.force_rsa_unwrap)?;
+        // A device initialised earlier keeps the scheme of the unwrap key it has.
+        if let Some(existing) = keys::unwrap_key_scheme(&session)? {
+            caps.unwrap = existing;
+        }
         Ok(Self { session, caps })
     }
 }
@@ -129,11 +139,23 @@ fn find_slot(ctx: &Pkcs11, label: &str) -> Result<Option<Slot>, TreError> {
     Ok(None)
 }
 
-fn capabilities(ctx: &Pkcs11, slot: Slot) -> Result<Capabilities, TreError> {
+fn capabilities(ctx: &Pkcs11, slot: Slot, force_rsa: bool) -> Result<Capabilities, TreError> {
     let mechs = ctx
         .get_mechanism_list(slot)
         .map_err(ck("C_GetMechanismList"))?;
     let has = |m: MechanismType| mechs.contains(&m);
+    let ecdh = has(MechanismType::ECDH1_DERIVE) && has(MechanismType::AES_KEY_WRAP_PAD);
+    let rsa = has(MechanismType::RSA_PKCS_OAEP) && has(MechanismType::RSA_PKCS_KEY_PAIR_GEN);
+    let unwrap = match (force_rsa, ecdh, rsa) {
+        (true, _, true) | (false, false, true) => UnwrapScheme::RsaOaep,
+        (false, true, _) => UnwrapScheme::EcdhAesKwp,
+        _ => {
+            return Err(TreError::Unavailable {
+                target: "PKCS#11 token".into(),
+                detail: "the token has neither ECDH with AES key wrap nor RSA-OAEP (or RSA-OAEP was required and is missing)".into(),
+            });
+        }
+    };
     let info = ctx.get_token_info(slot).map_err(ck("C_GetTokenInfo"))?;
     Ok(Capabilities {
         kind: TreKind::Pkcs11,
@@ -151,6 +173,7 @@ fn capabilities(ctx: &Pkcs11, slot: Slot) -> Result<Capabilities, TreError> {
             info.manufacturer_id().trim_end(),
             info.model().trim_end()
         ),
+        unwrap,
     })
 }
 
@@ -164,7 +187,7 @@ impl Tre for Pkcs11Tre {
     }
 
     fn init_device(&mut self, identity: &DeviceIdentity) -> Result<InitOutcome, TreError> {
-        let out = keys::init_device(&self.session, identity)?;
+        let out = keys::init_device(&self.session, identity, self.caps.unwrap)?;
         integrity::ensure(&self.session)?;
         Ok(out)
     }

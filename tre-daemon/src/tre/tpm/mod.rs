@@ -22,6 +22,7 @@ mod quote;
 pub use integrity::{NV_AUDIT_ANCHOR, NV_COUNTER};
 pub use quote::MAX_NONCE;
 
+use super::UnwrapScheme;
 use super::{
     AkaChallenge, AkaExecution, AuditAnchor, Capabilities, DevicePublic, InitOutcome,
     ProtectedSecrets, Tre, TreError, TreKind, WrappedSecrets,
@@ -261,6 +262,7 @@ fn read_capabilities(ctx: &mut Context) -> Result<Capabilities, TreError> {
         quote: true,
         monotonic_counter: true,
         vendor,
+        unwrap: UnwrapScheme::TpmImport,
     })
 }
 
