@@ -106,26 +106,35 @@ impl Pkcs11Tre {
         let session = ctx
             .open_rw_session(slot)
             .map_err(|e| unavailable(format!("C_OpenSession: {e}")))?;
-        match session.login(UserType::User, Some(&config.pin)) {
-            Ok(()) => {}
-            Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {}
-            Err(CkError::Pkcs11(RvError::PinIncorrect, _)) => {
-                return Err(TreError::Login("wrong user PIN".into()));
-            }
-            Err(CkError::Pkcs11(RvError::PinLocked, _)) => {
-                return Err(TreError::Login(
-                    "the user PIN is locked (too many wrong PINs); the token's SO must reset it"
-                        .into(),
-                ));
-            }
-            Err(e) => return Err(TreError::Login(e.to_string())),
-        }
+        session
+            .login(UserType::User, Some(&config.pin))
+            .or_else(|e| match e {
+                CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _) => Ok(()),
+                e => Err(login_error(e)),
+            })?;
         let mut caps = capabilities(&ctx, slot, config.force_rsa_unwrap)?;
         // A device initialised earlier keeps the scheme of the unwrap key it has.
         if let Some(existing) = keys::unwrap_key_scheme(&session)? {
             caps.unwrap = existing;
         }
         Ok(Self { session, caps })
+    }
+}
+
+/// A refused C_Login, in the owner's terms.
+fn login_error(e: CkError) -> TreError {
+    match e {
+        CkError::Pkcs11(RvError::PinIncorrect, _) => TreError::Login("wrong user PIN".into()),
+        CkError::Pkcs11(RvError::PinLocked, _) => TreError::Login(
+            "the user PIN is locked (too many wrong PINs); the token's SO must reset it".into(),
+        ),
+        CkError::Pkcs11(RvError::PinExpired, _) => {
+            TreError::Login("the user PIN has expired; set a new one".into())
+        }
+        CkError::Pkcs11(RvError::UserPinNotInitialized, _) => {
+            TreError::Login("the token's user PIN is not initialised".into())
+        }
+        e => TreError::Login(e.to_string()),
     }
 }
 
@@ -257,5 +266,21 @@ impl Tre for Pkcs11Tre {
             .generate_random_slice(&mut out)
             .map_err(ck("C_GenerateRandom"))?;
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cryptoki::context::Function;
+
+    /// SoftHSM2 never locks a PIN, so the locked case is checked here, at the mapping.
+    #[test]
+    fn login_refusals_are_clear() {
+        let m = |rv| login_error(CkError::Pkcs11(rv, Function::Login)).to_string();
+        assert!(m(RvError::PinIncorrect).contains("wrong user PIN"));
+        assert!(m(RvError::PinLocked).contains("locked"));
+        assert!(m(RvError::PinLocked).contains("SO must reset"));
+        assert!(m(RvError::PinExpired).contains("expired"));
     }
 }
