@@ -125,6 +125,21 @@ impl EngineHandle {
         Ok((Self { tx }, thread))
     }
 
+    /// Runs `f` on the TRE thread and blocks this thread until it answers (for synchronous
+    /// callers such as a TLS handshake's signature).
+    pub fn call_blocking<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Engine) -> R + Send + 'static,
+    ) -> Result<R, EngineGone> {
+        let (tx, rx) = mpsc::channel();
+        self.tx
+            .send(Box::new(move |e| {
+                let _ = tx.send(f(e));
+            }))
+            .map_err(|_| EngineGone)?;
+        rx.recv().map_err(|_| EngineGone)
+    }
+
     /// Runs `f` on the TRE thread and waits for its answer.
     pub async fn call<R: Send + 'static>(
         &self,

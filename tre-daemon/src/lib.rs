@@ -12,10 +12,13 @@
 //! - [`config`], [`engine`] (the thread that owns the TRE), [`service`] (the local gRPC API
 //!   `mcim.tre.v1` on a Unix socket): the daemon `tred`.
 //!
+//! - [`tls`]: the device's TLS key as a rustls signing key whose signatures the TRE makes.
+//!
 //! Still to come: the device side of the provisioning flows.
 
 pub mod config;
 pub mod engine;
 pub mod registry;
 pub mod service;
+pub mod tls;
 pub mod tre;

@@ -134,6 +134,23 @@ impl std::fmt::Debug for ProtectedSecrets {
     }
 }
 
+/// DER of an ECDSA P-256 signature from its scalars (big-endian, any length up to 32).
+pub(crate) fn ecdsa_der(r: &[u8], s: &[u8]) -> Result<Vec<u8>, TreError> {
+    let pad = |v: &[u8]| -> Result<[u8; 32], TreError> {
+        if v.len() > 32 {
+            return Err(TreError::Mismatch(
+                "ECDSA scalar longer than 32 octets".into(),
+            ));
+        }
+        let mut out = [0u8; 32];
+        out[32 - v.len()..].copy_from_slice(v);
+        Ok(out)
+    };
+    let sig = p256::ecdsa::Signature::from_scalars(pad(r)?, pad(s)?)
+        .map_err(|_| TreError::Mismatch("not an ECDSA P-256 signature".into()))?;
+    Ok(sig.to_der().as_bytes().to_vec())
+}
+
 /// Hex encoding for byte strings in JSON records.
 pub(crate) mod hex_bytes {
     /// Serialises as a lower-case hex string.
@@ -306,6 +323,14 @@ pub trait Tre {
     ) -> Result<DeviceResponse, TreError> {
         let _ = (secrets, sqn, challenge);
         Err(self.not_supported("authenticate"))
+    }
+
+    /// Signs a TLS handshake message with the device's TLS key (ECDSA P-256 over
+    /// SHA-256(message); DER, as TLS wants it): the device's TLS identity lives in the TRE and
+    /// the private key never leaves it (`crate::tls::TreTlsKey`).
+    fn tls_sign(&mut self, message: &[u8]) -> Result<Vec<u8>, TreError> {
+        let _ = message;
+        Err(self.not_supported("tls_sign"))
     }
 
     /// Signs attestation evidence with the attestation key (a TRE without quotes:

@@ -277,3 +277,17 @@ pub(super) fn sign_evidence(session: &Session, payload: &[u8]) -> Result<Vec<u8>
         .sign(&Mechanism::Ecdsa, key, &digest)
         .map_err(ck("C_Sign(CKM_ECDSA)"))
 }
+
+/// ECDSA P-256 by the TLS key over SHA-256(message), DER.
+pub(super) fn sign_tls(session: &Session, message: &[u8]) -> Result<Vec<u8>, TreError> {
+    let key =
+        find(session, ObjectClass::PRIVATE_KEY, TLS_LABEL)?.ok_or(TreError::NotInitialised)?;
+    let digest = mcim_core::tpm::kdf::sha256(&[message]);
+    let raw = session
+        .sign(&Mechanism::Ecdsa, key, &digest)
+        .map_err(ck("C_Sign(CKM_ECDSA)"))?;
+    if raw.len() != 64 {
+        return Err(TreError::Mismatch("CKM_ECDSA did not return r || s".into()));
+    }
+    crate::tre::ecdsa_der(&raw[..32], &raw[32..])
+}

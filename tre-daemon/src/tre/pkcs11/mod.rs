@@ -201,6 +201,10 @@ impl Tre for Pkcs11Tre {
         Ok(out)
     }
 
+    fn tls_sign(&mut self, message: &[u8]) -> Result<Vec<u8>, TreError> {
+        keys::sign_tls(&self.session, message)
+    }
+
     fn sign_evidence(&mut self, payload: &[u8]) -> Result<Vec<u8>, TreError> {
         keys::sign_evidence(&self.session, payload)
     }

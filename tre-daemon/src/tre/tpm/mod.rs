@@ -333,6 +333,10 @@ impl Tre for TpmTre {
         self.write_anchor(anchor)
     }
 
+    fn tls_sign(&mut self, message: &[u8]) -> Result<Vec<u8>, TreError> {
+        self.sign_tls(message)
+    }
+
     fn quote(&mut self, nonce: &[u8], pcrs: &PcrSelection) -> Result<TpmQuote, TreError> {
         self.quote_pcrs(nonce, pcrs)
     }

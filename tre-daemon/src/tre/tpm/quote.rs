@@ -17,6 +17,50 @@ use crate::tre::TreError;
 pub const MAX_NONCE: usize = 64;
 
 impl TpmTre {
+    /// TPM2_Sign with the (unrestricted) TLS key over SHA-256(message), a null ticket.
+    pub(super) fn sign_tls(&mut self, message: &[u8]) -> Result<Vec<u8>, TreError> {
+        use tss_esapi::constants::tss::{TPM2_RH_NULL, TPM2_ST_HASHCHECK};
+        use tss_esapi::structures::{Digest, HashcheckTicket, Signature};
+        use tss_esapi::tss2_esys::TPMT_TK_HASHCHECK;
+
+        let digest = Digest::try_from(mcim_core::tpm::kdf::sha256(&[message]).to_vec())
+            .map_err(cmd("digest"))?;
+        let ticket = HashcheckTicket::try_from(TPMT_TK_HASHCHECK {
+            tag: TPM2_ST_HASHCHECK,
+            hierarchy: TPM2_RH_NULL,
+            digest: Default::default(),
+        })
+        .map_err(cmd("null ticket"))?;
+        self.count(1);
+        let mut key = keys::open_persistent(&mut self.ctx, super::TLS_HANDLE)?
+            .ok_or(TreError::NotInitialised)?;
+        self.count(1);
+        let signed = self
+            .ctx
+            .execute_with_session(Some(AuthSession::Password), |c| {
+                c.sign(
+                    KeyHandle::from(key),
+                    digest,
+                    SignatureScheme::EcDsa {
+                        hash_scheme: HashScheme::new(HashingAlgorithm::Sha256),
+                    },
+                    ticket,
+                )
+                .map_err(cmd("TPM2_Sign"))
+            });
+        let closed = self.ctx.tr_close(&mut key).map_err(cmd("Esys_TR_Close"));
+        let signed = signed?;
+        closed?;
+        match signed {
+            Signature::EcDsa(sig) => {
+                crate::tre::ecdsa_der(sig.signature_r().value(), sig.signature_s().value())
+            }
+            _ => Err(TreError::Mismatch(
+                "TLS key returned a non-ECDSA signature".into(),
+            )),
+        }
+    }
+
     pub(super) fn quote_pcrs(
         &mut self,
         nonce: &[u8],
