@@ -1,8 +1,13 @@
-//! # mcim-roles: the network roles
+//! # mcim-roles: the network roles of TR 33.812 Alternative 1a
 //!
-//! One module per role of TR 33.812 5.1.3.5 (supplier/CCIF, RO with ICF, DRF and DPF, VNO,
-//! SHO, PVA), each a set of tonic services from `mcim-proto`, talking to each other only
-//! through their gRPC clients. Storage is SQLite by default, PostgreSQL when split.
+//! gRPC servers for the equipment supplier (CCIF), the Registration Operator (ICF, DRF, DPF),
+//! the Visited Network Operator, the Selected Home Operator and the Platform Validation
+//! Authority. Built so far:
 //!
-//! This first slice only carries the crate and the binary; the roles land with issue 5.
+//! - [`authz`]: the one authorization table (annex x.3): who may call which RPC, a device only
+//!   for itself.
+//!
+//! The role services, PKI/mTLS and the provisioning flow arrive with the rest of issue 5.
 #![forbid(unsafe_code)]
+
+pub mod authz;
