@@ -13,6 +13,7 @@ mod device;
 mod hexarg;
 mod lab;
 mod operator;
+mod pki;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -40,6 +41,9 @@ enum Command {
     /// A whole system on one machine: swtpm, tred, and the roles' device-facing steps.
     #[command(subcommand)]
     Lab(lab::LabCommand),
+    /// The roles' development PKI: CA, role certificates, device certificates.
+    #[command(subcommand)]
+    Pki(pki::PkiCommand),
     /// Equipment supplier tools: rehabilitation keys and tokens.
     #[command(subcommand)]
     Supplier(operator::SupplierCommand),
@@ -57,6 +61,7 @@ fn main() -> ExitCode {
         Command::Sho(c) => operator::run_sho(c).map_err(|e| e.to_string()),
         Command::Pva(c) => operator::run_pva(c).map_err(|e| e.to_string()),
         Command::Lab(c) => lab::run(c).map_err(|e| e.to_string()),
+        Command::Pki(c) => pki::run(c),
         Command::Supplier(c) => operator::run_supplier(c).map_err(|e| e.to_string()),
     };
     match result {

@@ -6,8 +6,11 @@
 //!
 //! - [`authz`]: the one authorization table (annex x.3): who may call which RPC, a device only
 //!   for itself.
+//! - [`pki`]: a development CA and per-party certificates whose URI SAN is the identity the
+//!   table decides on; device certificates for the TLS key the device's TRE holds.
 //!
 //! The role services, PKI/mTLS and the provisioning flow arrive with the rest of issue 5.
 #![forbid(unsafe_code)]
 
 pub mod authz;
+pub mod pki;

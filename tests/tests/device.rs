@@ -700,3 +700,75 @@ fn the_same_device_commands_on_a_pkcs11_token() {
         }
     }
 }
+
+/// `mcimctl pki init` makes the roles' CA and certificates; `mcimctl pki device` certifies the
+/// TLS key a device's TPM holds, for its PCID, so the roles can authenticate it.
+#[test]
+fn pki_certifies_roles_and_the_device_tls_key() {
+    let tpm = Swtpm::start();
+    let tred = Tred::start(&tpm.tcti());
+    let work = tempfile::tempdir().unwrap();
+    let pki = work.path().join("pki");
+    let keys = work.path().join("keys");
+    let run = |args: &[&str]| {
+        Command::new(workspace_bin("mcimctl"))
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    assert!(ok(run(&["pki", "init", "--dir", p(&pki)])).contains("sho"));
+    assert!(
+        ok(run(&["pki", "init", "--dir", p(&pki)])).contains("none"),
+        "idempotent"
+    );
+    ok(mcimctl(
+        &tred,
+        &[
+            "device",
+            "init",
+            "--device-id",
+            "SN-9",
+            "--pcid",
+            "001010000000099",
+            "--model",
+            "m",
+            "--out-dir",
+            p(&keys),
+        ],
+    ));
+    let cert = work.path().join("device.pem");
+    ok(run(&[
+        "pki",
+        "device",
+        "--dir",
+        p(&pki),
+        "--pcid",
+        "001010000000099",
+        "--tls-spki",
+        p(&keys.join("tls.spki.der")),
+        "--out",
+        p(&cert),
+    ]));
+    let pem = std::fs::read(&cert).unwrap();
+    use rustls::pki_types::pem::PemObject;
+    let der = rustls::pki_types::CertificateDer::from_pem_slice(&pem).unwrap();
+    let caller = mcim_roles::pki::caller_from_cert(&der).unwrap();
+    assert_eq!(caller.role, mcim_roles::authz::Role::Device);
+    assert_eq!(caller.name, "001010000000099");
+    // The certificate carries exactly the key the TPM holds.
+    let spki = std::fs::read(keys.join("tls.spki.der")).unwrap();
+    assert!(der.windows(65).any(|w| w == &spki[26..]));
+    let bad = run(&[
+        "pki",
+        "device",
+        "--dir",
+        p(&pki),
+        "--pcid",
+        "12",
+        "--tls-spki",
+        p(&keys.join("tls.spki.der")),
+        "--out",
+        p(&cert),
+    ]);
+    assert_eq!(bad.status.code(), Some(1), "a malformed PCID is refused");
+}

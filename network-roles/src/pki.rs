@@ -1,0 +1,226 @@
+//! A development PKI for the roles' mutual TLS (issue 5: `mcimctl pki init`): one CA, and a
+//! certificate per party whose identity is a URI SAN `urn:mcim:<role>:<name>` (what
+//! [`caller_from_cert`] reads and the authorization table decides on), plus a DNS SAN for
+//! server-name checks. Devices get theirs for the public key their TRE holds.
+//!
+//! Files in the PKI directory: `ca.pem`, `ca.key`, and `<role>.pem` / `<role>.key` per party
+//! (keys 0600). A production deployment brings its own CA; this one is for labs and tests.
+
+use std::path::{Path, PathBuf};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType,
+};
+
+use crate::authz::{Caller, Role};
+
+/// What can go wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum PkiError {
+    /// A file.
+    #[error("{path}: {detail}")]
+    File {
+        /// the file
+        path: PathBuf,
+        /// why
+        detail: String,
+    },
+    /// Certificate building or parsing.
+    #[error("certificate: {0}")]
+    Cert(String),
+    /// A certificate that names no mcim identity.
+    #[error("the certificate names no mcim identity (urn:mcim:<role>:<name>)")]
+    NoIdentity,
+}
+
+fn cert_err(e: impl std::fmt::Display) -> PkiError {
+    PkiError::Cert(e.to_string())
+}
+
+fn read(path: &Path) -> Result<String, PkiError> {
+    std::fs::read_to_string(path).map_err(|e| PkiError::File {
+        path: path.to_path_buf(),
+        detail: e.to_string(),
+    })
+}
+
+fn write(path: &Path, text: &str, secret: bool) -> Result<(), PkiError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let err = |e: std::io::Error| PkiError::File {
+        path: path.to_path_buf(),
+        detail: e.to_string(),
+    };
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(if secret { 0o600 } else { 0o644 })
+        .open(path)
+        .map_err(err)?;
+    f.write_all(text.as_bytes()).map_err(err)
+}
+
+/// The identity URI of a party.
+pub fn identity_uri(role: Role, name: &str) -> String {
+    format!("urn:mcim:{}:{name}", role.as_str())
+}
+
+/// Creates the CA if missing, then a key and certificate for every party that has none.
+/// Existing files are kept (idempotent). Returns the parties created.
+pub fn init(dir: &Path, parties: &[(Role, &str)]) -> Result<Vec<Role>, PkiError> {
+    std::fs::create_dir_all(dir).map_err(|e| PkiError::File {
+        path: dir.to_path_buf(),
+        detail: e.to_string(),
+    })?;
+    if !dir.join("ca.pem").exists() {
+        let key = KeyPair::generate().map_err(cert_err)?;
+        let mut params = CertificateParams::new(Vec::<String>::new()).map_err(cert_err)?;
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, "mcim development CA");
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let cert = params.self_signed(&key).map_err(cert_err)?;
+        write(&dir.join("ca.key"), &key.serialize_pem(), true)?;
+        write(&dir.join("ca.pem"), &cert.pem(), false)?;
+    }
+    let ca_key = KeyPair::from_pem(&read(&dir.join("ca.key"))?).map_err(cert_err)?;
+    let issuer = Issuer::from_ca_cert_pem(&read(&dir.join("ca.pem"))?, ca_key).map_err(cert_err)?;
+    let mut made = Vec::new();
+    for (role, name) in parties {
+        let pem = dir.join(format!("{}.pem", role.as_str()));
+        if pem.exists() {
+            continue;
+        }
+        let key = KeyPair::generate().map_err(cert_err)?;
+        let params = party_params(*role, name)?;
+        let cert = params.signed_by(&key, &issuer).map_err(cert_err)?;
+        write(
+            &dir.join(format!("{}.key", role.as_str())),
+            &key.serialize_pem(),
+            true,
+        )?;
+        write(&pem, &cert.pem(), false)?;
+        made.push(*role);
+    }
+    Ok(made)
+}
+
+fn party_params(role: Role, name: &str) -> Result<CertificateParams, PkiError> {
+    let mut params = CertificateParams::new(Vec::<String>::new()).map_err(cert_err)?;
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, format!("{role} {name}"));
+    params.distinguished_name = dn;
+    params.subject_alt_names = vec![SanType::URI(
+        identity_uri(role, name).try_into().map_err(cert_err)?,
+    )];
+    if role != Role::Device {
+        params
+            .subject_alt_names
+            .push(SanType::DnsName(name.try_into().map_err(cert_err)?));
+    }
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    Ok(params)
+}
+
+/// The TRE's P-256 public key (the point inside its SPKI) for rcgen.
+struct P256Point(Vec<u8>);
+
+impl rcgen::PublicKeyData for P256Point {
+    fn der_bytes(&self) -> &[u8] {
+        &self.0
+    }
+    fn algorithm(&self) -> &'static rcgen::SignatureAlgorithm {
+        &rcgen::PKCS_ECDSA_P256_SHA256
+    }
+}
+
+/// Certifies a device's TLS key (DER SPKI of a P-256 key held by its TRE) for `pcid`: the
+/// supplier's part of the platform credential (5.1.3.5.8 PfC (3)). Returns the PEM.
+pub fn issue_device(dir: &Path, pcid: &str, tls_spki: &[u8]) -> Result<String, PkiError> {
+    let point = tls_spki
+        .strip_prefix(&mcim_core::token_wrap::P256_SPKI_PREFIX[..])
+        .filter(|p| p.len() == 65)
+        .ok_or_else(|| PkiError::Cert("the device TLS key is not a P-256 SPKI".into()))?;
+    let ca_key = KeyPair::from_pem(&read(&dir.join("ca.key"))?).map_err(cert_err)?;
+    let issuer = Issuer::from_ca_cert_pem(&read(&dir.join("ca.pem"))?, ca_key).map_err(cert_err)?;
+    let cert = party_params(Role::Device, pcid)?
+        .signed_by(&P256Point(point.to_vec()), &issuer)
+        .map_err(cert_err)?;
+    Ok(cert.pem())
+}
+
+/// The caller a (verified) peer certificate names: its `urn:mcim:<role>:<name>` URI SAN.
+pub fn caller_from_cert(der: &[u8]) -> Result<Caller, PkiError> {
+    use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+    let (_, cert) = X509Certificate::from_der(der).map_err(cert_err)?;
+    let san = cert
+        .subject_alternative_name()
+        .map_err(cert_err)?
+        .ok_or(PkiError::NoIdentity)?;
+    for name in &san.value.general_names {
+        if let GeneralName::URI(uri) = name
+            && let Some(rest) = uri.strip_prefix("urn:mcim:")
+            && let Some((role, who)) = rest.split_once(':')
+            && let Some(role) = Role::parse(role)
+            && !who.is_empty()
+        {
+            return Ok(Caller {
+                role,
+                name: who.to_string(),
+            });
+        }
+    }
+    Err(PkiError::NoIdentity)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn init_is_idempotent_and_certificates_name_their_party() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let parties = [(Role::Sho, "sho.mcim.local"), (Role::Pva, "pva.mcim.local")];
+        let made = init(dir.path(), &parties).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(made, [Role::Sho, Role::Pva]);
+        let ca = std::fs::read(dir.path().join("ca.pem")).unwrap_or_default();
+        assert!(init(dir.path(), &parties).unwrap_or_default().is_empty());
+        assert_eq!(
+            std::fs::read(dir.path().join("ca.pem")).unwrap_or_default(),
+            ca,
+            "kept"
+        );
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.path().join("sho.key"))
+            .map(|m| m.permissions().mode() & 0o777)
+            .unwrap_or(0);
+        assert_eq!(mode, 0o600);
+        let pem = std::fs::read_to_string(dir.path().join("sho.pem")).unwrap_or_default();
+        let der = rustls::pki_types::pem::PemObject::from_pem_slice(pem.as_bytes())
+            .map(|c: rustls::pki_types::CertificateDer<'static>| c.to_vec())
+            .unwrap_or_default();
+        assert_eq!(
+            caller_from_cert(&der).ok(),
+            Some(Caller {
+                role: Role::Sho,
+                name: "sho.mcim.local".into()
+            })
+        );
+        // A certificate without our URI is nobody.
+        let key = KeyPair::generate().unwrap_or_else(|e| panic!("{e}"));
+        let other = CertificateParams::new(vec!["x.example".to_string()])
+            .and_then(|p| p.self_signed(&key))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(matches!(
+            caller_from_cert(other.der()),
+            Err(PkiError::NoIdentity)
+        ));
+    }
+}
