@@ -9,8 +9,13 @@
 //! - [`pki`]: a development CA and per-party certificates whose URI SAN is the identity the
 //!   table decides on; device certificates for the TLS key the device's TRE holds.
 //!
-//! The role services, PKI/mTLS and the provisioning flow arrive with the rest of issue 5.
+//! - [`tls`]: mutual TLS (rustls via tonic) and `authorize`, which every handler calls first.
+//! - [`supplier`]: the equipment supplier certifying devices' attestation and TLS keys.
+//!
+//! The other roles and the provisioning flow arrive with the rest of issue 5.
 #![forbid(unsafe_code)]
 
 pub mod authz;
 pub mod pki;
+pub mod supplier;
+pub mod tls;

@@ -1,14 +1,83 @@
-//! `mcim-roles`: the network roles' gRPC servers. The roles arrive with the provisioning
-//! issue; for now the binary only reports its version.
-use clap::Parser;
+//! `mcim-roles`: the network roles' gRPC servers over mutual TLS.
+//!
+//! ```text
+//! mcim-roles supplier --pki DIR --listen 127.0.0.1:7401
+//! ```
+//! Other roles join as they are built (issue 5).
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use mcim_proto::mcim::supplier::v1::supplier_service_server::SupplierServiceServer;
+use mcim_roles::authz::Role;
+use mcim_roles::supplier::Supplier;
+use mcim_roles::tls::server_tls;
 
 /// The mcim network roles.
 #[derive(Parser)]
 #[command(version, about)]
-struct Args {}
+struct Args {
+    #[command(subcommand)]
+    role: RoleCmd,
+}
 
-fn main() {
-    let _args = Args::parse();
-    eprintln!("mcim-roles: no role is built into this version yet");
-    std::process::exit(1);
+#[derive(Subcommand)]
+enum RoleCmd {
+    /// The equipment supplier (certifies devices' attestation and TLS keys).
+    Supplier {
+        /// PKI directory (`mcimctl pki init`).
+        #[arg(long, env = "MCIM_PKI")]
+        pki: PathBuf,
+        /// Address to listen on.
+        #[arg(long, env = "MCIM_LISTEN", default_value = "127.0.0.1:7401")]
+        listen: SocketAddr,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("MCIM_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_ansi(false)
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("mcim-roles: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(serve(args.role)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("mcim-roles: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(role: RoleCmd) -> Result<(), String> {
+    match role {
+        RoleCmd::Supplier { pki, listen } => {
+            let tls = server_tls(&pki, Role::Supplier).map_err(|e| e.to_string())?;
+            tracing::info!(%listen, "supplier serving (mutual TLS)");
+            tonic::transport::Server::builder()
+                .tls_config(tls)
+                .map_err(|e| e.to_string())?
+                .add_service(SupplierServiceServer::new(Supplier::new(pki)))
+                .serve_with_shutdown(listen, async {
+                    let _ = tokio::signal::ctrl_c().await;
+                })
+                .await
+                .map_err(|e| e.to_string())
+        }
+    }
 }

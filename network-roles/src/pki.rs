@@ -4,7 +4,9 @@
 //! server-name checks. Devices get theirs for the public key their TRE holds.
 //!
 //! Files in the PKI directory: `ca.pem`, `ca.key`, and `<role>.pem` / `<role>.key` per party
-//! (keys 0600). A production deployment brings its own CA; this one is for labs and tests.
+//! (keys 0600); `supplier-root.pem` / `.key`, the equipment supplier's root that certifies
+//! devices' attestation and TLS keys (5.1.3.5.8, PfC (1)). Roles trust both roots for client
+//! certificates. A production deployment brings its own CAs; these are for labs and tests.
 
 use std::path::{Path, PathBuf};
 
@@ -75,19 +77,12 @@ pub fn init(dir: &Path, parties: &[(Role, &str)]) -> Result<Vec<Role>, PkiError>
         detail: e.to_string(),
     })?;
     if !dir.join("ca.pem").exists() {
-        let key = KeyPair::generate().map_err(cert_err)?;
-        let mut params = CertificateParams::new(Vec::<String>::new()).map_err(cert_err)?;
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, "mcim development CA");
-        params.distinguished_name = dn;
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        let cert = params.self_signed(&key).map_err(cert_err)?;
-        write(&dir.join("ca.key"), &key.serialize_pem(), true)?;
-        write(&dir.join("ca.pem"), &cert.pem(), false)?;
+        make_ca(dir, "ca", "mcim development CA")?;
     }
-    let ca_key = KeyPair::from_pem(&read(&dir.join("ca.key"))?).map_err(cert_err)?;
-    let issuer = Issuer::from_ca_cert_pem(&read(&dir.join("ca.pem"))?, ca_key).map_err(cert_err)?;
+    if !dir.join("supplier-root.pem").exists() {
+        make_ca(dir, "supplier-root", "mcim equipment supplier root")?;
+    }
+    let issuer = issuer(dir, "ca")?;
     let mut made = Vec::new();
     for (role, name) in parties {
         let pem = dir.join(format!("{}.pem", role.as_str()));
@@ -106,6 +101,36 @@ pub fn init(dir: &Path, parties: &[(Role, &str)]) -> Result<Vec<Role>, PkiError>
         made.push(*role);
     }
     Ok(made)
+}
+
+/// A self-signed CA: `<file>.pem`, `<file>.key`.
+fn make_ca(dir: &Path, file: &str, cn: &str) -> Result<(), PkiError> {
+    let key = KeyPair::generate().map_err(cert_err)?;
+    let mut params = CertificateParams::new(Vec::<String>::new()).map_err(cert_err)?;
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, cn);
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let cert = params.self_signed(&key).map_err(cert_err)?;
+    write(&dir.join(format!("{file}.key")), &key.serialize_pem(), true)?;
+    write(&dir.join(format!("{file}.pem")), &cert.pem(), false)
+}
+
+/// The CA `<file>` as an issuer.
+fn issuer(dir: &Path, file: &str) -> Result<Issuer<'static, KeyPair>, PkiError> {
+    let key = KeyPair::from_pem(&read(&dir.join(format!("{file}.key")))?).map_err(cert_err)?;
+    Issuer::from_ca_cert_pem(&read(&dir.join(format!("{file}.pem")))?, key).map_err(cert_err)
+}
+
+/// The DER of the CA `<file>.pem`.
+pub fn ca_der(dir: &Path, file: &str) -> Result<Vec<u8>, PkiError> {
+    use rustls::pki_types::pem::PemObject;
+    rustls::pki_types::CertificateDer::from_pem_slice(
+        read(&dir.join(format!("{file}.pem")))?.as_bytes(),
+    )
+    .map(|c| c.to_vec())
+    .map_err(cert_err)
 }
 
 fn party_params(role: Role, name: &str) -> Result<CertificateParams, PkiError> {
@@ -141,19 +166,63 @@ impl rcgen::PublicKeyData for P256Point {
     }
 }
 
-/// Certifies a device's TLS key (DER SPKI of a P-256 key held by its TRE) for `pcid`: the
-/// supplier's part of the platform credential (5.1.3.5.8 PfC (3)). Returns the PEM.
-pub fn issue_device(dir: &Path, pcid: &str, tls_spki: &[u8]) -> Result<String, PkiError> {
+/// Certifies a device's TLS key (DER SPKI of a P-256 key held by its TRE) for `pcid` under
+/// the CA `<ca>` ("ca" in labs, "supplier-root" when the supplier certifies).
+fn device_cert(
+    dir: &Path,
+    ca: &str,
+    pcid: &str,
+    tls_spki: &[u8],
+) -> Result<rcgen::Certificate, PkiError> {
     let point = tls_spki
         .strip_prefix(&mcim_core::token_wrap::P256_SPKI_PREFIX[..])
         .filter(|p| p.len() == 65)
         .ok_or_else(|| PkiError::Cert("the device TLS key is not a P-256 SPKI".into()))?;
-    let ca_key = KeyPair::from_pem(&read(&dir.join("ca.key"))?).map_err(cert_err)?;
-    let issuer = Issuer::from_ca_cert_pem(&read(&dir.join("ca.pem"))?, ca_key).map_err(cert_err)?;
-    let cert = party_params(Role::Device, pcid)?
-        .signed_by(&P256Point(point.to_vec()), &issuer)
+    party_params(Role::Device, pcid)?
+        .signed_by(&P256Point(point.to_vec()), &issuer(dir, ca)?)
+        .map_err(cert_err)
+}
+
+/// [`device_cert`] as DER.
+pub fn issue_device_der(
+    dir: &Path,
+    ca: &str,
+    pcid: &str,
+    tls_spki: &[u8],
+) -> Result<Vec<u8>, PkiError> {
+    Ok(device_cert(dir, ca, pcid, tls_spki)?.der().to_vec())
+}
+
+/// A device certificate under the lab CA, as PEM (`mcimctl pki device`).
+pub fn issue_device(dir: &Path, pcid: &str, tls_spki: &[u8]) -> Result<String, PkiError> {
+    Ok(device_cert(dir, "ca", pcid, tls_spki)?.pem())
+}
+
+/// Certifies a device's attestation key under the supplier root (the platform credential,
+/// 5.1.3.5.8 PfC): `ak_p256_point` is the key's uncompressed point (from its TPM2B_PUBLIC or
+/// SPKI); the certificate names the device by PCID. Returns DER.
+pub fn issue_attestation_der(
+    dir: &Path,
+    pcid: &str,
+    ak_p256_point: &[u8; 65],
+) -> Result<Vec<u8>, PkiError> {
+    let mut params = CertificateParams::new(Vec::<String>::new()).map_err(cert_err)?;
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, format!("attestation key of {pcid}"));
+    params.distinguished_name = dn;
+    params.subject_alt_names = vec![SanType::URI(
+        identity_uri(Role::Device, pcid)
+            .try_into()
+            .map_err(cert_err)?,
+    )];
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    let cert = params
+        .signed_by(
+            &P256Point(ak_p256_point.to_vec()),
+            &issuer(dir, "supplier-root")?,
+        )
         .map_err(cert_err)?;
-    Ok(cert.pem())
+    Ok(cert.der().to_vec())
 }
 
 /// The caller a (verified) peer certificate names: its `urn:mcim:<role>:<name>` URI SAN.

@@ -1,0 +1,133 @@
+//! The M2M equipment supplier (TR 33.812 5.1.3.5.3) and its CCIF (5.1.3.4.1): certifies a
+//! device's attestation key (the platform credential, 5.1.3.5.8 PfC) and TLS key under the
+//! supplier root. Connectivity credentials (CCIF modes) arrive with the RO.
+
+use std::path::PathBuf;
+
+use mcim_core::identity::Pcid;
+use mcim_core::tpm::public::{EccPublic, attrs};
+use mcim_proto::mcim::common::v1 as common;
+use mcim_proto::mcim::supplier::v1 as pb;
+use mcim_proto::mcim::supplier::v1::supplier_service_server::SupplierService;
+use tonic::{Request, Response, Status};
+
+use crate::pki;
+use crate::tls::authorize;
+
+/// The supplier's service over its PKI directory (the supplier root signs).
+#[derive(Debug, Clone)]
+pub struct Supplier {
+    pki: PathBuf,
+}
+
+impl Supplier {
+    /// Serves with the supplier root in `pki`.
+    pub fn new(pki: PathBuf) -> Self {
+        Self { pki }
+    }
+}
+
+fn internal(e: pki::PkiError) -> Status {
+    Status::internal(e.to_string())
+}
+
+/// The attestation key's point: from a TPM2B_PUBLIC that must be a restricted, fixedTPM
+/// signing key (else a "quote" it signed would prove nothing), or from a token's SPKI.
+fn attestation_point(kind: i32, public: &[u8]) -> Result<[u8; 65], Status> {
+    let bad = |m: &str| Status::invalid_argument(format!("attestation key: {m}"));
+    match common::TreKind::try_from(kind) {
+        Ok(common::TreKind::Tpm2) => {
+            let ak = EccPublic::from_tpm2b(public).map_err(|e| bad(&e.to_string()))?;
+            let must =
+                attrs::RESTRICTED | attrs::SIGN_ENCRYPT | attrs::FIXED_TPM | attrs::FIXED_PARENT;
+            if ak.attributes & must != must || ak.attributes & attrs::DECRYPT != 0 {
+                return Err(bad("not a restricted, fixedTPM signing key"));
+            }
+            ak.p256().map_err(|e| bad(&e.to_string()))?;
+            let mut p = [0u8; 65];
+            p[0] = 0x04;
+            p[1..33].copy_from_slice(&ak.x);
+            p[33..].copy_from_slice(&ak.y);
+            Ok(p)
+        }
+        Ok(common::TreKind::Pkcs11) => {
+            mcim_core::token_wrap::spki_point(public).map_err(|e| bad(&e.to_string()))?;
+            let mut p = [0u8; 65];
+            p.copy_from_slice(&public[26..]);
+            Ok(p)
+        }
+        _ => Err(bad("unknown TRE kind")),
+    }
+}
+
+#[tonic::async_trait]
+impl SupplierService for Supplier {
+    async fn certify_device(
+        &self,
+        req: Request<pb::CertifyDeviceRequest>,
+    ) -> Result<Response<pb::CertifyDeviceResponse>, Status> {
+        authorize(
+            &req,
+            "/mcim.supplier.v1.SupplierService/CertifyDevice",
+            None,
+        )?;
+        let r = req.into_inner();
+        let identity = r
+            .identity
+            .ok_or_else(|| Status::invalid_argument("identity is required"))?;
+        let pcid = Pcid::new(identity.pcid).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let ak = attestation_point(r.tre_kind, &r.attestation_public)?;
+        let root = pki::ca_der(&self.pki, "supplier-root").map_err(internal)?;
+        let ak_cert =
+            pki::issue_attestation_der(&self.pki, pcid.as_str(), &ak).map_err(internal)?;
+        let tls_cert = pki::issue_device_der(
+            &self.pki,
+            "supplier-root",
+            pcid.as_str(),
+            &r.tls_public_spki,
+        )
+        .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        Ok(Response::new(pb::CertifyDeviceResponse {
+            platform_credential: vec![ak_cert, root.clone()],
+            tls_certificate: vec![tls_cert, root],
+        }))
+    }
+
+    async fn issue_connectivity_credentials(
+        &self,
+        req: Request<pb::IssueConnectivityCredentialsRequest>,
+    ) -> Result<Response<pb::IssueConnectivityCredentialsResponse>, Status> {
+        authorize(
+            &req,
+            "/mcim.supplier.v1.SupplierService/IssueConnectivityCredentials",
+            None,
+        )?;
+        Err(Status::unimplemented("CCIF modes arrive with the RO's ICF"))
+    }
+
+    async fn record_connectivity_credentials(
+        &self,
+        req: Request<pb::RecordConnectivityCredentialsRequest>,
+    ) -> Result<Response<pb::RecordConnectivityCredentialsResponse>, Status> {
+        authorize(
+            &req,
+            "/mcim.supplier.v1.SupplierService/RecordConnectivityCredentials",
+            None,
+        )?;
+        Err(Status::unimplemented("CCIF modes arrive with the RO's ICF"))
+    }
+
+    async fn get_supplier_root(
+        &self,
+        req: Request<pb::GetSupplierRootRequest>,
+    ) -> Result<Response<pb::GetSupplierRootResponse>, Status> {
+        authorize(
+            &req,
+            "/mcim.supplier.v1.SupplierService/GetSupplierRoot",
+            None,
+        )?;
+        Ok(Response::new(pb::GetSupplierRootResponse {
+            certificate: pki::ca_der(&self.pki, "supplier-root").map_err(internal)?,
+        }))
+    }
+}

@@ -1,0 +1,70 @@
+//! Mutual TLS for every role connection (rustls, through tonic): a role serves with its
+//! certificate from the PKI directory and accepts only clients whose certificates chain to the
+//! lab CA or the supplier root; a client presents its role certificate. Who a caller is comes
+//! from its certificate ([`authorize`]), and what it may do from [`crate::authz`].
+
+use std::path::Path;
+
+use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
+use tonic::{Request, Status};
+
+use crate::authz::{self, Caller, Role};
+use crate::pki::{self, PkiError};
+
+fn read(path: &Path) -> Result<Vec<u8>, PkiError> {
+    std::fs::read(path).map_err(|e| PkiError::File {
+        path: path.to_path_buf(),
+        detail: e.to_string(),
+    })
+}
+
+/// The roots a role accepts client certificates from: the lab CA and the supplier root.
+fn client_roots(pki: &Path) -> Result<Certificate, PkiError> {
+    let mut roots = read(&pki.join("ca.pem"))?;
+    if let Ok(supplier) = read(&pki.join("supplier-root.pem")) {
+        roots.extend_from_slice(&supplier);
+    }
+    Ok(Certificate::from_pem(roots))
+}
+
+/// Server side: `role`'s identity, client certificates required.
+pub fn server_tls(pki: &Path, role: Role) -> Result<ServerTlsConfig, PkiError> {
+    let cert = read(&pki.join(format!("{}.pem", role.as_str())))?;
+    let key = read(&pki.join(format!("{}.key", role.as_str())))?;
+    Ok(ServerTlsConfig::new()
+        .identity(Identity::from_pem(cert, key))
+        .client_ca_root(client_roots(pki)?))
+}
+
+/// Client side: present `role`'s certificate, trust the lab CA, expect `server_name`.
+pub fn client_tls(pki: &Path, role: Role, server_name: &str) -> Result<ClientTlsConfig, PkiError> {
+    let cert = read(&pki.join(format!("{}.pem", role.as_str())))?;
+    let key = read(&pki.join(format!("{}.key", role.as_str())))?;
+    Ok(ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(read(&pki.join("ca.pem"))?))
+        .identity(Identity::from_pem(cert, key))
+        .domain_name(server_name))
+}
+
+/// Who is calling, and whether the table lets them call `method` (for `device`, when the
+/// request is about one). UNAUTHENTICATED without a usable certificate, PERMISSION_DENIED
+/// when the table says no.
+pub fn authorize<T>(
+    req: &Request<T>,
+    method: &str,
+    device: Option<&str>,
+) -> Result<Caller, Status> {
+    let certs = req
+        .peer_certs()
+        .ok_or_else(|| Status::unauthenticated("no client certificate"))?;
+    let leaf = certs
+        .first()
+        .ok_or_else(|| Status::unauthenticated("no client certificate"))?;
+    let caller = pki::caller_from_cert(leaf).map_err(|e| Status::unauthenticated(e.to_string()))?;
+    authz::check(&caller, method, device).map_err(|d| {
+        tracing::warn!(role = %caller.role, name = %caller.name, method, "denied: {d}");
+        Status::permission_denied(d.to_string())
+    })?;
+    tracing::info!(role = %caller.role, name = %caller.name, method, "call");
+    Ok(caller)
+}
