@@ -13,6 +13,9 @@ echo "== buf lint (STANDARD)"
 echo "== cargo clippy -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+echo "== build every binary (end-to-end tests start tred, mcimctl and mcim-roles)"
+cargo build --workspace --bins --locked
+
 echo "== tests"
 if cargo nextest --version >/dev/null 2>&1; then
   # Doc tests first: nextest's summary is then the closing line.
