@@ -11,11 +11,13 @@
 //!
 //! - [`tls`]: mutual TLS (rustls via tonic) and `authorize`, which every handler calls first.
 //! - [`supplier`]: the equipment supplier certifying devices' attestation and TLS keys.
+//! - [`pva`]: the Platform Validation Authority (steps 8-10), in memory for now.
 //!
 //! The other roles and the provisioning flow arrive with the rest of issue 5.
 #![forbid(unsafe_code)]
 
 pub mod authz;
 pub mod pki;
+pub mod pva;
 pub mod supplier;
 pub mod tls;

@@ -2,14 +2,17 @@
 //!
 //! ```text
 //! mcim-roles supplier --pki DIR --listen 127.0.0.1:7401
+//! mcim-roles pva      --pki DIR --listen 127.0.0.1:7405
 //! ```
 //! Other roles join as they are built (issue 5).
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
+use mcim_proto::mcim::pva::v1::pva_service_server::PvaServiceServer;
 use mcim_proto::mcim::supplier::v1::supplier_service_server::SupplierServiceServer;
 use mcim_roles::authz::Role;
+use mcim_roles::pva::Pva;
 use mcim_roles::supplier::Supplier;
 use mcim_roles::tls::server_tls;
 
@@ -30,6 +33,15 @@ enum RoleCmd {
         pki: PathBuf,
         /// Address to listen on.
         #[arg(long, env = "MCIM_LISTEN", default_value = "127.0.0.1:7401")]
+        listen: SocketAddr,
+    },
+    /// The Platform Validation Authority (validates devices; signs results).
+    Pva {
+        /// PKI directory (`mcimctl pki init`).
+        #[arg(long, env = "MCIM_PKI")]
+        pki: PathBuf,
+        /// Address to listen on.
+        #[arg(long, env = "MCIM_LISTEN", default_value = "127.0.0.1:7405")]
         listen: SocketAddr,
     },
 }
@@ -65,19 +77,39 @@ fn main() -> std::process::ExitCode {
 }
 
 async fn serve(role: RoleCmd) -> Result<(), String> {
-    match role {
-        RoleCmd::Supplier { pki, listen } => {
-            let tls = server_tls(&pki, Role::Supplier).map_err(|e| e.to_string())?;
-            tracing::info!(%listen, "supplier serving (mutual TLS)");
-            tonic::transport::Server::builder()
-                .tls_config(tls)
-                .map_err(|e| e.to_string())?
-                .add_service(SupplierServiceServer::new(Supplier::new(pki)))
-                .serve_with_shutdown(listen, async {
-                    let _ = tokio::signal::ctrl_c().await;
-                })
-                .await
-                .map_err(|e| e.to_string())
+    let (role, pki, listen) = match &role {
+        RoleCmd::Supplier { pki, listen } => (Role::Supplier, pki.clone(), *listen),
+        RoleCmd::Pva { pki, listen } => (Role::Pva, pki.clone(), *listen),
+    };
+    let tls = server_tls(&pki, role).map_err(|e| e.to_string())?;
+    let mut builder = tonic::transport::Server::builder()
+        .tls_config(tls)
+        .map_err(|e| e.to_string())?;
+    let router = match role {
+        Role::Pva => builder.add_service(PvaServiceServer::new(
+            Pva::new(pki).map_err(|e| e.to_string())?,
+        )),
+        _ => builder.add_service(SupplierServiceServer::new(Supplier::new(pki))),
+    };
+    tracing::info!(%listen, %role, "serving (mutual TLS)");
+    router
+        .serve_with_shutdown(listen, shutdown())
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// SIGTERM or Ctrl-C.
+async fn shutdown() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
         }
+    };
+    tokio::select! {
+        _ = term => {},
+        _ = tokio::signal::ctrl_c() => {},
     }
 }

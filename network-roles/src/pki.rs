@@ -204,11 +204,14 @@ pub fn issue_device(dir: &Path, pcid: &str, tls_spki: &[u8]) -> Result<String, P
 pub fn issue_attestation_der(
     dir: &Path,
     pcid: &str,
+    model: &str,
     ak_p256_point: &[u8; 65],
 ) -> Result<Vec<u8>, PkiError> {
     let mut params = CertificateParams::new(Vec::<String>::new()).map_err(cert_err)?;
     let mut dn = DistinguishedName::new();
     dn.push(DnType::CommonName, format!("attestation key of {pcid}"));
+    // The model keys the PVA's reference values.
+    dn.push(DnType::OrganizationalUnitName, model);
     params.distinguished_name = dn;
     params.subject_alt_names = vec![SanType::URI(
         identity_uri(Role::Device, pcid)
@@ -292,4 +295,70 @@ mod tests {
             Err(PkiError::NoIdentity)
         ));
     }
+}
+
+/// What a verified platform credential says.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PlatformCredential {
+    /// The device's PCID.
+    pub pcid: String,
+    /// Its model.
+    pub model: String,
+    /// The attestation key's uncompressed P-256 point.
+    pub ak_point: [u8; 65],
+}
+
+/// Checks a platform credential (AK certificate first) against the supplier root in `dir`:
+/// the signature, and that it names a device and a model.
+pub fn verify_platform_credential(
+    dir: &Path,
+    chain: &[Vec<u8>],
+) -> Result<PlatformCredential, PkiError> {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let leaf_der = chain
+        .first()
+        .ok_or_else(|| PkiError::Cert("empty platform credential".into()))?;
+    let root_der = ca_der(dir, "supplier-root")?;
+    let (_, root) = X509Certificate::from_der(&root_der).map_err(cert_err)?;
+    let (_, leaf) = X509Certificate::from_der(leaf_der).map_err(cert_err)?;
+    leaf.verify_signature(Some(root.public_key()))
+        .map_err(|_| {
+            PkiError::Cert("the platform credential is not signed by the supplier root".into())
+        })?;
+    if !leaf.validity().is_valid() {
+        return Err(PkiError::Cert(
+            "the platform credential is not valid now".into(),
+        ));
+    }
+    let caller = caller_from_cert(leaf_der)?;
+    if caller.role != Role::Device {
+        return Err(PkiError::NoIdentity);
+    }
+    let model = leaf
+        .subject()
+        .iter_organizational_unit()
+        .next()
+        .and_then(|ou| ou.as_str().ok())
+        .ok_or_else(|| PkiError::Cert("the platform credential names no model".into()))?
+        .to_string();
+    let point: [u8; 65] = leaf
+        .public_key()
+        .subject_public_key
+        .data
+        .as_ref()
+        .try_into()
+        .map_err(|_| PkiError::Cert("the attestation key is not a P-256 point".into()))?;
+    Ok(PlatformCredential {
+        pcid: caller.name,
+        model,
+        ak_point: point,
+    })
+}
+
+/// A role's private key (`<role>.key`) as a P-256 signing key (the PVA signs results with it).
+pub fn signing_key(dir: &Path, file: &str) -> Result<p256::ecdsa::SigningKey, PkiError> {
+    use p256::pkcs8::DecodePrivateKey;
+    let kp = KeyPair::from_pem(&read(&dir.join(format!("{file}.key")))?).map_err(cert_err)?;
+    let der = zeroize::Zeroizing::new(kp.serialize_der());
+    p256::ecdsa::SigningKey::from_pkcs8_der(&der).map_err(cert_err)
 }

@@ -184,3 +184,364 @@ async fn supplier_certifies_a_real_device_and_the_table_decides_who_may_ask() {
     };
     assert!(refused, "a client without a certificate is refused");
 }
+
+/// A gRPC channel whose client TLS key is the device's TRE key (the device side of mutual TLS).
+async fn device_channel(
+    pki: &std::path::Path,
+    port: u16,
+    server_name: &'static str,
+    chain: Vec<Vec<u8>>,
+    sign: std::sync::Arc<mcim_tre::tls::TreSignFn>,
+) -> Channel {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, ServerName};
+    #[derive(Debug)]
+    struct One(std::sync::Arc<rustls::sign::CertifiedKey>);
+    impl rustls::client::ResolvesClientCert for One {
+        fn resolve(
+            &self,
+            _: &[&[u8]],
+            _: &[rustls::SignatureScheme],
+        ) -> Option<std::sync::Arc<rustls::sign::CertifiedKey>> {
+            Some(self.0.clone())
+        }
+        fn has_certs(&self) -> bool {
+            true
+        }
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_slice(&std::fs::read(pki.join("ca.pem")).unwrap()).unwrap())
+        .unwrap();
+    let key = rustls::sign::CertifiedKey::new(
+        chain.into_iter().map(CertificateDer::from).collect(),
+        std::sync::Arc::new(mcim_tre::tls::TreTlsKey::new(sign)),
+    );
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_cert_resolver(std::sync::Arc::new(One(std::sync::Arc::new(key))));
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
+        .unwrap()
+        .connect_with_connector(tower::service_fn(move |_: tonic::codegen::http::Uri| {
+            let connector = connector.clone();
+            async move {
+                let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+                let tls = connector
+                    .connect(ServerName::try_from(server_name).unwrap(), tcp)
+                    .await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
+            }
+        }))
+        .await
+        .unwrap()
+}
+
+fn start_role(role: &str, pki: &std::path::Path) -> (Server, u16) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let child = Command::new(workspace_bin("mcim-roles"))
+        .args([
+            role,
+            "--pki",
+            pki.to_str().unwrap(),
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let server = Server(child);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return (server, port);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("mcim-roles {role} did not listen");
+}
+
+/// Steps 8-10 with a real TPM: the SHO asks the PVA to validate a device; the device, over
+/// its TPM-held TLS identity, submits a quote of the PVA's nonce; the PVA checks the platform
+/// credential, the quote and the reference PCRs and signs a trusted result. A reference that
+/// differs makes the next validation untrusted; the SHO cannot submit evidence in the
+/// device's place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pva_validates_a_real_tpm_device_over_its_own_tls_key() {
+    use mcim_proto::mcim::pva::v1 as pva;
+    use mcim_proto::mcim::pva::v1::pva_service_client::PvaServiceClient;
+    use mcim_tre::engine::{Engine, EngineHandle};
+
+    let work = tempfile::tempdir().unwrap();
+    let pki = work.path().join("pki");
+    assert!(
+        Command::new(workspace_bin("mcimctl"))
+            .args(["pki", "init", "--dir", pki.to_str().unwrap()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let (_supplier, sport) = start_role("supplier", &pki);
+    let (_pva, pport) = start_role("pva", &pki);
+
+    // The device: a TPM behind the TRE thread, as in tred.
+    let tpm = Swtpm::start();
+    let tcti = tpm.tcti();
+    let state = work.path().join("tred");
+    let (engine, _t) = EngineHandle::spawn(move || {
+        let t = mcim_tre::tre::tpm::TpmTre::open(&mcim_tre::tre::tpm::TpmConfig { tcti }).unwrap();
+        Engine::new(Box::new(t), state).map_err(|e| e.to_string())
+    })
+    .unwrap();
+    let identity = mcim_core::identity::DeviceIdentity::new(
+        "SN-P",
+        mcim_core::identity::Pcid::new("001010000000321").unwrap(),
+        "meter-v3",
+    )
+    .unwrap();
+    let public = engine
+        .call_blocking(move |e| e.init_device(&identity).map(|o| o.public))
+        .unwrap()
+        .unwrap();
+    let pcrs = mcim_core::tpm::policy::PcrSelection::sha256(&[0, 1, 2, 7]).unwrap();
+    let quote = {
+        let engine = engine.clone();
+        let pcrs = pcrs.clone();
+        move |nonce: Vec<u8>| {
+            let pcrs = pcrs.clone();
+            engine
+                .call_blocking(move |e| e.tre().unwrap().quote(&nonce, &pcrs))
+                .unwrap()
+                .unwrap()
+        }
+    };
+
+    // Supplier: certify the device and register the model's reference values (today's PCRs).
+    let mut supplier = client(&pki, Role::Supplier, sport).await.unwrap();
+    let cert = supplier
+        .certify_device(pb::CertifyDeviceRequest {
+            identity: Some(common::DeviceIdentity {
+                device_id: "SN-P".into(),
+                pcid: "001010000000321".into(),
+                model: "meter-v3".into(),
+            }),
+            tre_kind: common::TreKind::Tpm2 as i32,
+            storage_public: public.storage_public.clone(),
+            attestation_public: public.attestation_public.clone(),
+            tls_public_spki: public.tls_public_spki.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let today = quote(vec![1; 16]);
+    let reference = |values: &[[u8; 32]]| pva::RegisterReferenceValuesRequest {
+        model: "meter-v3".into(),
+        pcr_bank: "sha256".into(),
+        pcrs: today
+            .pcrs
+            .iter()
+            .zip(values)
+            .map(|(i, v)| common::PcrValue {
+                index: u32::from(*i),
+                digest: v.to_vec(),
+            })
+            .collect(),
+        allow_pkcs11: false,
+        pkcs11_measurement: Vec::new(),
+    };
+    let pva_as = |role| {
+        let pki = pki.clone();
+        async move {
+            let tls = mcim_roles::tls::client_tls(&pki, role, "pva.mcim.local").unwrap();
+            PvaServiceClient::new(
+                Endpoint::from_shared(format!("https://127.0.0.1:{pport}"))
+                    .unwrap()
+                    .tls_config(tls)
+                    .unwrap()
+                    .connect()
+                    .await
+                    .unwrap(),
+            )
+        }
+    };
+    pva_as(Role::Supplier)
+        .await
+        .register_reference_values(reference(&today.pcr_values))
+        .await
+        .unwrap();
+
+    // SHO asks; the device answers over its TPM-held TLS key.
+    let mut sho = pva_as(Role::Sho).await;
+    let asked = sho
+        .request_validation(pva::RequestValidationRequest {
+            pcid: "001010000000321".into(),
+            registration_id: "r1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let sign: std::sync::Arc<mcim_tre::tls::TreSignFn> = {
+        let engine = engine.clone();
+        std::sync::Arc::new(move |m: &[u8]| {
+            let m = m.to_vec();
+            engine
+                .call_blocking(move |e| {
+                    e.tre()
+                        .map_err(|x| mcim_tre::tre::TreError::Mismatch(x.to_string()))?
+                        .tls_sign(&m)
+                })
+                .map_err(|_| mcim_tre::tre::TreError::Mismatch("gone".into()))?
+        })
+    };
+    let mut device = PvaServiceClient::new(
+        device_channel(
+            &pki,
+            pport,
+            "pva.mcim.local",
+            cert.tls_certificate.clone(),
+            sign,
+        )
+        .await,
+    );
+    let evidence = |q: mcim_core::tpm::attest::TpmQuote| common::Evidence {
+        kind: Some(common::evidence::Kind::TpmQuote(common::TpmQuote {
+            attest: q.attest,
+            signature: q.signature,
+            pcrs: q
+                .pcrs
+                .iter()
+                .zip(&q.pcr_values)
+                .map(|(i, v)| common::PcrValue {
+                    index: u32::from(*i),
+                    digest: v.to_vec(),
+                })
+                .collect(),
+            pcr_bank: "sha256".into(),
+        })),
+        aka_execution: common::AkaExecution::InTre as i32,
+        platform_credential: cert.platform_credential.clone(),
+    };
+    let submit = |id: String, ev| pva::SubmitEvidenceRequest {
+        validation_id: id,
+        evidence: Some(ev),
+        clock: 0,
+        reset_count: 0,
+        restart_count: 0,
+    };
+    // The SHO cannot submit in the device's place.
+    let denied = sho
+        .submit_evidence(submit(
+            asked.validation_id.clone(),
+            evidence(quote(asked.nonce.clone())),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), tonic::Code::PermissionDenied);
+    let verdict = device
+        .submit_evidence(submit(
+            asked.validation_id.clone(),
+            evidence(quote(asked.nonce.clone())),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        verdict.verdict,
+        pva::Verdict::Trusted as i32,
+        "{}",
+        verdict.reason
+    );
+    let result = sho
+        .get_validation_result(pva::GetValidationResultRequest {
+            validation_id: asked.validation_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let signed = result.result.unwrap();
+    // The result verifies with the PVA's key and names the device.
+    use coset::CborSerializable;
+    let cose = coset::CoseSign1::from_slice(&signed.cose_sign1).unwrap();
+    let pva_cert = rustls::pki_types::pem::PemObject::from_pem_slice(
+        &std::fs::read(pki.join("pva.pem")).unwrap(),
+    )
+    .map(|c: rustls::pki_types::CertificateDer<'static>| c.to_vec())
+    .unwrap();
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let (_, pc) = X509Certificate::from_der(&pva_cert).unwrap();
+    let vk = p256::ecdsa::VerifyingKey::from_sec1_bytes(&pc.public_key().subject_public_key.data)
+        .unwrap();
+    cose.verify_signature(&[], |sig, m| {
+        use p256::ecdsa::signature::Verifier;
+        vk.verify(m, &p256::ecdsa::Signature::from_slice(sig).unwrap())
+    })
+    .unwrap();
+    assert!(String::from_utf8_lossy(cose.payload.as_deref().unwrap()).contains("001010000000321"));
+
+    // A quote of an old nonce is not evidence for a new validation.
+    let again = sho
+        .request_validation(pva::RequestValidationRequest {
+            pcid: "001010000000321".into(),
+            registration_id: "r2".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let stale = device
+        .submit_evidence(submit(
+            again.validation_id.clone(),
+            evidence(quote(asked.nonce.clone())),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(stale.verdict, pva::Verdict::Untrusted as i32);
+    assert!(stale.reason.contains("nonce"), "{}", stale.reason);
+
+    // The supplier's reference moves (say a new firmware); this platform no longer matches.
+    let mut moved = today.pcr_values.clone();
+    moved[3] = [0xee; 32];
+    pva_as(Role::Supplier)
+        .await
+        .register_reference_values(reference(&moved))
+        .await
+        .unwrap();
+    let third = sho
+        .request_validation(pva::RequestValidationRequest {
+            pcid: "001010000000321".into(),
+            registration_id: "r3".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let v = device
+        .submit_evidence(submit(
+            third.validation_id.clone(),
+            evidence(quote(third.nonce.clone())),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(v.verdict, pva::Verdict::Untrusted as i32);
+    assert!(v.reason.contains("PCR 7 differs"), "{}", v.reason);
+    let r = sho
+        .get_validation_result(pva::GetValidationResultRequest {
+            validation_id: third.validation_id,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        r.result.is_none(),
+        "no signed result for an untrusted platform"
+    );
+}

@@ -101,7 +101,18 @@ pub fn verify_quote(
     if ak.attributes & must != must || ak.attributes & attrs::DECRYPT != 0 {
         return Err(QuoteError::NotAnAttestationKey);
     }
-    let key = VerifyingKey::from(ak.p256()?);
+    verify_quote_with_key(&ak.p256()?, quote, nonce)
+}
+
+/// [`verify_quote`] for an AK known by its key alone, when a certificate already vouches that
+/// it is a restricted, fixedTPM signing key (the supplier's platform credential, which
+/// `mcim-roles`' supplier issues only after checking exactly that).
+pub fn verify_quote_with_key(
+    ak: &p256::PublicKey,
+    quote: &TpmQuote,
+    nonce: &[u8],
+) -> Result<VerifiedQuote, QuoteError> {
+    let key = VerifyingKey::from(*ak);
     let signature = parse_ecdsa_signature(&quote.signature)?;
     key.verify_prehash(&sha256(&[&quote.attest]), &signature)
         .map_err(|_| QuoteError::BadSignature)?;
