@@ -85,11 +85,26 @@ async fn serve(role: RoleCmd) -> Result<(), String> {
     let mut builder = tonic::transport::Server::builder()
         .tls_config(tls)
         .map_err(|e| e.to_string())?;
+    // gRPC health and reflection on every server (authenticated by mutual TLS like the rest).
+    let (reporter, health) = tonic_health::server::health_reporter();
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(mcim_proto::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| e.to_string())?;
+    let router = builder.add_service(health).add_service(reflection);
     let router = match role {
-        Role::Pva => builder.add_service(PvaServiceServer::new(
-            Pva::new(pki).map_err(|e| e.to_string())?,
-        )),
-        _ => builder.add_service(SupplierServiceServer::new(Supplier::new(pki))),
+        Role::Pva => {
+            reporter.set_serving::<PvaServiceServer<Pva>>().await;
+            router.add_service(PvaServiceServer::new(
+                Pva::new(pki).map_err(|e| e.to_string())?,
+            ))
+        }
+        _ => {
+            reporter
+                .set_serving::<SupplierServiceServer<Supplier>>()
+                .await;
+            router.add_service(SupplierServiceServer::new(Supplier::new(pki)))
+        }
     };
     tracing::info!(%listen, %role, "serving (mutual TLS)");
     router

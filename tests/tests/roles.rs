@@ -165,6 +165,51 @@ async fn supplier_certifies_a_real_device_and_the_table_decides_who_may_ask() {
         .unwrap_err();
     assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused}");
 
+    // gRPC health and reflection answer (over the same mutual TLS).
+    let tls = mcim_roles::tls::client_tls(&pki, Role::Sho, "supplier.mcim.local").unwrap();
+    let ch = Endpoint::from_shared(format!("https://127.0.0.1:{port}"))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let health = tonic_health::pb::health_client::HealthClient::new(ch.clone())
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "mcim.supplier.v1.SupplierService".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        health.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+    use tonic_reflection::pb::v1 as refl;
+    let mut stream = refl::server_reflection_client::ServerReflectionClient::new(ch)
+        .server_reflection_info(tokio_stream::iter(vec![refl::ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(
+                refl::server_reflection_request::MessageRequest::ListServices(String::new()),
+            ),
+        }]))
+        .await
+        .unwrap()
+        .into_inner();
+    let listed = stream.message().await.unwrap().unwrap();
+    let Some(refl::server_reflection_response::MessageResponse::ListServicesResponse(l)) =
+        listed.message_response
+    else {
+        panic!("no service list");
+    };
+    assert!(
+        l.service
+            .iter()
+            .any(|s| s.name == "mcim.supplier.v1.SupplierService"),
+        "{:?}",
+        l.service
+    );
+
     // Without a client certificate there is no connection at all.
     let bare = tonic::transport::ClientTlsConfig::new()
         .ca_certificate(tonic::transport::Certificate::from_pem(
