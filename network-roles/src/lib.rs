@@ -11,7 +11,8 @@
 //!
 //! - [`tls`]: mutual TLS (rustls via tonic) and `authorize`, which every handler calls first.
 //! - [`supplier`]: the equipment supplier certifying devices' attestation and TLS keys.
-//! - [`pva`]: the Platform Validation Authority (steps 8-10), in memory for now.
+//! - [`pva`]: the Platform Validation Authority (steps 8-10).
+//! - [`store`]: the roles' SQLite database (sqlx) and its migrations.
 //!
 //! The other roles and the provisioning flow arrive with the rest of issue 5.
 #![forbid(unsafe_code)]
@@ -19,5 +20,6 @@
 pub mod authz;
 pub mod pki;
 pub mod pva;
+pub mod store;
 pub mod supplier;
 pub mod tls;

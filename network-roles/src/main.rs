@@ -40,6 +40,9 @@ enum RoleCmd {
         /// PKI directory (`mcimctl pki init`).
         #[arg(long, env = "MCIM_PKI")]
         pki: PathBuf,
+        /// The database (SQLite URL).
+        #[arg(long, env = "MCIM_DB", default_value = "sqlite://mcim-roles.db")]
+        db: String,
         /// Address to listen on.
         #[arg(long, env = "MCIM_LISTEN", default_value = "127.0.0.1:7405")]
         listen: SocketAddr,
@@ -77,9 +80,9 @@ fn main() -> std::process::ExitCode {
 }
 
 async fn serve(role: RoleCmd) -> Result<(), String> {
-    let (role, pki, listen) = match &role {
-        RoleCmd::Supplier { pki, listen } => (Role::Supplier, pki.clone(), *listen),
-        RoleCmd::Pva { pki, listen } => (Role::Pva, pki.clone(), *listen),
+    let (role, pki, listen, db) = match &role {
+        RoleCmd::Supplier { pki, listen } => (Role::Supplier, pki.clone(), *listen, None),
+        RoleCmd::Pva { pki, listen, db } => (Role::Pva, pki.clone(), *listen, Some(db.clone())),
     };
     let tls = server_tls(&pki, role).map_err(|e| e.to_string())?;
     let mut builder = tonic::transport::Server::builder()
@@ -95,8 +98,11 @@ async fn serve(role: RoleCmd) -> Result<(), String> {
     let router = match role {
         Role::Pva => {
             reporter.set_serving::<PvaServiceServer<Pva>>().await;
+            let pool = mcim_roles::store::open(&db.unwrap_or_default())
+                .await
+                .map_err(|e| e.to_string())?;
             router.add_service(PvaServiceServer::new(
-                Pva::new(pki).map_err(|e| e.to_string())?,
+                Pva::new(pki, pool).map_err(|e| e.to_string())?,
             ))
         }
         _ => {

@@ -5,12 +5,11 @@
 //! reference values the supplier registered for the model; a trusted verdict comes with a
 //! result signed by the PVA (COSE_Sign1, ES256), bound to device and nonce, valid 5 minutes.
 //!
-//! State is in memory in this slice: validations do not survive a restart (SQLite comes with
-//! the rest of issue 5).
+//! State (reference values, validations) lives in the roles' database (`crate::store`), so a
+//! validation survives a restart of the PVA; deciding one is a single conditional UPDATE, so
+//! two submissions cannot both decide it.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use coset::{CborSerializable, CoseSign1Builder, HeaderBuilder, iana};
@@ -21,7 +20,8 @@ use mcim_proto::mcim::pva::v1::pva_service_server::PvaService;
 use p256::ecdsa::signature::Signer;
 use p256::ecdsa::{Signature, SigningKey};
 use rand::Rng;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
+use sqlx::SqlitePool;
 use tonic::{Request, Response, Status};
 
 use crate::pki;
@@ -30,11 +30,12 @@ use crate::tls::authorize;
 /// How long a signed validation result is good for.
 pub const RESULT_LIFETIME: Duration = Duration::from_secs(300);
 
-#[derive(Clone, Debug)]
+/// A model's reference values, as stored (JSON in `pva_reference.body`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
 struct Reference {
-    pcrs: Vec<(u32, Vec<u8>)>,
+    pcrs: Vec<(u32, String)>,
     allow_pkcs11: bool,
-    pkcs11_measurement: Vec<u8>,
+    pkcs11_measurement: String,
 }
 
 #[derive(Clone, Debug)]
@@ -44,6 +45,11 @@ struct Validation {
     verdict: pb::Verdict,
     reason: String,
     result: Option<common::SignedValidationResult>,
+}
+
+fn db_err(e: sqlx::Error) -> Status {
+    tracing::error!("database: {e}");
+    Status::unavailable("database error")
 }
 
 /// What the PVA signs.
@@ -60,8 +66,7 @@ struct ResultPayload<'a> {
 pub struct Pva {
     pki: PathBuf,
     key: SigningKey,
-    refs: Mutex<HashMap<String, Reference>>,
-    validations: Mutex<HashMap<String, Validation>>,
+    db: SqlitePool,
 }
 
 impl std::fmt::Debug for Pva {
@@ -72,36 +77,68 @@ impl std::fmt::Debug for Pva {
     }
 }
 
-fn lock_err<T>(_: T) -> Status {
-    Status::internal("state lock poisoned")
-}
-
 impl Pva {
     /// A PVA that signs results with its role key in `pki` (`pva.key`).
-    pub fn new(pki: PathBuf) -> Result<Self, pki::PkiError> {
+    pub fn new(pki: PathBuf, db: SqlitePool) -> Result<Self, pki::PkiError> {
         let key = pki::signing_key(&pki, "pva")?;
-        Ok(Self {
-            pki,
-            key,
-            refs: Mutex::new(HashMap::new()),
-            validations: Mutex::new(HashMap::new()),
+        Ok(Self { pki, key, db })
+    }
+
+    async fn reference(&self, model: &str) -> Result<Option<Reference>, Status> {
+        let row: Option<(String,)> =
+            sqlx::query_as("SELECT body FROM pva_reference WHERE model = ?")
+                .bind(model)
+                .fetch_optional(&self.db)
+                .await
+                .map_err(db_err)?;
+        row.map(|(body,)| serde_json::from_str(&body).map_err(|e| Status::internal(e.to_string())))
+            .transpose()
+    }
+
+    async fn validation(&self, id: &str) -> Result<Validation, Status> {
+        type Row = (String, Vec<u8>, i64, String, Option<Vec<u8>>, Option<i64>);
+        let row: Option<Row> = sqlx::query_as(
+            "SELECT pcid, nonce, verdict, reason, result, expires_at FROM pva_validation WHERE id = ?",
+        )
+        .bind(id)
+        .fetch_optional(&self.db)
+        .await
+        .map_err(db_err)?;
+        let (pcid, nonce, verdict, reason, result, expires) =
+            row.ok_or_else(|| Status::not_found("no such validation"))?;
+        Ok(Validation {
+            pcid,
+            nonce: nonce
+                .try_into()
+                .map_err(|_| Status::internal("stored nonce"))?,
+            verdict: pb::Verdict::try_from(i32::try_from(verdict).unwrap_or(0))
+                .unwrap_or(pb::Verdict::Unspecified),
+            reason,
+            result: result.map(|cose| common::SignedValidationResult {
+                cose_sign1: cose,
+                expires_at: expires.map(|s| prost_types::Timestamp {
+                    seconds: s,
+                    nanos: 0,
+                }),
+            }),
         })
     }
 
     /// Judges evidence; `Err(reason)` means untrusted.
-    fn judge(&self, v: &Validation, ev: &common::Evidence) -> Result<(), String> {
+    fn judge(
+        &self,
+        v: &Validation,
+        reference: Option<&Reference>,
+        model: &str,
+        ev: &common::Evidence,
+    ) -> Result<(), String> {
         let cred = pki::verify_platform_credential(&self.pki, &ev.platform_credential)
             .map_err(|e| format!("platform credential: {e}"))?;
         if cred.pcid != v.pcid {
             return Err("the platform credential is another device's".into());
         }
-        let reference = self
-            .refs
-            .lock()
-            .map_err(|_| "state".to_string())?
-            .get(&cred.model)
-            .cloned()
-            .ok_or_else(|| format!("no reference values for model {}", cred.model))?;
+        let reference =
+            reference.ok_or_else(|| format!("no reference values for model {model}"))?;
         match &ev.kind {
             Some(common::evidence::Kind::TpmQuote(q)) => {
                 let ak = p256::PublicKey::from_sec1_bytes(&cred.ak_point)
@@ -121,7 +158,7 @@ impl Pva {
                 for (index, want) in &reference.pcrs {
                     let got = verified.pcrs.iter().find(|(i, _)| u32::from(*i) == *index);
                     match got {
-                        Some((_, value)) if value.as_slice() == want.as_slice() => {}
+                        Some((_, value)) if hex::encode(value) == *want => {}
                         Some(_) => {
                             return Err(format!("PCR {index} differs from the reference value"));
                         }
@@ -143,7 +180,7 @@ impl Pva {
                     &v.nonce,
                 )
                 .map_err(|e| e.to_string())?;
-                if p.measurement != hex::encode(&reference.pkcs11_measurement) {
+                if p.measurement != reference.pkcs11_measurement {
                     return Err("the daemon's measurement differs from the reference".into());
                 }
                 Ok(())
@@ -220,14 +257,25 @@ impl PvaService for Pva {
             ));
         }
         let reference = Reference {
-            pcrs: r.pcrs.into_iter().map(|p| (p.index, p.digest)).collect(),
+            pcrs: r
+                .pcrs
+                .into_iter()
+                .map(|p| (p.index, hex::encode(p.digest)))
+                .collect(),
             allow_pkcs11: r.allow_pkcs11,
-            pkcs11_measurement: r.pkcs11_measurement,
+            pkcs11_measurement: hex::encode(r.pkcs11_measurement),
         };
-        self.refs
-            .lock()
-            .map_err(lock_err)?
-            .insert(r.model, reference);
+        let body =
+            serde_json::to_string(&reference).map_err(|e| Status::internal(e.to_string()))?;
+        sqlx::query(
+            "INSERT INTO pva_reference (model, body) VALUES (?, ?) \
+             ON CONFLICT(model) DO UPDATE SET body = excluded.body",
+        )
+        .bind(&r.model)
+        .bind(body)
+        .execute(&self.db)
+        .await
+        .map_err(db_err)?;
         Ok(Response::new(pb::RegisterReferenceValuesResponse {}))
     }
 
@@ -239,22 +287,22 @@ impl PvaService for Pva {
         let r = req.into_inner();
         mcim_core::identity::Pcid::new(r.pcid.clone())
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let mut rng = rand::rng();
-        let mut id = [0u8; 16];
-        let mut nonce = [0u8; 32];
-        rng.fill_bytes(&mut id);
-        rng.fill_bytes(&mut nonce);
-        let id = hex::encode(id);
-        self.validations.lock().map_err(lock_err)?.insert(
-            id.clone(),
-            Validation {
-                pcid: r.pcid,
-                nonce,
-                verdict: pb::Verdict::Pending,
-                reason: String::new(),
-                result: None,
-            },
-        );
+        let (id, nonce) = {
+            let mut rng = rand::rng();
+            let mut id = [0u8; 16];
+            let mut nonce = [0u8; 32];
+            rng.fill_bytes(&mut id);
+            rng.fill_bytes(&mut nonce);
+            (hex::encode(id), nonce)
+        };
+        sqlx::query("INSERT INTO pva_validation (id, pcid, nonce, verdict) VALUES (?, ?, ?, ?)")
+            .bind(&id)
+            .bind(&r.pcid)
+            .bind(nonce.to_vec())
+            .bind(pb::Verdict::Pending as i64)
+            .execute(&self.db)
+            .await
+            .map_err(db_err)?;
         Ok(Response::new(pb::RequestValidationResponse {
             validation_id: id,
             nonce: nonce.to_vec(),
@@ -266,13 +314,7 @@ impl PvaService for Pva {
         req: Request<pb::SubmitEvidenceRequest>,
     ) -> Result<Response<pb::SubmitEvidenceResponse>, Status> {
         let id = req.get_ref().validation_id.clone();
-        let v = self
-            .validations
-            .lock()
-            .map_err(lock_err)?
-            .get(&id)
-            .cloned()
-            .ok_or_else(|| Status::not_found("no such validation"))?;
+        let v = self.validation(&id).await?;
         authorize(
             &req,
             "/mcim.pva.v1.PvaService/SubmitEvidence",
@@ -287,8 +329,14 @@ impl PvaService for Pva {
             .into_inner()
             .evidence
             .ok_or_else(|| Status::invalid_argument("evidence is required"))?;
+        // The model comes from the (not yet verified) credential only to pick the reference;
+        // judge() verifies the credential before trusting anything in it.
+        let model = pki::verify_platform_credential(&self.pki, &ev.platform_credential)
+            .map(|c| c.model)
+            .unwrap_or_default();
+        let reference = self.reference(&model).await?;
         let mut decided = v.clone();
-        match self.judge(&v, &ev) {
+        match self.judge(&v, reference.as_ref(), &model, &ev) {
             Ok(()) => {
                 decided.verdict = pb::Verdict::Trusted;
                 decided.result = Some(self.sign_result(&id, &v)?);
@@ -299,15 +347,35 @@ impl PvaService for Pva {
                 decided.reason = reason;
             }
         }
-        let resp = pb::SubmitEvidenceResponse {
-            verdict: decided.verdict as i32,
-            reason: decided.reason.clone(),
+        let (cose, expires) = match &decided.result {
+            Some(r) => (
+                Some(r.cose_sign1.clone()),
+                r.expires_at.as_ref().map(|t| t.seconds),
+            ),
+            None => (None, None),
         };
-        self.validations
-            .lock()
-            .map_err(lock_err)?
-            .insert(id, decided);
-        Ok(Response::new(resp))
+        let done = sqlx::query(
+            "UPDATE pva_validation SET verdict = ?, reason = ?, result = ?, expires_at = ? \
+             WHERE id = ? AND verdict = ?",
+        )
+        .bind(decided.verdict as i64)
+        .bind(&decided.reason)
+        .bind(cose)
+        .bind(expires)
+        .bind(&id)
+        .bind(pb::Verdict::Pending as i64)
+        .execute(&self.db)
+        .await
+        .map_err(db_err)?;
+        if done.rows_affected() != 1 {
+            return Err(Status::failed_precondition(
+                "this validation is already decided",
+            ));
+        }
+        Ok(Response::new(pb::SubmitEvidenceResponse {
+            verdict: decided.verdict as i32,
+            reason: decided.reason,
+        }))
     }
 
     async fn get_validation_result(
@@ -315,13 +383,7 @@ impl PvaService for Pva {
         req: Request<pb::GetValidationResultRequest>,
     ) -> Result<Response<pb::GetValidationResultResponse>, Status> {
         authorize(&req, "/mcim.pva.v1.PvaService/GetValidationResult", None)?;
-        let v = self
-            .validations
-            .lock()
-            .map_err(lock_err)?
-            .get(&req.get_ref().validation_id)
-            .cloned()
-            .ok_or_else(|| Status::not_found("no such validation"))?;
+        let v = self.validation(&req.get_ref().validation_id).await?;
         Ok(Response::new(pb::GetValidationResultResponse {
             verdict: v.verdict as i32,
             reason: v.reason,

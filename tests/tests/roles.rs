@@ -292,6 +292,13 @@ fn start_role(role: &str, pki: &std::path::Path) -> (Server, u16) {
         .local_addr()
         .unwrap()
         .port();
+    let mut extra = Vec::new();
+    if role == "pva" {
+        extra = vec![
+            "--db".to_string(),
+            format!("sqlite://{}", pki.join("pva.db").display()),
+        ];
+    }
     let child = Command::new(workspace_bin("mcim-roles"))
         .args([
             role,
@@ -300,6 +307,7 @@ fn start_role(role: &str, pki: &std::path::Path) -> (Server, u16) {
             "--listen",
             &format!("127.0.0.1:{port}"),
         ])
+        .args(&extra)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -336,7 +344,7 @@ async fn pva_validates_a_real_tpm_device_over_its_own_tls_key() {
             .success()
     );
     let (_supplier, sport) = start_role("supplier", &pki);
-    let (_pva, pport) = start_role("pva", &pki);
+    let (pva_server, pport) = start_role("pva", &pki);
 
     // The device: a TPM behind the TRE thread, as in tred.
     let tpm = Swtpm::start();
@@ -588,5 +596,67 @@ async fn pva_validates_a_real_tpm_device_over_its_own_tls_key() {
     assert!(
         r.result.is_none(),
         "no signed result for an untrusted platform"
+    );
+
+    // The PVA keeps its state in its database: a validation asked before a restart is
+    // decided after it, once.
+    pva_as(Role::Supplier)
+        .await
+        .register_reference_values(reference(&today.pcr_values))
+        .await
+        .unwrap();
+    let fourth = sho
+        .request_validation(pva::RequestValidationRequest {
+            pcid: "001010000000321".into(),
+            registration_id: "r4".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    drop(pva_server);
+    let (_pva_again, port2) = start_role("pva", &pki);
+    let sign2: std::sync::Arc<mcim_tre::tls::TreSignFn> = {
+        let engine = engine.clone();
+        std::sync::Arc::new(move |m: &[u8]| {
+            let m = m.to_vec();
+            engine
+                .call_blocking(move |e| {
+                    e.tre()
+                        .map_err(|x| mcim_tre::tre::TreError::Mismatch(x.to_string()))?
+                        .tls_sign(&m)
+                })
+                .map_err(|_| mcim_tre::tre::TreError::Mismatch("gone".into()))?
+        })
+    };
+    let mut device2 = PvaServiceClient::new(
+        device_channel(
+            &pki,
+            port2,
+            "pva.mcim.local",
+            cert.tls_certificate.clone(),
+            sign2,
+        )
+        .await,
+    );
+    let v = device2
+        .submit_evidence(submit(
+            fourth.validation_id.clone(),
+            evidence(quote(fourth.nonce.clone())),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(v.verdict, pva::Verdict::Trusted as i32, "{}", v.reason);
+    let again = device2
+        .submit_evidence(submit(
+            fourth.validation_id.clone(),
+            evidence(quote(fourth.nonce.clone())),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        again.code(),
+        tonic::Code::FailedPrecondition,
+        "decided once"
     );
 }

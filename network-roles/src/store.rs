@@ -1,0 +1,43 @@
+//! The roles' database: SQLite by default (one file; `sqlite::memory:` for throwaway runs),
+//! through sqlx, with the migrations in `network-roles/migrations/` compiled in and applied at
+//! start. Queries are plain SQL strings (no compile-time query macros: they would need a
+//! database at build time).
+
+use std::borrow::Cow;
+
+use sqlx::migrate::{Migration, MigrationType, Migrator};
+use sqlx::sqlite::{SqliteConnectOptions, SqlitePoolOptions};
+use sqlx::{SqlSafeStr, SqlitePool};
+
+/// What can go wrong opening the database.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Opening or querying.
+    #[error("database: {0}")]
+    Db(#[from] sqlx::Error),
+    /// A migration.
+    #[error("database migration: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+/// The migrations, in order.
+fn migrator() -> Migrator {
+    Migrator::with_migrations(vec![Migration::new(
+        1,
+        Cow::Borrowed("pva"),
+        MigrationType::Simple,
+        include_str!("../migrations/0001_pva.sql").into_sql_str(),
+        false,
+    )])
+}
+
+/// Opens (creating if needed) the database at `url` and applies the migrations.
+pub async fn open(url: &str) -> Result<SqlitePool, StoreError> {
+    let options: SqliteConnectOptions = url.parse()?;
+    let pool = SqlitePoolOptions::new()
+        .max_connections(4)
+        .connect_with(options.create_if_missing(true))
+        .await?;
+    migrator().run(&pool).await?;
+    Ok(pool)
+}
