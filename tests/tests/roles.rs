@@ -230,7 +230,9 @@ async fn supplier_certifies_a_real_device_and_the_table_decides_who_may_ask() {
     assert!(refused, "a client without a certificate is refused");
 }
 
-/// A gRPC channel whose client TLS key is the device's TRE key (the device side of mutual TLS).
+/// A gRPC channel whose client TLS key is the device's TRE key (the device side of mutual TLS):
+/// `mcim_tre::tls::device_client_config` under tonic, through a custom connector (tonic's own
+/// TLS settings cannot take a signing key that lives in a TRE).
 async fn device_channel(
     pki: &std::path::Path,
     port: u16,
@@ -238,37 +240,12 @@ async fn device_channel(
     chain: Vec<Vec<u8>>,
     sign: std::sync::Arc<mcim_tre::tls::TreSignFn>,
 ) -> Channel {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, ServerName};
-    #[derive(Debug)]
-    struct One(std::sync::Arc<rustls::sign::CertifiedKey>);
-    impl rustls::client::ResolvesClientCert for One {
-        fn resolve(
-            &self,
-            _: &[&[u8]],
-            _: &[rustls::SignatureScheme],
-        ) -> Option<std::sync::Arc<rustls::sign::CertifiedKey>> {
-            Some(self.0.clone())
-        }
-        fn has_certs(&self) -> bool {
-            true
-        }
-    }
-    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-    let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(CertificateDer::from_pem_slice(&std::fs::read(pki.join("ca.pem")).unwrap()).unwrap())
-        .unwrap();
-    let key = rustls::sign::CertifiedKey::new(
-        chain.into_iter().map(CertificateDer::from).collect(),
-        std::sync::Arc::new(mcim_tre::tls::TreTlsKey::new(sign)),
-    );
-    let mut config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_client_cert_resolver(std::sync::Arc::new(One(std::sync::Arc::new(key))));
-    config.alpn_protocols = vec![b"h2".to_vec()];
+    let config = mcim_tre::tls::device_client_config(
+        &std::fs::read(pki.join("ca.pem")).unwrap(),
+        chain,
+        mcim_tre::tls::TreTlsKey::new(sign),
+    )
+    .unwrap();
     let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
     Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
         .unwrap()
@@ -276,9 +253,8 @@ async fn device_channel(
             let connector = connector.clone();
             async move {
                 let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-                let tls = connector
-                    .connect(ServerName::try_from(server_name).unwrap(), tcp)
-                    .await?;
+                let name = rustls::pki_types::ServerName::try_from(server_name).unwrap();
+                let tls = connector.connect(name, tcp).await?;
                 Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
             }
         }))

@@ -53,3 +53,49 @@ impl Signer for TreTlsKey {
         SignatureScheme::ECDSA_NISTP256_SHA256
     }
 }
+
+/// The device's side of mutual TLS towards a role: a rustls client configuration that trusts
+/// the roles' CA (`ca_pem`), presents the device's certificate chain (DER, leaf first: what the
+/// supplier's CertifyDevice returned) and signs with the TRE, offering HTTP/2 for gRPC.
+pub fn device_client_config(
+    ca_pem: &[u8],
+    chain: Vec<Vec<u8>>,
+    key: TreTlsKey,
+) -> Result<rustls::ClientConfig, String> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+
+    #[derive(Debug)]
+    struct One(Arc<rustls::sign::CertifiedKey>);
+    impl rustls::client::ResolvesClientCert for One {
+        fn resolve(
+            &self,
+            _: &[&[u8]],
+            _: &[SignatureScheme],
+        ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+            Some(self.0.clone())
+        }
+        fn has_certs(&self) -> bool {
+            true
+        }
+    }
+
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in CertificateDer::pem_slice_iter(ca_pem) {
+        roots
+            .add(ca.map_err(|e| e.to_string())?)
+            .map_err(|e| e.to_string())?;
+    }
+    let certified = rustls::sign::CertifiedKey::new(
+        chain.into_iter().map(CertificateDer::from).collect(),
+        Arc::new(key),
+    );
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_client_cert_resolver(Arc::new(One(Arc::new(certified))));
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(config)
+}
