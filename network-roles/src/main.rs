@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! mcim-roles supplier --pki DIR --listen 127.0.0.1:7401
-//! mcim-roles pva      --pki DIR --listen 127.0.0.1:7405
+//! mcim-roles pva      --pki DIR --listen 127.0.0.1:7405 --db sqlite://pva.db
+//! mcim-roles all      --pki DIR --db sqlite://roles.db   # every role so far, one process
 //! ```
 //! Other roles join as they are built (issue 5).
 use std::net::SocketAddr;
@@ -34,6 +35,21 @@ enum RoleCmd {
         /// Address to listen on.
         #[arg(long, env = "MCIM_LISTEN", default_value = "127.0.0.1:7401")]
         listen: SocketAddr,
+    },
+    /// Every role built so far in one process, on one database, each on its own port.
+    All {
+        /// PKI directory (`mcimctl pki init`).
+        #[arg(long, env = "MCIM_PKI")]
+        pki: PathBuf,
+        /// The database (SQLite URL).
+        #[arg(long, env = "MCIM_DB", default_value = "sqlite://mcim-roles.db")]
+        db: String,
+        /// The supplier's address.
+        #[arg(long, default_value = "127.0.0.1:7401")]
+        supplier_listen: SocketAddr,
+        /// The PVA's address.
+        #[arg(long, default_value = "127.0.0.1:7405")]
+        pva_listen: SocketAddr,
     },
     /// The Platform Validation Authority (validates devices; signs results).
     Pva {
@@ -79,11 +95,41 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-async fn serve(role: RoleCmd) -> Result<(), String> {
-    let (role, pki, listen, db) = match &role {
-        RoleCmd::Supplier { pki, listen } => (Role::Supplier, pki.clone(), *listen, None),
-        RoleCmd::Pva { pki, listen, db } => (Role::Pva, pki.clone(), *listen, Some(db.clone())),
-    };
+async fn serve(cmd: RoleCmd) -> Result<(), String> {
+    match cmd {
+        RoleCmd::Supplier { pki, listen } => serve_role(Role::Supplier, pki, listen, None).await,
+        RoleCmd::Pva { pki, listen, db } => {
+            let pool = mcim_roles::store::open(&db)
+                .await
+                .map_err(|e| e.to_string())?;
+            serve_role(Role::Pva, pki, listen, Some(pool)).await
+        }
+        RoleCmd::All {
+            pki,
+            db,
+            supplier_listen,
+            pva_listen,
+        } => {
+            // One process, one database, each role on its own port with its own identity.
+            let pool = mcim_roles::store::open(&db)
+                .await
+                .map_err(|e| e.to_string())?;
+            tokio::try_join!(
+                serve_role(Role::Supplier, pki.clone(), supplier_listen, None),
+                serve_role(Role::Pva, pki, pva_listen, Some(pool)),
+            )
+            .map(|_| ())
+        }
+    }
+}
+
+/// Serves one role over mutual TLS, with gRPC health and reflection.
+async fn serve_role(
+    role: Role,
+    pki: PathBuf,
+    listen: SocketAddr,
+    db: Option<sqlx::SqlitePool>,
+) -> Result<(), String> {
     let tls = server_tls(&pki, role).map_err(|e| e.to_string())?;
     let mut builder = tonic::transport::Server::builder()
         .tls_config(tls)
@@ -95,22 +141,20 @@ async fn serve(role: RoleCmd) -> Result<(), String> {
         .build_v1()
         .map_err(|e| e.to_string())?;
     let router = builder.add_service(health).add_service(reflection);
-    let router = match role {
-        Role::Pva => {
+    let router = match (role, db) {
+        (Role::Pva, Some(pool)) => {
             reporter.set_serving::<PvaServiceServer<Pva>>().await;
-            let pool = mcim_roles::store::open(&db.unwrap_or_default())
-                .await
-                .map_err(|e| e.to_string())?;
             router.add_service(PvaServiceServer::new(
                 Pva::new(pki, pool).map_err(|e| e.to_string())?,
             ))
         }
-        _ => {
+        (Role::Supplier, _) => {
             reporter
                 .set_serving::<SupplierServiceServer<Supplier>>()
                 .await;
             router.add_service(SupplierServiceServer::new(Supplier::new(pki)))
         }
+        (other, _) => return Err(format!("the {other} role is not built yet")),
     };
     tracing::info!(%listen, %role, "serving (mutual TLS)");
     router

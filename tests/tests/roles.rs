@@ -636,3 +636,98 @@ async fn pva_validates_a_real_tpm_device_over_its_own_tls_key() {
         "decided once"
     );
 }
+
+/// `mcim-roles all`: every role built so far in one process, on one database.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn all_roles_in_one_process() {
+    use mcim_proto::mcim::pva::v1 as pva;
+    use mcim_proto::mcim::pva::v1::pva_service_client::PvaServiceClient;
+    let work = tempfile::tempdir().unwrap();
+    let pki = work.path().join("pki");
+    assert!(
+        Command::new(workspace_bin("mcimctl"))
+            .args(["pki", "init", "--dir", pki.to_str().unwrap()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let free = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    };
+    let (sp, pp) = (free(), free());
+    let child = Command::new(workspace_bin("mcim-roles"))
+        .args([
+            "all",
+            "--pki",
+            pki.to_str().unwrap(),
+            "--db",
+            &format!("sqlite://{}", work.path().join("roles.db").display()),
+            "--supplier-listen",
+            &format!("127.0.0.1:{sp}"),
+            "--pva-listen",
+            &format!("127.0.0.1:{pp}"),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _server = Server(child);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while [sp, pp]
+        .iter()
+        .any(|p| std::net::TcpStream::connect(("127.0.0.1", *p)).is_err())
+    {
+        assert!(Instant::now() < deadline, "mcim-roles all did not listen");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut sup = client(&pki, Role::Sho, sp).await.unwrap();
+    assert!(
+        !sup.get_supplier_root(pb::GetSupplierRootRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .certificate
+            .is_empty()
+    );
+    let pva_as = |role| {
+        let pki = pki.clone();
+        async move {
+            let tls = mcim_roles::tls::client_tls(&pki, role, "pva.mcim.local").unwrap();
+            PvaServiceClient::new(
+                Endpoint::from_shared(format!("https://127.0.0.1:{pp}"))
+                    .unwrap()
+                    .tls_config(tls)
+                    .unwrap()
+                    .connect()
+                    .await
+                    .unwrap(),
+            )
+        }
+    };
+    let ask = || pva::RequestValidationRequest {
+        pcid: "001010000000001".into(),
+        registration_id: "r".into(),
+    };
+    assert_eq!(
+        pva_as(Role::Sho)
+            .await
+            .request_validation(ask())
+            .await
+            .unwrap()
+            .into_inner()
+            .nonce
+            .len(),
+        32
+    );
+    let denied = pva_as(Role::Supplier)
+        .await
+        .request_validation(ask())
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), tonic::Code::PermissionDenied);
+    assert!(work.path().join("roles.db").exists(), "one SQLite database");
+}
