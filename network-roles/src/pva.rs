@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use coset::{CborSerializable, CoseSign1Builder, HeaderBuilder, iana};
-use mcim_core::tpm::attest::{TpmQuote, verify_quote_with_key};
+use mcim_core::tpm::attest::{ClockInfo, TpmQuote, verify_quote_with_key};
 use mcim_proto::mcim::common::v1 as common;
 use mcim_proto::mcim::pva::v1 as pb;
 use mcim_proto::mcim::pva::v1::pva_service_server::PvaService;
@@ -124,14 +124,15 @@ impl Pva {
         })
     }
 
-    /// Judges evidence; `Err(reason)` means untrusted.
+    /// Judges evidence; `Err(reason)` means untrusted. A quote's clock comes back for the
+    /// per-device monotonicity check ([`Pva::clock_moves_forward`]).
     fn judge(
         &self,
         v: &Validation,
         reference: Option<&Reference>,
         model: &str,
         ev: &common::Evidence,
-    ) -> Result<(), String> {
+    ) -> Result<Option<ClockInfo>, String> {
         let cred = pki::verify_platform_credential(&self.pki, &ev.platform_credential)
             .map_err(|e| format!("platform credential: {e}"))?;
         if cred.pcid != v.pcid {
@@ -165,7 +166,7 @@ impl Pva {
                         None => return Err(format!("PCR {index} was not quoted")),
                     }
                 }
-                Ok(())
+                Ok(Some(verified.clock))
             }
             Some(common::evidence::Kind::Pkcs11Signature(sig)) => {
                 if !reference.allow_pkcs11 {
@@ -183,10 +184,54 @@ impl Pva {
                 if p.measurement != reference.pkcs11_measurement {
                     return Err("the daemon's measurement differs from the reference".into());
                 }
-                Ok(())
+                Ok(None)
             }
             None => Err("no evidence".into()),
         }
+    }
+
+    /// A device's TPM clock and reset/restart counts never go backwards (a TPM that was
+    /// reset to an earlier state, or a replayed platform). The counts are compared as the AK
+    /// reports them: the TPM obfuscates them per key for an owner-hierarchy AK, consistently,
+    /// so order still shows. Records the new value when it moves forward.
+    async fn clock_moves_forward(
+        &self,
+        pcid: &str,
+        c: &ClockInfo,
+    ) -> Result<Result<(), String>, Status> {
+        let last: Option<(i64, i64, i64)> = sqlx::query_as(
+            "SELECT reset_count, restart_count, clock FROM pva_device_clock WHERE pcid = ?",
+        )
+        .bind(pcid)
+        .fetch_optional(&self.db)
+        .await
+        .map_err(db_err)?;
+        let now = (
+            i64::from(c.reset_count),
+            i64::from(c.restart_count),
+            i64::try_from(c.clock).unwrap_or(i64::MAX),
+        );
+        if let Some(prev) = last
+            && now < prev
+        {
+            return Ok(Err(format!(
+                "the TPM clock went backwards for this device (reset/restart/clock {now:?} < {prev:?})"
+            )));
+        }
+        sqlx::query(
+            "INSERT INTO pva_device_clock (pcid, reset_count, restart_count, clock) \
+             VALUES (?, ?, ?, ?) ON CONFLICT(pcid) DO UPDATE SET \
+             reset_count = excluded.reset_count, restart_count = excluded.restart_count, \
+             clock = excluded.clock",
+        )
+        .bind(pcid)
+        .bind(now.0)
+        .bind(now.1)
+        .bind(now.2)
+        .execute(&self.db)
+        .await
+        .map_err(db_err)?;
+        Ok(Ok(()))
     }
 
     fn sign_result(
@@ -336,7 +381,11 @@ impl PvaService for Pva {
             .unwrap_or_default();
         let reference = self.reference(&model).await?;
         let mut decided = v.clone();
-        match self.judge(&v, reference.as_ref(), &model, &ev) {
+        let judged = match self.judge(&v, reference.as_ref(), &model, &ev) {
+            Ok(Some(clock)) => self.clock_moves_forward(&v.pcid, &clock).await?,
+            other => other.map(|_| ()),
+        };
+        match judged {
             Ok(()) => {
                 decided.verdict = pb::Verdict::Trusted;
                 decided.result = Some(self.sign_result(&id, &v)?);
@@ -389,5 +438,41 @@ impl PvaService for Pva {
             reason: v.reason,
             result: v.result,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn clock(reset: u32, restart: u32, ms: u64) -> ClockInfo {
+        ClockInfo {
+            clock: ms,
+            reset_count: reset,
+            restart_count: restart,
+            safe: true,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_device_clock_never_goes_backwards() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        pki::init(dir.path(), &[(crate::authz::Role::Pva, "pva.mcim.local")])
+            .unwrap_or_else(|e| panic!("{e}"));
+        let db = crate::store::open("sqlite::memory:")
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let pva = Pva::new(dir.path().to_path_buf(), db).unwrap_or_else(|e| panic!("{e}"));
+        let ok = |r: Result<Result<(), String>, Status>| matches!(r, Ok(Ok(())));
+        assert!(ok(pva.clock_moves_forward("d1", &clock(5, 0, 1000)).await));
+        assert!(ok(pva.clock_moves_forward("d1", &clock(5, 0, 2000)).await), "time passes");
+        assert!(ok(pva.clock_moves_forward("d1", &clock(6, 0, 10)).await), "a reboot");
+        let back = pva.clock_moves_forward("d1", &clock(6, 0, 5)).await;
+        assert!(matches!(back, Ok(Err(ref m)) if m.contains("backwards")), "{back:?}");
+        let older = pva.clock_moves_forward("d1", &clock(5, 0, 9000)).await;
+        assert!(matches!(older, Ok(Err(_))), "an older reset count");
+        assert!(ok(pva.clock_moves_forward("d2", &clock(1, 0, 1)).await), "per device");
+        // A refused clock is not recorded: the genuine next one still passes.
+        assert!(ok(pva.clock_moves_forward("d1", &clock(6, 0, 11)).await));
     }
 }

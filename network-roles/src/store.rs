@@ -22,13 +22,22 @@ pub enum StoreError {
 
 /// The migrations, in order.
 fn migrator() -> Migrator {
-    Migrator::with_migrations(vec![Migration::new(
-        1,
-        Cow::Borrowed("pva"),
-        MigrationType::Simple,
-        include_str!("../migrations/0001_pva.sql").into_sql_str(),
-        false,
-    )])
+    Migrator::with_migrations(vec![
+        Migration::new(
+            1,
+            Cow::Borrowed("pva"),
+            MigrationType::Simple,
+            include_str!("../migrations/0001_pva.sql").into_sql_str(),
+            false,
+        ),
+        Migration::new(
+            2,
+            Cow::Borrowed("pva clock"),
+            MigrationType::Simple,
+            include_str!("../migrations/0002_pva_clock.sql").into_sql_str(),
+            false,
+        ),
+    ])
 }
 
 /// Opens (creating if needed) the database at `url` and applies the migrations.
