@@ -465,13 +465,25 @@ mod tests {
         let pva = Pva::new(dir.path().to_path_buf(), db).unwrap_or_else(|e| panic!("{e}"));
         let ok = |r: Result<Result<(), String>, Status>| matches!(r, Ok(Ok(())));
         assert!(ok(pva.clock_moves_forward("d1", &clock(5, 0, 1000)).await));
-        assert!(ok(pva.clock_moves_forward("d1", &clock(5, 0, 2000)).await), "time passes");
-        assert!(ok(pva.clock_moves_forward("d1", &clock(6, 0, 10)).await), "a reboot");
+        assert!(
+            ok(pva.clock_moves_forward("d1", &clock(5, 0, 2000)).await),
+            "time passes"
+        );
+        assert!(
+            ok(pva.clock_moves_forward("d1", &clock(6, 0, 10)).await),
+            "a reboot"
+        );
         let back = pva.clock_moves_forward("d1", &clock(6, 0, 5)).await;
-        assert!(matches!(back, Ok(Err(ref m)) if m.contains("backwards")), "{back:?}");
+        assert!(
+            matches!(back, Ok(Err(ref m)) if m.contains("backwards")),
+            "{back:?}"
+        );
         let older = pva.clock_moves_forward("d1", &clock(5, 0, 9000)).await;
         assert!(matches!(older, Ok(Err(_))), "an older reset count");
-        assert!(ok(pva.clock_moves_forward("d2", &clock(1, 0, 1)).await), "per device");
+        assert!(
+            ok(pva.clock_moves_forward("d2", &clock(1, 0, 1)).await),
+            "per device"
+        );
         // A refused clock is not recorded: the genuine next one still passes.
         assert!(ok(pva.clock_moves_forward("d1", &clock(6, 0, 11)).await));
     }
