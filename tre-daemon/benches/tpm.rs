@@ -61,11 +61,89 @@ struct Row {
     commands: f64,
 }
 
+/// The same AKA on a PKCS#11 token (SoftHSM2), run in a child process of this bench whose
+/// SOFTHSM2_CONF names a fresh token (the module reads it at C_Initialize). Prints one line
+/// for the parent: the median in nanoseconds.
+fn token_child(n: usize) {
+    use mcim_tre::tre::pkcs11::{Pkcs11Config, Pkcs11Tre};
+    let mut t = Pkcs11Tre::open(&Pkcs11Config {
+        module: mcim_e2e::SOFTHSM2_MODULE.into(),
+        token_label: mcim_e2e::SOFTHSM2_LABEL.into(),
+        pin: mcim_e2e::SOFTHSM2_PIN.to_string().into(),
+        force_rsa_unwrap: false,
+    })
+    .unwrap();
+    t.init_device(
+        &DeviceIdentity::new("SN-B", Pcid::new("001010000000777").unwrap(), "bench").unwrap(),
+    )
+    .unwrap();
+    let public = t.device_public().unwrap();
+    let k = K::new([0x46; 16]);
+    let opc = Opc::new([0xcd; 16]);
+    let w = |s: &[u8]| {
+        mcim_core::token_wrap::wrap_for_token(&public.storage_public, s, &mut rand::rng())
+            .unwrap()
+            .to_bytes()
+    };
+    let secrets = t
+        .import_mcim_secrets(&WrappedSecrets {
+            k: w(k.expose()),
+            opc: w(opc.expose()),
+        })
+        .unwrap();
+    let network = Milenage::with_opc(SoftKernel::new(&k), opc, Constants::default());
+    let profile = SqnProfile::default();
+    let mut ms = MsSqnState::new(&profile);
+    let mut times = Vec::new();
+    for i in 0..n {
+        let seq = (i as u64 + 1) << 5;
+        let rand = Rand([i as u8; 16]);
+        let av = vector_for(&network, Sqn::new(seq).unwrap(), Amf([0x80, 0]), rand).unwrap();
+        let ch = AkaChallenge {
+            constants: &Constants::default(),
+            profile: &profile,
+            rand: &rand,
+            autn: &av.autn,
+        };
+        let a = Instant::now();
+        t.authenticate(&secrets, &mut ms, &ch).unwrap();
+        times.push(a.elapsed());
+    }
+    println!("TOKEN_AKA_NS {}", median(times).as_nanos());
+}
+
+/// Runs [`token_child`] in a child with its own token; returns its median.
+fn token_aka(n: usize) -> Duration {
+    let hsm = mcim_e2e::SoftHsm::new();
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .env("SOFTHSM2_CONF", hsm.conf())
+        .env("MCIM_BENCH_TOKEN_CHILD", "1")
+        .env("MCIM_BENCH_N", n.to_string())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let ns: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("TOKEN_AKA_NS "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| {
+            panic!(
+                "token bench failed: {text} {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+    Duration::from_nanos(ns)
+}
+
 fn main() {
     let n: usize = std::env::var("MCIM_BENCH_N")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(200);
+    if std::env::var("MCIM_BENCH_TOKEN_CHILD").is_ok() {
+        token_child(n);
+        return;
+    }
     let mut rows = Vec::new();
     let k = K::new([0x46; 16]);
     let opc = Opc::new([0xcd; 16]);
@@ -192,6 +270,13 @@ fn main() {
         commands: (reg.tre().command_count().unwrap() - c0) as f64 / m as f64,
     });
 
+    // The same AKA on a PKCS#11 token (SoftHSM2): 3 C_Encrypt + reading OPc.
+    rows.push(Row {
+        name: "AKA on a PKCS#11 token (SoftHSM2, CKM_AES_ECB)",
+        median: token_aka(n),
+        commands: f64::NAN,
+    });
+
     // Software reference: the same AKA with K in host memory.
     let mut times = Vec::new();
     let mut ms = MsSqnState::new(&profile);
@@ -214,7 +299,11 @@ fn main() {
     println!("| operation | median | TPM commands | vs GetRandom |");
     println!("| --- | --- | --- | --- |");
     for r in rows {
-        let cmds = format!("{:.1}", r.commands);
+        let cmds = if r.commands.is_nan() {
+            "n/a".to_string()
+        } else {
+            format!("{:.1}", r.commands)
+        };
         let ms = r.median.as_secs_f64() * 1e3;
         let shown = if ms < 0.1 {
             format!("{:.1} µs", ms * 1e3)
