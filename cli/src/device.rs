@@ -428,6 +428,7 @@ async fn device(a: DeviceArgs) -> Result<(), DeviceError> {
                 "lockdown_reason": s.lockdown_reason,
                 "connectivity": s.connectivity_mcim_id,
                 "rehabilitation_counter": s.rehabilitation_counter,
+                "startup_findings": s.startup_findings,
             });
             if json {
                 println!("{v}");

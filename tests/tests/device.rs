@@ -682,6 +682,38 @@ fn the_same_device_commands_on_a_pkcs11_token() {
         ],
     );
     assert_eq!(wrong.status.code(), Some(1));
+    // Someone deletes the MCIM's K object from the token behind tred's back: at the next
+    // start the MCIM is blocked, and status says why.
+    let mut tred = tred;
+    assert!(tred.stop());
+    let del = hsm.tool(
+        "pkcs11-tool",
+        &[
+            "--module",
+            SOFTHSM2_MODULE,
+            "--token-label",
+            SOFTHSM2_LABEL,
+            "--login",
+            "--pin",
+            SOFTHSM2_PIN,
+            "--delete-object",
+            "--type",
+            "secrkey",
+            "--label",
+            "mcim.k",
+        ],
+    );
+    assert!(
+        del.status.success(),
+        "{}",
+        String::from_utf8_lossy(&del.stderr)
+    );
+    tred.restart();
+    let s = json(mcimctl(&tred, &["device", "--json", "status"]));
+    let findings = s["startup_findings"].to_string();
+    assert!(findings.contains("missing from the TRE"), "{s}");
+    let m = json(mcimctl(&tred, &["device", "--json", "get", IMSI]));
+    assert_eq!(m["state"], "blocked");
     let log = tred.log();
     assert!(!log.contains(SOFTHSM2_PIN), "the PIN is never logged");
     for secret in [K, OPC] {

@@ -41,7 +41,15 @@ impl Engine {
     /// Opens the registry when the TRE already holds an identity.
     pub fn new(mut tre: Box<dyn Tre>, state_dir: PathBuf) -> Result<Self, RegistryError> {
         if tre.identity()?.is_some() {
-            Ok(Engine::Ready(Box::new(Registry::open(&state_dir, tre)?)))
+            let registry = Registry::open(&state_dir, tre)?;
+            let st = registry.status();
+            for finding in &st.startup {
+                tracing::warn!("start-up check: {finding}");
+            }
+            if let Some(why) = &st.lockdown {
+                tracing::error!("the TRE is in lockdown: {why}");
+            }
+            Ok(Engine::Ready(Box::new(registry)))
         } else {
             Ok(Engine::Fresh { tre, state_dir })
         }

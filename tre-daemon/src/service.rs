@@ -207,9 +207,16 @@ impl TreService for TreApi {
         self.run(|e| {
             let caps = e.tre()?.capabilities().clone();
             let identity = e.tre()?.identity()?;
-            let (lockdown, connectivity) = match e.registry() {
-                Ok(r) => (r.status().lockdown, r.connectivity().map(str::to_string)),
-                Err(_) => (None, None),
+            let (lockdown, connectivity, findings) = match e.registry() {
+                Ok(r) => {
+                    let st = r.status();
+                    (
+                        st.lockdown,
+                        r.connectivity().map(str::to_string),
+                        st.startup,
+                    )
+                }
+                Err(_) => (None, None, Vec::new()),
             };
             let counter = if identity.is_some() {
                 e.tre()?.rollback_counter().unwrap_or(0)
@@ -233,6 +240,7 @@ impl TreService for TreApi {
                 lockdown_reason: lockdown.unwrap_or_default(),
                 connectivity_mcim_id: connectivity.unwrap_or_default(),
                 rehabilitation_counter: counter,
+                startup_findings: findings,
             })
         })
         .await
