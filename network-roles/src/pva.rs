@@ -129,17 +129,16 @@ impl Pva {
     fn judge(
         &self,
         v: &Validation,
+        cred: Result<pki::PlatformCredential, pki::PkiError>,
         reference: Option<&Reference>,
-        model: &str,
         ev: &common::Evidence,
     ) -> Result<Option<ClockInfo>, String> {
-        let cred = pki::verify_platform_credential(&self.pki, &ev.platform_credential)
-            .map_err(|e| format!("platform credential: {e}"))?;
+        let cred = cred.map_err(|e| format!("platform credential: {e}"))?;
         if cred.pcid != v.pcid {
             return Err("the platform credential is another device's".into());
         }
         let reference =
-            reference.ok_or_else(|| format!("no reference values for model {model}"))?;
+            reference.ok_or_else(|| format!("no reference values for model {}", cred.model))?;
         match &ev.kind {
             Some(common::evidence::Kind::TpmQuote(q)) => {
                 let ak = p256::PublicKey::from_sec1_bytes(&cred.ak_point)
@@ -374,14 +373,14 @@ impl PvaService for Pva {
             .into_inner()
             .evidence
             .ok_or_else(|| Status::invalid_argument("evidence is required"))?;
-        // The model comes from the (not yet verified) credential only to pick the reference;
-        // judge() verifies the credential before trusting anything in it.
-        let model = pki::verify_platform_credential(&self.pki, &ev.platform_credential)
-            .map(|c| c.model)
-            .unwrap_or_default();
-        let reference = self.reference(&model).await?;
+        // The credential is verified once; its model picks the reference values.
+        let cred = pki::verify_platform_credential(&self.pki, &ev.platform_credential);
+        let reference = match &cred {
+            Ok(c) => self.reference(&c.model).await?,
+            Err(_) => None,
+        };
         let mut decided = v.clone();
-        let judged = match self.judge(&v, reference.as_ref(), &model, &ev) {
+        let judged = match self.judge(&v, cred, reference.as_ref(), &ev) {
             Ok(Some(clock)) => self.clock_moves_forward(&v.pcid, &clock).await?,
             other => other.map(|_| ()),
         };

@@ -11,11 +11,9 @@ use mcim_core::identity::{DeviceIdentity, Pcid};
 use mcim_tre::engine::{Engine, EngineHandle};
 use mcim_tre::tls::{TreSignFn, TreTlsKey};
 use mcim_tre::tre::{Tre, TreError};
-use rustls::client::ResolvesClientCert;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::server::WebPkiClientVerifier;
-use rustls::sign::CertifiedKey;
-use rustls::{ClientConfig, RootCertStore, ServerConfig, SignatureScheme};
+use rustls::{RootCertStore, ServerConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// The TRE's P-256 public key for rcgen (the point inside the SPKI tred reports).
@@ -27,18 +25,6 @@ impl rcgen::PublicKeyData for TrePublic {
     }
     fn algorithm(&self) -> &'static rcgen::SignatureAlgorithm {
         &rcgen::PKCS_ECDSA_P256_SHA256
-    }
-}
-
-#[derive(Debug)]
-struct OneCert(Arc<CertifiedKey>);
-
-impl ResolvesClientCert for OneCert {
-    fn resolve(&self, _: &[&[u8]], _: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
-        Some(self.0.clone())
-    }
-    fn has_certs(&self) -> bool {
-        true
     }
 }
 
@@ -116,14 +102,13 @@ async fn handshake(
             PrivateKeyDer::Pkcs8(server_key.serialize_der().into()),
         )
         .unwrap();
-    let client = ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_client_cert_resolver(Arc::new(OneCert(Arc::new(CertifiedKey::new(
-            vec![device_cert.der().clone()],
-            Arc::new(TreTlsKey::new(sign)),
-        )))));
+    // The device's client: what tred uses towards the roles.
+    let client = mcim_tre::tls::device_client_config(
+        ca.pem().as_bytes(),
+        vec![device_cert.der().to_vec()],
+        TreTlsKey::new(sign),
+    )
+    .unwrap();
 
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();

@@ -134,6 +134,30 @@ impl std::fmt::Debug for ProtectedSecrets {
     }
 }
 
+/// DER SubjectPublicKeyInfo of an uncompressed P-256 point (RFC 5480), as both backends report
+/// their device keys.
+pub(crate) fn p256_spki(point: &[u8; 65]) -> Vec<u8> {
+    let mut der = mcim_core::token_wrap::P256_SPKI_PREFIX.to_vec();
+    der.extend_from_slice(point);
+    der
+}
+
+/// The TRE's error for a refused or failed device-side AKA; `command` names the backend's
+/// cipher command for a kernel failure.
+pub(crate) fn aka_error<E: std::error::Error + Send + Sync + 'static>(
+    command: &'static str,
+) -> impl Fn(mcim_core::aka::device::DeviceAkaError<E>) -> TreError {
+    use mcim_core::aka::device::DeviceAkaError as D;
+    move |e| match e {
+        D::MacFailure => TreError::MacFailure,
+        D::Sqn(s) => TreError::Sqn(s),
+        D::Kernel(k) => TreError::Command {
+            command,
+            detail: k.to_string(),
+        },
+    }
+}
+
 /// DER of an ECDSA P-256 signature from its scalars (big-endian, any length up to 32).
 pub(crate) fn ecdsa_der(r: &[u8], s: &[u8]) -> Result<Vec<u8>, TreError> {
     let pad = |v: &[u8]| -> Result<[u8; 32], TreError> {

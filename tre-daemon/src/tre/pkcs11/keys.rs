@@ -217,16 +217,6 @@ pub(super) fn ec_point(session: &Session, label: &str) -> Result<[u8; 65], TreEr
     Ok(out)
 }
 
-/// DER SubjectPublicKeyInfo of a P-256 point (RFC 5480).
-pub(super) fn spki(point: &[u8; 65]) -> Vec<u8> {
-    let mut der = vec![
-        0x30, 0x59, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x08,
-        0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07, 0x03, 0x42, 0x00,
-    ];
-    der.extend_from_slice(point);
-    der
-}
-
 /// DER SPKI of the RSA unwrap key.
 fn rsa_spki(session: &Session) -> Result<Vec<u8>, TreError> {
     use rsa::pkcs8::EncodePublicKey;
@@ -259,12 +249,12 @@ fn rsa_spki(session: &Session) -> Result<Vec<u8>, TreError> {
 pub(super) fn device_public(session: &Session) -> Result<DevicePublic, TreError> {
     let storage_public = match unwrap_key_scheme(session)? {
         Some(UnwrapScheme::RsaOaep) => rsa_spki(session)?,
-        _ => spki(&ec_point(session, UNWRAP_LABEL)?),
+        _ => crate::tre::p256_spki(&ec_point(session, UNWRAP_LABEL)?),
     };
     Ok(DevicePublic {
         storage_public,
-        attestation_public: spki(&ec_point(session, ATTESTATION_LABEL)?),
-        tls_public_spki: spki(&ec_point(session, TLS_LABEL)?),
+        attestation_public: crate::tre::p256_spki(&ec_point(session, ATTESTATION_LABEL)?),
+        tls_public_spki: crate::tre::p256_spki(&ec_point(session, TLS_LABEL)?),
     })
 }
 

@@ -243,17 +243,8 @@ impl Pkcs11Tre {
             key,
         };
         let m = Milenage::with_opc(kernel, opc, ch.constants.clone());
-        mcim_core::aka::authenticate(&m, sqn, ch.profile, ch.rand, ch.autn).map_err(|e| {
-            use mcim_core::aka::device::DeviceAkaError as D;
-            match e {
-                D::MacFailure => TreError::MacFailure,
-                D::Sqn(s) => TreError::Sqn(s),
-                D::Kernel(k) => TreError::Command {
-                    command: "C_Encrypt(CKM_AES_ECB)",
-                    detail: k.to_string(),
-                },
-            }
-        })
+        mcim_core::aka::authenticate(&m, sqn, ch.profile, ch.rand, ch.autn)
+            .map_err(crate::tre::aka_error("C_Encrypt(CKM_AES_ECB)"))
     }
 }
 

@@ -195,7 +195,7 @@ fn public_of(ctx: &mut Context, handle: u32) -> Result<(Vec<u8>, Public), TreErr
 }
 
 /// DER SubjectPublicKeyInfo of an ECC P-256 public area (RFC 5480).
-fn p256_spki(public: &Public) -> Result<Vec<u8>, TreError> {
+fn spki_of(public: &Public) -> Result<Vec<u8>, TreError> {
     let Public::Ecc { unique, .. } = public else {
         return Err(TreError::Mismatch("TLS key is not an ECC key".into()));
     };
@@ -203,16 +203,11 @@ fn p256_spki(public: &Public) -> Result<Vec<u8>, TreError> {
     if x.len() > 32 || y.len() > 32 {
         return Err(TreError::Mismatch("TLS key is not on P-256".into()));
     }
-    // SEQUENCE { SEQUENCE { id-ecPublicKey, prime256v1 }, BIT STRING 04 || X || Y }
-    let mut der = vec![
-        0x30, 0x59, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x08,
-        0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07, 0x03, 0x42, 0x00, 0x04,
-    ];
-    for coord in [x, y] {
-        der.extend(std::iter::repeat_n(0u8, 32 - coord.len()));
-        der.extend_from_slice(coord);
-    }
-    Ok(der)
+    let mut point = [0u8; 65];
+    point[0] = 0x04;
+    point[33 - x.len()..33].copy_from_slice(x);
+    point[65 - y.len()..].copy_from_slice(y);
+    Ok(crate::tre::p256_spki(&point))
 }
 
 /// The public material of the three device keys.
@@ -223,6 +218,6 @@ pub(super) fn device_public(ctx: &mut Context) -> Result<DevicePublic, TreError>
     Ok(DevicePublic {
         storage_public,
         attestation_public,
-        tls_public_spki: p256_spki(&tls)?,
+        tls_public_spki: spki_of(&tls)?,
     })
 }

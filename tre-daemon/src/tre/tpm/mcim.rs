@@ -316,7 +316,7 @@ impl TpmTre {
                 let out = mcim_core::aka::authenticate(&m, sqn, ch.profile, ch.rand, ch.autn);
                 drop(m);
                 let flushed = self.flush(key);
-                let out = out.map_err(device_error)?;
+                let out = out.map_err(crate::tre::aka_error("TPM2_EncryptDecrypt2"))?;
                 flushed?;
                 Ok(out)
             }
@@ -327,26 +327,12 @@ impl TpmTre {
                 drop(k_bytes);
                 let m = Milenage::with_opc(SoftKernel::new(&k), opc, ch.constants.clone());
                 mcim_core::aka::authenticate(&m, sqn, ch.profile, ch.rand, ch.autn)
-                    .map_err(device_error)
+                    .map_err(crate::tre::aka_error("TPM2_EncryptDecrypt2"))
             }
             (mode, ty) => Err(bad(format!(
                 "record says {mode:?} but K has object type {ty:#06x}"
             ))),
         }
-    }
-}
-
-fn device_error<E: std::error::Error + Send + Sync + 'static>(
-    e: mcim_core::aka::device::DeviceAkaError<E>,
-) -> TreError {
-    use mcim_core::aka::device::DeviceAkaError;
-    match e {
-        DeviceAkaError::MacFailure => TreError::MacFailure,
-        DeviceAkaError::Sqn(s) => TreError::Sqn(s),
-        DeviceAkaError::Kernel(k) => TreError::Command {
-            command: "TPM2_EncryptDecrypt2",
-            detail: k.to_string(),
-        },
     }
 }
 
