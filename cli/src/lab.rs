@@ -1,30 +1,42 @@
-//! `mcimctl lab run`: a whole device-side system on one machine, end to end: a software TPM,
-//! `tred`, and the roles' device-facing steps played by this process (equipment supplier,
-//! PVA, SHO, and the home network's AuC). The network roles as servers, and the provisioning
-//! flow between them (TR 33.812 5.1.3.6.2), join this lab when `mcim-roles` lands.
+//! `mcimctl lab run`: a whole system on this machine, end to end. It starts the same binaries
+//! users deploy, as child processes: `mcim-roles all` (supplier, RO, VNO, SHO, PVA on one
+//! SQLite database, mutual TLS under a fresh development PKI), a software TRE (swtpm, or a
+//! SoftHSM2 token), and `tred` for the device. Then, as the factory, the subscriber and the
+//! device owner would:
 //!
-//! Steps: supply-time initialisation (5.1.3.3.4) -> attestation and its verification
-//! (steps 8-10) -> the SHO wraps K and OPc for this TRE, OPc bound to the validated PCRs
-//! (step 12) -> install, activate, choose for connectivity, select (step 13, 5.1.1.1) -> AKA
-//! inside the TPM against an AV from the home network (TS 33.102 6.3) -> the audit record
-//! verified against its anchor in the TPM (5.1.2.2).
+//! 1. supply time (5.1.3.3.4): keys and identity in the TRE, the supplier certifies them
+//!    (platform credential, TLS certificate), registers the model's reference values with the
+//!    PVA, embeds the PCID's initial credential and hands it to the RO's ICF (CCIF mode 2);
+//! 2. the subscriber contracts with the SHO (5.1.3.5.2);
+//! 3. the device runs initial provisioning (5.1.3.6.2 steps 1-14, or 5.1.3.6.3), each step
+//!    printed as the device sees it;
+//! 4. an operational attach with the new MCIM (5.1.3.3.2.2).
+//!
+//! `--json` prints one JSON object at the end (progress goes to stderr). On failure the exit
+//! status is non-zero and the failed step is named.
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use clap::{Args, Subcommand};
-use mcim_core::aka::{
-    Amf, Constants, HeSqnState, K, Milenage, Opc, Rand, SoftKernel, SqnProfile, generate_av,
-};
-use mcim_core::tpm::attest::{TpmQuote, verify_quote};
-use mcim_core::tpm::import::{ObjectPolicy, wrap_aes128_key, wrap_sealed_data};
-use mcim_core::tpm::policy::PcrSelection;
-use mcim_core::tpm::public::EccPublic;
+use clap::{Args, Subcommand, ValueEnum};
+use mcim_core::aka::{K, Opc};
+use mcim_core::package::{TreTarget, wrap_secrets};
 use mcim_proto::mcim::common::v1 as common;
+use mcim_proto::mcim::pva::v1 as pva;
+use mcim_proto::mcim::pva::v1::pva_service_client::PvaServiceClient;
+use mcim_proto::mcim::sho::v1 as sho;
+use mcim_proto::mcim::sho::v1::sho_service_client::ShoServiceClient;
+use mcim_proto::mcim::supplier::v1 as sup;
+use mcim_proto::mcim::supplier::v1::supplier_service_client::SupplierServiceClient;
 use mcim_proto::mcim::tre::v1 as pb;
+use mcim_proto::mcim::vno::v1 as vno;
+use mcim_proto::mcim::vno::v1::vno_service_client::VnoServiceClient;
+use mcim_roles::authz::Role;
 use rand::Rng;
+use serde_json::json;
+use tonic::transport::{Channel, Endpoint};
 
 use crate::device::{DeviceError, connect, runtime};
 
@@ -35,13 +47,49 @@ pub enum LabCommand {
     Run(RunArgs),
 }
 
+/// The device's TRE in the lab.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum TreChoice {
+    /// A software TPM 2.0 (swtpm).
+    Tpm,
+    /// A SoftHSM2 token.
+    Pkcs11,
+}
+
+/// How the device reaches the RO.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AccessChoice {
+    /// Through a VNO after AKA with the PCID (5.1.3.6.2).
+    #[value(name = "3gpp")]
+    ThreeGpp,
+    /// Straight to the RO's DRF (5.1.3.6.3).
+    #[value(name = "non-3gpp")]
+    Non3gpp,
+}
+
 /// Arguments of `mcimctl lab run`.
 #[derive(Args)]
 pub struct RunArgs {
-    /// Working directory (TPM state, tred's state and socket, logs); a temporary one if not
-    /// given.
+    /// Working directory (PKI, databases, TRE state, logs); a temporary one if not given.
     #[arg(long)]
     dir: Option<PathBuf>,
+    /// The device's TRE.
+    #[arg(long, value_enum, default_value = "tpm")]
+    tre: TreChoice,
+    /// The access network.
+    #[arg(long, value_enum, default_value = "3gpp")]
+    access: AccessChoice,
+    /// Print one JSON object at the end (progress goes to stderr).
+    #[arg(long)]
+    json: bool,
+    /// Keep the working directory (and print where it is).
+    #[arg(long)]
+    keep: bool,
+    /// Demonstrate a refusal: extend PCR 0 after supply (tred stopped, tpm2_pcrextend, tred
+    /// restarted), so the platform no longer matches its reference values; the PVA refuses it
+    /// and nothing is provisioned (TPM only).
+    #[arg(long)]
+    extend_pcr_after_supply: bool,
 }
 
 /// A child process stopped (SIGTERM, then SIGKILL) when dropped.
@@ -71,19 +119,21 @@ fn fail(what: impl std::fmt::Display) -> DeviceError {
     DeviceError::Input(what.to_string())
 }
 
-fn free_port_pair() -> Result<u16, DeviceError> {
-    for _ in 0..50 {
+/// `n` consecutive free ports on 127.0.0.1.
+fn free_ports(n: u16) -> Result<u16, DeviceError> {
+    for _ in 0..100 {
         let a = TcpListener::bind("127.0.0.1:0").map_err(fail)?;
         let p = a.local_addr().map_err(fail)?.port();
-        if p < 65534 && TcpListener::bind(("127.0.0.1", p + 1)).is_ok() {
+        drop(a);
+        if p < 65535 - n && (0..n).all(|i| TcpListener::bind(("127.0.0.1", p + i)).is_ok()) {
             return Ok(p);
         }
     }
-    Err(fail("no free port pair for swtpm"))
+    Err(fail("no free ports"))
 }
 
 fn wait_until(what: &str, mut ready: impl FnMut() -> bool) -> Result<(), DeviceError> {
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < deadline {
         if ready() {
             return Ok(());
@@ -93,238 +143,584 @@ fn wait_until(what: &str, mut ready: impl FnMut() -> bool) -> Result<(), DeviceE
     Err(fail(format!("{what} did not start")))
 }
 
-/// `tred` next to this `mcimctl`, else on PATH.
-fn tred_binary() -> PathBuf {
+/// A binary next to this `mcimctl`, else on PATH.
+fn sibling(name: &str) -> PathBuf {
     std::env::current_exe()
         .ok()
-        .and_then(|p| p.parent().map(|d| d.join("tred")))
+        .and_then(|p| p.parent().map(|d| d.join(name)))
         .filter(|p| p.exists())
-        .unwrap_or_else(|| PathBuf::from("tred"))
+        .unwrap_or_else(|| PathBuf::from(name))
 }
 
-fn step(n: usize, text: &str) {
-    println!("[{n}/8] {text}");
+/// Progress: stdout normally, stderr under --json (stdout then holds only the JSON).
+struct Say(bool);
+
+impl Say {
+    fn line(&self, text: &str) {
+        if self.0 {
+            eprintln!("{text}");
+        } else {
+            println!("{text}");
+        }
+    }
+}
+
+fn spawn(cmd: &mut Command, what: &str, log: &Path) -> Result<Proc, DeviceError> {
+    let log = std::fs::File::create(log).map_err(fail)?;
+    cmd.stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .map(|c| Proc(Some(c)))
+        .map_err(|e| {
+            fail(format!(
+                "{what}: {e} (bash ci/install-deps.sh installs what the lab needs)"
+            ))
+        })
+}
+
+async fn role_client(pki: &Path, me: Role, peer: Role, port: u16) -> Result<Channel, DeviceError> {
+    let tls = mcim_roles::tls::client_tls(pki, me, &format!("{}.mcim.local", peer.as_str()))
+        .map_err(fail)?;
+    Endpoint::from_shared(format!("https://127.0.0.1:{port}"))
+        .map_err(fail)?
+        .tls_config(tls)
+        .map_err(fail)?
+        .connect()
+        .await
+        .map_err(|e| fail(format!("{peer}: {e}")))
 }
 
 /// Runs `mcimctl lab ...`.
 pub fn run(cmd: LabCommand) -> Result<(), DeviceError> {
     let LabCommand::Run(a) = cmd;
     let tmp;
-    let dir: &Path = match &a.dir {
+    let dir: PathBuf = match &a.dir {
         Some(d) => {
             std::fs::create_dir_all(d).map_err(fail)?;
-            d
+            d.clone()
         }
         None => {
             tmp = tempdir()?;
-            &tmp.0
+            if a.keep {
+                let p = tmp.0.clone();
+                std::mem::forget(tmp);
+                p
+            } else {
+                tmp.0.clone()
+            }
         }
     };
-    let tpm_dir = dir.join("tpm");
-    std::fs::create_dir_all(&tpm_dir).map_err(fail)?;
+    let say = Say(a.json);
+    let outcome = lab(&a, &dir, &say);
+    if a.keep || a.dir.is_some() {
+        say.line(&format!("lab directory: {}", dir.display()));
+    }
+    match outcome {
+        Ok(report) => {
+            if a.json {
+                println!("{report}");
+            }
+            Ok(())
+        }
+        Err((report, e)) => {
+            if a.json {
+                println!("{report}");
+            }
+            Err(e)
+        }
+    }
+}
 
-    step(1, "software TPM (swtpm) and the TRE daemon (tred)");
-    let port = free_port_pair()?;
-    let _swtpm = Proc(Some(
-        Command::new("swtpm")
-            .args(["socket", "--tpm2", "--tpmstate"])
-            .arg(format!("dir={}", tpm_dir.display()))
-            .args([
-                "--server",
-                &format!("type=tcp,port={port},bindaddr=127.0.0.1"),
-            ])
-            .args([
-                "--ctrl",
-                &format!("type=tcp,port={},bindaddr=127.0.0.1", port + 1),
-            ])
-            .args(["--flags", "not-need-init,startup-clear"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .map_err(|e| fail(format!("swtpm: {e} (bash ci/install-deps.sh installs it)")))?,
-    ));
-    wait_until("swtpm", || {
-        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+type LabResult = Result<serde_json::Value, (serde_json::Value, DeviceError)>;
+
+fn lab(a: &RunArgs, dir: &Path, say: &Say) -> LabResult {
+    let mut report = json!({
+        "tre": match a.tre { TreChoice::Tpm => "tpm", TreChoice::Pkcs11 => "pkcs11" },
+        "access": match a.access { AccessChoice::ThreeGpp => "3gpp", AccessChoice::Non3gpp => "non-3gpp" },
+        "steps": [],
+        "ok": false,
+    });
+    let r = lab_inner(a, dir, say, &mut report);
+    match r {
+        Ok(()) => {
+            report["ok"] = json!(true);
+            Ok(report)
+        }
+        Err(e) => {
+            report["error"] = json!(e.to_string());
+            Err((report, e))
+        }
+    }
+}
+
+fn lab_inner(
+    a: &RunArgs,
+    dir: &Path,
+    say: &Say,
+    report: &mut serde_json::Value,
+) -> Result<(), DeviceError> {
+    let pki = dir.join("pki");
+    let parties = [
+        (Role::Supplier, "supplier.mcim.local"),
+        (Role::Ro, "ro.mcim.local"),
+        (Role::Vno, "vno.mcim.local"),
+        (Role::Sho, "sho.mcim.local"),
+        (Role::Pva, "pva.mcim.local"),
+        (Role::Subscriber, "subscriber.mcim.local"),
+    ];
+    mcim_roles::pki::init(&pki, &parties).map_err(fail)?;
+
+    // The network: every role in one process, the binary operators deploy.
+    let base = free_ports(5)?;
+    let (sup_p, ro_p, vno_p, sho_p, pva_p) = (base, base + 1, base + 2, base + 3, base + 4);
+    let _roles = spawn(
+        Command::new(sibling("mcim-roles"))
+            .args(["all", "--pki"])
+            .arg(&pki)
+            .arg("--db")
+            .arg(format!("sqlite://{}", dir.join("roles.db").display()))
+            .args(["--base-port", &base.to_string()])
+            .env("MCIM_LOG", "info"),
+        "mcim-roles",
+        &dir.join("roles.log"),
+    )?;
+    wait_until("mcim-roles", || {
+        (0..5).all(|i| std::net::TcpStream::connect(("127.0.0.1", base + i)).is_ok())
     })?;
-    let socket = dir.join("tred.sock");
-    let log = std::fs::File::create(dir.join("tred.log")).map_err(fail)?;
-    let _tred = Proc(Some(
-        Command::new(tred_binary())
-            .env("MCIM_TCTI", format!("swtpm:host=127.0.0.1,port={port}"))
-            .env("MCIM_STATE_DIR", dir.join("tred-state"))
-            .env("MCIM_SOCKET", &socket)
-            .env("MCIM_QUOTE_PCRS", "0,1,2,3,4,5,6,7")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .map_err(|e| fail(format!("tred: {e} (build it: cargo build -p mcim-tre)")))?,
+    say.line(&format!(
+        "[lab] network roles (mcim-roles all): supplier :{sup_p}, RO :{ro_p}, VNO :{vno_p}, SHO :{sho_p}, PVA :{pva_p}"
     ));
+
+    // The device: a software TRE and tred.
+    let socket = dir.join("tred.sock");
+    let mut tred = Command::new(sibling("tred"));
+    tred.env("MCIM_STATE_DIR", dir.join("tred-state"))
+        .env("MCIM_SOCKET", &socket)
+        .env("MCIM_QUOTE_PCRS", "0,1,2,3,4,5,6,7")
+        .env("MCIM_CA_FILE", pki.join("ca.pem"))
+        .env("MCIM_RO_URL", format!("https://127.0.0.1:{ro_p}"))
+        .env("MCIM_VNO_URL", format!("https://127.0.0.1:{vno_p}"));
+    let _swtpm;
+    let mut tpm_port = 0;
+    match a.tre {
+        TreChoice::Tpm => {
+            let tpm_dir = dir.join("tpm");
+            std::fs::create_dir_all(&tpm_dir).map_err(fail)?;
+            let port = free_ports(2)?;
+            tpm_port = port;
+            _swtpm = Some(spawn(
+                Command::new("swtpm")
+                    .args(["socket", "--tpm2", "--tpmstate"])
+                    .arg(format!("dir={}", tpm_dir.display()))
+                    .args([
+                        "--server",
+                        &format!("type=tcp,port={port},bindaddr=127.0.0.1"),
+                    ])
+                    .args([
+                        "--ctrl",
+                        &format!("type=tcp,port={},bindaddr=127.0.0.1", port + 1),
+                    ])
+                    .args(["--flags", "not-need-init,startup-clear"]),
+                "swtpm",
+                &dir.join("swtpm.log"),
+            )?);
+            wait_until("swtpm", || {
+                std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+            })?;
+            tred.env("MCIM_BACKEND", "tpm")
+                .env("MCIM_TCTI", format!("swtpm:host=127.0.0.1,port={port}"));
+            say.line(&format!("[lab] software TPM (swtpm) on 127.0.0.1:{port}"));
+        }
+        TreChoice::Pkcs11 => {
+            _swtpm = None;
+            let hsm = dir.join("softhsm");
+            std::fs::create_dir_all(hsm.join("tokens")).map_err(fail)?;
+            let conf = hsm.join("softhsm2.conf");
+            std::fs::write(
+                &conf,
+                format!(
+                    "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\nslots.removable = false\n",
+                    hsm.join("tokens").display()
+                ),
+            )
+            .map_err(fail)?;
+            let init = Command::new("softhsm2-util")
+                .env("SOFTHSM2_CONF", &conf)
+                .args([
+                    "--init-token",
+                    "--free",
+                    "--label",
+                    "mcim",
+                    "--pin",
+                    "1234",
+                    "--so-pin",
+                    "5678",
+                ])
+                .output()
+                .map_err(|e| {
+                    fail(format!(
+                        "softhsm2-util: {e} (bash ci/install-deps.sh installs it)"
+                    ))
+                })?;
+            if !init.status.success() {
+                return Err(fail(format!(
+                    "softhsm2-util: {}",
+                    String::from_utf8_lossy(&init.stderr)
+                )));
+            }
+            tred.env("MCIM_BACKEND", "pkcs11")
+                .env("SOFTHSM2_CONF", &conf)
+                .env("MCIM_PKCS11_TOKEN", "mcim")
+                .env("MCIM_PKCS11_PIN", "1234");
+            say.line("[lab] SoftHSM2 token \"mcim\"");
+        }
+    }
+    if a.extend_pcr_after_supply && a.tre != TreChoice::Tpm {
+        return Err(fail("--extend-pcr-after-supply needs --tre tpm"));
+    }
+    let mut tred_proc = spawn(&mut tred, "tred", &dir.join("tred.log"))?;
     wait_until("tred", || {
         std::os::unix::net::UnixStream::connect(&socket).is_ok()
     })?;
-    println!(
-        "      swtpm on 127.0.0.1:{port}, tred on {}",
-        socket.display()
-    );
+    say.line(&format!("[lab] tred on {}", socket.display()));
 
+    let pcid = "001010000000001";
     runtime()?.block_on(async {
-        let mut c = connect(&socket).await?;
-        let mut rng = rand::rng();
+        let mut dev = connect(&socket).await?;
+        let mut supplier = SupplierServiceClient::new(role_client(&pki, Role::Supplier, Role::Supplier, sup_p).await?);
 
-        step(
-            2,
-            "equipment supplier: supply-time initialisation (keys and identity in the TPM)",
-        );
-        let init = c
+        // 1. Supply time.
+        let identity = common::DeviceIdentity {
+            device_id: "LAB-0001".into(),
+            pcid: pcid.into(),
+            model: "mcim-lab".into(),
+        };
+        let init = dev
             .init_device(pb::InitDeviceRequest {
-                identity: Some(common::DeviceIdentity {
-                    device_id: "LAB-0001".into(),
-                    pcid: "001010000000001".into(),
-                    model: "mcim-lab".into(),
-                }),
+                identity: Some(identity.clone()),
             })
             .await?
             .into_inner();
-        let storage = EccPublic::from_tpm2b(&init.storage_public).map_err(fail)?;
-        println!("      storage key {}", hex::encode(storage.name()));
-
-        step(
-            3,
-            "PVA: the device attests; the quote verifies (signature, nonce, PCR digest)",
-        );
+        let kind = dev.get_status(pb::GetStatusRequest {}).await?.into_inner().tre_kind;
+        let cert = supplier
+            .certify_device(sup::CertifyDeviceRequest {
+                identity: Some(identity.clone()),
+                tre_kind: kind,
+                storage_public: init.storage_public.clone(),
+                attestation_public: init.attestation_public.clone(),
+                tls_public_spki: init.tls_public_spki.clone(),
+            })
+            .await?
+            .into_inner();
+        dev.install_certificates(pb::InstallCertificatesRequest {
+            platform_credential: cert.platform_credential.clone(),
+            tls_certificate: cert.tls_certificate.clone(),
+        })
+        .await?;
+        say.line("[lab] supplier: keys and identity in the TRE, platform credential and TLS certificate issued");
+        // The model's reference values: this platform's state at supply time.
         let mut nonce = [0u8; 32];
-        rng.fill_bytes(&mut nonce);
-        let att = c
+        rand::rng().fill_bytes(&mut nonce);
+        let golden = dev
             .attest(pb::AttestRequest {
                 nonce: nonce.to_vec(),
                 pcrs: Vec::new(),
             })
             .await?
             .into_inner();
-        let Some(common::evidence::Kind::TpmQuote(q)) = att.evidence.and_then(|e| e.kind) else {
-            return Err(fail("no TPM quote"));
+        let mut refs = pva::RegisterReferenceValuesRequest {
+            model: identity.model.clone(),
+            pcr_bank: "sha256".into(),
+            ..Default::default()
         };
-        let quote = TpmQuote {
-            attest: q.attest,
-            signature: q.signature,
-            pcrs: q.pcrs.iter().map(|p| p.index as u8).collect(),
-            pcr_values: q
-                .pcrs
-                .iter()
-                .map(|p| p.digest.as_slice().try_into().unwrap_or([0u8; 32]))
-                .collect(),
+        match golden.evidence.and_then(|e| e.kind) {
+            Some(common::evidence::Kind::TpmQuote(q)) => refs.pcrs = q.pcrs,
+            Some(common::evidence::Kind::Pkcs11Signature(s)) => {
+                let p: mcim_core::token_evidence::EvidencePayload =
+                    serde_json::from_slice(&s.payload).map_err(fail)?;
+                refs.allow_pkcs11 = true;
+                refs.pkcs11_measurement = hex::decode(p.measurement).map_err(fail)?;
+            }
+            None => return Err(fail("the TRE gave no evidence")),
+        }
+        let n_pcrs = refs.pcrs.len();
+        PvaServiceClient::new(role_client(&pki, Role::Supplier, Role::Pva, pva_p).await?)
+            .register_reference_values(refs)
+            .await?;
+        say.line(&format!(
+            "[lab] supplier: reference values for model {} registered at the PVA ({n_pcrs} PCRs)",
+            identity.model
+        ));
+        // The PCID's initial credential, embedded by the supplier (CCIF mode 2).
+        let (k, opc) = {
+            let mut rng = rand::rng();
+            let mut kb = zeroize::Zeroizing::new([0u8; 16]);
+            let mut ob = zeroize::Zeroizing::new([0u8; 16]);
+            rng.fill_bytes(&mut kb[..]);
+            rng.fill_bytes(&mut ob[..]);
+            (kb, ob)
         };
-        let verified = verify_quote(&init.attestation_public, &quote, &nonce).map_err(fail)?;
-        println!("      {} PCRs verified", verified.pcrs.len());
+        let target = if kind == common::TreKind::Tpm2 as i32 {
+            TreTarget::Tpm2
+        } else {
+            TreTarget::Pkcs11
+        };
+        let (wk, wopc) = wrap_secrets(
+            target,
+            &init.storage_public,
+            &K::new(*k),
+            &Opc::new(*opc),
+            &mut rand::rng(),
+        )
+        .map_err(fail)?;
+        dev.install_mcim(pb::InstallMcimRequest {
+            imsi: pcid.into(),
+            sho_id: "ro.mcim.local".into(),
+            wrapped_k: wk,
+            wrapped_opc: wopc,
+            ..Default::default()
+        })
+        .await?;
+        dev.activate_mcim(pb::ActivateMcimRequest {
+            mcim_id: pcid.into(),
+        })
+        .await?;
+        supplier
+            .record_connectivity_credentials(sup::RecordConnectivityCredentialsRequest {
+                device_id: identity.device_id.clone(),
+                pcid: pcid.into(),
+                ro_id: "ro.mcim.local".into(),
+                k: k.to_vec(),
+                opc: opc.to_vec(),
+            })
+            .await?;
+        say.line(&format!(
+            "[lab] supplier: initial credential of PCID {pcid} in the TRE and at the RO's ICF"
+        ));
 
-        step(
-            4,
-            "SHO: K and OPc wrapped for this TPM, OPc bound to the validated PCRs",
-        );
-        let mut k = [0u8; 16];
-        let mut opc = [0u8; 16];
-        rng.fill_bytes(&mut k);
-        rng.fill_bytes(&mut opc);
-        let (k, opc) = (K::new(k), Opc::new(opc));
-        let sel = PcrSelection::sha256(&quote.pcrs).map_err(fail)?;
-        let policy = ObjectPolicy::pcrs(sel, &quote.pcr_values).map_err(fail)?;
-        let k_blob =
-            wrap_aes128_key(&storage, &k, ObjectPolicy::default(), &mut rng).map_err(fail)?;
-        let opc_blob = wrap_sealed_data(&storage, opc.expose(), policy, &mut rng).map_err(fail)?;
-
-        step(
-            5,
-            "device: install, activate, choose for connectivity, select (PIN)",
-        );
-        let imsi = "001010123456789";
-        c.install_mcim(pb::InstallMcimRequest {
-            imsi: imsi.into(),
-            sho_id: "sho.lab".into(),
-            wrapped_k: k_blob.to_bytes().map_err(fail)?,
-            wrapped_opc: opc_blob.to_bytes().map_err(fail)?,
-            milenage_c: Vec::new(),
-            milenage_r: Vec::new(),
-            pin: "2468".into(),
-            puk: "13572468".into(),
-        })
-        .await?;
-        c.activate_mcim(pb::ActivateMcimRequest {
-            mcim_id: imsi.into(),
-        })
-        .await?;
-        c.set_connectivity_mcim(pb::SetConnectivityMcimRequest {
-            mcim_id: imsi.into(),
-        })
-        .await?;
-        c.select_mcim(pb::SelectMcimRequest {
-            mcim_id: imsi.into(),
-            pin: "2468".into(),
-        })
-        .await?;
-
-        step(
-            6,
-            "home network: authentication vectors; the device answers from inside the TPM",
-        );
-        let network = Milenage::with_opc(SoftKernel::new(&k), opc, Constants::default());
-        let mut he = HeSqnState::default();
-        let profile = SqnProfile::default();
-        for round in 1..=3 {
-            let av = generate_av(
-                &network,
-                &mut he,
-                &profile,
-                Amf([0x80, 0]),
-                Rand::random(&mut rng),
-            )
-            .map_err(fail)?;
-            let r = c
-                .authenticate(pb::AuthenticateRequest {
-                    credential: Some(pb::authenticate_request::Credential::McimId(imsi.into())),
-                    challenge: Some(common::AuthChallenge {
-                        rand: av.rand.0.to_vec(),
-                        autn: av.autn.0.to_vec(),
-                    }),
-                })
-                .await?
-                .into_inner();
-            let Some(pb::authenticate_response::Result::Success(s)) = r.result else {
-                return Err(fail(format!("authentication {round} failed")));
-            };
-            let res_ok = s.res.as_slice() == av.xres.0.as_slice();
-            let keys_ok = s.ck.as_slice() == av.ck.expose().as_slice()
-                && s.ik.as_slice() == av.ik.expose().as_slice();
-            if !(res_ok && keys_ok) {
+        if a.extend_pcr_after_supply {
+            // The platform changes after supply: tred lets go of the TPM, a PCR is extended,
+            // tred comes back.
+            drop(std::mem::replace(&mut tred_proc, Proc(None)));
+            let out = Command::new("tpm2_pcrextend")
+                .env("TPM2TOOLS_TCTI", format!("swtpm:host=127.0.0.1,port={tpm_port}"))
+                .arg(format!("0:sha256={}", "ab".repeat(32)))
+                .output()
+                .map_err(|e| fail(format!("tpm2_pcrextend: {e}")))?;
+            if !out.status.success() {
                 return Err(fail(format!(
-                    "authentication {round}: RES/CK/IK differ from the AV"
+                    "tpm2_pcrextend: {}",
+                    String::from_utf8_lossy(&out.stderr)
                 )));
             }
-            println!("      authentication {round}: RES = XRES, CK and IK agree");
+            let _ = std::fs::remove_file(&socket);
+            tred_proc = spawn(&mut tred, "tred", &dir.join("tred-2.log"))?;
+            wait_until("tred", || {
+                std::os::unix::net::UnixStream::connect(&socket).is_ok()
+            })?;
+            dev = connect(&socket).await?;
+            say.line("[lab] PCR 0 extended after supply: the platform no longer matches its reference values");
         }
 
-        step(
-            7,
-            "audit record: hash chain and MACs verified, head anchored in the TPM",
+        // 2. The subscriber contracts with the SHO.
+        let sub = ShoServiceClient::new(role_client(&pki, Role::Subscriber, Role::Sho, sho_p).await?)
+            .create_subscription(sho::CreateSubscriptionRequest {
+                subscriber: "lab-subscriber".into(),
+                device: Some(identity.clone()),
+                tre_kind: kind,
+                storage_public: init.storage_public.clone(),
+                platform_credential: cert.platform_credential.clone(),
+                require_aka_in_tre: false,
+            })
+            .await?
+            .into_inner();
+        say.line(&format!(
+            "[lab] subscriber: subscription at the SHO, IMSI {} reserved",
+            sub.imsi
+        ));
+
+        // 3. Provisioning, as the device sees it.
+        let access = match a.access {
+            AccessChoice::ThreeGpp => common::AccessType::AccessType3gpp,
+            AccessChoice::Non3gpp => common::AccessType::Non3gpp,
+        };
+        let started = Instant::now();
+        let id = dev
+            .start_provisioning(pb::StartProvisioningRequest {
+                access: access as i32,
+            })
+            .await?
+            .into_inner()
+            .provisioning_id;
+        let mut steps = dev
+            .watch_provisioning(pb::WatchProvisioningRequest {
+                provisioning_id: id,
+            })
+            .await?
+            .into_inner();
+        let mut mcim_id = String::new();
+        let mut registration = String::new();
+        let mut failed = None;
+        while let Some(s) = steps.message().await? {
+            say.line(&format!(
+                "step {:>2}  {:<60} {}{}",
+                s.step,
+                s.name,
+                if s.ok { "ok" } else { "FAILED" },
+                if s.detail.is_empty() { String::new() } else { format!(" ({})", s.detail) }
+            ));
+            if let Some(list) = report["steps"].as_array_mut() {
+                list.push(json!({"step": s.step, "name": s.name, "ok": s.ok, "detail": s.detail}));
+            }
+            if !s.mcim_id.is_empty() {
+                mcim_id = s.mcim_id.clone();
+            }
+            if !s.registration_id.is_empty() {
+                registration = s.registration_id.clone();
+            }
+            if !s.ok {
+                failed = Some(format!("step {} ({}) failed: {}", s.step, s.name, s.detail));
+            }
+        }
+        // What the SHO and the device's registry say, success or not.
+        if !registration.is_empty() {
+            let mut sho = ShoServiceClient::new(role_client(&pki, Role::Subscriber, Role::Sho, sho_p).await?);
+            // The SHO follows the PVA's verdict on its own; give it a moment to hear it.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let r = loop {
+                let r = sho
+                    .get_registration(sho::GetRegistrationRequest {
+                        registration_id: registration.clone(),
+                    })
+                    .await?
+                    .into_inner();
+                let settled = r.state != sho::RegistrationState::Validating as i32
+                    && r.state != sho::RegistrationState::Authorized as i32;
+                if settled || Instant::now() > deadline {
+                    break r;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            };
+            report["sho_registration"] = json!({
+                "id": registration,
+                "state": sho::RegistrationState::try_from(r.state)
+                    .map(|s| s.as_str_name().trim_start_matches("REGISTRATION_STATE_").to_lowercase())
+                    .unwrap_or_default(),
+                "detail": r.detail,
+            });
+        }
+        let held: Vec<String> = dev
+            .list_mcims(pb::ListMcimsRequest {})
+            .await?
+            .into_inner()
+            .mcims
+            .into_iter()
+            .map(|m| m.mcim_id)
+            .collect();
+        report["registry"] = json!(held);
+        if let Some(f) = failed {
+            return Err(fail(f));
+        }
+        let provisioning_ms = started.elapsed().as_millis();
+        let m = dev
+            .get_mcim(pb::GetMcimRequest {
+                mcim_id: mcim_id.clone(),
+            })
+            .await?
+            .into_inner()
+            .mcim
+            .ok_or_else(|| fail("the provisioned MCIM is not in the registry"))?;
+        say.line(&format!(
+            "[lab] provisioned in {provisioning_ms} ms: MCIM {} (IMSI {})",
+            m.mcim_id, m.imsi
+        ));
+
+        // An impostor (a certified device without this MCIM's K) answers the IMSI's
+        // challenge: the VNO refuses it, and the refusal leaves nothing behind.
+        let (cert_pem, key_pem) =
+            mcim_roles::pki::issue_software_device(&pki, "001019999999999").map_err(fail)?;
+        let tls = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(
+                std::fs::read(pki.join("ca.pem")).map_err(fail)?,
+            ))
+            .identity(tonic::transport::Identity::from_pem(cert_pem, key_pem))
+            .domain_name("vno.mcim.local");
+        let mut impostor = VnoServiceClient::new(
+            Endpoint::from_shared(format!("https://127.0.0.1:{vno_p}"))
+                .map_err(fail)?
+                .tls_config(tls)
+                .map_err(fail)?
+                .connect()
+                .await
+                .map_err(fail)?,
         );
-        let v = c
+        let ch = impostor
+            .attach(vno::AttachRequest {
+                identity: m.imsi.clone(),
+            })
+            .await?
+            .into_inner();
+        let mut wrong = [0u8; 8];
+        rand::rng().fill_bytes(&mut wrong);
+        let refused = impostor
+            .complete_attach(vno::CompleteAttachRequest {
+                attach_id: ch.attach_id,
+                answer: Some(vno::complete_attach_request::Answer::Res(wrong.to_vec())),
+            })
+            .await;
+        match refused {
+            Err(s) if s.code() == tonic::Code::Unauthenticated => {}
+            other => {
+                return Err(fail(format!(
+                    "an impostor's wrong RES was not refused: {other:?}"
+                )));
+            }
+        }
+        report["impostor_attach"] = json!({"refused": true});
+        say.line(&format!(
+            "[lab] an impostor answering IMSI {}'s challenge with a wrong RES: refused (UNAUTHENTICATED)",
+            m.imsi
+        ));
+
+        // 4. Operational attach with the new MCIM.
+        let g = dev
+            .network_attach(pb::NetworkAttachRequest {
+                mcim_id: m.mcim_id.clone(),
+            })
+            .await
+            .map_err(|s| fail(format!("operational attach failed: {}", s.message())))?
+            .into_inner();
+        say.line(&format!(
+            "[lab] operational attach with IMSI {}: AKA in the TRE against the SHO's vectors, grant {}",
+            g.imsi, g.grant_id
+        ));
+        let m = dev
+            .get_mcim(pb::GetMcimRequest { mcim_id })
+            .await?
+            .into_inner()
+            .mcim
+            .unwrap_or_default();
+        report["mcim"] = json!({
+            "id": m.mcim_id,
+            "imsi": m.imsi,
+            "state": common::McimState::try_from(m.state)
+                .map(|s| s.as_str_name().trim_start_matches("MCIM_STATE_").to_lowercase())
+                .unwrap_or_default(),
+        });
+        report["operational_attach"] = json!({"ok": true, "imsi": g.imsi});
+        // The device's audit record of it all (5.1.2.2).
+        let v = dev
             .verify_audit_log(pb::VerifyAuditLogRequest {})
             .await?
             .into_inner();
         if !v.ok {
             return Err(DeviceError::AuditBroken(v.detail));
         }
-        println!("      {}", v.detail);
-        Ok(())
-    })?;
-
-    step(
-        8,
-        "done: tred stops on SIGTERM; logs and state are in the lab directory",
-    );
-    if a.dir.is_some() {
-        println!("      {}", dir.display());
-    }
-    Ok(())
+        say.line(&format!("[lab] audit record: {}", v.detail));
+        report["audit"] = json!({"ok": true, "entries": v.entries});
+        report["provisioning_ms"] = json!(provisioning_ms);
+        Ok::<(), DeviceError>(())
+    })
 }
 
 /// A temporary directory removed on drop (no extra dependency for one directory).

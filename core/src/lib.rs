@@ -25,8 +25,11 @@
 pub mod aka;
 pub mod identity;
 pub mod lifecycle;
+pub mod package;
 pub mod rehabilitation;
 pub mod secret;
+pub mod signed;
 pub mod token_evidence;
 pub mod token_wrap;
 pub mod tpm;
+pub mod validation;

@@ -135,8 +135,10 @@ pub const RULES: &[Rule] = &[
     own("/mcim.ro.v1.DpfService/DownloadPackage"),
     own("/mcim.ro.v1.DpfService/ReportProvisioningStatus"),
     own("/mcim.ro.v1.DpfService/RelayDiscardAck"),
-    // VNO: devices attach as themselves.
-    own("/mcim.vno.v1.VnoService/Attach"),
+    // VNO: any device may attach with any identity, as on the air interface: AKA decides
+    // (the IMSI of an operational MCIM is not in the device's certificate). Completing and
+    // detaching are for the device that attached.
+    rule("/mcim.vno.v1.VnoService/Attach", &[D]),
     own("/mcim.vno.v1.VnoService/CompleteAttach"),
     own("/mcim.vno.v1.VnoService/Detach"),
     // SHO: subscribers contract; the RO registers devices and reports; the VNO fetches AVs

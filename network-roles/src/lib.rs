@@ -17,9 +17,15 @@
 //! The other roles and the provisioning flow arrive with the rest of issue 5.
 #![forbid(unsafe_code)]
 
+pub mod atrest;
+pub mod auc;
 pub mod authz;
+pub mod peers;
 pub mod pki;
 pub mod pva;
+pub mod ro;
+pub mod sho;
 pub mod store;
 pub mod supplier;
 pub mod tls;
+pub mod vno;

@@ -1,21 +1,38 @@
 //! `mcim-roles`: the network roles' gRPC servers over mutual TLS.
 //!
 //! ```text
+//! mcim-roles all      --pki DIR --db sqlite://roles.db   # every role, one process, one database
 //! mcim-roles supplier --pki DIR --listen 127.0.0.1:7401
-//! mcim-roles pva      --pki DIR --listen 127.0.0.1:7405 --db sqlite://pva.db
-//! mcim-roles all      --pki DIR --db sqlite://roles.db   # every role so far, one process
+//! mcim-roles ro       --pki DIR --db sqlite://ro.db  --listen 127.0.0.1:7402   # ICF, DRF, DPF
+//! mcim-roles vno      --pki DIR --db sqlite://vno.db --listen 127.0.0.1:7403 \
+//!                     --route 00101=icf:https://127.0.0.1:7402 --route 00102=sho:https://127.0.0.1:7404
+//! mcim-roles sho      --pki DIR --db sqlite://sho.db --listen 127.0.0.1:7404
+//! mcim-roles pva      --pki DIR --db sqlite://pva.db --listen 127.0.0.1:7405
 //! ```
-//! Other roles join as they are built (issue 5).
+//! Every flag has an `MCIM_*` environment variable. Roles reach each other at `https://` URLs
+//! and know each other by their certificates (`<role>.mcim.local`).
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand};
+use clap::{Args as ClapArgs, Parser, Subcommand};
 use mcim_proto::mcim::pva::v1::pva_service_server::PvaServiceServer;
+use mcim_proto::mcim::ro::v1::dpf_service_server::DpfServiceServer;
+use mcim_proto::mcim::ro::v1::drf_service_server::DrfServiceServer;
+use mcim_proto::mcim::ro::v1::icf_service_server::IcfServiceServer;
+use mcim_proto::mcim::sho::v1::sho_service_server::ShoServiceServer;
 use mcim_proto::mcim::supplier::v1::supplier_service_server::SupplierServiceServer;
+use mcim_proto::mcim::vno::v1::vno_service_server::VnoServiceServer;
 use mcim_roles::authz::Role;
 use mcim_roles::pva::Pva;
+use mcim_roles::ro::Ro;
+use mcim_roles::ro::dpf::Dpf;
+use mcim_roles::ro::drf::Drf;
+use mcim_roles::ro::icf::Icf;
+use mcim_roles::sho::{Sho, ShoApi, ShoConfig};
 use mcim_roles::supplier::Supplier;
 use mcim_roles::tls::server_tls;
+use mcim_roles::vno::{Route, Vno};
+use sqlx::SqlitePool;
 
 /// The mcim network roles.
 #[derive(Parser)]
@@ -25,40 +42,114 @@ struct Args {
     role: RoleCmd,
 }
 
+/// What every role needs.
+#[derive(ClapArgs, Clone)]
+struct Common {
+    /// PKI directory (`mcimctl pki init`).
+    #[arg(long, env = "MCIM_PKI")]
+    pki: PathBuf,
+    /// The database (SQLite URL).
+    #[arg(long, env = "MCIM_DB", default_value = "sqlite://mcim-roles.db")]
+    db: String,
+}
+
+/// Where the roles are (URLs other roles and devices use).
+#[derive(ClapArgs, Clone)]
+struct Peers {
+    /// The RO (ICF, DRF, DPF).
+    #[arg(long, env = "MCIM_RO_URL", default_value = "https://127.0.0.1:7402")]
+    ro_url: String,
+    /// The SHO.
+    #[arg(long, env = "MCIM_SHO_URL", default_value = "https://127.0.0.1:7404")]
+    sho_url: String,
+    /// The PVA.
+    #[arg(long, env = "MCIM_PVA_URL", default_value = "https://127.0.0.1:7405")]
+    pva_url: String,
+}
+
+/// The SHO's numbering.
+#[derive(ClapArgs, Clone)]
+struct ShoArgs {
+    /// MCC+MNC of the SHO's IMSIs.
+    #[arg(long, env = "MCIM_SHO_PLMN", default_value = "00102")]
+    sho_plmn: String,
+    /// The SHO's service provider name.
+    #[arg(long, env = "MCIM_SHO_NAME", default_value = "mcim lab SHO")]
+    sho_name: String,
+}
+
 #[derive(Subcommand)]
 enum RoleCmd {
+    /// Every role in one process, on one database, each on its own port with its own identity.
+    All {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        sho: ShoArgs,
+        /// MCC+MNC of the PCIDs the RO's ICF serves.
+        #[arg(long, env = "MCIM_PCID_PLMN", default_value = "00101")]
+        pcid_plmn: String,
+        /// The address every role listens on.
+        #[arg(long, env = "MCIM_HOST", default_value = "127.0.0.1")]
+        host: std::net::IpAddr,
+        /// The first of five consecutive ports: supplier, RO, VNO, SHO, PVA.
+        #[arg(long, env = "MCIM_BASE_PORT", default_value_t = 7401)]
+        base_port: u16,
+    },
     /// The equipment supplier (certifies devices' attestation and TLS keys).
     Supplier {
-        /// PKI directory (`mcimctl pki init`).
-        #[arg(long, env = "MCIM_PKI")]
-        pki: PathBuf,
+        #[command(flatten)]
+        common: Common,
         /// Address to listen on.
         #[arg(long, env = "MCIM_LISTEN", default_value = "127.0.0.1:7401")]
         listen: SocketAddr,
+        /// The RO whose ICF receives the connectivity credentials (CCIF mode 2).
+        #[arg(long, env = "MCIM_RO_URL")]
+        ro_url: Option<String>,
     },
-    /// Every role built so far in one process, on one database, each on its own port.
-    All {
-        /// PKI directory (`mcimctl pki init`).
-        #[arg(long, env = "MCIM_PKI")]
-        pki: PathBuf,
-        /// The database (SQLite URL).
-        #[arg(long, env = "MCIM_DB", default_value = "sqlite://mcim-roles.db")]
-        db: String,
-        /// The supplier's address.
-        #[arg(long, default_value = "127.0.0.1:7401")]
-        supplier_listen: SocketAddr,
-        /// The PVA's address.
-        #[arg(long, default_value = "127.0.0.1:7405")]
-        pva_listen: SocketAddr,
+    /// The Registration Operator: ICF, DRF and DPF.
+    Ro {
+        #[command(flatten)]
+        common: Common,
+        /// Address to listen on.
+        #[arg(long, env = "MCIM_LISTEN", default_value = "127.0.0.1:7402")]
+        listen: SocketAddr,
+        /// Where SHOs reach this RO's DPF.
+        #[arg(long, env = "MCIM_RO_URL", default_value = "https://127.0.0.1:7402")]
+        ro_url: String,
+    },
+    /// The Visited Network Operator.
+    Vno {
+        #[command(flatten)]
+        common: Common,
+        /// Address to listen on.
+        #[arg(long, env = "MCIM_LISTEN", default_value = "127.0.0.1:7403")]
+        listen: SocketAddr,
+        /// Roaming routes, MCCMNC=icf:URL or MCCMNC=sho:URL (repeatable).
+        #[arg(
+            long = "route",
+            env = "MCIM_ROUTES",
+            value_delimiter = ',',
+            required = true
+        )]
+        routes: Vec<Route>,
+    },
+    /// The Selected Home Operator.
+    Sho {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        peers: Peers,
+        #[command(flatten)]
+        sho: ShoArgs,
+        /// Address to listen on.
+        #[arg(long, env = "MCIM_LISTEN", default_value = "127.0.0.1:7404")]
+        listen: SocketAddr,
     },
     /// The Platform Validation Authority (validates devices; signs results).
     Pva {
-        /// PKI directory (`mcimctl pki init`).
-        #[arg(long, env = "MCIM_PKI")]
-        pki: PathBuf,
-        /// The database (SQLite URL).
-        #[arg(long, env = "MCIM_DB", default_value = "sqlite://mcim-roles.db")]
-        db: String,
+        #[command(flatten)]
+        common: Common,
         /// Address to listen on.
         #[arg(long, env = "MCIM_LISTEN", default_value = "127.0.0.1:7405")]
         listen: SocketAddr,
@@ -95,28 +186,110 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+/// A role's services, built.
+enum Service {
+    Supplier(Supplier),
+    Ro(std::sync::Arc<Ro>),
+    Vno(Vno),
+    Sho(std::sync::Arc<Sho>),
+    Pva(Pva),
+}
+
+async fn open(db: &str) -> Result<SqlitePool, String> {
+    mcim_roles::store::open(db).await.map_err(|e| e.to_string())
+}
+
+fn sho_config(url: String, peers: &Peers, sho: ShoArgs) -> ShoConfig {
+    ShoConfig {
+        url,
+        ro_url: peers.ro_url.clone(),
+        pva_url: peers.pva_url.clone(),
+        plmn: sho.sho_plmn,
+        name: sho.sho_name,
+    }
+}
+
 async fn serve(cmd: RoleCmd) -> Result<(), String> {
+    let e = |s: tonic::Status| s.message().to_string();
     match cmd {
-        RoleCmd::Supplier { pki, listen } => serve_role(Role::Supplier, pki, listen, None).await,
-        RoleCmd::Pva { pki, listen, db } => {
-            let pool = mcim_roles::store::open(&db)
-                .await
-                .map_err(|e| e.to_string())?;
-            serve_role(Role::Pva, pki, listen, Some(pool)).await
+        RoleCmd::Supplier {
+            common,
+            listen,
+            ro_url,
+        } => {
+            let s =
+                Service::Supplier(Supplier::new(common.pki.clone(), ro_url.as_deref()).map_err(e)?);
+            serve_role(Role::Supplier, common.pki, listen, s).await
+        }
+        RoleCmd::Pva { common, listen } => {
+            let pool = open(&common.db).await?;
+            let s = Service::Pva(Pva::new(common.pki.clone(), pool).map_err(|x| x.to_string())?);
+            serve_role(Role::Pva, common.pki, listen, s).await
+        }
+        RoleCmd::Ro {
+            common,
+            listen,
+            ro_url,
+        } => {
+            let pool = open(&common.db).await?;
+            let s = Service::Ro(Ro::new(common.pki.clone(), pool, ro_url).map_err(e)?);
+            serve_role(Role::Ro, common.pki, listen, s).await
+        }
+        RoleCmd::Vno {
+            common,
+            listen,
+            routes,
+        } => {
+            let pool = open(&common.db).await?;
+            let s = Service::Vno(Vno::new(common.pki.clone(), pool, routes).map_err(e)?);
+            serve_role(Role::Vno, common.pki, listen, s).await
+        }
+        RoleCmd::Sho {
+            common,
+            peers,
+            sho,
+            listen,
+        } => {
+            let pool = open(&common.db).await?;
+            let cfg = sho_config(peers.sho_url.clone(), &peers, sho);
+            let s = Sho::new(common.pki.clone(), pool, cfg).map_err(e)?;
+            s.resume().await.map_err(e)?;
+            serve_role(Role::Sho, common.pki, listen, Service::Sho(s)).await
         }
         RoleCmd::All {
-            pki,
-            db,
-            supplier_listen,
-            pva_listen,
+            common,
+            sho,
+            pcid_plmn,
+            host,
+            base_port,
         } => {
-            // One process, one database, each role on its own port with its own identity.
-            let pool = mcim_roles::store::open(&db)
-                .await
-                .map_err(|e| e.to_string())?;
+            let pki = common.pki;
+            let pool = open(&common.db).await?;
+            let port = |i: u16| base_port.saturating_add(i);
+            let addr = |i: u16| SocketAddr::new(host, port(i));
+            let url = |i: u16| format!("https://{}", addr(i));
+            let peers = Peers {
+                ro_url: url(1),
+                sho_url: url(3),
+                pva_url: url(4),
+            };
+            let routes = vec![
+                format!("{pcid_plmn}=icf:{}", url(1)).parse::<Route>()?,
+                format!("{}=sho:{}", sho.sho_plmn, url(3)).parse::<Route>()?,
+            ];
+            let supplier = Service::Supplier(Supplier::new(pki.clone(), Some(&url(1))).map_err(e)?);
+            let ro = Service::Ro(Ro::new(pki.clone(), pool.clone(), url(1)).map_err(e)?);
+            let vno = Service::Vno(Vno::new(pki.clone(), pool.clone(), routes).map_err(e)?);
+            let sho =
+                Sho::new(pki.clone(), pool.clone(), sho_config(url(3), &peers, sho)).map_err(e)?;
+            sho.resume().await.map_err(e)?;
+            let pva = Service::Pva(Pva::new(pki.clone(), pool).map_err(|x| x.to_string())?);
             tokio::try_join!(
-                serve_role(Role::Supplier, pki.clone(), supplier_listen, None),
-                serve_role(Role::Pva, pki, pva_listen, Some(pool)),
+                serve_role(Role::Supplier, pki.clone(), addr(0), supplier),
+                serve_role(Role::Ro, pki.clone(), addr(1), ro),
+                serve_role(Role::Vno, pki.clone(), addr(2), vno),
+                serve_role(Role::Sho, pki.clone(), addr(3), Service::Sho(sho)),
+                serve_role(Role::Pva, pki, addr(4), pva),
             )
             .map(|_| ())
         }
@@ -128,7 +301,7 @@ async fn serve_role(
     role: Role,
     pki: PathBuf,
     listen: SocketAddr,
-    db: Option<sqlx::SqlitePool>,
+    service: Service,
 ) -> Result<(), String> {
     let tls = server_tls(&pki, role).map_err(|e| e.to_string())?;
     let mut builder = tonic::transport::Server::builder()
@@ -141,20 +314,34 @@ async fn serve_role(
         .build_v1()
         .map_err(|e| e.to_string())?;
     let router = builder.add_service(health).add_service(reflection);
-    let router = match (role, db) {
-        (Role::Pva, Some(pool)) => {
+    let router = match service {
+        Service::Pva(p) => {
             reporter.set_serving::<PvaServiceServer<Pva>>().await;
-            router.add_service(PvaServiceServer::new(
-                Pva::new(pki, pool).map_err(|e| e.to_string())?,
-            ))
+            router.add_service(PvaServiceServer::new(p))
         }
-        (Role::Supplier, _) => {
+        Service::Supplier(s) => {
             reporter
                 .set_serving::<SupplierServiceServer<Supplier>>()
                 .await;
-            router.add_service(SupplierServiceServer::new(Supplier::new(pki)))
+            router.add_service(SupplierServiceServer::new(s))
         }
-        (other, _) => return Err(format!("the {other} role is not built yet")),
+        Service::Ro(ro) => {
+            reporter.set_serving::<IcfServiceServer<Icf>>().await;
+            reporter.set_serving::<DrfServiceServer<Drf>>().await;
+            reporter.set_serving::<DpfServiceServer<Dpf>>().await;
+            router
+                .add_service(IcfServiceServer::new(Icf(ro.clone())))
+                .add_service(DrfServiceServer::new(Drf(ro.clone())))
+                .add_service(DpfServiceServer::new(Dpf(ro)))
+        }
+        Service::Vno(v) => {
+            reporter.set_serving::<VnoServiceServer<Vno>>().await;
+            router.add_service(VnoServiceServer::new(v))
+        }
+        Service::Sho(s) => {
+            reporter.set_serving::<ShoServiceServer<ShoApi>>().await;
+            router.add_service(ShoServiceServer::new(ShoApi(s)))
+        }
     };
     tracing::info!(%listen, %role, "serving (mutual TLS)");
     router

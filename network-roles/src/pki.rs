@@ -193,6 +193,17 @@ pub fn issue_device_der(
     Ok(device_cert(dir, ca, pcid, tls_spki)?.der().to_vec())
 }
 
+/// A device whose key is in software, certified under the supplier root: NOT a real device
+/// (no TRE), for labs and tests that need a second, untrusted device (an impostor). Returns
+/// the certificate and the private key, PEM.
+pub fn issue_software_device(dir: &Path, pcid: &str) -> Result<(String, String), PkiError> {
+    let key = KeyPair::generate().map_err(cert_err)?;
+    let cert = party_params(Role::Device, pcid)?
+        .signed_by(&key, &issuer(dir, "supplier-root")?)
+        .map_err(cert_err)?;
+    Ok((cert.pem(), key.serialize_pem()))
+}
+
 /// A device certificate under the lab CA, as PEM (`mcimctl pki device`).
 pub fn issue_device(dir: &Path, pcid: &str, tls_spki: &[u8]) -> Result<String, PkiError> {
     Ok(device_cert(dir, "ca", pcid, tls_spki)?.pem())
@@ -361,4 +372,14 @@ pub fn signing_key(dir: &Path, file: &str) -> Result<p256::ecdsa::SigningKey, Pk
     let kp = KeyPair::from_pem(&read(&dir.join(format!("{file}.key")))?).map_err(cert_err)?;
     let der = zeroize::Zeroizing::new(kp.serialize_der());
     p256::ecdsa::SigningKey::from_pkcs8_der(&der).map_err(cert_err)
+}
+
+/// The P-256 public key in the certificate `<file>.pem` (a role's statement-signing key: the
+/// PVA's results, the SHO's packages).
+pub fn certificate_key(dir: &Path, file: &str) -> Result<p256::ecdsa::VerifyingKey, PkiError> {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let der = ca_der(dir, file)?;
+    let (_, cert) = X509Certificate::from_der(&der).map_err(cert_err)?;
+    p256::ecdsa::VerifyingKey::from_sec1_bytes(&cert.public_key().subject_public_key.data)
+        .map_err(|_| PkiError::Cert(format!("{file}.pem: not a P-256 key")))
 }

@@ -12,19 +12,18 @@
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use coset::{CborSerializable, CoseSign1Builder, HeaderBuilder, iana};
 use mcim_core::tpm::attest::{ClockInfo, TpmQuote, verify_quote_with_key};
 use mcim_proto::mcim::common::v1 as common;
 use mcim_proto::mcim::pva::v1 as pb;
 use mcim_proto::mcim::pva::v1::pva_service_server::PvaService;
-use p256::ecdsa::signature::Signer;
-use p256::ecdsa::{Signature, SigningKey};
+use p256::ecdsa::SigningKey;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 use sqlx::SqlitePool;
 use tonic::{Request, Response, Status};
 
 use crate::pki;
+use crate::store::db_err;
 use crate::tls::authorize;
 
 /// How long a signed validation result is good for.
@@ -45,21 +44,6 @@ struct Validation {
     verdict: pb::Verdict,
     reason: String,
     result: Option<common::SignedValidationResult>,
-}
-
-fn db_err(e: sqlx::Error) -> Status {
-    tracing::error!("database: {e}");
-    Status::unavailable("database error")
-}
-
-/// What the PVA signs.
-#[derive(Serialize)]
-struct ResultPayload<'a> {
-    validation_id: &'a str,
-    pcid: &'a str,
-    nonce: String,
-    verdict: &'static str,
-    expires_at: u64,
 }
 
 /// The PVA's service.
@@ -243,28 +227,17 @@ impl Pva {
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0);
-        let payload = serde_json::to_vec(&ResultPayload {
-            validation_id: id,
-            pcid: &v.pcid,
-            nonce: hex::encode(v.nonce),
-            verdict: "trusted",
-            expires_at: secs,
-        })
+        let cose = mcim_core::validation::sign(
+            &self.key,
+            &mcim_core::validation::ValidationResult {
+                validation_id: id.to_string(),
+                pcid: v.pcid.clone(),
+                nonce: hex::encode(v.nonce),
+                verdict: "trusted".into(),
+                expires_at: secs,
+            },
+        )
         .map_err(|e| Status::internal(e.to_string()))?;
-        let cose = CoseSign1Builder::new()
-            .protected(
-                HeaderBuilder::new()
-                    .algorithm(iana::Algorithm::ES256)
-                    .build(),
-            )
-            .payload(payload)
-            .create_signature(&[], |m| {
-                let s: Signature = self.key.sign(m);
-                s.to_bytes().to_vec()
-            })
-            .build()
-            .to_vec()
-            .map_err(|e| Status::internal(e.to_string()))?;
         Ok(common::SignedValidationResult {
             cose_sign1: cose,
             expires_at: Some(prost_types::Timestamp {

@@ -37,7 +37,35 @@ fn migrator() -> Migrator {
             include_str!("../migrations/0002_pva_clock.sql").into_sql_str(),
             false,
         ),
+        Migration::new(
+            3,
+            Cow::Borrowed("flow"),
+            MigrationType::Simple,
+            include_str!("../migrations/0003_flow.sql").into_sql_str(),
+            false,
+        ),
     ])
+}
+
+/// Seconds since the epoch.
+pub fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// A database failure as the gRPC status callers see (details only in the log).
+pub fn db_err(e: sqlx::Error) -> tonic::Status {
+    tracing::error!("database: {e}");
+    tonic::Status::unavailable("database error")
+}
+
+/// A random id, 32 hex digits.
+pub fn new_id() -> String {
+    let mut b = [0u8; 16];
+    rand::Rng::fill_bytes(&mut rand::rng(), &mut b);
+    hex::encode(b)
 }
 
 /// Opens (creating if needed) the database at `url` and applies the migrations.

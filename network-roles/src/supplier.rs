@@ -1,12 +1,14 @@
 //! The M2M equipment supplier (TR 33.812 5.1.3.5.3) and its CCIF (5.1.3.4.1): certifies a
 //! device's attestation key (the platform credential, 5.1.3.5.8 PfC) and TLS key under the
-//! supplier root. Connectivity credentials (CCIF modes) arrive with the RO.
+//! supplier root; hands the connectivity credentials it embedded to the RO's ICF (CCIF mode 2).
 
 use std::path::PathBuf;
 
 use mcim_core::identity::Pcid;
 use mcim_core::tpm::public::{EccPublic, attrs};
 use mcim_proto::mcim::common::v1 as common;
+use mcim_proto::mcim::ro::v1 as ro;
+use mcim_proto::mcim::ro::v1::icf_service_client::IcfServiceClient;
 use mcim_proto::mcim::supplier::v1 as pb;
 use mcim_proto::mcim::supplier::v1::supplier_service_server::SupplierService;
 use tonic::{Request, Response, Status};
@@ -18,12 +20,25 @@ use crate::tls::authorize;
 #[derive(Debug, Clone)]
 pub struct Supplier {
     pki: PathBuf,
+    /// The RO's ICF (CCIF mode 2 hands credentials to it); none: not configured.
+    icf: Option<tonic::transport::Channel>,
 }
 
 impl Supplier {
-    /// Serves with the supplier root in `pki`.
-    pub fn new(pki: PathBuf) -> Self {
-        Self { pki }
+    /// Serves with the supplier root in `pki`; `ro_url` is the RO whose ICF receives the
+    /// connectivity credentials the supplier embedded.
+    pub fn new(pki: PathBuf, ro_url: Option<&str>) -> Result<Self, Status> {
+        let icf = ro_url
+            .map(|u| {
+                crate::peers::channel(
+                    &pki,
+                    crate::authz::Role::Supplier,
+                    crate::authz::Role::Ro,
+                    u,
+                )
+            })
+            .transpose()?;
+        Ok(Self { pki, icf })
     }
 }
 
@@ -102,9 +117,15 @@ impl SupplierService for Supplier {
             "/mcim.supplier.v1.SupplierService/IssueConnectivityCredentials",
             None,
         )?;
-        Err(Status::unimplemented("CCIF modes arrive with the RO's ICF"))
+        Err(Status::unimplemented(
+            "CCIF mode 1 (the CCIF generates and wraps the credentials) is not built yet; \
+             use mode 2 (RecordConnectivityCredentials) or mode 3 (the subscriber registers them)",
+        ))
     }
 
+    /// CCIF mode 2 (5.1.3.4.1): the supplier generated the PCID's K and OPc and embedded them
+    /// in the device's TRE; the CCIF hands them to the RO's ICF over mutual TLS and keeps no
+    /// copy.
     async fn record_connectivity_credentials(
         &self,
         req: Request<pb::RecordConnectivityCredentialsRequest>,
@@ -114,7 +135,24 @@ impl SupplierService for Supplier {
             "/mcim.supplier.v1.SupplierService/RecordConnectivityCredentials",
             None,
         )?;
-        Err(Status::unimplemented("CCIF modes arrive with the RO's ICF"))
+        let r = req.into_inner();
+        let pcid = Pcid::new(r.pcid).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let icf = self
+            .icf
+            .clone()
+            .ok_or_else(|| Status::failed_precondition("no RO configured (--ro-url)"))?;
+        IcfServiceClient::new(icf)
+            .register_initial_credentials(ro::RegisterInitialCredentialsRequest {
+                pcid: pcid.as_str().to_string(),
+                k: r.k.clone(),
+                opc: r.opc.clone(),
+                mode: ro::CredentialMode::SupplierGenerated as i32,
+                expires_at: None,
+                delayed_activation: false,
+            })
+            .await
+            .map_err(|e| Status::new(e.code(), format!("RO's ICF: {}", e.message())))?;
+        Ok(Response::new(pb::RecordConnectivityCredentialsResponse {}))
     }
 
     async fn get_supplier_root(

@@ -46,6 +46,22 @@ pub fn client_tls(pki: &Path, role: Role, server_name: &str) -> Result<ClientTls
         .domain_name(server_name))
 }
 
+/// [`authorize`] for an RPC whose subject is the calling device itself (its task stream).
+pub fn authorize_self<T>(req: &Request<T>, method: &str) -> Result<Caller, Status> {
+    let caller = peer(req)?;
+    authorize(req, method, Some(&caller.name))
+}
+
+fn peer<T>(req: &Request<T>) -> Result<Caller, Status> {
+    let certs = req
+        .peer_certs()
+        .ok_or_else(|| Status::unauthenticated("no client certificate"))?;
+    let leaf = certs
+        .first()
+        .ok_or_else(|| Status::unauthenticated("no client certificate"))?;
+    pki::caller_from_cert(leaf).map_err(|e| Status::unauthenticated(e.to_string()))
+}
+
 /// Who is calling, and whether the table lets them call `method` (for `device`, when the
 /// request is about one). UNAUTHENTICATED without a usable certificate, PERMISSION_DENIED
 /// when the table says no.
@@ -54,13 +70,7 @@ pub fn authorize<T>(
     method: &str,
     device: Option<&str>,
 ) -> Result<Caller, Status> {
-    let certs = req
-        .peer_certs()
-        .ok_or_else(|| Status::unauthenticated("no client certificate"))?;
-    let leaf = certs
-        .first()
-        .ok_or_else(|| Status::unauthenticated("no client certificate"))?;
-    let caller = pki::caller_from_cert(leaf).map_err(|e| Status::unauthenticated(e.to_string()))?;
+    let caller = peer(req)?;
     authz::check(&caller, method, device).map_err(|d| {
         tracing::warn!(role = %caller.role, name = %caller.name, method, "denied: {d}");
         Status::permission_denied(d.to_string())

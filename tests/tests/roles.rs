@@ -658,7 +658,14 @@ async fn all_roles_in_one_process() {
             .unwrap()
             .port()
     };
-    let (sp, pp) = (free(), free());
+    // Five consecutive free ports: supplier, RO, VNO, SHO, PVA.
+    let base = loop {
+        let p = free();
+        if p < 65000 && (0..5).all(|i| std::net::TcpListener::bind(("127.0.0.1", p + i)).is_ok()) {
+            break p;
+        }
+    };
+    let (sp, pp) = (base, base + 4);
     let child = Command::new(workspace_bin("mcim-roles"))
         .args([
             "all",
@@ -666,10 +673,8 @@ async fn all_roles_in_one_process() {
             pki.to_str().unwrap(),
             "--db",
             &format!("sqlite://{}", work.path().join("roles.db").display()),
-            "--supplier-listen",
-            &format!("127.0.0.1:{sp}"),
-            "--pva-listen",
-            &format!("127.0.0.1:{pp}"),
+            "--base-port",
+            &base.to_string(),
         ])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -677,7 +682,8 @@ async fn all_roles_in_one_process() {
         .unwrap();
     let _server = Server(child);
     let deadline = Instant::now() + Duration::from_secs(20);
-    while [sp, pp]
+    while (base..base + 5)
+        .collect::<Vec<_>>()
         .iter()
         .any(|p| std::net::TcpStream::connect(("127.0.0.1", *p)).is_err())
     {

@@ -14,6 +14,9 @@
 //! log = "info"                         # MCIM_LOG (tracing filter)
 //! rehabilitation_key = "04..."         # MCIM_REHABILITATION_KEY: the supplier's P-256 key
 //!                                      # (SEC1 hex) whose tokens lift a lockdown
+//! ca_file = "/etc/mcim/ca.pem"         # MCIM_CA_FILE: the roles' CA (provisioning)
+//! ro_url = "https://ro.example:7402"   # MCIM_RO_URL: the RO's DRF and DPF
+//! vno_url = "https://vno.example:7403" # MCIM_VNO_URL: the VNO (3GPP access)
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -48,6 +51,12 @@ pub struct Config {
     pub log: String,
     /// The supplier's rehabilitation key, SEC1 hex (5.1.2.2); none: lockdown is permanent.
     pub rehabilitation_key: Option<String>,
+    /// The roles' CA certificate(s), PEM: the device trusts servers under it.
+    pub ca_file: Option<PathBuf>,
+    /// The RO (DRF and DPF), `https://host:port`.
+    pub ro_url: Option<String>,
+    /// The VNO, `https://host:port` (3GPP access).
+    pub vno_url: Option<String>,
 }
 
 impl Default for Config {
@@ -65,6 +74,9 @@ impl Default for Config {
             quote_pcrs: (0..8).collect(),
             log: "info".into(),
             rehabilitation_key: None,
+            ca_file: None,
+            ro_url: None,
+            vno_url: None,
         }
     }
 }
@@ -162,6 +174,15 @@ impl Config {
         }
         if let Some(v) = get("MCIM_LOG") {
             self.log = v;
+        }
+        if let Some(v) = get("MCIM_CA_FILE") {
+            self.ca_file = Some(v.into());
+        }
+        if let Some(v) = get("MCIM_RO_URL") {
+            self.ro_url = Some(v);
+        }
+        if let Some(v) = get("MCIM_VNO_URL") {
+            self.vno_url = Some(v);
         }
         if let Some(v) = get("MCIM_REHABILITATION_KEY") {
             self.rehabilitation_key = Some(v);

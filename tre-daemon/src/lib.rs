@@ -14,10 +14,15 @@
 //!
 //! - [`tls`]: the device's TLS key as a rustls signing key whose signatures the TRE makes.
 //!
-//! Still to come: the device side of the provisioning flows.
+//! - [`provision`]: the device side of initial provisioning (5.1.3.6.2, 5.1.3.6.3), one
+//!   persisted state machine; [`net`] its mutual-TLS channels; [`certificates`] the supplier's
+//!   certificates it presents.
 
+pub mod certificates;
 pub mod config;
 pub mod engine;
+pub mod net;
+pub mod provision;
 pub mod registry;
 pub mod service;
 pub mod tls;

@@ -126,7 +126,25 @@ async fn serve(config: &Config, engine: EngineHandle) -> Result<(), String> {
     let conf = config.clone();
     let cell = std::sync::Arc::new(std::sync::OnceLock::new());
     let measure = std::sync::Arc::new(move || *cell.get_or_init(|| measurement(&conf)));
-    let api = TreApi::new(engine, config.quote_pcrs.clone(), key, measure);
+    let certs = mcim_tre::certificates::Certificates::new(&config.state_dir);
+    let api = TreApi::new(engine.clone(), config.quote_pcrs.clone(), key, measure)
+        .with_certificates(certs.clone());
+    let net = match (&config.ca_file, &config.ro_url) {
+        (Some(ca), Some(ro)) => Some(mcim_tre::provision::Network {
+            ca_pem: std::fs::read(ca).map_err(|e| format!("{}: {e}", ca.display()))?,
+            ro_url: ro.clone(),
+            vno_url: config.vno_url.clone(),
+        }),
+        _ => None,
+    };
+    let provisioner = mcim_tre::provision::Provisioner::start(
+        api.clone(),
+        engine,
+        config.state_dir.clone(),
+        certs,
+        net,
+    )?;
+    let api = api.with_provisioner(provisioner);
     let result = tonic::transport::Server::builder()
         .add_service(TreServiceServer::new(api))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown())

@@ -13,7 +13,9 @@ use mcim_proto::mcim::tre::v1 as pb;
 use mcim_proto::mcim::tre::v1::tre_service_server::TreService;
 use tonic::{Request, Response, Status};
 
+use crate::certificates::{Certificates, DeviceCertificates};
 use crate::engine::{Engine, EngineHandle};
+use crate::provision::Provisioner;
 use crate::registry::record::McimRecord;
 use crate::registry::{InstallRequest, RegistryError};
 use crate::tre::{AkaExecution, TreError, TreKind, UnwrapScheme, WrappedSecrets};
@@ -25,6 +27,8 @@ pub struct TreApi {
     quote_pcrs: Vec<u8>,
     rehabilitation_key: Option<p256::ecdsa::VerifyingKey>,
     measurement: std::sync::Arc<dyn Fn() -> [u8; 32] + Send + Sync>,
+    certs: Option<Certificates>,
+    provisioner: Option<std::sync::Arc<Provisioner>>,
 }
 
 impl std::fmt::Debug for TreApi {
@@ -51,7 +55,36 @@ impl TreApi {
             quote_pcrs,
             rehabilitation_key,
             measurement,
+            certs: None,
+            provisioner: None,
         }
+    }
+
+    /// Keeps the supplier's certificates in `certs` (InstallCertificates; evidence carries
+    /// the platform credential).
+    pub fn with_certificates(mut self, certs: Certificates) -> Self {
+        self.certs = Some(certs);
+        self
+    }
+
+    /// Serves StartProvisioning and WatchProvisioning with `p`.
+    pub fn with_provisioner(mut self, p: std::sync::Arc<Provisioner>) -> Self {
+        self.provisioner = Some(p);
+        self
+    }
+
+    fn provisioner(&self) -> Result<&std::sync::Arc<Provisioner>, Status> {
+        self.provisioner
+            .as_ref()
+            .ok_or_else(|| Status::failed_precondition("provisioning is not configured in tred"))
+    }
+
+    fn platform_credential(&self) -> Vec<Vec<u8>> {
+        self.certs
+            .as_ref()
+            .and_then(|c| c.load().ok().flatten())
+            .map(|c| c.platform_credential)
+            .unwrap_or_default()
     }
 
     async fn run<R: Send + 'static>(
@@ -197,6 +230,17 @@ type WatchStream = std::pin::Pin<
     Box<dyn tokio_stream::Stream<Item = Result<pb::WatchProvisioningResponse, Status>> + Send>,
 >;
 
+/// A stream fed by a task that sends into a channel.
+fn async_stream<F, Fut>(f: F) -> WatchStream
+where
+    F: FnOnce(tokio::sync::mpsc::Sender<Result<pb::WatchProvisioningResponse, Status>>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(f(tx));
+    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+}
+
 #[tonic::async_trait]
 impl TreService for TreApi {
     async fn get_status(
@@ -245,6 +289,39 @@ impl TreService for TreApi {
         })
         .await
         .map(Response::new)
+    }
+
+    async fn install_certificates(
+        &self,
+        req: Request<pb::InstallCertificatesRequest>,
+    ) -> Result<Response<pb::InstallCertificatesResponse>, Status> {
+        log_call("InstallCertificates", &req);
+        let r = req.into_inner();
+        let certs = self
+            .certs
+            .as_ref()
+            .ok_or_else(|| Status::failed_precondition("tred keeps no certificates"))?;
+        // The TLS certificate must be for the TRE's own TLS key.
+        let leaf = r
+            .tls_certificate
+            .first()
+            .cloned()
+            .ok_or_else(|| Status::invalid_argument("the TLS certificate chain is empty"))?;
+        let spki = self
+            .run(|e| Ok(e.tre()?.device_public()?.tls_public_spki))
+            .await?;
+        if !crate::certificates::certifies(&leaf, &spki) {
+            return Err(Status::invalid_argument(
+                "the TLS certificate is not for this TRE's TLS key",
+            ));
+        }
+        certs
+            .store(&DeviceCertificates {
+                platform_credential: r.platform_credential,
+                tls_certificate: r.tls_certificate,
+            })
+            .map_err(Status::invalid_argument)?;
+        Ok(Response::new(pb::InstallCertificatesResponse {}))
     }
 
     async fn init_device(
@@ -479,14 +556,12 @@ impl TreService for TreApi {
     ) -> Result<Response<pb::AuthenticateResponse>, Status> {
         log_call("Authenticate", &req);
         let r = req.into_inner();
-        let id = match r.credential {
-            Some(pb::authenticate_request::Credential::McimId(id)) => id,
-            Some(pb::authenticate_request::Credential::Initial(_)) => {
-                return Err(Status::unimplemented(
-                    "the PCID's initial credential arrives with provisioning",
-                ));
-            }
-            None => return Err(Status::invalid_argument("name the MCIM")),
+        // The initial connectivity credential (5.1.3.3.2.1) is the MCIM installed at supply
+        // time under the PCID; it is selected for this one AKA only.
+        let (id, initial) = match r.credential {
+            Some(pb::authenticate_request::Credential::McimId(id)) => (id, false),
+            Some(pb::authenticate_request::Credential::Initial(true)) => (String::new(), true),
+            _ => return Err(Status::invalid_argument("name the MCIM")),
         };
         let ch = r
             .challenge
@@ -494,7 +569,27 @@ impl TreService for TreApi {
         let rand = Rand(block16("RAND", &ch.rand)?);
         let autn = Autn(block16("AUTN", &ch.autn)?);
         self.run(move |e| {
-            let result = match e.registry()?.authenticate(&id, &rand, &autn)? {
+            let id = if initial {
+                let pcid = e.tre()?.identity()?.ok_or(TreError::NotInitialised)?.pcid;
+                pcid.as_str().to_string()
+            } else {
+                id
+            };
+            let answered = if initial {
+                let r = e.registry()?;
+                r.get(&id).map_err(|_| {
+                    RegistryError::BadRequest(
+                        "no initial connectivity credential is installed for the PCID".into(),
+                    )
+                })?;
+                r.select(&id, None)?;
+                let answered = r.authenticate(&id, &rand, &autn);
+                r.apply(&id, LifecycleOp::EndSession)?;
+                answered?
+            } else {
+                e.registry()?.authenticate(&id, &rand, &autn)?
+            };
+            let result = match answered {
                 DeviceResponse::Success { res, ck, ik } => {
                     pb::authenticate_response::Result::Success(pb::AkaSuccess {
                         res: res.0.to_vec(),
@@ -589,6 +684,7 @@ impl TreService for TreApi {
             PcrSelection::sha256(&pcrs).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let nonce = r.nonce;
         let measurement = self.measurement.clone();
+        let credential = self.platform_credential();
         self.run(move |e| {
             // A TRE in lockdown gives no evidence: a quote would vouch for a platform whose
             // MCIM store has been tampered with.
@@ -613,7 +709,7 @@ impl TreService for TreApi {
                             common::Pkcs11Signature { payload, signature },
                         )),
                         aka_execution: aka_pb(mode) as i32,
-                        platform_credential: Vec::new(),
+                        platform_credential: credential.clone(),
                     }),
                     clock: 0,
                     reset_count: 0,
@@ -640,7 +736,7 @@ impl TreService for TreApi {
                         pcr_bank: "sha256".into(),
                     })),
                     aka_execution: aka_pb(mode) as i32,
-                    platform_credential: Vec::new(),
+                    platform_credential: credential,
                 }),
                 clock: info.clock.clock,
                 reset_count: info.clock.reset_count,
@@ -712,9 +808,24 @@ impl TreService for TreApi {
         req: Request<pb::StartProvisioningRequest>,
     ) -> Result<Response<pb::StartProvisioningResponse>, Status> {
         log_call("StartProvisioning", &req);
-        Err(Status::unimplemented(
-            "provisioning arrives with the network roles",
-        ))
+        let access = common::AccessType::try_from(req.get_ref().access)
+            .unwrap_or(common::AccessType::Unspecified);
+        let id = self.provisioner()?.begin(access).await?;
+        Ok(Response::new(pb::StartProvisioningResponse {
+            provisioning_id: id,
+        }))
+    }
+
+    async fn network_attach(
+        &self,
+        req: Request<pb::NetworkAttachRequest>,
+    ) -> Result<Response<pb::NetworkAttachResponse>, Status> {
+        log_call("NetworkAttach", &req);
+        let id = req.into_inner().mcim_id;
+        self.provisioner()?
+            .network_attach(&id)
+            .await
+            .map(Response::new)
     }
 
     type WatchProvisioningStream = WatchStream;
@@ -724,9 +835,26 @@ impl TreService for TreApi {
         req: Request<pb::WatchProvisioningRequest>,
     ) -> Result<Response<Self::WatchProvisioningStream>, Status> {
         log_call("WatchProvisioning", &req);
-        Err(Status::unimplemented(
-            "provisioning arrives with the network roles",
-        ))
+        let mut rx = self.provisioner()?.watch(&req.get_ref().provisioning_id)?;
+        let stream = async_stream(move |tx| async move {
+            let mut sent = 0;
+            loop {
+                let (steps, finished) = match rx.borrow_and_update().as_ref() {
+                    Some(r) => (r.responses(), r.finished()),
+                    None => (Vec::new(), true),
+                };
+                for s in steps.into_iter().skip(sent) {
+                    sent += 1;
+                    if tx.send(Ok(s)).await.is_err() {
+                        return;
+                    }
+                }
+                if finished || rx.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(stream))
     }
 
     async fn reprovision(

@@ -22,7 +22,7 @@
 //!   point, and is completed.
 
 pub mod audit;
-mod files;
+pub(crate) mod files;
 pub mod record;
 
 use std::collections::BTreeMap;

@@ -1,0 +1,182 @@
+//! The authentication centre both the RO's ICF (for PCIDs, 5.1.3.6.2 step 3) and the SHO (for
+//! its IMSIs, 5.1.3.3.2.2) run: K and OPc wrapped at rest ([`crate::atrest`]), SEQ_HE per
+//! subscriber, vectors and resynchronisation from `mcim_core::aka`. One place for the rule.
+
+use mcim_core::aka::{
+    Amf, Auts, Constants, HeSqnState, K, Milenage, Opc, Rand, SoftKernel, SqnProfile, generate_avs,
+    resynchronise,
+};
+use mcim_proto::mcim::common::v1 as common;
+use sqlx::SqlitePool;
+use tokio::sync::Mutex;
+use tonic::Status;
+
+use crate::atrest::DataKey;
+use crate::store::db_err;
+
+/// AMF of the vectors: the separation bit set (TS 33.102 annex H).
+const AMF: Amf = Amf([0x80, 0x00]);
+
+/// One owner's subscribers ("icf" or "sho") in the roles' database.
+#[derive(Debug)]
+pub struct Auc {
+    owner: &'static str,
+    db: SqlitePool,
+    key: DataKey,
+    /// SEQ_HE is read, advanced and written back under this lock.
+    sqn_lock: Mutex<()>,
+}
+
+/// What a new subscriber's credential meets.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Provisioned {
+    /// Stored.
+    New,
+    /// The same K and OPc were already stored (an idempotent retry).
+    Same,
+}
+
+impl Auc {
+    /// The AuC of `owner`, its secrets under `key`.
+    pub fn new(owner: &'static str, db: SqlitePool, key: DataKey) -> Self {
+        Self {
+            owner,
+            db,
+            key,
+            sqn_lock: Mutex::new(()),
+        }
+    }
+
+    /// Stores K and OPc for `id`. The same credential again is fine; a different one for an
+    /// existing id is ALREADY_EXISTS and changes nothing.
+    pub async fn provision(&self, id: &str, k: &[u8], opc: &[u8]) -> Result<Provisioned, Status> {
+        if k.len() != 16 || opc.len() != 16 {
+            return Err(Status::invalid_argument("K and OPc are 16 octets each"));
+        }
+        let seal = |s: &[u8]| {
+            self.key
+                .seal(s)
+                .map_err(|e| Status::internal(e.to_string()))
+        };
+        let (wk, wopc) = (seal(k)?, seal(opc)?);
+        let sqn = serde_json::to_string(&HeSqnState::default())
+            .map_err(|e| Status::internal(e.to_string()))?;
+        let done = sqlx::query(
+            "INSERT INTO auc_subscriber (owner, id, k, opc, sqn) VALUES (?, ?, ?, ?, ?) \
+             ON CONFLICT(owner, id) DO NOTHING",
+        )
+        .bind(self.owner)
+        .bind(id)
+        .bind(&wk)
+        .bind(&wopc)
+        .bind(sqn)
+        .execute(&self.db)
+        .await
+        .map_err(db_err)?;
+        if done.rows_affected() == 1 {
+            return Ok(Provisioned::New);
+        }
+        // AES-KWP is deterministic: the same secrets wrap to the same rows.
+        let row: Option<(Vec<u8>, Vec<u8>)> =
+            sqlx::query_as("SELECT k, opc FROM auc_subscriber WHERE owner = ? AND id = ?")
+                .bind(self.owner)
+                .bind(id)
+                .fetch_optional(&self.db)
+                .await
+                .map_err(db_err)?;
+        match row {
+            Some((a, b)) if a == wk && b == wopc => Ok(Provisioned::Same),
+            _ => Err(Status::already_exists(format!(
+                "{id} already has other credentials"
+            ))),
+        }
+    }
+
+    /// `count` (1-5) vectors for `id`, after resynchronising on `resync` when given.
+    pub async fn vectors(
+        &self,
+        id: &str,
+        count: u32,
+        resync: Option<&common::ResyncInfo>,
+    ) -> Result<Vec<common::AuthVector>, Status> {
+        if !(1..=5).contains(&count) {
+            return Err(Status::invalid_argument("1 to 5 vectors"));
+        }
+        let _guard = self.sqn_lock.lock().await;
+        let row: Option<(Vec<u8>, Vec<u8>, String)> =
+            sqlx::query_as("SELECT k, opc, sqn FROM auc_subscriber WHERE owner = ? AND id = ?")
+                .bind(self.owner)
+                .bind(id)
+                .fetch_optional(&self.db)
+                .await
+                .map_err(db_err)?;
+        let (wk, wopc, sqn) = row.ok_or_else(|| Status::not_found(format!("unknown {id}")))?;
+        let open = |w: &[u8]| -> Result<[u8; 16], Status> {
+            let v = self
+                .key
+                .open(w)
+                .map_err(|e| Status::internal(e.to_string()))?;
+            v.as_slice()
+                .try_into()
+                .map_err(|_| Status::internal("stored secret length"))
+        };
+        let k = K::new(open(&wk)?);
+        let opc = Opc::new(open(&wopc)?);
+        let m = Milenage::with_opc(SoftKernel::new(&k), opc, Constants::default());
+        let mut state: HeSqnState =
+            serde_json::from_str(&sqn).map_err(|e| Status::internal(e.to_string()))?;
+        let profile = SqnProfile::default();
+        if let Some(r) = resync {
+            let rand = Rand(
+                r.rand
+                    .as_slice()
+                    .try_into()
+                    .map_err(|_| Status::invalid_argument("RAND is 16 octets"))?,
+            );
+            let auts = Auts(
+                r.auts
+                    .as_slice()
+                    .try_into()
+                    .map_err(|_| Status::invalid_argument("AUTS is 14 octets"))?,
+            );
+            resynchronise(&m, &mut state, &profile, &rand, &auts)
+                .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        }
+        let rands: Vec<Rand> = {
+            let mut rng = rand::rng();
+            (0..count).map(|_| Rand::random(&mut rng)).collect()
+        };
+        let avs = generate_avs(&m, &mut state, &profile, AMF, &rands)
+            .map_err(|e| Status::internal(e.to_string()))?;
+        sqlx::query("UPDATE auc_subscriber SET sqn = ? WHERE owner = ? AND id = ?")
+            .bind(serde_json::to_string(&state).map_err(|e| Status::internal(e.to_string()))?)
+            .bind(self.owner)
+            .bind(id)
+            .execute(&self.db)
+            .await
+            .map_err(db_err)?;
+        Ok(avs
+            .into_iter()
+            .map(|av| common::AuthVector {
+                rand: av.rand.0.to_vec(),
+                xres: av.xres.0.to_vec(),
+                ck: av.ck.expose().to_vec(),
+                ik: av.ik.expose().to_vec(),
+                autn: av.autn.0.to_vec(),
+            })
+            .collect())
+    }
+}
+
+impl Auc {
+    /// Forgets `id` (a credential that never left this role, replaced after a crash).
+    pub async fn forget(&self, id: &str) -> Result<(), Status> {
+        sqlx::query("DELETE FROM auc_subscriber WHERE owner = ? AND id = ?")
+            .bind(self.owner)
+            .bind(id)
+            .execute(&self.db)
+            .await
+            .map_err(db_err)?;
+        Ok(())
+    }
+}

@@ -1,0 +1,35 @@
+//! How a role reaches the others: their addresses, and a gRPC channel over mutual TLS with the
+//! calling role's certificate. Roles call each other only through these clients, even in one
+//! process (`mcim-roles all`).
+
+use std::path::Path;
+
+use tonic::Status;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::authz::Role;
+use crate::tls::client_tls;
+
+/// The server name a role's certificate carries (`<role>.mcim.local`).
+pub fn server_name(role: Role) -> String {
+    format!("{}.mcim.local", role.as_str())
+}
+
+/// A lazily connected channel from `me` to the `peer` role at `url` (`https://host:port`).
+pub fn channel(pki: &Path, me: Role, peer: Role, url: &str) -> Result<Channel, Status> {
+    let tls = client_tls(pki, me, &server_name(peer))
+        .map_err(|e| Status::internal(format!("TLS to {peer}: {e}")))?;
+    Ok(Endpoint::from_shared(url.to_string())
+        .map_err(|e| Status::invalid_argument(format!("{peer} address {url:?}: {e}")))?
+        .tls_config(tls)
+        .map_err(|e| Status::internal(format!("TLS to {peer}: {e}")))?
+        .connect_timeout(std::time::Duration::from_secs(5))
+        .timeout(std::time::Duration::from_secs(30))
+        .connect_lazy())
+}
+
+/// The key a role signs statements with, from its certificate in the PKI directory (for
+/// checking the PVA's results and the SHO's packages).
+pub fn role_verifying_key(pki: &Path, role: Role) -> Result<p256::ecdsa::VerifyingKey, Status> {
+    crate::pki::certificate_key(pki, role.as_str()).map_err(|e| Status::internal(e.to_string()))
+}

@@ -1,0 +1,242 @@
+//! The RO's MCIM Download and Provisioning Function (TR 33.812 5.1.3.4.3): takes the SHO's
+//! authorisation and package (5.1.3.6.2 step 11) after checking the PVA's result it relied on,
+//! lets the device download the package (step 12), takes the device's install report
+//! (step 13) and reports it to the SHO (step 14). What the device must hear reaches it on the
+//! task stream it opened itself.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use mcim_proto::mcim::common::v1 as common;
+use mcim_proto::mcim::ro::v1 as pb;
+use mcim_proto::mcim::ro::v1::dpf_service_server::DpfService;
+use mcim_proto::mcim::sho::v1 as sho;
+use prost::Message;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use super::Ro;
+use crate::authz::Role;
+use crate::peers::role_verifying_key;
+use crate::store::{db_err, now};
+use crate::tls::{authorize, authorize_self};
+
+/// How often an open task stream looks for new tasks.
+const TASK_POLL: Duration = Duration::from_millis(100);
+
+/// The DPF service.
+#[derive(Debug, Clone)]
+pub struct Dpf(pub Arc<Ro>);
+
+#[tonic::async_trait]
+impl DpfService for Dpf {
+    async fn authorize_provisioning(
+        &self,
+        req: Request<pb::AuthorizeProvisioningRequest>,
+    ) -> Result<Response<pb::AuthorizeProvisioningResponse>, Status> {
+        let caller = authorize(&req, "/mcim.ro.v1.DpfService/AuthorizeProvisioning", None)?;
+        let r = req.into_inner();
+        let reg = self.0.registration(&r.registration_id).await?;
+        if reg.sho_id != caller.name {
+            return Err(Status::permission_denied(
+                "only the SHO the device registered at may authorise it",
+            ));
+        }
+        let package = r
+            .package
+            .map(|p| p.cose_sign1)
+            .filter(|p| !p.is_empty())
+            .ok_or_else(|| Status::invalid_argument("the package is required"))?;
+        // The DPF relies on the PVA too: a positive, fresh result for this very device.
+        let validation = r
+            .validation
+            .ok_or_else(|| Status::invalid_argument("the validation result is required"))?;
+        let pva = role_verifying_key(&self.0.pki, Role::Pva)?;
+        let now_s = u64::try_from(now()).unwrap_or(0);
+        mcim_core::validation::verify(&validation.cose_sign1, &pva, &reg.pcid, now_s)
+            .map_err(|e| Status::failed_precondition(e.to_string()))?;
+        match (&reg.package, reg.state.as_str()) {
+            (Some(p), _) if *p == package => {
+                return Ok(Response::new(pb::AuthorizeProvisioningResponse {}));
+            }
+            (Some(_), _) => {
+                return Err(Status::already_exists(
+                    "this registration already has another package",
+                ));
+            }
+            (None, "validating") => {}
+            (None, s) => {
+                return Err(Status::failed_precondition(format!(
+                    "the registration is {s}"
+                )));
+            }
+        }
+        let done = sqlx::query(
+            "UPDATE ro_registration SET package = ?, state = 'authorized' \
+             WHERE id = ? AND package IS NULL",
+        )
+        .bind(&package)
+        .bind(&reg.id)
+        .execute(&self.0.db)
+        .await
+        .map_err(db_err)?;
+        if done.rows_affected() == 1 {
+            self.0
+                .enqueue(
+                    &reg.pcid,
+                    pb::watch_device_tasks_response::Task::Download(pb::DownloadTask {
+                        registration_id: reg.id.clone(),
+                    }),
+                )
+                .await?;
+            tracing::info!(pcid = %reg.pcid, registration = %reg.id, "provisioning authorised");
+        }
+        Ok(Response::new(pb::AuthorizeProvisioningResponse {}))
+    }
+
+    type WatchDeviceTasksStream = ReceiverStream<Result<pb::WatchDeviceTasksResponse, Status>>;
+
+    async fn watch_device_tasks(
+        &self,
+        req: Request<pb::WatchDeviceTasksRequest>,
+    ) -> Result<Response<Self::WatchDeviceTasksStream>, Status> {
+        let caller = authorize_self(&req, "/mcim.ro.v1.DpfService/WatchDeviceTasks")?;
+        let pcid = caller.name;
+        let ack = i64::try_from(req.get_ref().ack_seq).unwrap_or(i64::MAX);
+        // Acknowledged tasks are done with; the rest is replayed.
+        sqlx::query("DELETE FROM ro_task WHERE pcid = ? AND seq <= ?")
+            .bind(&pcid)
+            .bind(ack)
+            .execute(&self.0.db)
+            .await
+            .map_err(db_err)?;
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let db = self.0.db.clone();
+        tokio::spawn(async move {
+            let mut sent = ack;
+            loop {
+                let rows: Result<Vec<(i64, Vec<u8>)>, _> = sqlx::query_as(
+                    "SELECT seq, body FROM ro_task WHERE pcid = ? AND seq > ? ORDER BY seq",
+                )
+                .bind(&pcid)
+                .bind(sent)
+                .fetch_all(&db)
+                .await;
+                let rows = match rows {
+                    Ok(r) => r,
+                    Err(e) => {
+                        let _ = tx.send(Err(db_err(e))).await;
+                        return;
+                    }
+                };
+                for (seq, body) in rows {
+                    let mut t = match pb::WatchDeviceTasksResponse::decode(body.as_slice()) {
+                        Ok(t) => t,
+                        Err(e) => {
+                            tracing::error!("stored task {seq} for {pcid}: {e}");
+                            sent = seq;
+                            continue;
+                        }
+                    };
+                    t.seq = u64::try_from(seq).unwrap_or(0);
+                    if tx.send(Ok(t)).await.is_err() {
+                        return;
+                    }
+                    sent = seq;
+                }
+                tokio::select! {
+                    _ = tx.closed() => return,
+                    _ = tokio::time::sleep(TASK_POLL) => {}
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn download_package(
+        &self,
+        req: Request<pb::DownloadPackageRequest>,
+    ) -> Result<Response<pb::DownloadPackageResponse>, Status> {
+        let reg = self.0.registration(&req.get_ref().registration_id).await?;
+        authorize(
+            &req,
+            "/mcim.ro.v1.DpfService/DownloadPackage",
+            Some(&reg.pcid),
+        )?;
+        let package = reg
+            .package
+            .ok_or_else(|| Status::failed_precondition("the SHO has not authorised it yet"))?;
+        Ok(Response::new(pb::DownloadPackageResponse {
+            package: Some(common::McimPackage {
+                cose_sign1: package,
+            }),
+        }))
+    }
+
+    async fn report_provisioning_status(
+        &self,
+        req: Request<pb::ReportProvisioningStatusRequest>,
+    ) -> Result<Response<pb::ReportProvisioningStatusResponse>, Status> {
+        let reg = self.0.registration(&req.get_ref().registration_id).await?;
+        authorize(
+            &req,
+            "/mcim.ro.v1.DpfService/ReportProvisioningStatus",
+            Some(&reg.pcid),
+        )?;
+        let r = req.into_inner();
+        let (state, st) = match common::ProvisioningStatus::try_from(r.status) {
+            Ok(common::ProvisioningStatus::Installed) => {
+                ("installed", common::ProvisioningStatus::Installed)
+            }
+            Ok(common::ProvisioningStatus::Failed) => {
+                ("failed", common::ProvisioningStatus::Failed)
+            }
+            _ => return Err(Status::invalid_argument("status is installed or failed")),
+        };
+        if reg.package.is_none() {
+            return Err(Status::failed_precondition(
+                "nothing was downloaded for this registration",
+            ));
+        }
+        // Step 14: the SHO hears it first; a retry reports again (the SHO is idempotent).
+        let (_, sho_url) = self
+            .0
+            .sho_url(&reg.pcid)
+            .await?
+            .ok_or_else(|| Status::failed_precondition("the SHO's subscription is gone"))?;
+        self.0
+            .sho(&sho_url)
+            .await?
+            .report_provisioning_status(sho::ReportProvisioningStatusRequest {
+                registration_id: reg.id.clone(),
+                status: st as i32,
+                detail: r.detail.clone(),
+            })
+            .await?;
+        sqlx::query("UPDATE ro_registration SET state = ?, detail = ?, mcim_id = ? WHERE id = ?")
+            .bind(state)
+            .bind(&r.detail)
+            .bind(&r.mcim_id)
+            .bind(&reg.id)
+            .execute(&self.0.db)
+            .await
+            .map_err(db_err)?;
+        tracing::info!(pcid = %reg.pcid, registration = %reg.id, state, "provisioning reported");
+        Ok(Response::new(pb::ReportProvisioningStatusResponse {}))
+    }
+
+    async fn relay_discard_ack(
+        &self,
+        req: Request<pb::RelayDiscardAckRequest>,
+    ) -> Result<Response<pb::RelayDiscardAckResponse>, Status> {
+        let reg = self.0.registration(&req.get_ref().registration_id).await?;
+        authorize(
+            &req,
+            "/mcim.ro.v1.DpfService/RelayDiscardAck",
+            Some(&reg.pcid),
+        )?;
+        Err(Status::unimplemented(
+            "change of SHO (5.1.3.7.4.2) is not built yet",
+        ))
+    }
+}

@@ -1,0 +1,171 @@
+//! The RO's Discovery and Registration Function (TR 33.812 5.1.3.4.2): the device connects
+//! under the VNO's grant (3GPP access, 5.1.3.6.2 step 5) or straight over its TLS identity
+//! (non-3GPP access, 5.1.3.6.3); the DRF finds the SHO that subscribed for the PCID (step 6)
+//! and registers the device there (step 7), then relays the SHO's validation request to the
+//! device over its task stream (step 8, "may also be forwarded via the RO").
+
+use std::sync::Arc;
+
+use mcim_core::identity::Pcid;
+use mcim_proto::mcim::common::v1 as common;
+use mcim_proto::mcim::ro::v1 as pb;
+use mcim_proto::mcim::ro::v1::drf_service_server::DrfService;
+use mcim_proto::mcim::sho::v1 as sho;
+use tonic::{Request, Response, Status};
+
+use super::Ro;
+use crate::store::{db_err, new_id, now};
+use crate::tls::authorize;
+
+/// The DRF service.
+#[derive(Debug, Clone)]
+pub struct Drf(pub Arc<Ro>);
+
+#[tonic::async_trait]
+impl DrfService for Drf {
+    async fn get_bootstrap(
+        &self,
+        req: Request<pb::GetBootstrapRequest>,
+    ) -> Result<Response<pb::GetBootstrapResponse>, Status> {
+        let id = req.get_ref().device_id.clone();
+        authorize(&req, "/mcim.ro.v1.DrfService/GetBootstrap", Some(&id))?;
+        Err(Status::unimplemented(
+            "OMA DM bootstrap (annex x.2.2) is not built yet; devices are configured with the RO's address",
+        ))
+    }
+
+    async fn register_device(
+        &self,
+        req: Request<pb::RegisterDeviceRequest>,
+    ) -> Result<Response<pb::RegisterDeviceResponse>, Status> {
+        let pcid = req.get_ref().pcid.clone();
+        authorize(&req, "/mcim.ro.v1.DrfService/RegisterDevice", Some(&pcid))?;
+        let r = req.into_inner();
+        Pcid::new(pcid.clone()).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let access =
+            common::AccessType::try_from(r.access).unwrap_or(common::AccessType::Unspecified);
+        match access {
+            // Step 5: only under a live grant the VNO reported for this PCID.
+            common::AccessType::AccessType3gpp => {
+                let grant: Option<(String, i64)> =
+                    sqlx::query_as("SELECT pcid, expires_at FROM ro_grant WHERE grant_id = ?")
+                        .bind(&r.grant_id)
+                        .fetch_optional(&self.0.db)
+                        .await
+                        .map_err(db_err)?;
+                match grant {
+                    Some((p, e)) if p == pcid && e > now() => {}
+                    Some((p, _)) if p == pcid => {
+                        return Err(Status::permission_denied("the VNO's grant has expired"));
+                    }
+                    _ => {
+                        return Err(Status::permission_denied(
+                            "no grant from a VNO for this PCID (attach first)",
+                        ));
+                    }
+                }
+            }
+            // 5.1.3.6.3: the device's TLS identity (checked by the table) is what it shows.
+            common::AccessType::Non3gpp => {}
+            common::AccessType::Unspecified => {
+                return Err(Status::invalid_argument("access type is required"));
+            }
+        }
+        // Idempotent: a registration still in progress is the answer again.
+        let open: Option<(String, String, Vec<u8>)> = sqlx::query_as(
+            "SELECT id, sho_id, nonce FROM ro_registration \
+             WHERE pcid = ? AND state IN ('validating', 'authorized')",
+        )
+        .bind(&pcid)
+        .fetch_optional(&self.0.db)
+        .await
+        .map_err(db_err)?;
+        if let Some((id, sho_id, nonce)) = open {
+            return Ok(Response::new(pb::RegisterDeviceResponse {
+                registration_id: id,
+                sho_id,
+                registration_nonce: nonce,
+            }));
+        }
+        // Step 6: the SHO that subscribed for this device.
+        let (sho_id, sho_url) = self.0.sho_url(&pcid).await?.ok_or_else(|| {
+            Status::failed_precondition("no SHO has a subscription for this PCID")
+        })?;
+        // Step 7: register at the SHO, which asks the PVA for a validation (step 8).
+        let id = new_id();
+        let mut nonce = [0u8; 32];
+        rand::Rng::fill_bytes(&mut rand::rng(), &mut nonce);
+        let v = self
+            .0
+            .sho(&sho_url)
+            .await?
+            .register_device(sho::RegisterDeviceRequest {
+                registration_id: id.clone(),
+                pcid: pcid.clone(),
+                registration_nonce: nonce.to_vec(),
+                dpf_url: self.0.dpf_url.clone(),
+            })
+            .await
+            .map_err(|s| Status::new(s.code(), format!("SHO {sho_id}: {}", s.message())))?
+            .into_inner();
+        sqlx::query(
+            "INSERT INTO ro_registration (id, pcid, access, sho_id, nonce, state) \
+             VALUES (?, ?, ?, ?, ?, 'validating')",
+        )
+        .bind(&id)
+        .bind(&pcid)
+        .bind(access as i64)
+        .bind(&sho_id)
+        .bind(nonce.to_vec())
+        .execute(&self.0.db)
+        .await
+        .map_err(db_err)?;
+        self.0
+            .enqueue(
+                &pcid,
+                pb::watch_device_tasks_response::Task::Attest(pb::AttestationTask {
+                    validation_id: v.validation_id,
+                    nonce: v.nonce,
+                    pva_url: v.pva_url,
+                }),
+            )
+            .await?;
+        tracing::info!(%pcid, registration = %id, sho = %sho_id, "device registered at its SHO");
+        Ok(Response::new(pb::RegisterDeviceResponse {
+            registration_id: id,
+            sho_id,
+            registration_nonce: nonce.to_vec(),
+        }))
+    }
+
+    async fn set_subscription(
+        &self,
+        req: Request<pb::SetSubscriptionRequest>,
+    ) -> Result<Response<pb::SetSubscriptionResponse>, Status> {
+        let caller = authorize(&req, "/mcim.ro.v1.DrfService/SetSubscription", None)?;
+        let r = req.into_inner();
+        Pcid::new(r.pcid.clone()).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        // An SHO speaks for itself only.
+        if r.sho_id != caller.name {
+            return Err(Status::permission_denied(
+                "an SHO records its own subscriptions",
+            ));
+        }
+        if !r.sho_url.starts_with("https://") {
+            return Err(Status::invalid_argument(
+                "sho_url must be https://host:port",
+            ));
+        }
+        sqlx::query(
+            "INSERT INTO ro_subscription (pcid, sho_id, sho_url) VALUES (?, ?, ?) \
+             ON CONFLICT(pcid) DO UPDATE SET sho_id = excluded.sho_id, sho_url = excluded.sho_url",
+        )
+        .bind(&r.pcid)
+        .bind(&r.sho_id)
+        .bind(&r.sho_url)
+        .execute(&self.0.db)
+        .await
+        .map_err(db_err)?;
+        Ok(Response::new(pb::SetSubscriptionResponse {}))
+    }
+}

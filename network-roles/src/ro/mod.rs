@@ -1,0 +1,144 @@
+//! The Registration Operator (TR 33.812 5.1.3.5.4) and its three functions, each its own gRPC
+//! service over one shared state: the ICF ([`icf`], initial credentials and AVs for PCIDs,
+//! 5.1.3.4.4), the DRF ([`drf`], discovery of the SHO and registration there, steps 5-7) and
+//! the DPF ([`dpf`], authorisation, download and status, steps 11-14). Devices only open
+//! outbound connections: what the network pushes reaches a device as a task on the stream it
+//! opened (`WatchDeviceTasks`), kept in the database until the device acknowledges it, so a
+//! disconnect or a restart of either side loses nothing.
+
+pub mod dpf;
+pub mod drf;
+pub mod icf;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use mcim_proto::mcim::ro::v1 as pb;
+use mcim_proto::mcim::sho::v1::sho_service_client::ShoServiceClient;
+use prost::Message;
+use sqlx::SqlitePool;
+use tokio::sync::Mutex;
+use tonic::Status;
+use tonic::transport::Channel;
+
+use crate::atrest::DataKey;
+use crate::auc::Auc;
+use crate::authz::Role;
+use crate::peers;
+use crate::store::db_err;
+
+/// How long the VNO's grant of initial connectivity lets a device reach the RO.
+pub const GRANT_LIFETIME_SECS: i64 = 600;
+
+/// The RO's shared state.
+pub struct Ro {
+    pki: PathBuf,
+    db: SqlitePool,
+    auc: Auc,
+    dpf_url: String,
+    shos: Mutex<HashMap<String, Channel>>,
+}
+
+impl std::fmt::Debug for Ro {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ro")
+            .field("pki", &self.pki)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Ro {
+    /// The RO on `db`, with its keys in `pki`; `dpf_url` is where SHOs reach its DPF.
+    pub fn new(pki: PathBuf, db: SqlitePool, dpf_url: String) -> Result<Arc<Self>, Status> {
+        let key =
+            DataKey::load_or_create(&pki, "ro").map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Arc::new(Self {
+            auc: Auc::new("icf", db.clone(), key),
+            pki,
+            db,
+            dpf_url,
+            shos: Mutex::new(HashMap::new()),
+        }))
+    }
+
+    /// A client of the SHO at `url`.
+    async fn sho(&self, url: &str) -> Result<ShoServiceClient<Channel>, Status> {
+        let mut shos = self.shos.lock().await;
+        if let Some(c) = shos.get(url) {
+            return Ok(ShoServiceClient::new(c.clone()));
+        }
+        let c = peers::channel(&self.pki, Role::Ro, Role::Sho, url)?;
+        shos.insert(url.to_string(), c.clone());
+        Ok(ShoServiceClient::new(c))
+    }
+
+    /// Queues a task for a device; it reaches the device over its stream. Returns its seq.
+    async fn enqueue(
+        &self,
+        pcid: &str,
+        task: pb::watch_device_tasks_response::Task,
+    ) -> Result<u64, Status> {
+        let body = pb::WatchDeviceTasksResponse {
+            seq: 0,
+            task: Some(task),
+        }
+        .encode_to_vec();
+        let mut tx = self.db.begin().await.map_err(db_err)?;
+        let (seq,): (i64,) =
+            sqlx::query_as("SELECT COALESCE(MAX(seq), 0) + 1 FROM ro_task WHERE pcid = ?")
+                .bind(pcid)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(db_err)?;
+        sqlx::query("INSERT INTO ro_task (pcid, seq, body) VALUES (?, ?, ?)")
+            .bind(pcid)
+            .bind(seq)
+            .bind(body)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        tx.commit().await.map_err(db_err)?;
+        Ok(u64::try_from(seq).unwrap_or(0))
+    }
+}
+
+/// One registration as the RO keeps it.
+#[derive(Clone, Debug)]
+pub(crate) struct Registration {
+    pub id: String,
+    pub pcid: String,
+    pub sho_id: String,
+    pub state: String,
+    pub package: Option<Vec<u8>>,
+}
+
+impl Ro {
+    pub(crate) async fn registration(&self, id: &str) -> Result<Registration, Status> {
+        type Row = (String, String, String, String, Option<Vec<u8>>);
+        let row: Option<Row> = sqlx::query_as(
+            "SELECT id, pcid, sho_id, state, package FROM ro_registration WHERE id = ?",
+        )
+        .bind(id)
+        .fetch_optional(&self.db)
+        .await
+        .map_err(db_err)?;
+        let (id, pcid, sho_id, state, package) =
+            row.ok_or_else(|| Status::not_found("no such registration"))?;
+        Ok(Registration {
+            id,
+            pcid,
+            sho_id,
+            state,
+            package,
+        })
+    }
+
+    pub(crate) async fn sho_url(&self, pcid: &str) -> Result<Option<(String, String)>, Status> {
+        sqlx::query_as("SELECT sho_id, sho_url FROM ro_subscription WHERE pcid = ?")
+            .bind(pcid)
+            .fetch_optional(&self.db)
+            .await
+            .map_err(db_err)
+    }
+}

@@ -1,0 +1,110 @@
+//! End-to-end provisioning (TR 33.812 5.1.3.6.2 and 5.1.3.6.3) through `mcimctl lab run`: each
+//! test starts its own `mcim-roles all` (fresh PKI and SQLite database), its own software TRE
+//! (swtpm with a fresh state directory, or a fresh SoftHSM2 token) and its own `tred`, all the
+//! deployed binaries, and reads the lab's JSON report.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::process::Command;
+
+use mcim_e2e::workspace_bin;
+use serde_json::Value;
+
+fn lab(args: &[&str]) -> (bool, Value, String) {
+    let out = Command::new(workspace_bin("mcimctl"))
+        .args(["lab", "run", "--json"])
+        .args(args)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let report: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("no JSON report ({e}); stderr:\n{stderr}"));
+    (out.status.success(), report, stderr)
+}
+
+fn steps(r: &Value) -> Vec<(u64, bool)> {
+    r["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| (s["step"].as_u64().unwrap(), s["ok"].as_bool().unwrap()))
+        .collect()
+}
+
+fn assert_provisioned(r: &Value, first_step: u64) {
+    let want: Vec<(u64, bool)> = (first_step..=14).map(|s| (s, true)).collect();
+    assert_eq!(steps(r), want, "{r:#}");
+    let imsi = r["mcim"]["imsi"].as_str().unwrap();
+    assert!(
+        imsi.starts_with("00102") && imsi.len() == 15,
+        "the SHO's IMSI: {imsi}"
+    );
+    assert_eq!(r["mcim"]["id"], r["mcim"]["imsi"]);
+    // Selected: in the session of the operational attach (5.1.1.1).
+    assert_eq!(r["mcim"]["state"], "selected");
+    assert_eq!(r["operational_attach"]["ok"], true);
+    assert_eq!(r["operational_attach"]["imsi"], imsi);
+    assert_eq!(r["impostor_attach"]["refused"], true);
+    assert_eq!(r["sho_registration"]["state"], "provisioned");
+    assert_eq!(r["audit"]["ok"], true);
+    // The registry holds the initial credential (PCID) and the new MCIM.
+    let held: Vec<&str> = r["registry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert_eq!(held.len(), 2, "{held:?}");
+    assert!(held.contains(&imsi) && held.contains(&"001010000000001"));
+}
+
+#[test]
+fn swtpm_device_is_provisioned_over_3gpp_access_then_attaches_with_its_new_imsi() {
+    let (ok, r, stderr) = lab(&["--tre", "tpm", "--access", "3gpp"]);
+    assert!(ok, "{stderr}");
+    assert_eq!(r["tre"], "tpm");
+    assert_eq!(r["access"], "3gpp");
+    assert_provisioned(&r, 1);
+}
+
+#[test]
+fn swtpm_device_is_provisioned_over_non_3gpp_access_without_pcid_aka() {
+    let (ok, r, stderr) = lab(&["--tre", "tpm", "--access", "non-3gpp"]);
+    assert!(ok, "{stderr}");
+    assert_eq!(r["access"], "non-3gpp");
+    // 5.1.3.6.3: no attach with the PCID; the device goes straight to the DRF.
+    assert_provisioned(&r, 5);
+}
+
+#[test]
+fn softhsm_device_is_provisioned_over_3gpp_access() {
+    let (ok, r, stderr) = lab(&["--tre", "pkcs11", "--access", "3gpp"]);
+    assert!(ok, "{stderr}");
+    assert_eq!(r["tre"], "pkcs11");
+    assert_provisioned(&r, 1);
+}
+
+#[test]
+fn a_pcr_extended_after_supply_is_refused_by_the_pva_the_sho_is_told_and_nothing_is_provisioned() {
+    let (ok, r, stderr) = lab(&["--tre", "tpm", "--extend-pcr-after-supply"]);
+    assert!(!ok, "the lab must fail: {r:#}");
+    assert_eq!(r["ok"], false);
+    let s = steps(&r);
+    assert_eq!(s.last(), Some(&(9, false)), "{r:#}");
+    assert!(s[..s.len() - 1].iter().all(|(_, ok)| *ok));
+    let failed = &r["steps"].as_array().unwrap()[s.len() - 1];
+    assert!(
+        failed["detail"].as_str().unwrap().contains("PCR 0 differs"),
+        "{failed}"
+    );
+    assert!(
+        stderr.contains("step 9"),
+        "the failed step is named: {stderr}"
+    );
+    assert_eq!(
+        r["sho_registration"]["state"], "validation_failed",
+        "the SHO is told"
+    );
+    // Nothing provisioned: only the initial credential is in the registry.
+    assert_eq!(r["registry"], serde_json::json!(["001010000000001"]));
+    assert!(r.get("mcim").is_none() && r.get("operational_attach").is_none());
+}

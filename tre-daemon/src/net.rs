@@ -1,0 +1,83 @@
+//! The device's side of the network: gRPC channels to the roles over mutual TLS whose client
+//! key is the TRE's TLS key ([`crate::tls::TreTlsKey`]), and the check that a statement's
+//! signer certificate (the SHO's, on a package) chains to the roles' CA and names the party
+//! the device expects. Devices only open outbound connections.
+
+use std::sync::Arc;
+
+use tonic::transport::{Channel, Endpoint};
+
+/// A lazily connected channel to the role whose certificate names `server_name`
+/// (`<role>.mcim.local`) at `url` (`https://host:port`).
+pub fn channel(
+    config: Arc<rustls::ClientConfig>,
+    url: &str,
+    server_name: &str,
+) -> Result<Channel, String> {
+    let authority = url
+        .strip_prefix("https://")
+        .ok_or_else(|| format!("{url:?}: an https:// address is required"))?
+        .trim_end_matches('/')
+        .to_string();
+    let name = rustls::pki_types::ServerName::try_from(server_name.to_string())
+        .map_err(|e| format!("{server_name}: {e}"))?;
+    let connector = tokio_rustls::TlsConnector::from(config);
+    let endpoint = Endpoint::from_shared(format!("http://{authority}"))
+        .map_err(|e| format!("{url}: {e}"))?
+        .connect_timeout(std::time::Duration::from_secs(5));
+    Ok(endpoint.connect_with_connector_lazy(tower::service_fn(
+        move |_: tonic::codegen::http::Uri| {
+            let connector = connector.clone();
+            let name = name.clone();
+            let authority = authority.clone();
+            async move {
+                let tcp = tokio::net::TcpStream::connect(authority.as_str()).await?;
+                let tls = connector.connect(name, tcp).await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
+            }
+        },
+    )))
+}
+
+/// Checks that `cert_der` is signed by a CA in `ca_pem`, is valid now, and carries the URI SAN
+/// `urn:mcim:<role>:<name>`; returns its P-256 key.
+pub fn verify_party(
+    ca_pem: &[u8],
+    cert_der: &[u8],
+    role: &str,
+    name: &str,
+) -> Result<p256::ecdsa::VerifyingKey, String> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+    let (_, cert) = X509Certificate::from_der(cert_der).map_err(|e| e.to_string())?;
+    let signed = CertificateDer::pem_slice_iter(ca_pem).flatten().any(|ca| {
+        X509Certificate::from_der(&ca)
+            .map(|(_, ca)| cert.verify_signature(Some(ca.public_key())).is_ok())
+            .unwrap_or(false)
+    });
+    if !signed {
+        return Err(format!(
+            "the {role} certificate is not signed by the roles' CA"
+        ));
+    }
+    if !cert.validity().is_valid() {
+        return Err(format!("the {role} certificate is not valid now"));
+    }
+    let want = format!("urn:mcim:{role}:{name}");
+    let named = cert
+        .subject_alternative_name()
+        .ok()
+        .flatten()
+        .is_some_and(|san| {
+            san.value
+                .general_names
+                .iter()
+                .any(|g| matches!(g, GeneralName::URI(u) if *u == want))
+        });
+    if !named {
+        return Err(format!("the certificate does not name {want}"));
+    }
+    p256::ecdsa::VerifyingKey::from_sec1_bytes(&cert.public_key().subject_public_key.data)
+        .map_err(|_| format!("the {role} key is not P-256"))
+}
