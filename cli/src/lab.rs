@@ -260,15 +260,7 @@ fn lab_inner(
     report: &mut serde_json::Value,
 ) -> Result<(), DeviceError> {
     let pki = dir.join("pki");
-    let parties = [
-        (Role::Supplier, "supplier.mcim.local"),
-        (Role::Ro, "ro.mcim.local"),
-        (Role::Vno, "vno.mcim.local"),
-        (Role::Sho, "sho.mcim.local"),
-        (Role::Pva, "pva.mcim.local"),
-        (Role::Subscriber, "subscriber.mcim.local"),
-    ];
-    mcim_roles::pki::init(&pki, &parties).map_err(fail)?;
+    mcim_roles::pki::init(&pki, &mcim_roles::pki::LAB_PARTIES).map_err(fail)?;
 
     // The network: every role in one process, the binary operators deploy.
     let base = free_ports(5)?;

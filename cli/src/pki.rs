@@ -3,7 +3,6 @@
 use std::path::PathBuf;
 
 use clap::Subcommand;
-use mcim_roles::authz::Role;
 
 /// `mcimctl pki ...`
 #[derive(Subcommand)]
@@ -37,15 +36,8 @@ pub enum PkiCommand {
 pub fn run(cmd: PkiCommand) -> Result<(), String> {
     match cmd {
         PkiCommand::Init { dir } => {
-            let parties = [
-                (Role::Supplier, "supplier.mcim.local"),
-                (Role::Ro, "ro.mcim.local"),
-                (Role::Vno, "vno.mcim.local"),
-                (Role::Sho, "sho.mcim.local"),
-                (Role::Pva, "pva.mcim.local"),
-                (Role::Subscriber, "subscriber.mcim.local"),
-            ];
-            let made = mcim_roles::pki::init(&dir, &parties).map_err(|e| e.to_string())?;
+            let made = mcim_roles::pki::init(&dir, &mcim_roles::pki::LAB_PARTIES)
+                .map_err(|e| e.to_string())?;
             println!(
                 "PKI in {}: CA kept or made; new certificates: {}",
                 dir.display(),

@@ -33,3 +33,27 @@ pub fn channel(pki: &Path, me: Role, peer: Role, url: &str) -> Result<Channel, S
 pub fn role_verifying_key(pki: &Path, role: Role) -> Result<p256::ecdsa::VerifyingKey, Status> {
     crate::pki::certificate_key(pki, role.as_str()).map_err(|e| Status::internal(e.to_string()))
 }
+
+/// Channels to peers of one role whose addresses arrive at run time (an SHO's URL from a
+/// subscription, a DPF's from a registration), made once per address.
+#[derive(Debug, Default)]
+pub struct ChannelCache(tokio::sync::Mutex<std::collections::HashMap<String, Channel>>);
+
+impl ChannelCache {
+    /// The channel from `me` to `peer` at `url`, made on first use.
+    pub async fn get(
+        &self,
+        pki: &Path,
+        me: Role,
+        peer: Role,
+        url: &str,
+    ) -> Result<Channel, Status> {
+        let mut m = self.0.lock().await;
+        if let Some(c) = m.get(url) {
+            return Ok(c.clone());
+        }
+        let c = channel(pki, me, peer, url)?;
+        m.insert(url.to_string(), c.clone());
+        Ok(c)
+    }
+}

@@ -64,6 +64,17 @@ fn write(path: &Path, text: &str, secret: bool) -> Result<(), PkiError> {
     f.write_all(text.as_bytes()).map_err(err)
 }
 
+/// The parties of a development PKI, one per role with its server name (`mcimctl pki init`,
+/// the lab).
+pub const LAB_PARTIES: [(Role, &str); 6] = [
+    (Role::Supplier, "supplier.mcim.local"),
+    (Role::Ro, "ro.mcim.local"),
+    (Role::Vno, "vno.mcim.local"),
+    (Role::Sho, "sho.mcim.local"),
+    (Role::Pva, "pva.mcim.local"),
+    (Role::Subscriber, "subscriber.mcim.local"),
+];
+
 /// The identity URI of a party.
 pub fn identity_uri(role: Role, name: &str) -> String {
     format!("urn:mcim:{}:{name}", role.as_str())

@@ -7,7 +7,6 @@
 //! in flight when the SHO starts are followed again ([`Sho::resume`]), and every step is
 //! idempotent, so a restart of the SHO, the PVA or the RO loses nothing.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,7 +25,6 @@ use mcim_proto::mcim::sho::v1::RegistrationState as St;
 use mcim_proto::mcim::sho::v1::sho_service_server::ShoService;
 use p256::ecdsa::SigningKey;
 use sqlx::SqlitePool;
-use tokio::sync::Mutex;
 use tonic::transport::Channel;
 use tonic::{Code, Request, Response, Status};
 
@@ -68,7 +66,7 @@ pub struct Sho {
     cfg: ShoConfig,
     pva: Channel,
     drf: Channel,
-    dpfs: Mutex<HashMap<String, Channel>>,
+    dpfs: peers::ChannelCache,
 }
 
 impl std::fmt::Debug for Sho {
@@ -115,7 +113,7 @@ impl Sho {
             cert,
             id,
             cfg,
-            dpfs: Mutex::new(HashMap::new()),
+            dpfs: peers::ChannelCache::default(),
         }))
     }
 
@@ -260,13 +258,9 @@ impl Sho {
     }
 
     async fn dpf(&self, url: &str) -> Result<DpfServiceClient<Channel>, Status> {
-        let mut d = self.dpfs.lock().await;
-        if let Some(c) = d.get(url) {
-            return Ok(DpfServiceClient::new(c.clone()));
-        }
-        let c = peers::channel(&self.pki, Role::Sho, Role::Ro, url)?;
-        d.insert(url.to_string(), c.clone());
-        Ok(DpfServiceClient::new(c))
+        Ok(DpfServiceClient::new(
+            self.dpfs.get(&self.pki, Role::Sho, Role::Ro, url).await?,
+        ))
     }
 
     /// New K and OPc for the subscription's IMSI, wrapped for the device's TRE, in a package

@@ -10,7 +10,6 @@ pub mod dpf;
 pub mod drf;
 pub mod icf;
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -18,7 +17,6 @@ use mcim_proto::mcim::ro::v1 as pb;
 use mcim_proto::mcim::sho::v1::sho_service_client::ShoServiceClient;
 use prost::Message;
 use sqlx::SqlitePool;
-use tokio::sync::Mutex;
 use tonic::Status;
 use tonic::transport::Channel;
 
@@ -37,7 +35,7 @@ pub struct Ro {
     db: SqlitePool,
     auc: Auc,
     dpf_url: String,
-    shos: Mutex<HashMap<String, Channel>>,
+    shos: peers::ChannelCache,
 }
 
 impl std::fmt::Debug for Ro {
@@ -58,19 +56,15 @@ impl Ro {
             pki,
             db,
             dpf_url,
-            shos: Mutex::new(HashMap::new()),
+            shos: peers::ChannelCache::default(),
         }))
     }
 
     /// A client of the SHO at `url`.
     async fn sho(&self, url: &str) -> Result<ShoServiceClient<Channel>, Status> {
-        let mut shos = self.shos.lock().await;
-        if let Some(c) = shos.get(url) {
-            return Ok(ShoServiceClient::new(c.clone()));
-        }
-        let c = peers::channel(&self.pki, Role::Ro, Role::Sho, url)?;
-        shos.insert(url.to_string(), c.clone());
-        Ok(ShoServiceClient::new(c))
+        Ok(ShoServiceClient::new(
+            self.shos.get(&self.pki, Role::Ro, Role::Sho, url).await?,
+        ))
     }
 
     /// Queues a task for a device; it reaches the device over its stream. Returns its seq.
