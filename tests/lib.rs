@@ -348,3 +348,182 @@ pub fn own_softhsm(test: &str) -> Option<SoftHsm> {
     drop(hsm);
     None
 }
+
+/// `mcim-roles all` (every role in one process, one SQLite file) on five consecutive ports of
+/// 127.0.0.1 (supplier, RO, VNO, SHO, PVA), with a fresh development PKI from
+/// `mcimctl pki init`; killed when dropped.
+pub struct Roles {
+    child: Option<Child>,
+    /// The first port (the supplier's).
+    pub base: u16,
+    /// The PKI directory.
+    pub pki: PathBuf,
+    /// The SQLite file.
+    pub db: PathBuf,
+}
+
+impl Roles {
+    /// Starts the roles in `work` and waits until every port listens.
+    pub fn start(work: &std::path::Path) -> Self {
+        let pki = work.join("pki");
+        assert!(
+            Command::new(workspace_bin("mcimctl"))
+                .args(["pki", "init", "--dir", pki.to_str().unwrap()])
+                .stdout(Stdio::null())
+                .status()
+                .unwrap()
+                .success()
+        );
+        let base = loop {
+            let p = TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            if p < 65000 && (0..5).all(|i| TcpListener::bind(("127.0.0.1", p + i)).is_ok()) {
+                break p;
+            }
+        };
+        let mut r = Roles {
+            child: None,
+            base,
+            pki,
+            db: work.join("roles.db"),
+        };
+        r.launch();
+        r
+    }
+
+    fn launch(&mut self) {
+        let child = Command::new(workspace_bin("mcim-roles"))
+            .args(["all", "--pki", self.pki.to_str().unwrap(), "--db"])
+            .arg(format!("sqlite://{}", self.db.display()))
+            .args(["--base-port", &self.base.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while (0..5).any(|i| TcpStream::connect(("127.0.0.1", self.base + i)).is_err()) {
+            assert!(Instant::now() < deadline, "mcim-roles all did not listen");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Kills the process and starts it again on the same PKI, database and ports.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.launch();
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// The port of a role ("supplier", "ro", "vno", "sho", "pva").
+    pub fn port(&self, role: &str) -> u16 {
+        let i = ["supplier", "ro", "vno", "sho", "pva"]
+            .iter()
+            .position(|r| *r == role)
+            .unwrap_or_else(|| panic!("no role {role}"));
+        self.base + i as u16
+    }
+
+    /// A mutual-TLS channel to `peer` with `me`'s development certificate.
+    pub async fn channel(
+        &self,
+        me: mcim_roles::authz::Role,
+        peer: mcim_roles::authz::Role,
+    ) -> tonic::transport::Channel {
+        let name = format!("{}.mcim.local", peer.as_str());
+        let tls = mcim_roles::tls::client_tls(&self.pki, me, &name).unwrap();
+        self.connect(peer, tls).await
+    }
+
+    /// A mutual-TLS channel to `peer` as a software device (a certificate for `pcid` under
+    /// the supplier root, no TRE: for tests of the roles' rules, not of the TRE).
+    pub async fn device_channel(
+        &self,
+        pcid: &str,
+        peer: mcim_roles::authz::Role,
+    ) -> tonic::transport::Channel {
+        use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+        let (cert, key) = mcim_roles::pki::issue_software_device(&self.pki, pcid).unwrap();
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(
+                std::fs::read(self.pki.join("ca.pem")).unwrap(),
+            ))
+            .identity(Identity::from_pem(cert, key))
+            .domain_name(format!("{}.mcim.local", peer.as_str()));
+        self.connect(peer, tls).await
+    }
+
+    async fn connect(
+        &self,
+        peer: mcim_roles::authz::Role,
+        tls: tonic::transport::ClientTlsConfig,
+    ) -> tonic::transport::Channel {
+        tonic::transport::Endpoint::from_shared(format!(
+            "https://127.0.0.1:{}",
+            self.port(peer.as_str())
+        ))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
+    }
+}
+
+impl Drop for Roles {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+impl Roles {
+    /// Everything in the roles' database, table by table (each row quoted, in key order): two
+    /// equal snapshots mean nothing was changed in between.
+    pub async fn snapshot(&self) -> std::collections::BTreeMap<String, String> {
+        use sqlx::sqlite::SqliteConnectOptions;
+        let opts = SqliteConnectOptions::new()
+            .filename(&self.db)
+            .read_only(true);
+        let pool = sqlx::SqlitePool::connect_with(opts).await.unwrap();
+        let tables: Vec<(String,)> = sqlx::query_as(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' \
+             ORDER BY name",
+        )
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+        let mut out = std::collections::BTreeMap::new();
+        for (t,) in tables {
+            let cols: Vec<(String,)> = sqlx::query_as("SELECT name FROM pragma_table_info(?)")
+                .bind(&t)
+                .fetch_all(&pool)
+                .await
+                .unwrap();
+            let row = cols
+                .iter()
+                .map(|(c,)| format!("quote(\"{c}\")"))
+                .collect::<Vec<_>>()
+                .join(" || ',' || ");
+            // Table and column names come from the database itself.
+            let all: Option<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+                "SELECT group_concat(r, ';') FROM (SELECT {row} AS r FROM \"{t}\" ORDER BY 1)"
+            )))
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+            out.insert(t, all.unwrap_or_default());
+        }
+        pool.close().await;
+        out
+    }
+}

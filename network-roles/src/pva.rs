@@ -24,7 +24,7 @@ use tonic::{Request, Response, Status};
 
 use crate::pki;
 use crate::store::db_err;
-use crate::tls::authorize;
+use crate::tls::{authorize, authorize_for, authorize_self};
 
 /// How long a signed validation result is good for.
 pub const RESULT_LIFETIME: Duration = Duration::from_secs(300);
@@ -330,13 +330,10 @@ impl PvaService for Pva {
         &self,
         req: Request<pb::SubmitEvidenceRequest>,
     ) -> Result<Response<pb::SubmitEvidenceResponse>, Status> {
+        let caller = authorize_self(&req, "/mcim.pva.v1.PvaService/SubmitEvidence")?;
         let id = req.get_ref().validation_id.clone();
         let v = self.validation(&id).await?;
-        authorize(
-            &req,
-            "/mcim.pva.v1.PvaService/SubmitEvidence",
-            Some(&v.pcid),
-        )?;
+        authorize_for(&caller, "/mcim.pva.v1.PvaService/SubmitEvidence", &v.pcid)?;
         if v.verdict != pb::Verdict::Pending {
             return Err(Status::failed_precondition(
                 "this validation is already decided",

@@ -33,7 +33,7 @@ use crate::auc::Auc;
 use crate::authz::Role;
 use crate::peers::{self, role_verifying_key};
 use crate::store::{db_err, new_id, now};
-use crate::tls::authorize;
+use crate::tls::{authorize, authorize_self};
 
 /// How long the SHO waits for a device's evidence before it gives the registration up.
 const VALIDATION_WAIT: Duration = Duration::from_secs(600);
@@ -575,7 +575,9 @@ impl ShoService for ShoApi {
         &self,
         req: Request<pb::NotifyDiscardRequest>,
     ) -> Result<Response<pb::NotifyDiscardResponse>, Status> {
-        authorize(&req, "/mcim.sho.v1.ShoService/NotifyDiscard", None).ok();
+        // The device that discarded: known from the IMSI once change of SHO is built; until
+        // then only the role is checked.
+        authorize_self(&req, "/mcim.sho.v1.ShoService/NotifyDiscard")?;
         Err(Status::unimplemented(
             "change of SHO (5.1.3.7.4.2) is not built yet",
         ))

@@ -47,9 +47,22 @@ pub fn client_tls(pki: &Path, role: Role, server_name: &str) -> Result<ClientTls
 }
 
 /// [`authorize`] for an RPC whose subject is the calling device itself (its task stream).
+/// Also the first stage for an RPC whose device is only known from a stored object (an
+/// attach attempt, a registration, a validation): the caller's role is checked before the
+/// object is looked up, so a caller that may not call the RPC learns nothing about which
+/// objects exist; [`authorize_for`] then checks the object's device.
 pub fn authorize_self<T>(req: &Request<T>, method: &str) -> Result<Caller, Status> {
     let caller = peer(req)?;
     authorize(req, method, Some(&caller.name))
+}
+
+/// The second stage after [`authorize_self`]: the stored object's device must be the caller
+/// when the rule says a device acts only for itself.
+pub fn authorize_for(caller: &Caller, method: &str, device: &str) -> Result<(), Status> {
+    authz::check(caller, method, Some(device)).map_err(|d| {
+        tracing::warn!(role = %caller.role, name = %caller.name, method, "denied: {d}");
+        Status::permission_denied(d.to_string())
+    })
 }
 
 fn peer<T>(req: &Request<T>) -> Result<Caller, Status> {

@@ -23,7 +23,7 @@ use tonic::{Request, Response, Status};
 use crate::authz::Role;
 use crate::peers;
 use crate::store::{db_err, new_id, now};
-use crate::tls::authorize;
+use crate::tls::{authorize, authorize_for, authorize_self};
 
 /// How long a challenge waits for its answer.
 const CHALLENGE_SECS: i64 = 60;
@@ -222,6 +222,7 @@ impl VnoService for Vno {
         &self,
         req: Request<pb::CompleteAttachRequest>,
     ) -> Result<Response<pb::CompleteAttachResponse>, Status> {
+        let caller = authorize_self(&req, "/mcim.vno.v1.VnoService/CompleteAttach")?;
         type Row = (String, String, i64, Vec<u8>, Vec<u8>, String);
         let row: Option<Row> = sqlx::query_as(
             "SELECT identity, caller, operational, rand, xres, state FROM vno_attach \
@@ -234,10 +235,10 @@ impl VnoService for Vno {
         .map_err(db_err)?;
         let (identity, attached_by, operational, rand, xres, state) =
             row.ok_or_else(|| Status::not_found("no such attach attempt (or it timed out)"))?;
-        authorize(
-            &req,
+        authorize_for(
+            &caller,
             "/mcim.vno.v1.VnoService/CompleteAttach",
-            Some(&attached_by),
+            &attached_by,
         )?;
         if state != "challenged" {
             return Err(Status::failed_precondition("already answered"));
@@ -327,6 +328,7 @@ impl VnoService for Vno {
         &self,
         req: Request<pb::DetachRequest>,
     ) -> Result<Response<pb::DetachResponse>, Status> {
+        let caller = authorize_self(&req, "/mcim.vno.v1.VnoService/Detach")?;
         let row: Option<(String,)> =
             sqlx::query_as("SELECT caller FROM vno_attach WHERE grant_id = ?")
                 .bind(&req.get_ref().grant_id)
@@ -334,7 +336,7 @@ impl VnoService for Vno {
                 .await
                 .map_err(db_err)?;
         let (attached_by,) = row.ok_or_else(|| Status::not_found("no such grant"))?;
-        authorize(&req, "/mcim.vno.v1.VnoService/Detach", Some(&attached_by))?;
+        authorize_for(&caller, "/mcim.vno.v1.VnoService/Detach", &attached_by)?;
         sqlx::query("DELETE FROM vno_attach WHERE grant_id = ?")
             .bind(&req.get_ref().grant_id)
             .execute(&self.db)

@@ -5,11 +5,12 @@
 //! root, no TRE): these tests are about the roles' rules, not the TRE.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use mcim_e2e::workspace_bin;
+use mcim_e2e::Roles;
 use mcim_proto::mcim::common::v1 as common;
+use mcim_proto::mcim::pva::v1 as pva;
+use mcim_proto::mcim::pva::v1::pva_service_client::PvaServiceClient;
 use mcim_proto::mcim::ro::v1 as ro;
 use mcim_proto::mcim::ro::v1::dpf_service_client::DpfServiceClient;
 use mcim_proto::mcim::ro::v1::drf_service_client::DrfServiceClient;
@@ -21,79 +22,6 @@ use mcim_roles::authz::Role;
 use p256::elliptic_curve::Generate;
 use p256::pkcs8::EncodePublicKey;
 use tonic::Code;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
-
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start_all(work: &std::path::Path) -> (Server, u16) {
-    let pki = work.join("pki");
-    assert!(
-        Command::new(workspace_bin("mcimctl"))
-            .args(["pki", "init", "--dir", pki.to_str().unwrap()])
-            .stdout(Stdio::null())
-            .status()
-            .unwrap()
-            .success()
-    );
-    let base = loop {
-        let p = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        if p < 65000 && (0..5).all(|i| std::net::TcpListener::bind(("127.0.0.1", p + i)).is_ok()) {
-            break p;
-        }
-    };
-    let child = Command::new(workspace_bin("mcim-roles"))
-        .args(["all", "--pki", pki.to_str().unwrap(), "--db"])
-        .arg(format!("sqlite://{}", work.join("roles.db").display()))
-        .args(["--base-port", &base.to_string()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let server = Server(child);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while (0..5).any(|i| std::net::TcpStream::connect(("127.0.0.1", base + i)).is_err()) {
-        assert!(Instant::now() < deadline, "mcim-roles all did not listen");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    (server, base)
-}
-
-async fn connect(port: u16, server: &str, ca: Vec<u8>, id: Identity) -> Channel {
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(ca))
-        .identity(id)
-        .domain_name(server);
-    Endpoint::from_shared(format!("https://127.0.0.1:{port}"))
-        .unwrap()
-        .tls_config(tls)
-        .unwrap()
-        .connect()
-        .await
-        .unwrap()
-}
-
-async fn as_role(pki: &std::path::Path, me: Role, peer: Role, port: u16) -> Channel {
-    let tls =
-        mcim_roles::tls::client_tls(pki, me, &format!("{}.mcim.local", peer.as_str())).unwrap();
-    Endpoint::from_shared(format!("https://127.0.0.1:{port}"))
-        .unwrap()
-        .tls_config(tls)
-        .unwrap()
-        .connect()
-        .await
-        .unwrap()
-}
 
 fn spki() -> Vec<u8> {
     let k = p256::ecdsa::SigningKey::generate_from_rng(&mut rand::rng());
@@ -132,10 +60,8 @@ fn now() -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_dpf_refuses_stale_or_foreign_results_and_wrong_callers_and_queues_nothing() {
     let work = tempfile::tempdir().unwrap();
-    let (_server, base) = start_all(work.path());
-    let pki = work.path().join("pki");
-    let ca = std::fs::read(pki.join("ca.pem")).unwrap();
-    let (sup_p, ro_p, sho_p) = (base, base + 1, base + 3);
+    let roles = Roles::start(work.path());
+    let pki = roles.pki.clone();
     let pcid = "001010000000077";
 
     // A device certified by the supplier (software keys; PKCS#11-shaped public material).
@@ -145,19 +71,18 @@ async fn the_dpf_refuses_stale_or_foreign_results_and_wrong_callers_and_queues_n
         model: "sw".into(),
     };
     let storage = spki();
-    let cert =
-        SupplierServiceClient::new(as_role(&pki, Role::Supplier, Role::Supplier, sup_p).await)
-            .certify_device(sup::CertifyDeviceRequest {
-                identity: Some(identity.clone()),
-                tre_kind: common::TreKind::Pkcs11 as i32,
-                storage_public: storage.clone(),
-                attestation_public: spki(),
-                tls_public_spki: spki(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-    ShoServiceClient::new(as_role(&pki, Role::Subscriber, Role::Sho, sho_p).await)
+    let cert = SupplierServiceClient::new(roles.channel(Role::Supplier, Role::Supplier).await)
+        .certify_device(sup::CertifyDeviceRequest {
+            identity: Some(identity.clone()),
+            tre_kind: common::TreKind::Pkcs11 as i32,
+            storage_public: storage.clone(),
+            attestation_public: spki(),
+            tls_public_spki: spki(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    ShoServiceClient::new(roles.channel(Role::Subscriber, Role::Sho).await)
         .create_subscription(sho::CreateSubscriptionRequest {
             subscriber: "s".into(),
             device: Some(identity),
@@ -169,14 +94,7 @@ async fn the_dpf_refuses_stale_or_foreign_results_and_wrong_callers_and_queues_n
         .await
         .unwrap();
     // The device itself (a software key under the supplier root) registers over non-3GPP.
-    let (dev_cert, dev_key) = mcim_roles::pki::issue_software_device(&pki, pcid).unwrap();
-    let dev = connect(
-        ro_p,
-        "ro.mcim.local",
-        ca.clone(),
-        Identity::from_pem(&dev_cert, &dev_key),
-    )
-    .await;
+    let dev = roles.device_channel(pcid, Role::Ro).await;
     let reg = DrfServiceClient::new(dev.clone())
         .register_device(ro::RegisterDeviceRequest {
             pcid: pcid.into(),
@@ -188,7 +106,7 @@ async fn the_dpf_refuses_stale_or_foreign_results_and_wrong_callers_and_queues_n
         .unwrap()
         .into_inner();
 
-    let mut dpf_as_sho = DpfServiceClient::new(as_role(&pki, Role::Sho, Role::Ro, ro_p).await);
+    let mut dpf_as_sho = DpfServiceClient::new(roles.channel(Role::Sho, Role::Ro).await);
     let authorize = |validation| ro::AuthorizeProvisioningRequest {
         registration_id: reg.registration_id.clone(),
         package: Some(common::McimPackage {
@@ -235,7 +153,7 @@ async fn the_dpf_refuses_stale_or_foreign_results_and_wrong_callers_and_queues_n
     for (me, who) in [(None, "device"), (Some(Role::Subscriber), "subscriber")] {
         let ch = match me {
             None => dev.clone(),
-            Some(r) => as_role(&pki, r, Role::Ro, ro_p).await,
+            Some(r) => roles.channel(r, Role::Ro).await,
         };
         let denied = DpfServiceClient::new(ch)
             .authorize_provisioning(authorize(result(&pki, pcid, now() + 60)))
@@ -259,30 +177,58 @@ async fn the_dpf_refuses_stale_or_foreign_results_and_wrong_callers_and_queues_n
         .unwrap()
         .into_inner();
     let first = tasks.message().await.unwrap().unwrap();
-    assert!(matches!(
-        first.task,
-        Some(ro::watch_device_tasks_response::Task::Attest(_))
-    ));
+    let Some(ro::watch_device_tasks_response::Task::Attest(attest)) = first.task else {
+        panic!("the first task is the attestation: {first:?}");
+    };
     let more = tokio::time::timeout(Duration::from_millis(500), tasks.message()).await;
     assert!(more.is_err(), "no other task was queued: {more:?}");
 
     // Another device may not download this registration's package.
-    let (other_cert, other_key) =
-        mcim_roles::pki::issue_software_device(&pki, "001010000000078").unwrap();
-    let other = connect(
-        ro_p,
-        "ro.mcim.local",
-        ca,
-        Identity::from_pem(&other_cert, &other_key),
-    )
-    .await;
-    let denied = DpfServiceClient::new(other)
+    let other = roles.device_channel("001010000000078", Role::Ro).await;
+    let denied = DpfServiceClient::new(other.clone())
         .download_package(ro::DownloadPackageRequest {
             registration_id: reg.registration_id.clone(),
         })
         .await
         .unwrap_err();
     assert_eq!(denied.code(), Code::PermissionDenied, "{denied:?}");
+    // Nor report its status, relay for it, or answer its validation; nothing changes.
+    let before = roles.snapshot().await;
+    let mut other_dpf = DpfServiceClient::new(other);
+    let denied = other_dpf
+        .report_provisioning_status(ro::ReportProvisioningStatusRequest {
+            registration_id: reg.registration_id.clone(),
+            status: common::ProvisioningStatus::Failed as i32,
+            detail: "not mine".into(),
+            mcim_id: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), Code::PermissionDenied, "{denied:?}");
+    let denied = other_dpf
+        .relay_discard_ack(ro::RelayDiscardAckRequest {
+            registration_id: reg.registration_id.clone(),
+            discard_ack: Vec::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), Code::PermissionDenied, "{denied:?}");
+    let denied = PvaServiceClient::new(roles.device_channel("001010000000078", Role::Pva).await)
+        .submit_evidence(pva::SubmitEvidenceRequest {
+            validation_id: attest.validation_id.clone(),
+            evidence: None,
+            clock: 0,
+            reset_count: 0,
+            restart_count: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), Code::PermissionDenied, "{denied:?}");
+    assert_eq!(
+        roles.snapshot().await,
+        before,
+        "a refused call changed state"
+    );
 
     // The control: a fresh, positive result for this device from the PVA is accepted.
     dpf_as_sho

@@ -643,54 +643,8 @@ async fn all_roles_in_one_process() {
     use mcim_proto::mcim::pva::v1 as pva;
     use mcim_proto::mcim::pva::v1::pva_service_client::PvaServiceClient;
     let work = tempfile::tempdir().unwrap();
-    let pki = work.path().join("pki");
-    assert!(
-        Command::new(workspace_bin("mcimctl"))
-            .args(["pki", "init", "--dir", pki.to_str().unwrap()])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let free = || {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
-    };
-    // Five consecutive free ports: supplier, RO, VNO, SHO, PVA.
-    let base = loop {
-        let p = free();
-        if p < 65000 && (0..5).all(|i| std::net::TcpListener::bind(("127.0.0.1", p + i)).is_ok()) {
-            break p;
-        }
-    };
-    let (sp, pp) = (base, base + 4);
-    let child = Command::new(workspace_bin("mcim-roles"))
-        .args([
-            "all",
-            "--pki",
-            pki.to_str().unwrap(),
-            "--db",
-            &format!("sqlite://{}", work.path().join("roles.db").display()),
-            "--base-port",
-            &base.to_string(),
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let _server = Server(child);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while (base..base + 5)
-        .collect::<Vec<_>>()
-        .iter()
-        .any(|p| std::net::TcpStream::connect(("127.0.0.1", *p)).is_err())
-    {
-        assert!(Instant::now() < deadline, "mcim-roles all did not listen");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let mut sup = client(&pki, Role::Sho, sp).await.unwrap();
+    let roles = mcim_e2e::Roles::start(work.path());
+    let mut sup = SupplierServiceClient::new(roles.channel(Role::Sho, Role::Supplier).await);
     assert!(
         !sup.get_supplier_root(pb::GetSupplierRootRequest {})
             .await
@@ -700,19 +654,8 @@ async fn all_roles_in_one_process() {
             .is_empty()
     );
     let pva_as = |role| {
-        let pki = pki.clone();
-        async move {
-            let tls = mcim_roles::tls::client_tls(&pki, role, "pva.mcim.local").unwrap();
-            PvaServiceClient::new(
-                Endpoint::from_shared(format!("https://127.0.0.1:{pp}"))
-                    .unwrap()
-                    .tls_config(tls)
-                    .unwrap()
-                    .connect()
-                    .await
-                    .unwrap(),
-            )
-        }
+        let roles = &roles;
+        async move { PvaServiceClient::new(roles.channel(role, Role::Pva).await) }
     };
     let ask = || pva::RequestValidationRequest {
         pcid: "001010000000001".into(),
@@ -735,5 +678,5 @@ async fn all_roles_in_one_process() {
         .await
         .unwrap_err();
     assert_eq!(denied.code(), tonic::Code::PermissionDenied);
-    assert!(work.path().join("roles.db").exists(), "one SQLite database");
+    assert!(roles.db.exists(), "one SQLite database");
 }

@@ -19,7 +19,7 @@ use super::Ro;
 use crate::authz::Role;
 use crate::peers::role_verifying_key;
 use crate::store::{db_err, now};
-use crate::tls::{authorize, authorize_self};
+use crate::tls::{authorize, authorize_for, authorize_self};
 
 /// How often an open task stream looks for new tasks.
 const TASK_POLL: Duration = Duration::from_millis(100);
@@ -157,12 +157,9 @@ impl DpfService for Dpf {
         &self,
         req: Request<pb::DownloadPackageRequest>,
     ) -> Result<Response<pb::DownloadPackageResponse>, Status> {
+        let caller = authorize_self(&req, "/mcim.ro.v1.DpfService/DownloadPackage")?;
         let reg = self.0.registration(&req.get_ref().registration_id).await?;
-        authorize(
-            &req,
-            "/mcim.ro.v1.DpfService/DownloadPackage",
-            Some(&reg.pcid),
-        )?;
+        authorize_for(&caller, "/mcim.ro.v1.DpfService/DownloadPackage", &reg.pcid)?;
         let package = reg
             .package
             .ok_or_else(|| Status::failed_precondition("the SHO has not authorised it yet"))?;
@@ -177,11 +174,12 @@ impl DpfService for Dpf {
         &self,
         req: Request<pb::ReportProvisioningStatusRequest>,
     ) -> Result<Response<pb::ReportProvisioningStatusResponse>, Status> {
+        let caller = authorize_self(&req, "/mcim.ro.v1.DpfService/ReportProvisioningStatus")?;
         let reg = self.0.registration(&req.get_ref().registration_id).await?;
-        authorize(
-            &req,
+        authorize_for(
+            &caller,
             "/mcim.ro.v1.DpfService/ReportProvisioningStatus",
-            Some(&reg.pcid),
+            &reg.pcid,
         )?;
         let r = req.into_inner();
         let (state, st) = match common::ProvisioningStatus::try_from(r.status) {
@@ -229,12 +227,9 @@ impl DpfService for Dpf {
         &self,
         req: Request<pb::RelayDiscardAckRequest>,
     ) -> Result<Response<pb::RelayDiscardAckResponse>, Status> {
+        let caller = authorize_self(&req, "/mcim.ro.v1.DpfService/RelayDiscardAck")?;
         let reg = self.0.registration(&req.get_ref().registration_id).await?;
-        authorize(
-            &req,
-            "/mcim.ro.v1.DpfService/RelayDiscardAck",
-            Some(&reg.pcid),
-        )?;
+        authorize_for(&caller, "/mcim.ro.v1.DpfService/RelayDiscardAck", &reg.pcid)?;
         Err(Status::unimplemented(
             "change of SHO (5.1.3.7.4.2) is not built yet",
         ))

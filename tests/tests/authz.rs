@@ -1,0 +1,283 @@
+//! The authorization table over the wire (TR 33.812 annex x.3): every RPC of every role,
+//! called by every role the table does not list for it, over mutual TLS against the real
+//! `mcim-roles all`, is PERMISSION_DENIED, and the roles' database is unchanged afterwards; a
+//! device that names another device is refused; and for the RPCs whose device is only known
+//! from a stored object (an attach attempt, a grant), another device is refused and the
+//! object still works for its own device. Devices here are software devices (certificates
+//! under the supplier root): these tests are about the roles' rules, not the TRE.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::HashMap;
+
+use mcim_e2e::Roles;
+use mcim_proto::mcim::ro::v1 as ro;
+use mcim_proto::mcim::ro::v1::icf_service_client::IcfServiceClient;
+use mcim_proto::mcim::vno::v1 as vno;
+use mcim_proto::mcim::vno::v1::vno_service_client::VnoServiceClient;
+use mcim_roles::authz::{ALL_ROLES, RULES, Role};
+use prost::Message;
+use tonic::transport::Channel;
+use tonic::{Code, Request, Status};
+
+const ME: &str = "001010000000001";
+const OTHER: &str = "001010000000002";
+
+/// A request whose field 1 is a string naming a device (`pcid` / `device_id`).
+#[derive(Clone, PartialEq, prost::Message)]
+struct NamesDevice {
+    #[prost(string, tag = "1")]
+    device: String,
+}
+
+/// The RPCs whose request names the device in field 1 (the rest name a stored object).
+const DEVICE_IN_FIELD_1: &[&str] = &[
+    "/mcim.ro.v1.DrfService/GetBootstrap",
+    "/mcim.ro.v1.DrfService/RegisterDevice",
+];
+
+/// Which role serves a package.
+fn server_of(method: &str) -> Role {
+    let package = method.trim_start_matches('/').split('.').nth(1).unwrap();
+    Role::parse(package).unwrap()
+}
+
+/// Server-streaming RPCs, from the wire contract.
+fn streaming() -> Vec<String> {
+    let set = prost_types::FileDescriptorSet::decode(mcim_proto::FILE_DESCRIPTOR_SET).unwrap();
+    let mut out = Vec::new();
+    for f in &set.file {
+        for s in &f.service {
+            for m in &s.method {
+                if m.server_streaming() {
+                    out.push(format!("/{}.{}/{}", f.package(), s.name(), m.name()));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Calls any RPC with a hand-made request; only the status matters.
+async fn call<M: Message + Default + Clone + Send + Sync + 'static>(
+    ch: Channel,
+    method: &str,
+    streaming: bool,
+    req: M,
+) -> Result<(), Status> {
+    let mut grpc = tonic::client::Grpc::new(ch);
+    grpc.ready()
+        .await
+        .map_err(|e| Status::unavailable(e.to_string()))?;
+    let path = tonic::codegen::http::uri::PathAndQuery::try_from(method.to_string()).unwrap();
+    let codec = tonic_prost::ProstCodec::<M, ()>::default();
+    if streaming {
+        grpc.server_streaming(Request::new(req), path, codec)
+            .await
+            .map(|_| ())
+    } else {
+        grpc.unary(Request::new(req), path, codec).await.map(|_| ())
+    }
+}
+
+/// An RPC with the device named in field 1 where the request has one, else empty.
+async fn probe(ch: Channel, method: &str, streaming: bool, device: &str) -> Result<(), Status> {
+    if DEVICE_IN_FIELD_1.contains(&method) {
+        let req = NamesDevice {
+            device: device.into(),
+        };
+        call(ch, method, streaming, req).await
+    } else {
+        call(ch, method, streaming, ()).await
+    }
+}
+
+struct Channels<'a> {
+    roles: &'a Roles,
+    cache: HashMap<(Role, Role, &'static str), Channel>,
+}
+
+impl Channels<'_> {
+    /// `me` calling `peer`; a device caller is the software device `pcid`.
+    async fn get(&mut self, me: Role, peer: Role, pcid: &'static str) -> Channel {
+        if let Some(c) = self.cache.get(&(me, peer, pcid)) {
+            return c.clone();
+        }
+        let c = if me == Role::Device {
+            self.roles.device_channel(pcid, peer).await
+        } else {
+            self.roles.channel(me, peer).await
+        };
+        self.cache.insert((me, peer, pcid), c.clone());
+        c
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_edge_refuses_every_role_it_does_not_list_and_changes_nothing() {
+    let work = tempfile::tempdir().unwrap();
+    let roles = Roles::start(work.path());
+    let streaming = streaming();
+    let mut chans = Channels {
+        roles: &roles,
+        cache: HashMap::new(),
+    };
+    let before = roles.snapshot().await;
+    assert!(before.contains_key("ro_registration"), "{before:?}");
+
+    let mut refused = 0;
+    for rule in RULES {
+        let peer = server_of(rule.method);
+        let is_stream = streaming.iter().any(|m| m == rule.method);
+        for role in ALL_ROLES {
+            if rule.callers.contains(&role) {
+                continue;
+            }
+            let ch = chans.get(role, peer, ME).await;
+            let got = probe(ch, rule.method, is_stream, ME).await;
+            let code = got.err().map(|s| s.code());
+            assert_eq!(
+                code,
+                Some(Code::PermissionDenied),
+                "{role} calling {}",
+                rule.method
+            );
+            refused += 1;
+        }
+        // A device naming another device.
+        if rule.own_device && DEVICE_IN_FIELD_1.contains(&rule.method) {
+            let ch = chans.get(Role::Device, peer, ME).await;
+            let got = probe(ch, rule.method, is_stream, OTHER).await;
+            assert_eq!(
+                got.err().map(|s| s.code()),
+                Some(Code::PermissionDenied),
+                "device {ME} acting for {OTHER} on {}",
+                rule.method
+            );
+            refused += 1;
+        }
+    }
+    assert!(refused > 150, "{refused} refusals");
+    assert_eq!(
+        roles.snapshot().await,
+        before,
+        "a refused call changed state"
+    );
+
+    // The control: for every edge, a listed role gets past the table (whatever the handler
+    // then says about the empty request), so the refusals above are the table's.
+    for rule in RULES {
+        let peer = server_of(rule.method);
+        let is_stream = streaming.iter().any(|m| m == rule.method);
+        let role = rule.callers[0];
+        let ch = chans.get(role, peer, ME).await;
+        let got = probe(ch, rule.method, is_stream, ME).await;
+        if let Err(s) = got {
+            assert!(
+                !matches!(s.code(), Code::PermissionDenied | Code::Unauthenticated),
+                "{role} on {}: {s:?}",
+                rule.method
+            );
+        }
+    }
+}
+
+/// The RES the device with (k, opc) gives for `rand` (MILENAGE f2, TS 35.206).
+fn res(k: [u8; 16], opc: [u8; 16], rand: &[u8]) -> Vec<u8> {
+    use mcim_core::aka::{Constants, K, Milenage, Opc, Rand, SoftKernel};
+    let m = Milenage::with_opc(
+        SoftKernel::new(&K::new(k)),
+        Opc::new(opc),
+        Constants::default(),
+    );
+    let out = m.f2345(&Rand(rand.try_into().unwrap())).unwrap();
+    out.res.0.to_vec()
+}
+
+/// CompleteAttach and Detach name only an attempt or a grant; the VNO looks up which device
+/// it belongs to. Another device is refused, and the attempt (then the grant) still works for
+/// the device that made it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_device_can_neither_answer_nor_end_a_devices_attach() {
+    let work = tempfile::tempdir().unwrap();
+    let roles = Roles::start(work.path());
+    let (k, opc) = ([0x11; 16], [0x22; 16]);
+    IcfServiceClient::new(roles.channel(Role::Supplier, Role::Ro).await)
+        .register_initial_credentials(ro::RegisterInitialCredentialsRequest {
+            pcid: ME.into(),
+            k: k.to_vec(),
+            opc: opc.to_vec(),
+            mode: ro::CredentialMode::SupplierGenerated as i32,
+            expires_at: None,
+            delayed_activation: false,
+        })
+        .await
+        .unwrap();
+    let mut me = VnoServiceClient::new(roles.device_channel(ME, Role::Vno).await);
+    let mut other = VnoServiceClient::new(roles.device_channel(OTHER, Role::Vno).await);
+    let attempt = me
+        .attach(vno::AttachRequest {
+            identity: ME.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let rand = attempt.challenge.unwrap().rand;
+    let answer = || vno::CompleteAttachRequest {
+        attach_id: attempt.attach_id.clone(),
+        answer: Some(vno::complete_attach_request::Answer::Res(res(
+            k, opc, &rand,
+        ))),
+    };
+    let before = roles.snapshot().await;
+    let denied = other.complete_attach(answer()).await.unwrap_err();
+    assert_eq!(denied.code(), Code::PermissionDenied, "{denied:?}");
+    // An unknown attempt is refused by role before it is looked up: no existence oracle.
+    let denied = VnoServiceClient::new(roles.channel(Role::Sho, Role::Vno).await)
+        .complete_attach(vno::CompleteAttachRequest {
+            attach_id: "no-such-attempt".into(),
+            answer: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), Code::PermissionDenied, "{denied:?}");
+    assert_eq!(
+        roles.snapshot().await,
+        before,
+        "a refused answer changed state"
+    );
+
+    let grant = match me
+        .complete_attach(answer())
+        .await
+        .unwrap()
+        .into_inner()
+        .result
+    {
+        Some(vno::complete_attach_response::Result::Grant(g)) => g,
+        other => panic!("no grant: {other:?}"),
+    };
+    assert!(!grant.operational);
+    let before = roles.snapshot().await;
+    let denied = other
+        .detach(vno::DetachRequest {
+            grant_id: grant.grant_id.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), Code::PermissionDenied, "{denied:?}");
+    assert_eq!(
+        roles.snapshot().await,
+        before,
+        "a refused detach changed state"
+    );
+    me.detach(vno::DetachRequest {
+        grant_id: grant.grant_id.clone(),
+    })
+    .await
+    .unwrap();
+    assert_ne!(
+        roles.snapshot().await,
+        before,
+        "the device's own detach ends the grant"
+    );
+}
