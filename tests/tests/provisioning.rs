@@ -83,28 +83,54 @@ fn softhsm_device_is_provisioned_over_3gpp_access() {
     assert_provisioned(&r, 1);
 }
 
+/// The lab failed at `step`, every earlier step passed, the failure says `why`, the SHO's
+/// registration ended in `sho_state`, and the device holds only its initial credential.
+fn assert_refused(r: &Value, stderr: &str, step: u64, why: &str, sho_state: &str) {
+    assert_eq!(r["ok"], false);
+    let s = steps(r);
+    assert_eq!(s.last(), Some(&(step, false)), "{r:#}");
+    assert!(s[..s.len() - 1].iter().all(|(_, ok)| *ok), "{r:#}");
+    let failed = &r["steps"].as_array().unwrap()[s.len() - 1];
+    assert!(failed["detail"].as_str().unwrap().contains(why), "{failed}");
+    assert!(
+        stderr.contains(&format!("step {step}")),
+        "the failed step is named: {stderr}"
+    );
+    assert_eq!(r["sho_registration"]["state"], sho_state, "the SHO is told");
+    // Nothing provisioned: only the initial credential is in the registry.
+    assert_eq!(r["registry"], serde_json::json!(["001010000000001"]));
+    assert!(r.get("mcim").is_none() && r.get("operational_attach").is_none());
+}
+
 #[test]
 fn a_pcr_extended_after_supply_is_refused_by_the_pva_the_sho_is_told_and_nothing_is_provisioned() {
     let (ok, r, stderr) = lab(&["--tre", "tpm", "--extend-pcr-after-supply"]);
     assert!(!ok, "the lab must fail: {r:#}");
-    assert_eq!(r["ok"], false);
-    let s = steps(&r);
-    assert_eq!(s.last(), Some(&(9, false)), "{r:#}");
-    assert!(s[..s.len() - 1].iter().all(|(_, ok)| *ok));
-    let failed = &r["steps"].as_array().unwrap()[s.len() - 1];
-    assert!(
-        failed["detail"].as_str().unwrap().contains("PCR 0 differs"),
-        "{failed}"
+    assert_refused(&r, &stderr, 9, "PCR 0 differs", "validation_failed");
+}
+
+/// A compromised RO's DPF serves a genuine SHO-signed package for another device, its
+/// secrets wrapped for this device's TPM: the device refuses it at step 13 by the package's
+/// binding, reports the failure (the SHO hears it), and installs nothing.
+#[test]
+fn a_package_for_another_device_is_refused_by_the_device_and_nothing_is_installed() {
+    let (ok, r, stderr) = lab(&["--tre", "tpm", "--dpf-serves", "other-device-package"]);
+    assert!(!ok, "the lab must fail: {r:#}");
+    assert!(stderr.contains("the RO is compromised"), "{stderr}");
+    assert_refused(
+        &r,
+        &stderr,
+        13,
+        "is for device 001010000000002, not this one",
+        "failed",
     );
-    assert!(
-        stderr.contains("step 9"),
-        "the failed step is named: {stderr}"
-    );
-    assert_eq!(
-        r["sho_registration"]["state"], "validation_failed",
-        "the SHO is told"
-    );
-    // Nothing provisioned: only the initial credential is in the registry.
-    assert_eq!(r["registry"], serde_json::json!(["001010000000001"]));
-    assert!(r.get("mcim").is_none() && r.get("operational_attach").is_none());
+}
+
+/// The same with a genuine package of an earlier registration of this very device (another
+/// registration id and nonce), on the PKCS#11 TRE.
+#[test]
+fn a_replayed_package_is_refused_by_the_device_and_nothing_is_installed() {
+    let (ok, r, stderr) = lab(&["--tre", "pkcs11", "--dpf-serves", "replayed-package"]);
+    assert!(!ok, "the lab must fail: {r:#}");
+    assert_refused(&r, &stderr, 13, "another registration", "failed");
 }

@@ -40,6 +40,11 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::device::{DeviceError, connect, runtime};
 
+mod compromised_dpf;
+
+/// The lab SHO's PLMN (MCC 001, MNC 02): its IMSIs start with it.
+const LAB_SHO_PLMN: &str = "00102";
+
 /// `mcimctl lab ...`
 #[derive(Subcommand)]
 pub enum LabCommand {
@@ -90,6 +95,12 @@ pub struct RunArgs {
     /// and nothing is provisioned (TPM only).
     #[arg(long)]
     extend_pcr_after_supply: bool,
+    /// Demonstrate a refusal: the RO is compromised and its DPF serves, instead of the
+    /// SHO's package, another genuine SHO-signed package (one from an earlier registration,
+    /// or one for another device), wrapped for this device's TRE. The device refuses it at
+    /// step 13, the SHO is told, and nothing is installed.
+    #[arg(long, value_enum)]
+    dpf_serves: Option<compromised_dpf::Served>,
 }
 
 /// A child process stopped (SIGTERM, then SIGKILL) when dropped.
@@ -272,6 +283,7 @@ fn lab_inner(
             .arg("--db")
             .arg(format!("sqlite://{}", dir.join("roles.db").display()))
             .args(["--base-port", &base.to_string()])
+            .args(["--sho-plmn", LAB_SHO_PLMN])
             .env("MCIM_LOG", "info"),
         "mcim-roles",
         &dir.join("roles.log"),
@@ -512,6 +524,26 @@ fn lab_inner(
             })?;
             dev = connect(&socket).await?;
             say.line("[lab] PCR 0 extended after supply: the platform no longer matches its reference values");
+        }
+
+        if let Some(what) = a.dpf_serves {
+            let forged = compromised_dpf::forge(
+                what,
+                &pki,
+                pcid,
+                LAB_SHO_PLMN,
+                target,
+                &init.storage_public,
+            )?;
+            compromised_dpf::install(&dir.join("roles.db"), &forged).await?;
+            say.line(&format!(
+                "[lab] the RO is compromised: its DPF will serve {}",
+                match what {
+                    compromised_dpf::Served::ReplayedPackage =>
+                        "a package of an earlier registration of this device",
+                    compromised_dpf::Served::OtherDevicePackage => "a package for another device",
+                }
+            ));
         }
 
         // 2. The subscriber contracts with the SHO.

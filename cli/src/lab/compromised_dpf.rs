@@ -1,0 +1,114 @@
+//! `mcimctl lab run --dpf-serves ...`: a compromised Registration Operator. The RO carries the
+//! SHO's package to the device (5.1.3.6.2 steps 11-12) but is not trusted with it: the package
+//! is signed by the SHO, names the device and the registration it answers (annex x.2.3), and
+//! its secrets are wrapped for that device's TRE. This module makes the lab's RO misbehave the
+//! way an attacker in control of its database would: a trigger swaps the package the SHO
+//! authorises for another genuine, SHO-signed package. The device must refuse it at step 13,
+//! report the failure, and install nothing.
+
+use std::path::Path;
+
+use clap::ValueEnum;
+use mcim_core::aka::{K, Opc};
+use mcim_core::package::{self, McimPackagePayload, McimPolicy, TreTarget, UsimData};
+use rand::Rng;
+use sqlx::sqlite::{SqliteConnectOptions, SqlitePool};
+
+use crate::device::DeviceError;
+
+fn fail(what: impl std::fmt::Display) -> DeviceError {
+    DeviceError::Input(format!("compromised DPF: {what}"))
+}
+
+/// What the compromised DPF serves instead of the SHO's package.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Served {
+    /// A package the SHO issued this device for an earlier registration (another
+    /// registration id and nonce): a replay.
+    ReplayedPackage,
+    /// A package the SHO issued for another device (another PCID).
+    OtherDevicePackage,
+}
+
+/// The device the lab's other device is.
+const OTHER_PCID: &str = "001010000000002";
+
+/// A genuine package from the SHO's own key and certificate in `pki` that is not this
+/// device's for this registration. Its secrets are wrapped for this very device's TRE, so
+/// only the package's binding (device, registration, nonce) can stop it.
+pub fn forge(
+    what: Served,
+    pki: &Path,
+    pcid: &str,
+    sho_plmn: &str,
+    target: TreTarget,
+    storage_public: &[u8],
+) -> Result<Vec<u8>, DeviceError> {
+    let key = mcim_roles::pki::signing_key(pki, "sho").map_err(fail)?;
+    let cert = mcim_roles::pki::ca_der(pki, "sho").map_err(fail)?;
+    let sho_id = mcim_roles::pki::caller_from_cert(&cert).map_err(fail)?.name;
+    let mut rng = rand::rng();
+    let mut kb = zeroize::Zeroizing::new([0u8; 16]);
+    let mut ob = zeroize::Zeroizing::new([0u8; 16]);
+    rng.fill_bytes(&mut kb[..]);
+    rng.fill_bytes(&mut ob[..]);
+    let (wk, wopc) = package::wrap_secrets(
+        target,
+        storage_public,
+        &K::new(*kb),
+        &Opc::new(*ob),
+        &mut rng,
+    )
+    .map_err(fail)?;
+    let mut nonce = [0u8; 32];
+    rng.fill_bytes(&mut nonce);
+    let (for_pcid, imsi) = match what {
+        Served::ReplayedPackage => (pcid, format!("{sho_plmn}{:0>10}", 9_999_999_999u64)),
+        Served::OtherDevicePackage => (OTHER_PCID, format!("{sho_plmn}{:0>10}", 9_999_999_998u64)),
+    };
+    let (mcc, mnc) = sho_plmn.split_at(3);
+    let payload = McimPackagePayload {
+        domain: package::DOMAIN.into(),
+        registration_id: format!("earlier-{}", hex::encode(&nonce[..8])),
+        registration_nonce: hex::encode(nonce),
+        pcid: for_pcid.into(),
+        imsi,
+        sho_id,
+        algorithm: "milenage".into(),
+        milenage_c: Vec::new(),
+        milenage_r: Vec::new(),
+        wrapped_k: hex::encode(wk),
+        wrapped_opc: hex::encode(wopc),
+        usim: UsimData {
+            home_plmn: format!("{mcc}-{mnc}"),
+            service_provider_name: "mcim lab SHO".into(),
+        },
+        policy: McimPolicy {
+            use_for_connectivity: true,
+            opc_bound_to_pcrs: false,
+        },
+        issued_at: 0,
+    };
+    package::seal(&key, &payload, &cert).map_err(fail)
+}
+
+/// Installs the swap in the roles' database `db`: whenever the DPF stores the package the SHO
+/// authorised (step 11), the stored package becomes `forged`.
+pub async fn install(db: &Path, forged: &[u8]) -> Result<(), DeviceError> {
+    let pool = SqlitePool::connect_with(SqliteConnectOptions::new().filename(db))
+        .await
+        .map_err(fail)?;
+    // The package is our own bytes, hex-encoded into a blob literal.
+    let sql = format!(
+        "CREATE TRIGGER lab_compromised_dpf AFTER UPDATE OF package ON ro_registration \
+         WHEN NEW.package IS NOT NULL \
+         BEGIN UPDATE ro_registration SET package = X'{}' WHERE id = NEW.id; END",
+        hex::encode(forged)
+    );
+    sqlx::query(sqlx::AssertSqlSafe(sql))
+        .execute(&pool)
+        .await
+        .map_err(fail)?;
+    pool.close().await;
+    Ok(())
+}
