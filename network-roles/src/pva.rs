@@ -23,7 +23,7 @@ use sqlx::SqlitePool;
 use tonic::{Request, Response, Status};
 
 use crate::pki;
-use crate::store::db_err;
+use crate::store::{Changes, db_err};
 use crate::tls::{authorize, authorize_for, authorize_self};
 
 /// How long a signed validation result is good for.
@@ -51,7 +51,12 @@ pub struct Pva {
     pki: PathBuf,
     key: SigningKey,
     db: SqlitePool,
+    /// Validations decided (wakes GetValidationResult long polls).
+    decided: Changes,
 }
+
+/// The longest a GetValidationResult long poll waits.
+const MAX_WAIT: Duration = Duration::from_secs(30);
 
 impl std::fmt::Debug for Pva {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -65,7 +70,12 @@ impl Pva {
     /// A PVA that signs results with its role key in `pki` (`pva.key`).
     pub fn new(pki: PathBuf, db: SqlitePool) -> Result<Self, pki::PkiError> {
         let key = pki::signing_key(&pki, "pva")?;
-        Ok(Self { pki, key, db })
+        Ok(Self {
+            pki,
+            key,
+            db,
+            decided: Changes::default(),
+        })
     }
 
     async fn reference(&self, model: &str) -> Result<Option<Reference>, Status> {
@@ -390,6 +400,7 @@ impl PvaService for Pva {
                 "this validation is already decided",
             ));
         }
+        self.decided.bump();
         Ok(Response::new(pb::SubmitEvidenceResponse {
             verdict: decided.verdict as i32,
             reason: decided.reason,
@@ -401,7 +412,19 @@ impl PvaService for Pva {
         req: Request<pb::GetValidationResultRequest>,
     ) -> Result<Response<pb::GetValidationResultResponse>, Status> {
         authorize(&req, "/mcim.pva.v1.PvaService/GetValidationResult", None)?;
-        let v = self.validation(&req.get_ref().validation_id).await?;
+        let id = &req.get_ref().validation_id;
+        let deadline = tokio::time::Instant::now()
+            + Duration::from_millis(u64::from(req.get_ref().wait_ms)).min(MAX_WAIT);
+        let v = loop {
+            // Subscribed before reading: a decision after the read wakes the wait below.
+            let mut decided = self.decided.watch();
+            let v = self.validation(id).await?;
+            let now = tokio::time::Instant::now();
+            if v.verdict != pb::Verdict::Pending || now >= deadline {
+                break v;
+            }
+            decided.wait(deadline - now).await;
+        };
         Ok(Response::new(pb::GetValidationResultResponse {
             verdict: v.verdict as i32,
             reason: v.reason,

@@ -37,8 +37,10 @@ use crate::tls::{authorize, authorize_self};
 
 /// How long the SHO waits for a device's evidence before it gives the registration up.
 const VALIDATION_WAIT: Duration = Duration::from_secs(600);
-/// How often it asks the PVA meanwhile.
-const VALIDATION_POLL: Duration = Duration::from_millis(100);
+/// How long one question to the PVA waits for the verdict (a long poll).
+const VALIDATION_LONG_POLL_MS: u32 = 10_000;
+/// The pause after a failed question before the next.
+const RETRY_PAUSE: Duration = Duration::from_millis(500);
 
 /// Where the SHO is and what it hands out.
 #[derive(Clone, Debug)]
@@ -170,9 +172,11 @@ impl Sho {
             loop {
                 match self.step(&id).await {
                     Ok(true) => return,
+                    // Still pending after a long poll: ask again at once.
                     Ok(false) => {}
                     Err(s) if s.code() == Code::Unavailable || s.code() == Code::Unknown => {
                         tracing::warn!(registration = %id, "will retry: {}", s.message());
+                        tokio::time::sleep(RETRY_PAUSE).await;
                     }
                     Err(s) => {
                         tracing::warn!(registration = %id, "failed: {}", s.message());
@@ -190,7 +194,6 @@ impl Sho {
                         .await;
                     return;
                 }
-                tokio::time::sleep(VALIDATION_POLL).await;
             }
         });
     }
@@ -215,6 +218,7 @@ impl Sho {
         let v = PvaServiceClient::new(self.pva.clone())
             .get_validation_result(pva::GetValidationResultRequest {
                 validation_id: validation_id.clone(),
+                wait_ms: VALIDATION_LONG_POLL_MS,
             })
             .await?
             .into_inner();

@@ -78,3 +78,42 @@ pub async fn open(url: &str) -> Result<SqlitePool, StoreError> {
     migrator().run(&pool).await?;
     Ok(pool)
 }
+
+/// Wakes this process's long polls (a device's task stream, the SHO waiting for a verdict)
+/// when what they wait for is written. A waiter also re-reads every [`REREAD`], for writes by
+/// another process on the same database.
+#[derive(Debug)]
+pub struct Changes(tokio::sync::watch::Sender<u64>);
+
+/// The re-read period of a long poll.
+pub const REREAD: std::time::Duration = std::time::Duration::from_millis(250);
+
+impl Default for Changes {
+    fn default() -> Self {
+        Self(tokio::sync::watch::Sender::new(0))
+    }
+}
+
+impl Changes {
+    /// Something was written: wake the waiters.
+    pub fn bump(&self) {
+        self.0.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// Subscribe *before* reading, then [`ChangeWatch::wait`] after a read that found nothing:
+    /// a write in between is not missed.
+    pub fn watch(&self) -> ChangeWatch {
+        ChangeWatch(self.0.subscribe())
+    }
+}
+
+/// A subscription from [`Changes::watch`].
+#[derive(Debug)]
+pub struct ChangeWatch(tokio::sync::watch::Receiver<u64>);
+
+impl ChangeWatch {
+    /// Waits for a write, at most `max` (and at most [`REREAD`]).
+    pub async fn wait(&mut self, max: std::time::Duration) {
+        let _ = tokio::time::timeout(max.min(REREAD), self.0.changed()).await;
+    }
+}

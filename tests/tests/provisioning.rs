@@ -55,6 +55,20 @@ fn assert_provisioned(r: &Value, first_step: u64) {
         .collect();
     assert_eq!(held.len(), 2, "{held:?}");
     assert!(held.contains(&imsi) && held.contains(&"001010000000001"));
+    // The timing split (BENCHMARKS.md): the TRE's part is some, not all, of the whole.
+    let t = &r["timing"];
+    let (total, tre) = (
+        t["provisioning_us"].as_u64().unwrap(),
+        t["tre_us"].as_u64().unwrap(),
+    );
+    assert!(tre > 0 && tre < total, "{t}");
+    assert_eq!(t["rest_us"].as_u64().unwrap(), total - tre);
+    let commands = t["tpm_commands"].as_u64().unwrap();
+    if r["tre"] == "tpm" {
+        assert!(commands > 10, "every TPM command is counted: {t}");
+    } else {
+        assert_eq!(commands, 0, "a token issues no TPM commands: {t}");
+    }
 }
 
 #[test]

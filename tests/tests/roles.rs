@@ -475,6 +475,33 @@ async fn pva_validates_a_real_tpm_device_over_its_own_tls_key() {
         .await
         .unwrap_err();
     assert_eq!(denied.code(), tonic::Code::PermissionDenied);
+    // The SHO's long poll, asked while the validation is pending, answers with the verdict
+    // the device's evidence brings (not "pending").
+    let pending = sho
+        .get_validation_result(pva::GetValidationResultRequest {
+            validation_id: asked.validation_id.clone(),
+            wait_ms: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(pending.verdict, pva::Verdict::Pending as i32);
+    let long_poll = {
+        let mut sho = sho.clone();
+        let id = asked.validation_id.clone();
+        tokio::spawn(async move {
+            sho.get_validation_result(pva::GetValidationResultRequest {
+                validation_id: id,
+                wait_ms: 30_000,
+            })
+            .await
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert!(
+        !long_poll.is_finished(),
+        "the long poll waits while pending"
+    );
     let verdict = device
         .submit_evidence(submit(
             asked.validation_id.clone(),
@@ -483,6 +510,8 @@ async fn pva_validates_a_real_tpm_device_over_its_own_tls_key() {
         .await
         .unwrap()
         .into_inner();
+    let waited = long_poll.await.unwrap().unwrap().into_inner();
+    assert_eq!(waited.verdict, pva::Verdict::Trusted as i32);
     assert_eq!(
         verdict.verdict,
         pva::Verdict::Trusted as i32,
@@ -492,6 +521,7 @@ async fn pva_validates_a_real_tpm_device_over_its_own_tls_key() {
     let result = sho
         .get_validation_result(pva::GetValidationResultRequest {
             validation_id: asked.validation_id.clone(),
+            wait_ms: 0,
         })
         .await
         .unwrap()
@@ -565,6 +595,7 @@ async fn pva_validates_a_real_tpm_device_over_its_own_tls_key() {
     let r = sho
         .get_validation_result(pva::GetValidationResultRequest {
             validation_id: third.validation_id,
+            wait_ms: 0,
         })
         .await
         .unwrap()

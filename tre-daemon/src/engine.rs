@@ -3,7 +3,9 @@
 //! jobs; the jobs run one at a time, which also serialises every registry transaction.
 
 use std::path::PathBuf;
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, mpsc};
+use std::time::Instant;
 
 use mcim_core::identity::DeviceIdentity;
 use tokio::sync::oneshot;
@@ -95,6 +97,25 @@ type Job = Box<dyn FnOnce(&mut Engine) + Send>;
 #[derive(Clone, Debug)]
 pub struct EngineHandle {
     tx: mpsc::Sender<Job>,
+    busy: Arc<Busy>,
+}
+
+/// How long the TRE thread has spent running jobs since the daemon started: the TRE's own
+/// work (TPM commands through the TSS, token calls) with the registry commits that go with
+/// it. What provisioning costs in the TRE, as opposed to the network (BENCHMARKS.md).
+#[derive(Debug, Default)]
+struct Busy {
+    nanos: AtomicU64,
+    jobs: AtomicU64,
+}
+
+/// The TRE thread's time so far.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TreTime {
+    /// Time spent running jobs, in microseconds.
+    pub busy_micros: u64,
+    /// Jobs run.
+    pub jobs: u64,
 }
 
 /// The TRE thread is gone (it failed or the daemon is stopping).
@@ -109,6 +130,8 @@ impl EngineHandle {
     ) -> Result<(Self, std::thread::JoinHandle<()>), String> {
         let (tx, rx) = mpsc::channel::<Job>();
         let (ready_tx, ready_rx) = mpsc::channel();
+        let busy = Arc::new(Busy::default());
+        let counted = busy.clone();
         let thread = std::thread::Builder::new()
             .name("tre".into())
             .spawn(move || {
@@ -123,14 +146,26 @@ impl EngineHandle {
                     }
                 };
                 while let Ok(job) = rx.recv() {
+                    let started = Instant::now();
                     job(&mut engine);
+                    let took = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+                    counted.nanos.fetch_add(took, Ordering::Relaxed);
+                    counted.jobs.fetch_add(1, Ordering::Relaxed);
                 }
             })
             .map_err(|e| e.to_string())?;
         ready_rx
             .recv()
             .map_err(|_| "the TRE thread died while starting".to_string())??;
-        Ok((Self { tx }, thread))
+        Ok((Self { tx, busy }, thread))
+    }
+
+    /// The TRE thread's time so far.
+    pub fn tre_time(&self) -> TreTime {
+        TreTime {
+            busy_micros: self.busy.nanos.load(Ordering::Relaxed) / 1000,
+            jobs: self.busy.jobs.load(Ordering::Relaxed),
+        }
     }
 
     /// Runs `f` on the TRE thread and blocks this thread until it answers (for synchronous

@@ -32,6 +32,9 @@ pub fn channel(
             let authority = authority.clone();
             async move {
                 let tcp = tokio::net::TcpStream::connect(authority.as_str()).await?;
+                // gRPC writes small frames and waits for answers: without this, Nagle's
+                // algorithm and the peer's delayed ACK hold a request back ~40 ms.
+                tcp.set_nodelay(true)?;
                 let tls = connector.connect(name, tcp).await?;
                 Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
             }

@@ -195,6 +195,9 @@ pub struct Provisioner {
     net: Option<Network>,
     run: tokio::sync::watch::Sender<Option<Run>>,
     start: tokio::sync::Mutex<()>,
+    /// One channel (one TLS session, one TRE signature) per role address, kept across steps;
+    /// emptied when a run begins, so new certificates take effect.
+    channels: std::sync::Mutex<std::collections::HashMap<String, Channel>>,
 }
 
 impl std::fmt::Debug for Provisioner {
@@ -230,6 +233,7 @@ impl Provisioner {
             net,
             run: tx,
             start: tokio::sync::Mutex::new(()),
+            channels: Default::default(),
         });
         if resume {
             tracing::info!("resuming the provisioning run");
@@ -285,6 +289,7 @@ impl Provisioner {
             mcim_id: String::new(),
         };
         self.save(&run).map_err(Status::internal)?;
+        self.cached_channels().clear();
         let id = run.id.clone();
         self.run.send_replace(Some(run));
         tokio::spawn(self.clone().drive());
@@ -376,8 +381,21 @@ impl Provisioner {
     }
 
     fn channel(&self, url: &str, role: &str, step: u32) -> Result<Channel, Stop> {
-        crate::net::channel(self.tls()?, url, &format!("{role}.mcim.local"))
-            .map_err(|e| Stop::Fail(step, e))
+        let key = format!("{role} {url}");
+        if let Some(c) = self.cached_channels().get(&key) {
+            return Ok(c.clone());
+        }
+        let c = crate::net::channel(self.tls()?, url, &format!("{role}.mcim.local"))
+            .map_err(|e| Stop::Fail(step, e))?;
+        self.cached_channels().insert(key, c.clone());
+        Ok(c)
+    }
+
+    fn cached_channels(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, Channel>> {
+        // A panic elsewhere while holding the lock leaves a usable map.
+        self.channels.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn net(&self) -> Result<&Network, Stop> {

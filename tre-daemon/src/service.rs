@@ -248,7 +248,8 @@ impl TreService for TreApi {
         req: Request<pb::GetStatusRequest>,
     ) -> Result<Response<pb::GetStatusResponse>, Status> {
         log_call("GetStatus", &req);
-        self.run(|e| {
+        let time = self.engine.tre_time();
+        self.run(move |e| {
             let caps = e.tre()?.capabilities().clone();
             let identity = e.tre()?.identity()?;
             let (lockdown, connectivity, findings) = match e.registry() {
@@ -285,6 +286,8 @@ impl TreService for TreApi {
                 connectivity_mcim_id: connectivity.unwrap_or_default(),
                 rehabilitation_counter: counter,
                 startup_findings: findings,
+                tre_busy_micros: time.busy_micros,
+                tpm_commands: e.tre()?.command_count().unwrap_or(0),
             })
         })
         .await

@@ -568,6 +568,7 @@ fn lab_inner(
             AccessChoice::ThreeGpp => common::AccessType::AccessType3gpp,
             AccessChoice::Non3gpp => common::AccessType::Non3gpp,
         };
+        let tre_before = dev.get_status(pb::GetStatusRequest {}).await?.into_inner();
         let started = Instant::now();
         let id = dev
             .start_provisioning(pb::StartProvisioningRequest {
@@ -645,7 +646,19 @@ fn lab_inner(
         if let Some(f) = failed {
             return Err(fail(f));
         }
-        let provisioning_ms = started.elapsed().as_millis();
+        let provisioning = started.elapsed();
+        let provisioning_ms = provisioning.as_millis();
+        // The TRE's share: what the TRE thread spent (TPM commands and the registry commits
+        // with them) against the whole (network, roles, TLS, validation, the rest).
+        let tre_after = dev.get_status(pb::GetStatusRequest {}).await?.into_inner();
+        let tre_us = tre_after.tre_busy_micros.saturating_sub(tre_before.tre_busy_micros);
+        let total_us = u64::try_from(provisioning.as_micros()).unwrap_or(u64::MAX);
+        report["timing"] = json!({
+            "provisioning_us": total_us,
+            "tre_us": tre_us,
+            "rest_us": total_us.saturating_sub(tre_us),
+            "tpm_commands": tre_after.tpm_commands.saturating_sub(tre_before.tpm_commands),
+        });
         let m = dev
             .get_mcim(pb::GetMcimRequest {
                 mcim_id: mcim_id.clone(),
@@ -655,8 +668,10 @@ fn lab_inner(
             .mcim
             .ok_or_else(|| fail("the provisioned MCIM is not in the registry"))?;
         say.line(&format!(
-            "[lab] provisioned in {provisioning_ms} ms: MCIM {} (IMSI {})",
-            m.mcim_id, m.imsi
+            "[lab] provisioned in {provisioning_ms} ms ({} ms in the TRE): MCIM {} (IMSI {})",
+            tre_us / 1000,
+            m.mcim_id,
+            m.imsi
         ));
 
         // An impostor (a certified device without this MCIM's K) answers the IMSI's

@@ -21,8 +21,9 @@ use crate::peers::role_verifying_key;
 use crate::store::{db_err, now};
 use crate::tls::{authorize, authorize_for, authorize_self};
 
-/// How often an open task stream looks for new tasks.
-const TASK_POLL: Duration = Duration::from_millis(100);
+/// An open task stream wakes when this RO queues a task, and re-reads at least this often
+/// (tasks queued by another RO process on the same database).
+const TASK_POLL: Duration = crate::store::REREAD;
 
 /// The DPF service.
 #[derive(Debug, Clone)]
@@ -111,16 +112,18 @@ impl DpfService for Dpf {
             .await
             .map_err(db_err)?;
         let (tx, rx) = tokio::sync::mpsc::channel(16);
-        let db = self.0.db.clone();
+        let ro = self.0.clone();
         tokio::spawn(async move {
+            let db = &ro.db;
             let mut sent = ack;
             loop {
+                let mut queued = ro.tasks.watch();
                 let rows: Result<Vec<(i64, Vec<u8>)>, _> = sqlx::query_as(
                     "SELECT seq, body FROM ro_task WHERE pcid = ? AND seq > ? ORDER BY seq",
                 )
                 .bind(&pcid)
                 .bind(sent)
-                .fetch_all(&db)
+                .fetch_all(db)
                 .await;
                 let rows = match rows {
                     Ok(r) => r,
@@ -146,7 +149,7 @@ impl DpfService for Dpf {
                 }
                 tokio::select! {
                     _ = tx.closed() => return,
-                    _ = tokio::time::sleep(TASK_POLL) => {}
+                    _ = queued.wait(TASK_POLL) => {}
                 }
             }
         });

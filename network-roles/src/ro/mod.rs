@@ -24,7 +24,7 @@ use crate::atrest::DataKey;
 use crate::auc::Auc;
 use crate::authz::Role;
 use crate::peers;
-use crate::store::db_err;
+use crate::store::{Changes, db_err};
 
 /// How long the VNO's grant of initial connectivity lets a device reach the RO.
 pub const GRANT_LIFETIME_SECS: i64 = 600;
@@ -36,6 +36,8 @@ pub struct Ro {
     auc: Auc,
     dpf_url: String,
     shos: peers::ChannelCache,
+    /// Device tasks queued (wakes the devices' task streams).
+    tasks: Changes,
 }
 
 impl std::fmt::Debug for Ro {
@@ -57,6 +59,7 @@ impl Ro {
             db,
             dpf_url,
             shos: peers::ChannelCache::default(),
+            tasks: Changes::default(),
         }))
     }
 
@@ -93,6 +96,7 @@ impl Ro {
             .await
             .map_err(db_err)?;
         tx.commit().await.map_err(db_err)?;
+        self.tasks.bump();
         Ok(u64::try_from(seq).unwrap_or(0))
     }
 }
