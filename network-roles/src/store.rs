@@ -44,6 +44,13 @@ fn migrator() -> Migrator {
             include_str!("../migrations/0003_flow.sql").into_sql_str(),
             false,
         ),
+        Migration::new(
+            4,
+            Cow::Borrowed("task seq"),
+            MigrationType::Simple,
+            include_str!("../migrations/0004_task_seq.sql").into_sql_str(),
+            false,
+        ),
     ])
 }
 
@@ -115,5 +122,30 @@ impl ChangeWatch {
     /// Waits for a write, at most `max` (and at most [`REREAD`]).
     pub async fn wait(&mut self, max: std::time::Duration) {
         let _ = tokio::time::timeout(max.min(REREAD), self.0.changed()).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// Every file in `migrations/` is compiled in, in order, and applies to a new database.
+    #[tokio::test]
+    async fn every_migration_file_is_listed_and_applies() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations");
+        let mut files: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap_or_else(|e| panic!("{e}"))
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".sql"))
+            .collect();
+        files.sort();
+        let listed: Vec<i64> = super::migrator().iter().map(|m| m.version).collect();
+        let numbered: Vec<i64> = files
+            .iter()
+            .map(|f| f[..4].parse().unwrap_or_else(|e| panic!("{f}: {e}")))
+            .collect();
+        assert_eq!(listed, numbered, "{files:?}");
+        super::open("sqlite::memory:")
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
     }
 }

@@ -177,7 +177,7 @@ async fn the_dpf_refuses_stale_or_foreign_results_and_wrong_callers_and_queues_n
         .unwrap()
         .into_inner();
     let first = tasks.message().await.unwrap().unwrap();
-    let Some(ro::watch_device_tasks_response::Task::Attest(attest)) = first.task else {
+    let Some(ro::watch_device_tasks_response::Task::Attest(attest)) = first.task.clone() else {
         panic!("the first task is the attestation: {first:?}");
     };
     let more = tokio::time::timeout(Duration::from_millis(500), tasks.message()).await;
@@ -230,11 +230,31 @@ async fn the_dpf_refuses_stale_or_foreign_results_and_wrong_callers_and_queues_n
         "a refused call changed state"
     );
 
+    // The device reconnects, acknowledging the attestation task (the DPF forgets it).
+    drop(tasks);
+    let mut tasks = dev_dpf
+        .watch_device_tasks(ro::WatchDeviceTasksRequest { ack_seq: first.seq })
+        .await
+        .unwrap()
+        .into_inner();
+
     // The control: a fresh, positive result for this device from the PVA is accepted.
     dpf_as_sho
         .authorize_provisioning(authorize(result(&pki, pcid, now() + 60)))
         .await
         .unwrap();
+    // The download task reaches the reconnected stream: a new task's sequence number is above
+    // every one the device has acknowledged, even once those are deleted.
+    let next = tokio::time::timeout(Duration::from_secs(10), tasks.message())
+        .await
+        .expect("the download task arrives")
+        .unwrap()
+        .unwrap();
+    assert!(next.seq > first.seq, "{} after {}", next.seq, first.seq);
+    assert!(matches!(
+        next.task,
+        Some(ro::watch_device_tasks_response::Task::Download(_))
+    ));
     let pkg = dev_dpf
         .download_package(ro::DownloadPackageRequest {
             registration_id: reg.registration_id.clone(),

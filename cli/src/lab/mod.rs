@@ -41,6 +41,11 @@ use tonic::transport::{Channel, Endpoint};
 use crate::device::{DeviceError, connect, runtime};
 
 mod compromised_dpf;
+mod crash;
+
+/// The longest the lab waits for the device's next provisioning step (the device itself
+/// retries an unreachable role for two minutes).
+const STEP_TIMEOUT: Duration = Duration::from_secs(150);
 
 /// The lab SHO's PLMN (MCC 001, MNC 02): its IMSIs start with it.
 const LAB_SHO_PLMN: &str = "00102";
@@ -101,10 +106,25 @@ pub struct RunArgs {
     /// step 13, the SHO is told, and nothing is installed.
     #[arg(long, value_enum)]
     dpf_serves: Option<compromised_dpf::Served>,
+    /// Demonstrate recovery: right after the device reports step N, kill (SIGKILL) `tred` or
+    /// `mcim-roles` and start it again on the same state (`tred:N` or `roles:N`, N from 1 to
+    /// 13). Provisioning resumes where it was and completes, each step reported once.
+    #[arg(long, value_name = "tred:N|roles:N")]
+    crash: Option<crash::Crash>,
 }
 
 /// A child process stopped (SIGTERM, then SIGKILL) when dropped.
 struct Proc(Option<Child>);
+
+impl Proc {
+    /// SIGKILL, no clean shutdown: what a crash or a power cut looks like to the others.
+    fn crash(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
 
 impl Drop for Proc {
     fn drop(&mut self) {
@@ -270,27 +290,42 @@ fn lab_inner(
     say: &Say,
     report: &mut serde_json::Value,
 ) -> Result<(), DeviceError> {
+    if let Some(c) = a.crash
+        && a.access == AccessChoice::Non3gpp
+        && c.after_step < 5
+    {
+        return Err(fail(
+            "--crash: non-3GPP access starts at step 5 (5.1.3.6.3 has no PCID attach)",
+        ));
+    }
+    if a.extend_pcr_after_supply && a.tre != TreChoice::Tpm {
+        return Err(fail("--extend-pcr-after-supply needs --tre tpm"));
+    }
     let pki = dir.join("pki");
     mcim_roles::pki::init(&pki, &mcim_roles::pki::LAB_PARTIES).map_err(fail)?;
 
     // The network: every role in one process, the binary operators deploy.
     let base = free_ports(5)?;
     let (sup_p, ro_p, vno_p, sho_p, pva_p) = (base, base + 1, base + 2, base + 3, base + 4);
-    let _roles = spawn(
-        Command::new(sibling("mcim-roles"))
-            .args(["all", "--pki"])
-            .arg(&pki)
-            .arg("--db")
-            .arg(format!("sqlite://{}", dir.join("roles.db").display()))
-            .args(["--base-port", &base.to_string()])
-            .args(["--sho-plmn", LAB_SHO_PLMN])
-            .env("MCIM_LOG", "info"),
-        "mcim-roles",
-        &dir.join("roles.log"),
-    )?;
-    wait_until("mcim-roles", || {
-        (0..5).all(|i| std::net::TcpStream::connect(("127.0.0.1", base + i)).is_ok())
-    })?;
+    let start_roles = |log: &str| -> Result<Proc, DeviceError> {
+        let p = spawn(
+            Command::new(sibling("mcim-roles"))
+                .args(["all", "--pki"])
+                .arg(&pki)
+                .arg("--db")
+                .arg(format!("sqlite://{}", dir.join("roles.db").display()))
+                .args(["--base-port", &base.to_string()])
+                .args(["--sho-plmn", LAB_SHO_PLMN])
+                .env("MCIM_LOG", "info"),
+            "mcim-roles",
+            &dir.join(log),
+        )?;
+        wait_until("mcim-roles", || {
+            (0..5).all(|i| std::net::TcpStream::connect(("127.0.0.1", base + i)).is_ok())
+        })?;
+        Ok(p)
+    };
+    let mut roles_proc = start_roles("roles.log")?;
     say.line(&format!(
         "[lab] network roles (mcim-roles all): supplier :{sup_p}, RO :{ro_p}, VNO :{vno_p}, SHO :{sho_p}, PVA :{pva_p}"
     ));
@@ -378,9 +413,6 @@ fn lab_inner(
                 .env("MCIM_PKCS11_PIN", "1234");
             say.line("[lab] SoftHSM2 token \"mcim\"");
         }
-    }
-    if a.extend_pcr_after_supply && a.tre != TreChoice::Tpm {
-        return Err(fail("--extend-pcr-after-supply needs --tre tpm"));
     }
     let mut tred_proc = spawn(&mut tred, "tred", &dir.join("tred.log"))?;
     wait_until("tred", || {
@@ -577,16 +609,34 @@ fn lab_inner(
             .await?
             .into_inner()
             .provisioning_id;
-        let mut steps = dev
-            .watch_provisioning(pb::WatchProvisioningRequest {
-                provisioning_id: id,
-            })
-            .await?
-            .into_inner();
         let mut mcim_id = String::new();
         let mut registration = String::new();
         let mut failed = None;
-        while let Some(s) = steps.message().await? {
+        let mut crash = a.crash;
+        let mut reported: Vec<u32> = Vec::new();
+        'watch: loop {
+        let mut steps = dev
+            .watch_provisioning(pb::WatchProvisioningRequest {
+                provisioning_id: id.clone(),
+            })
+            .await?
+            .into_inner();
+        loop {
+            let next = tokio::time::timeout(STEP_TIMEOUT, steps.message()).await.map_err(|_| {
+                fail(format!(
+                    "no progress for {} s after step {}",
+                    STEP_TIMEOUT.as_secs(),
+                    reported.last().copied().unwrap_or(0)
+                ))
+            })??;
+            let Some(s) = next else { break };
+            // A new watch replays what was already reported.
+            if s.ok && reported.contains(&s.step) {
+                continue;
+            }
+            if s.ok {
+                reported.push(s.step);
+            }
             say.line(&format!(
                 "step {:>2}  {:<60} {}{}",
                 s.step,
@@ -606,6 +656,34 @@ fn lab_inner(
             if !s.ok {
                 failed = Some(format!("step {} ({}) failed: {}", s.step, s.name, s.detail));
             }
+            if let Some(c) = crash
+                && s.ok
+                && s.step == c.after_step
+            {
+                crash = None;
+                report["crash"] = json!({"process": c.what.as_str(), "after_step": c.after_step});
+                match c.what {
+                    crash::Crashed::Tred => {
+                        drop(steps);
+                        tred_proc.crash();
+                        let _ = std::fs::remove_file(&socket);
+                        tred_proc = spawn(&mut tred, "tred", &dir.join("tred-2.log"))?;
+                        wait_until("tred", || {
+                            std::os::unix::net::UnixStream::connect(&socket).is_ok()
+                        })?;
+                        dev = connect(&socket).await?;
+                        say.line(&format!("[lab] tred killed after step {} and started again: it resumes its run", c.after_step));
+                        continue 'watch;
+                    }
+                    crash::Crashed::Roles => {
+                        roles_proc.crash();
+                        roles_proc = start_roles("roles-2.log")?;
+                        say.line(&format!("[lab] mcim-roles killed after step {} and started again: the roles resume from their database", c.after_step));
+                    }
+                }
+            }
+        }
+        break;
         }
         // What the SHO and the device's registry say, success or not.
         if !registration.is_empty() {
@@ -653,12 +731,15 @@ fn lab_inner(
         let tre_after = dev.get_status(pb::GetStatusRequest {}).await?.into_inner();
         let tre_us = tre_after.tre_busy_micros.saturating_sub(tre_before.tre_busy_micros);
         let total_us = u64::try_from(provisioning.as_micros()).unwrap_or(u64::MAX);
-        report["timing"] = json!({
-            "provisioning_us": total_us,
-            "tre_us": tre_us,
-            "rest_us": total_us.saturating_sub(tre_us),
-            "tpm_commands": tre_after.tpm_commands.saturating_sub(tre_before.tpm_commands),
-        });
+        if a.crash.is_none() {
+            // (After a crash the counters restarted with tred: no split.)
+            report["timing"] = json!({
+                "provisioning_us": total_us,
+                "tre_us": tre_us,
+                "rest_us": total_us.saturating_sub(tre_us),
+                "tpm_commands": tre_after.tpm_commands.saturating_sub(tre_before.tpm_commands),
+            });
+        }
         let m = dev
             .get_mcim(pb::GetMcimRequest {
                 mcim_id: mcim_id.clone(),

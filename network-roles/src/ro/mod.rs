@@ -82,12 +82,16 @@ impl Ro {
         }
         .encode_to_vec();
         let mut tx = self.db.begin().await.map_err(db_err)?;
-        let (seq,): (i64,) =
-            sqlx::query_as("SELECT COALESCE(MAX(seq), 0) + 1 FROM ro_task WHERE pcid = ?")
-                .bind(pcid)
-                .fetch_one(&mut *tx)
-                .await
-                .map_err(db_err)?;
+        // Above every number this device was ever given (acknowledged tasks are deleted).
+        let (seq,): (i64,) = sqlx::query_as(
+            "INSERT INTO ro_task_seq (pcid, last_seq) VALUES (?, 1) \
+             ON CONFLICT (pcid) DO UPDATE SET last_seq = ro_task_seq.last_seq + 1 \
+             RETURNING last_seq",
+        )
+        .bind(pcid)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(db_err)?;
         sqlx::query("INSERT INTO ro_task (pcid, seq, body) VALUES (?, ?, ?)")
             .bind(pcid)
             .bind(seq)
