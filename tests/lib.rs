@@ -349,6 +349,20 @@ pub fn own_softhsm(test: &str) -> Option<SoftHsm> {
     None
 }
 
+/// The first of `n` consecutive free ports on 127.0.0.1.
+pub fn free_ports(n: u16) -> u16 {
+    loop {
+        let p = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        if p < 65000 && (0..n).all(|i| TcpListener::bind(("127.0.0.1", p + i)).is_ok()) {
+            return p;
+        }
+    }
+}
+
 /// `mcim-roles all` (every role in one process, one SQLite file) on five consecutive ports of
 /// 127.0.0.1 (supplier, RO, VNO, SHO, PVA), with a fresh development PKI from
 /// `mcimctl pki init`; killed when dropped.
@@ -374,16 +388,7 @@ impl Roles {
                 .unwrap()
                 .success()
         );
-        let base = loop {
-            let p = TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port();
-            if p < 65000 && (0..5).all(|i| TcpListener::bind(("127.0.0.1", p + i)).is_ok()) {
-                break p;
-            }
-        };
+        let base = free_ports(5);
         let mut r = Roles {
             child: None,
             base,

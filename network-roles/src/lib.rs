@@ -13,13 +13,16 @@
 //! - [`supplier`]: the equipment supplier certifying devices' attestation and TLS keys.
 //! - [`pva`]: the Platform Validation Authority (steps 8-10).
 //! - [`store`]: the roles' SQLite database (sqlx) and its migrations.
-//!
-//! The other roles and the provisioning flow arrive with the rest of issue 5.
+//! - [`ro`] (ICF, DRF, DPF), [`vno`], [`sho`]: the provisioning flow of 5.1.3.6.2 and
+//!   5.1.3.6.3; [`auc`] the one AuC, [`atrest`] secrets at rest, [`peers`] role-to-role
+//!   channels.
+//! - [`config`]: the TOML file under the flags and their `MCIM_*` variables.
 #![forbid(unsafe_code)]
 
 pub mod atrest;
 pub mod auc;
 pub mod authz;
+pub mod config;
 pub mod peers;
 pub mod pki;
 pub mod pva;

@@ -9,8 +9,10 @@
 //! mcim-roles sho      --pki DIR --db sqlite://sho.db --listen 127.0.0.1:7404
 //! mcim-roles pva      --pki DIR --db sqlite://pva.db --listen 127.0.0.1:7405
 //! ```
-//! Every flag has an `MCIM_*` environment variable. Roles reach each other at `https://` URLs
-//! and know each other by their certificates (`<role>.mcim.local`).
+//! Every flag has an `MCIM_*` environment variable, and every flag can be set in a TOML file
+//! given by `--config FILE` or `MCIM_CONFIG` (see `network-roles/mcim-roles.toml`; the
+//! command line and the environment win over the file). Roles reach each other at
+//! `https://` URLs and know each other by their certificates (`<role>.mcim.local`).
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -38,6 +40,10 @@ use sqlx::SqlitePool;
 #[derive(Parser)]
 #[command(version, about)]
 struct Args {
+    /// A TOML file of the same settings (mcim-roles.toml); flags and MCIM_* variables win
+    /// over it.
+    #[arg(long, env = "MCIM_CONFIG", global = true)]
+    config: Option<PathBuf>,
     #[command(subcommand)]
     role: RoleCmd,
 }
@@ -157,7 +163,18 @@ enum RoleCmd {
 }
 
 fn main() -> std::process::ExitCode {
-    let args = Args::parse();
+    let mut argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if let Some(file) = mcim_roles::config::config_path(&argv) {
+        use clap::CommandFactory;
+        argv = match mcim_roles::config::with_file(&Args::command(), argv, file.as_ref()) {
+            Ok(a) => a,
+            Err(e) => {
+                eprintln!("mcim-roles: {e}");
+                return std::process::ExitCode::FAILURE;
+            }
+        };
+    }
+    let args = Args::parse_from(argv);
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("MCIM_LOG")

@@ -711,3 +711,76 @@ async fn all_roles_in_one_process() {
     assert_eq!(denied.code(), tonic::Code::PermissionDenied);
     assert!(roles.db.exists(), "one SQLite database");
 }
+
+/// `mcim-roles --config FILE`: the file's settings apply, and an `MCIM_*` variable wins over
+/// the file (the real binary, ports as the witness).
+#[test]
+fn a_toml_file_configures_the_roles_and_the_environment_wins_over_it() {
+    let work = tempfile::tempdir().unwrap();
+    let pki = work.path().join("pki");
+    assert!(
+        Command::new(workspace_bin("mcimctl"))
+            .args(["pki", "init", "--dir", pki.to_str().unwrap()])
+            .stdout(Stdio::null())
+            .status()
+            .unwrap()
+            .success()
+    );
+    let from_file = mcim_e2e::free_ports(5);
+    let from_env = loop {
+        let p = mcim_e2e::free_ports(5);
+        if p.abs_diff(from_file) >= 5 {
+            break p;
+        }
+    };
+    let file = work.path().join("mcim-roles.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "pki = {:?}\ndb = \"sqlite://{}\"\n[all]\nbase_port = {from_file}\n",
+            pki.display().to_string(),
+            work.path().join("roles.db").display()
+        ),
+    )
+    .unwrap();
+    let listening = |base: u16| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if (0..5).all(|i| std::net::TcpStream::connect(("127.0.0.1", base + i)).is_ok()) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    };
+    for (env, want, not) in [
+        (None, from_file, from_env),
+        (Some(from_env), from_env, from_file),
+    ] {
+        let mut cmd = Command::new(workspace_bin("mcim-roles"));
+        cmd.args(["--config", file.to_str().unwrap(), "all"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        if let Some(p) = env {
+            cmd.env("MCIM_BASE_PORT", p.to_string());
+        }
+        let _server = Server(cmd.spawn().unwrap());
+        assert!(listening(want), "listens on {want}");
+        assert!(
+            std::net::TcpStream::connect(("127.0.0.1", not)).is_err(),
+            "not on {not}"
+        );
+    }
+    // A typo is refused before anything starts.
+    std::fs::write(&file, "base_prot = 1\n").unwrap();
+    let out = Command::new(workspace_bin("mcim-roles"))
+        .args(["--config", file.to_str().unwrap(), "all"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("unknown setting \"base_prot\""),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
