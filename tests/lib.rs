@@ -208,6 +208,27 @@ impl Tred {
         self.dir.path().join("tred.sock")
     }
 
+    /// A client of tred's local API (`mcim.tre.v1`) over its socket.
+    pub async fn client(
+        &self,
+    ) -> mcim_proto::mcim::tre::v1::tre_service_client::TreServiceClient<tonic::transport::Channel>
+    {
+        let path = self.socket();
+        let ch = tonic::transport::Endpoint::try_from("http://tred.local")
+            .unwrap()
+            .connect_with_connector(tower::service_fn(move |_: tonic::codegen::http::Uri| {
+                let path = path.clone();
+                async move {
+                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                        tokio::net::UnixStream::connect(path).await?,
+                    ))
+                }
+            }))
+            .await
+            .unwrap();
+        mcim_proto::mcim::tre::v1::tre_service_client::TreServiceClient::new(ch)
+    }
+
     /// Everything tred logged so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("tred.log")).unwrap_or_default()

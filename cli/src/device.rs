@@ -56,6 +56,13 @@ pub enum DeviceCommand {
     },
     /// TRE kind, capabilities, identity, lockdown.
     Status,
+    /// The device's parameters for its subscriber (5.1.3.5.2), JSON: identity, TRE kind,
+    /// storage public key, platform credential (`mcimctl subscriber register --device`).
+    Parameters {
+        /// Write them to this file instead of standard output.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// The MCIM registry.
     List,
     /// One MCIM.
@@ -405,6 +412,20 @@ async fn device(a: DeviceArgs) -> Result<(), DeviceError> {
                 println!("storage_public      {}", hex::encode(&r.storage_public));
                 println!("attestation_public  {}", hex::encode(&r.attestation_public));
                 println!("tls_public_spki     {}", hex::encode(&r.tls_public_spki));
+            }
+        }
+        D::Parameters { out } => {
+            let r = c
+                .get_device_parameters(pb::GetDeviceParametersRequest {})
+                .await?
+                .into_inner();
+            let p = crate::subscriber::DeviceParameters::from_pb(r);
+            let text =
+                serde_json::to_string_pretty(&p).map_err(|e| DeviceError::Input(e.to_string()))?;
+            match out {
+                Some(path) => std::fs::write(&path, text + "\n")
+                    .map_err(|e| DeviceError::Input(format!("{}: {e}", path.display())))?,
+                None => println!("{text}"),
             }
         }
         D::Status => {

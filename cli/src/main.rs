@@ -5,7 +5,9 @@
 //! - `mcimctl sho wrap`, `mcimctl pva verify-quote`, `mcimctl supplier keygen|rehab-token`:
 //!   operator tools that need no server.
 //!
-//! Subscriber, PKI and lab commands arrive with the network roles.
+//! - `mcimctl pki init`: the roles' development PKI.
+//! - `mcimctl subscriber register|status`: the subscriber contracting with an SHO.
+//! - `mcimctl lab run`: the whole system on this machine.
 #![forbid(unsafe_code)]
 
 mod aka;
@@ -14,6 +16,7 @@ mod hexarg;
 mod lab;
 mod operator;
 mod pki;
+mod subscriber;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -50,6 +53,9 @@ enum Command {
     /// Platform Validation Authority tools.
     #[command(subcommand)]
     Pva(operator::PvaCommand),
+    /// The M2ME subscriber: contract with an SHO for a device, follow its provisioning.
+    #[command(subcommand)]
+    Subscriber(subscriber::SubscriberCommand),
 }
 
 fn main() -> ExitCode {
@@ -63,6 +69,7 @@ fn main() -> ExitCode {
         Command::Lab(c) => lab::run(c).map_err(|e| e.to_string()),
         Command::Pki(c) => pki::run(c),
         Command::Supplier(c) => operator::run_supplier(c).map_err(|e| e.to_string()),
+        Command::Subscriber(c) => subscriber::run(c).map_err(|e| e.to_string()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

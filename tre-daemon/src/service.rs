@@ -294,6 +294,37 @@ impl TreService for TreApi {
         .map(Response::new)
     }
 
+    async fn get_device_parameters(
+        &self,
+        req: Request<pb::GetDeviceParametersRequest>,
+    ) -> Result<Response<pb::GetDeviceParametersResponse>, Status> {
+        log_call("GetDeviceParameters", &req);
+        let platform_credential = self.platform_credential();
+        if platform_credential.is_empty() {
+            return Err(Status::failed_precondition(
+                "the device has no platform credential yet (InstallCertificates at supply time)",
+            ));
+        }
+        self.run(move |e| {
+            let tre = e.tre()?;
+            let caps = tre.capabilities().clone();
+            let identity = tre.identity()?.ok_or(TreError::NotInitialised)?;
+            let public = tre.device_public()?;
+            Ok(pb::GetDeviceParametersResponse {
+                identity: Some(identity_pb(&identity)),
+                tre_kind: match caps.kind {
+                    TreKind::Tpm2 => common::TreKind::Tpm2,
+                    TreKind::Pkcs11 => common::TreKind::Pkcs11,
+                } as i32,
+                storage_public: public.storage_public,
+                platform_credential,
+                aka_execution: aka_pb(caps.aka_execution) as i32,
+            })
+        })
+        .await
+        .map(Response::new)
+    }
+
     async fn install_certificates(
         &self,
         req: Request<pb::InstallCertificatesRequest>,

@@ -578,18 +578,21 @@ fn lab_inner(
             ));
         }
 
-        // 2. The subscriber contracts with the SHO.
-        let sub = ShoServiceClient::new(role_client(&pki, Role::Subscriber, Role::Sho, sho_p).await?)
-            .create_subscription(sho::CreateSubscriptionRequest {
-                subscriber: "lab-subscriber".into(),
-                device: Some(identity.clone()),
-                tre_kind: kind,
-                storage_public: init.storage_public.clone(),
-                platform_credential: cert.platform_credential.clone(),
-                require_aka_in_tre: false,
-            })
-            .await?
-            .into_inner();
+        // 2. The owner exports the device's parameters; the subscriber contracts with the
+        // SHO with them (5.1.3.5.2), as `mcimctl device parameters` and `mcimctl subscriber
+        // register` do.
+        let params = crate::subscriber::DeviceParameters::from_pb(
+            dev.get_device_parameters(pb::GetDeviceParametersRequest {})
+                .await?
+                .into_inner(),
+        );
+        let sub = crate::subscriber::register(
+            &mut ShoServiceClient::new(role_client(&pki, Role::Subscriber, Role::Sho, sho_p).await?),
+            &params,
+            "lab-subscriber",
+            false,
+        )
+        .await?;
         say.line(&format!(
             "[lab] subscriber: subscription at the SHO, IMSI {} reserved",
             sub.imsi
@@ -706,9 +709,7 @@ fn lab_inner(
             };
             report["sho_registration"] = json!({
                 "id": registration,
-                "state": sho::RegistrationState::try_from(r.state)
-                    .map(|s| s.as_str_name().trim_start_matches("REGISTRATION_STATE_").to_lowercase())
-                    .unwrap_or_default(),
+                "state": crate::subscriber::registration_state(r.state),
                 "detail": r.detail,
             });
         }

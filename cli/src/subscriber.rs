@@ -1,0 +1,276 @@
+//! `mcimctl subscriber ...`: the M2ME subscriber's side (5.1.3.5.2). The device owner exports
+//! the device's parameters from `tred` (`mcimctl device parameters`, public material only);
+//! the subscriber hands them to the SHO it contracts with (`mcimctl subscriber register`),
+//! which reserves an IMSI and tells the RO's DRF which SHO the device's PCID belongs to. The
+//! subscriber can then follow the SHO's side of the device's provisioning
+//! (`mcimctl subscriber status`).
+
+use std::path::{Path, PathBuf};
+
+use clap::{Args, Subcommand};
+use mcim_proto::mcim::common::v1 as common;
+use mcim_proto::mcim::sho::v1 as sho;
+use mcim_proto::mcim::sho::v1::sho_service_client::ShoServiceClient;
+use mcim_proto::mcim::tre::v1 as pb;
+use mcim_roles::authz::Role;
+use serde::{Deserialize, Serialize};
+use tonic::transport::{Channel, Endpoint};
+
+use crate::device::{DeviceError, runtime};
+
+/// The device's parameters as the owner hands them to the subscriber: a JSON file.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceParameters {
+    /// The supplier's device identifier.
+    pub device_id: String,
+    /// The PCID (IMSI format).
+    pub pcid: String,
+    /// The equipment model.
+    pub model: String,
+    /// "tpm2" or "pkcs11".
+    pub tre_kind: String,
+    /// The storage key's public area or SPKI, hex: the SHO wraps the MCIM to it.
+    pub storage_public: String,
+    /// The platform credential, DER certificates in hex, leaf first.
+    pub platform_credential: Vec<String>,
+    /// "in_tre" or "unsealed_in_host".
+    pub aka_execution: String,
+}
+
+fn fail(what: impl std::fmt::Display) -> DeviceError {
+    DeviceError::Input(what.to_string())
+}
+
+impl DeviceParameters {
+    /// From tred's GetDeviceParameters.
+    pub fn from_pb(r: pb::GetDeviceParametersResponse) -> Self {
+        let id = r.identity.unwrap_or_default();
+        Self {
+            device_id: id.device_id,
+            pcid: id.pcid,
+            model: id.model,
+            tre_kind: match common::TreKind::try_from(r.tre_kind) {
+                Ok(common::TreKind::Pkcs11) => "pkcs11",
+                _ => "tpm2",
+            }
+            .into(),
+            storage_public: hex::encode(r.storage_public),
+            platform_credential: r.platform_credential.iter().map(hex::encode).collect(),
+            aka_execution: match common::AkaExecution::try_from(r.aka_execution) {
+                Ok(common::AkaExecution::InTre) => "in_tre",
+                Ok(common::AkaExecution::UnsealedInHost) => "unsealed_in_host",
+                _ => "unspecified",
+            }
+            .into(),
+        }
+    }
+
+    /// The SHO's CreateSubscription for `account`; a malformed file is refused here.
+    pub fn subscription(
+        &self,
+        account: &str,
+        require_aka_in_tre: bool,
+    ) -> Result<sho::CreateSubscriptionRequest, DeviceError> {
+        let tre_kind = match self.tre_kind.as_str() {
+            "tpm2" => common::TreKind::Tpm2,
+            "pkcs11" => common::TreKind::Pkcs11,
+            other => return Err(fail(format!("tre_kind {other:?}: tpm2 or pkcs11"))),
+        };
+        let unhex = |what: &str, s: &str| {
+            hex::decode(s).map_err(|e| fail(format!("{what}: not hex ({e})")))
+        };
+        Ok(sho::CreateSubscriptionRequest {
+            subscriber: account.into(),
+            device: Some(common::DeviceIdentity {
+                device_id: self.device_id.clone(),
+                pcid: self.pcid.clone(),
+                model: self.model.clone(),
+            }),
+            tre_kind: tre_kind as i32,
+            storage_public: unhex("storage_public", &self.storage_public)?,
+            platform_credential: self
+                .platform_credential
+                .iter()
+                .map(|c| unhex("platform_credential", c))
+                .collect::<Result<_, _>>()?,
+            require_aka_in_tre,
+        })
+    }
+
+    /// Reads a parameters file.
+    pub fn read(path: &Path) -> Result<Self, DeviceError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|e| fail(format!("{}: {e}", path.display())))?;
+        serde_json::from_str(&text).map_err(|e| fail(format!("{}: {e}", path.display())))
+    }
+}
+
+/// How the subscriber reaches its SHO.
+#[derive(Args, Clone)]
+pub struct ShoAccess {
+    /// The SHO, `https://host:port`.
+    #[arg(long, env = "MCIM_SHO_URL")]
+    sho_url: String,
+    /// The PKI directory holding the subscriber's certificate (subscriber.pem, subscriber.key)
+    /// and the roles' CA (ca.pem).
+    #[arg(long, env = "MCIM_PKI")]
+    pki: PathBuf,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `mcimctl subscriber ...`
+#[derive(Subcommand)]
+pub enum SubscriberCommand {
+    /// Contract with an SHO for a device (5.1.3.5.2): hands over the device's parameters
+    /// (`mcimctl device parameters`); the SHO reserves an IMSI and tells the RO.
+    Register {
+        /// The device's parameters (JSON from `mcimctl device parameters`).
+        #[arg(long)]
+        device: PathBuf,
+        /// The subscriber's account at the SHO.
+        #[arg(long, default_value = "subscriber")]
+        account: String,
+        /// Ask the SHO to refuse the device unless AKA runs inside its TRE.
+        #[arg(long)]
+        require_aka_in_tre: bool,
+        #[command(flatten)]
+        sho: ShoAccess,
+    },
+    /// The SHO's view of a device registration (5.1.3.6.2 steps 7-14).
+    Status {
+        /// The registration id (the device reports it from step 7).
+        registration: String,
+        #[command(flatten)]
+        sho: ShoAccess,
+    },
+}
+
+/// A client of the SHO with the subscriber's certificate.
+pub async fn sho_client(
+    pki: &Path,
+    sho_url: &str,
+) -> Result<ShoServiceClient<Channel>, DeviceError> {
+    let tls = mcim_roles::tls::client_tls(pki, Role::Subscriber, "sho.mcim.local").map_err(fail)?;
+    let ch = Endpoint::from_shared(sho_url.to_string())
+        .map_err(|e| fail(format!("{sho_url}: {e}")))?
+        .tls_config(tls)
+        .map_err(fail)?
+        .connect()
+        .await
+        .map_err(|e| fail(format!("the SHO at {sho_url}: {e}")))?;
+    Ok(ShoServiceClient::new(ch))
+}
+
+/// Contracts for `device`; returns the SHO's answer.
+pub async fn register(
+    sho: &mut ShoServiceClient<Channel>,
+    device: &DeviceParameters,
+    account: &str,
+    require_aka_in_tre: bool,
+) -> Result<sho::CreateSubscriptionResponse, DeviceError> {
+    Ok(sho
+        .create_subscription(device.subscription(account, require_aka_in_tre)?)
+        .await?
+        .into_inner())
+}
+
+/// A registration state's name ("validating", "provisioned", ...).
+pub fn registration_state(s: i32) -> String {
+    sho::RegistrationState::try_from(s)
+        .map(|s| {
+            s.as_str_name()
+                .trim_start_matches("REGISTRATION_STATE_")
+                .to_lowercase()
+        })
+        .unwrap_or_default()
+}
+
+/// Runs `mcimctl subscriber ...`.
+pub fn run(cmd: SubscriberCommand) -> Result<(), DeviceError> {
+    runtime()?.block_on(async {
+        match cmd {
+            SubscriberCommand::Register {
+                device,
+                account,
+                require_aka_in_tre,
+                sho,
+            } => {
+                let params = DeviceParameters::read(&device)?;
+                // Refuse a malformed file before any connection.
+                params.subscription(&account, require_aka_in_tre)?;
+                let mut c = sho_client(&sho.pki, &sho.sho_url).await?;
+                let r = register(&mut c, &params, &account, require_aka_in_tre).await?;
+                if sho.json {
+                    println!(
+                        "{}",
+                        serde_json::json!({"subscription_id": r.subscription_id, "imsi": r.imsi, "pcid": params.pcid})
+                    );
+                } else {
+                    println!("subscription  {}", r.subscription_id);
+                    println!("imsi          {}", r.imsi);
+                    println!("pcid          {}", params.pcid);
+                }
+            }
+            SubscriberCommand::Status { registration, sho } => {
+                let mut c = sho_client(&sho.pki, &sho.sho_url).await?;
+                let r = c
+                    .get_registration(sho::GetRegistrationRequest {
+                        registration_id: registration.clone(),
+                    })
+                    .await?
+                    .into_inner();
+                let state = registration_state(r.state);
+                if sho.json {
+                    println!(
+                        "{}",
+                        serde_json::json!({"registration": registration, "state": state, "detail": r.detail})
+                    );
+                } else {
+                    println!("registration  {registration}");
+                    println!("state         {state}");
+                    if !r.detail.is_empty() {
+                        println!("detail        {}", r.detail);
+                    }
+                }
+            }
+        }
+        Ok(())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params() -> DeviceParameters {
+        DeviceParameters {
+            device_id: "D-1".into(),
+            pcid: "001010000000001".into(),
+            model: "m".into(),
+            tre_kind: "tpm2".into(),
+            storage_public: "0102".into(),
+            platform_credential: vec!["30".into()],
+            aka_execution: "in_tre".into(),
+        }
+    }
+
+    #[test]
+    fn the_file_becomes_the_shos_request_and_bad_fields_are_refused() {
+        let r = params().subscription("acct", true).unwrap_or_default();
+        assert_eq!(r.storage_public, vec![1, 2]);
+        assert_eq!(r.platform_credential, vec![vec![0x30]]);
+        assert_eq!(r.tre_kind, common::TreKind::Tpm2 as i32);
+        assert!(r.require_aka_in_tre);
+        assert_eq!(r.device.map(|d| d.pcid), Some("001010000000001".into()));
+        let mut p = params();
+        p.tre_kind = "tpm1".into();
+        assert!(p.subscription("a", false).is_err());
+        let mut p = params();
+        p.storage_public = "zz".into();
+        assert!(p.subscription("a", false).is_err());
+        assert!(serde_json::from_str::<DeviceParameters>("{\"pcid\": \"1\"}").is_err());
+    }
+}

@@ -1,0 +1,184 @@
+//! The subscriber's side at the command line (5.1.3.5.2): the owner exports a real device's
+//! parameters from `tred` (swtpm), the subscriber hands them to the SHO of the real
+//! `mcim-roles all` with `mcimctl subscriber register`, and follows a registration with
+//! `mcimctl subscriber status`. Refusals change nothing.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::process::{Command, Output};
+
+use mcim_e2e::{Roles, Swtpm, Tred, workspace_bin};
+use mcim_proto::mcim::common::v1 as common;
+use mcim_proto::mcim::supplier::v1 as sup;
+use mcim_proto::mcim::supplier::v1::supplier_service_client::SupplierServiceClient;
+use mcim_proto::mcim::tre::v1 as pb;
+use mcim_roles::authz::Role;
+use serde_json::Value;
+
+fn ctl(args: &[&str]) -> Output {
+    Command::new(workspace_bin("mcimctl"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_registers_a_real_device_at_the_sho_from_its_exported_parameters() {
+    let work = tempfile::tempdir().unwrap();
+    let roles = Roles::start(work.path());
+    let tpm = Swtpm::start();
+    let tred = Tred::start(&tpm.tcti());
+    let socket = tred.socket();
+    let socket = socket.to_str().unwrap();
+    let mut dev = tred.client().await;
+    let identity = common::DeviceIdentity {
+        device_id: "SUB-1".into(),
+        pcid: "001010000000031".into(),
+        model: "m1".into(),
+    };
+    let init = dev
+        .init_device(pb::InitDeviceRequest {
+            identity: Some(identity.clone()),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+
+    // Before supply is complete there is nothing to hand over.
+    let early = ctl(&["device", "--socket", socket, "parameters"]);
+    assert!(!early.status.success());
+    assert!(
+        text(&early).contains("no platform credential"),
+        "{}",
+        text(&early)
+    );
+
+    let cert = SupplierServiceClient::new(roles.channel(Role::Supplier, Role::Supplier).await)
+        .certify_device(sup::CertifyDeviceRequest {
+            identity: Some(identity.clone()),
+            tre_kind: common::TreKind::Tpm2 as i32,
+            storage_public: init.storage_public.clone(),
+            attestation_public: init.attestation_public.clone(),
+            tls_public_spki: init.tls_public_spki.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    dev.install_certificates(pb::InstallCertificatesRequest {
+        platform_credential: cert.platform_credential.clone(),
+        tls_certificate: cert.tls_certificate.clone(),
+    })
+    .await
+    .unwrap();
+
+    // The owner exports; the file holds the TRE's real storage key and the credential.
+    let file = work.path().join("device.json");
+    let out = ctl(&[
+        "device",
+        "--socket",
+        socket,
+        "parameters",
+        "--out",
+        file.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let p: Value = serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    assert_eq!(p["pcid"], "001010000000031");
+    assert_eq!(p["tre_kind"], "tpm2");
+    assert_eq!(p["aka_execution"], "in_tre");
+    assert_eq!(p["storage_public"], hex::encode(&init.storage_public));
+    assert_eq!(
+        p["platform_credential"][0],
+        hex::encode(&cert.platform_credential[0])
+    );
+
+    let sho_url = format!("https://127.0.0.1:{}", roles.port("sho"));
+    let pki = roles.pki.to_str().unwrap().to_string();
+    let register = |device: &str, account: &str| {
+        ctl(&[
+            "subscriber",
+            "register",
+            "--device",
+            device,
+            "--account",
+            account,
+            "--sho-url",
+            &sho_url,
+            "--pki",
+            &pki,
+            "--json",
+        ])
+    };
+    let before = roles.snapshot().await;
+    // A tampered file is refused before anything is sent.
+    let mut bad = p.clone();
+    bad["storage_public"] = Value::from("not hex");
+    let bad_file = work.path().join("bad.json");
+    std::fs::write(&bad_file, bad.to_string()).unwrap();
+    let refused = register(bad_file.to_str().unwrap(), "alice");
+    assert!(!refused.status.success());
+    assert!(
+        text(&refused).contains("storage_public: not hex"),
+        "{}",
+        text(&refused)
+    );
+    // Another device's credential under this PCID: the SHO refuses it.
+    let mut foreign = p.clone();
+    foreign["pcid"] = Value::from("001010000000032");
+    std::fs::write(&bad_file, foreign.to_string()).unwrap();
+    let refused = register(bad_file.to_str().unwrap(), "alice");
+    assert!(!refused.status.success());
+    assert!(
+        text(&refused).contains("another device's"),
+        "{}",
+        text(&refused)
+    );
+    assert_eq!(
+        roles.snapshot().await,
+        before,
+        "a refusal changed the SHO or the RO"
+    );
+
+    let ok = register(file.to_str().unwrap(), "alice");
+    assert!(ok.status.success(), "{}", text(&ok));
+    let r: Value = serde_json::from_slice(&ok.stdout).unwrap();
+    let imsi = r["imsi"].as_str().unwrap().to_string();
+    assert!(imsi.starts_with("00102") && imsi.len() == 15, "{imsi}");
+    // Idempotent for the same subscriber; another subscriber may not take the device.
+    let again = register(file.to_str().unwrap(), "alice");
+    let r2: Value = serde_json::from_slice(&again.stdout).unwrap();
+    assert_eq!(r2["imsi"], imsi.as_str());
+    let after = roles.snapshot().await;
+    let taken = register(file.to_str().unwrap(), "mallory");
+    assert!(!taken.status.success());
+    assert!(
+        text(&taken).contains("another subscriber"),
+        "{}",
+        text(&taken)
+    );
+    assert_eq!(roles.snapshot().await, after);
+
+    // No registration yet: the SHO says so.
+    let status = ctl(&[
+        "subscriber",
+        "status",
+        "no-such-registration",
+        "--sho-url",
+        &sho_url,
+        "--pki",
+        &pki,
+    ]);
+    assert!(!status.status.success());
+    assert!(
+        text(&status).to_lowercase().contains("no such"),
+        "{}",
+        text(&status)
+    );
+}
