@@ -3,12 +3,15 @@
 //! the subscriber hands them to the SHO it contracts with (`mcimctl subscriber register`),
 //! which reserves an IMSI and tells the RO's DRF which SHO the device's PCID belongs to. The
 //! subscriber can then follow the SHO's side of the device's provisioning
-//! (`mcimctl subscriber status`).
+//! (`mcimctl subscriber status`). In CCIF mode 3 (5.1.3.4.1) the subscriber also hands the
+//! PCID's initial credentials to the RO's ICF (`register-pcid`, `activate-pcid`).
 
 use std::path::{Path, PathBuf};
 
 use clap::{Args, Subcommand};
 use mcim_proto::mcim::common::v1 as common;
+use mcim_proto::mcim::ro::v1 as ro;
+use mcim_proto::mcim::ro::v1::icf_service_client::IcfServiceClient;
 use mcim_proto::mcim::sho::v1 as sho;
 use mcim_proto::mcim::sho::v1::sho_service_client::ShoServiceClient;
 use mcim_proto::mcim::tre::v1 as pb;
@@ -121,6 +124,96 @@ pub struct ShoAccess {
     json: bool,
 }
 
+/// How the subscriber reaches the RO's ICF.
+#[derive(Args, Clone)]
+pub struct RoAccess {
+    /// The RO, `https://host:port`.
+    #[arg(long, env = "MCIM_RO_URL")]
+    ro_url: String,
+    /// The PKI directory (subscriber.pem, subscriber.key, ca.pem).
+    #[arg(long, env = "MCIM_PKI")]
+    pki: PathBuf,
+}
+
+/// A PCID's initial credentials as the supplier gives them to the subscriber (mode 3).
+#[derive(Deserialize, zeroize::ZeroizeOnDrop)]
+#[serde(deny_unknown_fields)]
+pub struct PcidCredentials {
+    /// The PCID.
+    #[zeroize(skip)]
+    pub pcid: String,
+    /// K, hex.
+    pub k: String,
+    /// OPc, hex.
+    pub opc: String,
+}
+
+impl PcidCredentials {
+    /// Reads and checks a credentials file (never echoes its secrets).
+    pub fn read(path: &Path) -> Result<Self, DeviceError> {
+        let text = zeroize::Zeroizing::new(
+            std::fs::read_to_string(path).map_err(|e| fail(format!("{}: {e}", path.display())))?,
+        );
+        let c: Self = serde_json::from_str(&text)
+            .map_err(|_| fail(format!("{}: not a credentials file", path.display())))?;
+        for (name, v) in [("k", &c.k), ("opc", &c.opc)] {
+            if v.len() != 32 || !v.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(fail(format!(
+                    "{}: {name} must be 16 octets in hex",
+                    path.display()
+                )));
+            }
+        }
+        Ok(c)
+    }
+}
+
+/// A client of the RO's ICF with the subscriber's certificate.
+pub async fn icf_client(
+    pki: &Path,
+    ro_url: &str,
+) -> Result<IcfServiceClient<Channel>, DeviceError> {
+    let tls = mcim_roles::tls::client_tls(pki, Role::Subscriber, "ro.mcim.local").map_err(fail)?;
+    let ch = Endpoint::from_shared(ro_url.to_string())
+        .map_err(|e| fail(format!("{ro_url}: {e}")))?
+        .tls_config(tls)
+        .map_err(fail)?
+        .connect()
+        .await
+        .map_err(|e| fail(format!("the RO at {ro_url}: {e}")))?;
+    Ok(IcfServiceClient::new(ch))
+}
+
+/// CCIF mode 3: registers `c` at the ICF.
+pub async fn register_pcid(
+    icf: &mut IcfServiceClient<Channel>,
+    c: &PcidCredentials,
+    delayed_activation: bool,
+) -> Result<(), DeviceError> {
+    let k = zeroize::Zeroizing::new(hex::decode(&c.k).map_err(fail)?);
+    let opc = zeroize::Zeroizing::new(hex::decode(&c.opc).map_err(fail)?);
+    icf.register_initial_credentials(ro::RegisterInitialCredentialsRequest {
+        pcid: c.pcid.clone(),
+        k: k.to_vec(),
+        opc: opc.to_vec(),
+        mode: ro::CredentialMode::ViaSubscriber as i32,
+        expires_at: None,
+        delayed_activation,
+    })
+    .await?;
+    Ok(())
+}
+
+/// Annex x.1: makes a PCID registered with delayed activation usable.
+pub async fn activate_pcid(
+    icf: &mut IcfServiceClient<Channel>,
+    pcid: &str,
+) -> Result<(), DeviceError> {
+    icf.activate_pcid(ro::ActivatePcidRequest { pcid: pcid.into() })
+        .await?;
+    Ok(())
+}
+
 /// `mcimctl subscriber ...`
 #[derive(Subcommand)]
 pub enum SubscriberCommand {
@@ -138,6 +231,26 @@ pub enum SubscriberCommand {
         require_aka_in_tre: bool,
         #[command(flatten)]
         sho: ShoAccess,
+    },
+    /// CCIF mode 3 (5.1.3.4.1): hand the initial connectivity credentials the supplier
+    /// embedded in the device (and gave the subscriber) to the RO's ICF.
+    RegisterPcid {
+        /// A JSON file {"pcid": ..., "k": hex, "opc": hex} (a file, not arguments: command
+        /// lines are visible to every user of the machine).
+        #[arg(long)]
+        credentials: PathBuf,
+        /// Keep them unusable until `activate-pcid` (annex x.1, delayed activation).
+        #[arg(long)]
+        delayed_activation: bool,
+        #[command(flatten)]
+        ro: RoAccess,
+    },
+    /// Make a PCID registered with delayed activation usable (annex x.1).
+    ActivatePcid {
+        /// The PCID.
+        pcid: String,
+        #[command(flatten)]
+        ro: RoAccess,
     },
     /// The SHO's view of a device registration (5.1.3.6.2 steps 7-14).
     Status {
@@ -213,6 +326,29 @@ pub fn run(cmd: SubscriberCommand) -> Result<(), DeviceError> {
                     println!("imsi          {}", r.imsi);
                     println!("pcid          {}", params.pcid);
                 }
+            }
+            SubscriberCommand::RegisterPcid {
+                credentials,
+                delayed_activation,
+                ro,
+            } => {
+                let c = PcidCredentials::read(&credentials)?;
+                let mut icf = icf_client(&ro.pki, &ro.ro_url).await?;
+                register_pcid(&mut icf, &c, delayed_activation).await?;
+                println!(
+                    "PCID {} registered at the RO's ICF{}",
+                    c.pcid,
+                    if delayed_activation {
+                        " (not usable until activate-pcid)"
+                    } else {
+                        ""
+                    }
+                );
+            }
+            SubscriberCommand::ActivatePcid { pcid, ro } => {
+                let mut icf = icf_client(&ro.pki, &ro.ro_url).await?;
+                activate_pcid(&mut icf, &pcid).await?;
+                println!("PCID {pcid} activated");
             }
             SubscriberCommand::Status { registration, sho } => {
                 let mut c = sho_client(&sho.pki, &sho.sho_url).await?;

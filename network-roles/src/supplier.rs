@@ -1,10 +1,15 @@
 //! The M2M equipment supplier (TR 33.812 5.1.3.5.3) and its CCIF (5.1.3.4.1): certifies a
 //! device's attestation key (the platform credential, 5.1.3.5.8 PfC) and TLS key under the
-//! supplier root; hands the connectivity credentials it embedded to the RO's ICF (CCIF mode 2).
+//! supplier root; as the CCIF, issues a device's initial connectivity credentials (mode 1:
+//! generated here, wrapped for the device's TRE, given to the RO's ICF) or hands the ones the
+//! supplier embedded to the ICF (mode 2). Mode 3, the subscriber registering them at the ICF,
+//! is `mcimctl subscriber register-pcid`.
 
 use std::path::PathBuf;
 
+use mcim_core::aka::{K, Opc};
 use mcim_core::identity::Pcid;
+use mcim_core::package::{self, TreTarget};
 use mcim_core::tpm::public::{EccPublic, attrs};
 use mcim_proto::mcim::common::v1 as common;
 use mcim_proto::mcim::ro::v1 as ro;
@@ -117,10 +122,52 @@ impl SupplierService for Supplier {
             "/mcim.supplier.v1.SupplierService/IssueConnectivityCredentials",
             None,
         )?;
-        Err(Status::unimplemented(
-            "CCIF mode 1 (the CCIF generates and wraps the credentials) is not built yet; \
-             use mode 2 (RecordConnectivityCredentials) or mode 3 (the subscriber registers them)",
-        ))
+        let r = req.into_inner();
+        let pcid = Pcid::new(r.pcid).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let target = match common::TreKind::try_from(r.tre_kind) {
+            Ok(common::TreKind::Tpm2) => TreTarget::Tpm2,
+            Ok(common::TreKind::Pkcs11) => TreTarget::Pkcs11,
+            _ => return Err(Status::invalid_argument("the TRE kind is required")),
+        };
+        let icf = self
+            .icf
+            .clone()
+            .ok_or_else(|| Status::failed_precondition("no RO configured (--ro-url)"))?;
+        // Fresh K and OPc, wrapped for this TRE first (a key we cannot wrap to changes
+        // nothing), then given to the ICF; only the wrapped form comes back.
+        let (k, opc) = {
+            let mut rng = rand::rng();
+            let mut k = zeroize::Zeroizing::new([0u8; 16]);
+            let mut opc = zeroize::Zeroizing::new([0u8; 16]);
+            rand::Rng::fill_bytes(&mut rng, &mut k[..]);
+            rand::Rng::fill_bytes(&mut rng, &mut opc[..]);
+            (k, opc)
+        };
+        let (wrapped_k, wrapped_opc) = package::wrap_secrets(
+            target,
+            &r.storage_public,
+            &K::new(*k),
+            &Opc::new(*opc),
+            &mut rand::rng(),
+        )
+        .map_err(|e| Status::invalid_argument(format!("storage key: {e}")))?;
+        IcfServiceClient::new(icf)
+            .register_initial_credentials(ro::RegisterInitialCredentialsRequest {
+                pcid: pcid.as_str().to_string(),
+                k: k.to_vec(),
+                opc: opc.to_vec(),
+                mode: ro::CredentialMode::CcifGenerated as i32,
+                expires_at: None,
+                delayed_activation: false,
+            })
+            .await
+            .map_err(|e| Status::new(e.code(), format!("RO's ICF: {}", e.message())))?;
+        tracing::info!(pcid = %pcid.as_str(), device = %r.device_id, "CCIF mode 1: credentials issued");
+        Ok(Response::new(pb::IssueConnectivityCredentialsResponse {
+            pcid: pcid.as_str().to_string(),
+            wrapped_k,
+            wrapped_opc,
+        }))
     }
 
     /// CCIF mode 2 (5.1.3.4.1): the supplier generated the PCID's K and OPc and embedded them

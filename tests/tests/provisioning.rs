@@ -182,3 +182,17 @@ fn the_roles_killed_during_provisioning_resume_from_their_database_and_the_devic
         assert_provisioned(&r, 1);
     }
 }
+
+/// The PCID's initial credentials in CCIF modes 1 (issued by the CCIF, wrapped for the TPM)
+/// and 3 (registered by the subscriber, delayed activation) carry the same flow as mode 2
+/// (the default above): the PCID's AKA in the TRE at steps 1-4 uses them.
+#[test]
+fn every_ccif_mode_gives_credentials_the_pcid_attach_authenticates() {
+    for (mode, tre) in [("1", "tpm"), ("3", "pkcs11")] {
+        let (ok, r, stderr) = lab(&["--tre", tre, "--ccif-mode", mode]);
+        assert!(ok, "mode {mode}: {stderr}");
+        assert_eq!(r["ccif_mode"], mode.parse::<u64>().unwrap());
+        assert!(stderr.contains(&format!("CCIF mode {mode}")), "{stderr}");
+        assert_provisioned(&r, 1);
+    }
+}

@@ -111,6 +111,26 @@ pub struct RunArgs {
     /// 13). Provisioning resumes where it was and completes, each step reported once.
     #[arg(long, value_name = "tred:N|roles:N")]
     crash: Option<crash::Crash>,
+    /// How the PCID's initial credentials are configured (5.1.3.4.1): 1 the CCIF generates
+    /// them and returns them wrapped for the TRE; 2 the supplier embeds them and the CCIF
+    /// hands them to the RO; 3 the supplier embeds them and the subscriber registers them at
+    /// the RO (with delayed activation, annex x.1).
+    #[arg(long, value_enum, default_value = "2")]
+    ccif_mode: CcifMode,
+}
+
+/// The CCIF's configuration modes (5.1.3.4.1).
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CcifMode {
+    /// The CCIF generates them.
+    #[value(name = "1")]
+    Issued = 1,
+    /// The supplier embeds them, the CCIF records them.
+    #[value(name = "2")]
+    Embedded = 2,
+    /// The supplier embeds them, the subscriber registers them.
+    #[value(name = "3")]
+    ViaSubscriber = 3,
 }
 
 /// A child process stopped (SIGTERM, then SIGKILL) when dropped.
@@ -487,31 +507,51 @@ fn lab_inner(
             "[lab] supplier: reference values for model {} registered at the PVA ({n_pcrs} PCRs)",
             identity.model
         ));
-        // The PCID's initial credential, embedded by the supplier (CCIF mode 2).
-        let (k, opc) = {
-            let mut rng = rand::rng();
-            let mut kb = zeroize::Zeroizing::new([0u8; 16]);
-            let mut ob = zeroize::Zeroizing::new([0u8; 16]);
-            rng.fill_bytes(&mut kb[..]);
-            rng.fill_bytes(&mut ob[..]);
-            (kb, ob)
-        };
+        // The PCID's initial credential (5.1.3.4.1), in one of the CCIF's three modes.
         let target = if kind == common::TreKind::Tpm2 as i32 {
             TreTarget::Tpm2
         } else {
             TreTarget::Pkcs11
         };
-        let (wk, wopc) = wrap_secrets(
-            target,
-            &init.storage_public,
-            &K::new(*k),
-            &Opc::new(*opc),
-            &mut rand::rng(),
-        )
-        .map_err(fail)?;
+        let ro_id = "ro.mcim.local";
+        let embedded = match a.ccif_mode {
+            CcifMode::Issued => {
+                // Mode 1: the CCIF generates them, gives them to the ICF, and returns them
+                // wrapped for this TRE; the supplier embeds what it got.
+                let issued = supplier
+                    .issue_connectivity_credentials(sup::IssueConnectivityCredentialsRequest {
+                        device_id: identity.device_id.clone(),
+                        ro_id: ro_id.into(),
+                        pcid: pcid.into(),
+                        tre_kind: kind,
+                        storage_public: init.storage_public.clone(),
+                    })
+                    .await?
+                    .into_inner();
+                (issued.wrapped_k, issued.wrapped_opc, None)
+            }
+            CcifMode::Embedded | CcifMode::ViaSubscriber => {
+                // Modes 2 and 3: the supplier generates and embeds them.
+                let mut rng = rand::rng();
+                let mut kb = zeroize::Zeroizing::new([0u8; 16]);
+                let mut ob = zeroize::Zeroizing::new([0u8; 16]);
+                rng.fill_bytes(&mut kb[..]);
+                rng.fill_bytes(&mut ob[..]);
+                let (wk, wopc) = wrap_secrets(
+                    target,
+                    &init.storage_public,
+                    &K::new(*kb),
+                    &Opc::new(*ob),
+                    &mut rng,
+                )
+                .map_err(fail)?;
+                (wk, wopc, Some((kb, ob)))
+            }
+        };
+        let (wk, wopc, clear) = embedded;
         dev.install_mcim(pb::InstallMcimRequest {
             imsi: pcid.into(),
-            sho_id: "ro.mcim.local".into(),
+            sho_id: ro_id.into(),
             wrapped_k: wk,
             wrapped_opc: wopc,
             ..Default::default()
@@ -521,17 +561,43 @@ fn lab_inner(
             mcim_id: pcid.into(),
         })
         .await?;
-        supplier
-            .record_connectivity_credentials(sup::RecordConnectivityCredentialsRequest {
-                device_id: identity.device_id.clone(),
-                pcid: pcid.into(),
-                ro_id: "ro.mcim.local".into(),
-                k: k.to_vec(),
-                opc: opc.to_vec(),
-            })
-            .await?;
+        match (a.ccif_mode, clear) {
+            (CcifMode::Embedded, Some((k, opc))) => {
+                // Mode 2: the supplier hands them to the ICF afterwards.
+                supplier
+                    .record_connectivity_credentials(sup::RecordConnectivityCredentialsRequest {
+                        device_id: identity.device_id.clone(),
+                        pcid: pcid.into(),
+                        ro_id: ro_id.into(),
+                        k: k.to_vec(),
+                        opc: opc.to_vec(),
+                    })
+                    .await?;
+            }
+            (CcifMode::ViaSubscriber, Some((k, opc))) => {
+                // Mode 3: they reach the ICF through the subscriber, registered for delayed
+                // activation (annex x.1) and then activated, as `mcimctl subscriber
+                // register-pcid` / `activate-pcid` do.
+                let creds = crate::subscriber::PcidCredentials {
+                    pcid: pcid.into(),
+                    k: hex::encode(*k),
+                    opc: hex::encode(*opc),
+                };
+                let mut icf = crate::subscriber::icf_client(&pki, &format!("https://127.0.0.1:{ro_p}")).await?;
+                crate::subscriber::register_pcid(&mut icf, &creds, true).await?;
+                crate::subscriber::activate_pcid(&mut icf, pcid).await?;
+            }
+            _ => {}
+        }
+        report["ccif_mode"] = json!(a.ccif_mode as u8);
         say.line(&format!(
-            "[lab] supplier: initial credential of PCID {pcid} in the TRE and at the RO's ICF"
+            "[lab] supplier: initial credential of PCID {pcid} in the TRE and at the RO's ICF (CCIF mode {}: {})",
+            a.ccif_mode as u8,
+            match a.ccif_mode {
+                CcifMode::Issued => "issued by the CCIF, wrapped for this TRE",
+                CcifMode::Embedded => "embedded by the supplier, recorded by the CCIF",
+                CcifMode::ViaSubscriber => "embedded by the supplier, registered by the subscriber",
+            }
         ));
 
         if a.extend_pcr_after_supply {
