@@ -175,14 +175,6 @@ fn main() -> std::process::ExitCode {
         };
     }
     let args = Args::parse_from(argv);
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("MCIM_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_ansi(false)
-        .with_writer(std::io::stderr)
-        .init();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -194,7 +186,19 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(serve(args.role)) {
+    // Logs (MCIM_LOG), and OTLP traces when OTEL_EXPORTER_OTLP_ENDPOINT is set.
+    let telemetry = {
+        let _in_runtime = runtime.enter();
+        mcim_telemetry::init(
+            "mcim-roles",
+            &std::env::var("MCIM_LOG").unwrap_or_else(|_| "info".into()),
+        )
+    };
+    let served = runtime.block_on(serve(args.role));
+    // The last spans go out while the runtime still runs the exporter.
+    drop(telemetry);
+    drop(runtime);
+    match served {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("mcim-roles: {e}");
@@ -321,7 +325,9 @@ async fn serve_role(
     service: Service,
 ) -> Result<(), String> {
     let tls = server_tls(&pki, role).map_err(|e| e.to_string())?;
+    // Each call is a span whose parent is the caller's (trace context in the metadata).
     let mut builder = tonic::transport::Server::builder()
+        .trace_fn(mcim_telemetry::server_span)
         .tls_config(tls)
         .map_err(|e| e.to_string())?;
     // gRPC health and reflection on every server (authenticated by mutual TLS like the rest).

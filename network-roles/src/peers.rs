@@ -4,8 +4,9 @@
 
 use std::path::Path;
 
+use mcim_telemetry::Channel;
 use tonic::Status;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
 
 use crate::authz::Role;
 use crate::tls::client_tls;
@@ -15,17 +16,20 @@ pub fn server_name(role: Role) -> String {
     format!("{}.mcim.local", role.as_str())
 }
 
-/// A lazily connected channel from `me` to the `peer` role at `url` (`https://host:port`).
+/// A lazily connected channel from `me` to the `peer` role at `url` (`https://host:port`);
+/// its requests carry the caller's trace context.
 pub fn channel(pki: &Path, me: Role, peer: Role, url: &str) -> Result<Channel, Status> {
     let tls = client_tls(pki, me, &server_name(peer))
         .map_err(|e| Status::internal(format!("TLS to {peer}: {e}")))?;
-    Ok(Endpoint::from_shared(url.to_string())
-        .map_err(|e| Status::invalid_argument(format!("{peer} address {url:?}: {e}")))?
-        .tls_config(tls)
-        .map_err(|e| Status::internal(format!("TLS to {peer}: {e}")))?
-        .connect_timeout(std::time::Duration::from_secs(5))
-        .timeout(std::time::Duration::from_secs(30))
-        .connect_lazy())
+    Ok(mcim_telemetry::traced(
+        Endpoint::from_shared(url.to_string())
+            .map_err(|e| Status::invalid_argument(format!("{peer} address {url:?}: {e}")))?
+            .tls_config(tls)
+            .map_err(|e| Status::internal(format!("TLS to {peer}: {e}")))?
+            .connect_timeout(std::time::Duration::from_secs(5))
+            .timeout(std::time::Duration::from_secs(30))
+            .connect_lazy(),
+    ))
 }
 
 /// The key a role signs statements with, from its certificate in the PKI directory (for

@@ -23,9 +23,9 @@ use mcim_proto::mcim::ro::v1::drf_service_client::DrfServiceClient;
 use mcim_proto::mcim::sho::v1 as pb;
 use mcim_proto::mcim::sho::v1::RegistrationState as St;
 use mcim_proto::mcim::sho::v1::sho_service_server::ShoService;
+use mcim_telemetry::Channel;
 use p256::ecdsa::SigningKey;
 use sqlx::SqlitePool;
-use tonic::transport::Channel;
 use tonic::{Code, Request, Response, Status};
 
 use crate::atrest::DataKey;
@@ -165,37 +165,42 @@ impl Sho {
         Ok(())
     }
 
-    /// Follows one registration through steps 10-11 in the background.
+    /// Follows one registration through steps 10-11 in the background, in the trace of the
+    /// call that started it.
     fn follow(self: Arc<Self>, id: String) {
-        tokio::spawn(async move {
-            let deadline = tokio::time::Instant::now() + VALIDATION_WAIT;
-            loop {
-                match self.step(&id).await {
-                    Ok(true) => return,
-                    // Still pending after a long poll: ask again at once.
-                    Ok(false) => {}
-                    Err(s) if s.code() == Code::Unavailable || s.code() == Code::Unknown => {
-                        tracing::warn!(registration = %id, "will retry: {}", s.message());
-                        tokio::time::sleep(RETRY_PAUSE).await;
+        let span = tracing::info_span!("follow_validation", registration = %id);
+        tokio::spawn(tracing::Instrument::instrument(
+            async move {
+                let deadline = tokio::time::Instant::now() + VALIDATION_WAIT;
+                loop {
+                    match self.step(&id).await {
+                        Ok(true) => return,
+                        // Still pending after a long poll: ask again at once.
+                        Ok(false) => {}
+                        Err(s) if s.code() == Code::Unavailable || s.code() == Code::Unknown => {
+                            tracing::warn!(registration = %id, "will retry: {}", s.message());
+                            tokio::time::sleep(RETRY_PAUSE).await;
+                        }
+                        Err(s) => {
+                            tracing::warn!(registration = %id, "failed: {}", s.message());
+                            let _ = self.set_state(&id, St::Failed, s.message()).await;
+                            return;
+                        }
                     }
-                    Err(s) => {
-                        tracing::warn!(registration = %id, "failed: {}", s.message());
-                        let _ = self.set_state(&id, St::Failed, s.message()).await;
+                    if tokio::time::Instant::now() > deadline {
+                        let _ = self
+                            .set_state(
+                                &id,
+                                St::ValidationFailed,
+                                "no evidence from the device in time",
+                            )
+                            .await;
                         return;
                     }
                 }
-                if tokio::time::Instant::now() > deadline {
-                    let _ = self
-                        .set_state(
-                            &id,
-                            St::ValidationFailed,
-                            "no evidence from the device in time",
-                        )
-                        .await;
-                    return;
-                }
-            }
-        });
+            },
+            span,
+        ));
     }
 
     /// One look at a registration; `Ok(true)` when there is nothing more to do.

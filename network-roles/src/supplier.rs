@@ -26,7 +26,7 @@ use crate::tls::authorize;
 pub struct Supplier {
     pki: PathBuf,
     /// The RO's ICF (CCIF mode 2 hands credentials to it); none: not configured.
-    icf: Option<tonic::transport::Channel>,
+    icf: Option<mcim_telemetry::Channel>,
 }
 
 impl Supplier {

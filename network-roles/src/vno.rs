@@ -15,9 +15,9 @@ use mcim_proto::mcim::sho::v1 as sho;
 use mcim_proto::mcim::sho::v1::sho_service_client::ShoServiceClient;
 use mcim_proto::mcim::vno::v1 as pb;
 use mcim_proto::mcim::vno::v1::vno_service_server::VnoService;
+use mcim_telemetry::Channel;
 use sqlx::SqlitePool;
 use subtle::ConstantTimeEq;
-use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use crate::authz::Role;

@@ -4,7 +4,6 @@
 //! ```text
 //! tred [--config /etc/mcim/tred.toml]      # MCIM_* variables override the file
 //! ```
-use std::io::IsTerminal;
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 
@@ -39,14 +38,24 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
-    let filter = tracing_subscriber::EnvFilter::try_new(&config.log)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
-        .init();
-    match run(config) {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("tred: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    // Logs, and OTLP traces when OTEL_EXPORTER_OTLP_ENDPOINT is set (the exporter runs on the
+    // runtime); dropped last, after the runtime, so the last spans are sent.
+    let telemetry = {
+        let _in_runtime = runtime.enter();
+        mcim_telemetry::init("tred", &config.log)
+    };
+    match run(config, runtime, telemetry) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e}");
@@ -56,17 +65,18 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-fn run(config: Config) -> Result<(), String> {
+fn run(
+    config: Config,
+    runtime: tokio::runtime::Runtime,
+    telemetry: mcim_telemetry::Telemetry,
+) -> Result<(), String> {
     let state_dir = config.state_dir.clone();
     let open = opener(&config)?;
     let (engine, tre_thread) =
         EngineHandle::spawn(move || Engine::new(open()?, state_dir).map_err(|e| e.to_string()))?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .map_err(|e| e.to_string())?;
     let served = runtime.block_on(serve(&config, engine));
+    // The last spans go out while the runtime still runs the exporter.
+    drop(telemetry);
     // Dropping the runtime drops the last engine handle; the TRE thread then ends.
     drop(runtime);
     let _ = tre_thread.join();

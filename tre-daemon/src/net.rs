@@ -5,10 +5,12 @@
 
 use std::sync::Arc;
 
-use tonic::transport::{Channel, Endpoint};
+use mcim_telemetry::Channel;
+use tonic::transport::Endpoint;
 
 /// A lazily connected channel to the role whose certificate names `server_name`
-/// (`<role>.mcim.local`) at `url` (`https://host:port`).
+/// (`<role>.mcim.local`) at `url` (`https://host:port`); its requests carry the caller's
+/// trace context.
 pub fn channel(
     config: Arc<rustls::ClientConfig>,
     url: &str,
@@ -25,21 +27,23 @@ pub fn channel(
     let endpoint = Endpoint::from_shared(format!("http://{authority}"))
         .map_err(|e| format!("{url}: {e}"))?
         .connect_timeout(std::time::Duration::from_secs(5));
-    Ok(endpoint.connect_with_connector_lazy(tower::service_fn(
-        move |_: tonic::codegen::http::Uri| {
-            let connector = connector.clone();
-            let name = name.clone();
-            let authority = authority.clone();
-            async move {
-                let tcp = tokio::net::TcpStream::connect(authority.as_str()).await?;
-                // gRPC writes small frames and waits for answers: without this, Nagle's
-                // algorithm and the peer's delayed ACK hold a request back ~40 ms.
-                tcp.set_nodelay(true)?;
-                let tls = connector.connect(name, tcp).await?;
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
-            }
-        },
-    )))
+    Ok(mcim_telemetry::traced(
+        endpoint.connect_with_connector_lazy(tower::service_fn(
+            move |_: tonic::codegen::http::Uri| {
+                let connector = connector.clone();
+                let name = name.clone();
+                let authority = authority.clone();
+                async move {
+                    let tcp = tokio::net::TcpStream::connect(authority.as_str()).await?;
+                    // gRPC writes small frames and waits for answers: without this, Nagle's
+                    // algorithm and the peer's delayed ACK hold a request back ~40 ms.
+                    tcp.set_nodelay(true)?;
+                    let tls = connector.connect(name, tcp).await?;
+                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
+                }
+            },
+        )),
+    ))
 }
 
 /// Checks that `cert_der` is signed by a CA in `ca_pem`, is valid now, and carries the URI SAN

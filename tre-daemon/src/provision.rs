@@ -27,9 +27,10 @@ use mcim_proto::mcim::tre::v1 as pb;
 use mcim_proto::mcim::tre::v1::tre_service_server::TreService;
 use mcim_proto::mcim::vno::v1 as vno;
 use mcim_proto::mcim::vno::v1::vno_service_client::VnoServiceClient;
+use mcim_telemetry::Channel;
 use serde::{Deserialize, Serialize};
-use tonic::transport::Channel;
 use tonic::{Code, Request, Status};
+use tracing::Instrument;
 
 use crate::certificates::Certificates;
 use crate::engine::EngineHandle;
@@ -319,16 +320,40 @@ impl Provisioner {
         self.run.send_replace(Some(run.clone()));
     }
 
+    /// Runs the run to its end, as one trace: the `provisioning` span is the root of every
+    /// call the device makes for it, and the roles' spans join it (trace context in the gRPC
+    /// metadata).
     async fn drive(self: Arc<Self>) {
-        let Some(mut run) = self.run.borrow().clone() else {
+        let Some(run) = self.run.borrow().clone() else {
             return;
         };
+        let span = tracing::info_span!(
+            "provisioning",
+            run = %run.id,
+            access = if run.three_gpp { "3gpp" } else { "non-3gpp" },
+        );
+        self.drive_run(run).instrument(span).await;
+    }
+
+    async fn drive_run(&self, mut run: Run) {
         let mut tries = 0;
         while !run.finished() {
             let result = match run.phase {
-                Phase::Attach => self.attach(&mut run).await,
-                Phase::Register => self.register(&mut run).await,
-                Phase::Tasks => self.tasks(&mut run).await,
+                Phase::Attach => {
+                    self.attach(&mut run)
+                        .instrument(tracing::info_span!("attach", steps = "1-4"))
+                        .await
+                }
+                Phase::Register => {
+                    self.register(&mut run)
+                        .instrument(tracing::info_span!("register", steps = "5-7"))
+                        .await
+                }
+                Phase::Tasks => {
+                    self.tasks(&mut run)
+                        .instrument(tracing::info_span!("tasks", steps = "8-14"))
+                        .await
+                }
                 Phase::Done | Phase::Failed => break,
             };
             match result {
@@ -498,6 +523,7 @@ impl Provisioner {
 
     /// Operational attach with an installed MCIM (5.1.3.3.2.2): select it (it stays Selected
     /// for the session), attach with its IMSI, AKA in the TRE against the SHO's vectors.
+    #[tracing::instrument(name = "network_attach", skip(self))]
     pub async fn network_attach(&self, mcim_id: &str) -> Result<pb::NetworkAttachResponse, Status> {
         let id = if mcim_id.is_empty() {
             self.api

@@ -15,10 +15,10 @@ use std::sync::Arc;
 
 use mcim_proto::mcim::ro::v1 as pb;
 use mcim_proto::mcim::sho::v1::sho_service_client::ShoServiceClient;
+use mcim_telemetry::Channel;
 use prost::Message;
 use sqlx::SqlitePool;
 use tonic::Status;
-use tonic::transport::Channel;
 
 use crate::atrest::DataKey;
 use crate::auc::Auc;
