@@ -370,6 +370,35 @@ pub fn own_softhsm(test: &str) -> Option<SoftHsm> {
     None
 }
 
+/// Runs `mcimctl` with `args`.
+pub fn mcimctl(args: &[&str]) -> std::process::Output {
+    Command::new(workspace_bin("mcimctl"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// A command's standard output and error, for assertions and failure messages.
+pub fn output_text(o: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// Whether `n` consecutive ports from `base` on 127.0.0.1 accept connections within 20 s.
+pub fn listening(base: u16, n: u16) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if (0..n).all(|i| TcpStream::connect(("127.0.0.1", base + i)).is_ok()) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
 /// The first of `n` consecutive free ports on 127.0.0.1.
 pub fn free_ports(n: u16) -> u16 {
     loop {
@@ -430,11 +459,7 @@ impl Roles {
             .spawn()
             .unwrap();
         self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while (0..5).any(|i| TcpStream::connect(("127.0.0.1", self.base + i)).is_err()) {
-            assert!(Instant::now() < deadline, "mcim-roles all did not listen");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        assert!(listening(self.base, 5), "mcim-roles all did not listen");
     }
 
     /// Kills the process and starts it again on the same PKI, database and ports.

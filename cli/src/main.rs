@@ -14,6 +14,7 @@ mod aka;
 mod device;
 mod hexarg;
 mod lab;
+mod net;
 mod operator;
 mod pki;
 mod subscriber;

@@ -17,7 +17,7 @@ use mcim_proto::mcim::sho::v1::sho_service_client::ShoServiceClient;
 use mcim_proto::mcim::tre::v1 as pb;
 use mcim_roles::authz::Role;
 use serde::{Deserialize, Serialize};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::device::{DeviceError, runtime};
 
@@ -173,14 +173,7 @@ pub async fn icf_client(
     pki: &Path,
     ro_url: &str,
 ) -> Result<IcfServiceClient<Channel>, DeviceError> {
-    let tls = mcim_roles::tls::client_tls(pki, Role::Subscriber, "ro.mcim.local").map_err(fail)?;
-    let ch = Endpoint::from_shared(ro_url.to_string())
-        .map_err(|e| fail(format!("{ro_url}: {e}")))?
-        .tls_config(tls)
-        .map_err(fail)?
-        .connect()
-        .await
-        .map_err(|e| fail(format!("the RO at {ro_url}: {e}")))?;
+    let ch = crate::net::role_channel(pki, Role::Subscriber, Role::Ro, ro_url).await?;
     Ok(IcfServiceClient::new(ch))
 }
 
@@ -266,14 +259,7 @@ pub async fn sho_client(
     pki: &Path,
     sho_url: &str,
 ) -> Result<ShoServiceClient<Channel>, DeviceError> {
-    let tls = mcim_roles::tls::client_tls(pki, Role::Subscriber, "sho.mcim.local").map_err(fail)?;
-    let ch = Endpoint::from_shared(sho_url.to_string())
-        .map_err(|e| fail(format!("{sho_url}: {e}")))?
-        .tls_config(tls)
-        .map_err(fail)?
-        .connect()
-        .await
-        .map_err(|e| fail(format!("the SHO at {sho_url}: {e}")))?;
+    let ch = crate::net::role_channel(pki, Role::Subscriber, Role::Sho, sho_url).await?;
     Ok(ShoServiceClient::new(ch))
 }
 

@@ -175,24 +175,14 @@ fn main() -> std::process::ExitCode {
         };
     }
     let args = Args::parse_from(argv);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
+    // Logs (MCIM_LOG), and OTLP traces when OTEL_EXPORTER_OTLP_ENDPOINT is set.
+    let filter = std::env::var("MCIM_LOG").unwrap_or_else(|_| "info".into());
+    let (runtime, telemetry) = match mcim_telemetry::runtime("mcim-roles", &filter) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("mcim-roles: {e}");
             return std::process::ExitCode::FAILURE;
         }
-    };
-    // Logs (MCIM_LOG), and OTLP traces when OTEL_EXPORTER_OTLP_ENDPOINT is set.
-    let telemetry = {
-        let _in_runtime = runtime.enter();
-        mcim_telemetry::init(
-            "mcim-roles",
-            &std::env::var("MCIM_LOG").unwrap_or_else(|_| "info".into()),
-        )
     };
     let served = runtime.block_on(serve(args.role));
     // The last spans go out while the runtime still runs the exporter.

@@ -148,3 +148,20 @@ fn exporter(service: &'static str) -> Result<opentelemetry_sdk::trace::SdkTracer
         .with_resource(resource)
         .build())
 }
+
+/// A daemon's tokio runtime (two workers: the machines are small) with [`init`] run inside
+/// it. Drop the [`Telemetry`] before the runtime, so that the last spans go out.
+pub fn runtime(
+    service: &'static str,
+    filter: &str,
+) -> Result<(tokio::runtime::Runtime, Telemetry), std::io::Error> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let telemetry = {
+        let _in_runtime = runtime.enter();
+        init(service, filter)
+    };
+    Ok((runtime, telemetry))
+}

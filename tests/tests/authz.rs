@@ -193,11 +193,12 @@ fn res(k: [u8; 16], opc: [u8; 16], rand: &[u8]) -> Vec<u8> {
     out.res.0.to_vec()
 }
 
-/// CompleteAttach and Detach name only an attempt or a grant; the VNO looks up which device
-/// it belongs to. Another device is refused, and the attempt (then the grant) still works for
-/// the device that made it.
+/// One attach per PCID at a time: a second concurrent attach is refused until the first is
+/// detached. CompleteAttach and Detach name only an attempt or a grant; the VNO looks up which
+/// device it belongs to. Another device is refused, and the attempt (then the grant) still
+/// works for the device that made it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn another_device_can_neither_answer_nor_end_a_devices_attach() {
+async fn one_attach_per_pcid_and_another_device_can_neither_answer_nor_end_it() {
     let work = tempfile::tempdir().unwrap();
     let roles = Roles::start(work.path());
     let (k, opc) = ([0x11; 16], [0x22; 16]);
@@ -229,6 +230,22 @@ async fn another_device_can_neither_answer_nor_end_a_devices_attach() {
         ))),
     };
     let before = roles.snapshot().await;
+    // A second concurrent attach with the same PCID is refused, from any device (5.1.3.6.2
+    // step 1: one attach per identity), and changes nothing.
+    for who in [&mut other, &mut me] {
+        let again = who
+            .attach(vno::AttachRequest {
+                identity: ME.into(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(again.code(), Code::AlreadyExists, "{again:?}");
+    }
+    assert_eq!(
+        roles.snapshot().await,
+        before,
+        "a refused attach changed state"
+    );
     let denied = other.complete_attach(answer()).await.unwrap_err();
     assert_eq!(denied.code(), Code::PermissionDenied, "{denied:?}");
     // An unknown attempt is refused by role before it is looked up: no existence oracle.
@@ -270,6 +287,14 @@ async fn another_device_can_neither_answer_nor_end_a_devices_attach() {
         before,
         "a refused detach changed state"
     );
+    // Attached: still one at a time.
+    let again = other
+        .attach(vno::AttachRequest {
+            identity: ME.into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(again.code(), Code::AlreadyExists, "{again:?}");
     me.detach(vno::DetachRequest {
         grant_id: grant.grant_id.clone(),
     })
@@ -280,4 +305,10 @@ async fn another_device_can_neither_answer_nor_end_a_devices_attach() {
         before,
         "the device's own detach ends the grant"
     );
+    // Detached: the PCID may attach again.
+    me.attach(vno::AttachRequest {
+        identity: ME.into(),
+    })
+    .await
+    .unwrap();
 }

@@ -6,9 +6,7 @@
 //! these tests are about the roles, the lab runs the modes with a real TRE.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::process::{Command, Output};
-
-use mcim_e2e::{Roles, workspace_bin};
+use mcim_e2e::{Roles, mcimctl, output_text};
 use mcim_proto::mcim::common::v1 as common;
 use mcim_proto::mcim::supplier::v1 as sup;
 use mcim_proto::mcim::supplier::v1::supplier_service_client::SupplierServiceClient;
@@ -18,21 +16,6 @@ use mcim_roles::authz::Role;
 use p256::elliptic_curve::Generate;
 use p256::pkcs8::EncodePublicKey;
 use tonic::Code;
-
-fn ctl(args: &[&str]) -> Output {
-    Command::new(workspace_bin("mcimctl"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mode_1_issues_a_pcids_credentials_once() {
@@ -105,7 +88,7 @@ async fn mode_3_the_subscriber_registers_the_pcid_which_attaches_only_once_activ
         .unwrap();
     };
     let register = || {
-        ctl(&[
+        mcimctl(&[
             "subscriber",
             "register-pcid",
             "--credentials",
@@ -122,13 +105,20 @@ async fn mode_3_the_subscriber_registers_the_pcid_which_attaches_only_once_activ
     write("4242");
     let out = register();
     assert!(!out.status.success());
-    assert!(text(&out).contains("k must be 16 octets"), "{}", text(&out));
-    assert!(!text(&out).contains("4242"), "the secret is not echoed");
+    assert!(
+        output_text(&out).contains("k must be 16 octets"),
+        "{}",
+        output_text(&out)
+    );
+    assert!(
+        !output_text(&out).contains("4242"),
+        "the secret is not echoed"
+    );
     assert_eq!(roles.snapshot().await, before);
 
     write(&hex::encode(k));
     let out = register();
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}", output_text(&out));
 
     // Registered but not activated: the VNO cannot get vectors for it.
     let mut device = VnoServiceClient::new(roles.device_channel(pcid, Role::Vno).await);
@@ -139,7 +129,7 @@ async fn mode_3_the_subscriber_registers_the_pcid_which_attaches_only_once_activ
     assert_eq!(early.code(), Code::FailedPrecondition, "{early:?}");
     assert!(early.message().contains("awaits activation"), "{early:?}");
 
-    let out = ctl(&[
+    let out = mcimctl(&[
         "subscriber",
         "activate-pcid",
         pcid,
@@ -148,7 +138,7 @@ async fn mode_3_the_subscriber_registers_the_pcid_which_attaches_only_once_activ
         "--pki",
         &pki,
     ]);
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}", output_text(&out));
 
     // Now the PCID attaches with the credentials the subscriber handed over.
     let a = device.attach(attach()).await.unwrap().into_inner();

@@ -743,16 +743,6 @@ fn a_toml_file_configures_the_roles_and_the_environment_wins_over_it() {
         ),
     )
     .unwrap();
-    let listening = |base: u16| {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if (0..5).all(|i| std::net::TcpStream::connect(("127.0.0.1", base + i)).is_ok()) {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        false
-    };
     for (env, want, not) in [
         (None, from_file, from_env),
         (Some(from_env), from_env, from_file),
@@ -765,7 +755,7 @@ fn a_toml_file_configures_the_roles_and_the_environment_wins_over_it() {
             cmd.env("MCIM_BASE_PORT", p.to_string());
         }
         let _server = Server(cmd.spawn().unwrap());
-        assert!(listening(want), "listens on {want}");
+        assert!(mcim_e2e::listening(want, 5), "listens on {want}");
         assert!(
             std::net::TcpStream::connect(("127.0.0.1", not)).is_err(),
             "not on {not}"

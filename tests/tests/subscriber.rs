@@ -4,30 +4,13 @@
 //! `mcimctl subscriber status`. Refusals change nothing.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::process::{Command, Output};
-
-use mcim_e2e::{Roles, Swtpm, Tred, workspace_bin};
+use mcim_e2e::{Roles, Swtpm, Tred, mcimctl, output_text};
 use mcim_proto::mcim::common::v1 as common;
 use mcim_proto::mcim::supplier::v1 as sup;
 use mcim_proto::mcim::supplier::v1::supplier_service_client::SupplierServiceClient;
 use mcim_proto::mcim::tre::v1 as pb;
 use mcim_roles::authz::Role;
 use serde_json::Value;
-
-fn ctl(args: &[&str]) -> Output {
-    Command::new(workspace_bin("mcimctl"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subscriber_registers_a_real_device_at_the_sho_from_its_exported_parameters() {
@@ -52,12 +35,12 @@ async fn a_subscriber_registers_a_real_device_at_the_sho_from_its_exported_param
         .into_inner();
 
     // Before supply is complete there is nothing to hand over.
-    let early = ctl(&["device", "--socket", socket, "parameters"]);
+    let early = mcimctl(&["device", "--socket", socket, "parameters"]);
     assert!(!early.status.success());
     assert!(
-        text(&early).contains("no platform credential"),
+        output_text(&early).contains("no platform credential"),
         "{}",
-        text(&early)
+        output_text(&early)
     );
 
     let cert = SupplierServiceClient::new(roles.channel(Role::Supplier, Role::Supplier).await)
@@ -80,7 +63,7 @@ async fn a_subscriber_registers_a_real_device_at_the_sho_from_its_exported_param
 
     // The owner exports; the file holds the TRE's real storage key and the credential.
     let file = work.path().join("device.json");
-    let out = ctl(&[
+    let out = mcimctl(&[
         "device",
         "--socket",
         socket,
@@ -88,7 +71,7 @@ async fn a_subscriber_registers_a_real_device_at_the_sho_from_its_exported_param
         "--out",
         file.to_str().unwrap(),
     ]);
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}", output_text(&out));
     let p: Value = serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
     assert_eq!(p["pcid"], "001010000000031");
     assert_eq!(p["tre_kind"], "tpm2");
@@ -102,7 +85,7 @@ async fn a_subscriber_registers_a_real_device_at_the_sho_from_its_exported_param
     let sho_url = format!("https://127.0.0.1:{}", roles.port("sho"));
     let pki = roles.pki.to_str().unwrap().to_string();
     let register = |device: &str, account: &str| {
-        ctl(&[
+        mcimctl(&[
             "subscriber",
             "register",
             "--device",
@@ -125,9 +108,9 @@ async fn a_subscriber_registers_a_real_device_at_the_sho_from_its_exported_param
     let refused = register(bad_file.to_str().unwrap(), "alice");
     assert!(!refused.status.success());
     assert!(
-        text(&refused).contains("storage_public: not hex"),
+        output_text(&refused).contains("storage_public: not hex"),
         "{}",
-        text(&refused)
+        output_text(&refused)
     );
     // Another device's credential under this PCID: the SHO refuses it.
     let mut foreign = p.clone();
@@ -136,9 +119,9 @@ async fn a_subscriber_registers_a_real_device_at_the_sho_from_its_exported_param
     let refused = register(bad_file.to_str().unwrap(), "alice");
     assert!(!refused.status.success());
     assert!(
-        text(&refused).contains("another device's"),
+        output_text(&refused).contains("another device's"),
         "{}",
-        text(&refused)
+        output_text(&refused)
     );
     assert_eq!(
         roles.snapshot().await,
@@ -147,7 +130,7 @@ async fn a_subscriber_registers_a_real_device_at_the_sho_from_its_exported_param
     );
 
     let ok = register(file.to_str().unwrap(), "alice");
-    assert!(ok.status.success(), "{}", text(&ok));
+    assert!(ok.status.success(), "{}", output_text(&ok));
     let r: Value = serde_json::from_slice(&ok.stdout).unwrap();
     let imsi = r["imsi"].as_str().unwrap().to_string();
     assert!(imsi.starts_with("00102") && imsi.len() == 15, "{imsi}");
@@ -159,14 +142,14 @@ async fn a_subscriber_registers_a_real_device_at_the_sho_from_its_exported_param
     let taken = register(file.to_str().unwrap(), "mallory");
     assert!(!taken.status.success());
     assert!(
-        text(&taken).contains("another subscriber"),
+        output_text(&taken).contains("another subscriber"),
         "{}",
-        text(&taken)
+        output_text(&taken)
     );
     assert_eq!(roles.snapshot().await, after);
 
     // No registration yet: the SHO says so.
-    let status = ctl(&[
+    let status = mcimctl(&[
         "subscriber",
         "status",
         "no-such-registration",
@@ -177,8 +160,8 @@ async fn a_subscriber_registers_a_real_device_at_the_sho_from_its_exported_param
     ]);
     assert!(!status.status.success());
     assert!(
-        text(&status).to_lowercase().contains("no such"),
+        output_text(&status).to_lowercase().contains("no such"),
         "{}",
-        text(&status)
+        output_text(&status)
     );
 }

@@ -38,22 +38,14 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
+    // Logs, and OTLP traces when OTEL_EXPORTER_OTLP_ENDPOINT is set (the exporter runs on the
+    // runtime; `run` drops the telemetry before the runtime, so the last spans are sent).
+    let (runtime, telemetry) = match mcim_telemetry::runtime("tred", &config.log) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("tred: {e}");
             return std::process::ExitCode::FAILURE;
         }
-    };
-    // Logs, and OTLP traces when OTEL_EXPORTER_OTLP_ENDPOINT is set (the exporter runs on the
-    // runtime); dropped last, after the runtime, so the last spans are sent.
-    let telemetry = {
-        let _in_runtime = runtime.enter();
-        mcim_telemetry::init("tred", &config.log)
     };
     match run(config, runtime, telemetry) {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -36,7 +36,7 @@ use mcim_proto::mcim::vno::v1::vno_service_client::VnoServiceClient;
 use mcim_roles::authz::Role;
 use rand::Rng;
 use serde_json::json;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::device::{DeviceError, connect, runtime};
 
@@ -230,15 +230,7 @@ fn spawn(cmd: &mut Command, what: &str, log: &Path) -> Result<Proc, DeviceError>
 }
 
 async fn role_client(pki: &Path, me: Role, peer: Role, port: u16) -> Result<Channel, DeviceError> {
-    let tls = mcim_roles::tls::client_tls(pki, me, &format!("{}.mcim.local", peer.as_str()))
-        .map_err(fail)?;
-    Endpoint::from_shared(format!("https://127.0.0.1:{port}"))
-        .map_err(fail)?
-        .tls_config(tls)
-        .map_err(fail)?
-        .connect()
-        .await
-        .map_err(|e| fail(format!("{peer}: {e}")))
+    crate::net::role_channel(pki, me, peer, &format!("https://127.0.0.1:{port}")).await
 }
 
 /// Runs `mcimctl lab ...`.
@@ -824,22 +816,14 @@ fn lab_inner(
 
         // An impostor (a certified device without this MCIM's K) answers the IMSI's
         // challenge: the VNO refuses it, and the refusal leaves nothing behind.
-        let (cert_pem, key_pem) =
-            mcim_roles::pki::issue_software_device(&pki, "001019999999999").map_err(fail)?;
-        let tls = tonic::transport::ClientTlsConfig::new()
-            .ca_certificate(tonic::transport::Certificate::from_pem(
-                std::fs::read(pki.join("ca.pem")).map_err(fail)?,
-            ))
-            .identity(tonic::transport::Identity::from_pem(cert_pem, key_pem))
-            .domain_name("vno.mcim.local");
         let mut impostor = VnoServiceClient::new(
-            Endpoint::from_shared(format!("https://127.0.0.1:{vno_p}"))
-                .map_err(fail)?
-                .tls_config(tls)
-                .map_err(fail)?
-                .connect()
-                .await
-                .map_err(fail)?,
+            crate::net::software_device_channel(
+                &pki,
+                "001019999999999",
+                Role::Vno,
+                &format!("https://127.0.0.1:{vno_p}"),
+            )
+            .await?,
         );
         let ch = impostor
             .attach(vno::AttachRequest {
