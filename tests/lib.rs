@@ -387,6 +387,14 @@ pub fn output_text(o: &std::process::Output) -> String {
     )
 }
 
+/// A fresh development PKI in `work/pki` (`mcimctl pki init`); returns its directory.
+pub fn pki_init(work: &std::path::Path) -> PathBuf {
+    let pki = work.join("pki");
+    let out = mcimctl(&["pki", "init", "--dir", pki.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", output_text(&out));
+    pki
+}
+
 /// Whether `n` consecutive ports from `base` on 127.0.0.1 accept connections within 20 s.
 pub fn listening(base: u16, n: u16) -> bool {
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -429,15 +437,7 @@ pub struct Roles {
 impl Roles {
     /// Starts the roles in `work` and waits until every port listens.
     pub fn start(work: &std::path::Path) -> Self {
-        let pki = work.join("pki");
-        assert!(
-            Command::new(workspace_bin("mcimctl"))
-                .args(["pki", "init", "--dir", pki.to_str().unwrap()])
-                .stdout(Stdio::null())
-                .status()
-                .unwrap()
-                .success()
-        );
+        let pki = pki_init(work);
         let base = free_ports(5);
         let mut r = Roles {
             child: None,

@@ -71,16 +71,7 @@ async fn client(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn supplier_certifies_a_real_device_and_the_table_decides_who_may_ask() {
     let work = tempfile::tempdir().unwrap();
-    let pki = work.path().join("pki");
-    let out = Command::new(workspace_bin("mcimctl"))
-        .args(["pki", "init", "--dir", pki.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let pki = mcim_e2e::pki_init(work.path());
     let (_server, port) = start_supplier(&pki);
 
     // A real device's public material (swtpm).
@@ -311,14 +302,7 @@ async fn pva_validates_a_real_tpm_device_over_its_own_tls_key() {
     use mcim_tre::engine::{Engine, EngineHandle};
 
     let work = tempfile::tempdir().unwrap();
-    let pki = work.path().join("pki");
-    assert!(
-        Command::new(workspace_bin("mcimctl"))
-            .args(["pki", "init", "--dir", pki.to_str().unwrap()])
-            .status()
-            .unwrap()
-            .success()
-    );
+    let pki = mcim_e2e::pki_init(work.path());
     let (_supplier, sport) = start_role("supplier", &pki);
     let (pva_server, pport) = start_role("pva", &pki);
 
@@ -717,15 +701,7 @@ async fn all_roles_in_one_process() {
 #[test]
 fn a_toml_file_configures_the_roles_and_the_environment_wins_over_it() {
     let work = tempfile::tempdir().unwrap();
-    let pki = work.path().join("pki");
-    assert!(
-        Command::new(workspace_bin("mcimctl"))
-            .args(["pki", "init", "--dir", pki.to_str().unwrap()])
-            .stdout(Stdio::null())
-            .status()
-            .unwrap()
-            .success()
-    );
+    let pki = mcim_e2e::pki_init(work.path());
     let from_file = mcim_e2e::free_ports(5);
     let from_env = loop {
         let p = mcim_e2e::free_ports(5);

@@ -31,6 +31,7 @@ use mcim_proto::mcim::sho::v1::sho_service_client::ShoServiceClient;
 use mcim_proto::mcim::supplier::v1 as sup;
 use mcim_proto::mcim::supplier::v1::supplier_service_client::SupplierServiceClient;
 use mcim_proto::mcim::tre::v1 as pb;
+use mcim_proto::mcim::tre::v1::tre_service_client::TreServiceClient;
 use mcim_proto::mcim::vno::v1 as vno;
 use mcim_proto::mcim::vno::v1::vno_service_client::VnoServiceClient;
 use mcim_roles::authz::Role;
@@ -227,6 +228,21 @@ fn spawn(cmd: &mut Command, what: &str, log: &Path) -> Result<Proc, DeviceError>
                 "{what}: {e} (bash ci/install-deps.sh installs what the lab needs)"
             ))
         })
+}
+
+/// Starts `tred` again on the same state and socket (after it stopped or was killed) and
+/// connects to it.
+async fn restart_tred(
+    tred: &mut Command,
+    socket: &Path,
+    log: &Path,
+) -> Result<(Proc, TreServiceClient<Channel>), DeviceError> {
+    let _ = std::fs::remove_file(socket);
+    let p = spawn(tred, "tred", log)?;
+    wait_until("tred", || {
+        std::os::unix::net::UnixStream::connect(socket).is_ok()
+    })?;
+    Ok((p, connect(socket).await?))
 }
 
 async fn role_client(pki: &Path, me: Role, peer: Role, port: u16) -> Result<Channel, DeviceError> {
@@ -607,12 +623,7 @@ fn lab_inner(
                     String::from_utf8_lossy(&out.stderr)
                 )));
             }
-            let _ = std::fs::remove_file(&socket);
-            tred_proc = spawn(&mut tred, "tred", &dir.join("tred-2.log"))?;
-            wait_until("tred", || {
-                std::os::unix::net::UnixStream::connect(&socket).is_ok()
-            })?;
-            dev = connect(&socket).await?;
+            (tred_proc, dev) = restart_tred(&mut tred, &socket, &dir.join("tred-2.log")).await?;
             say.line("[lab] PCR 0 extended after supply: the platform no longer matches its reference values");
         }
 
@@ -727,12 +738,8 @@ fn lab_inner(
                     crash::Crashed::Tred => {
                         drop(steps);
                         tred_proc.crash();
-                        let _ = std::fs::remove_file(&socket);
-                        tred_proc = spawn(&mut tred, "tred", &dir.join("tred-2.log"))?;
-                        wait_until("tred", || {
-                            std::os::unix::net::UnixStream::connect(&socket).is_ok()
-                        })?;
-                        dev = connect(&socket).await?;
+                        (tred_proc, dev) =
+                            restart_tred(&mut tred, &socket, &dir.join("tred-2.log")).await?;
                         say.line(&format!("[lab] tred killed after step {} and started again: it resumes its run", c.after_step));
                         continue 'watch;
                     }
