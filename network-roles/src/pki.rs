@@ -228,6 +228,7 @@ pub fn issue_attestation_der(
     pcid: &str,
     model: &str,
     ak_p256_point: &[u8; 65],
+    storage_public: &[u8],
 ) -> Result<Vec<u8>, PkiError> {
     let mut params = CertificateParams::new(Vec::<String>::new()).map_err(cert_err)?;
     let mut dn = DistinguishedName::new();
@@ -235,11 +236,21 @@ pub fn issue_attestation_der(
     // The model keys the PVA's reference values.
     dn.push(DnType::OrganizationalUnitName, model);
     params.distinguished_name = dn;
-    params.subject_alt_names = vec![SanType::URI(
-        identity_uri(Role::Device, pcid)
-            .try_into()
-            .map_err(cert_err)?,
-    )];
+    params.subject_alt_names = vec![
+        SanType::URI(
+            identity_uri(Role::Device, pcid)
+                .try_into()
+                .map_err(cert_err)?,
+        ),
+        // The TRE's storage key, the one an SHO wraps the MCIM to (5.1.3.6.2 step 11): the
+        // supplier vouches that it lives in this device's TRE, so a subscriber cannot hand
+        // the SHO a key of its own.
+        SanType::URI(
+            storage_key_uri(storage_public)
+                .try_into()
+                .map_err(cert_err)?,
+        ),
+    ];
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     let cert = params
         .signed_by(
@@ -249,6 +260,18 @@ pub fn issue_attestation_der(
         .map_err(cert_err)?;
     Ok(cert.der().to_vec())
 }
+
+/// The URI a platform credential names the TRE's storage key by:
+/// `urn:mcim:storage-key:sha256:<hex of SHA-256 of its public area or SPKI>`.
+pub fn storage_key_uri(storage_public: &[u8]) -> String {
+    use sha2::Digest;
+    format!(
+        "{STORAGE_KEY_URN}{}",
+        hex::encode(sha2::Sha256::digest(storage_public))
+    )
+}
+
+const STORAGE_KEY_URN: &str = "urn:mcim:storage-key:sha256:";
 
 /// The caller a (verified) peer certificate names: its `urn:mcim:<role>:<name>` URI SAN.
 pub fn caller_from_cert(der: &[u8]) -> Result<Caller, PkiError> {
@@ -328,6 +351,16 @@ pub struct PlatformCredential {
     pub model: String,
     /// The attestation key's uncompressed P-256 point.
     pub ak_point: [u8; 65],
+    /// The storage key the supplier certified ([`storage_key_uri`]), when the credential
+    /// names one.
+    pub storage_key_uri: Option<String>,
+}
+
+impl PlatformCredential {
+    /// Whether `storage_public` is the storage key this credential certifies.
+    pub fn certifies_storage_key(&self, storage_public: &[u8]) -> bool {
+        self.storage_key_uri.as_deref() == Some(storage_key_uri(storage_public).as_str())
+    }
 }
 
 /// Checks a platform credential (AK certificate first) against the supplier root in `dir`:
@@ -370,10 +403,22 @@ pub fn verify_platform_credential(
         .as_ref()
         .try_into()
         .map_err(|_| PkiError::Cert("the attestation key is not a P-256 point".into()))?;
+    let storage_key_uri = leaf
+        .subject_alternative_name()
+        .map_err(cert_err)?
+        .into_iter()
+        .flat_map(|san| san.value.general_names.iter())
+        .find_map(|n| match n {
+            x509_parser::prelude::GeneralName::URI(u) if u.starts_with(STORAGE_KEY_URN) => {
+                Some((*u).to_string())
+            }
+            _ => None,
+        });
     Ok(PlatformCredential {
         pcid: caller.name,
         model,
         ak_point: point,
+        storage_key_uri,
     })
 }
 

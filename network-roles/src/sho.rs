@@ -378,6 +378,13 @@ impl ShoService for ShoApi {
                 "the platform credential is another device's",
             ));
         }
+        // The MCIM will be wrapped to this key: it must be the one the supplier certified in
+        // this device's TRE, not one the subscriber (or anyone) holds outside it.
+        if !cred.certifies_storage_key(&r.storage_public) {
+            return Err(Status::invalid_argument(
+                "the storage key is not the one the supplier certified for this device's TRE",
+            ));
+        }
         if let Some(existing) = s.subscription(pcid.as_str()).await? {
             if existing.subscriber != r.subscriber {
                 return Err(Status::already_exists(

@@ -98,8 +98,14 @@ impl SupplierService for Supplier {
         let pcid = Pcid::new(identity.pcid).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let ak = attestation_point(r.tre_kind, &r.attestation_public)?;
         let root = pki::ca_der(&self.pki, "supplier-root").map_err(internal)?;
-        let ak_cert = pki::issue_attestation_der(&self.pki, pcid.as_str(), &identity.model, &ak)
-            .map_err(internal)?;
+        let ak_cert = pki::issue_attestation_der(
+            &self.pki,
+            pcid.as_str(),
+            &identity.model,
+            &ak,
+            &r.storage_public,
+        )
+        .map_err(internal)?;
         let tls_cert = pki::issue_device_der(
             &self.pki,
             "supplier-root",

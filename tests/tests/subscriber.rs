@@ -123,6 +123,29 @@ async fn a_subscriber_registers_a_real_device_at_the_sho_from_its_exported_param
         "{}",
         output_text(&refused)
     );
+    // The subscriber's own key (a software P-256 key, as if the TRE were a token) in place of
+    // the TRE's storage key: the MCIM would be wrapped to a key outside the TRE. The SHO
+    // accepts only the key the supplier certified in the platform credential.
+    let mut own_key = p.clone();
+    own_key["tre_kind"] = Value::from("pkcs11");
+    own_key["storage_public"] = Value::from(hex::encode({
+        use p256::elliptic_curve::Generate;
+        use p256::pkcs8::EncodePublicKey;
+        let k = p256::ecdsa::SigningKey::generate_from_rng(&mut rand::rng());
+        p256::ecdsa::VerifyingKey::from(&k)
+            .to_public_key_der()
+            .unwrap()
+            .as_bytes()
+            .to_vec()
+    }));
+    std::fs::write(&bad_file, own_key.to_string()).unwrap();
+    let refused = register(bad_file.to_str().unwrap(), "alice");
+    assert!(!refused.status.success());
+    assert!(
+        output_text(&refused).contains("not the one the supplier certified"),
+        "{}",
+        output_text(&refused)
+    );
     assert_eq!(
         roles.snapshot().await,
         before,
