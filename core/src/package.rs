@@ -129,6 +129,9 @@ pub enum TreTarget {
     /// A TPM 2.0: `storage_public` is its storage key's TPM2B_PUBLIC; K becomes an AES-128 key
     /// object (AKA in the TPM), OPc sealed data.
     Tpm2,
+    /// A TPM 2.0 without TPM2_EncryptDecrypt2: K becomes sealed data too, unsealed into the
+    /// daemon's zeroized memory for each authentication (`tred`'s fallback).
+    Tpm2SealedK,
     /// A PKCS#11 token: `storage_public` is its unwrap key's SPKI (P-256: ECDH + AES-KWP;
     /// RSA-2048: OAEP).
     Pkcs11,
@@ -151,11 +154,15 @@ pub fn wrap_secrets<R: rand::CryptoRng + ?Sized>(
     use crate::tpm::import::{ObjectPolicy, wrap_aes128_key, wrap_sealed_data};
     let e = |x: &dyn std::fmt::Display| WrapError(x.to_string());
     match target {
-        TreTarget::Tpm2 => {
+        TreTarget::Tpm2 | TreTarget::Tpm2SealedK => {
             let parent =
                 crate::tpm::public::EccPublic::from_tpm2b(storage_public).map_err(|x| e(&x))?;
-            let kb =
-                wrap_aes128_key(&parent, k, ObjectPolicy::default(), rng).map_err(|x| e(&x))?;
+            let kb = if target == TreTarget::Tpm2SealedK {
+                wrap_sealed_data(&parent, k.expose(), ObjectPolicy::default(), rng)
+            } else {
+                wrap_aes128_key(&parent, k, ObjectPolicy::default(), rng)
+            }
+            .map_err(|x| e(&x))?;
             let ob = wrap_sealed_data(&parent, opc.expose(), ObjectPolicy::default(), rng)
                 .map_err(|x| e(&x))?;
             Ok((

@@ -20,7 +20,19 @@ pub struct ValidationResult {
     pub verdict: String,
     /// Seconds since the epoch after which nobody may rely on it.
     pub expires_at: u64,
+    /// Where the validated platform runs AKA: "in_tre" (K never leaves the TRE) or
+    /// "unsealed_in_host" (a TPM without TPM2_EncryptDecrypt2: K unsealed into the validated
+    /// daemon's memory for each authentication). Stated by the device's daemon, whose own
+    /// integrity is what the PVA validated; the SHO picks the package's K form by it and
+    /// refuses a subscription that requires AKA in the TRE.
+    #[serde(default)]
+    pub aka_execution: String,
 }
+
+/// [`ValidationResult::aka_execution`] for AKA inside the TRE.
+pub const AKA_IN_TRE: &str = "in_tre";
+/// [`ValidationResult::aka_execution`] for K unsealed into host memory.
+pub const AKA_UNSEALED_IN_HOST: &str = "unsealed_in_host";
 
 /// Why a result cannot be relied on.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -83,6 +95,7 @@ mod tests {
         let key = SigningKey::generate_from_rng(&mut rand::rng());
         let vk = VerifyingKey::from(&key);
         let r = ValidationResult {
+            aka_execution: AKA_IN_TRE.into(),
             validation_id: "v".into(),
             pcid: "001010000000001".into(),
             nonce: "00".into(),

@@ -129,8 +129,9 @@ pub const RULES: &[Rule] = &[
     own("/mcim.ro.v1.DrfService/GetBootstrap"),
     own("/mcim.ro.v1.DrfService/RegisterDevice"),
     rule("/mcim.ro.v1.DrfService/SetSubscription", &[S]),
-    // RO / DPF: the SHO authorises; the device fetches its own tasks and package.
+    // RO / DPF: the SHO authorises or refuses; the device fetches its own tasks and package.
     rule("/mcim.ro.v1.DpfService/AuthorizeProvisioning", &[S]),
+    rule("/mcim.ro.v1.DpfService/RefuseProvisioning", &[S]),
     own("/mcim.ro.v1.DpfService/WatchDeviceTasks"),
     own("/mcim.ro.v1.DpfService/DownloadPackage"),
     own("/mcim.ro.v1.DpfService/ReportProvisioningStatus"),

@@ -231,6 +231,7 @@ impl Pva {
         &self,
         id: &str,
         v: &Validation,
+        aka_execution: common::AkaExecution,
     ) -> Result<common::SignedValidationResult, Status> {
         let expires = SystemTime::now() + RESULT_LIFETIME;
         let secs = expires
@@ -245,6 +246,13 @@ impl Pva {
                 nonce: hex::encode(v.nonce),
                 verdict: "trusted".into(),
                 expires_at: secs,
+                aka_execution: match aka_execution {
+                    common::AkaExecution::UnsealedInHost => {
+                        mcim_core::validation::AKA_UNSEALED_IN_HOST
+                    }
+                    _ => mcim_core::validation::AKA_IN_TRE,
+                }
+                .into(),
             },
         )
         .map_err(|e| Status::internal(e.to_string()))?;
@@ -367,7 +375,7 @@ impl PvaService for Pva {
         match judged {
             Ok(()) => {
                 decided.verdict = pb::Verdict::Trusted;
-                decided.result = Some(self.sign_result(&id, &v)?);
+                decided.result = Some(self.sign_result(&id, &v, ev.aka_execution())?);
             }
             Err(reason) => {
                 tracing::warn!(pcid = %v.pcid, "untrusted: {reason}");

@@ -89,6 +89,7 @@ struct Subscription {
     tre_kind: i64,
     storage_public: Vec<u8>,
     imsi: String,
+    require_aka_in_tre: bool,
 }
 
 impl Sho {
@@ -136,20 +137,23 @@ impl Sho {
     }
 
     async fn subscription(&self, pcid: &str) -> Result<Option<Subscription>, Status> {
-        let row: Option<(String, String, i64, Vec<u8>, String)> = sqlx::query_as(
-            "SELECT pcid, subscriber, tre_kind, storage_public, imsi FROM sho_subscription WHERE pcid = ?",
+        type Row = (String, String, i64, Vec<u8>, String, i64);
+        let row: Option<Row> = sqlx::query_as(
+            "SELECT pcid, subscriber, tre_kind, storage_public, imsi, require_aka_in_tre \
+             FROM sho_subscription WHERE pcid = ?",
         )
         .bind(pcid)
         .fetch_optional(&self.db)
         .await
         .map_err(db_err)?;
         Ok(row.map(
-            |(pcid, subscriber, tre_kind, storage_public, imsi)| Subscription {
+            |(pcid, subscriber, tre_kind, storage_public, imsi, require)| Subscription {
                 pcid,
                 subscriber,
                 tre_kind,
                 storage_public,
                 imsi,
+                require_aka_in_tre: require != 0,
             },
         ))
     }
@@ -232,7 +236,7 @@ impl Sho {
             Ok(pva::Verdict::Trusted) => {}
             _ => {
                 tracing::warn!(%pcid, registration = %id, "validation failed: {}", v.reason);
-                self.set_state(id, St::ValidationFailed, &v.reason).await?;
+                self.refuse(id, &dpf_url, &v.reason).await?;
                 return Ok(true);
             }
         }
@@ -241,15 +245,31 @@ impl Sho {
             .ok_or_else(|| Status::internal("a trusted verdict without a signed result"))?;
         let pva_key = role_verifying_key(&self.pki, Role::Pva)?;
         let now_s = u64::try_from(now()).unwrap_or(0);
-        if let Err(e) = mcim_core::validation::verify(&result.cose_sign1, &pva_key, &pcid, now_s) {
-            self.set_state(id, St::ValidationFailed, &e.to_string())
-                .await?;
+        let verified =
+            match mcim_core::validation::verify(&result.cose_sign1, &pva_key, &pcid, now_s) {
+                Ok(r) => r,
+                Err(e) => {
+                    self.refuse(id, &dpf_url, &e.to_string()).await?;
+                    return Ok(true);
+                }
+            };
+        let aka_in_host = verified.aka_execution == mcim_core::validation::AKA_UNSEALED_IN_HOST;
+        if aka_in_host
+            && self
+                .subscription(&pcid)
+                .await?
+                .is_some_and(|s| s.require_aka_in_tre)
+        {
+            let why = "the device runs AKA outside its TRE (K unsealed into host memory); \
+                       the subscription requires AKA in the TRE";
+            tracing::warn!(%pcid, registration = %id, "{why}");
+            self.refuse(id, &dpf_url, why).await?;
             return Ok(true);
         }
         // Step 11: the package (built once), then the DPF's authorisation.
         let package = match package {
             Some(p) => p,
-            None => self.build_package(id, &pcid, &nonce).await?,
+            None => self.build_package(id, &pcid, &nonce, aka_in_host).await?,
         };
         self.dpf(&dpf_url)
             .await?
@@ -272,14 +292,36 @@ impl Sho {
         ))
     }
 
+    /// Step 10's negative outcome: the RO's DPF is told first (the device hears it on its task
+    /// stream), then the registration is marked; a failure to reach the DPF is retried.
+    async fn refuse(&self, id: &str, dpf_url: &str, reason: &str) -> Result<(), Status> {
+        self.dpf(dpf_url)
+            .await?
+            .refuse_provisioning(ro::RefuseProvisioningRequest {
+                registration_id: id.to_string(),
+                reason: reason.to_string(),
+            })
+            .await?;
+        self.set_state(id, St::ValidationFailed, reason).await
+    }
+
     /// New K and OPc for the subscription's IMSI, wrapped for the device's TRE, in a package
-    /// signed by the SHO and bound to the registration nonce. K leaves the SHO only wrapped.
-    async fn build_package(&self, id: &str, pcid: &str, nonce: &[u8]) -> Result<Vec<u8>, Status> {
+    /// signed by the SHO and bound to the registration nonce. K leaves the SHO only wrapped:
+    /// as a TPM AES key (AKA in the TPM), or, for a TPM the PVA found running AKA with K
+    /// unsealed in the host (`aka_in_host`: no TPM2_EncryptDecrypt2), as sealed data.
+    async fn build_package(
+        &self,
+        id: &str,
+        pcid: &str,
+        nonce: &[u8],
+        aka_in_host: bool,
+    ) -> Result<Vec<u8>, Status> {
         let sub = self
             .subscription(pcid)
             .await?
             .ok_or_else(|| Status::failed_precondition("the subscription is gone"))?;
         let target = match common::TreKind::try_from(i32::try_from(sub.tre_kind).unwrap_or(0)) {
+            Ok(common::TreKind::Tpm2) if aka_in_host => TreTarget::Tpm2SealedK,
             Ok(common::TreKind::Tpm2) => TreTarget::Tpm2,
             Ok(common::TreKind::Pkcs11) => TreTarget::Pkcs11,
             _ => return Err(Status::failed_precondition("unknown TRE kind")),

@@ -129,8 +129,10 @@ impl SupplierService for Supplier {
             None,
         )?;
         let r = req.into_inner();
+        let aka_in_host = r.aka_execution() == common::AkaExecution::UnsealedInHost;
         let pcid = Pcid::new(r.pcid).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let target = match common::TreKind::try_from(r.tre_kind) {
+            Ok(common::TreKind::Tpm2) if aka_in_host => TreTarget::Tpm2SealedK,
             Ok(common::TreKind::Tpm2) => TreTarget::Tpm2,
             Ok(common::TreKind::Pkcs11) => TreTarget::Pkcs11,
             _ => return Err(Status::invalid_argument("the TRE kind is required")),

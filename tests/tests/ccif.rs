@@ -36,6 +36,7 @@ async fn mode_1_issues_a_pcids_credentials_once() {
         pcid: "001010000000041".into(),
         tre_kind: common::TreKind::Pkcs11 as i32,
         storage_public,
+        aka_execution: common::AkaExecution::InTre as i32,
     };
     // A key nothing can be wrapped to: refused before the ICF hears anything.
     let before = roles.snapshot().await;

@@ -43,6 +43,7 @@ fn result(pki: &std::path::Path, pcid: &str, expires_at: u64) -> common::SignedV
                 nonce: "00".into(),
                 verdict: "trusted".into(),
                 expires_at,
+                aka_execution: "in_tre".into(),
             },
         )
         .unwrap(),
@@ -139,6 +140,7 @@ async fn the_dpf_refuses_stale_or_foreign_results_and_wrong_callers_and_queues_n
                 nonce: "00".into(),
                 verdict: "trusted".into(),
                 expires_at: now() + 60,
+                aka_execution: "in_tre".into(),
             },
         )
         .unwrap();

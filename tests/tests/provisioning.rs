@@ -196,3 +196,36 @@ fn every_ccif_mode_gives_credentials_the_pcid_attach_authenticates() {
         assert_provisioned(&r, 1);
     }
 }
+
+/// A TPM without TPM2_EncryptDecrypt2 (tred's `tpm_aka = "sealed"`): the PVA's result says
+/// AKA runs with K unsealed in the host, so the SHO (and the CCIF, mode 1) wrap K as sealed
+/// data; that TRE refuses K as an AES key, so provisioning and the operational attach
+/// succeeding show the SHO chose the form from the result.
+#[test]
+fn a_tpm_without_encrypt_decrypt2_gets_k_as_sealed_data_and_is_provisioned() {
+    let (ok, r, stderr) = lab(&["--tre", "tpm", "--tpm-aka", "sealed", "--ccif-mode", "1"]);
+    assert!(ok, "{stderr}");
+    assert_provisioned(&r, 1);
+}
+
+/// The same device under a subscription that requires AKA in the TRE: the SHO refuses it at
+/// step 10 through the RO's DPF, the device hears it on its task stream and ends its run,
+/// and nothing is provisioned.
+#[test]
+fn a_subscription_requiring_aka_in_the_tre_refuses_a_sealed_k_device_and_the_device_hears_it() {
+    let (ok, r, stderr) = lab(&[
+        "--tre",
+        "tpm",
+        "--tpm-aka",
+        "sealed",
+        "--require-aka-in-tre",
+    ]);
+    assert!(!ok, "the lab must fail: {r:#}");
+    assert_refused(
+        &r,
+        &stderr,
+        10,
+        "the subscription requires AKA in the TRE",
+        "validation_failed",
+    );
+}

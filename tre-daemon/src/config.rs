@@ -7,6 +7,10 @@
 //! pkcs11_token = "mcim"                # MCIM_PKCS11_TOKEN: the token's label
 //! pkcs11_pin_file = "/etc/mcim/pin"    # the user PIN, or MCIM_PKCS11_PIN (never logged)
 //! pkcs11_unwrap = "auto"               # MCIM_PKCS11_UNWRAP: "auto" or "rsa-oaep"
+//! tpm_aka = "auto"                     # MCIM_TPM_AKA: "auto" (K in the TPM when it has
+//!                                      # TPM2_EncryptDecrypt2) or "sealed" (K as sealed data,
+//!                                      # unsealed for each AKA: for a TPM whose
+//!                                      # EncryptDecrypt2 is unusable; also exercises it)
 //! state_dir = "/var/lib/mcim/tred"     # MCIM_STATE_DIR
 //! socket = "/run/mcim/tred.sock"       # MCIM_SOCKET
 //! socket_mode = "0660"                 # MCIM_SOCKET_MODE (octal)
@@ -39,6 +43,9 @@ pub struct Config {
     pub pkcs11_pin_file: Option<PathBuf>,
     /// "auto" (ECDH + AES-KWP when the token has it, else RSA-OAEP) or "rsa-oaep".
     pub pkcs11_unwrap: String,
+    /// "auto" (AKA in the TPM when it has TPM2_EncryptDecrypt2, else K unsealed) or "sealed"
+    /// (always the sealed-K form, as if the TPM lacked EncryptDecrypt2).
+    pub tpm_aka: String,
     /// Registry, audit log and records.
     pub state_dir: PathBuf,
     /// The local API's Unix socket.
@@ -68,6 +75,7 @@ impl Default for Config {
             pkcs11_token: "mcim".into(),
             pkcs11_pin_file: None,
             pkcs11_unwrap: "auto".into(),
+            tpm_aka: "auto".into(),
             state_dir: "/var/lib/mcim/tred".into(),
             socket: "/run/mcim/tred.sock".into(),
             socket_mode: "0660".into(),
@@ -120,6 +128,12 @@ impl Config {
                 c.pkcs11_unwrap
             )));
         }
+        if c.tpm_aka != "auto" && c.tpm_aka != "sealed" {
+            return Err(ConfigError::Invalid(format!(
+                "tpm_aka {:?}: \"auto\" or \"sealed\"",
+                c.tpm_aka
+            )));
+        }
         if c.backend != "tpm" && c.backend != "pkcs11" {
             return Err(ConfigError::Invalid(format!(
                 "backend {:?}: \"tpm\" or \"pkcs11\"",
@@ -162,6 +176,9 @@ impl Config {
         }
         if let Some(v) = get("MCIM_PKCS11_UNWRAP") {
             self.pkcs11_unwrap = v;
+        }
+        if let Some(v) = get("MCIM_TPM_AKA") {
+            self.tpm_aka = v;
         }
         if let Some(v) = get("MCIM_STATE_DIR") {
             self.state_dir = v.into();

@@ -97,9 +97,12 @@ fn opener(config: &Config) -> Result<Opener, String> {
         #[cfg(feature = "tpm")]
         "tpm" => {
             let tcti = config.tcti.clone();
+            let sealed = config.tpm_aka == "sealed";
             Ok(Box::new(move || {
                 TpmTre::open(&TpmConfig { tcti })
-                    .map(|t| Box::new(t) as Box<dyn Tre>)
+                    .map(|t| {
+                        Box::new(if sealed { t.with_sealed_k_only() } else { t }) as Box<dyn Tre>
+                    })
                     .map_err(|e| e.to_string())
             }))
         }

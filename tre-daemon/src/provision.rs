@@ -645,6 +645,15 @@ impl Provisioner {
                         tracing::warn!(registration = %d.registration_id, "a download for another registration; ignored");
                     }
                 }
+                Some(ro::watch_device_tasks_response::Task::Refused(r)) => {
+                    if r.registration_id == run.registration_id {
+                        return Err(Stop::Fail(
+                            10,
+                            format!("the SHO refused to provision the device: {}", r.reason),
+                        ));
+                    }
+                    tracing::info!(registration = %r.registration_id, "a refusal of an earlier registration; ignored");
+                }
                 Some(ro::watch_device_tasks_response::Task::Discard(_)) | None => {}
             }
             run.ack_seq = run.ack_seq.max(task.seq);

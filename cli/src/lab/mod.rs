@@ -118,6 +118,24 @@ pub struct RunArgs {
     /// the RO (with delayed activation, annex x.1).
     #[arg(long, value_enum, default_value = "2")]
     ccif_mode: CcifMode,
+    /// The TPM's AKA form (tred's `tpm_aka`): "sealed" runs the device as a TPM without
+    /// TPM2_EncryptDecrypt2 (K as sealed data, unsealed for each AKA); the PVA's result says
+    /// so and the SHO wraps K accordingly.
+    #[arg(long, value_enum, default_value = "auto")]
+    tpm_aka: TpmAka,
+    /// The subscription requires AKA inside the TRE: the SHO refuses a device that runs it
+    /// with K unsealed in the host (step 10), and the device hears it.
+    #[arg(long)]
+    require_aka_in_tre: bool,
+}
+
+/// tred's `tpm_aka`.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum TpmAka {
+    /// AKA in the TPM when it has TPM2_EncryptDecrypt2.
+    Auto,
+    /// K as sealed data, unsealed for each AKA.
+    Sealed,
 }
 
 /// The CCIF's configuration modes (5.1.3.4.1).
@@ -326,6 +344,9 @@ fn lab_inner(
             "--crash: non-3GPP access starts at step 5 (5.1.3.6.3 has no PCID attach)",
         ));
     }
+    if a.tpm_aka == TpmAka::Sealed && a.tre != TreChoice::Tpm {
+        return Err(fail("--tpm-aka needs --tre tpm"));
+    }
     if a.extend_pcr_after_supply && a.tre != TreChoice::Tpm {
         return Err(fail("--extend-pcr-after-supply needs --tre tpm"));
     }
@@ -395,7 +416,14 @@ fn lab_inner(
                 std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
             })?;
             tred.env("MCIM_BACKEND", "tpm")
-                .env("MCIM_TCTI", format!("swtpm:host=127.0.0.1,port={port}"));
+                .env("MCIM_TCTI", format!("swtpm:host=127.0.0.1,port={port}"))
+                .env(
+                    "MCIM_TPM_AKA",
+                    match a.tpm_aka {
+                        TpmAka::Auto => "auto",
+                        TpmAka::Sealed => "sealed",
+                    },
+                );
             say.line(&format!("[lab] software TPM (swtpm) on 127.0.0.1:{port}"));
         }
         TreChoice::Pkcs11 => {
@@ -516,10 +544,18 @@ fn lab_inner(
             identity.model
         ));
         // The PCID's initial credential (5.1.3.4.1), in one of the CCIF's three modes.
-        let target = if kind == common::TreKind::Tpm2 as i32 {
-            TreTarget::Tpm2
-        } else {
-            TreTarget::Pkcs11
+        let aka_execution = dev
+            .get_status(pb::GetStatusRequest {})
+            .await?
+            .into_inner()
+            .capabilities
+            .map(|c| c.aka_execution)
+            .unwrap_or_default();
+        let sealed_k = aka_execution == common::AkaExecution::UnsealedInHost as i32;
+        let target = match (kind == common::TreKind::Tpm2 as i32, sealed_k) {
+            (true, true) => TreTarget::Tpm2SealedK,
+            (true, false) => TreTarget::Tpm2,
+            (false, _) => TreTarget::Pkcs11,
         };
         let ro_id = "ro.mcim.local";
         let embedded = match a.ccif_mode {
@@ -533,6 +569,7 @@ fn lab_inner(
                         pcid: pcid.into(),
                         tre_kind: kind,
                         storage_public: init.storage_public.clone(),
+                        aka_execution,
                     })
                     .await?
                     .into_inner();
@@ -659,7 +696,7 @@ fn lab_inner(
             &mut ShoServiceClient::new(role_client(&pki, Role::Subscriber, Role::Sho, sho_p).await?),
             &params,
             "lab-subscriber",
-            false,
+            a.require_aka_in_tre,
         )
         .await?;
         say.line(&format!(

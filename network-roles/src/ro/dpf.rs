@@ -72,27 +72,86 @@ impl DpfService for Dpf {
                 )));
             }
         }
+        // The package and the device's download task: both or neither.
+        let mut tx = self.0.db.begin().await.map_err(db_err)?;
         let done = sqlx::query(
             "UPDATE ro_registration SET package = ?, state = 'authorized' \
-             WHERE id = ? AND package IS NULL",
+             WHERE id = ? AND package IS NULL AND state = 'validating'",
         )
         .bind(&package)
         .bind(&reg.id)
-        .execute(&self.0.db)
+        .execute(&mut *tx)
         .await
         .map_err(db_err)?;
         if done.rows_affected() == 1 {
             self.0
                 .enqueue(
+                    &mut tx,
                     &reg.pcid,
                     pb::watch_device_tasks_response::Task::Download(pb::DownloadTask {
                         registration_id: reg.id.clone(),
                     }),
                 )
                 .await?;
+        }
+        tx.commit().await.map_err(db_err)?;
+        if done.rows_affected() == 1 {
+            self.0.tasks_queued();
             tracing::info!(pcid = %reg.pcid, registration = %reg.id, "provisioning authorised");
         }
         Ok(Response::new(pb::AuthorizeProvisioningResponse {}))
+    }
+
+    async fn refuse_provisioning(
+        &self,
+        req: Request<pb::RefuseProvisioningRequest>,
+    ) -> Result<Response<pb::RefuseProvisioningResponse>, Status> {
+        let caller = authorize(&req, "/mcim.ro.v1.DpfService/RefuseProvisioning", None)?;
+        let r = req.into_inner();
+        let reg = self.0.registration(&r.registration_id).await?;
+        if reg.sho_id != caller.name {
+            return Err(Status::permission_denied(
+                "only the SHO the device registered at may refuse it",
+            ));
+        }
+        match reg.state.as_str() {
+            "refused" => return Ok(Response::new(pb::RefuseProvisioningResponse {})),
+            "validating" => {}
+            s => {
+                return Err(Status::failed_precondition(format!(
+                    "the registration is {s}"
+                )));
+            }
+        }
+        // The refusal and the device's task: both or neither.
+        let mut tx = self.0.db.begin().await.map_err(db_err)?;
+        let done = sqlx::query(
+            "UPDATE ro_registration SET state = 'refused', detail = ? \
+             WHERE id = ? AND state = 'validating'",
+        )
+        .bind(&r.reason)
+        .bind(&reg.id)
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err)?;
+        if done.rows_affected() == 1 {
+            self.0
+                .enqueue(
+                    &mut tx,
+                    &reg.pcid,
+                    pb::watch_device_tasks_response::Task::Refused(pb::RefusedTask {
+                        registration_id: reg.id.clone(),
+                        reason: r.reason.clone(),
+                    }),
+                )
+                .await?;
+        }
+        tx.commit().await.map_err(db_err)?;
+        if done.rows_affected() == 1 {
+            self.0.tasks_queued();
+            tracing::info!(pcid = %reg.pcid, registration = %reg.id, "provisioning refused by the SHO: {}", r.reason);
+        }
+        Ok(Response::new(pb::RefuseProvisioningResponse {}))
     }
 
     type WatchDeviceTasksStream = ReceiverStream<Result<pb::WatchDeviceTasksResponse, Status>>;

@@ -70,9 +70,12 @@ impl Ro {
         ))
     }
 
-    /// Queues a task for a device; it reaches the device over its stream. Returns its seq.
+    /// Queues a task for a device inside the caller's transaction `tx` (with the state change
+    /// that calls for it: both happen or neither); it reaches the device over its stream once
+    /// committed ([`Ro::tasks_queued`]). Returns its seq.
     async fn enqueue(
         &self,
+        tx: &mut sqlx::SqliteConnection,
         pcid: &str,
         task: pb::watch_device_tasks_response::Task,
     ) -> Result<u64, Status> {
@@ -81,7 +84,6 @@ impl Ro {
             task: Some(task),
         }
         .encode_to_vec();
-        let mut tx = self.db.begin().await.map_err(db_err)?;
         // Above every number this device was ever given (acknowledged tasks are deleted).
         let (seq,): (i64,) = sqlx::query_as(
             "INSERT INTO ro_task_seq (pcid, last_seq) VALUES (?, 1) \
@@ -99,9 +101,12 @@ impl Ro {
             .execute(&mut *tx)
             .await
             .map_err(db_err)?;
-        tx.commit().await.map_err(db_err)?;
-        self.tasks.bump();
         Ok(u64::try_from(seq).unwrap_or(0))
+    }
+
+    /// Wakes the devices' task streams after a transaction that queued tasks committed.
+    fn tasks_queued(&self) {
+        self.tasks.bump();
     }
 }
 

@@ -113,6 +113,15 @@ impl TpmTre {
 }
 
 impl TpmTre {
+    /// Treats the TPM as lacking TPM2_EncryptDecrypt2 (`tpm_aka = "sealed"`): K must arrive
+    /// as sealed data and AKA runs with K unsealed into zeroized host memory; the capabilities
+    /// (and so the evidence the PVA sees) say so.
+    pub fn with_sealed_k_only(mut self) -> Self {
+        self.caps.encrypt_decrypt2 = false;
+        self.caps.aka_execution = AkaExecution::UnsealedInHost;
+        self
+    }
+
     /// TPM commands mcim issued on this context so far (the benchmark and the tests read it).
     pub fn commands_issued(&self) -> u64 {
         self.commands.get()
