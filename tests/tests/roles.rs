@@ -659,6 +659,39 @@ async fn all_roles_in_one_process() {
     use mcim_proto::mcim::pva::v1::pva_service_client::PvaServiceClient;
     let work = tempfile::tempdir().unwrap();
     let roles = mcim_e2e::Roles::start(work.path());
+    // Every server answers gRPC health for each of its services (over mutual TLS).
+    for (role, services) in [
+        (Role::Supplier, &["mcim.supplier.v1.SupplierService"][..]),
+        (
+            Role::Ro,
+            &[
+                "mcim.ro.v1.IcfService",
+                "mcim.ro.v1.DrfService",
+                "mcim.ro.v1.DpfService",
+            ][..],
+        ),
+        (Role::Vno, &["mcim.vno.v1.VnoService"][..]),
+        (Role::Sho, &["mcim.sho.v1.ShoService"][..]),
+        (Role::Pva, &["mcim.pva.v1.PvaService"][..]),
+    ] {
+        let mut health = tonic_health::pb::health_client::HealthClient::new(
+            roles.channel(Role::Sho, role).await,
+        );
+        for service in services {
+            let h = health
+                .check(tonic_health::pb::HealthCheckRequest {
+                    service: (*service).into(),
+                })
+                .await
+                .unwrap_or_else(|e| panic!("{role} {service}: {e}"))
+                .into_inner();
+            assert_eq!(
+                h.status,
+                tonic_health::pb::health_check_response::ServingStatus::Serving as i32,
+                "{role} {service}"
+            );
+        }
+    }
     let mut sup = SupplierServiceClient::new(roles.channel(Role::Sho, Role::Supplier).await);
     assert!(
         !sup.get_supplier_root(pb::GetSupplierRootRequest {})
