@@ -435,11 +435,24 @@ impl ShoService for ShoApi {
             }
         } else {
             let mut tx = s.db.begin().await.map_err(db_err)?;
-            let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) + 1 FROM sho_subscription")
-                .fetch_one(&mut *tx)
-                .await
-                .map_err(db_err)?;
+            // The next number of the SHO's range; numbers are never reused.
+            let (n,): (i64,) = sqlx::query_as(
+                "UPDATE sho_imsi_seq SET last = last + 1 WHERE id = 1 RETURNING last",
+            )
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(db_err)?;
             let width = 15 - s.cfg.plmn.len();
+            if u32::try_from(width)
+                .ok()
+                .and_then(|w| 10_i64.checked_pow(w))
+                .is_none_or(|limit| n >= limit)
+            {
+                // Dropping the transaction leaves the counter as it was.
+                return Err(Status::resource_exhausted(
+                    "the SHO's IMSI range is used up",
+                ));
+            }
             let imsi = format!("{}{:0width$}", s.cfg.plmn, n);
             sqlx::query(
                 "INSERT INTO sho_subscription (id, pcid, subscriber, device_id, model, tre_kind, \

@@ -51,6 +51,13 @@ fn migrator() -> Migrator {
             include_str!("../migrations/0004_task_seq.sql").into_sql_str(),
             false,
         ),
+        Migration::new(
+            5,
+            Cow::Borrowed("imsi seq"),
+            MigrationType::Simple,
+            include_str!("../migrations/0005_imsi_seq.sql").into_sql_str(),
+            false,
+        ),
     ])
 }
 
