@@ -148,6 +148,20 @@ pub enum DeviceCommand {
     /// PIN operations.
     #[command(subcommand)]
     Pin(PinCommand),
+    /// Initial provisioning (5.1.3.6.2 over 3GPP access, 5.1.3.6.3 otherwise): starts tred's
+    /// run (or follows the one in progress) and prints each step as the device sees it.
+    /// Exits non-zero naming the failed step.
+    Provision {
+        /// The access network.
+        #[arg(long, value_parser = ["3gpp", "non-3gpp"], default_value = "3gpp")]
+        access: String,
+    },
+    /// Operational attach with an installed MCIM (5.1.3.3.2.2): AKA in the TRE against the
+    /// SHO's vectors through the VNO.
+    Attach {
+        /// MCIM id (default: the one chosen for connectivity).
+        id: Option<String>,
+    },
     /// Leave lockdown with the supplier's rehabilitation token (`mcimctl supplier rehab-token`).
     Rehabilitate {
         /// The token file.
@@ -314,6 +328,21 @@ pub(crate) fn runtime() -> Result<tokio::runtime::Runtime, DeviceError> {
         .map_err(|e| DeviceError::Input(e.to_string()))
 }
 
+/// One provisioning step as a line: number, name, outcome, detail.
+pub(crate) fn step_line(s: &pb::WatchProvisioningResponse) -> String {
+    format!(
+        "step {:>2}  {:<60} {}{}",
+        s.step,
+        s.name,
+        if s.ok { "ok" } else { "FAILED" },
+        if s.detail.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", s.detail)
+        }
+    )
+}
+
 fn state_name(s: i32) -> &'static str {
     match common::McimState::try_from(s) {
         Ok(common::McimState::Installed) => "installed",
@@ -426,6 +455,70 @@ async fn device(a: DeviceArgs) -> Result<(), DeviceError> {
                 Some(path) => std::fs::write(&path, text + "\n")
                     .map_err(|e| DeviceError::Input(format!("{}: {e}", path.display())))?,
                 None => println!("{text}"),
+            }
+        }
+        D::Provision { access } => {
+            let access = if access == "3gpp" {
+                common::AccessType::AccessType3gpp
+            } else {
+                common::AccessType::Non3gpp
+            };
+            let id = c
+                .start_provisioning(pb::StartProvisioningRequest {
+                    access: access as i32,
+                })
+                .await?
+                .into_inner()
+                .provisioning_id;
+            let mut steps = c
+                .watch_provisioning(pb::WatchProvisioningRequest {
+                    provisioning_id: id,
+                })
+                .await?
+                .into_inner();
+            let mut failed = None;
+            let (mut registration, mut mcim) = (String::new(), String::new());
+            while let Some(s) = steps.message().await? {
+                if json {
+                    println!(
+                        "{}",
+                        serde_json::json!({"step": s.step, "name": s.name, "ok": s.ok, "detail": s.detail})
+                    );
+                } else {
+                    println!("{}", step_line(&s));
+                }
+                if !s.registration_id.is_empty() {
+                    registration = s.registration_id.clone();
+                }
+                if !s.mcim_id.is_empty() {
+                    mcim = s.mcim_id.clone();
+                }
+                if !s.ok {
+                    failed = Some(format!("step {} ({}) failed: {}", s.step, s.name, s.detail));
+                }
+            }
+            if let Some(f) = failed {
+                return Err(DeviceError::Input(f));
+            }
+            if !json {
+                println!("registration  {registration}");
+                println!("mcim          {mcim}");
+            }
+        }
+        D::Attach { id } => {
+            let g = c
+                .network_attach(pb::NetworkAttachRequest {
+                    mcim_id: id.unwrap_or_default(),
+                })
+                .await?
+                .into_inner();
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"imsi": g.imsi, "grant": g.grant_id, "expires_at": g.expires_at.map(|t| t.seconds)})
+                );
+            } else {
+                println!("attached with IMSI {} (grant {})", g.imsi, g.grant_id);
             }
         }
         D::Status => {

@@ -18,6 +18,7 @@ mod net;
 mod operator;
 mod pki;
 mod subscriber;
+mod supply;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;

@@ -57,6 +57,10 @@ pub struct WrapArgs {
 /// `mcimctl supplier ...`
 #[derive(Subcommand)]
 pub enum SupplierCommand {
+    /// Supply time for one device (5.1.3.3.4): keys and identity in its TRE through tred,
+    /// certified by the supplier's server, reference values to the PVA, the PCID's initial
+    /// credential in a CCIF mode (5.1.3.4.1).
+    Supply(crate::supply::SupplyArgs),
     /// Make a rehabilitation key (P-256): the private key to a file, the public key (for
     /// tred.toml's rehabilitation_key) to stdout.
     Keygen {
@@ -264,6 +268,9 @@ pub fn run_supplier(cmd: SupplierCommand) -> Result<(), OperatorError> {
     use p256::ecdsa::{SigningKey, VerifyingKey};
     use p256::elliptic_curve::Generate;
     match cmd {
+        SupplierCommand::Supply(a) => {
+            crate::supply::run(a).map_err(|e| OperatorError::Refused(e.to_string()))
+        }
         SupplierCommand::Keygen { out } => {
             let key = SigningKey::generate_from_rng(&mut rand::rng());
             let secret = zeroize::Zeroizing::new(hex::encode(key.to_bytes()));

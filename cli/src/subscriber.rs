@@ -136,7 +136,7 @@ pub struct RoAccess {
 }
 
 /// A PCID's initial credentials as the supplier gives them to the subscriber (mode 3).
-#[derive(Deserialize, zeroize::ZeroizeOnDrop)]
+#[derive(Serialize, Deserialize, zeroize::ZeroizeOnDrop)]
 #[serde(deny_unknown_fields)]
 pub struct PcidCredentials {
     /// The PCID.
@@ -149,6 +149,23 @@ pub struct PcidCredentials {
 }
 
 impl PcidCredentials {
+    /// Writes a new credentials file, readable by its owner only; an existing file is left
+    /// alone (refused).
+    pub fn write_new(&self, path: &Path) -> Result<(), DeviceError> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let text = zeroize::Zeroizing::new(serde_json::to_string(self).map_err(fail)?);
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(|e| fail(format!("{}: {e}", path.display())))?;
+        f.write_all(text.as_bytes())
+            .and_then(|()| f.sync_all())
+            .map_err(|e| fail(format!("{}: {e}", path.display())))
+    }
+
     /// Reads and checks a credentials file (never echoes its secrets).
     pub fn read(path: &Path) -> Result<Self, DeviceError> {
         let text = zeroize::Zeroizing::new(

@@ -21,14 +21,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use clap::{Args, Subcommand, ValueEnum};
-use mcim_core::aka::{K, Opc};
-use mcim_core::package::{TreTarget, wrap_secrets};
 use mcim_proto::mcim::common::v1 as common;
-use mcim_proto::mcim::pva::v1 as pva;
 use mcim_proto::mcim::pva::v1::pva_service_client::PvaServiceClient;
 use mcim_proto::mcim::sho::v1 as sho;
 use mcim_proto::mcim::sho::v1::sho_service_client::ShoServiceClient;
-use mcim_proto::mcim::supplier::v1 as sup;
 use mcim_proto::mcim::supplier::v1::supplier_service_client::SupplierServiceClient;
 use mcim_proto::mcim::tre::v1 as pb;
 use mcim_proto::mcim::tre::v1::tre_service_client::TreServiceClient;
@@ -117,7 +113,7 @@ pub struct RunArgs {
     /// hands them to the RO; 3 the supplier embeds them and the subscriber registers them at
     /// the RO (with delayed activation, annex x.1).
     #[arg(long, value_enum, default_value = "2")]
-    ccif_mode: CcifMode,
+    ccif_mode: crate::supply::CcifMode,
     /// The TPM's AKA form (tred's `tpm_aka`): "sealed" runs the device as a TPM without
     /// TPM2_EncryptDecrypt2 (K as sealed data, unsealed for each AKA); the PVA's result says
     /// so and the SHO wraps K accordingly.
@@ -136,20 +132,6 @@ pub enum TpmAka {
     Auto,
     /// K as sealed data, unsealed for each AKA.
     Sealed,
-}
-
-/// The CCIF's configuration modes (5.1.3.4.1).
-#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum CcifMode {
-    /// The CCIF generates them.
-    #[value(name = "1")]
-    Issued = 1,
-    /// The supplier embeds them, the CCIF records them.
-    #[value(name = "2")]
-    Embedded = 2,
-    /// The supplier embeds them, the subscriber registers them.
-    #[value(name = "3")]
-    ViaSubscriber = 3,
 }
 
 /// A child process stopped (SIGTERM, then SIGKILL) when dropped.
@@ -481,168 +463,40 @@ fn lab_inner(
         let mut dev = connect(&socket).await?;
         let mut supplier = SupplierServiceClient::new(role_client(&pki, Role::Supplier, Role::Supplier, sup_p).await?);
 
-        // 1. Supply time.
+        // 1. Supply time, as `mcimctl supplier supply` does it.
         let identity = common::DeviceIdentity {
             device_id: "LAB-0001".into(),
             pcid: pcid.into(),
             model: "mcim-lab".into(),
         };
-        let init = dev
-            .init_device(pb::InitDeviceRequest {
-                identity: Some(identity.clone()),
-            })
-            .await?
-            .into_inner();
-        let kind = dev.get_status(pb::GetStatusRequest {}).await?.into_inner().tre_kind;
-        let cert = supplier
-            .certify_device(sup::CertifyDeviceRequest {
-                identity: Some(identity.clone()),
-                tre_kind: kind,
-                storage_public: init.storage_public.clone(),
-                attestation_public: init.attestation_public.clone(),
-                tls_public_spki: init.tls_public_spki.clone(),
-            })
-            .await?
-            .into_inner();
-        dev.install_certificates(pb::InstallCertificatesRequest {
-            platform_credential: cert.platform_credential.clone(),
-            tls_certificate: cert.tls_certificate.clone(),
-        })
+        let mut pva = PvaServiceClient::new(role_client(&pki, Role::Supplier, Role::Pva, pva_p).await?);
+        let supplied = crate::supply::supply(
+            &mut dev,
+            &mut supplier,
+            Some(&mut pva),
+            &identity,
+            a.ccif_mode,
+            "ro.mcim.local",
+        )
         .await?;
         say.line("[lab] supplier: keys and identity in the TRE, platform credential and TLS certificate issued");
-        // The model's reference values: this platform's state at supply time.
-        let mut nonce = [0u8; 32];
-        rand::rng().fill_bytes(&mut nonce);
-        let golden = dev
-            .attest(pb::AttestRequest {
-                nonce: nonce.to_vec(),
-                pcrs: Vec::new(),
-            })
-            .await?
-            .into_inner();
-        let mut refs = pva::RegisterReferenceValuesRequest {
-            model: identity.model.clone(),
-            pcr_bank: "sha256".into(),
-            ..Default::default()
-        };
-        match golden.evidence.and_then(|e| e.kind) {
-            Some(common::evidence::Kind::TpmQuote(q)) => refs.pcrs = q.pcrs,
-            Some(common::evidence::Kind::Pkcs11Signature(s)) => {
-                let p: mcim_core::token_evidence::EvidencePayload =
-                    serde_json::from_slice(&s.payload).map_err(fail)?;
-                refs.allow_pkcs11 = true;
-                refs.pkcs11_measurement = hex::decode(p.measurement).map_err(fail)?;
-            }
-            None => return Err(fail("the TRE gave no evidence")),
-        }
-        let n_pcrs = refs.pcrs.len();
-        PvaServiceClient::new(role_client(&pki, Role::Supplier, Role::Pva, pva_p).await?)
-            .register_reference_values(refs)
-            .await?;
         say.line(&format!(
-            "[lab] supplier: reference values for model {} registered at the PVA ({n_pcrs} PCRs)",
-            identity.model
+            "[lab] supplier: reference values for model {} registered at the PVA ({} PCRs)",
+            identity.model, supplied.reference_pcrs
         ));
-        // The PCID's initial credential (5.1.3.4.1), in one of the CCIF's three modes.
-        let aka_execution = dev
-            .get_status(pb::GetStatusRequest {})
-            .await?
-            .into_inner()
-            .capabilities
-            .map(|c| c.aka_execution)
-            .unwrap_or_default();
-        let sealed_k = aka_execution == common::AkaExecution::UnsealedInHost as i32;
-        let target = match (kind == common::TreKind::Tpm2 as i32, sealed_k) {
-            (true, true) => TreTarget::Tpm2SealedK,
-            (true, false) => TreTarget::Tpm2,
-            (false, _) => TreTarget::Pkcs11,
-        };
-        let ro_id = "ro.mcim.local";
-        let embedded = match a.ccif_mode {
-            CcifMode::Issued => {
-                // Mode 1: the CCIF generates them, gives them to the ICF, and returns them
-                // wrapped for this TRE; the supplier embeds what it got.
-                let issued = supplier
-                    .issue_connectivity_credentials(sup::IssueConnectivityCredentialsRequest {
-                        device_id: identity.device_id.clone(),
-                        ro_id: ro_id.into(),
-                        pcid: pcid.into(),
-                        tre_kind: kind,
-                        storage_public: init.storage_public.clone(),
-                        aka_execution,
-                    })
-                    .await?
-                    .into_inner();
-                (issued.wrapped_k, issued.wrapped_opc, None)
-            }
-            CcifMode::Embedded | CcifMode::ViaSubscriber => {
-                // Modes 2 and 3: the supplier generates and embeds them.
-                let mut rng = rand::rng();
-                let mut kb = zeroize::Zeroizing::new([0u8; 16]);
-                let mut ob = zeroize::Zeroizing::new([0u8; 16]);
-                rng.fill_bytes(&mut kb[..]);
-                rng.fill_bytes(&mut ob[..]);
-                let (wk, wopc) = wrap_secrets(
-                    target,
-                    &init.storage_public,
-                    &K::new(*kb),
-                    &Opc::new(*ob),
-                    &mut rng,
-                )
-                .map_err(fail)?;
-                (wk, wopc, Some((kb, ob)))
-            }
-        };
-        let (wk, wopc, clear) = embedded;
-        dev.install_mcim(pb::InstallMcimRequest {
-            imsi: pcid.into(),
-            sho_id: ro_id.into(),
-            wrapped_k: wk,
-            wrapped_opc: wopc,
-            ..Default::default()
-        })
-        .await?;
-        dev.activate_mcim(pb::ActivateMcimRequest {
-            mcim_id: pcid.into(),
-        })
-        .await?;
-        match (a.ccif_mode, clear) {
-            (CcifMode::Embedded, Some((k, opc))) => {
-                // Mode 2: the supplier hands them to the ICF afterwards.
-                supplier
-                    .record_connectivity_credentials(sup::RecordConnectivityCredentialsRequest {
-                        device_id: identity.device_id.clone(),
-                        pcid: pcid.into(),
-                        ro_id: ro_id.into(),
-                        k: k.to_vec(),
-                        opc: opc.to_vec(),
-                    })
-                    .await?;
-            }
-            (CcifMode::ViaSubscriber, Some((k, opc))) => {
-                // Mode 3: they reach the ICF through the subscriber, registered for delayed
-                // activation (annex x.1) and then activated, as `mcimctl subscriber
-                // register-pcid` / `activate-pcid` do.
-                let creds = crate::subscriber::PcidCredentials {
-                    pcid: pcid.into(),
-                    k: hex::encode(*k),
-                    opc: hex::encode(*opc),
-                };
-                let mut icf = crate::subscriber::icf_client(&pki, &format!("https://127.0.0.1:{ro_p}")).await?;
-                crate::subscriber::register_pcid(&mut icf, &creds, true).await?;
-                crate::subscriber::activate_pcid(&mut icf, pcid).await?;
-            }
-            _ => {}
+        if let Some(creds) = &supplied.for_subscriber {
+            // Mode 3: the subscriber registers them, for delayed activation (annex x.1), then
+            // activates them, as `mcimctl subscriber register-pcid` / `activate-pcid` do.
+            let mut icf =
+                crate::subscriber::icf_client(&pki, &format!("https://127.0.0.1:{ro_p}")).await?;
+            crate::subscriber::register_pcid(&mut icf, creds, true).await?;
+            crate::subscriber::activate_pcid(&mut icf, pcid).await?;
         }
         report["ccif_mode"] = json!(a.ccif_mode as u8);
         say.line(&format!(
             "[lab] supplier: initial credential of PCID {pcid} in the TRE and at the RO's ICF (CCIF mode {}: {})",
             a.ccif_mode as u8,
-            match a.ccif_mode {
-                CcifMode::Issued => "issued by the CCIF, wrapped for this TRE",
-                CcifMode::Embedded => "embedded by the supplier, recorded by the CCIF",
-                CcifMode::ViaSubscriber => "embedded by the supplier, registered by the subscriber",
-            }
+            a.ccif_mode.describe()
         ));
 
         if a.extend_pcr_after_supply {
@@ -670,8 +524,8 @@ fn lab_inner(
                 &pki,
                 pcid,
                 LAB_SHO_PLMN,
-                target,
-                &init.storage_public,
+                supplied.target,
+                &supplied.storage_public,
             )?;
             compromised_dpf::install(&dir.join("roles.db"), &forged).await?;
             say.line(&format!(
@@ -746,13 +600,7 @@ fn lab_inner(
             if s.ok {
                 reported.push(s.step);
             }
-            say.line(&format!(
-                "step {:>2}  {:<60} {}{}",
-                s.step,
-                s.name,
-                if s.ok { "ok" } else { "FAILED" },
-                if s.detail.is_empty() { String::new() } else { format!(" ({})", s.detail) }
-            ));
+            say.line(&crate::device::step_line(&s));
             if let Some(list) = report["steps"].as_array_mut() {
                 list.push(json!({"step": s.step, "name": s.name, "ok": s.ok, "detail": s.detail}));
             }

@@ -1,0 +1,157 @@
+//! The whole life of a device with nothing but the command line, as the parties would run it
+//! (each command a separate `mcimctl` process) against the real `mcim-roles all`, a swtpm and
+//! `tred`: the supplier supplies the device in CCIF mode 3 (`mcimctl supplier supply`), the
+//! subscriber registers and activates its PCID (`subscriber register-pcid`, `activate-pcid`),
+//! the owner exports its parameters and the subscriber contracts with the SHO (`device
+//! parameters`, `subscriber register`), the owner provisions it (`device provision`, steps
+//! 1-14) and attaches with the new IMSI (`device attach`), and the subscriber sees the SHO's
+//! registration provisioned (`subscriber status`).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use mcim_e2e::{Roles, Swtpm, Tred, mcimctl, output_text};
+
+#[test]
+fn a_device_is_supplied_contracted_provisioned_and_attached_from_the_command_line() {
+    let work = tempfile::tempdir().unwrap();
+    let roles = Roles::start(work.path());
+    let url = |role: &str| format!("https://127.0.0.1:{}", roles.port(role));
+    let pki = roles.pki.to_str().unwrap().to_string();
+    let ca = roles.pki.join("ca.pem");
+    let tpm = Swtpm::start();
+    let tred = Tred::start_with(
+        &tpm.tcti(),
+        &[
+            ("MCIM_CA_FILE", ca.to_str().unwrap()),
+            ("MCIM_RO_URL", &url("ro")),
+            ("MCIM_VNO_URL", &url("vno")),
+        ],
+    );
+    let socket = tred.socket().to_str().unwrap().to_string();
+    let run = |args: &[&str]| {
+        let out = mcimctl(args);
+        assert!(out.status.success(), "{args:?}: {}", output_text(&out));
+        output_text(&out)
+    };
+    let pcid = "001010000000051";
+    let creds = work.path().join("pcid.json");
+
+    let supplied = run(&[
+        "supplier",
+        "supply",
+        "--socket",
+        &socket,
+        "--supplier-url",
+        &url("supplier"),
+        "--pva-url",
+        &url("pva"),
+        "--pki",
+        &pki,
+        "--device-id",
+        "CLI-51",
+        "--pcid",
+        pcid,
+        "--model",
+        "cli-model",
+        "--ccif-mode",
+        "3",
+        "--credentials-out",
+        creds.to_str().unwrap(),
+    ]);
+    assert!(
+        supplied.contains("reference values for model cli-model registered (8 PCRs)"),
+        "{supplied}"
+    );
+    // The credentials file is the owner's alone.
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&creds).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    run(&[
+        "subscriber",
+        "register-pcid",
+        "--credentials",
+        creds.to_str().unwrap(),
+        "--delayed-activation",
+        "--ro-url",
+        &url("ro"),
+        "--pki",
+        &pki,
+    ]);
+    run(&[
+        "subscriber",
+        "activate-pcid",
+        pcid,
+        "--ro-url",
+        &url("ro"),
+        "--pki",
+        &pki,
+    ]);
+    let params = work.path().join("device.json");
+    run(&[
+        "device",
+        "--socket",
+        &socket,
+        "parameters",
+        "--out",
+        params.to_str().unwrap(),
+    ]);
+    let contracted = run(&[
+        "subscriber",
+        "register",
+        "--device",
+        params.to_str().unwrap(),
+        "--sho-url",
+        &url("sho"),
+        "--pki",
+        &pki,
+        "--json",
+    ]);
+    let imsi = serde_json::from_str::<serde_json::Value>(contracted.lines().next().unwrap())
+        .unwrap()["imsi"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    let provisioned = run(&[
+        "device",
+        "--socket",
+        &socket,
+        "provision",
+        "--access",
+        "3gpp",
+    ]);
+    for step in 1..=14 {
+        assert!(
+            provisioned.contains(&format!("step {step:>2}  ")),
+            "step {step}: {provisioned}"
+        );
+    }
+    assert!(!provisioned.contains("FAILED"), "{provisioned}");
+    assert!(
+        provisioned.contains(&format!("mcim          {imsi}")),
+        "{provisioned}"
+    );
+    let registration = provisioned
+        .lines()
+        .find_map(|l| l.strip_prefix("registration  "))
+        .unwrap()
+        .trim()
+        .to_string();
+
+    let attached = run(&["device", "--socket", &socket, "attach"]);
+    assert!(
+        attached.contains(&format!("attached with IMSI {imsi}")),
+        "{attached}"
+    );
+    let status = run(&[
+        "subscriber",
+        "status",
+        &registration,
+        "--sho-url",
+        &url("sho"),
+        "--pki",
+        &pki,
+    ]);
+    assert!(status.contains("provisioned"), "{status}");
+}
