@@ -15,8 +15,8 @@ use prost::Message;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use super::Ro;
-use crate::authz::Role;
+use super::{Registration, Ro};
+use crate::authz::{Caller, Role};
 use crate::peers::role_verifying_key;
 use crate::store::{db_err, now};
 use crate::tls::{authorize, authorize_for, authorize_self};
@@ -29,6 +29,20 @@ const TASK_POLL: Duration = crate::store::REREAD;
 #[derive(Debug, Clone)]
 pub struct Dpf(pub Arc<Ro>);
 
+impl Dpf {
+    /// A registration, for the SHO the device registered at only (it alone authorises or
+    /// refuses it, 5.1.3.6.2 steps 10-11).
+    async fn registration_of(&self, sho: &Caller, id: &str) -> Result<Registration, Status> {
+        let reg = self.0.registration(id).await?;
+        if reg.sho_id != sho.name {
+            return Err(Status::permission_denied(
+                "only the SHO the device registered at may decide on it",
+            ));
+        }
+        Ok(reg)
+    }
+}
+
 #[tonic::async_trait]
 impl DpfService for Dpf {
     async fn authorize_provisioning(
@@ -37,12 +51,7 @@ impl DpfService for Dpf {
     ) -> Result<Response<pb::AuthorizeProvisioningResponse>, Status> {
         let caller = authorize(&req, "/mcim.ro.v1.DpfService/AuthorizeProvisioning", None)?;
         let r = req.into_inner();
-        let reg = self.0.registration(&r.registration_id).await?;
-        if reg.sho_id != caller.name {
-            return Err(Status::permission_denied(
-                "only the SHO the device registered at may authorise it",
-            ));
-        }
+        let reg = self.registration_of(&caller, &r.registration_id).await?;
         let package = r
             .package
             .map(|p| p.cose_sign1)
@@ -108,12 +117,7 @@ impl DpfService for Dpf {
     ) -> Result<Response<pb::RefuseProvisioningResponse>, Status> {
         let caller = authorize(&req, "/mcim.ro.v1.DpfService/RefuseProvisioning", None)?;
         let r = req.into_inner();
-        let reg = self.0.registration(&r.registration_id).await?;
-        if reg.sho_id != caller.name {
-            return Err(Status::permission_denied(
-                "only the SHO the device registered at may refuse it",
-            ));
-        }
+        let reg = self.registration_of(&caller, &r.registration_id).await?;
         match reg.state.as_str() {
             "refused" => return Ok(Response::new(pb::RefuseProvisioningResponse {})),
             "validating" => {}
