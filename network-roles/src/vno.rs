@@ -175,15 +175,29 @@ impl VnoService for Vno {
             .await
             .map_err(db_err)?;
         let busy: Option<(String,)> =
-            sqlx::query_as("SELECT attach_id FROM vno_attach WHERE identity = ?")
+            sqlx::query_as("SELECT caller FROM vno_attach WHERE identity = ?")
                 .bind(&identity)
                 .fetch_optional(&self.db)
                 .await
                 .map_err(db_err)?;
-        if busy.is_some() {
-            return Err(Status::already_exists(
-                "this identity is already attached (detach first)",
-            ));
+        match busy {
+            // Another device holds this identity: one attach at a time.
+            Some((by,)) if by != caller.name => {
+                return Err(Status::already_exists(
+                    "this identity is already attached (detach first)",
+                ));
+            }
+            // The same device attaching again (it restarted, or lost its answer) starts over:
+            // its earlier attempt or grant ends, as a UE's new attach replaces its old context.
+            Some(_) => {
+                sqlx::query("DELETE FROM vno_attach WHERE identity = ? AND caller = ?")
+                    .bind(&identity)
+                    .bind(&caller.name)
+                    .execute(&self.db)
+                    .await
+                    .map_err(db_err)?;
+            }
+            None => {}
         }
         let (operational, av) = self.vector(&identity, None).await?;
         let id = new_id();

@@ -193,8 +193,9 @@ fn res(k: [u8; 16], opc: [u8; 16], rand: &[u8]) -> Vec<u8> {
     out.res.0.to_vec()
 }
 
-/// One attach per PCID at a time: a second concurrent attach is refused until the first is
-/// detached. CompleteAttach and Detach name only an attempt or a grant; the VNO looks up which
+/// One attach per PCID at a time: a second concurrent attach from another device is refused
+/// until the first is detached; the same device attaching again replaces its own attempt (a
+/// device that restarted mid-attach must not lock itself out). CompleteAttach and Detach name only an attempt or a grant; the VNO looks up which
 /// device it belongs to. Another device is refused, and the attempt (then the grant) still
 /// works for the device that made it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -215,38 +216,36 @@ async fn one_attach_per_pcid_and_another_device_can_neither_answer_nor_end_it() 
         .unwrap();
     let mut me = VnoServiceClient::new(roles.device_channel(ME, Role::Vno).await);
     let mut other = VnoServiceClient::new(roles.device_channel(OTHER, Role::Vno).await);
-    let attempt = me
-        .attach(vno::AttachRequest {
-            identity: ME.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let rand = attempt.challenge.unwrap().rand;
-    let answer = || vno::CompleteAttachRequest {
-        attach_id: attempt.attach_id.clone(),
+    let attach = || vno::AttachRequest {
+        identity: ME.into(),
+    };
+    // The device's answer to an attempt.
+    let answer = |a: &vno::AttachResponse| vno::CompleteAttachRequest {
+        attach_id: a.attach_id.clone(),
         answer: Some(vno::complete_attach_request::Answer::Res(res(
-            k, opc, &rand,
+            k,
+            opc,
+            &a.challenge.as_ref().unwrap().rand,
         ))),
     };
+    let first = me.attach(attach()).await.unwrap().into_inner();
+    // The same device attaching again (it restarted and lost its attempt) replaces its own
+    // attempt: the old one is gone.
+    let attempt = me.attach(attach()).await.unwrap().into_inner();
+    assert_ne!(attempt.attach_id, first.attach_id);
+    let gone = me.complete_attach(answer(&first)).await.unwrap_err();
+    assert_eq!(gone.code(), Code::NotFound, "{gone:?}");
     let before = roles.snapshot().await;
-    // A second concurrent attach with the same PCID is refused, from any device (5.1.3.6.2
-    // step 1: one attach per identity), and changes nothing.
-    for who in [&mut other, &mut me] {
-        let again = who
-            .attach(vno::AttachRequest {
-                identity: ME.into(),
-            })
-            .await
-            .unwrap_err();
-        assert_eq!(again.code(), Code::AlreadyExists, "{again:?}");
-    }
+    // A second concurrent attach with the same PCID from another device is refused
+    // (5.1.3.6.2 step 1: one attach per identity), and changes nothing.
+    let again = other.attach(attach()).await.unwrap_err();
+    assert_eq!(again.code(), Code::AlreadyExists, "{again:?}");
     assert_eq!(
         roles.snapshot().await,
         before,
         "a refused attach changed state"
     );
-    let denied = other.complete_attach(answer()).await.unwrap_err();
+    let denied = other.complete_attach(answer(&attempt)).await.unwrap_err();
     assert_eq!(denied.code(), Code::PermissionDenied, "{denied:?}");
     // An unknown attempt is refused by role before it is looked up: no existence oracle.
     let denied = VnoServiceClient::new(roles.channel(Role::Sho, Role::Vno).await)
@@ -264,7 +263,7 @@ async fn one_attach_per_pcid_and_another_device_can_neither_answer_nor_end_it() 
     );
 
     let grant = match me
-        .complete_attach(answer())
+        .complete_attach(answer(&attempt))
         .await
         .unwrap()
         .into_inner()

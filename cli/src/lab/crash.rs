@@ -1,5 +1,6 @@
 //! `mcimctl lab run --crash tred:N|roles:N`: shows that provisioning survives a crash. Right
-//! after the device reports step N, the lab kills (SIGKILL: no clean shutdown) either the
+//! after the device reports step N (N = 0: as soon as the run has started, which lands inside
+//! the first exchange), the lab kills (SIGKILL: no clean shutdown) either the
 //! device's daemon or the process running every network role, and starts it again on the same
 //! state. `tred` resumes its persisted run (the state machine of 5.1.3.6.2 in
 //! `provisioning.json`); the roles resume from their database (the SHO follows pending
@@ -40,7 +41,12 @@ impl FromStr for Crash {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let usage = || format!("{s:?}: expected tred:N or roles:N with N a step from 1 to 13");
+        let usage = || {
+            format!(
+                "{s:?}: expected tred:N or roles:N with N a step from 1 to 13, or 0 (as soon as \
+                 the run starts)"
+            )
+        };
         let (what, step) = s.split_once(':').ok_or_else(usage)?;
         let what = match what {
             "tred" => Crashed::Tred,
@@ -48,7 +54,7 @@ impl FromStr for Crash {
             _ => return Err(usage()),
         };
         let after_step: u32 = step.parse().map_err(|_| usage())?;
-        if !(1..=13).contains(&after_step) {
+        if !(0..=13).contains(&after_step) {
             return Err(usage());
         }
         Ok(Crash { what, after_step })
@@ -72,7 +78,8 @@ mod tests {
             "roles:13".parse::<Crash>().map(|c| c.what),
             Ok(Crashed::Roles)
         );
-        for bad in ["tred", "tred:0", "tred:14", "vno:3", "roles:x", ""] {
+        assert_eq!("tred:0".parse::<Crash>().map(|c| c.after_step), Ok(0));
+        for bad in ["tred", "tred:-1", "tred:14", "vno:3", "roles:x", ""] {
             assert!(bad.parse::<Crash>().is_err(), "{bad}");
         }
     }

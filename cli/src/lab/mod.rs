@@ -105,7 +105,8 @@ pub struct RunArgs {
     dpf_serves: Option<compromised_dpf::Served>,
     /// Demonstrate recovery: right after the device reports step N, kill (SIGKILL) `tred` or
     /// `mcim-roles` and start it again on the same state (`tred:N` or `roles:N`, N from 1 to
-    /// 13). Provisioning resumes where it was and completes, each step reported once.
+    /// 13, or 0 for as soon as the run starts). Provisioning resumes where it was and
+    /// completes, each step reported once.
     #[arg(long, value_name = "tred:N|roles:N")]
     crash: Option<crash::Crash>,
     /// How the PCID's initial credentials are configured (5.1.3.4.1): 1 the CCIF generates
@@ -577,6 +578,28 @@ fn lab_inner(
         let mut failed = None;
         let mut crash = a.crash;
         let mut reported: Vec<u32> = Vec::new();
+        if let Some(c) = crash
+            && c.after_step == 0
+        {
+            // As soon as the run has started: inside the first exchange with the network.
+            crash = None;
+            report["crash"] = json!({"process": c.what.as_str(), "after_step": 0});
+            match c.what {
+                crash::Crashed::Tred => {
+                    tred_proc.crash();
+                    (tred_proc, dev) =
+                        restart_tred(&mut tred, &socket, &dir.join("tred-2.log")).await?;
+                }
+                crash::Crashed::Roles => {
+                    roles_proc.crash();
+                    roles_proc = start_roles("roles-2.log")?;
+                }
+            }
+            say.line(&format!(
+                "[lab] {} killed as the run started and started again",
+                c.what.as_str()
+            ));
+        }
         'watch: loop {
         let mut steps = dev
             .watch_provisioning(pb::WatchProvisioningRequest {
