@@ -687,16 +687,21 @@ impl Provisioner {
                 reset_count: ev.reset_count,
                 restart_count: ev.restart_count,
             })
-            .await
-            .map_err(|s| {
-                if s.code() == Code::FailedPrecondition {
-                    // Decided already (a resumed run): the SHO acts on the verdict.
-                    Stop::Retry(format!("step 9: {}", s.message()))
-                } else {
-                    stop(9)(s)
-                }
-            })?
-            .into_inner();
+            .await;
+        let v = match v {
+            Ok(v) => v.into_inner(),
+            // Decided already: this run submitted before a restart and did not save it. The
+            // SHO acts on that verdict: a download or a refusal follows on the task stream.
+            Err(s) if s.code() == Code::FailedPrecondition => {
+                run.record(
+                    9,
+                    true,
+                    "the PVA had decided already (evidence sent before a restart)",
+                );
+                return Ok(());
+            }
+            Err(s) => return Err(stop(9)(s)),
+        };
         match pva::Verdict::try_from(v.verdict) {
             Ok(pva::Verdict::Trusted) => {
                 run.record(9, true, "trusted");
@@ -771,6 +776,18 @@ impl Provisioner {
         Ok(())
     }
 
+    /// Whether the registry holds an MCIM with this IMSI from this SHO.
+    async fn holds(&self, imsi: &str, sho_id: &str) -> bool {
+        self.api
+            .get_mcim(Request::new(pb::GetMcimRequest {
+                mcim_id: imsi.to_string(),
+            }))
+            .await
+            .ok()
+            .and_then(|r| r.into_inner().mcim)
+            .is_some_and(|m| m.imsi == imsi && m.sho_id == sho_id)
+    }
+
     /// Verifies the package (the SHO we registered at, this device, this registration) and
     /// installs it; an MCIM already installed from this very package counts as installed.
     async fn install(&self, run: &Run, package: &[u8]) -> Result<String, String> {
@@ -802,8 +819,10 @@ impl Provisioner {
             .await;
         match installed {
             Ok(_) => {}
-            // A resumed run: the registry already holds this IMSI from this package.
-            Err(s) if s.code() == Code::AlreadyExists && !run.mcim_id.is_empty() => {}
+            // A resumed run (installed before a restart, maybe before the run was saved): the
+            // registry already holds this IMSI from this SHO. The package is this
+            // registration's (checked above), so it is the same MCIM.
+            Err(s) if s.code() == Code::AlreadyExists && self.holds(&p.imsi, &p.sho_id).await => {}
             Err(s) => return Err(format!("the TRE refused the MCIM: {}", s.message())),
         }
         let id = p.imsi.clone();
