@@ -1,0 +1,149 @@
+//! A resume window made deterministic: the device's evidence reached the PVA before a restart
+//! but the device never recorded it. Here the device's earlier incarnation is played by the
+//! test (a certificate for the same PCID under the supplier root): it registers, takes the
+//! attestation task, gets a real quote of the PVA's nonce from the device's own TPM through
+//! `tred`, and submits it. Then `tred` runs provisioning: the DRF hands it the same
+//! registration, the task stream replays the attestation, the PVA answers "already decided",
+//! and the device must go on to the download instead of retrying until it gives up.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use mcim_e2e::{Roles, Swtpm, Tred, mcimctl, output_text};
+use mcim_proto::mcim::common::v1 as common;
+use mcim_proto::mcim::pva::v1 as pva;
+use mcim_proto::mcim::pva::v1::pva_service_client::PvaServiceClient;
+use mcim_proto::mcim::ro::v1 as ro;
+use mcim_proto::mcim::ro::v1::dpf_service_client::DpfServiceClient;
+use mcim_proto::mcim::ro::v1::drf_service_client::DrfServiceClient;
+use mcim_proto::mcim::tre::v1 as pb;
+use mcim_roles::authz::Role;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn evidence_sent_before_a_restart_does_not_stop_the_device() {
+    let work = tempfile::tempdir().unwrap();
+    let roles = Roles::start(work.path());
+    let url = |role: &str| format!("https://127.0.0.1:{}", roles.port(role));
+    let pki = roles.pki.to_str().unwrap().to_string();
+    let ca = roles.pki.join("ca.pem");
+    let tpm = Swtpm::start();
+    let tred = Tred::start_with(
+        &tpm.tcti(),
+        &[
+            ("MCIM_CA_FILE", ca.to_str().unwrap()),
+            ("MCIM_RO_URL", &url("ro")),
+        ],
+    );
+    let socket = tred.socket().to_str().unwrap().to_string();
+    let pcid = "001010000000061";
+    let run = |args: Vec<String>| {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = mcimctl(&args);
+        assert!(out.status.success(), "{args:?}: {}", output_text(&out));
+        output_text(&out)
+    };
+    let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+    run(s(&[
+        "supplier",
+        "supply",
+        "--socket",
+        &socket,
+        "--supplier-url",
+        &url("supplier"),
+        "--pva-url",
+        &url("pva"),
+        "--pki",
+        &pki,
+        "--device-id",
+        "RES-61",
+        "--pcid",
+        pcid,
+        "--model",
+        "resume-model",
+    ]));
+    let params = work.path().join("device.json");
+    run(s(&[
+        "device",
+        "--socket",
+        &socket,
+        "parameters",
+        "--out",
+        params.to_str().unwrap(),
+    ]));
+    run(s(&[
+        "subscriber",
+        "register",
+        "--device",
+        params.to_str().unwrap(),
+        "--sho-url",
+        &url("sho"),
+        "--pki",
+        &pki,
+    ]));
+
+    // The device's earlier incarnation: register, take the attestation task, submit a real
+    // quote from this device's TPM.
+    let reg = DrfServiceClient::new(roles.device_channel(pcid, Role::Ro).await)
+        .register_device(ro::RegisterDeviceRequest {
+            pcid: pcid.into(),
+            access: common::AccessType::Non3gpp as i32,
+            grant_id: String::new(),
+            platform_credential: Vec::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut tasks = DpfServiceClient::new(roles.device_channel(pcid, Role::Ro).await)
+        .watch_device_tasks(ro::WatchDeviceTasksRequest { ack_seq: 0 })
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(ro::watch_device_tasks_response::Task::Attest(task)) =
+        tasks.message().await.unwrap().unwrap().task
+    else {
+        panic!("the first task is the attestation");
+    };
+    drop(tasks);
+    let quote = tred
+        .client()
+        .await
+        .attest(pb::AttestRequest {
+            nonce: task.nonce.clone(),
+            pcrs: Vec::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let verdict = PvaServiceClient::new(roles.device_channel(pcid, Role::Pva).await)
+        .submit_evidence(pva::SubmitEvidenceRequest {
+            validation_id: task.validation_id.clone(),
+            evidence: quote.evidence,
+            clock: quote.clock,
+            reset_count: quote.reset_count,
+            restart_count: quote.restart_count,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        verdict.verdict,
+        pva::Verdict::Trusted as i32,
+        "{}",
+        verdict.reason
+    );
+
+    // Now the device itself: same registration, the PVA has decided; it must go on.
+    let out = run(s(&[
+        "device",
+        "--socket",
+        &socket,
+        "provision",
+        "--access",
+        "non-3gpp",
+    ]));
+    assert!(
+        out.contains(&format!("registration  {}", reg.registration_id)),
+        "{out}"
+    );
+    assert!(out.contains("the PVA had decided already"), "{out}");
+    assert!(out.contains("step 14"), "{out}");
+    assert!(!out.contains("FAILED"), "{out}");
+}
