@@ -1,10 +1,12 @@
-//! A resume window made deterministic: the device's evidence reached the PVA before a restart
-//! but the device never recorded it. Here the device's earlier incarnation is played by the
+//! Resume windows made deterministic: the device's evidence reached the PVA, and its package
+//! was installed in the TRE, before a restart, but the device never recorded either. Here the device's earlier incarnation is played by the
 //! test (a certificate for the same PCID under the supplier root): it registers, takes the
 //! attestation task, gets a real quote of the PVA's nonce from the device's own TPM through
-//! `tred`, and submits it. Then `tred` runs provisioning: the DRF hands it the same
-//! registration, the task stream replays the attestation, the PVA answers "already decided",
-//! and the device must go on to the download instead of retrying until it gives up.
+//! `tred`, and submits it; then downloads the package and installs it through `tred`. Then
+//! `tred` runs provisioning: the DRF hands it the same registration, the task stream replays
+//! the attestation, the PVA answers "already decided" (the device must go on instead of
+//! retrying until it gives up), the TRE already holds the IMSI from that SHO (the device must
+//! count it as installed, once).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use mcim_e2e::{Roles, Swtpm, Tred, mcimctl, output_text};
@@ -18,7 +20,7 @@ use mcim_proto::mcim::tre::v1 as pb;
 use mcim_roles::authz::Role;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn evidence_sent_before_a_restart_does_not_stop_the_device() {
+async fn evidence_and_an_install_done_before_a_restart_do_not_stop_the_device() {
     let work = tempfile::tempdir().unwrap();
     let roles = Roles::start(work.path());
     let url = |role: &str| format!("https://127.0.0.1:{}", roles.port(role));
@@ -130,6 +132,53 @@ async fn evidence_sent_before_a_restart_does_not_stop_the_device() {
         verdict.reason
     );
 
+    // ... and it downloaded the package and installed it into the TRE before the restart.
+    let mut tasks = DpfServiceClient::new(roles.device_channel(pcid, Role::Ro).await)
+        .watch_device_tasks(ro::WatchDeviceTasksRequest { ack_seq: 0 })
+        .await
+        .unwrap()
+        .into_inner();
+    loop {
+        let t = tasks.message().await.unwrap().unwrap();
+        if matches!(
+            t.task,
+            Some(ro::watch_device_tasks_response::Task::Download(_))
+        ) {
+            break;
+        }
+    }
+    drop(tasks);
+    let package = DpfServiceClient::new(roles.device_channel(pcid, Role::Ro).await)
+        .download_package(ro::DownloadPackageRequest {
+            registration_id: reg.registration_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .package
+        .unwrap()
+        .cose_sign1;
+    let sho_key = mcim_roles::pki::certificate_key(&roles.pki, "sho").unwrap();
+    let p = mcim_core::package::open(
+        &package,
+        &sho_key,
+        pcid,
+        &reg.registration_id,
+        &reg.registration_nonce,
+    )
+    .unwrap();
+    tred.client()
+        .await
+        .install_mcim(pb::InstallMcimRequest {
+            imsi: p.imsi.clone(),
+            sho_id: p.sho_id.clone(),
+            wrapped_k: hex::decode(&p.wrapped_k).unwrap(),
+            wrapped_opc: hex::decode(&p.wrapped_opc).unwrap(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+
     // Now the device itself: same registration, the PVA has decided; it must go on.
     let out = run(s(&[
         "device",
@@ -146,4 +195,8 @@ async fn evidence_sent_before_a_restart_does_not_stop_the_device() {
     assert!(out.contains("the PVA had decided already"), "{out}");
     assert!(out.contains("step 14"), "{out}");
     assert!(!out.contains("FAILED"), "{out}");
+    // The MCIM installed before the restart is the one provisioned, once.
+    assert!(out.contains(&format!("mcim          {}", p.imsi)), "{out}");
+    let listed = run(s(&["device", "--socket", &socket, "list"]));
+    assert_eq!(listed.matches(&p.imsi).count(), 1, "{listed}");
 }
