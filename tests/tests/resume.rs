@@ -17,69 +17,101 @@ use mcim_proto::mcim::ro::v1 as ro;
 use mcim_proto::mcim::ro::v1::dpf_service_client::DpfServiceClient;
 use mcim_proto::mcim::ro::v1::drf_service_client::DrfServiceClient;
 use mcim_proto::mcim::tre::v1 as pb;
+use mcim_proto::mcim::vno::v1 as vno;
+use mcim_proto::mcim::vno::v1::vno_service_client::VnoServiceClient;
 use mcim_roles::authz::Role;
+
+/// A device supplied (CCIF mode 2) and contracted at the SHO, with `tred` configured for the
+/// RO and the VNO, all from the command line; nothing provisioned yet.
+struct Setup {
+    roles: Roles,
+    _tpm: Swtpm,
+    tred: Tred,
+    socket: String,
+    _work: tempfile::TempDir,
+}
+
+impl Setup {
+    fn new(pcid: &str) -> Self {
+        let work = tempfile::tempdir().unwrap();
+        let roles = Roles::start(work.path());
+        let url = |role: &str| format!("https://127.0.0.1:{}", roles.port(role));
+        let pki = roles.pki.to_str().unwrap().to_string();
+        let ca = roles.pki.join("ca.pem");
+        let tpm = Swtpm::start();
+        let tred = Tred::start_with(
+            &tpm.tcti(),
+            &[
+                ("MCIM_CA_FILE", ca.to_str().unwrap()),
+                ("MCIM_RO_URL", &url("ro")),
+                ("MCIM_VNO_URL", &url("vno")),
+            ],
+        );
+        let socket = tred.socket().to_str().unwrap().to_string();
+        let params = work.path().join("device.json");
+        let params = params.to_str().unwrap();
+        for args in [
+            vec![
+                "supplier",
+                "supply",
+                "--socket",
+                &socket,
+                "--supplier-url",
+                &url("supplier"),
+                "--pva-url",
+                &url("pva"),
+                "--pki",
+                &pki,
+                "--device-id",
+                "RES",
+                "--pcid",
+                pcid,
+                "--model",
+                "resume-model",
+            ],
+            vec!["device", "--socket", &socket, "parameters", "--out", params],
+            vec![
+                "subscriber",
+                "register",
+                "--device",
+                params,
+                "--sho-url",
+                &url("sho"),
+                "--pki",
+                &pki,
+            ],
+        ] {
+            ctl(&args);
+        }
+        Setup {
+            roles,
+            _tpm: tpm,
+            tred,
+            socket,
+            _work: work,
+        }
+    }
+
+    /// `mcimctl device --socket S <args>`; must succeed.
+    fn device(&self, args: &[&str]) -> String {
+        let mut all = vec!["device", "--socket", &self.socket];
+        all.extend_from_slice(args);
+        ctl(&all)
+    }
+}
+
+/// `mcimctl <args>`; must succeed.
+fn ctl(args: &[&str]) -> String {
+    let out = mcimctl(args);
+    assert!(out.status.success(), "{args:?}: {}", output_text(&out));
+    output_text(&out)
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn evidence_and_an_install_done_before_a_restart_do_not_stop_the_device() {
-    let work = tempfile::tempdir().unwrap();
-    let roles = Roles::start(work.path());
-    let url = |role: &str| format!("https://127.0.0.1:{}", roles.port(role));
-    let pki = roles.pki.to_str().unwrap().to_string();
-    let ca = roles.pki.join("ca.pem");
-    let tpm = Swtpm::start();
-    let tred = Tred::start_with(
-        &tpm.tcti(),
-        &[
-            ("MCIM_CA_FILE", ca.to_str().unwrap()),
-            ("MCIM_RO_URL", &url("ro")),
-        ],
-    );
-    let socket = tred.socket().to_str().unwrap().to_string();
     let pcid = "001010000000061";
-    let run = |args: Vec<String>| {
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let out = mcimctl(&args);
-        assert!(out.status.success(), "{args:?}: {}", output_text(&out));
-        output_text(&out)
-    };
-    let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
-    run(s(&[
-        "supplier",
-        "supply",
-        "--socket",
-        &socket,
-        "--supplier-url",
-        &url("supplier"),
-        "--pva-url",
-        &url("pva"),
-        "--pki",
-        &pki,
-        "--device-id",
-        "RES-61",
-        "--pcid",
-        pcid,
-        "--model",
-        "resume-model",
-    ]));
-    let params = work.path().join("device.json");
-    run(s(&[
-        "device",
-        "--socket",
-        &socket,
-        "parameters",
-        "--out",
-        params.to_str().unwrap(),
-    ]));
-    run(s(&[
-        "subscriber",
-        "register",
-        "--device",
-        params.to_str().unwrap(),
-        "--sho-url",
-        &url("sho"),
-        "--pki",
-        &pki,
-    ]));
+    let setup = Setup::new(pcid);
+    let (roles, tred) = (&setup.roles, &setup.tred);
 
     // The device's earlier incarnation: register, take the attestation task, submit a real
     // quote from this device's TPM.
@@ -180,14 +212,7 @@ async fn evidence_and_an_install_done_before_a_restart_do_not_stop_the_device() 
         .unwrap();
 
     // Now the device itself: same registration, the PVA has decided; it must go on.
-    let out = run(s(&[
-        "device",
-        "--socket",
-        &socket,
-        "provision",
-        "--access",
-        "non-3gpp",
-    ]));
+    let out = setup.device(&["provision", "--access", "non-3gpp"]);
     assert!(
         out.contains(&format!("registration  {}", reg.registration_id)),
         "{out}"
@@ -197,6 +222,24 @@ async fn evidence_and_an_install_done_before_a_restart_do_not_stop_the_device() 
     assert!(!out.contains("FAILED"), "{out}");
     // The MCIM installed before the restart is the one provisioned, once.
     assert!(out.contains(&format!("mcim          {}", p.imsi)), "{out}");
-    let listed = run(s(&["device", "--socket", &socket, "list"]));
+    let listed = setup.device(&["list"]);
     assert_eq!(listed.matches(&p.imsi).count(), 1, "{listed}");
+}
+
+/// The same for the first exchange: the device's earlier incarnation attached with its PCID
+/// (the VNO holds its challenge) and never answered. The device re-attaching replaces its own
+/// attempt, where another device is refused; provisioning completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attach_left_open_by_a_restart_does_not_lock_the_device_out() {
+    let pcid = "001010000000062";
+    let setup = Setup::new(pcid);
+    VnoServiceClient::new(setup.roles.device_channel(pcid, Role::Vno).await)
+        .attach(vno::AttachRequest {
+            identity: pcid.into(),
+        })
+        .await
+        .unwrap();
+    let out = setup.device(&["provision", "--access", "3gpp"]);
+    assert!(out.contains("step 14"), "{out}");
+    assert!(!out.contains("FAILED"), "{out}");
 }
