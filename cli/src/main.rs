@@ -36,20 +36,22 @@ enum Command {
     /// 3GPP AKA tools: MILENAGE (TS 35.206) and AUTS resynchronisation (TS 33.102 6.3.5).
     #[command(subcommand)]
     Aka(aka::AkaCommand),
-    /// The device's TRE through tred: init, MCIM registry and lifecycle, AKA, PIN, attestation.
+    /// The device's TRE through tred: init, MCIM registry and lifecycle, AKA, PIN, attestation,
+    /// provisioning and attach.
     Device(device::DeviceArgs),
     /// The TRE's audit record: show it, verify its chain against the TRE.
     Audit(device::AuditArgs),
     /// Selected Home Operator tools.
     #[command(subcommand)]
     Sho(operator::ShoCommand),
-    /// A whole system on one machine: swtpm, tred, and the roles' device-facing steps.
+    /// A whole system on one machine: every role, a software TRE and tred, provisioning a
+    /// device end to end (with refusals and crash recovery to show on demand).
     #[command(subcommand)]
     Lab(lab::LabCommand),
     /// The roles' development PKI: CA, role certificates, device certificates.
     #[command(subcommand)]
     Pki(pki::PkiCommand),
-    /// Equipment supplier tools: rehabilitation keys and tokens.
+    /// Equipment supplier: supply a device at the factory; rehabilitation keys and tokens.
     #[command(subcommand)]
     Supplier(operator::SupplierCommand),
     /// Platform Validation Authority tools.
