@@ -438,18 +438,25 @@ impl Roles {
     /// Starts the roles in `work` and waits until every port listens.
     pub fn start(work: &std::path::Path) -> Self {
         let pki = pki_init(work);
-        let base = free_ports(5);
         let mut r = Roles {
             child: None,
-            base,
+            base: 0,
             pki,
             db: work.join("roles.db"),
         };
-        r.launch();
-        r
+        // Ports found free can be taken by another test (or an outgoing connection's
+        // ephemeral port) before mcim-roles binds them: then it exits, and we try new ones.
+        for _attempt in 0..5 {
+            r.base = free_ports(5);
+            if r.launch() {
+                return r;
+            }
+        }
+        panic!("mcim-roles all did not listen");
     }
 
-    fn launch(&mut self) {
+    /// Starts the process on `self.base`; false when it exited before listening.
+    fn launch(&mut self) -> bool {
         let child = Command::new(workspace_bin("mcim-roles"))
             .args(["all", "--pki", self.pki.to_str().unwrap(), "--db"])
             .arg(format!("sqlite://{}", self.db.display()))
@@ -459,13 +466,30 @@ impl Roles {
             .spawn()
             .unwrap();
         self.child = Some(child);
-        assert!(listening(self.base, 5), "mcim-roles all did not listen");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if (0..5).all(|i| TcpStream::connect(("127.0.0.1", self.base + i)).is_ok()) {
+                return true;
+            }
+            if let Some(c) = self.child.as_mut()
+                && c.try_wait().ok().flatten().is_some()
+            {
+                self.child = None;
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!(
+            "mcim-roles all did not listen on {}..{}",
+            self.base,
+            self.base + 4
+        );
     }
 
     /// Kills the process and starts it again on the same PKI, database and ports.
     pub fn restart(&mut self) {
         self.kill();
-        self.launch();
+        assert!(self.launch(), "mcim-roles all did not start again");
     }
 
     fn kill(&mut self) {

@@ -23,35 +23,6 @@ impl Drop for Server {
     }
 }
 
-fn start_supplier(pki: &std::path::Path) -> (Server, u16) {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let child = Command::new(workspace_bin("mcim-roles"))
-        .args([
-            "supplier",
-            "--pki",
-            pki.to_str().unwrap(),
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let server = Server(child);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while Instant::now() < deadline {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return (server, port);
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    panic!("mcim-roles supplier did not listen");
-}
-
 async fn client(
     pki: &std::path::Path,
     as_role: Role,
@@ -72,7 +43,7 @@ async fn client(
 async fn supplier_certifies_a_real_device_and_the_table_decides_who_may_ask() {
     let work = tempfile::tempdir().unwrap();
     let pki = mcim_e2e::pki_init(work.path());
-    let (_server, port) = start_supplier(&pki);
+    let (_server, port) = start_role("supplier", &pki);
 
     // A real device's public material (swtpm).
     let tpm = Swtpm::start();
@@ -253,39 +224,42 @@ async fn device_channel(
         .unwrap()
 }
 
+/// One role on a free port of its own (again on another port if the one found free was taken
+/// before the role bound it).
 fn start_role(role: &str, pki: &std::path::Path) -> (Server, u16) {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let mut extra = Vec::new();
-    if role == "pva" {
-        extra = vec![
-            "--db".to_string(),
-            format!("sqlite://{}", pki.join("pva.db").display()),
-        ];
-    }
-    let child = Command::new(workspace_bin("mcim-roles"))
-        .args([
-            role,
-            "--pki",
-            pki.to_str().unwrap(),
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-        ])
-        .args(&extra)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let server = Server(child);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while Instant::now() < deadline {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return (server, port);
+    for _attempt in 0..5 {
+        let port = mcim_e2e::free_ports(1);
+        let mut extra = Vec::new();
+        if role == "pva" {
+            extra = vec![
+                "--db".to_string(),
+                format!("sqlite://{}", pki.join("pva.db").display()),
+            ];
         }
-        std::thread::sleep(Duration::from_millis(20));
+        let child = Command::new(workspace_bin("mcim-roles"))
+            .args([
+                role,
+                "--pki",
+                pki.to_str().unwrap(),
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+            ])
+            .args(&extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut server = Server(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return (server, port);
+            }
+            if server.0.try_wait().ok().flatten().is_some() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
     panic!("mcim-roles {role} did not listen");
 }

@@ -139,6 +139,13 @@ pub enum TpmAka {
 struct Proc(Option<Child>);
 
 impl Proc {
+    /// Whether the process has ended.
+    fn exited(&mut self) -> bool {
+        self.0
+            .as_mut()
+            .is_none_or(|c| c.try_wait().ok().flatten().is_some())
+    }
+
     /// SIGKILL, no clean shutdown: what a crash or a power cut looks like to the others.
     fn crash(&mut self) {
         if let Some(mut c) = self.0.take() {
@@ -183,6 +190,36 @@ fn free_ports(n: u16) -> Result<u16, DeviceError> {
         }
     }
     Err(fail("no free ports"))
+}
+
+/// Starts a server on `n` fresh consecutive ports (`start(first port)`) and waits until all
+/// of them accept connections. Ports found free can be taken by another process before the
+/// server binds them; the server then exits, and this tries new ports (five times).
+fn start_on_free_ports(
+    n: u16,
+    what: &str,
+    mut start: impl FnMut(u16) -> Result<Proc, DeviceError>,
+) -> Result<(Proc, u16), DeviceError> {
+    for _attempt in 0..5 {
+        let base = free_ports(n)?;
+        let mut p = start(base)?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if (0..n).all(|i| std::net::TcpStream::connect(("127.0.0.1", base + i)).is_ok()) {
+                return Ok((p, base));
+            }
+            if p.exited() {
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err(fail(format!("{what} did not start")));
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+    Err(fail(format!(
+        "{what} did not start: no free ports it could bind"
+    )))
 }
 
 fn wait_until(what: &str, mut ready: impl FnMut() -> bool) -> Result<(), DeviceError> {
@@ -337,10 +374,8 @@ fn lab_inner(
     mcim_roles::pki::init(&pki, &mcim_roles::pki::LAB_PARTIES).map_err(fail)?;
 
     // The network: every role in one process, the binary operators deploy.
-    let base = free_ports(5)?;
-    let (sup_p, ro_p, vno_p, sho_p, pva_p) = (base, base + 1, base + 2, base + 3, base + 4);
-    let start_roles = |log: &str| -> Result<Proc, DeviceError> {
-        let p = spawn(
+    let start_roles_at = |base: u16, log: &str| -> Result<Proc, DeviceError> {
+        spawn(
             Command::new(sibling("mcim-roles"))
                 .args(["all", "--pki"])
                 .arg(&pki)
@@ -351,13 +386,19 @@ fn lab_inner(
                 .env("MCIM_LOG", "info"),
             "mcim-roles",
             &dir.join(log),
-        )?;
+        )
+    };
+    let (mut roles_proc, base) =
+        start_on_free_ports(5, "mcim-roles", |base| start_roles_at(base, "roles.log"))?;
+    let (sup_p, ro_p, vno_p, sho_p, pva_p) = (base, base + 1, base + 2, base + 3, base + 4);
+    // After a crash: the same ports (tred knows them), which were ours.
+    let start_roles = |log: &str| -> Result<Proc, DeviceError> {
+        let p = start_roles_at(base, log)?;
         wait_until("mcim-roles", || {
             (0..5).all(|i| std::net::TcpStream::connect(("127.0.0.1", base + i)).is_ok())
         })?;
         Ok(p)
     };
-    let mut roles_proc = start_roles("roles.log")?;
     say.line(&format!(
         "[lab] network roles (mcim-roles all): supplier :{sup_p}, RO :{ro_p}, VNO :{vno_p}, SHO :{sho_p}, PVA :{pva_p}"
     ));
@@ -377,27 +418,26 @@ fn lab_inner(
         TreChoice::Tpm => {
             let tpm_dir = dir.join("tpm");
             std::fs::create_dir_all(&tpm_dir).map_err(fail)?;
-            let port = free_ports(2)?;
-            tpm_port = port;
-            _swtpm = Some(spawn(
-                Command::new("swtpm")
-                    .args(["socket", "--tpm2", "--tpmstate"])
-                    .arg(format!("dir={}", tpm_dir.display()))
-                    .args([
-                        "--server",
-                        &format!("type=tcp,port={port},bindaddr=127.0.0.1"),
-                    ])
-                    .args([
-                        "--ctrl",
-                        &format!("type=tcp,port={},bindaddr=127.0.0.1", port + 1),
-                    ])
-                    .args(["--flags", "not-need-init,startup-clear"]),
-                "swtpm",
-                &dir.join("swtpm.log"),
-            )?);
-            wait_until("swtpm", || {
-                std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+            let (proc, port) = start_on_free_ports(2, "swtpm", |port| {
+                spawn(
+                    Command::new("swtpm")
+                        .args(["socket", "--tpm2", "--tpmstate"])
+                        .arg(format!("dir={}", tpm_dir.display()))
+                        .args([
+                            "--server",
+                            &format!("type=tcp,port={port},bindaddr=127.0.0.1"),
+                        ])
+                        .args([
+                            "--ctrl",
+                            &format!("type=tcp,port={},bindaddr=127.0.0.1", port + 1),
+                        ])
+                        .args(["--flags", "not-need-init,startup-clear"]),
+                    "swtpm",
+                    &dir.join("swtpm.log"),
+                )
             })?;
+            tpm_port = port;
+            _swtpm = Some(proc);
             tred.env("MCIM_BACKEND", "tpm")
                 .env("MCIM_TCTI", format!("swtpm:host=127.0.0.1,port={port}"))
                 .env(
