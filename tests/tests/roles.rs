@@ -376,19 +376,7 @@ async fn pva_validates_a_real_tpm_device_over_its_own_tls_key() {
         .await
         .unwrap()
         .into_inner();
-    let sign: std::sync::Arc<mcim_tre::tls::TreSignFn> = {
-        let engine = engine.clone();
-        std::sync::Arc::new(move |m: &[u8]| {
-            let m = m.to_vec();
-            engine
-                .call_blocking(move |e| {
-                    e.tre()
-                        .map_err(|x| mcim_tre::tre::TreError::Mismatch(x.to_string()))?
-                        .tls_sign(&m)
-                })
-                .map_err(|_| mcim_tre::tre::TreError::Mismatch("gone".into()))?
-        })
-    };
+    let sign = engine.tls_signer();
     let mut device = PvaServiceClient::new(
         device_channel(
             &pki,
@@ -580,19 +568,7 @@ async fn pva_validates_a_real_tpm_device_over_its_own_tls_key() {
         .into_inner();
     drop(pva_server);
     let (_pva_again, port2) = start_role("pva", &pki);
-    let sign2: std::sync::Arc<mcim_tre::tls::TreSignFn> = {
-        let engine = engine.clone();
-        std::sync::Arc::new(move |m: &[u8]| {
-            let m = m.to_vec();
-            engine
-                .call_blocking(move |e| {
-                    e.tre()
-                        .map_err(|x| mcim_tre::tre::TreError::Mismatch(x.to_string()))?
-                        .tls_sign(&m)
-                })
-                .map_err(|_| mcim_tre::tre::TreError::Mismatch("gone".into()))?
-        })
-    };
+    let sign2 = engine.tls_signer();
     let mut device2 = PvaServiceClient::new(
         device_channel(
             &pki,

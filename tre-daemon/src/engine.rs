@@ -160,6 +160,22 @@ impl EngineHandle {
         Ok((Self { tx, busy }, thread))
     }
 
+    /// Signing with the TRE's TLS key on the TRE thread, for a rustls client key
+    /// ([`crate::tls::TreTlsKey`]): the device's TLS identity is its TRE key.
+    pub fn tls_signer(&self) -> Arc<crate::tls::TreSignFn> {
+        let engine = self.clone();
+        Arc::new(move |m: &[u8]| {
+            let m = m.to_vec();
+            engine
+                .call_blocking(move |e| {
+                    e.tre()
+                        .map_err(|x| TreError::Mismatch(x.to_string()))?
+                        .tls_sign(&m)
+                })
+                .map_err(|_| TreError::Mismatch("the TRE thread is gone".into()))?
+        })
+    }
+
     /// The TRE thread's time so far.
     pub fn tre_time(&self) -> TreTime {
         TreTime {

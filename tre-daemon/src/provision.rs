@@ -37,7 +37,6 @@ use crate::engine::EngineHandle;
 use crate::registry::files::{read_optional, write_atomic};
 use crate::service::TreApi;
 use crate::tls::{TreTlsKey, device_client_config};
-use crate::tre::TreError;
 
 /// How many times a step is retried when a role is unreachable (one second apart).
 const RETRIES: u32 = 120;
@@ -384,17 +383,7 @@ impl Provisioner {
             .load()
             .map_err(|e| Stop::Fail(5, e))?
             .ok_or_else(|| Stop::Fail(5, "no device certificate".into()))?;
-        let engine = self.engine.clone();
-        let key = TreTlsKey::new(Arc::new(move |m: &[u8]| {
-            let m = m.to_vec();
-            engine
-                .call_blocking(move |e| {
-                    e.tre()
-                        .map_err(|x| TreError::Mismatch(x.to_string()))?
-                        .tls_sign(&m)
-                })
-                .map_err(|_| TreError::Mismatch("the TRE thread is gone".into()))?
-        }));
+        let key = TreTlsKey::new(self.engine.tls_signer());
         let ca = &self
             .net
             .as_ref()

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use mcim_core::identity::{DeviceIdentity, Pcid};
 use mcim_tre::engine::{Engine, EngineHandle};
 use mcim_tre::tls::{TreSignFn, TreTlsKey};
-use mcim_tre::tre::{Tre, TreError};
+use mcim_tre::tre::Tre;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
@@ -46,15 +46,7 @@ fn tre_thread(
         })
         .unwrap()
         .unwrap();
-    let h = engine.clone();
-    let sign: Arc<TreSignFn> = Arc::new(move |m: &[u8]| {
-        let m = m.to_vec();
-        h.call_blocking(move |e| match e.tre() {
-            Ok(t) => t.tls_sign(&m),
-            Err(err) => Err(TreError::Mismatch(err.to_string())),
-        })
-        .map_err(|_| TreError::Mismatch("TRE thread gone".into()))?
-    });
+    let sign = engine.tls_signer();
     (engine, spki, sign, state)
 }
 
