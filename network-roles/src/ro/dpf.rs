@@ -81,31 +81,23 @@ impl DpfService for Dpf {
                 )));
             }
         }
-        // The package and the device's download task: both or neither.
-        let mut tx = self.0.db.begin().await.map_err(db_err)?;
-        let done = sqlx::query(
-            "UPDATE ro_registration SET package = ?, state = 'authorized' \
-             WHERE id = ? AND package IS NULL AND state = 'validating'",
-        )
-        .bind(&package)
-        .bind(&reg.id)
-        .execute(&mut *tx)
-        .await
-        .map_err(db_err)?;
-        if done.rows_affected() == 1 {
-            self.0
-                .enqueue(
-                    &mut tx,
-                    &reg.pcid,
-                    pb::watch_device_tasks_response::Task::Download(pb::DownloadTask {
-                        registration_id: reg.id.clone(),
-                    }),
+        // The package and the device's download task.
+        let authorised = self
+            .0
+            .change_with_task(
+                sqlx::query(
+                    "UPDATE ro_registration SET package = ?, state = 'authorized' \
+                     WHERE id = ? AND package IS NULL AND state = 'validating'",
                 )
-                .await?;
-        }
-        tx.commit().await.map_err(db_err)?;
-        if done.rows_affected() == 1 {
-            self.0.tasks_queued();
+                .bind(package)
+                .bind(&reg.id),
+                &reg.pcid,
+                pb::watch_device_tasks_response::Task::Download(pb::DownloadTask {
+                    registration_id: reg.id.clone(),
+                }),
+            )
+            .await?;
+        if authorised {
             tracing::info!(pcid = %reg.pcid, registration = %reg.id, "provisioning authorised");
         }
         Ok(Response::new(pb::AuthorizeProvisioningResponse {}))
@@ -127,32 +119,24 @@ impl DpfService for Dpf {
                 )));
             }
         }
-        // The refusal and the device's task: both or neither.
-        let mut tx = self.0.db.begin().await.map_err(db_err)?;
-        let done = sqlx::query(
-            "UPDATE ro_registration SET state = 'refused', detail = ? \
-             WHERE id = ? AND state = 'validating'",
-        )
-        .bind(&r.reason)
-        .bind(&reg.id)
-        .execute(&mut *tx)
-        .await
-        .map_err(db_err)?;
-        if done.rows_affected() == 1 {
-            self.0
-                .enqueue(
-                    &mut tx,
-                    &reg.pcid,
-                    pb::watch_device_tasks_response::Task::Refused(pb::RefusedTask {
-                        registration_id: reg.id.clone(),
-                        reason: r.reason.clone(),
-                    }),
+        // The refusal and the device's task.
+        let refused = self
+            .0
+            .change_with_task(
+                sqlx::query(
+                    "UPDATE ro_registration SET state = 'refused', detail = ? \
+                     WHERE id = ? AND state = 'validating'",
                 )
-                .await?;
-        }
-        tx.commit().await.map_err(db_err)?;
-        if done.rows_affected() == 1 {
-            self.0.tasks_queued();
+                .bind(&r.reason)
+                .bind(&reg.id),
+                &reg.pcid,
+                pb::watch_device_tasks_response::Task::Refused(pb::RefusedTask {
+                    registration_id: reg.id.clone(),
+                    reason: r.reason.clone(),
+                }),
+            )
+            .await?;
+        if refused {
             tracing::info!(pcid = %reg.pcid, registration = %reg.id, "provisioning refused by the SHO: {}", r.reason);
         }
         Ok(Response::new(pb::RefuseProvisioningResponse {}))

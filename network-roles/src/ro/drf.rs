@@ -108,23 +108,18 @@ impl DrfService for Drf {
             .await
             .map_err(|s| Status::new(s.code(), format!("SHO {sho_id}: {}", s.message())))?
             .into_inner();
-        // The registration and the device's attestation task: both or neither.
-        let mut tx = self.0.db.begin().await.map_err(db_err)?;
-        sqlx::query(
-            "INSERT INTO ro_registration (id, pcid, access, sho_id, nonce, state) \
-             VALUES (?, ?, ?, ?, ?, 'validating')",
-        )
-        .bind(&id)
-        .bind(&pcid)
-        .bind(access as i64)
-        .bind(&sho_id)
-        .bind(nonce.to_vec())
-        .execute(&mut *tx)
-        .await
-        .map_err(db_err)?;
+        // The registration and the device's attestation task.
         self.0
-            .enqueue(
-                &mut tx,
+            .change_with_task(
+                sqlx::query(
+                    "INSERT INTO ro_registration (id, pcid, access, sho_id, nonce, state) \
+                     VALUES (?, ?, ?, ?, ?, 'validating')",
+                )
+                .bind(&id)
+                .bind(&pcid)
+                .bind(access as i64)
+                .bind(&sho_id)
+                .bind(nonce.to_vec()),
                 &pcid,
                 pb::watch_device_tasks_response::Task::Attest(pb::AttestationTask {
                     validation_id: v.validation_id,
@@ -133,8 +128,6 @@ impl DrfService for Drf {
                 }),
             )
             .await?;
-        tx.commit().await.map_err(db_err)?;
-        self.0.tasks_queued();
         tracing::info!(%pcid, registration = %id, sho = %sho_id, "device registered at its SHO");
         Ok(Response::new(pb::RegisterDeviceResponse {
             registration_id: id,

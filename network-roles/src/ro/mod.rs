@@ -70,15 +70,26 @@ impl Ro {
         ))
     }
 
-    /// Queues a task for a device inside the caller's transaction `tx` (with the state change
-    /// that calls for it: both happen or neither); it reaches the device over its stream once
-    /// committed ([`Ro::tasks_queued`]). Returns its seq.
-    async fn enqueue(
+    /// Applies `change` (one statement on a device's registration) and, when it changed a
+    /// row, queues `task` for the device `pcid`, in one transaction: both happen or neither
+    /// (a crash between them would leave a device waiting for a task that never comes). The
+    /// device's task stream wakes once it is committed. Returns whether the change applied.
+    async fn change_with_task(
         &self,
-        tx: &mut sqlx::SqliteConnection,
+        change: sqlx::query::Query<'_, sqlx::Sqlite, sqlx::sqlite::SqliteArguments>,
         pcid: &str,
         task: pb::watch_device_tasks_response::Task,
-    ) -> Result<u64, Status> {
+    ) -> Result<bool, Status> {
+        let mut tx = self.db.begin().await.map_err(db_err)?;
+        if change
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?
+            .rows_affected()
+            != 1
+        {
+            return Ok(false);
+        }
         let body = pb::WatchDeviceTasksResponse {
             seq: 0,
             task: Some(task),
@@ -101,12 +112,9 @@ impl Ro {
             .execute(&mut *tx)
             .await
             .map_err(db_err)?;
-        Ok(u64::try_from(seq).unwrap_or(0))
-    }
-
-    /// Wakes the devices' task streams after a transaction that queued tasks committed.
-    fn tasks_queued(&self) {
+        tx.commit().await.map_err(db_err)?;
         self.tasks.bump();
+        Ok(true)
     }
 }
 
