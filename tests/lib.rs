@@ -499,6 +499,25 @@ impl Roles {
         }
     }
 
+    /// The address of a role ("supplier", "ro", "vno", "sho", "pva"), `https://127.0.0.1:port`.
+    pub fn url(&self, role: &str) -> String {
+        format!("https://127.0.0.1:{}", self.port(role))
+    }
+
+    /// A `tred` on `tcti` configured to provision against these roles (their CA, the RO, the
+    /// VNO).
+    pub fn tred(&self, tcti: &str) -> Tred {
+        let ca = self.pki.join("ca.pem");
+        Tred::start_with(
+            tcti,
+            &[
+                ("MCIM_CA_FILE", ca.to_str().unwrap()),
+                ("MCIM_RO_URL", &self.url("ro")),
+                ("MCIM_VNO_URL", &self.url("vno")),
+            ],
+        )
+    }
+
     /// The port of a role ("supplier", "ro", "vno", "sho", "pva").
     pub fn port(&self, role: &str) -> u16 {
         let i = ["supplier", "ro", "vno", "sho", "pva"]

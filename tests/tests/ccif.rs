@@ -73,7 +73,7 @@ async fn mode_1_issues_a_pcids_credentials_once() {
 async fn mode_3_the_subscriber_registers_the_pcid_which_attaches_only_once_activated() {
     let work = tempfile::tempdir().unwrap();
     let roles = Roles::start(work.path());
-    let ro_url = format!("https://127.0.0.1:{}", roles.port("ro"));
+    let ro_url = roles.url("ro");
     let pki = roles.pki.to_str().unwrap().to_string();
     let pcid = "001010000000042";
     let (k, opc) = ([0x42u8; 16], [0x24u8; 16]);

@@ -8,24 +8,16 @@
 //! registration provisioned (`subscriber status`).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use mcim_e2e::{Roles, Swtpm, Tred, mcimctl, output_text};
+use mcim_e2e::{Roles, Swtpm, mcimctl, output_text};
 
 #[test]
 fn a_device_is_supplied_contracted_provisioned_and_attached_from_the_command_line() {
     let work = tempfile::tempdir().unwrap();
     let roles = Roles::start(work.path());
-    let url = |role: &str| format!("https://127.0.0.1:{}", roles.port(role));
+    let url = |role: &str| roles.url(role);
     let pki = roles.pki.to_str().unwrap().to_string();
-    let ca = roles.pki.join("ca.pem");
     let tpm = Swtpm::start();
-    let tred = Tred::start_with(
-        &tpm.tcti(),
-        &[
-            ("MCIM_CA_FILE", ca.to_str().unwrap()),
-            ("MCIM_RO_URL", &url("ro")),
-            ("MCIM_VNO_URL", &url("vno")),
-        ],
-    );
+    let tred = roles.tred(&tpm.tcti());
     let socket = tred.socket().to_str().unwrap().to_string();
     let run = |args: &[&str]| {
         let out = mcimctl(args);

@@ -35,18 +35,10 @@ impl Setup {
     fn new(pcid: &str) -> Self {
         let work = tempfile::tempdir().unwrap();
         let roles = Roles::start(work.path());
-        let url = |role: &str| format!("https://127.0.0.1:{}", roles.port(role));
+        let url = |role: &str| roles.url(role);
         let pki = roles.pki.to_str().unwrap().to_string();
-        let ca = roles.pki.join("ca.pem");
         let tpm = Swtpm::start();
-        let tred = Tred::start_with(
-            &tpm.tcti(),
-            &[
-                ("MCIM_CA_FILE", ca.to_str().unwrap()),
-                ("MCIM_RO_URL", &url("ro")),
-                ("MCIM_VNO_URL", &url("vno")),
-            ],
-        );
+        let tred = roles.tred(&tpm.tcti());
         let socket = tred.socket().to_str().unwrap().to_string();
         let params = work.path().join("device.json");
         let params = params.to_str().unwrap();

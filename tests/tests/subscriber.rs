@@ -82,7 +82,7 @@ async fn a_subscriber_registers_a_real_device_at_the_sho_from_its_exported_param
         hex::encode(&cert.platform_credential[0])
     );
 
-    let sho_url = format!("https://127.0.0.1:{}", roles.port("sho"));
+    let sho_url = roles.url("sho");
     let pki = roles.pki.to_str().unwrap().to_string();
     let register = |device: &str, account: &str| {
         mcimctl(&[
