@@ -7,7 +7,7 @@
 // A test harness: failing loudly on a broken fixture is the point.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// A binary of the workspace, built next to the running test (`cargo test --workspace` and
 /// `cargo nextest run --workspace` build them all).
@@ -161,6 +161,14 @@ impl Tred {
     /// Starts tred again on the same state directory (after [`Tred::stop`]).
     pub fn restart(&mut self) {
         self.stop();
+        self.launch();
+    }
+
+    /// Stops tred, lets `change` alter its state directory, and starts it again on it (an
+    /// upgrade or a repair between two runs of the daemon).
+    pub fn restart_after(&mut self, change: impl FnOnce(&Path)) {
+        self.stop();
+        change(&self.state_dir());
         self.launch();
     }
 

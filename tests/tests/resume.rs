@@ -235,3 +235,59 @@ async fn an_attach_left_open_by_a_restart_does_not_lock_the_device_out() {
     assert!(out.contains("step 14"), "{out}");
     assert!(!out.contains("FAILED"), "{out}");
 }
+
+/// An upgrade in the middle of provisioning: `tred` stopped with a run saved by the previous
+/// version (version 1, the flat record: registered nowhere yet, non-3GPP access, no grant).
+/// The new `tred` reads it, resumes it at step 5 and provisions; the file is then saved in the
+/// current, versioned form.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_saved_by_the_previous_tred_resumes_after_an_upgrade() {
+    let pcid = "001010000000063";
+    let mut setup = Setup::new(pcid);
+    const V1_REGISTER: &str = r#"{
+  "id": "0a1b2c3d4e5f6071",
+  "three_gpp": false,
+  "phase": "register",
+  "steps": [],
+  "grant_id": "",
+  "registration_id": "",
+  "sho_id": "",
+  "nonce": "",
+  "ack_seq": 0,
+  "mcim_id": ""
+}"#;
+    setup.tred.restart_after(|state| {
+        std::fs::write(state.join("provisioning.json"), V1_REGISTER).unwrap();
+    });
+    let file = setup.tred.state_dir().join("provisioning.json");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let saved = loop {
+        let v: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap_or_default();
+        let state = v["run"]["state"]["state"]
+            .as_str()
+            .unwrap_or("")
+            .to_string();
+        if state == "provisioned" || state == "failed" {
+            break v;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the resumed run did not finish: {v}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    assert_eq!(saved["version"], 2, "{saved}");
+    assert_eq!(saved["run"]["id"], "0a1b2c3d4e5f6071", "{saved}");
+    assert_eq!(saved["run"]["state"]["state"], "provisioned", "{saved}");
+    let steps: Vec<u64> = saved["run"]["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps, (5..=14).collect::<Vec<u64>>(), "{saved}");
+    let imsi = saved["run"]["state"]["mcim_id"].as_str().unwrap();
+    let listed = setup.device(&["list"]);
+    assert_eq!(listed.matches(imsi).count(), 1, "{listed}");
+}

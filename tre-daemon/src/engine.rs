@@ -62,7 +62,7 @@ impl Engine {
         match self {
             Engine::Fresh { tre, .. } => Ok(tre.as_mut()),
             Engine::Ready(r) => Ok(r.tre()),
-            Engine::Broken(w) => Err(RegistryError::Io(w.clone())),
+            Engine::Broken(w) => Err(RegistryError::EngineBroken(w.clone())),
         }
     }
 
@@ -71,7 +71,7 @@ impl Engine {
         match self {
             Engine::Ready(r) => Ok(r),
             Engine::Fresh { .. } => Err(TreError::NotInitialised.into()),
-            Engine::Broken(w) => Err(RegistryError::Io(w.clone())),
+            Engine::Broken(w) => Err(RegistryError::EngineBroken(w.clone())),
         }
     }
 
@@ -169,10 +169,16 @@ impl EngineHandle {
             engine
                 .call_blocking(move |e| {
                     e.tre()
-                        .map_err(|x| TreError::Mismatch(x.to_string()))?
+                        .map_err(|x| TreError::Unavailable {
+                            target: "the TRE".into(),
+                            detail: x.to_string(),
+                        })?
                         .tls_sign(&m)
                 })
-                .map_err(|_| TreError::Mismatch("the TRE thread is gone".into()))?
+                .map_err(|_| TreError::Unavailable {
+                    target: "the TRE thread".into(),
+                    detail: EngineGone.to_string(),
+                })?
         })
     }
 

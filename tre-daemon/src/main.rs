@@ -1,5 +1,6 @@
-//! `tred`: the TRE daemon (TR 33.812 5.1.2). Owns the device's TPM, keeps the MCIM registry
-//! and serves the local API `mcim.tre.v1` on a Unix socket.
+//! `tred`: the TRE daemon (TR 33.812 5.1.2). Opens the device's TRE (a TPM or a PKCS#11
+//! token), keeps the MCIM registry, serves the local API `mcim.tre.v1` on a Unix socket and
+//! runs the device's side of provisioning.
 //!
 //! ```text
 //! tred [--config /etc/mcim/tred.toml]      # MCIM_* variables override the file
@@ -10,6 +11,7 @@ use std::path::PathBuf;
 use clap::Parser;
 use mcim_proto::mcim::tre::v1::tre_service_server::TreServiceServer;
 use mcim_tre::config::Config;
+use mcim_tre::device::Device;
 use mcim_tre::engine::{Engine, EngineHandle};
 use mcim_tre::service::TreApi;
 use mcim_tre::tre::Tre;
@@ -132,8 +134,7 @@ async fn serve(config: &Config, engine: EngineHandle) -> Result<(), String> {
     let cell = std::sync::Arc::new(std::sync::OnceLock::new());
     let measure = std::sync::Arc::new(move || *cell.get_or_init(|| measurement(&conf)));
     let certs = mcim_tre::certificates::Certificates::new(&config.state_dir);
-    let api = TreApi::new(engine.clone(), config.quote_pcrs.clone(), key, measure)
-        .with_certificates(certs.clone());
+    let device = Device::new(engine, config.quote_pcrs.clone(), key, measure, certs);
     let net = match (&config.ca_file, &config.ro_url) {
         (Some(ca), Some(ro)) => Some(mcim_tre::provision::Network {
             ca_pem: std::fs::read(ca).map_err(|e| format!("{}: {e}", ca.display()))?,
@@ -142,14 +143,9 @@ async fn serve(config: &Config, engine: EngineHandle) -> Result<(), String> {
         }),
         _ => None,
     };
-    let provisioner = mcim_tre::provision::Provisioner::start(
-        api.clone(),
-        engine,
-        config.state_dir.clone(),
-        certs,
-        net,
-    )?;
-    let api = api.with_provisioner(provisioner);
+    let provisioner =
+        mcim_tre::provision::Provisioner::start(device.clone(), config.state_dir.clone(), net)?;
+    let api = TreApi::new(device, Some(provisioner));
     let result = tonic::transport::Server::builder()
         .add_service(TreServiceServer::new(api))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown())

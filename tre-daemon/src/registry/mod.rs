@@ -87,6 +87,13 @@ pub enum RegistryError {
     /// The state directory could not be read or written.
     #[error("state directory: {0}")]
     Io(String),
+    /// A record could not be encoded or decoded (JSON, hex).
+    #[error("registry encoding: {0}")]
+    Encoding(String),
+    /// The TRE was initialised but the registry could not be opened over it; `tred` must be
+    /// restarted.
+    #[error("the registry could not be opened ({0}); restart tred")]
+    EngineBroken(String),
 }
 
 fn io(e: std::io::Error) -> RegistryError {
@@ -420,7 +427,7 @@ impl Registry {
         }
         let mut head = [0u8; 32];
         hex::decode_to_slice(&self.header.audit_head, &mut head)
-            .map_err(|e| RegistryError::Io(e.to_string()))?;
+            .map_err(|e| RegistryError::Encoding(format!("the header's audit head: {e}")))?;
         self.tre.set_audit_anchor(&AuditAnchor {
             seq: self.header.audit_seq,
             head,
@@ -451,7 +458,7 @@ impl Registry {
                     let mut rec = *rec;
                     rec.version = header.mcims.get(&rec.id).map_or(1, |h| h.version + 1);
                     let bytes = serde_json::to_vec_pretty(&rec)
-                        .map_err(|e| RegistryError::Io(e.to_string()))?;
+                        .map_err(|e| RegistryError::Encoding(e.to_string()))?;
                     let path = self
                         .dir
                         .join(MCIM_DIR)
@@ -494,8 +501,8 @@ impl Registry {
         header.counter = self.header.counter + 1;
         header.audit_seq = entry.seq;
         header.audit_head = hex::encode(hash);
-        let mut body =
-            serde_json::to_vec_pretty(&header).map_err(|e| RegistryError::Io(e.to_string()))?;
+        let mut body = serde_json::to_vec_pretty(&header)
+            .map_err(|e| RegistryError::Encoding(e.to_string()))?;
         let mac = self.tre.integrity_mac(&sha256(&[HEADER_DOMAIN, &body]))?;
         body.push(b'\n');
         body.extend_from_slice(hex::encode(mac).as_bytes());

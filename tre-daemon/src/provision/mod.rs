@@ -1,66 +1,41 @@
 //! The device's side of initial provisioning (TR 33.812 5.1.3.6.2 for 3GPP access, 5.1.3.6.3
-//! for non-3GPP access) as one explicit state machine whose phases are the seed's steps:
+//! for non-3GPP access): the driver of the typed run in [`run`] (states, events, the saved
+//! form; the diagram is `flow.md` beside this file).
 //!
-//! ```text
-//! Attach (1-4, 3GPP only) -> Register (5-7) -> Tasks (8-14) -> Done
-//!                                   any phase -> Failed (the step and why)
-//! ```
-//!
-//! The run is persisted in the state directory (`provisioning.json`, replaced atomically) after
+//! The run is saved in the state directory (`provisioning.json`, replaced atomically) after
 //! every step, and resumes where it stopped when `tred` restarts. The device only opens
 //! outbound connections: steps 8 and 12 reach it over the task stream it opened at the RO's
 //! DPF, which replays what the device has not acknowledged. Every TRE operation goes through
-//! the same local API handlers the owner's tools use ([`crate::service::TreApi`]), so the
-//! flow obeys the registry's rules (lifecycle, lockdown) like everyone else.
+//! the device façade ([`crate::device::Device`]), the same one the local API serves, so the
+//! flow obeys the registry's rules (lifecycle, lockdown) like every other caller.
+
+pub mod run;
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use mcim_core::aka::{Autn, DeviceResponse, Rand};
+use mcim_core::lifecycle::{LifecycleOp, McimState};
 use mcim_proto::mcim::common::v1 as common;
 use mcim_proto::mcim::pva::v1 as pva;
 use mcim_proto::mcim::pva::v1::pva_service_client::PvaServiceClient;
 use mcim_proto::mcim::ro::v1 as ro;
 use mcim_proto::mcim::ro::v1::dpf_service_client::DpfServiceClient;
 use mcim_proto::mcim::ro::v1::drf_service_client::DrfServiceClient;
-use mcim_proto::mcim::tre::v1 as pb;
-use mcim_proto::mcim::tre::v1::tre_service_server::TreService;
 use mcim_proto::mcim::vno::v1 as vno;
 use mcim_proto::mcim::vno::v1::vno_service_client::VnoServiceClient;
 use mcim_telemetry::Channel;
-use serde::{Deserialize, Serialize};
-use tonic::{Code, Request, Status};
+use tonic::{Code, Status};
 use tracing::Instrument;
 
-use crate::certificates::Certificates;
-use crate::engine::EngineHandle;
+use crate::device::{Credential, Device, DeviceError, Installed, NewMcim, block16};
 use crate::registry::files::{read_optional, write_atomic};
-use crate::service::TreApi;
 use crate::tls::{TreTlsKey, device_client_config};
+pub use run::{Access, Event, Registration, Run, RunState, StepRecord, step_name};
 
 /// How many times a step is retried when a role is unreachable (one second apart).
 const RETRIES: u32 = 120;
-
-/// The seed's steps, numbered as in 5.1.3.6.2.
-pub fn step_name(step: u32) -> &'static str {
-    match step {
-        1 => "attach to the VNO with the PCID",
-        2 => "the VNO contacts the RO's ICF",
-        3 => "AVs from the ICF authenticate the PCID (AKA in the TRE)",
-        4 => "the VNO provides IP connectivity to the RO",
-        5 => "the device connects to the RO's DRF",
-        6 => "the SHO is discovered",
-        7 => "the RO registers the device at the SHO",
-        8 => "the SHO asks the PVA to validate the device (via the RO)",
-        9 => "the PVA validates the device's integrity",
-        10 => "the validation result reaches the SHO",
-        11 => "the SHO authorises the RO's DPF",
-        12 => "the DPF downloads the MCIM to the device",
-        13 => "the MCIM is provisioned into the TRE and reported to the DPF",
-        14 => "the DPF reports the status to the SHO",
-        _ => "unknown step",
-    }
-}
 
 /// Where the device reaches the network.
 #[derive(Clone, Debug)]
@@ -73,100 +48,38 @@ pub struct Network {
     pub vno_url: Option<String>,
 }
 
-/// A phase of the run.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Phase {
-    /// Steps 1-4.
-    Attach,
-    /// Steps 5-7.
-    Register,
-    /// Steps 8-14, driven by the task stream.
-    Tasks,
-    /// Finished: the MCIM is installed and the SHO knows.
-    Done,
-    /// Stopped at a step.
-    Failed,
+/// Why the owner's request about provisioning was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ProvisionError {
+    /// `tred`'s configuration or the device's supply state does not allow it.
+    #[error("{0}")]
+    NotReady(String),
+    /// The request is malformed.
+    #[error("{0}")]
+    BadRequest(String),
+    /// No run with that id.
+    #[error("no such provisioning run")]
+    NoSuchRun,
+    /// The run could not be saved.
+    #[error("cannot save the provisioning run: {0}")]
+    Persist(String),
+    /// The device refused.
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+    /// A role refused or could not be reached.
+    #[error("{0}")]
+    Network(Status),
 }
 
-/// One step as the device saw it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct StepRecord {
-    /// 1-14.
-    pub step: u32,
-    /// Finished without error.
-    pub ok: bool,
-    /// What happened.
-    pub detail: String,
-}
-
-/// A provisioning run, as persisted.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Run {
-    /// The run's id.
-    pub id: String,
-    /// 3GPP (through the VNO) or not.
-    pub three_gpp: bool,
-    /// Where it stands.
-    pub phase: Phase,
-    /// The steps so far.
-    pub steps: Vec<StepRecord>,
-    /// The VNO's grant (step 4).
+/// A completed operational attach.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Attached {
+    /// The VNO's grant.
     pub grant_id: String,
-    /// The RO's registration (step 7).
-    pub registration_id: String,
-    /// The SHO found (step 6).
-    pub sho_id: String,
-    /// The registration nonce, hex.
-    pub nonce: String,
-    /// The last task acknowledged.
-    pub ack_seq: u64,
-    /// The MCIM installed (step 13).
-    pub mcim_id: String,
-}
-
-impl Run {
-    fn record(&mut self, step: u32, ok: bool, detail: impl Into<String>) {
-        let detail = detail.into();
-        if ok {
-            tracing::info!(step, "provisioning: {} ({detail})", step_name(step));
-        } else {
-            tracing::warn!(step, "provisioning failed: {} ({detail})", step_name(step));
-        }
-        self.steps.push(StepRecord { step, ok, detail });
-    }
-
-    fn done(&self, step: u32) -> bool {
-        self.steps.iter().any(|s| s.step == step && s.ok)
-    }
-
-    /// The step records as the local API streams them.
-    pub fn responses(&self) -> Vec<pb::WatchProvisioningResponse> {
-        self.steps
-            .iter()
-            .map(|s| pb::WatchProvisioningResponse {
-                step: s.step,
-                name: step_name(s.step).into(),
-                ok: s.ok,
-                detail: s.detail.clone(),
-                mcim_id: if s.step == 13 && s.ok {
-                    self.mcim_id.clone()
-                } else {
-                    String::new()
-                },
-                registration_id: if s.step >= 7 {
-                    self.registration_id.clone()
-                } else {
-                    String::new()
-                },
-            })
-            .collect()
-    }
-
-    /// Finished, one way or the other.
-    pub fn finished(&self) -> bool {
-        matches!(self.phase, Phase::Done | Phase::Failed)
-    }
+    /// The IMSI attached with.
+    pub imsi: String,
+    /// When the grant expires.
+    pub expires_at: Option<prost_types::Timestamp>,
 }
 
 /// Why a step did not complete.
@@ -186,12 +99,16 @@ fn stop(step: u32) -> impl Fn(Status) -> Stop {
     }
 }
 
+/// A transition the driver asked for that does not apply: a bug, reported as a failed step.
+fn apply(run: &mut Run, step: u32, event: Event) -> Result<(), Stop> {
+    run.apply(event)
+        .map_err(|e| Stop::Fail(step, e.to_string()))
+}
+
 /// The provisioning side of `tred`.
 pub struct Provisioner {
-    api: TreApi,
-    engine: EngineHandle,
+    device: Device,
     state_file: PathBuf,
-    certs: Certificates,
     net: Option<Network>,
     run: tokio::sync::watch::Sender<Option<Run>>,
     start: tokio::sync::Mutex<()>,
@@ -209,27 +126,24 @@ impl std::fmt::Debug for Provisioner {
 }
 
 impl Provisioner {
-    /// The provisioner over the local API `api`; resumes an unfinished run.
+    /// The provisioner over `device`; resumes an unfinished run saved in `state_dir` (by this
+    /// or an earlier version of `tred`).
     pub fn start(
-        api: TreApi,
-        engine: EngineHandle,
+        device: Device,
         state_dir: PathBuf,
-        certs: Certificates,
         net: Option<Network>,
     ) -> Result<Arc<Self>, String> {
         let state_file = state_dir.join("provisioning.json");
         let saved = read_optional(&state_file)
             .map_err(|e| format!("{}: {e}", state_file.display()))?
-            .map(|b| serde_json::from_slice::<Run>(&b))
+            .map(|b| run::load(&b))
             .transpose()
             .map_err(|e| format!("{}: {e}", state_file.display()))?;
         let resume = saved.as_ref().is_some_and(|r| !r.finished());
         let (tx, _) = tokio::sync::watch::channel(saved);
         let p = Arc::new(Self {
-            api,
-            engine,
+            device,
             state_file,
-            certs,
             net,
             run: tx,
             start: tokio::sync::Mutex::new(()),
@@ -243,7 +157,7 @@ impl Provisioner {
     }
 
     /// Starts a run, or returns the one in progress.
-    pub async fn begin(self: &Arc<Self>, access: common::AccessType) -> Result<String, Status> {
+    pub async fn begin(self: &Arc<Self>, access: Access) -> Result<String, ProvisionError> {
         let _one = self.start.lock().await;
         if let Some(r) = self.run.borrow().as_ref()
             && !r.finished()
@@ -251,44 +165,22 @@ impl Provisioner {
             return Ok(r.id.clone());
         }
         let net = self.net.as_ref().ok_or_else(|| {
-            Status::failed_precondition("tred has no network configured (ca_file, ro_url)")
+            ProvisionError::NotReady("tred has no network configured (ca_file, ro_url)".into())
         })?;
-        let three_gpp = match access {
-            common::AccessType::AccessType3gpp => true,
-            common::AccessType::Non3gpp => false,
-            common::AccessType::Unspecified => {
-                return Err(Status::invalid_argument("name the access type"));
-            }
-        };
-        if three_gpp && net.vno_url.is_none() {
-            return Err(Status::failed_precondition(
-                "3GPP access needs vno_url in tred's configuration",
+        if access == Access::ThreeGpp && net.vno_url.is_none() {
+            return Err(ProvisionError::NotReady(
+                "3GPP access needs vno_url in tred's configuration".into(),
             ));
         }
-        if self.certs.load().map_err(Status::internal)?.is_none() {
-            return Err(Status::failed_precondition(
-                "the device has no certificates yet (InstallCertificates at supply time)",
+        if self.device.certificates()?.is_none() {
+            return Err(ProvisionError::NotReady(
+                "the device has no certificates yet (InstallCertificates at supply time)".into(),
             ));
         }
         let mut id = [0u8; 8];
         rand::Rng::fill_bytes(&mut rand::rng(), &mut id);
-        let run = Run {
-            id: hex::encode(id),
-            three_gpp,
-            phase: if three_gpp {
-                Phase::Attach
-            } else {
-                Phase::Register
-            },
-            steps: Vec::new(),
-            grant_id: String::new(),
-            registration_id: String::new(),
-            sho_id: String::new(),
-            nonce: String::new(),
-            ack_seq: 0,
-            mcim_id: String::new(),
-        };
-        self.save(&run).map_err(Status::internal)?;
+        let run = Run::new(hex::encode(id), access);
+        self.save(&run).map_err(ProvisionError::Persist)?;
         self.cached_channels().clear();
         let id = run.id.clone();
         self.run.send_replace(Some(run));
@@ -297,17 +189,20 @@ impl Provisioner {
     }
 
     /// Follows the run `id`.
-    pub fn watch(&self, id: &str) -> Result<tokio::sync::watch::Receiver<Option<Run>>, Status> {
+    pub fn watch(
+        &self,
+        id: &str,
+    ) -> Result<tokio::sync::watch::Receiver<Option<Run>>, ProvisionError> {
         let rx = self.run.subscribe();
         match rx.borrow().as_ref() {
             Some(r) if r.id == id => {}
-            _ => return Err(Status::not_found("no such provisioning run")),
+            _ => return Err(ProvisionError::NoSuchRun),
         }
         Ok(rx)
     }
 
     fn save(&self, run: &Run) -> Result<(), String> {
-        let json = serde_json::to_vec_pretty(run).map_err(|e| e.to_string())?;
+        let json = run::save(run).map_err(|e| e.to_string())?;
         write_atomic(&self.state_file, &json)
             .map_err(|e| format!("{}: {e}", self.state_file.display()))
     }
@@ -329,7 +224,10 @@ impl Provisioner {
         let span = tracing::info_span!(
             "provisioning",
             run = %run.id,
-            access = if run.three_gpp { "3gpp" } else { "non-3gpp" },
+            access = match run.access {
+                Access::ThreeGpp => "3gpp",
+                Access::NonThreeGpp => "non-3gpp",
+            },
         );
         self.drive_run(run).instrument(span).await;
     }
@@ -337,61 +235,63 @@ impl Provisioner {
     async fn drive_run(&self, mut run: Run) {
         let mut tries = 0;
         while !run.finished() {
-            let result = match run.phase {
-                Phase::Attach => {
+            let result = match &run.state {
+                RunState::Attaching => {
                     self.attach(&mut run)
                         .instrument(tracing::info_span!("attach", steps = "1-4"))
                         .await
                 }
-                Phase::Register => {
+                RunState::Registering { .. } => {
                     self.register(&mut run)
                         .instrument(tracing::info_span!("register", steps = "5-7"))
                         .await
                 }
-                Phase::Tasks => {
+                RunState::AwaitingTasks { .. } => {
                     self.tasks(&mut run)
                         .instrument(tracing::info_span!("tasks", steps = "8-14"))
                         .await
                 }
-                Phase::Done | Phase::Failed => break,
+                RunState::Provisioned { .. } | RunState::Failed { .. } => break,
             };
-            match result {
-                Ok(()) => tries = 0,
+            let failed = match result {
+                Ok(()) => {
+                    tries = 0;
+                    None
+                }
                 Err(Stop::Retry(why)) => {
                     tries += 1;
                     if tries > RETRIES {
                         let step = run.steps.last().map(|s| s.step + 1).unwrap_or(1).min(14);
-                        run.record(step, false, format!("gave up: {why}"));
-                        run.phase = Phase::Failed;
+                        Some((step, format!("gave up: {why}")))
                     } else {
                         tracing::info!("provisioning: {why}; retrying");
                         tokio::time::sleep(Duration::from_secs(1)).await;
+                        None
                     }
                 }
-                Err(Stop::Fail(step, why)) => {
-                    run.record(step, false, why);
-                    run.phase = Phase::Failed;
+                Err(Stop::Fail(step, why)) => Some((step, why)),
+            };
+            if let Some((step, reason)) = failed {
+                run.record(step, false, reason.clone());
+                if let Err(e) = run.apply(Event::Failed { step, reason }) {
+                    tracing::error!("{e}");
+                    break;
                 }
             }
             self.publish(&run);
         }
     }
 
-    fn tls(&self) -> Result<Arc<rustls::ClientConfig>, Stop> {
+    fn tls(&self, step: u32) -> Result<Arc<rustls::ClientConfig>, Stop> {
         let certs = self
-            .certs
-            .load()
-            .map_err(|e| Stop::Fail(5, e))?
-            .ok_or_else(|| Stop::Fail(5, "no device certificate".into()))?;
-        let key = TreTlsKey::new(self.engine.tls_signer());
-        let ca = &self
-            .net
-            .as_ref()
-            .ok_or_else(|| Stop::Fail(5, "no network".into()))?
-            .ca_pem;
-        device_client_config(ca, certs.tls_certificate, key)
+            .device
+            .certificates()
+            .map_err(|e| Stop::Fail(step, e.to_string()))?
+            .ok_or_else(|| Stop::Fail(step, "no device certificate".into()))?;
+        let key = TreTlsKey::new(self.device.engine().tls_signer());
+        device_client_config(&self.net(step)?.ca_pem, certs.tls_certificate, key)
             .map(Arc::new)
-            .map_err(|e| Stop::Fail(5, e))
+            .map_err(|e| Stop::Fail(step, format!("the device's TLS configuration: {e}")))
     }
 
     fn channel(&self, url: &str, role: &str, step: u32) -> Result<Channel, Stop> {
@@ -399,7 +299,7 @@ impl Provisioner {
         if let Some(c) = self.cached_channels().get(&key) {
             return Ok(c.clone());
         }
-        let c = crate::net::channel(self.tls()?, url, &format!("{role}.mcim.local"))
+        let c = crate::net::channel(self.tls(step)?, url, &format!("{role}.mcim.local"))
             .map_err(|e| Stop::Fail(step, e))?;
         self.cached_channels().insert(key, c.clone());
         Ok(c)
@@ -412,37 +312,28 @@ impl Provisioner {
         self.channels.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn net(&self) -> Result<&Network, Stop> {
+    fn net(&self, step: u32) -> Result<&Network, Stop> {
         self.net
             .as_ref()
-            .ok_or_else(|| Stop::Fail(1, "no network configured".into()))
+            .ok_or_else(|| Stop::Fail(step, "no network configured".into()))
     }
 
-    async fn pcid(&self) -> Result<String, Stop> {
-        let st = self
-            .api
-            .get_status(Request::new(pb::GetStatusRequest {}))
-            .await
-            .map_err(stop(1))?
-            .into_inner();
-        st.identity
-            .map(|i| i.pcid)
-            .ok_or_else(|| Stop::Fail(1, "the device is not initialised".into()))
+    async fn pcid(&self, step: u32) -> Result<String, Stop> {
+        self.device.pcid().await.map_err(|e| match e {
+            DeviceError::EngineGone(_) => Stop::Retry(e.to_string()),
+            _ => Stop::Fail(step, format!("the device has no identity: {e}")),
+        })
     }
 
     /// Steps 1-4: attach with the PCID, AKA in the TRE with the initial credential.
     async fn attach(&self, run: &mut Run) -> Result<(), Stop> {
-        let pcid = self.pcid().await?;
-        let g = self
-            .attach_with(&pcid, pb::authenticate_request::Credential::Initial(true))
-            .await?;
+        let pcid = self.pcid(1).await?;
+        let g = self.attach_with(&pcid, Credential::Initial).await?;
         run.record(1, true, format!("PCID {pcid}"));
         run.record(2, true, "the VNO routed the PCID to its RO's ICF");
         run.record(3, true, "RES from the TRE matched the ICF's XRES");
         run.record(4, true, format!("grant {}", g.grant_id));
-        run.grant_id = g.grant_id;
-        run.phase = Phase::Register;
-        Ok(())
+        apply(run, 4, Event::Attached { grant: g.grant_id })
     }
 
     /// Attach to the VNO as `identity` and answer its challenge with `credential` in the TRE
@@ -450,10 +341,10 @@ impl Provisioner {
     async fn attach_with(
         &self,
         identity: &str,
-        credential: pb::authenticate_request::Credential,
+        credential: Credential,
     ) -> Result<vno::Grant, Stop> {
         let url = self
-            .net()?
+            .net(1)?
             .vno_url
             .clone()
             .ok_or_else(|| Stop::Fail(1, "no vno_url configured".into()))?;
@@ -470,25 +361,21 @@ impl Provisioner {
             let ch = challenge
                 .take()
                 .ok_or_else(|| Stop::Fail(3, "no challenge".into()))?;
-            let answer = self
-                .api
-                .authenticate(Request::new(pb::AuthenticateRequest {
-                    credential: Some(credential.clone()),
-                    challenge: Some(ch),
-                }))
+            let refused = |e: String| Stop::Fail(3, format!("the TRE refused the challenge: {e}"));
+            let rand = Rand(block16("RAND", &ch.rand).map_err(|e| refused(e.to_string()))?);
+            let autn = Autn(block16("AUTN", &ch.autn).map_err(|e| refused(e.to_string()))?);
+            let answer = match self
+                .device
+                .authenticate(credential.clone(), rand, autn)
                 .await
-                .map_err(|s| {
-                    Stop::Fail(3, format!("the TRE refused the challenge: {}", s.message()))
-                })?
-                .into_inner();
-            let answer = match answer.result {
-                Some(pb::authenticate_response::Result::Success(s)) => {
-                    vno::complete_attach_request::Answer::Res(s.res)
+                .map_err(|e| refused(e.to_string()))?
+            {
+                DeviceResponse::Success { res, .. } => {
+                    vno::complete_attach_request::Answer::Res(res.0.to_vec())
                 }
-                Some(pb::authenticate_response::Result::Auts(auts)) => {
-                    vno::complete_attach_request::Answer::Auts(auts)
+                DeviceResponse::SyncFailure { auts, .. } => {
+                    vno::complete_attach_request::Answer::Auts(auts.0.to_vec())
                 }
-                None => return Err(Stop::Fail(3, "no answer from the TRE".into())),
             };
             let done = vno
                 .complete_attach(vno::CompleteAttachRequest {
@@ -513,70 +400,54 @@ impl Provisioner {
     /// Operational attach with an installed MCIM (5.1.3.3.2.2): select it (it stays Selected
     /// for the session), attach with its IMSI, AKA in the TRE against the SHO's vectors.
     #[tracing::instrument(name = "network_attach", skip(self))]
-    pub async fn network_attach(&self, mcim_id: &str) -> Result<pb::NetworkAttachResponse, Status> {
+    pub async fn network_attach(&self, mcim_id: &str) -> Result<Attached, ProvisionError> {
         let id = if mcim_id.is_empty() {
-            self.api
-                .get_status(Request::new(pb::GetStatusRequest {}))
-                .await?
-                .into_inner()
-                .connectivity_mcim_id
+            self.device.status().await?.connectivity.unwrap_or_default()
         } else {
             mcim_id.to_string()
         };
         if id.is_empty() {
-            return Err(Status::failed_precondition(
-                "no MCIM is chosen for connectivity",
+            return Err(ProvisionError::NotReady(
+                "no MCIM is chosen for connectivity".into(),
             ));
         }
-        let m = self
-            .api
-            .get_mcim(Request::new(pb::GetMcimRequest {
-                mcim_id: id.clone(),
-            }))
-            .await?
-            .into_inner()
-            .mcim
-            .ok_or_else(|| Status::not_found("no such MCIM"))?;
-        if m.state != common::McimState::Selected as i32 {
-            self.api
-                .select_mcim(Request::new(pb::SelectMcimRequest {
-                    mcim_id: id.clone(),
-                    pin: String::new(),
-                }))
-                .await?;
+        let m = self.device.get(&id).await?;
+        if m.state != McimState::Selected {
+            self.device.select(&id, None).await?;
         }
         let g = self
-            .attach_with(&m.imsi, pb::authenticate_request::Credential::McimId(id))
+            .attach_with(&m.id, Credential::Mcim(id))
             .await
-            .map_err(|s| match s {
-                Stop::Retry(w) => Status::unavailable(w),
-                Stop::Fail(_, w) => Status::failed_precondition(w),
+            .map_err(|s| {
+                ProvisionError::Network(match s {
+                    Stop::Retry(w) => Status::unavailable(w),
+                    Stop::Fail(_, w) => Status::failed_precondition(w),
+                })
             })?;
-        Ok(pb::NetworkAttachResponse {
+        Ok(Attached {
             grant_id: g.grant_id,
-            imsi: m.imsi,
+            imsi: m.id,
             expires_at: g.expires_at,
         })
     }
 
     /// Steps 5-7: connect to the DRF, which finds the SHO and registers the device there.
     async fn register(&self, run: &mut Run) -> Result<(), Stop> {
-        let pcid = self.pcid().await?;
+        let pcid = self.pcid(5).await?;
         let certs = self
-            .certs
-            .load()
-            .map_err(|e| Stop::Fail(5, e))?
+            .device
+            .certificates()
+            .map_err(|e| Stop::Fail(5, e.to_string()))?
             .unwrap_or_default();
-        let url = self.net()?.ro_url.clone();
+        let url = self.net(5)?.ro_url.clone();
         let r = DrfServiceClient::new(self.channel(&url, "ro", 5)?)
             .register_device(ro::RegisterDeviceRequest {
                 pcid,
-                access: if run.three_gpp {
-                    common::AccessType::AccessType3gpp
-                } else {
-                    common::AccessType::Non3gpp
+                access: match run.access {
+                    Access::ThreeGpp => common::AccessType::AccessType3gpp,
+                    Access::NonThreeGpp => common::AccessType::Non3gpp,
                 } as i32,
-                grant_id: run.grant_id.clone(),
+                grant_id: run.state.grant().unwrap_or_default().to_string(),
                 platform_credential: certs.platform_credential,
             })
             .await
@@ -588,30 +459,39 @@ impl Provisioner {
         run.record(
             5,
             true,
-            if run.three_gpp {
-                "under the VNO's grant"
-            } else {
-                "over non-3GPP access, by the device's TLS identity"
+            match run.access {
+                Access::ThreeGpp => "under the VNO's grant",
+                Access::NonThreeGpp => "over non-3GPP access, by the device's TLS identity",
             },
         );
         run.record(6, true, format!("SHO {}", r.sho_id));
         run.record(7, true, format!("registration {}", r.registration_id));
-        run.registration_id = r.registration_id;
-        run.sho_id = r.sho_id;
-        run.nonce = hex::encode(r.registration_nonce);
-        run.phase = Phase::Tasks;
-        Ok(())
+        apply(
+            run,
+            7,
+            Event::Registered(Registration {
+                id: r.registration_id,
+                sho_id: r.sho_id,
+                nonce: r.registration_nonce,
+            }),
+        )
     }
 
     /// Steps 8-14, as the RO's tasks arrive on the device's own stream.
     async fn tasks(&self, run: &mut Run) -> Result<(), Stop> {
-        let url = self.net()?.ro_url.clone();
+        let (registration, ack_seq) = match &run.state {
+            RunState::AwaitingTasks {
+                registration,
+                ack_seq,
+                ..
+            } => (registration.clone(), *ack_seq),
+            _ => return Ok(()),
+        };
+        let url = self.net(8)?.ro_url.clone();
         let chan = self.channel(&url, "ro", 8)?;
         let mut dpf = DpfServiceClient::new(chan);
         let mut stream = dpf
-            .watch_device_tasks(ro::WatchDeviceTasksRequest {
-                ack_seq: run.ack_seq,
-            })
+            .watch_device_tasks(ro::WatchDeviceTasksRequest { ack_seq })
             .await
             .map_err(stop(8))?
             .into_inner();
@@ -628,14 +508,14 @@ impl Provisioner {
                     }
                 }
                 Some(ro::watch_device_tasks_response::Task::Download(d)) => {
-                    if d.registration_id == run.registration_id {
-                        self.download(run, &mut dpf).await?;
+                    if d.registration_id == registration.id {
+                        self.download(run, &registration, &mut dpf).await?;
                     } else {
                         tracing::warn!(registration = %d.registration_id, "a download for another registration; ignored");
                     }
                 }
                 Some(ro::watch_device_tasks_response::Task::Refused(r)) => {
-                    if r.registration_id == run.registration_id {
+                    if r.registration_id == registration.id {
                         return Err(Stop::Fail(
                             10,
                             format!("the SHO refused to provision the device: {}", r.reason),
@@ -645,7 +525,9 @@ impl Provisioner {
                 }
                 Some(ro::watch_device_tasks_response::Task::Discard(_)) | None => {}
             }
-            run.ack_seq = run.ack_seq.max(task.seq);
+            if !run.finished() {
+                apply(run, 8, Event::Acknowledged(task.seq))?;
+            }
             self.publish(run);
             if run.finished() {
                 return Ok(());
@@ -659,22 +541,24 @@ impl Provisioner {
             run.record(8, true, format!("validation {}", a.validation_id));
         }
         let ev = self
-            .api
-            .attest(Request::new(pb::AttestRequest {
-                nonce: a.nonce.clone(),
-                pcrs: Vec::new(),
-            }))
+            .device
+            .attest(a.nonce.clone(), None)
             .await
-            .map_err(|s| Stop::Fail(9, format!("the TRE gave no evidence: {}", s.message())))?
-            .into_inner();
+            .map_err(|e| Stop::Fail(9, format!("the TRE gave no evidence: {e}")))?;
+        let clock = ev.clock.unwrap_or(mcim_core::tpm::attest::ClockInfo {
+            clock: 0,
+            reset_count: 0,
+            restart_count: 0,
+            safe: false,
+        });
         let mut pva_client = PvaServiceClient::new(self.channel(&a.pva_url, "pva", 9)?);
         let v = pva_client
             .submit_evidence(pva::SubmitEvidenceRequest {
                 validation_id: a.validation_id.clone(),
-                evidence: ev.evidence,
-                clock: ev.clock,
-                reset_count: ev.reset_count,
-                restart_count: ev.restart_count,
+                evidence: Some(crate::wire::evidence(ev)),
+                clock: clock.clock,
+                reset_count: clock.reset_count,
+                restart_count: clock.restart_count,
             })
             .await;
         let v = match v {
@@ -707,6 +591,7 @@ impl Provisioner {
     async fn download(
         &self,
         run: &mut Run,
+        registration: &Registration,
         dpf: &mut DpfServiceClient<Channel>,
     ) -> Result<(), Stop> {
         if !run.done(10) {
@@ -715,7 +600,7 @@ impl Provisioner {
         }
         let package = dpf
             .download_package(ro::DownloadPackageRequest {
-                registration_id: run.registration_id.clone(),
+                registration_id: registration.id.clone(),
             })
             .await
             .map_err(stop(12))?
@@ -726,18 +611,19 @@ impl Provisioner {
         if !run.done(12) {
             run.record(12, true, format!("{} octets", package.len()));
         }
-        let (status, detail) = match self.install(run, &package).await {
-            Ok(mcim_id) => {
-                run.mcim_id = mcim_id;
-                (common::ProvisioningStatus::Installed, String::new())
-            }
-            Err(why) => (common::ProvisioningStatus::Failed, why),
+        let (status, detail, mcim_id) = match self.install(registration, &package).await {
+            Ok(mcim_id) => (
+                common::ProvisioningStatus::Installed,
+                String::new(),
+                mcim_id,
+            ),
+            Err(why) => (common::ProvisioningStatus::Failed, why, String::new()),
         };
         dpf.report_provisioning_status(ro::ReportProvisioningStatusRequest {
-            registration_id: run.registration_id.clone(),
+            registration_id: registration.id.clone(),
             status: status as i32,
             detail: detail.clone(),
-            mcim_id: run.mcim_id.clone(),
+            mcim_id: mcim_id.clone(),
         })
         .await
         .map_err(stop(13))?;
@@ -747,101 +633,54 @@ impl Provisioner {
         run.record(
             13,
             true,
-            format!("MCIM {} installed, activated and reported", run.mcim_id),
+            format!("MCIM {mcim_id} installed, activated and reported"),
         );
         run.record(14, true, "the SHO knows the MCIM is provisioned");
-        run.phase = Phase::Done;
+        let grant = run.state.grant().map(str::to_string);
+        apply(run, 13, Event::Installed { mcim_id })?;
         // The initial connectivity is no longer needed.
-        if !run.grant_id.is_empty()
-            && let Some(url) = self.net()?.vno_url.clone()
+        if let Some(grant_id) = grant
+            && let Some(url) = self.net(14)?.vno_url.clone()
             && let Ok(c) = self.channel(&url, "vno", 14)
         {
             let _ = VnoServiceClient::new(c)
-                .detach(vno::DetachRequest {
-                    grant_id: run.grant_id.clone(),
-                })
+                .detach(vno::DetachRequest { grant_id })
                 .await;
         }
         Ok(())
     }
 
-    /// Whether the registry holds an MCIM with this IMSI from this SHO.
-    async fn holds(&self, imsi: &str, sho_id: &str) -> bool {
-        self.api
-            .get_mcim(Request::new(pb::GetMcimRequest {
-                mcim_id: imsi.to_string(),
-            }))
-            .await
-            .ok()
-            .and_then(|r| r.into_inner().mcim)
-            .is_some_and(|m| m.imsi == imsi && m.sho_id == sho_id)
-    }
-
     /// Verifies the package (the SHO we registered at, this device, this registration) and
     /// installs it; an MCIM already installed from this very package counts as installed.
-    async fn install(&self, run: &Run, package: &[u8]) -> Result<String, String> {
+    async fn install(&self, registration: &Registration, package: &[u8]) -> Result<String, String> {
         let net = self.net.as_ref().ok_or("no network")?;
         let cert = mcim_core::signed::signer_certificate(package).map_err(|e| e.to_string())?;
-        let sho = crate::net::verify_party(&net.ca_pem, &cert, "sho", &run.sho_id)?;
-        let nonce = hex::decode(&run.nonce).map_err(|e| e.to_string())?;
-        let pcid = self.pcid().await.map_err(|_| "no identity".to_string())?;
-        let p = mcim_core::package::open(package, &sho, &pcid, &run.registration_id, &nonce)
-            .map_err(|e| e.to_string())?;
-        let hexd = |s: &str| hex::decode(s).map_err(|e| format!("package: {e}"));
-        let c: Vec<Vec<u8>> = p
-            .milenage_c
-            .iter()
-            .map(|c| hexd(c))
-            .collect::<Result<_, _>>()?;
-        let installed = self
-            .api
-            .install_mcim(Request::new(pb::InstallMcimRequest {
-                imsi: p.imsi.clone(),
-                sho_id: p.sho_id.clone(),
-                wrapped_k: hexd(&p.wrapped_k)?,
-                wrapped_opc: hexd(&p.wrapped_opc)?,
-                milenage_c: c,
-                milenage_r: p.milenage_r.clone(),
-                pin: String::new(),
-                puk: String::new(),
-            }))
-            .await;
-        match installed {
-            Ok(_) => {}
-            // A resumed run (installed before a restart, maybe before the run was saved): the
-            // registry already holds this IMSI from this SHO. The package is this
-            // registration's (checked above), so it is the same MCIM.
-            Err(s) if s.code() == Code::AlreadyExists && self.holds(&p.imsi, &p.sho_id).await => {}
-            Err(s) => return Err(format!("the TRE refused the MCIM: {}", s.message())),
-        }
-        let id = p.imsi.clone();
-        let st = self
-            .api
-            .get_mcim(Request::new(pb::GetMcimRequest {
-                mcim_id: id.clone(),
-            }))
+        let sho = crate::net::verify_party(&net.ca_pem, &cert, "sho", &registration.sho_id)?;
+        let pcid = self
+            .device
+            .pcid()
             .await
-            .map_err(|s| s.message().to_string())?
-            .into_inner()
-            .mcim
-            .map(|m| m.state)
-            .unwrap_or(0);
-        if st == common::McimState::Installed as i32 {
-            self.api
-                .activate_mcim(Request::new(pb::ActivateMcimRequest {
-                    mcim_id: id.clone(),
-                }))
+            .map_err(|e| format!("no identity: {e}"))?;
+        let p =
+            mcim_core::package::open(package, &sho, &pcid, &registration.id, &registration.nonce)
+                .map_err(|e| e.to_string())?;
+        let new = NewMcim::from_package(&p).map_err(|e| e.to_string())?;
+        let refused = |e: DeviceError| format!("the TRE refused the MCIM: {e}");
+        // A resumed run (installed before a restart, maybe before the run was saved): the
+        // registry already holds this IMSI from this SHO. The package is this registration's
+        // (checked above), so it is the same MCIM.
+        let m = match self.device.install(new).await.map_err(refused)? {
+            Installed::New(m) | Installed::AlreadyFromSho(m) => m,
+        };
+        if m.state == McimState::Installed {
+            self.device
+                .apply(&m.id, LifecycleOp::Activate)
                 .await
-                .map_err(|s| s.message().to_string())?;
+                .map_err(refused)?;
         }
         if p.policy.use_for_connectivity {
-            self.api
-                .set_connectivity_mcim(Request::new(pb::SetConnectivityMcimRequest {
-                    mcim_id: id.clone(),
-                }))
-                .await
-                .map_err(|s| s.message().to_string())?;
+            self.device.set_connectivity(&m.id).await.map_err(refused)?;
         }
-        Ok(id)
+        Ok(m.id)
     }
 }

@@ -1,0 +1,655 @@
+//! The device façade: every operation `tred` offers on its TRE and MCIM registry, as typed
+//! Rust calls (TR 33.812 5.1.2: the TRE's functions; 5.1.1.1: the MCIM lifecycle).
+//!
+//! The local gRPC API ([`crate::service`]) only converts protobuf to and from these types; the
+//! provisioning run ([`crate::provision`]) calls them directly. Both hold the same [`Device`],
+//! so both obey the same registry rules (lifecycle, PIN, lockdown). Every call runs on the one
+//! thread that owns the TRE ([`crate::engine`]).
+//!
+//! ```text
+//! service (protobuf <-> types) --\
+//!                                 +--> Device --> EngineHandle --> Engine { Tre, Registry }
+//! provision (the device's flows)-/
+//! ```
+
+use std::sync::Arc;
+
+use mcim_core::aka::{Autn, Constants, DeviceResponse, Rand, SqnProfile};
+use mcim_core::identity::{DeviceIdentity, Imsi};
+use mcim_core::lifecycle::{BlockReason, LifecycleOp, McimState};
+use mcim_core::package::McimPackagePayload;
+use mcim_core::tpm::attest::{ClockInfo, TpmQuote, parse_quote};
+use mcim_core::tpm::policy::PcrSelection;
+
+use crate::certificates::{Certificates, DeviceCertificates};
+use crate::engine::{Engine, EngineGone, EngineHandle, TreTime};
+use crate::registry::audit::StoredEntry;
+use crate::registry::record::McimRecord;
+use crate::registry::{AuditVerdict, InstallRequest, RegistryError};
+use crate::tre::{AkaExecution, Capabilities, DevicePublic, InitOutcome, TreError, WrappedSecrets};
+
+/// Why a device operation did not happen. Nothing changed unless the registry's error says so.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    /// The registry or the TRE refused (lifecycle, PIN, lockdown, the TRE's own refusal).
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    /// The TRE thread is not running (it failed or the daemon is stopping).
+    #[error(transparent)]
+    EngineGone(#[from] EngineGone),
+    /// The request is malformed; nothing was done.
+    #[error("{0}")]
+    BadRequest(String),
+    /// The device is not ready for this (no certificates yet, not configured).
+    #[error("{0}")]
+    NotReady(String),
+    /// The supply-time certificates could not be read or written.
+    #[error("device certificates: {0}")]
+    Certificates(String),
+}
+
+impl From<TreError> for DeviceError {
+    fn from(e: TreError) -> Self {
+        DeviceError::Registry(e.into())
+    }
+}
+
+/// An MCIM as the registry holds it, without its secrets.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct McimView {
+    /// The registry key (the operational IMSI; the PCID for the initial credential).
+    pub id: String,
+    /// The issuing SHO.
+    pub sho: String,
+    /// Where it is in its lifecycle (5.1.1.1).
+    pub state: McimState,
+    /// Why it is blocked, when it is.
+    pub blocked: Option<BlockReason>,
+    /// PIN tries left (0 when it has no PIN).
+    pub pin_tries_left: u32,
+    /// It is the one the owner chose for connectivity.
+    pub connectivity: bool,
+}
+
+impl McimView {
+    fn of(r: &McimRecord, connectivity: Option<&str>) -> Self {
+        Self {
+            id: r.id.clone(),
+            sho: r.sho.clone(),
+            state: r.state,
+            blocked: r.blocked,
+            pin_tries_left: r.pin.as_ref().map_or(0, |p| u32::from(p.pin_tries_left)),
+            connectivity: connectivity == Some(r.id.as_str()),
+        }
+    }
+}
+
+/// The outcome of an install.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Installed {
+    /// Installed now.
+    New(McimView),
+    /// The registry already holds this IMSI from this very SHO (a resumed install); nothing
+    /// changed. An MCIM with the same IMSI from another SHO is a refusal instead.
+    AlreadyFromSho(McimView),
+}
+
+impl Installed {
+    /// The MCIM, either way.
+    pub fn mcim(&self) -> &McimView {
+        match self {
+            Installed::New(m) | Installed::AlreadyFromSho(m) => m,
+        }
+    }
+}
+
+/// What `tred` reports about itself (always answers, even in lockdown).
+#[derive(Clone, Debug)]
+pub struct DeviceStatus {
+    /// What the TRE can do.
+    pub capabilities: Capabilities,
+    /// The identity, once supplied.
+    pub identity: Option<DeviceIdentity>,
+    /// Why the TRE is in lockdown, if it is.
+    pub lockdown: Option<String>,
+    /// The MCIM chosen for connectivity.
+    pub connectivity: Option<String>,
+    /// The rollback counter (0 before supply).
+    pub rehabilitation_counter: u64,
+    /// What the start-up check found.
+    pub startup_findings: Vec<String>,
+    /// The TRE thread's time so far.
+    pub tre_time: TreTime,
+    /// TPM commands sent so far (0 for a token).
+    pub tpm_commands: u64,
+}
+
+/// What the owner hands to an SHO (5.1.3.5.2): identity, TRE, storage key, credential.
+#[derive(Clone, Debug)]
+pub struct DeviceParameters {
+    /// The identity.
+    pub identity: DeviceIdentity,
+    /// What the TRE can do.
+    pub capabilities: Capabilities,
+    /// The storage key the SHO wraps to.
+    pub storage_public: Vec<u8>,
+    /// The platform credential (AK chain to the supplier root).
+    pub platform_credential: Vec<Vec<u8>>,
+}
+
+/// Integrity evidence for the PVA (5.1.3.6.2 step 9).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EvidenceKind {
+    /// A TPM quote by the restricted attestation key.
+    TpmQuote(TpmQuote),
+    /// A token's signature over the nonce and the daemon's measurement
+    /// (`mcim_core::token_evidence`).
+    TokenSignature {
+        /// The signed payload.
+        payload: Vec<u8>,
+        /// ECDSA P-256, r || s.
+        signature: Vec<u8>,
+    },
+}
+
+/// Evidence with what goes with it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Evidence {
+    /// The evidence.
+    pub kind: EvidenceKind,
+    /// How the device runs AKA.
+    pub aka_execution: AkaExecution,
+    /// The platform credential.
+    pub platform_credential: Vec<Vec<u8>>,
+    /// The TPM's clock at the quote (none for a token).
+    pub clock: Option<ClockInfo>,
+}
+
+/// Which credential answers a challenge.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Credential {
+    /// An installed MCIM, by id.
+    Mcim(String),
+    /// The initial connectivity credential (5.1.3.3.2.1): the MCIM installed at supply time
+    /// under the PCID, selected for this one AKA only.
+    Initial,
+}
+
+/// A new MCIM's data, as the local API or a package gives it.
+#[derive(Debug)]
+pub struct NewMcim {
+    /// The operational IMSI.
+    pub imsi: Imsi,
+    /// The issuing SHO.
+    pub sho: String,
+    /// K and OPc wrapped for this TRE.
+    pub wrapped: WrappedSecrets,
+    /// MILENAGE constants.
+    pub constants: Constants,
+    /// PIN and PUK, when the MCIM has them.
+    pub pin: Option<(String, String)>,
+}
+
+impl NewMcim {
+    /// The MCIM a verified package carries (5.1.3.6.2 step 13).
+    pub fn from_package(p: &McimPackagePayload) -> Result<Self, DeviceError> {
+        let hexd = |what: &str, s: &str| {
+            hex::decode(s).map_err(|e| DeviceError::BadRequest(format!("package {what}: {e}")))
+        };
+        let c: Vec<Vec<u8>> = p
+            .milenage_c
+            .iter()
+            .map(|c| hexd("milenage_c", c))
+            .collect::<Result<_, _>>()?;
+        let constants = constants(&c, &p.milenage_r)?;
+        Ok(Self {
+            imsi: Imsi::new(p.imsi.clone()).map_err(|e| DeviceError::BadRequest(e.to_string()))?,
+            sho: p.sho_id.clone(),
+            wrapped: WrappedSecrets {
+                k: hexd("wrapped_k", &p.wrapped_k)?,
+                opc: hexd("wrapped_opc", &p.wrapped_opc)?,
+            },
+            constants,
+            pin: None,
+        })
+    }
+}
+
+/// A 16-octet block, or a refusal naming `what`.
+pub fn block16(what: &str, b: &[u8]) -> Result<[u8; 16], DeviceError> {
+    b.try_into()
+        .map_err(|_| DeviceError::BadRequest(format!("{what} must be 16 octets, got {}", b.len())))
+}
+
+/// MILENAGE's constants from their wire form: all five c and r values, or none for the
+/// TS 35.206 defaults.
+pub fn constants(c: &[Vec<u8>], r: &[u32]) -> Result<Constants, DeviceError> {
+    match (c.len(), r.len()) {
+        (0, 0) => Ok(Constants::default()),
+        (5, 5) => {
+            let mut blocks = [[0u8; 16]; 5];
+            for (out, v) in blocks.iter_mut().zip(c) {
+                *out = block16("a MILENAGE constant", v)?;
+            }
+            let mut rs = [0u32; 5];
+            rs.copy_from_slice(r);
+            Constants::new(blocks, rs).map_err(|e| DeviceError::BadRequest(e.to_string()))
+        }
+        _ => Err(DeviceError::BadRequest(
+            "give all five MILENAGE c and r values, or none".into(),
+        )),
+    }
+}
+
+/// What a TRE without quotes signs as the daemon's state (SHA-256 of its executable and
+/// configuration), computed by the daemon.
+pub type Measurement = Arc<dyn Fn() -> [u8; 32] + Send + Sync>;
+
+/// The device: its TRE, registry and supply-time certificates. Cheap to clone.
+#[derive(Clone)]
+pub struct Device {
+    engine: EngineHandle,
+    quote_pcrs: Vec<u8>,
+    rehabilitation_key: Option<p256::ecdsa::VerifyingKey>,
+    measurement: Measurement,
+    certs: Certificates,
+}
+
+impl std::fmt::Debug for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Device")
+            .field("quote_pcrs", &self.quote_pcrs)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Device {
+    /// The device over the TRE thread `engine`; `quote_pcrs` is the default PCR set for
+    /// [`Device::attest`]; `rehabilitation_key` the supplier's key that may lift a lockdown;
+    /// `certs` where the supplier's certificates are kept.
+    pub fn new(
+        engine: EngineHandle,
+        quote_pcrs: Vec<u8>,
+        rehabilitation_key: Option<p256::ecdsa::VerifyingKey>,
+        measurement: Measurement,
+        certs: Certificates,
+    ) -> Self {
+        Self {
+            engine,
+            quote_pcrs,
+            rehabilitation_key,
+            measurement,
+            certs,
+        }
+    }
+
+    /// The TRE thread (for the TLS signer and timing).
+    pub fn engine(&self) -> &EngineHandle {
+        &self.engine
+    }
+
+    async fn run<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Engine) -> Result<R, RegistryError> + Send + 'static,
+    ) -> Result<R, DeviceError> {
+        Ok(self.engine.call(f).await??)
+    }
+
+    /// The supplier's certificates, once installed.
+    pub fn certificates(&self) -> Result<Option<DeviceCertificates>, DeviceError> {
+        self.certs.load().map_err(DeviceError::Certificates)
+    }
+
+    fn platform_credential(&self) -> Vec<Vec<u8>> {
+        self.certs
+            .load()
+            .ok()
+            .flatten()
+            .map(|c| c.platform_credential)
+            .unwrap_or_default()
+    }
+
+    /// Status (5.1.2.2); answers in lockdown too.
+    pub async fn status(&self) -> Result<DeviceStatus, DeviceError> {
+        let tre_time = self.engine.tre_time();
+        self.run(move |e| {
+            let capabilities = e.tre()?.capabilities().clone();
+            let identity = e.tre()?.identity()?;
+            let (lockdown, connectivity, startup_findings) = match e.registry() {
+                Ok(r) => {
+                    let st = r.status();
+                    (
+                        st.lockdown,
+                        r.connectivity().map(str::to_string),
+                        st.startup,
+                    )
+                }
+                Err(_) => (None, None, Vec::new()),
+            };
+            let rehabilitation_counter = if identity.is_some() {
+                e.tre()?.rollback_counter().unwrap_or(0)
+            } else {
+                0
+            };
+            Ok(DeviceStatus {
+                capabilities,
+                identity,
+                lockdown,
+                connectivity,
+                rehabilitation_counter,
+                startup_findings,
+                tre_time,
+                tpm_commands: e.tre()?.command_count().unwrap_or(0),
+            })
+        })
+        .await
+    }
+
+    /// The device's PCID, once supplied.
+    pub async fn pcid(&self) -> Result<String, DeviceError> {
+        self.run(|e| {
+            Ok(e.tre()?
+                .identity()?
+                .ok_or(TreError::NotInitialised)?
+                .pcid
+                .as_str()
+                .to_string())
+        })
+        .await
+    }
+
+    /// The parameters the owner hands to an SHO (5.1.3.5.2).
+    pub async fn parameters(&self) -> Result<DeviceParameters, DeviceError> {
+        let platform_credential = self.platform_credential();
+        if platform_credential.is_empty() {
+            return Err(DeviceError::NotReady(
+                "the device has no platform credential yet (InstallCertificates at supply time)"
+                    .into(),
+            ));
+        }
+        self.run(move |e| {
+            let tre = e.tre()?;
+            let capabilities = tre.capabilities().clone();
+            let identity = tre.identity()?.ok_or(TreError::NotInitialised)?;
+            let DevicePublic { storage_public, .. } = tre.device_public()?;
+            Ok(DeviceParameters {
+                identity,
+                capabilities,
+                storage_public,
+                platform_credential,
+            })
+        })
+        .await
+    }
+
+    /// Keeps the supplier's certificates; the TLS chain's leaf must certify the TRE's own TLS
+    /// key.
+    pub async fn install_certificates(&self, c: DeviceCertificates) -> Result<(), DeviceError> {
+        let leaf =
+            c.tls_certificate.first().cloned().ok_or_else(|| {
+                DeviceError::BadRequest("the TLS certificate chain is empty".into())
+            })?;
+        let spki = self
+            .run(|e| Ok(e.tre()?.device_public()?.tls_public_spki))
+            .await?;
+        if !crate::certificates::certifies(&leaf, &spki) {
+            return Err(DeviceError::BadRequest(
+                "the TLS certificate is not for this TRE's TLS key".into(),
+            ));
+        }
+        self.certs.store(&c).map_err(DeviceError::BadRequest)
+    }
+
+    /// Supply-time initialisation: keys and identity in the TRE.
+    pub async fn init(&self, identity: DeviceIdentity) -> Result<InitOutcome, DeviceError> {
+        self.run(move |e| e.init_device(&identity)).await
+    }
+
+    /// Every MCIM in the registry.
+    pub async fn list(&self) -> Result<Vec<McimView>, DeviceError> {
+        self.run(|e| {
+            let r = e.registry()?;
+            let c = r.connectivity().map(str::to_string);
+            Ok(r.list()?
+                .into_iter()
+                .map(|m| McimView::of(m, c.as_deref()))
+                .collect())
+        })
+        .await
+    }
+
+    /// One MCIM.
+    pub async fn get(&self, id: &str) -> Result<McimView, DeviceError> {
+        let id = id.to_string();
+        self.run(move |e| view(e, &id)).await
+    }
+
+    /// Installs an MCIM (5.1.3.6.2 step 13). The same IMSI from the same SHO again is
+    /// [`Installed::AlreadyFromSho`] and changes nothing.
+    pub async fn install(&self, m: NewMcim) -> Result<Installed, DeviceError> {
+        let id = m.imsi.as_str().to_string();
+        let sho = m.sho.clone();
+        let req = InstallRequest {
+            imsi: m.imsi,
+            sho: m.sho,
+            wrapped: m.wrapped,
+            constants: m.constants,
+            sqn_profile: SqnProfile::default(),
+            pin: m.pin,
+        };
+        self.run(move |e| {
+            let reg = e.registry()?;
+            match reg.install(req) {
+                Ok(()) => Ok(Installed::New(view(e, &id)?)),
+                Err(RegistryError::AlreadyInstalled(x)) => {
+                    let held = view(e, &id)?;
+                    if held.sho == sho {
+                        Ok(Installed::AlreadyFromSho(held))
+                    } else {
+                        Err(RegistryError::AlreadyInstalled(x))
+                    }
+                }
+                Err(other) => Err(other),
+            }
+        })
+        .await
+    }
+
+    /// A lifecycle step (5.1.1.1) on one MCIM; the MCIM after it (none after Delete).
+    pub async fn apply(&self, id: &str, op: LifecycleOp) -> Result<Option<McimView>, DeviceError> {
+        let id = id.to_string();
+        self.run(move |e| {
+            e.registry()?.apply(&id, op)?;
+            if op == LifecycleOp::Delete {
+                Ok(None)
+            } else {
+                view(e, &id).map(Some)
+            }
+        })
+        .await
+    }
+
+    /// Opens a session with an MCIM (Activated -> Selected), with its PIN when it has one.
+    pub async fn select(&self, id: &str, pin: Option<String>) -> Result<McimView, DeviceError> {
+        let id = id.to_string();
+        self.run(move |e| {
+            e.registry()?.select(&id, pin.as_deref())?;
+            view(e, &id)
+        })
+        .await
+    }
+
+    /// Chooses the MCIM that provides connectivity.
+    pub async fn set_connectivity(&self, id: &str) -> Result<McimView, DeviceError> {
+        let id = id.to_string();
+        self.run(move |e| {
+            e.registry()?.set_connectivity(&id)?;
+            view(e, &id)
+        })
+        .await
+    }
+
+    /// The USIM side of AKA (TS 33.102 6.3.3) inside the TRE.
+    pub async fn authenticate(
+        &self,
+        credential: Credential,
+        rand: Rand,
+        autn: Autn,
+    ) -> Result<DeviceResponse, DeviceError> {
+        self.run(move |e| match credential {
+            Credential::Mcim(id) => e.registry()?.authenticate(&id, &rand, &autn),
+            Credential::Initial => {
+                let pcid = e.tre()?.identity()?.ok_or(TreError::NotInitialised)?.pcid;
+                let id = pcid.as_str().to_string();
+                let r = e.registry()?;
+                r.get(&id).map_err(|_| {
+                    RegistryError::BadRequest(
+                        "no initial connectivity credential is installed for the PCID".into(),
+                    )
+                })?;
+                r.select(&id, None)?;
+                let answered = r.authenticate(&id, &rand, &autn);
+                r.apply(&id, LifecycleOp::EndSession)?;
+                answered
+            }
+        })
+        .await
+    }
+
+    /// Checks an MCIM's PIN; the tries left.
+    pub async fn verify_pin(&self, id: &str, pin: String) -> Result<u32, DeviceError> {
+        let id = id.to_string();
+        self.run(move |e| {
+            let reg = e.registry()?;
+            reg.verify_pin(&id, &pin)?;
+            Ok(reg
+                .get(&id)?
+                .pin
+                .as_ref()
+                .map_or(0, |p| u32::from(p.pin_tries_left)))
+        })
+        .await
+    }
+
+    /// Changes an MCIM's PIN.
+    pub async fn change_pin(&self, id: &str, old: String, new: String) -> Result<(), DeviceError> {
+        let id = id.to_string();
+        self.run(move |e| e.registry()?.change_pin(&id, &old, &new))
+            .await
+    }
+
+    /// Unblocks an MCIM's PIN with its PUK.
+    pub async fn unblock_pin(
+        &self,
+        id: &str,
+        puk: String,
+        new_pin: String,
+    ) -> Result<McimView, DeviceError> {
+        let id = id.to_string();
+        self.run(move |e| {
+            e.registry()?.unblock_pin(&id, &puk, &new_pin)?;
+            view(e, &id)
+        })
+        .await
+    }
+
+    /// Evidence for `nonce` (16-64 octets) over `pcrs` (the configured set when `None`): a
+    /// quote from a TPM, a signed measurement from a token. None in lockdown.
+    pub async fn attest(
+        &self,
+        nonce: Vec<u8>,
+        pcrs: Option<Vec<u8>>,
+    ) -> Result<Evidence, DeviceError> {
+        if nonce.len() < 16 || nonce.len() > 64 {
+            return Err(DeviceError::BadRequest(
+                "the nonce must be 16 to 64 octets".into(),
+            ));
+        }
+        let pcrs = pcrs.unwrap_or_else(|| self.quote_pcrs.clone());
+        let selection =
+            PcrSelection::sha256(&pcrs).map_err(|e| DeviceError::BadRequest(e.to_string()))?;
+        let measurement = self.measurement.clone();
+        let platform_credential = self.platform_credential();
+        self.run(move |e| {
+            // A TRE in lockdown gives no evidence: a quote would vouch for a platform whose
+            // MCIM store has been tampered with.
+            if let Ok(r) = e.registry()
+                && let Some(why) = r.status().lockdown
+            {
+                return Err(RegistryError::Lockdown(why));
+            }
+            let aka_execution = e.tre()?.capabilities().aka_execution;
+            if !e.tre()?.capabilities().quote {
+                let pcid = e.tre()?.identity()?.ok_or(TreError::NotInitialised)?.pcid;
+                let payload = mcim_core::token_evidence::EvidencePayload::new(
+                    pcid.as_str(),
+                    &nonce,
+                    &measurement(),
+                )
+                .to_bytes();
+                let signature = e.tre()?.sign_evidence(&payload)?;
+                return Ok(Evidence {
+                    kind: EvidenceKind::TokenSignature { payload, signature },
+                    aka_execution,
+                    platform_credential,
+                    clock: None,
+                });
+            }
+            let q = e.tre()?.quote(&nonce, &selection)?;
+            let info = parse_quote(&q.attest).map_err(|x| TreError::Command {
+                command: "TPM2_Quote",
+                detail: format!("the TPM returned an unreadable quote: {x}"),
+            })?;
+            Ok(Evidence {
+                kind: EvidenceKind::TpmQuote(q),
+                aka_execution,
+                platform_credential,
+                clock: Some(info.clock),
+            })
+        })
+        .await
+    }
+
+    /// The audit record from `from_seq`, at most `limit` entries (all when `None`).
+    pub async fn audit_log(
+        &self,
+        from_seq: u64,
+        limit: Option<usize>,
+    ) -> Result<Vec<StoredEntry>, DeviceError> {
+        self.run(move |e| {
+            Ok(e.registry()?
+                .audit_chain()?
+                .into_iter()
+                .filter(|s| s.entry.seq >= from_seq)
+                .take(limit.unwrap_or(usize::MAX))
+                .collect())
+        })
+        .await
+    }
+
+    /// Checks the audit record against its anchor in the TRE.
+    pub async fn verify_audit(&self) -> Result<AuditVerdict, DeviceError> {
+        self.run(|e| e.registry()?.verify_audit()).await
+    }
+
+    /// Leaves lockdown with the supplier's rehabilitation token; whether still in lockdown.
+    pub async fn rehabilitate(&self, token: Vec<u8>) -> Result<bool, DeviceError> {
+        let key = self.rehabilitation_key.ok_or_else(|| {
+            DeviceError::NotReady("tred has no rehabilitation_key configured".into())
+        })?;
+        self.run(move |e| {
+            let r = e.registry()?;
+            r.rehabilitate(&token, &key)?;
+            tracing::warn!("left lockdown with the supplier's rehabilitation token");
+            Ok(r.status().lockdown.is_some())
+        })
+        .await
+    }
+}
+
+/// The MCIM `id` as it stands.
+fn view(e: &mut Engine, id: &str) -> Result<McimView, RegistryError> {
+    let r = e.registry()?;
+    let c = r.connectivity().map(str::to_string);
+    Ok(McimView::of(r.get(id)?, c.as_deref()))
+}
