@@ -13,6 +13,16 @@ echo "== buf lint (STANDARD)"
 echo "== cargo clippy -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+echo "== each TRE backend alone: tre-daemon and its tests with only the tpm feature, then only pkcs11"
+for backend in tpm pkcs11; do
+  cargo clippy -p mcim-tre --all-targets --locked --no-default-features --features "$backend" -- -D warnings
+  if cargo nextest --version >/dev/null 2>&1; then
+    cargo nextest run -p mcim-tre --locked --no-default-features --features "$backend" --no-fail-fast
+  else
+    cargo test -p mcim-tre --locked --no-default-features --features "$backend" --no-fail-fast
+  fi
+done
+
 echo "== build every binary (end-to-end tests start tred, mcimctl and mcim-roles)"
 cargo build --workspace --bins --locked
 

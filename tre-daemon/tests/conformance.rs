@@ -11,10 +11,10 @@ use mcim_core::aka::{
 };
 use mcim_core::identity::{DeviceIdentity, Pcid};
 use mcim_tre::tre::{
-    AkaChallenge, AkaExecution, AuditAnchor, DevicePublic, ProtectedSecrets, Tre, TreError,
-    TreKind, WrappedSecrets,
+    AkaChallenge, AkaExecution, DevicePublic, ProtectedSecrets, Tre, TreError, TreKind,
+    WrappedSecrets,
 };
-use support::{KForm, arr, tpm_wrap, ts35208_sets};
+use support::{KForm, arr, ts35208_sets};
 
 fn identity(n: u32) -> DeviceIdentity {
     DeviceIdentity::new(
@@ -236,16 +236,19 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
 
 // ---- TPM instantiation ----
 
+#[cfg(feature = "tpm")]
 mod tpm {
     use super::*;
     use mcim_core::tpm::attest::{QuoteError, verify_quote};
     use mcim_core::tpm::import::{ObjectPolicy, wrap_aes128_key, wrap_sealed_data};
     use mcim_core::tpm::policy::PcrSelection;
     use mcim_core::tpm::public::EccPublic;
+    use mcim_tre::tre::AuditAnchor;
     use mcim_tre::tre::tpm::{
         AK_HANDLE, NV_IDENTITY, STORAGE_HANDLE, TLS_HANDLE, TpmConfig, TpmTre,
     };
     use support::Swtpm;
+    use support::tpm_wrap;
 
     fn open(s: &Swtpm) -> TpmTre {
         TpmTre::open(&TpmConfig { tcti: s.tcti() }).unwrap()
@@ -774,6 +777,7 @@ mod tpm {
 
 // ---- PKCS#11 instantiation (SoftHSM2, one token per test) ----
 
+#[cfg(feature = "pkcs11")]
 mod pkcs11 {
     use super::*;
     use mcim_e2e::{SOFTHSM2_LABEL, SOFTHSM2_MODULE, SOFTHSM2_PIN, SoftHsm, own_softhsm};

@@ -12,66 +12,16 @@ use mcim_core::aka::{
 };
 use mcim_core::identity::{DeviceIdentity, Imsi, Pcid};
 use mcim_core::lifecycle::{BlockReason, LifecycleOp as Op, McimState};
-use mcim_tre::registry::{InstallRequest, Registry, RegistryError};
+use mcim_tre::registry::{InstallRequest, Registry};
 use mcim_tre::tre::Tre;
-use mcim_tre::tre::tpm::{TpmConfig, TpmTre};
-use support::{KForm, Swtpm, tpm_wrap};
 
 const IMSI_A: &str = "001010123456789";
 const IMSI_B: &str = "001010987654321";
-
-/// A device: its swtpm, its state directory, and the SHO's knowledge of each MCIM's K/OPc.
-struct Device {
-    tpm: Swtpm,
-    state: tempfile::TempDir,
-}
-
-impl Device {
-    fn new() -> Self {
-        let tpm = Swtpm::start();
-        let mut t = TpmTre::open(&TpmConfig { tcti: tpm.tcti() }).unwrap();
-        t.init_device(
-            &DeviceIdentity::new("SN-1", Pcid::new("001010000000001").unwrap(), "meter").unwrap(),
-        )
-        .unwrap();
-        Self {
-            tpm,
-            state: tempfile::tempdir().unwrap(),
-        }
-    }
-
-    fn dir(&self) -> &Path {
-        self.state.path()
-    }
-
-    fn open(&self) -> Registry {
-        let t = TpmTre::open(&TpmConfig {
-            tcti: self.tpm.tcti(),
-        })
-        .unwrap();
-        Registry::open(self.dir(), Box::new(t)).unwrap()
-    }
-}
 
 fn secrets(imsi: &str) -> (K, Opc) {
     let seed = imsi.as_bytes()[14];
     (K::new([seed; 16]), Opc::new([seed ^ 0x5a; 16]))
 }
-
-fn install(reg: &mut Registry, imsi: &str, pin: Option<(&str, &str)>) {
-    let (k, opc) = secrets(imsi);
-    let public = reg.tre().device_public().unwrap();
-    reg.install(InstallRequest {
-        imsi: Imsi::new(imsi).unwrap(),
-        sho: "sho.example".into(),
-        wrapped: tpm_wrap(&public, &k, &opc, KForm::Key),
-        constants: Constants::default(),
-        sqn_profile: SqnProfile::default(),
-        pin: pin.map(|(a, b)| (a.to_string(), b.to_string())),
-    })
-    .unwrap();
-}
-
 fn av(imsi: &str, seq: u8) -> AuthVector {
     let (k, opc) = secrets(imsi);
     let m = Milenage::with_opc(SoftKernel::new(&k), opc, Constants::default());
@@ -115,776 +65,834 @@ fn copy_dir(from: &Path, to: &Path) {
         std::fs::write(p, bytes).unwrap();
     }
 }
+/// The registry on a TPM (swtpm, one per test).
+#[cfg(feature = "tpm")]
+mod on_tpm {
+    use super::*;
+    use mcim_tre::registry::RegistryError;
+    use mcim_tre::tre::tpm::{TpmConfig, TpmTre};
+    use support::{KForm, Swtpm, tpm_wrap};
 
-#[test]
-fn every_allowed_transition_works_and_every_forbidden_one_changes_nothing() {
-    let dev = Device::new();
-    let mut reg = dev.open();
-    install(&mut reg, IMSI_A, None);
-    assert_eq!(state(&reg, IMSI_A), McimState::Installed);
+    /// A device: its swtpm, its state directory, and the SHO's knowledge of each MCIM's K/OPc.
+    struct Device {
+        tpm: Swtpm,
+        state: tempfile::TempDir,
+    }
 
-    let ops = [
-        Op::Activate,
-        Op::EndSession,
-        Op::Block(BlockReason::Requested),
-        Op::Unblock,
-        Op::Retire,
-    ];
-    // From each reachable state, every forbidden op is refused and no file changes.
-    let check_forbidden = |reg: &mut Registry, allowed: &[Op]| {
-        let before = snapshot(dev.dir());
-        let s = state(reg, IMSI_A);
-        for op in ops {
-            if allowed.contains(&op) {
-                continue;
+    impl Device {
+        fn new() -> Self {
+            let tpm = Swtpm::start();
+            let mut t = TpmTre::open(&TpmConfig { tcti: tpm.tcti() }).unwrap();
+            t.init_device(
+                &DeviceIdentity::new("SN-1", Pcid::new("001010000000001").unwrap(), "meter")
+                    .unwrap(),
+            )
+            .unwrap();
+            Self {
+                tpm,
+                state: tempfile::tempdir().unwrap(),
             }
-            let err = reg.apply(IMSI_A, op).unwrap_err();
-            assert!(
-                matches!(err, RegistryError::Lifecycle(_)),
-                "{s:?} {op:?}: {err}"
-            );
         }
-        if s != McimState::Activated {
-            assert!(reg.select(IMSI_A, None).is_err(), "select from {s:?}");
+
+        fn dir(&self) -> &Path {
+            self.state.path()
         }
-        assert_eq!(state(reg, IMSI_A), s);
-        assert_eq!(
-            snapshot(dev.dir()),
-            before,
-            "refusals from {s:?} wrote nothing"
-        );
-    };
 
-    check_forbidden(&mut reg, &[Op::Activate, Op::Retire]);
-    assert_eq!(
-        reg.apply(IMSI_A, Op::Activate).unwrap(),
-        McimState::Activated
-    );
-    check_forbidden(&mut reg, &[Op::Block(BlockReason::Requested), Op::Retire]);
-    reg.select(IMSI_A, None).unwrap();
-    assert_eq!(state(&reg, IMSI_A), McimState::Selected);
-    check_forbidden(&mut reg, &[Op::EndSession]);
-    let before = snapshot(dev.dir());
-    assert!(matches!(
-        reg.apply(IMSI_A, Op::Delete),
-        Err(RegistryError::Lifecycle(_))
-    ));
-    assert_eq!(snapshot(dev.dir()), before, "Selected is never deleted");
-    assert_eq!(
-        reg.apply(IMSI_A, Op::EndSession).unwrap(),
-        McimState::Activated
-    );
-    assert_eq!(
-        reg.apply(IMSI_A, Op::Block(BlockReason::Requested))
-            .unwrap(),
-        McimState::Blocked
-    );
-    check_forbidden(&mut reg, &[Op::Unblock, Op::Retire]);
-    assert_eq!(
-        reg.apply(IMSI_A, Op::Unblock).unwrap(),
-        McimState::Activated
-    );
-    assert_eq!(reg.apply(IMSI_A, Op::Retire).unwrap(), McimState::Retired);
-    assert!(
-        reg.get(IMSI_A).unwrap().secrets.is_none(),
-        "retired: credentials gone"
-    );
-    check_forbidden(&mut reg, &[]);
-    assert_eq!(reg.apply(IMSI_A, Op::Delete).unwrap(), McimState::Deleted);
-    assert!(matches!(reg.get(IMSI_A), Err(RegistryError::NotFound(_))));
-
-    // Deletion from Installed and from Blocked too.
-    install(&mut reg, IMSI_B, None);
-    assert_eq!(reg.apply(IMSI_B, Op::Delete).unwrap(), McimState::Deleted);
-    install(&mut reg, IMSI_B, None);
-    reg.apply(IMSI_B, Op::Activate).unwrap();
-    reg.apply(IMSI_B, Op::Block(BlockReason::Requested))
+        fn open(&self) -> Registry {
+            let t = TpmTre::open(&TpmConfig {
+                tcti: self.tpm.tcti(),
+            })
+            .unwrap();
+            Registry::open(self.dir(), Box::new(t)).unwrap()
+        }
+    }
+    fn install(reg: &mut Registry, imsi: &str, pin: Option<(&str, &str)>) {
+        let (k, opc) = secrets(imsi);
+        let public = reg.tre().device_public().unwrap();
+        reg.install(InstallRequest {
+            imsi: Imsi::new(imsi).unwrap(),
+            sho: "sho.example".into(),
+            wrapped: tpm_wrap(&public, &k, &opc, KForm::Key),
+            constants: Constants::default(),
+            sqn_profile: SqnProfile::default(),
+            pin: pin.map(|(a, b)| (a.to_string(), b.to_string())),
+        })
         .unwrap();
-    assert_eq!(reg.apply(IMSI_B, Op::Delete).unwrap(), McimState::Deleted);
-
-    // Every transition is in the audit record.
-    let audit = reg.audit().unwrap();
-    assert!(audit.iter().filter(|e| e.event == "lifecycle").count() >= 9);
-    assert!(audit.iter().any(|e| e.detail.contains("Retired")));
-}
-
-#[test]
-fn one_selected_mcim_at_a_time() {
-    let dev = Device::new();
-    let mut reg = dev.open();
-    install(&mut reg, IMSI_A, None);
-    install(&mut reg, IMSI_B, None);
-    reg.apply(IMSI_A, Op::Activate).unwrap();
-    reg.apply(IMSI_B, Op::Activate).unwrap();
-    reg.select(IMSI_A, None).unwrap();
-    let err = reg.select(IMSI_B, None).unwrap_err();
-    assert!(
-        matches!(err, RegistryError::AnotherSelected(ref id) if id == IMSI_A),
-        "{err}"
-    );
-    assert_eq!(state(&reg, IMSI_B), McimState::Activated);
-    reg.apply(IMSI_A, Op::EndSession).unwrap();
-    reg.select(IMSI_B, None).unwrap();
-    reg.apply(IMSI_B, Op::EndSession).unwrap();
-
-    // The owner chooses B for connectivity: A can no longer be selected until chosen.
-    reg.set_connectivity(IMSI_B).unwrap();
-    assert_eq!(reg.connectivity(), Some(IMSI_B));
-    assert!(matches!(
-        reg.select(IMSI_A, None),
-        Err(RegistryError::BadRequest(_))
-    ));
-    assert_eq!(state(&reg, IMSI_A), McimState::Activated);
-    reg.select(IMSI_B, None).unwrap();
-    assert!(matches!(
-        reg.set_connectivity(IMSI_A),
-        Err(RegistryError::AnotherSelected(_))
-    ));
-    reg.apply(IMSI_B, Op::EndSession).unwrap();
-    reg.set_connectivity(IMSI_A).unwrap();
-    reg.select(IMSI_A, None).unwrap();
-    // The choice survives a restart; a blocked MCIM is no longer the choice.
-    drop(reg);
-    let mut reg = dev.open();
-    assert_eq!(reg.connectivity(), Some(IMSI_A));
-    reg.apply(IMSI_A, Op::Block(BlockReason::Requested))
-        .unwrap();
-    assert_eq!(reg.connectivity(), None);
-    install(&mut reg, "001010555555555", None);
-    assert!(
-        matches!(
-            reg.set_connectivity("001010555555555"),
-            Err(RegistryError::BadRequest(_))
-        ),
-        "installed, not activated"
-    );
-}
-
-#[test]
-fn change_pin_needs_the_old_one() {
-    let dev = Device::new();
-    let mut reg = dev.open();
-    install(&mut reg, IMSI_A, Some(("1234", "24681357")));
-    reg.apply(IMSI_A, Op::Activate).unwrap();
-    assert!(matches!(
-        reg.change_pin(IMSI_A, "0000", "5555"),
-        Err(RegistryError::WrongPin { tries_left: 2 })
-    ));
-    assert!(matches!(
-        reg.change_pin(IMSI_A, "1234", "55"),
-        Err(RegistryError::BadRequest(_))
-    ));
-    reg.change_pin(IMSI_A, "1234", "5555").unwrap();
-    assert_eq!(
-        reg.get(IMSI_A)
-            .unwrap()
-            .pin
-            .as_ref()
-            .unwrap()
-            .pin_tries_left,
-        3
-    );
-    reg.select(IMSI_A, Some("5555")).unwrap();
-}
-
-#[test]
-fn aka_through_the_registry_keeps_sqn_across_restarts() {
-    let dev = Device::new();
-    {
+    }
+    #[test]
+    fn every_allowed_transition_works_and_every_forbidden_one_changes_nothing() {
+        let dev = Device::new();
         let mut reg = dev.open();
         install(&mut reg, IMSI_A, None);
-        reg.apply(IMSI_A, Op::Activate).unwrap();
-        let v = av(IMSI_A, 1);
-        assert!(
-            matches!(
-                reg.authenticate(IMSI_A, &v.rand, &v.autn),
-                Err(RegistryError::BadRequest(_))
-            ),
-            "AKA needs a selected MCIM"
-        );
-        reg.select(IMSI_A, None).unwrap();
-        match reg.authenticate(IMSI_A, &v.rand, &v.autn).unwrap() {
-            DeviceResponse::Success { res, .. } => assert!(res.ct_matches(&v.xres)),
-            other => panic!("{other:?}"),
-        }
-    }
-    let mut reg = dev.open();
-    // The session ended with the restart.
-    assert_eq!(state(&reg, IMSI_A), McimState::Activated);
-    reg.select(IMSI_A, None).unwrap();
-    let v = av(IMSI_A, 1);
-    assert!(
-        matches!(
-            reg.authenticate(IMSI_A, &v.rand, &v.autn).unwrap(),
-            DeviceResponse::SyncFailure { .. }
-        ),
-        "the replayed AUTN is refused after a restart"
-    );
-    let v2 = av(IMSI_A, 2);
-    assert!(matches!(
-        reg.authenticate(IMSI_A, &v2.rand, &v2.autn).unwrap(),
-        DeviceResponse::Success { .. }
-    ));
-    let audit = reg.audit().unwrap();
-    assert!(
-        audit
-            .iter()
-            .any(|e| e.detail.contains("synchronisation failure"))
-    );
-}
+        assert_eq!(state(&reg, IMSI_A), McimState::Installed);
 
-#[test]
-fn no_k_or_opc_in_any_file_of_the_state_directory() {
-    let dev = Device::new();
-    let mut reg = dev.open();
-    install(&mut reg, IMSI_A, Some(("1234", "24681357")));
-    reg.apply(IMSI_A, Op::Activate).unwrap();
-    reg.select(IMSI_A, Some("1234")).unwrap();
-    let v = av(IMSI_A, 1);
-    reg.authenticate(IMSI_A, &v.rand, &v.autn).unwrap();
-    let (k, opc) = secrets(IMSI_A);
-    let files = snapshot(dev.dir());
-    assert!(files.len() >= 3, "{files:?}");
-    for (path, bytes) in files {
-        for secret in [&k.expose()[..], &opc.expose()[..]] {
-            for needle in [
-                secret.to_vec(),
-                hex::encode(secret).into_bytes(),
-                hex::encode_upper(secret).into_bytes(),
-            ] {
+        let ops = [
+            Op::Activate,
+            Op::EndSession,
+            Op::Block(BlockReason::Requested),
+            Op::Unblock,
+            Op::Retire,
+        ];
+        // From each reachable state, every forbidden op is refused and no file changes.
+        let check_forbidden = |reg: &mut Registry, allowed: &[Op]| {
+            let before = snapshot(dev.dir());
+            let s = state(reg, IMSI_A);
+            for op in ops {
+                if allowed.contains(&op) {
+                    continue;
+                }
+                let err = reg.apply(IMSI_A, op).unwrap_err();
                 assert!(
-                    !bytes.windows(needle.len()).any(|w| w == needle.as_slice()),
-                    "{} holds a secret",
-                    path.display()
+                    matches!(err, RegistryError::Lifecycle(_)),
+                    "{s:?} {op:?}: {err}"
                 );
             }
-        }
-        // Nor the PIN or PUK in clear.
-        let text = String::from_utf8_lossy(&bytes);
-        assert!(
-            !text.contains("24681357"),
-            "{} holds the PUK",
-            path.display()
-        );
-    }
-}
+            if s != McimState::Activated {
+                assert!(reg.select(IMSI_A, None).is_err(), "select from {s:?}");
+            }
+            assert_eq!(state(reg, IMSI_A), s);
+            assert_eq!(
+                snapshot(dev.dir()),
+                before,
+                "refusals from {s:?} wrote nothing"
+            );
+        };
 
-#[test]
-fn one_flipped_byte_in_a_record_blocks_that_mcim_and_the_audit_says_why() {
-    let dev = Device::new();
-    {
+        check_forbidden(&mut reg, &[Op::Activate, Op::Retire]);
+        assert_eq!(
+            reg.apply(IMSI_A, Op::Activate).unwrap(),
+            McimState::Activated
+        );
+        check_forbidden(&mut reg, &[Op::Block(BlockReason::Requested), Op::Retire]);
+        reg.select(IMSI_A, None).unwrap();
+        assert_eq!(state(&reg, IMSI_A), McimState::Selected);
+        check_forbidden(&mut reg, &[Op::EndSession]);
+        let before = snapshot(dev.dir());
+        assert!(matches!(
+            reg.apply(IMSI_A, Op::Delete),
+            Err(RegistryError::Lifecycle(_))
+        ));
+        assert_eq!(snapshot(dev.dir()), before, "Selected is never deleted");
+        assert_eq!(
+            reg.apply(IMSI_A, Op::EndSession).unwrap(),
+            McimState::Activated
+        );
+        assert_eq!(
+            reg.apply(IMSI_A, Op::Block(BlockReason::Requested))
+                .unwrap(),
+            McimState::Blocked
+        );
+        check_forbidden(&mut reg, &[Op::Unblock, Op::Retire]);
+        assert_eq!(
+            reg.apply(IMSI_A, Op::Unblock).unwrap(),
+            McimState::Activated
+        );
+        assert_eq!(reg.apply(IMSI_A, Op::Retire).unwrap(), McimState::Retired);
+        assert!(
+            reg.get(IMSI_A).unwrap().secrets.is_none(),
+            "retired: credentials gone"
+        );
+        check_forbidden(&mut reg, &[]);
+        assert_eq!(reg.apply(IMSI_A, Op::Delete).unwrap(), McimState::Deleted);
+        assert!(matches!(reg.get(IMSI_A), Err(RegistryError::NotFound(_))));
+
+        // Deletion from Installed and from Blocked too.
+        install(&mut reg, IMSI_B, None);
+        assert_eq!(reg.apply(IMSI_B, Op::Delete).unwrap(), McimState::Deleted);
+        install(&mut reg, IMSI_B, None);
+        reg.apply(IMSI_B, Op::Activate).unwrap();
+        reg.apply(IMSI_B, Op::Block(BlockReason::Requested))
+            .unwrap();
+        assert_eq!(reg.apply(IMSI_B, Op::Delete).unwrap(), McimState::Deleted);
+
+        // Every transition is in the audit record.
+        let audit = reg.audit().unwrap();
+        assert!(audit.iter().filter(|e| e.event == "lifecycle").count() >= 9);
+        assert!(audit.iter().any(|e| e.detail.contains("Retired")));
+    }
+
+    #[test]
+    fn one_selected_mcim_at_a_time() {
+        let dev = Device::new();
         let mut reg = dev.open();
         install(&mut reg, IMSI_A, None);
         install(&mut reg, IMSI_B, None);
         reg.apply(IMSI_A, Op::Activate).unwrap();
         reg.apply(IMSI_B, Op::Activate).unwrap();
-    }
-    let rec = std::fs::read_dir(dev.dir().join("mcims"))
-        .unwrap()
-        .flatten()
-        .find(|e| e.file_name().to_string_lossy().starts_with(IMSI_A))
-        .unwrap()
-        .path();
-    let mut bytes = std::fs::read(&rec).unwrap();
-    let at = bytes.len() / 2;
-    bytes[at] ^= 0x01;
-    std::fs::write(&rec, bytes).unwrap();
+        reg.select(IMSI_A, None).unwrap();
+        let err = reg.select(IMSI_B, None).unwrap_err();
+        assert!(
+            matches!(err, RegistryError::AnotherSelected(ref id) if id == IMSI_A),
+            "{err}"
+        );
+        assert_eq!(state(&reg, IMSI_B), McimState::Activated);
+        reg.apply(IMSI_A, Op::EndSession).unwrap();
+        reg.select(IMSI_B, None).unwrap();
+        reg.apply(IMSI_B, Op::EndSession).unwrap();
 
-    let mut reg = dev.open();
-    assert_eq!(reg.status().lockdown, None);
-    let a = reg.get(IMSI_A).unwrap();
-    assert_eq!(
-        (a.state, a.blocked),
-        (McimState::Blocked, Some(BlockReason::Tampered))
-    );
-    assert!(
-        a.secrets.is_none(),
-        "nothing of a tampered record is trusted"
-    );
-    assert_eq!(
-        state(&reg, IMSI_B),
-        McimState::Activated,
-        "the other MCIM is untouched"
-    );
-    let audit = reg.audit().unwrap();
-    let last = audit.iter().rev().find(|e| e.event == "integrity").unwrap();
-    assert_eq!(last.mcim.as_deref(), Some(IMSI_A));
-    assert!(
-        last.detail.contains("integrity check failed"),
-        "{}",
-        last.detail
-    );
-    // Never unblocked; it can only be deleted.
-    assert!(matches!(
-        reg.apply(IMSI_A, Op::Unblock),
-        Err(RegistryError::Lifecycle(_))
-    ));
-    assert_eq!(reg.apply(IMSI_A, Op::Delete).unwrap(), McimState::Deleted);
-}
-
-#[test]
-fn an_older_copy_of_the_state_directory_is_refused_as_rollback() {
-    let dev = Device::new();
-    let old = tempfile::tempdir().unwrap();
-    {
+        // The owner chooses B for connectivity: A can no longer be selected until chosen.
+        reg.set_connectivity(IMSI_B).unwrap();
+        assert_eq!(reg.connectivity(), Some(IMSI_B));
+        assert!(matches!(
+            reg.select(IMSI_A, None),
+            Err(RegistryError::BadRequest(_))
+        ));
+        assert_eq!(state(&reg, IMSI_A), McimState::Activated);
+        reg.select(IMSI_B, None).unwrap();
+        assert!(matches!(
+            reg.set_connectivity(IMSI_A),
+            Err(RegistryError::AnotherSelected(_))
+        ));
+        reg.apply(IMSI_B, Op::EndSession).unwrap();
+        reg.set_connectivity(IMSI_A).unwrap();
+        reg.select(IMSI_A, None).unwrap();
+        // The choice survives a restart; a blocked MCIM is no longer the choice.
+        drop(reg);
         let mut reg = dev.open();
-        install(&mut reg, IMSI_A, Some(("1234", "12345678")));
-        reg.apply(IMSI_A, Op::Activate).unwrap();
-        copy_dir(dev.dir(), old.path());
-        // Two wrong PINs: the attacker would like those counted tries back.
-        assert!(reg.verify_pin(IMSI_A, "0000").is_err());
-        assert!(reg.verify_pin(IMSI_A, "0000").is_err());
+        assert_eq!(reg.connectivity(), Some(IMSI_A));
+        reg.apply(IMSI_A, Op::Block(BlockReason::Requested))
+            .unwrap();
+        assert_eq!(reg.connectivity(), None);
+        install(&mut reg, "001010555555555", None);
+        assert!(
+            matches!(
+                reg.set_connectivity("001010555555555"),
+                Err(RegistryError::BadRequest(_))
+            ),
+            "installed, not activated"
+        );
     }
-    std::fs::remove_dir_all(dev.dir()).unwrap();
-    copy_dir(old.path(), dev.dir());
-    let mut reg = dev.open();
-    let why = reg.status().lockdown.expect("lockdown");
-    assert!(why.contains("rollback"), "{why}");
-    assert!(matches!(reg.list(), Err(RegistryError::Lockdown(_))));
-    assert!(matches!(
-        reg.verify_pin(IMSI_A, "1234"),
-        Err(RegistryError::Lockdown(_))
-    ));
-    assert!(matches!(
-        reg.apply(IMSI_A, Op::Block(BlockReason::Requested)),
-        Err(RegistryError::Lockdown(_))
-    ));
-    assert_eq!(
-        snapshot(dev.dir()),
-        snapshot(old.path()),
-        "lockdown writes nothing"
-    );
-}
 
-#[test]
-fn a_broken_audit_chain_is_lockdown() {
-    for damage in ["edit", "drop", "truncate_committed"] {
+    #[test]
+    fn change_pin_needs_the_old_one() {
+        let dev = Device::new();
+        let mut reg = dev.open();
+        install(&mut reg, IMSI_A, Some(("1234", "24681357")));
+        reg.apply(IMSI_A, Op::Activate).unwrap();
+        assert!(matches!(
+            reg.change_pin(IMSI_A, "0000", "5555"),
+            Err(RegistryError::WrongPin { tries_left: 2 })
+        ));
+        assert!(matches!(
+            reg.change_pin(IMSI_A, "1234", "55"),
+            Err(RegistryError::BadRequest(_))
+        ));
+        reg.change_pin(IMSI_A, "1234", "5555").unwrap();
+        assert_eq!(
+            reg.get(IMSI_A)
+                .unwrap()
+                .pin
+                .as_ref()
+                .unwrap()
+                .pin_tries_left,
+            3
+        );
+        reg.select(IMSI_A, Some("5555")).unwrap();
+    }
+
+    #[test]
+    fn aka_through_the_registry_keeps_sqn_across_restarts() {
         let dev = Device::new();
         {
             let mut reg = dev.open();
             install(&mut reg, IMSI_A, None);
             reg.apply(IMSI_A, Op::Activate).unwrap();
-            reg.apply(IMSI_A, Op::Block(BlockReason::Requested))
-                .unwrap();
-        }
-        let path = dev.dir().join("audit.log");
-        let text = std::fs::read_to_string(&path).unwrap();
-        let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
-        match damage {
-            "edit" => lines[1] = lines[1].replace("installed", "INSTALLED"),
-            "drop" => {
-                lines.remove(1);
+            let v = av(IMSI_A, 1);
+            assert!(
+                matches!(
+                    reg.authenticate(IMSI_A, &v.rand, &v.autn),
+                    Err(RegistryError::BadRequest(_))
+                ),
+                "AKA needs a selected MCIM"
+            );
+            reg.select(IMSI_A, None).unwrap();
+            match reg.authenticate(IMSI_A, &v.rand, &v.autn).unwrap() {
+                DeviceResponse::Success { res, .. } => assert!(res.ct_matches(&v.xres)),
+                other => panic!("{other:?}"),
             }
-            _ => {
-                lines.pop();
-            }
         }
-        std::fs::write(&path, lines.join("\n") + "\n").unwrap();
-        let reg = dev.open();
-        let why = reg
-            .status()
-            .lockdown
-            .unwrap_or_else(|| panic!("{damage}: no lockdown"));
-        assert!(why.contains("audit"), "{damage}: {why}");
-        assert!(matches!(reg.get(IMSI_A), Err(RegistryError::Lockdown(_))));
-    }
-}
-
-#[test]
-fn a_tampered_header_is_lockdown() {
-    let dev = Device::new();
-    {
         let mut reg = dev.open();
-        install(&mut reg, IMSI_A, None);
-    }
-    let path = dev.dir().join("header.json");
-    let text = std::fs::read_to_string(&path).unwrap();
-    std::fs::write(&path, text.replacen("\"format\": 1", "\"format\": 2", 1)).unwrap();
-    let reg = dev.open();
-    assert!(reg.status().lockdown.unwrap().contains("header"));
-    // Removing it altogether is no better.
-    drop(reg);
-    std::fs::remove_file(&path).unwrap();
-    assert!(dev.open().status().lockdown.unwrap().contains("missing"));
-}
-
-#[test]
-fn pin_runs_out_blocks_the_mcim_and_the_puk_unblocks_it_across_restarts() {
-    let dev = Device::new();
-    {
-        let mut reg = dev.open();
-        install(&mut reg, IMSI_A, Some(("1234", "12345678")));
-        reg.apply(IMSI_A, Op::Activate).unwrap();
-        assert!(matches!(
-            reg.select(IMSI_A, None),
-            Err(RegistryError::BadRequest(_))
-        ));
-        assert!(matches!(
-            reg.verify_pin(IMSI_A, "9999"),
-            Err(RegistryError::WrongPin { tries_left: 2 })
-        ));
-        assert!(matches!(
-            reg.verify_pin(IMSI_A, "9999"),
-            Err(RegistryError::WrongPin { tries_left: 1 })
-        ));
-    }
-    // The counter survives a restart.
-    let mut reg = dev.open();
-    assert_eq!(
-        reg.get(IMSI_A)
-            .unwrap()
-            .pin
-            .as_ref()
-            .unwrap()
-            .pin_tries_left,
-        1
-    );
-    assert!(matches!(
-        reg.select(IMSI_A, Some("9999")),
-        Err(RegistryError::WrongPin { tries_left: 0 })
-    ));
-    let a = reg.get(IMSI_A).unwrap();
-    assert_eq!(
-        (a.state, a.blocked),
-        (McimState::Blocked, Some(BlockReason::PinBlocked))
-    );
-    // Even the right PIN is refused now, and a plain unblock is not enough.
-    assert!(reg.verify_pin(IMSI_A, "1234").is_err());
-    assert!(matches!(
-        reg.apply(IMSI_A, Op::Unblock),
-        Err(RegistryError::BadRequest(_))
-    ));
-    assert!(matches!(
-        reg.unblock_pin(IMSI_A, "00000000", "4321"),
-        Err(RegistryError::WrongPuk { tries_left: 9 })
-    ));
-    assert_eq!(state(&reg, IMSI_A), McimState::Blocked);
-    reg.unblock_pin(IMSI_A, "12345678", "4321").unwrap();
-    assert_eq!(state(&reg, IMSI_A), McimState::Activated);
-    assert!(
-        reg.select(IMSI_A, Some("1234")).is_err(),
-        "the old PIN is gone"
-    );
-    reg.select(IMSI_A, Some("4321")).unwrap();
-    assert!(
-        matches!(
-            reg.install(InstallRequest {
-                imsi: Imsi::new(IMSI_B).unwrap(),
-                sho: "x".into(),
-                wrapped: mcim_tre::tre::WrappedSecrets {
-                    k: vec![1],
-                    opc: vec![2]
-                },
-                constants: Constants::default(),
-                sqn_profile: SqnProfile::default(),
-                pin: Some(("12".into(), "12345678".into())),
-            }),
-            Err(RegistryError::BadRequest(_))
-        ),
-        "a 2-digit PIN is refused"
-    );
-    assert!(
-        matches!(reg.get(IMSI_B), Err(RegistryError::NotFound(_))),
-        "and nothing was installed"
-    );
-}
-
-/// A real TPM TRE that fails on command: `fail_mac_in` fails the n-th next integrity MAC,
-/// `fail_advance` the next counter advance (a power cut at that point, as far as the registry
-/// can tell). Everything else goes to the TPM.
-struct Faulty {
-    inner: TpmTre,
-    fail_mac_in: std::rc::Rc<std::cell::Cell<u32>>,
-    fail_advance: std::rc::Rc<std::cell::Cell<bool>>,
-}
-
-fn cut() -> mcim_tre::tre::TreError {
-    mcim_tre::tre::TreError::Command {
-        command: "power cut",
-        detail: "injected".into(),
-    }
-}
-
-impl Tre for Faulty {
-    fn backend_name(&self) -> &'static str {
-        self.inner.backend_name()
-    }
-    fn capabilities(&self) -> &mcim_tre::tre::Capabilities {
-        self.inner.capabilities()
-    }
-    fn identity(&mut self) -> Result<Option<DeviceIdentity>, mcim_tre::tre::TreError> {
-        self.inner.identity()
-    }
-    fn device_public(&mut self) -> Result<mcim_tre::tre::DevicePublic, mcim_tre::tre::TreError> {
-        self.inner.device_public()
-    }
-    fn import_mcim_secrets(
-        &mut self,
-        w: &mcim_tre::tre::WrappedSecrets,
-    ) -> Result<mcim_tre::tre::ProtectedSecrets, mcim_tre::tre::TreError> {
-        self.inner.import_mcim_secrets(w)
-    }
-    fn integrity_mac(&mut self, d: &[u8; 32]) -> Result<[u8; 32], mcim_tre::tre::TreError> {
-        match self.fail_mac_in.get() {
-            0 => self.inner.integrity_mac(d),
-            1 => {
-                self.fail_mac_in.set(0);
-                Err(cut())
-            }
-            n => {
-                self.fail_mac_in.set(n - 1);
-                self.inner.integrity_mac(d)
-            }
-        }
-    }
-    fn rollback_counter(&mut self) -> Result<u64, mcim_tre::tre::TreError> {
-        self.inner.rollback_counter()
-    }
-    fn advance_rollback_counter(&mut self) -> Result<u64, mcim_tre::tre::TreError> {
-        if self.fail_advance.replace(false) {
-            return Err(cut());
-        }
-        self.inner.advance_rollback_counter()
-    }
-    fn audit_anchor(&mut self) -> Result<mcim_tre::tre::AuditAnchor, mcim_tre::tre::TreError> {
-        self.inner.audit_anchor()
-    }
-    fn set_audit_anchor(
-        &mut self,
-        a: &mcim_tre::tre::AuditAnchor,
-    ) -> Result<(), mcim_tre::tre::TreError> {
-        self.inner.set_audit_anchor(a)
-    }
-}
-
-impl Device {
-    fn open_faulty(
-        &self,
-    ) -> (
-        Registry,
-        std::rc::Rc<std::cell::Cell<u32>>,
-        std::rc::Rc<std::cell::Cell<bool>>,
-    ) {
-        let mac = std::rc::Rc::new(std::cell::Cell::new(0));
-        let adv = std::rc::Rc::new(std::cell::Cell::new(false));
-        let t = Faulty {
-            inner: TpmTre::open(&TpmConfig {
-                tcti: self.tpm.tcti(),
-            })
-            .unwrap(),
-            fail_mac_in: mac.clone(),
-            fail_advance: adv.clone(),
-        };
-        (Registry::open(self.dir(), Box::new(t)).unwrap(), mac, adv)
-    }
-}
-
-#[test]
-fn a_transaction_cut_after_its_commit_point_is_completed_at_the_next_start() {
-    let dev = Device::new();
-    {
-        let (mut reg, _, advance) = dev.open_faulty();
-        install(&mut reg, IMSI_A, None);
-        advance.set(true);
+        // The session ended with the restart.
+        assert_eq!(state(&reg, IMSI_A), McimState::Activated);
+        reg.select(IMSI_A, None).unwrap();
+        let v = av(IMSI_A, 1);
         assert!(
-            reg.apply(IMSI_A, Op::Activate).is_err(),
-            "the cut is reported"
+            matches!(
+                reg.authenticate(IMSI_A, &v.rand, &v.autn).unwrap(),
+                DeviceResponse::SyncFailure { .. }
+            ),
+            "the replayed AUTN is refused after a restart"
+        );
+        let v2 = av(IMSI_A, 2);
+        assert!(matches!(
+            reg.authenticate(IMSI_A, &v2.rand, &v2.autn).unwrap(),
+            DeviceResponse::Success { .. }
+        ));
+        let audit = reg.audit().unwrap();
+        assert!(
+            audit
+                .iter()
+                .any(|e| e.detail.contains("synchronisation failure"))
         );
     }
-    let mut reg = dev.open();
-    let st = reg.status();
-    assert_eq!(st.lockdown, None, "{st:?}");
-    assert!(st.startup.iter().any(|s| s.contains("cut short")), "{st:?}");
-    assert_eq!(
-        state(&reg, IMSI_A),
-        McimState::Activated,
-        "the committed transaction stands"
-    );
-    assert!(reg.verify_audit().unwrap().ok);
-    // And the registry goes on normally.
-    reg.apply(IMSI_A, Op::Block(BlockReason::Requested))
-        .unwrap();
-    drop(reg);
-    assert_eq!(dev.open().status().lockdown, None);
-}
 
-#[test]
-fn a_transaction_cut_before_its_commit_point_changes_nothing() {
-    // The 1st MAC of a transaction is the record's, the 2nd the audit entry's, the 3rd the
-    // header's: cut at each.
-    for nth in 1..=3 {
+    #[test]
+    fn no_k_or_opc_in_any_file_of_the_state_directory() {
+        let dev = Device::new();
+        let mut reg = dev.open();
+        install(&mut reg, IMSI_A, Some(("1234", "24681357")));
+        reg.apply(IMSI_A, Op::Activate).unwrap();
+        reg.select(IMSI_A, Some("1234")).unwrap();
+        let v = av(IMSI_A, 1);
+        reg.authenticate(IMSI_A, &v.rand, &v.autn).unwrap();
+        let (k, opc) = secrets(IMSI_A);
+        let files = snapshot(dev.dir());
+        assert!(files.len() >= 3, "{files:?}");
+        for (path, bytes) in files {
+            for secret in [&k.expose()[..], &opc.expose()[..]] {
+                for needle in [
+                    secret.to_vec(),
+                    hex::encode(secret).into_bytes(),
+                    hex::encode_upper(secret).into_bytes(),
+                ] {
+                    assert!(
+                        !bytes.windows(needle.len()).any(|w| w == needle.as_slice()),
+                        "{} holds a secret",
+                        path.display()
+                    );
+                }
+            }
+            // Nor the PIN or PUK in clear.
+            let text = String::from_utf8_lossy(&bytes);
+            assert!(
+                !text.contains("24681357"),
+                "{} holds the PUK",
+                path.display()
+            );
+        }
+    }
+
+    #[test]
+    fn one_flipped_byte_in_a_record_blocks_that_mcim_and_the_audit_says_why() {
         let dev = Device::new();
         {
-            let (mut reg, mac, _) = dev.open_faulty();
+            let mut reg = dev.open();
             install(&mut reg, IMSI_A, None);
-            mac.set(nth);
-            assert!(reg.apply(IMSI_A, Op::Activate).is_err(), "cut at MAC {nth}");
-            assert_eq!(
-                state(&reg, IMSI_A),
-                McimState::Installed,
-                "memory unchanged ({nth})"
+            install(&mut reg, IMSI_B, None);
+            reg.apply(IMSI_A, Op::Activate).unwrap();
+            reg.apply(IMSI_B, Op::Activate).unwrap();
+        }
+        let rec = std::fs::read_dir(dev.dir().join("mcims"))
+            .unwrap()
+            .flatten()
+            .find(|e| e.file_name().to_string_lossy().starts_with(IMSI_A))
+            .unwrap()
+            .path();
+        let mut bytes = std::fs::read(&rec).unwrap();
+        let at = bytes.len() / 2;
+        bytes[at] ^= 0x01;
+        std::fs::write(&rec, bytes).unwrap();
+
+        let mut reg = dev.open();
+        assert_eq!(reg.status().lockdown, None);
+        let a = reg.get(IMSI_A).unwrap();
+        assert_eq!(
+            (a.state, a.blocked),
+            (McimState::Blocked, Some(BlockReason::Tampered))
+        );
+        assert!(
+            a.secrets.is_none(),
+            "nothing of a tampered record is trusted"
+        );
+        assert_eq!(
+            state(&reg, IMSI_B),
+            McimState::Activated,
+            "the other MCIM is untouched"
+        );
+        let audit = reg.audit().unwrap();
+        let last = audit.iter().rev().find(|e| e.event == "integrity").unwrap();
+        assert_eq!(last.mcim.as_deref(), Some(IMSI_A));
+        assert!(
+            last.detail.contains("integrity check failed"),
+            "{}",
+            last.detail
+        );
+        // Never unblocked; it can only be deleted.
+        assert!(matches!(
+            reg.apply(IMSI_A, Op::Unblock),
+            Err(RegistryError::Lifecycle(_))
+        ));
+        assert_eq!(reg.apply(IMSI_A, Op::Delete).unwrap(), McimState::Deleted);
+    }
+
+    #[test]
+    fn an_older_copy_of_the_state_directory_is_refused_as_rollback() {
+        let dev = Device::new();
+        let old = tempfile::tempdir().unwrap();
+        {
+            let mut reg = dev.open();
+            install(&mut reg, IMSI_A, Some(("1234", "12345678")));
+            reg.apply(IMSI_A, Op::Activate).unwrap();
+            copy_dir(dev.dir(), old.path());
+            // Two wrong PINs: the attacker would like those counted tries back.
+            assert!(reg.verify_pin(IMSI_A, "0000").is_err());
+            assert!(reg.verify_pin(IMSI_A, "0000").is_err());
+        }
+        std::fs::remove_dir_all(dev.dir()).unwrap();
+        copy_dir(old.path(), dev.dir());
+        let mut reg = dev.open();
+        let why = reg.status().lockdown.expect("lockdown");
+        assert!(why.contains("rollback"), "{why}");
+        assert!(matches!(reg.list(), Err(RegistryError::Lockdown(_))));
+        assert!(matches!(
+            reg.verify_pin(IMSI_A, "1234"),
+            Err(RegistryError::Lockdown(_))
+        ));
+        assert!(matches!(
+            reg.apply(IMSI_A, Op::Block(BlockReason::Requested)),
+            Err(RegistryError::Lockdown(_))
+        ));
+        assert_eq!(
+            snapshot(dev.dir()),
+            snapshot(old.path()),
+            "lockdown writes nothing"
+        );
+    }
+
+    #[test]
+    fn a_broken_audit_chain_is_lockdown() {
+        for damage in ["edit", "drop", "truncate_committed"] {
+            let dev = Device::new();
+            {
+                let mut reg = dev.open();
+                install(&mut reg, IMSI_A, None);
+                reg.apply(IMSI_A, Op::Activate).unwrap();
+                reg.apply(IMSI_A, Op::Block(BlockReason::Requested))
+                    .unwrap();
+            }
+            let path = dev.dir().join("audit.log");
+            let text = std::fs::read_to_string(&path).unwrap();
+            let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
+            match damage {
+                "edit" => lines[1] = lines[1].replace("installed", "INSTALLED"),
+                "drop" => {
+                    lines.remove(1);
+                }
+                _ => {
+                    lines.pop();
+                }
+            }
+            std::fs::write(&path, lines.join("\n") + "\n").unwrap();
+            let reg = dev.open();
+            let why = reg
+                .status()
+                .lockdown
+                .unwrap_or_else(|| panic!("{damage}: no lockdown"));
+            assert!(why.contains("audit"), "{damage}: {why}");
+            assert!(matches!(reg.get(IMSI_A), Err(RegistryError::Lockdown(_))));
+        }
+    }
+
+    #[test]
+    fn a_tampered_header_is_lockdown() {
+        let dev = Device::new();
+        {
+            let mut reg = dev.open();
+            install(&mut reg, IMSI_A, None);
+        }
+        let path = dev.dir().join("header.json");
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(&path, text.replacen("\"format\": 1", "\"format\": 2", 1)).unwrap();
+        let reg = dev.open();
+        assert!(reg.status().lockdown.unwrap().contains("header"));
+        // Removing it altogether is no better.
+        drop(reg);
+        std::fs::remove_file(&path).unwrap();
+        assert!(dev.open().status().lockdown.unwrap().contains("missing"));
+    }
+
+    #[test]
+    fn pin_runs_out_blocks_the_mcim_and_the_puk_unblocks_it_across_restarts() {
+        let dev = Device::new();
+        {
+            let mut reg = dev.open();
+            install(&mut reg, IMSI_A, Some(("1234", "12345678")));
+            reg.apply(IMSI_A, Op::Activate).unwrap();
+            assert!(matches!(
+                reg.select(IMSI_A, None),
+                Err(RegistryError::BadRequest(_))
+            ));
+            assert!(matches!(
+                reg.verify_pin(IMSI_A, "9999"),
+                Err(RegistryError::WrongPin { tries_left: 2 })
+            ));
+            assert!(matches!(
+                reg.verify_pin(IMSI_A, "9999"),
+                Err(RegistryError::WrongPin { tries_left: 1 })
+            ));
+        }
+        // The counter survives a restart.
+        let mut reg = dev.open();
+        assert_eq!(
+            reg.get(IMSI_A)
+                .unwrap()
+                .pin
+                .as_ref()
+                .unwrap()
+                .pin_tries_left,
+            1
+        );
+        assert!(matches!(
+            reg.select(IMSI_A, Some("9999")),
+            Err(RegistryError::WrongPin { tries_left: 0 })
+        ));
+        let a = reg.get(IMSI_A).unwrap();
+        assert_eq!(
+            (a.state, a.blocked),
+            (McimState::Blocked, Some(BlockReason::PinBlocked))
+        );
+        // Even the right PIN is refused now, and a plain unblock is not enough.
+        assert!(reg.verify_pin(IMSI_A, "1234").is_err());
+        assert!(matches!(
+            reg.apply(IMSI_A, Op::Unblock),
+            Err(RegistryError::BadRequest(_))
+        ));
+        assert!(matches!(
+            reg.unblock_pin(IMSI_A, "00000000", "4321"),
+            Err(RegistryError::WrongPuk { tries_left: 9 })
+        ));
+        assert_eq!(state(&reg, IMSI_A), McimState::Blocked);
+        reg.unblock_pin(IMSI_A, "12345678", "4321").unwrap();
+        assert_eq!(state(&reg, IMSI_A), McimState::Activated);
+        assert!(
+            reg.select(IMSI_A, Some("1234")).is_err(),
+            "the old PIN is gone"
+        );
+        reg.select(IMSI_A, Some("4321")).unwrap();
+        assert!(
+            matches!(
+                reg.install(InstallRequest {
+                    imsi: Imsi::new(IMSI_B).unwrap(),
+                    sho: "x".into(),
+                    wrapped: mcim_tre::tre::WrappedSecrets {
+                        k: vec![1],
+                        opc: vec![2]
+                    },
+                    constants: Constants::default(),
+                    sqn_profile: SqnProfile::default(),
+                    pin: Some(("12".into(), "12345678".into())),
+                }),
+                Err(RegistryError::BadRequest(_))
+            ),
+            "a 2-digit PIN is refused"
+        );
+        assert!(
+            matches!(reg.get(IMSI_B), Err(RegistryError::NotFound(_))),
+            "and nothing was installed"
+        );
+    }
+
+    /// A real TPM TRE that fails on command: `fail_mac_in` fails the n-th next integrity MAC,
+    /// `fail_advance` the next counter advance (a power cut at that point, as far as the registry
+    /// can tell). Everything else goes to the TPM.
+    struct Faulty {
+        inner: TpmTre,
+        fail_mac_in: std::rc::Rc<std::cell::Cell<u32>>,
+        fail_advance: std::rc::Rc<std::cell::Cell<bool>>,
+    }
+
+    fn cut() -> mcim_tre::tre::TreError {
+        mcim_tre::tre::TreError::Command {
+            command: "power cut",
+            detail: "injected".into(),
+        }
+    }
+
+    impl Tre for Faulty {
+        fn backend_name(&self) -> &'static str {
+            self.inner.backend_name()
+        }
+        fn capabilities(&self) -> &mcim_tre::tre::Capabilities {
+            self.inner.capabilities()
+        }
+        fn identity(&mut self) -> Result<Option<DeviceIdentity>, mcim_tre::tre::TreError> {
+            self.inner.identity()
+        }
+        fn device_public(
+            &mut self,
+        ) -> Result<mcim_tre::tre::DevicePublic, mcim_tre::tre::TreError> {
+            self.inner.device_public()
+        }
+        fn import_mcim_secrets(
+            &mut self,
+            w: &mcim_tre::tre::WrappedSecrets,
+        ) -> Result<mcim_tre::tre::ProtectedSecrets, mcim_tre::tre::TreError> {
+            self.inner.import_mcim_secrets(w)
+        }
+        fn integrity_mac(&mut self, d: &[u8; 32]) -> Result<[u8; 32], mcim_tre::tre::TreError> {
+            match self.fail_mac_in.get() {
+                0 => self.inner.integrity_mac(d),
+                1 => {
+                    self.fail_mac_in.set(0);
+                    Err(cut())
+                }
+                n => {
+                    self.fail_mac_in.set(n - 1);
+                    self.inner.integrity_mac(d)
+                }
+            }
+        }
+        fn rollback_counter(&mut self) -> Result<u64, mcim_tre::tre::TreError> {
+            self.inner.rollback_counter()
+        }
+        fn advance_rollback_counter(&mut self) -> Result<u64, mcim_tre::tre::TreError> {
+            if self.fail_advance.replace(false) {
+                return Err(cut());
+            }
+            self.inner.advance_rollback_counter()
+        }
+        fn audit_anchor(&mut self) -> Result<mcim_tre::tre::AuditAnchor, mcim_tre::tre::TreError> {
+            self.inner.audit_anchor()
+        }
+        fn set_audit_anchor(
+            &mut self,
+            a: &mcim_tre::tre::AuditAnchor,
+        ) -> Result<(), mcim_tre::tre::TreError> {
+            self.inner.set_audit_anchor(a)
+        }
+    }
+
+    impl Device {
+        fn open_faulty(
+            &self,
+        ) -> (
+            Registry,
+            std::rc::Rc<std::cell::Cell<u32>>,
+            std::rc::Rc<std::cell::Cell<bool>>,
+        ) {
+            let mac = std::rc::Rc::new(std::cell::Cell::new(0));
+            let adv = std::rc::Rc::new(std::cell::Cell::new(false));
+            let t = Faulty {
+                inner: TpmTre::open(&TpmConfig {
+                    tcti: self.tpm.tcti(),
+                })
+                .unwrap(),
+                fail_mac_in: mac.clone(),
+                fail_advance: adv.clone(),
+            };
+            (Registry::open(self.dir(), Box::new(t)).unwrap(), mac, adv)
+        }
+    }
+
+    #[test]
+    fn a_transaction_cut_after_its_commit_point_is_completed_at_the_next_start() {
+        let dev = Device::new();
+        {
+            let (mut reg, _, advance) = dev.open_faulty();
+            install(&mut reg, IMSI_A, None);
+            advance.set(true);
+            assert!(
+                reg.apply(IMSI_A, Op::Activate).is_err(),
+                "the cut is reported"
             );
         }
         let mut reg = dev.open();
         let st = reg.status();
-        assert_eq!(st.lockdown, None, "cut at MAC {nth}: {st:?}");
+        assert_eq!(st.lockdown, None, "{st:?}");
+        assert!(st.startup.iter().any(|s| s.contains("cut short")), "{st:?}");
         assert_eq!(
             state(&reg, IMSI_A),
-            McimState::Installed,
-            "cut at MAC {nth}"
+            McimState::Activated,
+            "the committed transaction stands"
         );
-        if nth == 3 {
-            assert!(
-                st.startup.iter().any(|s| s.contains("did not commit")),
-                "{st:?}"
+        assert!(reg.verify_audit().unwrap().ok);
+        // And the registry goes on normally.
+        reg.apply(IMSI_A, Op::Block(BlockReason::Requested))
+            .unwrap();
+        drop(reg);
+        assert_eq!(dev.open().status().lockdown, None);
+    }
+
+    #[test]
+    fn a_transaction_cut_before_its_commit_point_changes_nothing() {
+        // The 1st MAC of a transaction is the record's, the 2nd the audit entry's, the 3rd the
+        // header's: cut at each.
+        for nth in 1..=3 {
+            let dev = Device::new();
+            {
+                let (mut reg, mac, _) = dev.open_faulty();
+                install(&mut reg, IMSI_A, None);
+                mac.set(nth);
+                assert!(reg.apply(IMSI_A, Op::Activate).is_err(), "cut at MAC {nth}");
+                assert_eq!(
+                    state(&reg, IMSI_A),
+                    McimState::Installed,
+                    "memory unchanged ({nth})"
+                );
+            }
+            let mut reg = dev.open();
+            let st = reg.status();
+            assert_eq!(st.lockdown, None, "cut at MAC {nth}: {st:?}");
+            assert_eq!(
+                state(&reg, IMSI_A),
+                McimState::Installed,
+                "cut at MAC {nth}"
             );
+            if nth == 3 {
+                assert!(
+                    st.startup.iter().any(|s| s.contains("did not commit")),
+                    "{st:?}"
+                );
+            }
+            // Left-over record files of the cut transaction are gone.
+            let files: Vec<_> = std::fs::read_dir(dev.dir().join("mcims"))
+                .unwrap()
+                .flatten()
+                .collect();
+            assert_eq!(files.len(), 1, "cut at MAC {nth}: {files:?}");
+            reg.apply(IMSI_A, Op::Activate).unwrap();
+            assert!(reg.verify_audit().unwrap().ok);
         }
-        // Left-over record files of the cut transaction are gone.
-        let files: Vec<_> = std::fs::read_dir(dev.dir().join("mcims"))
+    }
+
+    #[test]
+    fn an_older_copy_of_one_record_blocks_that_mcim() {
+        let dev = Device::new();
+        let old = {
+            let mut reg = dev.open();
+            install(&mut reg, IMSI_A, Some(("1234", "24681357")));
+            let v1 =
+                std::fs::read(dev.dir().join("mcims").join(format!("{IMSI_A}.1.json"))).unwrap();
+            reg.apply(IMSI_A, Op::Activate).unwrap();
+            assert!(reg.verify_pin(IMSI_A, "0000").is_err());
+            v1
+        };
+        // The attacker puts the older record (full PIN tries) under the current name.
+        let current = std::fs::read_dir(dev.dir().join("mcims"))
             .unwrap()
             .flatten()
-            .collect();
-        assert_eq!(files.len(), 1, "cut at MAC {nth}: {files:?}");
-        reg.apply(IMSI_A, Op::Activate).unwrap();
+            .next()
+            .unwrap()
+            .path();
+        std::fs::write(&current, old).unwrap();
+        let reg = dev.open();
+        let a = reg.get(IMSI_A).unwrap();
+        assert_eq!(
+            (a.state, a.blocked),
+            (McimState::Blocked, Some(BlockReason::Tampered))
+        );
+    }
+
+    fn supplier() -> p256::ecdsa::SigningKey {
+        use p256::elliptic_curve::Generate;
+        p256::ecdsa::SigningKey::generate_from_rng(&mut rand::rng())
+    }
+
+    fn token(reg: &mut Registry, key: &p256::ecdsa::SigningKey) -> Vec<u8> {
+        let pcid = reg.tre().identity().unwrap().unwrap().pcid;
+        let counter = reg.tre().rollback_counter().unwrap();
+        mcim_core::rehabilitation::issue(key, &pcid, counter).unwrap()
+    }
+
+    #[test]
+    fn the_suppliers_token_lifts_a_rollback_lockdown_once() {
+        let dev = Device::new();
+        let key = supplier();
+        let old = tempfile::tempdir().unwrap();
+        {
+            let mut reg = dev.open();
+            install(&mut reg, IMSI_A, None);
+            reg.apply(IMSI_A, Op::Activate).unwrap();
+            copy_dir(dev.dir(), old.path());
+            reg.apply(IMSI_A, Op::Block(BlockReason::Requested))
+                .unwrap();
+        }
+        std::fs::remove_dir_all(dev.dir()).unwrap();
+        copy_dir(old.path(), dev.dir());
+        let mut reg = dev.open();
+        assert!(reg.status().lockdown.is_some());
+        // Refused: not in lockdown yet is moot; a stranger's token, a token for a later counter.
+        let stranger = token(&mut reg, &supplier());
+        let vk = p256::ecdsa::VerifyingKey::from(&key);
+        assert!(matches!(
+            reg.rehabilitate(&stranger, &vk),
+            Err(RegistryError::Unauthorised(_))
+        ));
+        let pcid = reg.tre().identity().unwrap().unwrap().pcid;
+        let c = reg.tre().rollback_counter().unwrap();
+        let future = mcim_core::rehabilitation::issue(&key, &pcid, c + 1).unwrap();
+        assert!(matches!(
+            reg.rehabilitate(&future, &vk),
+            Err(RegistryError::Unauthorised(_))
+        ));
+        assert!(
+            reg.status().lockdown.is_some(),
+            "refused tokens change nothing"
+        );
+
+        let good = token(&mut reg, &key);
+        reg.rehabilitate(&good, &vk).unwrap();
+        assert_eq!(reg.status().lockdown, None);
+        // The old copy's records verify against its own header: kept as they were.
+        assert_eq!(state(&reg, IMSI_A), McimState::Activated);
+        let audit = reg.audit().unwrap();
+        assert_eq!(audit[0].event, "rehabilitation");
+        assert!(audit[0].detail.contains("rollback"), "{}", audit[0].detail);
+        assert!(reg.verify_audit().unwrap().ok);
+        assert!(std::fs::read_dir(dev.dir()).unwrap().flatten().any(|f| {
+            f.file_name()
+                .to_string_lossy()
+                .starts_with("audit.log.lockdown-")
+        }));
+        // The same token does not work twice, and the registry survives a restart.
+        assert!(matches!(
+            reg.rehabilitate(&good, &vk),
+            Err(RegistryError::BadRequest(_))
+        ));
+        drop(reg);
+        let reg = dev.open();
+        assert_eq!(reg.status().lockdown, None);
+        assert_eq!(state(&reg, IMSI_A), McimState::Activated);
+    }
+
+    #[test]
+    fn rehabilitation_after_a_forged_header_blocks_every_mcim() {
+        let dev = Device::new();
+        let key = supplier();
+        {
+            let mut reg = dev.open();
+            install(&mut reg, IMSI_A, None);
+            install(&mut reg, IMSI_B, None);
+            reg.apply(IMSI_A, Op::Activate).unwrap();
+        }
+        let path = dev.dir().join("header.json");
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(
+            &path,
+            text.replacen("\"format\": 1", "\"format\": 1 ", 1)
+                .replacen("\"counter\"", "\"counter\" ", 1),
+        )
+        .unwrap();
+        let mut reg = dev.open();
+        assert!(reg.status().lockdown.is_some());
+        let t = token(&mut reg, &key);
+        reg.rehabilitate(&t, &p256::ecdsa::VerifyingKey::from(&key))
+            .unwrap();
+        for id in [IMSI_A, IMSI_B] {
+            let r = reg.get(id).unwrap();
+            assert_eq!(
+                (r.state, r.blocked),
+                (McimState::Blocked, Some(BlockReason::Tampered)),
+                "{id}"
+            );
+            assert!(r.secrets.is_none());
+        }
         assert!(reg.verify_audit().unwrap().ok);
     }
 }
 
-#[test]
-fn an_older_copy_of_one_record_blocks_that_mcim() {
-    let dev = Device::new();
-    let old = {
-        let mut reg = dev.open();
-        install(&mut reg, IMSI_A, Some(("1234", "24681357")));
-        let v1 = std::fs::read(dev.dir().join("mcims").join(format!("{IMSI_A}.1.json"))).unwrap();
-        reg.apply(IMSI_A, Op::Activate).unwrap();
-        assert!(reg.verify_pin(IMSI_A, "0000").is_err());
-        v1
-    };
-    // The attacker puts the older record (full PIN tries) under the current name.
-    let current = std::fs::read_dir(dev.dir().join("mcims"))
-        .unwrap()
-        .flatten()
-        .next()
-        .unwrap()
-        .path();
-    std::fs::write(&current, old).unwrap();
-    let reg = dev.open();
-    let a = reg.get(IMSI_A).unwrap();
-    assert_eq!(
-        (a.state, a.blocked),
-        (McimState::Blocked, Some(BlockReason::Tampered))
-    );
-}
-
-fn supplier() -> p256::ecdsa::SigningKey {
-    use p256::elliptic_curve::Generate;
-    p256::ecdsa::SigningKey::generate_from_rng(&mut rand::rng())
-}
-
-fn token(reg: &mut Registry, key: &p256::ecdsa::SigningKey) -> Vec<u8> {
-    let pcid = reg.tre().identity().unwrap().unwrap().pcid;
-    let counter = reg.tre().rollback_counter().unwrap();
-    mcim_core::rehabilitation::issue(key, &pcid, counter).unwrap()
-}
-
-#[test]
-fn the_suppliers_token_lifts_a_rollback_lockdown_once() {
-    let dev = Device::new();
-    let key = supplier();
-    let old = tempfile::tempdir().unwrap();
-    {
-        let mut reg = dev.open();
-        install(&mut reg, IMSI_A, None);
-        reg.apply(IMSI_A, Op::Activate).unwrap();
-        copy_dir(dev.dir(), old.path());
-        reg.apply(IMSI_A, Op::Block(BlockReason::Requested))
-            .unwrap();
-    }
-    std::fs::remove_dir_all(dev.dir()).unwrap();
-    copy_dir(old.path(), dev.dir());
-    let mut reg = dev.open();
-    assert!(reg.status().lockdown.is_some());
-    // Refused: not in lockdown yet is moot; a stranger's token, a token for a later counter.
-    let stranger = token(&mut reg, &supplier());
-    let vk = p256::ecdsa::VerifyingKey::from(&key);
-    assert!(matches!(
-        reg.rehabilitate(&stranger, &vk),
-        Err(RegistryError::Unauthorised(_))
-    ));
-    let pcid = reg.tre().identity().unwrap().unwrap().pcid;
-    let c = reg.tre().rollback_counter().unwrap();
-    let future = mcim_core::rehabilitation::issue(&key, &pcid, c + 1).unwrap();
-    assert!(matches!(
-        reg.rehabilitate(&future, &vk),
-        Err(RegistryError::Unauthorised(_))
-    ));
-    assert!(
-        reg.status().lockdown.is_some(),
-        "refused tokens change nothing"
-    );
-
-    let good = token(&mut reg, &key);
-    reg.rehabilitate(&good, &vk).unwrap();
-    assert_eq!(reg.status().lockdown, None);
-    // The old copy's records verify against its own header: kept as they were.
-    assert_eq!(state(&reg, IMSI_A), McimState::Activated);
-    let audit = reg.audit().unwrap();
-    assert_eq!(audit[0].event, "rehabilitation");
-    assert!(audit[0].detail.contains("rollback"), "{}", audit[0].detail);
-    assert!(reg.verify_audit().unwrap().ok);
-    assert!(std::fs::read_dir(dev.dir()).unwrap().flatten().any(|f| {
-        f.file_name()
-            .to_string_lossy()
-            .starts_with("audit.log.lockdown-")
-    }));
-    // The same token does not work twice, and the registry survives a restart.
-    assert!(matches!(
-        reg.rehabilitate(&good, &vk),
-        Err(RegistryError::BadRequest(_))
-    ));
-    drop(reg);
-    let reg = dev.open();
-    assert_eq!(reg.status().lockdown, None);
-    assert_eq!(state(&reg, IMSI_A), McimState::Activated);
-}
-
-#[test]
-fn rehabilitation_after_a_forged_header_blocks_every_mcim() {
-    let dev = Device::new();
-    let key = supplier();
-    {
-        let mut reg = dev.open();
-        install(&mut reg, IMSI_A, None);
-        install(&mut reg, IMSI_B, None);
-        reg.apply(IMSI_A, Op::Activate).unwrap();
-    }
-    let path = dev.dir().join("header.json");
-    let text = std::fs::read_to_string(&path).unwrap();
-    std::fs::write(
-        &path,
-        text.replacen("\"format\": 1", "\"format\": 1 ", 1)
-            .replacen("\"counter\"", "\"counter\" ", 1),
-    )
-    .unwrap();
-    let mut reg = dev.open();
-    assert!(reg.status().lockdown.is_some());
-    let t = token(&mut reg, &key);
-    reg.rehabilitate(&t, &p256::ecdsa::VerifyingKey::from(&key))
-        .unwrap();
-    for id in [IMSI_A, IMSI_B] {
-        let r = reg.get(id).unwrap();
-        assert_eq!(
-            (r.state, r.blocked),
-            (McimState::Blocked, Some(BlockReason::Tampered)),
-            "{id}"
-        );
-        assert!(r.secrets.is_none());
-    }
-    assert!(reg.verify_audit().unwrap().ok);
-}
-
 /// The same registry on a PKCS#11 token (SoftHSM2, one token per test).
+#[cfg(feature = "pkcs11")]
 mod on_token {
     use super::*;
     use mcim_e2e::{SOFTHSM2_LABEL, SOFTHSM2_MODULE, SOFTHSM2_PIN, SoftHsm, own_softhsm};

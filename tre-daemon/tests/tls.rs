@@ -142,6 +142,7 @@ async fn handshake(
     Ok(peer)
 }
 
+#[cfg(feature = "tpm")]
 mod tpm {
     use super::*;
     use mcim_tre::tre::tpm::{TpmConfig, TpmTre};
@@ -162,6 +163,7 @@ mod tpm {
     }
 }
 
+#[cfg(feature = "pkcs11")]
 mod pkcs11 {
     use super::*;
     use mcim_e2e::{SOFTHSM2_LABEL, SOFTHSM2_MODULE, SOFTHSM2_PIN, own_softhsm};

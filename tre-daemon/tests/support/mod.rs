@@ -1,6 +1,7 @@
 //! Test support: a private swtpm per test (mcim-e2e), TS 35.208 sets, the SHO-side wrap.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+#[allow(unused_imports)] // not every test file of every backend starts a swtpm
 pub use mcim_e2e::Swtpm;
 
 /// One TS 35.208 MILENAGE test set (core/testdata), as the conformance suite uses it.
