@@ -554,7 +554,7 @@ impl Roles {
         peer: mcim_roles::authz::Role,
     ) -> tonic::transport::Channel {
         use tonic::transport::{Certificate, ClientTlsConfig, Identity};
-        let (cert, key) = mcim_roles::pki::issue_software_device(&self.pki, pcid).unwrap();
+        let (cert, key) = mcim_pki::dev::issue_software_device(&self.pki, pcid).unwrap();
         let tls = ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(
                 std::fs::read(self.pki.join("ca.pem")).unwrap(),

@@ -1,15 +1,16 @@
 //! `mcimctl device ...` and `mcimctl audit ...`: the device owner's side, talking to `tred`
 //! over its Unix socket (`mcim.tre.v1`).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
 use mcim_proto::mcim::common::v1 as common;
 use mcim_proto::mcim::tre::v1 as pb;
-use mcim_proto::mcim::tre::v1::tre_service_client::TreServiceClient;
-use tonic::transport::Channel;
 
+use crate::error::{CliError, read, runtime, write};
 use crate::hexarg;
+use crate::parameters::DeviceParameters;
+use crate::tred::{connect, step_line};
 
 /// Where `tred` listens.
 #[derive(Args, Clone)]
@@ -235,114 +236,6 @@ pub enum AuditCommand {
     Verify,
 }
 
-/// What went wrong talking to tred.
-#[derive(Debug, thiserror::Error)]
-pub enum DeviceError {
-    /// No connection.
-    #[error("cannot reach tred at {path}: {detail}")]
-    Connect {
-        /// socket
-        path: String,
-        /// why
-        detail: String,
-    },
-    /// tred refused.
-    #[error("{}: {}", code_name(.0.code()), .0.message())]
-    Refused(tonic::Status),
-    /// A local file.
-    #[error("{path}: {detail}")]
-    File {
-        /// file
-        path: String,
-        /// why
-        detail: String,
-    },
-    /// Bad input.
-    #[error("{0}")]
-    Input(String),
-    /// The audit record does not verify.
-    #[error("the audit record does not verify: {0}")]
-    AuditBroken(String),
-}
-
-fn code_name(c: tonic::Code) -> &'static str {
-    use tonic::Code as C;
-    match c {
-        C::InvalidArgument => "invalid argument",
-        C::NotFound => "not found",
-        C::AlreadyExists => "already exists",
-        C::PermissionDenied => "permission denied",
-        C::FailedPrecondition => "refused",
-        C::Unauthenticated => "unauthenticated",
-        C::Unimplemented => "not implemented",
-        C::Unavailable => "unavailable",
-        _ => "error",
-    }
-}
-
-impl From<tonic::Status> for DeviceError {
-    fn from(s: tonic::Status) -> Self {
-        DeviceError::Refused(s)
-    }
-}
-
-fn read(path: &Path) -> Result<Vec<u8>, DeviceError> {
-    std::fs::read(path).map_err(|e| DeviceError::File {
-        path: path.display().to_string(),
-        detail: e.to_string(),
-    })
-}
-
-fn write(path: &Path, data: &[u8]) -> Result<(), DeviceError> {
-    std::fs::write(path, data).map_err(|e| DeviceError::File {
-        path: path.display().to_string(),
-        detail: e.to_string(),
-    })
-}
-
-pub(crate) async fn connect(socket: &Path) -> Result<TreServiceClient<Channel>, DeviceError> {
-    let path = socket.to_path_buf();
-    let err = |detail: String| DeviceError::Connect {
-        path: socket.display().to_string(),
-        detail,
-    };
-    let channel = tonic::transport::Endpoint::try_from("http://tred.local")
-        .map_err(|e| err(e.to_string()))?
-        .connect_with_connector(tower::service_fn(move |_: tonic::codegen::http::Uri| {
-            let path = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                    tokio::net::UnixStream::connect(path).await?,
-                ))
-            }
-        }))
-        .await
-        .map_err(|e| err(format!("{e} (is tred running?)")))?;
-    Ok(TreServiceClient::new(channel))
-}
-
-pub(crate) fn runtime() -> Result<tokio::runtime::Runtime, DeviceError> {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| DeviceError::Input(e.to_string()))
-}
-
-/// One provisioning step as a line: number, name, outcome, detail.
-pub(crate) fn step_line(s: &pb::WatchProvisioningResponse) -> String {
-    format!(
-        "step {:>2}  {:<60} {}{}",
-        s.step,
-        s.name,
-        if s.ok { "ok" } else { "FAILED" },
-        if s.detail.is_empty() {
-            String::new()
-        } else {
-            format!(" ({})", s.detail)
-        }
-    )
-}
-
 fn state_name(s: i32) -> &'static str {
     match common::McimState::try_from(s) {
         Ok(common::McimState::Installed) => "installed",
@@ -387,11 +280,11 @@ fn print_mcim(json: bool, m: Option<&pb::Mcim>) {
 }
 
 /// Runs `mcimctl device ...`.
-pub fn run(a: DeviceArgs) -> Result<(), DeviceError> {
+pub fn run(a: DeviceArgs) -> Result<(), CliError> {
     runtime()?.block_on(device(a))
 }
 
-async fn device(a: DeviceArgs) -> Result<(), DeviceError> {
+async fn device(a: DeviceArgs) -> Result<(), CliError> {
     let json = a.socket.json;
     let mut c = connect(&a.socket.socket).await?;
     use DeviceCommand as D;
@@ -413,7 +306,7 @@ async fn device(a: DeviceArgs) -> Result<(), DeviceError> {
                 .await?
                 .into_inner();
             if let Some(dir) = out_dir {
-                std::fs::create_dir_all(&dir).map_err(|e| DeviceError::File {
+                std::fs::create_dir_all(&dir).map_err(|e| CliError::File {
                     path: dir.display().to_string(),
                     detail: e.to_string(),
                 })?;
@@ -448,12 +341,12 @@ async fn device(a: DeviceArgs) -> Result<(), DeviceError> {
                 .get_device_parameters(pb::GetDeviceParametersRequest {})
                 .await?
                 .into_inner();
-            let p = crate::subscriber::DeviceParameters::from_pb(r);
+            let p = DeviceParameters::from_pb(r);
             let text =
-                serde_json::to_string_pretty(&p).map_err(|e| DeviceError::Input(e.to_string()))?;
+                serde_json::to_string_pretty(&p).map_err(|e| CliError::Input(e.to_string()))?;
             match out {
                 Some(path) => std::fs::write(&path, text + "\n")
-                    .map_err(|e| DeviceError::Input(format!("{}: {e}", path.display())))?,
+                    .map_err(|e| CliError::Input(format!("{}: {e}", path.display())))?,
                 None => println!("{text}"),
             }
         }
@@ -498,7 +391,7 @@ async fn device(a: DeviceArgs) -> Result<(), DeviceError> {
                 }
             }
             if let Some(f) = failed {
-                return Err(DeviceError::Input(f));
+                return Err(CliError::Input(f));
             }
             if !json {
                 println!("registration  {registration}");
@@ -677,7 +570,7 @@ async fn device(a: DeviceArgs) -> Result<(), DeviceError> {
                     "result": "sync_failure",
                     "auts": hex::encode(a),
                 }),
-                None => return Err(DeviceError::Input("tred gave no result".into())),
+                None => return Err(CliError::Input("tred gave no result".into())),
             };
             if json {
                 println!("{v}");
@@ -737,7 +630,7 @@ async fn device(a: DeviceArgs) -> Result<(), DeviceError> {
             out_dir,
         } => {
             let nonce =
-                hex::decode(&nonce).map_err(|e| DeviceError::Input(format!("--nonce: {e}")))?;
+                hex::decode(&nonce).map_err(|e| CliError::Input(format!("--nonce: {e}")))?;
             let r = c
                 .attest(pb::AttestRequest { nonce, pcrs })
                 .await?
@@ -747,7 +640,7 @@ async fn device(a: DeviceArgs) -> Result<(), DeviceError> {
                 Some(common::evidence::Kind::Pkcs11Signature(sig)) => {
                     // A token: signed evidence, no quote (mcim_core::token_evidence).
                     if let Some(dir) = out_dir {
-                        std::fs::create_dir_all(&dir).map_err(|e| DeviceError::File {
+                        std::fs::create_dir_all(&dir).map_err(|e| CliError::File {
                             path: dir.display().to_string(),
                             detail: e.to_string(),
                         })?;
@@ -769,10 +662,10 @@ async fn device(a: DeviceArgs) -> Result<(), DeviceError> {
                     }
                     return Ok(());
                 }
-                None => return Err(DeviceError::Input("tred returned no evidence".into())),
+                None => return Err(CliError::Input("tred returned no evidence".into())),
             };
             if let Some(dir) = out_dir {
-                std::fs::create_dir_all(&dir).map_err(|e| DeviceError::File {
+                std::fs::create_dir_all(&dir).map_err(|e| CliError::File {
                     path: dir.display().to_string(),
                     detail: e.to_string(),
                 })?;
@@ -807,7 +700,7 @@ async fn device(a: DeviceArgs) -> Result<(), DeviceError> {
 }
 
 /// Runs `mcimctl audit ...`.
-pub fn run_audit(a: AuditArgs) -> Result<(), DeviceError> {
+pub fn run_audit(a: AuditArgs) -> Result<(), CliError> {
     runtime()?.block_on(async move {
         let mut c = connect(&a.socket.socket).await?;
         match a.command {
@@ -836,7 +729,7 @@ pub fn run_audit(a: AuditArgs) -> Result<(), DeviceError> {
                 if r.ok {
                     Ok(())
                 } else {
-                    Err(DeviceError::AuditBroken(r.detail))
+                    Err(CliError::AuditBroken(r.detail))
                 }
             }
         }

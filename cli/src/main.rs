@@ -12,13 +12,16 @@
 
 mod aka;
 mod device;
+mod error;
 mod hexarg;
 mod lab;
 mod net;
 mod operator;
+mod parameters;
 mod pki;
 mod subscriber;
 mod supply;
+mod tred;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;

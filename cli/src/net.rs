@@ -4,14 +4,10 @@
 
 use std::path::Path;
 
-use mcim_roles::authz::Role;
+use mcim_pki::Role;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
-use crate::device::DeviceError;
-
-fn fail(what: impl std::fmt::Display) -> DeviceError {
-    DeviceError::Input(what.to_string())
-}
+use crate::error::{CliError, fail};
 
 /// `me` (its certificate in `pki`) calling the role `peer` at `url` (`https://host:port`).
 pub async fn role_channel(
@@ -19,10 +15,9 @@ pub async fn role_channel(
     me: Role,
     peer: Role,
     url: &str,
-) -> Result<Channel, DeviceError> {
-    let tls = mcim_roles::tls::client_tls(pki, me, &mcim_roles::peers::server_name(peer))
-        .map_err(fail)?;
-    connect(peer, url, tls).await
+) -> Result<Channel, CliError> {
+    let (cert, key) = mcim_pki::dev::party_pem(pki, me).map_err(fail)?;
+    connect(peer, url, cert, key, pki).await
 }
 
 /// A software device `pcid` (a fresh certificate under the supplier root in `pki`) calling
@@ -32,17 +27,24 @@ pub async fn software_device_channel(
     pcid: &str,
     peer: Role,
     url: &str,
-) -> Result<Channel, DeviceError> {
-    let (cert, key) = mcim_roles::pki::issue_software_device(pki, pcid).map_err(fail)?;
-    let ca = std::fs::read(pki.join("ca.pem")).map_err(|e| fail(format!("ca.pem: {e}")))?;
+) -> Result<Channel, CliError> {
+    let (cert, key) = mcim_pki::dev::issue_software_device(pki, pcid).map_err(fail)?;
+    connect(peer, url, cert, key, pki).await
+}
+
+/// Mutual TLS with `cert`/`key` (PEM), trusting the roles' CA in `pki`, to `peer` at `url`.
+async fn connect(
+    peer: Role,
+    url: &str,
+    cert: impl AsRef<[u8]>,
+    key: impl AsRef<[u8]>,
+    pki: &Path,
+) -> Result<Channel, CliError> {
+    let ca = mcim_pki::dev::ca_pem(pki).map_err(fail)?;
     let tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(ca))
         .identity(Identity::from_pem(cert, key))
-        .domain_name(mcim_roles::peers::server_name(peer));
-    connect(peer, url, tls).await
-}
-
-async fn connect(peer: Role, url: &str, tls: ClientTlsConfig) -> Result<Channel, DeviceError> {
+        .domain_name(mcim_pki::party::server_name(peer));
     Endpoint::from_shared(url.to_string())
         .map_err(|e| fail(format!("{url}: {e}")))?
         .tls_config(tls)

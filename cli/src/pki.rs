@@ -36,7 +36,7 @@ pub enum PkiCommand {
 pub fn run(cmd: PkiCommand) -> Result<(), String> {
     match cmd {
         PkiCommand::Init { dir } => {
-            let made = mcim_roles::pki::init(&dir, &mcim_roles::pki::LAB_PARTIES)
+            let made = mcim_pki::dev::init(&dir, &mcim_pki::dev::LAB_PARTIES)
                 .map_err(|e| e.to_string())?;
             println!(
                 "PKI in {}: CA kept or made; new certificates: {}",
@@ -61,8 +61,7 @@ pub fn run(cmd: PkiCommand) -> Result<(), String> {
             mcim_core::identity::Pcid::new(pcid.clone()).map_err(|e| e.to_string())?;
             let spki =
                 std::fs::read(&tls_spki).map_err(|e| format!("{}: {e}", tls_spki.display()))?;
-            let pem =
-                mcim_roles::pki::issue_device(&dir, &pcid, &spki).map_err(|e| e.to_string())?;
+            let pem = mcim_pki::dev::issue_device(&dir, &pcid, &spki).map_err(|e| e.to_string())?;
             std::fs::write(&out, pem).map_err(|e| format!("{}: {e}", out.display()))?;
             println!("certificate for device {pcid}: {}", out.display());
             Ok(())

@@ -9,105 +9,16 @@
 use std::path::{Path, PathBuf};
 
 use clap::{Args, Subcommand};
-use mcim_proto::mcim::common::v1 as common;
+use mcim_pki::Role;
 use mcim_proto::mcim::ro::v1 as ro;
 use mcim_proto::mcim::ro::v1::icf_service_client::IcfServiceClient;
 use mcim_proto::mcim::sho::v1 as sho;
 use mcim_proto::mcim::sho::v1::sho_service_client::ShoServiceClient;
-use mcim_proto::mcim::tre::v1 as pb;
-use mcim_roles::authz::Role;
 use serde::{Deserialize, Serialize};
 use tonic::transport::Channel;
 
-use crate::device::{DeviceError, runtime};
-
-/// The device's parameters as the owner hands them to the subscriber: a JSON file.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DeviceParameters {
-    /// The supplier's device identifier.
-    pub device_id: String,
-    /// The PCID (IMSI format).
-    pub pcid: String,
-    /// The equipment model.
-    pub model: String,
-    /// "tpm2" or "pkcs11".
-    pub tre_kind: String,
-    /// The storage key's public area or SPKI, hex: the SHO wraps the MCIM to it.
-    pub storage_public: String,
-    /// The platform credential, DER certificates in hex, leaf first.
-    pub platform_credential: Vec<String>,
-    /// "in_tre" or "unsealed_in_host".
-    pub aka_execution: String,
-}
-
-fn fail(what: impl std::fmt::Display) -> DeviceError {
-    DeviceError::Input(what.to_string())
-}
-
-impl DeviceParameters {
-    /// From tred's GetDeviceParameters.
-    pub fn from_pb(r: pb::GetDeviceParametersResponse) -> Self {
-        let id = r.identity.unwrap_or_default();
-        Self {
-            device_id: id.device_id,
-            pcid: id.pcid,
-            model: id.model,
-            tre_kind: match common::TreKind::try_from(r.tre_kind) {
-                Ok(common::TreKind::Pkcs11) => "pkcs11",
-                _ => "tpm2",
-            }
-            .into(),
-            storage_public: hex::encode(r.storage_public),
-            platform_credential: r.platform_credential.iter().map(hex::encode).collect(),
-            aka_execution: match common::AkaExecution::try_from(r.aka_execution) {
-                Ok(common::AkaExecution::InTre) => "in_tre",
-                Ok(common::AkaExecution::UnsealedInHost) => "unsealed_in_host",
-                _ => "unspecified",
-            }
-            .into(),
-        }
-    }
-
-    /// The SHO's CreateSubscription for `account`; a malformed file is refused here.
-    pub fn subscription(
-        &self,
-        account: &str,
-        require_aka_in_tre: bool,
-    ) -> Result<sho::CreateSubscriptionRequest, DeviceError> {
-        let tre_kind = match self.tre_kind.as_str() {
-            "tpm2" => common::TreKind::Tpm2,
-            "pkcs11" => common::TreKind::Pkcs11,
-            other => return Err(fail(format!("tre_kind {other:?}: tpm2 or pkcs11"))),
-        };
-        let unhex = |what: &str, s: &str| {
-            hex::decode(s).map_err(|e| fail(format!("{what}: not hex ({e})")))
-        };
-        Ok(sho::CreateSubscriptionRequest {
-            subscriber: account.into(),
-            device: Some(common::DeviceIdentity {
-                device_id: self.device_id.clone(),
-                pcid: self.pcid.clone(),
-                model: self.model.clone(),
-            }),
-            tre_kind: tre_kind as i32,
-            storage_public: unhex("storage_public", &self.storage_public)?,
-            platform_credential: self
-                .platform_credential
-                .iter()
-                .map(|c| unhex("platform_credential", c))
-                .collect::<Result<_, _>>()?,
-            require_aka_in_tre,
-        })
-    }
-
-    /// Reads a parameters file.
-    pub fn read(path: &Path) -> Result<Self, DeviceError> {
-        let text =
-            std::fs::read_to_string(path).map_err(|e| fail(format!("{}: {e}", path.display())))?;
-        serde_json::from_str(&text).map_err(|e| fail(format!("{}: {e}", path.display())))
-    }
-}
+use crate::error::{CliError, fail, runtime};
+use crate::parameters::DeviceParameters;
 
 /// How the subscriber reaches its SHO.
 #[derive(Args, Clone)]
@@ -151,7 +62,7 @@ pub struct PcidCredentials {
 impl PcidCredentials {
     /// Writes a new credentials file, readable by its owner only; an existing file is left
     /// alone (refused).
-    pub fn write_new(&self, path: &Path) -> Result<(), DeviceError> {
+    pub fn write_new(&self, path: &Path) -> Result<(), CliError> {
         use std::io::Write;
         use std::os::unix::fs::OpenOptionsExt;
         let text = zeroize::Zeroizing::new(serde_json::to_string(self).map_err(fail)?);
@@ -167,7 +78,7 @@ impl PcidCredentials {
     }
 
     /// Reads and checks a credentials file (never echoes its secrets).
-    pub fn read(path: &Path) -> Result<Self, DeviceError> {
+    pub fn read(path: &Path) -> Result<Self, CliError> {
         let text = zeroize::Zeroizing::new(
             std::fs::read_to_string(path).map_err(|e| fail(format!("{}: {e}", path.display())))?,
         );
@@ -186,10 +97,7 @@ impl PcidCredentials {
 }
 
 /// A client of the RO's ICF with the subscriber's certificate.
-pub async fn icf_client(
-    pki: &Path,
-    ro_url: &str,
-) -> Result<IcfServiceClient<Channel>, DeviceError> {
+pub async fn icf_client(pki: &Path, ro_url: &str) -> Result<IcfServiceClient<Channel>, CliError> {
     let ch = crate::net::role_channel(pki, Role::Subscriber, Role::Ro, ro_url).await?;
     Ok(IcfServiceClient::new(ch))
 }
@@ -199,7 +107,7 @@ pub async fn register_pcid(
     icf: &mut IcfServiceClient<Channel>,
     c: &PcidCredentials,
     delayed_activation: bool,
-) -> Result<(), DeviceError> {
+) -> Result<(), CliError> {
     let k = zeroize::Zeroizing::new(hex::decode(&c.k).map_err(fail)?);
     let opc = zeroize::Zeroizing::new(hex::decode(&c.opc).map_err(fail)?);
     icf.register_initial_credentials(ro::RegisterInitialCredentialsRequest {
@@ -218,7 +126,7 @@ pub async fn register_pcid(
 pub async fn activate_pcid(
     icf: &mut IcfServiceClient<Channel>,
     pcid: &str,
-) -> Result<(), DeviceError> {
+) -> Result<(), CliError> {
     icf.activate_pcid(ro::ActivatePcidRequest { pcid: pcid.into() })
         .await?;
     Ok(())
@@ -272,10 +180,7 @@ pub enum SubscriberCommand {
 }
 
 /// A client of the SHO with the subscriber's certificate.
-pub async fn sho_client(
-    pki: &Path,
-    sho_url: &str,
-) -> Result<ShoServiceClient<Channel>, DeviceError> {
+pub async fn sho_client(pki: &Path, sho_url: &str) -> Result<ShoServiceClient<Channel>, CliError> {
     let ch = crate::net::role_channel(pki, Role::Subscriber, Role::Sho, sho_url).await?;
     Ok(ShoServiceClient::new(ch))
 }
@@ -286,7 +191,7 @@ pub async fn register(
     device: &DeviceParameters,
     account: &str,
     require_aka_in_tre: bool,
-) -> Result<sho::CreateSubscriptionResponse, DeviceError> {
+) -> Result<sho::CreateSubscriptionResponse, CliError> {
     Ok(sho
         .create_subscription(device.subscription(account, require_aka_in_tre)?)
         .await?
@@ -305,7 +210,7 @@ pub fn registration_state(s: i32) -> String {
 }
 
 /// Runs `mcimctl subscriber ...`.
-pub fn run(cmd: SubscriberCommand) -> Result<(), DeviceError> {
+pub fn run(cmd: SubscriberCommand) -> Result<(), CliError> {
     runtime()?.block_on(async {
         match cmd {
             SubscriberCommand::Register {
@@ -378,38 +283,4 @@ pub fn run(cmd: SubscriberCommand) -> Result<(), DeviceError> {
         }
         Ok(())
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn params() -> DeviceParameters {
-        DeviceParameters {
-            device_id: "D-1".into(),
-            pcid: "001010000000001".into(),
-            model: "m".into(),
-            tre_kind: "tpm2".into(),
-            storage_public: "0102".into(),
-            platform_credential: vec!["30".into()],
-            aka_execution: "in_tre".into(),
-        }
-    }
-
-    #[test]
-    fn the_file_becomes_the_shos_request_and_bad_fields_are_refused() {
-        let r = params().subscription("acct", true).unwrap_or_default();
-        assert_eq!(r.storage_public, vec![1, 2]);
-        assert_eq!(r.platform_credential, vec![vec![0x30]]);
-        assert_eq!(r.tre_kind, common::TreKind::Tpm2 as i32);
-        assert!(r.require_aka_in_tre);
-        assert_eq!(r.device.map(|d| d.pcid), Some("001010000000001".into()));
-        let mut p = params();
-        p.tre_kind = "tpm1".into();
-        assert!(p.subscription("a", false).is_err());
-        let mut p = params();
-        p.storage_public = "zz".into();
-        assert!(p.subscription("a", false).is_err());
-        assert!(serde_json::from_str::<DeviceParameters>("{\"pcid\": \"1\"}").is_err());
-    }
 }

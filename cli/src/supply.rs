@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use clap::{Args, ValueEnum};
 use mcim_core::aka::{K, Opc};
 use mcim_core::package::{TreTarget, wrap_secrets};
+use mcim_pki::Role;
 use mcim_proto::mcim::common::v1 as common;
 use mcim_proto::mcim::pva::v1 as pva;
 use mcim_proto::mcim::pva::v1::pva_service_client::PvaServiceClient;
@@ -17,16 +18,12 @@ use mcim_proto::mcim::supplier::v1 as sup;
 use mcim_proto::mcim::supplier::v1::supplier_service_client::SupplierServiceClient;
 use mcim_proto::mcim::tre::v1 as pb;
 use mcim_proto::mcim::tre::v1::tre_service_client::TreServiceClient;
-use mcim_roles::authz::Role;
 use rand::Rng;
 use tonic::transport::Channel;
 
-use crate::device::{DeviceError, connect, runtime};
+use crate::error::{CliError, fail, runtime};
 use crate::subscriber::PcidCredentials;
-
-fn fail(what: impl std::fmt::Display) -> DeviceError {
-    DeviceError::Input(what.to_string())
-}
+use crate::tred::connect;
 
 /// The CCIF's configuration modes (5.1.3.4.1).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -75,7 +72,7 @@ pub async fn supply(
     identity: &common::DeviceIdentity,
     mode: CcifMode,
     ro_id: &str,
-) -> Result<Supplied, DeviceError> {
+) -> Result<Supplied, CliError> {
     let init = dev
         .init_device(pb::InitDeviceRequest {
             identity: Some(identity.clone()),
@@ -261,7 +258,7 @@ pub struct SupplyArgs {
 }
 
 /// Runs `mcimctl supplier supply`.
-pub fn run(a: SupplyArgs) -> Result<(), DeviceError> {
+pub fn run(a: SupplyArgs) -> Result<(), CliError> {
     if (a.ccif_mode == CcifMode::ViaSubscriber) != a.credentials_out.is_some() {
         return Err(fail(
             "--credentials-out is required with --ccif-mode 3, and only with it",

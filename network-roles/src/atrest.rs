@@ -10,7 +10,7 @@ use std::path::Path;
 use aes_kw::KwpAes256;
 use zeroize::Zeroizing;
 
-use crate::pki::PkiError;
+use mcim_pki::PkiError;
 
 /// A role's data key.
 pub struct DataKey(Zeroizing<[u8; 32]>);

@@ -4,72 +4,7 @@
 //! one. A caller is known by its mutual-TLS certificate (`Caller`); a device may only act for
 //! itself.
 
-use std::fmt;
-
-/// A role as its certificate names it (`urn:mcim:<role>:<name>`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Role {
-    /// The M2M equipment supplier and its CCIF (5.1.3.5.3, 5.1.3.4.1).
-    Supplier,
-    /// The Registration Operator: ICF, DRF, DPF (5.1.3.5.4).
-    Ro,
-    /// The Visited Network Operator (5.1.3.5.5).
-    Vno,
-    /// The Selected Home Operator (5.1.3.5.6).
-    Sho,
-    /// The Platform Validation Authority (5.1.3.5.8).
-    Pva,
-    /// An M2M equipment, by its TRE-held TLS key (5.1.3.5.1).
-    Device,
-    /// The M2ME subscriber / owner (5.1.3.5.2).
-    Subscriber,
-}
-
-impl Role {
-    /// The name in certificates.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Role::Supplier => "supplier",
-            Role::Ro => "ro",
-            Role::Vno => "vno",
-            Role::Sho => "sho",
-            Role::Pva => "pva",
-            Role::Device => "device",
-            Role::Subscriber => "subscriber",
-        }
-    }
-
-    /// Parses a certificate's role name.
-    pub fn parse(s: &str) -> Option<Role> {
-        ALL_ROLES.iter().copied().find(|r| r.as_str() == s)
-    }
-}
-
-impl fmt::Display for Role {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// Every role.
-pub const ALL_ROLES: [Role; 7] = [
-    Role::Supplier,
-    Role::Ro,
-    Role::Vno,
-    Role::Sho,
-    Role::Pva,
-    Role::Device,
-    Role::Subscriber,
-];
-
-/// An authenticated caller: its role and name (for a device, its PCID).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Caller {
-    /// The role.
-    pub role: Role,
-    /// The name in its certificate (an operator's id, a device's PCID).
-    pub name: String,
-}
+pub use mcim_pki::party::{ALL_ROLES, Caller, Role};
 
 /// One rule: an RPC, the roles that may call it, and whether a device caller must be the
 /// device the request is about.

@@ -6,8 +6,8 @@
 //!
 //! - [`authz`]: the one authorization table (annex x.3): who may call which RPC, a device only
 //!   for itself.
-//! - [`pki`]: a development CA and per-party certificates whose URI SAN is the identity the
-//!   table decides on; device certificates for the TLS key the device's TRE holds.
+//!   Who a party is (roles, the identity a certificate carries) and the development PKI
+//!   live in the `mcim-pki` crate, shared with the device, the CLI and the tests.
 //!
 //! - [`tls`]: mutual TLS (rustls via tonic) and `authorize`, which every handler calls first.
 //! - [`supplier`]: the equipment supplier certifying devices' attestation and TLS keys.
@@ -24,7 +24,6 @@ pub mod auc;
 pub mod authz;
 pub mod config;
 pub mod peers;
-pub mod pki;
 pub mod pva;
 pub mod ro;
 pub mod sho;

@@ -10,11 +10,7 @@ use tonic::transport::Endpoint;
 
 use crate::authz::Role;
 use crate::tls::client_tls;
-
-/// The server name a role's certificate carries (`<role>.mcim.local`).
-pub fn server_name(role: Role) -> String {
-    format!("{}.mcim.local", role.as_str())
-}
+use mcim_pki::party::server_name;
 
 /// A lazily connected channel from `me` to the `peer` role at `url` (`https://host:port`);
 /// its requests carry the caller's trace context.
@@ -35,7 +31,7 @@ pub fn channel(pki: &Path, me: Role, peer: Role, url: &str) -> Result<Channel, S
 /// The key a role signs statements with, from its certificate in the PKI directory (for
 /// checking the PVA's results and the SHO's packages).
 pub fn role_verifying_key(pki: &Path, role: Role) -> Result<p256::ecdsa::VerifyingKey, Status> {
-    crate::pki::certificate_key(pki, role.as_str()).map_err(|e| Status::internal(e.to_string()))
+    mcim_pki::dev::certificate_key(pki, role.as_str()).map_err(|e| Status::internal(e.to_string()))
 }
 
 /// Channels to peers of one role whose addresses arrive at run time (an SHO's URL from a

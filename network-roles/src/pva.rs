@@ -22,7 +22,6 @@ use serde::{Deserialize, Serialize};
 use sqlx::SqlitePool;
 use tonic::{Request, Response, Status};
 
-use crate::pki;
 use crate::store::{Changes, db_err};
 use crate::tls::{authorize, authorize_for, authorize_self};
 
@@ -68,8 +67,8 @@ impl std::fmt::Debug for Pva {
 
 impl Pva {
     /// A PVA that signs results with its role key in `pki` (`pva.key`).
-    pub fn new(pki: PathBuf, db: SqlitePool) -> Result<Self, pki::PkiError> {
-        let key = pki::signing_key(&pki, "pva")?;
+    pub fn new(pki: PathBuf, db: SqlitePool) -> Result<Self, mcim_pki::PkiError> {
+        let key = mcim_pki::dev::signing_key(&pki, "pva")?;
         Ok(Self {
             pki,
             key,
@@ -123,7 +122,7 @@ impl Pva {
     fn judge(
         &self,
         v: &Validation,
-        cred: Result<pki::PlatformCredential, pki::PkiError>,
+        cred: Result<mcim_pki::party::PlatformCredential, mcim_pki::PkiError>,
         reference: Option<&Reference>,
         ev: &common::Evidence,
     ) -> Result<Option<ClockInfo>, String> {
@@ -362,7 +361,7 @@ impl PvaService for Pva {
             .evidence
             .ok_or_else(|| Status::invalid_argument("evidence is required"))?;
         // The credential is verified once; its model picks the reference values.
-        let cred = pki::verify_platform_credential(&self.pki, &ev.platform_credential);
+        let cred = mcim_pki::dev::verify_platform_credential(&self.pki, &ev.platform_credential);
         let reference = match &cred {
             Ok(c) => self.reference(&c.model).await?,
             Err(_) => None,
@@ -457,7 +456,7 @@ mod tests {
     #[tokio::test]
     async fn a_device_clock_never_goes_backwards() {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-        pki::init(dir.path(), &[(crate::authz::Role::Pva, "pva.mcim.local")])
+        mcim_pki::dev::init(dir.path(), &[(crate::authz::Role::Pva, "pva.mcim.local")])
             .unwrap_or_else(|e| panic!("{e}"));
         let db = crate::store::open("sqlite::memory:")
             .await

@@ -100,9 +100,9 @@ impl Sho {
         {
             return Err(Status::invalid_argument("the SHO's PLMN is 5 or 6 digits"));
         }
-        let key = crate::pki::signing_key(&pki, "sho").map_err(|e| internal(&e))?;
-        let cert = crate::pki::ca_der(&pki, "sho").map_err(|e| internal(&e))?;
-        let id = crate::pki::caller_from_cert(&cert)
+        let key = mcim_pki::dev::signing_key(&pki, "sho").map_err(|e| internal(&e))?;
+        let cert = mcim_pki::dev::ca_der(&pki, "sho").map_err(|e| internal(&e))?;
+        let id = mcim_pki::party::caller_from_cert(&cert)
             .map_err(|e| internal(&e))?
             .name;
         let data_key = DataKey::load_or_create(&pki, "sho").map_err(|e| internal(&e))?;
@@ -413,7 +413,7 @@ impl ShoService for ShoApi {
             &mut rand::rng(),
         )
         .map_err(|e| Status::invalid_argument(format!("storage key: {e}")))?;
-        let cred = crate::pki::verify_platform_credential(&s.pki, &r.platform_credential)
+        let cred = mcim_pki::dev::verify_platform_credential(&s.pki, &r.platform_credential)
             .map_err(|e| Status::invalid_argument(format!("platform credential: {e}")))?;
         if cred.pcid != pcid.as_str() {
             return Err(Status::invalid_argument(

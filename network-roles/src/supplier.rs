@@ -18,7 +18,6 @@ use mcim_proto::mcim::supplier::v1 as pb;
 use mcim_proto::mcim::supplier::v1::supplier_service_server::SupplierService;
 use tonic::{Request, Response, Status};
 
-use crate::pki;
 use crate::tls::authorize;
 
 /// The supplier's service over its PKI directory (the supplier root signs).
@@ -47,7 +46,7 @@ impl Supplier {
     }
 }
 
-fn internal(e: pki::PkiError) -> Status {
+fn internal(e: mcim_pki::PkiError) -> Status {
     Status::internal(e.to_string())
 }
 
@@ -97,8 +96,8 @@ impl SupplierService for Supplier {
             .ok_or_else(|| Status::invalid_argument("identity is required"))?;
         let pcid = Pcid::new(identity.pcid).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let ak = attestation_point(r.tre_kind, &r.attestation_public)?;
-        let root = pki::ca_der(&self.pki, "supplier-root").map_err(internal)?;
-        let ak_cert = pki::issue_attestation_der(
+        let root = mcim_pki::dev::ca_der(&self.pki, "supplier-root").map_err(internal)?;
+        let ak_cert = mcim_pki::dev::issue_attestation_der(
             &self.pki,
             pcid.as_str(),
             &identity.model,
@@ -106,7 +105,7 @@ impl SupplierService for Supplier {
             &r.storage_public,
         )
         .map_err(internal)?;
-        let tls_cert = pki::issue_device_der(
+        let tls_cert = mcim_pki::dev::issue_device_der(
             &self.pki,
             "supplier-root",
             pcid.as_str(),
@@ -220,7 +219,7 @@ impl SupplierService for Supplier {
             None,
         )?;
         Ok(Response::new(pb::GetSupplierRootResponse {
-            certificate: pki::ca_der(&self.pki, "supplier-root").map_err(internal)?,
+            certificate: mcim_pki::dev::ca_der(&self.pki, "supplier-root").map_err(internal)?,
         }))
     }
 }

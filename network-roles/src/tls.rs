@@ -9,19 +9,12 @@ use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
 use tonic::{Request, Status};
 
 use crate::authz::{self, Caller, Role};
-use crate::pki::{self, PkiError};
-
-fn read(path: &Path) -> Result<Vec<u8>, PkiError> {
-    std::fs::read(path).map_err(|e| PkiError::File {
-        path: path.to_path_buf(),
-        detail: e.to_string(),
-    })
-}
+use mcim_pki::{PkiError, dev};
 
 /// The roots a role accepts client certificates from: the lab CA and the supplier root.
 fn client_roots(pki: &Path) -> Result<Certificate, PkiError> {
-    let mut roots = read(&pki.join("ca.pem"))?;
-    if let Ok(supplier) = read(&pki.join("supplier-root.pem")) {
+    let mut roots = dev::ca_pem(pki)?;
+    if let Ok(supplier) = dev::supplier_root_pem(pki) {
         roots.extend_from_slice(&supplier);
     }
     Ok(Certificate::from_pem(roots))
@@ -29,8 +22,7 @@ fn client_roots(pki: &Path) -> Result<Certificate, PkiError> {
 
 /// Server side: `role`'s identity, client certificates required.
 pub fn server_tls(pki: &Path, role: Role) -> Result<ServerTlsConfig, PkiError> {
-    let cert = read(&pki.join(format!("{}.pem", role.as_str())))?;
-    let key = read(&pki.join(format!("{}.key", role.as_str())))?;
+    let (cert, key) = dev::party_pem(pki, role)?;
     Ok(ServerTlsConfig::new()
         .identity(Identity::from_pem(cert, key))
         .client_ca_root(client_roots(pki)?))
@@ -38,10 +30,9 @@ pub fn server_tls(pki: &Path, role: Role) -> Result<ServerTlsConfig, PkiError> {
 
 /// Client side: present `role`'s certificate, trust the lab CA, expect `server_name`.
 pub fn client_tls(pki: &Path, role: Role, server_name: &str) -> Result<ClientTlsConfig, PkiError> {
-    let cert = read(&pki.join(format!("{}.pem", role.as_str())))?;
-    let key = read(&pki.join(format!("{}.key", role.as_str())))?;
+    let (cert, key) = dev::party_pem(pki, role)?;
     Ok(ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(read(&pki.join("ca.pem"))?))
+        .ca_certificate(Certificate::from_pem(dev::ca_pem(pki)?))
         .identity(Identity::from_pem(cert, key))
         .domain_name(server_name))
 }
@@ -72,7 +63,7 @@ fn peer<T>(req: &Request<T>) -> Result<Caller, Status> {
     let leaf = certs
         .first()
         .ok_or_else(|| Status::unauthenticated("no client certificate"))?;
-    pki::caller_from_cert(leaf).map_err(|e| Status::unauthenticated(e.to_string()))
+    mcim_pki::party::caller_from_cert(leaf).map_err(|e| Status::unauthenticated(e.to_string()))
 }
 
 /// Who is calling, and whether the table lets them call `method` (for `device`, when the

@@ -785,7 +785,7 @@ fn pki_certifies_roles_and_the_device_tls_key() {
     let pem = std::fs::read(&cert).unwrap();
     use rustls::pki_types::pem::PemObject;
     let der = rustls::pki_types::CertificateDer::from_pem_slice(&pem).unwrap();
-    let caller = mcim_roles::pki::caller_from_cert(&der).unwrap();
+    let caller = mcim_pki::party::caller_from_cert(&der).unwrap();
     assert_eq!(caller.role, mcim_roles::authz::Role::Device);
     assert_eq!(caller.name, "001010000000099");
     // The certificate carries exactly the key the TPM holds.

@@ -33,7 +33,7 @@ fn spki() -> Vec<u8> {
 }
 
 fn result(pki: &std::path::Path, pcid: &str, expires_at: u64) -> common::SignedValidationResult {
-    let key = mcim_roles::pki::signing_key(pki, "pva").unwrap();
+    let key = mcim_pki::dev::signing_key(pki, "pva").unwrap();
     common::SignedValidationResult {
         cose_sign1: mcim_core::validation::sign(
             &key,
@@ -130,7 +130,7 @@ async fn the_dpf_refuses_stale_or_foreign_results_and_wrong_callers_and_queues_n
     assert_eq!(foreign.code(), Code::FailedPrecondition, "{foreign:?}");
     // A result not signed by the PVA (the SHO's own key).
     let forged = {
-        let key = mcim_roles::pki::signing_key(&pki, "sho").unwrap();
+        let key = mcim_pki::dev::signing_key(&pki, "sho").unwrap();
         let mut r = result(&pki, pcid, now() + 60);
         r.cose_sign1 = mcim_core::validation::sign(
             &key,

@@ -182,7 +182,7 @@ async fn evidence_and_an_install_done_before_a_restart_do_not_stop_the_device() 
         .package
         .unwrap()
         .cose_sign1;
-    let sho_key = mcim_roles::pki::certificate_key(&roles.pki, "sho").unwrap();
+    let sho_key = mcim_pki::dev::certificate_key(&roles.pki, "sho").unwrap();
     let p = mcim_core::package::open(
         &package,
         &sho_key,

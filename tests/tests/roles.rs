@@ -101,7 +101,7 @@ async fn supplier_certifies_a_real_device_and_the_table_decides_who_may_ask() {
         "the chain ends at the supplier root"
     );
     // The TLS certificate names the device and carries the key its TPM holds.
-    let caller = mcim_roles::pki::caller_from_cert(&r.tls_certificate[0]).unwrap();
+    let caller = mcim_pki::party::caller_from_cert(&r.tls_certificate[0]).unwrap();
     assert_eq!(
         (caller.role, caller.name.as_str()),
         (Role::Device, "001010000000123")

@@ -5,6 +5,8 @@
 
 use std::sync::Arc;
 
+use mcim_pki::Role;
+use mcim_pki::party::identity_uri;
 use mcim_telemetry::Channel;
 use tonic::transport::Endpoint;
 
@@ -51,7 +53,7 @@ pub fn channel(
 pub fn verify_party(
     ca_pem: &[u8],
     cert_der: &[u8],
-    role: &str,
+    role: Role,
     name: &str,
 ) -> Result<p256::ecdsa::VerifyingKey, String> {
     use rustls::pki_types::CertificateDer;
@@ -71,7 +73,7 @@ pub fn verify_party(
     if !cert.validity().is_valid() {
         return Err(format!("the {role} certificate is not valid now"));
     }
-    let want = format!("urn:mcim:{role}:{name}");
+    let want = identity_uri(role, name);
     let named = cert
         .subject_alternative_name()
         .ok()

@@ -12,12 +12,11 @@ use clap::ValueEnum;
 use mcim_core::aka::{K, Opc};
 use mcim_core::package::{self, McimPackagePayload, McimPolicy, TreTarget, UsimData};
 use rand::Rng;
-use sqlx::sqlite::{SqliteConnectOptions, SqlitePool};
 
-use crate::device::DeviceError;
+use crate::error::CliError;
 
-fn fail(what: impl std::fmt::Display) -> DeviceError {
-    DeviceError::Input(format!("compromised DPF: {what}"))
+fn fail(what: impl std::fmt::Display) -> CliError {
+    CliError::Input(format!("compromised DPF: {what}"))
 }
 
 /// What the compromised DPF serves instead of the SHO's package.
@@ -43,10 +42,10 @@ pub fn forge(
     sho_plmn: &str,
     target: TreTarget,
     storage_public: &[u8],
-) -> Result<Vec<u8>, DeviceError> {
-    let key = mcim_roles::pki::signing_key(pki, "sho").map_err(fail)?;
-    let cert = mcim_roles::pki::ca_der(pki, "sho").map_err(fail)?;
-    let sho_id = mcim_roles::pki::caller_from_cert(&cert).map_err(fail)?.name;
+) -> Result<Vec<u8>, CliError> {
+    let key = mcim_pki::dev::signing_key(pki, "sho").map_err(fail)?;
+    let cert = mcim_pki::dev::ca_der(pki, "sho").map_err(fail)?;
+    let sho_id = mcim_pki::party::caller_from_cert(&cert).map_err(fail)?.name;
     let mut rng = rand::rng();
     let mut kb = zeroize::Zeroizing::new([0u8; 16]);
     let mut ob = zeroize::Zeroizing::new([0u8; 16]);
@@ -92,23 +91,27 @@ pub fn forge(
     package::seal(&key, &payload, &cert).map_err(fail)
 }
 
-/// Installs the swap in the roles' database `db`: whenever the DPF stores the package the SHO
-/// authorised (step 11), the stored package becomes `forged`.
-pub async fn install(db: &Path, forged: &[u8]) -> Result<(), DeviceError> {
-    let pool = SqlitePool::connect_with(SqliteConnectOptions::new().filename(db))
-        .await
-        .map_err(fail)?;
-    // The package is our own bytes, hex-encoded into a blob literal.
-    let sql = format!(
-        "CREATE TRIGGER lab_compromised_dpf AFTER UPDATE OF package ON ro_registration \
-         WHEN NEW.package IS NOT NULL \
-         BEGIN UPDATE ro_registration SET package = X'{}' WHERE id = NEW.id; END",
-        hex::encode(forged)
-    );
-    sqlx::query(sqlx::AssertSqlSafe(sql))
-        .execute(&pool)
-        .await
-        .map_err(fail)?;
-    pool.close().await;
+/// Installs the swap in the roles' database `db` with the test-support binary
+/// `mcim-lab-compromised-ro` (beside this `mcimctl`): whenever the DPF stores the package the
+/// SHO authorised (step 11), the stored package becomes `forged`.
+pub fn install(db: &Path, forged: &[u8], work: &Path) -> Result<(), CliError> {
+    let file = work.join("compromised-dpf.package");
+    std::fs::write(&file, forged).map_err(fail)?;
+    let out = std::process::Command::new(super::sibling("mcim-lab-compromised-ro"))
+        .arg("--db")
+        .arg(db)
+        .arg("--package")
+        .arg(&file)
+        .output()
+        .map_err(|e| {
+            fail(format!(
+                "mcim-lab-compromised-ro: {e} (build it with cargo build --bins)"
+            ))
+        })?;
+    if !out.status.success() {
+        return Err(fail(
+            String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        ));
+    }
     Ok(())
 }

@@ -21,6 +21,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use clap::{Args, Subcommand, ValueEnum};
+use mcim_pki::Role;
 use mcim_proto::mcim::common::v1 as common;
 use mcim_proto::mcim::pva::v1::pva_service_client::PvaServiceClient;
 use mcim_proto::mcim::sho::v1 as sho;
@@ -30,12 +31,12 @@ use mcim_proto::mcim::tre::v1 as pb;
 use mcim_proto::mcim::tre::v1::tre_service_client::TreServiceClient;
 use mcim_proto::mcim::vno::v1 as vno;
 use mcim_proto::mcim::vno::v1::vno_service_client::VnoServiceClient;
-use mcim_roles::authz::Role;
 use rand::Rng;
 use serde_json::json;
 use tonic::transport::Channel;
 
-use crate::device::{DeviceError, connect, runtime};
+use crate::error::{CliError, fail, runtime};
+use crate::tred::connect;
 
 mod compromised_dpf;
 mod crash;
@@ -175,12 +176,8 @@ impl Drop for Proc {
     }
 }
 
-fn fail(what: impl std::fmt::Display) -> DeviceError {
-    DeviceError::Input(what.to_string())
-}
-
 /// `n` consecutive free ports on 127.0.0.1.
-fn free_ports(n: u16) -> Result<u16, DeviceError> {
+fn free_ports(n: u16) -> Result<u16, CliError> {
     for _ in 0..100 {
         let a = TcpListener::bind("127.0.0.1:0").map_err(fail)?;
         let p = a.local_addr().map_err(fail)?.port();
@@ -198,8 +195,8 @@ fn free_ports(n: u16) -> Result<u16, DeviceError> {
 fn start_on_free_ports(
     n: u16,
     what: &str,
-    mut start: impl FnMut(u16) -> Result<Proc, DeviceError>,
-) -> Result<(Proc, u16), DeviceError> {
+    mut start: impl FnMut(u16) -> Result<Proc, CliError>,
+) -> Result<(Proc, u16), CliError> {
     for _attempt in 0..5 {
         let base = free_ports(n)?;
         let mut p = start(base)?;
@@ -222,7 +219,7 @@ fn start_on_free_ports(
     )))
 }
 
-fn wait_until(what: &str, mut ready: impl FnMut() -> bool) -> Result<(), DeviceError> {
+fn wait_until(what: &str, mut ready: impl FnMut() -> bool) -> Result<(), CliError> {
     let deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < deadline {
         if ready() {
@@ -255,7 +252,7 @@ impl Say {
     }
 }
 
-fn spawn(cmd: &mut Command, what: &str, log: &Path) -> Result<Proc, DeviceError> {
+fn spawn(cmd: &mut Command, what: &str, log: &Path) -> Result<Proc, CliError> {
     let log = std::fs::File::create(log).map_err(fail)?;
     cmd.stdout(Stdio::null())
         .stderr(log)
@@ -274,7 +271,7 @@ async fn restart_tred(
     tred: &mut Command,
     socket: &Path,
     log: &Path,
-) -> Result<(Proc, TreServiceClient<Channel>), DeviceError> {
+) -> Result<(Proc, TreServiceClient<Channel>), CliError> {
     let _ = std::fs::remove_file(socket);
     let p = spawn(tred, "tred", log)?;
     wait_until("tred", || {
@@ -283,12 +280,12 @@ async fn restart_tred(
     Ok((p, connect(socket).await?))
 }
 
-async fn role_client(pki: &Path, me: Role, peer: Role, port: u16) -> Result<Channel, DeviceError> {
+async fn role_client(pki: &Path, me: Role, peer: Role, port: u16) -> Result<Channel, CliError> {
     crate::net::role_channel(pki, me, peer, &format!("https://127.0.0.1:{port}")).await
 }
 
 /// Runs `mcimctl lab ...`.
-pub fn run(cmd: LabCommand) -> Result<(), DeviceError> {
+pub fn run(cmd: LabCommand) -> Result<(), CliError> {
     let LabCommand::Run(a) = cmd;
     let tmp;
     let dir: PathBuf = match &a.dir {
@@ -328,7 +325,7 @@ pub fn run(cmd: LabCommand) -> Result<(), DeviceError> {
     }
 }
 
-type LabResult = Result<serde_json::Value, (serde_json::Value, DeviceError)>;
+type LabResult = Result<serde_json::Value, (serde_json::Value, CliError)>;
 
 fn lab(a: &RunArgs, dir: &Path, say: &Say) -> LabResult {
     let mut report = json!({
@@ -355,7 +352,7 @@ fn lab_inner(
     dir: &Path,
     say: &Say,
     report: &mut serde_json::Value,
-) -> Result<(), DeviceError> {
+) -> Result<(), CliError> {
     if let Some(c) = a.crash
         && a.access == AccessChoice::Non3gpp
         && c.after_step < 5
@@ -371,10 +368,10 @@ fn lab_inner(
         return Err(fail("--extend-pcr-after-supply needs --tre tpm"));
     }
     let pki = dir.join("pki");
-    mcim_roles::pki::init(&pki, &mcim_roles::pki::LAB_PARTIES).map_err(fail)?;
+    mcim_pki::dev::init(&pki, &mcim_pki::dev::LAB_PARTIES).map_err(fail)?;
 
     // The network: every role in one process, the binary operators deploy.
-    let start_roles_at = |base: u16, log: &str| -> Result<Proc, DeviceError> {
+    let start_roles_at = |base: u16, log: &str| -> Result<Proc, CliError> {
         spawn(
             Command::new(sibling("mcim-roles"))
                 .args(["all", "--pki"])
@@ -392,7 +389,7 @@ fn lab_inner(
         start_on_free_ports(5, "mcim-roles", |base| start_roles_at(base, "roles.log"))?;
     let (sup_p, ro_p, vno_p, sho_p, pva_p) = (base, base + 1, base + 2, base + 3, base + 4);
     // After a crash: the same ports (tred knows them), which were ours.
-    let start_roles = |log: &str| -> Result<Proc, DeviceError> {
+    let start_roles = |log: &str| -> Result<Proc, CliError> {
         let p = start_roles_at(base, log)?;
         wait_until("mcim-roles", || {
             (0..5).all(|i| std::net::TcpStream::connect(("127.0.0.1", base + i)).is_ok())
@@ -568,7 +565,7 @@ fn lab_inner(
                 supplied.target,
                 &supplied.storage_public,
             )?;
-            compromised_dpf::install(&dir.join("roles.db"), &forged).await?;
+            compromised_dpf::install(&dir.join("roles.db"), &forged, dir)?;
             say.line(&format!(
                 "[lab] the RO is compromised: its DPF will serve {}",
                 match what {
@@ -582,7 +579,7 @@ fn lab_inner(
         // 2. The owner exports the device's parameters; the subscriber contracts with the
         // SHO with them (5.1.3.5.2), as `mcimctl device parameters` and `mcimctl subscriber
         // register` do.
-        let params = crate::subscriber::DeviceParameters::from_pb(
+        let params = crate::parameters::DeviceParameters::from_pb(
             dev.get_device_parameters(pb::GetDeviceParametersRequest {})
                 .await?
                 .into_inner(),
@@ -663,7 +660,7 @@ fn lab_inner(
             if s.ok {
                 reported.push(s.step);
             }
-            say.line(&crate::device::step_line(&s));
+            say.line(&crate::tred::step_line(&s));
             if let Some(list) = report["steps"].as_array_mut() {
                 list.push(json!({"step": s.step, "name": s.name, "ok": s.ok, "detail": s.detail}));
             }
@@ -840,12 +837,12 @@ fn lab_inner(
             .await?
             .into_inner();
         if !v.ok {
-            return Err(DeviceError::AuditBroken(v.detail));
+            return Err(CliError::AuditBroken(v.detail));
         }
         say.line(&format!("[lab] audit record: {}", v.detail));
         report["audit"] = json!({"ok": true, "entries": v.entries});
         report["provisioning_ms"] = json!(provisioning_ms);
-        Ok::<(), DeviceError>(())
+        Ok::<(), CliError>(())
     })
 }
 
@@ -858,7 +855,7 @@ impl Drop for TempDir {
     }
 }
 
-fn tempdir() -> Result<TempDir, DeviceError> {
+fn tempdir() -> Result<TempDir, CliError> {
     let mut n = [0u8; 8];
     rand::rng().fill_bytes(&mut n);
     let p = std::env::temp_dir().join(format!("mcim-lab-{}", hex::encode(n)));

@@ -17,6 +17,8 @@ use std::time::Duration;
 
 use mcim_core::aka::{Autn, DeviceResponse, Rand};
 use mcim_core::lifecycle::{LifecycleOp, McimState};
+use mcim_pki::Role;
+use mcim_pki::party::server_name;
 use mcim_proto::mcim::common::v1 as common;
 use mcim_proto::mcim::pva::v1 as pva;
 use mcim_proto::mcim::pva::v1::pva_service_client::PvaServiceClient;
@@ -294,12 +296,12 @@ impl Provisioner {
             .map_err(|e| Stop::Fail(step, format!("the device's TLS configuration: {e}")))
     }
 
-    fn channel(&self, url: &str, role: &str, step: u32) -> Result<Channel, Stop> {
+    fn channel(&self, url: &str, role: Role, step: u32) -> Result<Channel, Stop> {
         let key = format!("{role} {url}");
         if let Some(c) = self.cached_channels().get(&key) {
             return Ok(c.clone());
         }
-        let c = crate::net::channel(self.tls(step)?, url, &format!("{role}.mcim.local"))
+        let c = crate::net::channel(self.tls(step)?, url, &server_name(role))
             .map_err(|e| Stop::Fail(step, e))?;
         self.cached_channels().insert(key, c.clone());
         Ok(c)
@@ -348,7 +350,7 @@ impl Provisioner {
             .vno_url
             .clone()
             .ok_or_else(|| Stop::Fail(1, "no vno_url configured".into()))?;
-        let mut vno = VnoServiceClient::new(self.channel(&url, "vno", 1)?);
+        let mut vno = VnoServiceClient::new(self.channel(&url, Role::Vno, 1)?);
         let a = vno
             .attach(vno::AttachRequest {
                 identity: identity.to_string(),
@@ -440,7 +442,7 @@ impl Provisioner {
             .map_err(|e| Stop::Fail(5, e.to_string()))?
             .unwrap_or_default();
         let url = self.net(5)?.ro_url.clone();
-        let r = DrfServiceClient::new(self.channel(&url, "ro", 5)?)
+        let r = DrfServiceClient::new(self.channel(&url, Role::Ro, 5)?)
             .register_device(ro::RegisterDeviceRequest {
                 pcid,
                 access: match run.access {
@@ -488,7 +490,7 @@ impl Provisioner {
             _ => return Ok(()),
         };
         let url = self.net(8)?.ro_url.clone();
-        let chan = self.channel(&url, "ro", 8)?;
+        let chan = self.channel(&url, Role::Ro, 8)?;
         let mut dpf = DpfServiceClient::new(chan);
         let mut stream = dpf
             .watch_device_tasks(ro::WatchDeviceTasksRequest { ack_seq })
@@ -551,7 +553,7 @@ impl Provisioner {
             restart_count: 0,
             safe: false,
         });
-        let mut pva_client = PvaServiceClient::new(self.channel(&a.pva_url, "pva", 9)?);
+        let mut pva_client = PvaServiceClient::new(self.channel(&a.pva_url, Role::Pva, 9)?);
         let v = pva_client
             .submit_evidence(pva::SubmitEvidenceRequest {
                 validation_id: a.validation_id.clone(),
@@ -641,7 +643,7 @@ impl Provisioner {
         // The initial connectivity is no longer needed.
         if let Some(grant_id) = grant
             && let Some(url) = self.net(14)?.vno_url.clone()
-            && let Ok(c) = self.channel(&url, "vno", 14)
+            && let Ok(c) = self.channel(&url, Role::Vno, 14)
         {
             let _ = VnoServiceClient::new(c)
                 .detach(vno::DetachRequest { grant_id })
@@ -655,7 +657,7 @@ impl Provisioner {
     async fn install(&self, registration: &Registration, package: &[u8]) -> Result<String, String> {
         let net = self.net.as_ref().ok_or("no network")?;
         let cert = mcim_core::signed::signer_certificate(package).map_err(|e| e.to_string())?;
-        let sho = crate::net::verify_party(&net.ca_pem, &cert, "sho", &registration.sho_id)?;
+        let sho = crate::net::verify_party(&net.ca_pem, &cert, Role::Sho, &registration.sho_id)?;
         let pcid = self
             .device
             .pcid()

@@ -1,44 +1,22 @@
-//! A development PKI for the roles' mutual TLS (issue 5: `mcimctl pki init`): one CA, and a
+//! A development PKI in a directory, for labs and tests (`mcimctl pki init`): one CA, and a
 //! certificate per party whose identity is a URI SAN `urn:mcim:<role>:<name>` (what
-//! [`caller_from_cert`] reads and the authorization table decides on), plus a DNS SAN for
-//! server-name checks. Devices get theirs for the public key their TRE holds.
+//! [`crate::party::caller_from_cert`] reads and the authorization table decides on), plus a
+//! DNS SAN for server-name checks. Devices get theirs for the public key their TRE holds.
 //!
-//! Files in the PKI directory: `ca.pem`, `ca.key`, and `<role>.pem` / `<role>.key` per party
+//! Files in the directory: `ca.pem`, `ca.key`, and `<role>.pem` / `<role>.key` per party
 //! (keys 0600); `supplier-root.pem` / `.key`, the equipment supplier's root that certifies
-//! devices' attestation and TLS keys (5.1.3.5.8, PfC (1)). Roles trust both roots for client
-//! certificates. A production deployment brings its own CAs; these are for labs and tests.
+//! devices' attestation and TLS keys (5.1.3.5.8, PfC (1)). A production deployment brings
+//! its own CAs.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
     Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
 
-use crate::authz::{Caller, Role};
-
-/// What can go wrong.
-#[derive(Debug, thiserror::Error)]
-pub enum PkiError {
-    /// A file.
-    #[error("{path}: {detail}")]
-    File {
-        /// the file
-        path: PathBuf,
-        /// why
-        detail: String,
-    },
-    /// Certificate building or parsing.
-    #[error("certificate: {0}")]
-    Cert(String),
-    /// A certificate that names no mcim identity.
-    #[error("the certificate names no mcim identity (urn:mcim:<role>:<name>)")]
-    NoIdentity,
-}
-
-fn cert_err(e: impl std::fmt::Display) -> PkiError {
-    PkiError::Cert(e.to_string())
-}
+use crate::party::{PlatformCredential, Role, identity_uri, storage_key_uri};
+use crate::{PkiError, cert_err};
 
 fn read(path: &Path) -> Result<String, PkiError> {
     std::fs::read_to_string(path).map_err(|e| PkiError::File {
@@ -74,11 +52,6 @@ pub const LAB_PARTIES: [(Role, &str); 6] = [
     (Role::Pva, "pva.mcim.local"),
     (Role::Subscriber, "subscriber.mcim.local"),
 ];
-
-/// The identity URI of a party.
-pub fn identity_uri(role: Role, name: &str) -> String {
-    format!("urn:mcim:{}:{name}", role.as_str())
-}
 
 /// Creates the CA if missing, then a key and certificate for every party that has none.
 /// Existing files are kept (idempotent). Returns the parties created.
@@ -261,45 +234,55 @@ pub fn issue_attestation_der(
     Ok(cert.der().to_vec())
 }
 
-/// The URI a platform credential names the TRE's storage key by:
-/// `urn:mcim:storage-key:sha256:<hex of SHA-256 of its public area or SPKI>`.
-pub fn storage_key_uri(storage_public: &[u8]) -> String {
-    use sha2::Digest;
-    format!(
-        "{STORAGE_KEY_URN}{}",
-        hex::encode(sha2::Sha256::digest(storage_public))
-    )
+/// A role's private key (`<role>.key`) as a P-256 signing key (the PVA signs results with it).
+pub fn signing_key(dir: &Path, file: &str) -> Result<p256::ecdsa::SigningKey, PkiError> {
+    use p256::pkcs8::DecodePrivateKey;
+    let kp = KeyPair::from_pem(&read(&dir.join(format!("{file}.key")))?).map_err(cert_err)?;
+    let der = zeroize::Zeroizing::new(kp.serialize_der());
+    p256::ecdsa::SigningKey::from_pkcs8_der(&der).map_err(cert_err)
 }
 
-const STORAGE_KEY_URN: &str = "urn:mcim:storage-key:sha256:";
+/// The P-256 public key in the certificate `<file>.pem` (a role's statement-signing key: the
+/// PVA's results, the SHO's packages).
+pub fn certificate_key(dir: &Path, file: &str) -> Result<p256::ecdsa::VerifyingKey, PkiError> {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let der = ca_der(dir, file)?;
+    let (_, cert) = X509Certificate::from_der(&der).map_err(cert_err)?;
+    p256::ecdsa::VerifyingKey::from_sec1_bytes(&cert.public_key().subject_public_key.data)
+        .map_err(|_| PkiError::Cert(format!("{file}.pem: not a P-256 key")))
+}
 
-/// The caller a (verified) peer certificate names: its `urn:mcim:<role>:<name>` URI SAN.
-pub fn caller_from_cert(der: &[u8]) -> Result<Caller, PkiError> {
-    use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
-    let (_, cert) = X509Certificate::from_der(der).map_err(cert_err)?;
-    let san = cert
-        .subject_alternative_name()
-        .map_err(cert_err)?
-        .ok_or(PkiError::NoIdentity)?;
-    for name in &san.value.general_names {
-        if let GeneralName::URI(uri) = name
-            && let Some(rest) = uri.strip_prefix("urn:mcim:")
-            && let Some((role, who)) = rest.split_once(':')
-            && let Some(role) = Role::parse(role)
-            && !who.is_empty()
-        {
-            return Ok(Caller {
-                role,
-                name: who.to_string(),
-            });
-        }
-    }
-    Err(PkiError::NoIdentity)
+/// [`crate::party::verify_platform_credential`] against the supplier root in `dir`.
+pub fn verify_platform_credential(
+    dir: &Path,
+    chain: &[Vec<u8>],
+) -> Result<PlatformCredential, PkiError> {
+    crate::party::verify_platform_credential(&ca_der(dir, "supplier-root")?, chain)
+}
+
+/// A party's certificate and key, PEM (`<role>.pem`, `<role>.key`).
+pub fn party_pem(dir: &Path, role: Role) -> Result<(Vec<u8>, Vec<u8>), PkiError> {
+    Ok((
+        read(&dir.join(format!("{}.pem", role.as_str())))?.into_bytes(),
+        read(&dir.join(format!("{}.key", role.as_str())))?.into_bytes(),
+    ))
+}
+
+/// The equipment supplier's root, PEM (`supplier-root.pem`).
+pub fn supplier_root_pem(dir: &Path) -> Result<Vec<u8>, PkiError> {
+    Ok(read(&dir.join("supplier-root.pem"))?.into_bytes())
+}
+
+/// The development CA that issues the roles' certificates, PEM (`ca.pem`).
+pub fn ca_pem(dir: &Path) -> Result<Vec<u8>, PkiError> {
+    Ok(read(&dir.join("ca.pem"))?.into_bytes())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::Caller;
+    use crate::party::caller_from_cert;
 
     #[test]
     fn init_is_idempotent_and_certificates_name_their_party() {
@@ -340,102 +323,4 @@ mod tests {
             Err(PkiError::NoIdentity)
         ));
     }
-}
-
-/// What a verified platform credential says.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PlatformCredential {
-    /// The device's PCID.
-    pub pcid: String,
-    /// Its model.
-    pub model: String,
-    /// The attestation key's uncompressed P-256 point.
-    pub ak_point: [u8; 65],
-    /// The storage key the supplier certified ([`storage_key_uri`]), when the credential
-    /// names one.
-    pub storage_key_uri: Option<String>,
-}
-
-impl PlatformCredential {
-    /// Whether `storage_public` is the storage key this credential certifies.
-    pub fn certifies_storage_key(&self, storage_public: &[u8]) -> bool {
-        self.storage_key_uri.as_deref() == Some(storage_key_uri(storage_public).as_str())
-    }
-}
-
-/// Checks a platform credential (AK certificate first) against the supplier root in `dir`:
-/// the signature, and that it names a device and a model.
-pub fn verify_platform_credential(
-    dir: &Path,
-    chain: &[Vec<u8>],
-) -> Result<PlatformCredential, PkiError> {
-    use x509_parser::prelude::{FromDer, X509Certificate};
-    let leaf_der = chain
-        .first()
-        .ok_or_else(|| PkiError::Cert("empty platform credential".into()))?;
-    let root_der = ca_der(dir, "supplier-root")?;
-    let (_, root) = X509Certificate::from_der(&root_der).map_err(cert_err)?;
-    let (_, leaf) = X509Certificate::from_der(leaf_der).map_err(cert_err)?;
-    leaf.verify_signature(Some(root.public_key()))
-        .map_err(|_| {
-            PkiError::Cert("the platform credential is not signed by the supplier root".into())
-        })?;
-    if !leaf.validity().is_valid() {
-        return Err(PkiError::Cert(
-            "the platform credential is not valid now".into(),
-        ));
-    }
-    let caller = caller_from_cert(leaf_der)?;
-    if caller.role != Role::Device {
-        return Err(PkiError::NoIdentity);
-    }
-    let model = leaf
-        .subject()
-        .iter_organizational_unit()
-        .next()
-        .and_then(|ou| ou.as_str().ok())
-        .ok_or_else(|| PkiError::Cert("the platform credential names no model".into()))?
-        .to_string();
-    let point: [u8; 65] = leaf
-        .public_key()
-        .subject_public_key
-        .data
-        .as_ref()
-        .try_into()
-        .map_err(|_| PkiError::Cert("the attestation key is not a P-256 point".into()))?;
-    let storage_key_uri = leaf
-        .subject_alternative_name()
-        .map_err(cert_err)?
-        .into_iter()
-        .flat_map(|san| san.value.general_names.iter())
-        .find_map(|n| match n {
-            x509_parser::prelude::GeneralName::URI(u) if u.starts_with(STORAGE_KEY_URN) => {
-                Some((*u).to_string())
-            }
-            _ => None,
-        });
-    Ok(PlatformCredential {
-        pcid: caller.name,
-        model,
-        ak_point: point,
-        storage_key_uri,
-    })
-}
-
-/// A role's private key (`<role>.key`) as a P-256 signing key (the PVA signs results with it).
-pub fn signing_key(dir: &Path, file: &str) -> Result<p256::ecdsa::SigningKey, PkiError> {
-    use p256::pkcs8::DecodePrivateKey;
-    let kp = KeyPair::from_pem(&read(&dir.join(format!("{file}.key")))?).map_err(cert_err)?;
-    let der = zeroize::Zeroizing::new(kp.serialize_der());
-    p256::ecdsa::SigningKey::from_pkcs8_der(&der).map_err(cert_err)
-}
-
-/// The P-256 public key in the certificate `<file>.pem` (a role's statement-signing key: the
-/// PVA's results, the SHO's packages).
-pub fn certificate_key(dir: &Path, file: &str) -> Result<p256::ecdsa::VerifyingKey, PkiError> {
-    use x509_parser::prelude::{FromDer, X509Certificate};
-    let der = ca_der(dir, file)?;
-    let (_, cert) = X509Certificate::from_der(&der).map_err(cert_err)?;
-    p256::ecdsa::VerifyingKey::from_sec1_bytes(&cert.public_key().subject_public_key.data)
-        .map_err(|_| PkiError::Cert(format!("{file}.pem: not a P-256 key")))
 }

@@ -1,0 +1,196 @@
+//! The parties on the wire (TR 33.812 5.1.3.5; annex x.3): roles, the identity a certificate
+//! carries, server names, certificate -> caller, platform credentials.
+
+use std::fmt;
+
+use crate::{PkiError, cert_err};
+
+/// A role as its certificate names it (`urn:mcim:<role>:<name>`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Role {
+    /// The M2M equipment supplier and its CCIF (5.1.3.5.3, 5.1.3.4.1).
+    Supplier,
+    /// The Registration Operator: ICF, DRF, DPF (5.1.3.5.4).
+    Ro,
+    /// The Visited Network Operator (5.1.3.5.5).
+    Vno,
+    /// The Selected Home Operator (5.1.3.5.6).
+    Sho,
+    /// The Platform Validation Authority (5.1.3.5.8).
+    Pva,
+    /// An M2M equipment, by its TRE-held TLS key (5.1.3.5.1).
+    Device,
+    /// The M2ME subscriber / owner (5.1.3.5.2).
+    Subscriber,
+}
+
+impl Role {
+    /// The name in certificates.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Supplier => "supplier",
+            Role::Ro => "ro",
+            Role::Vno => "vno",
+            Role::Sho => "sho",
+            Role::Pva => "pva",
+            Role::Device => "device",
+            Role::Subscriber => "subscriber",
+        }
+    }
+
+    /// Parses a certificate's role name.
+    pub fn parse(s: &str) -> Option<Role> {
+        ALL_ROLES.iter().copied().find(|r| r.as_str() == s)
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Every role.
+pub const ALL_ROLES: [Role; 7] = [
+    Role::Supplier,
+    Role::Ro,
+    Role::Vno,
+    Role::Sho,
+    Role::Pva,
+    Role::Device,
+    Role::Subscriber,
+];
+
+/// An authenticated caller: its role and name (for a device, its PCID).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Caller {
+    /// The role.
+    pub role: Role,
+    /// The name in its certificate (an operator's id, a device's PCID).
+    pub name: String,
+}
+
+/// The identity URI of a party.
+pub fn identity_uri(role: Role, name: &str) -> String {
+    format!("urn:mcim:{}:{name}", role.as_str())
+}
+
+/// The server name a role's certificate carries (`<role>.mcim.local`).
+pub fn server_name(role: Role) -> String {
+    format!("{}.mcim.local", role.as_str())
+}
+
+/// The URI a platform credential names the TRE's storage key by:
+/// `urn:mcim:storage-key:sha256:<hex of SHA-256 of its public area or SPKI>`.
+pub fn storage_key_uri(storage_public: &[u8]) -> String {
+    use sha2::Digest;
+    format!(
+        "{STORAGE_KEY_URN}{}",
+        hex::encode(sha2::Sha256::digest(storage_public))
+    )
+}
+
+const STORAGE_KEY_URN: &str = "urn:mcim:storage-key:sha256:";
+
+/// The caller a (verified) peer certificate names: its `urn:mcim:<role>:<name>` URI SAN.
+pub fn caller_from_cert(der: &[u8]) -> Result<Caller, PkiError> {
+    use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+    let (_, cert) = X509Certificate::from_der(der).map_err(cert_err)?;
+    let san = cert
+        .subject_alternative_name()
+        .map_err(cert_err)?
+        .ok_or(PkiError::NoIdentity)?;
+    for name in &san.value.general_names {
+        if let GeneralName::URI(uri) = name
+            && let Some(rest) = uri.strip_prefix("urn:mcim:")
+            && let Some((role, who)) = rest.split_once(':')
+            && let Some(role) = Role::parse(role)
+            && !who.is_empty()
+        {
+            return Ok(Caller {
+                role,
+                name: who.to_string(),
+            });
+        }
+    }
+    Err(PkiError::NoIdentity)
+}
+
+/// What a verified platform credential says.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PlatformCredential {
+    /// The device's PCID.
+    pub pcid: String,
+    /// Its model.
+    pub model: String,
+    /// The attestation key's uncompressed P-256 point.
+    pub ak_point: [u8; 65],
+    /// The storage key the supplier certified ([`storage_key_uri`]), when the credential
+    /// names one.
+    pub storage_key_uri: Option<String>,
+}
+
+impl PlatformCredential {
+    /// Whether `storage_public` is the storage key this credential certifies.
+    pub fn certifies_storage_key(&self, storage_public: &[u8]) -> bool {
+        self.storage_key_uri.as_deref() == Some(storage_key_uri(storage_public).as_str())
+    }
+}
+
+/// Checks a platform credential (AK certificate first) against the supplier root `root_der`:
+/// the signature, and that it names a device and a model.
+pub fn verify_platform_credential(
+    root_der: &[u8],
+    chain: &[Vec<u8>],
+) -> Result<PlatformCredential, PkiError> {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let leaf_der = chain
+        .first()
+        .ok_or_else(|| PkiError::Cert("empty platform credential".into()))?;
+    let (_, root) = X509Certificate::from_der(root_der).map_err(cert_err)?;
+    let (_, leaf) = X509Certificate::from_der(leaf_der).map_err(cert_err)?;
+    leaf.verify_signature(Some(root.public_key()))
+        .map_err(|_| {
+            PkiError::Cert("the platform credential is not signed by the supplier root".into())
+        })?;
+    if !leaf.validity().is_valid() {
+        return Err(PkiError::Cert(
+            "the platform credential is not valid now".into(),
+        ));
+    }
+    let caller = caller_from_cert(leaf_der)?;
+    if caller.role != Role::Device {
+        return Err(PkiError::NoIdentity);
+    }
+    let model = leaf
+        .subject()
+        .iter_organizational_unit()
+        .next()
+        .and_then(|ou| ou.as_str().ok())
+        .ok_or_else(|| PkiError::Cert("the platform credential names no model".into()))?
+        .to_string();
+    let point: [u8; 65] = leaf
+        .public_key()
+        .subject_public_key
+        .data
+        .as_ref()
+        .try_into()
+        .map_err(|_| PkiError::Cert("the attestation key is not a P-256 point".into()))?;
+    let storage_key_uri = leaf
+        .subject_alternative_name()
+        .map_err(cert_err)?
+        .into_iter()
+        .flat_map(|san| san.value.general_names.iter())
+        .find_map(|n| match n {
+            x509_parser::prelude::GeneralName::URI(u) if u.starts_with(STORAGE_KEY_URN) => {
+                Some((*u).to_string())
+            }
+            _ => None,
+        });
+    Ok(PlatformCredential {
+        pcid: caller.name,
+        model,
+        ak_point: point,
+        storage_key_uri,
+    })
+}
