@@ -564,6 +564,25 @@ impl Roles {
         self.connect(peer, tls).await
     }
 
+    /// A mutual-TLS channel to `peer` as another party of `role` named `name` (a second SHO,
+    /// another subscriber), certified by the same development CA as the lab's own.
+    pub async fn party_channel(
+        &self,
+        role: mcim_roles::authz::Role,
+        name: &str,
+        peer: mcim_roles::authz::Role,
+    ) -> tonic::transport::Channel {
+        use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+        let (cert, key) = mcim_pki::dev::issue_party(&self.pki, role, name).unwrap();
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(
+                mcim_pki::dev::ca_pem(&self.pki).unwrap(),
+            ))
+            .identity(Identity::from_pem(cert, key))
+            .domain_name(mcim_pki::party::server_name(peer));
+        self.connect(peer, tls).await
+    }
+
     async fn connect(
         &self,
         peer: mcim_roles::authz::Role,

@@ -4,12 +4,14 @@
 //! the Visited Network Operator, the Selected Home Operator and the Platform Validation
 //! Authority. Built so far:
 //!
-//! - [`authz`]: the one authorization table (annex x.3): who may call which RPC, a device only
-//!   for itself.
+//! - [`authz`]: the one authorization table (annex x.3): who may call which RPC, and whose
+//!   objects it touches (the caller's own device, the SHO's own registration, ...).
 //!   Who a party is (roles, the identity a certificate carries) and the development PKI
 //!   live in the `mcim-pki` crate, shared with the device, the CLI and the tests.
 //!
-//! - [`tls`]: mutual TLS (rustls via tonic) and `authorize`, which every handler calls first.
+//! - [`gate`]: the layer in front of every role's server that applies the table to each call
+//!   (caller from the certificate, rule from the method) before any handler runs.
+//! - [`tls`]: mutual TLS (rustls via tonic).
 //! - [`supplier`]: the equipment supplier certifying devices' attestation and TLS keys.
 //! - [`pva`]: the Platform Validation Authority (steps 8-10).
 //! - [`store`]: the roles' SQLite database (sqlx) and its migrations.
@@ -23,6 +25,7 @@ pub mod atrest;
 pub mod auc;
 pub mod authz;
 pub mod config;
+pub mod gate;
 pub mod peers;
 pub mod pva;
 pub mod ro;

@@ -319,7 +319,9 @@ async fn serve_role(
     let mut builder = tonic::transport::Server::builder()
         .trace_fn(mcim_telemetry::server_span)
         .tls_config(tls)
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| e.to_string())?
+        // The authorization table decides every call before any handler runs.
+        .layer(mcim_roles::gate::Gate);
     // gRPC health and reflection on every server (authenticated by mutual TLS like the rest).
     let (reporter, health) = tonic_health::server::health_reporter();
     let reflection = tonic_reflection::server::Builder::configure()

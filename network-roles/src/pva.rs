@@ -22,8 +22,8 @@ use serde::{Deserialize, Serialize};
 use sqlx::SqlitePool;
 use tonic::{Request, Response, Status};
 
+use crate::gate::authorized;
 use crate::store::{Changes, db_err};
-use crate::tls::{authorize, authorize_for, authorize_self};
 
 /// How long a signed validation result is good for.
 pub const RESULT_LIFETIME: Duration = Duration::from_secs(300);
@@ -271,11 +271,7 @@ impl PvaService for Pva {
         &self,
         req: Request<pb::RegisterReferenceValuesRequest>,
     ) -> Result<Response<pb::RegisterReferenceValuesResponse>, Status> {
-        authorize(
-            &req,
-            "/mcim.pva.v1.PvaService/RegisterReferenceValues",
-            None,
-        )?;
+        authorized(&req)?;
         let r = req.into_inner();
         if r.model.is_empty() {
             return Err(Status::invalid_argument("model is required"));
@@ -317,7 +313,7 @@ impl PvaService for Pva {
         &self,
         req: Request<pb::RequestValidationRequest>,
     ) -> Result<Response<pb::RequestValidationResponse>, Status> {
-        authorize(&req, "/mcim.pva.v1.PvaService/RequestValidation", None)?;
+        authorized(&req)?;
         let r = req.into_inner();
         mcim_core::identity::Pcid::new(r.pcid.clone())
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
@@ -347,10 +343,10 @@ impl PvaService for Pva {
         &self,
         req: Request<pb::SubmitEvidenceRequest>,
     ) -> Result<Response<pb::SubmitEvidenceResponse>, Status> {
-        let caller = authorize_self(&req, "/mcim.pva.v1.PvaService/SubmitEvidence")?;
+        let auth = authorized(&req)?;
         let id = req.get_ref().validation_id.clone();
         let v = self.validation(&id).await?;
-        authorize_for(&caller, "/mcim.pva.v1.PvaService/SubmitEvidence", &v.pcid)?;
+        auth.owns(&v.pcid)?;
         if v.verdict != pb::Verdict::Pending {
             return Err(Status::failed_precondition(
                 "this validation is already decided",
@@ -418,7 +414,7 @@ impl PvaService for Pva {
         &self,
         req: Request<pb::GetValidationResultRequest>,
     ) -> Result<Response<pb::GetValidationResultResponse>, Status> {
-        authorize(&req, "/mcim.pva.v1.PvaService/GetValidationResult", None)?;
+        authorized(&req)?;
         let id = &req.get_ref().validation_id;
         let deadline = tokio::time::Instant::now()
             + Duration::from_millis(u64::from(req.get_ref().wait_ms)).min(MAX_WAIT);

@@ -31,9 +31,9 @@ use tonic::{Code, Request, Response, Status};
 use crate::atrest::DataKey;
 use crate::auc::Auc;
 use crate::authz::Role;
+use crate::gate::authorized;
 use crate::peers::{self, role_verifying_key};
 use crate::store::{db_err, new_id, now};
-use crate::tls::{authorize, authorize_self};
 
 /// How long the SHO waits for a device's evidence before it gives the registration up.
 const VALIDATION_WAIT: Duration = Duration::from_secs(600);
@@ -388,7 +388,7 @@ impl ShoService for ShoApi {
         &self,
         req: Request<pb::CreateSubscriptionRequest>,
     ) -> Result<Response<pb::CreateSubscriptionResponse>, Status> {
-        authorize(&req, "/mcim.sho.v1.ShoService/CreateSubscription", None)?;
+        authorized(&req)?;
         let s = &self.0;
         let r = req.into_inner();
         if r.subscriber.is_empty() {
@@ -496,7 +496,7 @@ impl ShoService for ShoApi {
         &self,
         req: Request<pb::RegisterDeviceRequest>,
     ) -> Result<Response<pb::RegisterDeviceResponse>, Status> {
-        authorize(&req, "/mcim.sho.v1.ShoService/RegisterDevice", None)?;
+        authorized(&req)?;
         let s = &self.0;
         let r = req.into_inner();
         if r.registration_id.is_empty() || r.registration_nonce.len() < 16 {
@@ -562,7 +562,7 @@ impl ShoService for ShoApi {
         &self,
         req: Request<pb::GetRegistrationRequest>,
     ) -> Result<Response<pb::GetRegistrationResponse>, Status> {
-        authorize(&req, "/mcim.sho.v1.ShoService/GetRegistration", None)?;
+        authorized(&req)?;
         let row: Option<(i64, String, String)> = sqlx::query_as(
             "SELECT r.state, r.detail, s.imsi FROM sho_registration r \
              JOIN sho_subscription s ON s.pcid = r.pcid WHERE r.id = ?",
@@ -583,7 +583,7 @@ impl ShoService for ShoApi {
         &self,
         req: Request<pb::GetAuthVectorsRequest>,
     ) -> Result<Response<pb::GetAuthVectorsResponse>, Status> {
-        authorize(&req, "/mcim.sho.v1.ShoService/GetAuthVectors", None)?;
+        authorized(&req)?;
         let r = req.into_inner();
         // Only an MCIM the device reported installed serves (5.1.3.6.2 step 14).
         let live: Option<(String,)> = sqlx::query_as(
@@ -610,11 +610,7 @@ impl ShoService for ShoApi {
         &self,
         req: Request<pb::ReportProvisioningStatusRequest>,
     ) -> Result<Response<pb::ReportProvisioningStatusResponse>, Status> {
-        authorize(
-            &req,
-            "/mcim.sho.v1.ShoService/ReportProvisioningStatus",
-            None,
-        )?;
+        authorized(&req)?;
         let r = req.into_inner();
         let st = match common::ProvisioningStatus::try_from(r.status) {
             Ok(common::ProvisioningStatus::Installed) => St::Provisioned,
@@ -648,7 +644,7 @@ impl ShoService for ShoApi {
     ) -> Result<Response<pb::NotifyDiscardResponse>, Status> {
         // The device that discarded: known from the IMSI once change of SHO is built; until
         // then only the role is checked.
-        authorize_self(&req, "/mcim.sho.v1.ShoService/NotifyDiscard")?;
+        authorized(&req)?;
         Err(Status::unimplemented(
             "change of SHO (5.1.3.7.4.2) is not built yet",
         ))
@@ -658,7 +654,7 @@ impl ShoService for ShoApi {
         &self,
         req: Request<pb::ReceiveDiscardAckRequest>,
     ) -> Result<Response<pb::ReceiveDiscardAckResponse>, Status> {
-        authorize(&req, "/mcim.sho.v1.ShoService/ReceiveDiscardAck", None)?;
+        authorized(&req)?;
         Err(Status::unimplemented(
             "change of SHO (5.1.3.7.4.2) is not built yet",
         ))

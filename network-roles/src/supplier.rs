@@ -18,7 +18,7 @@ use mcim_proto::mcim::supplier::v1 as pb;
 use mcim_proto::mcim::supplier::v1::supplier_service_server::SupplierService;
 use tonic::{Request, Response, Status};
 
-use crate::tls::authorize;
+use crate::gate::authorized;
 
 /// The supplier's service over its PKI directory (the supplier root signs).
 #[derive(Debug, Clone)]
@@ -85,11 +85,7 @@ impl SupplierService for Supplier {
         &self,
         req: Request<pb::CertifyDeviceRequest>,
     ) -> Result<Response<pb::CertifyDeviceResponse>, Status> {
-        authorize(
-            &req,
-            "/mcim.supplier.v1.SupplierService/CertifyDevice",
-            None,
-        )?;
+        authorized(&req)?;
         let r = req.into_inner();
         let identity = r
             .identity
@@ -122,11 +118,7 @@ impl SupplierService for Supplier {
         &self,
         req: Request<pb::IssueConnectivityCredentialsRequest>,
     ) -> Result<Response<pb::IssueConnectivityCredentialsResponse>, Status> {
-        authorize(
-            &req,
-            "/mcim.supplier.v1.SupplierService/IssueConnectivityCredentials",
-            None,
-        )?;
+        authorized(&req)?;
         let r = req.into_inner();
         let aka_in_host = r.aka_execution() == common::AkaExecution::UnsealedInHost;
         let pcid = Pcid::new(r.pcid).map_err(|e| Status::invalid_argument(e.to_string()))?;
@@ -184,11 +176,7 @@ impl SupplierService for Supplier {
         &self,
         req: Request<pb::RecordConnectivityCredentialsRequest>,
     ) -> Result<Response<pb::RecordConnectivityCredentialsResponse>, Status> {
-        authorize(
-            &req,
-            "/mcim.supplier.v1.SupplierService/RecordConnectivityCredentials",
-            None,
-        )?;
+        authorized(&req)?;
         let r = req.into_inner();
         let pcid = Pcid::new(r.pcid).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let icf = self
@@ -213,11 +201,7 @@ impl SupplierService for Supplier {
         &self,
         req: Request<pb::GetSupplierRootRequest>,
     ) -> Result<Response<pb::GetSupplierRootResponse>, Status> {
-        authorize(
-            &req,
-            "/mcim.supplier.v1.SupplierService/GetSupplierRoot",
-            None,
-        )?;
+        authorized(&req)?;
         Ok(Response::new(pb::GetSupplierRootResponse {
             certificate: mcim_pki::dev::ca_der(&self.pki, "supplier-root").map_err(internal)?,
         }))

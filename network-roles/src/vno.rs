@@ -21,9 +21,9 @@ use subtle::ConstantTimeEq;
 use tonic::{Request, Response, Status};
 
 use crate::authz::Role;
+use crate::gate::authorized;
 use crate::peers;
 use crate::store::{db_err, new_id, now};
-use crate::tls::{authorize, authorize_for, authorize_self};
 
 /// How long a challenge waits for its answer.
 const CHALLENGE_SECS: i64 = 60;
@@ -164,7 +164,7 @@ impl VnoService for Vno {
         &self,
         req: Request<pb::AttachRequest>,
     ) -> Result<Response<pb::AttachResponse>, Status> {
-        let caller = authorize(&req, "/mcim.vno.v1.VnoService/Attach", None)?;
+        let caller = authorized(&req)?.caller;
         let identity = Imsi::new(req.into_inner().identity)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let identity = identity.as_str().to_string();
@@ -236,7 +236,7 @@ impl VnoService for Vno {
         &self,
         req: Request<pb::CompleteAttachRequest>,
     ) -> Result<Response<pb::CompleteAttachResponse>, Status> {
-        let caller = authorize_self(&req, "/mcim.vno.v1.VnoService/CompleteAttach")?;
+        let auth = authorized(&req)?;
         type Row = (String, String, i64, Vec<u8>, Vec<u8>, String);
         let row: Option<Row> = sqlx::query_as(
             "SELECT identity, caller, operational, rand, xres, state FROM vno_attach \
@@ -249,11 +249,7 @@ impl VnoService for Vno {
         .map_err(db_err)?;
         let (identity, attached_by, operational, rand, xres, state) =
             row.ok_or_else(|| Status::not_found("no such attach attempt (or it timed out)"))?;
-        authorize_for(
-            &caller,
-            "/mcim.vno.v1.VnoService/CompleteAttach",
-            &attached_by,
-        )?;
+        auth.owns(&attached_by)?;
         if state != "challenged" {
             return Err(Status::failed_precondition("already answered"));
         }
@@ -342,7 +338,7 @@ impl VnoService for Vno {
         &self,
         req: Request<pb::DetachRequest>,
     ) -> Result<Response<pb::DetachResponse>, Status> {
-        let caller = authorize_self(&req, "/mcim.vno.v1.VnoService/Detach")?;
+        let auth = authorized(&req)?;
         let row: Option<(String,)> =
             sqlx::query_as("SELECT caller FROM vno_attach WHERE grant_id = ?")
                 .bind(&req.get_ref().grant_id)
@@ -350,7 +346,7 @@ impl VnoService for Vno {
                 .await
                 .map_err(db_err)?;
         let (attached_by,) = row.ok_or_else(|| Status::not_found("no such grant"))?;
-        authorize_for(&caller, "/mcim.vno.v1.VnoService/Detach", &attached_by)?;
+        auth.owns(&attached_by)?;
         sqlx::query("DELETE FROM vno_attach WHERE grant_id = ?")
             .bind(&req.get_ref().grant_id)
             .execute(&self.db)

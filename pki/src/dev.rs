@@ -188,6 +188,16 @@ pub fn issue_software_device(dir: &Path, pcid: &str) -> Result<(String, String),
     Ok((cert.pem(), key.serialize_pem()))
 }
 
+/// A further party of `role` named `name` under the development CA (a second SHO, another
+/// subscriber): its certificate and private key, PEM. For tests of who owns what.
+pub fn issue_party(dir: &Path, role: Role, name: &str) -> Result<(String, String), PkiError> {
+    let key = KeyPair::generate().map_err(cert_err)?;
+    let cert = party_params(role, name)?
+        .signed_by(&key, &issuer(dir, "ca")?)
+        .map_err(cert_err)?;
+    Ok((cert.pem(), key.serialize_pem()))
+}
+
 /// A device certificate under the lab CA, as PEM (`mcimctl pki device`).
 pub fn issue_device(dir: &Path, pcid: &str, tls_spki: &[u8]) -> Result<String, PkiError> {
     Ok(device_cert(dir, "ca", pcid, tls_spki)?.pem())

@@ -14,7 +14,7 @@ use mcim_proto::mcim::ro::v1 as ro;
 use mcim_proto::mcim::ro::v1::icf_service_client::IcfServiceClient;
 use mcim_proto::mcim::vno::v1 as vno;
 use mcim_proto::mcim::vno::v1::vno_service_client::VnoServiceClient;
-use mcim_roles::authz::{ALL_ROLES, RULES, Role};
+use mcim_roles::authz::{ALL_ROLES, Owner, RULES, Role};
 use prost::Message;
 use tonic::transport::Channel;
 use tonic::{Code, Request, Status};
@@ -144,7 +144,7 @@ async fn every_edge_refuses_every_role_it_does_not_list_and_changes_nothing() {
             refused += 1;
         }
         // A device naming another device.
-        if rule.own_device && DEVICE_IN_FIELD_1.contains(&rule.method) {
+        if rule.owner == Owner::Device && DEVICE_IN_FIELD_1.contains(&rule.method) {
             let ch = chans.get(Role::Device, peer, ME).await;
             let got = probe(ch, rule.method, is_stream, OTHER).await;
             assert_eq!(
@@ -310,4 +310,307 @@ async fn one_attach_per_pcid_and_another_device_can_neither_answer_nor_end_it() 
     })
     .await
     .unwrap();
+}
+
+/// Every rule whose objects have an owner (a device's attempt, grant, registration or
+/// validation; an SHO's registration or subscription), called by the right role but a wrong
+/// owner (another device, a second SHO certified by the same CA), over mutual TLS against the
+/// real `mcim-roles all`: PERMISSION_DENIED, and the roles' database is unchanged. The test
+/// fails when the table gains an owned rule that has no wrong-owner case here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_owned_object_refuses_another_owner_and_changes_nothing() {
+    use mcim_proto::mcim::common::v1 as common;
+    use mcim_proto::mcim::pva::v1 as pva;
+    use mcim_proto::mcim::pva::v1::pva_service_client::PvaServiceClient;
+    use mcim_proto::mcim::ro::v1::dpf_service_client::DpfServiceClient;
+    use mcim_proto::mcim::ro::v1::drf_service_client::DrfServiceClient;
+    use mcim_proto::mcim::sho::v1 as sho;
+    use mcim_proto::mcim::sho::v1::sho_service_client::ShoServiceClient;
+    use mcim_proto::mcim::supplier::v1 as sup;
+    use mcim_proto::mcim::supplier::v1::supplier_service_client::SupplierServiceClient;
+    use p256::elliptic_curve::Generate;
+    use p256::pkcs8::EncodePublicKey;
+
+    let work = tempfile::tempdir().unwrap();
+    let roles = Roles::start(work.path());
+    let spki = || {
+        let k = p256::ecdsa::SigningKey::generate_from_rng(&mut rand::rng());
+        p256::ecdsa::VerifyingKey::from(&k)
+            .to_public_key_der()
+            .unwrap()
+            .as_bytes()
+            .to_vec()
+    };
+    // Device ME: certified, contracted, with initial credentials at the ICF.
+    let identity = common::DeviceIdentity {
+        device_id: "OWN-1".into(),
+        pcid: ME.into(),
+        model: "sw".into(),
+    };
+    let storage = spki();
+    let cert = SupplierServiceClient::new(roles.channel(Role::Supplier, Role::Supplier).await)
+        .certify_device(sup::CertifyDeviceRequest {
+            identity: Some(identity.clone()),
+            tre_kind: common::TreKind::Pkcs11 as i32,
+            storage_public: storage.clone(),
+            attestation_public: spki(),
+            tls_public_spki: spki(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    ShoServiceClient::new(roles.channel(Role::Subscriber, Role::Sho).await)
+        .create_subscription(sho::CreateSubscriptionRequest {
+            subscriber: "s".into(),
+            device: Some(identity),
+            tre_kind: common::TreKind::Pkcs11 as i32,
+            storage_public: storage,
+            platform_credential: cert.platform_credential,
+            require_aka_in_tre: false,
+        })
+        .await
+        .unwrap();
+    let (k, opc) = ([0x31; 16], [0x42; 16]);
+    IcfServiceClient::new(roles.channel(Role::Supplier, Role::Ro).await)
+        .register_initial_credentials(ro::RegisterInitialCredentialsRequest {
+            pcid: ME.into(),
+            k: k.to_vec(),
+            opc: opc.to_vec(),
+            mode: ro::CredentialMode::SupplierGenerated as i32,
+            expires_at: None,
+            delayed_activation: false,
+        })
+        .await
+        .unwrap();
+    // Its objects: an attach attempt, a registration at the SHO, the PVA's validation.
+    let mut me_vno = VnoServiceClient::new(roles.device_channel(ME, Role::Vno).await);
+    let attempt = me_vno
+        .attach(vno::AttachRequest {
+            identity: ME.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let me_ro = roles.device_channel(ME, Role::Ro).await;
+    let reg = DrfServiceClient::new(me_ro.clone())
+        .register_device(ro::RegisterDeviceRequest {
+            pcid: ME.into(),
+            access: common::AccessType::Non3gpp as i32,
+            grant_id: String::new(),
+            platform_credential: Vec::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut tasks = DpfServiceClient::new(me_ro)
+        .watch_device_tasks(ro::WatchDeviceTasksRequest { ack_seq: 0 })
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(ro::watch_device_tasks_response::Task::Attest(validation)) =
+        tasks.message().await.unwrap().unwrap().task
+    else {
+        panic!("the first task is the attestation");
+    };
+    drop(tasks);
+
+    // The wrong owners: another device, a second SHO.
+    let other_vno = VnoServiceClient::new(roles.device_channel(OTHER, Role::Vno).await);
+    let other_ro = roles.device_channel(OTHER, Role::Ro).await;
+    let other_pva = PvaServiceClient::new(roles.device_channel(OTHER, Role::Pva).await);
+    let sho2 = roles
+        .party_channel(Role::Sho, "sho2.mcim.local", Role::Ro)
+        .await;
+    let sho_id =
+        mcim_pki::party::caller_from_cert(&mcim_pki::dev::ca_der(&roles.pki, "sho").unwrap())
+            .unwrap()
+            .name;
+
+    let before = roles.snapshot().await;
+    let mut tried: Vec<(&str, Result<(), Status>)> = Vec::new();
+    tried.push((
+        "/mcim.vno.v1.VnoService/CompleteAttach",
+        other_vno
+            .clone()
+            .complete_attach(vno::CompleteAttachRequest {
+                attach_id: attempt.attach_id.clone(),
+                answer: Some(vno::complete_attach_request::Answer::Res(res(
+                    k,
+                    opc,
+                    &attempt.challenge.as_ref().unwrap().rand,
+                ))),
+            })
+            .await
+            .map(|_| ()),
+    ));
+    tried.push((
+        "/mcim.ro.v1.DrfService/GetBootstrap",
+        DrfServiceClient::new(other_ro.clone())
+            .get_bootstrap(ro::GetBootstrapRequest {
+                device_id: ME.into(),
+            })
+            .await
+            .map(|_| ()),
+    ));
+    tried.push((
+        "/mcim.ro.v1.DrfService/RegisterDevice",
+        DrfServiceClient::new(other_ro.clone())
+            .register_device(ro::RegisterDeviceRequest {
+                pcid: ME.into(),
+                access: common::AccessType::Non3gpp as i32,
+                grant_id: String::new(),
+                platform_credential: Vec::new(),
+            })
+            .await
+            .map(|_| ()),
+    ));
+    let mut other_dpf = DpfServiceClient::new(other_ro.clone());
+    tried.push((
+        "/mcim.ro.v1.DpfService/DownloadPackage",
+        unit(
+            other_dpf
+                .download_package(ro::DownloadPackageRequest {
+                    registration_id: reg.registration_id.clone(),
+                })
+                .await,
+        ),
+    ));
+    tried.push((
+        "/mcim.ro.v1.DpfService/ReportProvisioningStatus",
+        unit(
+            other_dpf
+                .report_provisioning_status(ro::ReportProvisioningStatusRequest {
+                    registration_id: reg.registration_id.clone(),
+                    status: common::ProvisioningStatus::Failed as i32,
+                    detail: "not mine".into(),
+                    mcim_id: String::new(),
+                })
+                .await,
+        ),
+    ));
+    tried.push((
+        "/mcim.ro.v1.DpfService/RelayDiscardAck",
+        unit(
+            other_dpf
+                .relay_discard_ack(ro::RelayDiscardAckRequest {
+                    registration_id: reg.registration_id.clone(),
+                    discard_ack: b"ack".to_vec(),
+                })
+                .await,
+        ),
+    ));
+    tried.push((
+        "/mcim.pva.v1.PvaService/SubmitEvidence",
+        unit(
+            other_pva
+                .clone()
+                .submit_evidence(pva::SubmitEvidenceRequest {
+                    validation_id: validation.validation_id.clone(),
+                    evidence: None,
+                    clock: 0,
+                    reset_count: 0,
+                    restart_count: 0,
+                })
+                .await,
+        ),
+    ));
+    let mut sho2_dpf = DpfServiceClient::new(sho2.clone());
+    tried.push((
+        "/mcim.ro.v1.DpfService/AuthorizeProvisioning",
+        unit(
+            sho2_dpf
+                .authorize_provisioning(ro::AuthorizeProvisioningRequest {
+                    registration_id: reg.registration_id.clone(),
+                    package: Some(common::McimPackage {
+                        cose_sign1: b"package".to_vec(),
+                    }),
+                    validation: None,
+                })
+                .await,
+        ),
+    ));
+    tried.push((
+        "/mcim.ro.v1.DpfService/RefuseProvisioning",
+        unit(
+            sho2_dpf
+                .refuse_provisioning(ro::RefuseProvisioningRequest {
+                    registration_id: reg.registration_id.clone(),
+                    reason: "not mine".into(),
+                })
+                .await,
+        ),
+    ));
+    tried.push((
+        "/mcim.ro.v1.DrfService/SetSubscription",
+        unit(
+            DrfServiceClient::new(sho2.clone())
+                .set_subscription(ro::SetSubscriptionRequest {
+                    pcid: ME.into(),
+                    sho_id: sho_id.clone(),
+                    sho_url: "https://127.0.0.1:1".into(),
+                })
+                .await,
+        ),
+    ));
+    // The device's attempt becomes a grant; another device cannot end it.
+    let after_attempts = roles.snapshot().await;
+    assert_eq!(after_attempts, before, "a wrong owner changed state");
+    let grant = match me_vno
+        .complete_attach(vno::CompleteAttachRequest {
+            attach_id: attempt.attach_id.clone(),
+            answer: Some(vno::complete_attach_request::Answer::Res(res(
+                k,
+                opc,
+                &attempt.challenge.as_ref().unwrap().rand,
+            ))),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .result
+    {
+        Some(vno::complete_attach_response::Result::Grant(g)) => g,
+        other => panic!("no grant: {other:?}"),
+    };
+    let granted = roles.snapshot().await;
+    tried.push((
+        "/mcim.vno.v1.VnoService/Detach",
+        unit(
+            other_vno
+                .clone()
+                .detach(vno::DetachRequest {
+                    grant_id: grant.grant_id.clone(),
+                })
+                .await,
+        ),
+    ));
+    assert_eq!(
+        roles.snapshot().await,
+        granted,
+        "a wrong owner changed state"
+    );
+
+    for (method, got) in &tried {
+        assert_eq!(
+            got.as_ref().err().map(|s| s.code()),
+            Some(Code::PermissionDenied),
+            "a wrong owner on {method}: {got:?}"
+        );
+    }
+    // Every owned rule has its wrong-owner case.
+    let owned: Vec<&str> = RULES
+        .iter()
+        .filter(|r| r.owner.role().is_some())
+        .map(|r| r.method)
+        .collect();
+    let mut covered: Vec<&str> = tried.iter().map(|(m, _)| *m).collect();
+    covered.sort_unstable();
+    let mut want = owned.clone();
+    want.sort_unstable();
+    assert_eq!(covered, want, "owned rules without a wrong-owner case");
+}
+
+/// A call's outcome without its answer.
+fn unit<T>(r: Result<tonic::Response<T>, Status>) -> Result<(), Status> {
+    r.map(|_| ())
 }

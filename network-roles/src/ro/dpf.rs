@@ -16,10 +16,10 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::{Registration, Ro};
-use crate::authz::{Caller, Role};
+use crate::authz::Role;
+use crate::gate::{Authorized, authorized};
 use crate::peers::role_verifying_key;
 use crate::store::{db_err, now};
-use crate::tls::{authorize, authorize_for, authorize_self};
 
 /// An open task stream wakes when this RO queues a task, and re-reads at least this often
 /// (tasks queued by another RO process on the same database).
@@ -31,14 +31,10 @@ pub struct Dpf(pub Arc<Ro>);
 
 impl Dpf {
     /// A registration, for the SHO the device registered at only (it alone authorises or
-    /// refuses it, 5.1.3.6.2 steps 10-11).
-    async fn registration_of(&self, sho: &Caller, id: &str) -> Result<Registration, Status> {
+    /// refuses it, 5.1.3.6.2 steps 10-11; the table's ownership rule).
+    async fn registration_of(&self, auth: &Authorized, id: &str) -> Result<Registration, Status> {
         let reg = self.0.registration(id).await?;
-        if reg.sho_id != sho.name {
-            return Err(Status::permission_denied(
-                "only the SHO the device registered at may decide on it",
-            ));
-        }
+        auth.owns(&reg.sho_id)?;
         Ok(reg)
     }
 }
@@ -49,9 +45,9 @@ impl DpfService for Dpf {
         &self,
         req: Request<pb::AuthorizeProvisioningRequest>,
     ) -> Result<Response<pb::AuthorizeProvisioningResponse>, Status> {
-        let caller = authorize(&req, "/mcim.ro.v1.DpfService/AuthorizeProvisioning", None)?;
+        let auth = authorized(&req)?;
         let r = req.into_inner();
-        let reg = self.registration_of(&caller, &r.registration_id).await?;
+        let reg = self.registration_of(&auth, &r.registration_id).await?;
         let package = r
             .package
             .map(|p| p.cose_sign1)
@@ -107,9 +103,9 @@ impl DpfService for Dpf {
         &self,
         req: Request<pb::RefuseProvisioningRequest>,
     ) -> Result<Response<pb::RefuseProvisioningResponse>, Status> {
-        let caller = authorize(&req, "/mcim.ro.v1.DpfService/RefuseProvisioning", None)?;
+        let auth = authorized(&req)?;
         let r = req.into_inner();
-        let reg = self.registration_of(&caller, &r.registration_id).await?;
+        let reg = self.registration_of(&auth, &r.registration_id).await?;
         match reg.state.as_str() {
             "refused" => return Ok(Response::new(pb::RefuseProvisioningResponse {})),
             "validating" => {}
@@ -148,8 +144,8 @@ impl DpfService for Dpf {
         &self,
         req: Request<pb::WatchDeviceTasksRequest>,
     ) -> Result<Response<Self::WatchDeviceTasksStream>, Status> {
-        let caller = authorize_self(&req, "/mcim.ro.v1.DpfService/WatchDeviceTasks")?;
-        let pcid = caller.name;
+        let auth = authorized(&req)?;
+        let pcid = auth.caller.name;
         let ack = i64::try_from(req.get_ref().ack_seq).unwrap_or(i64::MAX);
         // Acknowledged tasks are done with; the rest is replayed.
         sqlx::query("DELETE FROM ro_task WHERE pcid = ? AND seq <= ?")
@@ -207,9 +203,9 @@ impl DpfService for Dpf {
         &self,
         req: Request<pb::DownloadPackageRequest>,
     ) -> Result<Response<pb::DownloadPackageResponse>, Status> {
-        let caller = authorize_self(&req, "/mcim.ro.v1.DpfService/DownloadPackage")?;
+        let auth = authorized(&req)?;
         let reg = self.0.registration(&req.get_ref().registration_id).await?;
-        authorize_for(&caller, "/mcim.ro.v1.DpfService/DownloadPackage", &reg.pcid)?;
+        auth.owns(&reg.pcid)?;
         let package = reg
             .package
             .ok_or_else(|| Status::failed_precondition("the SHO has not authorised it yet"))?;
@@ -224,13 +220,9 @@ impl DpfService for Dpf {
         &self,
         req: Request<pb::ReportProvisioningStatusRequest>,
     ) -> Result<Response<pb::ReportProvisioningStatusResponse>, Status> {
-        let caller = authorize_self(&req, "/mcim.ro.v1.DpfService/ReportProvisioningStatus")?;
+        let auth = authorized(&req)?;
         let reg = self.0.registration(&req.get_ref().registration_id).await?;
-        authorize_for(
-            &caller,
-            "/mcim.ro.v1.DpfService/ReportProvisioningStatus",
-            &reg.pcid,
-        )?;
+        auth.owns(&reg.pcid)?;
         let r = req.into_inner();
         let (state, st) = match common::ProvisioningStatus::try_from(r.status) {
             Ok(common::ProvisioningStatus::Installed) => {
@@ -277,9 +269,9 @@ impl DpfService for Dpf {
         &self,
         req: Request<pb::RelayDiscardAckRequest>,
     ) -> Result<Response<pb::RelayDiscardAckResponse>, Status> {
-        let caller = authorize_self(&req, "/mcim.ro.v1.DpfService/RelayDiscardAck")?;
+        let auth = authorized(&req)?;
         let reg = self.0.registration(&req.get_ref().registration_id).await?;
-        authorize_for(&caller, "/mcim.ro.v1.DpfService/RelayDiscardAck", &reg.pcid)?;
+        auth.owns(&reg.pcid)?;
         Err(Status::unimplemented(
             "change of SHO (5.1.3.7.4.2) is not built yet",
         ))

@@ -14,8 +14,8 @@ use mcim_proto::mcim::sho::v1 as sho;
 use tonic::{Request, Response, Status};
 
 use super::Ro;
+use crate::gate::authorized;
 use crate::store::{db_err, new_id, now};
-use crate::tls::authorize;
 
 /// The DRF service.
 #[derive(Debug, Clone)]
@@ -28,7 +28,7 @@ impl DrfService for Drf {
         req: Request<pb::GetBootstrapRequest>,
     ) -> Result<Response<pb::GetBootstrapResponse>, Status> {
         let id = req.get_ref().device_id.clone();
-        authorize(&req, "/mcim.ro.v1.DrfService/GetBootstrap", Some(&id))?;
+        authorized(&req)?.owns(&id)?;
         Err(Status::unimplemented(
             "OMA DM bootstrap (annex x.2.2) is not built yet; devices are configured with the RO's address",
         ))
@@ -39,7 +39,7 @@ impl DrfService for Drf {
         req: Request<pb::RegisterDeviceRequest>,
     ) -> Result<Response<pb::RegisterDeviceResponse>, Status> {
         let pcid = req.get_ref().pcid.clone();
-        authorize(&req, "/mcim.ro.v1.DrfService/RegisterDevice", Some(&pcid))?;
+        authorized(&req)?.owns(&pcid)?;
         let r = req.into_inner();
         Pcid::new(pcid.clone()).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let access =
@@ -140,15 +140,11 @@ impl DrfService for Drf {
         &self,
         req: Request<pb::SetSubscriptionRequest>,
     ) -> Result<Response<pb::SetSubscriptionResponse>, Status> {
-        let caller = authorize(&req, "/mcim.ro.v1.DrfService/SetSubscription", None)?;
+        let auth = authorized(&req)?;
         let r = req.into_inner();
         Pcid::new(r.pcid.clone()).map_err(|e| Status::invalid_argument(e.to_string()))?;
         // An SHO speaks for itself only.
-        if r.sho_id != caller.name {
-            return Err(Status::permission_denied(
-                "an SHO records its own subscriptions",
-            ));
-        }
+        auth.owns(&r.sho_id)?;
         if !r.sho_url.starts_with("https://") {
             return Err(Status::invalid_argument(
                 "sho_url must be https://host:port",

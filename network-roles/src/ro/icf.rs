@@ -11,8 +11,8 @@ use mcim_proto::mcim::ro::v1::icf_service_server::IcfService;
 use tonic::{Request, Response, Status};
 
 use super::Ro;
+use crate::gate::authorized;
 use crate::store::{db_err, now};
-use crate::tls::authorize;
 
 /// The ICF service.
 #[derive(Debug, Clone)]
@@ -28,11 +28,7 @@ impl IcfService for Icf {
         &self,
         req: Request<pb::RegisterInitialCredentialsRequest>,
     ) -> Result<Response<pb::RegisterInitialCredentialsResponse>, Status> {
-        authorize(
-            &req,
-            "/mcim.ro.v1.IcfService/RegisterInitialCredentials",
-            None,
-        )?;
+        authorized(&req)?;
         let r = req.into_inner();
         let p = pcid(&r.pcid)?;
         let mode = pb::CredentialMode::try_from(r.mode)
@@ -65,7 +61,7 @@ impl IcfService for Icf {
         &self,
         req: Request<pb::GetAuthVectorsRequest>,
     ) -> Result<Response<pb::GetAuthVectorsResponse>, Status> {
-        authorize(&req, "/mcim.ro.v1.IcfService/GetAuthVectors", None)?;
+        authorized(&req)?;
         let r = req.into_inner();
         let p = pcid(&r.pcid)?;
         let row: Option<(Option<i64>, i64)> =
@@ -100,7 +96,7 @@ impl IcfService for Icf {
         &self,
         req: Request<pb::ReportAttachRequest>,
     ) -> Result<Response<pb::ReportAttachResponse>, Status> {
-        authorize(&req, "/mcim.ro.v1.IcfService/ReportAttach", None)?;
+        authorized(&req)?;
         let r = req.into_inner();
         let p = pcid(&r.pcid)?;
         if r.grant_id.is_empty() {
@@ -128,7 +124,7 @@ impl IcfService for Icf {
         &self,
         req: Request<pb::ActivatePcidRequest>,
     ) -> Result<Response<pb::ActivatePcidResponse>, Status> {
-        authorize(&req, "/mcim.ro.v1.IcfService/ActivatePcid", None)?;
+        authorized(&req)?;
         let p = pcid(&req.get_ref().pcid)?;
         let done = sqlx::query("UPDATE icf_pcid SET active = 1 WHERE pcid = ?")
             .bind(p.as_str())
@@ -145,7 +141,7 @@ impl IcfService for Icf {
         &self,
         req: Request<pb::RenewInitialCredentialsRequest>,
     ) -> Result<Response<pb::RenewInitialCredentialsResponse>, Status> {
-        authorize(&req, "/mcim.ro.v1.IcfService/RenewInitialCredentials", None)?;
+        authorized(&req)?;
         Err(Status::unimplemented(
             "renewing initial credentials (5.1.3.7.4.3) is not built yet",
         ))

@@ -1,0 +1,116 @@
+//! The authorization layer in front of every role's server (TR 33.812 annex x.3): for each
+//! call, the caller from its verified mutual-TLS certificate and the rule of
+//! [`crate::authz`] for the request's method, decided before any handler runs.
+//!
+//! - no usable client certificate: UNAUTHENTICATED;
+//! - a method without a rule, or a role the rule does not list: PERMISSION_DENIED;
+//! - otherwise the decision ([`Authorized`]) rides in the request's extensions, and the
+//!   handler reads it with [`authorized`] and checks the owner of what it loaded with
+//!   [`Authorized::owns`].
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tonic::codegen::http;
+use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+use tonic::{Request, Status};
+
+use crate::authz::{self, Caller, Rule};
+
+/// The gate's decision for one call.
+#[derive(Clone, Debug)]
+pub struct Authorized {
+    /// Who is calling.
+    pub caller: Caller,
+    /// The rule that let them.
+    pub rule: &'static Rule,
+}
+
+impl Authorized {
+    /// The object the call touches belongs to `owner` (a PCID, an SHO, a subscriber): refused
+    /// when the rule says it must be the caller's and it is another party's.
+    pub fn owns(&self, owner: &str) -> Result<(), Status> {
+        authz::check_owner(&self.caller, self.rule, owner).map_err(|d| {
+            tracing::warn!(role = %self.caller.role, name = %self.caller.name, method = self.rule.method, "denied: {d}");
+            Status::permission_denied(d.to_string())
+        })
+    }
+}
+
+/// The gate's decision for `req` (INTERNAL when the server runs without the gate: fail
+/// closed).
+pub fn authorized<T>(req: &Request<T>) -> Result<Authorized, Status> {
+    req.extensions()
+        .get::<Authorized>()
+        .cloned()
+        .ok_or_else(|| Status::internal("the call did not pass the authorization layer"))
+}
+
+/// The caller and rule for an HTTP/2 request of a gRPC call, or the refusal.
+fn decide<B>(req: &http::Request<B>) -> Result<Authorized, Status> {
+    let leaf = req
+        .extensions()
+        .get::<TlsConnectInfo<TcpConnectInfo>>()
+        .and_then(|i| i.peer_certs())
+        .and_then(|c| c.first().cloned())
+        .ok_or_else(|| Status::unauthenticated("no client certificate"))?;
+    let caller = mcim_pki::party::caller_from_cert(&leaf)
+        .map_err(|e| Status::unauthenticated(e.to_string()))?;
+    let method = req.uri().path();
+    match authz::decide(&caller, method) {
+        Ok(rule) => {
+            tracing::info!(role = %caller.role, name = %caller.name, method, "call");
+            Ok(Authorized { caller, rule })
+        }
+        Err(d) => {
+            tracing::warn!(role = %caller.role, name = %caller.name, method, "denied: {d}");
+            Err(Status::permission_denied(d.to_string()))
+        }
+    }
+}
+
+/// The layer: `Server::builder().layer(Gate)`.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Gate;
+
+impl<S> tower::Layer<S> for Gate {
+    type Service = Gated<S>;
+
+    fn layer(&self, inner: S) -> Gated<S> {
+        Gated { inner }
+    }
+}
+
+/// A service behind the gate.
+#[derive(Clone, Debug)]
+pub struct Gated<S> {
+    inner: S,
+}
+
+type BoxFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send>>;
+
+impl<S, B> tower::Service<http::Request<B>> for Gated<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = S::Error;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
+        match decide(&req) {
+            Ok(a) => {
+                req.extensions_mut().insert(a);
+                Box::pin(self.inner.call(req))
+            }
+            Err(status) => Box::pin(async move { Ok(status.into_http()) }),
+        }
+    }
+}
