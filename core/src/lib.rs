@@ -18,8 +18,9 @@
 //! - [`token_wrap`]: MCIM secrets wrapped for a PKCS#11 token (ECDH + AES-KWP).
 //! - [`lifecycle`]: the MCIM lifecycle state machine (TR 33.812 5.1.1.1).
 //! - [`rehabilitation`]: the supplier's signed authorisation to leave lockdown (5.1.2.2).
-//!
-//! Later slices add the MCIM package format.
+//! - [`package`]: the MCIM package (COSE_Sign1 by the SHO, bound to one device, registration
+//!   and nonce) and wrapping its secrets for a TRE; [`signed`]: COSE_Sign1 statements with
+//!   their signer's certificate; [`validation`]: the PVA's signed validation result.
 #![forbid(unsafe_code)]
 
 pub mod aka;

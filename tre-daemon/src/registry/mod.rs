@@ -688,7 +688,7 @@ impl Registry {
 
     /// The owner chooses the one MCIM used for connectivity (5.1.3.7.2: "the owner of the
     /// device should control which MCIM in the device is used to provide connectivity"). It
-    /// must be Activated, and no other MCIM may be in a session.
+    /// must be Activated or Selected, and no other MCIM may be in a session.
     pub fn set_connectivity(&mut self, id: &str) -> Result<(), RegistryError> {
         let rec = self.record(id)?;
         if rec.state != McimState::Activated && rec.state != McimState::Selected {

@@ -1,5 +1,6 @@
 //! The Trusted Environment (TR 33.812 5.1.2) behind one trait, [`Tre`], with a backend per
-//! kind of hardware: `tpm` (TPM 2.0 through tss-esapi) and, later, `pkcs11` (cryptoki).
+//! kind of hardware, each behind its own cargo feature: `tpm` (TPM 2.0 through tss-esapi) and
+//! `pkcs11` (any PKCS#11 token through cryptoki; SoftHSM2 in tests).
 //!
 //! Every operation has a default body that answers [`TreError::NotSupported`]; a backend
 //! overrides what it can and says so in [`Tre::capabilities`], so callers ask instead of
@@ -275,8 +276,8 @@ pub enum TreError {
 }
 
 /// A Trusted Environment. One instance owns one TRE connection; callers serialise access
-/// (the daemon keeps it behind a mutex-guarded actor: a TPM context is not `Send`-safe to
-/// share).
+/// (the daemon gives it one owner, the TRE thread of [`crate::engine`], which runs the jobs
+/// of every caller one at a time: a TPM context is not `Send`).
 pub trait Tre {
     /// "tpm" or "pkcs11", for errors and logs.
     fn backend_name(&self) -> &'static str;
