@@ -9,9 +9,9 @@ use mcim_core::aka::{
 use mcim_proto::mcim::common::v1 as common;
 use sqlx::SqlitePool;
 use tokio::sync::Mutex;
-use tonic::Status;
 
 use crate::atrest::DataKey;
+use crate::error::RoleError;
 use crate::store::db_err;
 
 /// AMF of the vectors: the separation bit set (TS 33.102 annex H).
@@ -49,18 +49,23 @@ impl Auc {
 
     /// Stores K and OPc for `id`. The same credential again is fine; a different one for an
     /// existing id is ALREADY_EXISTS and changes nothing.
-    pub async fn provision(&self, id: &str, k: &[u8], opc: &[u8]) -> Result<Provisioned, Status> {
+    pub async fn provision(
+        &self,
+        id: &str,
+        k: &[u8],
+        opc: &[u8],
+    ) -> Result<Provisioned, RoleError> {
         if k.len() != 16 || opc.len() != 16 {
-            return Err(Status::invalid_argument("K and OPc are 16 octets each"));
+            return Err(RoleError::invalid("K and OPc are 16 octets each"));
         }
         let seal = |s: &[u8]| {
             self.key
                 .seal(s)
-                .map_err(|e| Status::internal(e.to_string()))
+                .map_err(|e| RoleError::internal(e.to_string()))
         };
         let (wk, wopc) = (seal(k)?, seal(opc)?);
         let sqn = serde_json::to_string(&HeSqnState::default())
-            .map_err(|e| Status::internal(e.to_string()))?;
+            .map_err(|e| RoleError::internal(e.to_string()))?;
         let done = sqlx::query(
             "INSERT INTO auc_subscriber (owner, id, k, opc, sqn) VALUES (?, ?, ?, ?, ?) \
              ON CONFLICT(owner, id) DO NOTHING",
@@ -86,7 +91,7 @@ impl Auc {
                 .map_err(db_err)?;
         match row {
             Some((a, b)) if a == wk && b == wopc => Ok(Provisioned::Same),
-            _ => Err(Status::already_exists(format!(
+            _ => Err(RoleError::exists(format!(
                 "{id} already has other credentials"
             ))),
         }
@@ -98,9 +103,9 @@ impl Auc {
         id: &str,
         count: u32,
         resync: Option<&common::ResyncInfo>,
-    ) -> Result<Vec<common::AuthVector>, Status> {
+    ) -> Result<Vec<common::AuthVector>, RoleError> {
         if !(1..=5).contains(&count) {
-            return Err(Status::invalid_argument("1 to 5 vectors"));
+            return Err(RoleError::invalid("1 to 5 vectors"));
         }
         let _guard = self.sqn_lock.lock().await;
         let row: Option<(Vec<u8>, Vec<u8>, String)> =
@@ -110,46 +115,46 @@ impl Auc {
                 .fetch_optional(&self.db)
                 .await
                 .map_err(db_err)?;
-        let (wk, wopc, sqn) = row.ok_or_else(|| Status::not_found(format!("unknown {id}")))?;
-        let open = |w: &[u8]| -> Result<[u8; 16], Status> {
+        let (wk, wopc, sqn) = row.ok_or_else(|| RoleError::not_found(format!("unknown {id}")))?;
+        let open = |w: &[u8]| -> Result<[u8; 16], RoleError> {
             let v = self
                 .key
                 .open(w)
-                .map_err(|e| Status::internal(e.to_string()))?;
+                .map_err(|e| RoleError::internal(e.to_string()))?;
             v.as_slice()
                 .try_into()
-                .map_err(|_| Status::internal("stored secret length"))
+                .map_err(|_| RoleError::internal("stored secret length"))
         };
         let k = K::new(open(&wk)?);
         let opc = Opc::new(open(&wopc)?);
         let m = Milenage::with_opc(SoftKernel::new(&k), opc, Constants::default());
         let mut state: HeSqnState =
-            serde_json::from_str(&sqn).map_err(|e| Status::internal(e.to_string()))?;
+            serde_json::from_str(&sqn).map_err(|e| RoleError::internal(e.to_string()))?;
         let profile = SqnProfile::default();
         if let Some(r) = resync {
             let rand = Rand(
                 r.rand
                     .as_slice()
                     .try_into()
-                    .map_err(|_| Status::invalid_argument("RAND is 16 octets"))?,
+                    .map_err(|_| RoleError::invalid("RAND is 16 octets"))?,
             );
             let auts = Auts(
                 r.auts
                     .as_slice()
                     .try_into()
-                    .map_err(|_| Status::invalid_argument("AUTS is 14 octets"))?,
+                    .map_err(|_| RoleError::invalid("AUTS is 14 octets"))?,
             );
             resynchronise(&m, &mut state, &profile, &rand, &auts)
-                .map_err(|e| Status::invalid_argument(e.to_string()))?;
+                .map_err(|e| RoleError::invalid(e.to_string()))?;
         }
         let rands: Vec<Rand> = {
             let mut rng = rand::rng();
             (0..count).map(|_| Rand::random(&mut rng)).collect()
         };
         let avs = generate_avs(&m, &mut state, &profile, AMF, &rands)
-            .map_err(|e| Status::internal(e.to_string()))?;
+            .map_err(|e| RoleError::internal(e.to_string()))?;
         sqlx::query("UPDATE auc_subscriber SET sqn = ? WHERE owner = ? AND id = ?")
-            .bind(serde_json::to_string(&state).map_err(|e| Status::internal(e.to_string()))?)
+            .bind(serde_json::to_string(&state).map_err(|e| RoleError::internal(e.to_string()))?)
             .bind(self.owner)
             .bind(id)
             .execute(&self.db)
@@ -170,7 +175,7 @@ impl Auc {
 
 impl Auc {
     /// Forgets `id` (a credential that never left this role, replaced after a crash).
-    pub async fn forget(&self, id: &str) -> Result<(), Status> {
+    pub async fn forget(&self, id: &str) -> Result<(), RoleError> {
         sqlx::query("DELETE FROM auc_subscriber WHERE owner = ? AND id = ?")
             .bind(self.owner)
             .bind(id)

@@ -17,6 +17,7 @@ use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 use tonic::{Request, Status};
 
 use crate::authz::{self, Caller, Rule};
+use crate::error::RoleError;
 
 /// The gate's decision for one call.
 #[derive(Clone, Debug)]
@@ -30,21 +31,21 @@ pub struct Authorized {
 impl Authorized {
     /// The object the call touches belongs to `owner` (a PCID, an SHO, a subscriber): refused
     /// when the rule says it must be the caller's and it is another party's.
-    pub fn owns(&self, owner: &str) -> Result<(), Status> {
+    pub fn owns(&self, owner: &str) -> Result<(), RoleError> {
         authz::check_owner(&self.caller, self.rule, owner).map_err(|d| {
             tracing::warn!(role = %self.caller.role, name = %self.caller.name, method = self.rule.method, "denied: {d}");
-            Status::permission_denied(d.to_string())
+            RoleError::denied(d.to_string())
         })
     }
 }
 
 /// The gate's decision for `req` (INTERNAL when the server runs without the gate: fail
 /// closed).
-pub fn authorized<T>(req: &Request<T>) -> Result<Authorized, Status> {
+pub fn authorized<T>(req: &Request<T>) -> Result<Authorized, RoleError> {
     req.extensions()
         .get::<Authorized>()
         .cloned()
-        .ok_or_else(|| Status::internal("the call did not pass the authorization layer"))
+        .ok_or_else(|| RoleError::internal("the call did not pass the authorization layer"))
 }
 
 /// The caller and rule for an HTTP/2 request of a gRPC call, or the refusal.

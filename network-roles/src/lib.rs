@@ -25,6 +25,7 @@ pub mod atrest;
 pub mod auc;
 pub mod authz;
 pub mod config;
+pub mod error;
 pub mod gate;
 pub mod peers;
 pub mod pva;

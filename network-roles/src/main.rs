@@ -221,7 +221,7 @@ fn sho_config(url: String, peers: &Peers, sho: ShoArgs) -> ShoConfig {
 }
 
 async fn serve(cmd: RoleCmd) -> Result<(), String> {
-    let e = |s: tonic::Status| s.message().to_string();
+    let e = |e: mcim_roles::error::RoleError| e.to_string();
     match cmd {
         RoleCmd::Supplier {
             common,

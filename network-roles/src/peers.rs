@@ -5,23 +5,23 @@
 use std::path::Path;
 
 use mcim_telemetry::Channel;
-use tonic::Status;
 use tonic::transport::Endpoint;
 
 use crate::authz::Role;
+use crate::error::RoleError;
 use crate::tls::client_tls;
 use mcim_pki::party::server_name;
 
 /// A lazily connected channel from `me` to the `peer` role at `url` (`https://host:port`);
 /// its requests carry the caller's trace context.
-pub fn channel(pki: &Path, me: Role, peer: Role, url: &str) -> Result<Channel, Status> {
+pub fn channel(pki: &Path, me: Role, peer: Role, url: &str) -> Result<Channel, RoleError> {
     let tls = client_tls(pki, me, &server_name(peer))
-        .map_err(|e| Status::internal(format!("TLS to {peer}: {e}")))?;
+        .map_err(|e| RoleError::internal(format!("TLS to {peer}: {e}")))?;
     Ok(mcim_telemetry::traced(
         Endpoint::from_shared(url.to_string())
-            .map_err(|e| Status::invalid_argument(format!("{peer} address {url:?}: {e}")))?
+            .map_err(|e| RoleError::invalid(format!("{peer} address {url:?}: {e}")))?
             .tls_config(tls)
-            .map_err(|e| Status::internal(format!("TLS to {peer}: {e}")))?
+            .map_err(|e| RoleError::internal(format!("TLS to {peer}: {e}")))?
             .connect_timeout(std::time::Duration::from_secs(5))
             .timeout(std::time::Duration::from_secs(30))
             .connect_lazy(),
@@ -30,8 +30,9 @@ pub fn channel(pki: &Path, me: Role, peer: Role, url: &str) -> Result<Channel, S
 
 /// The key a role signs statements with, from its certificate in the PKI directory (for
 /// checking the PVA's results and the SHO's packages).
-pub fn role_verifying_key(pki: &Path, role: Role) -> Result<p256::ecdsa::VerifyingKey, Status> {
-    mcim_pki::dev::certificate_key(pki, role.as_str()).map_err(|e| Status::internal(e.to_string()))
+pub fn role_verifying_key(pki: &Path, role: Role) -> Result<p256::ecdsa::VerifyingKey, RoleError> {
+    mcim_pki::dev::certificate_key(pki, role.as_str())
+        .map_err(|e| RoleError::internal(e.to_string()))
 }
 
 /// Channels to peers of one role whose addresses arrive at run time (an SHO's URL from a
@@ -47,7 +48,7 @@ impl ChannelCache {
         me: Role,
         peer: Role,
         url: &str,
-    ) -> Result<Channel, Status> {
+    ) -> Result<Channel, RoleError> {
         let mut m = self.0.lock().await;
         if let Some(c) = m.get(url) {
             return Ok(c.clone());

@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 use sqlx::SqlitePool;
 use tonic::{Request, Response, Status};
 
+use crate::error::{RoleError, role};
 use crate::gate::authorized;
 use crate::store::{Changes, db_err};
 
@@ -65,6 +66,15 @@ impl std::fmt::Debug for Pva {
     }
 }
 
+/// What the PVA finds of a device's TPM clock against the last one it saw.
+#[derive(Debug, PartialEq, Eq)]
+enum Clock {
+    /// Later than before (or the first): recorded.
+    Forward,
+    /// Earlier than before: the evidence is refused for this reason; nothing recorded.
+    Backwards(String),
+}
+
 impl Pva {
     /// A PVA that signs results with its role key in `pki` (`pva.key`).
     pub fn new(pki: PathBuf, db: SqlitePool) -> Result<Self, mcim_pki::PkiError> {
@@ -77,18 +87,20 @@ impl Pva {
         })
     }
 
-    async fn reference(&self, model: &str) -> Result<Option<Reference>, Status> {
+    async fn reference(&self, model: &str) -> Result<Option<Reference>, RoleError> {
         let row: Option<(String,)> =
             sqlx::query_as("SELECT body FROM pva_reference WHERE model = ?")
                 .bind(model)
                 .fetch_optional(&self.db)
                 .await
                 .map_err(db_err)?;
-        row.map(|(body,)| serde_json::from_str(&body).map_err(|e| Status::internal(e.to_string())))
-            .transpose()
+        row.map(|(body,)| {
+            serde_json::from_str(&body).map_err(|e| RoleError::internal(e.to_string()))
+        })
+        .transpose()
     }
 
-    async fn validation(&self, id: &str) -> Result<Validation, Status> {
+    async fn validation(&self, id: &str) -> Result<Validation, RoleError> {
         type Row = (String, Vec<u8>, i64, String, Option<Vec<u8>>, Option<i64>);
         let row: Option<Row> = sqlx::query_as(
             "SELECT pcid, nonce, verdict, reason, result, expires_at FROM pva_validation WHERE id = ?",
@@ -98,12 +110,12 @@ impl Pva {
         .await
         .map_err(db_err)?;
         let (pcid, nonce, verdict, reason, result, expires) =
-            row.ok_or_else(|| Status::not_found("no such validation"))?;
+            row.ok_or_else(|| RoleError::not_found("no such validation"))?;
         Ok(Validation {
             pcid,
             nonce: nonce
                 .try_into()
-                .map_err(|_| Status::internal("stored nonce"))?,
+                .map_err(|_| RoleError::internal("stored nonce"))?,
             verdict: pb::Verdict::try_from(i32::try_from(verdict).unwrap_or(0))
                 .unwrap_or(pb::Verdict::Unspecified),
             reason,
@@ -186,11 +198,7 @@ impl Pva {
     /// reset to an earlier state, or a replayed platform). The counts are compared as the AK
     /// reports them: the TPM obfuscates them per key for an owner-hierarchy AK, consistently,
     /// so order still shows. Records the new value when it moves forward.
-    async fn clock_moves_forward(
-        &self,
-        pcid: &str,
-        c: &ClockInfo,
-    ) -> Result<Result<(), String>, Status> {
+    async fn clock_moves_forward(&self, pcid: &str, c: &ClockInfo) -> Result<Clock, RoleError> {
         let last: Option<(i64, i64, i64)> = sqlx::query_as(
             "SELECT reset_count, restart_count, clock FROM pva_device_clock WHERE pcid = ?",
         )
@@ -206,7 +214,7 @@ impl Pva {
         if let Some(prev) = last
             && now < prev
         {
-            return Ok(Err(format!(
+            return Ok(Clock::Backwards(format!(
                 "the TPM clock went backwards for this device (reset/restart/clock {now:?} < {prev:?})"
             )));
         }
@@ -223,7 +231,7 @@ impl Pva {
         .execute(&self.db)
         .await
         .map_err(db_err)?;
-        Ok(Ok(()))
+        Ok(Clock::Forward)
     }
 
     fn sign_result(
@@ -231,7 +239,7 @@ impl Pva {
         id: &str,
         v: &Validation,
         aka_execution: common::AkaExecution,
-    ) -> Result<common::SignedValidationResult, Status> {
+    ) -> Result<common::SignedValidationResult, RoleError> {
         let expires = SystemTime::now() + RESULT_LIFETIME;
         let secs = expires
             .duration_since(UNIX_EPOCH)
@@ -254,7 +262,7 @@ impl Pva {
                 .into(),
             },
         )
-        .map_err(|e| Status::internal(e.to_string()))?;
+        .map_err(|e| RoleError::internal(e.to_string()))?;
         Ok(common::SignedValidationResult {
             cose_sign1: cose,
             expires_at: Some(prost_types::Timestamp {
@@ -271,61 +279,65 @@ impl PvaService for Pva {
         &self,
         req: Request<pb::RegisterReferenceValuesRequest>,
     ) -> Result<Response<pb::RegisterReferenceValuesResponse>, Status> {
-        authorized(&req)?;
-        let r = req.into_inner();
-        if r.model.is_empty() {
-            return Err(Status::invalid_argument("model is required"));
-        }
-        if !r.pcr_bank.is_empty() && r.pcr_bank != "sha256" {
-            return Err(Status::invalid_argument(
-                "only the sha256 bank is supported",
-            ));
-        }
-        if r.pcrs.iter().any(|p| p.index > 23 || p.digest.len() != 32) {
-            return Err(Status::invalid_argument(
-                "PCRs are 0..=23 with 32-octet SHA-256 values",
-            ));
-        }
-        let reference = Reference {
-            pcrs: r
-                .pcrs
-                .into_iter()
-                .map(|p| (p.index, hex::encode(p.digest)))
-                .collect(),
-            allow_pkcs11: r.allow_pkcs11,
-            pkcs11_measurement: hex::encode(r.pkcs11_measurement),
-        };
-        let body =
-            serde_json::to_string(&reference).map_err(|e| Status::internal(e.to_string()))?;
-        sqlx::query(
-            "INSERT INTO pva_reference (model, body) VALUES (?, ?) \
+        role(async move {
+            authorized(&req)?;
+            let r = req.into_inner();
+            if r.model.is_empty() {
+                return Err(RoleError::invalid("model is required"));
+            }
+            if !r.pcr_bank.is_empty() && r.pcr_bank != "sha256" {
+                return Err(RoleError::invalid("only the sha256 bank is supported"));
+            }
+            if r.pcrs.iter().any(|p| p.index > 23 || p.digest.len() != 32) {
+                return Err(RoleError::invalid(
+                    "PCRs are 0..=23 with 32-octet SHA-256 values",
+                ));
+            }
+            let reference = Reference {
+                pcrs: r
+                    .pcrs
+                    .into_iter()
+                    .map(|p| (p.index, hex::encode(p.digest)))
+                    .collect(),
+                allow_pkcs11: r.allow_pkcs11,
+                pkcs11_measurement: hex::encode(r.pkcs11_measurement),
+            };
+            let body = serde_json::to_string(&reference)
+                .map_err(|e| RoleError::internal(e.to_string()))?;
+            sqlx::query(
+                "INSERT INTO pva_reference (model, body) VALUES (?, ?) \
              ON CONFLICT(model) DO UPDATE SET body = excluded.body",
-        )
-        .bind(&r.model)
-        .bind(body)
-        .execute(&self.db)
+            )
+            .bind(&r.model)
+            .bind(body)
+            .execute(&self.db)
+            .await
+            .map_err(db_err)?;
+            Ok(Response::new(pb::RegisterReferenceValuesResponse {}))
+        })
         .await
-        .map_err(db_err)?;
-        Ok(Response::new(pb::RegisterReferenceValuesResponse {}))
     }
 
     async fn request_validation(
         &self,
         req: Request<pb::RequestValidationRequest>,
     ) -> Result<Response<pb::RequestValidationResponse>, Status> {
-        authorized(&req)?;
-        let r = req.into_inner();
-        mcim_core::identity::Pcid::new(r.pcid.clone())
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let (id, nonce) = {
-            let mut rng = rand::rng();
-            let mut id = [0u8; 16];
-            let mut nonce = [0u8; 32];
-            rng.fill_bytes(&mut id);
-            rng.fill_bytes(&mut nonce);
-            (hex::encode(id), nonce)
-        };
-        sqlx::query("INSERT INTO pva_validation (id, pcid, nonce, verdict) VALUES (?, ?, ?, ?)")
+        role(async move {
+            authorized(&req)?;
+            let r = req.into_inner();
+            mcim_core::identity::Pcid::new(r.pcid.clone())
+                .map_err(|e| RoleError::invalid(e.to_string()))?;
+            let (id, nonce) = {
+                let mut rng = rand::rng();
+                let mut id = [0u8; 16];
+                let mut nonce = [0u8; 32];
+                rng.fill_bytes(&mut id);
+                rng.fill_bytes(&mut nonce);
+                (hex::encode(id), nonce)
+            };
+            sqlx::query(
+                "INSERT INTO pva_validation (id, pcid, nonce, verdict) VALUES (?, ?, ?, ?)",
+            )
             .bind(&id)
             .bind(&r.pcid)
             .bind(nonce.to_vec())
@@ -333,106 +345,114 @@ impl PvaService for Pva {
             .execute(&self.db)
             .await
             .map_err(db_err)?;
-        Ok(Response::new(pb::RequestValidationResponse {
-            validation_id: id,
-            nonce: nonce.to_vec(),
-        }))
+            Ok(Response::new(pb::RequestValidationResponse {
+                validation_id: id,
+                nonce: nonce.to_vec(),
+            }))
+        })
+        .await
     }
 
     async fn submit_evidence(
         &self,
         req: Request<pb::SubmitEvidenceRequest>,
     ) -> Result<Response<pb::SubmitEvidenceResponse>, Status> {
-        let auth = authorized(&req)?;
-        let id = req.get_ref().validation_id.clone();
-        let v = self.validation(&id).await?;
-        auth.owns(&v.pcid)?;
-        if v.verdict != pb::Verdict::Pending {
-            return Err(Status::failed_precondition(
-                "this validation is already decided",
-            ));
-        }
-        let ev = req
-            .into_inner()
-            .evidence
-            .ok_or_else(|| Status::invalid_argument("evidence is required"))?;
-        // The credential is verified once; its model picks the reference values.
-        let cred = mcim_pki::dev::verify_platform_credential(&self.pki, &ev.platform_credential);
-        let reference = match &cred {
-            Ok(c) => self.reference(&c.model).await?,
-            Err(_) => None,
-        };
-        let mut decided = v.clone();
-        let judged = match self.judge(&v, cred, reference.as_ref(), &ev) {
-            Ok(Some(clock)) => self.clock_moves_forward(&v.pcid, &clock).await?,
-            other => other.map(|_| ()),
-        };
-        match judged {
-            Ok(()) => {
-                decided.verdict = pb::Verdict::Trusted;
-                decided.result = Some(self.sign_result(&id, &v, ev.aka_execution())?);
+        role(async move {
+            let auth = authorized(&req)?;
+            let id = req.get_ref().validation_id.clone();
+            let v = self.validation(&id).await?;
+            auth.owns(&v.pcid)?;
+            if v.verdict != pb::Verdict::Pending {
+                return Err(RoleError::conflict("this validation is already decided"));
             }
-            Err(reason) => {
-                tracing::warn!(pcid = %v.pcid, "untrusted: {reason}");
-                decided.verdict = pb::Verdict::Untrusted;
-                decided.reason = reason;
+            let ev = req
+                .into_inner()
+                .evidence
+                .ok_or_else(|| RoleError::invalid("evidence is required"))?;
+            // The credential is verified once; its model picks the reference values.
+            let cred =
+                mcim_pki::dev::verify_platform_credential(&self.pki, &ev.platform_credential);
+            let reference = match &cred {
+                Ok(c) => self.reference(&c.model).await?,
+                Err(_) => None,
+            };
+            let mut decided = v.clone();
+            let judged = match self.judge(&v, cred, reference.as_ref(), &ev) {
+                Ok(Some(clock)) => match self.clock_moves_forward(&v.pcid, &clock).await? {
+                    Clock::Forward => Ok(()),
+                    Clock::Backwards(why) => Err(why),
+                },
+                other => other.map(|_| ()),
+            };
+            match judged {
+                Ok(()) => {
+                    decided.verdict = pb::Verdict::Trusted;
+                    decided.result = Some(self.sign_result(&id, &v, ev.aka_execution())?);
+                }
+                Err(reason) => {
+                    tracing::warn!(pcid = %v.pcid, "untrusted: {reason}");
+                    decided.verdict = pb::Verdict::Untrusted;
+                    decided.reason = reason;
+                }
             }
-        }
-        let (cose, expires) = match &decided.result {
-            Some(r) => (
-                Some(r.cose_sign1.clone()),
-                r.expires_at.as_ref().map(|t| t.seconds),
-            ),
-            None => (None, None),
-        };
-        let done = sqlx::query(
-            "UPDATE pva_validation SET verdict = ?, reason = ?, result = ?, expires_at = ? \
+            let (cose, expires) = match &decided.result {
+                Some(r) => (
+                    Some(r.cose_sign1.clone()),
+                    r.expires_at.as_ref().map(|t| t.seconds),
+                ),
+                None => (None, None),
+            };
+            let done = sqlx::query(
+                "UPDATE pva_validation SET verdict = ?, reason = ?, result = ?, expires_at = ? \
              WHERE id = ? AND verdict = ?",
-        )
-        .bind(decided.verdict as i64)
-        .bind(&decided.reason)
-        .bind(cose)
-        .bind(expires)
-        .bind(&id)
-        .bind(pb::Verdict::Pending as i64)
-        .execute(&self.db)
+            )
+            .bind(decided.verdict as i64)
+            .bind(&decided.reason)
+            .bind(cose)
+            .bind(expires)
+            .bind(&id)
+            .bind(pb::Verdict::Pending as i64)
+            .execute(&self.db)
+            .await
+            .map_err(db_err)?;
+            if done.rows_affected() != 1 {
+                return Err(RoleError::conflict("this validation is already decided"));
+            }
+            self.decided.bump();
+            Ok(Response::new(pb::SubmitEvidenceResponse {
+                verdict: decided.verdict as i32,
+                reason: decided.reason,
+            }))
+        })
         .await
-        .map_err(db_err)?;
-        if done.rows_affected() != 1 {
-            return Err(Status::failed_precondition(
-                "this validation is already decided",
-            ));
-        }
-        self.decided.bump();
-        Ok(Response::new(pb::SubmitEvidenceResponse {
-            verdict: decided.verdict as i32,
-            reason: decided.reason,
-        }))
     }
 
     async fn get_validation_result(
         &self,
         req: Request<pb::GetValidationResultRequest>,
     ) -> Result<Response<pb::GetValidationResultResponse>, Status> {
-        authorized(&req)?;
-        let id = &req.get_ref().validation_id;
-        let deadline = tokio::time::Instant::now()
-            + Duration::from_millis(u64::from(req.get_ref().wait_ms)).min(MAX_WAIT);
-        let v = loop {
-            // Subscribed before reading: a decision after the read wakes the wait below.
-            let mut decided = self.decided.watch();
-            let v = self.validation(id).await?;
-            let now = tokio::time::Instant::now();
-            if v.verdict != pb::Verdict::Pending || now >= deadline {
-                break v;
-            }
-            decided.wait(deadline - now).await;
-        };
-        Ok(Response::new(pb::GetValidationResultResponse {
-            verdict: v.verdict as i32,
-            reason: v.reason,
-            result: v.result,
-        }))
+        role(async move {
+            authorized(&req)?;
+            let id = &req.get_ref().validation_id;
+            let deadline = tokio::time::Instant::now()
+                + Duration::from_millis(u64::from(req.get_ref().wait_ms)).min(MAX_WAIT);
+            let v = loop {
+                // Subscribed before reading: a decision after the read wakes the wait below.
+                let mut decided = self.decided.watch();
+                let v = self.validation(id).await?;
+                let now = tokio::time::Instant::now();
+                if v.verdict != pb::Verdict::Pending || now >= deadline {
+                    break v;
+                }
+                decided.wait(deadline - now).await;
+            };
+            Ok(Response::new(pb::GetValidationResultResponse {
+                verdict: v.verdict as i32,
+                reason: v.reason,
+                result: v.result,
+            }))
+        })
+        .await
     }
 }
 
@@ -458,7 +478,7 @@ mod tests {
             .await
             .unwrap_or_else(|e| panic!("{e}"));
         let pva = Pva::new(dir.path().to_path_buf(), db).unwrap_or_else(|e| panic!("{e}"));
-        let ok = |r: Result<Result<(), String>, Status>| matches!(r, Ok(Ok(())));
+        let ok = |r: Result<Clock, RoleError>| matches!(r, Ok(Clock::Forward));
         assert!(ok(pva.clock_moves_forward("d1", &clock(5, 0, 1000)).await));
         assert!(
             ok(pva.clock_moves_forward("d1", &clock(5, 0, 2000)).await),
@@ -470,11 +490,14 @@ mod tests {
         );
         let back = pva.clock_moves_forward("d1", &clock(6, 0, 5)).await;
         assert!(
-            matches!(back, Ok(Err(ref m)) if m.contains("backwards")),
+            matches!(back, Ok(Clock::Backwards(ref m)) if m.contains("backwards")),
             "{back:?}"
         );
         let older = pva.clock_moves_forward("d1", &clock(5, 0, 9000)).await;
-        assert!(matches!(older, Ok(Err(_))), "an older reset count");
+        assert!(
+            matches!(older, Ok(Clock::Backwards(_))),
+            "an older reset count"
+        );
         assert!(
             ok(pva.clock_moves_forward("d2", &clock(1, 0, 1)).await),
             "per device"

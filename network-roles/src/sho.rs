@@ -26,11 +26,12 @@ use mcim_proto::mcim::sho::v1::sho_service_server::ShoService;
 use mcim_telemetry::Channel;
 use p256::ecdsa::SigningKey;
 use sqlx::SqlitePool;
-use tonic::{Code, Request, Response, Status};
+use tonic::{Request, Response, Status};
 
 use crate::atrest::DataKey;
 use crate::auc::Auc;
 use crate::authz::Role;
+use crate::error::{RoleError, role};
 use crate::gate::authorized;
 use crate::peers::{self, role_verifying_key};
 use crate::store::{db_err, new_id, now};
@@ -94,11 +95,11 @@ struct Subscription {
 
 impl Sho {
     /// The SHO on `db` with its keys in `pki`.
-    pub fn new(pki: PathBuf, db: SqlitePool, cfg: ShoConfig) -> Result<Arc<Self>, Status> {
-        let internal = |e: &dyn std::fmt::Display| Status::internal(e.to_string());
+    pub fn new(pki: PathBuf, db: SqlitePool, cfg: ShoConfig) -> Result<Arc<Self>, RoleError> {
+        let internal = |e: &dyn std::fmt::Display| RoleError::internal(e.to_string());
         if cfg.plmn.len() < 5 || cfg.plmn.len() > 6 || !cfg.plmn.bytes().all(|b| b.is_ascii_digit())
         {
-            return Err(Status::invalid_argument("the SHO's PLMN is 5 or 6 digits"));
+            return Err(RoleError::invalid("the SHO's PLMN is 5 or 6 digits"));
         }
         let key = mcim_pki::dev::signing_key(&pki, "sho").map_err(|e| internal(&e))?;
         let cert = mcim_pki::dev::ca_der(&pki, "sho").map_err(|e| internal(&e))?;
@@ -121,7 +122,7 @@ impl Sho {
     }
 
     /// Follows again every registration that was in flight when the SHO stopped.
-    pub async fn resume(self: &Arc<Self>) -> Result<(), Status> {
+    pub async fn resume(self: &Arc<Self>) -> Result<(), RoleError> {
         let rows: Vec<(String,)> =
             sqlx::query_as("SELECT id FROM sho_registration WHERE state IN (?, ?)")
                 .bind(St::Validating as i64)
@@ -136,7 +137,7 @@ impl Sho {
         Ok(())
     }
 
-    async fn subscription(&self, pcid: &str) -> Result<Option<Subscription>, Status> {
+    async fn subscription(&self, pcid: &str) -> Result<Option<Subscription>, RoleError> {
         type Row = (String, String, i64, Vec<u8>, String, i64);
         let row: Option<Row> = sqlx::query_as(
             "SELECT pcid, subscriber, tre_kind, storage_public, imsi, require_aka_in_tre \
@@ -158,7 +159,7 @@ impl Sho {
         ))
     }
 
-    async fn set_state(&self, id: &str, st: St, detail: &str) -> Result<(), Status> {
+    async fn set_state(&self, id: &str, st: St, detail: &str) -> Result<(), RoleError> {
         sqlx::query("UPDATE sho_registration SET state = ?, detail = ? WHERE id = ?")
             .bind(st as i64)
             .bind(detail)
@@ -181,13 +182,13 @@ impl Sho {
                         Ok(true) => return,
                         // Still pending after a long poll: ask again at once.
                         Ok(false) => {}
-                        Err(s) if s.code() == Code::Unavailable || s.code() == Code::Unknown => {
-                            tracing::warn!(registration = %id, "will retry: {}", s.message());
+                        Err(e) if e.retryable() => {
+                            tracing::warn!(registration = %id, "will retry: {e}");
                             tokio::time::sleep(RETRY_PAUSE).await;
                         }
-                        Err(s) => {
-                            tracing::warn!(registration = %id, "failed: {}", s.message());
-                            let _ = self.set_state(&id, St::Failed, s.message()).await;
+                        Err(e) => {
+                            tracing::warn!(registration = %id, "failed: {e}");
+                            let _ = self.set_state(&id, St::Failed, &e.to_string()).await;
                             return;
                         }
                     }
@@ -208,7 +209,7 @@ impl Sho {
     }
 
     /// One look at a registration; `Ok(true)` when there is nothing more to do.
-    async fn step(&self, id: &str) -> Result<bool, Status> {
+    async fn step(&self, id: &str) -> Result<bool, RoleError> {
         type Row = (String, Vec<u8>, String, String, i64, Option<Vec<u8>>);
         let row: Option<Row> = sqlx::query_as(
             "SELECT pcid, nonce, dpf_url, validation_id, state, package FROM sho_registration WHERE id = ?",
@@ -229,7 +230,8 @@ impl Sho {
                 validation_id: validation_id.clone(),
                 wait_ms: VALIDATION_LONG_POLL_MS,
             })
-            .await?
+            .await
+            .map_err(RoleError::peer(Role::Pva))?
             .into_inner();
         match pva::Verdict::try_from(v.verdict) {
             Ok(pva::Verdict::Pending) => return Ok(false),
@@ -242,7 +244,7 @@ impl Sho {
         }
         let result = v
             .result
-            .ok_or_else(|| Status::internal("a trusted verdict without a signed result"))?;
+            .ok_or_else(|| RoleError::internal("a trusted verdict without a signed result"))?;
         let pva_key = role_verifying_key(&self.pki, Role::Pva)?;
         let now_s = u64::try_from(now()).unwrap_or(0);
         let verified =
@@ -280,13 +282,14 @@ impl Sho {
                 }),
                 validation: Some(result),
             })
-            .await?;
+            .await
+            .map_err(RoleError::peer(Role::Ro))?;
         self.set_state(id, St::Authorized, "").await?;
         tracing::info!(%pcid, registration = %id, "package handed to the DPF");
         Ok(true)
     }
 
-    async fn dpf(&self, url: &str) -> Result<DpfServiceClient<Channel>, Status> {
+    async fn dpf(&self, url: &str) -> Result<DpfServiceClient<Channel>, RoleError> {
         Ok(DpfServiceClient::new(
             self.dpfs.get(&self.pki, Role::Sho, Role::Ro, url).await?,
         ))
@@ -294,14 +297,15 @@ impl Sho {
 
     /// Step 10's negative outcome: the RO's DPF is told first (the device hears it on its task
     /// stream), then the registration is marked; a failure to reach the DPF is retried.
-    async fn refuse(&self, id: &str, dpf_url: &str, reason: &str) -> Result<(), Status> {
+    async fn refuse(&self, id: &str, dpf_url: &str, reason: &str) -> Result<(), RoleError> {
         self.dpf(dpf_url)
             .await?
             .refuse_provisioning(ro::RefuseProvisioningRequest {
                 registration_id: id.to_string(),
                 reason: reason.to_string(),
             })
-            .await?;
+            .await
+            .map_err(RoleError::peer(Role::Ro))?;
         self.set_state(id, St::ValidationFailed, reason).await
     }
 
@@ -315,16 +319,16 @@ impl Sho {
         pcid: &str,
         nonce: &[u8],
         aka_in_host: bool,
-    ) -> Result<Vec<u8>, Status> {
+    ) -> Result<Vec<u8>, RoleError> {
         let sub = self
             .subscription(pcid)
             .await?
-            .ok_or_else(|| Status::failed_precondition("the subscription is gone"))?;
+            .ok_or_else(|| RoleError::conflict("the subscription is gone"))?;
         let target = match common::TreKind::try_from(i32::try_from(sub.tre_kind).unwrap_or(0)) {
             Ok(common::TreKind::Tpm2) if aka_in_host => TreTarget::Tpm2SealedK,
             Ok(common::TreKind::Tpm2) => TreTarget::Tpm2,
             Ok(common::TreKind::Pkcs11) => TreTarget::Pkcs11,
-            _ => return Err(Status::failed_precondition("unknown TRE kind")),
+            _ => return Err(RoleError::conflict("unknown TRE kind")),
         };
         let (k, opc, wrapped) = {
             let mut rng = rand::rng();
@@ -334,7 +338,7 @@ impl Sho {
             rand::Rng::fill_bytes(&mut rng, &mut ob[..]);
             let (k, opc) = (K::new(*kb), Opc::new(*ob));
             let wrapped = package::wrap_secrets(target, &sub.storage_public, &k, &opc, &mut rng)
-                .map_err(|e| Status::failed_precondition(e.to_string()))?;
+                .map_err(|e| RoleError::conflict(e.to_string()))?;
             (kb, ob, wrapped)
         };
         // No package was stored, so no earlier K ever left: replace whatever a crash left.
@@ -364,7 +368,7 @@ impl Sho {
             issued_at: u64::try_from(now()).unwrap_or(0),
         };
         let signed = package::seal(&self.key, &payload, &self.cert)
-            .map_err(|e| Status::internal(e.to_string()))?;
+            .map_err(|e| RoleError::internal(e.to_string()))?;
         sqlx::query("UPDATE sho_registration SET package = ? WHERE id = ? AND package IS NULL")
             .bind(&signed)
             .bind(id)
@@ -378,7 +382,7 @@ impl Sho {
                 .fetch_one(&self.db)
                 .await
                 .map_err(db_err)?;
-        stored.ok_or_else(|| Status::internal("package not stored"))
+        stored.ok_or_else(|| RoleError::internal("package not stored"))
     }
 }
 
@@ -388,73 +392,72 @@ impl ShoService for ShoApi {
         &self,
         req: Request<pb::CreateSubscriptionRequest>,
     ) -> Result<Response<pb::CreateSubscriptionResponse>, Status> {
-        authorized(&req)?;
-        let s = &self.0;
-        let r = req.into_inner();
-        if r.subscriber.is_empty() {
-            return Err(Status::invalid_argument("the subscriber is required"));
-        }
-        let device = r
-            .device
-            .ok_or_else(|| Status::invalid_argument("the device is required"))?;
-        let pcid =
-            Pcid::new(device.pcid.clone()).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let target = match common::TreKind::try_from(r.tre_kind) {
-            Ok(common::TreKind::Tpm2) => TreTarget::Tpm2,
-            Ok(common::TreKind::Pkcs11) => TreTarget::Pkcs11,
-            _ => return Err(Status::invalid_argument("the TRE kind is required")),
-        };
-        // The storage key must be one we can wrap to (checked now, not at step 11).
-        package::wrap_secrets(
-            target,
-            &r.storage_public,
-            &K::new([0; 16]),
-            &Opc::new([0; 16]),
-            &mut rand::rng(),
-        )
-        .map_err(|e| Status::invalid_argument(format!("storage key: {e}")))?;
-        let cred = mcim_pki::dev::verify_platform_credential(&s.pki, &r.platform_credential)
-            .map_err(|e| Status::invalid_argument(format!("platform credential: {e}")))?;
-        if cred.pcid != pcid.as_str() {
-            return Err(Status::invalid_argument(
-                "the platform credential is another device's",
-            ));
-        }
-        // The MCIM will be wrapped to this key: it must be the one the supplier certified in
-        // this device's TRE, not one the subscriber (or anyone) holds outside it.
-        if !cred.certifies_storage_key(&r.storage_public) {
-            return Err(Status::invalid_argument(
-                "the storage key is not the one the supplier certified for this device's TRE",
-            ));
-        }
-        if let Some(existing) = s.subscription(pcid.as_str()).await? {
-            if existing.subscriber != r.subscriber {
-                return Err(Status::already_exists(
-                    "this device has a subscription of another subscriber",
-                ));
+        role(async move {
+            authorized(&req)?;
+            let s = &self.0;
+            let r = req.into_inner();
+            if r.subscriber.is_empty() {
+                return Err(RoleError::invalid("the subscriber is required"));
             }
-        } else {
-            let mut tx = s.db.begin().await.map_err(db_err)?;
-            // The next number of the SHO's range; numbers are never reused.
-            let (n,): (i64,) = sqlx::query_as(
-                "UPDATE sho_imsi_seq SET last = last + 1 WHERE id = 1 RETURNING last",
+            let device = r
+                .device
+                .ok_or_else(|| RoleError::invalid("the device is required"))?;
+            let pcid =
+                Pcid::new(device.pcid.clone()).map_err(|e| RoleError::invalid(e.to_string()))?;
+            let target = match common::TreKind::try_from(r.tre_kind) {
+                Ok(common::TreKind::Tpm2) => TreTarget::Tpm2,
+                Ok(common::TreKind::Pkcs11) => TreTarget::Pkcs11,
+                _ => return Err(RoleError::invalid("the TRE kind is required")),
+            };
+            // The storage key must be one we can wrap to (checked now, not at step 11).
+            package::wrap_secrets(
+                target,
+                &r.storage_public,
+                &K::new([0; 16]),
+                &Opc::new([0; 16]),
+                &mut rand::rng(),
             )
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(db_err)?;
-            let width = 15 - s.cfg.plmn.len();
-            if u32::try_from(width)
-                .ok()
-                .and_then(|w| 10_i64.checked_pow(w))
-                .is_none_or(|limit| n >= limit)
-            {
-                // Dropping the transaction leaves the counter as it was.
-                return Err(Status::resource_exhausted(
-                    "the SHO's IMSI range is used up",
+            .map_err(|e| RoleError::invalid(format!("storage key: {e}")))?;
+            let cred = mcim_pki::dev::verify_platform_credential(&s.pki, &r.platform_credential)
+                .map_err(|e| RoleError::invalid(format!("platform credential: {e}")))?;
+            if cred.pcid != pcid.as_str() {
+                return Err(RoleError::invalid(
+                    "the platform credential is another device's",
                 ));
             }
-            let imsi = format!("{}{:0width$}", s.cfg.plmn, n);
-            sqlx::query(
+            // The MCIM will be wrapped to this key: it must be the one the supplier certified in
+            // this device's TRE, not one the subscriber (or anyone) holds outside it.
+            if !cred.certifies_storage_key(&r.storage_public) {
+                return Err(RoleError::invalid(
+                    "the storage key is not the one the supplier certified for this device's TRE",
+                ));
+            }
+            if let Some(existing) = s.subscription(pcid.as_str()).await? {
+                if existing.subscriber != r.subscriber {
+                    return Err(RoleError::exists(
+                        "this device has a subscription of another subscriber",
+                    ));
+                }
+            } else {
+                let mut tx = s.db.begin().await.map_err(db_err)?;
+                // The next number of the SHO's range; numbers are never reused.
+                let (n,): (i64,) = sqlx::query_as(
+                    "UPDATE sho_imsi_seq SET last = last + 1 WHERE id = 1 RETURNING last",
+                )
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(db_err)?;
+                let width = 15 - s.cfg.plmn.len();
+                if u32::try_from(width)
+                    .ok()
+                    .and_then(|w| 10_i64.checked_pow(w))
+                    .is_none_or(|limit| n >= limit)
+                {
+                    // Dropping the transaction leaves the counter as it was.
+                    return Err(RoleError::exhausted("the SHO's IMSI range is used up"));
+                }
+                let imsi = format!("{}{:0width$}", s.cfg.plmn, n);
+                sqlx::query(
                 "INSERT INTO sho_subscription (id, pcid, subscriber, device_id, model, tre_kind, \
                  storage_public, imsi, require_aka_in_tre) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             )
@@ -470,48 +473,51 @@ impl ShoService for ShoApi {
             .execute(&mut *tx)
             .await
             .map_err(db_err)?;
-            tx.commit().await.map_err(db_err)?;
-        }
-        let sub = s
-            .subscription(pcid.as_str())
-            .await?
-            .ok_or_else(|| Status::internal("subscription not stored"))?;
-        // The RO's DRF learns where this device's SHO is (step 6 looks it up).
-        DrfServiceClient::new(s.drf.clone())
-            .set_subscription(ro::SetSubscriptionRequest {
-                pcid: sub.pcid.clone(),
-                sho_id: s.id.clone(),
-                sho_url: s.cfg.url.clone(),
-            })
-            .await
-            .map_err(|e| Status::new(e.code(), format!("RO: {}", e.message())))?;
-        tracing::info!(pcid = %sub.pcid, imsi = %sub.imsi, "subscription");
-        Ok(Response::new(pb::CreateSubscriptionResponse {
-            subscription_id: sub.pcid,
-            imsi: sub.imsi,
-        }))
+                tx.commit().await.map_err(db_err)?;
+            }
+            let sub = s
+                .subscription(pcid.as_str())
+                .await?
+                .ok_or_else(|| RoleError::internal("subscription not stored"))?;
+            // The RO's DRF learns where this device's SHO is (step 6 looks it up).
+            DrfServiceClient::new(s.drf.clone())
+                .set_subscription(ro::SetSubscriptionRequest {
+                    pcid: sub.pcid.clone(),
+                    sho_id: s.id.clone(),
+                    sho_url: s.cfg.url.clone(),
+                })
+                .await
+                .map_err(RoleError::peer(Role::Ro))?;
+            tracing::info!(pcid = %sub.pcid, imsi = %sub.imsi, "subscription");
+            Ok(Response::new(pb::CreateSubscriptionResponse {
+                subscription_id: sub.pcid,
+                imsi: sub.imsi,
+            }))
+        })
+        .await
     }
 
     async fn register_device(
         &self,
         req: Request<pb::RegisterDeviceRequest>,
     ) -> Result<Response<pb::RegisterDeviceResponse>, Status> {
+        role(async move {
         authorized(&req)?;
         let s = &self.0;
         let r = req.into_inner();
         if r.registration_id.is_empty() || r.registration_nonce.len() < 16 {
-            return Err(Status::invalid_argument(
+            return Err(RoleError::invalid(
                 "a registration id and a nonce of 16 octets or more are required",
             ));
         }
         if !r.dpf_url.starts_with("https://") {
-            return Err(Status::invalid_argument(
+            return Err(RoleError::invalid(
                 "dpf_url must be https://host:port",
             ));
         }
         s.subscription(&r.pcid)
             .await?
-            .ok_or_else(|| Status::not_found("no subscription for this PCID"))?;
+            .ok_or_else(|| RoleError::not_found("no subscription for this PCID"))?;
         let existing: Option<(String, Vec<u8>)> = sqlx::query_as(
             "SELECT validation_id, validation_nonce FROM sho_registration WHERE id = ?",
         )
@@ -533,7 +539,7 @@ impl ShoService for ShoApi {
                 registration_id: r.registration_id.clone(),
             })
             .await
-            .map_err(|e| Status::new(e.code(), format!("PVA: {}", e.message())))?
+            .map_err(RoleError::peer(Role::Pva))?
             .into_inner();
         sqlx::query(
             "INSERT INTO sho_registration (id, pcid, nonce, dpf_url, validation_id, validation_nonce, state) \
@@ -556,68 +562,78 @@ impl ShoService for ShoApi {
             nonce: v.nonce,
             pva_url: s.cfg.pva_url.clone(),
         }))
+        })
+        .await
     }
 
     async fn get_registration(
         &self,
         req: Request<pb::GetRegistrationRequest>,
     ) -> Result<Response<pb::GetRegistrationResponse>, Status> {
-        authorized(&req)?;
-        let row: Option<(i64, String, String)> = sqlx::query_as(
-            "SELECT r.state, r.detail, s.imsi FROM sho_registration r \
+        role(async move {
+            authorized(&req)?;
+            let row: Option<(i64, String, String)> = sqlx::query_as(
+                "SELECT r.state, r.detail, s.imsi FROM sho_registration r \
              JOIN sho_subscription s ON s.pcid = r.pcid WHERE r.id = ?",
-        )
-        .bind(&req.get_ref().registration_id)
-        .fetch_optional(&self.0.db)
+            )
+            .bind(&req.get_ref().registration_id)
+            .fetch_optional(&self.0.db)
+            .await
+            .map_err(db_err)?;
+            let (state, detail, imsi) =
+                row.ok_or_else(|| RoleError::not_found("no such registration"))?;
+            Ok(Response::new(pb::GetRegistrationResponse {
+                state: i32::try_from(state).unwrap_or(0),
+                detail,
+                imsi,
+            }))
+        })
         .await
-        .map_err(db_err)?;
-        let (state, detail, imsi) = row.ok_or_else(|| Status::not_found("no such registration"))?;
-        Ok(Response::new(pb::GetRegistrationResponse {
-            state: i32::try_from(state).unwrap_or(0),
-            detail,
-            imsi,
-        }))
     }
 
     async fn get_auth_vectors(
         &self,
         req: Request<pb::GetAuthVectorsRequest>,
     ) -> Result<Response<pb::GetAuthVectorsResponse>, Status> {
-        authorized(&req)?;
-        let r = req.into_inner();
-        // Only an MCIM the device reported installed serves (5.1.3.6.2 step 14).
-        let live: Option<(String,)> = sqlx::query_as(
-            "SELECT s.imsi FROM sho_subscription s JOIN sho_registration r ON r.pcid = s.pcid \
+        role(async move {
+            authorized(&req)?;
+            let r = req.into_inner();
+            // Only an MCIM the device reported installed serves (5.1.3.6.2 step 14).
+            let live: Option<(String,)> = sqlx::query_as(
+                "SELECT s.imsi FROM sho_subscription s JOIN sho_registration r ON r.pcid = s.pcid \
              WHERE s.imsi = ? AND r.state = ?",
-        )
-        .bind(&r.imsi)
-        .bind(St::Provisioned as i64)
-        .fetch_optional(&self.0.db)
+            )
+            .bind(&r.imsi)
+            .bind(St::Provisioned as i64)
+            .fetch_optional(&self.0.db)
+            .await
+            .map_err(db_err)?;
+            if live.is_none() {
+                return Err(RoleError::not_found("no provisioned MCIM with this IMSI"));
+            }
+            let vectors = self
+                .0
+                .auc
+                .vectors(&r.imsi, r.count.max(1), r.resync.as_ref())
+                .await?;
+            Ok(Response::new(pb::GetAuthVectorsResponse { vectors }))
+        })
         .await
-        .map_err(db_err)?;
-        if live.is_none() {
-            return Err(Status::not_found("no provisioned MCIM with this IMSI"));
-        }
-        let vectors = self
-            .0
-            .auc
-            .vectors(&r.imsi, r.count.max(1), r.resync.as_ref())
-            .await?;
-        Ok(Response::new(pb::GetAuthVectorsResponse { vectors }))
     }
 
     async fn report_provisioning_status(
         &self,
         req: Request<pb::ReportProvisioningStatusRequest>,
     ) -> Result<Response<pb::ReportProvisioningStatusResponse>, Status> {
-        authorized(&req)?;
-        let r = req.into_inner();
-        let st = match common::ProvisioningStatus::try_from(r.status) {
-            Ok(common::ProvisioningStatus::Installed) => St::Provisioned,
-            Ok(common::ProvisioningStatus::Failed) => St::Failed,
-            _ => return Err(Status::invalid_argument("status is installed or failed")),
-        };
-        let done = sqlx::query(
+        role(async move {
+            authorized(&req)?;
+            let r = req.into_inner();
+            let st = match common::ProvisioningStatus::try_from(r.status) {
+                Ok(common::ProvisioningStatus::Installed) => St::Provisioned,
+                Ok(common::ProvisioningStatus::Failed) => St::Failed,
+                _ => return Err(RoleError::invalid("status is installed or failed")),
+            };
+            let done = sqlx::query(
             "UPDATE sho_registration SET state = ?, detail = ? WHERE id = ? AND state IN (?, ?, ?)",
         )
         .bind(st as i64)
@@ -629,34 +645,42 @@ impl ShoService for ShoApi {
         .execute(&self.0.db)
         .await
         .map_err(db_err)?;
-        if done.rows_affected() != 1 {
-            return Err(Status::failed_precondition(
-                "no authorised registration with this id",
-            ));
-        }
-        tracing::info!(registration = %r.registration_id, state = ?st, "provisioning result");
-        Ok(Response::new(pb::ReportProvisioningStatusResponse {}))
+            if done.rows_affected() != 1 {
+                return Err(RoleError::conflict(
+                    "no authorised registration with this id",
+                ));
+            }
+            tracing::info!(registration = %r.registration_id, state = ?st, "provisioning result");
+            Ok(Response::new(pb::ReportProvisioningStatusResponse {}))
+        })
+        .await
     }
 
     async fn notify_discard(
         &self,
         req: Request<pb::NotifyDiscardRequest>,
     ) -> Result<Response<pb::NotifyDiscardResponse>, Status> {
-        // The device that discarded: known from the IMSI once change of SHO is built; until
-        // then only the role is checked.
-        authorized(&req)?;
-        Err(Status::unimplemented(
-            "change of SHO (5.1.3.7.4.2) is not built yet",
-        ))
+        role(async move {
+            // The device that discarded: known from the IMSI once change of SHO is built; until
+            // then only the role is checked.
+            authorized(&req)?;
+            Err(RoleError::not_built(
+                "change of SHO (5.1.3.7.4.2) is not built yet",
+            ))
+        })
+        .await
     }
 
     async fn receive_discard_ack(
         &self,
         req: Request<pb::ReceiveDiscardAckRequest>,
     ) -> Result<Response<pb::ReceiveDiscardAckResponse>, Status> {
-        authorized(&req)?;
-        Err(Status::unimplemented(
-            "change of SHO (5.1.3.7.4.2) is not built yet",
-        ))
+        role(async move {
+            authorized(&req)?;
+            Err(RoleError::not_built(
+                "change of SHO (5.1.3.7.4.2) is not built yet",
+            ))
+        })
+        .await
     }
 }

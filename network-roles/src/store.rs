@@ -3,6 +3,7 @@
 //! start. Queries are plain SQL strings (no compile-time query macros: they would need a
 //! database at build time).
 
+use crate::error::RoleError;
 use std::borrow::Cow;
 
 use sqlx::migrate::{Migration, MigrationType, Migrator};
@@ -69,10 +70,10 @@ pub fn now() -> i64 {
         .unwrap_or(0)
 }
 
-/// A database failure as the gRPC status callers see (details only in the log).
-pub fn db_err(e: sqlx::Error) -> tonic::Status {
-    tracing::error!("database: {e}");
-    tonic::Status::unavailable("database error")
+/// A database failure (logged, and answered as UNAVAILABLE without details, by
+/// [`crate::error`]).
+pub fn db_err(e: sqlx::Error) -> RoleError {
+    RoleError::Database(e)
 }
 
 /// A random id, 32 hex digits.

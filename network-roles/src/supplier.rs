@@ -18,6 +18,8 @@ use mcim_proto::mcim::supplier::v1 as pb;
 use mcim_proto::mcim::supplier::v1::supplier_service_server::SupplierService;
 use tonic::{Request, Response, Status};
 
+use crate::authz::Role;
+use crate::error::{RoleError, role};
 use crate::gate::authorized;
 
 /// The supplier's service over its PKI directory (the supplier root signs).
@@ -31,29 +33,22 @@ pub struct Supplier {
 impl Supplier {
     /// Serves with the supplier root in `pki`; `ro_url` is the RO whose ICF receives the
     /// connectivity credentials the supplier embedded.
-    pub fn new(pki: PathBuf, ro_url: Option<&str>) -> Result<Self, Status> {
+    pub fn new(pki: PathBuf, ro_url: Option<&str>) -> Result<Self, RoleError> {
         let icf = ro_url
-            .map(|u| {
-                crate::peers::channel(
-                    &pki,
-                    crate::authz::Role::Supplier,
-                    crate::authz::Role::Ro,
-                    u,
-                )
-            })
+            .map(|u| crate::peers::channel(&pki, Role::Supplier, Role::Ro, u))
             .transpose()?;
         Ok(Self { pki, icf })
     }
 }
 
-fn internal(e: mcim_pki::PkiError) -> Status {
-    Status::internal(e.to_string())
+fn internal(e: mcim_pki::PkiError) -> RoleError {
+    RoleError::Pki(e)
 }
 
 /// The attestation key's point: from a TPM2B_PUBLIC that must be a restricted, fixedTPM
 /// signing key (else a "quote" it signed would prove nothing), or from a token's SPKI.
-fn attestation_point(kind: i32, public: &[u8]) -> Result<[u8; 65], Status> {
-    let bad = |m: &str| Status::invalid_argument(format!("attestation key: {m}"));
+fn attestation_point(kind: i32, public: &[u8]) -> Result<[u8; 65], RoleError> {
+    let bad = |m: &str| RoleError::invalid(format!("attestation key: {m}"));
     match common::TreKind::try_from(kind) {
         Ok(common::TreKind::Tpm2) => {
             let ak = EccPublic::from_tpm2b(public).map_err(|e| bad(&e.to_string()))?;
@@ -85,53 +80,57 @@ impl SupplierService for Supplier {
         &self,
         req: Request<pb::CertifyDeviceRequest>,
     ) -> Result<Response<pb::CertifyDeviceResponse>, Status> {
-        authorized(&req)?;
-        let r = req.into_inner();
-        let identity = r
-            .identity
-            .ok_or_else(|| Status::invalid_argument("identity is required"))?;
-        let pcid = Pcid::new(identity.pcid).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let ak = attestation_point(r.tre_kind, &r.attestation_public)?;
-        let root = mcim_pki::dev::ca_der(&self.pki, "supplier-root").map_err(internal)?;
-        let ak_cert = mcim_pki::dev::issue_attestation_der(
-            &self.pki,
-            pcid.as_str(),
-            &identity.model,
-            &ak,
-            &r.storage_public,
-        )
-        .map_err(internal)?;
-        let tls_cert = mcim_pki::dev::issue_device_der(
-            &self.pki,
-            "supplier-root",
-            pcid.as_str(),
-            &r.tls_public_spki,
-        )
-        .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        Ok(Response::new(pb::CertifyDeviceResponse {
-            platform_credential: vec![ak_cert, root.clone()],
-            tls_certificate: vec![tls_cert, root],
-        }))
+        role(async move {
+            authorized(&req)?;
+            let r = req.into_inner();
+            let identity = r
+                .identity
+                .ok_or_else(|| RoleError::invalid("identity is required"))?;
+            let pcid = Pcid::new(identity.pcid).map_err(|e| RoleError::invalid(e.to_string()))?;
+            let ak = attestation_point(r.tre_kind, &r.attestation_public)?;
+            let root = mcim_pki::dev::ca_der(&self.pki, "supplier-root").map_err(internal)?;
+            let ak_cert = mcim_pki::dev::issue_attestation_der(
+                &self.pki,
+                pcid.as_str(),
+                &identity.model,
+                &ak,
+                &r.storage_public,
+            )
+            .map_err(internal)?;
+            let tls_cert = mcim_pki::dev::issue_device_der(
+                &self.pki,
+                "supplier-root",
+                pcid.as_str(),
+                &r.tls_public_spki,
+            )
+            .map_err(|e| RoleError::invalid(e.to_string()))?;
+            Ok(Response::new(pb::CertifyDeviceResponse {
+                platform_credential: vec![ak_cert, root.clone()],
+                tls_certificate: vec![tls_cert, root],
+            }))
+        })
+        .await
     }
 
     async fn issue_connectivity_credentials(
         &self,
         req: Request<pb::IssueConnectivityCredentialsRequest>,
     ) -> Result<Response<pb::IssueConnectivityCredentialsResponse>, Status> {
+        role(async move {
         authorized(&req)?;
         let r = req.into_inner();
         let aka_in_host = r.aka_execution() == common::AkaExecution::UnsealedInHost;
-        let pcid = Pcid::new(r.pcid).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let pcid = Pcid::new(r.pcid).map_err(|e| RoleError::invalid(e.to_string()))?;
         let target = match common::TreKind::try_from(r.tre_kind) {
             Ok(common::TreKind::Tpm2) if aka_in_host => TreTarget::Tpm2SealedK,
             Ok(common::TreKind::Tpm2) => TreTarget::Tpm2,
             Ok(common::TreKind::Pkcs11) => TreTarget::Pkcs11,
-            _ => return Err(Status::invalid_argument("the TRE kind is required")),
+            _ => return Err(RoleError::invalid("the TRE kind is required")),
         };
         let icf = self
             .icf
             .clone()
-            .ok_or_else(|| Status::failed_precondition("no RO configured (--ro-url)"))?;
+            .ok_or_else(|| RoleError::conflict("no RO configured (--ro-url)"))?;
         // Fresh K and OPc, wrapped for this TRE first (a key we cannot wrap to changes
         // nothing), then given to the ICF; only the wrapped form comes back.
         let (k, opc) = {
@@ -149,7 +148,7 @@ impl SupplierService for Supplier {
             &Opc::new(*opc),
             &mut rand::rng(),
         )
-        .map_err(|e| Status::invalid_argument(format!("storage key: {e}")))?;
+        .map_err(|e| RoleError::invalid(format!("storage key: {e}")))?;
         IcfServiceClient::new(icf)
             .register_initial_credentials(ro::RegisterInitialCredentialsRequest {
                 pcid: pcid.as_str().to_string(),
@@ -160,13 +159,15 @@ impl SupplierService for Supplier {
                 delayed_activation: false,
             })
             .await
-            .map_err(|e| Status::new(e.code(), format!("RO's ICF: {}", e.message())))?;
+            .map_err(RoleError::peer(Role::Ro))?;
         tracing::info!(pcid = %pcid.as_str(), device = %r.device_id, "CCIF mode 1: credentials issued");
         Ok(Response::new(pb::IssueConnectivityCredentialsResponse {
             pcid: pcid.as_str().to_string(),
             wrapped_k,
             wrapped_opc,
         }))
+        })
+        .await
     }
 
     /// CCIF mode 2 (5.1.3.4.1): the supplier generated the PCID's K and OPc and embedded them
@@ -176,34 +177,40 @@ impl SupplierService for Supplier {
         &self,
         req: Request<pb::RecordConnectivityCredentialsRequest>,
     ) -> Result<Response<pb::RecordConnectivityCredentialsResponse>, Status> {
-        authorized(&req)?;
-        let r = req.into_inner();
-        let pcid = Pcid::new(r.pcid).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let icf = self
-            .icf
-            .clone()
-            .ok_or_else(|| Status::failed_precondition("no RO configured (--ro-url)"))?;
-        IcfServiceClient::new(icf)
-            .register_initial_credentials(ro::RegisterInitialCredentialsRequest {
-                pcid: pcid.as_str().to_string(),
-                k: r.k.clone(),
-                opc: r.opc.clone(),
-                mode: ro::CredentialMode::SupplierGenerated as i32,
-                expires_at: None,
-                delayed_activation: false,
-            })
-            .await
-            .map_err(|e| Status::new(e.code(), format!("RO's ICF: {}", e.message())))?;
-        Ok(Response::new(pb::RecordConnectivityCredentialsResponse {}))
+        role(async move {
+            authorized(&req)?;
+            let r = req.into_inner();
+            let pcid = Pcid::new(r.pcid).map_err(|e| RoleError::invalid(e.to_string()))?;
+            let icf = self
+                .icf
+                .clone()
+                .ok_or_else(|| RoleError::conflict("no RO configured (--ro-url)"))?;
+            IcfServiceClient::new(icf)
+                .register_initial_credentials(ro::RegisterInitialCredentialsRequest {
+                    pcid: pcid.as_str().to_string(),
+                    k: r.k.clone(),
+                    opc: r.opc.clone(),
+                    mode: ro::CredentialMode::SupplierGenerated as i32,
+                    expires_at: None,
+                    delayed_activation: false,
+                })
+                .await
+                .map_err(RoleError::peer(Role::Ro))?;
+            Ok(Response::new(pb::RecordConnectivityCredentialsResponse {}))
+        })
+        .await
     }
 
     async fn get_supplier_root(
         &self,
         req: Request<pb::GetSupplierRootRequest>,
     ) -> Result<Response<pb::GetSupplierRootResponse>, Status> {
-        authorized(&req)?;
-        Ok(Response::new(pb::GetSupplierRootResponse {
-            certificate: mcim_pki::dev::ca_der(&self.pki, "supplier-root").map_err(internal)?,
-        }))
+        role(async move {
+            authorized(&req)?;
+            Ok(Response::new(pb::GetSupplierRootResponse {
+                certificate: mcim_pki::dev::ca_der(&self.pki, "supplier-root").map_err(internal)?,
+            }))
+        })
+        .await
     }
 }

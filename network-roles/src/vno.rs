@@ -21,6 +21,7 @@ use subtle::ConstantTimeEq;
 use tonic::{Request, Response, Status};
 
 use crate::authz::Role;
+use crate::error::{RoleError, role};
 use crate::gate::authorized;
 use crate::peers;
 use crate::store::{db_err, new_id, now};
@@ -91,7 +92,7 @@ impl std::fmt::Debug for Vno {
 
 impl Vno {
     /// A VNO routing by `routes` (the longest matching prefix wins).
-    pub fn new(pki: PathBuf, db: SqlitePool, routes: Vec<Route>) -> Result<Self, Status> {
+    pub fn new(pki: PathBuf, db: SqlitePool, routes: Vec<Route>) -> Result<Self, RoleError> {
         let mut chans = Vec::new();
         for r in routes {
             let (role, url) = match &r.target {
@@ -109,11 +110,11 @@ impl Vno {
         })
     }
 
-    fn route(&self, identity: &str) -> Result<&(Route, Channel), Status> {
+    fn route(&self, identity: &str) -> Result<&(Route, Channel), RoleError> {
         self.routes
             .iter()
             .find(|(r, _)| identity.starts_with(&r.prefix))
-            .ok_or_else(|| Status::not_found("no roaming agreement for this identity's PLMN"))
+            .ok_or_else(|| RoleError::not_found("no roaming agreement for this identity's PLMN"))
     }
 
     /// One vector from the home of `identity` (steps 2-3), after `resync` if given.
@@ -121,7 +122,7 @@ impl Vno {
         &self,
         identity: &str,
         resync: Option<common::ResyncInfo>,
-    ) -> Result<(bool, common::AuthVector), Status> {
+    ) -> Result<(bool, common::AuthVector), RoleError> {
         let (route, chan) = self.route(identity)?;
         let (operational, mut vectors) = match &route.target {
             Target::Icf(_) => (
@@ -133,7 +134,8 @@ impl Vno {
                         resync,
                         serving_network: SERVING_NETWORK.into(),
                     })
-                    .await?
+                    .await
+                    .map_err(RoleError::peer(Role::Ro))?
                     .into_inner()
                     .vectors,
             ),
@@ -146,14 +148,15 @@ impl Vno {
                         resync,
                         serving_network: SERVING_NETWORK.into(),
                     })
-                    .await?
+                    .await
+                    .map_err(RoleError::peer(Role::Sho))?
                     .into_inner()
                     .vectors,
             ),
         };
         let av = vectors
             .pop()
-            .ok_or_else(|| Status::unavailable("the home network sent no vector"))?;
+            .ok_or_else(|| RoleError::unavailable("the home network sent no vector"))?;
         Ok((operational, av))
     }
 }
@@ -164,9 +167,10 @@ impl VnoService for Vno {
         &self,
         req: Request<pb::AttachRequest>,
     ) -> Result<Response<pb::AttachResponse>, Status> {
+        role(async move {
         let caller = authorized(&req)?.caller;
         let identity = Imsi::new(req.into_inner().identity)
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+            .map_err(|e| RoleError::invalid(e.to_string()))?;
         let identity = identity.as_str().to_string();
         // Stale attempts and grants end by themselves.
         sqlx::query("DELETE FROM vno_attach WHERE expires_at <= ?")
@@ -183,7 +187,7 @@ impl VnoService for Vno {
         match busy {
             // Another device holds this identity: one attach at a time.
             Some((by,)) if by != caller.name => {
-                return Err(Status::already_exists(
+                return Err(RoleError::exists(
                     "this identity is already attached (detach first)",
                 ));
             }
@@ -220,7 +224,7 @@ impl VnoService for Vno {
         .await
         .map_err(db_err)?;
         if done.rows_affected() != 1 {
-            return Err(Status::already_exists("this identity is already attached"));
+            return Err(RoleError::exists("this identity is already attached"));
         }
         tracing::info!(%identity, operational, "attach: challenge sent");
         Ok(Response::new(pb::AttachResponse {
@@ -230,88 +234,92 @@ impl VnoService for Vno {
                 autn: av.autn,
             }),
         }))
+        })
+        .await
     }
 
     async fn complete_attach(
         &self,
         req: Request<pb::CompleteAttachRequest>,
     ) -> Result<Response<pb::CompleteAttachResponse>, Status> {
-        let auth = authorized(&req)?;
-        type Row = (String, String, i64, Vec<u8>, Vec<u8>, String);
-        let row: Option<Row> = sqlx::query_as(
-            "SELECT identity, caller, operational, rand, xres, state FROM vno_attach \
+        role(async move {
+            let auth = authorized(&req)?;
+            type Row = (String, String, i64, Vec<u8>, Vec<u8>, String);
+            let row: Option<Row> = sqlx::query_as(
+                "SELECT identity, caller, operational, rand, xres, state FROM vno_attach \
              WHERE attach_id = ? AND expires_at > ?",
-        )
-        .bind(&req.get_ref().attach_id)
-        .bind(now())
-        .fetch_optional(&self.db)
-        .await
-        .map_err(db_err)?;
-        let (identity, attached_by, operational, rand, xres, state) =
-            row.ok_or_else(|| Status::not_found("no such attach attempt (or it timed out)"))?;
-        auth.owns(&attached_by)?;
-        if state != "challenged" {
-            return Err(Status::failed_precondition("already answered"));
-        }
-        let r = req.into_inner();
-        match r.answer {
-            Some(pb::complete_attach_request::Answer::Res(res)) => {
-                if !bool::from(res.as_slice().ct_eq(xres.as_slice())) {
-                    sqlx::query("DELETE FROM vno_attach WHERE attach_id = ?")
-                        .bind(&r.attach_id)
-                        .execute(&self.db)
-                        .await
-                        .map_err(db_err)?;
-                    tracing::warn!(%identity, "attach: wrong RES");
-                    return Err(Status::unauthenticated("authentication failed"));
-                }
-                let operational = operational != 0;
-                let grant = new_id();
-                let expires = now()
-                    + if operational {
-                        OPERATIONAL_GRANT_SECS
-                    } else {
-                        crate::ro::GRANT_LIFETIME_SECS
-                    };
-                let ts = prost_types::Timestamp {
-                    seconds: expires,
-                    nanos: 0,
-                };
-                if !operational {
-                    // Step 4: the RO learns the grant its DRF will accept.
-                    let (_, chan) = self.route(&identity)?;
-                    IcfServiceClient::new(chan.clone())
-                        .report_attach(ro::ReportAttachRequest {
-                            pcid: identity.clone(),
-                            grant_id: grant.clone(),
-                            expires_at: Some(ts),
-                        })
-                        .await?;
-                }
-                sqlx::query(
-                    "UPDATE vno_attach SET state = 'granted', grant_id = ?, expires_at = ? \
-                     WHERE attach_id = ?",
-                )
-                .bind(&grant)
-                .bind(expires)
-                .bind(&r.attach_id)
-                .execute(&self.db)
-                .await
-                .map_err(db_err)?;
-                tracing::info!(%identity, operational, "attach: granted");
-                Ok(Response::new(pb::CompleteAttachResponse {
-                    result: Some(pb::complete_attach_response::Result::Grant(pb::Grant {
-                        grant_id: grant,
-                        expires_at: Some(ts),
-                        operational,
-                    })),
-                }))
+            )
+            .bind(&req.get_ref().attach_id)
+            .bind(now())
+            .fetch_optional(&self.db)
+            .await
+            .map_err(db_err)?;
+            let (identity, attached_by, operational, rand, xres, state) = row
+                .ok_or_else(|| RoleError::not_found("no such attach attempt (or it timed out)"))?;
+            auth.owns(&attached_by)?;
+            if state != "challenged" {
+                return Err(RoleError::conflict("already answered"));
             }
-            Some(pb::complete_attach_request::Answer::Auts(auts)) => {
-                let (_, av) = self
-                    .vector(&identity, Some(common::ResyncInfo { rand, auts }))
-                    .await?;
-                sqlx::query(
+            let r = req.into_inner();
+            match r.answer {
+                Some(pb::complete_attach_request::Answer::Res(res)) => {
+                    if !bool::from(res.as_slice().ct_eq(xres.as_slice())) {
+                        sqlx::query("DELETE FROM vno_attach WHERE attach_id = ?")
+                            .bind(&r.attach_id)
+                            .execute(&self.db)
+                            .await
+                            .map_err(db_err)?;
+                        tracing::warn!(%identity, "attach: wrong RES");
+                        return Err(RoleError::unauthenticated("authentication failed"));
+                    }
+                    let operational = operational != 0;
+                    let grant = new_id();
+                    let expires = now()
+                        + if operational {
+                            OPERATIONAL_GRANT_SECS
+                        } else {
+                            crate::ro::GRANT_LIFETIME_SECS
+                        };
+                    let ts = prost_types::Timestamp {
+                        seconds: expires,
+                        nanos: 0,
+                    };
+                    if !operational {
+                        // Step 4: the RO learns the grant its DRF will accept.
+                        let (_, chan) = self.route(&identity)?;
+                        IcfServiceClient::new(chan.clone())
+                            .report_attach(ro::ReportAttachRequest {
+                                pcid: identity.clone(),
+                                grant_id: grant.clone(),
+                                expires_at: Some(ts),
+                            })
+                            .await
+                            .map_err(RoleError::peer(Role::Ro))?;
+                    }
+                    sqlx::query(
+                        "UPDATE vno_attach SET state = 'granted', grant_id = ?, expires_at = ? \
+                     WHERE attach_id = ?",
+                    )
+                    .bind(&grant)
+                    .bind(expires)
+                    .bind(&r.attach_id)
+                    .execute(&self.db)
+                    .await
+                    .map_err(db_err)?;
+                    tracing::info!(%identity, operational, "attach: granted");
+                    Ok(Response::new(pb::CompleteAttachResponse {
+                        result: Some(pb::complete_attach_response::Result::Grant(pb::Grant {
+                            grant_id: grant,
+                            expires_at: Some(ts),
+                            operational,
+                        })),
+                    }))
+                }
+                Some(pb::complete_attach_request::Answer::Auts(auts)) => {
+                    let (_, av) = self
+                        .vector(&identity, Some(common::ResyncInfo { rand, auts }))
+                        .await?;
+                    sqlx::query(
                     "UPDATE vno_attach SET rand = ?, xres = ?, expires_at = ? WHERE attach_id = ?",
                 )
                 .bind(&av.rand)
@@ -321,38 +329,43 @@ impl VnoService for Vno {
                 .execute(&self.db)
                 .await
                 .map_err(db_err)?;
-                Ok(Response::new(pb::CompleteAttachResponse {
-                    result: Some(pb::complete_attach_response::Result::Challenge(
-                        common::AuthChallenge {
-                            rand: av.rand,
-                            autn: av.autn,
-                        },
-                    )),
-                }))
+                    Ok(Response::new(pb::CompleteAttachResponse {
+                        result: Some(pb::complete_attach_response::Result::Challenge(
+                            common::AuthChallenge {
+                                rand: av.rand,
+                                autn: av.autn,
+                            },
+                        )),
+                    }))
+                }
+                None => Err(RoleError::invalid("RES or AUTS is required")),
             }
-            None => Err(Status::invalid_argument("RES or AUTS is required")),
-        }
+        })
+        .await
     }
 
     async fn detach(
         &self,
         req: Request<pb::DetachRequest>,
     ) -> Result<Response<pb::DetachResponse>, Status> {
-        let auth = authorized(&req)?;
-        let row: Option<(String,)> =
-            sqlx::query_as("SELECT caller FROM vno_attach WHERE grant_id = ?")
+        role(async move {
+            let auth = authorized(&req)?;
+            let row: Option<(String,)> =
+                sqlx::query_as("SELECT caller FROM vno_attach WHERE grant_id = ?")
+                    .bind(&req.get_ref().grant_id)
+                    .fetch_optional(&self.db)
+                    .await
+                    .map_err(db_err)?;
+            let (attached_by,) = row.ok_or_else(|| RoleError::not_found("no such grant"))?;
+            auth.owns(&attached_by)?;
+            sqlx::query("DELETE FROM vno_attach WHERE grant_id = ?")
                 .bind(&req.get_ref().grant_id)
-                .fetch_optional(&self.db)
+                .execute(&self.db)
                 .await
                 .map_err(db_err)?;
-        let (attached_by,) = row.ok_or_else(|| Status::not_found("no such grant"))?;
-        auth.owns(&attached_by)?;
-        sqlx::query("DELETE FROM vno_attach WHERE grant_id = ?")
-            .bind(&req.get_ref().grant_id)
-            .execute(&self.db)
-            .await
-            .map_err(db_err)?;
-        Ok(Response::new(pb::DetachResponse {}))
+            Ok(Response::new(pb::DetachResponse {}))
+        })
+        .await
     }
 }
 

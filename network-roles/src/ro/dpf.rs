@@ -17,6 +17,7 @@ use tonic::{Request, Response, Status};
 
 use super::{Registration, Ro};
 use crate::authz::Role;
+use crate::error::{RoleError, role};
 use crate::gate::{Authorized, authorized};
 use crate::peers::role_verifying_key;
 use crate::store::{db_err, now};
@@ -32,7 +33,11 @@ pub struct Dpf(pub Arc<Ro>);
 impl Dpf {
     /// A registration, for the SHO the device registered at only (it alone authorises or
     /// refuses it, 5.1.3.6.2 steps 10-11; the table's ownership rule).
-    async fn registration_of(&self, auth: &Authorized, id: &str) -> Result<Registration, Status> {
+    async fn registration_of(
+        &self,
+        auth: &Authorized,
+        id: &str,
+    ) -> Result<Registration, RoleError> {
         let reg = self.0.registration(id).await?;
         auth.owns(&reg.sho_id)?;
         Ok(reg)
@@ -45,64 +50,66 @@ impl DpfService for Dpf {
         &self,
         req: Request<pb::AuthorizeProvisioningRequest>,
     ) -> Result<Response<pb::AuthorizeProvisioningResponse>, Status> {
-        let auth = authorized(&req)?;
-        let r = req.into_inner();
-        let reg = self.registration_of(&auth, &r.registration_id).await?;
-        let package = r
-            .package
-            .map(|p| p.cose_sign1)
-            .filter(|p| !p.is_empty())
-            .ok_or_else(|| Status::invalid_argument("the package is required"))?;
-        // The DPF relies on the PVA too: a positive, fresh result for this very device.
-        let validation = r
-            .validation
-            .ok_or_else(|| Status::invalid_argument("the validation result is required"))?;
-        let pva = role_verifying_key(&self.0.pki, Role::Pva)?;
-        let now_s = u64::try_from(now()).unwrap_or(0);
-        mcim_core::validation::verify(&validation.cose_sign1, &pva, &reg.pcid, now_s)
-            .map_err(|e| Status::failed_precondition(e.to_string()))?;
-        match (&reg.package, reg.state.as_str()) {
-            (Some(p), _) if *p == package => {
-                return Ok(Response::new(pb::AuthorizeProvisioningResponse {}));
+        role(async move {
+            let auth = authorized(&req)?;
+            let r = req.into_inner();
+            let reg = self.registration_of(&auth, &r.registration_id).await?;
+            let package = r
+                .package
+                .map(|p| p.cose_sign1)
+                .filter(|p| !p.is_empty())
+                .ok_or_else(|| RoleError::invalid("the package is required"))?;
+            // The DPF relies on the PVA too: a positive, fresh result for this very device.
+            let validation = r
+                .validation
+                .ok_or_else(|| RoleError::invalid("the validation result is required"))?;
+            let pva = role_verifying_key(&self.0.pki, Role::Pva)?;
+            let now_s = u64::try_from(now()).unwrap_or(0);
+            mcim_core::validation::verify(&validation.cose_sign1, &pva, &reg.pcid, now_s)
+                .map_err(|e| RoleError::conflict(e.to_string()))?;
+            match (&reg.package, reg.state.as_str()) {
+                (Some(p), _) if *p == package => {
+                    return Ok(Response::new(pb::AuthorizeProvisioningResponse {}));
+                }
+                (Some(_), _) => {
+                    return Err(RoleError::exists(
+                        "this registration already has another package",
+                    ));
+                }
+                (None, "validating") => {}
+                (None, s) => {
+                    return Err(RoleError::conflict(format!("the registration is {s}")));
+                }
             }
-            (Some(_), _) => {
-                return Err(Status::already_exists(
-                    "this registration already has another package",
-                ));
-            }
-            (None, "validating") => {}
-            (None, s) => {
-                return Err(Status::failed_precondition(format!(
-                    "the registration is {s}"
-                )));
-            }
-        }
-        // The package and the device's download task.
-        let authorised = self
-            .0
-            .change_with_task(
-                sqlx::query(
-                    "UPDATE ro_registration SET package = ?, state = 'authorized' \
+            // The package and the device's download task.
+            let authorised = self
+                .0
+                .change_with_task(
+                    sqlx::query(
+                        "UPDATE ro_registration SET package = ?, state = 'authorized' \
                      WHERE id = ? AND package IS NULL AND state = 'validating'",
+                    )
+                    .bind(package)
+                    .bind(&reg.id),
+                    &reg.pcid,
+                    pb::watch_device_tasks_response::Task::Download(pb::DownloadTask {
+                        registration_id: reg.id.clone(),
+                    }),
                 )
-                .bind(package)
-                .bind(&reg.id),
-                &reg.pcid,
-                pb::watch_device_tasks_response::Task::Download(pb::DownloadTask {
-                    registration_id: reg.id.clone(),
-                }),
-            )
-            .await?;
-        if authorised {
-            tracing::info!(pcid = %reg.pcid, registration = %reg.id, "provisioning authorised");
-        }
-        Ok(Response::new(pb::AuthorizeProvisioningResponse {}))
+                .await?;
+            if authorised {
+                tracing::info!(pcid = %reg.pcid, registration = %reg.id, "provisioning authorised");
+            }
+            Ok(Response::new(pb::AuthorizeProvisioningResponse {}))
+        })
+        .await
     }
 
     async fn refuse_provisioning(
         &self,
         req: Request<pb::RefuseProvisioningRequest>,
     ) -> Result<Response<pb::RefuseProvisioningResponse>, Status> {
+        role(async move {
         let auth = authorized(&req)?;
         let r = req.into_inner();
         let reg = self.registration_of(&auth, &r.registration_id).await?;
@@ -110,7 +117,7 @@ impl DpfService for Dpf {
             "refused" => return Ok(Response::new(pb::RefuseProvisioningResponse {})),
             "validating" => {}
             s => {
-                return Err(Status::failed_precondition(format!(
+                return Err(RoleError::conflict(format!(
                     "the registration is {s}"
                 )));
             }
@@ -136,6 +143,8 @@ impl DpfService for Dpf {
             tracing::info!(pcid = %reg.pcid, registration = %reg.id, "provisioning refused by the SHO: {}", r.reason);
         }
         Ok(Response::new(pb::RefuseProvisioningResponse {}))
+        })
+        .await
     }
 
     type WatchDeviceTasksStream = ReceiverStream<Result<pb::WatchDeviceTasksResponse, Status>>;
@@ -144,82 +153,89 @@ impl DpfService for Dpf {
         &self,
         req: Request<pb::WatchDeviceTasksRequest>,
     ) -> Result<Response<Self::WatchDeviceTasksStream>, Status> {
-        let auth = authorized(&req)?;
-        let pcid = auth.caller.name;
-        let ack = i64::try_from(req.get_ref().ack_seq).unwrap_or(i64::MAX);
-        // Acknowledged tasks are done with; the rest is replayed.
-        sqlx::query("DELETE FROM ro_task WHERE pcid = ? AND seq <= ?")
-            .bind(&pcid)
-            .bind(ack)
-            .execute(&self.0.db)
-            .await
-            .map_err(db_err)?;
-        let (tx, rx) = tokio::sync::mpsc::channel(16);
-        let ro = self.0.clone();
-        tokio::spawn(async move {
-            let db = &ro.db;
-            let mut sent = ack;
-            loop {
-                let mut queued = ro.tasks.watch();
-                let rows: Result<Vec<(i64, Vec<u8>)>, _> = sqlx::query_as(
-                    "SELECT seq, body FROM ro_task WHERE pcid = ? AND seq > ? ORDER BY seq",
-                )
+        role(async move {
+            let auth = authorized(&req)?;
+            let pcid = auth.caller.name;
+            let ack = i64::try_from(req.get_ref().ack_seq).unwrap_or(i64::MAX);
+            // Acknowledged tasks are done with; the rest is replayed.
+            sqlx::query("DELETE FROM ro_task WHERE pcid = ? AND seq <= ?")
                 .bind(&pcid)
-                .bind(sent)
-                .fetch_all(db)
-                .await;
-                let rows = match rows {
-                    Ok(r) => r,
-                    Err(e) => {
-                        let _ = tx.send(Err(db_err(e))).await;
-                        return;
-                    }
-                };
-                for (seq, body) in rows {
-                    let mut t = match pb::WatchDeviceTasksResponse::decode(body.as_slice()) {
-                        Ok(t) => t,
+                .bind(ack)
+                .execute(&self.0.db)
+                .await
+                .map_err(db_err)?;
+            let (tx, rx) = tokio::sync::mpsc::channel(16);
+            let ro = self.0.clone();
+            tokio::spawn(async move {
+                let db = &ro.db;
+                let mut sent = ack;
+                loop {
+                    let mut queued = ro.tasks.watch();
+                    let rows: Result<Vec<(i64, Vec<u8>)>, _> = sqlx::query_as(
+                        "SELECT seq, body FROM ro_task WHERE pcid = ? AND seq > ? ORDER BY seq",
+                    )
+                    .bind(&pcid)
+                    .bind(sent)
+                    .fetch_all(db)
+                    .await;
+                    let rows = match rows {
+                        Ok(r) => r,
                         Err(e) => {
-                            tracing::error!("stored task {seq} for {pcid}: {e}");
-                            sent = seq;
-                            continue;
+                            let _ = tx.send(Err(db_err(e).into())).await;
+                            return;
                         }
                     };
-                    t.seq = u64::try_from(seq).unwrap_or(0);
-                    if tx.send(Ok(t)).await.is_err() {
-                        return;
+                    for (seq, body) in rows {
+                        let mut t = match pb::WatchDeviceTasksResponse::decode(body.as_slice()) {
+                            Ok(t) => t,
+                            Err(e) => {
+                                tracing::error!("stored task {seq} for {pcid}: {e}");
+                                sent = seq;
+                                continue;
+                            }
+                        };
+                        t.seq = u64::try_from(seq).unwrap_or(0);
+                        if tx.send(Ok(t)).await.is_err() {
+                            return;
+                        }
+                        sent = seq;
                     }
-                    sent = seq;
+                    tokio::select! {
+                        _ = tx.closed() => return,
+                        _ = queued.wait(TASK_POLL) => {}
+                    }
                 }
-                tokio::select! {
-                    _ = tx.closed() => return,
-                    _ = queued.wait(TASK_POLL) => {}
-                }
-            }
-        });
-        Ok(Response::new(ReceiverStream::new(rx)))
+            });
+            Ok(Response::new(ReceiverStream::new(rx)))
+        })
+        .await
     }
 
     async fn download_package(
         &self,
         req: Request<pb::DownloadPackageRequest>,
     ) -> Result<Response<pb::DownloadPackageResponse>, Status> {
-        let auth = authorized(&req)?;
-        let reg = self.0.registration(&req.get_ref().registration_id).await?;
-        auth.owns(&reg.pcid)?;
-        let package = reg
-            .package
-            .ok_or_else(|| Status::failed_precondition("the SHO has not authorised it yet"))?;
-        Ok(Response::new(pb::DownloadPackageResponse {
-            package: Some(common::McimPackage {
-                cose_sign1: package,
-            }),
-        }))
+        role(async move {
+            let auth = authorized(&req)?;
+            let reg = self.0.registration(&req.get_ref().registration_id).await?;
+            auth.owns(&reg.pcid)?;
+            let package = reg
+                .package
+                .ok_or_else(|| RoleError::conflict("the SHO has not authorised it yet"))?;
+            Ok(Response::new(pb::DownloadPackageResponse {
+                package: Some(common::McimPackage {
+                    cose_sign1: package,
+                }),
+            }))
+        })
+        .await
     }
 
     async fn report_provisioning_status(
         &self,
         req: Request<pb::ReportProvisioningStatusRequest>,
     ) -> Result<Response<pb::ReportProvisioningStatusResponse>, Status> {
+        role(async move {
         let auth = authorized(&req)?;
         let reg = self.0.registration(&req.get_ref().registration_id).await?;
         auth.owns(&reg.pcid)?;
@@ -231,10 +247,10 @@ impl DpfService for Dpf {
             Ok(common::ProvisioningStatus::Failed) => {
                 ("failed", common::ProvisioningStatus::Failed)
             }
-            _ => return Err(Status::invalid_argument("status is installed or failed")),
+            _ => return Err(RoleError::invalid("status is installed or failed")),
         };
         if reg.package.is_none() {
-            return Err(Status::failed_precondition(
+            return Err(RoleError::conflict(
                 "nothing was downloaded for this registration",
             ));
         }
@@ -243,7 +259,7 @@ impl DpfService for Dpf {
             .0
             .sho_url(&reg.pcid)
             .await?
-            .ok_or_else(|| Status::failed_precondition("the SHO's subscription is gone"))?;
+            .ok_or_else(|| RoleError::conflict("the SHO's subscription is gone"))?;
         self.0
             .sho(&sho_url)
             .await?
@@ -252,7 +268,8 @@ impl DpfService for Dpf {
                 status: st as i32,
                 detail: r.detail.clone(),
             })
-            .await?;
+            .await
+            .map_err(RoleError::peer(Role::Sho))?;
         sqlx::query("UPDATE ro_registration SET state = ?, detail = ?, mcim_id = ? WHERE id = ?")
             .bind(state)
             .bind(&r.detail)
@@ -263,17 +280,22 @@ impl DpfService for Dpf {
             .map_err(db_err)?;
         tracing::info!(pcid = %reg.pcid, registration = %reg.id, state, "provisioning reported");
         Ok(Response::new(pb::ReportProvisioningStatusResponse {}))
+        })
+        .await
     }
 
     async fn relay_discard_ack(
         &self,
         req: Request<pb::RelayDiscardAckRequest>,
     ) -> Result<Response<pb::RelayDiscardAckResponse>, Status> {
-        let auth = authorized(&req)?;
-        let reg = self.0.registration(&req.get_ref().registration_id).await?;
-        auth.owns(&reg.pcid)?;
-        Err(Status::unimplemented(
-            "change of SHO (5.1.3.7.4.2) is not built yet",
-        ))
+        role(async move {
+            let auth = authorized(&req)?;
+            let reg = self.0.registration(&req.get_ref().registration_id).await?;
+            auth.owns(&reg.pcid)?;
+            Err(RoleError::not_built(
+                "change of SHO (5.1.3.7.4.2) is not built yet",
+            ))
+        })
+        .await
     }
 }

@@ -14,6 +14,8 @@ use mcim_proto::mcim::sho::v1 as sho;
 use tonic::{Request, Response, Status};
 
 use super::Ro;
+use crate::authz::Role;
+use crate::error::{RoleError, role};
 use crate::gate::authorized;
 use crate::store::{db_err, new_id, now};
 
@@ -27,21 +29,25 @@ impl DrfService for Drf {
         &self,
         req: Request<pb::GetBootstrapRequest>,
     ) -> Result<Response<pb::GetBootstrapResponse>, Status> {
+        role(async move {
         let id = req.get_ref().device_id.clone();
         authorized(&req)?.owns(&id)?;
-        Err(Status::unimplemented(
+        Err(RoleError::not_built(
             "OMA DM bootstrap (annex x.2.2) is not built yet; devices are configured with the RO's address",
         ))
+        })
+        .await
     }
 
     async fn register_device(
         &self,
         req: Request<pb::RegisterDeviceRequest>,
     ) -> Result<Response<pb::RegisterDeviceResponse>, Status> {
+        role(async move {
         let pcid = req.get_ref().pcid.clone();
         authorized(&req)?.owns(&pcid)?;
         let r = req.into_inner();
-        Pcid::new(pcid.clone()).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        Pcid::new(pcid.clone()).map_err(|e| RoleError::invalid(e.to_string()))?;
         let access =
             common::AccessType::try_from(r.access).unwrap_or(common::AccessType::Unspecified);
         match access {
@@ -56,10 +62,10 @@ impl DrfService for Drf {
                 match grant {
                     Some((p, e)) if p == pcid && e > now() => {}
                     Some((p, _)) if p == pcid => {
-                        return Err(Status::permission_denied("the VNO's grant has expired"));
+                        return Err(RoleError::denied("the VNO's grant has expired"));
                     }
                     _ => {
-                        return Err(Status::permission_denied(
+                        return Err(RoleError::denied(
                             "no grant from a VNO for this PCID (attach first)",
                         ));
                     }
@@ -68,7 +74,7 @@ impl DrfService for Drf {
             // 5.1.3.6.3: the device's TLS identity (checked by the table) is what it shows.
             common::AccessType::Non3gpp => {}
             common::AccessType::Unspecified => {
-                return Err(Status::invalid_argument("access type is required"));
+                return Err(RoleError::invalid("access type is required"));
             }
         }
         // Idempotent: a registration still in progress is the answer again.
@@ -89,7 +95,7 @@ impl DrfService for Drf {
         }
         // Step 6: the SHO that subscribed for this device.
         let (sho_id, sho_url) = self.0.sho_url(&pcid).await?.ok_or_else(|| {
-            Status::failed_precondition("no SHO has a subscription for this PCID")
+            RoleError::conflict("no SHO has a subscription for this PCID")
         })?;
         // Step 7: register at the SHO, which asks the PVA for a validation (step 8).
         let id = new_id();
@@ -106,7 +112,7 @@ impl DrfService for Drf {
                 dpf_url: self.0.dpf_url.clone(),
             })
             .await
-            .map_err(|s| Status::new(s.code(), format!("SHO {sho_id}: {}", s.message())))?
+            .map_err(RoleError::peer(Role::Sho))?
             .into_inner();
         // The registration and the device's attestation task.
         self.0
@@ -134,32 +140,35 @@ impl DrfService for Drf {
             sho_id,
             registration_nonce: nonce.to_vec(),
         }))
+        })
+        .await
     }
 
     async fn set_subscription(
         &self,
         req: Request<pb::SetSubscriptionRequest>,
     ) -> Result<Response<pb::SetSubscriptionResponse>, Status> {
-        let auth = authorized(&req)?;
-        let r = req.into_inner();
-        Pcid::new(r.pcid.clone()).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        // An SHO speaks for itself only.
-        auth.owns(&r.sho_id)?;
-        if !r.sho_url.starts_with("https://") {
-            return Err(Status::invalid_argument(
-                "sho_url must be https://host:port",
-            ));
-        }
-        sqlx::query(
-            "INSERT INTO ro_subscription (pcid, sho_id, sho_url) VALUES (?, ?, ?) \
+        role(async move {
+            let auth = authorized(&req)?;
+            let r = req.into_inner();
+            Pcid::new(r.pcid.clone()).map_err(|e| RoleError::invalid(e.to_string()))?;
+            // An SHO speaks for itself only.
+            auth.owns(&r.sho_id)?;
+            if !r.sho_url.starts_with("https://") {
+                return Err(RoleError::invalid("sho_url must be https://host:port"));
+            }
+            sqlx::query(
+                "INSERT INTO ro_subscription (pcid, sho_id, sho_url) VALUES (?, ?, ?) \
              ON CONFLICT(pcid) DO UPDATE SET sho_id = excluded.sho_id, sho_url = excluded.sho_url",
-        )
-        .bind(&r.pcid)
-        .bind(&r.sho_id)
-        .bind(&r.sho_url)
-        .execute(&self.0.db)
+            )
+            .bind(&r.pcid)
+            .bind(&r.sho_id)
+            .bind(&r.sho_url)
+            .execute(&self.0.db)
+            .await
+            .map_err(db_err)?;
+            Ok(Response::new(pb::SetSubscriptionResponse {}))
+        })
         .await
-        .map_err(db_err)?;
-        Ok(Response::new(pb::SetSubscriptionResponse {}))
     }
 }

@@ -11,6 +11,7 @@ use mcim_proto::mcim::ro::v1::icf_service_server::IcfService;
 use tonic::{Request, Response, Status};
 
 use super::Ro;
+use crate::error::{RoleError, role};
 use crate::gate::authorized;
 use crate::store::{db_err, now};
 
@@ -18,8 +19,8 @@ use crate::store::{db_err, now};
 #[derive(Debug, Clone)]
 pub struct Icf(pub Arc<Ro>);
 
-fn pcid(s: &str) -> Result<Pcid, Status> {
-    Pcid::new(s.to_string()).map_err(|e| Status::invalid_argument(e.to_string()))
+fn pcid(s: &str) -> Result<Pcid, RoleError> {
+    Pcid::new(s.to_string()).map_err(|e| RoleError::invalid(e.to_string()))
 }
 
 #[tonic::async_trait]
@@ -28,122 +29,135 @@ impl IcfService for Icf {
         &self,
         req: Request<pb::RegisterInitialCredentialsRequest>,
     ) -> Result<Response<pb::RegisterInitialCredentialsResponse>, Status> {
-        authorized(&req)?;
-        let r = req.into_inner();
-        let p = pcid(&r.pcid)?;
-        let mode = pb::CredentialMode::try_from(r.mode)
-            .ok()
-            .filter(|m| *m != pb::CredentialMode::Unspecified)
-            .ok_or_else(|| Status::invalid_argument("the credential mode is required"))?;
-        let expires = r.expires_at.map(|t| t.seconds);
-        if expires.is_some_and(|e| e <= now()) {
-            return Err(Status::invalid_argument(
-                "the credential has already expired",
-            ));
-        }
-        self.0.auc.provision(p.as_str(), &r.k, &r.opc).await?;
-        sqlx::query(
-            "INSERT INTO icf_pcid (pcid, mode, expires_at, active) VALUES (?, ?, ?, ?) \
+        role(async move {
+            authorized(&req)?;
+            let r = req.into_inner();
+            let p = pcid(&r.pcid)?;
+            let mode = pb::CredentialMode::try_from(r.mode)
+                .ok()
+                .filter(|m| *m != pb::CredentialMode::Unspecified)
+                .ok_or_else(|| RoleError::invalid("the credential mode is required"))?;
+            let expires = r.expires_at.map(|t| t.seconds);
+            if expires.is_some_and(|e| e <= now()) {
+                return Err(RoleError::invalid("the credential has already expired"));
+            }
+            self.0.auc.provision(p.as_str(), &r.k, &r.opc).await?;
+            sqlx::query(
+                "INSERT INTO icf_pcid (pcid, mode, expires_at, active) VALUES (?, ?, ?, ?) \
              ON CONFLICT(pcid) DO NOTHING",
-        )
-        .bind(p.as_str())
-        .bind(mode as i64)
-        .bind(expires)
-        .bind(i64::from(!r.delayed_activation))
-        .execute(&self.0.db)
+            )
+            .bind(p.as_str())
+            .bind(mode as i64)
+            .bind(expires)
+            .bind(i64::from(!r.delayed_activation))
+            .execute(&self.0.db)
+            .await
+            .map_err(db_err)?;
+            tracing::info!(pcid = %p.as_str(), ?mode, "initial credentials registered");
+            Ok(Response::new(pb::RegisterInitialCredentialsResponse {}))
+        })
         .await
-        .map_err(db_err)?;
-        tracing::info!(pcid = %p.as_str(), ?mode, "initial credentials registered");
-        Ok(Response::new(pb::RegisterInitialCredentialsResponse {}))
     }
 
     async fn get_auth_vectors(
         &self,
         req: Request<pb::GetAuthVectorsRequest>,
     ) -> Result<Response<pb::GetAuthVectorsResponse>, Status> {
-        authorized(&req)?;
-        let r = req.into_inner();
-        let p = pcid(&r.pcid)?;
-        let row: Option<(Option<i64>, i64)> =
-            sqlx::query_as("SELECT expires_at, active FROM icf_pcid WHERE pcid = ?")
-                .bind(p.as_str())
-                .fetch_optional(&self.0.db)
-                .await
-                .map_err(db_err)?;
-        match row {
-            None => return Err(Status::not_found("unknown PCID")),
-            Some((_, 0)) => {
-                return Err(Status::failed_precondition(
-                    "the PCID awaits activation by its subscriber",
-                ));
+        role(async move {
+            authorized(&req)?;
+            let r = req.into_inner();
+            let p = pcid(&r.pcid)?;
+            let row: Option<(Option<i64>, i64)> =
+                sqlx::query_as("SELECT expires_at, active FROM icf_pcid WHERE pcid = ?")
+                    .bind(p.as_str())
+                    .fetch_optional(&self.0.db)
+                    .await
+                    .map_err(db_err)?;
+            match row {
+                None => return Err(RoleError::not_found("unknown PCID")),
+                Some((_, 0)) => {
+                    return Err(RoleError::conflict(
+                        "the PCID awaits activation by its subscriber",
+                    ));
+                }
+                Some((Some(e), _)) if e <= now() => {
+                    return Err(RoleError::conflict(
+                        "the PCID's initial credential has expired",
+                    ));
+                }
+                _ => {}
             }
-            Some((Some(e), _)) if e <= now() => {
-                return Err(Status::failed_precondition(
-                    "the PCID's initial credential has expired",
-                ));
-            }
-            _ => {}
-        }
-        let vectors = self
-            .0
-            .auc
-            .vectors(p.as_str(), r.count.max(1), r.resync.as_ref())
-            .await?;
-        Ok(Response::new(pb::GetAuthVectorsResponse { vectors }))
+            let vectors = self
+                .0
+                .auc
+                .vectors(p.as_str(), r.count.max(1), r.resync.as_ref())
+                .await?;
+            Ok(Response::new(pb::GetAuthVectorsResponse { vectors }))
+        })
+        .await
     }
 
     async fn report_attach(
         &self,
         req: Request<pb::ReportAttachRequest>,
     ) -> Result<Response<pb::ReportAttachResponse>, Status> {
-        authorized(&req)?;
-        let r = req.into_inner();
-        let p = pcid(&r.pcid)?;
-        if r.grant_id.is_empty() {
-            return Err(Status::invalid_argument("grant_id is required"));
-        }
-        let expires = r
-            .expires_at
-            .map(|t| t.seconds)
-            .unwrap_or_else(|| now() + super::GRANT_LIFETIME_SECS)
-            .min(now() + super::GRANT_LIFETIME_SECS);
-        sqlx::query(
-            "INSERT INTO ro_grant (grant_id, pcid, expires_at) VALUES (?, ?, ?) \
+        role(async move {
+            authorized(&req)?;
+            let r = req.into_inner();
+            let p = pcid(&r.pcid)?;
+            if r.grant_id.is_empty() {
+                return Err(RoleError::invalid("grant_id is required"));
+            }
+            let expires = r
+                .expires_at
+                .map(|t| t.seconds)
+                .unwrap_or_else(|| now() + super::GRANT_LIFETIME_SECS)
+                .min(now() + super::GRANT_LIFETIME_SECS);
+            sqlx::query(
+                "INSERT INTO ro_grant (grant_id, pcid, expires_at) VALUES (?, ?, ?) \
              ON CONFLICT(grant_id) DO NOTHING",
-        )
-        .bind(&r.grant_id)
-        .bind(p.as_str())
-        .bind(expires)
-        .execute(&self.0.db)
+            )
+            .bind(&r.grant_id)
+            .bind(p.as_str())
+            .bind(expires)
+            .execute(&self.0.db)
+            .await
+            .map_err(db_err)?;
+            Ok(Response::new(pb::ReportAttachResponse {}))
+        })
         .await
-        .map_err(db_err)?;
-        Ok(Response::new(pb::ReportAttachResponse {}))
     }
 
     async fn activate_pcid(
         &self,
         req: Request<pb::ActivatePcidRequest>,
     ) -> Result<Response<pb::ActivatePcidResponse>, Status> {
-        authorized(&req)?;
-        let p = pcid(&req.get_ref().pcid)?;
-        let done = sqlx::query("UPDATE icf_pcid SET active = 1 WHERE pcid = ?")
-            .bind(p.as_str())
-            .execute(&self.0.db)
-            .await
-            .map_err(db_err)?;
-        if done.rows_affected() == 0 {
-            return Err(Status::not_found("unknown PCID"));
-        }
-        Ok(Response::new(pb::ActivatePcidResponse {}))
+        role(async move {
+            authorized(&req)?;
+            let p = pcid(&req.get_ref().pcid)?;
+            let done = sqlx::query("UPDATE icf_pcid SET active = 1 WHERE pcid = ?")
+                .bind(p.as_str())
+                .execute(&self.0.db)
+                .await
+                .map_err(db_err)?;
+            if done.rows_affected() == 0 {
+                return Err(RoleError::not_found("unknown PCID"));
+            }
+            Ok(Response::new(pb::ActivatePcidResponse {}))
+        })
+        .await
     }
 
     async fn renew_initial_credentials(
         &self,
         req: Request<pb::RenewInitialCredentialsRequest>,
     ) -> Result<Response<pb::RenewInitialCredentialsResponse>, Status> {
-        authorized(&req)?;
-        Err(Status::unimplemented(
-            "renewing initial credentials (5.1.3.7.4.3) is not built yet",
-        ))
+        role(async move {
+            authorized(&req)?;
+            Err(RoleError::not_built(
+                "renewing initial credentials (5.1.3.7.4.3) is not built yet",
+            ))
+        })
+        .await
     }
 }

@@ -18,11 +18,11 @@ use mcim_proto::mcim::sho::v1::sho_service_client::ShoServiceClient;
 use mcim_telemetry::Channel;
 use prost::Message;
 use sqlx::SqlitePool;
-use tonic::Status;
 
 use crate::atrest::DataKey;
 use crate::auc::Auc;
 use crate::authz::Role;
+use crate::error::RoleError;
 use crate::peers;
 use crate::store::{Changes, db_err};
 
@@ -50,9 +50,9 @@ impl std::fmt::Debug for Ro {
 
 impl Ro {
     /// The RO on `db`, with its keys in `pki`; `dpf_url` is where SHOs reach its DPF.
-    pub fn new(pki: PathBuf, db: SqlitePool, dpf_url: String) -> Result<Arc<Self>, Status> {
+    pub fn new(pki: PathBuf, db: SqlitePool, dpf_url: String) -> Result<Arc<Self>, RoleError> {
         let key =
-            DataKey::load_or_create(&pki, "ro").map_err(|e| Status::internal(e.to_string()))?;
+            DataKey::load_or_create(&pki, "ro").map_err(|e| RoleError::internal(e.to_string()))?;
         Ok(Arc::new(Self {
             auc: Auc::new("icf", db.clone(), key),
             pki,
@@ -64,7 +64,7 @@ impl Ro {
     }
 
     /// A client of the SHO at `url`.
-    async fn sho(&self, url: &str) -> Result<ShoServiceClient<Channel>, Status> {
+    async fn sho(&self, url: &str) -> Result<ShoServiceClient<Channel>, RoleError> {
         Ok(ShoServiceClient::new(
             self.shos.get(&self.pki, Role::Ro, Role::Sho, url).await?,
         ))
@@ -79,7 +79,7 @@ impl Ro {
         change: sqlx::query::Query<'_, sqlx::Sqlite, sqlx::sqlite::SqliteArguments>,
         pcid: &str,
         task: pb::watch_device_tasks_response::Task,
-    ) -> Result<bool, Status> {
+    ) -> Result<bool, RoleError> {
         let mut tx = self.db.begin().await.map_err(db_err)?;
         if change
             .execute(&mut *tx)
@@ -129,7 +129,7 @@ pub(crate) struct Registration {
 }
 
 impl Ro {
-    pub(crate) async fn registration(&self, id: &str) -> Result<Registration, Status> {
+    pub(crate) async fn registration(&self, id: &str) -> Result<Registration, RoleError> {
         type Row = (String, String, String, String, Option<Vec<u8>>);
         let row: Option<Row> = sqlx::query_as(
             "SELECT id, pcid, sho_id, state, package FROM ro_registration WHERE id = ?",
@@ -139,7 +139,7 @@ impl Ro {
         .await
         .map_err(db_err)?;
         let (id, pcid, sho_id, state, package) =
-            row.ok_or_else(|| Status::not_found("no such registration"))?;
+            row.ok_or_else(|| RoleError::not_found("no such registration"))?;
         Ok(Registration {
             id,
             pcid,
@@ -149,7 +149,7 @@ impl Ro {
         })
     }
 
-    pub(crate) async fn sho_url(&self, pcid: &str) -> Result<Option<(String, String)>, Status> {
+    pub(crate) async fn sho_url(&self, pcid: &str) -> Result<Option<(String, String)>, RoleError> {
         sqlx::query_as("SELECT sho_id, sho_url FROM ro_subscription WHERE pcid = ?")
             .bind(pcid)
             .fetch_optional(&self.db)
