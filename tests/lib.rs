@@ -1,6 +1,6 @@
 //! # mcim-e2e
 //!
-//! End-to-end tests: each starts the real binaries (`mcimctl`, `tred`, later `mcim-roles`)
+//! End-to-end tests: each starts the real binaries (`mcimctl`, `tred`, `mcim-roles`)
 //! and its own swtpm (or SoftHSM2) instance with a fresh state directory. The helpers that
 //! start those live here, shared with the crates' own integration tests; the tests are in
 //! `tests/tests/`.

@@ -1,4 +1,4 @@
-//! `mcimctl pki ...`: the development PKI of the roles' mutual TLS (`mcim_roles::pki`).
+//! `mcimctl pki ...`: the development PKI of the roles' mutual TLS (`mcim_pki::dev`).
 
 use std::path::PathBuf;
 

@@ -1,5 +1,6 @@
 //! The TRE conformance suite: the same checks against every backend, each test on its own
-//! real TRE instance (swtpm here; SoftHSM2 when the PKCS#11 backend lands).
+//! real TRE instance (a private swtpm, or a private SoftHSM2 token), each backend behind its own
+//! cargo feature.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod support;

@@ -10,11 +10,14 @@
 //! Operations, by clause of the seed:
 //! - supply-time initialisation and identity: [`Tre::init_device`], [`Tre::identity`]
 //!   (5.1.2.2 pre-provisioning; 5.1.3.3.4 M2ME supply; 5.1.3.4.1 CCIF);
-//! - randomness for nonces and ids: [`Tre::random`].
-//!
-//! Still to come in issue 3 (same trait, new methods with NotSupported defaults): import of
-//! MCIM secrets (TPM2_Import), the MILENAGE kernel inside the TRE, quotes, sealing, the
-//! monotonic counter and the NV-anchored audit chain.
+//! - randomness for nonces and ids: [`Tre::random`];
+//! - MCIM secrets brought in wrapped ([`Tre::import_mcim_secrets`]; TPM2_Import, or C_UnwrapKey on a
+//!   token) and MILENAGE with K inside the TRE ([`Tre::authenticate`], 5.1.2.2 "storage and execution
+//!   of AKA functions");
+//! - evidence for the PVA ([`Tre::quote`], or [`Tre::sign_evidence`] on a token), the TLS
+//!   key's signatures ([`Tre::tls_sign`]);
+//! - the rollback counter and the audit anchor the registry keeps in the TRE (5.1.2.2,
+//!   5.1.2.3).
 
 #[cfg(feature = "pkcs11")]
 pub mod pkcs11;
