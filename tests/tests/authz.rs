@@ -552,6 +552,21 @@ async fn every_owned_object_refuses_another_owner_and_changes_nothing() {
                 .await,
         ),
     ));
+    // A second SHO cannot take over a PCID the first serves, even in its own name.
+    let taken_over = unit(
+        DrfServiceClient::new(sho2.clone())
+            .set_subscription(ro::SetSubscriptionRequest {
+                pcid: ME.into(),
+                sho_id: "sho2.mcim.local".into(),
+                sho_url: "https://127.0.0.1:1".into(),
+            })
+            .await,
+    );
+    assert_eq!(
+        taken_over.err().map(|s| s.code()),
+        Some(Code::PermissionDenied),
+        "a second SHO took over the PCID"
+    );
     // The device's attempt becomes a grant; another device cannot end it.
     let after_attempts = roles.snapshot().await;
     assert_eq!(after_attempts, before, "a wrong owner changed state");

@@ -157,9 +157,12 @@ impl DrfService for Drf {
             if !r.sho_url.starts_with("https://") {
                 return Err(RoleError::invalid("sho_url must be https://host:port"));
             }
-            sqlx::query(
+            // A PCID another SHO serves stays that SHO's: the update applies only to the
+            // caller's own row (a change of SHO is 5.1.3.7's flow, not an overwrite).
+            let done = sqlx::query(
                 "INSERT INTO ro_subscription (pcid, sho_id, sho_url) VALUES (?, ?, ?) \
-             ON CONFLICT(pcid) DO UPDATE SET sho_id = excluded.sho_id, sho_url = excluded.sho_url",
+                 ON CONFLICT(pcid) DO UPDATE SET sho_url = excluded.sho_url \
+                 WHERE ro_subscription.sho_id = excluded.sho_id",
             )
             .bind(&r.pcid)
             .bind(&r.sho_id)
@@ -167,6 +170,9 @@ impl DrfService for Drf {
             .execute(&self.0.db)
             .await
             .map_err(db_err)?;
+            if done.rows_affected() == 0 {
+                return Err(RoleError::denied("another SHO serves this PCID"));
+            }
             Ok(Response::new(pb::SetSubscriptionResponse {}))
         })
         .await
