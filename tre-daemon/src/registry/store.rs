@@ -1,0 +1,385 @@
+//! The registry's crash-safe store (5.1.2.3): loading and checking the state directory at
+//! start (header MAC, record MACs, audit chain, rollback counter, anchor), and the one commit
+//! path every transaction takes (record files, audit entry, header as the commit point, then
+//! the TRE's counter and anchor).
+
+use super::*;
+
+/// What a start-up check found: the thing intact, or why it cannot be trusted. A finding, not
+/// an error: the registry goes on, in lockdown or with that MCIM blocked.
+pub(super) enum Checked<T> {
+    /// It verifies.
+    Intact(T),
+    /// It does not, for this reason.
+    Untrusted(String),
+}
+
+impl<T> Checked<T> {
+    /// The thing, when intact.
+    pub(super) fn ok(self) -> Option<T> {
+        match self {
+            Checked::Intact(t) => Some(t),
+            Checked::Untrusted(_) => None,
+        }
+    }
+
+    /// As a result whose error is the reason.
+    pub(super) fn into_result(self) -> Result<T, String> {
+        match self {
+            Checked::Intact(t) => Ok(t),
+            Checked::Untrusted(why) => Err(why),
+        }
+    }
+}
+
+impl Registry {
+    /// Loads and checks everything; [`Checked::Untrusted`] means lockdown.
+    pub(super) fn load(&mut self) -> Result<Checked<()>, RegistryError> {
+        let header_bytes = files::read_optional(&self.dir.join(HEADER_FILE)).map_err(io)?;
+        let audit_bytes = files::read_optional(&self.dir.join(AUDIT_FILE)).map_err(io)?;
+        let anchor = self.tre.audit_anchor()?;
+        let counter = self.tre.rollback_counter()?;
+        let Some(header_bytes) = header_bytes else {
+            if audit_bytes.is_some() || anchor.seq > 0 {
+                return Ok(Checked::Untrusted("the registry header is missing".into()));
+            }
+            // A new registry.
+            self.header = Header {
+                format: FORMAT,
+                counter,
+                audit_head: hex::encode([0u8; 32]),
+                ..Header::default()
+            };
+            self.commit(Vec::new(), "registry", None, "registry created".into())?;
+            return Ok(Checked::Intact(()));
+        };
+
+        // The header: MAC, then the counter (rollback).
+        let header = match self.check_header(&header_bytes)? {
+            Checked::Intact(h) => h,
+            Checked::Untrusted(why) => return Ok(Checked::Untrusted(why)),
+        };
+        if header.counter < counter {
+            return Ok(Checked::Untrusted(format!(
+                "rollback: the state directory is older than the TRE (header counter {}, TRE counter {counter})",
+                header.counter
+            )));
+        }
+        if header.counter > counter + 1 {
+            return Ok(Checked::Untrusted(format!(
+                "the header counter {} is ahead of the TRE counter {counter}",
+                header.counter
+            )));
+        }
+        self.tre_sync_pending = header.counter == counter + 1;
+
+        // The audit chain.
+        let entries = match audit::verify(self.tre.as_mut(), audit_bytes.as_deref().unwrap_or(&[]))
+        {
+            Ok(e) => e,
+            Err(audit::VerifyError::Chain(e)) => {
+                return Ok(Checked::Untrusted(format!("audit chain broken: {e}")));
+            }
+            Err(audit::VerifyError::Tre(e)) => return Err(e.into()),
+        };
+        let committed = entries
+            .iter()
+            .find(|s| s.entry.seq == header.audit_seq)
+            .map(|s| s.hash);
+        if committed.map(hex::encode).as_deref() != Some(header.audit_head.as_str()) {
+            return Ok(Checked::Untrusted(format!(
+                "the audit record lacks committed entry {}",
+                header.audit_seq
+            )));
+        }
+        let anchor_ok =
+            anchor.seq == header.audit_seq && hex::encode(anchor.head) == header.audit_head;
+        let anchor_one_behind = self.tre_sync_pending
+            && entries
+                .iter()
+                .find(|s| s.entry.seq + 1 == header.audit_seq)
+                .is_some_and(|s| anchor.seq == s.entry.seq && anchor.head == s.hash);
+        if !anchor_ok && !anchor_one_behind {
+            return Ok(Checked::Untrusted(format!(
+                "the audit record disagrees with the TRE's anchor (record {}, TRE {})",
+                header.audit_seq, anchor.seq
+            )));
+        }
+        self.tail = entries
+            .last()
+            .map_or((0, [0; 32]), |s| (s.entry.seq, s.hash));
+        if self.tail.0 > header.audit_seq {
+            self.startup.push(format!(
+                "audit entries {}..={} belong to a transaction that did not commit",
+                header.audit_seq + 1,
+                self.tail.0
+            ));
+        }
+        self.header = header;
+        if self.tre_sync_pending {
+            self.sync_tre()?;
+            self.startup
+                .push("completed a transaction cut short after its commit point".into());
+        }
+
+        // The records.
+        let mut repairs = Vec::new();
+        let entries: Vec<(String, HeaderEntry)> = self
+            .header
+            .mcims
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        for (id, he) in entries {
+            let checked = match self.check_record(&id, &he)? {
+                Checked::Intact(rec) => match &rec.secrets {
+                    Some(s) if !self.tre.secrets_present(s)? => {
+                        Err("its key objects are missing from the TRE".to_string())
+                    }
+                    _ => Ok(rec),
+                },
+                Checked::Untrusted(why) => Err(why),
+            };
+            match checked {
+                Ok(mut rec) => {
+                    if rec.state == McimState::Selected {
+                        rec.state =
+                            lifecycle::transition(rec.state, rec.blocked, LifecycleOp::EndSession)?;
+                        repairs.push((rec.clone(), "session ended by restart".to_string()));
+                    }
+                    self.records.insert(id, rec);
+                }
+                Err(why) => {
+                    let stub = tampered_stub(&id, he.version);
+                    self.startup.push(format!("MCIM {id} blocked: {why}"));
+                    repairs.push((stub, format!("integrity check failed: {why}; blocked")));
+                }
+            }
+        }
+        self.remove_stale_files();
+        // Objects in the TRE that no record refers to: reported, never deleted (they may be
+        // the only copy of something; an operator decides).
+        let referenced: Vec<&[u8]> = self
+            .records
+            .values()
+            .filter_map(|r| r.secrets.as_ref())
+            .flat_map(|s| [s.k.as_slice(), s.opc.as_slice()])
+            .collect();
+        let orphans: Vec<String> = self
+            .tre
+            .held_secret_refs()?
+            .into_iter()
+            .filter(|id| !referenced.contains(&id.as_slice()))
+            .map(hex::encode)
+            .collect();
+        if !orphans.is_empty() {
+            self.startup.push(format!(
+                "TRE objects no MCIM refers to (kept, not deleted): {}",
+                orphans.join(", ")
+            ));
+        }
+        for (rec, why) in repairs {
+            let id = rec.id.clone();
+            let event = if why.starts_with("integrity") {
+                "integrity"
+            } else {
+                "lifecycle"
+            };
+            self.commit(vec![Change::Put(Box::new(rec))], event, Some(&id), why)?;
+        }
+        Ok(Checked::Intact(()))
+    }
+
+    pub(super) fn check_header(&mut self, bytes: &[u8]) -> Result<Checked<Header>, RegistryError> {
+        let text = bytes.strip_suffix(b"\n").unwrap_or(bytes);
+        let Some(nl) = text.iter().rposition(|b| *b == b'\n') else {
+            return Ok(Checked::Untrusted(
+                "the registry header is malformed".into(),
+            ));
+        };
+        let (body, mac_hex) = (&text[..nl], &text[nl + 1..]);
+        let mac = self.tre.integrity_mac(&sha256(&[HEADER_DOMAIN, body]))?;
+        if !bool::from(hex::encode(mac).as_bytes().ct_eq(mac_hex)) {
+            return Ok(Checked::Untrusted(
+                "the registry header fails its integrity check".into(),
+            ));
+        }
+        Ok(match serde_json::from_slice::<Header>(body) {
+            Ok(h) => Checked::Intact(h),
+            Err(e) => Checked::Untrusted(format!("the registry header does not parse: {e}")),
+        })
+    }
+
+    pub(super) fn check_record(
+        &mut self,
+        id: &str,
+        he: &HeaderEntry,
+    ) -> Result<Checked<McimRecord>, RegistryError> {
+        let path = self.dir.join(MCIM_DIR).join(record_file(id, he.version));
+        let Some(bytes) = files::read_optional(&path).map_err(io)? else {
+            return Ok(Checked::Untrusted("its record is missing".into()));
+        };
+        let mac = self.tre.integrity_mac(&sha256(&[RECORD_DOMAIN, &bytes]))?;
+        if !bool::from(hex::encode(mac).as_bytes().ct_eq(he.mac.as_bytes())) {
+            return Ok(Checked::Untrusted(
+                "its record fails the integrity check".into(),
+            ));
+        }
+        match serde_json::from_slice::<McimRecord>(&bytes) {
+            Ok(r) if r.id == id && r.version == he.version => Ok(Checked::Intact(r)),
+            Ok(_) => Ok(Checked::Untrusted(
+                "its record names another MCIM or version".into(),
+            )),
+            Err(e) => Ok(Checked::Untrusted(format!(
+                "its record does not parse: {e}"
+            ))),
+        }
+    }
+
+    pub(super) fn remove_stale_files(&mut self) {
+        let Ok(dir) = std::fs::read_dir(self.dir.join(MCIM_DIR)) else {
+            return;
+        };
+        for f in dir.flatten() {
+            let name = f.file_name().to_string_lossy().into_owned();
+            let live = self
+                .header
+                .mcims
+                .iter()
+                .any(|(id, he)| record_file(id, he.version) == name);
+            if !live {
+                let _ = std::fs::remove_file(f.path());
+            }
+        }
+    }
+
+    /// Advances the TRE counter and anchor to the committed header.
+    pub(super) fn sync_tre(&mut self) -> Result<(), RegistryError> {
+        let now = self.tre.advance_rollback_counter()?;
+        if now != self.header.counter {
+            self.lockdown = Some(format!(
+                "the TRE counter moved to {now}, expected {}",
+                self.header.counter
+            ));
+            return Err(RegistryError::Lockdown(
+                self.lockdown.clone().unwrap_or_default(),
+            ));
+        }
+        let mut head = [0u8; 32];
+        hex::decode_to_slice(&self.header.audit_head, &mut head)
+            .map_err(|e| RegistryError::Encoding(format!("the header's audit head: {e}")))?;
+        self.tre.set_audit_anchor(&AuditAnchor {
+            seq: self.header.audit_seq,
+            head,
+        })?;
+        self.tre_sync_pending = false;
+        Ok(())
+    }
+
+    /// One transaction (see the module documentation for the order of writes).
+    pub(super) fn commit(
+        &mut self,
+        changes: Vec<Change>,
+        event: &str,
+        mcim: Option<&str>,
+        detail: String,
+    ) -> Result<(), RegistryError> {
+        if let Some(why) = &self.lockdown {
+            return Err(RegistryError::Lockdown(why.clone()));
+        }
+        if self.tre_sync_pending {
+            self.sync_tre()?;
+        }
+        let mut header = self.header.clone();
+        let mut records = Vec::new();
+        for change in changes {
+            match change {
+                Change::Put(rec) => {
+                    let mut rec = *rec;
+                    rec.version = header.mcims.get(&rec.id).map_or(1, |h| h.version + 1);
+                    let bytes = serde_json::to_vec_pretty(&rec)
+                        .map_err(|e| RegistryError::Encoding(e.to_string()))?;
+                    let path = self
+                        .dir
+                        .join(MCIM_DIR)
+                        .join(record_file(&rec.id, rec.version));
+                    let _ = std::fs::remove_file(&path);
+                    files::write_new(&path, &bytes).map_err(io)?;
+                    let mac = self.tre.integrity_mac(&sha256(&[RECORD_DOMAIN, &bytes]))?;
+                    header.mcims.insert(
+                        rec.id.clone(),
+                        HeaderEntry {
+                            version: rec.version,
+                            mac: hex::encode(mac),
+                        },
+                    );
+                    records.push(Change::Put(Box::new(rec)));
+                }
+                Change::Remove(id) => {
+                    header.mcims.remove(&id);
+                    if header.connectivity.as_deref() == Some(id.as_str()) {
+                        header.connectivity = None;
+                    }
+                    records.push(Change::Remove(id));
+                }
+                Change::Connectivity(c) => header.connectivity = c,
+            }
+        }
+
+        let entry = AuditEntry {
+            seq: self.tail.0 + 1,
+            at: now(),
+            event: event.into(),
+            mcim: mcim.map(str::to_string),
+            detail,
+            prev: hex::encode(self.tail.1),
+        };
+        let (line, hash) = audit::seal(self.tre.as_mut(), &entry)?;
+        files::append_durable(&self.dir.join(AUDIT_FILE), &line).map_err(io)?;
+        self.tail = (entry.seq, hash);
+
+        header.counter = self.header.counter + 1;
+        header.audit_seq = entry.seq;
+        header.audit_head = hex::encode(hash);
+        let mut body = serde_json::to_vec_pretty(&header)
+            .map_err(|e| RegistryError::Encoding(e.to_string()))?;
+        let mac = self.tre.integrity_mac(&sha256(&[HEADER_DOMAIN, &body]))?;
+        body.push(b'\n');
+        body.extend_from_slice(hex::encode(mac).as_bytes());
+        body.push(b'\n');
+        files::write_atomic(&self.dir.join(HEADER_FILE), &body).map_err(io)?;
+
+        // Committed: memory follows the disk, then the TRE follows.
+        self.header = header;
+        for c in records {
+            match c {
+                Change::Put(rec) => {
+                    self.records.insert(rec.id.clone(), *rec);
+                }
+                Change::Remove(id) => {
+                    self.records.remove(&id);
+                }
+                Change::Connectivity(_) => {}
+            }
+        }
+        self.remove_stale_files();
+        self.tre_sync_pending = true;
+        self.sync_tre()
+    }
+}
+
+/// What is left of an MCIM whose record cannot be trusted: its id, Blocked (tampered).
+pub(super) fn tampered_stub(id: &str, version: u64) -> McimRecord {
+    McimRecord {
+        id: id.to_string(),
+        sho: String::new(),
+        state: McimState::Blocked,
+        blocked: Some(BlockReason::Tampered),
+        secrets: None,
+        constants: ConstantsRecord::from(&Constants::default()),
+        sqn_profile: SqnProfile::default(),
+        sqn: MsSqnState::new(&SqnProfile::default()),
+        pin: None,
+        version,
+    }
+}

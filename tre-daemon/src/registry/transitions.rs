@@ -1,0 +1,147 @@
+//! The MCIM lifecycle on the registry (5.1.1.1): install, the lifecycle operations of
+//! `mcim_core::lifecycle`, selection (one MCIM in a session at a time) and the owner's choice
+//! of the MCIM that provides connectivity (5.1.3.7.2).
+
+use super::*;
+
+impl Registry {
+    /// Installs an MCIM (5.1.3.6.2 step 13): K and OPc go into the TRE, the record is
+    /// Installed.
+    pub fn install(&mut self, req: InstallRequest) -> Result<(), RegistryError> {
+        self.live()?;
+        let id = req.imsi.as_str().to_string();
+        if self.records.contains_key(&id) {
+            return Err(RegistryError::AlreadyInstalled(id));
+        }
+        req.sqn_profile.validate().map_err(TreError::from)?;
+        let pin = match &req.pin {
+            Some((pin, puk)) => Some(self.new_pin_record(&id, pin, puk)?),
+            None => None,
+        };
+        let secrets = self.tre.import_mcim_secrets(&req.wrapped)?;
+        let mode = secrets.aka_execution;
+        let rec = McimRecord {
+            id: id.clone(),
+            sho: req.sho.clone(),
+            state: McimState::Installed,
+            blocked: None,
+            secrets: Some(secrets),
+            constants: ConstantsRecord::from(&req.constants),
+            sqn_profile: req.sqn_profile,
+            sqn: MsSqnState::new(&req.sqn_profile),
+            pin,
+            version: 0,
+        };
+        self.commit(
+            vec![Change::Put(Box::new(rec))],
+            "install",
+            Some(&id),
+            format!("installed from SHO {} (AKA {mode:?})", req.sho),
+        )
+    }
+
+    /// A lifecycle operation other than Select (see [`Registry::select`]). Unblocking here is
+    /// for MCIMs blocked on request; a PIN-blocked MCIM needs [`Registry::unblock_pin`].
+    pub fn apply(&mut self, id: &str, op: LifecycleOp) -> Result<McimState, RegistryError> {
+        let rec = self.record(id)?.clone();
+        if op == LifecycleOp::Select {
+            return Err(RegistryError::BadRequest("use select".into()));
+        }
+        if op == LifecycleOp::Unblock && rec.blocked == Some(BlockReason::PinBlocked) {
+            return Err(RegistryError::BadRequest(
+                "the PIN is blocked: unblock with the PUK".into(),
+            ));
+        }
+        let to = lifecycle::transition(rec.state, rec.blocked, op)?;
+        let detail = format!("{:?} -> {to:?} ({op:?})", rec.state);
+        let mut changes = Vec::new();
+        if matches!(to, McimState::Blocked | McimState::Retired) && self.connectivity() == Some(id)
+        {
+            changes.push(Change::Connectivity(None));
+        }
+        let change = if to == McimState::Deleted {
+            Change::Remove(id.to_string())
+        } else {
+            let mut next = rec.clone();
+            next.state = to;
+            next.blocked = match op {
+                LifecycleOp::Block(r) => Some(r),
+                LifecycleOp::Unblock => None,
+                _ => rec.blocked,
+            };
+            if to == McimState::Retired {
+                // The credentials go; the TRE objects were only ever usable through them.
+                next.secrets = None;
+                next.pin = None;
+            }
+            Change::Put(Box::new(next))
+        };
+        changes.push(change);
+        self.commit(changes, "lifecycle", Some(id), detail)?;
+        Ok(to)
+    }
+
+    /// Selects an MCIM (a session; "only an activated MCIM can be selected"), checking its
+    /// PIN when it has one. At most one MCIM is selected at a time.
+    pub fn select(&mut self, id: &str, pin: Option<&str>) -> Result<(), RegistryError> {
+        let rec = self.record(id)?.clone();
+        let other = self
+            .records
+            .values()
+            .find(|r| r.state == McimState::Selected && r.id != id)
+            .map(|r| r.id.clone());
+        lifecycle::transition(rec.state, rec.blocked, LifecycleOp::Select)?;
+        if !lifecycle::may_select(rec.state, usize::from(other.is_some())) {
+            return Err(RegistryError::AnotherSelected(other.unwrap_or_default()));
+        }
+        if let Some(c) = self.header.connectivity.as_deref().filter(|c| *c != id) {
+            return Err(RegistryError::BadRequest(format!(
+                "MCIM {c} is the one chosen for connectivity; choose {id} first"
+            )));
+        }
+        if rec.pin.is_some() {
+            let pin =
+                pin.ok_or_else(|| RegistryError::BadRequest("this MCIM needs its PIN".into()))?;
+            self.verify_pin(id, pin)?;
+        }
+        let mut next = self.record(id)?.clone();
+        next.state = McimState::Selected;
+        self.commit(
+            vec![Change::Put(Box::new(next))],
+            "lifecycle",
+            Some(id),
+            "Activated -> Selected".into(),
+        )
+    }
+
+    /// The MCIM the owner chose for connectivity, if any.
+    pub fn connectivity(&self) -> Option<&str> {
+        self.header.connectivity.as_deref()
+    }
+
+    /// The owner chooses the one MCIM used for connectivity (5.1.3.7.2: "the owner of the
+    /// device should control which MCIM in the device is used to provide connectivity"). It
+    /// must be Activated or Selected, and no other MCIM may be in a session.
+    pub fn set_connectivity(&mut self, id: &str) -> Result<(), RegistryError> {
+        let rec = self.record(id)?;
+        if rec.state != McimState::Activated && rec.state != McimState::Selected {
+            return Err(RegistryError::BadRequest(format!(
+                "only an activated MCIM provides connectivity; {id} is {:?}",
+                rec.state
+            )));
+        }
+        if let Some(other) = self
+            .records
+            .values()
+            .find(|r| r.state == McimState::Selected && r.id != id)
+        {
+            return Err(RegistryError::AnotherSelected(other.id.clone()));
+        }
+        self.commit(
+            vec![Change::Connectivity(Some(id.to_string()))],
+            "connectivity",
+            Some(id),
+            "chosen for connectivity".into(),
+        )
+    }
+}
