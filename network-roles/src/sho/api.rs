@@ -1,0 +1,169 @@
+//! The SHO's gRPC surface (`mcim.sho.v1.ShoService`): protobuf to and from the SHO's typed
+//! operations; the authorization layer has decided the caller before any of these runs.
+
+use std::sync::Arc;
+
+use mcim_core::identity::Pcid;
+use mcim_proto::mcim::common::v1 as common;
+use mcim_proto::mcim::sho::v1 as pb;
+use mcim_proto::mcim::sho::v1::sho_service_server::ShoService;
+use tonic::{Request, Response, Status};
+
+use super::registrations::NewRegistration;
+use super::subscriptions::NewSubscription;
+use super::{Sho, St};
+use crate::error::{RoleError, role};
+use crate::gate::authorized;
+
+/// The SHO's gRPC service.
+#[derive(Debug, Clone)]
+pub struct ShoApi(pub Arc<Sho>);
+
+#[tonic::async_trait]
+impl ShoService for ShoApi {
+    async fn create_subscription(
+        &self,
+        req: Request<pb::CreateSubscriptionRequest>,
+    ) -> Result<Response<pb::CreateSubscriptionResponse>, Status> {
+        role(async move {
+            authorized(&req)?;
+            let r = req.into_inner();
+            if r.subscriber.is_empty() {
+                return Err(RoleError::invalid("the subscriber is required"));
+            }
+            let device = r
+                .device
+                .ok_or_else(|| RoleError::invalid("the device is required"))?;
+            let pcid = Pcid::new(device.pcid).map_err(|e| RoleError::invalid(e.to_string()))?;
+            let tre_kind = common::TreKind::try_from(r.tre_kind)
+                .map_err(|_| RoleError::invalid("the TRE kind is required"))?;
+            let sub = self
+                .0
+                .contract(NewSubscription {
+                    subscriber: r.subscriber,
+                    pcid,
+                    device_id: device.device_id,
+                    tre_kind,
+                    storage_public: r.storage_public,
+                    platform_credential: r.platform_credential,
+                    require_aka_in_tre: r.require_aka_in_tre,
+                })
+                .await?;
+            Ok(Response::new(pb::CreateSubscriptionResponse {
+                subscription_id: sub.pcid,
+                imsi: sub.imsi,
+            }))
+        })
+        .await
+    }
+
+    async fn register_device(
+        &self,
+        req: Request<pb::RegisterDeviceRequest>,
+    ) -> Result<Response<pb::RegisterDeviceResponse>, Status> {
+        role(async move {
+            authorized(&req)?;
+            let r = req.into_inner();
+            let reg = self
+                .0
+                .register(NewRegistration {
+                    id: r.registration_id,
+                    pcid: r.pcid,
+                    nonce: r.registration_nonce,
+                    dpf_url: r.dpf_url,
+                })
+                .await?;
+            Ok(Response::new(pb::RegisterDeviceResponse {
+                validation_id: reg.validation_id,
+                nonce: reg.validation_nonce,
+                pva_url: self.0.cfg.pva_url.clone(),
+            }))
+        })
+        .await
+    }
+
+    async fn get_registration(
+        &self,
+        req: Request<pb::GetRegistrationRequest>,
+    ) -> Result<Response<pb::GetRegistrationResponse>, Status> {
+        role(async move {
+            authorized(&req)?;
+            let (reg, imsi) = self
+                .0
+                .registration_status(&req.get_ref().registration_id)
+                .await?;
+            Ok(Response::new(pb::GetRegistrationResponse {
+                state: i32::try_from(reg.state).unwrap_or(0),
+                detail: reg.detail,
+                imsi,
+            }))
+        })
+        .await
+    }
+
+    async fn get_auth_vectors(
+        &self,
+        req: Request<pb::GetAuthVectorsRequest>,
+    ) -> Result<Response<pb::GetAuthVectorsResponse>, Status> {
+        role(async move {
+            authorized(&req)?;
+            let r = req.into_inner();
+            if !self.0.imsi_live(&r.imsi).await? {
+                return Err(RoleError::not_found("no provisioned MCIM with this IMSI"));
+            }
+            let vectors = self
+                .0
+                .auc
+                .vectors(&r.imsi, r.count.max(1), r.resync.as_ref())
+                .await?;
+            Ok(Response::new(pb::GetAuthVectorsResponse { vectors }))
+        })
+        .await
+    }
+
+    async fn report_provisioning_status(
+        &self,
+        req: Request<pb::ReportProvisioningStatusRequest>,
+    ) -> Result<Response<pb::ReportProvisioningStatusResponse>, Status> {
+        role(async move {
+            authorized(&req)?;
+            let r = req.into_inner();
+            let st = match common::ProvisioningStatus::try_from(r.status) {
+                Ok(common::ProvisioningStatus::Installed) => St::Provisioned,
+                Ok(common::ProvisioningStatus::Failed) => St::Failed,
+                _ => return Err(RoleError::invalid("status is installed or failed")),
+            };
+            self.0.report(&r.registration_id, st, &r.detail).await?;
+            Ok(Response::new(pb::ReportProvisioningStatusResponse {}))
+        })
+        .await
+    }
+
+    async fn notify_discard(
+        &self,
+        req: Request<pb::NotifyDiscardRequest>,
+    ) -> Result<Response<pb::NotifyDiscardResponse>, Status> {
+        role(async move {
+            // The device that discarded: known from the IMSI once change of SHO is built; until
+            // then only the role is checked.
+            authorized(&req)?;
+            Err(RoleError::not_built(
+                "change of SHO (5.1.3.7.4.2) is not built yet",
+            ))
+        })
+        .await
+    }
+
+    async fn receive_discard_ack(
+        &self,
+        req: Request<pb::ReceiveDiscardAckRequest>,
+    ) -> Result<Response<pb::ReceiveDiscardAckResponse>, Status> {
+        role(async move {
+            authorized(&req)?;
+            Err(RoleError::not_built(
+                "change of SHO (5.1.3.7.4.2) is not built yet",
+            ))
+        })
+        .await
+    }
+}

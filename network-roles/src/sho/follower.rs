@@ -1,0 +1,163 @@
+//! The SHO's follower (5.1.3.6.2 steps 10-11): after a registration, in the background, it
+//! long-polls the PVA for the verdict, refuses an untrusted device (or one whose subscription
+//! needs AKA in the TRE it does not have) through the RO's DPF, and hands a trusted device's
+//! package to the DPF. Every step is idempotent; [`Sho::resume`] follows again what was in
+//! flight when the SHO stopped.
+
+use std::sync::Arc;
+
+use mcim_proto::mcim::common::v1 as common;
+use mcim_proto::mcim::pva::v1 as pva;
+use mcim_proto::mcim::pva::v1::pva_service_client::PvaServiceClient;
+use mcim_proto::mcim::ro::v1 as ro;
+use mcim_proto::mcim::ro::v1::dpf_service_client::DpfServiceClient;
+use mcim_telemetry::Channel;
+
+use super::registrations::Registration;
+use super::{RETRY_PAUSE, Sho, St, VALIDATION_LONG_POLL_MS, VALIDATION_WAIT};
+use crate::authz::Role;
+use crate::error::RoleError;
+use crate::peers::role_verifying_key;
+use crate::store::now;
+
+impl Sho {
+    /// Follows one registration through steps 10-11 in the background, in the trace of the
+    /// call that started it.
+    pub(super) fn follow(self: Arc<Self>, id: String) {
+        let span = tracing::info_span!("follow_validation", registration = %id);
+        tokio::spawn(tracing::Instrument::instrument(
+            async move {
+                let deadline = tokio::time::Instant::now() + VALIDATION_WAIT;
+                loop {
+                    match self.step(&id).await {
+                        Ok(true) => return,
+                        // Still pending after a long poll: ask again at once.
+                        Ok(false) => {}
+                        Err(e) if e.retryable() => {
+                            tracing::warn!(registration = %id, "will retry: {e}");
+                            tokio::time::sleep(RETRY_PAUSE).await;
+                        }
+                        Err(e) => {
+                            tracing::warn!(registration = %id, "failed: {e}");
+                            let _ = self.set_state(&id, St::Failed, &e.to_string()).await;
+                            return;
+                        }
+                    }
+                    if tokio::time::Instant::now() > deadline {
+                        let _ = self
+                            .set_state(
+                                &id,
+                                St::ValidationFailed,
+                                "no evidence from the device in time",
+                            )
+                            .await;
+                        return;
+                    }
+                }
+            },
+            span,
+        ));
+    }
+
+    /// One look at a registration; `Ok(true)` when there is nothing more to do.
+    async fn step(&self, id: &str) -> Result<bool, RoleError> {
+        let Some(reg) = self.registration(id).await? else {
+            return Ok(true);
+        };
+        let Registration {
+            pcid,
+            nonce,
+            dpf_url,
+            validation_id,
+            state,
+            package,
+            ..
+        } = reg;
+        if state != St::Validating as i64 && state != St::Registered as i64 {
+            return Ok(true);
+        }
+        // Step 10: the PVA's verdict.
+        let v = PvaServiceClient::new(self.pva.clone())
+            .get_validation_result(pva::GetValidationResultRequest {
+                validation_id: validation_id.clone(),
+                wait_ms: VALIDATION_LONG_POLL_MS,
+            })
+            .await
+            .map_err(RoleError::peer(Role::Pva))?
+            .into_inner();
+        match pva::Verdict::try_from(v.verdict) {
+            Ok(pva::Verdict::Pending) => return Ok(false),
+            Ok(pva::Verdict::Trusted) => {}
+            _ => {
+                tracing::warn!(%pcid, registration = %id, "validation failed: {}", v.reason);
+                self.refuse(id, &dpf_url, &v.reason).await?;
+                return Ok(true);
+            }
+        }
+        let result = v
+            .result
+            .ok_or_else(|| RoleError::internal("a trusted verdict without a signed result"))?;
+        let pva_key = role_verifying_key(&self.pki, Role::Pva)?;
+        let now_s = u64::try_from(now()).unwrap_or(0);
+        let verified =
+            match mcim_core::validation::verify(&result.cose_sign1, &pva_key, &pcid, now_s) {
+                Ok(r) => r,
+                Err(e) => {
+                    self.refuse(id, &dpf_url, &e.to_string()).await?;
+                    return Ok(true);
+                }
+            };
+        let aka_in_host = verified.aka_execution == mcim_core::validation::AKA_UNSEALED_IN_HOST;
+        if aka_in_host
+            && self
+                .subscription(&pcid)
+                .await?
+                .is_some_and(|s| s.require_aka_in_tre)
+        {
+            let why = "the device runs AKA outside its TRE (K unsealed into host memory); \
+                       the subscription requires AKA in the TRE";
+            tracing::warn!(%pcid, registration = %id, "{why}");
+            self.refuse(id, &dpf_url, why).await?;
+            return Ok(true);
+        }
+        // Step 11: the package (built once), then the DPF's authorisation.
+        let package = match package {
+            Some(p) => p,
+            None => self.build_package(id, &pcid, &nonce, aka_in_host).await?,
+        };
+        self.dpf(&dpf_url)
+            .await?
+            .authorize_provisioning(ro::AuthorizeProvisioningRequest {
+                registration_id: id.to_string(),
+                package: Some(common::McimPackage {
+                    cose_sign1: package,
+                }),
+                validation: Some(result),
+            })
+            .await
+            .map_err(RoleError::peer(Role::Ro))?;
+        self.set_state(id, St::Authorized, "").await?;
+        tracing::info!(%pcid, registration = %id, "package handed to the DPF");
+        Ok(true)
+    }
+
+    async fn dpf(&self, url: &str) -> Result<DpfServiceClient<Channel>, RoleError> {
+        Ok(DpfServiceClient::new(
+            self.dpfs.get(&self.pki, Role::Sho, Role::Ro, url).await?,
+        ))
+    }
+
+    /// Step 10's negative outcome: the RO's DPF is told first (the device hears it on its task
+    /// stream), then the registration is marked; a failure to reach the DPF is retried.
+    async fn refuse(&self, id: &str, dpf_url: &str, reason: &str) -> Result<(), RoleError> {
+        self.dpf(dpf_url)
+            .await?
+            .refuse_provisioning(ro::RefuseProvisioningRequest {
+                registration_id: id.to_string(),
+                reason: reason.to_string(),
+            })
+            .await
+            .map_err(RoleError::peer(Role::Ro))?;
+        self.set_state(id, St::ValidationFailed, reason).await
+    }
+}

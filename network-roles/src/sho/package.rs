@@ -1,0 +1,89 @@
+//! The MCIM package (5.1.3.6.2 step 11): new K and OPc for the subscription's IMSI, into the
+//! SHO's AuC and wrapped for the device's TRE, signed by the SHO and bound to the
+//! registration; built once per registration.
+
+use mcim_core::aka::{K, Opc};
+use mcim_core::package::{self, McimPackagePayload, McimPolicy, TreTarget, UsimData};
+use mcim_proto::mcim::common::v1 as common;
+
+use super::Sho;
+use crate::error::RoleError;
+use crate::store::{db_err, now};
+
+impl Sho {
+    /// New K and OPc for the subscription's IMSI, wrapped for the device's TRE, in a package
+    /// signed by the SHO and bound to the registration nonce. K leaves the SHO only wrapped:
+    /// as a TPM AES key (AKA in the TPM), or, for a TPM the PVA found running AKA with K
+    /// unsealed in the host (`aka_in_host`: no TPM2_EncryptDecrypt2), as sealed data.
+    pub(super) async fn build_package(
+        &self,
+        id: &str,
+        pcid: &str,
+        nonce: &[u8],
+        aka_in_host: bool,
+    ) -> Result<Vec<u8>, RoleError> {
+        let sub = self
+            .subscription(pcid)
+            .await?
+            .ok_or_else(|| RoleError::conflict("the subscription is gone"))?;
+        let target = match common::TreKind::try_from(i32::try_from(sub.tre_kind).unwrap_or(0)) {
+            Ok(common::TreKind::Tpm2) if aka_in_host => TreTarget::Tpm2SealedK,
+            Ok(common::TreKind::Tpm2) => TreTarget::Tpm2,
+            Ok(common::TreKind::Pkcs11) => TreTarget::Pkcs11,
+            _ => return Err(RoleError::conflict("unknown TRE kind")),
+        };
+        let (k, opc, wrapped) = {
+            let mut rng = rand::rng();
+            let mut kb = zeroize::Zeroizing::new([0u8; 16]);
+            let mut ob = zeroize::Zeroizing::new([0u8; 16]);
+            rand::Rng::fill_bytes(&mut rng, &mut kb[..]);
+            rand::Rng::fill_bytes(&mut rng, &mut ob[..]);
+            let (k, opc) = (K::new(*kb), Opc::new(*ob));
+            let wrapped = package::wrap_secrets(target, &sub.storage_public, &k, &opc, &mut rng)
+                .map_err(|e| RoleError::conflict(e.to_string()))?;
+            (kb, ob, wrapped)
+        };
+        // No package was stored, so no earlier K ever left: replace whatever a crash left.
+        self.auc.forget(&sub.imsi).await?;
+        self.auc.provision(&sub.imsi, &k[..], &opc[..]).await?;
+        let (mcc, mnc) = self.cfg.plmn.split_at(3);
+        let payload = McimPackagePayload {
+            domain: package::DOMAIN.into(),
+            registration_id: id.to_string(),
+            registration_nonce: hex::encode(nonce),
+            pcid: pcid.to_string(),
+            imsi: sub.imsi.clone(),
+            sho_id: self.id.clone(),
+            algorithm: "milenage".into(),
+            milenage_c: Vec::new(),
+            milenage_r: Vec::new(),
+            wrapped_k: hex::encode(&wrapped.0),
+            wrapped_opc: hex::encode(&wrapped.1),
+            usim: UsimData {
+                home_plmn: format!("{mcc}-{mnc}"),
+                service_provider_name: self.cfg.name.clone(),
+            },
+            policy: McimPolicy {
+                use_for_connectivity: true,
+                opc_bound_to_pcrs: false,
+            },
+            issued_at: u64::try_from(now()).unwrap_or(0),
+        };
+        let signed = package::seal(&self.key, &payload, &self.cert)
+            .map_err(|e| RoleError::internal(e.to_string()))?;
+        sqlx::query("UPDATE sho_registration SET package = ? WHERE id = ? AND package IS NULL")
+            .bind(&signed)
+            .bind(id)
+            .execute(&self.db)
+            .await
+            .map_err(db_err)?;
+        // Whatever is stored now is the one package of this registration.
+        let (stored,): (Option<Vec<u8>>,) =
+            sqlx::query_as("SELECT package FROM sho_registration WHERE id = ?")
+                .bind(id)
+                .fetch_one(&self.db)
+                .await
+                .map_err(db_err)?;
+        stored.ok_or_else(|| RoleError::internal("package not stored"))
+    }
+}

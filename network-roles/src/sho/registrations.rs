@@ -1,0 +1,181 @@
+//! The devices the RO registers at this SHO (5.1.3.6.2 step 7), their validation request to
+//! the PVA (step 8) and their state up to the provisioning report (step 14).
+
+use mcim_proto::mcim::pva::v1 as pva;
+use mcim_proto::mcim::pva::v1::pva_service_client::PvaServiceClient;
+use sqlx::Row;
+use sqlx::sqlite::SqliteRow;
+
+use super::{Sho, St};
+use crate::authz::Role;
+use crate::error::RoleError;
+use crate::store::db_err;
+
+/// A registration as stored (`sho_registration`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct Registration {
+    /// The RO's registration id.
+    pub id: String,
+    /// The device.
+    pub pcid: String,
+    /// The registration nonce the package must carry (annex x.2.3).
+    pub nonce: Vec<u8>,
+    /// The DPF that serves the device.
+    pub dpf_url: String,
+    /// The PVA's validation.
+    pub validation_id: String,
+    /// The PVA's nonce for it.
+    pub validation_nonce: Vec<u8>,
+    /// Where it stands (`RegistrationState`).
+    pub state: i64,
+    /// Why it stands there.
+    pub detail: String,
+    /// The package, once built (built once, step 11).
+    pub package: Option<Vec<u8>>,
+}
+
+impl<'r> sqlx::FromRow<'r, SqliteRow> for Registration {
+    fn from_row(row: &'r SqliteRow) -> Result<Self, sqlx::Error> {
+        Ok(Self {
+            id: row.try_get("id")?,
+            pcid: row.try_get("pcid")?,
+            nonce: row.try_get("nonce")?,
+            dpf_url: row.try_get("dpf_url")?,
+            validation_id: row.try_get("validation_id")?,
+            validation_nonce: row.try_get("validation_nonce")?,
+            state: row.try_get("state")?,
+            detail: row.try_get("detail")?,
+            package: row.try_get("package")?,
+        })
+    }
+}
+
+/// What the RO asks for at step 7.
+pub(super) struct NewRegistration {
+    /// The RO's registration id.
+    pub id: String,
+    /// The device.
+    pub pcid: String,
+    /// The registration nonce (16 octets or more).
+    pub nonce: Vec<u8>,
+    /// The DPF that serves the device.
+    pub dpf_url: String,
+}
+
+impl Sho {
+    /// The registration `id`, if any.
+    pub(super) async fn registration(&self, id: &str) -> Result<Option<Registration>, RoleError> {
+        sqlx::query_as::<_, Registration>(
+            "SELECT id, pcid, nonce, dpf_url, validation_id, validation_nonce, state, detail, \
+             package FROM sho_registration WHERE id = ?",
+        )
+        .bind(id)
+        .fetch_optional(&self.db)
+        .await
+        .map_err(db_err)
+    }
+
+    /// Step 7 (and 8): registers the device for its subscription and asks the PVA to validate
+    /// it, then follows the validation in the background. The same registration again
+    /// answers what it answered the first time.
+    pub(super) async fn register(
+        self: &std::sync::Arc<Self>,
+        n: NewRegistration,
+    ) -> Result<Registration, RoleError> {
+        if n.id.is_empty() || n.nonce.len() < 16 {
+            return Err(RoleError::invalid(
+                "a registration id and a nonce of 16 octets or more are required",
+            ));
+        }
+        if !n.dpf_url.starts_with("https://") {
+            return Err(RoleError::invalid("dpf_url must be https://host:port"));
+        }
+        self.subscription(&n.pcid)
+            .await?
+            .ok_or_else(|| RoleError::not_found("no subscription for this PCID"))?;
+        if let Some(existing) = self.registration(&n.id).await? {
+            return Ok(existing);
+        }
+        // Step 8: ask the PVA to validate the device.
+        let v = PvaServiceClient::new(self.pva.clone())
+            .request_validation(pva::RequestValidationRequest {
+                pcid: n.pcid.clone(),
+                registration_id: n.id.clone(),
+            })
+            .await
+            .map_err(RoleError::peer(Role::Pva))?
+            .into_inner();
+        sqlx::query(
+            "INSERT INTO sho_registration (id, pcid, nonce, dpf_url, validation_id, \
+             validation_nonce, state) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&n.id)
+        .bind(&n.pcid)
+        .bind(&n.nonce)
+        .bind(&n.dpf_url)
+        .bind(&v.validation_id)
+        .bind(&v.nonce)
+        .bind(St::Validating as i64)
+        .execute(&self.db)
+        .await
+        .map_err(db_err)?;
+        self.clone().follow(n.id.clone());
+        tracing::info!(pcid = %n.pcid, registration = %n.id, "registered; validation requested");
+        self.registration(&n.id)
+            .await?
+            .ok_or_else(|| RoleError::internal("registration not stored"))
+    }
+
+    /// A registration's state, why, and the IMSI of its subscription (for the subscriber).
+    pub(super) async fn registration_status(
+        &self,
+        id: &str,
+    ) -> Result<(Registration, String), RoleError> {
+        let reg = self
+            .registration(id)
+            .await?
+            .ok_or_else(|| RoleError::not_found("no such registration"))?;
+        let imsi = self
+            .subscription(&reg.pcid)
+            .await?
+            .map(|s| s.imsi)
+            .ok_or_else(|| RoleError::not_found("no such registration"))?;
+        Ok((reg, imsi))
+    }
+
+    /// Step 14: the DPF's report of the device's install, for an authorised registration
+    /// (a repeated report of the same outcome is accepted).
+    pub(super) async fn report(&self, id: &str, st: St, detail: &str) -> Result<(), RoleError> {
+        let done = sqlx::query(
+            "UPDATE sho_registration SET state = ?, detail = ? WHERE id = ? AND state IN (?, ?, ?)",
+        )
+        .bind(st as i64)
+        .bind(detail)
+        .bind(id)
+        .bind(St::Authorized as i64)
+        .bind(St::Provisioned as i64)
+        .bind(St::Failed as i64)
+        .execute(&self.db)
+        .await
+        .map_err(db_err)?;
+        if done.rows_affected() != 1 {
+            return Err(RoleError::conflict(
+                "no authorised registration with this id",
+            ));
+        }
+        tracing::info!(registration = %id, state = ?st, "provisioning result");
+        Ok(())
+    }
+
+    /// Moves a registration to `st`, saying why.
+    pub(super) async fn set_state(&self, id: &str, st: St, detail: &str) -> Result<(), RoleError> {
+        sqlx::query("UPDATE sho_registration SET state = ?, detail = ? WHERE id = ?")
+            .bind(st as i64)
+            .bind(detail)
+            .bind(id)
+            .execute(&self.db)
+            .await
+            .map_err(db_err)?;
+        Ok(())
+    }
+}
