@@ -12,6 +12,10 @@ use crate::hexarg;
 use crate::parameters::DeviceParameters;
 use crate::tred::{connect, step_line};
 
+/// The client of tred's local API.
+type Tred =
+    mcim_proto::mcim::tre::v1::tre_service_client::TreServiceClient<tonic::transport::Channel>;
+
 /// Where `tred` listens.
 #[derive(Args, Clone)]
 pub struct Socket {
@@ -72,26 +76,7 @@ pub enum DeviceCommand {
         id: String,
     },
     /// Install an MCIM from wrapped secrets (`mcimctl sho wrap` makes them).
-    Install {
-        /// Operational IMSI.
-        #[arg(long)]
-        imsi: String,
-        /// The issuing SHO.
-        #[arg(long)]
-        sho: String,
-        /// Wrapped K.
-        #[arg(long)]
-        k_blob: PathBuf,
-        /// Wrapped OPc.
-        #[arg(long)]
-        opc_blob: PathBuf,
-        /// Application PIN (4-8 digits).
-        #[arg(long, requires = "puk")]
-        pin: Option<String>,
-        /// PUK (8 digits).
-        #[arg(long, requires = "pin")]
-        puk: Option<String>,
-    },
+    Install(InstallArgs),
     /// Installed -> Activated.
     Activate {
         /// MCIM id.
@@ -181,6 +166,29 @@ pub enum DeviceCommand {
         #[arg(long)]
         out_dir: Option<PathBuf>,
     },
+}
+
+/// `mcimctl device install ...`
+#[derive(Args)]
+pub struct InstallArgs {
+    /// Operational IMSI.
+    #[arg(long)]
+    imsi: String,
+    /// The issuing SHO.
+    #[arg(long)]
+    sho: String,
+    /// Wrapped K.
+    #[arg(long)]
+    k_blob: PathBuf,
+    /// Wrapped OPc.
+    #[arg(long)]
+    opc_blob: PathBuf,
+    /// Application PIN (4-8 digits).
+    #[arg(long, requires = "puk")]
+    pin: Option<String>,
+    /// PUK (8 digits).
+    #[arg(long, requires = "pin")]
+    puk: Option<String>,
 }
 
 /// `mcimctl device pin ...`
@@ -294,407 +302,498 @@ async fn device(a: DeviceArgs) -> Result<(), CliError> {
             pcid,
             model,
             out_dir,
-        } => {
-            let r = c
-                .init_device(pb::InitDeviceRequest {
-                    identity: Some(common::DeviceIdentity {
-                        device_id,
-                        pcid,
-                        model,
-                    }),
-                })
-                .await?
-                .into_inner();
-            if let Some(dir) = out_dir {
-                std::fs::create_dir_all(&dir).map_err(|e| CliError::File {
-                    path: dir.display().to_string(),
-                    detail: e.to_string(),
-                })?;
-                write(&dir.join("storage.pub"), &r.storage_public)?;
-                write(&dir.join("ak.pub"), &r.attestation_public)?;
-                write(&dir.join("tls.spki.der"), &r.tls_public_spki)?;
-            }
-            let v = serde_json::json!({
-                "created": r.created,
-                "storage_public": hex::encode(&r.storage_public),
-                "attestation_public": hex::encode(&r.attestation_public),
-                "tls_public_spki": hex::encode(&r.tls_public_spki),
-            });
-            if json {
-                println!("{v}");
-            } else {
-                println!(
-                    "{}",
-                    if r.created {
-                        "initialised"
-                    } else {
-                        "already initialised (nothing changed)"
-                    }
-                );
-                println!("storage_public      {}", hex::encode(&r.storage_public));
-                println!("attestation_public  {}", hex::encode(&r.attestation_public));
-                println!("tls_public_spki     {}", hex::encode(&r.tls_public_spki));
-            }
-        }
-        D::Parameters { out } => {
-            let r = c
-                .get_device_parameters(pb::GetDeviceParametersRequest {})
-                .await?
-                .into_inner();
-            let p = DeviceParameters::from_pb(r);
-            let text =
-                serde_json::to_string_pretty(&p).map_err(|e| CliError::Input(e.to_string()))?;
-            match out {
-                Some(path) => std::fs::write(&path, text + "\n")
-                    .map_err(|e| CliError::Input(format!("{}: {e}", path.display())))?,
-                None => println!("{text}"),
-            }
-        }
-        D::Provision { access } => {
-            let access = if access == "3gpp" {
-                common::AccessType::AccessType3gpp
-            } else {
-                common::AccessType::Non3gpp
-            };
-            let id = c
-                .start_provisioning(pb::StartProvisioningRequest {
-                    access: access as i32,
-                })
-                .await?
-                .into_inner()
-                .provisioning_id;
-            let mut steps = c
-                .watch_provisioning(pb::WatchProvisioningRequest {
-                    provisioning_id: id,
-                })
-                .await?
-                .into_inner();
-            let mut failed = None;
-            let (mut registration, mut mcim) = (String::new(), String::new());
-            while let Some(s) = steps.message().await? {
-                if json {
-                    println!(
-                        "{}",
-                        serde_json::json!({"step": s.step, "name": s.name, "ok": s.ok, "detail": s.detail})
-                    );
-                } else {
-                    println!("{}", step_line(&s));
-                }
-                if !s.registration_id.is_empty() {
-                    registration = s.registration_id.clone();
-                }
-                if !s.mcim_id.is_empty() {
-                    mcim = s.mcim_id.clone();
-                }
-                if !s.ok {
-                    failed = Some(format!("step {} ({}) failed: {}", s.step, s.name, s.detail));
-                }
-            }
-            if let Some(f) = failed {
-                return Err(CliError::Input(f));
-            }
-            if !json {
-                println!("registration  {registration}");
-                println!("mcim          {mcim}");
-            }
-        }
-        D::Attach { id } => {
-            let g = c
-                .network_attach(pb::NetworkAttachRequest {
-                    mcim_id: id.unwrap_or_default(),
-                })
-                .await?
-                .into_inner();
-            if json {
-                println!(
-                    "{}",
-                    serde_json::json!({"imsi": g.imsi, "grant": g.grant_id, "expires_at": g.expires_at.map(|t| t.seconds)})
-                );
-            } else {
-                println!("attached with IMSI {} (grant {})", g.imsi, g.grant_id);
-            }
-        }
-        D::Status => {
-            let s = c.get_status(pb::GetStatusRequest {}).await?.into_inner();
-            let caps = s.capabilities.unwrap_or_default();
-            let aka = match common::AkaExecution::try_from(caps.aka_execution) {
-                Ok(common::AkaExecution::InTre) => "in_tre",
-                Ok(common::AkaExecution::UnsealedInHost) => "unsealed_in_host",
-                _ => "unspecified",
-            };
-            let id = s.identity.unwrap_or_default();
-            let v = serde_json::json!({
-                "tre": match common::TreKind::try_from(s.tre_kind) { Ok(common::TreKind::Tpm2) => "tpm2", Ok(common::TreKind::Pkcs11) => "pkcs11", _ => "unspecified" },
-                "aka_execution": aka,
-                "quote": caps.quote,
-                "initialised": !id.pcid.is_empty(),
-                "device_id": id.device_id,
-                "pcid": id.pcid,
-                "model": id.model,
-                "lockdown": s.lockdown,
-                "lockdown_reason": s.lockdown_reason,
-                "connectivity": s.connectivity_mcim_id,
-                "rehabilitation_counter": s.rehabilitation_counter,
-                "startup_findings": s.startup_findings,
-            });
-            if json {
-                println!("{v}");
-            } else if let Some(o) = v.as_object() {
-                for (k, val) in o {
-                    println!(
-                        "{k:<16}{}",
-                        val.as_str().map_or_else(|| val.to_string(), str::to_string)
-                    );
-                }
-            }
-        }
-        D::List => {
-            let r = c.list_mcims(pb::ListMcimsRequest {}).await?.into_inner();
-            if json {
-                println!(
-                    "{}",
-                    serde_json::Value::Array(r.mcims.iter().map(mcim_json).collect())
-                );
-            } else {
-                for m in &r.mcims {
-                    print_mcim(false, Some(m));
-                }
-            }
-        }
-        D::Get { id } => {
-            let r = c
-                .get_mcim(pb::GetMcimRequest { mcim_id: id })
-                .await?
-                .into_inner();
-            print_mcim(json, r.mcim.as_ref());
-        }
-        D::Install {
-            imsi,
-            sho,
-            k_blob,
-            opc_blob,
-            pin,
-            puk,
-        } => {
-            let r = c
-                .install_mcim(pb::InstallMcimRequest {
-                    imsi,
-                    sho_id: sho,
-                    wrapped_k: read(&k_blob)?,
-                    wrapped_opc: read(&opc_blob)?,
-                    milenage_c: Vec::new(),
-                    milenage_r: Vec::new(),
-                    pin: pin.unwrap_or_default(),
-                    puk: puk.unwrap_or_default(),
-                })
-                .await?
-                .into_inner();
-            print_mcim(json, r.mcim.as_ref());
-        }
-        D::Activate { id } => {
-            let r = c
-                .activate_mcim(pb::ActivateMcimRequest { mcim_id: id })
-                .await?;
-            print_mcim(json, r.get_ref().mcim.as_ref());
-        }
-        D::Select { id, pin } => {
-            let r = c
-                .select_mcim(pb::SelectMcimRequest {
-                    mcim_id: id,
-                    pin: pin.unwrap_or_default(),
-                })
-                .await?;
-            print_mcim(json, r.get_ref().mcim.as_ref());
-        }
-        D::EndSession { id } => {
-            let r = c
-                .end_mcim_session(pb::EndMcimSessionRequest { mcim_id: id })
-                .await?;
-            print_mcim(json, r.get_ref().mcim.as_ref());
-        }
-        D::Block { id } => {
-            let r = c
-                .block_mcim(pb::BlockMcimRequest {
-                    mcim_id: id,
-                    reason: "owner".into(),
-                })
-                .await?;
-            print_mcim(json, r.get_ref().mcim.as_ref());
-        }
-        D::Unblock { id } => {
-            let r = c
-                .unblock_mcim(pb::UnblockMcimRequest { mcim_id: id })
-                .await?;
-            print_mcim(json, r.get_ref().mcim.as_ref());
-        }
-        D::Retire { id } => {
-            let r = c.retire_mcim(pb::RetireMcimRequest { mcim_id: id }).await?;
-            print_mcim(json, r.get_ref().mcim.as_ref());
-        }
-        D::Delete { id } => {
-            c.delete_mcim(pb::DeleteMcimRequest {
-                mcim_id: id.clone(),
-            })
-            .await?;
-            if json {
-                println!("{}", serde_json::json!({ "id": id, "state": "deleted" }));
-            } else {
-                println!("{id}  deleted");
-            }
-        }
-        D::Connectivity { id } => {
-            let r = c
-                .set_connectivity_mcim(pb::SetConnectivityMcimRequest { mcim_id: id })
-                .await?;
-            print_mcim(json, r.get_ref().mcim.as_ref());
-        }
-        D::Aka { id, rand, autn } => {
-            let r = c
-                .authenticate(pb::AuthenticateRequest {
-                    credential: Some(pb::authenticate_request::Credential::McimId(id)),
-                    challenge: Some(common::AuthChallenge {
-                        rand: rand.to_vec(),
-                        autn: autn.to_vec(),
-                    }),
-                })
-                .await?
-                .into_inner();
-            let v = match r.result {
-                Some(pb::authenticate_response::Result::Success(s)) => serde_json::json!({
-                    "result": "success",
-                    "res": hex::encode(s.res),
-                    "ck": hex::encode(s.ck),
-                    "ik": hex::encode(s.ik),
-                }),
-                Some(pb::authenticate_response::Result::Auts(a)) => serde_json::json!({
-                    "result": "sync_failure",
-                    "auts": hex::encode(a),
-                }),
-                None => return Err(CliError::Input("tred gave no result".into())),
-            };
-            if json {
-                println!("{v}");
-            } else if let Some(o) = v.as_object() {
-                for (k, val) in o {
-                    println!("{k:<7}{}", val.as_str().unwrap_or_default());
-                }
-            }
-        }
-        D::Pin(p) => match p {
-            PinCommand::Verify { id, pin } => {
-                let r = c
-                    .verify_pin(pb::VerifyPinRequest { mcim_id: id, pin })
-                    .await?
-                    .into_inner();
-                println!("PIN verified ({} tries)", r.retries_left);
-            }
-            PinCommand::Change { id, old, new } => {
-                c.change_pin(pb::ChangePinRequest {
-                    mcim_id: id,
-                    old_pin: old,
-                    new_pin: new,
-                })
-                .await?;
-                println!("PIN changed");
-            }
-            PinCommand::Unblock { id, puk, new } => {
-                let r = c
-                    .unblock_pin(pb::UnblockPinRequest {
-                        mcim_id: id,
-                        puk,
-                        new_pin: new,
-                    })
-                    .await?;
-                print_mcim(json, r.get_ref().mcim.as_ref());
-            }
-        },
-        D::Rehabilitate { token } => {
-            let r = c
-                .rehabilitate(pb::RehabilitateRequest {
-                    token: read(&token)?,
-                })
-                .await?
-                .into_inner();
-            println!(
-                "{}",
-                if r.lockdown {
-                    "still in lockdown"
-                } else {
-                    "out of lockdown"
-                }
-            );
-        }
+        } => init(&mut c, json, device_id, pcid, model, out_dir).await,
+        D::Parameters { out } => parameters(&mut c, out).await,
+        D::Provision { access } => provision(&mut c, json, access).await,
+        D::Attach { id } => attach(&mut c, json, id).await,
+        D::Status => status(&mut c, json).await,
+        D::List => list(&mut c, json).await,
+        D::Get { id } => get(&mut c, json, id).await,
+        D::Install(a) => install(&mut c, json, a).await,
+        D::Activate { id } => activate(&mut c, json, id).await,
+        D::Select { id, pin } => select(&mut c, json, id, pin).await,
+        D::EndSession { id } => end_session(&mut c, json, id).await,
+        D::Block { id } => block(&mut c, json, id).await,
+        D::Unblock { id } => unblock(&mut c, json, id).await,
+        D::Retire { id } => retire(&mut c, json, id).await,
+        D::Delete { id } => delete(&mut c, json, id).await,
+        D::Connectivity { id } => connectivity(&mut c, json, id).await,
+        D::Aka { id, rand, autn } => aka(&mut c, json, id, rand, autn).await,
+        D::Pin(p) => pin(&mut c, json, p).await,
+        D::Rehabilitate { token } => rehabilitate(&mut c, token).await,
         D::Attest {
             nonce,
             pcrs,
             out_dir,
-        } => {
-            let nonce =
-                hex::decode(&nonce).map_err(|e| CliError::Input(format!("--nonce: {e}")))?;
+        } => attest(&mut c, json, nonce, pcrs, out_dir).await,
+    }
+}
+
+/// `mcimctl device init`.
+async fn init(
+    c: &mut Tred,
+    json: bool,
+    device_id: String,
+    pcid: String,
+    model: String,
+    out_dir: Option<PathBuf>,
+) -> Result<(), CliError> {
+    let r = c
+        .init_device(pb::InitDeviceRequest {
+            identity: Some(common::DeviceIdentity {
+                device_id,
+                pcid,
+                model,
+            }),
+        })
+        .await?
+        .into_inner();
+    if let Some(dir) = out_dir {
+        std::fs::create_dir_all(&dir).map_err(|e| CliError::File {
+            path: dir.display().to_string(),
+            detail: e.to_string(),
+        })?;
+        write(&dir.join("storage.pub"), &r.storage_public)?;
+        write(&dir.join("ak.pub"), &r.attestation_public)?;
+        write(&dir.join("tls.spki.der"), &r.tls_public_spki)?;
+    }
+    let v = serde_json::json!({
+        "created": r.created,
+        "storage_public": hex::encode(&r.storage_public),
+        "attestation_public": hex::encode(&r.attestation_public),
+        "tls_public_spki": hex::encode(&r.tls_public_spki),
+    });
+    if json {
+        println!("{v}");
+    } else {
+        println!(
+            "{}",
+            if r.created {
+                "initialised"
+            } else {
+                "already initialised (nothing changed)"
+            }
+        );
+        println!("storage_public      {}", hex::encode(&r.storage_public));
+        println!("attestation_public  {}", hex::encode(&r.attestation_public));
+        println!("tls_public_spki     {}", hex::encode(&r.tls_public_spki));
+    }
+    Ok(())
+}
+
+/// `mcimctl device parameters`.
+async fn parameters(c: &mut Tred, out: Option<PathBuf>) -> Result<(), CliError> {
+    let r = c
+        .get_device_parameters(pb::GetDeviceParametersRequest {})
+        .await?
+        .into_inner();
+    let p = DeviceParameters::from_pb(r);
+    let text = serde_json::to_string_pretty(&p).map_err(|e| CliError::Input(e.to_string()))?;
+    match out {
+        Some(path) => std::fs::write(&path, text + "\n")
+            .map_err(|e| CliError::Input(format!("{}: {e}", path.display())))?,
+        None => println!("{text}"),
+    }
+    Ok(())
+}
+
+/// `mcimctl device provision`.
+async fn provision(c: &mut Tred, json: bool, access: String) -> Result<(), CliError> {
+    let access = if access == "3gpp" {
+        common::AccessType::AccessType3gpp
+    } else {
+        common::AccessType::Non3gpp
+    };
+    let id = c
+        .start_provisioning(pb::StartProvisioningRequest {
+            access: access as i32,
+        })
+        .await?
+        .into_inner()
+        .provisioning_id;
+    let mut steps = c
+        .watch_provisioning(pb::WatchProvisioningRequest {
+            provisioning_id: id,
+        })
+        .await?
+        .into_inner();
+    let mut failed = None;
+    let (mut registration, mut mcim) = (String::new(), String::new());
+    while let Some(s) = steps.message().await? {
+        if json {
+            println!(
+                "{}",
+                serde_json::json!({"step": s.step, "name": s.name, "ok": s.ok, "detail": s.detail})
+            );
+        } else {
+            println!("{}", step_line(&s));
+        }
+        if !s.registration_id.is_empty() {
+            registration = s.registration_id.clone();
+        }
+        if !s.mcim_id.is_empty() {
+            mcim = s.mcim_id.clone();
+        }
+        if !s.ok {
+            failed = Some(format!("step {} ({}) failed: {}", s.step, s.name, s.detail));
+        }
+    }
+    if let Some(f) = failed {
+        return Err(CliError::Input(f));
+    }
+    if !json {
+        println!("registration  {registration}");
+        println!("mcim          {mcim}");
+    }
+    Ok(())
+}
+
+/// `mcimctl device attach`.
+async fn attach(c: &mut Tred, json: bool, id: Option<String>) -> Result<(), CliError> {
+    let g = c
+        .network_attach(pb::NetworkAttachRequest {
+            mcim_id: id.unwrap_or_default(),
+        })
+        .await?
+        .into_inner();
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"imsi": g.imsi, "grant": g.grant_id, "expires_at": g.expires_at.map(|t| t.seconds)})
+        );
+    } else {
+        println!("attached with IMSI {} (grant {})", g.imsi, g.grant_id);
+    }
+    Ok(())
+}
+
+/// `mcimctl device status`.
+async fn status(c: &mut Tred, json: bool) -> Result<(), CliError> {
+    let s = c.get_status(pb::GetStatusRequest {}).await?.into_inner();
+    let caps = s.capabilities.unwrap_or_default();
+    let aka = match common::AkaExecution::try_from(caps.aka_execution) {
+        Ok(common::AkaExecution::InTre) => "in_tre",
+        Ok(common::AkaExecution::UnsealedInHost) => "unsealed_in_host",
+        _ => "unspecified",
+    };
+    let id = s.identity.unwrap_or_default();
+    let v = serde_json::json!({
+        "tre": match common::TreKind::try_from(s.tre_kind) { Ok(common::TreKind::Tpm2) => "tpm2", Ok(common::TreKind::Pkcs11) => "pkcs11", _ => "unspecified" },
+        "aka_execution": aka,
+        "quote": caps.quote,
+        "initialised": !id.pcid.is_empty(),
+        "device_id": id.device_id,
+        "pcid": id.pcid,
+        "model": id.model,
+        "lockdown": s.lockdown,
+        "lockdown_reason": s.lockdown_reason,
+        "connectivity": s.connectivity_mcim_id,
+        "rehabilitation_counter": s.rehabilitation_counter,
+        "startup_findings": s.startup_findings,
+    });
+    if json {
+        println!("{v}");
+    } else if let Some(o) = v.as_object() {
+        for (k, val) in o {
+            println!(
+                "{k:<16}{}",
+                val.as_str().map_or_else(|| val.to_string(), str::to_string)
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `mcimctl device list`.
+async fn list(c: &mut Tred, json: bool) -> Result<(), CliError> {
+    let r = c.list_mcims(pb::ListMcimsRequest {}).await?.into_inner();
+    if json {
+        println!(
+            "{}",
+            serde_json::Value::Array(r.mcims.iter().map(mcim_json).collect())
+        );
+    } else {
+        for m in &r.mcims {
+            print_mcim(false, Some(m));
+        }
+    }
+    Ok(())
+}
+
+/// `mcimctl device get`.
+async fn get(c: &mut Tred, json: bool, id: String) -> Result<(), CliError> {
+    let r = c
+        .get_mcim(pb::GetMcimRequest { mcim_id: id })
+        .await?
+        .into_inner();
+    print_mcim(json, r.mcim.as_ref());
+    Ok(())
+}
+
+/// `mcimctl device install`.
+async fn install(c: &mut Tred, json: bool, a: InstallArgs) -> Result<(), CliError> {
+    let r = c
+        .install_mcim(pb::InstallMcimRequest {
+            imsi: a.imsi,
+            sho_id: a.sho,
+            wrapped_k: read(&a.k_blob)?,
+            wrapped_opc: read(&a.opc_blob)?,
+            milenage_c: Vec::new(),
+            milenage_r: Vec::new(),
+            pin: a.pin.unwrap_or_default(),
+            puk: a.puk.unwrap_or_default(),
+        })
+        .await?
+        .into_inner();
+    print_mcim(json, r.mcim.as_ref());
+    Ok(())
+}
+
+/// `mcimctl device activate`.
+async fn activate(c: &mut Tred, json: bool, id: String) -> Result<(), CliError> {
+    let r = c
+        .activate_mcim(pb::ActivateMcimRequest { mcim_id: id })
+        .await?;
+    print_mcim(json, r.get_ref().mcim.as_ref());
+    Ok(())
+}
+
+/// `mcimctl device select`.
+async fn select(c: &mut Tred, json: bool, id: String, pin: Option<String>) -> Result<(), CliError> {
+    let r = c
+        .select_mcim(pb::SelectMcimRequest {
+            mcim_id: id,
+            pin: pin.unwrap_or_default(),
+        })
+        .await?;
+    print_mcim(json, r.get_ref().mcim.as_ref());
+    Ok(())
+}
+
+/// `mcimctl device end-session`.
+async fn end_session(c: &mut Tred, json: bool, id: String) -> Result<(), CliError> {
+    let r = c
+        .end_mcim_session(pb::EndMcimSessionRequest { mcim_id: id })
+        .await?;
+    print_mcim(json, r.get_ref().mcim.as_ref());
+    Ok(())
+}
+
+/// `mcimctl device block`.
+async fn block(c: &mut Tred, json: bool, id: String) -> Result<(), CliError> {
+    let r = c
+        .block_mcim(pb::BlockMcimRequest {
+            mcim_id: id,
+            reason: "owner".into(),
+        })
+        .await?;
+    print_mcim(json, r.get_ref().mcim.as_ref());
+    Ok(())
+}
+
+/// `mcimctl device unblock`.
+async fn unblock(c: &mut Tred, json: bool, id: String) -> Result<(), CliError> {
+    let r = c
+        .unblock_mcim(pb::UnblockMcimRequest { mcim_id: id })
+        .await?;
+    print_mcim(json, r.get_ref().mcim.as_ref());
+    Ok(())
+}
+
+/// `mcimctl device retire`.
+async fn retire(c: &mut Tred, json: bool, id: String) -> Result<(), CliError> {
+    let r = c.retire_mcim(pb::RetireMcimRequest { mcim_id: id }).await?;
+    print_mcim(json, r.get_ref().mcim.as_ref());
+    Ok(())
+}
+
+/// `mcimctl device delete`.
+async fn delete(c: &mut Tred, json: bool, id: String) -> Result<(), CliError> {
+    c.delete_mcim(pb::DeleteMcimRequest {
+        mcim_id: id.clone(),
+    })
+    .await?;
+    if json {
+        println!("{}", serde_json::json!({ "id": id, "state": "deleted" }));
+    } else {
+        println!("{id}  deleted");
+    }
+    Ok(())
+}
+
+/// `mcimctl device connectivity`.
+async fn connectivity(c: &mut Tred, json: bool, id: String) -> Result<(), CliError> {
+    let r = c
+        .set_connectivity_mcim(pb::SetConnectivityMcimRequest { mcim_id: id })
+        .await?;
+    print_mcim(json, r.get_ref().mcim.as_ref());
+    Ok(())
+}
+
+/// `mcimctl device aka`.
+async fn aka(
+    c: &mut Tred,
+    json: bool,
+    id: String,
+    rand: [u8; 16],
+    autn: [u8; 16],
+) -> Result<(), CliError> {
+    let r = c
+        .authenticate(pb::AuthenticateRequest {
+            credential: Some(pb::authenticate_request::Credential::McimId(id)),
+            challenge: Some(common::AuthChallenge {
+                rand: rand.to_vec(),
+                autn: autn.to_vec(),
+            }),
+        })
+        .await?
+        .into_inner();
+    let v = match r.result {
+        Some(pb::authenticate_response::Result::Success(s)) => serde_json::json!({
+            "result": "success",
+            "res": hex::encode(s.res),
+            "ck": hex::encode(s.ck),
+            "ik": hex::encode(s.ik),
+        }),
+        Some(pb::authenticate_response::Result::Auts(a)) => serde_json::json!({
+            "result": "sync_failure",
+            "auts": hex::encode(a),
+        }),
+        None => return Err(CliError::Input("tred gave no result".into())),
+    };
+    if json {
+        println!("{v}");
+    } else if let Some(o) = v.as_object() {
+        for (k, val) in o {
+            println!("{k:<7}{}", val.as_str().unwrap_or_default());
+        }
+    }
+    Ok(())
+}
+
+/// `mcimctl device pin`.
+async fn pin(c: &mut Tred, json: bool, p: PinCommand) -> Result<(), CliError> {
+    match p {
+        PinCommand::Verify { id, pin } => {
             let r = c
-                .attest(pb::AttestRequest { nonce, pcrs })
+                .verify_pin(pb::VerifyPinRequest { mcim_id: id, pin })
                 .await?
                 .into_inner();
-            let q = match r.evidence.and_then(|e| e.kind) {
-                Some(common::evidence::Kind::TpmQuote(q)) => q,
-                Some(common::evidence::Kind::Pkcs11Signature(sig)) => {
-                    // A token: signed evidence, no quote (mcim_core::token_evidence).
-                    if let Some(dir) = out_dir {
-                        std::fs::create_dir_all(&dir).map_err(|e| CliError::File {
-                            path: dir.display().to_string(),
-                            detail: e.to_string(),
-                        })?;
-                        write(&dir.join("token.payload"), &sig.payload)?;
-                        write(&dir.join("token.sig"), &sig.signature)?;
-                    }
-                    let v = serde_json::json!({
-                        "kind": "pkcs11-signature",
-                        "payload": String::from_utf8_lossy(&sig.payload),
-                        "signature": hex::encode(&sig.signature),
-                    });
-                    if json {
-                        println!("{v}");
-                    } else {
-                        println!(
-                            "pkcs11-signature evidence: {}",
-                            String::from_utf8_lossy(&sig.payload)
-                        );
-                    }
-                    return Ok(());
-                }
-                None => return Err(CliError::Input("tred returned no evidence".into())),
-            };
+            println!("PIN verified ({} tries)", r.retries_left);
+        }
+        PinCommand::Change { id, old, new } => {
+            c.change_pin(pb::ChangePinRequest {
+                mcim_id: id,
+                old_pin: old,
+                new_pin: new,
+            })
+            .await?;
+            println!("PIN changed");
+        }
+        PinCommand::Unblock { id, puk, new } => {
+            let r = c
+                .unblock_pin(pb::UnblockPinRequest {
+                    mcim_id: id,
+                    puk,
+                    new_pin: new,
+                })
+                .await?;
+            print_mcim(json, r.get_ref().mcim.as_ref());
+        }
+    }
+    Ok(())
+}
+
+/// `mcimctl device rehabilitate`.
+async fn rehabilitate(c: &mut Tred, token: PathBuf) -> Result<(), CliError> {
+    let r = c
+        .rehabilitate(pb::RehabilitateRequest {
+            token: read(&token)?,
+        })
+        .await?
+        .into_inner();
+    println!(
+        "{}",
+        if r.lockdown {
+            "still in lockdown"
+        } else {
+            "out of lockdown"
+        }
+    );
+    Ok(())
+}
+
+/// `mcimctl device attest`.
+async fn attest(
+    c: &mut Tred,
+    json: bool,
+    nonce: String,
+    pcrs: Vec<u32>,
+    out_dir: Option<PathBuf>,
+) -> Result<(), CliError> {
+    let nonce = hex::decode(&nonce).map_err(|e| CliError::Input(format!("--nonce: {e}")))?;
+    let r = c
+        .attest(pb::AttestRequest { nonce, pcrs })
+        .await?
+        .into_inner();
+    let q = match r.evidence.and_then(|e| e.kind) {
+        Some(common::evidence::Kind::TpmQuote(q)) => q,
+        Some(common::evidence::Kind::Pkcs11Signature(sig)) => {
+            // A token: signed evidence, no quote (mcim_core::token_evidence).
             if let Some(dir) = out_dir {
                 std::fs::create_dir_all(&dir).map_err(|e| CliError::File {
                     path: dir.display().to_string(),
                     detail: e.to_string(),
                 })?;
-                write(&dir.join("quote.attest"), &q.attest)?;
-                write(&dir.join("quote.sig"), &q.signature)?;
-                let values: Vec<u8> = q.pcrs.iter().flat_map(|p| p.digest.clone()).collect();
-                write(&dir.join("pcrs.bin"), &values)?;
-                let list: Vec<String> = q.pcrs.iter().map(|p| p.index.to_string()).collect();
-                write(&dir.join("pcrs.list"), list.join(",").as_bytes())?;
+                write(&dir.join("token.payload"), &sig.payload)?;
+                write(&dir.join("token.sig"), &sig.signature)?;
             }
             let v = serde_json::json!({
-                "attest": hex::encode(&q.attest),
-                "signature": hex::encode(&q.signature),
-                "pcrs": q.pcrs.iter().map(|p| serde_json::json!({"index": p.index, "sha256": hex::encode(&p.digest)})).collect::<Vec<_>>(),
-                "clock": r.clock, "reset_count": r.reset_count, "restart_count": r.restart_count, "safe": r.safe,
+                "kind": "pkcs11-signature",
+                "payload": String::from_utf8_lossy(&sig.payload),
+                "signature": hex::encode(&sig.signature),
             });
             if json {
                 println!("{v}");
             } else {
                 println!(
-                    "quote over PCRs {:?}: clock {} ms, resets {}, restarts {}, safe {}",
-                    q.pcrs.iter().map(|p| p.index).collect::<Vec<_>>(),
-                    r.clock,
-                    r.reset_count,
-                    r.restart_count,
-                    r.safe
+                    "pkcs11-signature evidence: {}",
+                    String::from_utf8_lossy(&sig.payload)
                 );
             }
+            return Ok(());
         }
+        None => return Err(CliError::Input("tred returned no evidence".into())),
+    };
+    if let Some(dir) = out_dir {
+        std::fs::create_dir_all(&dir).map_err(|e| CliError::File {
+            path: dir.display().to_string(),
+            detail: e.to_string(),
+        })?;
+        write(&dir.join("quote.attest"), &q.attest)?;
+        write(&dir.join("quote.sig"), &q.signature)?;
+        let values: Vec<u8> = q.pcrs.iter().flat_map(|p| p.digest.clone()).collect();
+        write(&dir.join("pcrs.bin"), &values)?;
+        let list: Vec<String> = q.pcrs.iter().map(|p| p.index.to_string()).collect();
+        write(&dir.join("pcrs.list"), list.join(",").as_bytes())?;
+    }
+    let v = serde_json::json!({
+        "attest": hex::encode(&q.attest),
+        "signature": hex::encode(&q.signature),
+        "pcrs": q.pcrs.iter().map(|p| serde_json::json!({"index": p.index, "sha256": hex::encode(&p.digest)})).collect::<Vec<_>>(),
+        "clock": r.clock, "reset_count": r.reset_count, "restart_count": r.restart_count, "safe": r.safe,
+    });
+    if json {
+        println!("{v}");
+    } else {
+        println!(
+            "quote over PCRs {:?}: clock {} ms, resets {}, restarts {}, safe {}",
+            q.pcrs.iter().map(|p| p.index).collect::<Vec<_>>(),
+            r.clock,
+            r.reset_count,
+            r.restart_count,
+            r.safe
+        );
     }
     Ok(())
 }

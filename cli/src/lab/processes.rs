@@ -1,0 +1,166 @@
+//! The lab's processes: children started from the binaries beside `mcimctl`, on ports found
+//! free, stopped (SIGTERM, then SIGKILL) when dropped or crashed on purpose (SIGKILL), and the
+//! lab's temporary directory.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use mcim_proto::mcim::tre::v1::tre_service_client::TreServiceClient;
+use rand::Rng;
+use tonic::transport::Channel;
+
+use crate::error::{CliError, fail};
+use crate::tred::connect;
+
+/// A child process stopped (SIGTERM, then SIGKILL) when dropped.
+pub(super) struct Proc(pub(super) Option<Child>);
+
+impl Proc {
+    /// Whether the process has ended.
+    pub(super) fn exited(&mut self) -> bool {
+        self.0
+            .as_mut()
+            .is_none_or(|c| c.try_wait().ok().flatten().is_some())
+    }
+
+    /// SIGKILL, no clean shutdown: what a crash or a power cut looks like to the others.
+    pub(super) fn crash(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(c.id().to_string())
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// `n` consecutive free ports on 127.0.0.1.
+pub(super) fn free_ports(n: u16) -> Result<u16, CliError> {
+    for _ in 0..100 {
+        let a = TcpListener::bind("127.0.0.1:0").map_err(fail)?;
+        let p = a.local_addr().map_err(fail)?.port();
+        drop(a);
+        if p < 65535 - n && (0..n).all(|i| TcpListener::bind(("127.0.0.1", p + i)).is_ok()) {
+            return Ok(p);
+        }
+    }
+    Err(fail("no free ports"))
+}
+
+/// Starts a server on `n` fresh consecutive ports (`start(first port)`) and waits until all
+/// of them accept connections. Ports found free can be taken by another process before the
+/// server binds them; the server then exits, and this tries new ports (five times).
+pub(super) fn start_on_free_ports(
+    n: u16,
+    what: &str,
+    mut start: impl FnMut(u16) -> Result<Proc, CliError>,
+) -> Result<(Proc, u16), CliError> {
+    for _attempt in 0..5 {
+        let base = free_ports(n)?;
+        let mut p = start(base)?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if (0..n).all(|i| std::net::TcpStream::connect(("127.0.0.1", base + i)).is_ok()) {
+                return Ok((p, base));
+            }
+            if p.exited() {
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err(fail(format!("{what} did not start")));
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+    Err(fail(format!(
+        "{what} did not start: no free ports it could bind"
+    )))
+}
+
+/// Waits (30 s at most) until `ready`.
+pub(super) fn wait_until(what: &str, mut ready: impl FnMut() -> bool) -> Result<(), CliError> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if ready() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    Err(fail(format!("{what} did not start")))
+}
+
+/// A binary next to this `mcimctl`, else on PATH.
+pub(super) fn sibling(name: &str) -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(|d| d.join(name)))
+        .filter(|p| p.exists())
+        .unwrap_or_else(|| PathBuf::from(name))
+}
+
+/// Starts `cmd` with its standard error into `log`.
+pub(super) fn spawn(cmd: &mut Command, what: &str, log: &Path) -> Result<Proc, CliError> {
+    let log = std::fs::File::create(log).map_err(fail)?;
+    cmd.stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .map(|c| Proc(Some(c)))
+        .map_err(|e| {
+            fail(format!(
+                "{what}: {e} (bash ci/install-deps.sh installs what the lab needs)"
+            ))
+        })
+}
+
+/// Starts `tred` again on the same state and socket (after it stopped or was killed) and
+/// connects to it.
+pub(super) async fn restart_tred(
+    tred: &mut Command,
+    socket: &Path,
+    log: &Path,
+) -> Result<(Proc, TreServiceClient<Channel>), CliError> {
+    let _ = std::fs::remove_file(socket);
+    let p = spawn(tred, "tred", log)?;
+    wait_until("tred", || {
+        std::os::unix::net::UnixStream::connect(socket).is_ok()
+    })?;
+    Ok((p, connect(socket).await?))
+}
+
+/// A temporary directory removed on drop (no extra dependency for one directory).
+pub(super) struct TempDir(pub(super) PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A fresh directory under the system's temporary directory.
+pub(super) fn tempdir() -> Result<TempDir, CliError> {
+    let mut n = [0u8; 8];
+    rand::rng().fill_bytes(&mut n);
+    let p = std::env::temp_dir().join(format!("mcim-lab-{}", hex::encode(n)));
+    std::fs::create_dir_all(&p).map_err(fail)?;
+    Ok(TempDir(p))
+}

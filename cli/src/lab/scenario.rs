@@ -1,0 +1,426 @@
+//! The lab's scenario: the network, the device, then the seed's flow as the factory, the
+//! subscriber and the owner run it (supply, contract, provisioning with its steps printed,
+//! the impostor refused, the operational attach, the audit record), with the refusals and
+//! crashes the options ask for.
+
+use super::*;
+
+/// Runs the scenario of `a` in `dir`, filling `report`.
+pub(super) fn lab_inner(
+    a: &RunArgs,
+    dir: &Path,
+    say: &Say,
+    report: &mut serde_json::Value,
+) -> Result<(), CliError> {
+    if let Some(c) = a.crash
+        && a.access == AccessChoice::Non3gpp
+        && c.after_step < 5
+    {
+        return Err(fail(
+            "--crash: non-3GPP access starts at step 5 (5.1.3.6.3 has no PCID attach)",
+        ));
+    }
+    if a.tpm_aka == TpmAka::Sealed && a.tre != TreChoice::Tpm {
+        return Err(fail("--tpm-aka needs --tre tpm"));
+    }
+    if a.extend_pcr_after_supply && a.tre != TreChoice::Tpm {
+        return Err(fail("--extend-pcr-after-supply needs --tre tpm"));
+    }
+    let pki = dir.join("pki");
+    mcim_pki::dev::init(&pki, &mcim_pki::dev::LAB_PARTIES).map_err(fail)?;
+
+    // The network: every role in one process, the binary operators deploy.
+    let start_roles_at = |base: u16, log: &str| -> Result<Proc, CliError> {
+        spawn(
+            Command::new(sibling("mcim-roles"))
+                .args(["all", "--pki"])
+                .arg(&pki)
+                .arg("--db")
+                .arg(format!("sqlite://{}", dir.join("roles.db").display()))
+                .args(["--base-port", &base.to_string()])
+                .args(["--sho-plmn", LAB_SHO_PLMN])
+                .env("MCIM_LOG", "info"),
+            "mcim-roles",
+            &dir.join(log),
+        )
+    };
+    let (mut roles_proc, base) =
+        start_on_free_ports(5, "mcim-roles", |base| start_roles_at(base, "roles.log"))?;
+    let (sup_p, ro_p, vno_p, sho_p, pva_p) = (base, base + 1, base + 2, base + 3, base + 4);
+    // After a crash: the same ports (tred knows them), which were ours.
+    let start_roles = |log: &str| -> Result<Proc, CliError> {
+        let p = start_roles_at(base, log)?;
+        wait_until("mcim-roles", || {
+            (0..5).all(|i| std::net::TcpStream::connect(("127.0.0.1", base + i)).is_ok())
+        })?;
+        Ok(p)
+    };
+    say.line(&format!(
+        "[lab] network roles (mcim-roles all): supplier :{sup_p}, RO :{ro_p}, VNO :{vno_p}, SHO :{sho_p}, PVA :{pva_p}"
+    ));
+
+    // The device: a software TRE and tred.
+    let socket = dir.join("tred.sock");
+    let mut tred = Command::new(sibling("tred"));
+    tred.env("MCIM_STATE_DIR", dir.join("tred-state"))
+        .env("MCIM_SOCKET", &socket)
+        .env("MCIM_QUOTE_PCRS", "0,1,2,3,4,5,6,7")
+        .env("MCIM_CA_FILE", pki.join("ca.pem"))
+        .env("MCIM_RO_URL", format!("https://127.0.0.1:{ro_p}"))
+        .env("MCIM_VNO_URL", format!("https://127.0.0.1:{vno_p}"));
+    let (_swtpm, tpm_port) = tre::start(a, dir, &mut tred, say)?;
+    let mut tred_proc = spawn(&mut tred, "tred", &dir.join("tred.log"))?;
+    wait_until("tred", || {
+        std::os::unix::net::UnixStream::connect(&socket).is_ok()
+    })?;
+    say.line(&format!("[lab] tred on {}", socket.display()));
+
+    let pcid = "001010000000001";
+    runtime()?.block_on(async {
+        let mut dev = connect(&socket).await?;
+        let mut supplier = SupplierServiceClient::new(role_client(&pki, Role::Supplier, Role::Supplier, sup_p).await?);
+
+        // 1. Supply time, as `mcimctl supplier supply` does it.
+        let identity = common::DeviceIdentity {
+            device_id: "LAB-0001".into(),
+            pcid: pcid.into(),
+            model: "mcim-lab".into(),
+        };
+        let mut pva = PvaServiceClient::new(role_client(&pki, Role::Supplier, Role::Pva, pva_p).await?);
+        let supplied = crate::supply::supply(
+            &mut dev,
+            &mut supplier,
+            Some(&mut pva),
+            &identity,
+            a.ccif_mode,
+            "ro.mcim.local",
+        )
+        .await?;
+        say.line("[lab] supplier: keys and identity in the TRE, platform credential and TLS certificate issued");
+        say.line(&format!(
+            "[lab] supplier: reference values for model {} registered at the PVA ({} PCRs)",
+            identity.model, supplied.reference_pcrs
+        ));
+        if let Some(creds) = &supplied.for_subscriber {
+            // Mode 3: the subscriber registers them, for delayed activation (annex x.1), then
+            // activates them, as `mcimctl subscriber register-pcid` / `activate-pcid` do.
+            let mut icf =
+                crate::subscriber::icf_client(&pki, &format!("https://127.0.0.1:{ro_p}")).await?;
+            crate::subscriber::register_pcid(&mut icf, creds, true).await?;
+            crate::subscriber::activate_pcid(&mut icf, pcid).await?;
+        }
+        report["ccif_mode"] = json!(a.ccif_mode as u8);
+        say.line(&format!(
+            "[lab] supplier: initial credential of PCID {pcid} in the TRE and at the RO's ICF (CCIF mode {}: {})",
+            a.ccif_mode as u8,
+            a.ccif_mode.describe()
+        ));
+
+        if a.extend_pcr_after_supply {
+            // The platform changes after supply: tred lets go of the TPM, a PCR is extended,
+            // tred comes back.
+            drop(std::mem::replace(&mut tred_proc, Proc(None)));
+            let out = Command::new("tpm2_pcrextend")
+                .env("TPM2TOOLS_TCTI", format!("swtpm:host=127.0.0.1,port={tpm_port}"))
+                .arg(format!("0:sha256={}", "ab".repeat(32)))
+                .output()
+                .map_err(|e| fail(format!("tpm2_pcrextend: {e}")))?;
+            if !out.status.success() {
+                return Err(fail(format!(
+                    "tpm2_pcrextend: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                )));
+            }
+            (tred_proc, dev) = restart_tred(&mut tred, &socket, &dir.join("tred-2.log")).await?;
+            say.line("[lab] PCR 0 extended after supply: the platform no longer matches its reference values");
+        }
+
+        if let Some(what) = a.dpf_serves {
+            let forged = compromised_dpf::forge(
+                what,
+                &pki,
+                pcid,
+                LAB_SHO_PLMN,
+                supplied.target,
+                &supplied.storage_public,
+            )?;
+            compromised_dpf::install(&dir.join("roles.db"), &forged, dir)?;
+            say.line(&format!(
+                "[lab] the RO is compromised: its DPF will serve {}",
+                match what {
+                    compromised_dpf::Served::ReplayedPackage =>
+                        "a package of an earlier registration of this device",
+                    compromised_dpf::Served::OtherDevicePackage => "a package for another device",
+                }
+            ));
+        }
+
+        // 2. The owner exports the device's parameters; the subscriber contracts with the
+        // SHO with them (5.1.3.5.2), as `mcimctl device parameters` and `mcimctl subscriber
+        // register` do.
+        let params = crate::parameters::DeviceParameters::from_pb(
+            dev.get_device_parameters(pb::GetDeviceParametersRequest {})
+                .await?
+                .into_inner(),
+        );
+        let sub = crate::subscriber::register(
+            &mut ShoServiceClient::new(role_client(&pki, Role::Subscriber, Role::Sho, sho_p).await?),
+            &params,
+            "lab-subscriber",
+            a.require_aka_in_tre,
+        )
+        .await?;
+        say.line(&format!(
+            "[lab] subscriber: subscription at the SHO, IMSI {} reserved",
+            sub.imsi
+        ));
+
+        // 3. Provisioning, as the device sees it.
+        let access = match a.access {
+            AccessChoice::ThreeGpp => common::AccessType::AccessType3gpp,
+            AccessChoice::Non3gpp => common::AccessType::Non3gpp,
+        };
+        let tre_before = dev.get_status(pb::GetStatusRequest {}).await?.into_inner();
+        let started = Instant::now();
+        let id = dev
+            .start_provisioning(pb::StartProvisioningRequest {
+                access: access as i32,
+            })
+            .await?
+            .into_inner()
+            .provisioning_id;
+        let mut mcim_id = String::new();
+        let mut registration = String::new();
+        let mut failed = None;
+        let mut crash = a.crash;
+        let mut reported: Vec<u32> = Vec::new();
+        if let Some(c) = crash
+            && c.after_step == 0
+        {
+            // As soon as the run has started: inside the first exchange with the network.
+            crash = None;
+            report["crash"] = json!({"process": c.what.as_str(), "after_step": 0});
+            match c.what {
+                crash::Crashed::Tred => {
+                    tred_proc.crash();
+                    (tred_proc, dev) =
+                        restart_tred(&mut tred, &socket, &dir.join("tred-2.log")).await?;
+                }
+                crash::Crashed::Roles => {
+                    roles_proc.crash();
+                    roles_proc = start_roles("roles-2.log")?;
+                }
+            }
+            say.line(&format!(
+                "[lab] {} killed as the run started and started again",
+                c.what.as_str()
+            ));
+        }
+        'watch: loop {
+        let mut steps = dev
+            .watch_provisioning(pb::WatchProvisioningRequest {
+                provisioning_id: id.clone(),
+            })
+            .await?
+            .into_inner();
+        loop {
+            let next = tokio::time::timeout(STEP_TIMEOUT, steps.message()).await.map_err(|_| {
+                fail(format!(
+                    "no progress for {} s after step {}",
+                    STEP_TIMEOUT.as_secs(),
+                    reported.last().copied().unwrap_or(0)
+                ))
+            })??;
+            let Some(s) = next else { break };
+            // A new watch replays what was already reported.
+            if s.ok && reported.contains(&s.step) {
+                continue;
+            }
+            if s.ok {
+                reported.push(s.step);
+            }
+            say.line(&crate::tred::step_line(&s));
+            if let Some(list) = report["steps"].as_array_mut() {
+                list.push(json!({"step": s.step, "name": s.name, "ok": s.ok, "detail": s.detail}));
+            }
+            if !s.mcim_id.is_empty() {
+                mcim_id = s.mcim_id.clone();
+            }
+            if !s.registration_id.is_empty() {
+                registration = s.registration_id.clone();
+            }
+            if !s.ok {
+                failed = Some(format!("step {} ({}) failed: {}", s.step, s.name, s.detail));
+            }
+            if let Some(c) = crash
+                && s.ok
+                && s.step == c.after_step
+            {
+                crash = None;
+                report["crash"] = json!({"process": c.what.as_str(), "after_step": c.after_step});
+                match c.what {
+                    crash::Crashed::Tred => {
+                        drop(steps);
+                        tred_proc.crash();
+                        (tred_proc, dev) =
+                            restart_tred(&mut tred, &socket, &dir.join("tred-2.log")).await?;
+                        say.line(&format!("[lab] tred killed after step {} and started again: it resumes its run", c.after_step));
+                        continue 'watch;
+                    }
+                    crash::Crashed::Roles => {
+                        roles_proc.crash();
+                        roles_proc = start_roles("roles-2.log")?;
+                        say.line(&format!("[lab] mcim-roles killed after step {} and started again: the roles resume from their database", c.after_step));
+                    }
+                }
+            }
+        }
+        break;
+        }
+        // What the SHO and the device's registry say, success or not.
+        if !registration.is_empty() {
+            let mut sho = ShoServiceClient::new(role_client(&pki, Role::Subscriber, Role::Sho, sho_p).await?);
+            // The SHO follows the PVA's verdict on its own; give it a moment to hear it.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let r = loop {
+                let r = sho
+                    .get_registration(sho::GetRegistrationRequest {
+                        registration_id: registration.clone(),
+                    })
+                    .await?
+                    .into_inner();
+                let settled = r.state != sho::RegistrationState::Validating as i32
+                    && r.state != sho::RegistrationState::Authorized as i32;
+                if settled || Instant::now() > deadline {
+                    break r;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            };
+            report["sho_registration"] = json!({
+                "id": registration,
+                "state": crate::subscriber::registration_state(r.state),
+                "detail": r.detail,
+            });
+        }
+        let held: Vec<String> = dev
+            .list_mcims(pb::ListMcimsRequest {})
+            .await?
+            .into_inner()
+            .mcims
+            .into_iter()
+            .map(|m| m.mcim_id)
+            .collect();
+        report["registry"] = json!(held);
+        if let Some(f) = failed {
+            return Err(fail(f));
+        }
+        let provisioning = started.elapsed();
+        let provisioning_ms = provisioning.as_millis();
+        // The TRE's share: what the TRE thread spent (TPM commands and the registry commits
+        // with them) against the whole (network, roles, TLS, validation, the rest).
+        let tre_after = dev.get_status(pb::GetStatusRequest {}).await?.into_inner();
+        let tre_us = tre_after.tre_busy_micros.saturating_sub(tre_before.tre_busy_micros);
+        let total_us = u64::try_from(provisioning.as_micros()).unwrap_or(u64::MAX);
+        if a.crash.is_none() {
+            // (After a crash the counters restarted with tred: no split.)
+            report["timing"] = json!({
+                "provisioning_us": total_us,
+                "tre_us": tre_us,
+                "rest_us": total_us.saturating_sub(tre_us),
+                "tpm_commands": tre_after.tpm_commands.saturating_sub(tre_before.tpm_commands),
+            });
+        }
+        let m = dev
+            .get_mcim(pb::GetMcimRequest {
+                mcim_id: mcim_id.clone(),
+            })
+            .await?
+            .into_inner()
+            .mcim
+            .ok_or_else(|| fail("the provisioned MCIM is not in the registry"))?;
+        say.line(&format!(
+            "[lab] provisioned in {provisioning_ms} ms ({} ms in the TRE): MCIM {} (IMSI {})",
+            tre_us / 1000,
+            m.mcim_id,
+            m.imsi
+        ));
+
+        // An impostor (a certified device without this MCIM's K) answers the IMSI's
+        // challenge: the VNO refuses it, and the refusal leaves nothing behind.
+        let mut impostor = VnoServiceClient::new(
+            crate::net::software_device_channel(
+                &pki,
+                "001019999999999",
+                Role::Vno,
+                &format!("https://127.0.0.1:{vno_p}"),
+            )
+            .await?,
+        );
+        let ch = impostor
+            .attach(vno::AttachRequest {
+                identity: m.imsi.clone(),
+            })
+            .await?
+            .into_inner();
+        let mut wrong = [0u8; 8];
+        rand::rng().fill_bytes(&mut wrong);
+        let refused = impostor
+            .complete_attach(vno::CompleteAttachRequest {
+                attach_id: ch.attach_id,
+                answer: Some(vno::complete_attach_request::Answer::Res(wrong.to_vec())),
+            })
+            .await;
+        match refused {
+            Err(s) if s.code() == tonic::Code::Unauthenticated => {}
+            other => {
+                return Err(fail(format!(
+                    "an impostor's wrong RES was not refused: {other:?}"
+                )));
+            }
+        }
+        report["impostor_attach"] = json!({"refused": true});
+        say.line(&format!(
+            "[lab] an impostor answering IMSI {}'s challenge with a wrong RES: refused (UNAUTHENTICATED)",
+            m.imsi
+        ));
+
+        // 4. Operational attach with the new MCIM.
+        let g = dev
+            .network_attach(pb::NetworkAttachRequest {
+                mcim_id: m.mcim_id.clone(),
+            })
+            .await
+            .map_err(|s| fail(format!("operational attach failed: {}", s.message())))?
+            .into_inner();
+        say.line(&format!(
+            "[lab] operational attach with IMSI {}: AKA in the TRE against the SHO's vectors, grant {}",
+            g.imsi, g.grant_id
+        ));
+        let m = dev
+            .get_mcim(pb::GetMcimRequest { mcim_id })
+            .await?
+            .into_inner()
+            .mcim
+            .unwrap_or_default();
+        report["mcim"] = json!({
+            "id": m.mcim_id,
+            "imsi": m.imsi,
+            "state": common::McimState::try_from(m.state)
+                .map(|s| s.as_str_name().trim_start_matches("MCIM_STATE_").to_lowercase())
+                .unwrap_or_default(),
+        });
+        report["operational_attach"] = json!({"ok": true, "imsi": g.imsi});
+        // The device's audit record of it all (5.1.2.2).
+        let v = dev
+            .verify_audit_log(pb::VerifyAuditLogRequest {})
+            .await?
+            .into_inner();
+        if !v.ok {
+            return Err(CliError::AuditBroken(v.detail));
+        }
+        say.line(&format!("[lab] audit record: {}", v.detail));
+        report["audit"] = json!({"ok": true, "entries": v.entries});
+        report["provisioning_ms"] = json!(provisioning_ms);
+        Ok::<(), CliError>(())
+    })
+}
