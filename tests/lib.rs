@@ -564,6 +564,63 @@ impl Roles {
         self.connect(peer, tls).await
     }
 
+    /// A device `pcid` with software keys (PKCS#11-shaped public material; not a TRE: for tests
+    /// of the roles' rules), certified by the supplier and contracted at the SHO by the lab's
+    /// subscriber (account "s"). Returns its identity.
+    pub async fn contract_software_device(
+        &self,
+        pcid: &str,
+        device_id: &str,
+    ) -> mcim_proto::mcim::common::v1::DeviceIdentity {
+        use mcim_proto::mcim::common::v1 as common;
+        use mcim_proto::mcim::sho::v1 as sho;
+        use mcim_proto::mcim::supplier::v1 as sup;
+        use mcim_roles::authz::Role;
+        use p256::elliptic_curve::Generate;
+        use p256::pkcs8::EncodePublicKey;
+        let spki = || {
+            let k = p256::ecdsa::SigningKey::generate_from_rng(&mut rand::rng());
+            p256::ecdsa::VerifyingKey::from(&k)
+                .to_public_key_der()
+                .unwrap()
+                .as_bytes()
+                .to_vec()
+        };
+        let identity = common::DeviceIdentity {
+            device_id: device_id.into(),
+            pcid: pcid.into(),
+            model: "sw".into(),
+        };
+        let storage = spki();
+        let cert = sup::supplier_service_client::SupplierServiceClient::new(
+            self.channel(Role::Supplier, Role::Supplier).await,
+        )
+        .certify_device(sup::CertifyDeviceRequest {
+            identity: Some(identity.clone()),
+            tre_kind: common::TreKind::Pkcs11 as i32,
+            storage_public: storage.clone(),
+            attestation_public: spki(),
+            tls_public_spki: spki(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+        sho::sho_service_client::ShoServiceClient::new(
+            self.channel(Role::Subscriber, Role::Sho).await,
+        )
+        .create_subscription(sho::CreateSubscriptionRequest {
+            subscriber: "s".into(),
+            device: Some(identity.clone()),
+            tre_kind: common::TreKind::Pkcs11 as i32,
+            storage_public: storage,
+            platform_credential: cert.platform_credential,
+            require_aka_in_tre: false,
+        })
+        .await
+        .unwrap();
+        identity
+    }
+
     /// A mutual-TLS channel to `peer` as another party of `role` named `name` (a second SHO,
     /// another subscriber), certified by the same development CA as the lab's own.
     pub async fn party_channel(

@@ -324,52 +324,11 @@ async fn every_owned_object_refuses_another_owner_and_changes_nothing() {
     use mcim_proto::mcim::pva::v1::pva_service_client::PvaServiceClient;
     use mcim_proto::mcim::ro::v1::dpf_service_client::DpfServiceClient;
     use mcim_proto::mcim::ro::v1::drf_service_client::DrfServiceClient;
-    use mcim_proto::mcim::sho::v1 as sho;
-    use mcim_proto::mcim::sho::v1::sho_service_client::ShoServiceClient;
-    use mcim_proto::mcim::supplier::v1 as sup;
-    use mcim_proto::mcim::supplier::v1::supplier_service_client::SupplierServiceClient;
-    use p256::elliptic_curve::Generate;
-    use p256::pkcs8::EncodePublicKey;
 
     let work = tempfile::tempdir().unwrap();
     let roles = Roles::start(work.path());
-    let spki = || {
-        let k = p256::ecdsa::SigningKey::generate_from_rng(&mut rand::rng());
-        p256::ecdsa::VerifyingKey::from(&k)
-            .to_public_key_der()
-            .unwrap()
-            .as_bytes()
-            .to_vec()
-    };
     // Device ME: certified, contracted, with initial credentials at the ICF.
-    let identity = common::DeviceIdentity {
-        device_id: "OWN-1".into(),
-        pcid: ME.into(),
-        model: "sw".into(),
-    };
-    let storage = spki();
-    let cert = SupplierServiceClient::new(roles.channel(Role::Supplier, Role::Supplier).await)
-        .certify_device(sup::CertifyDeviceRequest {
-            identity: Some(identity.clone()),
-            tre_kind: common::TreKind::Pkcs11 as i32,
-            storage_public: storage.clone(),
-            attestation_public: spki(),
-            tls_public_spki: spki(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    ShoServiceClient::new(roles.channel(Role::Subscriber, Role::Sho).await)
-        .create_subscription(sho::CreateSubscriptionRequest {
-            subscriber: "s".into(),
-            device: Some(identity),
-            tre_kind: common::TreKind::Pkcs11 as i32,
-            storage_public: storage,
-            platform_credential: cert.platform_credential,
-            require_aka_in_tre: false,
-        })
-        .await
-        .unwrap();
+    roles.contract_software_device(ME, "OWN-1").await;
     let (k, opc) = ([0x31; 16], [0x42; 16]);
     IcfServiceClient::new(roles.channel(Role::Supplier, Role::Ro).await)
         .register_initial_credentials(ro::RegisterInitialCredentialsRequest {

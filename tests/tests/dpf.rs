@@ -14,23 +14,8 @@ use mcim_proto::mcim::pva::v1::pva_service_client::PvaServiceClient;
 use mcim_proto::mcim::ro::v1 as ro;
 use mcim_proto::mcim::ro::v1::dpf_service_client::DpfServiceClient;
 use mcim_proto::mcim::ro::v1::drf_service_client::DrfServiceClient;
-use mcim_proto::mcim::sho::v1 as sho;
-use mcim_proto::mcim::sho::v1::sho_service_client::ShoServiceClient;
-use mcim_proto::mcim::supplier::v1 as sup;
-use mcim_proto::mcim::supplier::v1::supplier_service_client::SupplierServiceClient;
 use mcim_roles::authz::Role;
-use p256::elliptic_curve::Generate;
-use p256::pkcs8::EncodePublicKey;
 use tonic::Code;
-
-fn spki() -> Vec<u8> {
-    let k = p256::ecdsa::SigningKey::generate_from_rng(&mut rand::rng());
-    p256::ecdsa::VerifyingKey::from(&k)
-        .to_public_key_der()
-        .unwrap()
-        .as_bytes()
-        .to_vec()
-}
 
 fn result(pki: &std::path::Path, pcid: &str, expires_at: u64) -> common::SignedValidationResult {
     let key = mcim_pki::dev::signing_key(pki, "pva").unwrap();
@@ -65,35 +50,8 @@ async fn the_dpf_refuses_stale_or_foreign_results_and_wrong_callers_and_queues_n
     let pki = roles.pki.clone();
     let pcid = "001010000000077";
 
-    // A device certified by the supplier (software keys; PKCS#11-shaped public material).
-    let identity = common::DeviceIdentity {
-        device_id: "SW-77".into(),
-        pcid: pcid.into(),
-        model: "sw".into(),
-    };
-    let storage = spki();
-    let cert = SupplierServiceClient::new(roles.channel(Role::Supplier, Role::Supplier).await)
-        .certify_device(sup::CertifyDeviceRequest {
-            identity: Some(identity.clone()),
-            tre_kind: common::TreKind::Pkcs11 as i32,
-            storage_public: storage.clone(),
-            attestation_public: spki(),
-            tls_public_spki: spki(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    ShoServiceClient::new(roles.channel(Role::Subscriber, Role::Sho).await)
-        .create_subscription(sho::CreateSubscriptionRequest {
-            subscriber: "s".into(),
-            device: Some(identity),
-            tre_kind: common::TreKind::Pkcs11 as i32,
-            storage_public: storage,
-            platform_credential: cert.platform_credential,
-            require_aka_in_tre: false,
-        })
-        .await
-        .unwrap();
+    // A device certified by the supplier (software keys) and contracted at the SHO.
+    roles.contract_software_device(pcid, "SW-77").await;
     // The device itself (a software key under the supplier root) registers over non-3GPP.
     let dev = roles.device_channel(pcid, Role::Ro).await;
     let reg = DrfServiceClient::new(dev.clone())
