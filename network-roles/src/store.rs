@@ -59,6 +59,13 @@ fn migrator() -> Migrator {
             include_str!("../migrations/0005_imsi_seq.sql").into_sql_str(),
             false,
         ),
+        Migration::new(
+            6,
+            Cow::Borrowed("owners"),
+            MigrationType::Simple,
+            include_str!("../migrations/0006_owners.sql").into_sql_str(),
+            false,
+        ),
     ])
 }
 

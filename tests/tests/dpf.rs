@@ -224,3 +224,76 @@ async fn the_dpf_refuses_stale_or_foreign_results_and_wrong_callers_and_queues_n
         .into_inner();
     assert_eq!(pkg.package.unwrap().cose_sign1, b"package".to_vec());
 }
+
+/// A device acknowledges only tasks the DPF sent it: an acknowledgement beyond the last task
+/// sent is INVALID_ARGUMENT and deletes nothing (before, it deleted tasks the device had never
+/// seen); acknowledging what was sent works, and the task is then gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_acknowledges_only_tasks_it_was_sent() {
+    let work = tempfile::tempdir().unwrap();
+    let roles = Roles::start(work.path());
+    let pcid = "001010000000079";
+    roles.contract_software_device(pcid, "SW-79").await;
+    let dev = roles.device_channel(pcid, Role::Ro).await;
+    DrfServiceClient::new(dev.clone())
+        .register_device(ro::RegisterDeviceRequest {
+            pcid: pcid.into(),
+            access: common::AccessType::Non3gpp as i32,
+            grant_id: String::new(),
+            platform_credential: Vec::new(),
+        })
+        .await
+        .unwrap();
+    let mut dpf = DpfServiceClient::new(dev);
+    // Before anything was sent, no acknowledgement is possible.
+    let before = roles.snapshot().await;
+    let early = dpf
+        .watch_device_tasks(ro::WatchDeviceTasksRequest { ack_seq: 1 })
+        .await
+        .unwrap_err();
+    assert_eq!(early.code(), Code::InvalidArgument, "{early:?}");
+    assert_eq!(
+        roles.snapshot().await,
+        before,
+        "a refused ack changed state"
+    );
+    // The attestation task is sent.
+    let mut tasks = dpf
+        .watch_device_tasks(ro::WatchDeviceTasksRequest { ack_seq: 0 })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = tasks.message().await.unwrap().unwrap();
+    assert!(matches!(
+        first.task,
+        Some(ro::watch_device_tasks_response::Task::Attest(_))
+    ));
+    drop(tasks);
+    // One beyond it: refused, nothing deleted.
+    let before = roles.snapshot().await;
+    let beyond = dpf
+        .watch_device_tasks(ro::WatchDeviceTasksRequest {
+            ack_seq: first.seq + 1,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(beyond.code(), Code::InvalidArgument, "{beyond:?}");
+    assert_eq!(
+        roles.snapshot().await,
+        before,
+        "a refused ack changed state"
+    );
+    // The task itself: acknowledged and gone, not replayed.
+    let mut tasks = dpf
+        .watch_device_tasks(ro::WatchDeviceTasksRequest { ack_seq: first.seq })
+        .await
+        .unwrap()
+        .into_inner();
+    let next = tokio::time::timeout(Duration::from_millis(500), tasks.message()).await;
+    assert!(next.is_err(), "an acknowledged task came again: {next:?}");
+    assert_ne!(
+        roles.snapshot().await,
+        before,
+        "the acknowledged task was deleted"
+    );
+}

@@ -157,6 +157,21 @@ impl DpfService for Dpf {
             let auth = authorized(&req)?;
             let pcid = auth.caller.name;
             let ack = i64::try_from(req.get_ref().ack_seq).unwrap_or(i64::MAX);
+            // A device acknowledges only tasks it was sent; anything more deletes nothing.
+            if ack > 0 {
+                let sent: Option<(i64,)> =
+                    sqlx::query_as("SELECT last_seq FROM ro_task_sent WHERE pcid = ?")
+                        .bind(&pcid)
+                        .fetch_optional(&self.0.db)
+                        .await
+                        .map_err(db_err)?;
+                let sent = sent.map_or(0, |(s,)| s);
+                if ack > sent {
+                    return Err(RoleError::invalid(format!(
+                        "ack_seq {ack} acknowledges tasks this device was not sent (last sent: {sent})"
+                    )));
+                }
+            }
             // Acknowledged tasks are done with; the rest is replayed.
             sqlx::query("DELETE FROM ro_task WHERE pcid = ? AND seq <= ?")
                 .bind(&pcid)
@@ -195,6 +210,21 @@ impl DpfService for Dpf {
                             }
                         };
                         t.seq = u64::try_from(seq).unwrap_or(0);
+                        // Recorded before it goes out, so the device's acknowledgement can
+                        // never arrive before the record.
+                        if let Err(e) = sqlx::query(
+                            "INSERT INTO ro_task_sent (pcid, last_seq) VALUES (?, ?) \
+                             ON CONFLICT(pcid) DO UPDATE SET \
+                             last_seq = MAX(last_seq, excluded.last_seq)",
+                        )
+                        .bind(&pcid)
+                        .bind(seq)
+                        .execute(db)
+                        .await
+                        {
+                            let _ = tx.send(Err(db_err(e).into())).await;
+                            return;
+                        }
                         if tx.send(Ok(t)).await.is_err() {
                             return;
                         }
