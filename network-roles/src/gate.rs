@@ -71,6 +71,35 @@ fn decide<B>(req: &http::Request<B>) -> Result<Authorized, Status> {
     }
 }
 
+/// A request whose message cannot be decoded is the caller's fault: INVALID_ARGUMENT, logged
+/// (tonic answers INTERNAL, with the decoder's words naming our message fields).
+fn undecodable_is_invalid_argument(
+    response: &mut http::Response<tonic::body::Body>,
+    a: &Authorized,
+) {
+    let headers = response.headers_mut();
+    let internal = headers
+        .get("grpc-status")
+        .is_some_and(|v| v.as_bytes() == b"13");
+    let decode = headers.get("grpc-message").is_some_and(|m| {
+        let m = m.as_bytes();
+        m.starts_with(b"failed%20to%20decode") || m.starts_with(b"failed to decode")
+    });
+    if internal && decode {
+        tracing::warn!(
+            role = %a.caller.role,
+            name = %a.caller.name,
+            method = a.rule.method,
+            "refused: the request message cannot be decoded"
+        );
+        headers.insert("grpc-status", http::HeaderValue::from_static("3"));
+        headers.insert(
+            "grpc-message",
+            http::HeaderValue::from_static("the%20request%20message%20cannot%20be%20decoded"),
+        );
+    }
+}
+
 /// The layer: `Server::builder().layer(Gate)`.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Gate;
@@ -108,8 +137,13 @@ where
     fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
         match decide(&req) {
             Ok(a) => {
-                req.extensions_mut().insert(a);
-                Box::pin(self.inner.call(req))
+                req.extensions_mut().insert(a.clone());
+                let answer = self.inner.call(req);
+                Box::pin(async move {
+                    let mut response = answer.await?;
+                    undecodable_is_invalid_argument(&mut response, &a);
+                    Ok(response)
+                })
             }
             Err(status) => Box::pin(async move { Ok(status.into_http()) }),
         }

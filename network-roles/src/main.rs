@@ -322,13 +322,35 @@ async fn serve_role(
         .map_err(|e| e.to_string())?
         // The authorization table decides every call before any handler runs.
         .layer(mcim_roles::gate::Gate);
-    // gRPC health and reflection on every server (authenticated by mutual TLS like the rest).
+    // gRPC health and reflection (v1 and v1alpha) on every server, authenticated by mutual
+    // TLS like the rest; reflection lists only this port's services.
+    use tonic::server::NamedService;
     let (reporter, health) = tonic_health::server::health_reporter();
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(mcim_proto::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .map_err(|e| e.to_string())?;
-    let router = builder.add_service(health).add_service(reflection);
+    let names: Vec<&'static str> = match &service {
+        Service::Supplier(_) => vec![SupplierServiceServer::<Supplier>::NAME],
+        Service::Ro(_) => vec![
+            IcfServiceServer::<Icf>::NAME,
+            DrfServiceServer::<Drf>::NAME,
+            DpfServiceServer::<Dpf>::NAME,
+        ],
+        Service::Vno(_) => vec![VnoServiceServer::<Vno>::NAME],
+        Service::Sho(_) => vec![ShoServiceServer::<ShoApi>::NAME],
+        Service::Pva(_) => vec![PvaServiceServer::<Pva>::NAME],
+    };
+    let reflection = || {
+        names.iter().fold(
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(mcim_proto::FILE_DESCRIPTOR_SET)
+                .with_service_name("grpc.health.v1.Health"),
+            |b, n| b.with_service_name(*n),
+        )
+    };
+    let reflection_v1 = reflection().build_v1().map_err(|e| e.to_string())?;
+    let reflection_v1alpha = reflection().build_v1alpha().map_err(|e| e.to_string())?;
+    let router = builder
+        .add_service(health)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha);
     let router = match service {
         Service::Pva(p) => {
             reporter.set_serving::<PvaServiceServer<Pva>>().await;

@@ -588,3 +588,103 @@ async fn every_owned_object_refuses_another_owner_and_changes_nothing() {
 fn unit<T>(r: Result<tonic::Response<T>, Status>) -> Result<(), Status> {
     r.map(|_| ())
 }
+
+/// A message field 1 as a number, where the real request has a string: not decodable.
+#[derive(Clone, PartialEq, prost::Message)]
+struct WrongWireType {
+    #[prost(uint64, tag = "1")]
+    field: u64,
+}
+
+/// Clean edges (issue 12 item 7): a request that cannot be decoded is INVALID_ARGUMENT (not
+/// INTERNAL), changes nothing and the server goes on; reflection, v1 and v1alpha, lists on each
+/// port only that port's services (and health).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn undecodable_requests_are_invalid_and_reflection_lists_only_the_ports_services() {
+    let work = tempfile::tempdir().unwrap();
+    let roles = Roles::start(work.path());
+    let before = roles.snapshot().await;
+    let ch = roles.channel(Role::Vno, Role::Ro).await;
+    let got = call(
+        ch.clone(),
+        "/mcim.ro.v1.IcfService/GetAuthVectors",
+        false,
+        WrongWireType { field: 7 },
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(got.code(), Code::InvalidArgument, "{got:?}");
+    assert!(!got.message().contains("GetAuthVectorsRequest"), "{got:?}");
+    assert_eq!(roles.snapshot().await, before);
+    // The server goes on: a decodable request reaches the handler.
+    let unknown = IcfServiceClient::new(ch)
+        .get_auth_vectors(ro::GetAuthVectorsRequest {
+            pcid: ME.into(),
+            count: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), Code::NotFound, "{unknown:?}");
+
+    let want = |role: Role| -> Vec<String> {
+        let mut v: Vec<String> = match role {
+            Role::Supplier => vec!["mcim.supplier.v1.SupplierService"],
+            Role::Ro => vec![
+                "mcim.ro.v1.IcfService",
+                "mcim.ro.v1.DrfService",
+                "mcim.ro.v1.DpfService",
+            ],
+            Role::Vno => vec!["mcim.vno.v1.VnoService"],
+            Role::Sho => vec!["mcim.sho.v1.ShoService"],
+            Role::Pva => vec!["mcim.pva.v1.PvaService"],
+            _ => unreachable!(),
+        }
+        .into_iter()
+        .map(String::from)
+        .collect();
+        v.push("grpc.health.v1.Health".into());
+        v.sort();
+        v
+    };
+    for role in [Role::Supplier, Role::Ro, Role::Vno, Role::Sho, Role::Pva] {
+        let ch = roles.channel(Role::Subscriber, role).await;
+        use tonic_reflection::pb::{v1, v1alpha};
+        let mut s = v1::server_reflection_client::ServerReflectionClient::new(ch.clone())
+            .server_reflection_info(tokio_stream::iter(vec![v1::ServerReflectionRequest {
+                host: String::new(),
+                message_request: Some(v1::server_reflection_request::MessageRequest::ListServices(
+                    String::new(),
+                )),
+            }]))
+            .await
+            .unwrap()
+            .into_inner();
+        let Some(v1::server_reflection_response::MessageResponse::ListServicesResponse(l)) =
+            s.message().await.unwrap().unwrap().message_response
+        else {
+            panic!("no v1 service list from the {role}");
+        };
+        let mut got: Vec<String> = l.service.into_iter().map(|s| s.name).collect();
+        got.sort();
+        assert_eq!(got, want(role), "v1 reflection of the {role}");
+        let mut s = v1alpha::server_reflection_client::ServerReflectionClient::new(ch)
+            .server_reflection_info(tokio_stream::iter(vec![v1alpha::ServerReflectionRequest {
+                host: String::new(),
+                message_request: Some(
+                    v1alpha::server_reflection_request::MessageRequest::ListServices(String::new()),
+                ),
+            }]))
+            .await
+            .unwrap()
+            .into_inner();
+        let Some(v1alpha::server_reflection_response::MessageResponse::ListServicesResponse(l)) =
+            s.message().await.unwrap().unwrap().message_response
+        else {
+            panic!("no v1alpha service list from the {role}");
+        };
+        let mut got: Vec<String> = l.service.into_iter().map(|s| s.name).collect();
+        got.sort();
+        assert_eq!(got, want(role), "v1alpha reflection of the {role}");
+    }
+}
