@@ -566,7 +566,7 @@ impl Roles {
 
     /// A device `pcid` with software keys (PKCS#11-shaped public material; not a TRE: for tests
     /// of the roles' rules), certified by the supplier and contracted at the SHO by the lab's
-    /// subscriber (account "s"). Returns its identity.
+    /// subscriber (in its certificate's name). Returns its identity.
     pub async fn contract_software_device(
         &self,
         pcid: &str,
@@ -609,7 +609,7 @@ impl Roles {
             self.channel(Role::Subscriber, Role::Sho).await,
         )
         .create_subscription(sho::CreateSubscriptionRequest {
-            subscriber: "s".into(),
+            subscriber: String::new(),
             device: Some(identity.clone()),
             tre_kind: common::TreKind::Pkcs11 as i32,
             storage_public: storage,

@@ -141,9 +141,10 @@ pub enum SubscriberCommand {
         /// The device's parameters (JSON from `mcimctl device parameters`).
         #[arg(long)]
         device: PathBuf,
-        /// The subscriber's account at the SHO.
-        #[arg(long, default_value = "subscriber")]
-        account: String,
+        /// The subscriber's name at the SHO. The SHO knows the subscriber by its certificate;
+        /// a name other than the certificate's is refused. Default: the certificate's.
+        #[arg(long)]
+        account: Option<String>,
         /// Ask the SHO to refuse the device unless AKA runs inside its TRE.
         #[arg(long)]
         require_aka_in_tre: bool,
@@ -185,7 +186,8 @@ pub async fn sho_client(pki: &Path, sho_url: &str) -> Result<ShoServiceClient<Ch
     Ok(ShoServiceClient::new(ch))
 }
 
-/// Contracts for `device`; returns the SHO's answer.
+/// Contracts for `device` as the subscriber of the channel's certificate (`account`: empty, or
+/// that certificate's name); returns the SHO's answer.
 pub async fn register(
     sho: &mut ShoServiceClient<Channel>,
     device: &DeviceParameters,
@@ -221,6 +223,7 @@ pub fn run(cmd: SubscriberCommand) -> Result<(), CliError> {
             } => {
                 let params = DeviceParameters::read(&device)?;
                 // Refuse a malformed file before any connection.
+                let account = account.unwrap_or_default();
                 params.subscription(&account, require_aka_in_tre)?;
                 let mut c = sho_client(&sho.pki, &sho.sho_url).await?;
                 let r = register(&mut c, &params, &account, require_aka_in_tre).await?;

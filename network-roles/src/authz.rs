@@ -77,7 +77,7 @@ const fn own(method: &'static str) -> Rule {
     rule(method, &[D], Owner::Device)
 }
 
-use Owner::{Nobody, Sho as ShoOwns, TheCaller};
+use Owner::{Nobody, Sho as ShoOwns, Subscriber as SubscriberOwns, TheCaller};
 
 /// The table (annex x.3; the seed's step for each edge is in the proto comment of the RPC).
 pub const RULES: &[Rule] = &[
@@ -112,7 +112,7 @@ pub const RULES: &[Rule] = &[
     ),
     rule("/mcim.ro.v1.IcfService/GetAuthVectors", &[V], Nobody),
     rule("/mcim.ro.v1.IcfService/ReportAttach", &[V], Nobody),
-    rule("/mcim.ro.v1.IcfService/ActivatePcid", &[U], Nobody),
+    rule("/mcim.ro.v1.IcfService/ActivatePcid", &[U], SubscriberOwns),
     rule(
         "/mcim.ro.v1.IcfService/RenewInitialCredentials",
         &[S],
@@ -144,9 +144,17 @@ pub const RULES: &[Rule] = &[
     // SHO: subscribers contract; the RO registers devices and reports; the VNO fetches AVs
     // for the SHO's IMSIs; the device tells its old SHO it discarded the MCIM (not built
     // yet: UNIMPLEMENTED after this rule).
-    rule("/mcim.sho.v1.ShoService/CreateSubscription", &[U], Nobody),
+    rule(
+        "/mcim.sho.v1.ShoService/CreateSubscription",
+        &[U],
+        SubscriberOwns,
+    ),
     rule("/mcim.sho.v1.ShoService/RegisterDevice", &[R], Nobody),
-    rule("/mcim.sho.v1.ShoService/GetRegistration", &[U], Nobody),
+    rule(
+        "/mcim.sho.v1.ShoService/GetRegistration",
+        &[U],
+        SubscriberOwns,
+    ),
     rule("/mcim.sho.v1.ShoService/GetAuthVectors", &[V], Nobody),
     rule(
         "/mcim.sho.v1.ShoService/ReportProvisioningStatus",
@@ -164,7 +172,7 @@ pub const RULES: &[Rule] = &[
     ),
     rule("/mcim.pva.v1.PvaService/RequestValidation", &[S], Nobody),
     own("/mcim.pva.v1.PvaService/SubmitEvidence"),
-    rule("/mcim.pva.v1.PvaService/GetValidationResult", &[S], Nobody),
+    rule("/mcim.pva.v1.PvaService/GetValidationResult", &[S], ShoOwns),
 ];
 
 /// Standard services every server also offers to any authenticated caller: gRPC health and

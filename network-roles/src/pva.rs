@@ -40,6 +40,8 @@ struct Reference {
 #[derive(Clone, Debug)]
 struct Validation {
     pcid: String,
+    /// The SHO that asked for it (empty for validations asked before this was recorded).
+    requested_by: String,
     nonce: [u8; 32],
     verdict: pb::Verdict,
     reason: String,
@@ -101,18 +103,28 @@ impl Pva {
     }
 
     async fn validation(&self, id: &str) -> Result<Validation, RoleError> {
-        type Row = (String, Vec<u8>, i64, String, Option<Vec<u8>>, Option<i64>);
+        type Row = (
+            String,
+            Vec<u8>,
+            i64,
+            String,
+            Option<Vec<u8>>,
+            Option<i64>,
+            String,
+        );
         let row: Option<Row> = sqlx::query_as(
-            "SELECT pcid, nonce, verdict, reason, result, expires_at FROM pva_validation WHERE id = ?",
+            "SELECT pcid, nonce, verdict, reason, result, expires_at, requested_by \
+             FROM pva_validation WHERE id = ?",
         )
         .bind(id)
         .fetch_optional(&self.db)
         .await
         .map_err(db_err)?;
-        let (pcid, nonce, verdict, reason, result, expires) =
+        let (pcid, nonce, verdict, reason, result, expires, requested_by) =
             row.ok_or_else(|| RoleError::not_found("no such validation"))?;
         Ok(Validation {
             pcid,
+            requested_by,
             nonce: nonce
                 .try_into()
                 .map_err(|_| RoleError::internal("stored nonce"))?,
@@ -323,7 +335,7 @@ impl PvaService for Pva {
         req: Request<pb::RequestValidationRequest>,
     ) -> Result<Response<pb::RequestValidationResponse>, Status> {
         role(async move {
-            authorized(&req)?;
+            let auth = authorized(&req)?;
             let r = req.into_inner();
             mcim_core::identity::Pcid::new(r.pcid.clone())
                 .map_err(|e| RoleError::invalid(e.to_string()))?;
@@ -336,12 +348,14 @@ impl PvaService for Pva {
                 (hex::encode(id), nonce)
             };
             sqlx::query(
-                "INSERT INTO pva_validation (id, pcid, nonce, verdict) VALUES (?, ?, ?, ?)",
+                "INSERT INTO pva_validation (id, pcid, nonce, verdict, requested_by) \
+                 VALUES (?, ?, ?, ?, ?)",
             )
             .bind(&id)
             .bind(&r.pcid)
             .bind(nonce.to_vec())
             .bind(pb::Verdict::Pending as i64)
+            .bind(&auth.caller.name)
             .execute(&self.db)
             .await
             .map_err(db_err)?;
@@ -432,8 +446,14 @@ impl PvaService for Pva {
         req: Request<pb::GetValidationResultRequest>,
     ) -> Result<Response<pb::GetValidationResultResponse>, Status> {
         role(async move {
-            authorized(&req)?;
+            let auth = authorized(&req)?;
             let id = &req.get_ref().validation_id;
+            // Only the SHO that asked reads the result (a validation asked before the PVA
+            // recorded who asked has no owner to check).
+            let asked_by = self.validation(id).await?.requested_by;
+            if !asked_by.is_empty() {
+                auth.owns(&asked_by)?;
+            }
             let deadline = tokio::time::Instant::now()
                 + Duration::from_millis(u64::from(req.get_ref().wait_ms)).min(MAX_WAIT);
             let v = loop {

@@ -324,6 +324,8 @@ async fn every_owned_object_refuses_another_owner_and_changes_nothing() {
     use mcim_proto::mcim::pva::v1::pva_service_client::PvaServiceClient;
     use mcim_proto::mcim::ro::v1::dpf_service_client::DpfServiceClient;
     use mcim_proto::mcim::ro::v1::drf_service_client::DrfServiceClient;
+    use mcim_proto::mcim::sho::v1 as sho;
+    use mcim_proto::mcim::sho::v1::sho_service_client::ShoServiceClient;
 
     let work = tempfile::tempdir().unwrap();
     let roles = Roles::start(work.path());
@@ -529,6 +531,78 @@ async fn every_owned_object_refuses_another_owner_and_changes_nothing() {
     // The device's attempt becomes a grant; another device cannot end it.
     let after_attempts = roles.snapshot().await;
     assert_eq!(after_attempts, before, "a wrong owner changed state");
+    // A second subscriber (its own certificate under the same CA) and a PCID the lab's
+    // subscriber registered for delayed activation (CCIF mode 3).
+    IcfServiceClient::new(roles.channel(Role::Subscriber, Role::Ro).await)
+        .register_initial_credentials(ro::RegisterInitialCredentialsRequest {
+            pcid: "001010000000005".into(),
+            k: vec![0x55; 16],
+            opc: vec![0x66; 16],
+            mode: ro::CredentialMode::ViaSubscriber as i32,
+            expires_at: None,
+            delayed_activation: true,
+        })
+        .await
+        .unwrap();
+    let before = roles.snapshot().await;
+    tried.push((
+        "/mcim.ro.v1.IcfService/ActivatePcid",
+        unit(
+            IcfServiceClient::new(
+                roles
+                    .party_channel(Role::Subscriber, "mallory", Role::Ro)
+                    .await,
+            )
+            .activate_pcid(ro::ActivatePcidRequest {
+                pcid: "001010000000005".into(),
+            })
+            .await,
+        ),
+    ));
+    let mallory_sho = roles
+        .party_channel(Role::Subscriber, "mallory", Role::Sho)
+        .await;
+    tried.push((
+        "/mcim.sho.v1.ShoService/GetRegistration",
+        unit(
+            ShoServiceClient::new(mallory_sho.clone())
+                .get_registration(sho::GetRegistrationRequest {
+                    registration_id: reg.registration_id.clone(),
+                })
+                .await,
+        ),
+    ));
+    tried.push((
+        "/mcim.sho.v1.ShoService/CreateSubscription",
+        unit(
+            ShoServiceClient::new(mallory_sho)
+                .create_subscription(sho::CreateSubscriptionRequest {
+                    subscriber: "subscriber.mcim.local".into(),
+                    ..Default::default()
+                })
+                .await,
+        ),
+    ));
+    tried.push((
+        "/mcim.pva.v1.PvaService/GetValidationResult",
+        unit(
+            PvaServiceClient::new(
+                roles
+                    .party_channel(Role::Sho, "sho2.mcim.local", Role::Pva)
+                    .await,
+            )
+            .get_validation_result(pva::GetValidationResultRequest {
+                validation_id: validation.validation_id.clone(),
+                wait_ms: 0,
+            })
+            .await,
+        ),
+    ));
+    assert_eq!(
+        roles.snapshot().await,
+        before,
+        "a wrong owner changed state"
+    );
     let grant = match me_vno
         .complete_attach(vno::CompleteAttachRequest {
             attach_id: attempt.attach_id.clone(),

@@ -84,21 +84,32 @@ async fn a_subscriber_registers_a_real_device_at_the_sho_from_its_exported_param
 
     let sho_url = roles.url("sho");
     let pki = roles.pki.to_str().unwrap().to_string();
-    let register = |device: &str, account: &str| {
-        mcimctl(&[
+    // A second subscriber: its own certificate under the same CA (a PKI directory of its own).
+    let mallory_pki = work.path().join("mallory-pki");
+    std::fs::create_dir_all(&mallory_pki).unwrap();
+    std::fs::copy(roles.pki.join("ca.pem"), mallory_pki.join("ca.pem")).unwrap();
+    let (cert, key) = mcim_pki::dev::issue_party(&roles.pki, Role::Subscriber, "mallory").unwrap();
+    std::fs::write(mallory_pki.join("subscriber.pem"), cert).unwrap();
+    std::fs::write(mallory_pki.join("subscriber.key"), key).unwrap();
+    let mallory = mallory_pki.to_str().unwrap().to_string();
+    let register_as = |device: &str, pki: &str, account: Option<&str>| {
+        let mut args = vec![
             "subscriber",
             "register",
             "--device",
             device,
-            "--account",
-            account,
             "--sho-url",
             &sho_url,
             "--pki",
-            &pki,
+            pki,
             "--json",
-        ])
+        ];
+        if let Some(a) = account {
+            args.extend(["--account", a]);
+        }
+        mcimctl(&args)
     };
+    let register = |device: &str, _: &str| register_as(device, &pki, None);
     let before = roles.snapshot().await;
     // A tampered file is refused before anything is sent.
     let mut bad = p.clone();
@@ -162,12 +173,24 @@ async fn a_subscriber_registers_a_real_device_at_the_sho_from_its_exported_param
     let r2: Value = serde_json::from_slice(&again.stdout).unwrap();
     assert_eq!(r2["imsi"], imsi.as_str());
     let after = roles.snapshot().await;
-    let taken = register(file.to_str().unwrap(), "mallory");
+    let taken = register_as(file.to_str().unwrap(), &mallory, None);
     assert!(!taken.status.success());
     assert!(
         output_text(&taken).contains("another subscriber"),
         "{}",
         output_text(&taken)
+    );
+    // Nor in the first subscriber's name: the name is the certificate's.
+    let posing = register_as(
+        file.to_str().unwrap(),
+        &mallory,
+        Some("subscriber.mcim.local"),
+    );
+    assert!(!posing.status.success());
+    assert!(
+        output_text(&posing).contains("permission denied"),
+        "{}",
+        output_text(&posing)
     );
     assert_eq!(roles.snapshot().await, after);
 

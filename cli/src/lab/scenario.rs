@@ -166,7 +166,7 @@ pub(super) fn lab_inner(
         let sub = crate::subscriber::register(
             &mut ShoServiceClient::new(role_client(&pki, Role::Subscriber, Role::Sho, sho_p).await?),
             &params,
-            "lab-subscriber",
+            "",
             a.require_aka_in_tre,
         )
         .await?;

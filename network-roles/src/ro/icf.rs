@@ -11,6 +11,7 @@ use mcim_proto::mcim::ro::v1::icf_service_server::IcfService;
 use tonic::{Request, Response, Status};
 
 use super::Ro;
+use crate::authz::Role;
 use crate::error::{RoleError, role};
 use crate::gate::authorized;
 use crate::store::{db_err, now};
@@ -30,7 +31,14 @@ impl IcfService for Icf {
         req: Request<pb::RegisterInitialCredentialsRequest>,
     ) -> Result<Response<pb::RegisterInitialCredentialsResponse>, Status> {
         role(async move {
-            authorized(&req)?;
+            let auth = authorized(&req)?;
+            // A subscriber registers in its own name (CCIF mode 3) and alone activates the
+            // PCID; the supplier's registrations have no subscriber.
+            let registered_by = if auth.caller.role == Role::Subscriber {
+                auth.caller.name.clone()
+            } else {
+                String::new()
+            };
             let r = req.into_inner();
             let p = pcid(&r.pcid)?;
             let mode = pb::CredentialMode::try_from(r.mode)
@@ -43,13 +51,14 @@ impl IcfService for Icf {
             }
             self.0.auc.provision(p.as_str(), &r.k, &r.opc).await?;
             sqlx::query(
-                "INSERT INTO icf_pcid (pcid, mode, expires_at, active) VALUES (?, ?, ?, ?) \
-             ON CONFLICT(pcid) DO NOTHING",
+                "INSERT INTO icf_pcid (pcid, mode, expires_at, active, registered_by) \
+                 VALUES (?, ?, ?, ?, ?) ON CONFLICT(pcid) DO NOTHING",
             )
             .bind(p.as_str())
             .bind(mode as i64)
             .bind(expires)
             .bind(i64::from(!r.delayed_activation))
+            .bind(&registered_by)
             .execute(&self.0.db)
             .await
             .map_err(db_err)?;
@@ -133,8 +142,17 @@ impl IcfService for Icf {
         req: Request<pb::ActivatePcidRequest>,
     ) -> Result<Response<pb::ActivatePcidResponse>, Status> {
         role(async move {
-            authorized(&req)?;
+            let auth = authorized(&req)?;
             let p = pcid(&req.get_ref().pcid)?;
+            let (registered_by,): (String,) =
+                sqlx::query_as("SELECT registered_by FROM icf_pcid WHERE pcid = ?")
+                    .bind(p.as_str())
+                    .fetch_optional(&self.0.db)
+                    .await
+                    .map_err(db_err)?
+                    .ok_or_else(|| RoleError::not_found("unknown PCID"))?;
+            // Only the subscriber that registered the PCID activates it (annex x.1).
+            auth.owns(&registered_by)?;
             let done = sqlx::query("UPDATE icf_pcid SET active = 1 WHERE pcid = ?")
                 .bind(p.as_str())
                 .execute(&self.0.db)

@@ -26,10 +26,12 @@ impl ShoService for ShoApi {
         req: Request<pb::CreateSubscriptionRequest>,
     ) -> Result<Response<pb::CreateSubscriptionResponse>, Status> {
         role(async move {
-            authorized(&req)?;
+            let auth = authorized(&req)?;
             let r = req.into_inner();
-            if r.subscriber.is_empty() {
-                return Err(RoleError::invalid("the subscriber is required"));
+            // The subscriber is the caller's certificate; a request may repeat that name but
+            // not name another subscriber.
+            if !r.subscriber.is_empty() {
+                auth.owns(&r.subscriber)?;
             }
             let device = r
                 .device
@@ -40,7 +42,7 @@ impl ShoService for ShoApi {
             let sub = self
                 .0
                 .contract(NewSubscription {
-                    subscriber: r.subscriber,
+                    subscriber: auth.caller.name.clone(),
                     pcid,
                     device_id: device.device_id,
                     tre_kind,
@@ -87,11 +89,14 @@ impl ShoService for ShoApi {
         req: Request<pb::GetRegistrationRequest>,
     ) -> Result<Response<pb::GetRegistrationResponse>, Status> {
         role(async move {
-            authorized(&req)?;
-            let (reg, imsi) = self
+            let auth = authorized(&req)?;
+            let (reg, sub) = self
                 .0
                 .registration_status(&req.get_ref().registration_id)
                 .await?;
+            // A subscriber follows its own contracts only.
+            auth.owns(&sub.subscriber)?;
+            let imsi = sub.imsi;
             Ok(Response::new(pb::GetRegistrationResponse {
                 state: i32::try_from(reg.state).unwrap_or(0),
                 detail: reg.detail,

@@ -126,21 +126,20 @@ impl Sho {
             .ok_or_else(|| RoleError::internal("registration not stored"))
     }
 
-    /// A registration's state, why, and the IMSI of its subscription (for the subscriber).
+    /// A registration and the subscription it is for (for the subscriber).
     pub(super) async fn registration_status(
         &self,
         id: &str,
-    ) -> Result<(Registration, String), RoleError> {
+    ) -> Result<(Registration, super::subscriptions::Subscription), RoleError> {
         let reg = self
             .registration(id)
             .await?
             .ok_or_else(|| RoleError::not_found("no such registration"))?;
-        let imsi = self
+        let sub = self
             .subscription(&reg.pcid)
             .await?
-            .map(|s| s.imsi)
             .ok_or_else(|| RoleError::not_found("no such registration"))?;
-        Ok((reg, imsi))
+        Ok((reg, sub))
     }
 
     /// Step 14: the DPF's report of the device's install, for an authorised registration
