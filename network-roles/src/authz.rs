@@ -135,10 +135,11 @@ pub const RULES: &[Rule] = &[
     own("/mcim.ro.v1.DpfService/DownloadPackage"),
     own("/mcim.ro.v1.DpfService/ReportProvisioningStatus"),
     own("/mcim.ro.v1.DpfService/RelayDiscardAck"),
-    // VNO: any device may attach with any identity, as on the air interface: AKA decides
-    // (the IMSI of an operational MCIM is not in the device's certificate). Completing and
-    // detaching are for the device that attached.
-    rule("/mcim.vno.v1.VnoService/Attach", &[D], Nobody),
+    // VNO: a device attaches with its own PCID (the one its certificate names); an
+    // operational IMSI is not in the certificate, so AKA decides there (and an unanswered
+    // attempt of another device gives way). Completing and detaching are for the device that
+    // attached.
+    own("/mcim.vno.v1.VnoService/Attach"),
     own("/mcim.vno.v1.VnoService/CompleteAttach"),
     own("/mcim.vno.v1.VnoService/Detach"),
     // SHO: subscribers contract; the RO registers devices and reports; the VNO fetches AVs

@@ -168,38 +168,55 @@ impl VnoService for Vno {
         req: Request<pb::AttachRequest>,
     ) -> Result<Response<pb::AttachResponse>, Status> {
         role(async move {
-        let caller = authorized(&req)?.caller;
+        let auth = authorized(&req)?;
+        let caller = auth.caller.clone();
         let identity = Imsi::new(req.into_inner().identity)
             .map_err(|e| RoleError::invalid(e.to_string()))?;
         let identity = identity.as_str().to_string();
+        // A PCID (routed to an RO's ICF) is the device's own: the one its certificate names
+        // (the supplier certified it for that PCID). An operational IMSI is not in the
+        // certificate: AKA decides, and an unanswered attempt of another device gives way
+        // below, so nobody can hold a device's identity without its K.
+        let pcid_attach = matches!(self.route(&identity)?.0.target, Target::Icf(_));
+        if pcid_attach {
+            auth.owns(&identity)?;
+        }
         // Stale attempts and grants end by themselves.
         sqlx::query("DELETE FROM vno_attach WHERE expires_at <= ?")
             .bind(now())
             .execute(&self.db)
             .await
             .map_err(db_err)?;
-        let busy: Option<(String,)> =
-            sqlx::query_as("SELECT caller FROM vno_attach WHERE identity = ?")
+        let busy: Option<(String, String)> =
+            sqlx::query_as("SELECT caller, state FROM vno_attach WHERE identity = ?")
                 .bind(&identity)
                 .fetch_optional(&self.db)
                 .await
                 .map_err(db_err)?;
         match busy {
-            // Another device holds this identity: one attach at a time.
-            Some((by,)) if by != caller.name => {
+            // Another device holds a grant for this identity (it answered the challenge, so
+            // it holds K): one attach at a time.
+            Some((by, state)) if by != caller.name && state == "granted" => {
                 return Err(RoleError::exists(
                     "this identity is already attached (detach first)",
                 ));
             }
             // The same device attaching again (it restarted, or lost its answer) starts over:
             // its earlier attempt or grant ends, as a UE's new attach replaces its old context.
-            Some(_) => {
-                sqlx::query("DELETE FROM vno_attach WHERE identity = ? AND caller = ?")
-                    .bind(&identity)
-                    .bind(&caller.name)
-                    .execute(&self.db)
-                    .await
-                    .map_err(db_err)?;
+            // Another device's unanswered attempt gives way too: without K it cannot answer,
+            // and holding it must not lock the identity's device out.
+            Some((by, _)) => {
+                if by != caller.name {
+                    tracing::warn!(%identity, held_by = %by, "an unanswered attempt of another device gives way");
+                }
+                sqlx::query(
+                    "DELETE FROM vno_attach WHERE identity = ? AND (caller = ? OR state = 'challenged')",
+                )
+                .bind(&identity)
+                .bind(&caller.name)
+                .execute(&self.db)
+                .await
+                .map_err(db_err)?;
             }
             None => {}
         }

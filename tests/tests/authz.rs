@@ -193,11 +193,11 @@ fn res(k: [u8; 16], opc: [u8; 16], rand: &[u8]) -> Vec<u8> {
     out.res.0.to_vec()
 }
 
-/// One attach per PCID at a time: a second concurrent attach from another device is refused
-/// until the first is detached; the same device attaching again replaces its own attempt (a
-/// device that restarted mid-attach must not lock itself out). CompleteAttach and Detach name only an attempt or a grant; the VNO looks up which
-/// device it belongs to. Another device is refused, and the attempt (then the grant) still
-/// works for the device that made it.
+/// A PCID is its device's: another device attaching with it is refused; the same device
+/// attaching again replaces its own attempt (a device that restarted mid-attach must not lock
+/// itself out). CompleteAttach and Detach name only an attempt or a grant; the VNO looks up
+/// which device it belongs to. Another device is refused, and the attempt (then the grant)
+/// still works for the device that made it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_attach_per_pcid_and_another_device_can_neither_answer_nor_end_it() {
     let work = tempfile::tempdir().unwrap();
@@ -236,10 +236,10 @@ async fn one_attach_per_pcid_and_another_device_can_neither_answer_nor_end_it() 
     let gone = me.complete_attach(answer(&first)).await.unwrap_err();
     assert_eq!(gone.code(), Code::NotFound, "{gone:?}");
     let before = roles.snapshot().await;
-    // A second concurrent attach with the same PCID from another device is refused
-    // (5.1.3.6.2 step 1: one attach per identity), and changes nothing.
+    // Another device attaching with this device's PCID is refused (a device attaches with the
+    // PCID its certificate names), and changes nothing.
     let again = other.attach(attach()).await.unwrap_err();
-    assert_eq!(again.code(), Code::AlreadyExists, "{again:?}");
+    assert_eq!(again.code(), Code::PermissionDenied, "{again:?}");
     assert_eq!(
         roles.snapshot().await,
         before,
@@ -286,14 +286,14 @@ async fn one_attach_per_pcid_and_another_device_can_neither_answer_nor_end_it() 
         before,
         "a refused detach changed state"
     );
-    // Attached: still one at a time.
+    // Attached: still nobody else's.
     let again = other
         .attach(vno::AttachRequest {
             identity: ME.into(),
         })
         .await
         .unwrap_err();
-    assert_eq!(again.code(), Code::AlreadyExists, "{again:?}");
+    assert_eq!(again.code(), Code::PermissionDenied, "{again:?}");
     me.detach(vno::DetachRequest {
         grant_id: grant.grant_id.clone(),
     })
@@ -403,6 +403,17 @@ async fn every_owned_object_refuses_another_owner_and_changes_nothing() {
             })
             .await
             .map(|_| ()),
+    ));
+    tried.push((
+        "/mcim.vno.v1.VnoService/Attach",
+        unit(
+            other_vno
+                .clone()
+                .attach(vno::AttachRequest {
+                    identity: ME.into(),
+                })
+                .await,
+        ),
     ));
     tried.push((
         "/mcim.ro.v1.DrfService/GetBootstrap",

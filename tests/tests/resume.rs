@@ -291,3 +291,34 @@ async fn a_run_saved_by_the_previous_tred_resumes_after_an_upgrade() {
     let listed = setup.device(&["list"]);
     assert_eq!(listed.matches(imsi).count(), 1, "{listed}");
 }
+
+/// Nobody holds a device's operational IMSI without its K: another (certified) device that
+/// attaches with the IMSI and never answers no longer locks the device out; the device's own
+/// attach supersedes the unanswered attempt and completes (AKA in its TRE).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unanswered_attempt_of_another_device_does_not_lock_the_device_out() {
+    let pcid = "001010000000064";
+    let setup = Setup::new(pcid);
+    let out = setup.device(&["provision", "--access", "non-3gpp"]);
+    let imsi = out
+        .lines()
+        .find_map(|l| l.strip_prefix("mcim"))
+        .map(|l| l.trim().to_string())
+        .unwrap();
+    assert_eq!(imsi.len(), 15, "{out}");
+    // Another device holds an unanswered attempt for the IMSI.
+    VnoServiceClient::new(
+        setup
+            .roles
+            .device_channel("001010000000065", Role::Vno)
+            .await,
+    )
+    .attach(vno::AttachRequest {
+        identity: imsi.clone(),
+    })
+    .await
+    .unwrap();
+    // The device attaches all the same.
+    let attached = setup.device(&["attach"]);
+    assert!(attached.contains(&imsi), "{attached}");
+}
