@@ -516,10 +516,12 @@ impl Roles {
     /// VNO).
     pub fn tred(&self, tcti: &str) -> Tred {
         let ca = self.pki.join("ca.pem");
+        let sho_ca = self.pki.join("ca-sho.pem");
         Tred::start_with(
             tcti,
             &[
                 ("MCIM_CA_FILE", ca.to_str().unwrap()),
+                ("MCIM_SHO_CA_FILE", sho_ca.to_str().unwrap()),
                 ("MCIM_RO_URL", &self.url("ro")),
                 ("MCIM_VNO_URL", &self.url("vno")),
             ],
@@ -541,8 +543,7 @@ impl Roles {
         me: mcim_roles::authz::Role,
         peer: mcim_roles::authz::Role,
     ) -> tonic::transport::Channel {
-        let name = format!("{}.mcim.local", peer.as_str());
-        let tls = mcim_roles::tls::client_tls(&self.pki, me, &name).unwrap();
+        let tls = mcim_roles::tls::client_tls(&self.pki, me, peer).unwrap();
         self.connect(peer, tls).await
     }
 
@@ -622,15 +623,25 @@ impl Roles {
     }
 
     /// A mutual-TLS channel to `peer` as another party of `role` named `name` (a second SHO,
-    /// another subscriber), certified by the same development CA as the lab's own.
+    /// another subscriber), certified by the CA that issues `role`'s certificates.
     pub async fn party_channel(
         &self,
         role: mcim_roles::authz::Role,
         name: &str,
         peer: mcim_roles::authz::Role,
     ) -> tonic::transport::Channel {
-        use tonic::transport::{Certificate, ClientTlsConfig, Identity};
         let (cert, key) = mcim_pki::dev::issue_party(&self.pki, role, name).unwrap();
+        self.channel_as(cert, key, peer).await
+    }
+
+    /// A mutual-TLS channel to `peer` presenting `cert` / `key` (PEM), whoever issued them.
+    pub async fn channel_as(
+        &self,
+        cert: String,
+        key: String,
+        peer: mcim_roles::authz::Role,
+    ) -> tonic::transport::Channel {
+        use tonic::transport::{Certificate, ClientTlsConfig, Identity};
         let tls = ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(
                 mcim_pki::dev::ca_pem(&self.pki).unwrap(),

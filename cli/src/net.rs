@@ -32,7 +32,8 @@ pub async fn software_device_channel(
     connect(peer, url, cert, key, pki).await
 }
 
-/// Mutual TLS with `cert`/`key` (PEM), trusting the roles' CA in `pki`, to `peer` at `url`.
+/// Mutual TLS with `cert`/`key` (PEM) to `peer` at `url`, trusting only the CA in `pki` that
+/// issues `peer`'s certificates.
 async fn connect(
     peer: Role,
     url: &str,
@@ -40,7 +41,7 @@ async fn connect(
     key: impl AsRef<[u8]>,
     pki: &Path,
 ) -> Result<Channel, CliError> {
-    let ca = mcim_pki::dev::ca_pem(pki).map_err(fail)?;
+    let ca = mcim_pki::dev::role_ca_pem(pki, peer).map_err(fail)?;
     let tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(ca))
         .identity(Identity::from_pem(cert, key))

@@ -10,11 +10,14 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use tonic::codegen::http;
 use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 use tonic::{Request, Status};
+
+use mcim_pki::TrustAnchors;
 
 use crate::authz::{self, Caller, Rule};
 use crate::error::RoleError;
@@ -49,15 +52,26 @@ pub fn authorized<T>(req: &Request<T>) -> Result<Authorized, RoleError> {
 }
 
 /// The caller and rule for an HTTP/2 request of a gRPC call, or the refusal.
-fn decide<B>(req: &http::Request<B>) -> Result<Authorized, Status> {
-    let leaf = req
+fn decide<B>(req: &http::Request<B>, anchors: &TrustAnchors) -> Result<Authorized, Status> {
+    let chain = req
         .extensions()
         .get::<TlsConnectInfo<TcpConnectInfo>>()
         .and_then(|i| i.peer_certs())
-        .and_then(|c| c.first().cloned())
         .ok_or_else(|| Status::unauthenticated("no client certificate"))?;
-    let caller = mcim_pki::party::caller_from_cert(&leaf)
+    let leaf = chain
+        .first()
+        .ok_or_else(|| Status::unauthenticated("no client certificate"))?;
+    let caller = mcim_pki::party::caller_from_cert(leaf)
         .map_err(|e| Status::unauthenticated(e.to_string()))?;
+    // Each anchor vouches only for the roles it may issue: the supplier root for devices,
+    // each operator's CA for that operator's roles (annex x.3).
+    if !anchors.vouches(&chain, caller.role) {
+        tracing::warn!(role = %caller.role, name = %caller.name, "refused: the certificate's issuer may not issue {} certificates", caller.role);
+        return Err(Status::unauthenticated(format!(
+            "the certificate's issuer may not issue {} certificates",
+            caller.role
+        )));
+    }
     let method = req.uri().path();
     match authz::decide(&caller, method) {
         Ok(rule) => {
@@ -100,15 +114,29 @@ fn undecodable_is_invalid_argument(
     }
 }
 
-/// The layer: `Server::builder().layer(Gate)`.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct Gate;
+/// The layer: `Server::builder().layer(Gate::new(anchors))`.
+#[derive(Clone, Debug)]
+pub struct Gate {
+    anchors: Arc<TrustAnchors>,
+}
+
+impl Gate {
+    /// The gate, trusting each of `anchors` for its roles only.
+    pub fn new(anchors: TrustAnchors) -> Self {
+        Self {
+            anchors: Arc::new(anchors),
+        }
+    }
+}
 
 impl<S> tower::Layer<S> for Gate {
     type Service = Gated<S>;
 
     fn layer(&self, inner: S) -> Gated<S> {
-        Gated { inner }
+        Gated {
+            inner,
+            anchors: self.anchors.clone(),
+        }
     }
 }
 
@@ -116,6 +144,7 @@ impl<S> tower::Layer<S> for Gate {
 #[derive(Clone, Debug)]
 pub struct Gated<S> {
     inner: S,
+    anchors: Arc<TrustAnchors>,
 }
 
 type BoxFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send>>;
@@ -135,7 +164,7 @@ where
     }
 
     fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
-        match decide(&req) {
+        match decide(&req, &self.anchors) {
             Ok(a) => {
                 req.extensions_mut().insert(a.clone());
                 let answer = self.inner.call(req);

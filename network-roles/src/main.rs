@@ -321,7 +321,9 @@ async fn serve_role(
         .tls_config(tls)
         .map_err(|e| e.to_string())?
         // The authorization table decides every call before any handler runs.
-        .layer(mcim_roles::gate::Gate);
+        .layer(mcim_roles::gate::Gate::new(
+            mcim_pki::dev::trust_anchors(&pki).map_err(|e| e.to_string())?,
+        ));
     // gRPC health and reflection (v1 and v1alpha) on every server, authenticated by mutual
     // TLS like the rest; reflection lists only this port's services.
     use tonic::server::NamedService;

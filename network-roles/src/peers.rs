@@ -10,12 +10,11 @@ use tonic::transport::Endpoint;
 use crate::authz::Role;
 use crate::error::RoleError;
 use crate::tls::client_tls;
-use mcim_pki::party::server_name;
 
 /// A lazily connected channel from `me` to the `peer` role at `url` (`https://host:port`);
 /// its requests carry the caller's trace context.
 pub fn channel(pki: &Path, me: Role, peer: Role, url: &str) -> Result<Channel, RoleError> {
-    let tls = client_tls(pki, me, &server_name(peer))
+    let tls = client_tls(pki, me, peer)
         .map_err(|e| RoleError::internal(format!("TLS to {peer}: {e}")))?;
     Ok(mcim_telemetry::traced(
         Endpoint::from_shared(url.to_string())

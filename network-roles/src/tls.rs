@@ -10,7 +10,9 @@ use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
 use crate::authz::Role;
 use mcim_pki::{PkiError, dev};
 
-/// The roots a role accepts client certificates from: the lab CA and the supplier root.
+/// The roots a role accepts client certificates from: every operator's CA and the supplier
+/// root. Which of them may vouch for the role a certificate claims is the gate's check
+/// ([`crate::gate`], `mcim_pki::dev::trust_anchors`).
 fn client_roots(pki: &Path) -> Result<Certificate, PkiError> {
     let mut roots = dev::ca_pem(pki)?;
     if let Ok(supplier) = dev::supplier_root_pem(pki) {
@@ -27,11 +29,12 @@ pub fn server_tls(pki: &Path, role: Role) -> Result<ServerTlsConfig, PkiError> {
         .client_ca_root(client_roots(pki)?))
 }
 
-/// Client side: present `role`'s certificate, trust the lab CA, expect `server_name`.
-pub fn client_tls(pki: &Path, role: Role, server_name: &str) -> Result<ClientTlsConfig, PkiError> {
+/// Client side: present `role`'s certificate to the server of `peer`, trusting only the CA
+/// that issues `peer`'s certificates (another operator's CA cannot stand in for it).
+pub fn client_tls(pki: &Path, role: Role, peer: Role) -> Result<ClientTlsConfig, PkiError> {
     let (cert, key) = dev::party_pem(pki, role)?;
     Ok(ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(dev::ca_pem(pki)?))
+        .ca_certificate(Certificate::from_pem(dev::role_ca_pem(pki, peer)?))
         .identity(Identity::from_pem(cert, key))
-        .domain_name(server_name))
+        .domain_name(mcim_pki::party::server_name(peer)))
 }

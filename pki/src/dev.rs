@@ -3,10 +3,19 @@
 //! [`crate::party::caller_from_cert`] reads and the authorization table decides on), plus a
 //! DNS SAN for server-name checks. Devices get theirs for the public key their TRE holds.
 //!
-//! Files in the directory: `ca.pem`, `ca.key`, and `<role>.pem` / `<role>.key` per party
-//! (keys 0600); `supplier-root.pem` / `.key`, the equipment supplier's root that certifies
-//! devices' attestation and TLS keys (5.1.3.5.8, PfC (1)). A production deployment brings
-//! its own CAs.
+//! Files in the directory (keys 0600):
+//! - `ca-<role>.pem` / `.key`: one CA per operator party (supplier, ro, vno, sho, pva,
+//!   subscriber), which issues that party's certificates only: in a real deployment every
+//!   operator has its own CA, and an anchor vouches only for the roles it may issue
+//!   ([`trust_anchors`]);
+//! - `supplier-root.pem` / `.key`: the equipment supplier's root, which certifies devices'
+//!   attestation and TLS keys (5.1.3.5.8, PfC (1)) and nothing else;
+//! - `<role>.pem` / `<role>.key`: each party's own certificate;
+//! - `ca.pem`: the bundle of every operator CA, what a client trusts for the roles' servers
+//!   when it does not know which one it calls (`tred`'s `ca_file`).
+//!
+//! A directory made before per-party CAs (one `ca.pem` with its `ca.key`) keeps working: its
+//! one CA vouches for every operator role. A production deployment brings its own CAs.
 
 use std::path::Path;
 
@@ -15,7 +24,7 @@ use rcgen::{
     Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
 
-use crate::party::{PlatformCredential, Role, identity_uri, storage_key_uri};
+use crate::party::{PlatformCredential, Role, TrustAnchors, identity_uri, storage_key_uri};
 use crate::{PkiError, cert_err};
 
 fn read(path: &Path) -> Result<String, PkiError> {
@@ -60,13 +69,24 @@ pub fn init(dir: &Path, parties: &[(Role, &str)]) -> Result<Vec<Role>, PkiError>
         path: dir.to_path_buf(),
         detail: e.to_string(),
     })?;
-    if !dir.join("ca.pem").exists() {
-        make_ca(dir, "ca", "mcim development CA")?;
+    let legacy = dir.join("ca.key").exists();
+    if !legacy {
+        for role in OPERATORS {
+            let ca = ca_file(role);
+            if !dir.join(format!("{ca}.pem")).exists() {
+                make_ca(dir, &ca, &format!("mcim development CA of the {role}"))?;
+            }
+        }
+        // The bundle clients trust for servers, rewritten from the CAs present.
+        let mut bundle = String::new();
+        for role in OPERATORS {
+            bundle.push_str(&read(&dir.join(format!("{}.pem", ca_file(role))))?);
+        }
+        write(&dir.join("ca.pem"), &bundle, false)?;
     }
     if !dir.join("supplier-root.pem").exists() {
         make_ca(dir, "supplier-root", "mcim equipment supplier root")?;
     }
-    let issuer = issuer(dir, "ca")?;
     let mut made = Vec::new();
     for (role, name) in parties {
         let pem = dir.join(format!("{}.pem", role.as_str()));
@@ -75,7 +95,9 @@ pub fn init(dir: &Path, parties: &[(Role, &str)]) -> Result<Vec<Role>, PkiError>
         }
         let key = KeyPair::generate().map_err(cert_err)?;
         let params = party_params(*role, name)?;
-        let cert = params.signed_by(&key, &issuer).map_err(cert_err)?;
+        let cert = params
+            .signed_by(&key, &issuer_of(dir, *role)?)
+            .map_err(cert_err)?;
         write(
             &dir.join(format!("{}.key", role.as_str())),
             &key.serialize_pem(),
@@ -85,6 +107,64 @@ pub fn init(dir: &Path, parties: &[(Role, &str)]) -> Result<Vec<Role>, PkiError>
         made.push(*role);
     }
     Ok(made)
+}
+
+/// The operator parties, each with a CA of its own.
+pub const OPERATORS: [Role; 6] = [
+    Role::Supplier,
+    Role::Ro,
+    Role::Vno,
+    Role::Sho,
+    Role::Pva,
+    Role::Subscriber,
+];
+
+/// The file name (without `.pem`) of the CA that issues `role`'s certificates.
+pub fn ca_file(role: Role) -> String {
+    match role {
+        Role::Device => "supplier-root".into(),
+        r => format!("ca-{}", r.as_str()),
+    }
+}
+
+/// The CA that issues `role`'s certificates: its own, or the one CA of a directory made
+/// before per-party CAs.
+fn issuer_of(dir: &Path, role: Role) -> Result<Issuer<'static, KeyPair>, PkiError> {
+    let own = ca_file(role);
+    if dir.join(format!("{own}.key")).exists() {
+        issuer(dir, &own)
+    } else {
+        issuer(dir, "ca")
+    }
+}
+
+/// Which CA may vouch for which roles, from the directory: `ca-<role>.pem` for that role,
+/// `supplier-root.pem` for devices (and, in a directory made before per-party CAs, `ca.pem`
+/// for every operator role).
+pub fn trust_anchors(dir: &Path) -> Result<TrustAnchors, PkiError> {
+    let mut anchors = Vec::new();
+    for role in OPERATORS {
+        let file = dir.join(format!("{}.pem", ca_file(role)));
+        if file.exists() {
+            anchors.push((ca_der(dir, &ca_file(role))?, vec![role]));
+        }
+    }
+    if dir.join("ca.key").exists() {
+        anchors.push((ca_der(dir, "ca")?, OPERATORS.to_vec()));
+    }
+    anchors.push((ca_der(dir, "supplier-root")?, vec![Role::Device]));
+    Ok(TrustAnchors::new(anchors))
+}
+
+/// The CA a client trusts for the server of `role`, PEM: that role's own CA, or the one CA of
+/// a directory made before per-party CAs.
+pub fn role_ca_pem(dir: &Path, role: Role) -> Result<Vec<u8>, PkiError> {
+    let own = dir.join(format!("{}.pem", ca_file(role)));
+    if own.exists() {
+        Ok(read(&own)?.into_bytes())
+    } else {
+        ca_pem(dir)
+    }
 }
 
 /// A self-signed CA: `<file>.pem`, `<file>.key`.
@@ -193,14 +273,29 @@ pub fn issue_software_device(dir: &Path, pcid: &str) -> Result<(String, String),
 pub fn issue_party(dir: &Path, role: Role, name: &str) -> Result<(String, String), PkiError> {
     let key = KeyPair::generate().map_err(cert_err)?;
     let cert = party_params(role, name)?
-        .signed_by(&key, &issuer(dir, "ca")?)
+        .signed_by(&key, &issuer_of(dir, role)?)
         .map_err(cert_err)?;
     Ok((cert.pem(), key.serialize_pem()))
 }
 
-/// A device certificate under the lab CA, as PEM (`mcimctl pki device`).
+/// A certificate claiming `role` named `name`, issued by the CA `<ca>` of the directory
+/// whatever that CA may vouch for: for tests that a wrong root is refused.
+pub fn issue_party_under(
+    dir: &Path,
+    ca: &str,
+    role: Role,
+    name: &str,
+) -> Result<(String, String), PkiError> {
+    let key = KeyPair::generate().map_err(cert_err)?;
+    let cert = party_params(role, name)?
+        .signed_by(&key, &issuer(dir, ca)?)
+        .map_err(cert_err)?;
+    Ok((cert.pem(), key.serialize_pem()))
+}
+
+/// A device certificate under the supplier root, as PEM (`mcimctl pki device`).
 pub fn issue_device(dir: &Path, pcid: &str, tls_spki: &[u8]) -> Result<String, PkiError> {
-    Ok(device_cert(dir, "ca", pcid, tls_spki)?.pem())
+    Ok(device_cert(dir, "supplier-root", pcid, tls_spki)?.pem())
 }
 
 /// Certifies a device's attestation key under the supplier root (the platform credential,
@@ -283,7 +378,7 @@ pub fn supplier_root_pem(dir: &Path) -> Result<Vec<u8>, PkiError> {
     Ok(read(&dir.join("supplier-root.pem"))?.into_bytes())
 }
 
-/// The development CA that issues the roles' certificates, PEM (`ca.pem`).
+/// The bundle of the roles' CAs, PEM (`ca.pem`).
 pub fn ca_pem(dir: &Path) -> Result<Vec<u8>, PkiError> {
     Ok(read(&dir.join("ca.pem"))?.into_bytes())
 }

@@ -15,7 +15,7 @@
 pub mod dev;
 pub mod party;
 
-pub use party::{ALL_ROLES, Caller, PlatformCredential, Role};
+pub use party::{ALL_ROLES, Caller, PlatformCredential, Role, TrustAnchors};
 
 use std::path::PathBuf;
 

@@ -194,3 +194,38 @@ pub fn verify_platform_credential(
         storage_key_uri,
     })
 }
+
+/// Which CA may vouch for which roles (annex x.3: the supplier root for devices, each
+/// operator's CA for that operator's roles). A certificate chains to one of them (the TLS
+/// handshake checked that); this says whether that one may issue the role it claims.
+#[derive(Clone, Debug, Default)]
+pub struct TrustAnchors {
+    anchors: Vec<(Vec<u8>, Vec<Role>)>,
+}
+
+impl TrustAnchors {
+    /// From CA certificates (DER) and the roles each may vouch for.
+    pub fn new(anchors: Vec<(Vec<u8>, Vec<Role>)>) -> Self {
+        Self { anchors }
+    }
+
+    /// Whether a CA that may vouch for `role` issued a certificate of `chain` (DER, leaf
+    /// first, as the peer presented it).
+    pub fn vouches<C: AsRef<[u8]>>(&self, chain: &[C], role: Role) -> bool {
+        use x509_parser::prelude::{FromDer, X509Certificate};
+        let certs: Vec<X509Certificate<'_>> = chain
+            .iter()
+            .filter_map(|c| X509Certificate::from_der(c.as_ref()).ok().map(|(_, c)| c))
+            .collect();
+        self.anchors
+            .iter()
+            .filter(|(_, roles)| roles.contains(&role))
+            .filter_map(|(der, _)| X509Certificate::from_der(der).ok().map(|(_, c)| c))
+            .any(|anchor| {
+                certs.iter().any(|c| {
+                    c.issuer() == anchor.subject()
+                        && c.verify_signature(Some(anchor.public_key())).is_ok()
+                })
+            })
+    }
+}

@@ -773,3 +773,51 @@ async fn undecodable_requests_are_invalid_and_reflection_lists_only_the_ports_se
         assert_eq!(got, want(role), "v1alpha reflection of the {role}");
     }
 }
+
+/// Each root vouches only for the roles it may issue (issue 12 item 1): for every RPC and every
+/// role the table lets call it, a certificate claiming that role from a root that may not
+/// issue it (the supplier root claiming an operator, another operator's CA, an operator's CA
+/// claiming a device) is UNAUTHENTICATED before any table lookup, and changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_from_the_wrong_root_is_refused_for_every_rpc_and_role() {
+    let work = tempfile::tempdir().unwrap();
+    let roles = Roles::start(work.path());
+    let streaming = streaming();
+    let before = roles.snapshot().await;
+    let mut refused = 0;
+    for rule in RULES {
+        let peer = server_of(rule.method);
+        let is_stream = streaming.iter().any(|m| m == rule.method);
+        for &role in rule.callers {
+            let wrong: &[&str] = match role {
+                Role::Device => &["ca-vno", "ca-subscriber"],
+                Role::Vno => &["supplier-root", "ca-sho"],
+                _ => &["supplier-root", "ca-vno"],
+            };
+            let name = if role == Role::Device {
+                ME
+            } else {
+                "forged.example"
+            };
+            for ca in wrong {
+                let (cert, key) =
+                    mcim_pki::dev::issue_party_under(&roles.pki, ca, role, name).unwrap();
+                let ch = roles.channel_as(cert, key, peer).await;
+                let got = probe(ch, rule.method, is_stream, ME).await;
+                assert_eq!(
+                    got.err().map(|s| s.code()),
+                    Some(Code::Unauthenticated),
+                    "{role} certified by {ca} calling {}",
+                    rule.method
+                );
+                refused += 1;
+            }
+        }
+    }
+    assert!(refused >= 70, "{refused} refusals");
+    assert_eq!(
+        roles.snapshot().await,
+        before,
+        "a refused call changed state"
+    );
+}

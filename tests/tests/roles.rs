@@ -28,7 +28,7 @@ async fn client(
     as_role: Role,
     port: u16,
 ) -> Result<SupplierServiceClient<Channel>, String> {
-    let tls = mcim_roles::tls::client_tls(pki, as_role, "supplier.mcim.local").unwrap();
+    let tls = mcim_roles::tls::client_tls(pki, as_role, Role::Supplier).unwrap();
     let ch = Endpoint::from_shared(format!("https://127.0.0.1:{port}"))
         .unwrap()
         .tls_config(tls)
@@ -128,7 +128,7 @@ async fn supplier_certifies_a_real_device_and_the_table_decides_who_may_ask() {
     assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused}");
 
     // gRPC health and reflection answer (over the same mutual TLS).
-    let tls = mcim_roles::tls::client_tls(&pki, Role::Sho, "supplier.mcim.local").unwrap();
+    let tls = mcim_roles::tls::client_tls(&pki, Role::Sho, Role::Supplier).unwrap();
     let ch = Endpoint::from_shared(format!("https://127.0.0.1:{port}"))
         .unwrap()
         .tls_config(tls)
@@ -348,7 +348,7 @@ async fn pva_validates_a_real_tpm_device_over_its_own_tls_key() {
     let pva_as = |role| {
         let pki = pki.clone();
         async move {
-            let tls = mcim_roles::tls::client_tls(&pki, role, "pva.mcim.local").unwrap();
+            let tls = mcim_roles::tls::client_tls(&pki, role, Role::Pva).unwrap();
             PvaServiceClient::new(
                 Endpoint::from_shared(format!("https://127.0.0.1:{pport}"))
                     .unwrap()

@@ -19,6 +19,9 @@
 //! rehabilitation_key = "04..."         # MCIM_REHABILITATION_KEY: the supplier's P-256 key
 //!                                      # (SEC1 hex) whose tokens lift a lockdown
 //! ca_file = "/etc/mcim/ca.pem"         # MCIM_CA_FILE: the roles' CA (provisioning)
+//! sho_ca_file = "/etc/mcim/ca-sho.pem" # MCIM_SHO_CA_FILE: the CA(s) that issue SHO
+//!                                      # certificates; a package's signer must be one of
+//!                                      # theirs (default: ca_file)
 //! ro_url = "https://ro.example:7402"   # MCIM_RO_URL: the RO's DRF and DPF
 //! vno_url = "https://vno.example:7403" # MCIM_VNO_URL: the VNO (3GPP access)
 //! ```
@@ -60,6 +63,10 @@ pub struct Config {
     pub rehabilitation_key: Option<String>,
     /// The roles' CA certificate(s), PEM: the device trusts servers under it.
     pub ca_file: Option<PathBuf>,
+    /// The CA certificate(s) that issue SHO certificates, PEM: an MCIM package is accepted
+    /// only from a signer they issued (another operator's CA cannot vouch for an SHO).
+    /// Default: `ca_file`.
+    pub sho_ca_file: Option<PathBuf>,
     /// The RO (DRF and DPF), `https://host:port`.
     pub ro_url: Option<String>,
     /// The VNO, `https://host:port` (3GPP access).
@@ -83,6 +90,7 @@ impl Default for Config {
             log: "info".into(),
             rehabilitation_key: None,
             ca_file: None,
+            sho_ca_file: None,
             ro_url: None,
             vno_url: None,
         }
@@ -194,6 +202,9 @@ impl Config {
         }
         if let Some(v) = get("MCIM_CA_FILE") {
             self.ca_file = Some(v.into());
+        }
+        if let Some(v) = get("MCIM_SHO_CA_FILE") {
+            self.sho_ca_file = Some(v.into());
         }
         if let Some(v) = get("MCIM_RO_URL") {
             self.ro_url = Some(v);

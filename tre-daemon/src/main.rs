@@ -138,6 +138,10 @@ async fn serve(config: &Config, engine: EngineHandle) -> Result<(), String> {
     let net = match (&config.ca_file, &config.ro_url) {
         (Some(ca), Some(ro)) => Some(mcim_tre::provision::Network {
             ca_pem: std::fs::read(ca).map_err(|e| format!("{}: {e}", ca.display()))?,
+            sho_ca_pem: match &config.sho_ca_file {
+                Some(f) => std::fs::read(f).map_err(|e| format!("{}: {e}", f.display()))?,
+                None => std::fs::read(ca).map_err(|e| format!("{}: {e}", ca.display()))?,
+            },
             ro_url: ro.clone(),
             vno_url: config.vno_url.clone(),
         }),

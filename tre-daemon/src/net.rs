@@ -90,3 +90,27 @@ pub fn verify_party(
     p256::ecdsa::VerifyingKey::from_sec1_bytes(&cert.public_key().subject_public_key.data)
         .map_err(|_| format!("the {role} key is not P-256"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A package signer must be certified by a CA that issues SHO certificates: an "sho"
+    /// certificate from another operator's CA, or the SHO's own for another name, is refused.
+    #[test]
+    fn only_the_sho_ca_vouches_for_a_package_signer() {
+        let dir = tempfile::tempdir().unwrap();
+        mcim_pki::dev::init(dir.path(), &mcim_pki::dev::LAB_PARTIES).unwrap();
+        let sho_ca = std::fs::read(dir.path().join("ca-sho.pem")).unwrap();
+        let real = mcim_pki::dev::ca_der(dir.path(), "sho").unwrap();
+        assert!(verify_party(&sho_ca, &real, Role::Sho, "sho.mcim.local").is_ok());
+        assert!(verify_party(&sho_ca, &real, Role::Sho, "another.sho").is_err());
+        let (forged, _) =
+            mcim_pki::dev::issue_party_under(dir.path(), "ca-vno", Role::Sho, "sho.mcim.local")
+                .unwrap();
+        let forged = rustls::pki_types::pem::PemObject::from_pem_slice(forged.as_bytes())
+            .map(|c: rustls::pki_types::CertificateDer<'static>| c.to_vec())
+            .unwrap();
+        assert!(verify_party(&sho_ca, &forged, Role::Sho, "sho.mcim.local").is_err());
+    }
+}

@@ -44,6 +44,8 @@ const RETRIES: u32 = 120;
 pub struct Network {
     /// The roles' CA, PEM.
     pub ca_pem: Vec<u8>,
+    /// The CA(s) that issue SHO certificates, PEM: a package's signer must be theirs.
+    pub sho_ca_pem: Vec<u8>,
     /// The RO (DRF, DPF).
     pub ro_url: String,
     /// The VNO, for 3GPP access.
@@ -657,7 +659,8 @@ impl Provisioner {
     async fn install(&self, registration: &Registration, package: &[u8]) -> Result<String, String> {
         let net = self.net.as_ref().ok_or("no network")?;
         let cert = mcim_core::signed::signer_certificate(package).map_err(|e| e.to_string())?;
-        let sho = crate::net::verify_party(&net.ca_pem, &cert, Role::Sho, &registration.sho_id)?;
+        let sho =
+            crate::net::verify_party(&net.sho_ca_pem, &cert, Role::Sho, &registration.sho_id)?;
         let pcid = self
             .device
             .pcid()
