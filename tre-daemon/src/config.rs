@@ -14,6 +14,12 @@
 //! state_dir = "/var/lib/mcim/tred"     # MCIM_STATE_DIR
 //! socket = "/run/mcim/tred.sock"       # MCIM_SOCKET
 //! socket_mode = "0660"                 # MCIM_SOCKET_MODE (octal)
+//! owner_group = "mcim-owner"           # MCIM_OWNER_GROUP: may do everything (with root and
+//!                                      # tred's own user)
+//! modem_group = "mcim-modem"           # MCIM_MODEM_GROUP: AKA and attach, and reading
+//! audit_group = "mcim-audit"           # MCIM_AUDIT_GROUP: reading only
+//!                                      # (names or gids; none set: the socket is open to
+//!                                      # whoever can connect, as `crate::access` says)
 //! quote_pcrs = [0, 1, 2, 3, 4, 5, 6, 7] # MCIM_QUOTE_PCRS ("0,1,2")
 //! log = "info"                         # MCIM_LOG (tracing filter)
 //! rehabilitation_key = "04..."         # MCIM_REHABILITATION_KEY: the supplier's P-256 key
@@ -61,6 +67,12 @@ pub struct Config {
     pub log: String,
     /// The supplier's rehabilitation key, SEC1 hex (5.1.2.2); none: lockdown is permanent.
     pub rehabilitation_key: Option<String>,
+    /// Local API policy (5.1.2.2, [`crate::access`]): members may do everything.
+    pub owner_group: Option<String>,
+    /// Members may run AKA and attach, and read.
+    pub modem_group: Option<String>,
+    /// Members may read.
+    pub audit_group: Option<String>,
     /// The roles' CA certificate(s), PEM: the device trusts servers under it.
     pub ca_file: Option<PathBuf>,
     /// The CA certificate(s) that issue SHO certificates, PEM: an MCIM package is accepted
@@ -89,11 +101,36 @@ impl Default for Config {
             quote_pcrs: (0..8).collect(),
             log: "info".into(),
             rehabilitation_key: None,
+            owner_group: None,
+            modem_group: None,
+            audit_group: None,
             ca_file: None,
             sho_ca_file: None,
             ro_url: None,
             vno_url: None,
         }
+    }
+}
+
+impl Config {
+    /// The local API's policy: the groups resolved to gids, and this process's own uid.
+    pub fn access_policy(&self) -> Result<crate::access::Policy, ConfigError> {
+        let gid = |what: &str, g: &Option<String>| {
+            g.as_deref()
+                .map(crate::access::gid)
+                .transpose()
+                .map_err(|e| ConfigError::Invalid(format!("{what}: {e}")))
+        };
+        use std::os::unix::fs::MetadataExt;
+        let own_uid = std::fs::metadata("/proc/self")
+            .map(|m| m.uid())
+            .map_err(|e| ConfigError::Invalid(format!("/proc/self: {e}")))?;
+        Ok(crate::access::Policy {
+            owner: gid("owner_group", &self.owner_group)?,
+            modem: gid("modem_group", &self.modem_group)?,
+            audit: gid("audit_group", &self.audit_group)?,
+            own_uid,
+        })
     }
 }
 
@@ -202,6 +239,15 @@ impl Config {
         }
         if let Some(v) = get("MCIM_CA_FILE") {
             self.ca_file = Some(v.into());
+        }
+        if let Some(v) = get("MCIM_OWNER_GROUP") {
+            self.owner_group = Some(v);
+        }
+        if let Some(v) = get("MCIM_MODEM_GROUP") {
+            self.modem_group = Some(v);
+        }
+        if let Some(v) = get("MCIM_AUDIT_GROUP") {
+            self.audit_group = Some(v);
         }
         if let Some(v) = get("MCIM_SHO_CA_FILE") {
             self.sho_ca_file = Some(v.into());

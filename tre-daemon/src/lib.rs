@@ -14,7 +14,8 @@
 //!   call; [`engine`] the one thread that owns the TRE and runs them.
 //!
 //! - [`config`], [`service`] (the local gRPC API `mcim.tre.v1` on a Unix socket: protobuf to
-//!   and from the façade's types, [`wire`]): the daemon `tred`.
+//!   and from the façade's types, [`wire`]), [`access`] (who may call what, by the caller's
+//!   peer credentials): the daemon `tred`.
 //!
 //! - [`tls`]: the device's TLS key as a rustls signing key whose signatures the TRE makes.
 //!
@@ -25,6 +26,7 @@
 //! Dependencies inside the crate point one way: `service -> {provision, device, wire}`,
 //! `provision -> {device, wire, net, tls}`, `device -> {engine, registry, tre}`.
 
+pub mod access;
 pub mod certificates;
 pub mod config;
 pub mod device;

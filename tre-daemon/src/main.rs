@@ -150,7 +150,17 @@ async fn serve(config: &Config, engine: EngineHandle) -> Result<(), String> {
     let provisioner =
         mcim_tre::provision::Provisioner::start(device.clone(), config.state_dir.clone(), net)?;
     let api = TreApi::new(device, Some(provisioner));
+    let policy = config.access_policy().map_err(|e| e.to_string())?;
+    notify_ready();
+    if policy.enforced() {
+        tracing::info!(?policy, "local API: callers admitted by group");
+    } else {
+        tracing::warn!(
+            "local API: no owner_group, modem_group or audit_group: whoever can open the socket may call everything"
+        );
+    }
     let result = tonic::transport::Server::builder()
+        .layer(mcim_tre::access::Access::new(policy))
         .add_service(TreServiceServer::new(api))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown())
         .await
@@ -171,6 +181,28 @@ fn measurement(config: &Config) -> [u8; 32] {
         &mcim_core::tpm::kdf::sha256(&[&exe]),
         &mcim_core::tpm::kdf::sha256(&[conf.as_bytes()]),
     ])
+}
+
+/// Tells systemd (`Type=notify`) that the socket is listening, when it runs under one: the
+/// datagram `READY=1` to `$NOTIFY_SOCKET` (a path, or `@name` in the abstract namespace).
+fn notify_ready() {
+    let Some(target) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let sent = std::os::unix::net::UnixDatagram::unbound().and_then(|s| {
+        match target.as_encoded_bytes().strip_prefix(b"@") {
+            Some(name) => {
+                use std::os::linux::net::SocketAddrExt;
+                let addr = std::os::unix::net::SocketAddr::from_abstract_name(name)?;
+                s.send_to_addr(b"READY=1", &addr)
+            }
+            None => s.send_to(b"READY=1", &target),
+        }
+    });
+    match sent {
+        Ok(_) => tracing::info!("told systemd: ready"),
+        Err(e) => tracing::warn!("NOTIFY_SOCKET {}: {e}", target.to_string_lossy()),
+    }
 }
 
 /// SIGTERM or SIGINT: stop accepting, finish the calls in flight, exit.
