@@ -566,22 +566,16 @@ impl Roles {
     }
 
     /// A device `pcid` with software keys (PKCS#11-shaped public material; not a TRE: for tests
-    /// of the roles' rules), certified by the supplier and contracted at the SHO by the lab's
-    /// subscriber (in its certificate's name). Returns its identity.
-    pub async fn contract_software_device(
-        &self,
-        pcid: &str,
-        device_id: &str,
-    ) -> mcim_proto::mcim::common::v1::DeviceIdentity {
+    /// of the roles' rules), certified by the supplier.
+    pub async fn software_device(&self, pcid: &str, device_id: &str) -> SoftwareDevice {
         use mcim_proto::mcim::common::v1 as common;
-        use mcim_proto::mcim::sho::v1 as sho;
         use mcim_proto::mcim::supplier::v1 as sup;
         use mcim_roles::authz::Role;
         use p256::elliptic_curve::Generate;
         use p256::pkcs8::EncodePublicKey;
-        let spki = || {
-            let k = p256::ecdsa::SigningKey::generate_from_rng(&mut rand::rng());
-            p256::ecdsa::VerifyingKey::from(&k)
+        let key = || p256::ecdsa::SigningKey::generate_from_rng(&mut rand::rng());
+        let spki = |k: &p256::ecdsa::SigningKey| {
+            p256::ecdsa::VerifyingKey::from(k)
                 .to_public_key_der()
                 .unwrap()
                 .as_bytes()
@@ -592,7 +586,8 @@ impl Roles {
             pcid: pcid.into(),
             model: "sw".into(),
         };
-        let storage = spki();
+        let tls_key = key();
+        let storage = spki(&key());
         let cert = sup::supplier_service_client::SupplierServiceClient::new(
             self.channel(Role::Supplier, Role::Supplier).await,
         )
@@ -600,26 +595,39 @@ impl Roles {
             identity: Some(identity.clone()),
             tre_kind: common::TreKind::Pkcs11 as i32,
             storage_public: storage.clone(),
-            attestation_public: spki(),
-            tls_public_spki: spki(),
+            attestation_public: spki(&key()),
+            tls_public_spki: spki(&tls_key),
         })
         .await
         .unwrap()
         .into_inner();
+        SoftwareDevice {
+            identity,
+            storage_public: storage,
+            platform_credential: cert.platform_credential,
+            tls_certificate: cert.tls_certificate,
+            tls_key,
+        }
+    }
+
+    /// [`Roles::software_device`], contracted at the SHO by the lab's subscriber (in its
+    /// certificate's name, with the device's proof of ownership). Returns its identity.
+    pub async fn contract_software_device(
+        &self,
+        pcid: &str,
+        device_id: &str,
+    ) -> mcim_proto::mcim::common::v1::DeviceIdentity {
+        use mcim_proto::mcim::sho::v1 as sho;
+        use mcim_roles::authz::Role;
+        let dev = self.software_device(pcid, device_id).await;
+        let proof = dev.proof("subscriber.mcim.local", "sho.mcim.local");
         sho::sho_service_client::ShoServiceClient::new(
             self.channel(Role::Subscriber, Role::Sho).await,
         )
-        .create_subscription(sho::CreateSubscriptionRequest {
-            subscriber: String::new(),
-            device: Some(identity.clone()),
-            tre_kind: common::TreKind::Pkcs11 as i32,
-            storage_public: storage,
-            platform_credential: cert.platform_credential,
-            require_aka_in_tre: false,
-        })
+        .create_subscription(dev.subscription(Some(proof)))
         .await
         .unwrap();
-        identity
+        dev.identity
     }
 
     /// A mutual-TLS channel to `peer` as another party of `role` named `name` (a second SHO,
@@ -714,5 +722,67 @@ impl Roles {
         }
         pool.close().await;
         out
+    }
+}
+
+/// A device with software keys, certified by the supplier (not a TRE: for tests of the roles'
+/// rules).
+pub struct SoftwareDevice {
+    /// Its identity.
+    pub identity: mcim_proto::mcim::common::v1::DeviceIdentity,
+    /// Its "storage key" (an SPKI the SHO can wrap to).
+    pub storage_public: Vec<u8>,
+    /// The supplier's platform credential.
+    pub platform_credential: Vec<Vec<u8>>,
+    /// The supplier's TLS certificate chain.
+    pub tls_certificate: Vec<Vec<u8>>,
+    /// The TLS key (in software here; in a TRE on a real device).
+    pub tls_key: p256::ecdsa::SigningKey,
+}
+
+impl SoftwareDevice {
+    /// Its proof of ownership for `subscriber` at `sho`, signed as `tred` signs it.
+    pub fn proof(
+        &self,
+        subscriber: &str,
+        sho: &str,
+    ) -> mcim_proto::mcim::common::v1::OwnershipProof {
+        use p256::ecdsa::signature::Signer;
+        let mut nonce = [0u8; 16];
+        rand::Rng::fill_bytes(&mut rand::rng(), &mut nonce);
+        let payload = mcim_pki::ownership::Statement {
+            pcid: self.identity.pcid.clone(),
+            subscriber: subscriber.into(),
+            sho: sho.into(),
+            nonce: nonce.iter().map(|b| format!("{b:02x}")).collect(),
+            issued_at: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_secs(),
+        }
+        .to_bytes()
+        .unwrap();
+        let sig: p256::ecdsa::Signature = self.tls_key.sign(&payload);
+        mcim_proto::mcim::common::v1::OwnershipProof {
+            payload,
+            signature: sig.to_der().as_bytes().to_vec(),
+            tls_certificate: self.tls_certificate.clone(),
+        }
+    }
+
+    /// The SHO's CreateSubscription for this device in the caller's name, with `proof`.
+    pub fn subscription(
+        &self,
+        proof: Option<mcim_proto::mcim::common::v1::OwnershipProof>,
+    ) -> mcim_proto::mcim::sho::v1::CreateSubscriptionRequest {
+        mcim_proto::mcim::sho::v1::CreateSubscriptionRequest {
+            subscriber: String::new(),
+            device: Some(self.identity.clone()),
+            tre_kind: mcim_proto::mcim::common::v1::TreKind::Pkcs11 as i32,
+            storage_public: self.storage_public.clone(),
+            platform_credential: self.platform_credential.clone(),
+            require_aka_in_tre: false,
+            ownership_proof: proof,
+        }
     }
 }

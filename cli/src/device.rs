@@ -67,6 +67,13 @@ pub enum DeviceCommand {
         /// Write them to this file instead of standard output.
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Include the device's proof of ownership (annex x.2.3) for this subscriber (its
+        /// certificate's name at the SHO); an SHO contracts no device without one.
+        #[arg(long, requires = "sho_id")]
+        for_subscriber: Option<String>,
+        /// ... at this SHO (its certificate's name).
+        #[arg(long, requires = "for_subscriber")]
+        sho_id: Option<String>,
     },
     /// The MCIM registry.
     List,
@@ -303,7 +310,11 @@ async fn device(a: DeviceArgs) -> Result<(), CliError> {
             model,
             out_dir,
         } => init(&mut c, json, device_id, pcid, model, out_dir).await,
-        D::Parameters { out } => parameters(&mut c, out).await,
+        D::Parameters {
+            out,
+            for_subscriber,
+            sho_id,
+        } => parameters(&mut c, out, for_subscriber, sho_id).await,
         D::Provision { access } => provision(&mut c, json, access).await,
         D::Attach { id } => attach(&mut c, json, id).await,
         D::Status => status(&mut c, json).await,
@@ -382,12 +393,25 @@ async fn init(
 }
 
 /// `mcimctl device parameters`.
-async fn parameters(c: &mut Tred, out: Option<PathBuf>) -> Result<(), CliError> {
+async fn parameters(
+    c: &mut Tred,
+    out: Option<PathBuf>,
+    for_subscriber: Option<String>,
+    sho_id: Option<String>,
+) -> Result<(), CliError> {
     let r = c
         .get_device_parameters(pb::GetDeviceParametersRequest {})
         .await?
         .into_inner();
-    let p = DeviceParameters::from_pb(r);
+    let mut p = DeviceParameters::from_pb(r);
+    if let (Some(subscriber), Some(sho_id)) = (for_subscriber, sho_id) {
+        p.ownership_proof = c
+            .prove_ownership(pb::ProveOwnershipRequest { subscriber, sho_id })
+            .await?
+            .into_inner()
+            .proof
+            .map(crate::parameters::ProofFile::from_pb);
+    }
     let text = serde_json::to_string_pretty(&p).map_err(|e| CliError::Input(e.to_string()))?;
     match out {
         Some(path) => std::fs::write(&path, text + "\n")

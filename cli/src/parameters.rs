@@ -29,6 +29,33 @@ pub struct DeviceParameters {
     pub platform_credential: Vec<String>,
     /// "in_tre" or "unsealed_in_host".
     pub aka_execution: String,
+    /// The owner's proof that it controls the device, for one subscriber at one SHO (annex
+    /// x.2.3; `mcimctl device parameters --for-subscriber --sho-id`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ownership_proof: Option<ProofFile>,
+}
+
+/// An ownership proof in the parameters file, hex.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProofFile {
+    /// The statement the device signed.
+    pub payload: String,
+    /// Its signature by the device's TRE-held TLS key, DER.
+    pub signature: String,
+    /// That key's certificate chain, DER, leaf first.
+    pub tls_certificate: Vec<String>,
+}
+
+impl ProofFile {
+    /// From tred's ProveOwnership.
+    pub fn from_pb(p: common::OwnershipProof) -> Self {
+        Self {
+            payload: hex::encode(p.payload),
+            signature: hex::encode(p.signature),
+            tls_certificate: p.tls_certificate.iter().map(hex::encode).collect(),
+        }
+    }
 }
 
 impl DeviceParameters {
@@ -52,6 +79,7 @@ impl DeviceParameters {
                 _ => "unspecified",
             }
             .into(),
+            ownership_proof: None,
         }
     }
 
@@ -84,6 +112,21 @@ impl DeviceParameters {
                 .map(|c| unhex("platform_credential", c))
                 .collect::<Result<_, _>>()?,
             require_aka_in_tre,
+            ownership_proof: self
+                .ownership_proof
+                .as_ref()
+                .map(|p| {
+                    Ok::<_, CliError>(common::OwnershipProof {
+                        payload: unhex("ownership_proof.payload", &p.payload)?,
+                        signature: unhex("ownership_proof.signature", &p.signature)?,
+                        tls_certificate: p
+                            .tls_certificate
+                            .iter()
+                            .map(|c| unhex("ownership_proof.tls_certificate", c))
+                            .collect::<Result<_, _>>()?,
+                    })
+                })
+                .transpose()?,
         })
     }
 
@@ -108,6 +151,7 @@ mod tests {
             storage_public: "0102".into(),
             platform_credential: vec!["30".into()],
             aka_execution: "in_tre".into(),
+            ownership_proof: None,
         }
     }
 

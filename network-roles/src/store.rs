@@ -66,6 +66,13 @@ fn migrator() -> Migrator {
             include_str!("../migrations/0006_owners.sql").into_sql_str(),
             false,
         ),
+        Migration::new(
+            7,
+            Cow::Borrowed("ownership"),
+            MigrationType::Simple,
+            include_str!("../migrations/0007_ownership.sql").into_sql_str(),
+            false,
+        ),
     ])
 }
 

@@ -7,12 +7,15 @@
 //! - [`party`]: the roles, the identity a certificate carries (a URI SAN
 //!   `urn:mcim:<role>:<name>`), the server name a role serves under, certificate -> caller,
 //!   the storage-key URI and platform credentials (5.1.3.5.8 PfC). Pure code, no files.
+//! - [`ownership`]: the owner's proof that it controls a device (annex x.2.3), signed in the
+//!   device's TRE, checked by the SHO.
 //! - [`dev`]: the development PKI in a directory (`mcimctl pki init`, the lab, the tests):
 //!   the CAs, a certificate per party, device certificates for keys held in a TRE. A
 //!   production deployment brings its own CAs.
 #![forbid(unsafe_code)]
 
 pub mod dev;
+pub mod ownership;
 pub mod party;
 
 pub use party::{ALL_ROLES, Caller, PlatformCredential, Role, TrustAnchors};

@@ -821,3 +821,98 @@ async fn a_certificate_from_the_wrong_root_is_refused_for_every_rpc_and_role() {
         "a refused call changed state"
     );
 }
+
+/// Proof of ownership before a contract (issue 12 item 3; annex x.2.3): the SHO contracts a
+/// device only with a statement the device signed (in its TRE, on its owner's request) for
+/// this subscriber at this SHO. Without one, with another device's, one for another SHO or
+/// another subscriber, one forged with a key the supplier did not certify, or a stale one:
+/// PERMISSION_DENIED, nothing changed. With the right one: contracted; the same again is the
+/// same contract.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_contract_needs_the_owners_proof_for_this_device_subscriber_and_sho() {
+    use mcim_proto::mcim::sho::v1::sho_service_client::ShoServiceClient;
+    let work = tempfile::tempdir().unwrap();
+    let roles = Roles::start(work.path());
+    let dev = roles.software_device(ME, "OWN-A").await;
+    let other = roles.software_device(OTHER, "OWN-B").await;
+    let mut sho = ShoServiceClient::new(roles.channel(Role::Subscriber, Role::Sho).await);
+    let (me, sho_id) = ("subscriber.mcim.local", "sho.mcim.local");
+    let before = roles.snapshot().await;
+    let forged = {
+        let mut p = dev.proof(me, sho_id);
+        let stranger = SoftwareKey::new();
+        p.signature = stranger.sign(&p.payload);
+        p
+    };
+    let stale = {
+        let mut p = dev.proof(me, sho_id);
+        let text = String::from_utf8(p.payload.clone()).unwrap();
+        let (head, _) = text.rsplit_once('\n').unwrap();
+        p.payload = format!("{head}\n1000").into_bytes();
+        p.signature = dev_sign(&dev, &p.payload);
+        p
+    };
+    let other_device = {
+        // The other device's genuine proof, for this subscriber and SHO.
+        other.proof(me, sho_id)
+    };
+    for (what, proof) in [
+        ("no proof", None),
+        ("another device's proof", Some(other_device)),
+        (
+            "a proof for another SHO",
+            Some(dev.proof(me, "sho2.mcim.local")),
+        ),
+        (
+            "a proof for another subscriber",
+            Some(dev.proof("mallory", sho_id)),
+        ),
+        (
+            "a proof signed by a key the supplier did not certify",
+            Some(forged),
+        ),
+        ("a stale proof", Some(stale)),
+    ] {
+        let got = sho
+            .create_subscription(dev.subscription(proof))
+            .await
+            .unwrap_err();
+        assert_eq!(got.code(), Code::PermissionDenied, "{what}: {got:?}");
+        assert_eq!(roles.snapshot().await, before, "{what} changed state");
+    }
+    let proof = dev.proof(me, sho_id);
+    let first = sho
+        .create_subscription(dev.subscription(Some(proof.clone())))
+        .await
+        .unwrap()
+        .into_inner();
+    let again = sho
+        .create_subscription(dev.subscription(Some(proof)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(first.imsi, again.imsi);
+}
+
+/// A P-256 key the supplier never certified.
+struct SoftwareKey(p256::ecdsa::SigningKey);
+
+impl SoftwareKey {
+    fn new() -> Self {
+        use p256::elliptic_curve::Generate;
+        Self(p256::ecdsa::SigningKey::generate_from_rng(&mut rand::rng()))
+    }
+
+    fn sign(&self, m: &[u8]) -> Vec<u8> {
+        use p256::ecdsa::signature::Signer;
+        let s: p256::ecdsa::Signature = self.0.sign(m);
+        s.to_der().as_bytes().to_vec()
+    }
+}
+
+/// `m` signed by the software device's TLS key.
+fn dev_sign(dev: &mcim_e2e::SoftwareDevice, m: &[u8]) -> Vec<u8> {
+    use p256::ecdsa::signature::Signer;
+    let s: p256::ecdsa::Signature = dev.tls_key.sign(m);
+    s.to_der().as_bytes().to_vec()
+}

@@ -87,6 +87,10 @@ fn a_device_is_supplied_contracted_provisioned_and_attached_from_the_command_lin
         "parameters",
         "--out",
         params.to_str().unwrap(),
+        "--for-subscriber",
+        "subscriber.mcim.local",
+        "--sho-id",
+        "sho.mcim.local",
     ]);
     let contracted = run(&[
         "subscriber",

@@ -70,6 +70,10 @@ async fn a_subscriber_registers_a_real_device_at_the_sho_from_its_exported_param
         "parameters",
         "--out",
         file.to_str().unwrap(),
+        "--for-subscriber",
+        "subscriber.mcim.local",
+        "--sho-id",
+        "sho.mcim.local",
     ]);
     assert!(out.status.success(), "{}", output_text(&out));
     let p: Value = serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();

@@ -63,6 +63,7 @@ pub const RULES: &[(&str, Class)] = &[
     ("StartProvisioning", Class::Owner),
     ("Reprovision", Class::Owner),
     ("Rehabilitate", Class::Owner),
+    ("ProveOwnership", Class::Owner),
 ];
 
 const SERVICE: &str = "/mcim.tre.v1.TreService/";

@@ -165,6 +165,18 @@ pub struct Evidence {
     pub clock: Option<ClockInfo>,
 }
 
+/// Proof of ownership (`mcim_pki::ownership`): the statement, its signature by the TRE's TLS
+/// key (DER), and that key's certificate chain.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OwnershipProof {
+    /// The statement.
+    pub payload: Vec<u8>,
+    /// ECDSA P-256 over SHA-256(payload), DER.
+    pub signature: Vec<u8>,
+    /// The TLS key's chain, DER, leaf first.
+    pub tls_certificate: Vec<Vec<u8>>,
+}
+
 /// Which credential answers a challenge.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Credential {
@@ -380,6 +392,48 @@ impl Device {
             })
         })
         .await
+    }
+
+    /// Proof of ownership for the contract of this device by `subscriber` at `sho` (annex
+    /// x.2.3): the statement of `mcim_pki::ownership`, signed in the TRE with the device's TLS
+    /// key, and that key's certificate chain. The local API gives it to owners only.
+    pub async fn prove_ownership(
+        &self,
+        subscriber: String,
+        sho: String,
+    ) -> Result<OwnershipProof, DeviceError> {
+        let chain = self
+            .certificates()?
+            .ok_or_else(|| {
+                DeviceError::NotReady(
+                    "the device has no certificates yet (InstallCertificates at supply time)"
+                        .into(),
+                )
+            })?
+            .tls_certificate;
+        let pcid = self.pcid().await?;
+        let mut nonce = [0u8; 16];
+        rand::Rng::fill_bytes(&mut rand::rng(), &mut nonce);
+        let issued_at = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let payload = mcim_pki::ownership::Statement {
+            pcid,
+            subscriber,
+            sho,
+            nonce: hex::encode(nonce),
+            issued_at,
+        }
+        .to_bytes()
+        .map_err(|e| DeviceError::BadRequest(e.to_string()))?;
+        let signed = payload.clone();
+        let signature = self.run(move |e| Ok(e.tre()?.tls_sign(&signed)?)).await?;
+        Ok(OwnershipProof {
+            payload,
+            signature,
+            tls_certificate: chain,
+        })
     }
 
     /// Keeps the supplier's certificates; the TLS chain's leaf must certify the TRE's own TLS

@@ -656,6 +656,26 @@ impl TreService for TreApi {
         ))
     }
 
+    async fn prove_ownership(
+        &self,
+        req: Request<pb::ProveOwnershipRequest>,
+    ) -> Result<Response<pb::ProveOwnershipResponse>, Status> {
+        log_call("ProveOwnership", &req);
+        let r = req.into_inner();
+        let p = self
+            .device
+            .prove_ownership(r.subscriber, r.sho_id)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::ProveOwnershipResponse {
+            proof: Some(common::OwnershipProof {
+                payload: p.payload,
+                signature: p.signature,
+                tls_certificate: p.tls_certificate,
+            }),
+        }))
+    }
+
     async fn rehabilitate(
         &self,
         req: Request<pb::RehabilitateRequest>,

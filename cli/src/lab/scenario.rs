@@ -159,11 +159,26 @@ pub(super) fn lab_inner(
         // 2. The owner exports the device's parameters; the subscriber contracts with the
         // SHO with them (5.1.3.5.2), as `mcimctl device parameters` and `mcimctl subscriber
         // register` do.
-        let params = crate::parameters::DeviceParameters::from_pb(
+        let mut params = crate::parameters::DeviceParameters::from_pb(
             dev.get_device_parameters(pb::GetDeviceParametersRequest {})
                 .await?
                 .into_inner(),
         );
+        // The owner's proof that it controls the device, for the lab's subscriber at the
+        // lab's SHO (annex x.2.3), from the device's owner-only local API.
+        let name_of = |file: &str| -> Result<String, CliError> {
+            let der = mcim_pki::dev::ca_der(&pki, file).map_err(fail)?;
+            Ok(mcim_pki::party::caller_from_cert(&der).map_err(fail)?.name)
+        };
+        params.ownership_proof = dev
+            .prove_ownership(pb::ProveOwnershipRequest {
+                subscriber: name_of("subscriber")?,
+                sho_id: name_of("sho")?,
+            })
+            .await?
+            .into_inner()
+            .proof
+            .map(crate::parameters::ProofFile::from_pb);
         let sub = crate::subscriber::register(
             &mut ShoServiceClient::new(role_client(&pki, Role::Subscriber, Role::Sho, sho_p).await?),
             &params,

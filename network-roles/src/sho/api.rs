@@ -49,6 +49,7 @@ impl ShoService for ShoApi {
                     storage_public: r.storage_public,
                     platform_credential: r.platform_credential,
                     require_aka_in_tre: r.require_aka_in_tre,
+                    ownership_proof: r.ownership_proof,
                 })
                 .await?;
             Ok(Response::new(pb::CreateSubscriptionResponse {

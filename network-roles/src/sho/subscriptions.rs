@@ -61,6 +61,8 @@ pub(super) struct NewSubscription {
     pub platform_credential: Vec<Vec<u8>>,
     /// AKA must run in the TRE.
     pub require_aka_in_tre: bool,
+    /// The owner's proof that it controls the device (annex x.2.3).
+    pub ownership_proof: Option<common::OwnershipProof>,
 }
 
 impl Sho {
@@ -109,15 +111,53 @@ impl Sho {
                 "the storage key is not the one the supplier certified for this device's TRE",
             ));
         }
+        // Annex x.2.3: the subscriber shows it controls the device (a statement the device
+        // signed in its TRE, on its owner's request, for this subscriber at this SHO).
+        let proof = n.ownership_proof.as_ref().ok_or_else(|| {
+            RoleError::denied(
+                "no proof of ownership: the device's owner obtains one from the device \
+                 (mcimctl device parameters --for-subscriber --sho-id)",
+            )
+        })?;
+        let statement = mcim_pki::ownership::verify(
+            &mcim_pki::dev::ca_der(&self.pki, "supplier-root")?,
+            &mcim_pki::ownership::Proof {
+                payload: &proof.payload,
+                signature: &proof.signature,
+                tls_chain: &proof.tls_certificate,
+            },
+            &mcim_pki::ownership::Contract {
+                pcid: n.pcid.as_str(),
+                subscriber: &n.subscriber,
+                sho: &self.id,
+            },
+            u64::try_from(crate::store::now()).unwrap_or(0),
+        )
+        .map_err(|e| RoleError::denied(e.to_string()))?;
         match self.subscription(n.pcid.as_str()).await? {
             Some(existing) if existing.subscriber != n.subscriber => {
                 return Err(RoleError::exists(
                     "this device has a subscription of another subscriber",
                 ));
             }
+            // The same contract again (the same subscriber): answered as before.
             Some(_) => {}
             None => {
                 let mut tx = self.db.begin().await.map_err(db_err)?;
+                // A proof serves one contract, once.
+                let fresh = sqlx::query(
+                    "INSERT INTO sho_ownership_proof (nonce, pcid, subscriber) VALUES (?, ?, ?) \
+                     ON CONFLICT(nonce) DO NOTHING",
+                )
+                .bind(&statement.nonce)
+                .bind(n.pcid.as_str())
+                .bind(&n.subscriber)
+                .execute(&mut *tx)
+                .await
+                .map_err(db_err)?;
+                if fresh.rows_affected() == 0 {
+                    return Err(RoleError::denied("this proof of ownership was used before"));
+                }
                 let imsi = self.next_imsi(&mut tx).await?;
                 sqlx::query(
                     "INSERT INTO sho_subscription (id, pcid, subscriber, device_id, model, \
