@@ -184,7 +184,17 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    let served = runtime.block_on(serve(args.role));
+    // SIGTERM: the servers stop accepting and drain the calls in flight, for DRAIN at most
+    // (clients that keep idle connections or streams open would hold a drain forever).
+    let served = runtime.block_on(async {
+        tokio::select! {
+            r = serve(args.role) => r,
+            _ = async { shutdown().await; tokio::time::sleep(DRAIN).await } => {
+                tracing::warn!("calls still open {} s after the signal: stopping", DRAIN.as_secs());
+                Ok(())
+            }
+        }
+    });
     // The last spans go out while the runtime still runs the exporter.
     drop(telemetry);
     drop(runtime);
@@ -347,6 +357,12 @@ async fn serve_role(
             |b, n| b.with_service_name(*n),
         )
     };
+    // On SIGTERM the RO ends its devices' task streams, which never end by themselves, so the
+    // server drains and stops (the devices reconnect to whatever serves next).
+    let ro_streams = match &service {
+        Service::Ro(ro) => Some(ro.clone()),
+        _ => None,
+    };
     let reflection_v1 = reflection().build_v1().map_err(|e| e.to_string())?;
     let reflection_v1alpha = reflection().build_v1alpha().map_err(|e| e.to_string())?;
     let router = builder
@@ -384,10 +400,18 @@ async fn serve_role(
     };
     tracing::info!(%listen, %role, "serving (mutual TLS)");
     router
-        .serve_with_shutdown(listen, shutdown())
+        .serve_with_shutdown(listen, async move {
+            shutdown().await;
+            if let Some(ro) = ro_streams {
+                ro.stop_streams();
+            }
+        })
         .await
         .map_err(|e| e.to_string())
 }
+
+/// How long a stopping role drains its calls in flight.
+const DRAIN: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// SIGTERM or Ctrl-C.
 async fn shutdown() {

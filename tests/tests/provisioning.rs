@@ -183,6 +183,43 @@ fn the_roles_killed_during_provisioning_resume_from_their_database_and_the_devic
     }
 }
 
+/// A clean shutdown (SIGTERM, as an operator's restart or an upgrade sends it) of every role
+/// right after each step of the flow, then a start on the same database: the roles drain (the
+/// DPF ends its task streams, a drain is bounded), nothing is marked failed for calls the
+/// shutdown cancelled, and the provisioning completes with each step reported once.
+fn roles_stopped_cleanly_after(steps: std::ops::RangeInclusive<u32>) {
+    for step in steps {
+        let crash = format!("roles:{step}");
+        let (ok, r, stderr) = lab(&["--tre", "tpm", "--crash", &crash, "--crash-signal", "term"]);
+        assert!(ok, "{crash}: {stderr}");
+        assert_eq!(r["crash"]["signal"], "term", "{crash}");
+        assert_provisioned(&r, 1);
+    }
+}
+
+#[test]
+fn the_roles_stopped_cleanly_after_steps_1_to_7_resume_and_the_device_completes() {
+    roles_stopped_cleanly_after(1..=7);
+}
+
+#[test]
+fn the_roles_stopped_cleanly_after_steps_8_to_13_resume_and_the_device_completes() {
+    roles_stopped_cleanly_after(8..=13);
+}
+
+/// The same for the device's daemon: SIGTERM as the run starts and after the attach, the
+/// registration, the evidence and the download; `tred` resumes its saved run.
+#[test]
+fn tred_stopped_cleanly_during_provisioning_resumes_its_run_and_completes() {
+    for step in [0, 3, 7, 9, 12] {
+        let crash = format!("tred:{step}");
+        let (ok, r, stderr) = lab(&["--tre", "tpm", "--crash", &crash, "--crash-signal", "term"]);
+        assert!(ok, "{crash}: {stderr}");
+        assert_eq!(r["crash"]["signal"], "term", "{crash}");
+        assert_provisioned(&r, 1);
+    }
+}
+
 /// The PCID's initial credentials in CCIF modes 1 (issued by the CCIF, wrapped for the TPM)
 /// and 3 (registered by the subscriber, delayed activation) carry the same flow as mode 2
 /// (the default above): the PCID's AKA in the TRE at steps 1-4 uses them.

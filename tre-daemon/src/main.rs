@@ -159,12 +159,20 @@ async fn serve(config: &Config, engine: EngineHandle) -> Result<(), String> {
             "local API: no owner_group, modem_group or audit_group: whoever can open the socket may call everything"
         );
     }
-    let result = tonic::transport::Server::builder()
+    let server = tonic::transport::Server::builder()
         .layer(mcim_tre::access::Access::new(policy))
         .add_service(TreServiceServer::new(api))
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown())
-        .await
-        .map_err(|e| e.to_string());
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown());
+    // SIGTERM: stop accepting and drain the calls in flight, for DRAIN at most (a client that
+    // keeps its connection or a stream open would hold the drain forever). The TRE thread
+    // finishes the job it runs; registry transactions are atomic.
+    let result = tokio::select! {
+        r = server => r.map_err(|e| e.to_string()),
+        _ = async { shutdown().await; tokio::time::sleep(DRAIN).await } => {
+            tracing::warn!("calls still open {} s after the signal: stopping", DRAIN.as_secs());
+            Ok(())
+        }
+    };
     let _ = std::fs::remove_file(path);
     tracing::info!("tred stopped");
     result
@@ -204,6 +212,9 @@ fn notify_ready() {
         Err(e) => tracing::warn!("NOTIFY_SOCKET {}: {e}", target.to_string_lossy()),
     }
 }
+
+/// How long a stopping `tred` drains its calls in flight.
+const DRAIN: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// SIGTERM or SIGINT: stop accepting, finish the calls in flight, exit.
 async fn shutdown() {

@@ -9,6 +9,26 @@
 
 use std::str::FromStr;
 
+/// How the lab stops the process (`--crash-signal`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Signal {
+    /// SIGKILL: a crash or a power cut, no clean shutdown.
+    #[default]
+    Kill,
+    /// SIGTERM: a clean shutdown (an operator's restart, an upgrade); the process drains.
+    Term,
+}
+
+impl Signal {
+    /// Its name in the report.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Signal::Kill => "kill",
+            Signal::Term => "term",
+        }
+    }
+}
+
 /// Which process to crash, and after which step.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Crash {

@@ -116,6 +116,10 @@ pub struct RunArgs {
     /// completes, each step reported once.
     #[arg(long, value_name = "tred:N|roles:N")]
     crash: Option<crash::Crash>,
+    /// How `--crash` stops the process: "kill" (SIGKILL, a crash) or "term" (SIGTERM, a clean
+    /// shutdown that drains calls in flight).
+    #[arg(long, value_enum, default_value = "kill")]
+    crash_signal: crash::Signal,
     /// How the PCID's initial credentials are configured (5.1.3.4.1): 1 the CCIF generates
     /// them and returns them wrapped for the TRE; 2 the supplier embeds them and the CCIF
     /// hands them to the RO; 3 the supplier embeds them and the subscriber registers them at

@@ -32,16 +32,24 @@ impl Proc {
             let _ = c.wait();
         }
     }
-}
 
-impl Drop for Proc {
-    fn drop(&mut self) {
+    /// Stops the process as `signal` says: SIGKILL at once, or SIGTERM (a clean shutdown:
+    /// the process drains its calls) and SIGKILL only after 15 s.
+    pub(super) fn stop_with(&mut self, signal: super::crash::Signal) {
+        match signal {
+            super::crash::Signal::Kill => self.crash(),
+            super::crash::Signal::Term => self.terminate(),
+        }
+    }
+
+    /// SIGTERM, then SIGKILL after 15 s.
+    fn terminate(&mut self) {
         if let Some(mut c) = self.0.take() {
             let _ = Command::new("kill")
                 .arg("-TERM")
                 .arg(c.id().to_string())
                 .status();
-            let deadline = Instant::now() + Duration::from_secs(5);
+            let deadline = Instant::now() + Duration::from_secs(15);
             while Instant::now() < deadline {
                 if let Ok(Some(_)) = c.try_wait() {
                     return;
@@ -51,6 +59,12 @@ impl Drop for Proc {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.terminate();
     }
 }
 

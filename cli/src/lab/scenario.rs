@@ -48,12 +48,25 @@ pub(super) fn lab_inner(
         start_on_free_ports(5, "mcim-roles", |base| start_roles_at(base, "roles.log"))?;
     let (sup_p, ro_p, vno_p, sho_p, pva_p) = (base, base + 1, base + 2, base + 3, base + 4);
     // After a crash: the same ports (tred knows them), which were ours.
+    // A port freed by the stopped process can be taken for a moment by another process on
+    // this machine; mcim-roles then exits at once, and is started again (for 30 s).
     let start_roles = |log: &str| -> Result<Proc, CliError> {
-        let p = start_roles_at(base, log)?;
-        wait_until("mcim-roles", || {
-            (0..5).all(|i| std::net::TcpStream::connect(("127.0.0.1", base + i)).is_ok())
-        })?;
-        Ok(p)
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let mut p = start_roles_at(base, log)?;
+            let listening =
+                || (0..5).all(|i| std::net::TcpStream::connect(("127.0.0.1", base + i)).is_ok());
+            while !p.exited() && !listening() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(25));
+            }
+            if !p.exited() && listening() {
+                return Ok(p);
+            }
+            if Instant::now() >= deadline {
+                return Err(fail("mcim-roles did not start again on its ports"));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
     };
     say.line(&format!(
         "[lab] network roles (mcim-roles all): supplier :{sup_p}, RO :{ro_p}, VNO :{vno_p}, SHO :{sho_p}, PVA :{pva_p}"
@@ -215,15 +228,15 @@ pub(super) fn lab_inner(
         {
             // As soon as the run has started: inside the first exchange with the network.
             crash = None;
-            report["crash"] = json!({"process": c.what.as_str(), "after_step": 0});
+            report["crash"] = json!({"process": c.what.as_str(), "after_step": 0, "signal": a.crash_signal.as_str()});
             match c.what {
                 crash::Crashed::Tred => {
-                    tred_proc.crash();
+                    tred_proc.stop_with(a.crash_signal);
                     (tred_proc, dev) =
                         restart_tred(&mut tred, &socket, &dir.join("tred-2.log")).await?;
                 }
                 crash::Crashed::Roles => {
-                    roles_proc.crash();
+                    roles_proc.stop_with(a.crash_signal);
                     roles_proc = start_roles("roles-2.log")?;
                 }
             }
@@ -273,18 +286,18 @@ pub(super) fn lab_inner(
                 && s.step == c.after_step
             {
                 crash = None;
-                report["crash"] = json!({"process": c.what.as_str(), "after_step": c.after_step});
+                report["crash"] = json!({"process": c.what.as_str(), "after_step": c.after_step, "signal": a.crash_signal.as_str()});
                 match c.what {
                     crash::Crashed::Tred => {
                         drop(steps);
-                        tred_proc.crash();
+                        tred_proc.stop_with(a.crash_signal);
                         (tred_proc, dev) =
                             restart_tred(&mut tred, &socket, &dir.join("tred-2.log")).await?;
                         say.line(&format!("[lab] tred killed after step {} and started again: it resumes its run", c.after_step));
                         continue 'watch;
                     }
                     crash::Crashed::Roles => {
-                        roles_proc.crash();
+                        roles_proc.stop_with(a.crash_signal);
                         roles_proc = start_roles("roles-2.log")?;
                         say.line(&format!("[lab] mcim-roles killed after step {} and started again: the roles resume from their database", c.after_step));
                     }

@@ -230,9 +230,15 @@ impl DpfService for Dpf {
                         }
                         sent = seq;
                     }
+                    if ro.stopping() {
+                        return;
+                    }
                     tokio::select! {
                         _ = tx.closed() => return,
                         _ = queued.wait(TASK_POLL) => {}
+                    }
+                    if ro.stopping() {
+                        return;
                     }
                 }
             });

@@ -38,6 +38,9 @@ pub struct Ro {
     shos: peers::ChannelCache,
     /// Device tasks queued (wakes the devices' task streams).
     tasks: Changes,
+    /// Set when the RO shuts down: the devices' task streams end (the devices reconnect to
+    /// whatever serves next), so a clean shutdown is not held up by streams that never end.
+    stopping: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Ro {
@@ -49,6 +52,18 @@ impl std::fmt::Debug for Ro {
 }
 
 impl Ro {
+    /// The RO shuts down (SIGTERM): the devices' task streams end at once.
+    pub fn stop_streams(&self) {
+        self.stopping
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.tasks.bump();
+    }
+
+    /// Whether [`Ro::stop_streams`] was called.
+    pub(crate) fn stopping(&self) -> bool {
+        self.stopping.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// The RO on `db`, with its keys in `pki`; `dpf_url` is where SHOs reach its DPF.
     pub fn new(pki: PathBuf, db: SqlitePool, dpf_url: String) -> Result<Arc<Self>, RoleError> {
         let key =
@@ -60,6 +75,7 @@ impl Ro {
             dpf_url,
             shos: peers::ChannelCache::default(),
             tasks: Changes::default(),
+            stopping: std::sync::atomic::AtomicBool::new(false),
         }))
     }
 
