@@ -39,13 +39,7 @@ pub struct Swtpm {
 }
 
 fn free_port_pair() -> u16 {
-    loop {
-        let a = TcpListener::bind("127.0.0.1:0").unwrap();
-        let p = a.local_addr().unwrap().port();
-        if p < 65534 && TcpListener::bind(("127.0.0.1", p + 1)).is_ok() {
-            return p;
-        }
-    }
+    free_ports(2)
 }
 
 impl Swtpm {
@@ -417,13 +411,21 @@ pub fn listening(base: u16, n: u16) -> bool {
 
 /// The first of `n` consecutive free ports on 127.0.0.1.
 pub fn free_ports(n: u16) -> u16 {
+    // Below the kernel's ephemeral range: no outgoing connection on this machine (the tests
+    // run many at once) takes a local port here, so a server restarted on its ports finds
+    // them free.
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| {
+            s.split_whitespace()
+                .next()
+                .and_then(|p| p.parse::<u16>().ok())
+        })
+        .unwrap_or(32768);
+    let (from, to) = (10_000u16, low.saturating_sub(n).max(10_001));
     loop {
-        let p = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        if p < 65000 && (0..n).all(|i| TcpListener::bind(("127.0.0.1", p + i)).is_ok()) {
+        let p = from + (rand::random::<u16>() % (to - from));
+        if (0..n).all(|i| TcpListener::bind(("127.0.0.1", p + i)).is_ok()) {
             return p;
         }
     }

@@ -57,6 +57,21 @@ pub struct PcidCredentials {
     pub k: String,
     /// OPc, hex.
     pub opc: String,
+    /// The supplier's voucher for these credentials (mcim_pki::voucher): the ICF takes a
+    /// subscriber's registration only with it.
+    #[zeroize(skip)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub voucher: Option<VoucherFile>,
+}
+
+/// The supplier's voucher in a credentials file, hex.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VoucherFile {
+    /// ECDSA P-256, DER.
+    pub signature: String,
+    /// The supplier's certificate chain, DER, leaf first.
+    pub supplier_certificate: Vec<String>,
 }
 
 impl PcidCredentials {
@@ -117,6 +132,20 @@ pub async fn register_pcid(
         mode: ro::CredentialMode::ViaSubscriber as i32,
         expires_at: None,
         delayed_activation,
+        supplier_voucher: c
+            .voucher
+            .as_ref()
+            .map(|v| {
+                Ok::<_, CliError>(ro::SupplierVoucher {
+                    signature: hex::decode(&v.signature).map_err(fail)?,
+                    supplier_certificate: v
+                        .supplier_certificate
+                        .iter()
+                        .map(|c| hex::decode(c).map_err(fail))
+                        .collect::<Result<_, _>>()?,
+                })
+            })
+            .transpose()?,
     })
     .await?;
     Ok(())

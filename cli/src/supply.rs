@@ -72,6 +72,7 @@ pub async fn supply(
     identity: &common::DeviceIdentity,
     mode: CcifMode,
     ro_id: &str,
+    pki: &std::path::Path,
 ) -> Result<Supplied, CliError> {
     let init = dev
         .init_device(pb::InitDeviceRequest {
@@ -205,10 +206,17 @@ pub async fn supply(
         }
         (CcifMode::ViaSubscriber, Some((k, opc))) => {
             // Mode 3: they go to the subscriber, who registers them at the ICF.
+            // With the supplier's voucher, so that the ICF knows them for this PCID's.
+            let key = mcim_pki::dev::signing_key(pki, "supplier").map_err(fail)?;
+            let cert = mcim_pki::dev::ca_der(pki, "supplier").map_err(fail)?;
             for_subscriber = Some(PcidCredentials {
                 pcid: pcid.into(),
                 k: hex::encode(*k),
                 opc: hex::encode(*opc),
+                voucher: Some(crate::subscriber::VoucherFile {
+                    signature: hex::encode(mcim_pki::voucher::sign(&key, pcid, &k[..], &opc[..])),
+                    supplier_certificate: vec![hex::encode(cert)],
+                }),
             });
         }
         _ => {}
@@ -288,6 +296,7 @@ pub fn run(a: SupplyArgs) -> Result<(), CliError> {
             &identity,
             a.ccif_mode,
             &a.ro_id,
+            &a.pki,
         )
         .await?;
         println!("device {} (PCID {}) supplied", a.device_id, a.pcid);

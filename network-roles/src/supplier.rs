@@ -157,6 +157,7 @@ impl SupplierService for Supplier {
                 mode: ro::CredentialMode::CcifGenerated as i32,
                 expires_at: None,
                 delayed_activation: false,
+                supplier_voucher: None,
             })
             .await
             .map_err(RoleError::peer(Role::Ro))?;
@@ -193,6 +194,7 @@ impl SupplierService for Supplier {
                     mode: ro::CredentialMode::SupplierGenerated as i32,
                     expires_at: None,
                     delayed_activation: false,
+                    supplier_voucher: None,
                 })
                 .await
                 .map_err(RoleError::peer(Role::Ro))?;

@@ -138,6 +138,17 @@ fn issuer_of(dir: &Path, role: Role) -> Result<Issuer<'static, KeyPair>, PkiErro
     }
 }
 
+/// The file name (without `.pem`) of the CA that issues `role`'s certificates in this
+/// directory: its own, or the one CA of a directory made before per-party CAs.
+pub fn issuer_name(dir: &Path, role: Role) -> String {
+    let own = ca_file(role);
+    if dir.join(format!("{own}.pem")).exists() {
+        own
+    } else {
+        "ca".into()
+    }
+}
+
 /// Which CA may vouch for which roles, from the directory: `ca-<role>.pem` for that role,
 /// `supplier-root.pem` for devices (and, in a directory made before per-party CAs, `ca.pem`
 /// for every operator role).

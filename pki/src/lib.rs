@@ -9,6 +9,7 @@
 //!   the storage-key URI and platform credentials (5.1.3.5.8 PfC). Pure code, no files.
 //! - [`ownership`]: the owner's proof that it controls a device (annex x.2.3), signed in the
 //!   device's TRE, checked by the SHO.
+//! - [`voucher`]: the supplier's voucher for a PCID's initial credentials in CCIF mode 3.
 //! - [`dev`]: the development PKI in a directory (`mcimctl pki init`, the lab, the tests):
 //!   the CAs, a certificate per party, device certificates for keys held in a TRE. A
 //!   production deployment brings its own CAs.
@@ -17,6 +18,7 @@
 pub mod dev;
 pub mod ownership;
 pub mod party;
+pub mod voucher;
 
 pub use party::{ALL_ROLES, Caller, PlatformCredential, Role, TrustAnchors};
 

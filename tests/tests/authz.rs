@@ -211,6 +211,7 @@ async fn one_attach_per_pcid_and_another_device_can_neither_answer_nor_end_it() 
             mode: ro::CredentialMode::SupplierGenerated as i32,
             expires_at: None,
             delayed_activation: false,
+            supplier_voucher: None,
         })
         .await
         .unwrap();
@@ -340,6 +341,7 @@ async fn every_owned_object_refuses_another_owner_and_changes_nothing() {
             mode: ro::CredentialMode::SupplierGenerated as i32,
             expires_at: None,
             delayed_activation: false,
+            supplier_voucher: None,
         })
         .await
         .unwrap();
@@ -544,17 +546,60 @@ async fn every_owned_object_refuses_another_owner_and_changes_nothing() {
     assert_eq!(after_attempts, before, "a wrong owner changed state");
     // A second subscriber (its own certificate under the same CA) and a PCID the lab's
     // subscriber registered for delayed activation (CCIF mode 3).
-    IcfServiceClient::new(roles.channel(Role::Subscriber, Role::Ro).await)
-        .register_initial_credentials(ro::RegisterInitialCredentialsRequest {
-            pcid: "001010000000005".into(),
-            k: vec![0x55; 16],
+    let voucher = |pcid: &str, k: &[u8], opc: &[u8]| ro::SupplierVoucher {
+        signature: mcim_pki::voucher::sign(
+            &mcim_pki::dev::signing_key(&roles.pki, "supplier").unwrap(),
+            pcid,
+            k,
+            opc,
+        ),
+        supplier_certificate: vec![mcim_pki::dev::ca_der(&roles.pki, "supplier").unwrap()],
+    };
+    let register = |pcid: &str, k: [u8; 16], v: Option<ro::SupplierVoucher>| {
+        ro::RegisterInitialCredentialsRequest {
+            pcid: pcid.into(),
+            k: k.to_vec(),
             opc: vec![0x66; 16],
             mode: ro::CredentialMode::ViaSubscriber as i32,
             expires_at: None,
             delayed_activation: true,
-        })
-        .await
-        .unwrap();
+            supplier_voucher: v,
+        }
+    };
+    // A subscriber registers a PCID's credentials only with the supplier's voucher for them:
+    // without one, or with one for other credentials, PERMISSION_DENIED and nothing changed.
+    let mut icf = IcfServiceClient::new(roles.channel(Role::Subscriber, Role::Ro).await);
+    let unvouched = roles.snapshot().await;
+    for (what, req) in [
+        ("no voucher", register("001010000000005", [0x55; 16], None)),
+        (
+            "a voucher for another K",
+            register(
+                "001010000000005",
+                [0x54; 16],
+                Some(voucher("001010000000005", &[0x55; 16], &[0x66; 16])),
+            ),
+        ),
+        (
+            "a voucher for another PCID",
+            register(
+                "001010000000005",
+                [0x55; 16],
+                Some(voucher("001010000000006", &[0x55; 16], &[0x66; 16])),
+            ),
+        ),
+    ] {
+        let got = icf.register_initial_credentials(req).await.unwrap_err();
+        assert_eq!(got.code(), Code::PermissionDenied, "{what}: {got:?}");
+        assert_eq!(roles.snapshot().await, unvouched, "{what} changed state");
+    }
+    icf.register_initial_credentials(register(
+        "001010000000005",
+        [0x55; 16],
+        Some(voucher("001010000000005", &[0x55; 16], &[0x66; 16])),
+    ))
+    .await
+    .unwrap();
     let before = roles.snapshot().await;
     tried.push((
         "/mcim.ro.v1.IcfService/ActivatePcid",
@@ -826,8 +871,8 @@ async fn a_certificate_from_the_wrong_root_is_refused_for_every_rpc_and_role() {
 /// device only with a statement the device signed (in its TRE, on its owner's request) for
 /// this subscriber at this SHO. Without one, with another device's, one for another SHO or
 /// another subscriber, one forged with a key the supplier did not certify, or a stale one:
-/// PERMISSION_DENIED, nothing changed. With the right one: contracted; the same again is the
-/// same contract.
+/// PERMISSION_DENIED, nothing changed. With the right one: contracted; the same proof again is
+/// refused (used once); a new one answers the same contract.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_contract_needs_the_owners_proof_for_this_device_subscriber_and_sho() {
     use mcim_proto::mcim::sho::v1::sho_service_client::ShoServiceClient;
@@ -886,8 +931,21 @@ async fn a_contract_needs_the_owners_proof_for_this_device_subscriber_and_sho() 
         .await
         .unwrap()
         .into_inner();
-    let again = sho
+    // The same proof again: used before, refused, nothing changed.
+    let contracted = roles.snapshot().await;
+    let reused = sho
         .create_subscription(dev.subscription(Some(proof)))
+        .await
+        .unwrap_err();
+    assert_eq!(reused.code(), Code::PermissionDenied, "{reused:?}");
+    assert_eq!(
+        roles.snapshot().await,
+        contracted,
+        "a reused proof changed state"
+    );
+    // A new proof: the same contract, answered as before.
+    let again = sho
+        .create_subscription(dev.subscription(Some(dev.proof(me, sho_id))))
         .await
         .unwrap()
         .into_inner();

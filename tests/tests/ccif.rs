@@ -78,16 +78,24 @@ async fn mode_3_the_subscriber_registers_the_pcid_which_attaches_only_once_activ
     let pcid = "001010000000042";
     let (k, opc) = ([0x42u8; 16], [0x24u8; 16]);
     let creds = work.path().join("pcid.json");
-    let write = |k: &str| {
-        std::fs::write(
-            &creds,
-            format!(
-                "{{\"pcid\": \"{pcid}\", \"k\": \"{k}\", \"opc\": \"{}\"}}",
-                hex::encode(opc)
-            ),
-        )
-        .unwrap();
+    // The supplier's voucher for these credentials, as `mcimctl supplier supply` writes it.
+    let voucher = serde_json::json!({
+        "signature": hex::encode(mcim_pki::voucher::sign(
+            &mcim_pki::dev::signing_key(&roles.pki, "supplier").unwrap(),
+            pcid,
+            &k,
+            &opc,
+        )),
+        "supplier_certificate": [hex::encode(mcim_pki::dev::ca_der(&roles.pki, "supplier").unwrap())],
+    });
+    let write_with = |k: &str, voucher: Option<&serde_json::Value>| {
+        let mut v = serde_json::json!({"pcid": pcid, "k": k, "opc": hex::encode(opc)});
+        if let Some(voucher) = voucher {
+            v["voucher"] = voucher.clone();
+        }
+        std::fs::write(&creds, v.to_string()).unwrap();
     };
+    let write = |k: &str| write_with(k, Some(&voucher));
     let register = || {
         mcimctl(&[
             "subscriber",
@@ -114,6 +122,18 @@ async fn mode_3_the_subscriber_registers_the_pcid_which_attaches_only_once_activ
     assert!(
         !output_text(&out).contains("4242"),
         "the secret is not echoed"
+    );
+    assert_eq!(roles.snapshot().await, before);
+
+    // Without the supplier's voucher: refused (anyone could claim the PCID first), nothing
+    // changes.
+    write_with(&hex::encode(k), None);
+    let out = register();
+    assert!(!out.status.success());
+    assert!(
+        output_text(&out).contains("no voucher"),
+        "{}",
+        output_text(&out)
     );
     assert_eq!(roles.snapshot().await, before);
 

@@ -172,10 +172,33 @@ async fn a_subscriber_registers_a_real_device_at_the_sho_from_its_exported_param
     let r: Value = serde_json::from_slice(&ok.stdout).unwrap();
     let imsi = r["imsi"].as_str().unwrap().to_string();
     assert!(imsi.starts_with("00102") && imsi.len() == 15, "{imsi}");
-    // Idempotent for the same subscriber; another subscriber may not take the device.
-    let again = register(file.to_str().unwrap(), "alice");
+    // The proof of ownership in the file is used once: the same file again is refused.
+    let reused = register(file.to_str().unwrap(), "alice");
+    assert!(!reused.status.success());
+    assert!(
+        output_text(&reused).contains("used before"),
+        "{}",
+        output_text(&reused)
+    );
+    // With a new proof from the device: the same contract, answered as before.
+    let fresh = work.path().join("device-2.json");
+    let out = mcimctl(&[
+        "device",
+        "--socket",
+        socket,
+        "parameters",
+        "--out",
+        fresh.to_str().unwrap(),
+        "--for-subscriber",
+        "subscriber.mcim.local",
+        "--sho-id",
+        "sho.mcim.local",
+    ]);
+    assert!(out.status.success(), "{}", output_text(&out));
+    let again = register(fresh.to_str().unwrap(), "alice");
     let r2: Value = serde_json::from_slice(&again.stdout).unwrap();
     assert_eq!(r2["imsi"], imsi.as_str());
+    // Another subscriber may not take the device.
     let after = roles.snapshot().await;
     let taken = register_as(file.to_str().unwrap(), &mallory, None);
     assert!(!taken.status.success());

@@ -108,6 +108,7 @@ pub(super) fn lab_inner(
             &identity,
             a.ccif_mode,
             "ro.mcim.local",
+            &pki,
         )
         .await?;
         say.line("[lab] supplier: keys and identity in the TRE, platform credential and TLS certificate issued");

@@ -49,6 +49,26 @@ impl IcfService for Icf {
             if expires.is_some_and(|e| e <= now()) {
                 return Err(RoleError::invalid("the credential has already expired"));
             }
+            // Mode 3 comes from a subscriber: only with the supplier's voucher for this very PCID
+            // and these credentials (nobody else may claim a PCID first or choose its K).
+            if auth.caller.role == Role::Subscriber {
+                let v = r.supplier_voucher.as_ref().ok_or_else(|| {
+                    RoleError::denied("the credentials carry no voucher of the device's supplier")
+                })?;
+                let ca = mcim_pki::dev::ca_der(
+                    &self.0.pki,
+                    &mcim_pki::dev::issuer_name(&self.0.pki, Role::Supplier),
+                )?;
+                mcim_pki::voucher::verify(
+                    &ca,
+                    &v.supplier_certificate,
+                    &v.signature,
+                    p.as_str(),
+                    &r.k,
+                    &r.opc,
+                )
+                .map_err(|e| RoleError::denied(e.to_string()))?;
+            }
             self.0.auc.provision(p.as_str(), &r.k, &r.opc).await?;
             sqlx::query(
                 "INSERT INTO icf_pcid (pcid, mode, expires_at, active, registered_by) \

@@ -134,30 +134,34 @@ impl Sho {
             u64::try_from(crate::store::now()).unwrap_or(0),
         )
         .map_err(|e| RoleError::denied(e.to_string()))?;
+        // A proof is used once (a refusal below drops the transaction: nothing changes).
+        let mut tx = self.db.begin().await.map_err(db_err)?;
+        let fresh = sqlx::query(
+            "INSERT INTO sho_ownership_proof (nonce, pcid, subscriber) VALUES (?, ?, ?) \
+             ON CONFLICT(nonce) DO NOTHING",
+        )
+        .bind(&statement.nonce)
+        .bind(n.pcid.as_str())
+        .bind(&n.subscriber)
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err)?;
+        if fresh.rows_affected() == 0 {
+            return Err(RoleError::denied(
+                "this proof of ownership was used before: ask the device for a new one",
+            ));
+        }
         match self.subscription(n.pcid.as_str()).await? {
             Some(existing) if existing.subscriber != n.subscriber => {
                 return Err(RoleError::exists(
                     "this device has a subscription of another subscriber",
                 ));
             }
-            // The same contract again (the same subscriber): answered as before.
-            Some(_) => {}
+            // The same contract again (the same subscriber, a new proof): answered as before.
+            Some(_) => {
+                tx.commit().await.map_err(db_err)?;
+            }
             None => {
-                let mut tx = self.db.begin().await.map_err(db_err)?;
-                // A proof serves one contract, once.
-                let fresh = sqlx::query(
-                    "INSERT INTO sho_ownership_proof (nonce, pcid, subscriber) VALUES (?, ?, ?) \
-                     ON CONFLICT(nonce) DO NOTHING",
-                )
-                .bind(&statement.nonce)
-                .bind(n.pcid.as_str())
-                .bind(&n.subscriber)
-                .execute(&mut *tx)
-                .await
-                .map_err(db_err)?;
-                if fresh.rows_affected() == 0 {
-                    return Err(RoleError::denied("this proof of ownership was used before"));
-                }
                 let imsi = self.next_imsi(&mut tx).await?;
                 sqlx::query(
                     "INSERT INTO sho_subscription (id, pcid, subscriber, device_id, model, \
