@@ -524,6 +524,7 @@ impl Roles {
             &[
                 ("MCIM_CA_FILE", ca.to_str().unwrap()),
                 ("MCIM_SHO_CA_FILE", sho_ca.to_str().unwrap()),
+                ("MCIM_CA_DIR", self.pki.to_str().unwrap()),
                 ("MCIM_RO_URL", &self.url("ro")),
                 ("MCIM_VNO_URL", &self.url("vno")),
             ],

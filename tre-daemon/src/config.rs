@@ -25,6 +25,8 @@
 //! rehabilitation_key = "04..."         # MCIM_REHABILITATION_KEY: the supplier's P-256 key
 //!                                      # (SEC1 hex) whose tokens lift a lockdown
 //! ca_file = "/etc/mcim/ca.pem"         # MCIM_CA_FILE: the roles' CA (provisioning)
+//! ca_dir = "/etc/mcim/ca"              # MCIM_CA_DIR: ca-<role>.pem per role: each role's
+//!                                      # server trusted under its own CA only
 //! sho_ca_file = "/etc/mcim/ca-sho.pem" # MCIM_SHO_CA_FILE: the CA(s) that issue SHO
 //!                                      # certificates; a package's signer must be one of
 //!                                      # theirs (default: ca_file)
@@ -75,6 +77,10 @@ pub struct Config {
     pub audit_group: Option<String>,
     /// The roles' CA certificate(s), PEM: the device trusts servers under it.
     pub ca_file: Option<PathBuf>,
+    /// A directory of per-role CAs (`ca-<role>.pem`, as `mcimctl pki init` writes them): each
+    /// role's server is trusted under its own CA only (another operator's CA cannot stand in
+    /// for it), and package signers under `ca-sho.pem` unless `sho_ca_file` is set.
+    pub ca_dir: Option<PathBuf>,
     /// The CA certificate(s) that issue SHO certificates, PEM: an MCIM package is accepted
     /// only from a signer they issued (another operator's CA cannot vouch for an SHO).
     /// Default: `ca_file`.
@@ -105,6 +111,7 @@ impl Default for Config {
             modem_group: None,
             audit_group: None,
             ca_file: None,
+            ca_dir: None,
             sho_ca_file: None,
             ro_url: None,
             vno_url: None,
@@ -248,6 +255,9 @@ impl Config {
         }
         if let Some(v) = get("MCIM_AUDIT_GROUP") {
             self.audit_group = Some(v);
+        }
+        if let Some(v) = get("MCIM_CA_DIR") {
+            self.ca_dir = Some(v.into());
         }
         if let Some(v) = get("MCIM_SHO_CA_FILE") {
             self.sho_ca_file = Some(v.into());

@@ -136,15 +136,13 @@ async fn serve(config: &Config, engine: EngineHandle) -> Result<(), String> {
     let certs = mcim_tre::certificates::Certificates::new(&config.state_dir);
     let device = Device::new(engine, config.quote_pcrs.clone(), key, measure, certs);
     let net = match (&config.ca_file, &config.ro_url) {
-        (Some(ca), Some(ro)) => Some(mcim_tre::provision::Network {
-            ca_pem: std::fs::read(ca).map_err(|e| format!("{}: {e}", ca.display()))?,
-            sho_ca_pem: match &config.sho_ca_file {
-                Some(f) => std::fs::read(f).map_err(|e| format!("{}: {e}", f.display()))?,
-                None => std::fs::read(ca).map_err(|e| format!("{}: {e}", ca.display()))?,
-            },
-            ro_url: ro.clone(),
-            vno_url: config.vno_url.clone(),
-        }),
+        (Some(ca), Some(ro)) => Some(mcim_tre::provision::Network::load(
+            ca,
+            config.sho_ca_file.as_deref(),
+            config.ca_dir.as_deref(),
+            ro.clone(),
+            config.vno_url.clone(),
+        )?),
         _ => None,
     };
     let provisioner =

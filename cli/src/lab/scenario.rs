@@ -80,6 +80,7 @@ pub(super) fn lab_inner(
         .env("MCIM_QUOTE_PCRS", "0,1,2,3,4,5,6,7")
         .env("MCIM_CA_FILE", pki.join("ca.pem"))
         .env("MCIM_SHO_CA_FILE", pki.join("ca-sho.pem"))
+        .env("MCIM_CA_DIR", &pki)
         .env("MCIM_RO_URL", format!("https://127.0.0.1:{ro_p}"))
         .env("MCIM_VNO_URL", format!("https://127.0.0.1:{vno_p}"));
     let (_swtpm, tpm_port) = tre::start(a, dir, &mut tred, say)?;

@@ -46,10 +46,63 @@ pub struct Network {
     pub ca_pem: Vec<u8>,
     /// The CA(s) that issue SHO certificates, PEM: a package's signer must be theirs.
     pub sho_ca_pem: Vec<u8>,
+    /// Per role, the CA that issues that role's certificates (PEM): the device trusts only it
+    /// for that role's server. A role without one is trusted under `ca_pem`.
+    pub role_cas: Vec<(Role, Vec<u8>)>,
     /// The RO (DRF, DPF).
     pub ro_url: String,
     /// The VNO, for 3GPP access.
     pub vno_url: Option<String>,
+}
+
+impl Network {
+    /// From the configuration: `ca_file` (all the roles' CAs), `sho_ca_file` (package
+    /// signers), and `ca_dir` (`ca-<role>.pem` per role, as `mcimctl pki init` writes them: each
+    /// role's server is then trusted under its own CA only, and package signers under
+    /// `ca-sho.pem` unless `sho_ca_file` says otherwise).
+    pub fn load(
+        ca_file: &std::path::Path,
+        sho_ca_file: Option<&std::path::Path>,
+        ca_dir: Option<&std::path::Path>,
+        ro_url: String,
+        vno_url: Option<String>,
+    ) -> Result<Self, String> {
+        let read =
+            |p: &std::path::Path| std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()));
+        let mut role_cas = Vec::new();
+        if let Some(dir) = ca_dir {
+            for role in [Role::Ro, Role::Vno, Role::Pva, Role::Sho] {
+                let f = dir.join(format!("ca-{}.pem", role.as_str()));
+                if f.exists() {
+                    role_cas.push((role, read(&f)?));
+                }
+            }
+        }
+        let ca_pem = read(ca_file)?;
+        let sho_ca_pem = match sho_ca_file {
+            Some(f) => read(f)?,
+            None => role_cas
+                .iter()
+                .find(|(r, _)| *r == Role::Sho)
+                .map(|(_, pem)| pem.clone())
+                .unwrap_or_else(|| ca_pem.clone()),
+        };
+        Ok(Self {
+            ca_pem,
+            sho_ca_pem,
+            role_cas,
+            ro_url,
+            vno_url,
+        })
+    }
+
+    /// The CA(s) the device trusts for `role`'s server, PEM.
+    pub fn server_ca(&self, role: Role) -> &[u8] {
+        self.role_cas
+            .iter()
+            .find(|(r, _)| *r == role)
+            .map_or(&self.ca_pem[..], |(_, pem)| &pem[..])
+    }
 }
 
 /// Why the owner's request about provisioning was refused.
@@ -286,14 +339,14 @@ impl Provisioner {
         }
     }
 
-    fn tls(&self, step: u32) -> Result<Arc<rustls::ClientConfig>, Stop> {
+    fn tls(&self, role: Role, step: u32) -> Result<Arc<rustls::ClientConfig>, Stop> {
         let certs = self
             .device
             .certificates()
             .map_err(|e| Stop::Fail(step, e.to_string()))?
             .ok_or_else(|| Stop::Fail(step, "no device certificate".into()))?;
         let key = TreTlsKey::new(self.device.engine().tls_signer());
-        device_client_config(&self.net(step)?.ca_pem, certs.tls_certificate, key)
+        device_client_config(self.net(step)?.server_ca(role), certs.tls_certificate, key)
             .map(Arc::new)
             .map_err(|e| Stop::Fail(step, format!("the device's TLS configuration: {e}")))
     }
@@ -303,7 +356,7 @@ impl Provisioner {
         if let Some(c) = self.cached_channels().get(&key) {
             return Ok(c.clone());
         }
-        let c = crate::net::channel(self.tls(step)?, url, &server_name(role))
+        let c = crate::net::channel(self.tls(role, step)?, url, &server_name(role))
             .map_err(|e| Stop::Fail(step, e))?;
         self.cached_channels().insert(key, c.clone());
         Ok(c)
@@ -687,5 +740,34 @@ impl Provisioner {
             self.device.set_connectivity(&m.id).await.map_err(refused)?;
         }
         Ok(m.id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// With per-role CAs, each role's server is trusted under its own CA only (never the
+    /// bundle, so another operator's CA cannot stand in for it), and package signers under the
+    /// SHO's; without them, under the bundle.
+    #[test]
+    fn each_roles_server_is_trusted_under_its_own_ca() {
+        let dir = tempfile::tempdir().unwrap();
+        mcim_pki::dev::init(dir.path(), &mcim_pki::dev::LAB_PARTIES).unwrap();
+        let file = |f: &str| std::fs::read(dir.path().join(f)).unwrap();
+        let ca = dir.path().join("ca.pem");
+        let net = Network::load(&ca, None, Some(dir.path()), "https://x".into(), None).unwrap();
+        for role in [Role::Ro, Role::Vno, Role::Pva, Role::Sho] {
+            assert_eq!(
+                net.server_ca(role),
+                &file(&format!("ca-{}.pem", role.as_str()))[..],
+                "{role}"
+            );
+        }
+        assert_eq!(net.sho_ca_pem, file("ca-sho.pem"));
+        assert_ne!(net.server_ca(Role::Ro), &file("ca.pem")[..]);
+        let plain = Network::load(&ca, None, None, "https://x".into(), None).unwrap();
+        assert_eq!(plain.server_ca(Role::Ro), &file("ca.pem")[..]);
+        assert_eq!(plain.sho_ca_pem, file("ca.pem"));
     }
 }
