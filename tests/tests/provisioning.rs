@@ -207,17 +207,26 @@ fn the_roles_stopped_cleanly_after_steps_8_to_13_resume_and_the_device_completes
     roles_stopped_cleanly_after(8..=13);
 }
 
-/// The same for the device's daemon: SIGTERM as the run starts and after the attach, the
-/// registration, the evidence and the download; `tred` resumes its saved run.
-#[test]
-fn tred_stopped_cleanly_during_provisioning_resumes_its_run_and_completes() {
-    for step in [0, 3, 7, 9, 12] {
+/// The same for the device's daemon: SIGTERM as the run starts and after each step; `tred`
+/// resumes its saved run.
+fn tred_stopped_cleanly_after(steps: std::ops::RangeInclusive<u32>) {
+    for step in steps {
         let crash = format!("tred:{step}");
         let (ok, r, stderr) = lab(&["--tre", "tpm", "--crash", &crash, "--crash-signal", "term"]);
         assert!(ok, "{crash}: {stderr}");
         assert_eq!(r["crash"]["signal"], "term", "{crash}");
         assert_provisioned(&r, 1);
     }
+}
+
+#[test]
+fn tred_stopped_cleanly_as_the_run_starts_or_after_steps_1_to_6_resumes_and_completes() {
+    tred_stopped_cleanly_after(0..=6);
+}
+
+#[test]
+fn tred_stopped_cleanly_after_steps_7_to_13_resumes_and_completes() {
+    tred_stopped_cleanly_after(7..=13);
 }
 
 /// The PCID's initial credentials in CCIF modes 1 (issued by the CCIF, wrapped for the TPM)
