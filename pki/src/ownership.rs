@@ -94,6 +94,14 @@ impl Statement {
         if *domain != DOMAIN {
             return Err(bad("not an mcim ownership statement"));
         }
+        // The nonce is what makes a proof single-use: 16 random octets, lowercase hex.
+        if nonce.len() != 32
+            || !nonce
+                .bytes()
+                .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+        {
+            return Err(bad("the nonce is not 16 octets in lowercase hex"));
+        }
         Ok(Self {
             pcid: (*pcid).into(),
             subscriber: (*subscriber).into(),
@@ -199,7 +207,7 @@ mod tests {
             pcid: "001010000000001".into(),
             subscriber: "s".into(),
             sho: "sho.example".into(),
-            nonce: "00ff".into(),
+            nonce: "00112233445566778899aabbccddeeff".into(),
             issued_at: 7,
         };
         let b = st.to_bytes().unwrap();
@@ -208,6 +216,16 @@ mod tests {
         bad.subscriber = "a\nb".into();
         assert!(bad.to_bytes().is_err());
         assert!(Statement::parse(b"mcim-ownership-v1\n1\n2").is_err());
+        // The nonce is 16 octets of lowercase hex: not empty, not short, not upper case.
+        for nonce in ["", "00ff", "00112233445566778899AABBCCDDEEFF"] {
+            let mut n = st.clone();
+            n.nonce = nonce.into();
+            let text = format!(
+                "mcim-ownership-v1\n{}\n{}\n{}\n{}\n{}",
+                n.pcid, n.subscriber, n.sho, n.nonce, n.issued_at
+            );
+            assert!(Statement::parse(text.as_bytes()).is_err(), "{nonce:?}");
+        }
         assert!(Statement::parse(&b.replace_first()).is_err());
     }
 

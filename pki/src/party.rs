@@ -209,23 +209,81 @@ impl TrustAnchors {
         Self { anchors }
     }
 
-    /// Whether a CA that may vouch for `role` issued a certificate of `chain` (DER, leaf
-    /// first, as the peer presented it).
+    /// Whether the leaf of `chain` (DER, leaf first, as the peer presented it) descends, link
+    /// by link through the certificates presented, from a CA that may vouch for `role`. A
+    /// certificate merely presented alongside (a genuine one of that role, appended) proves
+    /// nothing: each link must sign the one before it.
     pub fn vouches<C: AsRef<[u8]>>(&self, chain: &[C], role: Role) -> bool {
         use x509_parser::prelude::{FromDer, X509Certificate};
         let certs: Vec<X509Certificate<'_>> = chain
             .iter()
             .filter_map(|c| X509Certificate::from_der(c.as_ref()).ok().map(|(_, c)| c))
             .collect();
-        self.anchors
+        if certs.len() != chain.len() {
+            return false;
+        }
+        let anchors: Vec<X509Certificate<'_>> = self
+            .anchors
             .iter()
             .filter(|(_, roles)| roles.contains(&role))
             .filter_map(|(der, _)| X509Certificate::from_der(der).ok().map(|(_, c)| c))
-            .any(|anchor| {
-                certs.iter().any(|c| {
-                    c.issuer() == anchor.subject()
-                        && c.verify_signature(Some(anchor.public_key())).is_ok()
-                })
-            })
+            .collect();
+        let signs = |issuer: &X509Certificate<'_>, c: &X509Certificate<'_>| {
+            c.issuer() == issuer.subject() && c.verify_signature(Some(issuer.public_key())).is_ok()
+        };
+        let Some(mut cur) = certs.first() else {
+            return false;
+        };
+        // At most as many links as certificates presented.
+        for _ in 0..certs.len() {
+            if anchors.iter().any(|a| signs(a, cur)) {
+                return true;
+            }
+            let is_ca = |c: &X509Certificate<'_>| {
+                c.basic_constraints()
+                    .ok()
+                    .flatten()
+                    .is_some_and(|b| b.value.ca)
+            };
+            match certs.iter().find(|c| is_ca(c) && signs(c, cur)) {
+                Some(next) => cur = next,
+                None => return false,
+            }
+        }
+        false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn der(pem: &str) -> Vec<u8> {
+        rustls::pki_types::pem::PemObject::from_pem_slice(pem.as_bytes())
+            .map(|c: rustls::pki_types::CertificateDer<'static>| c.to_vec())
+            .unwrap()
+    }
+
+    /// The anchor must sign the leaf's own path: appending a genuine certificate of the role
+    /// (public material) to a leaf from another CA proves nothing.
+    #[test]
+    fn an_appended_genuine_certificate_does_not_vouch_for_a_forged_leaf() {
+        let dir = tempfile::tempdir().unwrap();
+        crate::dev::init(dir.path(), &crate::dev::LAB_PARTIES).unwrap();
+        let anchors = crate::dev::trust_anchors(dir.path()).unwrap();
+        let genuine = crate::dev::ca_der(dir.path(), "sho").unwrap();
+        assert!(anchors.vouches(std::slice::from_ref(&genuine), Role::Sho));
+        let (forged, _) =
+            crate::dev::issue_party_under(dir.path(), "ca-vno", Role::Sho, "sho.mcim.local")
+                .unwrap();
+        let forged = der(&forged);
+        assert!(!anchors.vouches(std::slice::from_ref(&forged), Role::Sho));
+        assert!(!anchors.vouches(&[forged.clone(), genuine.clone()], Role::Sho));
+        // The genuine SHO certificate is no CA: it cannot be a link either.
+        assert!(!anchors.vouches(&[forged, genuine], Role::Sho));
+        // A VNO certificate from the VNO's CA vouches for the VNO only.
+        let (vno, _) = crate::dev::issue_party_under(dir.path(), "ca-vno", Role::Vno, "v").unwrap();
+        assert!(anchors.vouches(&[der(&vno)], Role::Vno));
+        assert!(!anchors.vouches(&[der(&vno)], Role::Sho));
     }
 }

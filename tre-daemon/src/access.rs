@@ -162,8 +162,19 @@ pub fn gid(group: &str) -> Result<u32, String> {
 fn peer_of<B>(req: &http::Request<B>) -> Option<Peer> {
     let cred = req.extensions().get::<UdsConnectInfo>()?.peer_cred?;
     let mut groups = vec![cred.gid()];
+    // The supplementary groups of the process behind the pid, only while that process is
+    // still the caller's (same effective uid): a pid reused by another user's process lends
+    // it nothing.
+    let uid_of = |status: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with("Uid:"))
+            .and_then(|l| l.split_whitespace().nth(2))
+            .and_then(|u| u.parse::<u32>().ok())
+    };
     if let Some(pid) = cred.pid()
         && let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        && uid_of(&status) == Some(cred.uid())
         && let Some(line) = status.lines().find(|l| l.starts_with("Groups:"))
     {
         groups.extend(
