@@ -130,12 +130,7 @@ pub fn ca_file(role: Role) -> String {
 /// The CA that issues `role`'s certificates: its own, or the one CA of a directory made
 /// before per-party CAs.
 fn issuer_of(dir: &Path, role: Role) -> Result<Issuer<'static, KeyPair>, PkiError> {
-    let own = ca_file(role);
-    if dir.join(format!("{own}.key")).exists() {
-        issuer(dir, &own)
-    } else {
-        issuer(dir, "ca")
-    }
+    issuer(dir, &issuer_name(dir, role))
 }
 
 /// The file name (without `.pem`) of the CA that issues `role`'s certificates in this
@@ -170,12 +165,7 @@ pub fn trust_anchors(dir: &Path) -> Result<TrustAnchors, PkiError> {
 /// The CA a client trusts for the server of `role`, PEM: that role's own CA, or the one CA of
 /// a directory made before per-party CAs.
 pub fn role_ca_pem(dir: &Path, role: Role) -> Result<Vec<u8>, PkiError> {
-    let own = dir.join(format!("{}.pem", ca_file(role)));
-    if own.exists() {
-        Ok(read(&own)?.into_bytes())
-    } else {
-        ca_pem(dir)
-    }
+    Ok(read(&dir.join(format!("{}.pem", issuer_name(dir, role))))?.into_bytes())
 }
 
 /// A self-signed CA: `<file>.pem`, `<file>.key`.

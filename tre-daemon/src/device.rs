@@ -94,15 +94,6 @@ pub enum Installed {
     AlreadyFromSho(McimView),
 }
 
-impl Installed {
-    /// The MCIM, either way.
-    pub fn mcim(&self) -> &McimView {
-        match self {
-            Installed::New(m) | Installed::AlreadyFromSho(m) => m,
-        }
-    }
-}
-
 /// What `tred` reports about itself (always answers, even in lockdown).
 #[derive(Clone, Debug)]
 pub struct DeviceStatus {

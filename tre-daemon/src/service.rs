@@ -98,7 +98,6 @@ pub fn status(e: DeviceError) -> Status {
 pub fn provision_status(e: ProvisionError) -> Status {
     match e {
         ProvisionError::NotReady(m) => Status::failed_precondition(m),
-        ProvisionError::BadRequest(m) => Status::invalid_argument(m),
         ProvisionError::NoSuchRun => Status::not_found(e.to_string()),
         ProvisionError::Persist(_) => Status::internal(e.to_string()),
         ProvisionError::Device(d) => status(d),

@@ -111,9 +111,6 @@ pub enum ProvisionError {
     /// `tred`'s configuration or the device's supply state does not allow it.
     #[error("{0}")]
     NotReady(String),
-    /// The request is malformed.
-    #[error("{0}")]
-    BadRequest(String),
     /// No run with that id.
     #[error("no such provisioning run")]
     NoSuchRun,
