@@ -431,9 +431,9 @@ pub fn free_ports(n: u16) -> u16 {
     }
 }
 
-/// `mcim-roles all` (every role in one process, one SQLite file) on five consecutive ports of
-/// 127.0.0.1 (supplier, RO, VNO, SHO, PVA), with a fresh development PKI from
-/// `mcimctl pki init`; killed when dropped.
+/// `mcim-roles all` (every role in one process, one SQLite file; the second SHO on its own
+/// beside it) on six consecutive ports of 127.0.0.1 (supplier, RO, VNO, SHO, PVA, second SHO),
+/// with a fresh development PKI from `mcimctl pki init`; killed when dropped.
 pub struct Roles {
     child: Option<Child>,
     /// The first port (the supplier's).
@@ -443,6 +443,9 @@ pub struct Roles {
     /// The SQLite file.
     pub db: PathBuf,
 }
+
+/// Ports `mcim-roles all` listens on.
+pub const ROLE_PORTS: u16 = 6;
 
 impl Roles {
     /// Starts the roles in `work` and waits until every port listens.
@@ -457,7 +460,7 @@ impl Roles {
         // Ports found free can be taken by another test (or an outgoing connection's
         // ephemeral port) before mcim-roles binds them: then it exits, and we try new ones.
         for _attempt in 0..5 {
-            r.base = free_ports(5);
+            r.base = free_ports(ROLE_PORTS);
             if r.launch() {
                 return r;
             }
@@ -478,7 +481,7 @@ impl Roles {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
-            if (0..5).all(|i| TcpStream::connect(("127.0.0.1", self.base + i)).is_ok()) {
+            if (0..ROLE_PORTS).all(|i| TcpStream::connect(("127.0.0.1", self.base + i)).is_ok()) {
                 return true;
             }
             if let Some(c) = self.child.as_mut()
@@ -492,7 +495,7 @@ impl Roles {
         panic!(
             "mcim-roles all did not listen on {}..{}",
             self.base,
-            self.base + 4
+            self.base + ROLE_PORTS - 1
         );
     }
 
@@ -531,9 +534,9 @@ impl Roles {
         )
     }
 
-    /// The port of a role ("supplier", "ro", "vno", "sho", "pva").
+    /// The port of a role ("supplier", "ro", "vno", "sho", "pva", "sho2": the second SHO).
     pub fn port(&self, role: &str) -> u16 {
-        let i = ["supplier", "ro", "vno", "sho", "pva"]
+        let i = ["supplier", "ro", "vno", "sho", "pva", "sho2"]
             .iter()
             .position(|r| *r == role)
             .unwrap_or_else(|| panic!("no role {role}"));

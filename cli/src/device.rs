@@ -149,6 +149,19 @@ pub enum DeviceCommand {
         #[arg(long, value_parser = ["3gpp", "non-3gpp"], default_value = "3gpp")]
         access: String,
     },
+    /// Change of SHO (5.1.3.7.4.2 step 2): the owner instructs the device to re-provision from
+    /// the SHO where the subscriber contracted (`mcimctl subscriber register` there first),
+    /// over the connectivity of the MCIM in use, which is discarded before the new one is
+    /// installed (the old SHO gets a signed notice it acknowledges). Prints each step (1-14);
+    /// exits non-zero naming the failed step.
+    Reprovision {
+        /// The new SHO's identity (e.g. sho2.mcim.local).
+        #[arg(long)]
+        sho_id: String,
+        /// The access network.
+        #[arg(long, value_parser = ["3gpp", "non-3gpp"], default_value = "3gpp")]
+        access: String,
+    },
     /// Operational attach with an installed MCIM (5.1.3.3.2.2): AKA in the TRE against the
     /// SHO's vectors through the VNO.
     Attach {
@@ -316,6 +329,7 @@ async fn device(a: DeviceArgs) -> Result<(), CliError> {
             sho_id,
         } => parameters(&mut c, out, for_subscriber, sho_id).await,
         D::Provision { access } => provision(&mut c, json, access).await,
+        D::Reprovision { sho_id, access } => reprovision(&mut c, json, sho_id, access).await,
         D::Attach { id } => attach(&mut c, json, id).await,
         D::Status => status(&mut c, json).await,
         D::List => list(&mut c, json).await,
@@ -423,18 +437,45 @@ async fn parameters(
 
 /// `mcimctl device provision`.
 async fn provision(c: &mut Tred, json: bool, access: String) -> Result<(), CliError> {
-    let access = if access == "3gpp" {
-        common::AccessType::AccessType3gpp
-    } else {
-        common::AccessType::Non3gpp
-    };
     let id = c
         .start_provisioning(pb::StartProvisioningRequest {
-            access: access as i32,
+            access: access_type(&access) as i32,
         })
         .await?
         .into_inner()
         .provisioning_id;
+    follow(c, json, id).await
+}
+
+fn access_type(access: &str) -> common::AccessType {
+    if access == "3gpp" {
+        common::AccessType::AccessType3gpp
+    } else {
+        common::AccessType::Non3gpp
+    }
+}
+
+/// `mcimctl device reprovision`.
+async fn reprovision(
+    c: &mut Tred,
+    json: bool,
+    sho_id: String,
+    access: String,
+) -> Result<(), CliError> {
+    let id = c
+        .reprovision(pb::ReprovisionRequest {
+            new_sho_id: sho_id,
+            access: access_type(&access) as i32,
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .provisioning_id;
+    follow(c, json, id).await
+}
+
+/// Prints the steps of the run `id` until it ends.
+async fn follow(c: &mut Tred, json: bool, id: String) -> Result<(), CliError> {
     let mut steps = c
         .watch_provisioning(pb::WatchProvisioningRequest {
             provisioning_id: id,

@@ -119,7 +119,7 @@ pub const RULES: &[Rule] = &[
         Nobody,
     ),
     // RO / DRF: the device registers itself (its PCID in the request); an SHO records its
-    // own subscriptions (its id in the request).
+    // own subscriptions and offers (its id in the request).
     own("/mcim.ro.v1.DrfService/GetBootstrap"),
     own("/mcim.ro.v1.DrfService/RegisterDevice"),
     rule("/mcim.ro.v1.DrfService/SetSubscription", &[S], ShoOwns),
@@ -142,9 +142,9 @@ pub const RULES: &[Rule] = &[
     own("/mcim.vno.v1.VnoService/Attach"),
     own("/mcim.vno.v1.VnoService/CompleteAttach"),
     own("/mcim.vno.v1.VnoService/Detach"),
-    // SHO: subscribers contract; the RO registers devices and reports; the VNO fetches AVs
-    // for the SHO's IMSIs; the device tells its old SHO it discarded the MCIM (not built
-    // yet: UNIMPLEMENTED after this rule).
+    // SHO: subscribers contract; the RO registers devices, reports and relays the filtered
+    // discard acknowledgment; the VNO fetches AVs for the SHO's IMSIs; the device the MCIM
+    // was provisioned to tells its old SHO it discarded it (5.1.3.7.4.2 step 9).
     rule(
         "/mcim.sho.v1.ShoService/CreateSubscription",
         &[U],
@@ -162,7 +162,7 @@ pub const RULES: &[Rule] = &[
         &[R],
         Nobody,
     ),
-    rule("/mcim.sho.v1.ShoService/NotifyDiscard", &[D], TheCaller),
+    own("/mcim.sho.v1.ShoService/NotifyDiscard"),
     rule("/mcim.sho.v1.ShoService/ReceiveDiscardAck", &[R], Nobody),
     // PVA: reference values from the supplier; validations asked and read by the SHO;
     // evidence from the device the validation is for.

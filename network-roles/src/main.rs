@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! mcim-roles all      --pki DIR --db sqlite://roles.db   # every role, one process, one database
+//!                                                       # (and the lab's second SHO on its own)
 //! mcim-roles supplier --pki DIR --listen 127.0.0.1:7401
 //! mcim-roles ro       --pki DIR --db sqlite://ro.db  --listen 127.0.0.1:7402   # ICF, DRF, DPF
 //! mcim-roles vno      --pki DIR --db sqlite://vno.db --listen 127.0.0.1:7403 \
@@ -82,6 +83,9 @@ struct ShoArgs {
     /// The SHO's service provider name.
     #[arg(long, env = "MCIM_SHO_NAME", default_value = "mcim lab SHO")]
     sho_name: String,
+    /// The SHO's files in the PKI directory (`<party>.pem`, `<party>.key`).
+    #[arg(long, env = "MCIM_SHO_PARTY", default_value = "sho")]
+    sho_party: String,
 }
 
 #[derive(Subcommand)]
@@ -98,9 +102,14 @@ enum RoleCmd {
         /// The address every role listens on.
         #[arg(long, env = "MCIM_HOST", default_value = "127.0.0.1")]
         host: std::net::IpAddr,
-        /// The first of five consecutive ports: supplier, RO, VNO, SHO, PVA.
+        /// The first of six consecutive ports: supplier, RO, VNO, SHO, PVA, and the second
+        /// SHO.
         #[arg(long, env = "MCIM_BASE_PORT", default_value_t = 7401)]
         base_port: u16,
+        /// MCC+MNC of the second SHO's IMSIs (the lab's operator to change to, 5.1.3.7; served
+        /// when the PKI directory holds `sho2.pem`, on its own database beside `--db`).
+        #[arg(long, env = "MCIM_SHO2_PLMN", default_value = "00103")]
+        sho2_plmn: String,
     },
     /// The equipment supplier (certifies devices' attestation and TLS keys).
     Supplier {
@@ -227,6 +236,21 @@ fn sho_config(url: String, peers: &Peers, sho: ShoArgs) -> ShoConfig {
         pva_url: peers.pva_url.clone(),
         plmn: sho.sho_plmn,
         name: sho.sho_name,
+        party: sho.sho_party,
+    }
+}
+
+/// The second SHO's database beside `db` (`sqlite://roles.db` -> `sqlite://roles-sho2.db`):
+/// another operator keeps its own.
+fn second_sho_db(db: &str) -> String {
+    let (path, query) = db.split_once('?').map_or((db, None), |(p, q)| (p, Some(q)));
+    let path = match path.strip_suffix(".db") {
+        Some(stem) => format!("{stem}-sho2.db"),
+        None => format!("{path}-sho2"),
+    };
+    match query {
+        Some(q) => format!("{path}?{q}"),
+        None => path,
     }
 }
 
@@ -240,12 +264,12 @@ async fn serve(cmd: RoleCmd) -> Result<(), String> {
         } => {
             let s =
                 Service::Supplier(Supplier::new(common.pki.clone(), ro_url.as_deref()).map_err(e)?);
-            serve_role(Role::Supplier, common.pki, listen, s).await
+            serve_role(Role::Supplier, "supplier", common.pki, listen, s).await
         }
         RoleCmd::Pva { common, listen } => {
             let pool = open(&common.db).await?;
             let s = Service::Pva(Pva::new(common.pki.clone(), pool).map_err(|x| x.to_string())?);
-            serve_role(Role::Pva, common.pki, listen, s).await
+            serve_role(Role::Pva, "pva", common.pki, listen, s).await
         }
         RoleCmd::Ro {
             common,
@@ -254,7 +278,7 @@ async fn serve(cmd: RoleCmd) -> Result<(), String> {
         } => {
             let pool = open(&common.db).await?;
             let s = Service::Ro(Ro::new(common.pki.clone(), pool, ro_url).map_err(e)?);
-            serve_role(Role::Ro, common.pki, listen, s).await
+            serve_role(Role::Ro, "ro", common.pki, listen, s).await
         }
         RoleCmd::Vno {
             common,
@@ -263,7 +287,7 @@ async fn serve(cmd: RoleCmd) -> Result<(), String> {
         } => {
             let pool = open(&common.db).await?;
             let s = Service::Vno(Vno::new(common.pki.clone(), pool, routes).map_err(e)?);
-            serve_role(Role::Vno, common.pki, listen, s).await
+            serve_role(Role::Vno, "vno", common.pki, listen, s).await
         }
         RoleCmd::Sho {
             common,
@@ -273,9 +297,10 @@ async fn serve(cmd: RoleCmd) -> Result<(), String> {
         } => {
             let pool = open(&common.db).await?;
             let cfg = sho_config(peers.sho_url.clone(), &peers, sho);
+            let party = cfg.party.clone();
             let s = Sho::new(common.pki.clone(), pool, cfg).map_err(e)?;
             s.resume().await.map_err(e)?;
-            serve_role(Role::Sho, common.pki, listen, Service::Sho(s)).await
+            serve_role(Role::Sho, &party, common.pki, listen, Service::Sho(s)).await
         }
         RoleCmd::All {
             common,
@@ -283,6 +308,7 @@ async fn serve(cmd: RoleCmd) -> Result<(), String> {
             pcid_plmn,
             host,
             base_port,
+            sho2_plmn,
         } => {
             let pki = common.pki;
             let pool = open(&common.db).await?;
@@ -294,10 +320,31 @@ async fn serve(cmd: RoleCmd) -> Result<(), String> {
                 sho_url: url(3),
                 pva_url: url(4),
             };
-            let routes = vec![
+            let mut routes = vec![
                 format!("{pcid_plmn}=icf:{}", url(1)).parse::<Route>()?,
                 format!("{}=sho:{}", sho.sho_plmn, url(3)).parse::<Route>()?,
             ];
+            // The lab's second SHO (5.1.3.7), when the PKI has one.
+            let (sho2_file, _) = mcim_pki::dev::SECOND_SHO;
+            let sho2 = if pki.join(format!("{sho2_file}.pem")).exists() {
+                routes.push(format!("{sho2_plmn}=sho:{}", url(5)).parse::<Route>()?);
+                let cfg = sho_config(
+                    url(5),
+                    &peers,
+                    ShoArgs {
+                        sho_plmn: sho2_plmn,
+                        sho_name: "mcim lab SHO 2".into(),
+                        sho_party: sho2_file.into(),
+                    },
+                );
+                let pool2 = open(&second_sho_db(&common.db)).await?;
+                let s = Sho::new(pki.clone(), pool2, cfg).map_err(e)?;
+                s.resume().await.map_err(e)?;
+                Some(s)
+            } else {
+                tracing::info!("no {sho2_file}.pem in the PKI directory: one SHO only");
+                None
+            };
             let supplier = Service::Supplier(Supplier::new(pki.clone(), Some(&url(1))).map_err(e)?);
             let ro = Service::Ro(Ro::new(pki.clone(), pool.clone(), url(1)).map_err(e)?);
             let vno = Service::Vno(Vno::new(pki.clone(), pool.clone(), routes).map_err(e)?);
@@ -305,12 +352,22 @@ async fn serve(cmd: RoleCmd) -> Result<(), String> {
                 Sho::new(pki.clone(), pool.clone(), sho_config(url(3), &peers, sho)).map_err(e)?;
             sho.resume().await.map_err(e)?;
             let pva = Service::Pva(Pva::new(pki.clone(), pool).map_err(|x| x.to_string())?);
+            let second = async {
+                match sho2 {
+                    Some(s) => {
+                        serve_role(Role::Sho, sho2_file, pki.clone(), addr(5), Service::Sho(s))
+                            .await
+                    }
+                    None => Ok(()),
+                }
+            };
             tokio::try_join!(
-                serve_role(Role::Supplier, pki.clone(), addr(0), supplier),
-                serve_role(Role::Ro, pki.clone(), addr(1), ro),
-                serve_role(Role::Vno, pki.clone(), addr(2), vno),
-                serve_role(Role::Sho, pki.clone(), addr(3), Service::Sho(sho)),
-                serve_role(Role::Pva, pki, addr(4), pva),
+                serve_role(Role::Supplier, "supplier", pki.clone(), addr(0), supplier),
+                serve_role(Role::Ro, "ro", pki.clone(), addr(1), ro),
+                serve_role(Role::Vno, "vno", pki.clone(), addr(2), vno),
+                serve_role(Role::Sho, "sho", pki.clone(), addr(3), Service::Sho(sho)),
+                serve_role(Role::Pva, "pva", pki.clone(), addr(4), pva),
+                second,
             )
             .map(|_| ())
         }
@@ -320,11 +377,12 @@ async fn serve(cmd: RoleCmd) -> Result<(), String> {
 /// Serves one role over mutual TLS, with gRPC health and reflection.
 async fn serve_role(
     role: Role,
+    party: &str,
     pki: PathBuf,
     listen: SocketAddr,
     service: Service,
 ) -> Result<(), String> {
-    let tls = server_tls(&pki, role).map_err(|e| e.to_string())?;
+    let tls = server_tls(&pki, party).map_err(|e| e.to_string())?;
     // Each call is a span whose parent is the caller's (trace context in the metadata).
     let mut builder = tonic::transport::Server::builder()
         .trace_fn(mcim_telemetry::server_span)
@@ -398,7 +456,7 @@ async fn serve_role(
             router.add_service(ShoServiceServer::new(ShoApi(s)))
         }
     };
-    tracing::info!(%listen, %role, "serving (mutual TLS)");
+    tracing::info!(%listen, %role, party, "serving (mutual TLS)");
     router
         .serve_with_shutdown(listen, async move {
             shutdown().await;

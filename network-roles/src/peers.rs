@@ -9,12 +9,17 @@ use tonic::transport::Endpoint;
 
 use crate::authz::Role;
 use crate::error::RoleError;
-use crate::tls::client_tls;
+use crate::tls::client_tls_as;
 
 /// A lazily connected channel from `me` to the `peer` role at `url` (`https://host:port`);
 /// its requests carry the caller's trace context.
 pub fn channel(pki: &Path, me: Role, peer: Role, url: &str) -> Result<Channel, RoleError> {
-    let tls = client_tls(pki, me, peer)
+    channel_as(pki, me.as_str(), peer, url)
+}
+
+/// [`channel`] as the party whose certificate is `<party>.pem` (a second SHO: `sho2`).
+pub fn channel_as(pki: &Path, party: &str, peer: Role, url: &str) -> Result<Channel, RoleError> {
+    let tls = client_tls_as(pki, party, peer)
         .map_err(|e| RoleError::internal(format!("TLS to {peer}: {e}")))?;
     Ok(mcim_telemetry::traced(
         Endpoint::from_shared(url.to_string())
@@ -48,11 +53,22 @@ impl ChannelCache {
         peer: Role,
         url: &str,
     ) -> Result<Channel, RoleError> {
+        self.get_as(pki, me.as_str(), peer, url).await
+    }
+
+    /// [`ChannelCache::get`] as the party whose certificate is `<party>.pem`.
+    pub async fn get_as(
+        &self,
+        pki: &Path,
+        party: &str,
+        peer: Role,
+        url: &str,
+    ) -> Result<Channel, RoleError> {
         let mut m = self.0.lock().await;
         if let Some(c) = m.get(url) {
             return Ok(c.clone());
         }
-        let c = channel(pki, me, peer, url)?;
+        let c = channel_as(pki, party, peer, url)?;
         m.insert(url.to_string(), c.clone());
         Ok(c)
     }

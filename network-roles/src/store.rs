@@ -73,6 +73,13 @@ fn migrator() -> Migrator {
             include_str!("../migrations/0007_ownership.sql").into_sql_str(),
             false,
         ),
+        Migration::new(
+            8,
+            Cow::Borrowed("change of SHO"),
+            MigrationType::Simple,
+            include_str!("../migrations/0008_change.sql").into_sql_str(),
+            false,
+        ),
     ])
 }
 

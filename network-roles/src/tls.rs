@@ -21,9 +21,10 @@ fn client_roots(pki: &Path) -> Result<Certificate, PkiError> {
     Ok(Certificate::from_pem(roots))
 }
 
-/// Server side: `role`'s identity, client certificates required.
-pub fn server_tls(pki: &Path, role: Role) -> Result<ServerTlsConfig, PkiError> {
-    let (cert, key) = dev::party_pem(pki, role)?;
+/// Server side: the identity in `<party>.pem` (a role's file, `sho2` for a second SHO),
+/// client certificates required.
+pub fn server_tls(pki: &Path, party: &str) -> Result<ServerTlsConfig, PkiError> {
+    let (cert, key) = dev::party_file_pem(pki, party)?;
     Ok(ServerTlsConfig::new()
         .identity(Identity::from_pem(cert, key))
         .client_ca_root(client_roots(pki)?))
@@ -32,7 +33,12 @@ pub fn server_tls(pki: &Path, role: Role) -> Result<ServerTlsConfig, PkiError> {
 /// Client side: present `role`'s certificate to the server of `peer`, trusting only the CA
 /// that issues `peer`'s certificates (another operator's CA cannot stand in for it).
 pub fn client_tls(pki: &Path, role: Role, peer: Role) -> Result<ClientTlsConfig, PkiError> {
-    let (cert, key) = dev::party_pem(pki, role)?;
+    client_tls_as(pki, role.as_str(), peer)
+}
+
+/// [`client_tls`] presenting the certificate in `<party>.pem` (a second SHO's).
+pub fn client_tls_as(pki: &Path, party: &str, peer: Role) -> Result<ClientTlsConfig, PkiError> {
+    let (cert, key) = dev::party_file_pem(pki, party)?;
     Ok(ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(dev::role_ca_pem(pki, peer)?))
         .identity(Identity::from_pem(cert, key))

@@ -62,7 +62,14 @@ pub const LAB_PARTIES: [(Role, &str); 6] = [
     (Role::Subscriber, "subscriber.mcim.local"),
 ];
 
-/// Creates the CA if missing, then a key and certificate for every party that has none.
+/// The lab's second SHO (5.1.3.7: the operator a device changes to): its files in the PKI
+/// directory (`sho2.pem`, `sho2.key`) and its identity. It is issued by the SHOs' CA like the
+/// first; its server certificate also answers to the role's server name, so TLS proves "an
+/// SHO" and what each SHO signs proves which one.
+pub const SECOND_SHO: (&str, &str) = ("sho2", "sho2.mcim.local");
+
+/// Creates the CA if missing, then a key and certificate for every party that has none (and,
+/// when the SHO is among them, for the lab's [`SECOND_SHO`]).
 /// Existing files are kept (idempotent). Returns the parties created.
 pub fn init(dir: &Path, parties: &[(Role, &str)]) -> Result<Vec<Role>, PkiError> {
     std::fs::create_dir_all(dir).map_err(|e| PkiError::File {
@@ -89,24 +96,30 @@ pub fn init(dir: &Path, parties: &[(Role, &str)]) -> Result<Vec<Role>, PkiError>
     }
     let mut made = Vec::new();
     for (role, name) in parties {
-        let pem = dir.join(format!("{}.pem", role.as_str()));
-        if pem.exists() {
-            continue;
+        if init_party_file(dir, role.as_str(), *role, name)? {
+            made.push(*role);
         }
-        let key = KeyPair::generate().map_err(cert_err)?;
-        let params = party_params(*role, name)?;
-        let cert = params
-            .signed_by(&key, &issuer_of(dir, *role)?)
-            .map_err(cert_err)?;
-        write(
-            &dir.join(format!("{}.key", role.as_str())),
-            &key.serialize_pem(),
-            true,
-        )?;
-        write(&pem, &cert.pem(), false)?;
-        made.push(*role);
+    }
+    if parties.iter().any(|(r, _)| *r == Role::Sho) {
+        init_party_file(dir, SECOND_SHO.0, Role::Sho, SECOND_SHO.1)?;
     }
     Ok(made)
+}
+
+/// A key and certificate for the party `name` of `role` in `<file>.pem` / `<file>.key`,
+/// unless the certificate exists. Returns whether it made them.
+pub fn init_party_file(dir: &Path, file: &str, role: Role, name: &str) -> Result<bool, PkiError> {
+    let pem = dir.join(format!("{file}.pem"));
+    if pem.exists() {
+        return Ok(false);
+    }
+    let key = KeyPair::generate().map_err(cert_err)?;
+    let cert = party_params(role, name)?
+        .signed_by(&key, &issuer_of(dir, role)?)
+        .map_err(cert_err)?;
+    write(&dir.join(format!("{file}.key")), &key.serialize_pem(), true)?;
+    write(&pem, &cert.pem(), false)?;
+    Ok(true)
 }
 
 /// The operator parties, each with a CA of its own.
@@ -210,6 +223,13 @@ fn party_params(role: Role, name: &str) -> Result<CertificateParams, PkiError> {
         params
             .subject_alt_names
             .push(SanType::DnsName(name.try_into().map_err(cert_err)?));
+        // A further party of a role (a second SHO) also serves under the role's name.
+        let role_name = crate::party::server_name(role);
+        if name != role_name {
+            params
+                .subject_alt_names
+                .push(SanType::DnsName(role_name.try_into().map_err(cert_err)?));
+        }
     }
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     params.extended_key_usages = vec![
@@ -368,9 +388,15 @@ pub fn verify_platform_credential(
 
 /// A party's certificate and key, PEM (`<role>.pem`, `<role>.key`).
 pub fn party_pem(dir: &Path, role: Role) -> Result<(Vec<u8>, Vec<u8>), PkiError> {
+    party_file_pem(dir, role.as_str())
+}
+
+/// The certificate and key of the party whose files are `<file>.pem`, `<file>.key` (a
+/// second SHO: [`SECOND_SHO`]).
+pub fn party_file_pem(dir: &Path, file: &str) -> Result<(Vec<u8>, Vec<u8>), PkiError> {
     Ok((
-        read(&dir.join(format!("{}.pem", role.as_str())))?.into_bytes(),
-        read(&dir.join(format!("{}.key", role.as_str())))?.into_bytes(),
+        read(&dir.join(format!("{file}.pem")))?.into_bytes(),
+        read(&dir.join(format!("{file}.key")))?.into_bytes(),
     ))
 }
 

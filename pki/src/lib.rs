@@ -9,6 +9,8 @@
 //!   the storage-key URI and platform credentials (5.1.3.5.8 PfC). Pure code, no files.
 //! - [`ownership`]: the owner's proof that it controls a device (annex x.2.3), signed in the
 //!   device's TRE, checked by the SHO.
+//! - [`discard`]: the device's notice that it discarded an old SHO's MCIM, the old SHO's
+//!   acknowledgment and what of it the new SHO may see (5.1.3.7.4.2 steps 8-11).
 //! - [`voucher`]: the supplier's voucher for a PCID's initial credentials in CCIF mode 3.
 //! - [`dev`]: the development PKI in a directory (`mcimctl pki init`, the lab, the tests):
 //!   the CAs, a certificate per party, device certificates for keys held in a TRE. A
@@ -16,6 +18,7 @@
 #![forbid(unsafe_code)]
 
 pub mod dev;
+pub mod discard;
 pub mod ownership;
 pub mod party;
 pub mod voucher;

@@ -16,9 +16,7 @@
 //! <issued at, seconds since the epoch>
 //! ```
 
-use x509_parser::prelude::{FromDer, X509Certificate};
-
-use crate::party::{Role, caller_from_cert};
+use crate::party::Role;
 
 /// The first line.
 pub const DOMAIN: &str = "mcim-ownership-v1";
@@ -157,22 +155,11 @@ pub fn verify(
     let leaf_der = tls_chain
         .first()
         .ok_or_else(|| OwnershipError::Malformed("no certificate".into()))?;
-    let (_, root) = X509Certificate::from_der(supplier_root_der)
-        .map_err(|_| not_device("the supplier root is unreadable"))?;
-    let (_, leaf) =
-        X509Certificate::from_der(leaf_der).map_err(|_| not_device("unreadable certificate"))?;
-    leaf.verify_signature(Some(root.public_key()))
-        .map_err(|_| not_device("the certificate is not the supplier root's"))?;
-    if !leaf.validity().is_valid() {
-        return Err(not_device("the certificate is not valid now"));
-    }
-    let named = caller_from_cert(leaf_der).map_err(|e| not_device(&e.to_string()))?;
+    let (key, named) =
+        crate::party::leaf_key_under(supplier_root_der, leaf_der).map_err(not_device)?;
     if named.role != Role::Device || named.name != pcid {
         return Err(OwnershipError::Another("device"));
     }
-    let key =
-        p256::ecdsa::VerifyingKey::from_sec1_bytes(&leaf.public_key().subject_public_key.data)
-            .map_err(|_| not_device("not a P-256 key"))?;
     let sig =
         p256::ecdsa::Signature::from_der(signature_der).map_err(|_| OwnershipError::Signature)?;
     use p256::ecdsa::signature::Verifier;

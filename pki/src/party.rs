@@ -195,6 +195,61 @@ pub fn verify_platform_credential(
     })
 }
 
+/// The P-256 key and the identity of a certificate `leaf_der` issued by `ca_der` and valid
+/// now (a device statement's signer under the supplier root, a supplier's voucher under its
+/// CA). `Err` says which of those failed.
+pub fn leaf_key_under(
+    ca_der: &[u8],
+    leaf_der: &[u8],
+) -> Result<(p256::ecdsa::VerifyingKey, Caller), &'static str> {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let (_, ca) = X509Certificate::from_der(ca_der).map_err(|_| "the CA is unreadable")?;
+    let (_, leaf) = X509Certificate::from_der(leaf_der).map_err(|_| "unreadable certificate")?;
+    leaf.verify_signature(Some(ca.public_key()))
+        .map_err(|_| "the certificate is not the CA's")?;
+    if !leaf.validity().is_valid() {
+        return Err("the certificate is not valid now");
+    }
+    let caller = caller_from_cert(leaf_der).map_err(|_| "the certificate names no party")?;
+    let key =
+        p256::ecdsa::VerifyingKey::from_sec1_bytes(&leaf.public_key().subject_public_key.data)
+            .map_err(|_| "not a P-256 key")?;
+    Ok((key, caller))
+}
+
+/// The statement-signing key of the party `name` of `role` from its certificate `cert_der`,
+/// which an anchor that may vouch for `role` must have issued (the SHO's signature on a
+/// discard acknowledgment, checked by the RO's DPF).
+pub fn party_key(
+    anchors: &TrustAnchors,
+    cert_der: &[u8],
+    role: Role,
+    name: &str,
+) -> Result<p256::ecdsa::VerifyingKey, PkiError> {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    if !anchors.vouches(&[cert_der], role) {
+        return Err(PkiError::Cert(format!(
+            "the signer is no {role} under its CA"
+        )));
+    }
+    let (_, cert) =
+        X509Certificate::from_der(cert_der).map_err(|e| PkiError::Cert(e.to_string()))?;
+    if !cert.validity().is_valid() {
+        return Err(PkiError::Cert(
+            "the signer's certificate is not valid now".into(),
+        ));
+    }
+    let caller = caller_from_cert(cert_der)?;
+    if caller.role != role || caller.name != name {
+        return Err(PkiError::Cert(format!(
+            "the signer is {} {}, not {role} {name}",
+            caller.role, caller.name
+        )));
+    }
+    p256::ecdsa::VerifyingKey::from_sec1_bytes(&cert.public_key().subject_public_key.data)
+        .map_err(|_| PkiError::Cert("not a P-256 key".into()))
+}
+
 /// Which CA may vouch for which roles (annex x.3: the supplier root for devices, each
 /// operator's CA for that operator's roles). A certificate chains to one of them (the TLS
 /// handshake checked that); this says whether that one may issue the role it claims.

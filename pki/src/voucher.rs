@@ -5,9 +5,7 @@
 //! the CA that issues the supplier's certificates, for that PCID and those very K and OPc. So a
 //! subscriber without the supplier's file cannot claim a PCID first, or choose its K.
 
-use x509_parser::prelude::{FromDer, X509Certificate};
-
-use crate::party::{Role, caller_from_cert};
+use crate::party::Role;
 
 /// The statement's first line.
 pub const DOMAIN: &str = "mcim-pcid-voucher-v1";
@@ -51,19 +49,10 @@ pub fn verify(
 ) -> Result<(), VoucherError> {
     let not = |w: &str| VoucherError::NotTheSupplier(w.to_string());
     let leaf_der = chain.first().ok_or_else(|| not("no certificate"))?;
-    let (_, ca) = X509Certificate::from_der(supplier_ca_der).map_err(|_| not("the CA"))?;
-    let (_, leaf) = X509Certificate::from_der(leaf_der).map_err(|_| not("unreadable"))?;
-    leaf.verify_signature(Some(ca.public_key()))
-        .map_err(|_| not("not issued by the supplier CA"))?;
-    if !leaf.validity().is_valid() {
-        return Err(not("not valid now"));
-    }
-    if !caller_from_cert(leaf_der).is_ok_and(|c| c.role == Role::Supplier) {
+    let (key, caller) = crate::party::leaf_key_under(supplier_ca_der, leaf_der).map_err(not)?;
+    if caller.role != Role::Supplier {
         return Err(not("the certificate names no supplier"));
     }
-    let key =
-        p256::ecdsa::VerifyingKey::from_sec1_bytes(&leaf.public_key().subject_public_key.data)
-            .map_err(|_| not("not a P-256 key"))?;
     let sig = p256::ecdsa::Signature::from_der(signature).map_err(|_| VoucherError::Mismatch)?;
     use p256::ecdsa::signature::Verifier;
     key.verify(&statement(pcid, k, opc), &sig)

@@ -361,6 +361,7 @@ async fn every_owned_object_refuses_another_owner_and_changes_nothing() {
             access: common::AccessType::Non3gpp as i32,
             grant_id: String::new(),
             platform_credential: Vec::new(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -434,6 +435,7 @@ async fn every_owned_object_refuses_another_owner_and_changes_nothing() {
                 access: common::AccessType::Non3gpp as i32,
                 grant_id: String::new(),
                 platform_credential: Vec::new(),
+                ..Default::default()
             })
             .await
             .map(|_| ()),
@@ -458,6 +460,24 @@ async fn every_owned_object_refuses_another_owner_and_changes_nothing() {
                     status: common::ProvisioningStatus::Failed as i32,
                     detail: "not mine".into(),
                     mcim_id: String::new(),
+                })
+                .await,
+        ),
+    ));
+    // Another device cannot tell the SHO that ME discarded ME's MCIM (the SHO's first IMSI).
+    let me_imsi = "001020000000001";
+    assert!(
+        before["sho_subscription"].contains(me_imsi),
+        "ME's subscription holds {me_imsi}"
+    );
+    tried.push((
+        "/mcim.sho.v1.ShoService/NotifyDiscard",
+        unit(
+            ShoServiceClient::new(roles.device_channel(OTHER, Role::Sho).await)
+                .notify_discard(sho::NotifyDiscardRequest {
+                    imsi: me_imsi.into(),
+                    discard_statement: b"mcim-discard-v1".to_vec(),
+                    ..Default::default()
                 })
                 .await,
         ),
@@ -522,6 +542,7 @@ async fn every_owned_object_refuses_another_owner_and_changes_nothing() {
                     pcid: ME.into(),
                     sho_id: sho_id.clone(),
                     sho_url: "https://127.0.0.1:1".into(),
+                    change_of_sho: false,
                 })
                 .await,
         ),
@@ -533,6 +554,7 @@ async fn every_owned_object_refuses_another_owner_and_changes_nothing() {
                 pcid: ME.into(),
                 sho_id: "sho2.mcim.local".into(),
                 sho_url: "https://127.0.0.1:1".into(),
+                change_of_sho: false,
             })
             .await,
     );

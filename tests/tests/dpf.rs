@@ -60,6 +60,7 @@ async fn the_dpf_refuses_stale_or_foreign_results_and_wrong_callers_and_queues_n
             access: common::AccessType::Non3gpp as i32,
             grant_id: String::new(),
             platform_credential: Vec::new(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -241,6 +242,7 @@ async fn a_device_acknowledges_only_tasks_it_was_sent() {
             access: common::AccessType::Non3gpp as i32,
             grant_id: String::new(),
             platform_credential: Vec::new(),
+            ..Default::default()
         })
         .await
         .unwrap();

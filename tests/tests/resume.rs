@@ -124,6 +124,7 @@ async fn evidence_and_an_install_done_before_a_restart_do_not_stop_the_device() 
             access: common::AccessType::Non3gpp as i32,
             grant_id: String::new(),
             platform_credential: Vec::new(),
+            ..Default::default()
         })
         .await
         .unwrap()

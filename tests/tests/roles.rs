@@ -685,10 +685,10 @@ async fn all_roles_in_one_process() {
 fn a_toml_file_configures_the_roles_and_the_environment_wins_over_it() {
     let work = tempfile::tempdir().unwrap();
     let pki = mcim_e2e::pki_init(work.path());
-    let from_file = mcim_e2e::free_ports(5);
+    let from_file = mcim_e2e::free_ports(mcim_e2e::ROLE_PORTS);
     let from_env = loop {
-        let p = mcim_e2e::free_ports(5);
-        if p.abs_diff(from_file) >= 5 {
+        let p = mcim_e2e::free_ports(mcim_e2e::ROLE_PORTS);
+        if p.abs_diff(from_file) >= mcim_e2e::ROLE_PORTS {
             break p;
         }
     };

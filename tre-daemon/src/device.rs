@@ -427,6 +427,66 @@ impl Device {
         })
     }
 
+    /// Discards an MCIM for good (5.1.3.7.4.2 step 8; 5.1.3.7.4.3 step 3): its session ends,
+    /// it is retired (its secrets leave the registry and the TRE: a token's objects are
+    /// destroyed) and deleted, each step one committed transition. Repeating it after a crash
+    /// finishes what is left; an MCIM already gone is `Ok(false)`.
+    pub async fn discard(&self, id: &str) -> Result<bool, DeviceError> {
+        let id = id.to_string();
+        self.run(move |e| {
+            let r = e.registry()?;
+            let Some(state) = r.list()?.into_iter().find(|m| m.id == id).map(|m| m.state) else {
+                return Ok(false);
+            };
+            if state == McimState::Selected {
+                r.apply(&id, LifecycleOp::EndSession)?;
+            }
+            if matches!(
+                state,
+                McimState::Installed
+                    | McimState::Activated
+                    | McimState::Blocked
+                    | McimState::Selected
+            ) {
+                r.apply(&id, LifecycleOp::Retire)?;
+            }
+            r.apply(&id, LifecycleOp::Delete)?;
+            Ok(true)
+        })
+        .await
+    }
+
+    /// The notice that this device discarded the MCIM `imsi` of `sho`
+    /// (`mcim_pki::discard`), signed in the TRE with the device's TLS key: (notice,
+    /// signature, certificate chain).
+    pub async fn discard_notice(
+        &self,
+        imsi: String,
+        sho: String,
+    ) -> Result<(Vec<u8>, Vec<u8>, Vec<Vec<u8>>), DeviceError> {
+        let chain = self
+            .certificates()?
+            .ok_or_else(|| DeviceError::NotReady("the device has no certificates".into()))?
+            .tls_certificate;
+        let mut nonce = [0u8; 16];
+        rand::Rng::fill_bytes(&mut rand::rng(), &mut nonce);
+        let notice = mcim_pki::discard::Notice {
+            pcid: self.pcid().await?,
+            imsi,
+            sho,
+            nonce: hex::encode(nonce),
+            discarded_at: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+        }
+        .to_bytes()
+        .map_err(|e| DeviceError::BadRequest(e.to_string()))?;
+        let signed = notice.clone();
+        let signature = self.run(move |e| Ok(e.tre()?.tls_sign(&signed)?)).await?;
+        Ok((notice, signature, chain))
+    }
+
     /// Keeps the supplier's certificates; the TLS chain's leaf must certify the TRE's own TLS
     /// key.
     pub async fn install_certificates(&self, c: DeviceCertificates) -> Result<(), DeviceError> {

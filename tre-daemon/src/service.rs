@@ -17,7 +17,7 @@ use tonic::{Request, Response, Status};
 
 use crate::certificates::DeviceCertificates;
 use crate::device::{Credential, Device, DeviceError, Installed, NewMcim, block16, constants};
-use crate::provision::{Access, ProvisionError, Provisioner, Run, step_name};
+use crate::provision::{Access, Flow, ProvisionError, Provisioner, Run, flow_step_name};
 use crate::registry::RegistryError;
 use crate::tre::{TreError, UnwrapScheme, WrappedSecrets};
 use crate::wire;
@@ -99,6 +99,7 @@ pub fn provision_status(e: ProvisionError) -> Status {
     match e {
         ProvisionError::NotReady(m) => Status::failed_precondition(m),
         ProvisionError::NoSuchRun => Status::not_found(e.to_string()),
+        ProvisionError::BadRequest(m) => Status::invalid_argument(m),
         ProvisionError::Persist(_) => Status::internal(e.to_string()),
         ProvisionError::Device(d) => status(d),
         ProvisionError::Network(s) => s,
@@ -128,19 +129,24 @@ fn responses(run: &Run) -> Vec<pb::WatchProvisioningResponse> {
         .registration()
         .map(|r| r.id.clone())
         .unwrap_or_default();
+    // The step that reports the MCIM installed, and the first that has the registration.
+    let (reported, registered) = match run.flow {
+        Flow::Initial => (13, 7),
+        Flow::ChangeSho { .. } => (12, 3),
+    };
     run.steps
         .iter()
         .map(|s| pb::WatchProvisioningResponse {
             step: s.step,
-            name: step_name(s.step).into(),
+            name: flow_step_name(&run.flow, s.step).into(),
             ok: s.ok,
             detail: s.detail.clone(),
-            mcim_id: if s.step == 13 && s.ok {
+            mcim_id: if s.step == reported && s.ok {
                 run.mcim_id().unwrap_or_default().to_string()
             } else {
                 String::new()
             },
-            registration_id: if s.step >= 7 {
+            registration_id: if s.step >= registered {
                 registration.clone()
             } else {
                 String::new()
@@ -650,9 +656,25 @@ impl TreService for TreApi {
         req: Request<pb::ReprovisionRequest>,
     ) -> Result<Response<pb::ReprovisionResponse>, Status> {
         log_call("Reprovision", &req);
-        Err(Status::unimplemented(
-            "re-provisioning (change of SHO, TR 33.812 5.1.3.7.4) is not built yet",
-        ))
+        let r = req.into_inner();
+        if r.revert_to_pristine {
+            return Err(Status::unimplemented(
+                "reverting to the pristine state (TR 33.812 5.1.3.7.4.3) is not built yet",
+            ));
+        }
+        let access = match common::AccessType::try_from(r.access) {
+            Ok(common::AccessType::AccessType3gpp) => Access::ThreeGpp,
+            Ok(common::AccessType::Non3gpp) => Access::NonThreeGpp,
+            _ => return Err(Status::invalid_argument("name the access type")),
+        };
+        let id = self
+            .provisioner()?
+            .reprovision(access, r.new_sho_id)
+            .await
+            .map_err(provision_status)?;
+        Ok(Response::new(pb::ReprovisionResponse {
+            provisioning_id: id,
+        }))
     }
 
     async fn prove_ownership(

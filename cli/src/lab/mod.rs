@@ -27,6 +27,7 @@ use mcim_proto::mcim::sho::v1 as sho;
 use mcim_proto::mcim::sho::v1::sho_service_client::ShoServiceClient;
 use mcim_proto::mcim::supplier::v1::supplier_service_client::SupplierServiceClient;
 use mcim_proto::mcim::tre::v1 as pb;
+use mcim_proto::mcim::tre::v1::tre_service_client::TreServiceClient;
 use mcim_proto::mcim::vno::v1 as vno;
 use mcim_proto::mcim::vno::v1::vno_service_client::VnoServiceClient;
 use rand::Rng;
@@ -54,6 +55,9 @@ const STEP_TIMEOUT: Duration = Duration::from_secs(150);
 /// The lab SHO's PLMN (MCC 001, MNC 02): its IMSIs start with it.
 const LAB_SHO_PLMN: &str = "00102";
 
+/// MCC+MNC of the lab's second SHO (the operator a device changes to, 5.1.3.7).
+const LAB_SHO2_PLMN: &str = "00103";
+
 /// `mcimctl lab ...`
 #[derive(Subcommand)]
 pub enum LabCommand {
@@ -62,6 +66,16 @@ pub enum LabCommand {
 }
 
 /// The device's TRE in the lab.
+/// Which of the seed's procedures the lab runs (`--flow`).
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum FlowChoice {
+    /// Initial provisioning, 5.1.3.6.2 (5.1.3.6.3 over non-3GPP access).
+    Initial,
+    /// Initial provisioning, then a change to the lab's second SHO over the first SHO's
+    /// connectivity, 5.1.3.7.4.2 steps 1-14.
+    ChangeSho,
+}
+
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum TreChoice {
     /// A software TPM 2.0 (swtpm).
@@ -87,6 +101,9 @@ pub struct RunArgs {
     /// Working directory (PKI, databases, TRE state, logs); a temporary one if not given.
     #[arg(long)]
     dir: Option<PathBuf>,
+    /// The seed's procedure: initial provisioning, or that followed by a change of SHO.
+    #[arg(long, value_enum, default_value = "initial")]
+    flow: FlowChoice,
     /// The device's TRE.
     #[arg(long, value_enum, default_value = "tpm")]
     tre: TreChoice,

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use serde_json::json;
 
-use super::{AccessChoice, RunArgs, TreChoice, lab_inner};
+use super::{AccessChoice, FlowChoice, RunArgs, TreChoice, lab_inner};
 use crate::error::CliError;
 
 /// Progress: stdout normally, stderr under --json (stdout then holds only the JSON).
@@ -27,6 +27,7 @@ pub(super) type LabResult = Result<serde_json::Value, (serde_json::Value, CliErr
 /// Runs the lab and reports it: the JSON object, with the error when it failed.
 pub(super) fn lab(a: &RunArgs, dir: &Path, say: &Say) -> LabResult {
     let mut report = json!({
+        "flow": match a.flow { FlowChoice::Initial => "initial", FlowChoice::ChangeSho => "change-sho" },
         "tre": match a.tre { TreChoice::Tpm => "tpm", TreChoice::Pkcs11 => "pkcs11" },
         "access": match a.access { AccessChoice::ThreeGpp => "3gpp", AccessChoice::Non3gpp => "non-3gpp" },
         "steps": [],

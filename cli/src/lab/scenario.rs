@@ -1,9 +1,194 @@
 //! The lab's scenario: the network, the device, then the seed's flow as the factory, the
 //! subscriber and the owner run it (supply, contract, provisioning with its steps printed,
 //! the impostor refused, the operational attach, the audit record), with the refusals and
-//! crashes the options ask for.
+//! crashes the options ask for; with `--flow change-sho`, then the change to the lab's second
+//! SHO (5.1.3.7.4.2) with its steps printed, the old SHO's vectors refused, and the
+//! operational attach with the new IMSI.
 
 use super::*;
+
+/// The processes of a lab run and the device's local API.
+struct Rig<'a> {
+    a: &'a RunArgs,
+    dir: &'a Path,
+    say: &'a Say,
+    pki: PathBuf,
+    base: u16,
+    socket: PathBuf,
+    tred: Command,
+    tred_proc: Proc,
+    roles_proc: Proc,
+    dev: TreServiceClient<Channel>,
+    /// Restarts so far (each gets its own log).
+    restarts: u32,
+}
+
+/// `mcim-roles all` on the ports from `base` (six: supplier, RO, VNO, SHO, PVA, second SHO).
+fn start_roles_at(pki: &Path, dir: &Path, base: u16, log: &str) -> Result<Proc, CliError> {
+    spawn(
+        Command::new(sibling("mcim-roles"))
+            .args(["all", "--pki"])
+            .arg(pki)
+            .arg("--db")
+            .arg(format!("sqlite://{}", dir.join("roles.db").display()))
+            .args(["--base-port", &base.to_string()])
+            .args(["--sho-plmn", LAB_SHO_PLMN])
+            .args(["--sho2-plmn", LAB_SHO2_PLMN])
+            .env("MCIM_LOG", "info"),
+        "mcim-roles",
+        &dir.join(log),
+    )
+}
+
+/// Ports `mcim-roles all` listens on.
+const ROLE_PORTS: u16 = 6;
+
+impl Rig<'_> {
+    /// `mcim-roles all` again on its ports (tred knows them), after it stopped. A port freed
+    /// by the stopped process can be taken for a moment by another process on this machine;
+    /// mcim-roles then exits at once, and is started again (for 30 s).
+    fn restart_roles(&mut self) -> Result<(), CliError> {
+        self.roles_proc.stop_with(self.a.crash_signal);
+        self.restarts += 1;
+        let log = format!("roles-{}.log", self.restarts + 1);
+        let base = self.base;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let mut p = start_roles_at(&self.pki, self.dir, base, &log)?;
+            let listening = || {
+                (0..ROLE_PORTS)
+                    .all(|i| std::net::TcpStream::connect(("127.0.0.1", base + i)).is_ok())
+            };
+            while !p.exited() && !listening() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(25));
+            }
+            if !p.exited() && listening() {
+                self.roles_proc = p;
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(fail("mcim-roles did not start again on its ports"));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// `tred` stopped (with the crash signal) and started again on its state.
+    async fn restart_tred(&mut self) -> Result<(), CliError> {
+        self.tred_proc.stop_with(self.a.crash_signal);
+        self.restarts += 1;
+        let log = self.dir.join(format!("tred-{}.log", self.restarts + 1));
+        (self.tred_proc, self.dev) = restart_tred(&mut self.tred, &self.socket, &log).await?;
+        Ok(())
+    }
+
+    /// A channel to a role as `me`.
+    async fn role(&self, me: Role, peer: Role, port: u16) -> Result<Channel, CliError> {
+        role_client(&self.pki, me, peer, port).await
+    }
+}
+
+/// What following a run found.
+#[derive(Default)]
+struct Followed {
+    mcim_id: String,
+    registration: String,
+    failed: Option<String>,
+}
+
+/// Follows the device's run `id` to its end, printing each step and adding it to `steps`,
+/// crashing what `crash` says after its step (0: as the run starts).
+async fn follow(
+    rig: &mut Rig<'_>,
+    id: &str,
+    mut crash: Option<crash::Crash>,
+    steps_out: &mut Vec<serde_json::Value>,
+    report: &mut serde_json::Value,
+) -> Result<Followed, CliError> {
+    let signal = rig.a.crash_signal.as_str();
+    let mut out = Followed::default();
+    let mut reported: Vec<u32> = Vec::new();
+    if let Some(c) = crash
+        && c.after_step == 0
+    {
+        // As soon as the run has started: inside the first exchange with the network.
+        crash = None;
+        report["crash"] = json!({"process": c.what.as_str(), "after_step": 0, "signal": signal});
+        match c.what {
+            crash::Crashed::Tred => rig.restart_tred().await?,
+            crash::Crashed::Roles => rig.restart_roles()?,
+        }
+        rig.say.line(&format!(
+            "[lab] {} killed as the run started and started again",
+            c.what.as_str()
+        ));
+    }
+    'watch: loop {
+        let mut steps = rig
+            .dev
+            .watch_provisioning(pb::WatchProvisioningRequest {
+                provisioning_id: id.to_string(),
+            })
+            .await?
+            .into_inner();
+        loop {
+            let next = tokio::time::timeout(STEP_TIMEOUT, steps.message())
+                .await
+                .map_err(|_| {
+                    fail(format!(
+                        "no progress for {} s after step {}",
+                        STEP_TIMEOUT.as_secs(),
+                        reported.last().copied().unwrap_or(0)
+                    ))
+                })??;
+            let Some(s) = next else { break };
+            // A new watch replays what was already reported.
+            if s.ok && reported.contains(&s.step) {
+                continue;
+            }
+            if s.ok {
+                reported.push(s.step);
+            }
+            rig.say.line(&crate::tred::step_line(&s));
+            steps_out.push(json!({"step": s.step, "name": s.name, "ok": s.ok, "detail": s.detail}));
+            if !s.mcim_id.is_empty() {
+                out.mcim_id = s.mcim_id.clone();
+            }
+            if !s.registration_id.is_empty() {
+                out.registration = s.registration_id.clone();
+            }
+            if !s.ok {
+                out.failed = Some(format!("step {} ({}) failed: {}", s.step, s.name, s.detail));
+            }
+            if let Some(c) = crash
+                && s.ok
+                && s.step == c.after_step
+            {
+                crash = None;
+                report["crash"] = json!({"process": c.what.as_str(), "after_step": c.after_step, "signal": signal});
+                match c.what {
+                    crash::Crashed::Tred => {
+                        drop(steps);
+                        rig.restart_tred().await?;
+                        rig.say.line(&format!(
+                            "[lab] tred killed after step {} and started again: it resumes its run",
+                            c.after_step
+                        ));
+                        continue 'watch;
+                    }
+                    crash::Crashed::Roles => {
+                        rig.restart_roles()?;
+                        rig.say.line(&format!(
+                            "[lab] mcim-roles killed after step {} and started again: the roles resume from their database",
+                            c.after_step
+                        ));
+                    }
+                }
+            }
+        }
+        return Ok(out);
+    }
+}
 
 /// Runs the scenario of `a` in `dir`, filling `report`.
 pub(super) fn lab_inner(
@@ -12,13 +197,20 @@ pub(super) fn lab_inner(
     say: &Say,
     report: &mut serde_json::Value,
 ) -> Result<(), CliError> {
+    // --crash counts the steps of the chosen flow.
     if let Some(c) = a.crash
+        && a.flow == FlowChoice::Initial
         && a.access == AccessChoice::Non3gpp
-        && c.after_step < 5
+        && (1..5).contains(&c.after_step)
     {
         return Err(fail(
             "--crash: non-3GPP access starts at step 5 (5.1.3.6.3 has no PCID attach)",
         ));
+    }
+    if let Some(c) = a.crash
+        && c.after_step > 14
+    {
+        return Err(fail("--crash: the flows have 14 steps"));
     }
     if a.tpm_aka == TpmAka::Sealed && a.tre != TreChoice::Tpm {
         return Err(fail("--tpm-aka needs --tre tpm"));
@@ -30,46 +222,13 @@ pub(super) fn lab_inner(
     mcim_pki::dev::init(&pki, &mcim_pki::dev::LAB_PARTIES).map_err(fail)?;
 
     // The network: every role in one process, the binary operators deploy.
-    let start_roles_at = |base: u16, log: &str| -> Result<Proc, CliError> {
-        spawn(
-            Command::new(sibling("mcim-roles"))
-                .args(["all", "--pki"])
-                .arg(&pki)
-                .arg("--db")
-                .arg(format!("sqlite://{}", dir.join("roles.db").display()))
-                .args(["--base-port", &base.to_string()])
-                .args(["--sho-plmn", LAB_SHO_PLMN])
-                .env("MCIM_LOG", "info"),
-            "mcim-roles",
-            &dir.join(log),
-        )
-    };
-    let (mut roles_proc, base) =
-        start_on_free_ports(5, "mcim-roles", |base| start_roles_at(base, "roles.log"))?;
-    let (sup_p, ro_p, vno_p, sho_p, pva_p) = (base, base + 1, base + 2, base + 3, base + 4);
-    // After a crash: the same ports (tred knows them), which were ours.
-    // A port freed by the stopped process can be taken for a moment by another process on
-    // this machine; mcim-roles then exits at once, and is started again (for 30 s).
-    let start_roles = |log: &str| -> Result<Proc, CliError> {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let mut p = start_roles_at(base, log)?;
-            let listening =
-                || (0..5).all(|i| std::net::TcpStream::connect(("127.0.0.1", base + i)).is_ok());
-            while !p.exited() && !listening() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(25));
-            }
-            if !p.exited() && listening() {
-                return Ok(p);
-            }
-            if Instant::now() >= deadline {
-                return Err(fail("mcim-roles did not start again on its ports"));
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    };
+    let (roles_proc, base) = start_on_free_ports(ROLE_PORTS, "mcim-roles", |base| {
+        start_roles_at(&pki, dir, base, "roles.log")
+    })?;
+    let (sup_p, ro_p, vno_p, sho_p, pva_p, sho2_p) =
+        (base, base + 1, base + 2, base + 3, base + 4, base + 5);
     say.line(&format!(
-        "[lab] network roles (mcim-roles all): supplier :{sup_p}, RO :{ro_p}, VNO :{vno_p}, SHO :{sho_p}, PVA :{pva_p}"
+        "[lab] network roles (mcim-roles all): supplier :{sup_p}, RO :{ro_p}, VNO :{vno_p}, SHO :{sho_p}, PVA :{pva_p}, second SHO :{sho2_p}"
     ));
 
     // The device: a software TRE and tred.
@@ -84,7 +243,7 @@ pub(super) fn lab_inner(
         .env("MCIM_RO_URL", format!("https://127.0.0.1:{ro_p}"))
         .env("MCIM_VNO_URL", format!("https://127.0.0.1:{vno_p}"));
     let (_swtpm, tpm_port) = tre::start(a, dir, &mut tred, say)?;
-    let mut tred_proc = spawn(&mut tred, "tred", &dir.join("tred.log"))?;
+    let tred_proc = spawn(&mut tred, "tred", &dir.join("tred.log"))?;
     wait_until("tred", || {
         std::os::unix::net::UnixStream::connect(&socket).is_ok()
     })?;
@@ -92,18 +251,30 @@ pub(super) fn lab_inner(
 
     let pcid = "001010000000001";
     runtime()?.block_on(async {
-        let mut dev = connect(&socket).await?;
-        let mut supplier = SupplierServiceClient::new(role_client(&pki, Role::Supplier, Role::Supplier, sup_p).await?);
-
+        let dev = connect(&socket).await?;
+        let mut rig = Rig {
+            a,
+            dir,
+            say,
+            pki: pki.clone(),
+            base,
+            socket: socket.clone(),
+            tred,
+            tred_proc,
+            roles_proc,
+            dev,
+            restarts: 0,
+        };
+        let mut supplier = SupplierServiceClient::new(rig.role(Role::Supplier, Role::Supplier, sup_p).await?);
         // 1. Supply time, as `mcimctl supplier supply` does it.
         let identity = common::DeviceIdentity {
             device_id: "LAB-0001".into(),
             pcid: pcid.into(),
             model: "mcim-lab".into(),
         };
-        let mut pva = PvaServiceClient::new(role_client(&pki, Role::Supplier, Role::Pva, pva_p).await?);
+        let mut pva = PvaServiceClient::new(rig.role(Role::Supplier, Role::Pva, pva_p).await?);
         let supplied = crate::supply::supply(
-            &mut dev,
+            &mut rig.dev,
             &mut supplier,
             Some(&mut pva),
             &identity,
@@ -135,7 +306,7 @@ pub(super) fn lab_inner(
         if a.extend_pcr_after_supply {
             // The platform changes after supply: tred lets go of the TPM, a PCR is extended,
             // tred comes back.
-            drop(std::mem::replace(&mut tred_proc, Proc(None)));
+            drop(std::mem::replace(&mut rig.tred_proc, Proc(None)));
             let out = Command::new("tpm2_pcrextend")
                 .env("TPM2TOOLS_TCTI", format!("swtpm:host=127.0.0.1,port={tpm_port}"))
                 .arg(format!("0:sha256={}", "ab".repeat(32)))
@@ -147,7 +318,9 @@ pub(super) fn lab_inner(
                     String::from_utf8_lossy(&out.stderr)
                 )));
             }
-            (tred_proc, dev) = restart_tred(&mut tred, &socket, &dir.join("tred-2.log")).await?;
+            rig.restarts += 1;
+            (rig.tred_proc, rig.dev) =
+                restart_tred(&mut rig.tred, &socket, &dir.join("tred-2.log")).await?;
             say.line("[lab] PCR 0 extended after supply: the platform no longer matches its reference values");
         }
 
@@ -174,33 +347,7 @@ pub(super) fn lab_inner(
         // 2. The owner exports the device's parameters; the subscriber contracts with the
         // SHO with them (5.1.3.5.2), as `mcimctl device parameters` and `mcimctl subscriber
         // register` do.
-        let mut params = crate::parameters::DeviceParameters::from_pb(
-            dev.get_device_parameters(pb::GetDeviceParametersRequest {})
-                .await?
-                .into_inner(),
-        );
-        // The owner's proof that it controls the device, for the lab's subscriber at the
-        // lab's SHO (annex x.2.3), from the device's owner-only local API.
-        let name_of = |file: &str| -> Result<String, CliError> {
-            let der = mcim_pki::dev::ca_der(&pki, file).map_err(fail)?;
-            Ok(mcim_pki::party::caller_from_cert(&der).map_err(fail)?.name)
-        };
-        params.ownership_proof = dev
-            .prove_ownership(pb::ProveOwnershipRequest {
-                subscriber: name_of("subscriber")?,
-                sho_id: name_of("sho")?,
-            })
-            .await?
-            .into_inner()
-            .proof
-            .map(crate::parameters::ProofFile::from_pb);
-        let sub = crate::subscriber::register(
-            &mut ShoServiceClient::new(role_client(&pki, Role::Subscriber, Role::Sho, sho_p).await?),
-            &params,
-            "",
-            a.require_aka_in_tre,
-        )
-        .await?;
+        let sub = contract(&mut rig, "sho", sho_p).await?;
         say.line(&format!(
             "[lab] subscriber: subscription at the SHO, IMSI {} reserved",
             sub.imsi
@@ -211,106 +358,32 @@ pub(super) fn lab_inner(
             AccessChoice::ThreeGpp => common::AccessType::AccessType3gpp,
             AccessChoice::Non3gpp => common::AccessType::Non3gpp,
         };
-        let tre_before = dev.get_status(pb::GetStatusRequest {}).await?.into_inner();
+        let tre_before = rig.dev.get_status(pb::GetStatusRequest {}).await?.into_inner();
         let started = Instant::now();
-        let id = dev
+        let id = rig
+            .dev
             .start_provisioning(pb::StartProvisioningRequest {
                 access: access as i32,
             })
             .await?
             .into_inner()
             .provisioning_id;
-        let mut mcim_id = String::new();
-        let mut registration = String::new();
-        let mut failed = None;
-        let mut crash = a.crash;
-        let mut reported: Vec<u32> = Vec::new();
-        if let Some(c) = crash
-            && c.after_step == 0
-        {
-            // As soon as the run has started: inside the first exchange with the network.
-            crash = None;
-            report["crash"] = json!({"process": c.what.as_str(), "after_step": 0, "signal": a.crash_signal.as_str()});
-            match c.what {
-                crash::Crashed::Tred => {
-                    tred_proc.stop_with(a.crash_signal);
-                    (tred_proc, dev) =
-                        restart_tred(&mut tred, &socket, &dir.join("tred-2.log")).await?;
-                }
-                crash::Crashed::Roles => {
-                    roles_proc.stop_with(a.crash_signal);
-                    roles_proc = start_roles("roles-2.log")?;
-                }
-            }
-            say.line(&format!(
-                "[lab] {} killed as the run started and started again",
-                c.what.as_str()
-            ));
+        let initial_crash = if a.flow == FlowChoice::Initial { a.crash } else { None };
+        let mut steps = Vec::new();
+        let followed = follow(&mut rig, &id, initial_crash, &mut steps, report).await;
+        if a.flow == FlowChoice::Initial {
+            report["steps"] = json!(steps);
+        } else {
+            report["initial_steps"] = json!(steps);
         }
-        'watch: loop {
-        let mut steps = dev
-            .watch_provisioning(pb::WatchProvisioningRequest {
-                provisioning_id: id.clone(),
-            })
-            .await?
-            .into_inner();
-        loop {
-            let next = tokio::time::timeout(STEP_TIMEOUT, steps.message()).await.map_err(|_| {
-                fail(format!(
-                    "no progress for {} s after step {}",
-                    STEP_TIMEOUT.as_secs(),
-                    reported.last().copied().unwrap_or(0)
-                ))
-            })??;
-            let Some(s) = next else { break };
-            // A new watch replays what was already reported.
-            if s.ok && reported.contains(&s.step) {
-                continue;
-            }
-            if s.ok {
-                reported.push(s.step);
-            }
-            say.line(&crate::tred::step_line(&s));
-            if let Some(list) = report["steps"].as_array_mut() {
-                list.push(json!({"step": s.step, "name": s.name, "ok": s.ok, "detail": s.detail}));
-            }
-            if !s.mcim_id.is_empty() {
-                mcim_id = s.mcim_id.clone();
-            }
-            if !s.registration_id.is_empty() {
-                registration = s.registration_id.clone();
-            }
-            if !s.ok {
-                failed = Some(format!("step {} ({}) failed: {}", s.step, s.name, s.detail));
-            }
-            if let Some(c) = crash
-                && s.ok
-                && s.step == c.after_step
-            {
-                crash = None;
-                report["crash"] = json!({"process": c.what.as_str(), "after_step": c.after_step, "signal": a.crash_signal.as_str()});
-                match c.what {
-                    crash::Crashed::Tred => {
-                        drop(steps);
-                        tred_proc.stop_with(a.crash_signal);
-                        (tred_proc, dev) =
-                            restart_tred(&mut tred, &socket, &dir.join("tred-2.log")).await?;
-                        say.line(&format!("[lab] tred killed after step {} and started again: it resumes its run", c.after_step));
-                        continue 'watch;
-                    }
-                    crash::Crashed::Roles => {
-                        roles_proc.stop_with(a.crash_signal);
-                        roles_proc = start_roles("roles-2.log")?;
-                        say.line(&format!("[lab] mcim-roles killed after step {} and started again: the roles resume from their database", c.after_step));
-                    }
-                }
-            }
-        }
-        break;
-        }
+        let Followed {
+            mcim_id,
+            registration,
+            failed,
+        } = followed?;
         // What the SHO and the device's registry say, success or not.
         if !registration.is_empty() {
-            let mut sho = ShoServiceClient::new(role_client(&pki, Role::Subscriber, Role::Sho, sho_p).await?);
+            let mut sho = ShoServiceClient::new(rig.role(Role::Subscriber, Role::Sho, sho_p).await?);
             // The SHO follows the PVA's verdict on its own; give it a moment to hear it.
             let deadline = Instant::now() + Duration::from_secs(10);
             let r = loop {
@@ -333,7 +406,8 @@ pub(super) fn lab_inner(
                 "detail": r.detail,
             });
         }
-        let held: Vec<String> = dev
+        let held: Vec<String> = rig
+            .dev
             .list_mcims(pb::ListMcimsRequest {})
             .await?
             .into_inner()
@@ -349,10 +423,10 @@ pub(super) fn lab_inner(
         let provisioning_ms = provisioning.as_millis();
         // The TRE's share: what the TRE thread spent (TPM commands and the registry commits
         // with them) against the whole (network, roles, TLS, validation, the rest).
-        let tre_after = dev.get_status(pb::GetStatusRequest {}).await?.into_inner();
+        let tre_after = rig.dev.get_status(pb::GetStatusRequest {}).await?.into_inner();
         let tre_us = tre_after.tre_busy_micros.saturating_sub(tre_before.tre_busy_micros);
         let total_us = u64::try_from(provisioning.as_micros()).unwrap_or(u64::MAX);
-        if a.crash.is_none() {
+        if initial_crash.is_none() {
             // (After a crash the counters restarted with tred: no split.)
             report["timing"] = json!({
                 "provisioning_us": total_us,
@@ -361,7 +435,8 @@ pub(super) fn lab_inner(
                 "tpm_commands": tre_after.tpm_commands.saturating_sub(tre_before.tpm_commands),
             });
         }
-        let m = dev
+        let m = rig
+            .dev
             .get_mcim(pb::GetMcimRequest {
                 mcim_id: mcim_id.clone(),
             })
@@ -416,7 +491,8 @@ pub(super) fn lab_inner(
         ));
 
         // 4. Operational attach with the new MCIM.
-        let g = dev
+        let g = rig
+            .dev
             .network_attach(pb::NetworkAttachRequest {
                 mcim_id: m.mcim_id.clone(),
             })
@@ -427,22 +503,23 @@ pub(super) fn lab_inner(
             "[lab] operational attach with IMSI {}: AKA in the TRE against the SHO's vectors, grant {}",
             g.imsi, g.grant_id
         ));
-        let m = dev
+        let m = rig
+            .dev
             .get_mcim(pb::GetMcimRequest { mcim_id })
             .await?
             .into_inner()
             .mcim
             .unwrap_or_default();
-        report["mcim"] = json!({
-            "id": m.mcim_id,
-            "imsi": m.imsi,
-            "state": common::McimState::try_from(m.state)
-                .map(|s| s.as_str_name().trim_start_matches("MCIM_STATE_").to_lowercase())
-                .unwrap_or_default(),
-        });
+        report["mcim"] = mcim_report(&m);
         report["operational_attach"] = json!({"ok": true, "imsi": g.imsi});
+        report["provisioning_ms"] = json!(provisioning_ms);
+        if a.flow == FlowChoice::ChangeSho {
+            report["operational_attach"] = json!({"ok": false});
+            change_sho(&mut rig, &m, sho2_p, vno_p, report).await?;
+        }
         // The device's audit record of it all (5.1.2.2).
-        let v = dev
+        let v = rig
+            .dev
             .verify_audit_log(pb::VerifyAuditLogRequest {})
             .await?
             .into_inner();
@@ -451,7 +528,194 @@ pub(super) fn lab_inner(
         }
         say.line(&format!("[lab] audit record: {}", v.detail));
         report["audit"] = json!({"ok": true, "entries": v.entries});
-        report["provisioning_ms"] = json!(provisioning_ms);
         Ok::<(), CliError>(())
     })
+}
+
+/// An MCIM as the report shows it.
+fn mcim_report(m: &pb::Mcim) -> serde_json::Value {
+    json!({
+        "id": m.mcim_id,
+        "imsi": m.imsi,
+        "sho": m.sho_id,
+        "state": common::McimState::try_from(m.state)
+            .map(|s| s.as_str_name().trim_start_matches("MCIM_STATE_").to_lowercase())
+            .unwrap_or_default(),
+    })
+}
+
+/// The owner exports the device's parameters with its proof of ownership for the lab's
+/// subscriber at the SHO whose files are `sho_file` (annex x.2.3, from the device's
+/// owner-only local API); the subscriber contracts there with them (5.1.3.5.2; 5.1.3.7.4.2
+/// step 1), as `mcimctl device parameters` and `mcimctl subscriber register` do.
+async fn contract(
+    rig: &mut Rig<'_>,
+    sho_file: &str,
+    sho_port: u16,
+) -> Result<sho::CreateSubscriptionResponse, CliError> {
+    let mut params = crate::parameters::DeviceParameters::from_pb(
+        rig.dev
+            .get_device_parameters(pb::GetDeviceParametersRequest {})
+            .await?
+            .into_inner(),
+    );
+    let name_of = |file: &str| -> Result<String, CliError> {
+        let der = mcim_pki::dev::ca_der(&rig.pki, file).map_err(fail)?;
+        Ok(mcim_pki::party::caller_from_cert(&der).map_err(fail)?.name)
+    };
+    let (subscriber, sho_id) = (name_of("subscriber")?, name_of(sho_file)?);
+    params.ownership_proof = rig
+        .dev
+        .prove_ownership(pb::ProveOwnershipRequest { subscriber, sho_id })
+        .await?
+        .into_inner()
+        .proof
+        .map(crate::parameters::ProofFile::from_pb);
+    crate::subscriber::register(
+        &mut ShoServiceClient::new(rig.role(Role::Subscriber, Role::Sho, sho_port).await?),
+        &params,
+        "",
+        rig.a.require_aka_in_tre,
+    )
+    .await
+}
+
+/// `--flow change-sho`: the subscriber moves the device from the lab's SHO (whose MCIM `old`
+/// is in use) to its second SHO (5.1.3.7.4.2, steps 1-14), then the device attaches with the
+/// new IMSI and the old SHO refuses vectors for the old one.
+async fn change_sho(
+    rig: &mut Rig<'_>,
+    old: &pb::Mcim,
+    sho2_p: u16,
+    vno_p: u16,
+    report: &mut serde_json::Value,
+) -> Result<(), CliError> {
+    let a = rig.a;
+    report["before"] = json!({"imsi": old.imsi, "sho": old.sho_id});
+    let (_, new_sho) = mcim_pki::dev::SECOND_SHO;
+    rig.say.line(&format!(
+        "[lab] change of SHO (5.1.3.7.4.2): from {} (IMSI {}) to {new_sho}",
+        old.sho_id, old.imsi
+    ));
+    // Step 1: the subscriber hands the device's parameters to the new SHO.
+    let sub = contract(rig, mcim_pki::dev::SECOND_SHO.0, sho2_p).await?;
+    rig.say.line(&format!(
+        "[lab] subscriber: subscription at {new_sho}, IMSI {} reserved",
+        sub.imsi
+    ));
+    // Step 2: the subscriber instructs the device.
+    let access = match a.access {
+        AccessChoice::ThreeGpp => common::AccessType::AccessType3gpp,
+        AccessChoice::Non3gpp => common::AccessType::Non3gpp,
+    };
+    let started = Instant::now();
+    let id = rig
+        .dev
+        .reprovision(pb::ReprovisionRequest {
+            new_sho_id: new_sho.into(),
+            access: access as i32,
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .provisioning_id;
+    let mut steps = Vec::new();
+    let followed = follow(rig, &id, a.crash, &mut steps, report).await;
+    report["steps"] = json!(steps);
+    let Followed {
+        mcim_id,
+        registration,
+        failed,
+    } = followed?;
+    // What the new SHO learnt (step 11): the filtered acknowledgment, nothing of the old.
+    let mut relayed = false;
+    if !registration.is_empty() {
+        let r = ShoServiceClient::new(rig.role(Role::Subscriber, Role::Sho, sho2_p).await?)
+            .get_registration(sho::GetRegistrationRequest {
+                registration_id: registration.clone(),
+            })
+            .await?
+            .into_inner();
+        relayed = !r.discard_ack.is_empty();
+        report["sho_registration"] = json!({
+            "id": registration,
+            "sho": new_sho,
+            "state": crate::subscriber::registration_state(r.state),
+            "detail": r.detail,
+            "discard_ack": String::from_utf8_lossy(&r.discard_ack),
+        });
+    }
+    let acknowledged = steps
+        .iter()
+        .any(|s| s["step"] == json!(10) && s["ok"] == json!(true));
+    report["discard"] = json!({
+        "notice_acknowledged": acknowledged,
+        "relayed_to_new_sho": relayed,
+    });
+    let held = rig
+        .dev
+        .list_mcims(pb::ListMcimsRequest {})
+        .await?
+        .into_inner()
+        .mcims;
+    report["mcims"] = json!(
+        held.iter()
+            .map(|m| json!({"imsi": m.imsi, "sho": m.sho_id, "state": mcim_report(m)["state"]}))
+            .collect::<Vec<_>>()
+    );
+    if let Some(f) = failed {
+        return Err(fail(f));
+    }
+    let change_ms = started.elapsed().as_millis();
+    report["change_ms"] = json!(change_ms);
+    // The old SHO gives no more vectors for the old IMSI: a VNO attach with it goes nowhere.
+    let mut probe = VnoServiceClient::new(
+        crate::net::software_device_channel(
+            &rig.pki,
+            "001019999999998",
+            Role::Vno,
+            &format!("https://127.0.0.1:{vno_p}"),
+        )
+        .await?,
+    );
+    let refused = probe
+        .attach(vno::AttachRequest {
+            identity: old.imsi.clone(),
+        })
+        .await
+        .is_err();
+    report["old_imsi_refused"] = json!(refused);
+    if !refused {
+        return Err(fail(format!(
+            "the old SHO still gives vectors for {} after the discard",
+            old.imsi
+        )));
+    }
+    rig.say.line(&format!(
+        "[lab] the old SHO refuses vectors for IMSI {}: its MCIM was discarded",
+        old.imsi
+    ));
+    // Operational attach with the new MCIM.
+    let g = rig
+        .dev
+        .network_attach(pb::NetworkAttachRequest {
+            mcim_id: mcim_id.clone(),
+        })
+        .await
+        .map_err(|s| fail(format!("operational attach failed: {}", s.message())))?
+        .into_inner();
+    let m = rig
+        .dev
+        .get_mcim(pb::GetMcimRequest { mcim_id })
+        .await?
+        .into_inner()
+        .mcim
+        .unwrap_or_default();
+    rig.say.line(&format!(
+        "[lab] changed in {change_ms} ms; operational attach with IMSI {} of {}: grant {}",
+        g.imsi, m.sho_id, g.grant_id
+    ));
+    report["mcim"] = mcim_report(&m);
+    report["operational_attach"] = json!({"ok": true, "imsi": g.imsi});
+    Ok(())
 }

@@ -1,7 +1,9 @@
 //! The RO's MCIM Download and Provisioning Function (TR 33.812 5.1.3.4.3): takes the SHO's
 //! authorisation and package (5.1.3.6.2 step 11) after checking the PVA's result it relied on,
 //! lets the device download the package (step 12), takes the device's install report
-//! (step 13) and reports it to the SHO (step 14). What the device must hear reaches it on the
+//! (step 13) and reports it to the SHO (step 14). In a change of SHO (5.1.3.7.4.2) it also
+//! orders the device to discard the old SHO's MCIM (step 8) and relays the old SHO's
+//! acknowledgment to the new SHO, privacy-filtered (step 11). What the device must hear reaches it on the
 //! task stream it opened itself.
 
 use std::sync::Arc;
@@ -31,6 +33,33 @@ const TASK_POLL: Duration = crate::store::REREAD;
 pub struct Dpf(pub Arc<Ro>);
 
 impl Dpf {
+    /// The order to discard the old SHO's MCIM for a change registration: the IMSI the device
+    /// reported installed from that SHO, and where that SHO is (the DRF's subscription).
+    async fn discard_task(&self, reg: &Registration) -> Result<pb::DiscardTask, RoleError> {
+        let old: Option<(String,)> = sqlx::query_as(
+            "SELECT mcim_id FROM ro_registration WHERE pcid = ? AND sho_id = ? \
+             AND state = 'installed' ORDER BY rowid DESC LIMIT 1",
+        )
+        .bind(&reg.pcid)
+        .bind(&reg.change_from)
+        .fetch_optional(&self.0.db)
+        .await
+        .map_err(db_err)?;
+        let old_sho_url = match self.0.sho_url(&reg.pcid).await? {
+            Some((id, url)) if id == reg.change_from => url,
+            _ => {
+                return Err(RoleError::conflict(
+                    "the SHO the device changes from no longer serves it",
+                ));
+            }
+        };
+        Ok(pb::DiscardTask {
+            mcim_id: old.map(|(m,)| m).unwrap_or_default(),
+            old_sho_url,
+            registration_id: reg.id.clone(),
+        })
+    }
+
     /// A registration, for the SHO the device registered at only (it alone authorises or
     /// refuses it, 5.1.3.6.2 steps 10-11; the table's ownership rule).
     async fn registration_of(
@@ -81,10 +110,21 @@ impl DpfService for Dpf {
                     return Err(RoleError::conflict(format!("the registration is {s}")));
                 }
             }
-            // The package and the device's download task.
+            // The package and the device's download task; in a change of SHO, then the order
+            // to discard the old SHO's MCIM (5.1.3.7.4.2 steps 7-8).
+            let mut tasks = vec![pb::watch_device_tasks_response::Task::Download(
+                pb::DownloadTask {
+                    registration_id: reg.id.clone(),
+                },
+            )];
+            if !reg.change_from.is_empty() {
+                tasks.push(pb::watch_device_tasks_response::Task::Discard(
+                    self.discard_task(&reg).await?,
+                ));
+            }
             let authorised = self
                 .0
-                .change_with_task(
+                .change_with_tasks(
                     sqlx::query(
                         "UPDATE ro_registration SET package = ?, state = 'authorized' \
                      WHERE id = ? AND package IS NULL AND state = 'validating'",
@@ -92,9 +132,7 @@ impl DpfService for Dpf {
                     .bind(package)
                     .bind(&reg.id),
                     &reg.pcid,
-                    pb::watch_device_tasks_response::Task::Download(pb::DownloadTask {
-                        registration_id: reg.id.clone(),
-                    }),
+                    tasks,
                 )
                 .await?;
             if authorised {
@@ -290,12 +328,29 @@ impl DpfService for Dpf {
                 "nothing was downloaded for this registration",
             ));
         }
-        // Step 14: the SHO hears it first; a retry reports again (the SHO is idempotent).
-        let (_, sho_url) = self
-            .0
-            .sho_url(&reg.pcid)
-            .await?
-            .ok_or_else(|| RoleError::conflict("the SHO's subscription is gone"))?;
+        // A change of SHO installs after the old SHO's acknowledgment reached the new one
+        // (5.1.3.7.4.2 steps 11-13).
+        if st == common::ProvisioningStatus::Installed
+            && !reg.change_from.is_empty()
+            && reg.discard_relayed == 0
+        {
+            return Err(RoleError::conflict(
+                "a change of SHO: relay the old SHO's discard acknowledgment first (step 11)",
+            ));
+        }
+        let sho_url = self.0.registration_sho_url(&reg).await?;
+        // Recorded first: the SHO, told next, registers at the DRF as the device's SHO
+        // (5.1.3.7.4.2 step 14), which the DRF allows for an installed registration. A retry
+        // reports again (the SHO is idempotent).
+        sqlx::query("UPDATE ro_registration SET state = ?, detail = ?, mcim_id = ? WHERE id = ?")
+            .bind(state)
+            .bind(&r.detail)
+            .bind(&r.mcim_id)
+            .bind(&reg.id)
+            .execute(&self.0.db)
+            .await
+            .map_err(db_err)?;
+        // Step 14 (5.1.3.6.2) / 13 (5.1.3.7.4.2): the SHO hears it.
         self.0
             .sho(&sho_url)
             .await?
@@ -306,14 +361,6 @@ impl DpfService for Dpf {
             })
             .await
             .map_err(RoleError::peer(Role::Sho))?;
-        sqlx::query("UPDATE ro_registration SET state = ?, detail = ?, mcim_id = ? WHERE id = ?")
-            .bind(state)
-            .bind(&r.detail)
-            .bind(&r.mcim_id)
-            .bind(&reg.id)
-            .execute(&self.0.db)
-            .await
-            .map_err(db_err)?;
         tracing::info!(pcid = %reg.pcid, registration = %reg.id, state, "provisioning reported");
         Ok(Response::new(pb::ReportProvisioningStatusResponse {}))
         })
@@ -328,9 +375,50 @@ impl DpfService for Dpf {
             let auth = authorized(&req)?;
             let reg = self.0.registration(&req.get_ref().registration_id).await?;
             auth.owns(&reg.pcid)?;
-            Err(RoleError::not_built(
-                "change of SHO (5.1.3.7.4.2) is not built yet",
-            ))
+            if reg.change_from.is_empty() {
+                return Err(RoleError::conflict(
+                    "not a change of SHO: there is no old SHO to have acknowledged",
+                ));
+            }
+            let ack = req.into_inner().discard_ack;
+            // The old SHO's own signature, for this device.
+            let cert = mcim_core::signed::signer_certificate(&ack)
+                .map_err(|e| RoleError::invalid(format!("the acknowledgment: {e}")))?;
+            let anchors = mcim_pki::dev::trust_anchors(&self.0.pki)?;
+            let key = mcim_pki::party::party_key(&anchors, &cert, Role::Sho, &reg.change_from)
+                .map_err(|e| RoleError::denied(format!("the acknowledgment: {e}")))?;
+            let a: mcim_pki::discard::Ack = mcim_core::signed::open(&ack, &key)
+                .map_err(|e| RoleError::denied(format!("the acknowledgment: {e}")))?;
+            if a.kind != mcim_pki::discard::ACK_KIND || a.pcid != reg.pcid || a.sho != reg.change_from
+            {
+                return Err(RoleError::denied(
+                    "the acknowledgment is not the old SHO's for this device",
+                ));
+            }
+            // Privacy filtering (step 11): when, and nothing of the old subscription.
+            let filtered = serde_json::to_vec(&mcim_pki::discard::FilteredAck {
+                registration_id: reg.id.clone(),
+                discarded_at: a.discarded_at,
+                acknowledged_at: a.acknowledged_at,
+            })
+            .map_err(|e| RoleError::internal(e.to_string()))?;
+            let sho_url = self.0.registration_sho_url(&reg).await?;
+            self.0
+                .sho(&sho_url)
+                .await?
+                .receive_discard_ack(sho::ReceiveDiscardAckRequest {
+                    registration_id: reg.id.clone(),
+                    filtered_ack: filtered,
+                })
+                .await
+                .map_err(RoleError::peer(Role::Sho))?;
+            sqlx::query("UPDATE ro_registration SET discard_relayed = 1 WHERE id = ?")
+                .bind(&reg.id)
+                .execute(&self.0.db)
+                .await
+                .map_err(db_err)?;
+            tracing::info!(pcid = %reg.pcid, registration = %reg.id, "the old SHO's acknowledgment relayed, filtered");
+            Ok(Response::new(pb::RelayDiscardAckResponse {}))
         })
         .await
     }

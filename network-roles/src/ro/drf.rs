@@ -1,7 +1,8 @@
 //! The RO's Discovery and Registration Function (TR 33.812 5.1.3.4.2): the device connects
 //! under the VNO's grant (3GPP access, 5.1.3.6.2 step 5) or straight over its TLS identity
 //! (non-3GPP access, 5.1.3.6.3); the DRF finds the SHO that subscribed for the PCID (step 6)
-//! and registers the device there (step 7), then relays the SHO's validation request to the
+//! and registers the device there (step 7) or, in a change of SHO (5.1.3.7.4.2), at the SHO
+//! the device's subscriber moved it to, then relays the SHO's validation request to the
 //! device over its task stream (step 8, "may also be forwarded via the RO").
 
 use std::sync::Arc;
@@ -50,9 +51,13 @@ impl DrfService for Drf {
         Pcid::new(pcid.clone()).map_err(|e| RoleError::invalid(e.to_string()))?;
         let access =
             common::AccessType::try_from(r.access).unwrap_or(common::AccessType::Unspecified);
+        // A change of SHO (5.1.3.7.4.2; 5.1.3.7.4.3): the device names the SHO its subscriber
+        // moved it to, which must have announced it (step 1); the device is on the old SHO's
+        // connectivity (or its PCID's), known by its TLS identity.
+        let change = !r.new_sho_id.is_empty();
         match access {
             // Step 5: only under a live grant the VNO reported for this PCID.
-            common::AccessType::AccessType3gpp => {
+            common::AccessType::AccessType3gpp if !change => {
                 let grant: Option<(String, i64)> =
                     sqlx::query_as("SELECT pcid, expires_at FROM ro_grant WHERE grant_id = ?")
                         .bind(&r.grant_id)
@@ -72,31 +77,55 @@ impl DrfService for Drf {
                 }
             }
             // 5.1.3.6.3: the device's TLS identity (checked by the table) is what it shows.
-            common::AccessType::Non3gpp => {}
+            common::AccessType::AccessType3gpp | common::AccessType::Non3gpp => {}
             common::AccessType::Unspecified => {
                 return Err(RoleError::invalid("access type is required"));
             }
         }
-        // Idempotent: a registration still in progress is the answer again.
-        let open: Option<(String, String, Vec<u8>)> = sqlx::query_as(
-            "SELECT id, sho_id, nonce FROM ro_registration \
-             WHERE pcid = ? AND state IN ('validating', 'authorized')",
+        // Step 6: the SHO that serves the device, or the one it changes to.
+        let current = self.0.sho_url(&pcid).await?;
+        let (sho_id, sho_url, change_from) = if change {
+            let (old, _) = current.ok_or_else(|| {
+                RoleError::conflict(
+                    "no SHO serves this PCID yet: provision it first (a change of SHO needs one)",
+                )
+            })?;
+            if old == r.new_sho_id {
+                return Err(RoleError::conflict(format!(
+                    "{old} already serves this PCID"
+                )));
+            }
+            let url = self.0.sho_offer(&pcid, &r.new_sho_id).await?.ok_or_else(|| {
+                RoleError::conflict(format!(
+                    "{} has no contract for this PCID (the subscriber contracts there first, \
+                     5.1.3.7.4.2 step 1)",
+                    r.new_sho_id
+                ))
+            })?;
+            (r.new_sho_id.clone(), url, old)
+        } else {
+            let (id, url) = current.ok_or_else(|| {
+                RoleError::conflict("no SHO has a subscription for this PCID")
+            })?;
+            (id, url, String::new())
+        };
+        // Idempotent: a registration still in progress at that SHO is the answer again.
+        let open: Option<(String, Vec<u8>)> = sqlx::query_as(
+            "SELECT id, nonce FROM ro_registration \
+             WHERE pcid = ? AND sho_id = ? AND state IN ('validating', 'authorized')",
         )
         .bind(&pcid)
+        .bind(&sho_id)
         .fetch_optional(&self.0.db)
         .await
         .map_err(db_err)?;
-        if let Some((id, sho_id, nonce)) = open {
+        if let Some((id, nonce)) = open {
             return Ok(Response::new(pb::RegisterDeviceResponse {
                 registration_id: id,
                 sho_id,
                 registration_nonce: nonce,
             }));
         }
-        // Step 6: the SHO that subscribed for this device.
-        let (sho_id, sho_url) = self.0.sho_url(&pcid).await?.ok_or_else(|| {
-            RoleError::conflict("no SHO has a subscription for this PCID")
-        })?;
         // Step 7: register at the SHO, which asks the PVA for a validation (step 8).
         let id = new_id();
         let mut nonce = [0u8; 32];
@@ -118,23 +147,26 @@ impl DrfService for Drf {
         self.0
             .change_with_task(
                 sqlx::query(
-                    "INSERT INTO ro_registration (id, pcid, access, sho_id, nonce, state) \
-                     VALUES (?, ?, ?, ?, ?, 'validating')",
+                    "INSERT INTO ro_registration (id, pcid, access, sho_id, nonce, state, \
+                     sho_url, change_from) VALUES (?, ?, ?, ?, ?, 'validating', ?, ?)",
                 )
                 .bind(&id)
                 .bind(&pcid)
                 .bind(access as i64)
                 .bind(&sho_id)
-                .bind(nonce.to_vec()),
+                .bind(nonce.to_vec())
+                .bind(&sho_url)
+                .bind(&change_from),
                 &pcid,
                 pb::watch_device_tasks_response::Task::Attest(pb::AttestationTask {
                     validation_id: v.validation_id,
                     nonce: v.nonce,
                     pva_url: v.pva_url,
+                    registration_id: id.clone(),
                 }),
             )
             .await?;
-        tracing::info!(%pcid, registration = %id, sho = %sho_id, "device registered at its SHO");
+        tracing::info!(%pcid, registration = %id, sho = %sho_id, change = change, "device registered at its SHO");
         Ok(Response::new(pb::RegisterDeviceResponse {
             registration_id: id,
             sho_id,
@@ -158,21 +190,59 @@ impl DrfService for Drf {
                 return Err(RoleError::invalid("sho_url must be https://host:port"));
             }
             // A PCID another SHO serves stays that SHO's: the update applies only to the
-            // caller's own row (a change of SHO is 5.1.3.7's flow, not an overwrite).
-            let done = sqlx::query(
-                "INSERT INTO ro_subscription (pcid, sho_id, sho_url) VALUES (?, ?, ?) \
-                 ON CONFLICT(pcid) DO UPDATE SET sho_url = excluded.sho_url \
-                 WHERE ro_subscription.sho_id = excluded.sho_id",
+            // caller's own row, or to a device that re-provisioned at the caller in a change
+            // of SHO (5.1.3.7.4.2 step 14). Otherwise the caller is, at most, the SHO the
+            // device may change to (step 1).
+            let mut tx = self.0.db.begin().await.map_err(db_err)?;
+            let changed: Option<(String,)> = sqlx::query_as(
+                "SELECT id FROM ro_registration WHERE pcid = ? AND sho_id = ? \
+                 AND state = 'installed' AND change_from != ''",
             )
             .bind(&r.pcid)
             .bind(&r.sho_id)
-            .bind(&r.sho_url)
-            .execute(&self.0.db)
+            .fetch_optional(&mut *tx)
             .await
             .map_err(db_err)?;
+            let sql = if changed.is_some() {
+                "INSERT INTO ro_subscription (pcid, sho_id, sho_url) VALUES (?, ?, ?) \
+                 ON CONFLICT(pcid) DO UPDATE SET sho_id = excluded.sho_id, \
+                 sho_url = excluded.sho_url"
+            } else {
+                "INSERT INTO ro_subscription (pcid, sho_id, sho_url) VALUES (?, ?, ?) \
+                 ON CONFLICT(pcid) DO UPDATE SET sho_url = excluded.sho_url \
+                 WHERE ro_subscription.sho_id = excluded.sho_id"
+            };
+            let done = sqlx::query(sql)
+                .bind(&r.pcid)
+                .bind(&r.sho_id)
+                .bind(&r.sho_url)
+                .execute(&mut *tx)
+                .await
+                .map_err(db_err)?;
             if done.rows_affected() == 0 {
-                return Err(RoleError::denied("another SHO serves this PCID"));
+                if !r.change_of_sho {
+                    return Err(RoleError::denied("another SHO serves this PCID"));
+                }
+                sqlx::query(
+                    "INSERT INTO ro_sho_offer (pcid, sho_id, sho_url) VALUES (?, ?, ?) \
+                     ON CONFLICT(pcid, sho_id) DO UPDATE SET sho_url = excluded.sho_url",
+                )
+                .bind(&r.pcid)
+                .bind(&r.sho_id)
+                .bind(&r.sho_url)
+                .execute(&mut *tx)
+                .await
+                .map_err(db_err)?;
+                tracing::info!(pcid = %r.pcid, sho = %r.sho_id, "an SHO the device may change to");
+            } else if changed.is_some() {
+                sqlx::query("DELETE FROM ro_sho_offer WHERE pcid = ?")
+                    .bind(&r.pcid)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db_err)?;
+                tracing::info!(pcid = %r.pcid, sho = %r.sho_id, "the device's SHO changed");
             }
+            tx.commit().await.map_err(db_err)?;
             Ok(Response::new(pb::SetSubscriptionResponse {}))
         })
         .await

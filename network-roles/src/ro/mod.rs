@@ -96,6 +96,16 @@ impl Ro {
         pcid: &str,
         task: pb::watch_device_tasks_response::Task,
     ) -> Result<bool, RoleError> {
+        self.change_with_tasks(change, pcid, vec![task]).await
+    }
+
+    /// [`Ro::change_with_task`] with several tasks, queued in order.
+    async fn change_with_tasks(
+        &self,
+        change: sqlx::query::Query<'_, sqlx::Sqlite, sqlx::sqlite::SqliteArguments>,
+        pcid: &str,
+        tasks: Vec<pb::watch_device_tasks_response::Task>,
+    ) -> Result<bool, RoleError> {
         let mut tx = self.db.begin().await.map_err(db_err)?;
         if change
             .execute(&mut *tx)
@@ -106,28 +116,30 @@ impl Ro {
         {
             return Ok(false);
         }
-        let body = pb::WatchDeviceTasksResponse {
-            seq: 0,
-            task: Some(task),
-        }
-        .encode_to_vec();
-        // Above every number this device was ever given (acknowledged tasks are deleted).
-        let (seq,): (i64,) = sqlx::query_as(
-            "INSERT INTO ro_task_seq (pcid, last_seq) VALUES (?, 1) \
-             ON CONFLICT (pcid) DO UPDATE SET last_seq = ro_task_seq.last_seq + 1 \
-             RETURNING last_seq",
-        )
-        .bind(pcid)
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(db_err)?;
-        sqlx::query("INSERT INTO ro_task (pcid, seq, body) VALUES (?, ?, ?)")
+        for task in tasks {
+            let body = pb::WatchDeviceTasksResponse {
+                seq: 0,
+                task: Some(task),
+            }
+            .encode_to_vec();
+            // Above every number this device was ever given (acknowledged tasks are deleted).
+            let (seq,): (i64,) = sqlx::query_as(
+                "INSERT INTO ro_task_seq (pcid, last_seq) VALUES (?, 1) \
+                 ON CONFLICT (pcid) DO UPDATE SET last_seq = ro_task_seq.last_seq + 1 \
+                 RETURNING last_seq",
+            )
             .bind(pcid)
-            .bind(seq)
-            .bind(body)
-            .execute(&mut *tx)
+            .fetch_one(&mut *tx)
             .await
             .map_err(db_err)?;
+            sqlx::query("INSERT INTO ro_task (pcid, seq, body) VALUES (?, ?, ?)")
+                .bind(pcid)
+                .bind(seq)
+                .bind(body)
+                .execute(&mut *tx)
+                .await
+                .map_err(db_err)?;
+        }
         tx.commit().await.map_err(db_err)?;
         self.tasks.bump();
         Ok(true)
@@ -142,19 +154,35 @@ pub(crate) struct Registration {
     pub sho_id: String,
     pub state: String,
     pub package: Option<Vec<u8>>,
+    /// Where its SHO is (empty in rows made before changes of SHO: the subscription's).
+    pub sho_url: String,
+    /// A change of SHO: the SHO the device changes from (5.1.3.7.4.2); empty otherwise.
+    pub change_from: String,
+    /// Whether the old SHO's acknowledgment reached the new SHO (step 11).
+    pub discard_relayed: i64,
 }
 
 impl Ro {
     pub(crate) async fn registration(&self, id: &str) -> Result<Registration, RoleError> {
-        type Row = (String, String, String, String, Option<Vec<u8>>);
+        type Row = (
+            String,
+            String,
+            String,
+            String,
+            Option<Vec<u8>>,
+            String,
+            String,
+            i64,
+        );
         let row: Option<Row> = sqlx::query_as(
-            "SELECT id, pcid, sho_id, state, package FROM ro_registration WHERE id = ?",
+            "SELECT id, pcid, sho_id, state, package, sho_url, change_from, discard_relayed \
+             FROM ro_registration WHERE id = ?",
         )
         .bind(id)
         .fetch_optional(&self.db)
         .await
         .map_err(db_err)?;
-        let (id, pcid, sho_id, state, package) =
+        let (id, pcid, sho_id, state, package, sho_url, change_from, discard_relayed) =
             row.ok_or_else(|| RoleError::not_found("no such registration"))?;
         Ok(Registration {
             id,
@@ -162,7 +190,41 @@ impl Ro {
             sho_id,
             state,
             package,
+            sho_url,
+            change_from,
+            discard_relayed,
         })
+    }
+
+    /// The address of the SHO a registration was made at.
+    pub(crate) async fn registration_sho_url(
+        &self,
+        reg: &Registration,
+    ) -> Result<String, RoleError> {
+        if !reg.sho_url.is_empty() {
+            return Ok(reg.sho_url.clone());
+        }
+        match self.sho_url(&reg.pcid).await? {
+            Some((id, url)) if id == reg.sho_id => Ok(url),
+            _ => Err(RoleError::conflict("the SHO's subscription is gone")),
+        }
+    }
+
+    /// The address of `sho_id` if it announced a contract for `pcid` while another SHO serves
+    /// it (5.1.3.7.4.2 step 1).
+    pub(crate) async fn sho_offer(
+        &self,
+        pcid: &str,
+        sho_id: &str,
+    ) -> Result<Option<String>, RoleError> {
+        let row: Option<(String,)> =
+            sqlx::query_as("SELECT sho_url FROM ro_sho_offer WHERE pcid = ? AND sho_id = ?")
+                .bind(pcid)
+                .bind(sho_id)
+                .fetch_optional(&self.db)
+                .await
+                .map_err(db_err)?;
+        Ok(row.map(|(u,)| u))
     }
 
     pub(crate) async fn sho_url(&self, pcid: &str) -> Result<Option<(String, String)>, RoleError> {

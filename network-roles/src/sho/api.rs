@@ -9,6 +9,7 @@ use mcim_proto::mcim::sho::v1 as pb;
 use mcim_proto::mcim::sho::v1::sho_service_server::ShoService;
 use tonic::{Request, Response, Status};
 
+use super::discard::DiscardNotice;
 use super::registrations::NewRegistration;
 use super::subscriptions::NewSubscription;
 use super::{Sho, St};
@@ -102,6 +103,7 @@ impl ShoService for ShoApi {
                 state: i32::try_from(reg.state).unwrap_or(0),
                 detail: reg.detail,
                 imsi,
+                discard_ack: reg.discard_ack.unwrap_or_default(),
             }))
         })
         .await
@@ -140,6 +142,12 @@ impl ShoService for ShoApi {
                 _ => return Err(RoleError::invalid("status is installed or failed")),
             };
             self.0.report(&r.registration_id, st, &r.detail).await?;
+            // Step 14 (5.1.3.7.4.2): registered at the DRF for future discovery.
+            if st == St::Provisioned
+                && let Some(reg) = self.0.registration(&r.registration_id).await?
+            {
+                self.0.serve_at_drf(&reg.pcid).await?;
+            }
             Ok(Response::new(pb::ReportProvisioningStatusResponse {}))
         })
         .await
@@ -150,12 +158,27 @@ impl ShoService for ShoApi {
         req: Request<pb::NotifyDiscardRequest>,
     ) -> Result<Response<pb::NotifyDiscardResponse>, Status> {
         role(async move {
-            // The device that discarded: known from the IMSI once change of SHO is built; until
-            // then only the role is checked.
-            authorized(&req)?;
-            Err(RoleError::not_built(
-                "change of SHO (5.1.3.7.4.2) is not built yet",
-            ))
+            let auth = authorized(&req)?;
+            let r = req.into_inner();
+            let (ack, at) = self
+                .0
+                .notice(
+                    &auth,
+                    DiscardNotice {
+                        imsi: r.imsi,
+                        notice: r.discard_statement,
+                        signature: r.signature,
+                        chain: r.device_certificate,
+                    },
+                )
+                .await?;
+            Ok(Response::new(pb::NotifyDiscardResponse {
+                discard_ack: ack,
+                acknowledged_at: Some(prost_types::Timestamp {
+                    seconds: at,
+                    nanos: 0,
+                }),
+            }))
         })
         .await
     }
@@ -166,9 +189,11 @@ impl ShoService for ShoApi {
     ) -> Result<Response<pb::ReceiveDiscardAckResponse>, Status> {
         role(async move {
             authorized(&req)?;
-            Err(RoleError::not_built(
-                "change of SHO (5.1.3.7.4.2) is not built yet",
-            ))
+            let r = req.into_inner();
+            self.0
+                .relayed_ack(&r.registration_id, r.filtered_ack)
+                .await?;
+            Ok(Response::new(pb::ReceiveDiscardAckResponse {}))
         })
         .await
     }

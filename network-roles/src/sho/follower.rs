@@ -143,7 +143,9 @@ impl Sho {
 
     async fn dpf(&self, url: &str) -> Result<DpfServiceClient<Channel>, RoleError> {
         Ok(DpfServiceClient::new(
-            self.dpfs.get(&self.pki, Role::Sho, Role::Ro, url).await?,
+            self.dpfs
+                .get_as(&self.pki, &self.cfg.party, Role::Ro, url)
+                .await?,
         ))
     }
 

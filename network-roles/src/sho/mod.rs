@@ -9,9 +9,12 @@
 //!
 //! One file per job: `subscriptions.rs` (contracts and IMSI numbers), `registrations.rs`
 //! (step 7's registrations and their state), `follower.rs` (steps 10-11 in the background),
-//! `package.rs` (building and signing the MCIM package), `api.rs` (the gRPC surface).
+//! `package.rs` (building and signing the MCIM package), `discard.rs` (both ends of a change of
+//! SHO: the old SHO's discard notices and acknowledgments, the new SHO's relayed one),
+//! `api.rs` (the gRPC surface).
 
 mod api;
+mod discard;
 mod follower;
 mod package;
 mod registrations;
@@ -55,6 +58,9 @@ pub struct ShoConfig {
     pub plmn: String,
     /// Its service provider name (EF_SPN).
     pub name: String,
+    /// Its files in the PKI directory: `<party>.pem`, `<party>.key` (`sho`; `sho2` for the
+    /// lab's second SHO, `mcim_pki::dev::SECOND_SHO`).
+    pub party: String,
 }
 
 /// The SHO's state.
@@ -87,16 +93,17 @@ impl Sho {
         {
             return Err(RoleError::invalid("the SHO's PLMN is 5 or 6 digits"));
         }
-        let key = mcim_pki::dev::signing_key(&pki, "sho").map_err(|e| internal(&e))?;
-        let cert = mcim_pki::dev::ca_der(&pki, "sho").map_err(|e| internal(&e))?;
+        let party = cfg.party.as_str();
+        let key = mcim_pki::dev::signing_key(&pki, party).map_err(|e| internal(&e))?;
+        let cert = mcim_pki::dev::ca_der(&pki, party).map_err(|e| internal(&e))?;
         let id = mcim_pki::party::caller_from_cert(&cert)
             .map_err(|e| internal(&e))?
             .name;
-        let data_key = DataKey::load_or_create(&pki, "sho").map_err(|e| internal(&e))?;
+        let data_key = DataKey::load_or_create(&pki, party).map_err(|e| internal(&e))?;
         Ok(Arc::new(Self {
             auc: Auc::new("sho", db.clone(), data_key),
-            pva: peers::channel(&pki, Role::Sho, Role::Pva, &cfg.pva_url)?,
-            drf: peers::channel(&pki, Role::Sho, Role::Ro, &cfg.ro_url)?,
+            pva: peers::channel_as(&pki, party, Role::Pva, &cfg.pva_url)?,
+            drf: peers::channel_as(&pki, party, Role::Ro, &cfg.ro_url)?,
             pki,
             db,
             key,

@@ -32,6 +32,8 @@ pub(super) struct Registration {
     pub detail: String,
     /// The package, once built (built once, step 11).
     pub package: Option<Vec<u8>>,
+    /// A change of SHO: the privacy-filtered acknowledgment relayed (5.1.3.7.4.2 step 11).
+    pub discard_ack: Option<Vec<u8>>,
 }
 
 impl<'r> sqlx::FromRow<'r, SqliteRow> for Registration {
@@ -46,6 +48,7 @@ impl<'r> sqlx::FromRow<'r, SqliteRow> for Registration {
             state: row.try_get("state")?,
             detail: row.try_get("detail")?,
             package: row.try_get("package")?,
+            discard_ack: row.try_get("discard_ack")?,
         })
     }
 }
@@ -67,7 +70,7 @@ impl Sho {
     pub(super) async fn registration(&self, id: &str) -> Result<Option<Registration>, RoleError> {
         sqlx::query_as::<_, Registration>(
             "SELECT id, pcid, nonce, dpf_url, validation_id, validation_nonce, state, detail, \
-             package FROM sho_registration WHERE id = ?",
+             package, discard_ack FROM sho_registration WHERE id = ?",
         )
         .bind(id)
         .fetch_optional(&self.db)

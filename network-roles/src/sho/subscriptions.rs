@@ -192,6 +192,9 @@ impl Sho {
                 pcid: sub.pcid.clone(),
                 sho_id: self.id.clone(),
                 sho_url: self.cfg.url.clone(),
+                // Another SHO serving the device: this one is where it may change to
+                // (5.1.3.7.4.2 step 1).
+                change_of_sho: true,
             })
             .await
             .map_err(RoleError::peer(Role::Ro))?;
@@ -222,11 +225,12 @@ impl Sho {
     }
 
     /// Whether `imsi` is the IMSI of an MCIM the device reported installed (5.1.3.6.2 step
-    /// 14): only those get vectors.
+    /// 14) and has not discarded (5.1.3.7.4.2 step 9): only those get vectors.
     pub(super) async fn imsi_live(&self, imsi: &str) -> Result<bool, RoleError> {
         let live: Option<(String,)> = sqlx::query_as(
             "SELECT s.imsi FROM sho_subscription s JOIN sho_registration r ON r.pcid = s.pcid \
-             WHERE s.imsi = ? AND r.state = ?",
+             WHERE s.imsi = ? AND r.state = ? \
+             AND NOT EXISTS (SELECT 1 FROM sho_discard d WHERE d.imsi = s.imsi)",
         )
         .bind(imsi)
         .bind(super::St::Provisioned as i64)

@@ -9,6 +9,7 @@
 //! the device façade ([`crate::device::Device`]), the same one the local API serves, so the
 //! flow obeys the registry's rules (lifecycle, lockdown) like every other caller.
 
+pub mod outbox;
 pub mod run;
 
 use std::path::PathBuf;
@@ -25,6 +26,8 @@ use mcim_proto::mcim::pva::v1::pva_service_client::PvaServiceClient;
 use mcim_proto::mcim::ro::v1 as ro;
 use mcim_proto::mcim::ro::v1::dpf_service_client::DpfServiceClient;
 use mcim_proto::mcim::ro::v1::drf_service_client::DrfServiceClient;
+use mcim_proto::mcim::sho::v1 as sho;
+use mcim_proto::mcim::sho::v1::sho_service_client::ShoServiceClient;
 use mcim_proto::mcim::vno::v1 as vno;
 use mcim_proto::mcim::vno::v1::vno_service_client::VnoServiceClient;
 use mcim_telemetry::Channel;
@@ -34,10 +37,16 @@ use tracing::Instrument;
 use crate::device::{Credential, Device, DeviceError, Installed, NewMcim, block16};
 use crate::registry::files::{read_optional, write_atomic};
 use crate::tls::{TreTlsKey, device_client_config};
-pub use run::{Access, Event, Registration, Run, RunState, StepRecord, step_name};
+use outbox::Outbox;
+pub use run::{
+    Access, Event, Flow, OldMcim, Registration, Run, RunState, StepRecord, flow_step_name,
+    step_name,
+};
 
-/// How many times a step is retried when a role is unreachable (one second apart).
+/// How many times a step is retried when a role is unreachable (about a second apart).
 const RETRIES: u32 = 120;
+/// How many times a change of SHO tries to install the kept package before it gives up.
+const INSTALL_ATTEMPTS: u32 = 3;
 
 /// Where the device reaches the network.
 #[derive(Clone, Debug)]
@@ -114,6 +123,9 @@ pub enum ProvisionError {
     /// No run with that id.
     #[error("no such provisioning run")]
     NoSuchRun,
+    /// The request is malformed; nothing was done.
+    #[error("{0}")]
+    BadRequest(String),
     /// The run could not be saved.
     #[error("cannot save the provisioning run: {0}")]
     Persist(String),
@@ -162,7 +174,12 @@ fn apply(run: &mut Run, step: u32, event: Event) -> Result<(), Stop> {
 /// The provisioning side of `tred`.
 pub struct Provisioner {
     device: Device,
+    state_dir: PathBuf,
     state_file: PathBuf,
+    /// Discard notices until the old SHO acknowledges them (5.1.3.7.4.2 steps 9-10).
+    outbox: Outbox,
+    /// A delivery task for the outbox is running.
+    delivering: std::sync::atomic::AtomicBool,
     net: Option<Network>,
     run: tokio::sync::watch::Sender<Option<Run>>,
     start: tokio::sync::Mutex<()>,
@@ -195,9 +212,14 @@ impl Provisioner {
             .map_err(|e| format!("{}: {e}", state_file.display()))?;
         let resume = saved.as_ref().is_some_and(|r| !r.finished());
         let (tx, _) = tokio::sync::watch::channel(saved);
+        let outbox = Outbox::load(&state_dir)?;
+        let undelivered = !outbox.pending().is_empty();
         let p = Arc::new(Self {
             device,
             state_file,
+            state_dir,
+            outbox,
+            delivering: std::sync::atomic::AtomicBool::new(false),
             net,
             run: tx,
             start: tokio::sync::Mutex::new(()),
@@ -207,17 +229,78 @@ impl Provisioner {
             tracing::info!("resuming the provisioning run");
             tokio::spawn(p.clone().drive());
         }
+        if undelivered {
+            tracing::info!("delivering the discard notices not yet acknowledged");
+            p.clone().deliver_notices();
+        }
         Ok(p)
     }
 
-    /// Starts a run, or returns the one in progress.
-    pub async fn begin(self: &Arc<Self>, access: Access) -> Result<String, ProvisionError> {
+    /// The discard notices the device sent, acknowledged or not (for the owner).
+    pub fn discard_notices(&self) -> Vec<outbox::Notice> {
+        self.outbox.all()
+    }
+
+    /// The owner instructs a change of SHO (5.1.3.7.4.2 step 2): re-provision from `new_sho`,
+    /// where the subscriber contracted, over the connectivity of the MCIM in use now, which
+    /// is discarded before the new one is installed. Returns the run, or the one in progress.
+    pub async fn reprovision(
+        self: &Arc<Self>,
+        access: Access,
+        new_sho: String,
+    ) -> Result<String, ProvisionError> {
         let _one = self.start.lock().await;
         if let Some(r) = self.run.borrow().as_ref()
             && !r.finished()
         {
             return Ok(r.id.clone());
         }
+        if new_sho.is_empty() || new_sho.contains(char::is_whitespace) {
+            return Err(ProvisionError::BadRequest(
+                "name the new SHO (its identity, e.g. sho2.mcim.local)".into(),
+            ));
+        }
+        self.ready(access)?;
+        let old_id = self.device.status().await?.connectivity.ok_or_else(|| {
+            ProvisionError::NotReady(
+                "no MCIM provides connectivity: nothing to change from (provision first)".into(),
+            )
+        })?;
+        let old = self.device.get(&old_id).await?;
+        if !matches!(old.state, McimState::Activated | McimState::Selected) {
+            return Err(ProvisionError::NotReady(format!(
+                "the MCIM in use ({}) is {:?}: a change needs its connectivity",
+                old.id, old.state
+            )));
+        }
+        if old.sho == new_sho {
+            return Err(ProvisionError::BadRequest(format!(
+                "{new_sho} already provides the MCIM in use"
+            )));
+        }
+        let mut id = [0u8; 8];
+        rand::Rng::fill_bytes(&mut rand::rng(), &mut id);
+        let run = Run::with_flow(
+            hex::encode(id),
+            access,
+            Flow::ChangeSho {
+                old: OldMcim {
+                    id: old.id,
+                    sho_id: old.sho,
+                },
+                new_sho,
+            },
+        );
+        self.save(&run).map_err(ProvisionError::Persist)?;
+        self.cached_channels().clear();
+        let id = run.id.clone();
+        self.run.send_replace(Some(run));
+        tokio::spawn(self.clone().drive());
+        Ok(id)
+    }
+
+    /// What every run needs before it starts: the network and the supplier's certificates.
+    fn ready(&self, access: Access) -> Result<(), ProvisionError> {
         let net = self.net.as_ref().ok_or_else(|| {
             ProvisionError::NotReady("tred has no network configured (ca_file, ro_url)".into())
         })?;
@@ -231,6 +314,18 @@ impl Provisioner {
                 "the device has no certificates yet (InstallCertificates at supply time)".into(),
             ));
         }
+        Ok(())
+    }
+
+    /// Starts a run, or returns the one in progress.
+    pub async fn begin(self: &Arc<Self>, access: Access) -> Result<String, ProvisionError> {
+        let _one = self.start.lock().await;
+        if let Some(r) = self.run.borrow().as_ref()
+            && !r.finished()
+        {
+            return Ok(r.id.clone());
+        }
+        self.ready(access)?;
         let mut id = [0u8; 8];
         rand::Rng::fill_bytes(&mut rand::rng(), &mut id);
         let run = Run::new(hex::encode(id), access);
@@ -286,7 +381,7 @@ impl Provisioner {
         self.drive_run(run).instrument(span).await;
     }
 
-    async fn drive_run(&self, mut run: Run) {
+    async fn drive_run(self: &Arc<Self>, mut run: Run) {
         let mut tries = 0;
         while !run.finished() {
             let result = match &run.state {
@@ -300,9 +395,19 @@ impl Provisioner {
                         .instrument(tracing::info_span!("register", steps = "5-7"))
                         .await
                 }
-                RunState::AwaitingTasks { .. } => {
+                RunState::AwaitingTasks { .. } | RunState::Downloaded { .. } => {
                     self.tasks(&mut run)
-                        .instrument(tracing::info_span!("tasks", steps = "8-14"))
+                        .instrument(tracing::info_span!("tasks"))
+                        .await
+                }
+                RunState::Discarded { .. } => {
+                    self.acknowledged(&mut run)
+                        .instrument(tracing::info_span!("discard_notice", steps = "9-11"))
+                        .await
+                }
+                RunState::Relayed { .. } => {
+                    self.install_kept(&mut run)
+                        .instrument(tracing::info_span!("install", steps = "12-14"))
                         .await
                 }
                 RunState::Provisioned { .. } | RunState::Failed { .. } => break,
@@ -319,7 +424,10 @@ impl Provisioner {
                         Some((step, format!("gave up: {why}")))
                     } else {
                         tracing::info!("provisioning: {why}; retrying");
-                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        // About a second, jittered: devices that lost the same role do not
+                        // come back in step.
+                        let ms = 750 + rand::random::<u64>() % 500;
+                        tokio::time::sleep(Duration::from_millis(ms)).await;
                         None
                     }
                 }
@@ -381,6 +489,31 @@ impl Provisioner {
 
     /// Steps 1-4: attach with the PCID, AKA in the TRE with the initial credential.
     async fn attach(&self, run: &mut Run) -> Result<(), Stop> {
+        // A change of SHO uses the old SHO's connectivity (5.1.3.7.4.2): an operational
+        // attach with the MCIM in use (steps 2-7 then run over it).
+        if let Flow::ChangeSho { old, .. } = &run.flow {
+            let old = old.id.clone();
+            let m = self
+                .device
+                .get(&old)
+                .await
+                .map_err(|e| Stop::Fail(2, format!("the MCIM in use: {e}")))?;
+            if m.state != McimState::Selected {
+                self.device
+                    .select(&old, None)
+                    .await
+                    .map_err(|e| Stop::Fail(2, format!("the MCIM in use: {e}")))?;
+            }
+            let g = self
+                .attach_with(&old, Credential::Mcim(old.clone()))
+                .await
+                .map_err(|s| match s {
+                    Stop::Fail(_, why) => Stop::Fail(2, format!("attach with {old}: {why}")),
+                    r => r,
+                })?;
+            tracing::info!(imsi = %old, grant = %g.grant_id, "attached over the old SHO's MCIM");
+            return apply(run, 2, Event::Attached { grant: g.grant_id });
+        }
         let pcid = self.pcid(1).await?;
         let g = self.attach_with(&pcid, Credential::Initial).await?;
         run.record(1, true, format!("PCID {pcid}"));
@@ -494,6 +627,10 @@ impl Provisioner {
             .map_err(|e| Stop::Fail(5, e.to_string()))?
             .unwrap_or_default();
         let url = self.net(5)?.ro_url.clone();
+        let (new_sho_id, refused_at) = match &run.flow {
+            Flow::Initial => (String::new(), 6),
+            Flow::ChangeSho { new_sho, .. } => (new_sho.clone(), 1),
+        };
         let r = DrfServiceClient::new(self.channel(&url, Role::Ro, 5)?)
             .register_device(ro::RegisterDeviceRequest {
                 pcid,
@@ -503,13 +640,45 @@ impl Provisioner {
                 } as i32,
                 grant_id: run.state.grant().unwrap_or_default().to_string(),
                 platform_credential: certs.platform_credential,
+                new_sho_id,
             })
             .await
             .map_err(|s| match s.code() {
-                Code::FailedPrecondition | Code::NotFound => Stop::Fail(6, s.message().to_string()),
+                Code::FailedPrecondition | Code::NotFound => {
+                    Stop::Fail(refused_at, s.message().to_string())
+                }
                 _ => stop(5)(s),
             })?
             .into_inner();
+        if let Flow::ChangeSho { old, new_sho } = &run.flow {
+            let (old, new_sho) = (old.clone(), new_sho.clone());
+            run.record(
+                1,
+                true,
+                format!("{new_sho} holds a contract for the device"),
+            );
+            run.record(
+                2,
+                true,
+                match run.state.grant() {
+                    Some(g) => format!(
+                        "from {}: over the connectivity of MCIM {} (grant {g})",
+                        old.sho_id, old.id
+                    ),
+                    None => format!("from {}: over non-3GPP access", old.sho_id),
+                },
+            );
+            run.record(3, true, format!("registration {}", r.registration_id));
+            return apply(
+                run,
+                3,
+                Event::Registered(Registration {
+                    id: r.registration_id,
+                    sho_id: r.sho_id,
+                    nonce: r.registration_nonce,
+                }),
+            );
+        }
         run.record(
             5,
             true,
@@ -531,16 +700,22 @@ impl Provisioner {
         )
     }
 
-    /// Steps 8-14, as the RO's tasks arrive on the device's own stream.
+    /// Steps 8-14 (5.1.3.6.2), or 3-8 of a change (5.1.3.7.4.2), as the RO's tasks arrive on
+    /// the device's own stream.
     async fn tasks(&self, run: &mut Run) -> Result<(), Stop> {
         let (registration, ack_seq) = match &run.state {
             RunState::AwaitingTasks {
                 registration,
                 ack_seq,
                 ..
+            }
+            | RunState::Downloaded {
+                registration,
+                ack_seq,
             } => (registration.clone(), *ack_seq),
             _ => return Ok(()),
         };
+        let change = run.flow != Flow::Initial;
         let url = self.net(8)?.ro_url.clone();
         let chan = self.channel(&url, Role::Ro, 8)?;
         let mut dpf = DpfServiceClient::new(chan);
@@ -556,34 +731,61 @@ impl Provisioner {
                 Err(s) => return Err(stop(8)(s)),
             };
             match task.task {
-                Some(ro::watch_device_tasks_response::Task::Attest(a)) => {
-                    if !run.done(9) {
-                        self.attest(run, &a).await?;
-                    }
+                Some(ro::watch_device_tasks_response::Task::Attest(a))
+                    if !a.registration_id.is_empty() && a.registration_id != registration.id =>
+                {
+                    tracing::info!(registration = %a.registration_id, "an attestation task of an earlier registration; ignored");
                 }
+                Some(ro::watch_device_tasks_response::Task::Attest(a))
+                    if !run.done(if change { 4 } else { 9 }) =>
+                {
+                    self.attest(run, &a).await?;
+                }
+                Some(ro::watch_device_tasks_response::Task::Attest(_)) => {}
                 Some(ro::watch_device_tasks_response::Task::Download(d)) => {
-                    if d.registration_id == registration.id {
-                        self.download(run, &registration, &mut dpf).await?;
-                    } else {
+                    if d.registration_id != registration.id {
                         tracing::warn!(registration = %d.registration_id, "a download for another registration; ignored");
+                    } else if change {
+                        if matches!(run.state, RunState::AwaitingTasks { .. }) {
+                            self.download_kept(run, &registration, &mut dpf).await?;
+                        }
+                    } else {
+                        self.download(run, &registration, &mut dpf).await?;
                     }
                 }
                 Some(ro::watch_device_tasks_response::Task::Refused(r)) => {
                     if r.registration_id == registration.id {
                         return Err(Stop::Fail(
-                            10,
+                            if change { 5 } else { 10 },
                             format!("the SHO refused to provision the device: {}", r.reason),
                         ));
                     }
                     tracing::info!(registration = %r.registration_id, "a refusal of an earlier registration; ignored");
                 }
-                Some(ro::watch_device_tasks_response::Task::Discard(_)) | None => {}
+                Some(ro::watch_device_tasks_response::Task::Discard(d)) => {
+                    if d.registration_id == registration.id
+                        && matches!(run.state, RunState::Downloaded { .. })
+                    {
+                        apply(run, 8, Event::Acknowledged(task.seq))?;
+                        self.discard_old(run, &d).await?;
+                        self.publish(run);
+                        return Ok(());
+                    }
+                    tracing::warn!(registration = %d.registration_id, "an order to discard outside a change of SHO in progress; ignored");
+                }
+                None => {}
             }
-            if !run.finished() {
+            if matches!(
+                run.state,
+                RunState::AwaitingTasks { .. } | RunState::Downloaded { .. }
+            ) {
                 apply(run, 8, Event::Acknowledged(task.seq))?;
             }
             self.publish(run);
-            if run.finished() {
+            if !matches!(
+                run.state,
+                RunState::AwaitingTasks { .. } | RunState::Downloaded { .. }
+            ) {
                 return Ok(());
             }
         }
@@ -591,21 +793,28 @@ impl Provisioner {
 
     /// Steps 8-9: evidence for the PVA's nonce.
     async fn attest(&self, run: &mut Run, a: &ro::AttestationTask) -> Result<(), Stop> {
-        if !run.done(8) {
-            run.record(8, true, format!("validation {}", a.validation_id));
+        // 5.1.3.6.2 steps 8-9; 5.1.3.7.4.2 steps 3-4 (step 3 was recorded at registration).
+        let (asked, validated) = if run.flow == Flow::Initial {
+            (8, 9)
+        } else {
+            (3, 4)
+        };
+        if !run.done(asked) {
+            run.record(asked, true, format!("validation {}", a.validation_id));
         }
         let ev = self
             .device
             .attest(a.nonce.clone(), None)
             .await
-            .map_err(|e| Stop::Fail(9, format!("the TRE gave no evidence: {e}")))?;
+            .map_err(|e| Stop::Fail(validated, format!("the TRE gave no evidence: {e}")))?;
         let clock = ev.clock.unwrap_or(mcim_core::tpm::attest::ClockInfo {
             clock: 0,
             reset_count: 0,
             restart_count: 0,
             safe: false,
         });
-        let mut pva_client = PvaServiceClient::new(self.channel(&a.pva_url, Role::Pva, 9)?);
+        let mut pva_client =
+            PvaServiceClient::new(self.channel(&a.pva_url, Role::Pva, validated)?);
         let v = pva_client
             .submit_evidence(pva::SubmitEvidenceRequest {
                 validation_id: a.validation_id.clone(),
@@ -621,21 +830,21 @@ impl Provisioner {
             // SHO acts on that verdict: a download or a refusal follows on the task stream.
             Err(s) if s.code() == Code::FailedPrecondition => {
                 run.record(
-                    9,
+                    validated,
                     true,
                     "the PVA had decided already (evidence sent before a restart)",
                 );
                 return Ok(());
             }
-            Err(s) => return Err(stop(9)(s)),
+            Err(s) => return Err(stop(validated)(s)),
         };
         match pva::Verdict::try_from(v.verdict) {
             Ok(pva::Verdict::Trusted) => {
-                run.record(9, true, "trusted");
+                run.record(validated, true, "trusted");
                 Ok(())
             }
             _ => Err(Stop::Fail(
-                9,
+                validated,
                 format!("the PVA refused the device: {}", v.reason),
             )),
         }
@@ -704,9 +913,13 @@ impl Provisioner {
         Ok(())
     }
 
-    /// Verifies the package (the SHO we registered at, this device, this registration) and
-    /// installs it; an MCIM already installed from this very package counts as installed.
-    async fn install(&self, registration: &Registration, package: &[u8]) -> Result<String, String> {
+    /// Verifies the package: signed by the SHO we registered at, for this device, this
+    /// registration and its nonce, and holding an MCIM the TRE can take. Nothing changes.
+    async fn verify_package(
+        &self,
+        registration: &Registration,
+        package: &[u8],
+    ) -> Result<(NewMcim, bool), String> {
         let net = self.net.as_ref().ok_or("no network")?;
         let cert = mcim_core::signed::signer_certificate(package).map_err(|e| e.to_string())?;
         let sho =
@@ -720,6 +933,13 @@ impl Provisioner {
             mcim_core::package::open(package, &sho, &pcid, &registration.id, &registration.nonce)
                 .map_err(|e| e.to_string())?;
         let new = NewMcim::from_package(&p).map_err(|e| e.to_string())?;
+        Ok((new, p.policy.use_for_connectivity))
+    }
+
+    /// Verifies the package ([`Provisioner::verify_package`]) and installs it; an MCIM already
+    /// installed from this very package counts as installed.
+    async fn install(&self, registration: &Registration, package: &[u8]) -> Result<String, String> {
+        let (new, connectivity) = self.verify_package(registration, package).await?;
         let refused = |e: DeviceError| format!("the TRE refused the MCIM: {e}");
         // A resumed run (installed before a restart, maybe before the run was saved): the
         // registry already holds this IMSI from this SHO. The package is this registration's
@@ -733,10 +953,306 @@ impl Provisioner {
                 .await
                 .map_err(refused)?;
         }
-        if p.policy.use_for_connectivity {
+        if connectivity {
             self.device.set_connectivity(&m.id).await.map_err(refused)?;
         }
         Ok(m.id)
+    }
+
+    /// Where a change of SHO keeps its downloaded package (5.1.3.7.4.2 step 7) until it is
+    /// installed: signed and wrapped to the TRE, nothing in it is readable outside the TRE.
+    fn kept_package(&self, registration: &Registration) -> PathBuf {
+        self.state_dir
+            .join(format!("package-{}.cose", registration.id))
+    }
+
+    /// 5.1.3.7.4.2 steps 5-7: the new SHO's package, downloaded whole over the old SHO's
+    /// connectivity, verified and kept; nothing on the device changes.
+    async fn download_kept(
+        &self,
+        run: &mut Run,
+        registration: &Registration,
+        dpf: &mut DpfServiceClient<Channel>,
+    ) -> Result<(), Stop> {
+        if !run.done(5) {
+            run.record(5, true, "the new SHO received a positive result");
+            run.record(6, true, "the DPF holds the new SHO's MCIM");
+        }
+        let package = dpf
+            .download_package(ro::DownloadPackageRequest {
+                registration_id: registration.id.clone(),
+            })
+            .await
+            .map_err(stop(7))?
+            .into_inner()
+            .package
+            .map(|p| p.cose_sign1)
+            .unwrap_or_default();
+        if let Err(why) = self.verify_package(registration, &package).await {
+            // Nothing was discarded: the old MCIM stays in use; both SHOs hear of it.
+            let _ = dpf
+                .report_provisioning_status(ro::ReportProvisioningStatusRequest {
+                    registration_id: registration.id.clone(),
+                    status: common::ProvisioningStatus::Failed as i32,
+                    detail: why.clone(),
+                    mcim_id: String::new(),
+                })
+                .await;
+            return Err(Stop::Fail(
+                7,
+                format!("the new package does not verify (the old MCIM stays): {why}"),
+            ));
+        }
+        write_atomic(&self.kept_package(registration), &package)
+            .map_err(|e| Stop::Fail(7, format!("cannot keep the package: {e}")))?;
+        run.record(
+            7,
+            true,
+            format!("{} octets, verified whole and kept", package.len()),
+        );
+        apply(run, 7, Event::Downloaded)
+    }
+
+    /// Step 8: the old SHO's MCIM leaves the TRE; its discard notice, signed in the TRE, goes
+    /// into the outbox before the run moves on.
+    async fn discard_old(&self, run: &mut Run, d: &ro::DiscardTask) -> Result<(), Stop> {
+        let Flow::ChangeSho { old, .. } = &run.flow else {
+            return Ok(());
+        };
+        let old = old.clone();
+        // The RO names what it thinks is installed; the device discards only what its owner
+        // named, and refuses an order for anything else.
+        if !d.mcim_id.is_empty() && d.mcim_id != old.id {
+            return Err(Stop::Fail(
+                8,
+                format!(
+                    "the RO ordered the discard of {}, not of the MCIM in use ({})",
+                    d.mcim_id, old.id
+                ),
+            ));
+        }
+        if !d.old_sho_url.starts_with("https://") {
+            return Err(Stop::Fail(
+                8,
+                "the old SHO's address is not https://".into(),
+            ));
+        }
+        let gone = |e: DeviceError| match e {
+            DeviceError::EngineGone(_) => Stop::Retry(e.to_string()),
+            e => Stop::Fail(8, format!("the TRE did not discard {}: {e}", old.id)),
+        };
+        self.device.discard(&old.id).await.map_err(gone)?;
+        let (notice, signature, chain) = self
+            .device
+            .discard_notice(old.id.clone(), old.sho_id.clone())
+            .await
+            .map_err(gone)?;
+        self.outbox
+            .put(outbox::Notice {
+                imsi: old.id.clone(),
+                sho_id: old.sho_id.clone(),
+                sho_url: d.old_sho_url.clone(),
+                notice,
+                signature,
+                chain,
+                ack: None,
+                acknowledged_at: 0,
+                attempts: 0,
+            })
+            .map_err(|e| Stop::Fail(8, format!("cannot keep the discard notice: {e}")))?;
+        run.record(
+            8,
+            true,
+            format!("MCIM {} of {} is gone from the TRE", old.id, old.sho_id),
+        );
+        apply(run, 8, Event::Discarded)
+    }
+
+    /// Steps 9-11: wait for the outbox to deliver the notice and verify the old SHO's
+    /// acknowledgment (steps 9-10, retried with backoff, across restarts), then relay it to
+    /// the DPF, which filters it for the new SHO (11).
+    async fn acknowledged(self: &Arc<Self>, run: &mut Run) -> Result<(), Stop> {
+        let (Flow::ChangeSho { old, .. }, Some(registration)) =
+            (&run.flow, run.state.registration())
+        else {
+            return Ok(());
+        };
+        let (imsi, registration) = (old.id.clone(), registration.clone());
+        let mut changed = self.outbox.subscribe();
+        let n = loop {
+            match self.outbox.get(&imsi) {
+                Some(n) if n.ack.is_some() => break n,
+                Some(_) => {}
+                None => {
+                    return Err(Stop::Fail(9, "the discard notice is missing".into()));
+                }
+            }
+            self.clone().deliver_notices();
+            // Woken by the delivery; looked at again now and then in any case.
+            let _ = tokio::time::timeout(Duration::from_secs(5), changed.changed()).await;
+        };
+        let ack = n.ack.unwrap_or_default();
+        if !run.done(9) {
+            run.record(
+                9,
+                true,
+                format!(
+                    "notice delivered to {} after {} failed tries",
+                    n.sho_id, n.attempts
+                ),
+            );
+            run.record(
+                10,
+                true,
+                format!("signed acknowledgment verified (at {})", n.acknowledged_at),
+            );
+        }
+        let url = self.net(11)?.ro_url.clone();
+        DpfServiceClient::new(self.channel(&url, Role::Ro, 11)?)
+            .relay_discard_ack(ro::RelayDiscardAckRequest {
+                registration_id: registration.id.clone(),
+                discard_ack: ack,
+            })
+            .await
+            .map_err(stop(11))?;
+        run.record(11, true, "the new SHO knows the old credentials are gone");
+        apply(run, 11, Event::AckRelayed)
+    }
+
+    /// Steps 12-14: install the kept package (a failure is tried again from it, never
+    /// downloaded again), report; the new SHO registers at the DRF before the report returns.
+    async fn install_kept(&self, run: &mut Run) -> Result<(), Stop> {
+        let (registration, attempts) = match &run.state {
+            RunState::Relayed {
+                registration,
+                attempts,
+            } => (registration.clone(), *attempts),
+            _ => return Ok(()),
+        };
+        let file = self.kept_package(&registration);
+        let package = read_optional(&file)
+            .map_err(|e| Stop::Fail(12, format!("{}: {e}", file.display())))?
+            .ok_or_else(|| Stop::Fail(12, "the kept package is missing".into()))?;
+        let url = self.net(12)?.ro_url.clone();
+        let mut dpf = DpfServiceClient::new(self.channel(&url, Role::Ro, 12)?);
+        let (status, detail, mcim_id) = match self.install(&registration, &package).await {
+            Ok(id) => (common::ProvisioningStatus::Installed, String::new(), id),
+            Err(why) if attempts + 1 < INSTALL_ATTEMPTS => {
+                tracing::warn!(
+                    attempt = attempts + 1,
+                    "install from the kept package failed: {why}"
+                );
+                apply(run, 12, Event::InstallFailed)?;
+                return Err(Stop::Retry(format!("step 12: {why}")));
+            }
+            Err(why) => (common::ProvisioningStatus::Failed, why, String::new()),
+        };
+        dpf.report_provisioning_status(ro::ReportProvisioningStatusRequest {
+            registration_id: registration.id.clone(),
+            status: status as i32,
+            detail: detail.clone(),
+            mcim_id: mcim_id.clone(),
+        })
+        .await
+        .map_err(stop(13))?;
+        if status == common::ProvisioningStatus::Failed {
+            return Err(Stop::Fail(
+                12,
+                format!("{detail} (tried {INSTALL_ATTEMPTS} times from the kept package)"),
+            ));
+        }
+        run.record(12, true, format!("MCIM {mcim_id} installed and activated"));
+        run.record(13, true, "the new SHO knows");
+        run.record(14, true, "the DRF routes the device to the new SHO");
+        apply(run, 12, Event::Installed { mcim_id })?;
+        let _ = std::fs::remove_file(&file);
+        Ok(())
+    }
+
+    /// Delivers the outbox's notices until each is acknowledged (one task at a time; started
+    /// again by whoever adds a notice or waits for one).
+    fn deliver_notices(self: Arc<Self>) {
+        use std::sync::atomic::Ordering;
+        if self.delivering.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        tokio::spawn(async move {
+            let mut next: std::collections::HashMap<String, tokio::time::Instant> =
+                Default::default();
+            loop {
+                let pending = self.outbox.pending();
+                if pending.is_empty() {
+                    self.delivering.store(false, Ordering::SeqCst);
+                    // A notice put in between would wait for the next caller: look again.
+                    if self.outbox.pending().is_empty()
+                        || self.delivering.swap(true, Ordering::SeqCst)
+                    {
+                        return;
+                    }
+                    continue;
+                }
+                let now = tokio::time::Instant::now();
+                for n in pending {
+                    if next.get(&n.imsi).is_some_and(|t| *t > now) {
+                        continue;
+                    }
+                    let outcome = self.deliver_one(&n).await;
+                    let recorded = match outcome {
+                        Ok(ack) => {
+                            tracing::info!(imsi = %n.imsi, sho = %n.sho_id, "the old SHO acknowledged the discard");
+                            self.outbox.record(&n.imsi, Some(ack))
+                        }
+                        Err(why) => {
+                            let wait = outbox::backoff(n.attempts);
+                            tracing::warn!(imsi = %n.imsi, sho = %n.sho_id, "discard notice not acknowledged ({why}); again in {wait:?}");
+                            next.insert(n.imsi.clone(), tokio::time::Instant::now() + wait);
+                            self.outbox.record(&n.imsi, None)
+                        }
+                    };
+                    if let Err(e) = recorded {
+                        tracing::error!("discard outbox: {e}");
+                    }
+                }
+                let soonest = next.values().min().copied();
+                match soonest {
+                    Some(t) => tokio::time::sleep_until(t).await,
+                    None => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        });
+    }
+
+    /// One delivery (step 9) and the check of the answer (step 10): the old SHO's signature
+    /// under the SHO CA, for this very notice. Returns the acknowledgment and when it was made.
+    async fn deliver_one(&self, n: &outbox::Notice) -> Result<(Vec<u8>, u64), String> {
+        let why = |s: Stop| match s {
+            Stop::Retry(w) | Stop::Fail(_, w) => w,
+        };
+        let chan = self.channel(&n.sho_url, Role::Sho, 9).map_err(why)?;
+        let r = ShoServiceClient::new(chan)
+            .notify_discard(sho::NotifyDiscardRequest {
+                imsi: n.imsi.clone(),
+                discard_statement: n.notice.clone(),
+                signature: n.signature.clone(),
+                device_certificate: n.chain.clone(),
+            })
+            .await
+            .map_err(|s| format!("{}: {}", s.code(), s.message()))?
+            .into_inner();
+        let net = self.net.as_ref().ok_or("no network")?;
+        let cert =
+            mcim_core::signed::signer_certificate(&r.discard_ack).map_err(|e| e.to_string())?;
+        let key = crate::net::verify_party(&net.sho_ca_pem, &cert, Role::Sho, &n.sho_id)?;
+        let a: mcim_pki::discard::Ack =
+            mcim_core::signed::open(&r.discard_ack, &key).map_err(|e| e.to_string())?;
+        if a.kind != mcim_pki::discard::ACK_KIND
+            || a.imsi != n.imsi
+            || a.sho != n.sho_id
+            || a.notice_sha256 != mcim_pki::discard::notice_digest(&n.notice)
+        {
+            return Err("the acknowledgment is not for this notice".into());
+        }
+        Ok((r.discard_ack, a.acknowledged_at))
     }
 }
 

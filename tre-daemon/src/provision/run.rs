@@ -31,6 +31,32 @@ pub struct Registration {
     pub nonce: Vec<u8>,
 }
 
+/// The MCIM a change of SHO leaves (5.1.3.7.4.2): the one that provided connectivity when
+/// the owner instructed the change.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OldMcim {
+    /// Its registry id (its IMSI).
+    pub id: String,
+    /// The SHO it came from.
+    pub sho_id: String,
+}
+
+/// Which of the seed's procedures the run follows.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum Flow {
+    /// Initial provisioning, 5.1.3.6.2 (5.1.3.6.3 over non-3GPP access).
+    #[default]
+    Initial,
+    /// Re-provisioning to a new SHO over the old SHO's connectivity, 5.1.3.7.4.2 steps 1-14.
+    ChangeSho {
+        /// The MCIM discarded at step 8.
+        old: OldMcim,
+        /// The SHO the subscriber moved the device to.
+        new_sho: String,
+    },
+}
+
 /// Where the run stands. Each state carries what the next steps need.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "state", rename_all = "snake_case")]
@@ -50,6 +76,30 @@ pub enum RunState {
         registration: Registration,
         /// The last task acknowledged.
         ack_seq: u64,
+    },
+    /// A change of SHO, 5.1.3.7.4.2 step 7 done: the new package is downloaded whole and
+    /// verified (kept in the state directory); nothing on the device has changed yet. The
+    /// order to discard the old MCIM follows on the task stream.
+    Downloaded {
+        /// The registration at the new SHO.
+        registration: Registration,
+        /// The last task acknowledged.
+        ack_seq: u64,
+    },
+    /// Step 8 done: the old SHO's MCIM is gone from the TRE; its discard notice is in the
+    /// outbox until the old SHO's acknowledgment verifies (steps 9-10), which then goes to the
+    /// DPF (step 11).
+    Discarded {
+        /// The registration at the new SHO.
+        registration: Registration,
+    },
+    /// Step 11 done: the new SHO knows the old credentials are gone. Steps 12-14: install from
+    /// the kept package (retried from it, never downloaded again), report.
+    Relayed {
+        /// The registration at the new SHO.
+        registration: Registration,
+        /// Installs tried so far.
+        attempts: u32,
     },
     /// Finished: the MCIM is installed and the SHO knows (step 14).
     Provisioned {
@@ -86,6 +136,14 @@ pub enum Event {
         /// Its id.
         mcim_id: String,
     },
+    /// A change of SHO, step 7: the new package is downloaded and verified.
+    Downloaded,
+    /// Step 8: the old MCIM is discarded in the TRE.
+    Discarded,
+    /// Steps 9-11: the old SHO's acknowledgment verified and relayed to the new SHO.
+    AckRelayed,
+    /// Step 12: an install from the kept package failed; it is tried again.
+    InstallFailed,
     /// A step failed for good.
     Failed {
         /// The step.
@@ -121,12 +179,44 @@ pub struct StepRecord {
 pub struct Run {
     /// The run's id.
     pub id: String,
+    /// The procedure (initial provisioning when absent: runs saved before changes of SHO).
+    #[serde(default)]
+    pub flow: Flow,
     /// The access it uses.
     pub access: Access,
     /// Where it stands.
     pub state: RunState,
     /// The steps so far, as reported to the owner.
     pub steps: Vec<StepRecord>,
+}
+
+/// The seed's steps of `flow`, numbered as in 5.1.3.6.2 or 5.1.3.7.4.2.
+pub fn flow_step_name(flow: &Flow, step: u32) -> &'static str {
+    match flow {
+        Flow::Initial => step_name(step),
+        Flow::ChangeSho { .. } => change_step_name(step),
+    }
+}
+
+/// The steps of 5.1.3.7.4.2, re-provisioning using the old SHO's connectivity.
+pub fn change_step_name(step: u32) -> &'static str {
+    match step {
+        1 => "the subscriber hands the device's parameters to the new SHO",
+        2 => "the subscriber instructs the device to re-provision",
+        3 => "the new SHO asks the PVA to validate the device",
+        4 => "the PVA validates the device's integrity",
+        5 => "the validation result reaches the new SHO",
+        6 => "the new SHO sends its MCIM to the RO's DPF",
+        7 => "the DPF sends the new MCIM over the old SHO's connectivity",
+        8 => "the old SHO's credentials are discarded in the TRE",
+        9 => "the device tells the old SHO it discarded them",
+        10 => "the old SHO acknowledges",
+        11 => "the DPF relays the acknowledgment to the new SHO (privacy-filtered)",
+        12 => "the new MCIM is provisioned into the TRE",
+        13 => "the DPF reports the status to the new SHO",
+        14 => "the new SHO registers the device at the DRF",
+        _ => "unknown step",
+    }
 }
 
 /// The seed's steps, numbered as in 5.1.3.6.2.
@@ -157,6 +247,9 @@ impl RunState {
             RunState::Attaching => "attaching",
             RunState::Registering { .. } => "registering",
             RunState::AwaitingTasks { .. } => "awaiting_tasks",
+            RunState::Downloaded { .. } => "downloaded",
+            RunState::Discarded { .. } => "discarded",
+            RunState::Relayed { .. } => "relayed",
             RunState::Provisioned { .. } => "provisioned",
             RunState::Failed { .. } => "failed",
         }
@@ -166,6 +259,9 @@ impl RunState {
     pub fn registration(&self) -> Option<&Registration> {
         match self {
             RunState::AwaitingTasks { registration, .. }
+            | RunState::Downloaded { registration, .. }
+            | RunState::Discarded { registration }
+            | RunState::Relayed { registration, .. }
             | RunState::Provisioned { registration, .. } => Some(registration),
             RunState::Failed { registration, .. } => registration.as_ref(),
             RunState::Attaching | RunState::Registering { .. } => None,
@@ -190,6 +286,10 @@ impl Event {
             Event::Registered(_) => "registered",
             Event::Acknowledged(_) => "acknowledged",
             Event::Installed { .. } => "installed",
+            Event::Downloaded => "downloaded",
+            Event::Discarded => "discarded",
+            Event::AckRelayed => "ack_relayed",
+            Event::InstallFailed => "install_failed",
             Event::Failed { .. } => "failed",
         }
     }
@@ -198,8 +298,14 @@ impl Event {
 impl Run {
     /// A new run: attaching over 3GPP access, registering otherwise.
     pub fn new(id: String, access: Access) -> Self {
+        Self::with_flow(id, access, Flow::Initial)
+    }
+
+    /// A new run of `flow` (a change of SHO attaches with the old MCIM over 3GPP access).
+    pub fn with_flow(id: String, access: Access, flow: Flow) -> Self {
         Self {
             id,
+            flow,
             access,
             state: match access {
                 Access::ThreeGpp => RunState::Attaching,
@@ -238,7 +344,55 @@ impl Run {
                 registration: registration.clone(),
                 ack_seq: (*ack_seq).max(seq),
             },
-            (RunState::AwaitingTasks { registration, .. }, Event::Installed { mcim_id }) => {
+            (RunState::AwaitingTasks { registration, .. }, Event::Installed { mcim_id })
+                if self.flow == Flow::Initial =>
+            {
+                RunState::Provisioned {
+                    registration: registration.clone(),
+                    mcim_id,
+                }
+            }
+            // 5.1.3.7.4.2: download (7), discard (8), notice and acknowledgment (9-11),
+            // install from the kept package (12-14).
+            (
+                RunState::AwaitingTasks {
+                    registration,
+                    ack_seq,
+                    ..
+                },
+                Event::Downloaded,
+            ) if self.flow != Flow::Initial => RunState::Downloaded {
+                registration: registration.clone(),
+                ack_seq: *ack_seq,
+            },
+            (
+                RunState::Downloaded {
+                    registration,
+                    ack_seq,
+                },
+                Event::Acknowledged(seq),
+            ) => RunState::Downloaded {
+                registration: registration.clone(),
+                ack_seq: (*ack_seq).max(seq),
+            },
+            (RunState::Downloaded { registration, .. }, Event::Discarded) => RunState::Discarded {
+                registration: registration.clone(),
+            },
+            (RunState::Discarded { registration }, Event::AckRelayed) => RunState::Relayed {
+                registration: registration.clone(),
+                attempts: 0,
+            },
+            (
+                RunState::Relayed {
+                    registration,
+                    attempts,
+                },
+                Event::InstallFailed,
+            ) => RunState::Relayed {
+                registration: registration.clone(),
+                attempts: attempts.saturating_add(1),
+            },
+            (RunState::Relayed { registration, .. }, Event::Installed { mcim_id }) => {
                 RunState::Provisioned {
                     registration: registration.clone(),
                     mcim_id,
@@ -258,10 +412,11 @@ impl Run {
     /// Notes a step for the owner (and the log).
     pub fn record(&mut self, step: u32, ok: bool, detail: impl Into<String>) {
         let detail = detail.into();
+        let name = flow_step_name(&self.flow, step);
         if ok {
-            tracing::info!(step, "provisioning: {} ({detail})", step_name(step));
+            tracing::info!(step, "provisioning: {name} ({detail})");
         } else {
-            tracing::warn!(step, "provisioning failed: {} ({detail})", step_name(step));
+            tracing::warn!(step, "provisioning failed: {name} ({detail})");
         }
         self.steps.push(StepRecord { step, ok, detail });
     }
@@ -417,6 +572,7 @@ mod v1 {
             };
             super::Run {
                 id: r.id,
+                flow: super::Flow::Initial,
                 access: if r.three_gpp {
                     Access::ThreeGpp
                 } else {

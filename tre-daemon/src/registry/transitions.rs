@@ -78,6 +78,15 @@ impl Registry {
         };
         changes.push(change);
         self.commit(changes, "lifecycle", Some(id), detail)?;
+        // The registry no longer refers to the secrets: what the TRE holds for them goes too
+        // (a token's objects). A failure here leaves objects no MCIM refers to, which the
+        // start-up check reports.
+        if matches!(to, McimState::Retired | McimState::Deleted)
+            && let Some(secrets) = rec.secrets.as_ref()
+            && let Err(e) = self.tre.destroy_mcim_secrets(secrets)
+        {
+            tracing::error!(mcim = %id, "the TRE kept the secrets of a {to:?} MCIM: {e}");
+        }
         Ok(to)
     }
 

@@ -340,6 +340,16 @@ pub trait Tre {
         Ok(Vec::new())
     }
 
+    /// Destroys what the TRE itself holds for an MCIM's secrets, once the registry no longer
+    /// refers to them (retire, delete, the discard of 5.1.3.7.4.2 step 8): a token's K and OPc
+    /// objects (C_DestroyObject). A TPM holds nothing for an MCIM between commands (its
+    /// at-rest blobs live in the registry, which no longer has them), so the default does
+    /// nothing.
+    fn destroy_mcim_secrets(&mut self, secrets: &ProtectedSecrets) -> Result<(), TreError> {
+        let _ = secrets;
+        Ok(())
+    }
+
     /// Runs the USIM side of AKA with an MCIM's secrets: RES, CK, IK on success, AUTS on a
     /// synchronisation failure, [`TreError::MacFailure`] when AUTN is not genuine. `sqn`
     /// changes only on success (TS 33.102 6.3.3, Annex C).

@@ -214,6 +214,26 @@ impl Pkcs11Tre {
         Ok(ids)
     }
 
+    /// Destroys every K and OPc object of an MCIM (its CKA_ID); none left is success.
+    pub(super) fn destroy(&self, s: &ProtectedSecrets) -> Result<(), TreError> {
+        for (id, label) in [(&s.k, K_LABEL), (&s.opc, OPC_LABEL)] {
+            for obj in self
+                .session
+                .find_objects(&[
+                    Attribute::Class(ObjectClass::SECRET_KEY),
+                    Attribute::Id(id.clone()),
+                    Attribute::Label(label.as_bytes().to_vec()),
+                ])
+                .map_err(ck("C_FindObjects"))?
+            {
+                self.session
+                    .destroy_object(obj)
+                    .map_err(ck("C_DestroyObject"))?;
+            }
+        }
+        Ok(())
+    }
+
     /// Whether both objects of an MCIM are on the token (start-up reconciliation).
     pub(super) fn holds(&self, s: &ProtectedSecrets) -> Result<bool, TreError> {
         Ok(self.object(&s.k, K_LABEL).is_ok() && self.object(&s.opc, OPC_LABEL).is_ok())

@@ -249,6 +249,10 @@ impl Tre for Pkcs11Tre {
         self.holds(secrets)
     }
 
+    fn destroy_mcim_secrets(&mut self, secrets: &ProtectedSecrets) -> Result<(), TreError> {
+        self.destroy(secrets)
+    }
+
     fn authenticate(
         &mut self,
         secrets: &ProtectedSecrets,

@@ -1,0 +1,31 @@
+-- Change of SHO (TR 33.812 5.1.3.7.4.2; 5.1.3.7.4.3).
+
+-- RO (DRF): an SHO a device may change to (step 1: its subscriber contracted there while
+-- another SHO serves it). It becomes the device's SHO in ro_subscription once the device has
+-- re-provisioned there (step 14).
+CREATE TABLE ro_sho_offer (
+    pcid TEXT NOT NULL,
+    sho_id TEXT NOT NULL,
+    sho_url TEXT NOT NULL,
+    PRIMARY KEY (pcid, sho_id)
+);
+
+-- RO: the SHO each registration was made at (a change registers at another SHO than the one
+-- serving the device); for a change, the SHO it changes from, and whether the old SHO's
+-- acknowledgment was relayed to the new one (step 11).
+ALTER TABLE ro_registration ADD COLUMN sho_url TEXT NOT NULL DEFAULT '';
+ALTER TABLE ro_registration ADD COLUMN change_from TEXT NOT NULL DEFAULT '';
+ALTER TABLE ro_registration ADD COLUMN discard_relayed INTEGER NOT NULL DEFAULT 0;
+
+-- Old SHO: the discard notices it received (step 9) and the acknowledgments it sent (10),
+-- one per IMSI; an IMSI here gets no more vectors.
+CREATE TABLE sho_discard (
+    imsi TEXT PRIMARY KEY,
+    pcid TEXT NOT NULL,
+    notice BLOB NOT NULL,
+    ack BLOB NOT NULL,
+    acknowledged_at INTEGER NOT NULL
+);
+
+-- New SHO: the privacy-filtered acknowledgment the DPF relayed (step 11), as received.
+ALTER TABLE sho_registration ADD COLUMN discard_ack BLOB;
