@@ -43,6 +43,25 @@ fn free_port_pair() -> u16 {
 }
 
 impl Swtpm {
+    /// A TPM with a copy of the state another swtpm left in `state` (its `--tpmstate` dir):
+    /// to look at what a stopped TPM holds with tpm2-tools.
+    pub fn start_from(state: &Path) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        for f in std::fs::read_dir(state).unwrap() {
+            let f = f.unwrap();
+            if f.file_type().unwrap().is_file() {
+                std::fs::copy(f.path(), dir.path().join(f.file_name())).unwrap();
+            }
+        }
+        let mut s = Swtpm {
+            child: None,
+            dir,
+            port: 0,
+        };
+        s.launch();
+        s
+    }
+
     /// A new TPM with empty state.
     pub fn start() -> Self {
         let dir = tempfile::tempdir().unwrap();
@@ -594,6 +613,7 @@ impl Roles {
         };
         let tls_key = key();
         let storage = spki(&key());
+        // (The TLS key signs what the TRE signs: ownership proofs, discard notices.)
         let cert = sup::supplier_service_client::SupplierServiceClient::new(
             self.channel(Role::Supplier, Role::Supplier).await,
         )
@@ -670,16 +690,27 @@ impl Roles {
         peer: mcim_roles::authz::Role,
         tls: tonic::transport::ClientTlsConfig,
     ) -> tonic::transport::Channel {
-        tonic::transport::Endpoint::from_shared(format!(
-            "https://127.0.0.1:{}",
-            self.port(peer.as_str())
-        ))
-        .unwrap()
-        .tls_config(tls)
-        .unwrap()
-        .connect()
-        .await
-        .unwrap()
+        self.connect_to(self.port(peer.as_str()), tls).await
+    }
+
+    /// A mutual-TLS channel to the second SHO with `me`'s development certificate.
+    pub async fn sho2_channel(&self, me: mcim_roles::authz::Role) -> tonic::transport::Channel {
+        let tls = mcim_roles::tls::client_tls(&self.pki, me, mcim_roles::authz::Role::Sho).unwrap();
+        self.connect_to(self.port("sho2"), tls).await
+    }
+
+    async fn connect_to(
+        &self,
+        port: u16,
+        tls: tonic::transport::ClientTlsConfig,
+    ) -> tonic::transport::Channel {
+        tonic::transport::Endpoint::from_shared(format!("https://127.0.0.1:{port}"))
+            .unwrap()
+            .tls_config(tls)
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
     }
 }
 
@@ -693,10 +724,16 @@ impl Roles {
     /// Everything in the roles' database, table by table (each row quoted, in key order): two
     /// equal snapshots mean nothing was changed in between.
     pub async fn snapshot(&self) -> std::collections::BTreeMap<String, String> {
+        db_dump(&self.db).await
+    }
+}
+
+/// Every row of every table of the SQLite file `db`, one string per table (SQL literals:
+/// blobs as X'..' hex), read-only.
+pub async fn db_dump(db: &Path) -> std::collections::BTreeMap<String, String> {
+    {
         use sqlx::sqlite::SqliteConnectOptions;
-        let opts = SqliteConnectOptions::new()
-            .filename(&self.db)
-            .read_only(true);
+        let opts = SqliteConnectOptions::new().filename(db).read_only(true);
         let pool = sqlx::SqlitePool::connect_with(opts).await.unwrap();
         let tables: Vec<(String,)> = sqlx::query_as(
             "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' \
@@ -729,6 +766,44 @@ impl Roles {
         pool.close().await;
         out
     }
+}
+
+/// The rows `sql` selects from the SQLite file `db` (read-only), every column read as text
+/// (select `hex(blob)` or `CAST(n AS TEXT)` for others).
+pub async fn db_rows(db: &Path, sql: &str) -> Vec<Vec<String>> {
+    use sqlx::Row;
+    let opts = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(db)
+        .read_only(true);
+    let pool = sqlx::SqlitePool::connect_with(opts).await.unwrap();
+    let rows = sqlx::query(sqlx::AssertSqlSafe(sql.to_string()))
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    let out = rows
+        .iter()
+        .map(|r| {
+            (0..r.len())
+                .map(|i| r.try_get::<String, _>(i).unwrap())
+                .collect()
+        })
+        .collect();
+    pool.close().await;
+    out
+}
+
+/// `mcimctl lab run --json ARGS`: whether it succeeded, its JSON report, its progress
+/// (stderr).
+pub fn lab_run(args: &[&str]) -> (bool, serde_json::Value, String) {
+    let out = Command::new(workspace_bin("mcimctl"))
+        .args(["lab", "run", "--json"])
+        .args(args)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("no JSON report ({e}); stderr:\n{stderr}"));
+    (out.status.success(), report, stderr)
 }
 
 /// A device with software keys, certified by the supplier (not a TRE: for tests of the roles'

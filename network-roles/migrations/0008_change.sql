@@ -16,6 +16,9 @@ CREATE TABLE ro_sho_offer (
 ALTER TABLE ro_registration ADD COLUMN sho_url TEXT NOT NULL DEFAULT '';
 ALTER TABLE ro_registration ADD COLUMN change_from TEXT NOT NULL DEFAULT '';
 ALTER TABLE ro_registration ADD COLUMN discard_relayed INTEGER NOT NULL DEFAULT 0;
+-- How many times the device downloaded the package (a failed install is retried from the
+-- device's kept copy: one download per registration is the rule, more is worth a look).
+ALTER TABLE ro_registration ADD COLUMN downloads INTEGER NOT NULL DEFAULT 0;
 
 -- Old SHO: the discard notices it received (step 9) and the acknowledgments it sent (10),
 -- one per IMSI; an IMSI here gets no more vectors.

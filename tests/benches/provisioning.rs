@@ -3,7 +3,9 @@
 //! own `mcim-roles all`, software TRE and `tred`, all release binaries); the lab reads tred's
 //! TRE-thread time (`GetStatus.tre_busy_micros`: TPM commands through the TSS or token calls,
 //! with the registry commits that go with them) before and after provisioning. The baseline,
-//! measured in the same command, is the same flow on a SoftHSM2 token.
+//! measured in the same command, is the same flow on a SoftHSM2 token. The change of SHO
+//! (5.1.3.7.4.2 steps 1-14, `--flow change-sho`) is timed the same way, from the owner's
+//! instruction to the end of the device's step stream (the lab's `change_timing`).
 //!
 //! ```sh
 //! cargo build --release --bins && cargo bench -p mcim-e2e --bench provisioning   # N = 10
@@ -34,6 +36,11 @@ fn ms(us: u64) -> String {
 }
 
 fn run(args: &[&str], n: usize) -> Runs {
+    let key = if args.contains(&"change-sho") {
+        "change_timing"
+    } else {
+        "timing"
+    };
     let mut r = Runs::default();
     for _ in 0..n {
         let out = Command::new(workspace_bin("mcimctl"))
@@ -45,7 +52,7 @@ fn run(args: &[&str], n: usize) -> Runs {
             panic!("{e}: {}", String::from_utf8_lossy(&out.stderr));
         });
         assert_eq!(v["ok"], true, "{v:#}");
-        let t = &v["timing"];
+        let t = &v[key];
         r.total.push(t["provisioning_us"].as_u64().unwrap());
         r.tre.push(t["tre_us"].as_u64().unwrap());
         r.rest.push(t["rest_us"].as_u64().unwrap());
@@ -59,7 +66,7 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(10);
-    let cases: [(&str, &[&str]); 3] = [
+    let cases: [(&str, &[&str]); 4] = [
         (
             "baseline: SoftHSM2 token, 3GPP access",
             &["--tre", "pkcs11"],
@@ -69,10 +76,14 @@ fn main() {
             "swtpm, non-3GPP access (5.1.3.6.3)",
             &["--tre", "tpm", "--access", "non-3gpp"],
         ),
+        (
+            "swtpm, change of SHO, 3GPP access (5.1.3.7.4.2 steps 1-14)",
+            &["--tre", "tpm", "--flow", "change-sho"],
+        ),
     ];
     let results: Vec<(&str, Runs)> = cases.iter().map(|(name, a)| (*name, run(a, n))).collect();
     let base = median(&results[0].1.total) as f64;
-    println!("end-to-end provisioning, median of {n} lab runs each");
+    println!("end-to-end provisioning and change of SHO, median of {n} lab runs each");
     println!(
         "| case | provisioning | in the TRE | the rest | TRE share | TPM commands | vs baseline |"
     );

@@ -4,21 +4,10 @@
 //! deployed binaries, and reads the lab's JSON report.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::process::Command;
-
-use mcim_e2e::workspace_bin;
 use serde_json::Value;
 
 fn lab(args: &[&str]) -> (bool, Value, String) {
-    let out = Command::new(workspace_bin("mcimctl"))
-        .args(["lab", "run", "--json"])
-        .args(args)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    let report: Value = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("no JSON report ({e}); stderr:\n{stderr}"));
-    (out.status.success(), report, stderr)
+    mcim_e2e::lab_run(args)
 }
 
 fn steps(r: &Value) -> Vec<(u64, bool)> {

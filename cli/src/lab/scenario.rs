@@ -608,6 +608,11 @@ async fn change_sho(
         AccessChoice::ThreeGpp => common::AccessType::AccessType3gpp,
         AccessChoice::Non3gpp => common::AccessType::Non3gpp,
     };
+    let tre_before = rig
+        .dev
+        .get_status(pb::GetStatusRequest {})
+        .await?
+        .into_inner();
     let started = Instant::now();
     let id = rig
         .dev
@@ -668,6 +673,25 @@ async fn change_sho(
     }
     let change_ms = started.elapsed().as_millis();
     report["change_ms"] = json!(change_ms);
+    if a.crash.is_none() {
+        // As for the initial provisioning: the TRE's share of the change (5.1.3.7.4.2 steps
+        // 1-14, from the instruction to the end of the step stream).
+        let tre_after = rig
+            .dev
+            .get_status(pb::GetStatusRequest {})
+            .await?
+            .into_inner();
+        let tre_us = tre_after
+            .tre_busy_micros
+            .saturating_sub(tre_before.tre_busy_micros);
+        let total_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        report["change_timing"] = json!({
+            "provisioning_us": total_us,
+            "tre_us": tre_us,
+            "rest_us": total_us.saturating_sub(tre_us),
+            "tpm_commands": tre_after.tpm_commands.saturating_sub(tre_before.tpm_commands),
+        });
+    }
     // The old SHO gives no more vectors for the old IMSI: a VNO attach with it goes nowhere.
     let mut probe = VnoServiceClient::new(
         crate::net::software_device_channel(
@@ -717,5 +741,21 @@ async fn change_sho(
     ));
     report["mcim"] = mcim_report(&m);
     report["operational_attach"] = json!({"ok": true, "imsi": g.imsi});
+    let held = rig
+        .dev
+        .list_mcims(pb::ListMcimsRequest {})
+        .await?
+        .into_inner()
+        .mcims;
+    report["mcims"] = mcims_report(&held);
     Ok(())
+}
+
+/// Every MCIM the registry holds, as the report shows them.
+fn mcims_report(held: &[pb::Mcim]) -> serde_json::Value {
+    json!(
+        held.iter()
+            .map(|m| json!({"imsi": m.imsi, "sho": m.sho_id, "state": mcim_report(m)["state"]}))
+            .collect::<Vec<_>>()
+    )
 }

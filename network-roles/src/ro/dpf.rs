@@ -296,6 +296,11 @@ impl DpfService for Dpf {
             let package = reg
                 .package
                 .ok_or_else(|| RoleError::conflict("the SHO has not authorised it yet"))?;
+            sqlx::query("UPDATE ro_registration SET downloads = downloads + 1 WHERE id = ?")
+                .bind(&reg.id)
+                .execute(&self.0.db)
+                .await
+                .map_err(db_err)?;
             Ok(Response::new(pb::DownloadPackageResponse {
                 package: Some(common::McimPackage {
                     cose_sign1: package,

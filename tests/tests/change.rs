@@ -1,0 +1,332 @@
+//! End-to-end change of SHO (TR 33.812 5.1.3.7.4.2, re-provisioning using the old SHO's
+//! connectivity) through `mcimctl lab run --flow change-sho`: each test starts its own
+//! `mcim-roles all` (two SHOs, fresh databases), its own software TRE (swtpm with a fresh
+//! state, or a fresh SoftHSM2 token) and its own `tred`, provisions the device at the first SHO,
+//! moves it to the second, and then looks at what every party keeps: the lab's JSON report, the
+//! roles' databases, the device's state directory, and the TRE itself through tpm2-tools and
+//! pkcs11-tool.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::Path;
+use std::process::Command;
+
+use mcim_e2e::{db_dump, db_rows, lab_run};
+use serde_json::Value;
+
+const OLD_SHO: &str = "sho.mcim.local";
+const NEW_SHO: &str = "sho2.mcim.local";
+const PCID: &str = "001010000000001";
+
+fn block<T>(f: impl std::future::Future<Output = T>) -> T {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(f)
+}
+
+/// Runs the change in `dir` with `args`; panics with the report when it failed.
+fn change(dir: &Path, args: &[&str]) -> Value {
+    let d = dir.to_str().unwrap();
+    let mut all = vec!["--flow", "change-sho", "--dir", d];
+    all.extend_from_slice(args);
+    let (ok, r, stderr) = lab_run(&all);
+    assert!(ok, "{r:#}\n{stderr}");
+    r
+}
+
+/// What every successful change shows, whatever the TRE, access or crash: the 14 steps once
+/// each; exactly one MCIM, the new SHO's, provides connectivity and attaches; the old SHO
+/// holds the device's verified notice and refuses the old IMSI; the new SHO learnt nothing of
+/// the old subscription; the DRF routes the device to the new SHO; one download.
+fn assert_changed(dir: &Path, r: &Value) {
+    let steps: Vec<(u64, bool)> = r["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| (s["step"].as_u64().unwrap(), s["ok"].as_bool().unwrap()))
+        .collect();
+    assert_eq!(
+        steps,
+        (1..=14).map(|s| (s, true)).collect::<Vec<_>>(),
+        "{r:#}"
+    );
+    let old_imsi = r["before"]["imsi"].as_str().unwrap().to_string();
+    let new_imsi = r["mcim"]["imsi"].as_str().unwrap().to_string();
+    assert_eq!(r["before"]["sho"], OLD_SHO);
+    assert!(old_imsi.starts_with("00102"), "{old_imsi}");
+    assert!(
+        new_imsi.starts_with("00103"),
+        "the new SHO's IMSI: {new_imsi}"
+    );
+    assert_eq!(r["mcim"]["sho"], NEW_SHO);
+    assert_eq!(r["operational_attach"]["ok"], true);
+    assert_eq!(r["operational_attach"]["imsi"], new_imsi.as_str());
+    assert_eq!(r["discard"]["notice_acknowledged"], true);
+    assert_eq!(r["discard"]["relayed_to_new_sho"], true);
+    assert_eq!(r["old_imsi_refused"], true);
+    assert_eq!(r["sho_registration"]["state"], "provisioned");
+    // The registry: the initial credential and the new MCIM; nothing of the old SHO.
+    let mcims = r["mcims"].as_array().unwrap();
+    let of = |sho: &str| mcims.iter().filter(|m| m["sho"] == sho).count();
+    assert_eq!(of(NEW_SHO), 1, "{mcims:?}");
+    assert_eq!(of(OLD_SHO), 0, "{mcims:?}");
+    assert_eq!(
+        mcims.len(),
+        2,
+        "the PCID's credential and the new MCIM: {mcims:?}"
+    );
+    // The device's state: no record of the old MCIM; the notice acknowledged, once.
+    let state = dir.join("tred-state");
+    let records: Vec<String> = std::fs::read_dir(state.join("mcims"))
+        .unwrap()
+        .map(|f| f.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        !records.iter().any(|f| f.starts_with(&old_imsi)),
+        "the old MCIM's record is gone: {records:?}"
+    );
+    let outbox: Value =
+        serde_json::from_slice(&std::fs::read(state.join("discard-outbox.json")).unwrap()).unwrap();
+    let notices = outbox.as_array().unwrap();
+    assert_eq!(notices.len(), 1, "{outbox:#}");
+    assert_eq!(notices[0]["imsi"], old_imsi.as_str());
+    assert!(notices[0]["ack"].is_string(), "acknowledged: {outbox:#}");
+    // The old SHO: one notice for the old IMSI, from this device, with the acknowledgment it
+    // signed (checked here with its certificate).
+    let roles = dir.join("roles.db");
+    let rows = block(db_rows(
+        &roles,
+        "SELECT imsi, pcid, hex(notice), hex(ack) FROM sho_discard",
+    ));
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0][0], old_imsi);
+    assert_eq!(rows[0][1], PCID);
+    let notice = mcim_pki::discard::Notice::parse(&hex::decode(&rows[0][2]).unwrap()).unwrap();
+    assert_eq!(
+        (
+            notice.pcid.as_str(),
+            notice.imsi.as_str(),
+            notice.sho.as_str()
+        ),
+        (PCID, old_imsi.as_str(), OLD_SHO)
+    );
+    let sho_key = mcim_pki::dev::certificate_key(&dir.join("pki"), "sho").unwrap();
+    let ack: mcim_pki::discard::Ack =
+        mcim_core::signed::open(&hex::decode(&rows[0][3]).unwrap(), &sho_key).unwrap();
+    assert_eq!(
+        (ack.imsi.as_str(), ack.sho.as_str()),
+        (old_imsi.as_str(), OLD_SHO)
+    );
+    // The RO: the device is the new SHO's for discovery, no offer left, one download.
+    let sub = block(db_rows(
+        &roles,
+        &format!("SELECT sho_id FROM ro_subscription WHERE pcid = '{PCID}'"),
+    ));
+    assert_eq!(sub, vec![vec![NEW_SHO.to_string()]]);
+    assert!(block(db_rows(&roles, "SELECT pcid FROM ro_sho_offer")).is_empty());
+    let downloads = block(db_rows(
+        &roles,
+        &format!("SELECT CAST(downloads AS TEXT) FROM ro_registration WHERE sho_id = '{NEW_SHO}'"),
+    ));
+    assert_eq!(downloads, vec![vec!["1".to_string()]], "one download");
+    // The new SHO's whole database: the filtered acknowledgment, and neither the old IMSI nor
+    // the old SHO's identity or certificate anywhere (as text or as blob hex). (Its own
+    // certificate names the role's server name, "sho.mcim.local", as every SHO's does.)
+    let new_db = block(db_dump(&dir.join("roles-sho2.db")));
+    let everything: String = new_db.values().cloned().collect();
+    let upper_hex = |s: &[u8]| hex::encode_upper(s);
+    let old_identity = format!("urn:mcim:sho:{OLD_SHO}");
+    let old_cert = mcim_pki::dev::ca_der(&dir.join("pki"), "sho").unwrap();
+    for (what, secret) in [
+        ("the old IMSI", old_imsi.as_bytes()),
+        ("the old SHO's identity", old_identity.as_bytes()),
+    ] {
+        let text = String::from_utf8_lossy(secret);
+        assert!(
+            !everything.contains(text.as_ref()) && !everything.contains(&upper_hex(secret)),
+            "the new SHO learnt {what}"
+        );
+    }
+    assert!(
+        !everything.contains(&upper_hex(&old_cert[..64])),
+        "the new SHO holds the old SHO's certificate"
+    );
+    let filtered = block(db_rows(
+        &dir.join("roles-sho2.db"),
+        "SELECT hex(discard_ack) FROM sho_registration WHERE discard_ack IS NOT NULL",
+    ));
+    assert_eq!(filtered.len(), 1);
+    let f: mcim_pki::discard::FilteredAck =
+        serde_json::from_slice(&hex::decode(&filtered[0][0]).unwrap()).unwrap();
+    assert_eq!(f.discarded_at, notice.discarded_at);
+}
+
+/// The objects on the lab's SoftHSM2 token with `label`, by pkcs11-tool (an independent
+/// witness: not our code).
+fn token_objects(dir: &Path, label: &str) -> usize {
+    let out = Command::new("pkcs11-tool")
+        .env("SOFTHSM2_CONF", dir.join("softhsm").join("softhsm2.conf"))
+        .args([
+            "--module",
+            "/usr/lib/softhsm/libsofthsm2.so",
+            "--login",
+            "--pin",
+            "1234",
+            "--list-objects",
+        ])
+        .output()
+        .expect("pkcs11-tool (opensc) is installed");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.trim() == format!("label:      {label}"))
+        .count()
+}
+
+#[test]
+fn a_swtpm_device_changes_sho_over_the_old_connectivity_and_the_tpm_keeps_nothing_of_the_old() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = change(dir.path(), &["--tre", "tpm"]);
+    assert_eq!(r["tre"], "tpm");
+    assert_changed(dir.path(), &r);
+    // The TPM itself (tpm2-tools on its saved state): only the device's own three persistent
+    // keys, no transient object left behind; the MCIMs' objects never persist in it.
+    let tpm = mcim_e2e::Swtpm::start_from(&dir.path().join("tpm"));
+    let getcap = |what: &str| {
+        let out = Command::new("tpm2_getcap")
+            .env(
+                "TPM2TOOLS_TCTI",
+                format!("swtpm:host=127.0.0.1,port={}", tpm.port),
+            )
+            .arg(what)
+            .output()
+            .expect("tpm2-tools are installed");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let persistent: Vec<String> = getcap("handles-persistent")
+        .lines()
+        .map(|l| l.trim_start_matches("- ").trim().to_lowercase())
+        .filter(|l| !l.is_empty())
+        .collect();
+    assert_eq!(
+        persistent,
+        ["0x81000100", "0x81000101", "0x81000102"],
+        "the storage key, the AK, the TLS key"
+    );
+    assert!(getcap("handles-transient").trim().is_empty());
+}
+
+#[test]
+fn a_softhsm_device_changes_sho_and_the_old_k_and_opc_leave_the_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = change(dir.path(), &["--tre", "pkcs11"]);
+    assert_changed(dir.path(), &r);
+    // pkcs11-tool: one K and one OPc object for each MCIM the registry holds (the PCID's
+    // initial credential and the new MCIM); the old MCIM's were destroyed.
+    assert_eq!(token_objects(dir.path(), "mcim.k"), 2);
+    assert_eq!(token_objects(dir.path(), "mcim.opc"), 2);
+}
+
+#[test]
+fn a_change_of_sho_over_non_3gpp_access() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = change(dir.path(), &["--tre", "pkcs11", "--access", "non-3gpp"]);
+    assert_eq!(r["access"], "non-3gpp");
+    assert_changed(dir.path(), &r);
+    assert!(
+        r["steps"][1]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("non-3GPP"),
+        "{r:#}"
+    );
+}
+
+/// Kill -9 of `what` after each of `steps` of the change (0: as it starts; after step 14
+/// there is nothing left to resume), then the same process started again: the change
+/// completes, once.
+fn crashed_after(what: &str, steps: std::ops::RangeInclusive<u32>, tre: &str) {
+    for n in steps {
+        let dir = tempfile::tempdir().unwrap();
+        let crash = format!("{what}:{n}");
+        let r = change(dir.path(), &["--tre", tre, "--crash", &crash]);
+        assert_eq!(r["crash"]["process"], what, "{crash}");
+        assert_eq!(r["crash"]["after_step"], n, "{crash}");
+        assert_changed(dir.path(), &r);
+    }
+}
+
+#[test]
+fn tred_killed_after_each_of_steps_0_to_7_of_a_change_resumes_and_completes_once() {
+    crashed_after("tred", 0..=7, "pkcs11");
+}
+
+#[test]
+fn tred_killed_after_each_of_steps_8_to_13_of_a_change_resumes_and_completes_once() {
+    crashed_after("tred", 8..=13, "tpm");
+}
+
+#[test]
+fn the_roles_killed_after_each_of_steps_0_to_7_of_a_change_resume_and_complete_once() {
+    crashed_after("roles", 0..=7, "tpm");
+}
+
+#[test]
+fn the_roles_killed_after_each_of_steps_8_to_13_of_a_change_resume_and_complete_once() {
+    crashed_after("roles", 8..=13, "pkcs11");
+}
+
+/// The owner's instruction is checked before anything starts: no SHO named, no access type,
+/// the pristine variant (not built), a device with no network or nothing provisioned: a clear
+/// refusal each, and no run saved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_reprovision_instruction_is_refused_and_starts_nothing() {
+    use mcim_proto::mcim::common::v1 as common;
+    use mcim_proto::mcim::tre::v1 as pb;
+    let tpm = mcim_e2e::Swtpm::start();
+    let tred = mcim_e2e::Tred::start(&tpm.tcti());
+    let mut c = tred.client().await;
+    let ask = |sho: &str, access: common::AccessType, pristine: bool| pb::ReprovisionRequest {
+        new_sho_id: sho.into(),
+        access: access as i32,
+        revert_to_pristine: pristine,
+        ..Default::default()
+    };
+    for (what, req, code) in [
+        (
+            "no SHO",
+            ask("", common::AccessType::AccessType3gpp, false),
+            tonic::Code::InvalidArgument,
+        ),
+        (
+            "no access",
+            ask(NEW_SHO, common::AccessType::Unspecified, false),
+            tonic::Code::InvalidArgument,
+        ),
+        (
+            "pristine",
+            ask(NEW_SHO, common::AccessType::AccessType3gpp, true),
+            tonic::Code::Unimplemented,
+        ),
+        (
+            "no network",
+            ask(NEW_SHO, common::AccessType::Non3gpp, false),
+            tonic::Code::FailedPrecondition,
+        ),
+    ] {
+        let got = c.reprovision(req).await;
+        assert_eq!(got.err().map(|s| s.code()), Some(code), "{what}");
+    }
+    assert!(!tred.state_dir().join("provisioning.json").exists());
+    assert!(!tred.state_dir().join("discard-outbox.json").exists());
+}
