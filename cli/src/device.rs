@@ -161,6 +161,10 @@ pub enum DeviceCommand {
         /// The access network.
         #[arg(long, value_parser = ["3gpp", "non-3gpp"], default_value = "3gpp")]
         access: String,
+        /// Revert to the pristine state first (5.1.3.7.4.3): discard the MCIM in use, then
+        /// provision through 5.1.3.6 with the PCID (steps 1-3, then 4-17).
+        #[arg(long)]
+        pristine: bool,
     },
     /// Operational attach with an installed MCIM (5.1.3.3.2.2): AKA in the TRE against the
     /// SHO's vectors through the VNO.
@@ -329,7 +333,11 @@ async fn device(a: DeviceArgs) -> Result<(), CliError> {
             sho_id,
         } => parameters(&mut c, out, for_subscriber, sho_id).await,
         D::Provision { access } => provision(&mut c, json, access).await,
-        D::Reprovision { sho_id, access } => reprovision(&mut c, json, sho_id, access).await,
+        D::Reprovision {
+            sho_id,
+            access,
+            pristine,
+        } => reprovision(&mut c, json, sho_id, access, pristine).await,
         D::Attach { id } => attach(&mut c, json, id).await,
         D::Status => status(&mut c, json).await,
         D::List => list(&mut c, json).await,
@@ -461,11 +469,13 @@ async fn reprovision(
     json: bool,
     sho_id: String,
     access: String,
+    pristine: bool,
 ) -> Result<(), CliError> {
     let id = c
         .reprovision(pb::ReprovisionRequest {
             new_sho_id: sho_id,
             access: access_type(&access) as i32,
+            revert_to_pristine: pristine,
             ..Default::default()
         })
         .await?
@@ -555,6 +565,14 @@ async fn status(c: &mut Tred, json: bool) -> Result<(), CliError> {
         "connectivity": s.connectivity_mcim_id,
         "rehabilitation_counter": s.rehabilitation_counter,
         "startup_findings": s.startup_findings,
+        // 5.1.3.7.4.2 step 9: the notices to old SHOs, until acknowledged and after.
+        "discard_notices": s.discard_notices.iter().map(|n| serde_json::json!({
+            "imsi": n.imsi,
+            "sho": n.sho_id,
+            "acknowledged": n.acknowledged,
+            "acknowledged_at": n.acknowledged_at,
+            "failed_attempts": n.failed_attempts,
+        })).collect::<Vec<_>>(),
     });
     if json {
         println!("{v}");

@@ -19,6 +19,9 @@ ALTER TABLE ro_registration ADD COLUMN discard_relayed INTEGER NOT NULL DEFAULT 
 -- How many times the device downloaded the package (a failed install is retried from the
 -- device's kept copy: one download per registration is the rule, more is worth a look).
 ALTER TABLE ro_registration ADD COLUMN downloads INTEGER NOT NULL DEFAULT 0;
+-- A change by reverting to the pristine state (5.1.3.7.4.3): the device discarded the old MCIM
+-- itself; no discard order, no relayed acknowledgment.
+ALTER TABLE ro_registration ADD COLUMN pristine INTEGER NOT NULL DEFAULT 0;
 
 -- Old SHO: the discard notices it received (step 9) and the acknowledgments it sent (10),
 -- one per IMSI; an IMSI here gets no more vectors.

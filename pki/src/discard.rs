@@ -64,7 +64,9 @@ pub struct Ack {
 pub const ACK_KIND: &str = "mcim-discard-ack-v1";
 
 /// What the new SHO learns (5.1.3.7.4.2 step 11, "privacy filtering"): no IMSI, no SHO.
+/// Nothing else is accepted in it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct FilteredAck {
     /// The new SHO's registration.
     pub registration_id: String,
@@ -94,36 +96,22 @@ pub enum DiscardError {
 impl Notice {
     /// The notice's bytes (what the device signs).
     pub fn to_bytes(&self) -> Result<Vec<u8>, DiscardError> {
-        for f in [&self.pcid, &self.imsi, &self.sho, &self.nonce] {
-            if f.is_empty() || f.contains('\n') {
-                return Err(DiscardError::Malformed(
-                    "a field is empty or holds a line break".into(),
-                ));
-            }
-        }
-        Ok(format!(
-            "{DOMAIN}\n{}\n{}\n{}\n{}\n{}",
-            self.pcid, self.imsi, self.sho, self.nonce, self.discarded_at
+        crate::lines::write(
+            DOMAIN,
+            &[&self.pcid, &self.imsi, &self.sho, &self.nonce],
+            self.discarded_at,
         )
-        .into_bytes())
+        .map_err(|w| DiscardError::Malformed(w.into()))
     }
 
     /// Parses a notice.
     pub fn parse(bytes: &[u8]) -> Result<Self, DiscardError> {
         let bad = |w: &str| DiscardError::Malformed(w.to_string());
-        let text = std::str::from_utf8(bytes).map_err(|_| bad("not UTF-8"))?;
-        let f: Vec<&str> = text.split('\n').collect();
-        let [domain, pcid, imsi, sho, nonce, at] = f.as_slice() else {
+        let (f, discarded_at) = crate::lines::read(bytes, DOMAIN, 4).map_err(bad)?;
+        let [pcid, imsi, sho, nonce] = f.as_slice() else {
             return Err(bad("not six lines"));
         };
-        if *domain != DOMAIN {
-            return Err(bad("not an mcim discard notice"));
-        }
-        if nonce.len() != 32
-            || !nonce
-                .bytes()
-                .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
-        {
+        if !crate::lines::nonce_ok(nonce) {
             return Err(bad("the nonce is not 16 octets in lowercase hex"));
         }
         Ok(Self {
@@ -131,7 +119,7 @@ impl Notice {
             imsi: (*imsi).into(),
             sho: (*sho).into(),
             nonce: (*nonce).into(),
-            discarded_at: at.parse().map_err(|_| bad("discarded_at"))?,
+            discarded_at,
         })
     }
 }

@@ -19,6 +19,7 @@
 
 pub mod dev;
 pub mod discard;
+mod lines;
 pub mod ownership;
 pub mod party;
 pub mod voucher;

@@ -67,37 +67,22 @@ pub enum OwnershipError {
 impl Statement {
     /// The statement's bytes (what the device signs).
     pub fn to_bytes(&self) -> Result<Vec<u8>, OwnershipError> {
-        for f in [&self.pcid, &self.subscriber, &self.sho, &self.nonce] {
-            if f.is_empty() || f.contains('\n') {
-                return Err(OwnershipError::Malformed(
-                    "a field is empty or holds a line break".into(),
-                ));
-            }
-        }
-        Ok(format!(
-            "{DOMAIN}\n{}\n{}\n{}\n{}\n{}",
-            self.pcid, self.subscriber, self.sho, self.nonce, self.issued_at
+        crate::lines::write(
+            DOMAIN,
+            &[&self.pcid, &self.subscriber, &self.sho, &self.nonce],
+            self.issued_at,
         )
-        .into_bytes())
+        .map_err(|w| OwnershipError::Malformed(w.into()))
     }
 
     /// Parses a statement.
     pub fn parse(bytes: &[u8]) -> Result<Self, OwnershipError> {
         let bad = |w: &str| OwnershipError::Malformed(w.to_string());
-        let text = std::str::from_utf8(bytes).map_err(|_| bad("not UTF-8"))?;
-        let f: Vec<&str> = text.split('\n').collect();
-        let [domain, pcid, subscriber, sho, nonce, issued_at] = f.as_slice() else {
+        let (f, issued_at) = crate::lines::read(bytes, DOMAIN, 4).map_err(bad)?;
+        let [pcid, subscriber, sho, nonce] = f.as_slice() else {
             return Err(bad("not six lines"));
         };
-        if *domain != DOMAIN {
-            return Err(bad("not an mcim ownership statement"));
-        }
-        // The nonce is what makes a proof single-use: 16 random octets, lowercase hex.
-        if nonce.len() != 32
-            || !nonce
-                .bytes()
-                .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
-        {
+        if !crate::lines::nonce_ok(nonce) {
             return Err(bad("the nonce is not 16 octets in lowercase hex"));
         }
         Ok(Self {
@@ -105,7 +90,7 @@ impl Statement {
             subscriber: (*subscriber).into(),
             sho: (*sho).into(),
             nonce: (*nonce).into(),
-            issued_at: issued_at.parse().map_err(|_| bad("issued_at"))?,
+            issued_at,
         })
     }
 }

@@ -25,30 +25,38 @@ fn block<T>(f: impl std::future::Future<Output = T>) -> T {
         .block_on(f)
 }
 
-/// Runs the change in `dir` with `args`; panics with the report when it failed.
+/// Runs the change in `dir` with `args` (`--flow change-sho` unless they name another);
+/// panics with the report when it failed.
 fn change(dir: &Path, args: &[&str]) -> Value {
     let d = dir.to_str().unwrap();
-    let mut all = vec!["--flow", "change-sho", "--dir", d];
+    let mut all = vec!["--dir", d];
+    if !args.contains(&"--flow") {
+        all.extend(["--flow", "change-sho"]);
+    }
     all.extend_from_slice(args);
     let (ok, r, stderr) = lab_run(&all);
     assert!(ok, "{r:#}\n{stderr}");
     r
 }
 
-/// What every successful change shows, whatever the TRE, access or crash: the 14 steps once
-/// each; exactly one MCIM, the new SHO's, provides connectivity and attaches; the old SHO
-/// holds the device's verified notice and refuses the old IMSI; the new SHO learnt nothing of
-/// the old subscription; the DRF routes the device to the new SHO; one download.
+/// What every successful change shows, whatever the TRE, access or crash: the flow's steps
+/// once each (14 over the old connectivity; 17 reverting to the pristine state); exactly one
+/// MCIM, the new SHO's, provides connectivity and attaches; the old SHO holds the device's
+/// verified notice and refuses the old IMSI; the new SHO learnt nothing of the old
+/// subscription (over the old connectivity: only the filtered acknowledgment; reverting: not
+/// even that); the DRF routes the device to the new SHO; one download.
 fn assert_changed(dir: &Path, r: &Value) {
+    let pristine = r["flow"] == "pristine";
     let steps: Vec<(u64, bool)> = r["steps"]
         .as_array()
         .unwrap()
         .iter()
         .map(|s| (s["step"].as_u64().unwrap(), s["ok"].as_bool().unwrap()))
         .collect();
+    let last = if pristine { 17 } else { 14 };
     assert_eq!(
         steps,
-        (1..=14).map(|s| (s, true)).collect::<Vec<_>>(),
+        (1..=last).map(|s| (s, true)).collect::<Vec<_>>(),
         "{r:#}"
     );
     let old_imsi = r["before"]["imsi"].as_str().unwrap().to_string();
@@ -63,7 +71,7 @@ fn assert_changed(dir: &Path, r: &Value) {
     assert_eq!(r["operational_attach"]["ok"], true);
     assert_eq!(r["operational_attach"]["imsi"], new_imsi.as_str());
     assert_eq!(r["discard"]["notice_acknowledged"], true);
-    assert_eq!(r["discard"]["relayed_to_new_sho"], true);
+    assert_eq!(r["discard"]["relayed_to_new_sho"], !pristine);
     assert_eq!(r["old_imsi_refused"], true);
     assert_eq!(r["sho_registration"]["state"], "provisioned");
     // The registry: the initial credential and the new MCIM; nothing of the old SHO.
@@ -156,6 +164,10 @@ fn assert_changed(dir: &Path, r: &Value) {
         &dir.join("roles-sho2.db"),
         "SELECT hex(discard_ack) FROM sho_registration WHERE discard_ack IS NOT NULL",
     ));
+    if pristine {
+        assert!(filtered.is_empty(), "nothing is relayed after a revert");
+        return;
+    }
     assert_eq!(filtered.len(), 1);
     let f: mcim_pki::discard::FilteredAck =
         serde_json::from_slice(&hex::decode(&filtered[0][0]).unwrap()).unwrap();
@@ -252,14 +264,21 @@ fn a_change_of_sho_over_non_3gpp_access() {
     );
 }
 
-/// Kill -9 of `what` after each of `steps` of the change (0: as it starts; after step 14
-/// there is nothing left to resume), then the same process started again: the change
+/// Kill -9 of `what` after each of `steps` of the change (0: as it starts; after the last
+/// step there is nothing left to resume), then the same process started again: the change
 /// completes, once.
 fn crashed_after(what: &str, steps: std::ops::RangeInclusive<u32>, tre: &str) {
+    crashed_in("change-sho", what, steps, tre);
+}
+
+fn crashed_in(flow: &str, what: &str, steps: std::ops::RangeInclusive<u32>, tre: &str) {
     for n in steps {
         let dir = tempfile::tempdir().unwrap();
         let crash = format!("{what}:{n}");
-        let r = change(dir.path(), &["--tre", tre, "--crash", &crash]);
+        let r = change(
+            dir.path(),
+            &["--flow", flow, "--tre", tre, "--crash", &crash],
+        );
         assert_eq!(r["crash"]["process"], what, "{crash}");
         assert_eq!(r["crash"]["after_step"], n, "{crash}");
         assert_changed(dir.path(), &r);
@@ -286,9 +305,125 @@ fn the_roles_killed_after_each_of_steps_8_to_13_of_a_change_resume_and_complete_
     crashed_after("roles", 8..=13, "pkcs11");
 }
 
+#[test]
+fn a_swtpm_device_reverts_to_the_pristine_state_and_is_provisioned_by_the_new_sho() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = change(dir.path(), &["--flow", "pristine", "--tre", "tpm"]);
+    assert_eq!(r["flow"], "pristine");
+    assert_changed(dir.path(), &r);
+    // Steps 4-17 are 5.1.3.6.2's: the PCID attached again, with the initial credential.
+    assert!(
+        r["steps"][3]["detail"].as_str().unwrap().contains(PCID),
+        "{r:#}"
+    );
+}
+
+#[test]
+fn a_softhsm_device_reverts_to_the_pristine_state_and_the_old_k_leaves_the_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = change(dir.path(), &["--flow", "pristine", "--tre", "pkcs11"]);
+    assert_changed(dir.path(), &r);
+    assert_eq!(token_objects(dir.path(), "mcim.k"), 2);
+    assert_eq!(token_objects(dir.path(), "mcim.opc"), 2);
+}
+
+#[test]
+fn tred_killed_after_each_of_steps_0_to_8_of_a_revert_resumes_and_completes_once() {
+    crashed_in("pristine", "tred", 0..=8, "pkcs11");
+}
+
+#[test]
+fn tred_killed_after_each_of_steps_9_to_16_of_a_revert_resumes_and_completes_once() {
+    crashed_in("pristine", "tred", 9..=16, "tpm");
+}
+
+#[test]
+fn the_roles_killed_after_each_of_steps_0_to_8_of_a_revert_resume_and_complete_once() {
+    crashed_in("pristine", "roles", 0..=8, "tpm");
+}
+
+#[test]
+fn the_roles_killed_after_each_of_steps_9_to_16_of_a_revert_resume_and_complete_once() {
+    crashed_in("pristine", "roles", 9..=16, "pkcs11");
+}
+
+/// To the second SHO and back: the first SHO gives the device a new IMSI (the one it had is
+/// dead since its discard), the second SHO stops serving its own, and the device attaches with
+/// the new IMSI of its first SHO.
+#[test]
+fn a_device_moved_to_a_new_sho_and_back_gets_a_new_imsi_from_its_first_sho() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = change(dir.path(), &["--tre", "pkcs11", "--changes", "2"]);
+    assert_eq!(r["changes"], 2, "{r:#}");
+    let steps: Vec<bool> = r["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["ok"].as_bool().unwrap())
+        .collect();
+    assert_eq!(steps, vec![true; 14], "{r:#}");
+    assert_eq!(r["before"]["sho"], NEW_SHO);
+    assert_eq!(r["mcim"]["sho"], OLD_SHO);
+    let first = "001020000000001";
+    let imsi = r["mcim"]["imsi"].as_str().unwrap();
+    assert!(
+        imsi.starts_with("00102") && imsi != first,
+        "a new IMSI: {imsi}"
+    );
+    assert_eq!(r["operational_attach"]["imsi"], imsi);
+    assert_eq!(r["old_imsi_refused"], true);
+    assert_eq!(r["discard"]["notice_acknowledged"], true);
+    assert_eq!(r["discard"]["relayed_to_new_sho"], true);
+    let mcims = r["mcims"].as_array().unwrap();
+    assert_eq!(mcims.len(), 2, "{mcims:?}");
+    assert_eq!(token_objects(dir.path(), "mcim.k"), 2);
+    // Each SHO holds the notice of its own discarded IMSI; the RO routes to the first again.
+    let roles = dir.path().join("roles.db");
+    let first_discarded = block(db_rows(&roles, "SELECT imsi FROM sho_discard"));
+    assert_eq!(first_discarded, vec![vec![first.to_string()]]);
+    let second = r["before"]["imsi"].as_str().unwrap();
+    let second_discarded = block(db_rows(
+        &dir.path().join("roles-sho2.db"),
+        "SELECT imsi FROM sho_discard",
+    ));
+    assert_eq!(second_discarded, vec![vec![second.to_string()]]);
+    let sub = block(db_rows(
+        &roles,
+        &format!("SELECT sho_id FROM ro_subscription WHERE pcid = '{PCID}'"),
+    ));
+    assert_eq!(sub, vec![vec![OLD_SHO.to_string()]]);
+    // The SHO the device left cannot take it back at the DRF (its change registration is no
+    // longer the device's latest install): refused, nothing changes.
+    let roles = mcim_e2e::Roles::start(dir.path());
+    let before = block(roles.snapshot());
+    let got = block(async {
+        use mcim_proto::mcim::ro::v1 as ro;
+        ro::drf_service_client::DrfServiceClient::new(
+            roles
+                .party_channel(
+                    mcim_roles::authz::Role::Sho,
+                    NEW_SHO,
+                    mcim_roles::authz::Role::Ro,
+                )
+                .await,
+        )
+        .set_subscription(ro::SetSubscriptionRequest {
+            pcid: PCID.into(),
+            sho_id: NEW_SHO.into(),
+            sho_url: "https://127.0.0.1:1".into(),
+            change_of_sho: false,
+        })
+        .await
+    });
+    assert_eq!(
+        got.err().map(|s| s.code()),
+        Some(tonic::Code::PermissionDenied)
+    );
+    assert_eq!(block(roles.snapshot()), before);
+}
+
 /// The owner's instruction is checked before anything starts: no SHO named, no access type,
-/// the pristine variant (not built), a device with no network or nothing provisioned: a clear
-/// refusal each, and no run saved.
+/// a device with no network (either variant): a clear refusal each, and no run saved.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bad_reprovision_instruction_is_refused_and_starts_nothing() {
     use mcim_proto::mcim::common::v1 as common;
@@ -314,9 +449,9 @@ async fn a_bad_reprovision_instruction_is_refused_and_starts_nothing() {
             tonic::Code::InvalidArgument,
         ),
         (
-            "pristine",
+            "pristine, no network",
             ask(NEW_SHO, common::AccessType::AccessType3gpp, true),
-            tonic::Code::Unimplemented,
+            tonic::Code::FailedPrecondition,
         ),
         (
             "no network",

@@ -18,6 +18,8 @@ use p256::ecdsa::signature::Signer;
 use tonic::Code;
 
 const ME: &str = "001010000000077";
+/// When the notices say the device discarded the MCIM (before the SHO acknowledges it).
+const DISCARDED_AT: u64 = 1_700_000_000;
 
 fn notice(imsi: &str, sho: &str) -> Vec<u8> {
     let mut nonce = [0u8; 16];
@@ -27,7 +29,7 @@ fn notice(imsi: &str, sho: &str) -> Vec<u8> {
         imsi: imsi.into(),
         sho: sho.into(),
         nonce: hex::encode(nonce),
-        discarded_at: 1_800_000_000,
+        discarded_at: DISCARDED_AT,
     }
     .to_bytes()
     .unwrap()
@@ -196,10 +198,30 @@ async fn only_the_devices_own_notice_is_acknowledged_once_and_only_the_old_shos_
         .into_inner();
     let f: mcim_pki::discard::FilteredAck = serde_json::from_slice(&r.discard_ack).unwrap();
     assert_eq!(f.registration_id, reg.registration_id);
-    assert_eq!(f.discarded_at, 1_800_000_000);
+    assert_eq!(f.discarded_at, DISCARDED_AT);
     let text = String::from_utf8_lossy(&r.discard_ack);
     assert!(
         !text.contains(&imsi) && !text.contains("sho.mcim.local"),
         "{text}"
+    );
+    // The new SHO keeps the filtered form only: a "filtered" acknowledgment that carries
+    // more (an RO that filters nothing) is refused and changes nothing.
+    let leaky = serde_json::json!({
+        "registration_id": reg.registration_id,
+        "discarded_at": 1,
+        "acknowledged_at": 2,
+        "imsi": imsi,
+    });
+    let before = mcim_e2e::db_dump(&work.path().join("roles-sho2.db")).await;
+    let got = ShoServiceClient::new(roles.sho2_channel(Role::Ro).await)
+        .receive_discard_ack(sho::ReceiveDiscardAckRequest {
+            registration_id: reg.registration_id.clone(),
+            filtered_ack: serde_json::to_vec(&leaky).unwrap(),
+        })
+        .await;
+    assert_eq!(got.err().map(|s| s.code()), Some(Code::InvalidArgument));
+    assert_eq!(
+        mcim_e2e::db_dump(&work.path().join("roles-sho2.db")).await,
+        before
     );
 }

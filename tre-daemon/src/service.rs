@@ -133,6 +133,7 @@ fn responses(run: &Run) -> Vec<pb::WatchProvisioningResponse> {
     let (reported, registered) = match run.flow {
         Flow::Initial => (13, 7),
         Flow::ChangeSho { .. } => (12, 3),
+        Flow::Pristine { .. } => (16, 10),
     };
     run.steps
         .iter()
@@ -208,6 +209,21 @@ impl TreService for TreApi {
             startup_findings: s.startup_findings,
             tre_busy_micros: s.tre_time.busy_micros,
             tpm_commands: s.tpm_commands,
+            discard_notices: self
+                .provisioner
+                .as_ref()
+                .map(|p| p.discard_notices())
+                .unwrap_or_default()
+                .into_iter()
+                .map(|n| pb::DiscardNotice {
+                    acknowledged: n.ack.is_some(),
+                    imsi: n.imsi,
+                    sho_id: n.sho_id,
+                    acknowledged_at: n.acknowledged_at,
+                    failed_attempts: n.attempts,
+                    sho_url: n.sho_url,
+                })
+                .collect(),
         }))
     }
 
@@ -657,11 +673,6 @@ impl TreService for TreApi {
     ) -> Result<Response<pb::ReprovisionResponse>, Status> {
         log_call("Reprovision", &req);
         let r = req.into_inner();
-        if r.revert_to_pristine {
-            return Err(Status::unimplemented(
-                "reverting to the pristine state (TR 33.812 5.1.3.7.4.3) is not built yet",
-            ));
-        }
         let access = match common::AccessType::try_from(r.access) {
             Ok(common::AccessType::AccessType3gpp) => Access::ThreeGpp,
             Ok(common::AccessType::Non3gpp) => Access::NonThreeGpp,
@@ -669,7 +680,7 @@ impl TreService for TreApi {
         };
         let id = self
             .provisioner()?
-            .reprovision(access, r.new_sho_id)
+            .reprovision(access, r.new_sho_id, r.revert_to_pristine)
             .await
             .map_err(provision_status)?;
         Ok(Response::new(pb::ReprovisionResponse {

@@ -63,8 +63,8 @@ impl FromStr for Crash {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let usage = || {
             format!(
-                "{s:?}: expected tred:N or roles:N with N a step from 1 to 13, or 0 (as soon as \
-                 the run starts)"
+                "{s:?}: expected tred:N or roles:N with N a step before the flow's last (1 to 13; \
+                 to 16 with --flow pristine), or 0 (as soon as the run starts)"
             )
         };
         let (what, step) = s.split_once(':').ok_or_else(usage)?;
@@ -74,7 +74,7 @@ impl FromStr for Crash {
             _ => return Err(usage()),
         };
         let after_step: u32 = step.parse().map_err(|_| usage())?;
-        if !(0..=13).contains(&after_step) {
+        if !(0..=16).contains(&after_step) {
             return Err(usage());
         }
         Ok(Crash { what, after_step })
@@ -99,7 +99,7 @@ mod tests {
             Ok(Crashed::Roles)
         );
         assert_eq!("tred:0".parse::<Crash>().map(|c| c.after_step), Ok(0));
-        for bad in ["tred", "tred:-1", "tred:14", "vno:3", "roles:x", ""] {
+        for bad in ["tred", "tred:-1", "tred:17", "vno:3", "roles:x", ""] {
             assert!(bad.parse::<Crash>().is_err(), "{bad}");
         }
     }

@@ -74,6 +74,9 @@ pub enum FlowChoice {
     /// Initial provisioning, then a change to the lab's second SHO over the first SHO's
     /// connectivity, 5.1.3.7.4.2 steps 1-14.
     ChangeSho,
+    /// Initial provisioning, then a change to the second SHO by reverting to the pristine
+    /// state, 5.1.3.7.4.3 (steps 1-3, then 5.1.3.6.2's as 4-17).
+    Pristine,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -104,6 +107,10 @@ pub struct RunArgs {
     /// The seed's procedure: initial provisioning, or that followed by a change of SHO.
     #[arg(long, value_enum, default_value = "initial")]
     flow: FlowChoice,
+    /// With a change flow: how many changes, back and forth between the lab's two SHOs (2:
+    /// to the second SHO and back to the first, which gives a new IMSI).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=4))]
+    changes: u8,
     /// The device's TRE.
     #[arg(long, value_enum, default_value = "tpm")]
     tre: TreChoice,

@@ -27,7 +27,11 @@ pub(super) type LabResult = Result<serde_json::Value, (serde_json::Value, CliErr
 /// Runs the lab and reports it: the JSON object, with the error when it failed.
 pub(super) fn lab(a: &RunArgs, dir: &Path, say: &Say) -> LabResult {
     let mut report = json!({
-        "flow": match a.flow { FlowChoice::Initial => "initial", FlowChoice::ChangeSho => "change-sho" },
+        "flow": match a.flow {
+            FlowChoice::Initial => "initial",
+            FlowChoice::ChangeSho => "change-sho",
+            FlowChoice::Pristine => "pristine",
+        },
         "tre": match a.tre { TreChoice::Tpm => "tpm", TreChoice::Pkcs11 => "pkcs11" },
         "access": match a.access { AccessChoice::ThreeGpp => "3gpp", AccessChoice::Non3gpp => "non-3gpp" },
         "steps": [],

@@ -208,9 +208,12 @@ pub(super) fn lab_inner(
         ));
     }
     if let Some(c) = a.crash
-        && c.after_step > 14
+        && a.flow != FlowChoice::Pristine
+        && c.after_step > 13
     {
-        return Err(fail("--crash: the flows have 14 steps"));
+        return Err(fail(
+            "--crash: this flow has 14 steps (after the last there is nothing to resume)",
+        ));
     }
     if a.tpm_aka == TpmAka::Sealed && a.tre != TreChoice::Tpm {
         return Err(fail("--tpm-aka needs --tre tpm"));
@@ -513,9 +516,21 @@ pub(super) fn lab_inner(
         report["mcim"] = mcim_report(&m);
         report["operational_attach"] = json!({"ok": true, "imsi": g.imsi});
         report["provisioning_ms"] = json!(provisioning_ms);
-        if a.flow == FlowChoice::ChangeSho {
-            report["operational_attach"] = json!({"ok": false});
-            change_sho(&mut rig, &m, sho2_p, vno_p, report).await?;
+        if a.flow != FlowChoice::Initial {
+            // The lab's SHOs: the device goes to the second, and (--changes 2 and more) back
+            // and forth.
+            let shos = [
+                LabSho { file: "sho", port: sho_p },
+                LabSho { file: mcim_pki::dev::SECOND_SHO.0, port: sho2_p },
+            ];
+            let mut current = m.clone();
+            for i in 0..usize::from(a.changes.max(1)) {
+                report["operational_attach"] = json!({"ok": false});
+                let (from, to) = (&shos[i % 2], &shos[(i + 1) % 2]);
+                let crash = if i == 0 { a.crash } else { None };
+                current = change_sho(&mut rig, &current, from, to, crash, report).await?;
+                report["changes"] = json!(i + 1);
+            }
         }
         // The device's audit record of it all (5.1.2.2).
         let v = rig
@@ -582,23 +597,44 @@ async fn contract(
 
 /// `--flow change-sho`: the subscriber moves the device from the lab's SHO (whose MCIM `old`
 /// is in use) to its second SHO (5.1.3.7.4.2, steps 1-14), then the device attaches with the
-/// new IMSI and the old SHO refuses vectors for the old one.
+/// new IMSI and the old SHO refuses vectors for the old one. `--flow pristine` the same by
+/// reverting to the pristine state (5.1.3.7.4.3: steps 1-3, then 5.1.3.6.2's as 4-17; the
+/// notice goes to the old SHO in the background, and nothing is relayed to the new SHO).
+/// One of the lab's SHOs: its files in the PKI directory and its port.
+struct LabSho {
+    file: &'static str,
+    port: u16,
+}
+
 async fn change_sho(
     rig: &mut Rig<'_>,
     old: &pb::Mcim,
-    sho2_p: u16,
-    vno_p: u16,
+    from: &LabSho,
+    to: &LabSho,
+    crash: Option<crash::Crash>,
     report: &mut serde_json::Value,
-) -> Result<(), CliError> {
+) -> Result<pb::Mcim, CliError> {
     let a = rig.a;
+    let (sho_p, sho2_p) = (from.port, to.port);
     report["before"] = json!({"imsi": old.imsi, "sho": old.sho_id});
-    let (_, new_sho) = mcim_pki::dev::SECOND_SHO;
+    let new_sho =
+        mcim_pki::party::caller_from_cert(&mcim_pki::dev::ca_der(&rig.pki, to.file).map_err(fail)?)
+            .map_err(fail)?
+            .name;
+    let new_sho = new_sho.as_str();
+    let pristine = a.flow == FlowChoice::Pristine;
     rig.say.line(&format!(
-        "[lab] change of SHO (5.1.3.7.4.2): from {} (IMSI {}) to {new_sho}",
-        old.sho_id, old.imsi
+        "[lab] change of SHO ({}): from {} (IMSI {}) to {new_sho}",
+        if pristine {
+            "5.1.3.7.4.3, reverting to the pristine state"
+        } else {
+            "5.1.3.7.4.2, over the old SHO's connectivity"
+        },
+        old.sho_id,
+        old.imsi
     ));
     // Step 1: the subscriber hands the device's parameters to the new SHO.
-    let sub = contract(rig, mcim_pki::dev::SECOND_SHO.0, sho2_p).await?;
+    let sub = contract(rig, to.file, sho2_p).await?;
     rig.say.line(&format!(
         "[lab] subscriber: subscription at {new_sho}, IMSI {} reserved",
         sub.imsi
@@ -619,13 +655,14 @@ async fn change_sho(
         .reprovision(pb::ReprovisionRequest {
             new_sho_id: new_sho.into(),
             access: access as i32,
+            revert_to_pristine: pristine,
             ..Default::default()
         })
         .await?
         .into_inner()
         .provisioning_id;
     let mut steps = Vec::new();
-    let followed = follow(rig, &id, a.crash, &mut steps, report).await;
+    let followed = follow(rig, &id, crash, &mut steps, report).await;
     report["steps"] = json!(steps);
     let Followed {
         mcim_id,
@@ -650,9 +687,23 @@ async fn change_sho(
             "discard_ack": String::from_utf8_lossy(&r.discard_ack),
         });
     }
-    let acknowledged = steps
-        .iter()
-        .any(|s| s["step"] == json!(10) && s["ok"] == json!(true));
+    // The device's own record of the notice (its outbox); after a revert to the pristine
+    // state the notice goes in the background: wait for it (30 s).
+    let deadline = Instant::now() + Duration::from_secs(if pristine { 30 } else { 0 });
+    let acknowledged = loop {
+        let done = rig
+            .dev
+            .get_status(pb::GetStatusRequest {})
+            .await?
+            .into_inner()
+            .discard_notices
+            .iter()
+            .any(|n| n.imsi == old.imsi && n.acknowledged);
+        if done || failed.is_some() || Instant::now() >= deadline {
+            break done;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     report["discard"] = json!({
         "notice_acknowledged": acknowledged,
         "relayed_to_new_sho": relayed,
@@ -673,7 +724,7 @@ async fn change_sho(
     }
     let change_ms = started.elapsed().as_millis();
     report["change_ms"] = json!(change_ms);
-    if a.crash.is_none() {
+    if crash.is_none() {
         // As for the initial provisioning: the TRE's share of the change (5.1.3.7.4.2 steps
         // 1-14, from the instruction to the end of the step stream).
         let tre_after = rig
@@ -693,21 +744,7 @@ async fn change_sho(
         });
     }
     // The old SHO gives no more vectors for the old IMSI: a VNO attach with it goes nowhere.
-    let mut probe = VnoServiceClient::new(
-        crate::net::software_device_channel(
-            &rig.pki,
-            "001019999999998",
-            Role::Vno,
-            &format!("https://127.0.0.1:{vno_p}"),
-        )
-        .await?,
-    );
-    let refused = probe
-        .attach(vno::AttachRequest {
-            identity: old.imsi.clone(),
-        })
-        .await
-        .is_err();
+    let refused = old_imsi_refused(rig, &old.imsi, sho_p).await?;
     report["old_imsi_refused"] = json!(refused);
     if !refused {
         return Err(fail(format!(
@@ -716,7 +753,7 @@ async fn change_sho(
         )));
     }
     rig.say.line(&format!(
-        "[lab] the old SHO refuses vectors for IMSI {}: its MCIM was discarded",
+        "[lab] the old SHO refuses vectors for IMSI {} (NOT_FOUND): its MCIM was discarded",
         old.imsi
     ));
     // Operational attach with the new MCIM.
@@ -748,7 +785,20 @@ async fn change_sho(
         .into_inner()
         .mcims;
     report["mcims"] = mcims_report(&held);
-    Ok(())
+    Ok(m)
+}
+
+/// Whether the SHO whose port is `sho_p` refuses vectors for `imsi` (NOT_FOUND), asked as the
+/// VNO asks it.
+async fn old_imsi_refused(rig: &Rig<'_>, imsi: &str, sho_p: u16) -> Result<bool, CliError> {
+    let got = ShoServiceClient::new(rig.role(Role::Vno, Role::Sho, sho_p).await?)
+        .get_auth_vectors(sho::GetAuthVectorsRequest {
+            imsi: imsi.to_string(),
+            count: 1,
+            ..Default::default()
+        })
+        .await;
+    Ok(matches!(got, Err(s) if s.code() == tonic::Code::NotFound))
 }
 
 /// Every MCIM the registry holds, as the report shows them.

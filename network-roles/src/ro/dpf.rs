@@ -36,15 +36,7 @@ impl Dpf {
     /// The order to discard the old SHO's MCIM for a change registration: the IMSI the device
     /// reported installed from that SHO, and where that SHO is (the DRF's subscription).
     async fn discard_task(&self, reg: &Registration) -> Result<pb::DiscardTask, RoleError> {
-        let old: Option<(String,)> = sqlx::query_as(
-            "SELECT mcim_id FROM ro_registration WHERE pcid = ? AND sho_id = ? \
-             AND state = 'installed' ORDER BY rowid DESC LIMIT 1",
-        )
-        .bind(&reg.pcid)
-        .bind(&reg.change_from)
-        .fetch_optional(&self.0.db)
-        .await
-        .map_err(db_err)?;
+        let old = self.old_mcim(reg).await?;
         let old_sho_url = match self.0.sho_url(&reg.pcid).await? {
             Some((id, url)) if id == reg.change_from => url,
             _ => {
@@ -54,10 +46,25 @@ impl Dpf {
             }
         };
         Ok(pb::DiscardTask {
-            mcim_id: old.map(|(m,)| m).unwrap_or_default(),
+            mcim_id: old.unwrap_or_default(),
             old_sho_url,
             registration_id: reg.id.clone(),
         })
+    }
+
+    /// The MCIM (IMSI) the device reported installed from the SHO a change registration
+    /// changes from, when the RO saw that install.
+    async fn old_mcim(&self, reg: &Registration) -> Result<Option<String>, RoleError> {
+        let old: Option<(String,)> = sqlx::query_as(
+            "SELECT mcim_id FROM ro_registration WHERE pcid = ? AND sho_id = ? \
+             AND state = 'installed' ORDER BY rowid DESC LIMIT 1",
+        )
+        .bind(&reg.pcid)
+        .bind(&reg.change_from)
+        .fetch_optional(&self.0.db)
+        .await
+        .map_err(db_err)?;
+        Ok(old.map(|(m,)| m).filter(|m| !m.is_empty()))
     }
 
     /// A registration, for the SHO the device registered at only (it alone authorises or
@@ -117,7 +124,7 @@ impl DpfService for Dpf {
                     registration_id: reg.id.clone(),
                 },
             )];
-            if !reg.change_from.is_empty() {
+            if !reg.change_from.is_empty() && !reg.pristine {
                 tasks.push(pb::watch_device_tasks_response::Task::Discard(
                     self.discard_task(&reg).await?,
                 ));
@@ -337,6 +344,7 @@ impl DpfService for Dpf {
         // (5.1.3.7.4.2 steps 11-13).
         if st == common::ProvisioningStatus::Installed
             && !reg.change_from.is_empty()
+            && !reg.pristine
             && reg.discard_relayed == 0
         {
             return Err(RoleError::conflict(
@@ -380,9 +388,9 @@ impl DpfService for Dpf {
             let auth = authorized(&req)?;
             let reg = self.0.registration(&req.get_ref().registration_id).await?;
             auth.owns(&reg.pcid)?;
-            if reg.change_from.is_empty() {
+            if reg.change_from.is_empty() || reg.pristine {
                 return Err(RoleError::conflict(
-                    "not a change of SHO: there is no old SHO to have acknowledged",
+                    "not a change of SHO over the old connectivity: nothing to relay",
                 ));
             }
             let ack = req.into_inner().discard_ack;
@@ -394,7 +402,14 @@ impl DpfService for Dpf {
                 .map_err(|e| RoleError::denied(format!("the acknowledgment: {e}")))?;
             let a: mcim_pki::discard::Ack = mcim_core::signed::open(&ack, &key)
                 .map_err(|e| RoleError::denied(format!("the acknowledgment: {e}")))?;
-            if a.kind != mcim_pki::discard::ACK_KIND || a.pcid != reg.pcid || a.sho != reg.change_from
+            // For the MCIM this change discards (when the RO knows it), acknowledged after it
+            // was discarded.
+            let old = self.old_mcim(&reg).await?;
+            if a.kind != mcim_pki::discard::ACK_KIND
+                || a.pcid != reg.pcid
+                || a.sho != reg.change_from
+                || old.is_some_and(|m| m != a.imsi)
+                || a.acknowledged_at < a.discarded_at
             {
                 return Err(RoleError::denied(
                     "the acknowledgment is not the old SHO's for this device",

@@ -55,6 +55,9 @@ impl DrfService for Drf {
         // moved it to, which must have announced it (step 1); the device is on the old SHO's
         // connectivity (or its PCID's), known by its TLS identity.
         let change = !r.new_sho_id.is_empty();
+        if r.pristine && !change {
+            return Err(RoleError::invalid("pristine names the SHO changed to (new_sho_id)"));
+        }
         match access {
             // Step 5: only under a live grant the VNO reported for this PCID.
             common::AccessType::AccessType3gpp if !change => {
@@ -84,6 +87,10 @@ impl DrfService for Drf {
         }
         // Step 6: the SHO that serves the device, or the one it changes to.
         let current = self.0.sho_url(&pcid).await?;
+        let old_sho_url = match (&current, change) {
+            (Some((_, url)), true) => url.clone(),
+            _ => String::new(),
+        };
         let (sho_id, sho_url, change_from) = if change {
             let (old, _) = current.ok_or_else(|| {
                 RoleError::conflict(
@@ -124,6 +131,7 @@ impl DrfService for Drf {
                 registration_id: id,
                 sho_id,
                 registration_nonce: nonce,
+                old_sho_url,
             }));
         }
         // Step 7: register at the SHO, which asks the PVA for a validation (step 8).
@@ -148,7 +156,7 @@ impl DrfService for Drf {
             .change_with_task(
                 sqlx::query(
                     "INSERT INTO ro_registration (id, pcid, access, sho_id, nonce, state, \
-                     sho_url, change_from) VALUES (?, ?, ?, ?, ?, 'validating', ?, ?)",
+                     sho_url, change_from, pristine) VALUES (?, ?, ?, ?, ?, 'validating', ?, ?, ?)",
                 )
                 .bind(&id)
                 .bind(&pcid)
@@ -156,7 +164,8 @@ impl DrfService for Drf {
                 .bind(&sho_id)
                 .bind(nonce.to_vec())
                 .bind(&sho_url)
-                .bind(&change_from),
+                .bind(&change_from)
+                .bind(i64::from(r.pristine)),
                 &pcid,
                 pb::watch_device_tasks_response::Task::Attest(pb::AttestationTask {
                     validation_id: v.validation_id,
@@ -171,6 +180,7 @@ impl DrfService for Drf {
             registration_id: id,
             sho_id,
             registration_nonce: nonce.to_vec(),
+            old_sho_url,
         }))
         })
         .await
@@ -194,15 +204,17 @@ impl DrfService for Drf {
             // of SHO (5.1.3.7.4.2 step 14). Otherwise the caller is, at most, the SHO the
             // device may change to (step 1).
             let mut tx = self.0.db.begin().await.map_err(db_err)?;
-            let changed: Option<(String,)> = sqlx::query_as(
-                "SELECT id FROM ro_registration WHERE pcid = ? AND sho_id = ? \
-                 AND state = 'installed' AND change_from != ''",
+            // The device's latest installed MCIM must be the caller's, from a change (an SHO
+            // the device has since left cannot take it back).
+            let latest: Option<(String, String)> = sqlx::query_as(
+                "SELECT sho_id, change_from FROM ro_registration WHERE pcid = ? \
+                 AND state = 'installed' ORDER BY rowid DESC LIMIT 1",
             )
             .bind(&r.pcid)
-            .bind(&r.sho_id)
             .fetch_optional(&mut *tx)
             .await
             .map_err(db_err)?;
+            let changed = latest.filter(|(sho, from)| *sho == r.sho_id && !from.is_empty());
             let sql = if changed.is_some() {
                 "INSERT INTO ro_subscription (pcid, sho_id, sho_url) VALUES (?, ?, ?) \
                  ON CONFLICT(pcid) DO UPDATE SET sho_id = excluded.sho_id, \

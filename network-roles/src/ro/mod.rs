@@ -160,6 +160,8 @@ pub(crate) struct Registration {
     pub change_from: String,
     /// Whether the old SHO's acknowledgment reached the new SHO (step 11).
     pub discard_relayed: i64,
+    /// A change by reverting to the pristine state (5.1.3.7.4.3).
+    pub pristine: bool,
 }
 
 impl Ro {
@@ -173,16 +175,17 @@ impl Ro {
             String,
             String,
             i64,
+            i64,
         );
         let row: Option<Row> = sqlx::query_as(
-            "SELECT id, pcid, sho_id, state, package, sho_url, change_from, discard_relayed \
-             FROM ro_registration WHERE id = ?",
+            "SELECT id, pcid, sho_id, state, package, sho_url, change_from, discard_relayed, \
+             pristine FROM ro_registration WHERE id = ?",
         )
         .bind(id)
         .fetch_optional(&self.db)
         .await
         .map_err(db_err)?;
-        let (id, pcid, sho_id, state, package, sho_url, change_from, discard_relayed) =
+        let (id, pcid, sho_id, state, package, sho_url, change_from, discard_relayed, pristine) =
             row.ok_or_else(|| RoleError::not_found("no such registration"))?;
         Ok(Registration {
             id,
@@ -193,6 +196,7 @@ impl Ro {
             sho_url,
             change_from,
             discard_relayed,
+            pristine: pristine != 0,
         })
     }
 

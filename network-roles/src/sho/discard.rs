@@ -69,6 +69,11 @@ impl Sho {
         )
         .map_err(|e| RoleError::denied(e.to_string()))?;
         let at = now();
+        if notice.discarded_at > u64::try_from(at).unwrap_or(0) + 300 {
+            return Err(RoleError::denied(
+                "the discard notice is dated in the future",
+            ));
+        }
         let ack = mcim_core::signed::sign(
             &self.key,
             &Ack {
@@ -121,6 +126,8 @@ impl Sho {
                 "the filtered acknowledgment is for another registration",
             ));
         }
+        // Kept in the filtered form only, whatever else the bytes held.
+        let filtered = serde_json::to_vec(&f).map_err(|e| RoleError::internal(e.to_string()))?;
         let done = sqlx::query("UPDATE sho_registration SET discard_ack = ? WHERE id = ?")
             .bind(&filtered)
             .bind(registration_id)

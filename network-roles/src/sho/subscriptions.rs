@@ -157,8 +157,32 @@ impl Sho {
                     "this device has a subscription of another subscriber",
                 ));
             }
-            // The same contract again (the same subscriber, a new proof): answered as before.
-            Some(_) => {
+            // The same contract again (the same subscriber, a new proof): answered as before,
+            // unless the device discarded this SHO's MCIM since (it changed SHO, 5.1.3.7.4.2):
+            // coming back is a new MCIM, with a new IMSI (the old one stays dead).
+            Some(existing) => {
+                let discarded: Option<(String,)> =
+                    sqlx::query_as("SELECT imsi FROM sho_discard WHERE imsi = ?")
+                        .bind(&existing.imsi)
+                        .fetch_optional(&mut *tx)
+                        .await
+                        .map_err(db_err)?;
+                if discarded.is_some() {
+                    let imsi = self.next_imsi(&mut tx).await?;
+                    sqlx::query(
+                        "UPDATE sho_subscription SET imsi = ?, tre_kind = ?, storage_public = ?, \
+                         require_aka_in_tre = ? WHERE pcid = ?",
+                    )
+                    .bind(&imsi)
+                    .bind(n.tre_kind as i64)
+                    .bind(&n.storage_public)
+                    .bind(i64::from(n.require_aka_in_tre))
+                    .bind(n.pcid.as_str())
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db_err)?;
+                    tracing::info!(pcid = %n.pcid, old = %existing.imsi, new = %imsi, "the device comes back: a new IMSI");
+                }
                 tx.commit().await.map_err(db_err)?;
             }
             None => {

@@ -165,6 +165,24 @@ fn stop(step: u32) -> impl Fn(Status) -> Stop {
     }
 }
 
+/// The registration's package from the DPF (5.1.3.6.2 step 12; 5.1.3.7.4.2 step 7).
+async fn fetch_package(
+    dpf: &mut DpfServiceClient<Channel>,
+    registration: &Registration,
+    step: u32,
+) -> Result<Vec<u8>, Stop> {
+    Ok(dpf
+        .download_package(ro::DownloadPackageRequest {
+            registration_id: registration.id.clone(),
+        })
+        .await
+        .map_err(stop(step))?
+        .into_inner()
+        .package
+        .map(|p| p.cose_sign1)
+        .unwrap_or_default())
+}
+
 /// A transition the driver asked for that does not apply: a bug, reported as a failed step.
 fn apply(run: &mut Run, step: u32, event: Event) -> Result<(), Stop> {
     run.apply(event)
@@ -213,7 +231,7 @@ impl Provisioner {
         let resume = saved.as_ref().is_some_and(|r| !r.finished());
         let (tx, _) = tokio::sync::watch::channel(saved);
         let outbox = Outbox::load(&state_dir)?;
-        let undelivered = !outbox.pending().is_empty();
+        let undelivered = !outbox.deliverable().is_empty();
         let p = Arc::new(Self {
             device,
             state_file,
@@ -243,11 +261,14 @@ impl Provisioner {
 
     /// The owner instructs a change of SHO (5.1.3.7.4.2 step 2): re-provision from `new_sho`,
     /// where the subscriber contracted, over the connectivity of the MCIM in use now, which
-    /// is discarded before the new one is installed. Returns the run, or the one in progress.
+    /// is discarded before the new one is installed; or, with `pristine` (5.1.3.7.4.3),
+    /// discard it first and provision through 5.1.3.6 with the PCID. Returns the run, or the
+    /// one in progress.
     pub async fn reprovision(
         self: &Arc<Self>,
         access: Access,
         new_sho: String,
+        pristine: bool,
     ) -> Result<String, ProvisionError> {
         let _one = self.start.lock().await;
         if let Some(r) = self.run.borrow().as_ref()
@@ -280,17 +301,16 @@ impl Provisioner {
         }
         let mut id = [0u8; 8];
         rand::Rng::fill_bytes(&mut rand::rng(), &mut id);
-        let run = Run::with_flow(
-            hex::encode(id),
-            access,
-            Flow::ChangeSho {
-                old: OldMcim {
-                    id: old.id,
-                    sho_id: old.sho,
-                },
-                new_sho,
-            },
-        );
+        let old = OldMcim {
+            id: old.id,
+            sho_id: old.sho,
+        };
+        let flow = if pristine {
+            Flow::Pristine { old, new_sho }
+        } else {
+            Flow::ChangeSho { old, new_sho }
+        };
+        let run = Run::with_flow(hex::encode(id), access, flow);
         self.save(&run).map_err(ProvisionError::Persist)?;
         self.cached_channels().clear();
         let id = run.id.clone();
@@ -385,6 +405,11 @@ impl Provisioner {
         let mut tries = 0;
         while !run.finished() {
             let result = match &run.state {
+                RunState::Reverting => {
+                    self.revert(&mut run)
+                        .instrument(tracing::info_span!("revert", steps = "1-3"))
+                        .await
+                }
                 RunState::Attaching => {
                     self.attach(&mut run)
                         .instrument(tracing::info_span!("attach", steps = "1-4"))
@@ -420,7 +445,12 @@ impl Provisioner {
                 Err(Stop::Retry(why)) => {
                     tries += 1;
                     if tries > RETRIES {
-                        let step = run.steps.last().map(|s| s.step + 1).unwrap_or(1).min(14);
+                        let step = run
+                            .steps
+                            .last()
+                            .map(|s| s.step.saturating_sub(run.offset()) + 1)
+                            .unwrap_or(1)
+                            .min(14);
                         Some((step, format!("gave up: {why}")))
                     } else {
                         tracing::info!("provisioning: {why}; retrying");
@@ -462,6 +492,26 @@ impl Provisioner {
             return Ok(c.clone());
         }
         let c = crate::net::channel(self.tls(role, step)?, url, &server_name(role))
+            .map_err(|e| Stop::Fail(step, e))?;
+        self.cached_channels().insert(key, c.clone());
+        Ok(c)
+    }
+
+    /// [`Provisioner::channel`] to the server of the party `name` of `role` only
+    /// ([`crate::tls::expect_party`]).
+    fn party_channel(&self, url: &str, role: Role, name: &str, step: u32) -> Result<Channel, Stop> {
+        let key = format!("{role} {name} {url}");
+        if let Some(c) = self.cached_channels().get(&key) {
+            return Ok(c.clone());
+        }
+        let config = crate::tls::expect_party(
+            Arc::unwrap_or_clone(self.tls(role, step)?),
+            self.net(step)?.server_ca(role),
+            role,
+            name,
+        )
+        .map_err(|e| Stop::Fail(step, format!("the device's TLS configuration: {e}")))?;
+        let c = crate::net::channel(Arc::new(config), url, &server_name(role))
             .map_err(|e| Stop::Fail(step, e))?;
         self.cached_channels().insert(key, c.clone());
         Ok(c)
@@ -619,7 +669,7 @@ impl Provisioner {
     }
 
     /// Steps 5-7: connect to the DRF, which finds the SHO and registers the device there.
-    async fn register(&self, run: &mut Run) -> Result<(), Stop> {
+    async fn register(self: &Arc<Self>, run: &mut Run) -> Result<(), Stop> {
         let pcid = self.pcid(5).await?;
         let certs = self
             .device
@@ -627,9 +677,10 @@ impl Provisioner {
             .map_err(|e| Stop::Fail(5, e.to_string()))?
             .unwrap_or_default();
         let url = self.net(5)?.ro_url.clone();
-        let (new_sho_id, refused_at) = match &run.flow {
-            Flow::Initial => (String::new(), 6),
-            Flow::ChangeSho { new_sho, .. } => (new_sho.clone(), 1),
+        let (new_sho_id, refused_at, pristine) = match &run.flow {
+            Flow::Initial => (String::new(), 6, false),
+            Flow::ChangeSho { new_sho, .. } => (new_sho.clone(), 1, false),
+            Flow::Pristine { new_sho, .. } => (new_sho.clone(), 6, true),
         };
         let r = DrfServiceClient::new(self.channel(&url, Role::Ro, 5)?)
             .register_device(ro::RegisterDeviceRequest {
@@ -641,6 +692,7 @@ impl Provisioner {
                 grant_id: run.state.grant().unwrap_or_default().to_string(),
                 platform_credential: certs.platform_credential,
                 new_sho_id,
+                pristine,
             })
             .await
             .map_err(|s| match s.code() {
@@ -650,6 +702,15 @@ impl Provisioner {
                 _ => stop(5)(s),
             })?
             .into_inner();
+        // A revert to the pristine state: the old SHO's address for the discard notice.
+        if let Flow::Pristine { old, .. } = &run.flow
+            && !r.old_sho_url.is_empty()
+        {
+            if let Err(e) = self.outbox.set_url(&old.id, &r.old_sho_url) {
+                tracing::error!("discard outbox: {e}");
+            }
+            self.clone().deliver_notices();
+        }
         if let Flow::ChangeSho { old, new_sho } = &run.flow {
             let (old, new_sho) = (old.clone(), new_sho.clone());
             run.record(
@@ -715,7 +776,7 @@ impl Provisioner {
             } => (registration.clone(), *ack_seq),
             _ => return Ok(()),
         };
-        let change = run.flow != Flow::Initial;
+        let change = run.flow.over_old_connectivity();
         let url = self.net(8)?.ro_url.clone();
         let chan = self.channel(&url, Role::Ro, 8)?;
         let mut dpf = DpfServiceClient::new(chan);
@@ -794,7 +855,7 @@ impl Provisioner {
     /// Steps 8-9: evidence for the PVA's nonce.
     async fn attest(&self, run: &mut Run, a: &ro::AttestationTask) -> Result<(), Stop> {
         // 5.1.3.6.2 steps 8-9; 5.1.3.7.4.2 steps 3-4 (step 3 was recorded at registration).
-        let (asked, validated) = if run.flow == Flow::Initial {
+        let (asked, validated) = if !run.flow.over_old_connectivity() {
             (8, 9)
         } else {
             (3, 4)
@@ -861,16 +922,7 @@ impl Provisioner {
             run.record(10, true, "the SHO received a positive result");
             run.record(11, true, "the DPF holds the SHO's authorisation");
         }
-        let package = dpf
-            .download_package(ro::DownloadPackageRequest {
-                registration_id: registration.id.clone(),
-            })
-            .await
-            .map_err(stop(12))?
-            .into_inner()
-            .package
-            .map(|p| p.cose_sign1)
-            .unwrap_or_default();
+        let package = fetch_package(dpf, registration, 12).await?;
         if !run.done(12) {
             run.record(12, true, format!("{} octets", package.len()));
         }
@@ -966,6 +1018,69 @@ impl Provisioner {
             .join(format!("package-{}.cose", registration.id))
     }
 
+    /// 5.1.3.7.4.3 steps 1-3: the old SHO's MCIM leaves the TRE and its notice, signed in the
+    /// TRE, goes into the outbox (delivered once the DRF names the old SHO's address, at the
+    /// registration); the device is then in the pristine state and provisions as in 5.1.3.6.
+    async fn revert(&self, run: &mut Run) -> Result<(), Stop> {
+        let Flow::Pristine { old, new_sho } = &run.flow else {
+            return Ok(());
+        };
+        let (old, new_sho) = (old.clone(), new_sho.clone());
+        self.discard_into_outbox(&old, "", 3).await?;
+        run.record(
+            1,
+            true,
+            format!("{new_sho} holds the device's parameters (checked at step 9)"),
+        );
+        run.record(
+            2,
+            true,
+            format!("from {} by reverting to the pristine state", old.sho_id),
+        );
+        run.record(
+            3,
+            true,
+            format!(
+                "MCIM {} of {} is gone from the TRE; its notice waits in the outbox",
+                old.id, old.sho_id
+            ),
+        );
+        apply(run, 3, Event::Reverted)
+    }
+
+    /// Discards `old` in the TRE and puts its notice, signed in the TRE, into the outbox
+    /// (`sho_url` may be empty until known); `step` names the step a failure belongs to.
+    async fn discard_into_outbox(
+        &self,
+        old: &OldMcim,
+        sho_url: &str,
+        step: u32,
+    ) -> Result<(), Stop> {
+        let gone = |e: DeviceError| match e {
+            DeviceError::EngineGone(_) => Stop::Retry(e.to_string()),
+            e => Stop::Fail(step, format!("the TRE did not discard {}: {e}", old.id)),
+        };
+        self.device.discard(&old.id).await.map_err(gone)?;
+        let (notice, signature, chain) = self
+            .device
+            .discard_notice(old.id.clone(), old.sho_id.clone())
+            .await
+            .map_err(gone)?;
+        self.outbox
+            .put(outbox::Notice {
+                imsi: old.id.clone(),
+                sho_id: old.sho_id.clone(),
+                sho_url: sho_url.to_string(),
+                notice,
+                signature,
+                chain,
+                ack: None,
+                acknowledged_at: 0,
+                attempts: 0,
+            })
+            .map_err(|e| Stop::Fail(step, format!("cannot keep the discard notice: {e}")))
+    }
+
     /// 5.1.3.7.4.2 steps 5-7: the new SHO's package, downloaded whole over the old SHO's
     /// connectivity, verified and kept; nothing on the device changes.
     async fn download_kept(
@@ -978,16 +1093,7 @@ impl Provisioner {
             run.record(5, true, "the new SHO received a positive result");
             run.record(6, true, "the DPF holds the new SHO's MCIM");
         }
-        let package = dpf
-            .download_package(ro::DownloadPackageRequest {
-                registration_id: registration.id.clone(),
-            })
-            .await
-            .map_err(stop(7))?
-            .into_inner()
-            .package
-            .map(|p| p.cose_sign1)
-            .unwrap_or_default();
+        let package = fetch_package(dpf, registration, 7).await?;
         if let Err(why) = self.verify_package(registration, &package).await {
             // Nothing was discarded: the old MCIM stays in use; both SHOs hear of it.
             let _ = dpf
@@ -1037,29 +1143,7 @@ impl Provisioner {
                 "the old SHO's address is not https://".into(),
             ));
         }
-        let gone = |e: DeviceError| match e {
-            DeviceError::EngineGone(_) => Stop::Retry(e.to_string()),
-            e => Stop::Fail(8, format!("the TRE did not discard {}: {e}", old.id)),
-        };
-        self.device.discard(&old.id).await.map_err(gone)?;
-        let (notice, signature, chain) = self
-            .device
-            .discard_notice(old.id.clone(), old.sho_id.clone())
-            .await
-            .map_err(gone)?;
-        self.outbox
-            .put(outbox::Notice {
-                imsi: old.id.clone(),
-                sho_id: old.sho_id.clone(),
-                sho_url: d.old_sho_url.clone(),
-                notice,
-                signature,
-                chain,
-                ack: None,
-                acknowledged_at: 0,
-                attempts: 0,
-            })
-            .map_err(|e| Stop::Fail(8, format!("cannot keep the discard notice: {e}")))?;
+        self.discard_into_outbox(&old, &d.old_sho_url, 8).await?;
         run.record(
             8,
             true,
@@ -1180,11 +1264,11 @@ impl Provisioner {
             let mut next: std::collections::HashMap<String, tokio::time::Instant> =
                 Default::default();
             loop {
-                let pending = self.outbox.pending();
+                let pending = self.outbox.deliverable();
                 if pending.is_empty() {
                     self.delivering.store(false, Ordering::SeqCst);
                     // A notice put in between would wait for the next caller: look again.
-                    if self.outbox.pending().is_empty()
+                    if self.outbox.deliverable().is_empty()
                         || self.delivering.swap(true, Ordering::SeqCst)
                     {
                         return;
@@ -1228,7 +1312,11 @@ impl Provisioner {
         let why = |s: Stop| match s {
             Stop::Retry(w) | Stop::Fail(_, w) => w,
         };
-        let chan = self.channel(&n.sho_url, Role::Sho, 9).map_err(why)?;
+        // The old SHO itself, by the identity its certificate names: not merely "an SHO" (a
+        // malicious RO naming another SHO's address would otherwise learn it the notice).
+        let chan = self
+            .party_channel(&n.sho_url, Role::Sho, &n.sho_id, 9)
+            .map_err(why)?;
         let r = ShoServiceClient::new(chan)
             .notify_discard(sho::NotifyDiscardRequest {
                 imsi: n.imsi.clone(),

@@ -88,6 +88,34 @@ impl Outbox {
         Ok(())
     }
 
+    /// Sets where the old SHO of the notice for `imsi` is, when it was not known yet (a revert
+    /// to the pristine state learns it at the registration). A known address stays.
+    pub fn set_url(&self, imsi: &str, url: &str) -> Result<(), String> {
+        if !url.starts_with("https://") {
+            return Err(format!("the old SHO's address {url:?} is not https://"));
+        }
+        let mut all = self.lock();
+        let mut next = all.clone();
+        match next.iter_mut().find(|n| n.imsi == imsi) {
+            Some(n) if n.sho_url.is_empty() => n.sho_url = url.to_string(),
+            _ => return Ok(()),
+        }
+        self.save(&next)?;
+        *all = next;
+        drop(all);
+        self.changed.send_modify(|v| *v += 1);
+        Ok(())
+    }
+
+    /// Notices not yet acknowledged whose old SHO's address is known.
+    pub fn deliverable(&self) -> Vec<Notice> {
+        self.lock()
+            .iter()
+            .filter(|n| n.ack.is_none() && !n.sho_url.is_empty())
+            .cloned()
+            .collect()
+    }
+
     /// The notice for `imsi`.
     pub fn get(&self, imsi: &str) -> Option<Notice> {
         self.lock().iter().find(|n| n.imsi == imsi).cloned()

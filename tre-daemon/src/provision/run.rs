@@ -55,12 +55,45 @@ pub enum Flow {
         /// The SHO the subscriber moved the device to.
         new_sho: String,
     },
+    /// A change of SHO by reverting to the pristine state, 5.1.3.7.4.3: the old MCIM is
+    /// discarded first (step 3), then 5.1.3.6 runs with the PCID (step 4, numbered here as
+    /// steps 4-17: 5.1.3.6.2's 1-14 plus 3).
+    Pristine {
+        /// The MCIM discarded at step 3.
+        old: OldMcim,
+        /// The SHO the subscriber moved the device to.
+        new_sho: String,
+    },
 }
+
+impl Flow {
+    /// Whether the run goes over the old MCIM's connectivity (5.1.3.7.4.2).
+    pub fn over_old_connectivity(&self) -> bool {
+        matches!(self, Flow::ChangeSho { .. })
+    }
+
+    /// The MCIM a change leaves and the SHO it changes to.
+    pub fn change(&self) -> Option<(&OldMcim, &str)> {
+        match self {
+            Flow::Initial => None,
+            Flow::ChangeSho { old, new_sho } | Flow::Pristine { old, new_sho } => {
+                Some((old, new_sho))
+            }
+        }
+    }
+}
+
+/// How far 5.1.3.6.2's steps are shifted when a pristine revert (5.1.3.7.4.3 steps 1-3)
+/// comes first.
+pub const PRISTINE_OFFSET: u32 = 3;
 
 /// Where the run stands. Each state carries what the next steps need.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "state", rename_all = "snake_case")]
 pub enum RunState {
+    /// 5.1.3.7.4.3 steps 1-3: the old SHO's MCIM leaves the TRE, its notice goes into the
+    /// outbox; then the run is an initial provisioning.
+    Reverting,
     /// Steps 1-4 (3GPP access): attach to the VNO with the PCID, AKA in the TRE.
     Attaching,
     /// Steps 5-7: connect to the DRF, which finds the SHO and registers the device there.
@@ -144,6 +177,8 @@ pub enum Event {
     AckRelayed,
     /// Step 12: an install from the kept package failed; it is tried again.
     InstallFailed,
+    /// 5.1.3.7.4.3 step 3: the device is back in the pristine state.
+    Reverted,
     /// A step failed for good.
     Failed {
         /// The step.
@@ -195,6 +230,12 @@ pub fn flow_step_name(flow: &Flow, step: u32) -> &'static str {
     match flow {
         Flow::Initial => step_name(step),
         Flow::ChangeSho { .. } => change_step_name(step),
+        Flow::Pristine { .. } => match step {
+            1 => change_step_name(1),
+            2 => change_step_name(2),
+            3 => "the device removes the old SHO's MCIM: back to the pristine state",
+            s => step_name(s.saturating_sub(PRISTINE_OFFSET)),
+        },
     }
 }
 
@@ -244,6 +285,7 @@ impl RunState {
     /// The state's name, for logs and errors.
     pub fn name(&self) -> &'static str {
         match self {
+            RunState::Reverting => "reverting",
             RunState::Attaching => "attaching",
             RunState::Registering { .. } => "registering",
             RunState::AwaitingTasks { .. } => "awaiting_tasks",
@@ -264,7 +306,7 @@ impl RunState {
             | RunState::Relayed { registration, .. }
             | RunState::Provisioned { registration, .. } => Some(registration),
             RunState::Failed { registration, .. } => registration.as_ref(),
-            RunState::Attaching | RunState::Registering { .. } => None,
+            RunState::Reverting | RunState::Attaching | RunState::Registering { .. } => None,
         }
     }
 
@@ -290,6 +332,7 @@ impl Event {
             Event::Discarded => "discarded",
             Event::AckRelayed => "ack_relayed",
             Event::InstallFailed => "install_failed",
+            Event::Reverted => "reverted",
             Event::Failed { .. } => "failed",
         }
     }
@@ -303,14 +346,16 @@ impl Run {
 
     /// A new run of `flow` (a change of SHO attaches with the old MCIM over 3GPP access).
     pub fn with_flow(id: String, access: Access, flow: Flow) -> Self {
+        let state = match (&flow, access) {
+            (Flow::Pristine { .. }, _) => RunState::Reverting,
+            (_, Access::ThreeGpp) => RunState::Attaching,
+            (_, Access::NonThreeGpp) => RunState::Registering { grant: None },
+        };
         Self {
             id,
             flow,
             access,
-            state: match access {
-                Access::ThreeGpp => RunState::Attaching,
-                Access::NonThreeGpp => RunState::Registering { grant: None },
-            },
+            state,
             steps: Vec::new(),
         }
     }
@@ -322,6 +367,10 @@ impl Run {
             event: event.name(),
         };
         let next = match (&self.state, event) {
+            (RunState::Reverting, Event::Reverted) => match self.access {
+                Access::ThreeGpp => RunState::Attaching,
+                Access::NonThreeGpp => RunState::Registering { grant: None },
+            },
             (RunState::Attaching, Event::Attached { grant }) => {
                 RunState::Registering { grant: Some(grant) }
             }
@@ -345,7 +394,7 @@ impl Run {
                 ack_seq: (*ack_seq).max(seq),
             },
             (RunState::AwaitingTasks { registration, .. }, Event::Installed { mcim_id })
-                if self.flow == Flow::Initial =>
+                if !self.flow.over_old_connectivity() =>
             {
                 RunState::Provisioned {
                     registration: registration.clone(),
@@ -361,7 +410,7 @@ impl Run {
                     ..
                 },
                 Event::Downloaded,
-            ) if self.flow != Flow::Initial => RunState::Downloaded {
+            ) if self.flow.over_old_connectivity() => RunState::Downloaded {
                 registration: registration.clone(),
                 ack_seq: *ack_seq,
             },
@@ -409,8 +458,20 @@ impl Run {
         Ok(())
     }
 
-    /// Notes a step for the owner (and the log).
+    /// How far the steps the initial-provisioning driver numbers (5.1.3.6.2's) are shifted in
+    /// this run: by [`PRISTINE_OFFSET`] once a pristine revert is done, else not.
+    pub fn offset(&self) -> u32 {
+        match (&self.flow, &self.state) {
+            (Flow::Pristine { .. }, RunState::Reverting) => 0,
+            (Flow::Pristine { .. }, _) => PRISTINE_OFFSET,
+            _ => 0,
+        }
+    }
+
+    /// Notes a step for the owner (and the log), numbered by the driver of the state the run
+    /// is in (shifted by [`Run::offset`]).
     pub fn record(&mut self, step: u32, ok: bool, detail: impl Into<String>) {
+        let step = step + self.offset();
         let detail = detail.into();
         let name = flow_step_name(&self.flow, step);
         if ok {
@@ -421,8 +482,9 @@ impl Run {
         self.steps.push(StepRecord { step, ok, detail });
     }
 
-    /// Whether `step` has completed.
+    /// Whether `step` (numbered as in [`Run::record`]) has completed.
     pub fn done(&self, step: u32) -> bool {
+        let step = step + self.offset();
         self.steps.iter().any(|s| s.step == step && s.ok)
     }
 
