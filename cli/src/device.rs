@@ -165,6 +165,10 @@ pub enum DeviceCommand {
         /// provision through 5.1.3.6 with the PCID (steps 1-3, then 4-17).
         #[arg(long)]
         pristine: bool,
+        /// Keep the MCIM in use beside the new one (end of 5.1.3.7.4.2): nothing is
+        /// discarded; choose the connectivity MCIM afterwards (`mcimctl device connectivity`).
+        #[arg(long, conflicts_with = "pristine")]
+        keep_old: bool,
     },
     /// Operational attach with an installed MCIM (5.1.3.3.2.2): AKA in the TRE against the
     /// SHO's vectors through the VNO.
@@ -337,7 +341,8 @@ async fn device(a: DeviceArgs) -> Result<(), CliError> {
             sho_id,
             access,
             pristine,
-        } => reprovision(&mut c, json, sho_id, access, pristine).await,
+            keep_old,
+        } => reprovision(&mut c, json, sho_id, access, pristine, keep_old).await,
         D::Attach { id } => attach(&mut c, json, id).await,
         D::Status => status(&mut c, json).await,
         D::List => list(&mut c, json).await,
@@ -470,12 +475,14 @@ async fn reprovision(
     sho_id: String,
     access: String,
     pristine: bool,
+    keep_old: bool,
 ) -> Result<(), CliError> {
     let id = c
         .reprovision(pb::ReprovisionRequest {
             new_sho_id: sho_id,
             access: access_type(&access) as i32,
             revert_to_pristine: pristine,
+            keep_old,
             ..Default::default()
         })
         .await?

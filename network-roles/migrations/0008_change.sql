@@ -22,6 +22,8 @@ ALTER TABLE ro_registration ADD COLUMN downloads INTEGER NOT NULL DEFAULT 0;
 -- A change by reverting to the pristine state (5.1.3.7.4.3): the device discarded the old MCIM
 -- itself; no discard order, no relayed acknowledgment.
 ALTER TABLE ro_registration ADD COLUMN pristine INTEGER NOT NULL DEFAULT 0;
+-- A change that keeps the old MCIM beside the new one (end of 5.1.3.7.4.2): nothing discarded.
+ALTER TABLE ro_registration ADD COLUMN keep_old INTEGER NOT NULL DEFAULT 0;
 
 -- Old SHO: the discard notices it received (step 9) and the acknowledgments it sent (10),
 -- one per IMSI; an IMSI here gets no more vectors.

@@ -422,6 +422,126 @@ fn a_device_moved_to_a_new_sho_and_back_gets_a_new_imsi_from_its_first_sho() {
     assert_eq!(block(roles.snapshot()), before);
 }
 
+/// The variant with both MCIMs present (end of 5.1.3.7.4.2): the new SHO's MCIM is installed
+/// beside the old one, nothing is discarded; each SHO holds only its own (neither database
+/// has the other's IMSI); the owner switches connectivity to the new one, back to the old one
+/// (which still attaches), and forth again.
+fn assert_both_present(dir: &Path, r: &Value) {
+    let steps: Vec<(u64, bool)> = r["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| (s["step"].as_u64().unwrap(), s["ok"].as_bool().unwrap()))
+        .collect();
+    assert_eq!(
+        steps,
+        (1..=10).map(|s| (s, true)).collect::<Vec<_>>(),
+        "{r:#}"
+    );
+    let old_imsi = r["before"]["imsi"].as_str().unwrap().to_string();
+    let new_imsi = r["mcim"]["imsi"].as_str().unwrap().to_string();
+    assert_eq!(r["mcim"]["sho"], NEW_SHO);
+    assert!(new_imsi.starts_with("00103"), "{new_imsi}");
+    assert_eq!(r["operational_attach"]["imsi"], new_imsi.as_str());
+    assert_eq!(r["switch_back"]["imsi"], old_imsi.as_str());
+    assert_eq!(r["old_imsi_refused"], false);
+    assert_eq!(r["discard"]["notice_acknowledged"], false);
+    let mcims = r["mcims"].as_array().unwrap();
+    assert_eq!(mcims.len(), 3, "the PCID's, the old and the new: {mcims:?}");
+    assert_eq!(mcims.iter().filter(|m| m["sho"] == OLD_SHO).count(), 1);
+    assert_eq!(mcims.iter().filter(|m| m["sho"] == NEW_SHO).count(), 1);
+    let roles = dir.join("roles.db");
+    assert!(block(db_rows(&roles, "SELECT imsi FROM sho_discard")).is_empty());
+    // Strictly apart: the new SHO's database has nothing of the old MCIM, and the old SHO's
+    // tables nothing of the new one (the RO, which delivered both, knows both).
+    let new_db: String = block(db_dump(&dir.join("roles-sho2.db")))
+        .into_values()
+        .collect();
+    assert!(
+        !new_db.contains(&old_imsi),
+        "the new SHO holds the old IMSI"
+    );
+    let old_sho: String = block(db_dump(&roles))
+        .into_iter()
+        .filter(|(t, _)| t.starts_with("sho_") || t.starts_with("auc_"))
+        .map(|(_, rows)| rows)
+        .collect();
+    assert!(
+        !old_sho.contains(&new_imsi),
+        "the old SHO holds the new IMSI"
+    );
+}
+
+#[test]
+fn a_swtpm_device_keeps_both_mcims_apart_and_the_owner_switches_between_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = change(dir.path(), &["--flow", "dual", "--tre", "tpm"]);
+    assert_eq!(r["flow"], "dual");
+    assert_both_present(dir.path(), &r);
+}
+
+#[test]
+fn a_softhsm_device_keeps_both_mcims_and_the_token_holds_three_pairs() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = change(dir.path(), &["--flow", "dual", "--tre", "pkcs11"]);
+    assert_both_present(dir.path(), &r);
+    assert_eq!(token_objects(dir.path(), "mcim.k"), 3);
+    assert_eq!(token_objects(dir.path(), "mcim.opc"), 3);
+}
+
+/// A package that keeps failing to install (item 3 of the issue): tred is stopped after step 11
+/// and its kept package damaged; the install is tried again from the kept copy only (one
+/// download in all), the change ends at step 12 with the DPF and the new SHO told; the old
+/// MCIM, discarded at step 8, stays discarded: the device keeps its PCID's credential only.
+#[test]
+fn a_kept_package_that_keeps_failing_ends_the_change_at_step_12_without_a_second_download() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    let (ok, r, stderr) = lab_run(&[
+        "--flow",
+        "change-sho",
+        "--tre",
+        "pkcs11",
+        "--dir",
+        d,
+        "--crash",
+        "tred:11",
+        "--damage-kept-package",
+    ]);
+    assert!(!ok, "{r:#}");
+    assert!(stderr.contains("kept package(s) damaged"), "{stderr}");
+    let steps = r["steps"].as_array().unwrap();
+    let last = steps.last().unwrap();
+    assert_eq!(
+        (last["step"].as_u64(), last["ok"].as_bool()),
+        (Some(12), Some(false)),
+        "{r:#}"
+    );
+    assert!(
+        last["detail"]
+            .as_str()
+            .unwrap()
+            .contains("tried 3 times from the kept package"),
+        "{last}"
+    );
+    assert!(steps[..steps.len() - 1].iter().all(|s| s["ok"] == true));
+    assert_eq!(
+        r["sho_registration"]["state"], "failed",
+        "the new SHO was told"
+    );
+    let roles = dir.path().join("roles.db");
+    let reg = block(db_rows(
+        &roles,
+        &format!(
+            "SELECT state, CAST(downloads AS TEXT) FROM ro_registration WHERE sho_id = '{NEW_SHO}'"
+        ),
+    ));
+    assert_eq!(reg, vec![vec!["failed".to_string(), "1".to_string()]]);
+    let mcims = r["mcims"].as_array().unwrap();
+    assert_eq!(mcims.len(), 1, "only the PCID's credential: {mcims:?}");
+    assert_eq!(mcims[0]["imsi"], PCID);
+}
+
 /// The owner's instruction is checked before anything starts: no SHO named, no access type,
 /// a device with no network (either variant): a clear refusal each, and no run saved.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -134,6 +134,7 @@ fn responses(run: &Run) -> Vec<pb::WatchProvisioningResponse> {
         Flow::Initial => (13, 7),
         Flow::ChangeSho { .. } => (12, 3),
         Flow::Pristine { .. } => (16, 10),
+        Flow::Dual { .. } => (8, 3),
     };
     run.steps
         .iter()
@@ -680,7 +681,7 @@ impl TreService for TreApi {
         };
         let id = self
             .provisioner()?
-            .reprovision(access, r.new_sho_id, r.revert_to_pristine)
+            .reprovision(access, r.new_sho_id, r.revert_to_pristine, r.keep_old)
             .await
             .map_err(provision_status)?;
         Ok(Response::new(pb::ReprovisionResponse {

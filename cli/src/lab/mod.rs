@@ -77,6 +77,9 @@ pub enum FlowChoice {
     /// Initial provisioning, then a change to the second SHO by reverting to the pristine
     /// state, 5.1.3.7.4.3 (steps 1-3, then 5.1.3.6.2's as 4-17).
     Pristine,
+    /// Initial provisioning, then the second SHO's MCIM installed beside the first (end of
+    /// 5.1.3.7.4.2, steps 1-10); the owner switches connectivity to it, back, and to it again.
+    Dual,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -144,6 +147,12 @@ pub struct RunArgs {
     /// shutdown that drains calls in flight).
     #[arg(long, value_enum, default_value = "kill")]
     crash_signal: crash::Signal,
+    /// With `--crash tred:N` in a change of SHO: while tred is down, damage the package it kept
+    /// (5.1.3.7.4.2 step 7), so every install from it fails: the change ends at the install
+    /// step after its retries from the kept copy (never a second download), the DPF and the new
+    /// SHO told.
+    #[arg(long, requires = "crash")]
+    damage_kept_package: bool,
     /// How the PCID's initial credentials are configured (5.1.3.4.1): 1 the CCIF generates
     /// them and returns them wrapped for the TRE; 2 the supplier embeds them and the CCIF
     /// hands them to the RO; 3 the supplier embeds them and the subscriber registers them at

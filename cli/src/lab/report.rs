@@ -31,6 +31,7 @@ pub(super) fn lab(a: &RunArgs, dir: &Path, say: &Say) -> LabResult {
             FlowChoice::Initial => "initial",
             FlowChoice::ChangeSho => "change-sho",
             FlowChoice::Pristine => "pristine",
+            FlowChoice::Dual => "dual",
         },
         "tre": match a.tre { TreChoice::Tpm => "tpm", TreChoice::Pkcs11 => "pkcs11" },
         "access": match a.access { AccessChoice::ThreeGpp => "3gpp", AccessChoice::Non3gpp => "non-3gpp" },

@@ -76,9 +76,39 @@ impl Rig<'_> {
     /// `tred` stopped (with the crash signal) and started again on its state.
     async fn restart_tred(&mut self) -> Result<(), CliError> {
         self.tred_proc.stop_with(self.a.crash_signal);
+        if self.a.damage_kept_package {
+            self.damage_kept_package()?;
+        }
         self.restarts += 1;
         let log = self.dir.join(format!("tred-{}.log", self.restarts + 1));
         (self.tred_proc, self.dev) = restart_tred(&mut self.tred, &self.socket, &log).await?;
+        Ok(())
+    }
+
+    /// `--damage-kept-package`: one octet of every kept package in tred's state flipped (its
+    /// signature no longer verifies).
+    fn damage_kept_package(&self) -> Result<(), CliError> {
+        let state = self.dir.join("tred-state");
+        let mut damaged = 0;
+        for f in std::fs::read_dir(&state).map_err(fail)? {
+            let path = f.map_err(fail)?.path();
+            let kept = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("package-") && n.ends_with(".cose"));
+            if kept {
+                let mut b = std::fs::read(&path).map_err(fail)?;
+                let mid = b.len() / 2;
+                if let Some(x) = b.get_mut(mid) {
+                    *x ^= 0x5a;
+                }
+                std::fs::write(&path, b).map_err(fail)?;
+                damaged += 1;
+            }
+        }
+        self.say.line(&format!(
+            "[lab] {damaged} kept package(s) damaged while tred was down"
+        ));
         Ok(())
     }
 
@@ -623,10 +653,13 @@ async fn change_sho(
             .name;
     let new_sho = new_sho.as_str();
     let pristine = a.flow == FlowChoice::Pristine;
+    let dual = a.flow == FlowChoice::Dual;
     rig.say.line(&format!(
         "[lab] change of SHO ({}): from {} (IMSI {}) to {new_sho}",
         if pristine {
             "5.1.3.7.4.3, reverting to the pristine state"
+        } else if dual {
+            "end of 5.1.3.7.4.2, both MCIMs present"
         } else {
             "5.1.3.7.4.2, over the old SHO's connectivity"
         },
@@ -656,6 +689,7 @@ async fn change_sho(
             new_sho_id: new_sho.into(),
             access: access as i32,
             revert_to_pristine: pristine,
+            keep_old: dual,
             ..Default::default()
         })
         .await?
@@ -746,16 +780,30 @@ async fn change_sho(
     // The old SHO gives no more vectors for the old IMSI: a VNO attach with it goes nowhere.
     let refused = old_imsi_refused(rig, &old.imsi, sho_p).await?;
     report["old_imsi_refused"] = json!(refused);
-    if !refused {
+    if dual {
+        // Both MCIMs present: the old one still works; the owner chooses the new one.
+        if refused {
+            return Err(fail(format!(
+                "the old SHO refuses the kept MCIM's IMSI {}",
+                old.imsi
+            )));
+        }
+        switch_connectivity(rig, &old.mcim_id, &mcim_id).await?;
+        rig.say.line(&format!(
+            "[lab] both MCIMs present: the old SHO still serves IMSI {}; the owner chooses the new MCIM for connectivity",
+            old.imsi
+        ));
+    } else if !refused {
         return Err(fail(format!(
             "the old SHO still gives vectors for {} after the discard",
             old.imsi
         )));
+    } else {
+        rig.say.line(&format!(
+            "[lab] the old SHO refuses vectors for IMSI {} (NOT_FOUND): its MCIM was discarded",
+            old.imsi
+        ));
     }
-    rig.say.line(&format!(
-        "[lab] the old SHO refuses vectors for IMSI {} (NOT_FOUND): its MCIM was discarded",
-        old.imsi
-    ));
     // Operational attach with the new MCIM.
     let g = rig
         .dev
@@ -776,8 +824,42 @@ async fn change_sho(
         "[lab] changed in {change_ms} ms; operational attach with IMSI {} of {}: grant {}",
         g.imsi, m.sho_id, g.grant_id
     ));
-    report["mcim"] = mcim_report(&m);
     report["operational_attach"] = json!({"ok": true, "imsi": g.imsi});
+    let m = if dual {
+        // The new one cannot attach? The owner switches back (one audited transition), the
+        // old one attaches, and forth again: the new one provides connectivity at the end.
+        switch_connectivity(rig, &m.mcim_id, &old.mcim_id).await?;
+        let back = rig
+            .dev
+            .network_attach(pb::NetworkAttachRequest {
+                mcim_id: old.mcim_id.clone(),
+            })
+            .await
+            .map_err(|s| {
+                fail(format!(
+                    "attach after switching back failed: {}",
+                    s.message()
+                ))
+            })?
+            .into_inner();
+        rig.say.line(&format!(
+            "[lab] switched back: IMSI {} of {} attaches again (grant {}); and forth to the new one",
+            back.imsi, old.sho_id, back.grant_id
+        ));
+        report["switch_back"] = json!({"ok": true, "imsi": back.imsi});
+        switch_connectivity(rig, &old.mcim_id, &m.mcim_id).await?;
+        rig.dev
+            .get_mcim(pb::GetMcimRequest {
+                mcim_id: m.mcim_id.clone(),
+            })
+            .await?
+            .into_inner()
+            .mcim
+            .unwrap_or_default()
+    } else {
+        m
+    };
+    report["mcim"] = mcim_report(&m);
     let held = rig
         .dev
         .list_mcims(pb::ListMcimsRequest {})
@@ -799,6 +881,28 @@ async fn old_imsi_refused(rig: &Rig<'_>, imsi: &str, sho_p: u16) -> Result<bool,
         })
         .await;
     Ok(matches!(got, Err(s) if s.code() == tonic::Code::NotFound))
+}
+
+/// The owner moves connectivity from the MCIM `from` (its session ended, if it has one) to
+/// `to` (5.1.3.7.2: "the owner of the device should control which MCIM ... is used").
+async fn switch_connectivity(rig: &mut Rig<'_>, from: &str, to: &str) -> Result<(), CliError> {
+    let ended = rig
+        .dev
+        .end_mcim_session(pb::EndMcimSessionRequest {
+            mcim_id: from.to_string(),
+        })
+        .await;
+    if let Err(s) = ended
+        && s.code() != tonic::Code::FailedPrecondition
+    {
+        return Err(s.into());
+    }
+    rig.dev
+        .set_connectivity_mcim(pb::SetConnectivityMcimRequest {
+            mcim_id: to.to_string(),
+        })
+        .await?;
+    Ok(())
 }
 
 /// Every MCIM the registry holds, as the report shows them.

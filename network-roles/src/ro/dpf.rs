@@ -124,7 +124,7 @@ impl DpfService for Dpf {
                     registration_id: reg.id.clone(),
                 },
             )];
-            if !reg.change_from.is_empty() && !reg.pristine {
+            if reg.discards() {
                 tasks.push(pb::watch_device_tasks_response::Task::Discard(
                     self.discard_task(&reg).await?,
                 ));
@@ -342,10 +342,7 @@ impl DpfService for Dpf {
         }
         // A change of SHO installs after the old SHO's acknowledgment reached the new one
         // (5.1.3.7.4.2 steps 11-13).
-        if st == common::ProvisioningStatus::Installed
-            && !reg.change_from.is_empty()
-            && !reg.pristine
-            && reg.discard_relayed == 0
+        if st == common::ProvisioningStatus::Installed && reg.discards() && reg.discard_relayed == 0
         {
             return Err(RoleError::conflict(
                 "a change of SHO: relay the old SHO's discard acknowledgment first (step 11)",
@@ -388,7 +385,7 @@ impl DpfService for Dpf {
             let auth = authorized(&req)?;
             let reg = self.0.registration(&req.get_ref().registration_id).await?;
             auth.owns(&reg.pcid)?;
-            if reg.change_from.is_empty() || reg.pristine {
+            if !reg.discards() {
                 return Err(RoleError::conflict(
                     "not a change of SHO over the old connectivity: nothing to relay",
                 ));

@@ -55,8 +55,15 @@ impl DrfService for Drf {
         // moved it to, which must have announced it (step 1); the device is on the old SHO's
         // connectivity (or its PCID's), known by its TLS identity.
         let change = !r.new_sho_id.is_empty();
-        if r.pristine && !change {
-            return Err(RoleError::invalid("pristine names the SHO changed to (new_sho_id)"));
+        if (r.pristine || r.keep_old) && !change {
+            return Err(RoleError::invalid(
+                "pristine and keep_old name the SHO changed to (new_sho_id)",
+            ));
+        }
+        if r.pristine && r.keep_old {
+            return Err(RoleError::invalid(
+                "a revert to the pristine state keeps no old MCIM",
+            ));
         }
         match access {
             // Step 5: only under a live grant the VNO reported for this PCID.
@@ -156,7 +163,8 @@ impl DrfService for Drf {
             .change_with_task(
                 sqlx::query(
                     "INSERT INTO ro_registration (id, pcid, access, sho_id, nonce, state, \
-                     sho_url, change_from, pristine) VALUES (?, ?, ?, ?, ?, 'validating', ?, ?, ?)",
+                     sho_url, change_from, pristine, keep_old) \
+                     VALUES (?, ?, ?, ?, ?, 'validating', ?, ?, ?, ?)",
                 )
                 .bind(&id)
                 .bind(&pcid)
@@ -165,7 +173,8 @@ impl DrfService for Drf {
                 .bind(nonce.to_vec())
                 .bind(&sho_url)
                 .bind(&change_from)
-                .bind(i64::from(r.pristine)),
+                .bind(i64::from(r.pristine))
+                .bind(i64::from(r.keep_old)),
                 &pcid,
                 pb::watch_device_tasks_response::Task::Attest(pb::AttestationTask {
                     validation_id: v.validation_id,

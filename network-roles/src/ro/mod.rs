@@ -162,6 +162,16 @@ pub(crate) struct Registration {
     pub discard_relayed: i64,
     /// A change by reverting to the pristine state (5.1.3.7.4.3).
     pub pristine: bool,
+    /// A change that keeps the old MCIM beside the new one (end of 5.1.3.7.4.2).
+    pub keep_old: bool,
+}
+
+impl Registration {
+    /// A change over the old SHO's connectivity that discards the old MCIM: the DPF orders the
+    /// discard and waits for the relayed acknowledgment before an install is reported.
+    pub fn discards(&self) -> bool {
+        !self.change_from.is_empty() && !self.pristine && !self.keep_old
+    }
 }
 
 impl Ro {
@@ -176,17 +186,28 @@ impl Ro {
             String,
             i64,
             i64,
+            i64,
         );
         let row: Option<Row> = sqlx::query_as(
             "SELECT id, pcid, sho_id, state, package, sho_url, change_from, discard_relayed, \
-             pristine FROM ro_registration WHERE id = ?",
+             pristine, keep_old FROM ro_registration WHERE id = ?",
         )
         .bind(id)
         .fetch_optional(&self.db)
         .await
         .map_err(db_err)?;
-        let (id, pcid, sho_id, state, package, sho_url, change_from, discard_relayed, pristine) =
-            row.ok_or_else(|| RoleError::not_found("no such registration"))?;
+        let (
+            id,
+            pcid,
+            sho_id,
+            state,
+            package,
+            sho_url,
+            change_from,
+            discard_relayed,
+            pristine,
+            keep_old,
+        ) = row.ok_or_else(|| RoleError::not_found("no such registration"))?;
         Ok(Registration {
             id,
             pcid,
@@ -197,6 +218,7 @@ impl Ro {
             change_from,
             discard_relayed,
             pristine: pristine != 0,
+            keep_old: keep_old != 0,
         })
     }
 

@@ -269,12 +269,18 @@ impl Provisioner {
         access: Access,
         new_sho: String,
         pristine: bool,
+        keep_old: bool,
     ) -> Result<String, ProvisionError> {
         let _one = self.start.lock().await;
         if let Some(r) = self.run.borrow().as_ref()
             && !r.finished()
         {
             return Ok(r.id.clone());
+        }
+        if pristine && keep_old {
+            return Err(ProvisionError::BadRequest(
+                "a revert to the pristine state keeps no old MCIM (pristine or keep_old)".into(),
+            ));
         }
         if new_sho.is_empty() || new_sho.contains(char::is_whitespace) {
             return Err(ProvisionError::BadRequest(
@@ -307,6 +313,8 @@ impl Provisioner {
         };
         let flow = if pristine {
             Flow::Pristine { old, new_sho }
+        } else if keep_old {
+            Flow::Dual { old, new_sho }
         } else {
             Flow::ChangeSho { old, new_sho }
         };
@@ -541,7 +549,9 @@ impl Provisioner {
     async fn attach(&self, run: &mut Run) -> Result<(), Stop> {
         // A change of SHO uses the old SHO's connectivity (5.1.3.7.4.2): an operational
         // attach with the MCIM in use (steps 2-7 then run over it).
-        if let Flow::ChangeSho { old, .. } = &run.flow {
+        if run.flow.over_old_connectivity()
+            && let Some((old, _)) = run.flow.change()
+        {
             let old = old.id.clone();
             let m = self
                 .device
@@ -677,10 +687,11 @@ impl Provisioner {
             .map_err(|e| Stop::Fail(5, e.to_string()))?
             .unwrap_or_default();
         let url = self.net(5)?.ro_url.clone();
-        let (new_sho_id, refused_at, pristine) = match &run.flow {
-            Flow::Initial => (String::new(), 6, false),
-            Flow::ChangeSho { new_sho, .. } => (new_sho.clone(), 1, false),
-            Flow::Pristine { new_sho, .. } => (new_sho.clone(), 6, true),
+        let (new_sho_id, refused_at, pristine, keep_old) = match &run.flow {
+            Flow::Initial => (String::new(), 6, false, false),
+            Flow::ChangeSho { new_sho, .. } => (new_sho.clone(), 1, false, false),
+            Flow::Dual { new_sho, .. } => (new_sho.clone(), 1, false, true),
+            Flow::Pristine { new_sho, .. } => (new_sho.clone(), 6, true, false),
         };
         let r = DrfServiceClient::new(self.channel(&url, Role::Ro, 5)?)
             .register_device(ro::RegisterDeviceRequest {
@@ -693,6 +704,7 @@ impl Provisioner {
                 platform_credential: certs.platform_credential,
                 new_sho_id,
                 pristine,
+                keep_old,
             })
             .await
             .map_err(|s| match s.code() {
@@ -711,8 +723,10 @@ impl Provisioner {
             }
             self.clone().deliver_notices();
         }
-        if let Flow::ChangeSho { old, new_sho } = &run.flow {
-            let (old, new_sho) = (old.clone(), new_sho.clone());
+        if run.flow.over_old_connectivity()
+            && let Some((old, new_sho)) = run.flow.change()
+        {
+            let (old, new_sho) = (old.clone(), new_sho.to_string());
             run.record(
                 1,
                 true,
@@ -809,6 +823,11 @@ impl Provisioner {
                     } else if change {
                         if matches!(run.state, RunState::AwaitingTasks { .. }) {
                             self.download_kept(run, &registration, &mut dpf).await?;
+                            // Both MCIMs present: nothing to discard, no order to wait for.
+                            if matches!(run.flow, Flow::Dual { .. }) {
+                                apply(run, 8, Event::Acknowledged(task.seq))?;
+                                apply(run, 8, Event::KeptOld)?;
+                            }
                         }
                     } else {
                         self.download(run, &registration, &mut dpf).await?;
@@ -991,7 +1010,19 @@ impl Provisioner {
     /// Verifies the package ([`Provisioner::verify_package`]) and installs it; an MCIM already
     /// installed from this very package counts as installed.
     async fn install(&self, registration: &Registration, package: &[u8]) -> Result<String, String> {
+        self.install_as(registration, package, true).await
+    }
+
+    /// [`Provisioner::install`]; the package's wish to provide connectivity is followed only
+    /// when `may_connect` (with both MCIMs present the owner chooses).
+    async fn install_as(
+        &self,
+        registration: &Registration,
+        package: &[u8],
+        may_connect: bool,
+    ) -> Result<String, String> {
         let (new, connectivity) = self.verify_package(registration, package).await?;
+        let connectivity = connectivity && may_connect;
         let refused = |e: DeviceError| format!("the TRE refused the MCIM: {e}");
         // A resumed run (installed before a restart, maybe before the run was saved): the
         // registry already holds this IMSI from this SHO. The package is this registration's
@@ -1213,21 +1244,25 @@ impl Provisioner {
             } => (registration.clone(), *attempts),
             _ => return Ok(()),
         };
+        let dual = matches!(run.flow, Flow::Dual { .. });
+        // 5.1.3.7.4.2 steps 12-14; with both MCIMs present, 8-10.
+        let (installed, reported, registered) = if dual { (8, 9, 10) } else { (12, 13, 14) };
         let file = self.kept_package(&registration);
         let package = read_optional(&file)
-            .map_err(|e| Stop::Fail(12, format!("{}: {e}", file.display())))?
-            .ok_or_else(|| Stop::Fail(12, "the kept package is missing".into()))?;
-        let url = self.net(12)?.ro_url.clone();
-        let mut dpf = DpfServiceClient::new(self.channel(&url, Role::Ro, 12)?);
-        let (status, detail, mcim_id) = match self.install(&registration, &package).await {
+            .map_err(|e| Stop::Fail(installed, format!("{}: {e}", file.display())))?
+            .ok_or_else(|| Stop::Fail(installed, "the kept package is missing".into()))?;
+        let url = self.net(installed)?.ro_url.clone();
+        let mut dpf = DpfServiceClient::new(self.channel(&url, Role::Ro, installed)?);
+        let (status, detail, mcim_id) = match self.install_as(&registration, &package, !dual).await
+        {
             Ok(id) => (common::ProvisioningStatus::Installed, String::new(), id),
             Err(why) if attempts + 1 < INSTALL_ATTEMPTS => {
                 tracing::warn!(
                     attempt = attempts + 1,
                     "install from the kept package failed: {why}"
                 );
-                apply(run, 12, Event::InstallFailed)?;
-                return Err(Stop::Retry(format!("step 12: {why}")));
+                apply(run, installed, Event::InstallFailed)?;
+                return Err(Stop::Retry(format!("step {installed}: {why}")));
             }
             Err(why) => (common::ProvisioningStatus::Failed, why, String::new()),
         };
@@ -1238,17 +1273,25 @@ impl Provisioner {
             mcim_id: mcim_id.clone(),
         })
         .await
-        .map_err(stop(13))?;
+        .map_err(stop(reported))?;
         if status == common::ProvisioningStatus::Failed {
             return Err(Stop::Fail(
-                12,
+                installed,
                 format!("{detail} (tried {INSTALL_ATTEMPTS} times from the kept package)"),
             ));
         }
-        run.record(12, true, format!("MCIM {mcim_id} installed and activated"));
-        run.record(13, true, "the new SHO knows");
-        run.record(14, true, "the DRF routes the device to the new SHO");
-        apply(run, 12, Event::Installed { mcim_id })?;
+        run.record(
+            installed,
+            true,
+            if dual {
+                format!("MCIM {mcim_id} installed and activated; the owner chooses which connects")
+            } else {
+                format!("MCIM {mcim_id} installed and activated")
+            },
+        );
+        run.record(reported, true, "the new SHO knows");
+        run.record(registered, true, "the DRF routes the device to the new SHO");
+        apply(run, installed, Event::Installed { mcim_id })?;
         let _ = std::fs::remove_file(&file);
         Ok(())
     }

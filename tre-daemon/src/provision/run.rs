@@ -64,21 +64,30 @@ pub enum Flow {
         /// The SHO the subscriber moved the device to.
         new_sho: String,
     },
+    /// The variant with both MCIMs present (end of 5.1.3.7.4.2; 5.1.3.7.2): as `ChangeSho` up
+    /// to the download (steps 1-7), then the new MCIM is installed beside the old one, which
+    /// stays (steps 8-10); the owner chooses which provides connectivity.
+    Dual {
+        /// The MCIM kept, whose connectivity the change uses.
+        old: OldMcim,
+        /// The SHO of the MCIM added.
+        new_sho: String,
+    },
 }
 
 impl Flow {
     /// Whether the run goes over the old MCIM's connectivity (5.1.3.7.4.2).
     pub fn over_old_connectivity(&self) -> bool {
-        matches!(self, Flow::ChangeSho { .. })
+        matches!(self, Flow::ChangeSho { .. } | Flow::Dual { .. })
     }
 
     /// The MCIM a change leaves and the SHO it changes to.
     pub fn change(&self) -> Option<(&OldMcim, &str)> {
         match self {
             Flow::Initial => None,
-            Flow::ChangeSho { old, new_sho } | Flow::Pristine { old, new_sho } => {
-                Some((old, new_sho))
-            }
+            Flow::ChangeSho { old, new_sho }
+            | Flow::Pristine { old, new_sho }
+            | Flow::Dual { old, new_sho } => Some((old, new_sho)),
         }
     }
 }
@@ -179,6 +188,8 @@ pub enum Event {
     InstallFailed,
     /// 5.1.3.7.4.3 step 3: the device is back in the pristine state.
     Reverted,
+    /// The variant with both MCIMs present: the old MCIM stays; on to the install.
+    KeptOld,
     /// A step failed for good.
     Failed {
         /// The step.
@@ -230,6 +241,12 @@ pub fn flow_step_name(flow: &Flow, step: u32) -> &'static str {
     match flow {
         Flow::Initial => step_name(step),
         Flow::ChangeSho { .. } => change_step_name(step),
+        Flow::Dual { .. } => match step {
+            8 => "the new MCIM is provisioned into the TRE beside the old one, kept apart",
+            9 => change_step_name(13),
+            10 => change_step_name(14),
+            s => change_step_name(s),
+        },
         Flow::Pristine { .. } => match step {
             1 => change_step_name(1),
             2 => change_step_name(2),
@@ -333,6 +350,7 @@ impl Event {
             Event::AckRelayed => "ack_relayed",
             Event::InstallFailed => "install_failed",
             Event::Reverted => "reverted",
+            Event::KeptOld => "kept_old",
             Event::Failed { .. } => "failed",
         }
     }
@@ -427,6 +445,14 @@ impl Run {
             (RunState::Downloaded { registration, .. }, Event::Discarded) => RunState::Discarded {
                 registration: registration.clone(),
             },
+            (RunState::Downloaded { registration, .. }, Event::KeptOld)
+                if matches!(self.flow, Flow::Dual { .. }) =>
+            {
+                RunState::Relayed {
+                    registration: registration.clone(),
+                    attempts: 0,
+                }
+            }
             (RunState::Discarded { registration }, Event::AckRelayed) => RunState::Relayed {
                 registration: registration.clone(),
                 attempts: 0,
