@@ -37,3 +37,6 @@ CREATE TABLE sho_discard (
 
 -- New SHO: the privacy-filtered acknowledgment the DPF relayed (step 11), as received.
 ALTER TABLE sho_registration ADD COLUMN discard_ack BLOB;
+-- The IMSI a registration provisions (a device that comes back gets another); '' in rows made
+-- before: the subscription's.
+ALTER TABLE sho_registration ADD COLUMN imsi TEXT NOT NULL DEFAULT '';

@@ -542,6 +542,43 @@ fn a_kept_package_that_keeps_failing_ends_the_change_at_step_12_without_a_second
     assert_eq!(mcims[0]["imsi"], PCID);
 }
 
+/// With both MCIMs present, a change back to the first SHO would provision it a second time
+/// (its SHO reuses the IMSI and would replace the K of the MCIM the device still uses): the
+/// device refuses the instruction (choose the MCIM for connectivity instead), nothing reaches
+/// the SHO.
+#[test]
+fn with_both_mcims_present_a_change_back_to_the_first_sho_is_refused_by_the_device() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    let (ok, r, stderr) = lab_run(&[
+        "--flow",
+        "dual",
+        "--changes",
+        "2",
+        "--tre",
+        "pkcs11",
+        "--dir",
+        d,
+    ]);
+    assert!(!ok, "{r:#}");
+    let error = r["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("already holds MCIM 001020000000001 of sho.mcim.local"),
+        "{error}\n{stderr}"
+    );
+    // The first change happened; the second never reached the first SHO.
+    assert_eq!(r["changes"], 1);
+    let regs = block(db_rows(
+        &dir.path().join("roles.db"),
+        &format!("SELECT id FROM sho_registration WHERE pcid = '{PCID}'"),
+    ));
+    assert_eq!(
+        regs.len(),
+        1,
+        "only the initial provisioning's registration: {regs:?}"
+    );
+}
+
 /// The owner's instruction is checked before anything starts: no SHO named, no access type,
 /// a device with no network (either variant): a clear refusal each, and no run saved.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

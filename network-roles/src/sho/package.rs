@@ -43,7 +43,14 @@ impl Sho {
                 .map_err(|e| RoleError::conflict(e.to_string()))?;
             (kb, ob, wrapped)
         };
-        // No package was stored, so no earlier K ever left: replace whatever a crash left.
+        // No package was stored, so no earlier K ever left: replace whatever a crash left. Never
+        // the K of an MCIM a device holds and uses (another registration's, provisioned).
+        if self.imsi_live(&sub.imsi).await? {
+            return Err(RoleError::conflict(format!(
+                "IMSI {} is provisioned on the device already: its K stays",
+                sub.imsi
+            )));
+        }
         self.auc.forget(&sub.imsi).await?;
         self.auc.provision(&sub.imsi, &k[..], &opc[..]).await?;
         let (mcc, mnc) = self.cfg.plmn.split_at(3);

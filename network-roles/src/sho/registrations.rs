@@ -93,11 +93,20 @@ impl Sho {
         if !n.dpf_url.starts_with("https://") {
             return Err(RoleError::invalid("dpf_url must be https://host:port"));
         }
-        self.subscription(&n.pcid)
+        let sub = self
+            .subscription(&n.pcid)
             .await?
             .ok_or_else(|| RoleError::not_found("no subscription for this PCID"))?;
         if let Some(existing) = self.registration(&n.id).await? {
             return Ok(existing);
+        }
+        // The device holds this SHO's MCIM already (provisioned, not discarded): a second
+        // package for the same IMSI would replace its K at the AuC under a working device.
+        if self.imsi_live(&sub.imsi).await? {
+            return Err(RoleError::conflict(format!(
+                "the device already holds this SHO's MCIM (IMSI {}): nothing to provision",
+                sub.imsi
+            )));
         }
         // Step 8: ask the PVA to validate the device.
         let v = PvaServiceClient::new(self.pva.clone())
@@ -110,7 +119,7 @@ impl Sho {
             .into_inner();
         sqlx::query(
             "INSERT INTO sho_registration (id, pcid, nonce, dpf_url, validation_id, \
-             validation_nonce, state) VALUES (?, ?, ?, ?, ?, ?, ?)",
+             validation_nonce, state, imsi) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(&n.id)
         .bind(&n.pcid)
@@ -119,6 +128,7 @@ impl Sho {
         .bind(&v.validation_id)
         .bind(&v.nonce)
         .bind(St::Validating as i64)
+        .bind(&sub.imsi)
         .execute(&self.db)
         .await
         .map_err(db_err)?;

@@ -253,7 +253,7 @@ impl Sho {
     pub(super) async fn imsi_live(&self, imsi: &str) -> Result<bool, RoleError> {
         let live: Option<(String,)> = sqlx::query_as(
             "SELECT s.imsi FROM sho_subscription s JOIN sho_registration r ON r.pcid = s.pcid \
-             WHERE s.imsi = ? AND r.state = ? \
+             WHERE s.imsi = ? AND r.state = ? AND (r.imsi = s.imsi OR r.imsi = '') \
              AND NOT EXISTS (SELECT 1 FROM sho_discard d WHERE d.imsi = s.imsi)",
         )
         .bind(imsi)

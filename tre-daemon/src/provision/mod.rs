@@ -305,6 +305,21 @@ impl Provisioner {
                 "{new_sho} already provides the MCIM in use"
             )));
         }
+        // Both MCIMs present: the device already holds one of the new SHO's; it is chosen for
+        // connectivity, not provisioned a second time (the SHO would reuse its IMSI).
+        if let Some(held) = self
+            .device
+            .list()
+            .await?
+            .into_iter()
+            .find(|m| m.sho == new_sho)
+        {
+            return Err(ProvisionError::NotReady(format!(
+                "the device already holds MCIM {} of {new_sho}: choose it for connectivity \
+                 (mcimctl device connectivity {}) instead of provisioning again",
+                held.id, held.id
+            )));
+        }
         let mut id = [0u8; 8];
         rand::Rng::fill_bytes(&mut rand::rng(), &mut id);
         let old = OldMcim {
