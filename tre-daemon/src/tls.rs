@@ -54,6 +54,19 @@ impl Signer for TreTlsKey {
     }
 }
 
+/// The CA certificates in `ca_pem` as rustls roots.
+fn roots(ca_pem: &[u8]) -> Result<rustls::RootCertStore, String> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in CertificateDer::pem_slice_iter(ca_pem) {
+        roots
+            .add(ca.map_err(|e| e.to_string())?)
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(roots)
+}
+
 /// The device's side of mutual TLS towards a role: a rustls client configuration that trusts
 /// the roles' CA (`ca_pem`), presents the device's certificate chain (DER, leaf first: what the
 /// supplier's CertifyDevice returned) and signs with the TRE, offering HTTP/2 for gRPC.
@@ -63,7 +76,6 @@ pub fn device_client_config(
     key: TreTlsKey,
 ) -> Result<rustls::ClientConfig, String> {
     use rustls::pki_types::CertificateDer;
-    use rustls::pki_types::pem::PemObject;
 
     #[derive(Debug)]
     struct One(Arc<rustls::sign::CertifiedKey>);
@@ -81,12 +93,7 @@ pub fn device_client_config(
     }
 
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut roots = rustls::RootCertStore::empty();
-    for ca in CertificateDer::pem_slice_iter(ca_pem) {
-        roots
-            .add(ca.map_err(|e| e.to_string())?)
-            .map_err(|e| e.to_string())?;
-    }
+    let roots = roots(ca_pem)?;
     let certified = rustls::sign::CertifiedKey::new(
         chain.into_iter().map(CertificateDer::from).collect(),
         Arc::new(key),
@@ -110,14 +117,7 @@ pub fn expect_party(
     role: mcim_pki::Role,
     name: &str,
 ) -> Result<rustls::ClientConfig, String> {
-    use rustls::pki_types::CertificateDer;
-    use rustls::pki_types::pem::PemObject;
-    let mut roots = rustls::RootCertStore::empty();
-    for ca in CertificateDer::pem_slice_iter(ca_pem) {
-        roots
-            .add(ca.map_err(|e| e.to_string())?)
-            .map_err(|e| e.to_string())?;
-    }
+    let roots = roots(ca_pem)?;
     let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
         Arc::new(roots),
         Arc::new(rustls::crypto::ring::default_provider()),

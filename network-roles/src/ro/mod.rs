@@ -166,6 +166,24 @@ pub(crate) struct Registration {
     pub keep_old: bool,
 }
 
+impl<'r> sqlx::FromRow<'r, sqlx::sqlite::SqliteRow> for Registration {
+    fn from_row(row: &'r sqlx::sqlite::SqliteRow) -> Result<Self, sqlx::Error> {
+        use sqlx::Row;
+        Ok(Self {
+            id: row.try_get("id")?,
+            pcid: row.try_get("pcid")?,
+            sho_id: row.try_get("sho_id")?,
+            state: row.try_get("state")?,
+            package: row.try_get("package")?,
+            sho_url: row.try_get("sho_url")?,
+            change_from: row.try_get("change_from")?,
+            discard_relayed: row.try_get("discard_relayed")?,
+            pristine: row.try_get::<i64, _>("pristine")? != 0,
+            keep_old: row.try_get::<i64, _>("keep_old")? != 0,
+        })
+    }
+}
+
 impl Registration {
     /// A change over the old SHO's connectivity that discards the old MCIM: the DPF orders the
     /// discard and waits for the relayed acknowledgment before an install is reported.
@@ -176,50 +194,15 @@ impl Registration {
 
 impl Ro {
     pub(crate) async fn registration(&self, id: &str) -> Result<Registration, RoleError> {
-        type Row = (
-            String,
-            String,
-            String,
-            String,
-            Option<Vec<u8>>,
-            String,
-            String,
-            i64,
-            i64,
-            i64,
-        );
-        let row: Option<Row> = sqlx::query_as(
+        sqlx::query_as::<_, Registration>(
             "SELECT id, pcid, sho_id, state, package, sho_url, change_from, discard_relayed, \
              pristine, keep_old FROM ro_registration WHERE id = ?",
         )
         .bind(id)
         .fetch_optional(&self.db)
         .await
-        .map_err(db_err)?;
-        let (
-            id,
-            pcid,
-            sho_id,
-            state,
-            package,
-            sho_url,
-            change_from,
-            discard_relayed,
-            pristine,
-            keep_old,
-        ) = row.ok_or_else(|| RoleError::not_found("no such registration"))?;
-        Ok(Registration {
-            id,
-            pcid,
-            sho_id,
-            state,
-            package,
-            sho_url,
-            change_from,
-            discard_relayed,
-            pristine: pristine != 0,
-            keep_old: keep_old != 0,
-        })
+        .map_err(db_err)?
+        .ok_or_else(|| RoleError::not_found("no such registration"))
     }
 
     /// The address of the SHO a registration was made at.

@@ -999,6 +999,14 @@ impl Provisioner {
         Ok(())
     }
 
+    /// The key of the SHO `sho_id` that signed `signed` (a package, a discard acknowledgment):
+    /// its certificate, carried in the statement, issued by the SHO CA and naming `sho_id`.
+    fn sho_key(&self, signed: &[u8], sho_id: &str) -> Result<p256::ecdsa::VerifyingKey, String> {
+        let net = self.net.as_ref().ok_or("no network")?;
+        let cert = mcim_core::signed::signer_certificate(signed).map_err(|e| e.to_string())?;
+        crate::net::verify_party(&net.sho_ca_pem, &cert, Role::Sho, sho_id)
+    }
+
     /// Verifies the package: signed by the SHO we registered at, for this device, this
     /// registration and its nonce, and holding an MCIM the TRE can take. Nothing changes.
     async fn verify_package(
@@ -1006,10 +1014,7 @@ impl Provisioner {
         registration: &Registration,
         package: &[u8],
     ) -> Result<(NewMcim, bool), String> {
-        let net = self.net.as_ref().ok_or("no network")?;
-        let cert = mcim_core::signed::signer_certificate(package).map_err(|e| e.to_string())?;
-        let sho =
-            crate::net::verify_party(&net.sho_ca_pem, &cert, Role::Sho, &registration.sho_id)?;
+        let sho = self.sho_key(package, &registration.sho_id)?;
         let pcid = self
             .device
             .pcid()
@@ -1385,10 +1390,7 @@ impl Provisioner {
             .await
             .map_err(|s| format!("{}: {}", s.code(), s.message()))?
             .into_inner();
-        let net = self.net.as_ref().ok_or("no network")?;
-        let cert =
-            mcim_core::signed::signer_certificate(&r.discard_ack).map_err(|e| e.to_string())?;
-        let key = crate::net::verify_party(&net.sho_ca_pem, &cert, Role::Sho, &n.sho_id)?;
+        let key = self.sho_key(&r.discard_ack, &n.sho_id)?;
         let a: mcim_pki::discard::Ack =
             mcim_core::signed::open(&r.discard_ack, &key).map_err(|e| e.to_string())?;
         if a.kind != mcim_pki::discard::ACK_KIND

@@ -121,15 +121,6 @@ impl Outbox {
         self.lock().iter().find(|n| n.imsi == imsi).cloned()
     }
 
-    /// Notices not yet acknowledged.
-    pub fn pending(&self) -> Vec<Notice> {
-        self.lock()
-            .iter()
-            .filter(|n| n.ack.is_none())
-            .cloned()
-            .collect()
-    }
-
     /// Every notice, acknowledged or not.
     pub fn all(&self) -> Vec<Notice> {
         self.lock().clone()
@@ -245,14 +236,14 @@ mod tests {
         o.put(again).unwrap();
         o.record("001020000000001", None).unwrap();
         let o = Outbox::load(dir.path()).unwrap();
-        let p = o.pending();
+        let p = o.deliverable();
         assert_eq!(p.len(), 1);
         assert_eq!(p[0].sho_url, "https://127.0.0.1:1");
         assert_eq!(p[0].attempts, 1);
         o.record("001020000000001", Some((b"ack".to_vec(), 7)))
             .unwrap();
         let o = Outbox::load(dir.path()).unwrap();
-        assert!(o.pending().is_empty());
+        assert!(o.deliverable().is_empty());
         assert_eq!(
             o.get("001020000000001").and_then(|n| n.ack),
             Some(b"ack".to_vec())
