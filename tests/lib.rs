@@ -539,18 +539,23 @@ impl Roles {
     /// A `tred` on `tcti` configured to provision against these roles (their CA, the RO, the
     /// VNO).
     pub fn tred(&self, tcti: &str) -> Tred {
+        self.tred_with(tcti, &[])
+    }
+
+    /// [`Roles::tred`] with more environment (a PKCS#11 token's `MCIM_BACKEND`, ...).
+    pub fn tred_with(&self, tcti: &str, extra: &[(&str, &str)]) -> Tred {
         let ca = self.pki.join("ca.pem");
         let sho_ca = self.pki.join("ca-sho.pem");
-        Tred::start_with(
-            tcti,
-            &[
-                ("MCIM_CA_FILE", ca.to_str().unwrap()),
-                ("MCIM_SHO_CA_FILE", sho_ca.to_str().unwrap()),
-                ("MCIM_CA_DIR", self.pki.to_str().unwrap()),
-                ("MCIM_RO_URL", &self.url("ro")),
-                ("MCIM_VNO_URL", &self.url("vno")),
-            ],
-        )
+        let (ro, vno) = (self.url("ro"), self.url("vno"));
+        let mut env = vec![
+            ("MCIM_CA_FILE", ca.to_str().unwrap()),
+            ("MCIM_SHO_CA_FILE", sho_ca.to_str().unwrap()),
+            ("MCIM_CA_DIR", self.pki.to_str().unwrap()),
+            ("MCIM_RO_URL", ro.as_str()),
+            ("MCIM_VNO_URL", vno.as_str()),
+        ];
+        env.extend_from_slice(extra);
+        Tred::start_with(tcti, &env)
     }
 
     /// The port of a role ("supplier", "ro", "vno", "sho", "pva", "sho2": the second SHO).

@@ -14,6 +14,7 @@ mod aka;
 mod device;
 mod error;
 mod hexarg;
+mod instruct;
 mod lab;
 mod net;
 mod operator;

@@ -16,7 +16,18 @@ pub async fn role_channel(
     peer: Role,
     url: &str,
 ) -> Result<Channel, CliError> {
-    let (cert, key) = mcim_pki::dev::party_pem(pki, me).map_err(fail)?;
+    party_channel(pki, me.as_str(), peer, url).await
+}
+
+/// The party whose files in `pki` are `<file>.pem`/`.key` (a second SHO: `sho2`) calling
+/// the role `peer` at `url`.
+pub async fn party_channel(
+    pki: &Path,
+    file: &str,
+    peer: Role,
+    url: &str,
+) -> Result<Channel, CliError> {
+    let (cert, key) = mcim_pki::dev::party_file_pem(pki, file).map_err(fail)?;
     connect(peer, url, cert, key, pki).await
 }
 

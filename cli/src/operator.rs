@@ -18,6 +18,12 @@ use crate::hexarg;
 pub enum ShoCommand {
     /// Wrap K and OPc for one device's TPM (TPM2 duplication blobs, no TPM needed).
     Wrap(WrapArgs),
+    /// Instruct a device about this SHO's MCIM on it (TR 33.812 5.1.1.3): discover, block,
+    /// unblock, retire or delete. The SHO signs it; the RO's DPF carries it; the device
+    /// verifies, executes and reports, signed in its TRE.
+    Instruct(crate::instruct::InstructArgs),
+    /// What a device reported for an instruction.
+    Instruction(crate::instruct::InstructionArgs),
 }
 
 /// How K travels.
@@ -169,7 +175,16 @@ fn read_pcrs(dir: &Path) -> Result<(Vec<u8>, Vec<[u8; 32]>), OperatorError> {
 
 /// Runs `mcimctl sho ...`.
 pub fn run_sho(cmd: ShoCommand) -> Result<(), OperatorError> {
-    let ShoCommand::Wrap(a) = cmd;
+    let a = match cmd {
+        ShoCommand::Wrap(a) => a,
+        ShoCommand::Instruct(a) => {
+            return crate::instruct::run(a).map_err(|e| OperatorError::Refused(e.to_string()));
+        }
+        ShoCommand::Instruction(a) => {
+            return crate::instruct::run_status(a)
+                .map_err(|e| OperatorError::Refused(e.to_string()));
+        }
+    };
     let storage = read(&a.storage_public)?;
     let (k, opc) = (K::new(a.k), Opc::new(a.opc));
     let mut rng = rand::rng();

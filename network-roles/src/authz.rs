@@ -135,6 +135,11 @@ pub const RULES: &[Rule] = &[
     own("/mcim.ro.v1.DpfService/DownloadPackage"),
     own("/mcim.ro.v1.DpfService/ReportProvisioningStatus"),
     own("/mcim.ro.v1.DpfService/RelayDiscardAck"),
+    // Remote instructions (5.1.1.3): an SHO queues for a device it registered once and reads
+    // the reports of its own instructions; the device reports on its own.
+    rule("/mcim.ro.v1.DpfService/QueueInstruction", &[S], ShoOwns),
+    own("/mcim.ro.v1.DpfService/ReportInstruction"),
+    rule("/mcim.ro.v1.DpfService/GetInstructionReport", &[S], ShoOwns),
     // VNO: a device attaches with its own PCID (the one its certificate names); an
     // operational IMSI is not in the certificate, so AKA decides there (and an unanswered
     // attempt of another device gives way). Completing and detaching are for the device that
@@ -164,6 +169,9 @@ pub const RULES: &[Rule] = &[
     ),
     own("/mcim.sho.v1.ShoService/NotifyDiscard"),
     rule("/mcim.sho.v1.ShoService/ReceiveDiscardAck", &[R], Nobody),
+    // The SHO's own operator (its own certificate) instructs devices about its MCIMs.
+    rule("/mcim.sho.v1.ShoService/InstructDevice", &[S], ShoOwns),
+    rule("/mcim.sho.v1.ShoService/GetInstruction", &[S], ShoOwns),
     // PVA: reference values from the supplier; validations asked and read by the SHO;
     // evidence from the device the validation is for.
     rule(

@@ -80,6 +80,13 @@ fn migrator() -> Migrator {
             include_str!("../migrations/0008_change.sql").into_sql_str(),
             false,
         ),
+        Migration::new(
+            9,
+            Cow::Borrowed("remote instructions"),
+            MigrationType::Simple,
+            include_str!("../migrations/0009_instruction.sql").into_sql_str(),
+            false,
+        ),
     ])
 }
 
@@ -113,6 +120,16 @@ pub async fn open(url: &str) -> Result<SqlitePool, StoreError> {
         .await?;
     migrator().run(&pool).await?;
     Ok(pool)
+}
+
+/// A transaction that writes: `BEGIN IMMEDIATE` takes SQLite's write lock at once, waiting
+/// (busy timeout) for another writer, so a transaction that reads before it writes never fails
+/// with "database is locked" when another connection wrote in between (a deferred transaction
+/// cannot upgrade its read lock then, and SQLite refuses without waiting).
+pub async fn begin_write(
+    db: &SqlitePool,
+) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, RoleError> {
+    db.begin_with("BEGIN IMMEDIATE").await.map_err(db_err)
 }
 
 /// Wakes this process's long polls (a device's task stream, the SHO waiting for a verdict)

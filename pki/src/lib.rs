@@ -19,6 +19,7 @@
 
 pub mod dev;
 pub mod discard;
+pub mod instruction;
 mod lines;
 pub mod ownership;
 pub mod party;

@@ -390,8 +390,98 @@ async fn every_owned_object_refuses_another_owner_and_changes_nothing() {
             .unwrap()
             .name;
 
+    // An instruction the SHO ME registered at queued for ME (5.1.1.3): its report and its
+    // reading are ME's and that SHO's.
+    let instruction = mcim_core::signed::sign(
+        &mcim_pki::dev::signing_key(&roles.pki, "sho").unwrap(),
+        &mcim_pki::instruction::Instruction {
+            kind: mcim_pki::instruction::KIND.into(),
+            pcid: ME.into(),
+            imsi: "001020000000001".into(),
+            sho: sho_id.clone(),
+            seq: 1,
+            action: mcim_pki::instruction::Action::Discover,
+            issued_at: 1,
+        },
+        Some(&mcim_pki::dev::ca_der(&roles.pki, "sho").unwrap()),
+    )
+    .unwrap();
+    let instruction_id = DpfServiceClient::new(roles.channel(Role::Sho, Role::Ro).await)
+        .queue_instruction(ro::QueueInstructionRequest {
+            pcid: ME.into(),
+            instruction: instruction.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .instruction_id;
+
     let before = roles.snapshot().await;
     let mut tried: Vec<(&str, Result<(), Status>)> = Vec::new();
+    // Remote instructions: a second SHO can neither queue for a device it never registered,
+    // nor read another SHO's report, nor instruct or read through another SHO; another
+    // device cannot report on ME's instruction.
+    let mut sho2_dpf = DpfServiceClient::new(sho2.clone());
+    tried.push((
+        "/mcim.ro.v1.DpfService/QueueInstruction",
+        unit(
+            sho2_dpf
+                .queue_instruction(ro::QueueInstructionRequest {
+                    pcid: ME.into(),
+                    instruction: instruction.clone(),
+                })
+                .await,
+        ),
+    ));
+    tried.push((
+        "/mcim.ro.v1.DpfService/GetInstructionReport",
+        unit(
+            sho2_dpf
+                .get_instruction_report(ro::GetInstructionReportRequest {
+                    instruction_id: instruction_id.clone(),
+                })
+                .await,
+        ),
+    ));
+    tried.push((
+        "/mcim.ro.v1.DpfService/ReportInstruction",
+        unit(
+            DpfServiceClient::new(other_ro.clone())
+                .report_instruction(ro::ReportInstructionRequest {
+                    instruction_id: instruction_id.clone(),
+                    report: b"mcim-instruction-report-v1".to_vec(),
+                    signature: Vec::new(),
+                    device_certificate: Vec::new(),
+                })
+                .await,
+        ),
+    ));
+    let mut sho2_at_sho = ShoServiceClient::new(
+        roles
+            .party_channel(Role::Sho, "sho2.mcim.local", Role::Sho)
+            .await,
+    );
+    tried.push((
+        "/mcim.sho.v1.ShoService/InstructDevice",
+        unit(
+            sho2_at_sho
+                .instruct_device(sho::InstructDeviceRequest {
+                    pcid: ME.into(),
+                    action: sho::InstructionAction::Delete as i32,
+                })
+                .await,
+        ),
+    ));
+    tried.push((
+        "/mcim.sho.v1.ShoService/GetInstruction",
+        unit(
+            sho2_at_sho
+                .get_instruction(sho::GetInstructionRequest {
+                    instruction_id: instruction_id.clone(),
+                })
+                .await,
+        ),
+    ));
     tried.push((
         "/mcim.vno.v1.VnoService/CompleteAttach",
         other_vno

@@ -464,10 +464,6 @@ impl Device {
         imsi: String,
         sho: String,
     ) -> Result<(Vec<u8>, Vec<u8>, Vec<Vec<u8>>), DeviceError> {
-        let chain = self
-            .certificates()?
-            .ok_or_else(|| DeviceError::NotReady("the device has no certificates".into()))?
-            .tls_certificate;
         let mut nonce = [0u8; 16];
         rand::Rng::fill_bytes(&mut rand::rng(), &mut nonce);
         let notice = mcim_pki::discard::Notice {
@@ -482,9 +478,24 @@ impl Device {
         }
         .to_bytes()
         .map_err(|e| DeviceError::BadRequest(e.to_string()))?;
-        let signed = notice.clone();
-        let signature = self.run(move |e| Ok(e.tre()?.tls_sign(&signed)?)).await?;
+        let (signature, chain) = self.tls_signed(notice.clone()).await?;
         Ok((notice, signature, chain))
+    }
+
+    /// A statement the device makes (`mcim_pki`'s line form: a discard notice, an
+    /// instruction report), signed in the TRE with its TLS key: (signature, certificate chain).
+    pub async fn tls_signed(
+        &self,
+        statement: Vec<u8>,
+    ) -> Result<(Vec<u8>, Vec<Vec<u8>>), DeviceError> {
+        let chain = self
+            .certificates()?
+            .ok_or_else(|| DeviceError::NotReady("the device has no certificates".into()))?
+            .tls_certificate;
+        let signature = self
+            .run(move |e| Ok(e.tre()?.tls_sign(&statement)?))
+            .await?;
+        Ok((signature, chain))
     }
 
     /// Keeps the supplier's certificates; the TLS chain's leaf must certify the TRE's own TLS

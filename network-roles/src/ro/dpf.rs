@@ -3,8 +3,10 @@
 //! lets the device download the package (step 12), takes the device's install report
 //! (step 13) and reports it to the SHO (step 14). In a change of SHO (5.1.3.7.4.2) it also
 //! orders the device to discard the old SHO's MCIM (step 8) and relays the old SHO's
-//! acknowledgment to the new SHO, privacy-filtered (step 11). What the device must hear reaches it on the
-//! task stream it opened itself.
+//! acknowledgment to the new SHO, privacy-filtered (step 11). It also carries an SHO's signed
+//! remote instructions to the device and keeps the device's reports (5.1.1.3;
+//! `instructions.rs`). What the device must hear reaches it on the task stream it opened
+//! itself.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -436,6 +438,51 @@ impl DpfService for Dpf {
                 .map_err(db_err)?;
             tracing::info!(pcid = %reg.pcid, registration = %reg.id, "the old SHO's acknowledgment relayed, filtered");
             Ok(Response::new(pb::RelayDiscardAckResponse {}))
+        })
+        .await
+    }
+
+    async fn queue_instruction(
+        &self,
+        req: Request<pb::QueueInstructionRequest>,
+    ) -> Result<Response<pb::QueueInstructionResponse>, Status> {
+        role(async move {
+            let auth = authorized(&req)?;
+            let r = req.into_inner();
+            let instruction_id = self
+                .0
+                .queue_instruction(&auth, &r.pcid, r.instruction)
+                .await?;
+            Ok(Response::new(pb::QueueInstructionResponse {
+                instruction_id,
+            }))
+        })
+        .await
+    }
+
+    async fn report_instruction(
+        &self,
+        req: Request<pb::ReportInstructionRequest>,
+    ) -> Result<Response<pb::ReportInstructionResponse>, Status> {
+        role(async move {
+            let auth = authorized(&req)?;
+            self.0.report_instruction(&auth, req.into_inner()).await?;
+            Ok(Response::new(pb::ReportInstructionResponse {}))
+        })
+        .await
+    }
+
+    async fn get_instruction_report(
+        &self,
+        req: Request<pb::GetInstructionReportRequest>,
+    ) -> Result<Response<pb::GetInstructionReportResponse>, Status> {
+        role(async move {
+            let auth = authorized(&req)?;
+            Ok(Response::new(
+                self.0
+                    .instruction_report(&auth, &req.get_ref().instruction_id)
+                    .await?,
+            ))
         })
         .await
     }

@@ -212,7 +212,7 @@ impl DrfService for Drf {
             // caller's own row, or to a device that re-provisioned at the caller in a change
             // of SHO (5.1.3.7.4.2 step 14). Otherwise the caller is, at most, the SHO the
             // device may change to (step 1).
-            let mut tx = self.0.db.begin().await.map_err(db_err)?;
+            let mut tx = crate::store::begin_write(&self.0.db).await?;
             // The device's latest installed MCIM must be the caller's, from a change (an SHO
             // the device has since left cannot take it back).
             let latest: Option<(String, String)> = sqlx::query_as(

@@ -9,6 +9,7 @@
 pub mod dpf;
 pub mod drf;
 pub mod icf;
+mod instructions;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -106,7 +107,7 @@ impl Ro {
         pcid: &str,
         tasks: Vec<pb::watch_device_tasks_response::Task>,
     ) -> Result<bool, RoleError> {
-        let mut tx = self.db.begin().await.map_err(db_err)?;
+        let mut tx = crate::store::begin_write(&self.db).await?;
         if change
             .execute(&mut *tx)
             .await

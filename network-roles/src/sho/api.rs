@@ -197,4 +197,36 @@ impl ShoService for ShoApi {
         })
         .await
     }
+
+    async fn instruct_device(
+        &self,
+        req: Request<pb::InstructDeviceRequest>,
+    ) -> Result<Response<pb::InstructDeviceResponse>, Status> {
+        role(async move {
+            let auth = authorized(&req)?;
+            let r = req.into_inner();
+            let (instruction_id, seq, imsi) = self.0.instruct(&auth, r.pcid, r.action).await?;
+            Ok(Response::new(pb::InstructDeviceResponse {
+                instruction_id,
+                seq,
+                imsi,
+            }))
+        })
+        .await
+    }
+
+    async fn get_instruction(
+        &self,
+        req: Request<pb::GetInstructionRequest>,
+    ) -> Result<Response<pb::GetInstructionResponse>, Status> {
+        role(async move {
+            let auth = authorized(&req)?;
+            Ok(Response::new(
+                self.0
+                    .instruction(&auth, &req.get_ref().instruction_id)
+                    .await?,
+            ))
+        })
+        .await
+    }
 }

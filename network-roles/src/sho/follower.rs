@@ -141,7 +141,7 @@ impl Sho {
         Ok(true)
     }
 
-    async fn dpf(&self, url: &str) -> Result<DpfServiceClient<Channel>, RoleError> {
+    pub(super) async fn dpf(&self, url: &str) -> Result<DpfServiceClient<Channel>, RoleError> {
         Ok(DpfServiceClient::new(
             self.dpfs
                 .get_as(&self.pki, &self.cfg.party, Role::Ro, url)

@@ -11,11 +11,13 @@
 //! (step 7's registrations and their state), `follower.rs` (steps 10-11 in the background),
 //! `package.rs` (building and signing the MCIM package), `discard.rs` (both ends of a change of
 //! SHO: the old SHO's discard notices and acknowledgments, the new SHO's relayed one),
-//! `api.rs` (the gRPC surface).
+//! `instructions.rs` (remote instructions about its MCIMs on devices, 5.1.1.3), `api.rs` (the
+//! gRPC surface).
 
 mod api;
 mod discard;
 mod follower;
+mod instructions;
 mod package;
 mod registrations;
 mod subscriptions;

@@ -135,7 +135,7 @@ impl Sho {
         )
         .map_err(|e| RoleError::denied(e.to_string()))?;
         // A proof is used once (a refusal below drops the transaction: nothing changes).
-        let mut tx = self.db.begin().await.map_err(db_err)?;
+        let mut tx = crate::store::begin_write(&self.db).await?;
         let fresh = sqlx::query(
             "INSERT INTO sho_ownership_proof (nonce, pcid, subscriber) VALUES (?, ?, ?) \
              ON CONFLICT(nonce) DO NOTHING",
@@ -249,12 +249,15 @@ impl Sho {
     }
 
     /// Whether `imsi` is the IMSI of an MCIM the device reported installed (5.1.3.6.2 step
-    /// 14) and has not discarded (5.1.3.7.4.2 step 9): only those get vectors.
+    /// 14) and has not discarded (5.1.3.7.4.2 step 9), nor retired or deleted on this SHO's
+    /// instruction (5.1.1.3): only those get vectors.
     pub(super) async fn imsi_live(&self, imsi: &str) -> Result<bool, RoleError> {
         let live: Option<(String,)> = sqlx::query_as(
             "SELECT s.imsi FROM sho_subscription s JOIN sho_registration r ON r.pcid = s.pcid \
              WHERE s.imsi = ? AND r.state = ? AND (r.imsi = s.imsi OR r.imsi = '') \
-             AND NOT EXISTS (SELECT 1 FROM sho_discard d WHERE d.imsi = s.imsi)",
+             AND NOT EXISTS (SELECT 1 FROM sho_discard d WHERE d.imsi = s.imsi) \
+             AND NOT EXISTS (SELECT 1 FROM sho_instruction i WHERE i.imsi = s.imsi \
+             AND i.outcome = 'done' AND i.action IN ('retire', 'delete'))",
         )
         .bind(imsi)
         .bind(super::St::Provisioned as i64)

@@ -9,6 +9,7 @@
 //! the device façade ([`crate::device::Device`]), the same one the local API serves, so the
 //! flow obeys the registry's rules (lifecycle, lockdown) like every other caller.
 
+pub mod instructions;
 pub mod outbox;
 pub mod run;
 
@@ -198,6 +199,8 @@ pub struct Provisioner {
     outbox: Outbox,
     /// A delivery task for the outbox is running.
     delivering: std::sync::atomic::AtomicBool,
+    /// Remote instructions taken and reported (5.1.1.3).
+    ledger: instructions::Ledger,
     net: Option<Network>,
     run: tokio::sync::watch::Sender<Option<Run>>,
     start: tokio::sync::Mutex<()>,
@@ -232,11 +235,14 @@ impl Provisioner {
         let (tx, _) = tokio::sync::watch::channel(saved);
         let outbox = Outbox::load(&state_dir)?;
         let undelivered = !outbox.deliverable().is_empty();
+        let ledger = instructions::Ledger::load(&state_dir)?;
+        let listen = net.is_some();
         let p = Arc::new(Self {
             device,
             state_file,
             state_dir,
             outbox,
+            ledger,
             delivering: std::sync::atomic::AtomicBool::new(false),
             net,
             run: tx,
@@ -250,6 +256,9 @@ impl Provisioner {
         if undelivered {
             tracing::info!("delivering the discard notices not yet acknowledged");
             p.clone().deliver_notices();
+        }
+        if listen {
+            p.clone().listen();
         }
         Ok(p)
     }
@@ -867,6 +876,9 @@ impl Provisioner {
                         return Ok(());
                     }
                     tracing::warn!(registration = %d.registration_id, "an order to discard outside a change of SHO in progress; ignored");
+                }
+                Some(ro::watch_device_tasks_response::Task::Instruction(t)) => {
+                    self.instruction(&t).await;
                 }
                 None => {}
             }

@@ -1,0 +1,586 @@
+//! Remote instructions from an authorised stakeholder (TR 33.812 5.1.1.3; 5.1.2.4) end to
+//! end: each test starts its own `mcim-roles all` (two SHOs, fresh databases), its own swtpm
+//! with a fresh state and its own `tred`, provisions the device at the first SHO from the
+//! command line, and then the SHO's own operator instructs the device with `mcimctl sho
+//! instruct`. The device verifies each instruction against the trust roots it holds, executes
+//! it and reports, signed in its TRE; what it refuses changes nothing, checked on the device's
+//! registry and audit log and in the reports the DPF keeps.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::time::{Duration, Instant};
+
+use mcim_e2e::{
+    Roles, SOFTHSM2_LABEL, SOFTHSM2_MODULE, SOFTHSM2_PIN, SoftHsm, Swtpm, Tred, db_rows, mcimctl,
+    output_text,
+};
+use mcim_pki::instruction::{self as ins, Action, Instruction};
+use mcim_proto::mcim::ro::v1 as ro;
+use mcim_proto::mcim::sho::v1 as sho;
+use mcim_proto::mcim::sho::v1::sho_service_client::ShoServiceClient;
+use mcim_proto::mcim::tre::v1 as tre;
+use mcim_roles::authz::Role;
+use prost::Message;
+use serde_json::Value;
+use tonic::Code;
+
+const PCID: &str = "001010000000061";
+const SHO: &str = "sho.mcim.local";
+
+/// The device's TRE: a swtpm, or a SoftHSM2 token of the test's own.
+enum Tre {
+    /// Kept running for the test's life.
+    Tpm {
+        _tpm: Swtpm,
+    },
+    Token(SoftHsm),
+}
+
+/// One provisioned device: roles, TRE, tred, and the MCIM's IMSI.
+struct Provisioned {
+    work: tempfile::TempDir,
+    roles: Roles,
+    tre: Tre,
+    tred: Tred,
+    imsi: String,
+}
+
+fn run(args: &[&str]) -> String {
+    let out = mcimctl(args);
+    assert!(out.status.success(), "{args:?}: {}", output_text(&out));
+    output_text(&out)
+}
+
+/// Supplied (CCIF mode 2), contracted at the first SHO and provisioned, all from the command
+/// line.
+fn provisioned(token: bool) -> Provisioned {
+    let work = tempfile::tempdir().unwrap();
+    let roles = Roles::start(work.path());
+    let (tre, tred) = if token {
+        let hsm = SoftHsm::new();
+        let conf = hsm.conf();
+        let tred = roles.tred_with(
+            "unused",
+            &[
+                ("MCIM_BACKEND", "pkcs11"),
+                ("SOFTHSM2_CONF", conf.to_str().unwrap()),
+                ("MCIM_PKCS11_MODULE", SOFTHSM2_MODULE),
+                ("MCIM_PKCS11_TOKEN", SOFTHSM2_LABEL),
+                ("MCIM_PKCS11_PIN", SOFTHSM2_PIN),
+            ],
+        );
+        (Tre::Token(hsm), tred)
+    } else {
+        let tpm = Swtpm::start();
+        let tred = roles.tred(&tpm.tcti());
+        (Tre::Tpm { _tpm: tpm }, tred)
+    };
+    let socket = tred.socket().to_str().unwrap().to_string();
+    let pki = roles.pki.to_str().unwrap().to_string();
+    run(&[
+        "supplier",
+        "supply",
+        "--socket",
+        &socket,
+        "--supplier-url",
+        &roles.url("supplier"),
+        "--pva-url",
+        &roles.url("pva"),
+        "--pki",
+        &pki,
+        "--device-id",
+        "INS-61",
+        "--pcid",
+        PCID,
+        "--model",
+        "ins-model",
+    ]);
+    let params = work.path().join("device.json");
+    run(&[
+        "device",
+        "--socket",
+        &socket,
+        "parameters",
+        "--out",
+        params.to_str().unwrap(),
+        "--for-subscriber",
+        "subscriber.mcim.local",
+        "--sho-id",
+        SHO,
+    ]);
+    let contracted = run(&[
+        "subscriber",
+        "register",
+        "--device",
+        params.to_str().unwrap(),
+        "--sho-url",
+        &roles.url("sho"),
+        "--pki",
+        &pki,
+        "--json",
+    ]);
+    let imsi = serde_json::from_str::<Value>(contracted.lines().next().unwrap()).unwrap()["imsi"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let provisioned = run(&["device", "--socket", &socket, "provision"]);
+    assert!(!provisioned.contains("FAILED"), "{provisioned}");
+    Provisioned {
+        work,
+        roles,
+        tre,
+        tred,
+        imsi,
+    }
+}
+
+impl Provisioned {
+    /// `mcimctl sho instruct` as the SHO `party` (`sho`, `sho2`); its JSON and exit status.
+    fn instruct(&self, party: &str, action: &str, wait: u64) -> (bool, Value, String) {
+        let url = if party == "sho2" {
+            self.roles.url("sho2")
+        } else {
+            self.roles.url("sho")
+        };
+        let out = mcimctl(&[
+            "sho",
+            "instruct",
+            "--sho-url",
+            &url,
+            "--pki",
+            self.roles.pki.to_str().unwrap(),
+            "--party",
+            party,
+            "--pcid",
+            PCID,
+            "--action",
+            action,
+            "--wait",
+            &wait.to_string(),
+            "--json",
+        ]);
+        let text = output_text(&out);
+        let json = text
+            .lines()
+            .find_map(|l| serde_json::from_str::<Value>(l).ok())
+            .unwrap_or(Value::Null);
+        (out.status.success(), json, text)
+    }
+
+    /// An instruction the device must carry out: its report.
+    fn done(&self, action: &str) -> Value {
+        let (ok, r, text) = self.instruct("sho", action, 60);
+        assert!(ok, "{action}: {text}\n{}", self.tred.log());
+        assert_eq!(r["outcome"], "done", "{r:#}");
+        assert_eq!(r["imsi"], self.imsi.as_str());
+        r
+    }
+
+    /// The device's MCIMs and its audit log's length, as its local API shows them.
+    async fn device(&self) -> (Vec<tre::Mcim>, usize) {
+        let mut c = self.tred.client().await;
+        let mut mcims = c
+            .list_mcims(tre::ListMcimsRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .mcims;
+        mcims.sort_by(|a, b| a.mcim_id.cmp(&b.mcim_id));
+        let audit = c
+            .get_audit_log(tre::GetAuditLogRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .entries
+            .len();
+        (mcims, audit)
+    }
+
+    async fn state_of(&self, imsi: &str) -> Option<i32> {
+        self.device()
+            .await
+            .0
+            .into_iter()
+            .find(|m| m.mcim_id == imsi)
+            .map(|m| m.state)
+    }
+
+    /// `mcimctl device attach`: whether it attached, and what it said.
+    fn attach(&self) -> (bool, String) {
+        let out = mcimctl(&[
+            "device",
+            "--socket",
+            self.tred.socket().to_str().unwrap(),
+            "attach",
+        ]);
+        (out.status.success(), output_text(&out))
+    }
+}
+
+fn block<T>(f: impl std::future::Future<Output = T>) -> T {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(f)
+}
+
+use mcim_proto::mcim::common::v1::McimState;
+
+/// The SHO blocks its MCIM (the device can no longer attach with it), unblocks it (it can
+/// again), discovers it (nothing changes), instructs it while `tred` is down (the instruction
+/// waits at the DPF and is carried out once `tred` is back), and deletes it: gone from the
+/// device's registry and its record, and the SHO issues no more vectors for it. Every report
+/// is the device's, signed in its TRE and verified by the SHO.
+#[test]
+fn an_sho_blocks_unblocks_discovers_and_deletes_its_own_mcim_on_a_tpm_and_the_device_reports_each()
+{
+    lifecycle_by_instructions(false);
+}
+
+/// The same on a PKCS#11 token; after the delete, pkcs11-tool (not our code) finds the
+/// MCIM's K and OPc objects gone from the token.
+#[test]
+fn an_sho_blocks_unblocks_discovers_and_deletes_its_own_mcim_on_a_token_and_the_device_reports_each()
+ {
+    lifecycle_by_instructions(true);
+}
+
+/// The objects on the test's token with `label`, by pkcs11-tool.
+fn token_objects(hsm: &SoftHsm, label: &str) -> usize {
+    let out = hsm.tool(
+        "pkcs11-tool",
+        &[
+            "--module",
+            SOFTHSM2_MODULE,
+            "--login",
+            "--pin",
+            SOFTHSM2_PIN,
+            "--list-objects",
+        ],
+    );
+    assert!(out.status.success(), "{}", output_text(&out));
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.trim() == format!("label:      {label}"))
+        .count()
+}
+
+fn lifecycle_by_instructions(token: bool) {
+    let mut p = provisioned(token);
+    let objects = |label: &str| match &p.tre {
+        Tre::Token(hsm) => Some(token_objects(hsm, label)),
+        Tre::Tpm { .. } => None,
+    };
+    if token {
+        assert_eq!(objects("mcim.k"), Some(2), "the PCID's K and the MCIM's");
+    }
+    let imsi = p.imsi.clone();
+    let (ok, text) = p.attach();
+    assert!(ok, "attaches once provisioned: {text}");
+
+    let r = p.done("block");
+    assert_eq!(r["mcim_state"], "blocked");
+    assert_eq!(r["seq"], 1);
+    assert_eq!(
+        block(p.state_of(&imsi)),
+        Some(McimState::Blocked as i32),
+        "the registry says blocked"
+    );
+    let (ok, text) = p.attach();
+    assert!(!ok, "a blocked MCIM does not authenticate: {text}");
+
+    let r = p.done("unblock");
+    assert_eq!(r["mcim_state"], "activated");
+    let (ok, text) = p.attach();
+    assert!(ok, "unblocked, it authenticates again: {text}");
+
+    // The attach opened a session on it: discover says so, and changes nothing.
+    let before = block(p.device());
+    let r = p.done("discover");
+    assert_eq!(r["mcim_state"], "selected");
+    assert_eq!(block(p.device()), before, "discover changed nothing");
+
+    // Nothing lost while the device is away: queued at the DPF, carried out on its return.
+    assert!(p.tred.stop());
+    let (ok, r, text) = p.instruct("sho", "block", 0);
+    assert!(ok, "{text}");
+    assert_eq!(r["reported"], false);
+    let id = r["instruction_id"].as_str().unwrap().to_string();
+    p.tred.restart();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let reported = loop {
+        let out = mcimctl(&[
+            "sho",
+            "instruction",
+            &id,
+            "--sho-url",
+            &p.roles.url("sho"),
+            "--pki",
+            p.roles.pki.to_str().unwrap(),
+            "--json",
+        ]);
+        let r: Value = serde_json::from_str(output_text(&out).lines().next().unwrap()).unwrap();
+        if r["reported"] == true || Instant::now() > deadline {
+            break r;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    assert_eq!(
+        reported["outcome"],
+        "done",
+        "{reported:#}\n{}",
+        p.tred.log()
+    );
+    assert_eq!(reported["mcim_state"], "blocked");
+
+    let r = p.done("delete");
+    assert_eq!(r["mcim_state"], "deleted");
+    assert_eq!(block(p.state_of(&imsi)), None, "gone from the registry");
+    let records: Vec<String> = std::fs::read_dir(p.tred.state_dir().join("mcims"))
+        .unwrap()
+        .map(|f| f.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        !records.iter().any(|f| f.starts_with(&imsi)),
+        "the record is gone: {records:?}"
+    );
+    if token {
+        assert_eq!(objects("mcim.k"), Some(1), "only the PCID's K is left");
+        assert_eq!(objects("mcim.opc"), Some(1), "only the PCID's OPc is left");
+    }
+    // The SHO knows, from the device's own report: no more vectors for the IMSI.
+    let got = block(async {
+        mcim_proto::mcim::sho::v1::sho_service_client::ShoServiceClient::new(
+            p.roles.channel(Role::Vno, Role::Sho).await,
+        )
+        .get_auth_vectors(sho::GetAuthVectorsRequest {
+            imsi: imsi.clone(),
+            count: 1,
+            ..Default::default()
+        })
+        .await
+    });
+    assert_eq!(got.unwrap_err().code(), Code::NotFound);
+    // The SHO kept five verified reports, numbered 1 to 5.
+    let rows = block(db_rows(
+        &p.work.path().join("roles.db"),
+        "SELECT CAST(seq AS TEXT), action, outcome FROM sho_instruction ORDER BY seq",
+    ));
+    assert_eq!(
+        rows,
+        [
+            ["1", "block", "done"],
+            ["2", "unblock", "done"],
+            ["3", "discover", "done"],
+            ["4", "block", "done"],
+            ["5", "delete", "done"],
+        ]
+        .map(|r| r.map(String::from).to_vec())
+        .to_vec()
+    );
+}
+
+/// Puts `instruction` on the device's task stream as a malicious RO would (straight into the
+/// DPF's queue), with a row that keeps the device's report (a replayed one's earlier report
+/// is cleared first). Returns its id.
+async fn inject(db: &std::path::Path, sho_id: &str, instruction: Vec<u8>) -> String {
+    use sqlx::ConnectOptions;
+    let mut c = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(db)
+        .busy_timeout(Duration::from_secs(10))
+        .connect()
+        .await
+        .unwrap();
+    let id = ins::instruction_id(&instruction);
+    let body = ro::WatchDeviceTasksResponse {
+        seq: 0,
+        task: Some(ro::watch_device_tasks_response::Task::Instruction(
+            ro::InstructionTask {
+                instruction_id: id.clone(),
+                instruction: instruction.clone(),
+            },
+        )),
+    }
+    .encode_to_vec();
+    let (seq,): (i64,) = sqlx::query_as(
+        "INSERT INTO ro_task_seq (pcid, last_seq) VALUES (?, 1) ON CONFLICT (pcid) \
+         DO UPDATE SET last_seq = ro_task_seq.last_seq + 1 RETURNING last_seq",
+    )
+    .bind(PCID)
+    .fetch_one(&mut c)
+    .await
+    .unwrap();
+    sqlx::query("INSERT INTO ro_task (pcid, seq, body) VALUES (?, ?, ?)")
+        .bind(PCID)
+        .bind(seq)
+        .bind(body)
+        .execute(&mut c)
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO ro_instruction (id, pcid, sho_id, body, queued_at) VALUES (?, ?, ?, ?, 0) \
+         ON CONFLICT (id) DO UPDATE SET report = NULL, signature = NULL, certificate = NULL",
+    )
+    .bind(&id)
+    .bind(PCID)
+    .bind(sho_id)
+    .bind(&instruction)
+    .execute(&mut c)
+    .await
+    .unwrap();
+    id
+}
+
+/// An instruction signed by the party whose files in `pki` are `party`.
+fn signed(pki: &std::path::Path, party: &str, i: &Instruction) -> Vec<u8> {
+    mcim_core::signed::sign(
+        &mcim_pki::dev::signing_key(pki, party).unwrap(),
+        i,
+        Some(&mcim_pki::dev::ca_der(pki, party).unwrap()),
+    )
+    .unwrap()
+}
+
+/// The device's report on `id` as the DPF keeps it (parsed; its signature is checked by the
+/// SHO in the other test), waiting for it.
+async fn report_of(db: &std::path::Path, id: &str) -> ins::Report {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let rows = db_rows(
+            db,
+            &format!(
+                "SELECT hex(report) FROM ro_instruction WHERE id = '{id}' AND report IS NOT NULL"
+            ),
+        )
+        .await;
+        if let Some(r) = rows.first() {
+            return ins::Report::parse(&hex::decode(&r[0]).unwrap()).unwrap();
+        }
+        assert!(Instant::now() < deadline, "no report on {id}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// What the device refuses, whoever carries it: another SHO's instruction for this SHO's
+/// MCIM, the RO's own, one for another device, a replayed one, and one that names a sequence
+/// number already spent. Each is reported refused with its reason, and the device's MCIMs and
+/// audit log are exactly as before. Over the wire, a second SHO can neither instruct through
+/// the first nor for a device where it has no MCIM.
+#[test]
+fn instructions_from_another_sho_the_ro_a_replay_or_for_another_device_are_refused_and_change_nothing()
+ {
+    let p = provisioned(false);
+    let pki = p.roles.pki.clone();
+    let db = p.work.path().join("roles.db");
+    p.done("block");
+    p.done("unblock");
+    let legit_block: Vec<u8> = block(db_rows(
+        &db,
+        "SELECT hex(body) FROM ro_instruction WHERE id = (SELECT id FROM sho_instruction WHERE seq = 1)",
+    ))
+    .first()
+    .map(|r| hex::decode(&r[0]).unwrap())
+    .unwrap();
+    let before = block(p.device());
+    assert_eq!(
+        before.0.iter().find(|m| m.mcim_id == p.imsi).unwrap().state,
+        McimState::Activated as i32
+    );
+    let delete = |sho: &str, pcid: &str, seq: u64| Instruction {
+        kind: ins::KIND.into(),
+        pcid: pcid.into(),
+        imsi: p.imsi.clone(),
+        sho: sho.into(),
+        seq,
+        action: Action::Delete,
+        issued_at: 1,
+    };
+    let cases: Vec<(&str, &str, Vec<u8>, &str)> = vec![
+        (
+            "a second SHO's instruction for the first SHO's MCIM",
+            "sho2.mcim.local",
+            signed(&pki, "sho2", &delete("sho2.mcim.local", PCID, 100)),
+            ins::REFUSED_NOT_YOURS,
+        ),
+        (
+            "the RO's own instruction, naming the SHO",
+            "ro.mcim.local",
+            signed(&pki, "ro", &delete(SHO, PCID, 101)),
+            ins::REFUSED_SIGNATURE,
+        ),
+        (
+            "the SHO's instruction for another device",
+            SHO,
+            signed(&pki, "sho", &delete(SHO, "001010000000062", 102)),
+            ins::REFUSED_ANOTHER_DEVICE,
+        ),
+        (
+            "the SHO's block, replayed after its unblock",
+            SHO,
+            legit_block,
+            ins::REFUSED_REPLAYED,
+        ),
+        (
+            "a new instruction under a sequence number already spent",
+            SHO,
+            signed(&pki, "sho", &delete(SHO, PCID, 2)),
+            ins::REFUSED_REPLAYED,
+        ),
+    ];
+    let ids: Vec<String> = cases
+        .iter()
+        .map(|(_, sho_id, body, _)| block(inject(&db, sho_id, body.clone())))
+        .collect();
+    for ((what, _, _, reason), id) in cases.iter().zip(&ids) {
+        let r = block(report_of(&db, id));
+        assert_eq!(
+            (r.outcome.as_str(), r.reason.as_str()),
+            (ins::REFUSED, *reason),
+            "{what}: {r:?}"
+        );
+        assert_eq!(r.pcid, PCID, "{what}");
+    }
+    assert_eq!(
+        block(p.device()),
+        before,
+        "a refused instruction changed the device"
+    );
+    let (ok, text) = p.attach();
+    assert!(ok, "the MCIM still authenticates: {text}");
+    let before = block(p.device());
+
+    // Over the wire: the second SHO through the first SHO, and for a device where it has
+    // no MCIM; the first SHO's operator for a device it never provisioned.
+    let through_first = block(async {
+        ShoServiceClient::new(
+            p.roles
+                .party_channel(Role::Sho, "sho2.mcim.local", Role::Sho)
+                .await,
+        )
+        .instruct_device(sho::InstructDeviceRequest {
+            pcid: PCID.into(),
+            action: sho::InstructionAction::Delete as i32,
+        })
+        .await
+    });
+    assert_eq!(through_first.unwrap_err().code(), Code::PermissionDenied);
+    let (ok, _, text) = p.instruct("sho2", "delete", 5);
+    assert!(!ok && text.contains("no MCIM"), "{text}");
+    let other = block(async {
+        ShoServiceClient::new(p.roles.channel(Role::Sho, Role::Sho).await)
+            .instruct_device(sho::InstructDeviceRequest {
+                pcid: "001010000000062".into(),
+                action: sho::InstructionAction::Block as i32,
+            })
+            .await
+    });
+    assert_eq!(other.unwrap_err().code(), Code::FailedPrecondition);
+    assert_eq!(
+        block(p.device()),
+        before,
+        "a refused instruction changed the device"
+    );
+    // The SHO's own next instruction still works, numbered after its last.
+    let r = p.done("discover");
+    assert_eq!(r["seq"], 3);
+}
