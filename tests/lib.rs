@@ -275,6 +275,15 @@ impl Tred {
         let _ = c.wait();
         false
     }
+
+    /// SIGKILL (no clean shutdown), then starts tred again on the same state directory.
+    pub fn kill_and_restart(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self.launch();
+    }
 }
 
 impl Drop for Tred {
@@ -870,5 +879,177 @@ impl SoftwareDevice {
             require_aka_in_tre: false,
             ownership_proof: proof,
         }
+    }
+}
+
+/// A device's TRE in a test: a swtpm, or a SoftHSM2 token of the test's own.
+pub enum TestTre {
+    /// Kept running for the test's life.
+    Tpm {
+        /// The TPM.
+        _tpm: Swtpm,
+    },
+    /// The token.
+    Token(SoftHsm),
+}
+
+/// A device supplied, contracted at the first SHO and provisioned from the command line
+/// (`mcimctl supplier supply`, `device parameters`, `subscriber register`, `device
+/// provision`), against its own `mcim-roles all`, TRE and `tred`.
+pub struct CliDevice {
+    /// The test's folder (the roles' databases are `roles.db` and `roles-sho2.db` in it).
+    pub work: tempfile::TempDir,
+    /// The roles.
+    pub roles: Roles,
+    /// The TRE.
+    pub tre: TestTre,
+    /// The daemon.
+    pub tred: Tred,
+    /// The device's PCID.
+    pub pcid: String,
+    /// The IMSI of the MCIM the first SHO provisioned.
+    pub imsi: String,
+}
+
+/// Runs `mcimctl` and returns its output; panics when it fails.
+pub fn mcimctl_ok(args: &[&str]) -> String {
+    let out = mcimctl(args);
+    assert!(out.status.success(), "{args:?}: {}", output_text(&out));
+    output_text(&out)
+}
+
+impl CliDevice {
+    /// Supplies (CCIF mode 2, with `supply_args` added), contracts at the first SHO and
+    /// provisions over `access` ("3gpp" or "non-3gpp") the device `pcid`, on a token when
+    /// `token`, else on a swtpm.
+    pub fn provisioned(token: bool, pcid: &str, supply_args: &[&str], access: &str) -> Self {
+        let work = tempfile::tempdir().unwrap();
+        let roles = Roles::start(work.path());
+        let (tre, tred) = if token {
+            let hsm = SoftHsm::new();
+            let conf = hsm.conf();
+            let tred = roles.tred_with(
+                "unused",
+                &[
+                    ("MCIM_BACKEND", "pkcs11"),
+                    ("SOFTHSM2_CONF", conf.to_str().unwrap()),
+                    ("MCIM_PKCS11_MODULE", SOFTHSM2_MODULE),
+                    ("MCIM_PKCS11_TOKEN", SOFTHSM2_LABEL),
+                    ("MCIM_PKCS11_PIN", SOFTHSM2_PIN),
+                ],
+            );
+            (TestTre::Token(hsm), tred)
+        } else {
+            let tpm = Swtpm::start();
+            let tred = roles.tred(&tpm.tcti());
+            (TestTre::Tpm { _tpm: tpm }, tred)
+        };
+        let mut d = CliDevice {
+            work,
+            roles,
+            tre,
+            tred,
+            pcid: pcid.to_string(),
+            imsi: String::new(),
+        };
+        let pki = d.roles.pki.to_str().unwrap().to_string();
+        let (supplier, pva) = (d.roles.url("supplier"), d.roles.url("pva"));
+        let socket = d.socket();
+        let mut supply: Vec<&str> = vec![
+            "supplier",
+            "supply",
+            "--socket",
+            &socket,
+            "--supplier-url",
+            &supplier,
+            "--pva-url",
+            &pva,
+            "--pki",
+            &pki,
+            "--device-id",
+            "CLI-DEVICE",
+            "--pcid",
+            pcid,
+            "--model",
+            "cli-model",
+        ];
+        supply.extend_from_slice(supply_args);
+        mcimctl_ok(&supply);
+        d.imsi = d.contract("sho");
+        let provisioned = mcimctl_ok(&[
+            "device",
+            "--socket",
+            &socket,
+            "provision",
+            "--access",
+            access,
+        ]);
+        assert!(!provisioned.contains("FAILED"), "{provisioned}");
+        d
+    }
+
+    /// The daemon's socket.
+    pub fn socket(&self) -> String {
+        self.tred.socket().to_str().unwrap().to_string()
+    }
+
+    /// The subscriber contracts the device at the SHO `sho` ("sho" or "sho2") with a fresh
+    /// proof of ownership for it; returns the IMSI the SHO reserved.
+    pub fn contract(&self, sho: &str) -> String {
+        let sho_id = if sho == "sho2" {
+            "sho2.mcim.local"
+        } else {
+            "sho.mcim.local"
+        };
+        let params = self.work.path().join(format!("device-{sho}.json"));
+        mcimctl_ok(&[
+            "device",
+            "--socket",
+            &self.socket(),
+            "parameters",
+            "--out",
+            params.to_str().unwrap(),
+            "--for-subscriber",
+            "subscriber.mcim.local",
+            "--sho-id",
+            sho_id,
+        ]);
+        let contracted = mcimctl_ok(&[
+            "subscriber",
+            "register",
+            "--device",
+            params.to_str().unwrap(),
+            "--sho-url",
+            &self.roles.url(sho),
+            "--pki",
+            self.roles.pki.to_str().unwrap(),
+            "--json",
+        ]);
+        serde_json::from_str::<serde_json::Value>(contracted.lines().next().unwrap()).unwrap()
+            ["imsi"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+
+    /// The device's MCIMs (sorted by id) and its audit log's length, from its local API.
+    pub async fn registry(&self) -> (Vec<mcim_proto::mcim::tre::v1::Mcim>, usize) {
+        use mcim_proto::mcim::tre::v1 as tre;
+        let mut c = self.tred.client().await;
+        let mut mcims = c
+            .list_mcims(tre::ListMcimsRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .mcims;
+        mcims.sort_by(|a, b| a.mcim_id.cmp(&b.mcim_id));
+        let audit = c
+            .get_audit_log(tre::GetAuditLogRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .entries
+            .len();
+        (mcims, audit)
     }
 }

@@ -632,6 +632,7 @@ async fn install(c: &mut Tred, json: bool, a: InstallArgs) -> Result<(), CliErro
             milenage_r: Vec::new(),
             pin: a.pin.unwrap_or_default(),
             puk: a.puk.unwrap_or_default(),
+            expires_at: None,
         })
         .await?
         .into_inner();

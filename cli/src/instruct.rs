@@ -124,7 +124,7 @@ pub fn run(a: InstructArgs) -> Result<(), CliError> {
                 .map_err(status)?
                 .into_inner();
             if got.reported || Instant::now() >= deadline {
-                return show(&a.sho, &r.instruction_id, &r.imsi, &got, a.wait > 0);
+                return show(&a.sho, &r.instruction_id, &got, a.wait > 0);
             }
             tokio::time::sleep(Duration::from_millis(300)).await;
         }
@@ -142,7 +142,7 @@ pub fn run_status(a: InstructionArgs) -> Result<(), CliError> {
             .await
             .map_err(status)?
             .into_inner();
-        show(&a.sho, &a.id, "", &got, false)
+        show(&a.sho, &a.id, &got, false)
     })
 }
 
@@ -151,7 +151,6 @@ pub fn run_status(a: InstructionArgs) -> Result<(), CliError> {
 fn show(
     s: &ShoSelf,
     id: &str,
-    imsi: &str,
     got: &sho::GetInstructionResponse,
     waited: bool,
 ) -> Result<(), CliError> {
@@ -160,7 +159,7 @@ fn show(
             "{}",
             serde_json::json!({
                 "instruction_id": id,
-                "imsi": imsi,
+                "imsi": got.imsi,
                 "seq": got.seq,
                 "reported": got.reported,
                 "outcome": got.outcome,

@@ -20,6 +20,7 @@ mod net;
 mod operator;
 mod parameters;
 mod pki;
+mod ro;
 mod subscriber;
 mod supply;
 mod tred;
@@ -64,6 +65,9 @@ enum Command {
     /// The M2ME subscriber: contract with an SHO for a device, follow its provisioning.
     #[command(subcommand)]
     Subscriber(subscriber::SubscriberCommand),
+    /// Registration Operator tools: push a renewal of a PCID's initial credential.
+    #[command(subcommand)]
+    Ro(ro::RoCommand),
 }
 
 fn main() -> ExitCode {
@@ -78,6 +82,7 @@ fn main() -> ExitCode {
         Command::Pki(c) => pki::run(c),
         Command::Supplier(c) => operator::run_supplier(c).map_err(|e| e.to_string()),
         Command::Subscriber(c) => subscriber::run(c).map_err(|e| e.to_string()),
+        Command::Ro(c) => ro::run(c).map_err(|e| e.to_string()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -62,6 +62,11 @@ pub struct PcidCredentials {
     #[zeroize(skip)]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub voucher: Option<VoucherFile>,
+    /// When the credentials stop being valid (seconds since the epoch), if they have a
+    /// lifetime.
+    #[zeroize(skip)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<i64>,
 }
 
 /// The supplier's voucher in a credentials file, hex.
@@ -130,7 +135,9 @@ pub async fn register_pcid(
         k: k.to_vec(),
         opc: opc.to_vec(),
         mode: ro::CredentialMode::ViaSubscriber as i32,
-        expires_at: None,
+        expires_at: c
+            .expires_at
+            .map(|seconds| prost_types::Timestamp { seconds, nanos: 0 }),
         delayed_activation,
         supplier_voucher: c
             .voucher

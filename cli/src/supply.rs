@@ -62,18 +62,45 @@ pub struct Supplied {
     pub for_subscriber: Option<PcidCredentials>,
 }
 
+/// How the PCID's initial credential is issued (5.1.3.4.1) and for how long (5.1.3.7.4.3).
+#[derive(Clone, Copy)]
+pub struct CredentialTerms<'a> {
+    /// The CCIF mode.
+    pub mode: CcifMode,
+    /// The RO whose ICF authenticates the PCID.
+    pub ro_id: &'a str,
+    /// Its lifetime in seconds; `None` for no limit.
+    pub lifetime_secs: Option<u64>,
+}
+
 /// Runs supply time for `identity` on the TRE behind `dev`; `pva` registers the reference
-/// values (the platform's state now) when given; `ro_id` names the RO whose ICF authenticates
-/// the PCID.
+/// values (the platform's state now) when given; `terms` say how the PCID's credential is
+/// issued and for how long.
 pub async fn supply(
     dev: &mut TreServiceClient<Channel>,
     supplier: &mut SupplierServiceClient<Channel>,
     pva: Option<&mut PvaServiceClient<Channel>>,
     identity: &common::DeviceIdentity,
-    mode: CcifMode,
-    ro_id: &str,
+    terms: CredentialTerms<'_>,
     pki: &std::path::Path,
 ) -> Result<Supplied, CliError> {
+    let CredentialTerms {
+        mode,
+        ro_id,
+        lifetime_secs,
+    } = terms;
+    // The PCID credential's lifetime (5.1.3.7.4.3): the ICF refuses it afterwards, and the
+    // device, which keeps it with the credential, renews before.
+    let expires_at = lifetime_secs.map(|s| {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        prost_types::Timestamp {
+            seconds: i64::try_from(now.saturating_add(s)).unwrap_or(i64::MAX),
+            nanos: 0,
+        }
+    });
     let init = dev
         .init_device(pb::InitDeviceRequest {
             identity: Some(identity.clone()),
@@ -155,6 +182,7 @@ pub async fn supply(
                     tre_kind: kind,
                     storage_public: init.storage_public.clone(),
                     aka_execution,
+                    expires_at,
                 })
                 .await?
                 .into_inner();
@@ -183,6 +211,7 @@ pub async fn supply(
         sho_id: ro_id.into(),
         wrapped_k,
         wrapped_opc,
+        expires_at,
         ..Default::default()
     })
     .await?;
@@ -201,6 +230,7 @@ pub async fn supply(
                     ro_id: ro_id.into(),
                     k: k.to_vec(),
                     opc: opc.to_vec(),
+                    expires_at,
                 })
                 .await?;
         }
@@ -211,6 +241,7 @@ pub async fn supply(
             let cert = mcim_pki::dev::ca_der(pki, "supplier").map_err(fail)?;
             for_subscriber = Some(PcidCredentials {
                 pcid: pcid.into(),
+                expires_at: expires_at.map(|t| t.seconds),
                 k: hex::encode(*k),
                 opc: hex::encode(*opc),
                 voucher: Some(crate::subscriber::VoucherFile {
@@ -259,6 +290,11 @@ pub struct SupplyArgs {
     /// The RO whose ICF authenticates the PCID.
     #[arg(long, default_value = "ro.mcim.local")]
     ro_id: String,
+    /// The PCID credential's lifetime in seconds (5.1.3.7.4.3): the ICF refuses it afterwards
+    /// and the device renews it before a change of SHO when it expires within a week. Unset:
+    /// no limit.
+    #[arg(long)]
+    pcid_lifetime: Option<u64>,
     /// Mode 3: where the credentials for the subscriber go (JSON, created with mode 0600;
     /// `mcimctl subscriber register-pcid --credentials` reads it).
     #[arg(long)]
@@ -294,8 +330,11 @@ pub fn run(a: SupplyArgs) -> Result<(), CliError> {
             &mut supplier,
             pva.as_mut(),
             &identity,
-            a.ccif_mode,
-            &a.ro_id,
+            CredentialTerms {
+                mode: a.ccif_mode,
+                ro_id: &a.ro_id,
+                lifetime_secs: a.pcid_lifetime,
+            },
             &a.pki,
         )
         .await?;

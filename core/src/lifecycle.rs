@@ -46,6 +46,8 @@ pub enum BlockReason {
     Requested,
     /// Its record or blob failed the integrity check at start (5.1.2.3); never unblocked.
     Tampered,
+    /// Its SHO blocked it by a remote instruction (5.1.1.3); only that SHO unblocks it.
+    BySho,
 }
 
 /// A lifecycle operation.

@@ -174,6 +174,35 @@ impl Auc {
 }
 
 impl Auc {
+    /// Makes the credential kept under `from` the one of `to` (a renewal confirmed), in one
+    /// transaction; `to`'s old one is gone. Done already (no `from`) changes nothing.
+    pub async fn adopt(&self, from: &str, to: &str) -> Result<(), RoleError> {
+        let mut tx = crate::store::begin_write(&self.db).await?;
+        let pending: Option<(String,)> =
+            sqlx::query_as("SELECT id FROM auc_subscriber WHERE owner = ? AND id = ?")
+                .bind(self.owner)
+                .bind(from)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(db_err)?;
+        if pending.is_some() {
+            sqlx::query("DELETE FROM auc_subscriber WHERE owner = ? AND id = ?")
+                .bind(self.owner)
+                .bind(to)
+                .execute(&mut *tx)
+                .await
+                .map_err(db_err)?;
+            sqlx::query("UPDATE auc_subscriber SET id = ? WHERE owner = ? AND id = ?")
+                .bind(to)
+                .bind(self.owner)
+                .bind(from)
+                .execute(&mut *tx)
+                .await
+                .map_err(db_err)?;
+        }
+        tx.commit().await.map_err(db_err)
+    }
+
     /// Forgets `id` (a credential that never left this role, replaced after a crash).
     pub async fn forget(&self, id: &str) -> Result<(), RoleError> {
         sqlx::query("DELETE FROM auc_subscriber WHERE owner = ? AND id = ?")

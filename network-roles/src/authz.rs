@@ -113,11 +113,11 @@ pub const RULES: &[Rule] = &[
     rule("/mcim.ro.v1.IcfService/GetAuthVectors", &[V], Nobody),
     rule("/mcim.ro.v1.IcfService/ReportAttach", &[V], Nobody),
     rule("/mcim.ro.v1.IcfService/ActivatePcid", &[U], SubscriberOwns),
-    rule(
-        "/mcim.ro.v1.IcfService/RenewInitialCredentials",
-        &[S],
-        Nobody,
-    ),
+    // A device renews its own PCID's initial credential (5.1.3.7.4.3).
+    own("/mcim.ro.v1.IcfService/RenewInitialCredentials"),
+    own("/mcim.ro.v1.IcfService/ConfirmInitialCredentials"),
+    // The RO's own operator pushes a renewal to a device.
+    rule("/mcim.ro.v1.IcfService/OfferRenewal", &[R], Nobody),
     // RO / DRF: the device registers itself (its PCID in the request); an SHO records its
     // own subscriptions and offers (its id in the request).
     own("/mcim.ro.v1.DrfService/GetBootstrap"),

@@ -87,6 +87,13 @@ fn migrator() -> Migrator {
             include_str!("../migrations/0009_instruction.sql").into_sql_str(),
             false,
         ),
+        Migration::new(
+            10,
+            Cow::Borrowed("renewal of initial credentials"),
+            MigrationType::Simple,
+            include_str!("../migrations/0010_renewal.sql").into_sql_str(),
+            false,
+        ),
     ])
 }
 

@@ -74,6 +74,50 @@ fn attestation_point(kind: i32, public: &[u8]) -> Result<[u8; 65], RoleError> {
     }
 }
 
+/// A new K and OPc (zeroized when dropped, for an AuC) and the same wrapped for a device's
+/// TRE (`target`, `storage_public`); a key nothing can be wrapped to is refused before
+/// anything is kept (5.1.3.4.1 mode 1, the SHO's package, a renewal).
+#[allow(clippy::type_complexity)]
+pub(crate) fn fresh_wrapped(
+    target: TreTarget,
+    storage_public: &[u8],
+) -> Result<
+    (
+        zeroize::Zeroizing<[u8; 16]>,
+        zeroize::Zeroizing<[u8; 16]>,
+        (Vec<u8>, Vec<u8>),
+    ),
+    RoleError,
+> {
+    let mut rng = rand::rng();
+    let mut k = zeroize::Zeroizing::new([0u8; 16]);
+    let mut opc = zeroize::Zeroizing::new([0u8; 16]);
+    rand::Rng::fill_bytes(&mut rng, &mut k[..]);
+    rand::Rng::fill_bytes(&mut rng, &mut opc[..]);
+    let wrapped = package::wrap_secrets(
+        target,
+        storage_public,
+        &K::new(*k),
+        &Opc::new(*opc),
+        &mut rng,
+    )
+    .map_err(|e| RoleError::invalid(format!("storage key: {e}")))?;
+    Ok((k, opc, wrapped))
+}
+
+/// How K and OPc are wrapped for a device's TRE: its kind, and where it runs AKA (a TPM
+/// without TPM2_EncryptDecrypt2 gets K as sealed data).
+pub(crate) fn tre_target(tre_kind: i32, aka: common::AkaExecution) -> Result<TreTarget, RoleError> {
+    match common::TreKind::try_from(tre_kind) {
+        Ok(common::TreKind::Tpm2) if aka == common::AkaExecution::UnsealedInHost => {
+            Ok(TreTarget::Tpm2SealedK)
+        }
+        Ok(common::TreKind::Tpm2) => Ok(TreTarget::Tpm2),
+        Ok(common::TreKind::Pkcs11) => Ok(TreTarget::Pkcs11),
+        _ => Err(RoleError::invalid("the TRE kind is required")),
+    }
+}
+
 #[tonic::async_trait]
 impl SupplierService for Supplier {
     async fn certify_device(
@@ -119,43 +163,22 @@ impl SupplierService for Supplier {
         role(async move {
         authorized(&req)?;
         let r = req.into_inner();
-        let aka_in_host = r.aka_execution() == common::AkaExecution::UnsealedInHost;
-        let pcid = Pcid::new(r.pcid).map_err(|e| RoleError::invalid(e.to_string()))?;
-        let target = match common::TreKind::try_from(r.tre_kind) {
-            Ok(common::TreKind::Tpm2) if aka_in_host => TreTarget::Tpm2SealedK,
-            Ok(common::TreKind::Tpm2) => TreTarget::Tpm2,
-            Ok(common::TreKind::Pkcs11) => TreTarget::Pkcs11,
-            _ => return Err(RoleError::invalid("the TRE kind is required")),
-        };
+        let pcid = Pcid::new(r.pcid.clone()).map_err(|e| RoleError::invalid(e.to_string()))?;
+        let target = tre_target(r.tre_kind, r.aka_execution())?;
         let icf = self
             .icf
             .clone()
             .ok_or_else(|| RoleError::conflict("no RO configured (--ro-url)"))?;
         // Fresh K and OPc, wrapped for this TRE first (a key we cannot wrap to changes
         // nothing), then given to the ICF; only the wrapped form comes back.
-        let (k, opc) = {
-            let mut rng = rand::rng();
-            let mut k = zeroize::Zeroizing::new([0u8; 16]);
-            let mut opc = zeroize::Zeroizing::new([0u8; 16]);
-            rand::Rng::fill_bytes(&mut rng, &mut k[..]);
-            rand::Rng::fill_bytes(&mut rng, &mut opc[..]);
-            (k, opc)
-        };
-        let (wrapped_k, wrapped_opc) = package::wrap_secrets(
-            target,
-            &r.storage_public,
-            &K::new(*k),
-            &Opc::new(*opc),
-            &mut rand::rng(),
-        )
-        .map_err(|e| RoleError::invalid(format!("storage key: {e}")))?;
+        let (k, opc, (wrapped_k, wrapped_opc)) = fresh_wrapped(target, &r.storage_public)?;
         IcfServiceClient::new(icf)
             .register_initial_credentials(ro::RegisterInitialCredentialsRequest {
                 pcid: pcid.as_str().to_string(),
                 k: k.to_vec(),
                 opc: opc.to_vec(),
                 mode: ro::CredentialMode::CcifGenerated as i32,
-                expires_at: None,
+                expires_at: r.expires_at,
                 delayed_activation: false,
                 supplier_voucher: None,
             })
@@ -192,7 +215,7 @@ impl SupplierService for Supplier {
                     k: r.k.clone(),
                     opc: r.opc.clone(),
                     mode: ro::CredentialMode::SupplierGenerated as i32,
-                    expires_at: None,
+                    expires_at: r.expires_at,
                     delayed_activation: false,
                     supplier_voucher: None,
                 })

@@ -97,6 +97,15 @@ pub const REFUSED_ANOTHER_DEVICE: &str = "another-device";
 pub const REFUSED_NOT_YOURS: &str = "not-yours";
 /// Its sequence number is not above the last one of that SHO: replayed or reordered.
 pub const REFUSED_REPLAYED: &str = "replayed";
+/// Its sequence number is above [`MAX_SEQ`] (it would leave the SHO no number after it).
+pub const REFUSED_SEQ_RANGE: &str = "sequence-out-of-range";
+/// Signed by an SHO, but not an instruction in this form (a field missing, unknown or
+/// mistyped).
+pub const REFUSED_MALFORMED: &str = "malformed";
+/// The largest sequence number a device accepts: 2^53, far above an SHO's numbering (it
+/// numbers by the millisecond), so that no instruction, even one the SHO signed by mistake,
+/// locks that SHO out of the device for good.
+pub const MAX_SEQ: u64 = 1 << 53;
 /// The lifecycle does not allow it from the MCIM's state (5.1.1.1).
 pub const REFUSED_LIFECYCLE: &str = "lifecycle";
 /// The TRE or the registry failed.

@@ -33,6 +33,8 @@ struct NamesDevice {
 const DEVICE_IN_FIELD_1: &[&str] = &[
     "/mcim.ro.v1.DrfService/GetBootstrap",
     "/mcim.ro.v1.DrfService/RegisterDevice",
+    "/mcim.ro.v1.IcfService/RenewInitialCredentials",
+    "/mcim.ro.v1.IcfService/ConfirmInitialCredentials",
 ];
 
 /// Which role serves a package.
@@ -529,6 +531,32 @@ async fn every_owned_object_refuses_another_owner_and_changes_nothing() {
             })
             .await
             .map(|_| ()),
+    ));
+    // Another device cannot renew ME's initial credential, nor confirm a renewal of it.
+    let mut other_icf = IcfServiceClient::new(other_ro.clone());
+    tried.push((
+        "/mcim.ro.v1.IcfService/RenewInitialCredentials",
+        unit(
+            other_icf
+                .renew_initial_credentials(ro::RenewInitialCredentialsRequest {
+                    pcid: ME.into(),
+                    tre_kind: common::TreKind::Pkcs11 as i32,
+                    nonce: vec![7; 16],
+                    ..Default::default()
+                })
+                .await,
+        ),
+    ));
+    tried.push((
+        "/mcim.ro.v1.IcfService/ConfirmInitialCredentials",
+        unit(
+            other_icf
+                .confirm_initial_credentials(ro::ConfirmInitialCredentialsRequest {
+                    pcid: ME.into(),
+                    nonce: vec![7; 16],
+                })
+                .await,
+        ),
     ));
     let mut other_dpf = DpfServiceClient::new(other_ro.clone());
     tried.push((

@@ -37,6 +37,7 @@ async fn mode_1_issues_a_pcids_credentials_once() {
         tre_kind: common::TreKind::Pkcs11 as i32,
         storage_public,
         aka_execution: common::AkaExecution::InTre as i32,
+        expires_at: None,
     };
     // A key nothing can be wrapped to: refused before the ICF hears anything.
     let before = roles.snapshot().await;

@@ -10,8 +10,7 @@
 use std::time::{Duration, Instant};
 
 use mcim_e2e::{
-    Roles, SOFTHSM2_LABEL, SOFTHSM2_MODULE, SOFTHSM2_PIN, SoftHsm, Swtpm, Tred, db_rows, mcimctl,
-    output_text,
+    CliDevice, SOFTHSM2_MODULE, SOFTHSM2_PIN, SoftHsm, TestTre, db_rows, mcimctl, output_text,
 };
 use mcim_pki::instruction::{self as ins, Action, Instruction};
 use mcim_proto::mcim::ro::v1 as ro;
@@ -26,111 +25,24 @@ use tonic::Code;
 const PCID: &str = "001010000000061";
 const SHO: &str = "sho.mcim.local";
 
-/// The device's TRE: a swtpm, or a SoftHSM2 token of the test's own.
-enum Tre {
-    /// Kept running for the test's life.
-    Tpm {
-        _tpm: Swtpm,
-    },
-    Token(SoftHsm),
-}
+/// One provisioned device.
+struct Provisioned(CliDevice);
 
-/// One provisioned device: roles, TRE, tred, and the MCIM's IMSI.
-struct Provisioned {
-    work: tempfile::TempDir,
-    roles: Roles,
-    tre: Tre,
-    tred: Tred,
-    imsi: String,
-}
-
-fn run(args: &[&str]) -> String {
-    let out = mcimctl(args);
-    assert!(out.status.success(), "{args:?}: {}", output_text(&out));
-    output_text(&out)
-}
-
-/// Supplied (CCIF mode 2), contracted at the first SHO and provisioned, all from the command
-/// line.
-fn provisioned(token: bool) -> Provisioned {
-    let work = tempfile::tempdir().unwrap();
-    let roles = Roles::start(work.path());
-    let (tre, tred) = if token {
-        let hsm = SoftHsm::new();
-        let conf = hsm.conf();
-        let tred = roles.tred_with(
-            "unused",
-            &[
-                ("MCIM_BACKEND", "pkcs11"),
-                ("SOFTHSM2_CONF", conf.to_str().unwrap()),
-                ("MCIM_PKCS11_MODULE", SOFTHSM2_MODULE),
-                ("MCIM_PKCS11_TOKEN", SOFTHSM2_LABEL),
-                ("MCIM_PKCS11_PIN", SOFTHSM2_PIN),
-            ],
-        );
-        (Tre::Token(hsm), tred)
-    } else {
-        let tpm = Swtpm::start();
-        let tred = roles.tred(&tpm.tcti());
-        (Tre::Tpm { _tpm: tpm }, tred)
-    };
-    let socket = tred.socket().to_str().unwrap().to_string();
-    let pki = roles.pki.to_str().unwrap().to_string();
-    run(&[
-        "supplier",
-        "supply",
-        "--socket",
-        &socket,
-        "--supplier-url",
-        &roles.url("supplier"),
-        "--pva-url",
-        &roles.url("pva"),
-        "--pki",
-        &pki,
-        "--device-id",
-        "INS-61",
-        "--pcid",
-        PCID,
-        "--model",
-        "ins-model",
-    ]);
-    let params = work.path().join("device.json");
-    run(&[
-        "device",
-        "--socket",
-        &socket,
-        "parameters",
-        "--out",
-        params.to_str().unwrap(),
-        "--for-subscriber",
-        "subscriber.mcim.local",
-        "--sho-id",
-        SHO,
-    ]);
-    let contracted = run(&[
-        "subscriber",
-        "register",
-        "--device",
-        params.to_str().unwrap(),
-        "--sho-url",
-        &roles.url("sho"),
-        "--pki",
-        &pki,
-        "--json",
-    ]);
-    let imsi = serde_json::from_str::<Value>(contracted.lines().next().unwrap()).unwrap()["imsi"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let provisioned = run(&["device", "--socket", &socket, "provision"]);
-    assert!(!provisioned.contains("FAILED"), "{provisioned}");
-    Provisioned {
-        work,
-        roles,
-        tre,
-        tred,
-        imsi,
+impl std::ops::Deref for Provisioned {
+    type Target = CliDevice;
+    fn deref(&self) -> &CliDevice {
+        &self.0
     }
+}
+
+impl std::ops::DerefMut for Provisioned {
+    fn deref_mut(&mut self) -> &mut CliDevice {
+        &mut self.0
+    }
+}
+
+fn provisioned(token: bool) -> Provisioned {
+    Provisioned(CliDevice::provisioned(token, PCID, &[], "3gpp"))
 }
 
 impl Provisioned {
@@ -166,6 +78,29 @@ impl Provisioned {
         (out.status.success(), json, text)
     }
 
+    /// `mcimctl sho instruction ID --json`, read again until the device reported or
+    /// `deadline` passed.
+    fn reported(&self, id: &str, deadline: Instant) -> Value {
+        loop {
+            let out = mcimctl(&[
+                "sho",
+                "instruction",
+                id,
+                "--sho-url",
+                &self.roles.url("sho"),
+                "--pki",
+                self.roles.pki.to_str().unwrap(),
+                "--json",
+            ]);
+            let r: Value =
+                serde_json::from_str(output_text(&out).lines().next().unwrap_or("null")).unwrap();
+            if r["reported"] == true || Instant::now() > deadline {
+                return r;
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+
     /// An instruction the device must carry out: its report.
     fn done(&self, action: &str) -> Value {
         let (ok, r, text) = self.instruct("sho", action, 60);
@@ -175,24 +110,8 @@ impl Provisioned {
         r
     }
 
-    /// The device's MCIMs and its audit log's length, as its local API shows them.
     async fn device(&self) -> (Vec<tre::Mcim>, usize) {
-        let mut c = self.tred.client().await;
-        let mut mcims = c
-            .list_mcims(tre::ListMcimsRequest::default())
-            .await
-            .unwrap()
-            .into_inner()
-            .mcims;
-        mcims.sort_by(|a, b| a.mcim_id.cmp(&b.mcim_id));
-        let audit = c
-            .get_audit_log(tre::GetAuditLogRequest::default())
-            .await
-            .unwrap()
-            .into_inner()
-            .entries
-            .len();
-        (mcims, audit)
+        self.registry().await
     }
 
     async fn state_of(&self, imsi: &str) -> Option<i32> {
@@ -228,8 +147,8 @@ use mcim_proto::mcim::common::v1::McimState;
 
 /// The SHO blocks its MCIM (the device can no longer attach with it), unblocks it (it can
 /// again), discovers it (nothing changes), instructs it while `tred` is down (the instruction
-/// waits at the DPF and is carried out once `tred` is back), and deletes it: gone from the
-/// device's registry and its record, and the SHO issues no more vectors for it. Every report
+/// waits at the DPF and is carried out once `tred` is back), retires it and deletes it: gone
+/// from the device's registry and its record, and the SHO issues no more vectors for it. Every report
 /// is the device's, signed in its TRE and verified by the SHO.
 #[test]
 fn an_sho_blocks_unblocks_discovers_and_deletes_its_own_mcim_on_a_tpm_and_the_device_reports_each()
@@ -267,12 +186,16 @@ fn token_objects(hsm: &SoftHsm, label: &str) -> usize {
 
 fn lifecycle_by_instructions(token: bool) {
     let mut p = provisioned(token);
-    let objects = |label: &str| match &p.tre {
-        Tre::Token(hsm) => Some(token_objects(hsm, label)),
-        Tre::Tpm { .. } => None,
+    let objects = |p: &CliDevice, label: &str| match &p.tre {
+        TestTre::Token(hsm) => Some(token_objects(hsm, label)),
+        TestTre::Tpm { .. } => None,
     };
     if token {
-        assert_eq!(objects("mcim.k"), Some(2), "the PCID's K and the MCIM's");
+        assert_eq!(
+            objects(&p, "mcim.k"),
+            Some(2),
+            "the PCID's K and the MCIM's"
+        );
     }
     let imsi = p.imsi.clone();
     let (ok, text) = p.attach();
@@ -280,7 +203,10 @@ fn lifecycle_by_instructions(token: bool) {
 
     let r = p.done("block");
     assert_eq!(r["mcim_state"], "blocked");
-    assert_eq!(r["seq"], 1);
+    assert!(
+        r["seq"].as_u64().unwrap() > 1_700_000_000_000,
+        "numbered by the millisecond: {r}"
+    );
     assert_eq!(
         block(p.state_of(&imsi)),
         Some(McimState::Blocked as i32),
@@ -288,6 +214,15 @@ fn lifecycle_by_instructions(token: bool) {
     );
     let (ok, text) = p.attach();
     assert!(!ok, "a blocked MCIM does not authenticate: {text}");
+    // The SHO's block is the SHO's: the owner cannot lift it.
+    let unblock = mcimctl(&["device", "--socket", &p.socket(), "unblock", &imsi]);
+    assert!(!unblock.status.success());
+    assert!(
+        output_text(&unblock).contains("only that SHO unblocks it"),
+        "{}",
+        output_text(&unblock)
+    );
+    assert_eq!(block(p.state_of(&imsi)), Some(McimState::Blocked as i32));
 
     let r = p.done("unblock");
     assert_eq!(r["mcim_state"], "activated");
@@ -307,24 +242,7 @@ fn lifecycle_by_instructions(token: bool) {
     assert_eq!(r["reported"], false);
     let id = r["instruction_id"].as_str().unwrap().to_string();
     p.tred.restart();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let reported = loop {
-        let out = mcimctl(&[
-            "sho",
-            "instruction",
-            &id,
-            "--sho-url",
-            &p.roles.url("sho"),
-            "--pki",
-            p.roles.pki.to_str().unwrap(),
-            "--json",
-        ]);
-        let r: Value = serde_json::from_str(output_text(&out).lines().next().unwrap()).unwrap();
-        if r["reported"] == true || Instant::now() > deadline {
-            break r;
-        }
-        std::thread::sleep(Duration::from_millis(300));
-    };
+    let reported = p.reported(&id, Instant::now() + Duration::from_secs(60));
     assert_eq!(
         reported["outcome"],
         "done",
@@ -333,6 +251,17 @@ fn lifecycle_by_instructions(token: bool) {
     );
     assert_eq!(reported["mcim_state"], "blocked");
 
+    // Retired: its secrets leave the TRE (the token's objects are destroyed); then deleted.
+    let r = p.done("retire");
+    assert_eq!(r["mcim_state"], "retired");
+    assert_eq!(
+        block(p.state_of(&imsi)),
+        Some(McimState::Retired as i32),
+        "the registry says retired"
+    );
+    if token {
+        assert_eq!(objects(&p, "mcim.k"), Some(1), "only the PCID's K is left");
+    }
     let r = p.done("delete");
     assert_eq!(r["mcim_state"], "deleted");
     assert_eq!(block(p.state_of(&imsi)), None, "gone from the registry");
@@ -345,8 +274,12 @@ fn lifecycle_by_instructions(token: bool) {
         "the record is gone: {records:?}"
     );
     if token {
-        assert_eq!(objects("mcim.k"), Some(1), "only the PCID's K is left");
-        assert_eq!(objects("mcim.opc"), Some(1), "only the PCID's OPc is left");
+        assert_eq!(objects(&p, "mcim.k"), Some(1), "only the PCID's K is left");
+        assert_eq!(
+            objects(&p, "mcim.opc"),
+            Some(1),
+            "only the PCID's OPc is left"
+        );
     }
     // The SHO knows, from the device's own report: no more vectors for the IMSI.
     let got = block(async {
@@ -361,19 +294,20 @@ fn lifecycle_by_instructions(token: bool) {
         .await
     });
     assert_eq!(got.unwrap_err().code(), Code::NotFound);
-    // The SHO kept five verified reports, numbered 1 to 5.
+    // The SHO kept six verified reports, numbered in order.
     let rows = block(db_rows(
         &p.work.path().join("roles.db"),
-        "SELECT CAST(seq AS TEXT), action, outcome FROM sho_instruction ORDER BY seq",
+        "SELECT action, outcome FROM sho_instruction ORDER BY seq",
     ));
     assert_eq!(
         rows,
         [
-            ["1", "block", "done"],
-            ["2", "unblock", "done"],
-            ["3", "discover", "done"],
-            ["4", "block", "done"],
-            ["5", "delete", "done"],
+            ["block", "done"],
+            ["unblock", "done"],
+            ["discover", "done"],
+            ["block", "done"],
+            ["retire", "done"],
+            ["delete", "done"],
         ]
         .map(|r| r.map(String::from).to_vec())
         .to_vec()
@@ -476,16 +410,43 @@ fn instructions_from_another_sho_the_ro_a_replay_or_for_another_device_are_refus
     p.done("unblock");
     let legit_block: Vec<u8> = block(db_rows(
         &db,
-        "SELECT hex(body) FROM ro_instruction WHERE id = (SELECT id FROM sho_instruction WHERE seq = 1)",
+        "SELECT hex(body) FROM ro_instruction WHERE id = \
+         (SELECT id FROM sho_instruction ORDER BY seq LIMIT 1)",
     ))
     .first()
     .map(|r| hex::decode(&r[0]).unwrap())
     .unwrap();
+    let seqs: Vec<u64> = block(db_rows(
+        &db,
+        "SELECT CAST(seq AS TEXT) FROM sho_instruction ORDER BY seq",
+    ))
+    .into_iter()
+    .map(|r| r[0].parse().unwrap())
+    .collect();
+    let (block_seq, unblock_seq) = (seqs[0], seqs[1]);
     let before = block(p.device());
     assert_eq!(
         before.0.iter().find(|m| m.mcim_id == p.imsi).unwrap().state,
         McimState::Activated as i32
     );
+    // Signed by the SHO with a field the form does not have.
+    let mut extra = serde_json::to_value(Instruction {
+        kind: ins::KIND.into(),
+        pcid: PCID.into(),
+        imsi: p.imsi.clone(),
+        sho: SHO.into(),
+        seq: unblock_seq + 10,
+        action: Action::Block,
+        issued_at: 1,
+    })
+    .unwrap();
+    extra["also"] = serde_json::json!("delete");
+    let extra = mcim_core::signed::sign(
+        &mcim_pki::dev::signing_key(&pki, "sho").unwrap(),
+        &extra,
+        Some(&mcim_pki::dev::ca_der(&pki, "sho").unwrap()),
+    )
+    .unwrap();
     let delete = |sho: &str, pcid: &str, seq: u64| Instruction {
         kind: ins::KIND.into(),
         pcid: pcid.into(),
@@ -523,8 +484,20 @@ fn instructions_from_another_sho_the_ro_a_replay_or_for_another_device_are_refus
         (
             "a new instruction under a sequence number already spent",
             SHO,
-            signed(&pki, "sho", &delete(SHO, PCID, 2)),
+            signed(&pki, "sho", &delete(SHO, PCID, block_seq)),
             ins::REFUSED_REPLAYED,
+        ),
+        (
+            "the SHO's own instruction numbered so high no number would be left after it",
+            SHO,
+            signed(&pki, "sho", &delete(SHO, PCID, u64::MAX)),
+            ins::REFUSED_SEQ_RANGE,
+        ),
+        (
+            "the SHO's signature over a payload with a field the form does not have",
+            SHO,
+            extra,
+            ins::REFUSED_MALFORMED,
         ),
     ];
     let ids: Vec<String> = cases
@@ -582,5 +555,64 @@ fn instructions_from_another_sho_the_ro_a_replay_or_for_another_device_are_refus
     );
     // The SHO's own next instruction still works, numbered after its last.
     let r = p.done("discover");
-    assert_eq!(r["seq"], 3);
+    assert!(r["seq"].as_u64().unwrap() > unblock_seq, "{r}");
+}
+
+/// tred killed with SIGKILL again and again while a queue of instructions runs: every
+/// instruction is carried out once (one audit entry each) and reported once, and the registry
+/// never ends in lockdown (a commit cut between the TRE's counter and its anchor is completed
+/// at the next start).
+#[test]
+fn tred_killed_while_instructions_run_carries_out_and_reports_each_once() {
+    let mut p = provisioned(false);
+    let imsi = p.imsi.clone();
+    let entries = |p: &Provisioned| {
+        block(async {
+            let mut c = p.tred.client().await;
+            c.get_audit_log(tre::GetAuditLogRequest::default())
+                .await
+                .unwrap()
+                .into_inner()
+                .entries
+                .iter()
+                .filter(|e| e.mcim_id == imsi && e.event == "lifecycle")
+                .count()
+        })
+    };
+    let before = entries(&p);
+    assert!(p.tred.stop());
+    let ids: Vec<String> = (0..8)
+        .map(|n| {
+            let action = if n % 2 == 0 { "block" } else { "unblock" };
+            let (ok, r, text) = p.instruct("sho", action, 0);
+            assert!(ok, "{text}");
+            r["instruction_id"].as_str().unwrap().to_string()
+        })
+        .collect();
+    p.tred.restart();
+    for ms in [10, 40, 70, 100, 130, 160, 200, 250] {
+        std::thread::sleep(Duration::from_millis(ms));
+        p.tred.kill_and_restart();
+    }
+    let deadline = Instant::now() + Duration::from_secs(90);
+    for id in &ids {
+        let r = p.reported(id, deadline);
+        assert_eq!(r["outcome"], "done", "{id}: {r:#}\n{}", p.tred.log());
+    }
+    let status = block(async {
+        p.tred
+            .client()
+            .await
+            .get_status(tre::GetStatusRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+    });
+    assert!(!status.lockdown, "{status:?}");
+    assert_eq!(
+        block(p.state_of(&imsi)),
+        Some(McimState::Activated as i32),
+        "the last instruction was an unblock"
+    );
+    assert_eq!(entries(&p) - before, 8, "each instruction carried out once");
 }

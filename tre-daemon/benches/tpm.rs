@@ -249,6 +249,7 @@ fn main() {
         constants: Constants::default(),
         sqn_profile: profile,
         pin: None,
+        expires_at: None,
     })
     .unwrap();
     reg.apply(imsi, LifecycleOp::Activate).unwrap();

@@ -69,6 +69,8 @@ pub struct McimView {
     pub pin_tries_left: u32,
     /// It is the one the owner chose for connectivity.
     pub connectivity: bool,
+    /// When it stops being valid (seconds since the epoch), if it has a lifetime.
+    pub expires_at: Option<u64>,
 }
 
 impl McimView {
@@ -80,6 +82,7 @@ impl McimView {
             blocked: r.blocked,
             pin_tries_left: r.pin.as_ref().map_or(0, |p| u32::from(p.pin_tries_left)),
             connectivity: connectivity == Some(r.id.as_str()),
+            expires_at: r.expires_at,
         }
     }
 }
@@ -191,6 +194,8 @@ pub struct NewMcim {
     pub constants: Constants,
     /// PIN and PUK, when the MCIM has them.
     pub pin: Option<(String, String)>,
+    /// When it stops being valid (the PCID's initial credential), if it has a lifetime.
+    pub expires_at: Option<u64>,
 }
 
 impl NewMcim {
@@ -214,6 +219,7 @@ impl NewMcim {
             },
             constants,
             pin: None,
+            expires_at: None,
         })
     }
 }
@@ -552,6 +558,7 @@ impl Device {
             constants: m.constants,
             sqn_profile: SqnProfile::default(),
             pin: m.pin,
+            expires_at: m.expires_at,
         };
         self.run(move |e| {
             let reg = e.registry()?;
@@ -567,6 +574,32 @@ impl Device {
                 }
                 Err(other) => Err(other),
             }
+        })
+        .await
+    }
+
+    /// Unblocks an MCIM its SHO blocked, on that SHO's verified instruction (5.1.1.3).
+    pub async fn sho_unblock(&self, id: &str) -> Result<McimView, DeviceError> {
+        let id = id.to_string();
+        self.run(move |e| {
+            e.registry()?.sho_unblock(&id)?;
+            view(e, &id)
+        })
+        .await
+    }
+
+    /// Renews the credential `id` in place with `wrapped` (5.1.3.7.4.3), lasting until
+    /// `expires_at`.
+    pub async fn renew(
+        &self,
+        id: &str,
+        wrapped: WrappedSecrets,
+        expires_at: Option<u64>,
+    ) -> Result<McimView, DeviceError> {
+        let id = id.to_string();
+        self.run(move |e| {
+            e.registry()?.renew(&id, &wrapped, expires_at)?;
+            view(e, &id)
         })
         .await
     }

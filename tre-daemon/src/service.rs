@@ -334,6 +334,7 @@ impl TreService for TreApi {
                 },
                 constants,
                 pin,
+                expires_at: r.expires_at.map(|t| u64::try_from(t.seconds).unwrap_or(0)),
             })
             .await
             .map_err(status)?;

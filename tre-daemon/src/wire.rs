@@ -60,12 +60,17 @@ pub fn mcim(m: &McimView) -> pb::Mcim {
                 BlockReason::PinBlocked => "pin_blocked",
                 BlockReason::Requested => "requested",
                 BlockReason::Tampered => "tampered",
+                BlockReason::BySho => "by_sho",
             })
             .unwrap_or_default()
             .into(),
         pin_retries_left: m.pin_tries_left,
         connectivity: m.connectivity,
         installed_at: None,
+        expires_at: m.expires_at.map(|s| prost_types::Timestamp {
+            seconds: i64::try_from(s).unwrap_or(i64::MAX),
+            nanos: 0,
+        }),
     }
 }
 

@@ -116,6 +116,7 @@ mod on_tpm {
             constants: Constants::default(),
             sqn_profile: SqnProfile::default(),
             pin: pin.map(|(a, b)| (a.to_string(), b.to_string())),
+            expires_at: None,
         })
         .unwrap();
     }
@@ -581,6 +582,7 @@ mod on_tpm {
                     constants: Constants::default(),
                     sqn_profile: SqnProfile::default(),
                     pin: Some(("12".into(), "12345678".into())),
+                    expires_at: None,
                 }),
                 Err(RegistryError::BadRequest(_))
             ),
@@ -599,6 +601,7 @@ mod on_tpm {
         inner: TpmTre,
         fail_mac_in: std::rc::Rc<std::cell::Cell<u32>>,
         fail_advance: std::rc::Rc<std::cell::Cell<bool>>,
+        fail_anchor: std::rc::Rc<std::cell::Cell<bool>>,
     }
 
     fn cut() -> mcim_tre::tre::TreError {
@@ -658,6 +661,9 @@ mod on_tpm {
             &mut self,
             a: &mcim_tre::tre::AuditAnchor,
         ) -> Result<(), mcim_tre::tre::TreError> {
+            if self.fail_anchor.replace(false) {
+                return Err(cut());
+            }
             self.inner.set_audit_anchor(a)
         }
     }
@@ -670,8 +676,23 @@ mod on_tpm {
             std::rc::Rc<std::cell::Cell<u32>>,
             std::rc::Rc<std::cell::Cell<bool>>,
         ) {
+            let (reg, mac, adv, _) = self.open_faulty_anchor();
+            (reg, mac, adv)
+        }
+
+        /// [`Device::open_faulty`], and the switch that fails the next anchor write.
+        #[allow(clippy::type_complexity)]
+        fn open_faulty_anchor(
+            &self,
+        ) -> (
+            Registry,
+            std::rc::Rc<std::cell::Cell<u32>>,
+            std::rc::Rc<std::cell::Cell<bool>>,
+            std::rc::Rc<std::cell::Cell<bool>>,
+        ) {
             let mac = std::rc::Rc::new(std::cell::Cell::new(0));
             let adv = std::rc::Rc::new(std::cell::Cell::new(false));
+            let anchor = std::rc::Rc::new(std::cell::Cell::new(false));
             let t = Faulty {
                 inner: TpmTre::open(&TpmConfig {
                     tcti: self.tpm.tcti(),
@@ -679,8 +700,14 @@ mod on_tpm {
                 .unwrap(),
                 fail_mac_in: mac.clone(),
                 fail_advance: adv.clone(),
+                fail_anchor: anchor.clone(),
             };
-            (Registry::open(self.dir(), Box::new(t)).unwrap(), mac, adv)
+            (
+                Registry::open(self.dir(), Box::new(t)).unwrap(),
+                mac,
+                adv,
+                anchor,
+            )
         }
     }
 
@@ -711,6 +738,50 @@ mod on_tpm {
             .unwrap();
         drop(reg);
         assert_eq!(dev.open().status().lockdown, None);
+    }
+
+    /// A cut between the two TRE writes after the commit point (the counter advanced, the
+    /// anchor not yet moved; found by killing tred -9 while remote instructions ran) is
+    /// completed at the next start, not taken for a disagreeing audit record.
+    #[test]
+    fn a_transaction_cut_between_the_tre_counter_and_the_anchor_is_completed() {
+        let dev = Device::new();
+        {
+            let (mut reg, _, _, anchor) = dev.open_faulty_anchor();
+            install(&mut reg, IMSI_A, None);
+            anchor.set(true);
+            assert!(
+                reg.apply(IMSI_A, Op::Activate).is_err(),
+                "the cut is reported"
+            );
+        }
+        let mut reg = dev.open();
+        let st = reg.status();
+        assert_eq!(st.lockdown, None, "{st:?}");
+        assert!(
+            st.startup
+                .iter()
+                .any(|s| s.contains("between the TRE's counter and its anchor")),
+            "{st:?}"
+        );
+        assert_eq!(state(&reg, IMSI_A), McimState::Activated);
+        assert!(reg.verify_audit().unwrap().ok);
+        drop(reg);
+        // In the same process: the next transaction moves the anchor first and never advances
+        // the counter twice.
+        {
+            let (mut reg, _, _, anchor) = dev.open_faulty_anchor();
+            anchor.set(true);
+            assert!(
+                reg.apply(IMSI_A, Op::Block(BlockReason::Requested))
+                    .is_err()
+            );
+            reg.apply(IMSI_A, Op::Unblock).unwrap();
+            assert_eq!(reg.status().lockdown, None);
+        }
+        let reg = dev.open();
+        assert_eq!(reg.status().lockdown, None, "{:?}", reg.status());
+        assert_eq!(state(&reg, IMSI_A), McimState::Activated);
     }
 
     #[test]
@@ -926,6 +997,7 @@ mod on_token {
             constants: Constants::default(),
             sqn_profile: SqnProfile::default(),
             pin: None,
+            expires_at: None,
         })
         .unwrap();
     }

@@ -311,8 +311,11 @@ pub(super) fn lab_inner(
             &mut supplier,
             Some(&mut pva),
             &identity,
-            a.ccif_mode,
-            "ro.mcim.local",
+            crate::supply::CredentialTerms {
+                mode: a.ccif_mode,
+                ro_id: "ro.mcim.local",
+                lifetime_secs: None,
+            },
             &pki,
         )
         .await?;

@@ -191,10 +191,36 @@ impl IcfService for Icf {
         req: Request<pb::RenewInitialCredentialsRequest>,
     ) -> Result<Response<pb::RenewInitialCredentialsResponse>, Status> {
         role(async move {
-            authorized(&req)?;
-            Err(RoleError::not_built(
-                "renewing initial credentials (5.1.3.7.4.3) is not built yet",
+            let auth = authorized(&req)?;
+            Ok(Response::new(
+                self.0.renew_credential(&auth, req.into_inner()).await?,
             ))
+        })
+        .await
+    }
+
+    async fn offer_renewal(
+        &self,
+        req: Request<pb::OfferRenewalRequest>,
+    ) -> Result<Response<pb::OfferRenewalResponse>, Status> {
+        role(async move {
+            authorized(&req)?;
+            let p = pcid(&req.get_ref().pcid)?;
+            self.0.offer_renewal(p.as_str()).await?;
+            Ok(Response::new(pb::OfferRenewalResponse {}))
+        })
+        .await
+    }
+
+    async fn confirm_initial_credentials(
+        &self,
+        req: Request<pb::ConfirmInitialCredentialsRequest>,
+    ) -> Result<Response<pb::ConfirmInitialCredentialsResponse>, Status> {
+        role(async move {
+            let auth = authorized(&req)?;
+            let r = req.into_inner();
+            self.0.confirm_credential(&auth, &r.pcid, &r.nonce).await?;
+            Ok(Response::new(pb::ConfirmInitialCredentialsResponse {}))
         })
         .await
     }

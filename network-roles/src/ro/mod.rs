@@ -10,6 +10,7 @@ pub mod dpf;
 pub mod drf;
 pub mod icf;
 mod instructions;
+mod renewal;
 
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -121,7 +121,13 @@ impl Sho {
                 .fetch_one(&mut *tx)
                 .await
                 .map_err(db_err)?;
-        let seq = last + 1;
+        // Numbered by the millisecond (and above the last): a restored database or a second
+        // process of this SHO still numbers above what the device has seen.
+        let millis = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+            .unwrap_or(0);
+        let seq = (last + 1).max(millis);
         let body = mcim_core::signed::sign(
             &self.key,
             &Instruction {
@@ -202,6 +208,7 @@ impl Sho {
             }),
             action: wire_action(&k.action) as i32,
             seq: u64::try_from(k.seq).unwrap_or(0),
+            imsi: k.imsi,
         })
     }
 

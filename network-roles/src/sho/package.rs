@@ -2,8 +2,7 @@
 //! SHO's AuC and wrapped for the device's TRE, signed by the SHO and bound to the
 //! registration; built once per registration.
 
-use mcim_core::aka::{K, Opc};
-use mcim_core::package::{self, McimPackagePayload, McimPolicy, TreTarget, UsimData};
+use mcim_core::package::{self, McimPackagePayload, McimPolicy, UsimData};
 use mcim_proto::mcim::common::v1 as common;
 
 use super::Sho;
@@ -26,23 +25,20 @@ impl Sho {
             .subscription(pcid)
             .await?
             .ok_or_else(|| RoleError::conflict("the subscription is gone"))?;
-        let target = match common::TreKind::try_from(i32::try_from(sub.tre_kind).unwrap_or(0)) {
-            Ok(common::TreKind::Tpm2) if aka_in_host => TreTarget::Tpm2SealedK,
-            Ok(common::TreKind::Tpm2) => TreTarget::Tpm2,
-            Ok(common::TreKind::Pkcs11) => TreTarget::Pkcs11,
-            _ => return Err(RoleError::conflict("unknown TRE kind")),
+        let aka = if aka_in_host {
+            common::AkaExecution::UnsealedInHost
+        } else {
+            common::AkaExecution::InTre
         };
-        let (k, opc, wrapped) = {
-            let mut rng = rand::rng();
-            let mut kb = zeroize::Zeroizing::new([0u8; 16]);
-            let mut ob = zeroize::Zeroizing::new([0u8; 16]);
-            rand::Rng::fill_bytes(&mut rng, &mut kb[..]);
-            rand::Rng::fill_bytes(&mut rng, &mut ob[..]);
-            let (k, opc) = (K::new(*kb), Opc::new(*ob));
-            let wrapped = package::wrap_secrets(target, &sub.storage_public, &k, &opc, &mut rng)
-                .map_err(|e| RoleError::conflict(e.to_string()))?;
-            (kb, ob, wrapped)
+        // The subscription's TRE, checked at contract time: a failure here is its state's.
+        let as_state = |e: RoleError| match e {
+            RoleError::Invalid(m) => RoleError::conflict(m),
+            e => e,
         };
+        let target = crate::supplier::tre_target(i32::try_from(sub.tre_kind).unwrap_or(0), aka)
+            .map_err(as_state)?;
+        let (k, opc, wrapped) =
+            crate::supplier::fresh_wrapped(target, &sub.storage_public).map_err(as_state)?;
         // No package was stored, so no earlier K ever left: replace whatever a crash left. Never
         // the K of an MCIM a device holds and uses (another registration's, provisioned).
         if self.imsi_live(&sub.imsi).await? {

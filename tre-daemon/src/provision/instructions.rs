@@ -30,7 +30,7 @@ use mcim_proto::mcim::ro::v1::dpf_service_client::DpfServiceClient;
 use serde::{Deserialize, Serialize};
 
 use super::{Provisioner, Stop};
-use crate::device::DeviceError;
+use crate::device::{DeviceError, McimView};
 use crate::registry::RegistryError;
 use crate::registry::files::{read_optional, write_atomic};
 
@@ -79,8 +79,8 @@ struct Saved {
 pub struct Ledger {
     file: PathBuf,
     saved: std::sync::Mutex<Saved>,
-    /// One instruction at a time (the listener and a run may both see one).
-    one: tokio::sync::Mutex<()>,
+    /// One instruction or renewal at a time (the listener and a run may both see one).
+    pub(super) one: tokio::sync::Mutex<()>,
 }
 
 impl Ledger {
@@ -155,6 +155,9 @@ fn state_name(s: Option<McimState>) -> String {
     }
 }
 
+/// The most reports kept for the DPF at once.
+const MAX_UNSENT: usize = 64;
+
 /// How long the listener waits before it opens the stream again after a failure.
 const LISTEN_BACKOFF_MAX: Duration = Duration::from_secs(30);
 
@@ -205,6 +208,7 @@ impl Provisioner {
             return Err("the device has no certificates yet".into());
         }
         self.send_reports().await;
+        self.finish_renewal().await;
         let url = self.net(0).map_err(why)?.ro_url.clone();
         let mut dpf = DpfServiceClient::new(self.channel(&url, Role::Ro, 0).map_err(why)?);
         let mut stream = dpf
@@ -224,7 +228,14 @@ impl Provisioner {
                     };
                     match &task.task {
                         Some(ro::watch_device_tasks_response::Task::Instruction(t)) => {
-                            self.instruction(t).await;
+                            // Not acknowledged when it could not be handled now (the registry
+                            // in lockdown, the TRE busy): the DPF gives it again later.
+                            if !self.instruction(t).await {
+                                return Err(format!("instruction task {} not handled yet", task.seq));
+                            }
+                        }
+                        Some(ro::watch_device_tasks_response::Task::Renewal(_)) => {
+                            self.renewal_offered(true).await;
                         }
                         // A run's task outside its run: an earlier run's, done with.
                         _ => tracing::debug!(seq = task.seq, "a provisioning task outside a run; ignored"),
@@ -243,15 +254,17 @@ impl Provisioner {
         }
     }
 
-    /// Verifies, executes and reports one instruction (never fails: a refusal is reported).
-    pub(super) async fn instruction(&self, t: &ro::InstructionTask) {
+    /// Verifies, executes and reports one instruction (a refusal is reported too). Returns
+    /// false when it could not be handled now (the registry or the TRE failed): the task must
+    /// not be acknowledged, so that it comes again.
+    pub(super) async fn instruction(&self, t: &ro::InstructionTask) -> bool {
         let _one = self.ledger.one.lock().await;
         let digest = ins::digest(&t.instruction);
         let pcid = match self.device.pcid().await {
             Ok(p) => p,
             Err(e) => {
                 tracing::warn!("an instruction, and no PCID to check it against: {e}");
-                return;
+                return false;
             }
         };
         let (report, again) = match self.verify_instruction(&t.instruction) {
@@ -288,20 +301,30 @@ impl Provisioner {
                         ),
                         None,
                     ),
+                    _ if i.seq > ins::MAX_SEQ => (
+                        self.report(
+                            &pcid,
+                            Some(&i),
+                            &digest,
+                            Outcome::refused(ins::REFUSED_SEQ_RANGE, None),
+                        ),
+                        None,
+                    ),
                     _ => (self.execute(&pcid, &i, &digest).await, None),
                 }
             }
         };
         let Some(report) = report else {
-            return;
+            return false;
         };
         let bytes = match again {
             Some(b) => b,
             None => match report.to_bytes() {
                 Ok(b) => b,
                 Err(e) => {
+                    // report() keeps every field in the form: this is a bug, not the input.
                     tracing::error!("instruction report: {e}");
-                    return;
+                    return false;
                 }
             },
         };
@@ -310,7 +333,7 @@ impl Provisioner {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!("the TRE did not sign the instruction report: {e}");
-                return;
+                return false;
             }
         };
         let id = t.instruction_id.clone();
@@ -322,6 +345,10 @@ impl Provisioner {
                 l.report = Some(hex::encode(&bytes));
             }
             s.unsent.retain(|u| u.instruction_id != id);
+            // Bounded: the oldest goes first (its SHO reads it as not reported).
+            while s.unsent.len() >= MAX_UNSENT {
+                s.unsent.remove(0);
+            }
             s.unsent.push(Unsent {
                 instruction_id: id.clone(),
                 report: hex::encode(&bytes),
@@ -330,9 +357,10 @@ impl Provisioner {
         });
         if let Err(e) = keep {
             tracing::error!("instruction ledger: {e}");
-            return;
+            return false;
         }
         self.send_reports().await;
+        true
     }
 
     /// The instruction, when an SHO under the SHO CA signed it as itself; else why not.
@@ -343,8 +371,10 @@ impl Provisioner {
         let key = self
             .sho_key(signed, &named.name)
             .map_err(|_| ins::REFUSED_SIGNATURE)?;
-        let i: Instruction =
-            mcim_core::signed::open(signed, &key).map_err(|_| ins::REFUSED_SIGNATURE)?;
+        let i: Instruction = mcim_core::signed::open(signed, &key).map_err(|e| match e {
+            mcim_core::signed::SignedError::BadSignature => ins::REFUSED_SIGNATURE,
+            _ => ins::REFUSED_MALFORMED,
+        })?;
         if i.kind != ins::KIND || i.sho != named.name {
             return Err(ins::REFUSED_SIGNATURE);
         }
@@ -392,7 +422,7 @@ impl Provisioner {
             tracing::error!("instruction ledger: {e}");
             return None;
         }
-        let outcome = match self.act(&m.id, m.state, i.action).await {
+        let outcome = match self.act(&m, i.action).await {
             Ok(state) => Outcome::done(state),
             Err(DeviceError::Registry(RegistryError::Lifecycle(e))) => {
                 tracing::info!("instruction refused by the lifecycle: {e}");
@@ -407,14 +437,11 @@ impl Provisioner {
         self.report(pcid, Some(i), digest, outcome)
     }
 
-    /// The action on MCIM `id`, now in `state`; idempotent (an MCIM already where the action
-    /// leads is done). Returns the state after it.
-    async fn act(
-        &self,
-        id: &str,
-        state: McimState,
-        action: Action,
-    ) -> Result<McimState, DeviceError> {
+    /// The action on MCIM `m`; idempotent (an MCIM already where the action leads is done).
+    /// The SHO's block is `BySho`: the owner cannot lift it, and the SHO lifts only its own.
+    /// Returns the state after it.
+    async fn act(&self, m: &McimView, action: Action) -> Result<McimState, DeviceError> {
+        let (id, state) = (m.id.as_str(), m.state);
         let d = &self.device;
         let end_session = async {
             if state == McimState::Selected {
@@ -435,12 +462,11 @@ impl Provisioner {
                         .change(|s| s.blocked_connectivity = Some(id.to_string()))
                         .map_err(DeviceError::NotReady)?;
                 }
-                d.apply(id, LifecycleOp::Block(BlockReason::Requested))
-                    .await?;
+                d.apply(id, LifecycleOp::Block(BlockReason::BySho)).await?;
                 Ok(McimState::Blocked)
             }
             (Action::Unblock, _) => {
-                d.apply(id, LifecycleOp::Unblock).await?;
+                d.sho_unblock(id).await?;
                 let held = self.ledger.lock().blocked_connectivity.clone();
                 if held.as_deref() == Some(id) {
                     if d.status().await?.connectivity.is_none() {
@@ -471,10 +497,18 @@ impl Provisioner {
         digest: &str,
         o: Outcome,
     ) -> Option<Report> {
+        // A field the SHO signed may still not fit the report's line form.
+        let field = |s: &str| {
+            if s.is_empty() || s.contains('\n') || s.len() > 256 {
+                ins::UNKNOWN.to_string()
+            } else {
+                s.to_string()
+            }
+        };
         Some(Report {
             pcid: pcid.to_string(),
-            imsi: i.map_or_else(|| ins::UNKNOWN.into(), |i| i.imsi.clone()),
-            sho: i.map_or_else(|| ins::UNKNOWN.into(), |i| i.sho.clone()),
+            imsi: i.map_or_else(|| ins::UNKNOWN.into(), |i| field(&i.imsi)),
+            sho: i.map_or_else(|| ins::UNKNOWN.into(), |i| field(&i.sho)),
             seq: i.map_or(0, |i| i.seq),
             instruction_sha256: digest.to_string(),
             outcome: if o.refused.is_some() {
@@ -525,8 +559,20 @@ impl Provisioner {
                 .await;
             let gone = match sent {
                 Ok(_) => true,
-                Err(s) if s.code() == tonic::Code::NotFound => {
-                    tracing::info!(instruction = %u.instruction_id, "the DPF does not know this instruction; its report is dropped");
+                // Refused for good (an instruction the DPF does not know, or not this
+                // device's): nobody asked for this report there.
+                Err(s)
+                    if !matches!(
+                        s.code(),
+                        tonic::Code::Unavailable
+                            | tonic::Code::DeadlineExceeded
+                            | tonic::Code::Unknown
+                            | tonic::Code::Cancelled
+                            | tonic::Code::ResourceExhausted
+                            | tonic::Code::Aborted
+                    ) =>
+                {
+                    tracing::info!(instruction = %u.instruction_id, "the DPF refused this report ({}); dropped", s.message());
                     true
                 }
                 Err(s) => {

@@ -11,6 +11,7 @@
 
 pub mod instructions;
 pub mod outbox;
+pub mod renewal;
 pub mod run;
 
 use std::path::PathBuf;
@@ -329,6 +330,10 @@ impl Provisioner {
                 held.id, held.id
             )));
         }
+        // The PCID's initial credential, which a device may need again after a change
+        // (5.1.3.7.4.3), is renewed first when it is about to expire; an expired one that
+        // cannot be renewed stops the change here, before anything changed.
+        self.ensure_pcid_fresh().await?;
         let mut id = [0u8; 8];
         rand::Rng::fill_bytes(&mut rand::rng(), &mut id);
         let old = OldMcim {
@@ -877,8 +882,15 @@ impl Provisioner {
                     }
                     tracing::warn!(registration = %d.registration_id, "an order to discard outside a change of SHO in progress; ignored");
                 }
+                // Not acknowledged when it could not be handled now: it comes again.
                 Some(ro::watch_device_tasks_response::Task::Instruction(t)) => {
-                    self.instruction(&t).await;
+                    self.instruction(&t).await.then_some(()).ok_or_else(|| {
+                        Stop::Retry("an instruction could not be handled now".into())
+                    })?
+                }
+                // Not in the middle of a run (it may be using the PCID): before the next change.
+                Some(ro::watch_device_tasks_response::Task::Renewal(_)) => {
+                    self.renewal_offered(false).await;
                 }
                 None => {}
             }

@@ -127,6 +127,8 @@ pub struct InstallRequest {
     pub sqn_profile: SqnProfile,
     /// Application PIN and PUK, if the MCIM has them.
     pub pin: Option<(String, String)>,
+    /// When the credential stops being valid, if it has a lifetime.
+    pub expires_at: Option<u64>,
 }
 
 /// The registry's answer to "status" (always available, even in lockdown).
@@ -171,6 +173,8 @@ pub struct Registry {
     tail: (u64, [u8; 32]),
     /// The TRE counter and anchor lag one committed transaction behind.
     tre_sync_pending: bool,
+    /// The counter caught up, the anchor still lags (its write failed).
+    anchor_pending: bool,
     lockdown: Option<String>,
     startup: Vec<String>,
 }
@@ -208,6 +212,7 @@ impl Registry {
             records: BTreeMap::new(),
             tail: (0, [0; 32]),
             tre_sync_pending: false,
+            anchor_pending: false,
             lockdown: None,
             startup: Vec::new(),
         };

@@ -33,6 +33,10 @@ pub struct McimRecord {
     /// The application PIN, if the MCIM has one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pin: Option<PinRecord>,
+    /// When the credential stops being valid (seconds since the epoch): the PCID's initial
+    /// credential, whose lifetime the CCIF/ICF gave (5.1.3.7.4.3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<u64>,
     /// Bumped at every change; the header records it (per-record rollback).
     pub version: u64,
 }

@@ -82,6 +82,7 @@ impl Registry {
         self.records.clear();
         self.tail = (0, [0; 32]);
         self.tre_sync_pending = false;
+        self.anchor_pending = false;
         self.lockdown = None;
         let detail = format!(
             "rehabilitated from lockdown ({reason}); {kept} of {} MCIMs kept, the others blocked; previous audit record kept as {kept_as}",

@@ -94,11 +94,12 @@ impl Registry {
         }
         let anchor_ok =
             anchor.seq == header.audit_seq && hex::encode(anchor.head) == header.audit_head;
-        let anchor_one_behind = self.tre_sync_pending
-            && entries
-                .iter()
-                .find(|s| s.entry.seq + 1 == header.audit_seq)
-                .is_some_and(|s| anchor.seq == s.entry.seq && anchor.head == s.hash);
+        // A commit cut after its commit point leaves the anchor one entry behind: before the
+        // TRE counter advanced, or between the counter and the anchor (both TRE writes).
+        let anchor_one_behind = entries
+            .iter()
+            .find(|s| s.entry.seq + 1 == header.audit_seq)
+            .is_some_and(|s| anchor.seq == s.entry.seq && anchor.head == s.hash);
         if !anchor_ok && !anchor_one_behind {
             return Ok(Checked::Untrusted(format!(
                 "the audit record disagrees with the TRE's anchor (record {}, TRE {})",
@@ -120,6 +121,11 @@ impl Registry {
             self.sync_tre()?;
             self.startup
                 .push("completed a transaction cut short after its commit point".into());
+        } else if anchor_one_behind && !anchor_ok {
+            self.set_anchor()?;
+            self.startup.push(
+                "completed a transaction cut short between the TRE's counter and its anchor".into(),
+            );
         }
 
         // The records.
@@ -265,6 +271,14 @@ impl Registry {
                 self.lockdown.clone().unwrap_or_default(),
             ));
         }
+        // The counter moved: only the anchor is left (never advance the counter twice).
+        self.tre_sync_pending = false;
+        self.anchor_pending = true;
+        self.set_anchor()
+    }
+
+    /// Moves the TRE's audit anchor to the committed header's audit head.
+    fn set_anchor(&mut self) -> Result<(), RegistryError> {
         let mut head = [0u8; 32];
         hex::decode_to_slice(&self.header.audit_head, &mut head)
             .map_err(|e| RegistryError::Encoding(format!("the header's audit head: {e}")))?;
@@ -272,7 +286,7 @@ impl Registry {
             seq: self.header.audit_seq,
             head,
         })?;
-        self.tre_sync_pending = false;
+        self.anchor_pending = false;
         Ok(())
     }
 
@@ -289,6 +303,8 @@ impl Registry {
         }
         if self.tre_sync_pending {
             self.sync_tre()?;
+        } else if self.anchor_pending {
+            self.set_anchor()?;
         }
         let mut header = self.header.clone();
         let mut records = Vec::new();
@@ -380,6 +396,7 @@ pub(super) fn tampered_stub(id: &str, version: u64) -> McimRecord {
         sqn_profile: SqnProfile::default(),
         sqn: MsSqnState::new(&SqnProfile::default()),
         pin: None,
+        expires_at: None,
         version,
     }
 }

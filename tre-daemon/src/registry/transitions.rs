@@ -30,6 +30,7 @@ impl Registry {
             sqn_profile: req.sqn_profile,
             sqn: MsSqnState::new(&req.sqn_profile),
             pin,
+            expires_at: req.expires_at,
             version: 0,
         };
         self.commit(
@@ -40,8 +41,46 @@ impl Registry {
         )
     }
 
+    /// Renews a credential in place (5.1.3.7.4.3: the PCID's initial credential): the new K
+    /// and OPc are imported into the TRE, the SQN state starts afresh, the new lifetime is
+    /// recorded, in one commit; then what the TRE held for the old secrets goes. Only an
+    /// Installed or Activated credential with no session open is renewed.
+    pub fn renew(
+        &mut self,
+        id: &str,
+        wrapped: &WrappedSecrets,
+        expires_at: Option<u64>,
+    ) -> Result<(), RegistryError> {
+        self.live()?;
+        let rec = self.record(id)?.clone();
+        if !matches!(rec.state, McimState::Installed | McimState::Activated) {
+            return Err(RegistryError::BadRequest(format!(
+                "MCIM {id} is {:?}: only an installed or activated credential is renewed",
+                rec.state
+            )));
+        }
+        let secrets = self.tre.import_mcim_secrets(wrapped)?;
+        let mut next = rec.clone();
+        next.secrets = Some(secrets);
+        next.sqn = MsSqnState::new(&rec.sqn_profile);
+        next.expires_at = expires_at;
+        self.commit(
+            vec![Change::Put(Box::new(next))],
+            "renew",
+            Some(id),
+            format!("credential renewed (expires at {expires_at:?})"),
+        )?;
+        if let Some(old) = rec.secrets.as_ref()
+            && let Err(e) = self.tre.destroy_mcim_secrets(old)
+        {
+            tracing::error!(mcim = %id, "the TRE kept the secrets of a renewed credential: {e}");
+        }
+        Ok(())
+    }
+
     /// A lifecycle operation other than Select (see [`Registry::select`]). Unblocking here is
-    /// for MCIMs blocked on request; a PIN-blocked MCIM needs [`Registry::unblock_pin`].
+    /// for MCIMs blocked on request; a PIN-blocked MCIM needs [`Registry::unblock_pin`], one
+    /// its SHO blocked [`Registry::sho_unblock`].
     pub fn apply(&mut self, id: &str, op: LifecycleOp) -> Result<McimState, RegistryError> {
         let rec = self.record(id)?.clone();
         if op == LifecycleOp::Select {
@@ -52,6 +91,30 @@ impl Registry {
                 "the PIN is blocked: unblock with the PUK".into(),
             ));
         }
+        if op == LifecycleOp::Unblock && rec.blocked == Some(BlockReason::BySho) {
+            return Err(RegistryError::BadRequest(
+                "its SHO blocked it by a remote instruction: only that SHO unblocks it".into(),
+            ));
+        }
+        self.transition(rec, op)
+    }
+
+    /// Unblocks an MCIM its SHO blocked (5.1.1.3), on that SHO's verified instruction; an
+    /// MCIM blocked for another reason is refused.
+    pub fn sho_unblock(&mut self, id: &str) -> Result<McimState, RegistryError> {
+        let rec = self.record(id)?.clone();
+        if rec.blocked != Some(BlockReason::BySho) {
+            return Err(RegistryError::Lifecycle(LifecycleError::Forbidden {
+                from: rec.state,
+                op: LifecycleOp::Unblock,
+                why: "its SHO did not block it",
+            }));
+        }
+        self.transition(rec, LifecycleOp::Unblock)
+    }
+
+    fn transition(&mut self, rec: McimRecord, op: LifecycleOp) -> Result<McimState, RegistryError> {
+        let id = rec.id.as_str();
         let to = lifecycle::transition(rec.state, rec.blocked, op)?;
         let detail = format!("{:?} -> {to:?} ({op:?})", rec.state);
         let mut changes = Vec::new();

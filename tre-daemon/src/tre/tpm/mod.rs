@@ -34,7 +34,7 @@ use mcim_core::tpm::policy::PcrSelection;
 use std::cell::Cell;
 use std::str::FromStr;
 use tss_esapi::constants::CapabilityType;
-use tss_esapi::constants::tss::TPM2_TRANSIENT_FIRST;
+use tss_esapi::constants::tss::{TPM2_LOADED_SESSION_FIRST, TPM2_TRANSIENT_FIRST};
 use tss_esapi::handles::{KeyHandle, ObjectHandle, TpmHandle};
 use tss_esapi::structures::CapabilityData;
 use tss_esapi::tcti_ldr::TctiNameConf;
@@ -242,6 +242,29 @@ fn flush_transients(ctx: &mut Context) -> Result<(), TreError> {
                     .execute_without_session(|c| c.tr_from_tpm_public(*h))
                     .map_err(cmd("Esys_TR_FromTPMPublic"))?;
                 ctx.flush_context(obj).map_err(cmd("TPM2_FlushContext"))?;
+            }
+        }
+    }
+    // Sessions too: a daemon killed with SIGKILL leaves its long-lived session loaded, and a
+    // TPM without a resource manager runs out of session slots after a few (TPM_RC_SESSION_
+    // MEMORY at the next start). Best effort: a session that cannot be flushed is reported.
+    let (data, _) = ctx
+        .get_capability(CapabilityType::Handles, TPM2_LOADED_SESSION_FIRST, 16)
+        .map_err(cmd("TPM2_GetCapability(sessions)"))?;
+    if let CapabilityData::Handles(list) = data {
+        for h in list.iter() {
+            if matches!(
+                h,
+                TpmHandle::HmacSession(_)
+                    | TpmHandle::LoadedSession(_)
+                    | TpmHandle::PolicySession(_)
+            ) {
+                let flushed = ctx
+                    .execute_without_session(|c| c.tr_from_tpm_public(*h))
+                    .and_then(|o: ObjectHandle| ctx.flush_context(o));
+                if let Err(e) = flushed {
+                    tracing::warn!("a session left by an earlier client stays loaded: {e}");
+                }
             }
         }
     }
