@@ -240,3 +240,106 @@ fn a_renewal_the_ro_pushes_is_done_by_the_device_between_runs() {
         output_text(&unknown)
     );
 }
+
+/// Someone who can use the device's TLS identity outside tred (here: a software certificate
+/// for the PCID under the supplier root) asks for a renewal wrapped to a storage key of its
+/// own, or for K as sealed data: refused, and the ICF keeps nothing. The device's own renewal
+/// still works afterwards.
+#[test]
+fn a_renewal_is_wrapped_only_to_the_storage_key_the_supplier_certified_and_never_downgraded() {
+    use mcim_proto::mcim::common::v1 as common;
+    use mcim_proto::mcim::ro::v1 as ro;
+    use mcim_proto::mcim::ro::v1::icf_service_client::IcfServiceClient;
+    use mcim_roles::authz::Role;
+    let d = CliDevice::provisioned(false, PCID, &[], "non-3gpp");
+    let params = block(async {
+        d.tred
+            .client()
+            .await
+            .get_device_parameters(mcim_proto::mcim::tre::v1::GetDeviceParametersRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+    });
+    // A P-256 key of the attacker's (a TRE kind it can unwrap for itself).
+    let own_spki = {
+        use p256::pkcs8::EncodePublicKey;
+        p256::ecdsa::SigningKey::from_slice(&[9u8; 32])
+            .unwrap()
+            .verifying_key()
+            .to_public_key_der()
+            .unwrap()
+            .as_bytes()
+            .to_vec()
+    };
+    let before = block(d.roles.snapshot());
+    let asked = |tre_kind: common::TreKind,
+                 storage_public: Vec<u8>,
+                 aka: common::AkaExecution,
+                 platform_credential: Vec<Vec<u8>>| {
+        block(async {
+            IcfServiceClient::new(d.roles.device_channel(PCID, Role::Ro).await)
+                .renew_initial_credentials(ro::RenewInitialCredentialsRequest {
+                    pcid: PCID.into(),
+                    tre_kind: tre_kind as i32,
+                    storage_public,
+                    aka_execution: aka as i32,
+                    nonce: vec![0x11; 16],
+                    platform_credential,
+                })
+                .await
+                .map(|_| ())
+                .unwrap_err()
+                .code()
+        })
+    };
+    use tonic::Code;
+    assert_eq!(
+        asked(
+            common::TreKind::Pkcs11,
+            own_spki.clone(),
+            common::AkaExecution::InTre,
+            params.platform_credential.clone()
+        ),
+        Code::PermissionDenied,
+        "the attacker's own storage key"
+    );
+    assert_eq!(
+        asked(
+            common::TreKind::Pkcs11,
+            own_spki,
+            common::AkaExecution::InTre,
+            Vec::new()
+        ),
+        Code::PermissionDenied,
+        "no platform credential"
+    );
+    assert_eq!(
+        asked(
+            common::TreKind::Tpm2,
+            params.storage_public.clone(),
+            common::AkaExecution::UnsealedInHost,
+            params.platform_credential.clone()
+        ),
+        Code::FailedPrecondition,
+        "K downgraded to sealed data"
+    );
+    assert_eq!(block(d.roles.snapshot()), before, "the ICF kept something");
+    let pki = d.roles.pki.to_str().unwrap().to_string();
+    let expires = pcid_expiry(&d);
+    mcimctl_ok(&[
+        "ro",
+        "offer-renewal",
+        "--ro-url",
+        &d.roles.url("ro"),
+        "--pki",
+        &pki,
+        "--pcid",
+        PCID,
+    ]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while pcid_expiry(&d) == expires {
+        assert!(std::time::Instant::now() < deadline, "{}", d.tred.log());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

@@ -54,6 +54,23 @@ impl Ro {
         if r.nonce.len() != 16 {
             return Err(RoleError::invalid("the nonce is 16 octets"));
         }
+        // Wrapped only to the storage key the supplier certified in this device's TRE (the
+        // TLS identity alone is not enough: whoever could use the device's TLS key outside
+        // tred would get the credential wrapped to a key of its own), and K only as a key the
+        // TRE uses in place: a renewal never downgrades K to sealed data unsealed in the host.
+        let cred = mcim_pki::dev::verify_platform_credential(&self.pki, &r.platform_credential)
+            .map_err(|e| RoleError::denied(format!("platform credential: {e}")))?;
+        if cred.pcid != r.pcid || !cred.certifies_storage_key(&r.storage_public) {
+            return Err(RoleError::denied(
+                "the storage key is not the one the supplier certified for this PCID's TRE",
+            ));
+        }
+        if r.aka_execution() == common::AkaExecution::UnsealedInHost {
+            return Err(RoleError::conflict(
+                "the ICF renews only credentials whose K stays a key in the TRE \
+                 (this TRE runs AKA in the host: renew at the supplier)",
+            ));
+        }
         let answer = |package: Vec<u8>, expires_at: i64| pb::RenewInitialCredentialsResponse {
             package: Some(common::McimPackage {
                 cose_sign1: package,

@@ -165,6 +165,7 @@ impl Provisioner {
                     aka_execution: crate::wire::aka_execution(params.capabilities.aka_execution)
                         as i32,
                     nonce: nonce.clone(),
+                    platform_credential: params.platform_credential,
                 })
                 .await;
             let r = match asked {
