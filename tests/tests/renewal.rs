@@ -343,3 +343,73 @@ fn a_renewal_is_wrapped_only_to_the_storage_key_the_supplier_certified_and_never
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+/// Sets the PCID's `active` flag at the ICF (0: it awaits activation and gets no vectors).
+fn set_pcid_active(d: &CliDevice, active: bool) {
+    let db = d.work.path().join("roles.db");
+    block(async {
+        use sqlx::ConnectOptions;
+        let mut c = sqlx::sqlite::SqliteConnectOptions::new()
+            .filename(&db)
+            .busy_timeout(Duration::from_secs(10))
+            .connect()
+            .await
+            .unwrap();
+        sqlx::query("UPDATE icf_pcid SET active = ? WHERE pcid = ?")
+            .bind(i64::from(active))
+            .bind(PCID)
+            .execute(&mut c)
+            .await
+            .unwrap();
+    });
+}
+
+/// A revert to the pristine state (5.1.3.7.4.3) that fails at the PCID attach, after it
+/// discarded the old MCIM: the device has no MCIM to connect with, an initial provisioning
+/// (which would go to the old SHO) is refused with what to do, and the same revert tried
+/// again completes at the new SHO; the old SHO gets its discard notice.
+#[test]
+fn a_revert_to_the_pristine_state_that_failed_after_its_discard_is_tried_again_and_completes() {
+    let d = CliDevice::provisioned(false, PCID, &[], "non-3gpp");
+    d.contract("sho2");
+    set_pcid_active(&d, false);
+    let out = revert(&d);
+    assert!(!out.status.success(), "{}", output_text(&out));
+    let (mcims, _) = block(d.registry());
+    assert!(
+        !mcims.iter().any(|m| m.mcim_id == d.imsi),
+        "the old MCIM was discarded at step 3: {mcims:?}"
+    );
+    assert!(!mcims.iter().any(|m| m.connectivity), "{mcims:?}");
+    let again = mcimctl(&["device", "--socket", &d.socket(), "provision"]);
+    assert!(!again.status.success());
+    assert!(
+        output_text(&again).contains("reprovision --pristine --sho-id sho2.mcim.local"),
+        "{}",
+        output_text(&again)
+    );
+    set_pcid_active(&d, true);
+    let out = revert(&d);
+    let text = output_text(&out);
+    assert!(out.status.success(), "{text}\n{}", d.tred.log());
+    let (mcims, _) = block(d.registry());
+    assert!(
+        mcims
+            .iter()
+            .any(|m| m.sho_id == "sho2.mcim.local" && m.connectivity),
+        "{mcims:?}"
+    );
+    // The old SHO holds the device's notice for the old IMSI.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let rows = block(db_rows(
+            &d.work.path().join("roles.db"),
+            "SELECT imsi FROM sho_discard",
+        ));
+        if rows == vec![vec![d.imsi.clone()]] {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{rows:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

@@ -298,11 +298,22 @@ impl Provisioner {
             ));
         }
         self.ready(access)?;
-        let old_id = self.device.status().await?.connectivity.ok_or_else(|| {
-            ProvisionError::NotReady(
-                "no MCIM provides connectivity: nothing to change from (provision first)".into(),
-            )
-        })?;
+        let Some(old_id) = self.device.status().await?.connectivity else {
+            // A revert to the pristine state that failed after it discarded the old MCIM
+            // (5.1.3.7.4.3 step 3) is tried again with the same old MCIM and new SHO; nothing
+            // else has an MCIM to change from.
+            let retry = self.failed_revert(&new_sho, pristine).await?;
+            let old = retry.ok_or_else(|| {
+                ProvisionError::NotReady(
+                    "no MCIM provides connectivity: nothing to change from (provision first)"
+                        .into(),
+                )
+            })?;
+            self.ensure_pcid_fresh().await?;
+            return self
+                .start_run(access, Flow::Pristine { old, new_sho })
+                .await;
+        };
         let old = self.device.get(&old_id).await?;
         if !matches!(old.state, McimState::Activated | McimState::Selected) {
             return Err(ProvisionError::NotReady(format!(
@@ -334,8 +345,6 @@ impl Provisioner {
         // (5.1.3.7.4.3), is renewed first when it is about to expire; an expired one that
         // cannot be renewed stops the change here, before anything changed.
         self.ensure_pcid_fresh().await?;
-        let mut id = [0u8; 8];
-        rand::Rng::fill_bytes(&mut rand::rng(), &mut id);
         let old = OldMcim {
             id: old.id,
             sho_id: old.sho,
@@ -347,6 +356,49 @@ impl Provisioner {
         } else {
             Flow::ChangeSho { old, new_sho }
         };
+        self.start_run(access, flow).await
+    }
+
+    /// The old MCIM of the last run when it was a revert to the pristine state for `new_sho`
+    /// that failed after the old MCIM left the TRE (and `pristine` is asked again).
+    async fn failed_revert(
+        &self,
+        new_sho: &str,
+        pristine: bool,
+    ) -> Result<Option<OldMcim>, ProvisionError> {
+        let last = self.run.borrow().clone();
+        let Some(Run {
+            flow: Flow::Pristine { old, new_sho: to },
+            state: RunState::Failed { .. },
+            ..
+        }) = last
+        else {
+            return Ok(None);
+        };
+        if !pristine || to != new_sho {
+            return Err(ProvisionError::NotReady(format!(
+                "the revert to the pristine state for {to} failed after MCIM {} was discarded: \
+                 try it again (reprovision --pristine --sho-id {to})",
+                old.id
+            )));
+        }
+        let held = self
+            .device
+            .list()
+            .await?
+            .into_iter()
+            .any(|m| m.id == old.id);
+        Ok((!held).then_some(old))
+    }
+
+    /// Saves and starts a new run of `flow`.
+    async fn start_run(
+        self: &Arc<Self>,
+        access: Access,
+        flow: Flow,
+    ) -> Result<String, ProvisionError> {
+        let mut id = [0u8; 8];
+        rand::Rng::fill_bytes(&mut rand::rng(), &mut id);
         let run = Run::with_flow(hex::encode(id), access, flow);
         self.save(&run).map_err(ProvisionError::Persist)?;
         self.cached_channels().clear();
@@ -383,15 +435,12 @@ impl Provisioner {
             return Ok(r.id.clone());
         }
         self.ready(access)?;
-        let mut id = [0u8; 8];
-        rand::Rng::fill_bytes(&mut rand::rng(), &mut id);
-        let run = Run::new(hex::encode(id), access);
-        self.save(&run).map_err(ProvisionError::Persist)?;
-        self.cached_channels().clear();
-        let id = run.id.clone();
-        self.run.send_replace(Some(run));
-        tokio::spawn(self.clone().drive());
-        Ok(id)
+        // After a revert to the pristine state failed past its discard, an initial
+        // provisioning would go to the old SHO, which still counts its MCIM as held.
+        if self.device.status().await?.connectivity.is_none() {
+            self.failed_revert("", false).await?;
+        }
+        self.start_run(access, Flow::Initial).await
     }
 
     /// Follows the run `id`.
