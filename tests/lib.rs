@@ -782,6 +782,18 @@ pub async fn db_dump(db: &Path) -> std::collections::BTreeMap<String, String> {
     }
 }
 
+/// A connection that writes to the SQLite file `db` while the roles run (a test standing in
+/// for a malicious or forgetful operator), waiting for their write lock.
+pub async fn db_writer(db: &Path) -> sqlx::SqliteConnection {
+    use sqlx::ConnectOptions;
+    sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(db)
+        .busy_timeout(Duration::from_secs(10))
+        .connect()
+        .await
+        .unwrap()
+}
+
 /// The rows `sql` selects from the SQLite file `db` (read-only), every column read as text
 /// (select `hex(blob)` or `CAST(n AS TEXT)` for others).
 pub async fn db_rows(db: &Path, sql: &str) -> Vec<Vec<String>> {

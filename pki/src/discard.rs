@@ -21,8 +21,6 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::party::Role;
-
 /// The notice's first line.
 pub const DOMAIN: &str = "mcim-discard-v1";
 
@@ -93,6 +91,18 @@ pub enum DiscardError {
     Another(&'static str),
 }
 
+impl From<crate::lines::NotSigned> for DiscardError {
+    fn from(e: crate::lines::NotSigned) -> Self {
+        use crate::lines::NotSigned as N;
+        match e {
+            N::NoCertificate => DiscardError::Malformed("no certificate".into()),
+            N::NotTheDevice(w) => DiscardError::NotTheDevice(w.into()),
+            N::AnotherDevice => DiscardError::Another("device"),
+            N::Signature => DiscardError::Signature,
+        }
+    }
+}
+
 impl Notice {
     /// The notice's bytes (what the device signs).
     pub fn to_bytes(&self) -> Result<Vec<u8>, DiscardError> {
@@ -135,19 +145,13 @@ pub fn verify_notice(
     imsi: &str,
     sho: &str,
 ) -> Result<Notice, DiscardError> {
-    let leaf = tls_chain
-        .first()
-        .ok_or_else(|| DiscardError::Malformed("no certificate".into()))?;
-    let (key, named) = crate::party::leaf_key_under(supplier_root_der, leaf)
-        .map_err(|w| DiscardError::NotTheDevice(w.into()))?;
-    if named.role != Role::Device || named.name != pcid {
-        return Err(DiscardError::Another("device"));
-    }
-    let sig =
-        p256::ecdsa::Signature::from_der(signature_der).map_err(|_| DiscardError::Signature)?;
-    use p256::ecdsa::signature::Verifier;
-    key.verify(notice, &sig)
-        .map_err(|_| DiscardError::Signature)?;
+    crate::lines::check_device_signature(
+        supplier_root_der,
+        notice,
+        signature_der,
+        tls_chain,
+        pcid,
+    )?;
     let n = Notice::parse(notice)?;
     if n.pcid != pcid {
         return Err(DiscardError::Another("device"));
@@ -196,23 +200,8 @@ mod tests {
     #[test]
     fn a_notice_verifies_only_for_the_device_and_what_it_names() {
         use p256::ecdsa::signature::Signer;
-        let dir = tempfile::tempdir().unwrap();
-        crate::dev::init(dir.path(), &crate::dev::LAB_PARTIES).unwrap();
         let pcid = "001010000000042";
-        let key = p256::ecdsa::SigningKey::from_slice(&[7u8; 32]).unwrap();
-        let spki = {
-            use p256::pkcs8::EncodePublicKey;
-            key.verifying_key()
-                .to_public_key_der()
-                .unwrap()
-                .as_bytes()
-                .to_vec()
-        };
-        let pem = crate::dev::issue_device(dir.path(), pcid, &spki).unwrap();
-        let leaf: rustls::pki_types::CertificateDer<'static> =
-            rustls::pki_types::pem::PemObject::from_pem_slice(pem.as_bytes()).unwrap();
-        let chain = vec![leaf.to_vec()];
-        let root = crate::dev::ca_der(dir.path(), "supplier-root").unwrap();
+        let (_dir, key, chain, root) = crate::lines::test_device(pcid);
         let n = Notice {
             pcid: pcid.into(),
             imsi: "001020000000001".into(),

@@ -26,8 +26,6 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::party::Role;
-
 /// [`Instruction::kind`].
 pub const KIND: &str = "mcim-instruction-v1";
 /// The report's first line.
@@ -153,6 +151,18 @@ pub enum ReportError {
     Another(&'static str),
 }
 
+impl From<crate::lines::NotSigned> for ReportError {
+    fn from(e: crate::lines::NotSigned) -> Self {
+        use crate::lines::NotSigned as N;
+        match e {
+            N::NoCertificate => ReportError::Malformed("no certificate".into()),
+            N::NotTheDevice(w) => ReportError::NotTheDevice(w.into()),
+            N::AnotherDevice => ReportError::Another("device"),
+            N::Signature => ReportError::Signature,
+        }
+    }
+}
+
 impl Report {
     /// The report's bytes (what the device signs).
     pub fn to_bytes(&self) -> Result<Vec<u8>, ReportError> {
@@ -219,19 +229,13 @@ pub fn verify_report(
     pcid: &str,
     instruction: &[u8],
 ) -> Result<Report, ReportError> {
-    let leaf = tls_chain
-        .first()
-        .ok_or_else(|| ReportError::Malformed("no certificate".into()))?;
-    let (key, named) = crate::party::leaf_key_under(supplier_root_der, leaf)
-        .map_err(|w| ReportError::NotTheDevice(w.into()))?;
-    if named.role != Role::Device || named.name != pcid {
-        return Err(ReportError::Another("device"));
-    }
-    let sig =
-        p256::ecdsa::Signature::from_der(signature_der).map_err(|_| ReportError::Signature)?;
-    use p256::ecdsa::signature::Verifier;
-    key.verify(report, &sig)
-        .map_err(|_| ReportError::Signature)?;
+    crate::lines::check_device_signature(
+        supplier_root_der,
+        report,
+        signature_der,
+        tls_chain,
+        pcid,
+    )?;
     let r = Report::parse(report)?;
     if r.pcid != pcid {
         return Err(ReportError::Another("device"));
@@ -308,23 +312,8 @@ mod tests {
     #[test]
     fn a_report_verifies_only_for_the_device_and_its_instruction() {
         use p256::ecdsa::signature::Signer;
-        let dir = tempfile::tempdir().unwrap();
-        crate::dev::init(dir.path(), &crate::dev::LAB_PARTIES).unwrap();
         let pcid = "001010000000001";
-        let key = p256::ecdsa::SigningKey::from_slice(&[7u8; 32]).unwrap();
-        let spki = {
-            use p256::pkcs8::EncodePublicKey;
-            key.verifying_key()
-                .to_public_key_der()
-                .unwrap()
-                .as_bytes()
-                .to_vec()
-        };
-        let pem = crate::dev::issue_device(dir.path(), pcid, &spki).unwrap();
-        let leaf: rustls::pki_types::CertificateDer<'static> =
-            rustls::pki_types::pem::PemObject::from_pem_slice(pem.as_bytes()).unwrap();
-        let chain = vec![leaf.to_vec()];
-        let root = crate::dev::ca_der(dir.path(), "supplier-root").unwrap();
+        let (_dir, key, chain, root) = crate::lines::test_device(pcid);
         let r = report().to_bytes().unwrap();
         let sig: p256::ecdsa::Signature = key.sign(&r);
         let sig = sig.to_der().as_bytes().to_vec();

@@ -16,8 +16,6 @@
 //! <issued at, seconds since the epoch>
 //! ```
 
-use crate::party::Role;
-
 /// The first line.
 pub const DOMAIN: &str = "mcim-ownership-v1";
 
@@ -117,6 +115,18 @@ pub struct Contract<'a> {
     pub sho: &'a str,
 }
 
+impl From<crate::lines::NotSigned> for OwnershipError {
+    fn from(e: crate::lines::NotSigned) -> Self {
+        use crate::lines::NotSigned as N;
+        match e {
+            N::NoCertificate => OwnershipError::Malformed("no certificate".into()),
+            N::NotTheDevice(w) => OwnershipError::NotTheDevice(w.into()),
+            N::AnotherDevice => OwnershipError::Another("device"),
+            N::Signature => OwnershipError::Signature,
+        }
+    }
+}
+
 /// Checks `proof` for `contract`: the statement is signed by the TLS key the supplier root
 /// (`supplier_root_der`) certified for the PCID, names this contract, and was made within
 /// [`MAX_AGE_SECS`] of `now`. Returns the statement.
@@ -136,20 +146,13 @@ pub fn verify(
         subscriber,
         sho,
     } = *contract;
-    let not_device = |w: &str| OwnershipError::NotTheDevice(w.to_string());
-    let leaf_der = tls_chain
-        .first()
-        .ok_or_else(|| OwnershipError::Malformed("no certificate".into()))?;
-    let (key, named) =
-        crate::party::leaf_key_under(supplier_root_der, leaf_der).map_err(not_device)?;
-    if named.role != Role::Device || named.name != pcid {
-        return Err(OwnershipError::Another("device"));
-    }
-    let sig =
-        p256::ecdsa::Signature::from_der(signature_der).map_err(|_| OwnershipError::Signature)?;
-    use p256::ecdsa::signature::Verifier;
-    key.verify(payload, &sig)
-        .map_err(|_| OwnershipError::Signature)?;
+    crate::lines::check_device_signature(
+        supplier_root_der,
+        payload,
+        signature_der,
+        tls_chain,
+        pcid,
+    )?;
     let st = Statement::parse(payload)?;
     if st.pcid != pcid {
         return Err(OwnershipError::Another("device"));

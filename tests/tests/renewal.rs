@@ -8,7 +8,7 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use mcim_e2e::{CliDevice, db_rows, mcimctl, mcimctl_ok, output_text};
+use mcim_e2e::{CliDevice, db_rows, db_writer, mcimctl, mcimctl_ok, output_text};
 
 const PCID: &str = "001010000000071";
 
@@ -149,13 +149,7 @@ fn an_expired_pcid_credential_that_cannot_be_renewed_stops_the_change_and_change
     let d = expired(false, 3);
     let db = d.work.path().join("roles.db");
     block(async {
-        use sqlx::ConnectOptions;
-        let mut c = sqlx::sqlite::SqliteConnectOptions::new()
-            .filename(&db)
-            .busy_timeout(Duration::from_secs(10))
-            .connect()
-            .await
-            .unwrap();
+        let mut c = db_writer(&db).await;
         sqlx::query("DELETE FROM icf_pcid WHERE pcid = ?")
             .bind(PCID)
             .execute(&mut c)
@@ -348,13 +342,7 @@ fn a_renewal_is_wrapped_only_to_the_storage_key_the_supplier_certified_and_never
 fn set_pcid_active(d: &CliDevice, active: bool) {
     let db = d.work.path().join("roles.db");
     block(async {
-        use sqlx::ConnectOptions;
-        let mut c = sqlx::sqlite::SqliteConnectOptions::new()
-            .filename(&db)
-            .busy_timeout(Duration::from_secs(10))
-            .connect()
-            .await
-            .unwrap();
+        let mut c = db_writer(&db).await;
         sqlx::query("UPDATE icf_pcid SET active = ? WHERE pcid = ?")
             .bind(i64::from(active))
             .bind(PCID)

@@ -196,9 +196,6 @@ impl Provisioner {
         &self,
         runs: &mut tokio::sync::watch::Receiver<Option<super::Run>>,
     ) -> Result<(), String> {
-        let why = |s: Stop| match s {
-            Stop::Retry(w) | Stop::Fail(_, w) => w,
-        };
         if self
             .device
             .certificates()
@@ -209,8 +206,8 @@ impl Provisioner {
         }
         self.send_reports().await;
         self.finish_renewal().await;
-        let url = self.net(0).map_err(why)?.ro_url.clone();
-        let mut dpf = DpfServiceClient::new(self.channel(&url, Role::Ro, 0).map_err(why)?);
+        let url = self.net(0).map_err(Stop::reason)?.ro_url.clone();
+        let mut dpf = DpfServiceClient::new(self.channel(&url, Role::Ro, 0).map_err(Stop::reason)?);
         let mut stream = dpf
             .watch_device_tasks(ro::WatchDeviceTasksRequest {
                 ack_seq: self.ledger.ack_seq(),

@@ -158,6 +158,15 @@ enum Stop {
     Fail(u32, String),
 }
 
+impl Stop {
+    /// Why, for a caller outside a run (the outbox, the listener, a renewal).
+    fn reason(self) -> String {
+        match self {
+            Stop::Retry(w) | Stop::Fail(_, w) => w,
+        }
+    }
+}
+
 fn stop(step: u32) -> impl Fn(Status) -> Stop {
     move |s: Status| match s.code() {
         Code::Unavailable | Code::DeadlineExceeded | Code::Unknown | Code::Cancelled => {
@@ -1445,14 +1454,11 @@ impl Provisioner {
     /// One delivery (step 9) and the check of the answer (step 10): the old SHO's signature
     /// under the SHO CA, for this very notice. Returns the acknowledgment and when it was made.
     async fn deliver_one(&self, n: &outbox::Notice) -> Result<(Vec<u8>, u64), String> {
-        let why = |s: Stop| match s {
-            Stop::Retry(w) | Stop::Fail(_, w) => w,
-        };
         // The old SHO itself, by the identity its certificate names: not merely "an SHO" (a
         // malicious RO naming another SHO's address would otherwise learn it the notice).
         let chan = self
             .party_channel(&n.sho_url, Role::Sho, &n.sho_id, 9)
-            .map_err(why)?;
+            .map_err(Stop::reason)?;
         let r = ShoServiceClient::new(chan)
             .notify_discard(sho::NotifyDiscardRequest {
                 imsi: n.imsi.clone(),

@@ -139,9 +139,6 @@ impl Provisioner {
 
     /// Steps 1-4 of the module's comment, each resumed from the file. Returns the new expiry.
     async fn renew_pcid(&self, pcid: &str, icf_id: &str) -> Result<u64, String> {
-        let why = |s: Stop| match s {
-            Stop::Retry(w) | Stop::Fail(_, w) => w,
-        };
         // One at a time (the listener and a change may both finish one).
         let _one = self.ledger.one.lock().await;
         let mut p = match self.pending_renewal()? {
@@ -153,8 +150,8 @@ impl Provisioner {
             }
         };
         let nonce = hex::decode(&p.nonce).map_err(|e| format!("the kept nonce: {e}"))?;
-        let url = self.net(0).map_err(why)?.ro_url.clone();
-        let mut icf = IcfServiceClient::new(self.channel(&url, Role::Ro, 0).map_err(why)?);
+        let url = self.net(0).map_err(Stop::reason)?.ro_url.clone();
+        let mut icf = IcfServiceClient::new(self.channel(&url, Role::Ro, 0).map_err(Stop::reason)?);
         if p.package.is_none() {
             let params = self.device.parameters().await.map_err(|e| e.to_string())?;
             let asked = icf
