@@ -185,12 +185,13 @@ pub enum DeviceCommand {
     /// A TPM quote over a nonce (write it out with --out-dir for `mcimctl pva verify-quote`).
     Attest {
         /// Nonce, 16 to 64 octets in hex.
-        #[arg(long)]
-        nonce: String,
+        #[arg(long, value_parser = crate::hexarg::nonce)]
+        nonce: crate::hexarg::Bytes,
         /// PCRs (default: tred's configured set).
         #[arg(long, value_delimiter = ',')]
         pcrs: Vec<u32>,
-        /// Write quote.attest, quote.sig and pcrs.bin here.
+        /// Write quote.attest, quote.sig, pcrs.bin, pcrs.list (for `mcimctl pva verify-quote`)
+        /// and pcrs.out (tpm2-tools' PCR file, for `tpm2_checkquote -f`) here.
         #[arg(long)]
         out_dir: Option<PathBuf>,
     },
@@ -818,11 +819,11 @@ async fn rehabilitate(c: &mut Tred, token: PathBuf) -> Result<(), CliError> {
 async fn attest(
     c: &mut Tred,
     json: bool,
-    nonce: String,
+    nonce: crate::hexarg::Bytes,
     pcrs: Vec<u32>,
     out_dir: Option<PathBuf>,
 ) -> Result<(), CliError> {
-    let nonce = hex::decode(&nonce).map_err(|e| CliError::Input(format!("--nonce: {e}")))?;
+    let nonce = nonce.0;
     let r = c
         .attest(pb::AttestRequest { nonce, pcrs })
         .await?
@@ -867,6 +868,30 @@ async fn attest(
         write(&dir.join("pcrs.bin"), &values)?;
         let list: Vec<String> = q.pcrs.iter().map(|p| p.index.to_string()).collect();
         write(&dir.join("pcrs.list"), list.join(",").as_bytes())?;
+        let indices: Vec<u8> = q
+            .pcrs
+            .iter()
+            .filter_map(|p| u8::try_from(p.index).ok())
+            .collect();
+        let sel = mcim_core::tpm::policy::PcrSelection::sha256(&indices)
+            .map_err(|e| CliError::Input(format!("tred's quote: {e}")))?;
+        let digests: Vec<[u8; 32]> = q
+            .pcrs
+            .iter()
+            .map(|p| <[u8; 32]>::try_from(p.digest.as_slice()))
+            .collect::<Result<_, _>>()
+            .map_err(|_| {
+                CliError::Input("tred's quote has a PCR value that is not SHA-256".into())
+            })?;
+        if indices.len() != q.pcrs.len() || sel.indices() != indices.as_slice() {
+            return Err(CliError::Input(
+                "tred's quote lists PCRs out of order".into(),
+            ));
+        }
+        write(
+            &dir.join("pcrs.out"),
+            &mcim_core::tpm::attest::tpm2_tools_pcr_file(&sel, &digests),
+        )?;
     }
     let v = serde_json::json!({
         "attest": hex::encode(&q.attest),

@@ -260,6 +260,45 @@ fn owner_sho_and_pva_drive_a_device_through_tred() {
     );
     assert_eq!(v.status.code(), Some(1));
 
+    // tpm2-tools verifies tred's default quote (PCRs 0-7, a full first digest list) from the
+    // files `device attest` writes, with no help from mcim; a wrong nonce fails there too.
+    let q8 = work.path().join("q8");
+    ok(mcimctl(
+        &tred,
+        &["device", "attest", "--nonce", nonce, "--out-dir", p(&q8)],
+    ));
+    assert_eq!(
+        std::fs::read_to_string(q8.join("pcrs.list")).unwrap(),
+        "0,1,2,3,4,5,6,7"
+    );
+    let checkquote = |nonce: &str| {
+        Command::new("tpm2_checkquote")
+            .args(["-u", p(&keys.join("ak.pub")), "-m"])
+            .arg(q8.join("quote.attest"))
+            .arg("-s")
+            .arg(q8.join("quote.sig"))
+            .arg("-f")
+            .arg(q8.join("pcrs.out"))
+            .args(["-g", "sha256", "-q", nonce])
+            .output()
+            .unwrap()
+    };
+    let good = checkquote(nonce);
+    assert!(
+        good.status.success(),
+        "{}",
+        String::from_utf8_lossy(&good.stderr)
+    );
+    assert!(
+        !checkquote("ff112233445566778899aabbccddeeff")
+            .status
+            .success()
+    );
+    // A malformed nonce never reaches tred: clap names it, exit 2.
+    let short = mcimctl(&tred, &["device", "attest", "--nonce", "123"]);
+    assert_eq!(short.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&short.stderr).contains("--nonce"));
+
     // The SHO binds a second MCIM's OPc to the platform state the PVA just accepted; it
     // works on this platform (tre-daemon's conformance suite shows the refusal once a PCR moves).
     let imsi2 = "001010000067890";

@@ -215,3 +215,70 @@ fn scalar(b: &[u8]) -> Result<[u8; 32], TpmStructError> {
     out[32 - b.len()..].copy_from_slice(b);
     Ok(out)
 }
+
+/// The PCR values of a quote in the file format tpm2-tools writes with `tpm2_quote -o` and
+/// reads with `tpm2_checkquote -f` when no `-l` is given (its "serialized" format: the C
+/// structures as they lie in memory on a little-endian host): a TPML_PCR_SELECTION (132 octets),
+/// a UINT32 count of digest lists, and that many TPML_DIGEST (532 octets each, up to eight
+/// digests per list). `tpm2_checkquote -l` with a plain concatenation of values loses the
+/// eighth PCR in tpm2-tools 5.4, so this form is the one that verifies at any PCR count.
+pub fn tpm2_tools_pcr_file(sel: &PcrSelection, values: &[[u8; 32]]) -> Vec<u8> {
+    const SELECTIONS: usize = 16; // TPM2_NUM_PCR_BANKS
+    const SELECT_MAX: usize = 4; // TPM2_PCR_SELECT_MAX
+    const DIGESTS: usize = 8; // a TPML_DIGEST's capacity
+    const HA: usize = 64; // sizeof(TPMU_HA)
+    let mut out = Vec::new();
+    out.extend_from_slice(&1u32.to_le_bytes());
+    for bank in 0..SELECTIONS {
+        // TPMS_PCR_SELECTION: hash, sizeofSelect, pcrSelect[4], one octet of padding.
+        let mut s = [0u8; 8];
+        if bank == 0 {
+            s[..2].copy_from_slice(&alg::SHA256.to_le_bytes());
+            s[2] = 3;
+            s[3..6].copy_from_slice(&sel.bitmap());
+        }
+        debug_assert_eq!(s.len(), 2 + 1 + SELECT_MAX + 1);
+        out.extend_from_slice(&s);
+    }
+    let lists: Vec<&[[u8; 32]]> = values.chunks(DIGESTS).collect();
+    out.extend_from_slice(&u32::try_from(lists.len()).unwrap_or(0).to_le_bytes());
+    for list in lists {
+        out.extend_from_slice(&u32::try_from(list.len()).unwrap_or(0).to_le_bytes());
+        for i in 0..DIGESTS {
+            let mut d = [0u8; 2 + HA];
+            if let Some(v) = list.get(i) {
+                d[..2].copy_from_slice(&32u16.to_le_bytes());
+                d[2..34].copy_from_slice(v);
+            }
+            out.extend_from_slice(&d);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The layout tpm2-tools' structures have on a little-endian host: 132 octets of
+    /// selection, a list count, 532 octets per list of up to eight digests.
+    #[test]
+    fn tpm2_tools_pcr_file_layout() {
+        let eight = PcrSelection::sha256(&[0, 1, 2, 3, 4, 5, 6, 7]).unwrap();
+        let f = tpm2_tools_pcr_file(&eight, &[[7u8; 32]; 8]);
+        assert_eq!(f.len(), 132 + 4 + 532);
+        assert_eq!(&f[..4], &1u32.to_le_bytes());
+        assert_eq!(&f[4..11], &[0x0b, 0x00, 3, 0xff, 0, 0, 0]);
+        assert_eq!(&f[132..136], &1u32.to_le_bytes());
+        assert_eq!(&f[136..140], &8u32.to_le_bytes());
+        assert_eq!(&f[140..142], &32u16.to_le_bytes());
+        assert_eq!(&f[142..174], &[7u8; 32]);
+        // The eighth digest is the last of the first list.
+        assert_eq!(&f[140 + 7 * 66..140 + 7 * 66 + 2], &32u16.to_le_bytes());
+        let nine = PcrSelection::sha256(&[0, 1, 2, 3, 4, 5, 6, 7, 16]).unwrap();
+        let f = tpm2_tools_pcr_file(&nine, &[[7u8; 32]; 9]);
+        assert_eq!(f.len(), 132 + 4 + 2 * 532);
+        assert_eq!(&f[132..136], &2u32.to_le_bytes());
+        assert_eq!(&f[136 + 532..140 + 532], &1u32.to_le_bytes());
+    }
+}
