@@ -142,6 +142,90 @@ impl Drop for Swtpm {
     }
 }
 
+/// A recording relay on the TPM bus (test-only): a TCP proxy between a TPM client and a
+/// [`Swtpm`] that keeps every byte of the command channel, both directions, as a passive
+/// listener on the bus between `tred` and the TPM would see it. The control channel (the next
+/// port) is relayed too, unrecorded.
+pub struct BusRecorder {
+    port: u16,
+    recorded: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+}
+
+impl BusRecorder {
+    /// Starts relaying to `tpm`; clients use [`BusRecorder::tcti`].
+    pub fn start(tpm: &Swtpm) -> Self {
+        let recorded = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        for _attempt in 0..5 {
+            let port = free_port_pair();
+            let (Ok(cmd), Ok(ctrl)) = (
+                TcpListener::bind(("127.0.0.1", port)),
+                TcpListener::bind(("127.0.0.1", port + 1)),
+            ) else {
+                continue;
+            };
+            relay(cmd, tpm.port, Some(recorded.clone()));
+            relay(ctrl, tpm.port + 1, None);
+            return BusRecorder { port, recorded };
+        }
+        panic!("no free port pair for the bus recorder");
+    }
+
+    /// The TCTI string that goes through the relay.
+    pub fn tcti(&self) -> String {
+        format!("swtpm:host=127.0.0.1,port={}", self.port)
+    }
+
+    /// Everything recorded so far.
+    pub fn recorded(&self) -> Vec<u8> {
+        self.recorded.lock().unwrap().clone()
+    }
+
+    /// Forgets what was recorded.
+    pub fn clear(&self) {
+        self.recorded.lock().unwrap().clear();
+    }
+}
+
+/// Accepts connections on `listener` and relays each to `127.0.0.1:to`, appending what passes
+/// in either direction to `record`.
+fn relay(
+    listener: TcpListener,
+    to: u16,
+    record: Option<std::sync::Arc<std::sync::Mutex<Vec<u8>>>>,
+) {
+    use std::io::{Read, Write};
+    std::thread::spawn(move || {
+        for client in listener.incoming() {
+            let Ok(client) = client else { return };
+            let Ok(server) = TcpStream::connect(("127.0.0.1", to)) else {
+                return;
+            };
+            for (mut from, mut into) in [
+                (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                (server, client),
+            ] {
+                let record = record.clone();
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 4096];
+                    loop {
+                        let n = match from.read(&mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        if let Some(r) = &record {
+                            r.lock().unwrap().extend_from_slice(&buf[..n]);
+                        }
+                        if into.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                    let _ = into.shutdown(std::net::Shutdown::Write);
+                });
+            }
+        }
+    });
+}
+
 /// A running `tred` on its own state directory and socket, stopped (SIGTERM) when dropped.
 pub struct Tred {
     child: Option<Child>,

@@ -176,6 +176,13 @@ pub enum DeviceCommand {
         /// MCIM id (default: the one chosen for connectivity).
         id: Option<String>,
     },
+    /// TRE objects no MCIM refers to (a token's K and OPc an earlier tred or an interrupted
+    /// import left): listed; destroyed with --destroy (an audit entry names them).
+    Orphans {
+        /// Destroy them (C_DestroyObject).
+        #[arg(long)]
+        destroy: bool,
+    },
     /// Leave lockdown with the supplier's rehabilitation token (`mcimctl supplier rehab-token`).
     Rehabilitate {
         /// The token file.
@@ -360,6 +367,7 @@ async fn device(a: DeviceArgs) -> Result<(), CliError> {
         D::Aka { id, rand, autn } => aka(&mut c, json, id, rand, autn).await,
         D::Pin(p) => pin(&mut c, json, p).await,
         D::Rehabilitate { token } => rehabilitate(&mut c, token).await,
+        D::Orphans { destroy } => orphans(&mut c, json, destroy).await,
         D::Attest {
             nonce,
             pcrs,
@@ -791,6 +799,28 @@ async fn pin(c: &mut Tred, json: bool, p: PinCommand) -> Result<(), CliError> {
                 })
                 .await?;
             print_mcim(json, r.get_ref().mcim.as_ref());
+        }
+    }
+    Ok(())
+}
+
+/// `mcimctl device orphans`.
+async fn orphans(c: &mut Tred, json: bool, destroy: bool) -> Result<(), CliError> {
+    let r = c
+        .destroy_orphans(pb::DestroyOrphansRequest { dry_run: !destroy })
+        .await?
+        .into_inner();
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"orphans": r.refs, "destroyed": r.destroyed})
+        );
+    } else if r.refs.is_empty() {
+        println!("no orphans: every TRE object belongs to an MCIM");
+    } else {
+        let verb = if r.destroyed { "destroyed" } else { "orphan" };
+        for id in &r.refs {
+            println!("{verb} {id}");
         }
     }
     Ok(())

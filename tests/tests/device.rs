@@ -754,6 +754,39 @@ fn the_same_device_commands_on_a_pkcs11_token() {
     assert!(findings.contains("missing from the TRE"), "{s}");
     let m = json(mcimctl(&tred, &["device", "--json", "get", IMSI]));
     assert_eq!(m["state"], "blocked");
+    // Its OPc object is now an orphan (the blocked record no longer refers to it): listed,
+    // then destroyed on the owner's command; pkcs11-tool agrees.
+    let listed = json(mcimctl(&tred, &["device", "--json", "orphans"]));
+    assert_eq!(listed["orphans"].as_array().unwrap().len(), 1, "{listed}");
+    assert_eq!(listed["destroyed"], false);
+    let secret_keys = || {
+        let o = hsm.tool(
+            "pkcs11-tool",
+            &[
+                "--module",
+                SOFTHSM2_MODULE,
+                "--token-label",
+                SOFTHSM2_LABEL,
+                "--login",
+                "--pin",
+                SOFTHSM2_PIN,
+                "--list-objects",
+                "--type",
+                "secrkey",
+            ],
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    assert!(secret_keys().contains("mcim.opc"));
+    let done = json(mcimctl(
+        &tred,
+        &["device", "--json", "orphans", "--destroy"],
+    ));
+    assert_eq!(done["destroyed"], true, "{done}");
+    assert_eq!(done["orphans"], listed["orphans"]);
+    assert!(!secret_keys().contains("mcim.opc"), "{}", secret_keys());
+    let none = ok(mcimctl(&tred, &["device", "orphans"]));
+    assert!(none.contains("no orphans"), "{none}");
     let log = tred.log();
     assert!(!log.contains(SOFTHSM2_PIN), "the PIN is never logged");
     for secret in [K, OPC] {

@@ -59,6 +59,8 @@ struct Row {
     name: &'static str,
     median: Duration,
     commands: f64,
+    /// NV-writing TPM commands per operation (NaN: not counted).
+    nv: f64,
 }
 
 /// The same AKA on a PKCS#11 token (SoftHSM2), run in a child process of this bench whose
@@ -164,6 +166,7 @@ fn main() {
         name: "baseline: TPM2_GetRandom",
         median: median(times),
         commands: 1.0,
+        nv: f64::NAN,
     });
     let _ = c0;
 
@@ -182,6 +185,7 @@ fn main() {
         name: "import one MCIM (K key + OPc sealed)",
         median: median(times),
         commands: (t.commands_issued() - c0) as f64 / n as f64,
+        nv: f64::NAN,
     });
     let secrets = secrets.unwrap();
 
@@ -190,6 +194,7 @@ fn main() {
         let mut ms = MsSqnState::new(&profile);
         let mut times = Vec::new();
         let c0 = t.commands_issued();
+        let nv0 = t.nv_writes_issued();
         for i in 0..n {
             let seq = (i as u64 + 1) << 5;
             let rand = Rand([i as u8; 16]);
@@ -208,6 +213,7 @@ fn main() {
             name: label,
             median: median(times),
             commands: (t.commands_issued() - c0) as f64 / n as f64,
+            nv: (t.nv_writes_issued() - nv0) as f64 / n as f64,
         }
     };
     rows.push(aka(&mut t, &secrets, "AKA, K in the TPM (EncryptDecrypt2)"));
@@ -215,6 +221,23 @@ fn main() {
         .import_mcim_secrets(&wrap(&public, &k, &opc, true))
         .unwrap();
     rows.push(aka(&mut t, &sealed, "AKA, sealed fallback (K unsealed)"));
+    // The cost of bus encryption: the same two AKAs with a plain password session (secrets in
+    // clear on the bus; the baseline only, never tred's configuration). A second context on
+    // the same TPM; opening it flushes the first one's kept session, which restarts on demand.
+    let mut plain = TpmTre::open(&TpmConfig { tcti: s.tcti() })
+        .unwrap()
+        .without_bus_encryption_for_baseline();
+    rows.push(aka(
+        &mut plain,
+        &secrets,
+        "AKA, K in the TPM, NO bus encryption (baseline of its cost)",
+    ));
+    rows.push(aka(
+        &mut plain,
+        &sealed,
+        "AKA, sealed fallback, NO bus encryption (baseline of its cost)",
+    ));
+    drop(plain);
 
     // Quote over PCRs 0-7.
     let sel = PcrSelection::sha256(&[0, 1, 2, 3, 4, 5, 6, 7]).unwrap();
@@ -230,6 +253,7 @@ fn main() {
         name: "quote over PCRs 0-7 (+ PCR read)",
         median: median(times),
         commands: (t.commands_issued() - c0) as f64 / n as f64,
+        nv: f64::NAN,
     });
     drop(t);
     drop(s);
@@ -257,6 +281,7 @@ fn main() {
     let mut times = Vec::new();
     let m = n.min(100);
     let c0 = reg.tre().command_count().unwrap();
+    let nv0 = reg.tre().nv_write_count().unwrap();
     for i in 0..m {
         let seq = (i as u64 + 1) << 5;
         let rand = Rand([i as u8; 16]);
@@ -269,6 +294,7 @@ fn main() {
         name: "AKA through the registry (+ commit)",
         median: median(times),
         commands: (reg.tre().command_count().unwrap() - c0) as f64 / m as f64,
+        nv: (reg.tre().nv_write_count().unwrap() - nv0) as f64 / m as f64,
     });
 
     // The same AKA on a PKCS#11 token (SoftHSM2): 3 C_Encrypt + reading OPc.
@@ -276,6 +302,7 @@ fn main() {
         name: "AKA on a PKCS#11 token (SoftHSM2, CKM_AES_ECB)",
         median: token_aka(n),
         commands: f64::NAN,
+        nv: f64::NAN,
     });
 
     // Software reference: the same AKA with K in host memory.
@@ -293,17 +320,23 @@ fn main() {
         name: "reference: AKA in software (core)",
         median: median(times),
         commands: 0.0,
+        nv: f64::NAN,
     });
 
     let base = rows[0].median.as_secs_f64();
     println!("n = {n} per case (registry AKA: {m}); swtpm over TCP on loopback");
-    println!("| operation | median | TPM commands | vs GetRandom |");
-    println!("| --- | --- | --- | --- |");
+    println!("| operation | median | TPM commands | NV writes | vs GetRandom |");
+    println!("| --- | --- | --- | --- | --- |");
     for r in rows {
         let cmds = if r.commands.is_nan() {
             "n/a".to_string()
         } else {
             format!("{:.1}", r.commands)
+        };
+        let nv = if r.nv.is_nan() {
+            "n/a".to_string()
+        } else {
+            format!("{:.1}", r.nv)
         };
         let ms = r.median.as_secs_f64() * 1e3;
         let shown = if ms < 0.1 {
@@ -312,7 +345,7 @@ fn main() {
             format!("{ms:.3} ms")
         };
         println!(
-            "| {} | {shown} | {cmds} | {:.3}x |",
+            "| {} | {shown} | {cmds} | {nv} | {:.3}x |",
             r.name,
             r.median.as_secs_f64() / base
         );

@@ -64,6 +64,7 @@ pub const RULES: &[(&str, Class)] = &[
     ("Reprovision", Class::Owner),
     ("Rehabilitate", Class::Owner),
     ("ProveOwnership", Class::Owner),
+    ("DestroyOrphans", Class::Owner),
 ];
 
 const SERVICE: &str = "/mcim.tre.v1.TreService/";

@@ -781,6 +781,20 @@ impl Device {
         self.run(|e| e.registry()?.verify_audit()).await
     }
 
+    /// The TRE objects no MCIM refers to (hex references), destroyed unless `dry_run`.
+    pub async fn destroy_orphans(&self, dry_run: bool) -> Result<Vec<String>, DeviceError> {
+        self.run(move |e| {
+            let r = e.registry()?;
+            let refs = if dry_run {
+                r.orphans()?
+            } else {
+                r.destroy_orphans()?
+            };
+            Ok(refs.iter().map(hex::encode).collect())
+        })
+        .await
+    }
+
     /// Leaves lockdown with the supplier's rehabilitation token; whether still in lockdown.
     pub async fn rehabilitate(&self, token: Vec<u8>) -> Result<bool, DeviceError> {
         let key = self.rehabilitation_key.ok_or_else(|| {

@@ -710,6 +710,19 @@ impl TreService for TreApi {
         }))
     }
 
+    async fn destroy_orphans(
+        &self,
+        req: Request<pb::DestroyOrphansRequest>,
+    ) -> Result<Response<pb::DestroyOrphansResponse>, Status> {
+        log_call("DestroyOrphans", &req);
+        let dry_run = req.into_inner().dry_run;
+        let refs = self.device.destroy_orphans(dry_run).await.map_err(status)?;
+        Ok(Response::new(pb::DestroyOrphansResponse {
+            destroyed: !dry_run && !refs.is_empty(),
+            refs,
+        }))
+    }
+
     async fn rehabilitate(
         &self,
         req: Request<pb::RehabilitateRequest>,

@@ -25,11 +25,13 @@
 //! `transitions.rs` (install, lifecycle operations, selection, connectivity), `pin.rs` (PIN
 //! and PUK), `aka.rs` (AKA with the selected MCIM), `rehabilitation.rs` (leaving lockdown),
 //! `audit_log.rs` (reading and verifying the audit record; the entry format is [`audit`]),
+//! `doomed.rs` (destroying what the TRE holds for secrets no record refers to),
 //! `record.rs` (the files' formats), `files.rs` (atomic writes).
 
 mod aka;
 pub mod audit;
 mod audit_log;
+mod doomed;
 pub(crate) mod files;
 mod pin;
 pub mod record;
@@ -161,6 +163,8 @@ enum Change {
     Put(Box<McimRecord>),
     Remove(String),
     Connectivity(Option<String>),
+    /// TRE objects to destroy once committed (see `Header::doomed`).
+    Doom(Vec<Vec<u8>>),
 }
 
 /// The registry over a state directory and a TRE.

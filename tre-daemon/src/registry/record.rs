@@ -117,4 +117,10 @@ pub struct Header {
     /// The MCIM the owner chose for connectivity (5.1.3.7.2), if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub connectivity: Option<String>,
+    /// References (hex) of TRE objects that no MCIM refers to any more and that must be
+    /// destroyed (a token's K and OPc after retire, delete, renewal, discard). Written in the
+    /// same commit as the change that let go of them, so a crash before the destruction is
+    /// finished at the next start; pruned once destroyed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub doomed: Vec<String>,
 }

@@ -163,24 +163,15 @@ impl Registry {
             }
         }
         self.remove_stale_files();
-        // Objects in the TRE that no record refers to: reported, never deleted (they may be
-        // the only copy of something; an operator decides).
-        let referenced: Vec<&[u8]> = self
-            .records
-            .values()
-            .filter_map(|r| r.secrets.as_ref())
-            .flat_map(|s| [s.k.as_slice(), s.opc.as_slice()])
-            .collect();
-        let orphans: Vec<String> = self
-            .tre
-            .held_secret_refs()?
-            .into_iter()
-            .filter(|id| !referenced.contains(&id.as_slice()))
-            .map(hex::encode)
-            .collect();
+        // A transaction that let go of TRE objects and was cut before destroying them.
+        self.destroy_doomed();
+        // Objects in the TRE that no record refers to and none doomed: reported, not
+        // destroyed here (they may be the only copy of something, e.g. of an MCIM whose record
+        // was tampered with); `mcimctl device orphans --destroy` destroys them.
+        let orphans: Vec<String> = self.orphans()?.iter().map(hex::encode).collect();
         if !orphans.is_empty() {
             self.startup.push(format!(
-                "TRE objects no MCIM refers to (kept, not deleted): {}",
+                "TRE objects no MCIM refers to (kept; `mcimctl device orphans --destroy` destroys them): {}",
                 orphans.join(", ")
             ));
         }
@@ -339,6 +330,13 @@ impl Registry {
                     records.push(Change::Remove(id));
                 }
                 Change::Connectivity(c) => header.connectivity = c,
+                Change::Doom(refs) => {
+                    for r in refs.iter().map(hex::encode) {
+                        if !header.doomed.contains(&r) {
+                            header.doomed.push(r);
+                        }
+                    }
+                }
             }
         }
 
@@ -375,12 +373,14 @@ impl Registry {
                 Change::Remove(id) => {
                     self.records.remove(&id);
                 }
-                Change::Connectivity(_) => {}
+                Change::Connectivity(_) | Change::Doom(_) => {}
             }
         }
         self.remove_stale_files();
         self.tre_sync_pending = true;
-        self.sync_tre()
+        self.sync_tre()?;
+        self.destroy_doomed();
+        Ok(())
     }
 }
 

@@ -64,18 +64,13 @@ impl Registry {
         next.secrets = Some(secrets);
         next.sqn = MsSqnState::new(&rec.sqn_profile);
         next.expires_at = expires_at;
+        // What the TRE held for the old secrets goes, in the same commit.
         self.commit(
-            vec![Change::Put(Box::new(next))],
+            vec![Change::Put(Box::new(next)), self.doom(&rec)],
             "renew",
             Some(id),
             format!("credential renewed (expires at {expires_at:?})"),
-        )?;
-        if let Some(old) = rec.secrets.as_ref()
-            && let Err(e) = self.tre.destroy_mcim_secrets(old)
-        {
-            tracing::error!(mcim = %id, "the TRE kept the secrets of a renewed credential: {e}");
-        }
-        Ok(())
+        )
     }
 
     /// A lifecycle operation other than Select (see [`Registry::select`]). Unblocking here is
@@ -140,16 +135,13 @@ impl Registry {
             Change::Put(Box::new(next))
         };
         changes.push(change);
-        self.commit(changes, "lifecycle", Some(id), detail)?;
-        // The registry no longer refers to the secrets: what the TRE holds for them goes too
-        // (a token's objects). A failure here leaves objects no MCIM refers to, which the
-        // start-up check reports.
-        if matches!(to, McimState::Retired | McimState::Deleted)
-            && let Some(secrets) = rec.secrets.as_ref()
-            && let Err(e) = self.tre.destroy_mcim_secrets(secrets)
-        {
-            tracing::error!(mcim = %id, "the TRE kept the secrets of a {to:?} MCIM: {e}");
+        // The registry no longer refers to the secrets: what the TRE holds for them (a
+        // token's objects) is doomed in the same commit and destroyed right after it, or at
+        // the next start after a crash.
+        if matches!(to, McimState::Retired | McimState::Deleted) {
+            changes.push(self.doom(&rec));
         }
+        self.commit(changes, "lifecycle", Some(id), detail)?;
         Ok(to)
     }
 

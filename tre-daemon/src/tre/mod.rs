@@ -340,13 +340,21 @@ pub trait Tre {
         Ok(Vec::new())
     }
 
-    /// Destroys what the TRE itself holds for an MCIM's secrets, once the registry no longer
-    /// refers to them (retire, delete, the discard of 5.1.3.7.4.2 step 8): a token's K and OPc
-    /// objects (C_DestroyObject). A TPM holds nothing for an MCIM between commands (its
-    /// at-rest blobs live in the registry, which no longer has them), so the default does
-    /// nothing.
-    fn destroy_mcim_secrets(&mut self, secrets: &ProtectedSecrets) -> Result<(), TreError> {
+    /// The references (values of [`Tre::held_secret_refs`]) under which the TRE itself holds
+    /// objects for these secrets: what must be destroyed when the registry lets go of them.
+    /// A TPM holds nothing for an MCIM between commands (its at-rest blobs live in the
+    /// registry's records), so the default is none.
+    fn held_refs_of(&self, secrets: &ProtectedSecrets) -> Vec<Vec<u8>> {
         let _ = secrets;
+        Vec::new()
+    }
+
+    /// Destroys every object the TRE holds under `reference` (one of
+    /// [`Tre::held_secret_refs`]), once the registry no longer refers to it (retire, delete,
+    /// renewal, the discard of 5.1.3.7.4.2 step 8): a token's K and OPc objects
+    /// (C_DestroyObject). Nothing left under it is success, so it can be repeated.
+    fn destroy_held_secret(&mut self, reference: &[u8]) -> Result<(), TreError> {
+        let _ = reference;
         Ok(())
     }
 
@@ -416,6 +424,12 @@ pub trait Tre {
 
     /// TRE commands issued so far, when the backend counts them (benchmarks, diagnostics).
     fn command_count(&self) -> Option<u64> {
+        None
+    }
+
+    /// Of those, the commands that wrote the TRE's non-volatile memory (NV wear), when the
+    /// backend counts them.
+    fn nv_write_count(&self) -> Option<u64> {
         None
     }
 

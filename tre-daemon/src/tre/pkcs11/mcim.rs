@@ -159,6 +159,15 @@ impl Pkcs11Tre {
             // Readable after login (CKA_VALUE needs both), like the TPM's sealed data.
             Attribute::Sensitive(false),
             Attribute::Extractable(true),
+            // Data, not a key: no use of its own, whatever the token's defaults (SoftHSM2
+            // would otherwise give an unwrapped secret CKA_WRAP/CKA_UNWRAP and more).
+            Attribute::Encrypt(false),
+            Attribute::Decrypt(false),
+            Attribute::Sign(false),
+            Attribute::Verify(false),
+            Attribute::Wrap(false),
+            Attribute::Unwrap(false),
+            Attribute::Derive(false),
         ]);
         let k = self.unwrap_into(&w.k, "K", &k_template)?;
         if let Err(e) = self.unwrap_into(&w.opc, "OPc", &opc_template) {
@@ -214,14 +223,14 @@ impl Pkcs11Tre {
         Ok(ids)
     }
 
-    /// Destroys every K and OPc object of an MCIM (its CKA_ID); none left is success.
-    pub(super) fn destroy(&self, s: &ProtectedSecrets) -> Result<(), TreError> {
-        for (id, label) in [(&s.k, K_LABEL), (&s.opc, OPC_LABEL)] {
+    /// Destroys every K and OPc object with this CKA_ID; none left is success.
+    pub(super) fn destroy(&self, id: &[u8]) -> Result<(), TreError> {
+        for label in [K_LABEL, OPC_LABEL] {
             for obj in self
                 .session
                 .find_objects(&[
                     Attribute::Class(ObjectClass::SECRET_KEY),
-                    Attribute::Id(id.clone()),
+                    Attribute::Id(id.to_vec()),
                     Attribute::Label(label.as_bytes().to_vec()),
                 ])
                 .map_err(ck("C_FindObjects"))?

@@ -249,8 +249,16 @@ impl Tre for Pkcs11Tre {
         self.holds(secrets)
     }
 
-    fn destroy_mcim_secrets(&mut self, secrets: &ProtectedSecrets) -> Result<(), TreError> {
-        self.destroy(secrets)
+    fn held_refs_of(&self, secrets: &ProtectedSecrets) -> Vec<Vec<u8>> {
+        let mut refs = vec![secrets.k.clone()];
+        if secrets.opc != secrets.k {
+            refs.push(secrets.opc.clone());
+        }
+        refs
+    }
+
+    fn destroy_held_secret(&mut self, reference: &[u8]) -> Result<(), TreError> {
+        self.destroy(reference)
     }
 
     fn authenticate(

@@ -137,6 +137,7 @@ impl TpmTre {
                 .build()
                 .map_err(cmd("NV public"))?;
             self.count(2);
+            self.count_nv_write(2);
             let h = self
                 .ctx
                 .execute_with_session(Some(AuthSession::Password), |c| {
@@ -169,6 +170,7 @@ impl TpmTre {
                 .build()
                 .map_err(cmd("NV public"))?;
             self.count(1);
+            self.count_nv_write(1);
             let h = self
                 .ctx
                 .execute_with_session(Some(AuthSession::Password), |c| {
@@ -209,6 +211,7 @@ impl TpmTre {
             TreError::Mismatch("the rollback counter is missing (TPM cleared?)".into())
         })?;
         self.count(1);
+        self.count_nv_write(1);
         let r = self
             .ctx
             .execute_with_session(Some(AuthSession::Password), |c| {
@@ -238,6 +241,7 @@ impl TpmTre {
             TreError::Mismatch("the audit anchor is missing (TPM cleared?)".into())
         })?;
         self.count(1);
+        self.count_nv_write(1);
         let r = self
             .ctx
             .execute_with_session(Some(AuthSession::Password), |c| {

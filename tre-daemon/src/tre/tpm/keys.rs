@@ -110,10 +110,10 @@ pub(super) fn storage_name_if_present(ctx: &mut Context) -> Result<Option<Vec<u8
     Ok(Some(name.value().to_vec()))
 }
 
-/// Creates whatever device key is missing and makes it persistent. Returns whether any was
-/// created. An existing key is never replaced.
-pub(super) fn ensure_all(ctx: &mut Context) -> Result<bool, TreError> {
-    let mut created = false;
+/// Creates whatever device key is missing and makes it persistent. Returns how many were
+/// created (each one TPM2_EvictControl, an NV write). An existing key is never replaced.
+pub(super) fn ensure_all(ctx: &mut Context) -> Result<u64, TreError> {
+    let mut created = 0;
     let storage = match open_persistent(ctx, STORAGE_HANDLE)? {
         Some(h) => h,
         None => {
@@ -129,7 +129,7 @@ pub(super) fn ensure_all(ctx: &mut Context) -> Result<bool, TreError> {
                 .map_err(cmd("TPM2_CreatePrimary"))
             })?;
             let h = make_persistent(ctx, primary.key_handle.into(), STORAGE_HANDLE)?;
-            created = true;
+            created += 1;
             h
         }
     };
@@ -156,7 +156,7 @@ pub(super) fn ensure_all(ctx: &mut Context) -> Result<bool, TreError> {
         })?;
         let mut h = make_persistent(ctx, loaded.into(), handle)?;
         ctx.tr_close(&mut h).map_err(cmd("Esys_TR_Close"))?;
-        created = true;
+        created += 1;
     }
     let mut storage = storage;
     ctx.tr_close(&mut storage).map_err(cmd("Esys_TR_Close"))?;

@@ -5,10 +5,20 @@
 //!
 //! TPM commands per authentication (counted in [`TpmTre::commands_issued`]):
 //! - in the TRE: Load(OPc), Unseal(OPc), FlushContext(OPc), Load(K), EncryptDecrypt2 x3
-//!   (TEMP; OUT2..OUT5; OUT1), FlushContext(K): 8. OPc leaves the TPM encrypted by a session
-//!   salted to the storage key (started once per daemon, 2 more commands the first time) and
-//!   lives in host memory only for MILENAGE's XORs.
+//!   (TEMP; OUT2..OUT5; OUT1), FlushContext(K): 8. OPc lives in host memory only for
+//!   MILENAGE's XORs.
 //! - sealed fallback: the same OPc part, plus Load(K), Unseal(K), FlushContext(K): 6.
+//!
+//! **Nothing secret crosses the TPM bus in clear.** Every command that carries a secret or a
+//! value derived from one runs in one HMAC session salted to the storage key (its session key
+//! is unknown to anyone watching the bus), started once per daemon (1 command more the first
+//! time) and kept (`continueSession`), with parameter encryption (AES-128-CFB) set per
+//! command: TPM2_EncryptDecrypt2 (RAND xor OPc, TEMP xor OPc xor c_i in; TEMP, OUT_i back:
+//! `decrypt` and `encrypt`), TPM2_Unseal (OPc, a sealed K: `encrypt`), TPM2_Import (`decrypt`
+//! on the inner key, `encrypt` on the returned private; the duplicate itself travels under the
+//! SHO's outer wrapper, which only the storage key opens). The session's HMAC also protects
+//! those commands and answers from being altered on the bus. Loads and flushes carry nothing
+//! secret (a TPM2B_PRIVATE is encrypted under the storage key).
 
 use std::cell::{Cell, RefCell};
 
@@ -100,10 +110,11 @@ impl TpmTre {
         let seed = EncryptedSecret::try_from(blob.in_sym_seed.clone())
             .map_err(|e| bad(format!("{what} seed: {e}")))?;
         let parent = self.storage_key()?;
+        let session = self.bus_session(Carry::InAndOut)?;
         self.count(1);
         let private = self
             .ctx
-            .execute_with_session(Some(AuthSession::Password), |c| {
+            .execute_with_session(Some(session), |c| {
                 c.import(
                     parent.into(),
                     None,
@@ -155,17 +166,41 @@ impl TpmTre {
         Ok(out)
     }
 
-    /// The session that encrypts unsealed secrets on their way out of the TPM: an HMAC
-    /// session salted to the storage key (its key is unknown to a bus observer), with
-    /// response encryption. Started once and kept (continueSession): starting one costs an
-    /// ECDH on both sides, the most expensive step of an authentication.
-    fn salted_session(&mut self) -> Result<AuthSession, TreError> {
-        if let Some(s) = self.salted {
-            return Ok(s);
+    /// The session that carries secrets across the bus (see the module's doc): an HMAC
+    /// session salted to the storage key, started once and kept (continueSession: starting
+    /// one costs an ECDH on both sides, the most expensive step of an authentication), with
+    /// its parameter encryption set for the command about to run (a local ESYS call, no TPM
+    /// command). Without bus encryption (the benchmark's baseline only) it is the password
+    /// session.
+    fn bus_session(&mut self, carry: Carry) -> Result<AuthSession, TreError> {
+        if !self.bus_encryption {
+            return Ok(AuthSession::Password);
         }
-        let session = self.start_salted(SessionType::Hmac, true)?;
-        self.salted = Some(session);
+        let session = match self.salted {
+            Some(s) => s,
+            None => {
+                let s = self.start_salted(SessionType::Hmac, true)?;
+                self.salted = Some(s);
+                s
+            }
+        };
+        let (attrs, mask) = SessionAttributesBuilder::new()
+            .with_decrypt(carry == Carry::InAndOut)
+            .with_encrypt(true)
+            .with_continue_session(true)
+            .build();
+        self.ctx
+            .tr_sess_set_attributes(session, attrs, mask)
+            .map_err(cmd("Esys_TRSess_SetAttributes"))?;
         Ok(session)
+    }
+
+    /// Forgets the kept session after a command on it failed: it may be gone (TPM restarted,
+    /// flushed by another client); the next command starts a new one.
+    fn drop_bus_session(&mut self) {
+        if let Some(session) = self.salted.take() {
+            let _ = self.flush(SessionHandle::from(session));
+        }
     }
 
     /// Starts a session salted to the storage key, with response encryption; `keep` sets
@@ -200,16 +235,14 @@ impl TpmTre {
     }
 
     fn unseal_loaded(&mut self, handle: KeyHandle) -> Result<Zeroizing<Vec<u8>>, TreError> {
-        let session = self.salted_session()?;
+        let session = self.bus_session(Carry::Out)?;
         self.count(1);
         let result = self
             .ctx
             .execute_with_session(Some(session), |c| c.unseal(handle.into()))
             .map_err(cmd("TPM2_Unseal"));
         if result.is_err() {
-            // The session may be gone (TPM restarted, flushed); start a new one next time.
-            self.salted = None;
-            let _ = self.flush(SessionHandle::from(session));
+            self.drop_bus_session();
         }
         result.map(|data| Zeroizing::new(data.value().to_vec()))
     }
@@ -307,14 +340,25 @@ impl TpmTre {
             (AkaExecution::InTre, alg::SYMCIPHER) => {
                 let opc = self.unseal_opc(secrets)?;
                 let key = self.load(&k_obj)?;
+                let session = match self.bus_session(Carry::InAndOut) {
+                    Ok(session) => session,
+                    Err(e) => {
+                        let _ = self.flush(key);
+                        return Err(e);
+                    }
+                };
                 let kernel = TpmKernel {
                     ctx: RefCell::new(&mut self.ctx),
                     key,
+                    session,
                     commands: &self.commands,
                 };
                 let m = Milenage::with_opc(kernel, opc, ch.constants.clone());
                 let out = mcim_core::aka::authenticate(&m, sqn, ch.profile, ch.rand, ch.autn);
                 drop(m);
+                if matches!(out, Err(mcim_core::aka::device::DeviceAkaError::Kernel(_))) {
+                    self.drop_bus_session();
+                }
                 let flushed = self.flush(key);
                 let out = out.map_err(crate::tre::aka_error("TPM2_EncryptDecrypt2"))?;
                 flushed?;
@@ -341,7 +385,19 @@ impl TpmTre {
 struct TpmKernel<'a> {
     ctx: RefCell<&'a mut Context>,
     key: KeyHandle,
+    /// The bus session, with `decrypt` and `encrypt` set: the blocks go in and come back
+    /// encrypted on the bus.
+    session: AuthSession,
     commands: &'a Cell<u64>,
+}
+
+/// Which of a command's parameters a secret travels in.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Carry {
+    /// The first response parameter (TPM2_Unseal's outData).
+    Out,
+    /// The first command parameter and the first response parameter.
+    InAndOut,
 }
 
 /// A TPM2_EncryptDecrypt2 failure inside MILENAGE.
@@ -364,7 +420,7 @@ impl Kernel for TpmKernel<'_> {
             .map_err(|e| KernelError(e.to_string()))?;
         self.commands.set(self.commands.get() + 1);
         let (out, _) = ctx
-            .execute_with_session(Some(AuthSession::Password), |c| {
+            .execute_with_session(Some(self.session), |c| {
                 c.encrypt_decrypt_2(
                     self.key,
                     false,

@@ -66,10 +66,15 @@ pub struct TpmTre {
     integrity: Option<KeyHandle>,
     /// ESYS handles of mcim's NV indices (counter, audit anchor), opened on first use.
     nv: std::collections::HashMap<u32, tss_esapi::handles::NvIndexHandle>,
-    /// The salted session for unsealing, started on first use.
+    /// The salted session that carries secrets across the bus, started on first use.
     salted: Option<tss_esapi::interface_types::session_handles::AuthSession>,
+    /// Parameter encryption on the bus (off only for the benchmark's baseline).
+    bus_encryption: bool,
     /// TPM commands issued by mcim on this context.
     commands: Cell<u64>,
+    /// Of those, the ones that write the TPM's NV memory (NV_DefineSpace, NV_Increment,
+    /// NV_Write, EvictControl): what wears NV out and what real TPMs rate-limit.
+    nv_writes: Cell<u64>,
 }
 
 impl std::fmt::Debug for TpmTre {
@@ -106,8 +111,10 @@ impl TpmTre {
             storage: None,
             integrity: None,
             salted: None,
+            bus_encryption: true,
             nv: std::collections::HashMap::new(),
             commands: Cell::new(0),
+            nv_writes: Cell::new(0),
         })
     }
 }
@@ -122,9 +129,28 @@ impl TpmTre {
         self
     }
 
+    /// Runs every command with a plain password session, so that secrets cross the TPM bus in
+    /// clear: the **benchmark's baseline** for the cost of bus encryption, and the control of
+    /// the test that records the bus. Never reachable from `tred`'s configuration.
+    #[doc(hidden)]
+    pub fn without_bus_encryption_for_baseline(mut self) -> Self {
+        self.bus_encryption = false;
+        self
+    }
+
     /// TPM commands mcim issued on this context so far (the benchmark and the tests read it).
     pub fn commands_issued(&self) -> u64 {
         self.commands.get()
+    }
+
+    /// Commands mcim issued on this context that write NV (see `nv_writes`).
+    pub fn nv_writes_issued(&self) -> u64 {
+        self.nv_writes.get()
+    }
+
+    /// Counts `n` NV-writing commands about to be issued (also counted by [`TpmTre::count`]).
+    pub(crate) fn count_nv_write(&self, n: u64) {
+        self.nv_writes.set(self.nv_writes.get() + n);
     }
 
     /// Counts `n` TPM commands about to be issued.
@@ -182,7 +208,9 @@ impl TpmTre {
             _ => {}
         }
         self.forget_handles();
-        let created_keys = keys::ensure_all(&mut self.ctx)?;
+        let made_persistent = keys::ensure_all(&mut self.ctx)?;
+        self.count_nv_write(made_persistent);
+        let created_keys = made_persistent > 0;
         let public = self.device_public()?;
         let storage_name = keys::storage_name_if_present(&mut self.ctx)?.ok_or(
             TreError::Mismatch("storage key missing right after creation".into()),
@@ -190,6 +218,8 @@ impl TpmTre {
         self.ensure_anchors()?;
         let created_identity = stored.is_none();
         if created_identity {
+            // TPM2_NV_DefineSpace and TPM2_NV_Write.
+            self.count_nv_write(2);
             nv::write_identity(
                 &mut self.ctx,
                 &nv::IdentityRecord {
@@ -343,6 +373,10 @@ impl Tre for TpmTre {
 
     fn command_count(&self) -> Option<u64> {
         Some(self.commands_issued())
+    }
+
+    fn nv_write_count(&self) -> Option<u64> {
+        Some(self.nv_writes_issued())
     }
 
     fn integrity_mac(&mut self, digest: &[u8; 32]) -> Result<[u8; 32], TreError> {
