@@ -446,6 +446,21 @@ impl SoftHsm {
             .output()
             .expect("softhsm2 / opensc are installed (ci/install-deps.sh)")
     }
+
+    /// Runs `pkcs11-tool` on this token, logged in as its user, with `args` after the login.
+    pub fn pkcs11_tool(&self, args: &[&str]) -> std::process::Output {
+        let mut all = vec![
+            "--module",
+            SOFTHSM2_MODULE,
+            "--token-label",
+            SOFTHSM2_LABEL,
+            "--login",
+            "--pin",
+            SOFTHSM2_PIN,
+        ];
+        all.extend_from_slice(args);
+        self.tool("pkcs11-tool", &all)
+    }
 }
 
 impl Default for SoftHsm {

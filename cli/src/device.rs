@@ -194,8 +194,8 @@ pub enum DeviceCommand {
         /// Nonce, 16 to 64 octets in hex.
         #[arg(long, value_parser = crate::hexarg::nonce)]
         nonce: crate::hexarg::Bytes,
-        /// PCRs (default: tred's configured set).
-        #[arg(long, value_delimiter = ',')]
+        /// PCRs, 0 to 23 (default: tred's configured set).
+        #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u32).range(0..=23))]
         pcrs: Vec<u32>,
         /// Write quote.attest, quote.sig, pcrs.bin, pcrs.list (for `mcimctl pva verify-quote`)
         /// and pcrs.out (tpm2-tools' PCR file, for `tpm2_checkquote -f`) here.

@@ -298,6 +298,12 @@ fn owner_sho_and_pva_drive_a_device_through_tred() {
     let short = mcimctl(&tred, &["device", "attest", "--nonce", "123"]);
     assert_eq!(short.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&short.stderr).contains("--nonce"));
+    let pcr24 = mcimctl(
+        &tred,
+        &["device", "attest", "--nonce", nonce, "--pcrs", "0,24"],
+    );
+    assert_eq!(pcr24.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&pcr24.stderr).contains("--pcrs"));
 
     // The SHO binds a second MCIM's OPc to the platform state the PVA just accepted; it
     // works on this platform (tre-daemon's conformance suite shows the refusal once a PCR moves).
@@ -726,23 +732,7 @@ fn the_same_device_commands_on_a_pkcs11_token() {
     // start the MCIM is blocked, and status says why.
     let mut tred = tred;
     assert!(tred.stop());
-    let del = hsm.tool(
-        "pkcs11-tool",
-        &[
-            "--module",
-            SOFTHSM2_MODULE,
-            "--token-label",
-            SOFTHSM2_LABEL,
-            "--login",
-            "--pin",
-            SOFTHSM2_PIN,
-            "--delete-object",
-            "--type",
-            "secrkey",
-            "--label",
-            "mcim.k",
-        ],
-    );
+    let del = hsm.pkcs11_tool(&["--delete-object", "--type", "secrkey", "--label", "mcim.k"]);
     assert!(
         del.status.success(),
         "{}",
@@ -754,39 +744,51 @@ fn the_same_device_commands_on_a_pkcs11_token() {
     assert!(findings.contains("missing from the TRE"), "{s}");
     let m = json(mcimctl(&tred, &["device", "--json", "get", IMSI]));
     assert_eq!(m["state"], "blocked");
-    // Its OPc object is now an orphan (the blocked record no longer refers to it): listed,
-    // then destroyed on the owner's command; pkcs11-tool agrees.
-    let listed = json(mcimctl(&tred, &["device", "--json", "orphans"]));
-    assert_eq!(listed["orphans"].as_array().unwrap().len(), 1, "{listed}");
-    assert_eq!(listed["destroyed"], false);
+    // Its OPc object, left on the token, belongs to the blocked MCIM: not an orphan.
+    let none = ok(mcimctl(&tred, &["device", "orphans"]));
+    assert!(none.contains("no orphans"), "{none}");
     let secret_keys = || {
-        let o = hsm.tool(
-            "pkcs11-tool",
-            &[
-                "--module",
-                SOFTHSM2_MODULE,
-                "--token-label",
-                SOFTHSM2_LABEL,
-                "--login",
-                "--pin",
-                SOFTHSM2_PIN,
-                "--list-objects",
-                "--type",
-                "secrkey",
-            ],
-        );
+        let o = hsm.pkcs11_tool(&["--list-objects", "--type", "secrkey"]);
         String::from_utf8_lossy(&o.stdout).into_owned()
     };
-    assert!(secret_keys().contains("mcim.opc"));
+    // A stray key under mcim's label that no MCIM refers to (an earlier tred's, say) is an
+    // orphan: listed, then destroyed on the owner's command; pkcs11-tool agrees.
+    let stray = hsm.pkcs11_tool(&[
+        "--keygen",
+        "--key-type",
+        "AES:16",
+        "--label",
+        "mcim.k",
+        "--id",
+        "0badc0de",
+    ]);
+    assert!(
+        stray.status.success(),
+        "{}",
+        String::from_utf8_lossy(&stray.stderr)
+    );
+    let listed = json(mcimctl(&tred, &["device", "--json", "orphans"]));
+    assert_eq!(
+        listed["orphans"],
+        serde_json::json!(["0badc0de"]),
+        "{listed}"
+    );
+    assert_eq!(listed["destroyed"], false);
+    assert!(secret_keys().contains("0badc0de"));
     let done = json(mcimctl(
         &tred,
         &["device", "--json", "orphans", "--destroy"],
     ));
     assert_eq!(done["destroyed"], true, "{done}");
-    assert_eq!(done["orphans"], listed["orphans"]);
+    assert!(!secret_keys().contains("0badc0de"), "{}", secret_keys());
+    assert!(
+        secret_keys().contains("mcim.opc"),
+        "the blocked MCIM's OPc is not an orphan"
+    );
+    // Deleting the blocked MCIM destroys what it left on the token.
+    ok(mcimctl(&tred, &["device", "delete", IMSI]));
     assert!(!secret_keys().contains("mcim.opc"), "{}", secret_keys());
-    let none = ok(mcimctl(&tred, &["device", "orphans"]));
-    assert!(none.contains("no orphans"), "{none}");
+    assert!(ok(mcimctl(&tred, &["audit", "verify"])).contains("anchored"));
     let log = tred.log();
     assert!(!log.contains(SOFTHSM2_PIN), "the PIN is never logged");
     for secret in [K, OPC] {
@@ -804,6 +806,29 @@ fn the_same_device_commands_on_a_pkcs11_token() {
             );
         }
     }
+}
+
+/// One tred per state directory: a second daemon on the same directory (another socket)
+/// exits at once, saying why, and the first one goes on serving.
+#[test]
+fn a_second_tred_on_the_same_state_directory_is_refused() {
+    let tpm = Swtpm::start();
+    let tred = Tred::start(&tpm.tcti());
+    let other = tempfile::tempdir().unwrap();
+    let second = Command::new(workspace_bin("tred"))
+        .env("MCIM_TCTI", tpm.tcti())
+        .env("MCIM_STATE_DIR", tred.state_dir())
+        .env("MCIM_SOCKET", other.path().join("second.sock"))
+        .output()
+        .unwrap();
+    assert!(!second.status.success());
+    assert!(
+        String::from_utf8_lossy(&second.stderr).contains("another tred is running"),
+        "{}",
+        String::from_utf8_lossy(&second.stderr)
+    );
+    assert!(!other.path().join("second.sock").exists());
+    ok(mcimctl(&tred, &["device", "status"]));
 }
 
 /// `mcimctl pki init` makes the roles' CA and certificates; `mcimctl pki device` certifies the

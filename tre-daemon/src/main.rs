@@ -64,6 +64,8 @@ fn run(
     runtime: tokio::runtime::Runtime,
     telemetry: mcim_telemetry::Telemetry,
 ) -> Result<(), String> {
+    // Held for the daemon's life; the kernel releases it when the process ends, SIGKILL too.
+    let _lock = lock_state_dir(&config.state_dir)?;
     let state_dir = config.state_dir.clone();
     let open = opener(&config)?;
     let (engine, tre_thread) =
@@ -75,6 +77,29 @@ fn run(
     drop(runtime);
     let _ = tre_thread.join();
     served
+}
+
+/// One `tred` per state directory: an exclusive lock on `<state_dir>/tred.lock`. A second
+/// daemon on the same directory would keep its own copy of the registry in memory and undo
+/// the first one's transactions.
+fn lock_state_dir(dir: &std::path::Path) -> Result<std::fs::File, String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let path = dir.join("tred.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(format!(
+            "another tred is running on the state directory {} (it holds {})",
+            dir.display(),
+            path.display()
+        )),
+        Err(std::fs::TryLockError::Error(e)) => Err(format!("{}: {e}", path.display())),
+    }
 }
 
 type Opener = Box<dyn FnOnce() -> Result<Box<dyn Tre>, String> + Send>;

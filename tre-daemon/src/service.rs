@@ -323,6 +323,17 @@ impl TreService for TreApi {
                 ));
             }
         };
+        let expires_at = match r.expires_at {
+            None => None,
+            Some(t) if t.seconds > 0 && (0..1_000_000_000).contains(&t.nanos) => {
+                u64::try_from(t.seconds).ok()
+            }
+            Some(_) => {
+                return Err(Status::invalid_argument(
+                    "expires_at: not a valid time after 1970",
+                ));
+            }
+        };
         let installed = self
             .device
             .install(NewMcim {
@@ -334,7 +345,7 @@ impl TreService for TreApi {
                 },
                 constants,
                 pin,
-                expires_at: r.expires_at.map(|t| u64::try_from(t.seconds).unwrap_or(0)),
+                expires_at,
             })
             .await
             .map_err(status)?;

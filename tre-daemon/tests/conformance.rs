@@ -430,6 +430,56 @@ mod tpm {
         }
     }
 
+    /// The kept bus session flushed behind the daemon's back (another client of the TPM,
+    /// tpm2-tools here): the next import and the next AKA start a new one and succeed.
+    #[test]
+    fn a_flushed_bus_session_is_replaced() {
+        let s = Swtpm::start();
+        let mut t = open(&s);
+        t.init_device(&identity(1)).unwrap();
+        let public = t.device_public().unwrap();
+        let k = K::new([7; 16]);
+        let opc = Opc::new([8; 16]);
+        let network = Milenage::with_opc(SoftKernel::new(&k), opc.clone(), Constants::default());
+        let mut ms = MsSqnState::new(&SqnProfile::default());
+        let flush = || {
+            let out = s.tpm2("tpm2_flushcontext", &["--loaded-session"]);
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        // The first import starts the session.
+        t.import_mcim_secrets(&tpm_wrap(&public, &k, &opc, KForm::Key))
+            .unwrap();
+        for seq in 1..=2u8 {
+            flush();
+            let secrets = t
+                .import_mcim_secrets(&tpm_wrap(&public, &k, &opc, KForm::Key))
+                .unwrap();
+            flush();
+            let rand = Rand([seq; 16]);
+            let av = vector_for(
+                &network,
+                Sqn::from_bytes([0, 0, 0, 0, seq, 0]),
+                Amf([0x80, 0]),
+                rand,
+            )
+            .unwrap();
+            let ch = AkaChallenge {
+                constants: &Constants::default(),
+                profile: &SqnProfile::default(),
+                rand: &rand,
+                autn: &av.autn,
+            };
+            assert!(matches!(
+                t.authenticate(&secrets, &mut ms, &ch).unwrap(),
+                DeviceResponse::Success { .. }
+            ));
+        }
+    }
+
     /// A quote verifies with core's verifier and with tpm2_checkquote; a wrong nonce, a
     /// changed PCR, or a tampered quote fails both.
     #[test]

@@ -334,6 +334,70 @@ mod on_tpm {
         reg.select(IMSI_A, Some("5555")).unwrap();
     }
 
+    /// A malformed PIN or PUK cannot be right: refused without costing a try. A malformed
+    /// SHO id (control characters that would forge lines in the audit record, or too long)
+    /// is refused at install, and nothing is installed.
+    #[test]
+    fn malformed_pins_cost_no_try_and_malformed_sho_ids_install_nothing() {
+        let dev = Device::new();
+        let mut reg = dev.open();
+        install(&mut reg, IMSI_A, Some(("1234", "24681357")));
+        reg.apply(IMSI_A, Op::Activate).unwrap();
+        for bad in ["abc", "12", "123456789", "12 34", ""] {
+            assert!(
+                matches!(
+                    reg.verify_pin(IMSI_A, bad),
+                    Err(RegistryError::BadRequest(_))
+                ),
+                "{bad:?}"
+            );
+        }
+        let tries = |reg: &Registry| {
+            reg.get(IMSI_A)
+                .unwrap()
+                .pin
+                .as_ref()
+                .unwrap()
+                .pin_tries_left
+        };
+        assert_eq!(tries(&reg), 3);
+        assert!(matches!(
+            reg.unblock_pin(IMSI_A, "nope", "4321"),
+            Err(RegistryError::BadRequest(_))
+        ));
+        assert_eq!(
+            reg.get(IMSI_A)
+                .unwrap()
+                .pin
+                .as_ref()
+                .unwrap()
+                .puk_tries_left,
+            10
+        );
+        let public = reg.tre().device_public().unwrap();
+        let (k, opc) = secrets(IMSI_B);
+        for sho in [
+            "evil\n    9 1796061559 lifecycle x forged",
+            "",
+            &"s".repeat(254),
+            "a b",
+        ] {
+            let before = reg.audit().unwrap().len();
+            let r = reg.install(InstallRequest {
+                imsi: Imsi::new(IMSI_B).unwrap(),
+                sho: sho.into(),
+                wrapped: tpm_wrap(&public, &k, &opc, KForm::Key),
+                constants: Constants::default(),
+                sqn_profile: SqnProfile::default(),
+                pin: None,
+                expires_at: None,
+            });
+            assert!(matches!(r, Err(RegistryError::BadRequest(_))), "{sho:?}");
+            assert!(matches!(reg.get(IMSI_B), Err(RegistryError::NotFound(_))));
+            assert_eq!(reg.audit().unwrap().len(), before);
+        }
+    }
+
     #[test]
     fn aka_through_the_registry_keeps_sqn_across_restarts() {
         let dev = Device::new();
@@ -1083,25 +1147,15 @@ mod on_token {
         drop(reg);
 
         // B's K object disappears from the token behind the daemon's back.
-        let del = t.tool(
-            "pkcs11-tool",
-            &[
-                "--module",
-                SOFTHSM2_MODULE,
-                "--token-label",
-                SOFTHSM2_LABEL,
-                "--login",
-                "--pin",
-                SOFTHSM2_PIN,
-                "--delete-object",
-                "--type",
-                "secrkey",
-                "--id",
-                &b_id,
-                "--label",
-                "mcim.k",
-            ],
-        );
+        let del = t.pkcs11_tool(&[
+            "--delete-object",
+            "--type",
+            "secrkey",
+            "--id",
+            &b_id,
+            "--label",
+            "mcim.k",
+        ]);
         assert!(
             del.status.success(),
             "{}",
@@ -1122,25 +1176,63 @@ mod on_token {
         );
         assert_eq!(state(&reg, IMSI_A), McimState::Activated);
         assert!(reg.verify_audit().unwrap().ok);
+        // B's OPc object, left on the token, belongs to B's blocked stub: not an orphan, and
+        // deleting B destroys it.
+        let b_ref = hex::decode(&b_id).unwrap();
+        assert!(reg.tre().held_secret_refs().unwrap().contains(&b_ref));
+        assert!(reg.orphans().unwrap().is_empty());
+        reg.apply(IMSI_B, Op::Delete).unwrap();
+        assert!(!reg.tre().held_secret_refs().unwrap().contains(&b_ref));
+        assert_eq!(state(&reg, IMSI_A), McimState::Activated);
+    }
+
+    /// A record altered in the state directory becomes a Blocked (tampered) stub; what the
+    /// TRE holds for it (as its unverified record names it, checked against the token) goes
+    /// when it is deleted, and nothing of another MCIM's.
+    #[test]
+    fn deleting_a_tampered_mcim_destroys_its_token_objects() {
+        let Some(t) = own_softhsm("on_token::deleting_a_tampered_mcim_destroys_its_token_objects")
+        else {
+            return;
+        };
+        let dir = setup(&t);
+        let (a_ref, b_ref) = {
+            let mut reg = Registry::open(dir.path(), Box::new(tre())).unwrap();
+            install_on(&mut reg, IMSI_A);
+            install_on(&mut reg, IMSI_B);
+            let r = |reg: &Registry, id| reg.get(id).unwrap().secrets.as_ref().unwrap().k.clone();
+            (r(&reg, IMSI_A), r(&reg, IMSI_B))
+        };
+        let mcims = dir.path().join("mcims");
+        let file = std::fs::read_dir(&mcims)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| p.file_name().unwrap().to_string_lossy().starts_with(IMSI_B))
+            .unwrap();
+        let text = std::fs::read_to_string(&file).unwrap();
+        std::fs::write(&file, text.replace("sho.example", "sho.evil")).unwrap();
+
+        let mut reg = Registry::open(dir.path(), Box::new(tre())).unwrap();
+        let b = reg.get(IMSI_B).unwrap();
+        assert_eq!(b.blocked, Some(BlockReason::Tampered));
+        assert!(b.secrets.is_none());
+        assert!(reg.orphans().unwrap().is_empty(), "B's objects are B's");
+        reg.apply(IMSI_B, Op::Delete).unwrap();
+        let held = reg.tre().held_secret_refs().unwrap();
+        assert!(!held.contains(&b_ref), "B's K and OPc are gone");
+        assert!(held.contains(&a_ref), "A's stay");
+        let v = av(IMSI_A, 1);
+        reg.apply(IMSI_A, Op::Activate).unwrap();
+        reg.select(IMSI_A, None).unwrap();
+        assert!(matches!(
+            reg.authenticate(IMSI_A, &v.rand, &v.autn).unwrap(),
+            DeviceResponse::Success { .. }
+        ));
     }
 
     /// pkcs11-tool, logged in: the token's secret key objects, as text.
     fn token_secret_keys(t: &SoftHsm) -> String {
-        let out = t.tool(
-            "pkcs11-tool",
-            &[
-                "--module",
-                SOFTHSM2_MODULE,
-                "--token-label",
-                SOFTHSM2_LABEL,
-                "--login",
-                "--pin",
-                SOFTHSM2_PIN,
-                "--list-objects",
-                "--type",
-                "secrkey",
-            ],
-        );
+        let out = t.pkcs11_tool(&["--list-objects", "--type", "secrkey"]);
         assert!(
             out.status.success(),
             "{}",

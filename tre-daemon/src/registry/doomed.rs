@@ -12,16 +12,22 @@ impl Registry {
             rec.secrets
                 .iter()
                 .flat_map(|s| self.tre.held_refs_of(s))
+                .chain(rec.left_in_tre.iter().filter_map(|r| hex::decode(r).ok()))
                 .collect(),
         )
     }
 
-    /// References of every secret a live record refers to.
-    fn referenced(&self) -> Vec<&[u8]> {
+    /// References of every secret a live record refers to, its own or what its untrusted
+    /// predecessor left in the TRE.
+    fn referenced(&self) -> Vec<Vec<u8>> {
         self.records
             .values()
-            .filter_map(|r| r.secrets.as_ref())
-            .flat_map(|s| [s.k.as_slice(), s.opc.as_slice()])
+            .flat_map(|r| {
+                r.secrets
+                    .iter()
+                    .flat_map(|s| [s.k.clone(), s.opc.clone()])
+                    .chain(r.left_in_tre.iter().filter_map(|h| hex::decode(h).ok()))
+            })
             .collect()
     }
 
@@ -35,7 +41,7 @@ impl Registry {
             let Ok(bytes) = hex::decode(&r) else {
                 continue;
             };
-            if self.referenced().contains(&bytes.as_slice()) {
+            if self.referenced().contains(&bytes) {
                 continue;
             }
             if let Err(e) = self.tre.destroy_held_secret(&bytes) {
@@ -54,7 +60,7 @@ impl Registry {
         let referenced = self.referenced();
         Ok(held
             .into_iter()
-            .filter(|r| !referenced.contains(&r.as_slice()))
+            .filter(|r| !referenced.contains(r))
             .filter(|r| !self.header.doomed.contains(&hex::encode(r)))
             .collect())
     }

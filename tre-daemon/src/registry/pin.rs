@@ -58,6 +58,8 @@ impl Registry {
     /// so cutting the power cannot buy free guesses; the last wrong guess Blocks the MCIM.
     pub fn verify_pin(&mut self, id: &str, pin: &str) -> Result<(), RegistryError> {
         let rec = self.record(id)?.clone();
+        // A malformed PIN cannot be right: refused without costing a try.
+        check_digits("PIN", pin, 4, 8)?;
         let Some(p) = rec.pin.clone() else {
             return Err(RegistryError::BadRequest("this MCIM has no PIN".into()));
         };
@@ -125,6 +127,7 @@ impl Registry {
             return Err(RegistryError::BadRequest("this MCIM has no PIN".into()));
         };
         check_digits("PIN", new_pin, 4, 8)?;
+        check_digits("PUK", puk, 8, 8)?;
         if p.puk_tries_left == 0 {
             return Err(RegistryError::WrongPuk { tries_left: 0 });
         }

@@ -37,6 +37,12 @@ pub struct McimRecord {
     /// credential, whose lifetime the CCIF/ICF gave (5.1.3.7.4.3).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<u64>,
+    /// References (hex) of what the TRE still holds for this MCIM although its record could
+    /// not be trusted (a tampered or damaged record, or one whose other key object is
+    /// missing): kept with the Blocked stub so that retiring or deleting it destroys them too.
+    /// Never destroyed while another record refers to them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub left_in_tre: Vec<String>,
     /// Bumped at every change; the header records it (per-record rollback).
     pub version: u64,
 }

@@ -139,12 +139,16 @@ impl Registry {
         for (id, he) in entries {
             let checked = match self.check_record(&id, &he)? {
                 Checked::Intact(rec) => match &rec.secrets {
-                    Some(s) if !self.tre.secrets_present(s)? => {
-                        Err("its key objects are missing from the TRE".to_string())
-                    }
+                    Some(s) if !self.tre.secrets_present(s)? => Err((
+                        "its key objects are missing from the TRE".to_string(),
+                        self.tre.held_refs_of(s),
+                    )),
                     _ => Ok(rec),
                 },
-                Checked::Untrusted(why) => Err(why),
+                Checked::Untrusted(why) => {
+                    let refs = self.unverified_refs(&id, &he);
+                    Err((why, refs))
+                }
             };
             match checked {
                 Ok(mut rec) => {
@@ -155,8 +159,9 @@ impl Registry {
                     }
                     self.records.insert(id, rec);
                 }
-                Err(why) => {
-                    let stub = tampered_stub(&id, he.version);
+                Err((why, refs)) => {
+                    let mut stub = tampered_stub(&id, he.version);
+                    stub.left_in_tre = self.still_held(refs)?;
                     self.startup.push(format!("MCIM {id} blocked: {why}"));
                     repairs.push((stub, format!("integrity check failed: {why}; blocked")));
                 }
@@ -384,6 +389,35 @@ impl Registry {
     }
 }
 
+impl Registry {
+    /// What the TRE would hold for an MCIM according to its record file, read without
+    /// trusting it (its check failed): none when it does not parse.
+    fn unverified_refs(&self, id: &str, he: &HeaderEntry) -> Vec<Vec<u8>> {
+        let path = self.dir.join(MCIM_DIR).join(record_file(id, he.version));
+        files::read_optional(&path)
+            .ok()
+            .flatten()
+            .and_then(|b| serde_json::from_slice::<McimRecord>(&b).ok())
+            .and_then(|r| r.secrets)
+            .map(|s| self.tre.held_refs_of(&s))
+            .unwrap_or_default()
+    }
+
+    /// Of `refs`, those the TRE holds, hex: what an untrusted record may claim is checked
+    /// against the TRE itself.
+    fn still_held(&mut self, refs: Vec<Vec<u8>>) -> Result<Vec<String>, RegistryError> {
+        if refs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let held = self.tre.held_secret_refs()?;
+        Ok(refs
+            .into_iter()
+            .filter(|r| held.contains(r))
+            .map(hex::encode)
+            .collect())
+    }
+}
+
 /// What is left of an MCIM whose record cannot be trusted: its id, Blocked (tampered).
 pub(super) fn tampered_stub(id: &str, version: u64) -> McimRecord {
     McimRecord {
@@ -397,6 +431,7 @@ pub(super) fn tampered_stub(id: &str, version: u64) -> McimRecord {
         sqn: MsSqnState::new(&SqnProfile::default()),
         pin: None,
         expires_at: None,
+        left_in_tre: Vec::new(),
         version,
     }
 }

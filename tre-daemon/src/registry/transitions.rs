@@ -14,6 +14,7 @@ impl Registry {
             return Err(RegistryError::AlreadyInstalled(id));
         }
         req.sqn_profile.validate().map_err(TreError::from)?;
+        check_sho_id(&req.sho)?;
         let pin = match &req.pin {
             Some((pin, puk)) => Some(self.new_pin_record(&id, pin, puk)?),
             None => None,
@@ -31,6 +32,7 @@ impl Registry {
             sqn: MsSqnState::new(&req.sqn_profile),
             pin,
             expires_at: req.expires_at,
+            left_in_tre: Vec::new(),
             version: 0,
         };
         self.commit(
@@ -131,6 +133,7 @@ impl Registry {
                 // The credentials go; the TRE objects were only ever usable through them.
                 next.secrets = None;
                 next.pin = None;
+                next.left_in_tre = Vec::new();
             }
             Change::Put(Box::new(next))
         };
@@ -208,4 +211,15 @@ impl Registry {
             "chosen for connectivity".into(),
         )
     }
+}
+
+/// An SHO's id as the registry and the audit record keep it: 1 to 253 visible ASCII
+/// characters (a domain name, a URN), so that it cannot forge lines in what shows it.
+fn check_sho_id(sho: &str) -> Result<(), RegistryError> {
+    if sho.is_empty() || sho.len() > 253 || !sho.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(RegistryError::BadRequest(
+            "the SHO id must be 1 to 253 visible ASCII characters".into(),
+        ));
+    }
+    Ok(())
 }

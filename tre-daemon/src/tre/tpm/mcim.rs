@@ -110,21 +110,31 @@ impl TpmTre {
         let seed = EncryptedSecret::try_from(blob.in_sym_seed.clone())
             .map_err(|e| bad(format!("{what} seed: {e}")))?;
         let parent = self.storage_key()?;
-        let session = self.bus_session(Carry::InAndOut)?;
-        self.count(1);
-        let private = self
-            .ctx
-            .execute_with_session(Some(session), |c| {
-                c.import(
-                    parent.into(),
-                    None,
-                    public,
-                    duplicate,
-                    seed,
-                    SymmetricDefinitionObject::Null,
-                )
-            })
-            .map_err(|e| TreError::BadSecrets(format!("TPM2_Import of {what} refused: {e}")))?;
+        let attempt = |t: &mut Self| -> Result<Private, TreError> {
+            let session = t.bus_session(Carry::InAndOut)?;
+            t.count(1);
+            t.ctx
+                .execute_with_session(Some(session), |c| {
+                    c.import(
+                        parent.into(),
+                        None,
+                        public.clone(),
+                        duplicate.clone(),
+                        seed.clone(),
+                        SymmetricDefinitionObject::Null,
+                    )
+                })
+                .map_err(|e| TreError::BadSecrets(format!("TPM2_Import of {what} refused: {e}")))
+        };
+        // The kept bus session may be gone (flushed by another client of the TPM, a TPM
+        // restart): a refusal is tried once more with a new session before it counts.
+        let private = match attempt(self) {
+            Ok(p) => p,
+            Err(_) => {
+                self.drop_bus_session();
+                attempt(self)?
+            }
+        };
         Ok(AtRest {
             public: blob.public,
             private: private.value().to_vec(),
@@ -329,6 +339,25 @@ impl TpmTre {
     }
 
     pub(super) fn authenticate_with(
+        &mut self,
+        secrets: &ProtectedSecrets,
+        sqn: &mut MsSqnState,
+        ch: &AkaChallenge<'_>,
+    ) -> Result<DeviceResponse, TreError> {
+        let had_session = self.salted.is_some();
+        match self.authenticate_once(secrets, sqn, ch) {
+            // A TPM command failed: the kept bus session may be gone (flushed by another
+            // client, a TPM restart). Once more with a new one; the SQN state changes only on
+            // success, so the retry is safe. MAC and SQN refusals are answers, not retried.
+            Err(TreError::Command { .. }) if had_session => {
+                self.drop_bus_session();
+                self.authenticate_once(secrets, sqn, ch)
+            }
+            other => other,
+        }
+    }
+
+    fn authenticate_once(
         &mut self,
         secrets: &ProtectedSecrets,
         sqn: &mut MsSqnState,
