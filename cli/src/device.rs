@@ -954,12 +954,20 @@ pub fn run_audit(a: AuditArgs) -> Result<(), CliError> {
                     .get_audit_log(pb::GetAuditLogRequest { from_seq: 0, limit: 0 })
                     .await?
                     .into_inner();
+                use std::io::Write;
+                let mut out = std::io::stdout().lock();
                 for e in r.entries {
                     let at = e.at.map_or(0, |t| t.seconds);
-                    if a.socket.json {
-                        println!("{}", serde_json::json!({"seq": e.seq, "at": at, "event": e.event, "mcim": e.mcim_id, "detail": e.detail, "hash": hex::encode(&e.hash)}));
+                    // Control characters in a detail are shown escaped: one entry, one line.
+                    let detail = e.detail.escape_debug();
+                    let line = if a.socket.json {
+                        writeln!(out, "{}", serde_json::json!({"seq": e.seq, "at": at, "event": e.event, "mcim": e.mcim_id, "detail": e.detail, "hash": hex::encode(&e.hash)}))
                     } else {
-                        println!("{:>5} {at} {:<12} {:<16} {}", e.seq, e.event, e.mcim_id, e.detail);
+                        writeln!(out, "{:>5} {at} {:<12} {:<16} {detail}", e.seq, e.event, e.mcim_id)
+                    };
+                    // A reader that stopped early (`| head`) is not an error.
+                    if line.is_err() {
+                        break;
                     }
                 }
                 Ok(())

@@ -298,6 +298,22 @@ fn owner_sho_and_pva_drive_a_device_through_tred() {
     let short = mcimctl(&tred, &["device", "attest", "--nonce", "123"]);
     assert_eq!(short.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&short.stderr).contains("--nonce"));
+    // `audit show` into a reader that has gone (`| head`): no panic, exit 0.
+    let mut child = Command::new(workspace_bin("mcimctl"))
+        .env("MCIM_SOCKET", tred.socket())
+        .args(["audit", "show"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let gone = child.wait_with_output().unwrap();
+    assert!(
+        gone.status.success(),
+        "{}",
+        String::from_utf8_lossy(&gone.stderr)
+    );
+    assert!(!String::from_utf8_lossy(&gone.stderr).contains("panicked"));
     let pcr24 = mcimctl(
         &tred,
         &["device", "attest", "--nonce", nonce, "--pcrs", "0,24"],
@@ -806,6 +822,56 @@ fn the_same_device_commands_on_a_pkcs11_token() {
             );
         }
     }
+}
+
+/// InstallMcim refuses an expiry that is no valid time, or already past, before it touches
+/// the TRE: INVALID_ARGUMENT naming expires_at, nothing installed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn install_refuses_an_invalid_or_past_expiry() {
+    let tpm = Swtpm::start();
+    let tred = Tred::start(&tpm.tcti());
+    let keys = tempfile::tempdir().unwrap();
+    ok(mcimctl(
+        &tred,
+        &[
+            "device",
+            "init",
+            "--device-id",
+            "SN-E",
+            "--pcid",
+            "001010000000077",
+            "--model",
+            "meter",
+            "--out-dir",
+            p(keys.path()),
+        ],
+    ));
+    let ts = |seconds, nanos| prost_types::Timestamp { seconds, nanos };
+    for bad in [
+        ts(-1, 0),
+        ts(0, 0),
+        ts(1, -1),
+        ts(4_000_000_000, 1_000_000_000),
+        ts(1, 0),
+    ] {
+        let e = tred
+            .client()
+            .await
+            .install_mcim(mcim_proto::mcim::tre::v1::InstallMcimRequest {
+                imsi: "001010000000099".into(),
+                sho_id: "sho.example".into(),
+                wrapped_k: vec![1; 40],
+                wrapped_opc: vec![1; 40],
+                expires_at: Some(bad),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{bad:?}: {e}");
+        assert!(e.message().contains("expires_at"), "{e}");
+    }
+    let listed = ok(mcimctl(&tred, &["device", "list"]));
+    assert!(!listed.contains("001010000000099"), "{listed}");
 }
 
 /// One tred per state directory: a second daemon on the same directory (another socket)

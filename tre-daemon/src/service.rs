@@ -323,10 +323,20 @@ impl TreService for TreApi {
                 ));
             }
         };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
         let expires_at = match r.expires_at {
             None => None,
             Some(t) if t.seconds > 0 && (0..1_000_000_000).contains(&t.nanos) => {
-                u64::try_from(t.seconds).ok()
+                match u64::try_from(t.seconds) {
+                    Ok(s) if s > now => Some(s),
+                    _ => {
+                        return Err(Status::invalid_argument(
+                            "expires_at: the credential would be expired already",
+                        ));
+                    }
+                }
             }
             Some(_) => {
                 return Err(Status::invalid_argument(
