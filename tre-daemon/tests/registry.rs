@@ -122,6 +122,94 @@ mod on_tpm {
         })
         .unwrap();
     }
+    /// What an old copy of an MCIM's record can still do after the MCIM was deleted, as
+    /// docs/architecture.md §7 says: its blobs still load under the unchanged storage key, and
+    /// with tpm2-tools alone, without the MCIM's PIN, OPc unseals and K encrypts. The TPM
+    /// enforces neither the delete nor the PIN today; this pins that gap until the PIN is the
+    /// objects' authValue and a revocable policy exists (the TRE-enforcement issue, item 3).
+    #[test]
+    fn an_old_copy_of_a_deleted_mcims_blobs_still_works_as_documented() {
+        use mcim_core::aka::Kernel;
+        let dev = Device::new();
+        let saved = {
+            let mut reg = dev.open();
+            install(&mut reg, IMSI_A, Some(("1234", "24681357")));
+            let saved = reg.get(IMSI_A).unwrap().secrets.clone().unwrap();
+            reg.apply(IMSI_A, Op::Delete).unwrap();
+            assert!(matches!(reg.get(IMSI_A), Err(RegistryError::NotFound(_))));
+            saved
+        };
+        // The registry is closed: tpm2-tools may talk to the TPM.
+        let dir = tempfile::tempdir().unwrap();
+        let path = |n: &str| dir.path().join(n).to_str().unwrap().to_string();
+        let load = |at_rest: &[u8], name: &str| -> String {
+            // The at-rest form is TPM2B_PUBLIC then TPM2B_PRIVATE, what tpm2_load reads.
+            let n = usize::from(u16::from_be_bytes([at_rest[0], at_rest[1]]));
+            let (public, rest) = at_rest.split_at(2 + n);
+            let m = usize::from(u16::from_be_bytes([rest[0], rest[1]]));
+            std::fs::write(path(&format!("{name}.pub")), public).unwrap();
+            std::fs::write(path(&format!("{name}.priv")), &rest[..2 + m]).unwrap();
+            let ctx = path(&format!("{name}.ctx"));
+            // swtpm has no resource manager: free the object slots earlier clients left.
+            let out = dev.tpm.tpm2("tpm2_flushcontext", &["--transient-object"]);
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            let out = dev.tpm.tpm2(
+                "tpm2_load",
+                &[
+                    "-C",
+                    "0x81000100",
+                    "-u",
+                    &path(&format!("{name}.pub")),
+                    "-r",
+                    &path(&format!("{name}.priv")),
+                    "-c",
+                    &ctx,
+                ],
+            );
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            ctx
+        };
+        let (k, opc) = secrets(IMSI_A);
+        let opc_ctx = load(&saved.opc, "opc");
+        let out = dev.tpm.tpm2("tpm2_unseal", &["-c", &opc_ctx]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(out.stdout, opc.expose().to_vec(), "OPc, without the PIN");
+        let k_ctx = load(&saved.k, "k");
+        std::fs::write(path("block"), [0x5a; 16]).unwrap();
+        let out = dev.tpm.tpm2(
+            "tpm2_encryptdecrypt",
+            &[
+                "-c",
+                &k_ctx,
+                "-G",
+                "ecb",
+                "-o",
+                &path("out"),
+                &path("block"),
+            ],
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut want = [[0x5au8; 16]];
+        SoftKernel::new(&k).encrypt_blocks(&mut want).unwrap();
+        assert_eq!(
+            std::fs::read(path("out")).unwrap(),
+            want[0].to_vec(),
+            "E_K, without the PIN"
+        );
+    }
+
     /// NV writes per operation, counted by the TPM backend (NV_DefineSpace, NV_Increment,
     /// NV_Write, EvictControl). Every committed registry transaction writes NV twice: the
     /// rollback counter and the audit anchor. So does an AKA, because the SQN state it
