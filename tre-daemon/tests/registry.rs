@@ -152,7 +152,11 @@ mod on_tpm {
             let ctx = path(&format!("{name}.ctx"));
             // swtpm has no resource manager: free the object slots earlier clients left.
             let out = dev.tpm.tpm2("tpm2_flushcontext", &["--transient-object"]);
-            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
             let out = dev.tpm.tpm2(
                 "tpm2_load",
                 &[
