@@ -593,9 +593,10 @@ async fn status(c: &mut Tred, json: bool) -> Result<(), CliError> {
     if json {
         println!("{v}");
     } else if let Some(o) = v.as_object() {
+        // The longest key is 22 characters: every value is set off by a space at least.
         for (k, val) in o {
             println!(
-                "{k:<16}{}",
+                "{k:<23} {}",
                 val.as_str().map_or_else(|| val.to_string(), str::to_string)
             );
         }

@@ -894,7 +894,50 @@ fn a_second_tred_on_the_same_state_directory_is_refused() {
         String::from_utf8_lossy(&second.stderr)
     );
     assert!(!other.path().join("second.sock").exists());
-    ok(mcimctl(&tred, &["device", "status"]));
+    let status = ok(mcimctl(&tred, &["device", "status"]));
+    // Every key is set off from its value (once printed as `rehabilitation_counter0`).
+    assert!(
+        status
+            .lines()
+            .any(|l| l.split_whitespace().collect::<Vec<_>>() == ["rehabilitation_counter", "0"]),
+        "{status}"
+    );
+}
+
+/// A TPM that was never sent TPM2_Startup: tred says so and what to do, and exits.
+#[test]
+fn a_tpm_never_started_is_a_clear_error() {
+    let port = mcim_e2e::free_ports(2);
+    let state = tempfile::tempdir().unwrap();
+    let mut swtpm = Command::new("swtpm")
+        .args(["socket", "--tpm2", "--tpmstate"])
+        .arg(format!("dir={}", state.path().display()))
+        .arg("--server")
+        .arg(format!("type=tcp,port={port},bindaddr=127.0.0.1"))
+        .arg("--ctrl")
+        .arg(format!("type=tcp,port={},bindaddr=127.0.0.1", port + 1))
+        .args(["--flags", "not-need-init"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(std::time::Instant::now() < deadline, "swtpm did not start");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let tred = Command::new(workspace_bin("tred"))
+        .env("MCIM_TCTI", format!("swtpm:host=127.0.0.1,port={port}"))
+        .env("MCIM_STATE_DIR", state.path().join("tred"))
+        .env("MCIM_SOCKET", state.path().join("tred.sock"))
+        .output()
+        .unwrap();
+    let _ = swtpm.kill();
+    let _ = swtpm.wait();
+    assert!(!tred.status.success());
+    let err = String::from_utf8_lossy(&tred.stderr);
+    assert!(err.contains("never started"), "{err}");
+    assert!(err.contains("tpm2_startup -c"), "{err}");
 }
 
 /// `mcimctl pki init` makes the roles' CA and certificates; `mcimctl pki device` certifies the

@@ -103,7 +103,7 @@ impl TpmTre {
         };
         let tcti = TctiNameConf::from_str(&config.tcti).map_err(|e| unavailable(e.to_string()))?;
         let mut ctx = Context::new(tcti).map_err(|e| unavailable(e.to_string()))?;
-        flush_transients(&mut ctx)?;
+        flush_transients(&mut ctx).map_err(|e| never_started(e, &config.tcti))?;
         let caps = read_capabilities(&mut ctx)?;
         Ok(Self {
             ctx,
@@ -259,6 +259,22 @@ pub(crate) fn pcr_selection_list(
         .build()
         .map_err(cmd("PCR selection"))?;
     Ok((slots, list))
+}
+
+/// The first command's refusal by a TPM that was never sent TPM2_Startup, with what to do.
+fn never_started(e: TreError, tcti: &str) -> TreError {
+    let text = e.to_string();
+    if !text.contains("TPM2_Startup") {
+        return e;
+    }
+    TreError::Unavailable {
+        target: tcti.to_string(),
+        detail: format!(
+            "{text}: the TPM was never started. A swtpm needs `--flags not-need-init,startup-clear`, \
+             or send TPM2_Startup once: `TPM2TOOLS_TCTI={tcti} tpm2_startup -c`; a kernel TPM is \
+             started by the firmware"
+        ),
+    }
 }
 
 fn flush_transients(ctx: &mut Context) -> Result<(), TreError> {
