@@ -36,6 +36,23 @@ fn av(imsi: &str, seq: u8) -> AuthVector {
     .unwrap()
 }
 
+/// [`av`] for SQN numbers past 255 (a run of hundreds of AKAs).
+#[cfg(feature = "tpm")]
+fn av_n(imsi: &str, n: u16) -> AuthVector {
+    let (k, opc) = secrets(imsi);
+    let m = Milenage::with_opc(SoftKernel::new(&k), opc, Constants::default());
+    let [hi, lo] = n.to_be_bytes();
+    let mut rand = [lo; 16];
+    rand[0] = hi;
+    vector_for(
+        &m,
+        Sqn::from_bytes([0, 0, 0, hi, lo, 0]),
+        Amf([0x80, 0]),
+        Rand(rand),
+    )
+    .unwrap()
+}
+
 fn state(reg: &Registry, id: &str) -> McimState {
     reg.get(id).unwrap().state
 }
@@ -122,6 +139,57 @@ mod on_tpm {
         })
         .unwrap();
     }
+    /// What an MCIM's record gives someone who can read the state directory and use the TPM,
+    /// as docs/architecture.md §7 says: the PIN's tag is an HMAC by the integrity key, which
+    /// has an empty authValue and no dictionary-attack protection (TPMA_OBJECT_NO_DA), so
+    /// every candidate PIN can be tried against the tag through TPM2_HMAC without a try
+    /// counted anywhere. This pins the gap until the PIN is checked by a DA-protected TPM
+    /// object (the TRE-enforcement issue, item 3).
+    #[test]
+    fn a_pins_tag_can_be_searched_through_the_integrity_key_as_documented() {
+        let dev = Device::new();
+        {
+            let mut reg = dev.open();
+            install(&mut reg, IMSI_A, Some(("1234", "12345678")));
+        }
+        let record = std::fs::read_dir(dev.dir().join("mcims"))
+            .unwrap()
+            .flatten()
+            .find(|f| f.file_name().to_string_lossy().starts_with(IMSI_A))
+            .unwrap();
+        let record: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(record.path()).unwrap()).unwrap();
+        let tag = record["pin"]["pin_tag"].as_str().unwrap().to_string();
+        let mut t = TpmTre::open(&TpmConfig {
+            tcti: dev.tpm.tcti(),
+        })
+        .unwrap();
+        let found = (0..10_000u32).map(|n| format!("{n:04}")).find(|pin| {
+            let d = mcim_core::tpm::kdf::sha256(&[
+                b"mcim-pin-v1",
+                b"pin",
+                &[0],
+                IMSI_A.as_bytes(),
+                &[0],
+                pin.as_bytes(),
+            ]);
+            hex::encode(t.integrity_mac(&d).unwrap()) == tag
+        });
+        assert_eq!(found.as_deref(), Some("1234"));
+        drop(t);
+        let reg = dev.open();
+        assert_eq!(
+            reg.get(IMSI_A)
+                .unwrap()
+                .pin
+                .as_ref()
+                .unwrap()
+                .pin_tries_left,
+            3,
+            "no try was counted"
+        );
+    }
+
     /// What an old copy of an MCIM's record can still do after the MCIM was deleted, as
     /// docs/architecture.md §7 says: its blobs still load under the unchanged storage key, and
     /// with tpm2-tools alone, without the MCIM's PIN, OPc unseals and K encrypts. The TPM
@@ -214,11 +282,11 @@ mod on_tpm {
         );
     }
 
-    /// NV writes per operation, counted by the TPM backend (NV_DefineSpace, NV_Increment,
-    /// NV_Write, EvictControl). Every committed registry transaction writes NV twice: the
-    /// rollback counter and the audit anchor. So does an AKA, because the SQN state it
-    /// commits must not roll back: the issue's goal of no NV write per AKA is not met yet
-    /// (BENCHMARKS.md, docs/architecture.md §3). A refused AKA is audited, so it writes too.
+    /// NV writes per operation, counted by the TPM backend (NV_DefineSpace, NV_Increment of
+    /// an ordinary counter, NV_Write of an ordinary index, EvictControl; an orderly counter's
+    /// increment only when it rolls over). A durable registry transaction writes NV twice:
+    /// the rollback counter and the audit anchor. An AKA (accepted or refused, both audited)
+    /// advances the hybrid counter in the TPM's RAM and writes none.
     #[test]
     fn nv_writes_per_operation_are_counted() {
         let dev = Device::new();
@@ -239,7 +307,7 @@ mod on_tpm {
         for seq in 1..=3u8 {
             let v = av(IMSI_A, seq);
             reg.authenticate(IMSI_A, &v.rand, &v.autn).unwrap();
-            step(&mut reg, "AKA", 2);
+            step(&mut reg, "AKA", 0);
         }
         let mut forged = av(IMSI_A, 9);
         forged.autn.0[15] ^= 1;
@@ -248,11 +316,39 @@ mod on_tpm {
                 .is_err()
         );
         // The refusal is audited: a committed transaction too.
-        step(&mut reg, "refused AKA", 2);
+        step(&mut reg, "refused AKA", 0);
+        let h = reg.tre().hybrid_counter().unwrap().unwrap();
+        assert_ne!(
+            h.value & h.orderly_mask,
+            0,
+            "no rollover in this run ({h:?}): a rollover would be one NV write"
+        );
         reg.apply(IMSI_A, Op::EndSession).unwrap();
         step(&mut reg, "end session", 2);
         reg.apply(IMSI_A, Op::Delete).unwrap();
         step(&mut reg, "delete", 2);
+        drop(reg);
+        // The TPM's own account (tpm2-tools): the AKA counter is an orderly (hybrid) counter,
+        // the reset marker an orderly index cleared at every TPM reset.
+        let out = dev.tpm.tpm2("tpm2_nvreadpublic", &[]);
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(out.status.success(), "{text}");
+        let section = |index: &str| {
+            text.split("\n0x")
+                .find(|s| s.starts_with(index))
+                .unwrap_or_else(|| panic!("{index} in {text}"))
+                .to_string()
+        };
+        let counter = section("1500103");
+        assert!(
+            counter.contains("orderly") && counter.contains("nt=0x1"),
+            "{counter}"
+        );
+        let marker = section("1500104");
+        assert!(
+            marker.contains("orderly") && marker.contains("clear_stclear"),
+            "{marker}"
+        );
     }
 
     #[test]
@@ -659,6 +755,220 @@ mod on_tpm {
         );
     }
 
+    /// A registry with IMSI_A installed, activated and selected: ready for AKA.
+    fn selected(dev: &Device) -> Registry {
+        let mut reg = dev.open();
+        install(&mut reg, IMSI_A, None);
+        reg.apply(IMSI_A, Op::Activate).unwrap();
+        reg.select(IMSI_A, None).unwrap();
+        reg
+    }
+
+    fn hybrid(reg: &mut Registry) -> mcim_tre::tre::HybridCount {
+        reg.tre().hybrid_counter().unwrap().expect("a TPM has one")
+    }
+
+    /// An AKA commits on the hybrid counter alone; a copy of the state directory from between
+    /// two AKAs is still a rollback (the attacker wants AUTN 2 accepted again), refused the
+    /// same way, and lockdown writes nothing.
+    #[test]
+    fn a_copy_from_between_two_akas_is_refused_as_rollback() {
+        let dev = Device::new();
+        let old = tempfile::tempdir().unwrap();
+        let (a1, a2) = (av(IMSI_A, 1), av(IMSI_A, 2));
+        {
+            let mut reg = selected(&dev);
+            reg.authenticate(IMSI_A, &a1.rand, &a1.autn).unwrap();
+            copy_dir(dev.dir(), old.path());
+            reg.authenticate(IMSI_A, &a2.rand, &a2.autn).unwrap();
+        }
+        std::fs::remove_dir_all(dev.dir()).unwrap();
+        copy_dir(old.path(), dev.dir());
+        let mut reg = dev.open();
+        let why = reg.status().lockdown.expect("lockdown");
+        assert!(why.contains("rollback") && why.contains("hybrid"), "{why}");
+        assert!(matches!(
+            reg.authenticate(IMSI_A, &a2.rand, &a2.autn),
+            Err(RegistryError::Lockdown(_))
+        ));
+        assert_eq!(
+            snapshot(dev.dir()),
+            snapshot(old.path()),
+            "lockdown writes nothing"
+        );
+    }
+
+    /// While the TPM runs, the hybrid counter must match exactly: a copy from the same block
+    /// of MAX_ORDERLY_COUNT + 1 values is refused even when the live counter sits where a
+    /// jump would have put it (its low bits all set). Only a TPM reset (the reset marker's
+    /// TPMA_NV_WRITTEN cleared) lets a jump be accepted.
+    #[test]
+    fn a_copy_a_jump_would_explain_is_refused_while_the_tpm_ran() {
+        let dev = Device::new();
+        let old = tempfile::tempdir().unwrap();
+        let mut n = 1u16;
+        let mut aka = |reg: &mut Registry| {
+            let a = av_n(IMSI_A, n);
+            n += 1;
+            reg.authenticate(IMSI_A, &a.rand, &a.autn).unwrap();
+        };
+        {
+            let mut reg = selected(&dev);
+            // AKAs until the next one sets the counter's low bits.
+            for _ in 0..=1024 {
+                let h = hybrid(&mut reg);
+                if h.value & h.orderly_mask == h.orderly_mask - 1 {
+                    break;
+                }
+                aka(&mut reg);
+            }
+            copy_dir(dev.dir(), old.path());
+            aka(&mut reg);
+            let h = hybrid(&mut reg);
+            assert_eq!(h.value & h.orderly_mask, h.orderly_mask, "{h:?}");
+            assert!(!h.reset_since_checked, "{h:?}");
+        }
+        std::fs::remove_dir_all(dev.dir()).unwrap();
+        copy_dir(old.path(), dev.dir());
+        let reg = dev.open();
+        let why = reg.status().lockdown.expect("lockdown");
+        assert!(why.contains("rollback") && why.contains("hybrid"), "{why}");
+        assert_eq!(
+            snapshot(dev.dir()),
+            snapshot(old.path()),
+            "lockdown writes nothing"
+        );
+    }
+
+    /// A TPM reset without TPM2_Shutdown (power lost: swtpm killed) advances the hybrid
+    /// counter past every value it returned. The registry accepts that jump, audits it, and
+    /// goes on with its SQN state intact; the increment after the jump rolls the low bits
+    /// over, the one NV write of its block.
+    #[test]
+    fn a_tpm_reset_without_shutdown_is_accepted_and_audited() {
+        let mut dev = Device::new();
+        let (a1, a2, a3) = (av(IMSI_A, 1), av(IMSI_A, 2), av(IMSI_A, 3));
+        let before = {
+            let mut reg = selected(&dev);
+            reg.authenticate(IMSI_A, &a1.rand, &a1.autn).unwrap();
+            reg.authenticate(IMSI_A, &a2.rand, &a2.autn).unwrap();
+            hybrid(&mut reg)
+        };
+        dev.tpm.restart();
+        let mut reg = dev.open();
+        let st = reg.status();
+        assert_eq!(st.lockdown, None, "{st:?}");
+        assert!(
+            st.startup
+                .iter()
+                .any(|s| s.contains("without TPM2_Shutdown")),
+            "{st:?}"
+        );
+        let h = hybrid(&mut reg);
+        assert!(
+            h.value > before.value && h.value & h.orderly_mask == h.orderly_mask,
+            "{before:?} -> {h:?}"
+        );
+        assert!(!h.reset_since_checked, "the registry marked its check");
+        let audit = reg.audit().unwrap();
+        assert!(
+            audit
+                .iter()
+                .any(|e| e.event == "integrity" && e.detail.contains("jumped")),
+            "{audit:?}"
+        );
+        assert!(reg.verify_audit().unwrap().ok);
+        reg.select(IMSI_A, None).unwrap();
+        let nv0 = reg.tre().nv_write_count().unwrap();
+        assert!(
+            matches!(
+                reg.authenticate(IMSI_A, &a2.rand, &a2.autn).unwrap(),
+                DeviceResponse::SyncFailure { .. }
+            ),
+            "the SQN state stands: AUTN 2 again is refused"
+        );
+        assert!(matches!(
+            reg.authenticate(IMSI_A, &a3.rand, &a3.autn).unwrap(),
+            DeviceResponse::Success { .. }
+        ));
+        assert_eq!(
+            reg.tre().nv_write_count().unwrap() - nv0,
+            1,
+            "the first increment after the jump rolls over"
+        );
+        drop(reg);
+        assert_eq!(dev.open().status().lockdown, None);
+    }
+
+    /// What a jump cannot be told from, as docs/architecture.md §3 says: a copy of the state
+    /// directory up to MAX_ORDERLY_COUNT AKAs old, put back while the TPM loses power, is
+    /// accepted, and an AUTN accepted after the copy was taken is accepted again.
+    #[test]
+    fn a_copy_restored_across_a_tpm_reset_is_the_documented_window() {
+        let mut dev = Device::new();
+        let old = tempfile::tempdir().unwrap();
+        let (a1, a2) = (av(IMSI_A, 1), av(IMSI_A, 2));
+        {
+            let mut reg = selected(&dev);
+            reg.authenticate(IMSI_A, &a1.rand, &a1.autn).unwrap();
+            copy_dir(dev.dir(), old.path());
+            reg.authenticate(IMSI_A, &a2.rand, &a2.autn).unwrap();
+        }
+        dev.tpm.restart();
+        std::fs::remove_dir_all(dev.dir()).unwrap();
+        copy_dir(old.path(), dev.dir());
+        let mut reg = dev.open();
+        let st = reg.status();
+        assert_eq!(st.lockdown, None, "{st:?}");
+        reg.select(IMSI_A, None).unwrap();
+        assert!(
+            matches!(
+                reg.authenticate(IMSI_A, &a2.rand, &a2.autn).unwrap(),
+                DeviceResponse::Success { .. }
+            ),
+            "AUTN 2, accepted before, is accepted again"
+        );
+    }
+
+    /// An AKA cut after its commit point (header written, hybrid counter not yet advanced)
+    /// is completed at the next start: its SQN state stands.
+    #[test]
+    fn an_aka_cut_after_its_commit_point_is_completed_at_the_next_start() {
+        let dev = Device::new();
+        let (a1, a2) = (av(IMSI_A, 1), av(IMSI_A, 2));
+        {
+            let (mut reg, hybrid_cut) = dev.open_faulty_hybrid();
+            install(&mut reg, IMSI_A, None);
+            reg.apply(IMSI_A, Op::Activate).unwrap();
+            reg.select(IMSI_A, None).unwrap();
+            reg.authenticate(IMSI_A, &a1.rand, &a1.autn).unwrap();
+            hybrid_cut.set(true);
+            assert!(
+                reg.authenticate(IMSI_A, &a2.rand, &a2.autn).is_err(),
+                "the cut is reported"
+            );
+        }
+        let mut reg = dev.open();
+        let st = reg.status();
+        assert_eq!(st.lockdown, None, "{st:?}");
+        assert!(
+            st.startup
+                .iter()
+                .any(|s| s.contains("AKA's commit cut short")),
+            "{st:?}"
+        );
+        reg.select(IMSI_A, None).unwrap();
+        assert!(
+            matches!(
+                reg.authenticate(IMSI_A, &a2.rand, &a2.autn).unwrap(),
+                DeviceResponse::SyncFailure { .. }
+            ),
+            "the committed SQN state stands"
+        );
+        drop(reg);
+        assert_eq!(dev.open().status().lockdown, None);
+    }
+
     #[test]
     fn a_broken_audit_chain_is_lockdown() {
         for damage in ["edit", "drop", "truncate_committed"] {
@@ -801,6 +1111,7 @@ mod on_tpm {
         fail_mac_in: std::rc::Rc<std::cell::Cell<u32>>,
         fail_advance: std::rc::Rc<std::cell::Cell<bool>>,
         fail_anchor: std::rc::Rc<std::cell::Cell<bool>>,
+        fail_hybrid: std::rc::Rc<std::cell::Cell<bool>>,
     }
 
     fn cut() -> mcim_tre::tre::TreError {
@@ -853,6 +1164,28 @@ mod on_tpm {
             }
             self.inner.advance_rollback_counter()
         }
+        fn hybrid_counter(
+            &mut self,
+        ) -> Result<Option<mcim_tre::tre::HybridCount>, mcim_tre::tre::TreError> {
+            self.inner.hybrid_counter()
+        }
+        fn advance_hybrid_counter(&mut self) -> Result<u64, mcim_tre::tre::TreError> {
+            if self.fail_hybrid.replace(false) {
+                return Err(cut());
+            }
+            self.inner.advance_hybrid_counter()
+        }
+        fn mark_hybrid_checked(&mut self) -> Result<(), mcim_tre::tre::TreError> {
+            self.inner.mark_hybrid_checked()
+        }
+        fn authenticate(
+            &mut self,
+            s: &mcim_tre::tre::ProtectedSecrets,
+            sqn: &mut mcim_core::aka::MsSqnState,
+            ch: &mcim_tre::tre::AkaChallenge<'_>,
+        ) -> Result<DeviceResponse, mcim_tre::tre::TreError> {
+            self.inner.authenticate(s, sqn, ch)
+        }
         fn audit_anchor(&mut self) -> Result<mcim_tre::tre::AuditAnchor, mcim_tre::tre::TreError> {
             self.inner.audit_anchor()
         }
@@ -879,6 +1212,23 @@ mod on_tpm {
             (reg, mac, adv)
         }
 
+        /// A registry over [`Faulty`], and the switch that fails the next hybrid counter
+        /// advance (a power cut right after an AKA's commit point).
+        fn open_faulty_hybrid(&self) -> (Registry, std::rc::Rc<std::cell::Cell<bool>>) {
+            let hybrid = std::rc::Rc::new(std::cell::Cell::new(false));
+            let t = Faulty {
+                inner: TpmTre::open(&TpmConfig {
+                    tcti: self.tpm.tcti(),
+                })
+                .unwrap(),
+                fail_mac_in: std::rc::Rc::default(),
+                fail_advance: std::rc::Rc::default(),
+                fail_anchor: std::rc::Rc::default(),
+                fail_hybrid: hybrid.clone(),
+            };
+            (Registry::open(self.dir(), Box::new(t)).unwrap(), hybrid)
+        }
+
         /// [`Device::open_faulty`], and the switch that fails the next anchor write.
         #[allow(clippy::type_complexity)]
         fn open_faulty_anchor(
@@ -900,6 +1250,7 @@ mod on_tpm {
                 fail_mac_in: mac.clone(),
                 fail_advance: adv.clone(),
                 fail_anchor: anchor.clone(),
+                fail_hybrid: std::rc::Rc::default(),
             };
             (
                 Registry::open(self.dir(), Box::new(t)).unwrap(),

@@ -38,27 +38,30 @@ impl Registry {
             Ok(resp @ DeviceResponse::Success { .. }) => {
                 let mut next = rec;
                 next.sqn = sqn;
-                self.commit(
+                self.commit_as(
+                    Commit::Frequent,
                     vec![Change::Put(Box::new(next))],
-                    "aka",
+                    AKA_EVENT,
                     Some(id),
                     "authenticated".into(),
                 )?;
                 Ok(resp)
             }
             Ok(resp @ DeviceResponse::SyncFailure { .. }) => {
-                self.commit(
+                self.commit_as(
+                    Commit::Frequent,
                     Vec::new(),
-                    "aka",
+                    AKA_EVENT,
                     Some(id),
                     "synchronisation failure: AUTS sent".into(),
                 )?;
                 Ok(resp)
             }
             Err(TreError::MacFailure) => {
-                self.commit(
+                self.commit_as(
+                    Commit::Frequent,
                     Vec::new(),
-                    "aka",
+                    AKA_EVENT,
                     Some(id),
                     "MAC failure: network not authenticated".into(),
                 )?;

@@ -21,6 +21,12 @@
 //! - a header exactly one ahead of the counter is a transaction cut short after its commit
 //!   point, and is completed.
 //!
+//! On a TRE with a hybrid counter (a TPM: `Tre::hybrid_counter`), an AKA's commit (its SQN
+//! state and audit entry, [`Commit::Frequent`]) advances the hybrid counter instead, and
+//! moves no anchor, so an AKA writes no NV. The header carries both counters; the checks above
+//! apply to each, except that a hybrid counter ahead of the header by a jump a restart without
+//! TPM2_Shutdown explains is accepted (and audited): see `docs/architecture.md` §3 "NV wear".
+//!
 //! One file per job: `store.rs` (loading, the start-up checks and the one commit path),
 //! `transitions.rs` (install, lifecycle operations, selection, connectivity), `pin.rs` (PIN
 //! and PUK), `aka.rs` (AKA with the selected MCIM), `rehabilitation.rs` (leaving lockdown),
@@ -110,6 +116,20 @@ pub enum RegistryError {
     EngineBroken(String),
 }
 
+/// Which counter a transaction advances.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Commit {
+    /// The rollback counter and the audit anchor: every transaction but an AKA's.
+    Durable,
+    /// The hybrid counter alone, when the TRE has one: the SQN state and audit entry of an AKA,
+    /// committed after every authentication.
+    Frequent,
+}
+
+/// The audit event of an AKA: the only entries that may lie past the TRE's audit anchor
+/// (a [`Commit::Frequent`] moves no anchor).
+const AKA_EVENT: &str = "aka";
+
 fn io(e: std::io::Error) -> RegistryError {
     RegistryError::Io(e.to_string())
 }
@@ -179,6 +199,11 @@ pub struct Registry {
     tre_sync_pending: bool,
     /// The counter caught up, the anchor still lags (its write failed).
     anchor_pending: bool,
+    /// The TRE's hybrid counter lags one committed AKA behind.
+    hybrid_sync_pending: bool,
+    /// The TRE has a hybrid counter (read at load): AKA commits advance it, not the
+    /// rollback counter, and move no anchor.
+    hybrid: bool,
     lockdown: Option<String>,
     startup: Vec<String>,
 }
@@ -217,11 +242,14 @@ impl Registry {
             tail: (0, [0; 32]),
             tre_sync_pending: false,
             anchor_pending: false,
+            hybrid_sync_pending: false,
+            hybrid: false,
             lockdown: None,
             startup: Vec::new(),
         };
-        if let store::Checked::Untrusted(reason) = reg.load()? {
-            reg.lockdown = Some(reason);
+        match reg.load()? {
+            store::Checked::Untrusted(reason) => reg.lockdown = Some(reason),
+            store::Checked::Intact(()) => reg.hybrid_checked()?,
         }
         Ok(reg)
     }

@@ -114,6 +114,10 @@ pub struct Header {
     pub format: u32,
     /// The TRE counter value this header was committed with.
     pub counter: u64,
+    /// The TRE's hybrid counter value this header was committed with, when the TRE has one
+    /// (`Tre::hybrid_counter`): AKA commits advance it instead of `counter`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hybrid_counter: Option<u64>,
     /// Last committed audit entry: sequence number.
     pub audit_seq: u64,
     /// Last committed audit entry: hash (hex).

@@ -82,13 +82,16 @@ impl Registry {
         self.records.clear();
         self.tail = (0, [0; 32]);
         self.tre_sync_pending = false;
+        self.hybrid_sync_pending = false;
         self.anchor_pending = false;
         self.lockdown = None;
         let detail = format!(
             "rehabilitated from lockdown ({reason}); {kept} of {} MCIMs kept, the others blocked; previous audit record kept as {kept_as}",
             ids.len()
         );
-        let done = self.commit(changes, "rehabilitation", None, detail);
+        let done = self
+            .commit(changes, "rehabilitation", None, detail)
+            .and_then(|()| self.hybrid_checked());
         if let Err(e) = &done {
             self.lockdown = Some(format!("rehabilitation did not complete: {e}"));
         }

@@ -1,7 +1,7 @@
 //! The registry's crash-safe store (5.1.2.3): loading and checking the state directory at
 //! start (header MAC, record MACs, audit chain, rollback counter, anchor), and the one commit
 //! path every transaction takes (record files, audit entry, header as the commit point, then
-//! the TRE's counter and anchor).
+//! the TRE's counter and anchor, or for an AKA on a TPM the hybrid counter alone).
 
 use super::*;
 
@@ -39,6 +39,8 @@ impl Registry {
         let audit_bytes = files::read_optional(&self.dir.join(AUDIT_FILE)).map_err(io)?;
         let anchor = self.tre.audit_anchor()?;
         let counter = self.tre.rollback_counter()?;
+        let hybrid = self.tre.hybrid_counter()?;
+        self.hybrid = hybrid.is_some();
         let Some(header_bytes) = header_bytes else {
             if audit_bytes.is_some() || anchor.seq > 0 {
                 return Ok(Checked::Untrusted("the registry header is missing".into()));
@@ -72,6 +74,42 @@ impl Registry {
             )));
         }
         self.tre_sync_pending = header.counter == counter + 1;
+        // The hybrid counter (AKA commits), when the TRE has one.
+        let mut hybrid_note = None;
+        match (hybrid, header.hybrid_counter) {
+            (None, None) => {}
+            (None, Some(_)) => {
+                return Ok(Checked::Untrusted(
+                    "the registry header names a hybrid counter this TRE does not have".into(),
+                ));
+            }
+            // A header from before the hybrid counter: the next durable commit adopts it.
+            (Some(_), None) => {
+                hybrid_note =
+                    Some("AKA commits advance the TRE's hybrid counter from now on".into())
+            }
+            (Some(h), Some(a)) if a == h.value => {}
+            (Some(h), Some(a)) if a == h.value + 1 => self.hybrid_sync_pending = true,
+            (Some(h), Some(a)) if h.jumped_from(a) => {
+                hybrid_note = Some(format!(
+                    "the TPM restarted without TPM2_Shutdown: its hybrid counter jumped from {a} to {}; \
+                     a state directory up to {} AKAs older could not have been told from this one",
+                    h.value, h.orderly_mask
+                ))
+            }
+            (Some(h), Some(a)) if a < h.value => {
+                return Ok(Checked::Untrusted(format!(
+                    "rollback: the state directory is older than the TRE (header hybrid counter {a}, TRE hybrid counter {})",
+                    h.value
+                )));
+            }
+            (Some(h), Some(a)) => {
+                return Ok(Checked::Untrusted(format!(
+                    "the header's hybrid counter {a} is ahead of the TRE's {}",
+                    h.value
+                )));
+            }
+        }
 
         // The audit chain.
         let entries = match audit::verify(self.tre.as_mut(), audit_bytes.as_deref().unwrap_or(&[]))
@@ -94,13 +132,32 @@ impl Registry {
         }
         let anchor_ok =
             anchor.seq == header.audit_seq && hex::encode(anchor.head) == header.audit_head;
-        // A commit cut after its commit point leaves the anchor one entry behind: before the
-        // TRE counter advanced, or between the counter and the anchor (both TRE writes).
-        let anchor_one_behind = entries
+        // The anchor may lag behind the committed head by AKA entries (a frequent commit moves
+        // no anchor), and by one more entry of any kind: a commit cut after its commit point,
+        // before the TRE counter advanced or between the counter and the anchor.
+        let lag: Option<Vec<&audit::StoredEntry>> = entries
             .iter()
-            .find(|s| s.entry.seq + 1 == header.audit_seq)
-            .is_some_and(|s| anchor.seq == s.entry.seq && anchor.head == s.hash);
-        if !anchor_ok && !anchor_one_behind {
+            .position(|s| anchor.seq == s.entry.seq && anchor.head == s.hash)
+            .map(|at| {
+                entries[at + 1..]
+                    .iter()
+                    .filter(|s| s.entry.seq <= header.audit_seq)
+                    .collect()
+            });
+        let anchor_behind = lag.as_ref().is_some_and(|lag| {
+            lag.split_last().is_some_and(|(_, before)| {
+                before
+                    .iter()
+                    .all(|s| self.hybrid && s.entry.event == AKA_EVENT)
+            })
+        });
+        // The last entry past the anchor is not an AKA's: its commit was cut before its anchor.
+        let anchor_cut = anchor_behind
+            && lag
+                .as_ref()
+                .and_then(|l| l.last())
+                .is_some_and(|s| !(self.hybrid && s.entry.event == AKA_EVENT));
+        if !anchor_ok && !anchor_behind {
             return Ok(Checked::Untrusted(format!(
                 "the audit record disagrees with the TRE's anchor (record {}, TRE {})",
                 header.audit_seq, anchor.seq
@@ -121,11 +178,21 @@ impl Registry {
             self.sync_tre()?;
             self.startup
                 .push("completed a transaction cut short after its commit point".into());
-        } else if anchor_one_behind && !anchor_ok {
+        } else if anchor_cut {
             self.set_anchor()?;
             self.startup.push(
                 "completed a transaction cut short between the TRE's counter and its anchor".into(),
             );
+        }
+        if self.hybrid_sync_pending {
+            self.sync_hybrid()?;
+            self.startup
+                .push("completed an AKA's commit cut short after its commit point".into());
+        }
+        if let Some(h) = hybrid.filter(|_| hybrid_note.is_some()) {
+            // Recorded by a durable commit (below), which also puts every older header behind
+            // the rollback counter.
+            self.header.hybrid_counter = self.header.hybrid_counter.map(|_| h.value);
         }
 
         // The records.
@@ -188,6 +255,10 @@ impl Registry {
                 "lifecycle"
             };
             self.commit(vec![Change::Put(Box::new(rec))], event, Some(&id), why)?;
+        }
+        if let Some(note) = hybrid_note {
+            self.startup.push(note.clone());
+            self.commit(Vec::new(), "integrity", None, note)?;
         }
         Ok(Checked::Intact(()))
     }
@@ -273,6 +344,30 @@ impl Registry {
         self.set_anchor()
     }
 
+    /// After the state directory was found current: from here until the TPM's next reset,
+    /// the hybrid counter must match the header exactly (no jump is accepted).
+    pub(super) fn hybrid_checked(&mut self) -> Result<(), RegistryError> {
+        if self.hybrid {
+            self.tre.mark_hybrid_checked()?;
+        }
+        Ok(())
+    }
+
+    /// Advances the TRE's hybrid counter to the committed header (an AKA's commit).
+    fn sync_hybrid(&mut self) -> Result<(), RegistryError> {
+        let now = self.tre.advance_hybrid_counter()?;
+        if Some(now) != self.header.hybrid_counter {
+            let why = format!(
+                "the TRE's hybrid counter moved to {now}, expected {:?}",
+                self.header.hybrid_counter
+            );
+            self.lockdown = Some(why.clone());
+            return Err(RegistryError::Lockdown(why));
+        }
+        self.hybrid_sync_pending = false;
+        Ok(())
+    }
+
     /// Moves the TRE's audit anchor to the committed header's audit head.
     fn set_anchor(&mut self) -> Result<(), RegistryError> {
         let mut head = [0u8; 32];
@@ -286,9 +381,22 @@ impl Registry {
         Ok(())
     }
 
-    /// One transaction (see the module documentation for the order of writes).
+    /// One durable transaction (see the module documentation for the order of writes).
     pub(super) fn commit(
         &mut self,
+        changes: Vec<Change>,
+        event: &str,
+        mcim: Option<&str>,
+        detail: String,
+    ) -> Result<(), RegistryError> {
+        self.commit_as(Commit::Durable, changes, event, mcim, detail)
+    }
+
+    /// One transaction advancing the counter `kind` names (a [`Commit::Frequent`] is durable
+    /// on a TRE without a hybrid counter).
+    pub(super) fn commit_as(
+        &mut self,
+        kind: Commit,
         changes: Vec<Change>,
         event: &str,
         mcim: Option<&str>,
@@ -302,7 +410,16 @@ impl Registry {
         } else if self.anchor_pending {
             self.set_anchor()?;
         }
+        if self.hybrid_sync_pending {
+            self.sync_hybrid()?;
+        }
+        let frequent =
+            kind == Commit::Frequent && self.hybrid && self.header.hybrid_counter.is_some();
         let mut header = self.header.clone();
+        if !frequent && self.hybrid && header.hybrid_counter.is_none() {
+            // A new or rehabilitated registry, or one from before the hybrid counter.
+            header.hybrid_counter = self.tre.hybrid_counter()?.map(|h| h.value);
+        }
         let mut records = Vec::new();
         for change in changes {
             match change {
@@ -357,7 +474,11 @@ impl Registry {
         files::append_durable(&self.dir.join(AUDIT_FILE), &line).map_err(io)?;
         self.tail = (entry.seq, hash);
 
-        header.counter = self.header.counter + 1;
+        if frequent {
+            header.hybrid_counter = self.header.hybrid_counter.map(|c| c + 1);
+        } else {
+            header.counter = self.header.counter + 1;
+        }
         header.audit_seq = entry.seq;
         header.audit_head = hex::encode(hash);
         let mut body = serde_json::to_vec_pretty(&header)
@@ -382,8 +503,13 @@ impl Registry {
             }
         }
         self.remove_stale_files();
-        self.tre_sync_pending = true;
-        self.sync_tre()?;
+        if frequent {
+            self.hybrid_sync_pending = true;
+            self.sync_hybrid()?;
+        } else {
+            self.tre_sync_pending = true;
+            self.sync_tre()?;
+        }
         self.destroy_doomed();
         Ok(())
     }

@@ -202,6 +202,34 @@ pub struct AuditAnchor {
     pub head: [u8; 32],
 }
 
+/// A hybrid monotonic counter (TPM 2.0 Part 1 §37.2.4, TPMA_NV_ORDERLY): incremented in the
+/// TRE's RAM, written to NV only when its low bits roll over and at an orderly shutdown.
+/// After a restart without TPM2_Shutdown the TRE sets the low bits (`orderly_mask`) of the
+/// last value it saved, so the counter never goes back, but it may jump forward by up to
+/// `orderly_mask`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HybridCount {
+    /// The counter's value now.
+    pub value: u64,
+    /// MAX_ORDERLY_COUNT (TPM_PT_ORDERLY_COUNT): 2^N - 1; NV is written on the increment
+    /// that clears these bits.
+    pub orderly_mask: u64,
+    /// The TRE was reset (TPM2_Startup(CLEAR)) since [`Tre::mark_hybrid_checked`] was last
+    /// called: only then can the counter have jumped.
+    pub reset_since_checked: bool,
+}
+
+impl HybridCount {
+    /// Whether a value `committed` with this counter before a restart without orderly
+    /// shutdown can have become `self.value`: the TRE set the low bits of a value saved at
+    /// or before `committed`, in the same block.
+    pub fn jumped_from(&self, committed: u64) -> bool {
+        self.reset_since_checked
+            && committed < self.value
+            && (committed | self.orderly_mask) == self.value
+    }
+}
+
 /// One run of the USIM side of AKA (TS 33.102 6.3.3) inside the TRE.
 #[derive(Debug)]
 pub struct AkaChallenge<'a> {
@@ -401,6 +429,24 @@ pub trait Tre {
     /// Advances the monotonic counter by one; returns the new value.
     fn advance_rollback_counter(&mut self) -> Result<u64, TreError> {
         Err(self.not_supported("advance_rollback_counter"))
+    }
+
+    /// The TRE's hybrid counter for frequent commits (the SQN state after each AKA, TS
+    /// 33.102 6.3.3): monotonic without an NV write per increment. `None`: the backend has
+    /// none, and every commit advances [`Tre::advance_rollback_counter`].
+    fn hybrid_counter(&mut self) -> Result<Option<HybridCount>, TreError> {
+        Ok(None)
+    }
+
+    /// Advances the hybrid counter by one; returns the new value.
+    fn advance_hybrid_counter(&mut self) -> Result<u64, TreError> {
+        Err(self.not_supported("advance_hybrid_counter"))
+    }
+
+    /// Records in the TRE's RAM that the registry checked the hybrid counter against its
+    /// header since the TRE's last reset ([`HybridCount::reset_since_checked`]).
+    fn mark_hybrid_checked(&mut self) -> Result<(), TreError> {
+        Err(self.not_supported("mark_hybrid_checked"))
     }
 
     /// The audit chain's anchor in the TRE (5.1.2.2 audit record).

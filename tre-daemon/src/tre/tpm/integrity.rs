@@ -1,6 +1,7 @@
 //! What keeps the state directory honest (TR 33.812 5.1.2.2 audit record and lockdown, 5.1.2.3
 //! integrity checks): an HMAC key that never leaves the TPM, a monotonic NV counter against
-//! rollback, and an NV index anchoring the audit chain's head.
+//! rollback, a hybrid (orderly) NV counter for the frequent commits (the SQN state after each
+//! AKA) that wears no NV per increment, and an NV index anchoring the audit chain's head.
 //!
 //! The HMAC key is a primary key of the owner hierarchy with a fixed template: the TPM derives
 //! the same key from its owner seed every time, so it needs no persistent handle and is gone
@@ -14,7 +15,7 @@
 
 use mcim_core::tpm::wire::{Reader, Writer};
 use tss_esapi::attributes::NvIndexAttributesBuilder;
-use tss_esapi::constants::NvIndexType;
+use tss_esapi::constants::{NvIndexType, PropertyTag};
 use tss_esapi::handles::{KeyHandle, NvIndexHandle, NvIndexTpmHandle, TpmHandle};
 use tss_esapi::interface_types::algorithm::{HashingAlgorithm, PublicAlgorithm};
 use tss_esapi::interface_types::resource_handles::{Hierarchy, NvAuth, Provision};
@@ -25,13 +26,20 @@ use tss_esapi::structures::{
 };
 
 use super::{TpmTre, cmd};
-use crate::tre::{AuditAnchor, TreError};
+use crate::tre::{AuditAnchor, HybridCount, TreError};
 
 /// NV index of the rollback counter (TPM_NT_COUNTER).
 pub const NV_COUNTER: u32 = 0x0150_0101;
 /// NV index of the audit anchor: sequence number (8) || head (32).
 pub const NV_AUDIT_ANCHOR: u32 = 0x0150_0102;
 const ANCHOR_SIZE: usize = 40;
+/// NV index of the hybrid counter (TPM_NT_COUNTER, TPMA_NV_ORDERLY) that the frequent
+/// commits (the SQN state after each AKA) advance without an NV write per increment.
+pub const NV_HYBRID_COUNTER: u32 = 0x0150_0103;
+/// NV index that says whether the TPM was reset since the registry last checked the hybrid
+/// counter: TPMA_NV_CLEAR_STCLEAR (TPMA_NV_WRITTEN clears at every TPM Reset and Restart) and
+/// TPMA_NV_ORDERLY (written in the TPM's RAM, no NV wear).
+pub const NV_RESET_MARKER: u32 = 0x0150_0104;
 
 fn hmac_template() -> Result<Public, TreError> {
     let attrs = super::keys::device_key_attributes()
@@ -116,42 +124,53 @@ impl TpmTre {
         Ok(())
     }
 
-    /// Defines the counter and the anchor if missing (supply time). Idempotent.
-    pub(super) fn ensure_anchors(&mut self) -> Result<(), TreError> {
-        if let Some(h) = self.open_nv(NV_COUNTER)? {
-            self.close_nv(h)?;
-        } else {
-            let public = NvPublicBuilder::new()
-                .with_nv_index(nv_handle(NV_COUNTER)?)
-                .with_index_name_algorithm(HashingAlgorithm::Sha256)
-                .with_index_attributes(
-                    NvIndexAttributesBuilder::new()
-                        .with_nv_index_type(NvIndexType::Counter)
-                        .with_owner_write(true)
-                        .with_owner_read(true)
-                        .with_no_da(true)
-                        .build()
-                        .map_err(cmd("NV attributes"))?,
-                )
-                .with_data_area_size(8)
-                .build()
-                .map_err(cmd("NV public"))?;
-            self.count(2);
-            self.count_nv_write(2);
-            let h = self
-                .ctx
-                .execute_with_session(Some(AuthSession::Password), |c| {
-                    c.nv_define_space(Provision::Owner, None, public)
-                })
-                .map_err(cmd("TPM2_NV_DefineSpace(counter)"))?;
-            // A counter reads only after its first increment.
-            self.ctx
-                .execute_with_session(Some(AuthSession::Password), |c| {
-                    c.nv_increment(NvAuth::Owner, h)
-                })
-                .map_err(cmd("TPM2_NV_Increment"))?;
-            self.close_nv(h)?;
+    /// Defines a counter index if missing: ordinary (`orderly` false: every increment writes
+    /// NV) or hybrid (`orderly`: increments stay in the TPM's RAM until the low bits roll
+    /// over or TPM2_Shutdown).
+    fn ensure_counter(&mut self, index: u32, orderly: bool) -> Result<(), TreError> {
+        if let Some(h) = self.open_nv(index)? {
+            return self.close_nv(h);
         }
+        let public = NvPublicBuilder::new()
+            .with_nv_index(nv_handle(index)?)
+            .with_index_name_algorithm(HashingAlgorithm::Sha256)
+            .with_index_attributes(
+                NvIndexAttributesBuilder::new()
+                    .with_nv_index_type(NvIndexType::Counter)
+                    .with_orderly(orderly)
+                    .with_owner_write(true)
+                    .with_owner_read(true)
+                    .with_no_da(true)
+                    .build()
+                    .map_err(cmd("NV attributes"))?,
+            )
+            .with_data_area_size(8)
+            .build()
+            .map_err(cmd("NV public"))?;
+        // The definition and the first increment (which sets TPMA_NV_WRITTEN) write NV.
+        self.count(2);
+        self.count_nv_write(2);
+        let h = self
+            .ctx
+            .execute_with_session(Some(AuthSession::Password), |c| {
+                c.nv_define_space(Provision::Owner, None, public)
+            })
+            .map_err(cmd("TPM2_NV_DefineSpace(counter)"))?;
+        self.nv.insert(index, h);
+        // A counter reads only after its first increment.
+        self.ctx
+            .execute_with_session(Some(AuthSession::Password), |c| {
+                c.nv_increment(NvAuth::Owner, h)
+            })
+            .map_err(cmd("TPM2_NV_Increment"))?;
+        self.close_nv(h)
+    }
+
+    /// Defines the counters and the anchor if missing (supply time). Idempotent.
+    pub(super) fn ensure_anchors(&mut self) -> Result<(), TreError> {
+        self.ensure_counter(NV_COUNTER, false)?;
+        self.ensure_counter(NV_HYBRID_COUNTER, true)?;
+        self.ensure_reset_marker()?;
         if let Some(h) = self.open_nv(NV_AUDIT_ANCHOR)? {
             self.close_nv(h)?;
         } else {
@@ -221,6 +240,126 @@ impl TpmTre {
         self.close_nv(h)?;
         r?;
         self.read_counter()
+    }
+
+    /// Defines the reset marker if missing (one NV write, once).
+    fn ensure_reset_marker(&mut self) -> Result<(), TreError> {
+        if let Some(h) = self.open_nv(NV_RESET_MARKER)? {
+            return self.close_nv(h);
+        }
+        let public = NvPublicBuilder::new()
+            .with_nv_index(nv_handle(NV_RESET_MARKER)?)
+            .with_index_name_algorithm(HashingAlgorithm::Sha256)
+            .with_index_attributes(
+                NvIndexAttributesBuilder::new()
+                    .with_orderly(true)
+                    .with_clear_stclear(true)
+                    .with_owner_write(true)
+                    .with_owner_read(true)
+                    .with_no_da(true)
+                    .build()
+                    .map_err(cmd("NV attributes"))?,
+            )
+            .with_data_area_size(1)
+            .build()
+            .map_err(cmd("NV public"))?;
+        self.count(1);
+        self.count_nv_write(1);
+        let h = self
+            .ctx
+            .execute_with_session(Some(AuthSession::Password), |c| {
+                c.nv_define_space(Provision::Owner, None, public)
+            })
+            .map_err(cmd("TPM2_NV_DefineSpace(reset marker)"))?;
+        self.nv.insert(NV_RESET_MARKER, h);
+        self.close_nv(h)
+    }
+
+    /// Whether the reset marker is unwritten: the TPM was reset since it was last written.
+    fn reset_since_marked(&mut self) -> Result<bool, TreError> {
+        self.ensure_reset_marker()?;
+        let h = self.open_nv(NV_RESET_MARKER)?.ok_or_else(|| {
+            TreError::Mismatch("the reset marker is missing (TPM cleared?)".into())
+        })?;
+        self.count(1);
+        let (public, _) = self
+            .ctx
+            .execute_without_session(|c| c.nv_read_public(h))
+            .map_err(cmd("TPM2_NV_ReadPublic(reset marker)"))?;
+        self.close_nv(h)?;
+        Ok(!public.attributes().written())
+    }
+
+    /// Writes the reset marker (in the TPM's RAM: the index is orderly).
+    pub(super) fn mark_reset_marker(&mut self) -> Result<(), TreError> {
+        self.ensure_reset_marker()?;
+        let h = self.open_nv(NV_RESET_MARKER)?.ok_or_else(|| {
+            TreError::Mismatch("the reset marker is missing (TPM cleared?)".into())
+        })?;
+        let data = MaxNvBuffer::try_from(vec![1u8]).map_err(cmd("TPM2_NV_Write"))?;
+        self.count(1);
+        let r = self
+            .ctx
+            .execute_with_session(Some(AuthSession::Password), |c| {
+                c.nv_write(NvAuth::Owner, h, data, 0)
+            })
+            .map_err(cmd("TPM2_NV_Write(reset marker)"));
+        self.close_nv(h)?;
+        r
+    }
+
+    /// The hybrid counter and the TPM's MAX_ORDERLY_COUNT; the counter is defined here when
+    /// missing (a TPM supplied by a `tred` that predates it).
+    pub(super) fn read_hybrid_counter(&mut self) -> Result<HybridCount, TreError> {
+        let orderly_mask = match self.orderly_mask {
+            Some(m) => m,
+            None => {
+                self.count(1);
+                let m = self
+                    .ctx
+                    .get_tpm_property(PropertyTag::OrderlyCount)
+                    .map_err(cmd("TPM2_GetCapability(TPM_PT_ORDERLY_COUNT)"))?
+                    .ok_or_else(|| {
+                        TreError::Mismatch("the TPM reports no TPM_PT_ORDERLY_COUNT".into())
+                    })?;
+                self.orderly_mask = Some(u64::from(m));
+                u64::from(m)
+            }
+        };
+        self.ensure_counter(NV_HYBRID_COUNTER, true)?;
+        let b = self.read_nv(NV_HYBRID_COUNTER, 8)?;
+        let value = Reader::new("NV hybrid counter", &b)
+            .u64()
+            .map_err(|e| TreError::Mismatch(e.to_string()))?;
+        let reset_since_checked = self.reset_since_marked()?;
+        Ok(HybridCount {
+            value,
+            orderly_mask,
+            reset_since_checked,
+        })
+    }
+
+    /// Increments the hybrid counter. NV is written only when the increment clears the low
+    /// bits (once every MAX_ORDERLY_COUNT + 1), and that is what is counted as an NV write.
+    pub(super) fn increment_hybrid_counter(&mut self) -> Result<u64, TreError> {
+        let h = self.open_nv(NV_HYBRID_COUNTER)?.ok_or_else(|| {
+            TreError::Mismatch("the hybrid counter is missing (TPM cleared?)".into())
+        })?;
+        self.count(1);
+        self.ctx
+            .execute_with_session(Some(AuthSession::Password), |c| {
+                c.nv_increment(NvAuth::Owner, h)
+            })
+            .map_err(cmd("TPM2_NV_Increment(hybrid)"))?;
+        self.close_nv(h)?;
+        let b = self.read_nv(NV_HYBRID_COUNTER, 8)?;
+        let value = Reader::new("NV hybrid counter", &b)
+            .u64()
+            .map_err(|e| TreError::Mismatch(e.to_string()))?;
+        if self.orderly_mask.is_some_and(|m| value & m == 0) {
+            self.count_nv_write(1);
+        }
+        Ok(value)
     }
 
     pub(super) fn read_anchor(&mut self) -> Result<AuditAnchor, TreError> {

@@ -75,6 +75,8 @@ pub struct TpmTre {
     /// Of those, the ones that write the TPM's NV memory (NV_DefineSpace, NV_Increment,
     /// NV_Write, EvictControl): what wears NV out and what real TPMs rate-limit.
     nv_writes: Cell<u64>,
+    /// MAX_ORDERLY_COUNT, read on first use of the hybrid counter.
+    orderly_mask: Option<u64>,
 }
 
 impl std::fmt::Debug for TpmTre {
@@ -115,6 +117,7 @@ impl TpmTre {
             nv: std::collections::HashMap::new(),
             commands: Cell::new(0),
             nv_writes: Cell::new(0),
+            orderly_mask: None,
         })
     }
 }
@@ -405,6 +408,18 @@ impl Tre for TpmTre {
 
     fn advance_rollback_counter(&mut self) -> Result<u64, TreError> {
         self.increment_counter()
+    }
+
+    fn hybrid_counter(&mut self) -> Result<Option<crate::tre::HybridCount>, TreError> {
+        self.read_hybrid_counter().map(Some)
+    }
+
+    fn advance_hybrid_counter(&mut self) -> Result<u64, TreError> {
+        self.increment_hybrid_counter()
+    }
+
+    fn mark_hybrid_checked(&mut self) -> Result<(), TreError> {
+        self.mark_reset_marker()
     }
 
     fn audit_anchor(&mut self) -> Result<AuditAnchor, TreError> {
