@@ -121,6 +121,30 @@ impl Swtpm {
         }
     }
 
+    /// Sets the TPM's dictionary-attack parameters with `tpm2_dictionarylockout` (the lockout
+    /// hierarchy's authValue is empty on a fresh swtpm): what a device maker does at
+    /// manufacturing. swtpm's defaults (3 tries, 1000 s) lock every DA-protected object after
+    /// three wrong PINs.
+    pub fn set_dictionary_attack(&self, max_tries: u32, recovery_s: u32, lockout_recovery_s: u32) {
+        let out = self.tpm2(
+            "tpm2_dictionarylockout",
+            &[
+                "-s",
+                "-n",
+                &max_tries.to_string(),
+                "-t",
+                &recovery_s.to_string(),
+                "-l",
+                &lockout_recovery_s.to_string(),
+            ],
+        );
+        assert!(
+            out.status.success(),
+            "tpm2_dictionarylockout: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// The TCTI string for tss-esapi and tpm2-tools.
     pub fn tcti(&self) -> String {
         format!("swtpm:host=127.0.0.1,port={}", self.port)

@@ -260,6 +260,18 @@ pub enum PinCommand {
         #[arg(long)]
         new: String,
     },
+    /// Give an MCIM without a PIN (one provisioned over the air) a PIN and a PUK; on a TPM
+    /// the TPM itself then checks them.
+    Enable {
+        /// MCIM id.
+        id: String,
+        /// The PIN (4 to 8 digits).
+        #[arg(long)]
+        pin: String,
+        /// The PUK (8 digits).
+        #[arg(long)]
+        puk: String,
+    },
 }
 
 /// `mcimctl audit ...`
@@ -797,6 +809,16 @@ async fn pin(c: &mut Tred, json: bool, p: PinCommand) -> Result<(), CliError> {
                     mcim_id: id,
                     puk,
                     new_pin: new,
+                })
+                .await?;
+            print_mcim(json, r.get_ref().mcim.as_ref());
+        }
+        PinCommand::Enable { id, pin, puk } => {
+            let r = c
+                .enable_pin(pb::EnablePinRequest {
+                    mcim_id: id,
+                    pin,
+                    puk,
                 })
                 .await?;
             print_mcim(json, r.get_ref().mcim.as_ref());

@@ -1011,3 +1011,70 @@ fn pki_certifies_roles_and_the_device_tls_key() {
     ]);
     assert_eq!(bad.status.code(), Some(1), "a malformed PCID is refused");
 }
+
+/// An MCIM provisioned over the air has no PIN (its package carries none); the owner enables
+/// one with `mcimctl device pin enable`, after which the TPM checks it: selecting needs it, a
+/// second enable is refused and changes nothing, and the MCIM's record says the TRE checks it.
+#[test]
+fn a_provisioned_mcim_gets_a_pin_the_tpm_checks() {
+    let d = mcim_e2e::CliDevice::provisioned(false, "001010000000077", &[], "non-3gpp");
+    let s = d.socket();
+    let run = |args: &[&str]| {
+        let mut all = vec!["device", "--socket", s.as_str()];
+        all.extend_from_slice(args);
+        mcim_e2e::mcimctl(&all)
+    };
+    let got = json(run(&["--json", "get", &d.imsi]));
+    if got["state"] == "selected" {
+        ok(run(&["end-session", &d.imsi]));
+    }
+    let bad = run(&["pin", "enable", &d.imsi, "--pin", "12", "--puk", "12345678"]);
+    assert_eq!(
+        bad.status.code(),
+        Some(1),
+        "{}",
+        mcim_e2e::output_text(&bad)
+    );
+    let m = json(run(&[
+        "--json", "pin", "enable", &d.imsi, "--pin", "1234", "--puk", "24681357",
+    ]));
+    assert_eq!(m["state"], "activated", "{m}");
+    let again = run(&[
+        "pin", "enable", &d.imsi, "--pin", "5678", "--puk", "87654321",
+    ]);
+    assert_eq!(again.status.code(), Some(1));
+    assert!(
+        mcim_e2e::output_text(&again).contains("has a PIN already"),
+        "{}",
+        mcim_e2e::output_text(&again)
+    );
+    let no_pin = run(&["select", &d.imsi]);
+    assert_eq!(no_pin.status.code(), Some(1), "selecting now needs the PIN");
+    let wrong = run(&["select", &d.imsi, "--pin", "5678"]);
+    assert!(
+        mcim_e2e::output_text(&wrong).contains("wrong PIN, 2 tries left"),
+        "{}",
+        mcim_e2e::output_text(&wrong)
+    );
+    assert_eq!(
+        json(run(&["--json", "select", &d.imsi, "--pin", "1234"]))["state"],
+        "selected"
+    );
+    // The record on disk: the TRE checks the PIN, and no tag to search is kept.
+    let dir = d.tred.state_dir().join("mcims");
+    let rec = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .find(|f| f.file_name().to_string_lossy().starts_with(&d.imsi))
+        .unwrap();
+    let rec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(rec.path()).unwrap()).unwrap();
+    assert_eq!(rec["pin"]["in_tre"], true, "{rec}");
+    assert_eq!(rec["pin"]["pin_tag"], "", "{rec}");
+    assert!(
+        rec["secrets"]["opc_puk"]
+            .as_str()
+            .is_some_and(|s| !s.is_empty()),
+        "{rec}"
+    );
+}

@@ -23,7 +23,7 @@ use mcim_core::tpm::public::EccPublic;
 use mcim_e2e::Swtpm;
 use mcim_tre::registry::{InstallRequest, Registry};
 use mcim_tre::tre::tpm::{TpmConfig, TpmTre};
-use mcim_tre::tre::{AkaChallenge, DevicePublic, Tre, WrappedSecrets};
+use mcim_tre::tre::{AkaChallenge, Authority, DevicePublic, Tre, WrappedSecrets};
 
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
@@ -106,6 +106,7 @@ fn token_child(n: usize) {
             profile: &profile,
             rand: &rand,
             autn: &av.autn,
+            pin: None,
         };
         let a = Instant::now();
         t.authenticate(&secrets, &mut ms, &ch).unwrap();
@@ -190,7 +191,7 @@ fn main() {
     let secrets = secrets.unwrap();
 
     // AKA inside the TPM.
-    let aka = |t: &mut TpmTre, secrets, label: &'static str| {
+    let aka = |t: &mut TpmTre, secrets, pin: Option<Authority<'static>>, label: &'static str| {
         let mut ms = MsSqnState::new(&profile);
         let mut times = Vec::new();
         let c0 = t.commands_issued();
@@ -204,6 +205,7 @@ fn main() {
                 profile: &profile,
                 rand: &rand,
                 autn: &av.autn,
+                pin,
             };
             let a = Instant::now();
             t.authenticate(secrets, &mut ms, &ch).unwrap();
@@ -216,11 +218,57 @@ fn main() {
             nv: (t.nv_writes_issued() - nv0) as f64 / n as f64,
         }
     };
-    rows.push(aka(&mut t, &secrets, "AKA, K in the TPM (EncryptDecrypt2)"));
+    rows.push(aka(
+        &mut t,
+        &secrets,
+        None,
+        "AKA, K in the TPM (EncryptDecrypt2)",
+    ));
+    // The PIN as the objects' authValue: binding (4 x Load + ObjectChangeAuth + Flush),
+    // checking (Load + Unseal + Flush), and AKA with the bound objects.
+    let mut times = Vec::new();
+    let c0 = t.commands_issued();
+    let mut bound = None;
+    for _ in 0..n {
+        let a = Instant::now();
+        bound = t.bind_pin(&secrets, b"1234", b"12345678").unwrap();
+        times.push(a.elapsed());
+    }
+    rows.push(Row {
+        name: "bind an MCIM to its PIN and PUK (4 x ObjectChangeAuth)",
+        median: median(times),
+        commands: (t.commands_issued() - c0) as f64 / n as f64,
+        nv: f64::NAN,
+    });
+    let bound = bound.unwrap();
+    let mut times = Vec::new();
+    let c0 = t.commands_issued();
+    for _ in 0..n {
+        let a = Instant::now();
+        assert!(t.check_pin(&bound, Authority::Pin(b"1234")).unwrap());
+        times.push(a.elapsed());
+    }
+    rows.push(Row {
+        name: "check a PIN in the TPM (Unseal with the PIN as authValue)",
+        median: median(times),
+        commands: (t.commands_issued() - c0) as f64 / n as f64,
+        nv: f64::NAN,
+    });
+    rows.push(aka(
+        &mut t,
+        &bound,
+        Some(Authority::Pin(b"1234")),
+        "AKA, K in the TPM, objects bound to the PIN",
+    ));
     let sealed = t
         .import_mcim_secrets(&wrap(&public, &k, &opc, true))
         .unwrap();
-    rows.push(aka(&mut t, &sealed, "AKA, sealed fallback (K unsealed)"));
+    rows.push(aka(
+        &mut t,
+        &sealed,
+        None,
+        "AKA, sealed fallback (K unsealed)",
+    ));
     // The cost of bus encryption: the same two AKAs with a plain password session (secrets in
     // clear on the bus; the baseline only, never tred's configuration). A second context on
     // the same TPM; opening it flushes the first one's kept session, which restarts on demand.
@@ -230,11 +278,13 @@ fn main() {
     rows.push(aka(
         &mut plain,
         &secrets,
+        None,
         "AKA, K in the TPM, NO bus encryption (baseline of its cost)",
     ));
     rows.push(aka(
         &mut plain,
         &sealed,
+        None,
         "AKA, sealed fallback, NO bus encryption (baseline of its cost)",
     ));
     drop(plain);

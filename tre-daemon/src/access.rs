@@ -59,6 +59,7 @@ pub const RULES: &[(&str, Class)] = &[
     ("VerifyPin", Class::Owner),
     ("ChangePin", Class::Owner),
     ("UnblockPin", Class::Owner),
+    ("EnablePin", Class::Owner),
     ("Attest", Class::Owner),
     ("StartProvisioning", Class::Owner),
     ("Reprovision", Class::Owner),

@@ -702,6 +702,21 @@ impl Device {
         .await
     }
 
+    /// Gives a PIN-less MCIM a PIN and a PUK (5.1.1.1 "PIN-protected").
+    pub async fn enable_pin(
+        &self,
+        id: &str,
+        pin: String,
+        puk: String,
+    ) -> Result<McimView, DeviceError> {
+        let id = id.to_string();
+        self.run(move |e| {
+            e.registry()?.enable_pin(&id, &pin, &puk)?;
+            view(e, &id)
+        })
+        .await
+    }
+
     /// Evidence for `nonce` (16-64 octets) over `pcrs` (the configured set when `None`): a
     /// quote from a TPM, a signed measurement from a token. None in lockdown.
     pub async fn attest(

@@ -547,6 +547,22 @@ impl TreService for TreApi {
         }))
     }
 
+    async fn enable_pin(
+        &self,
+        req: Request<pb::EnablePinRequest>,
+    ) -> Result<Response<pb::EnablePinResponse>, Status> {
+        log_call("EnablePin", &req);
+        let r = req.into_inner();
+        let m = self
+            .device
+            .enable_pin(&r.mcim_id, r.pin, r.puk)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::EnablePinResponse {
+            mcim: Some(wire::mcim(&m)),
+        }))
+    }
+
     async fn attest(
         &self,
         req: Request<pb::AttestRequest>,

@@ -115,6 +115,7 @@ fn aka_in_tre_equals_published_sets(
             profile: &wide_profile(),
             rand: &rand,
             autn: &av.autn,
+            pin: None,
         };
         match t.authenticate(&secrets, &mut ms, &ch).unwrap() {
             DeviceResponse::Success { res, ck, ik } => {
@@ -164,6 +165,7 @@ fn forged_autn_is_mac_failure(t: &mut dyn Tre, wrap: Wrap<'_>) {
         profile: &SqnProfile::default(),
         rand: &rand,
         autn: &Autn(forged),
+        pin: None,
     };
     let err = t.authenticate(&secrets, &mut ms, &ch).unwrap_err();
     assert!(matches!(err, TreError::MacFailure), "{err}");
@@ -327,6 +329,7 @@ mod tpm {
                 profile: &SqnProfile::default(),
                 rand: &rand,
                 autn: &av.autn,
+                pin: None,
             };
             let before = t.commands_issued();
             t.authenticate(&secrets, &mut ms, &ch).unwrap();
@@ -398,6 +401,7 @@ mod tpm {
                     profile: &SqnProfile::default(),
                     rand: &rand,
                     autn: &av.autn,
+                    pin: None,
                 };
                 let mut ms = MsSqnState::new(&SqnProfile::default());
                 match t.authenticate(&secrets, &mut ms, &ch).unwrap() {
@@ -472,6 +476,7 @@ mod tpm {
                 profile: &SqnProfile::default(),
                 rand: &rand,
                 autn: &av.autn,
+                pin: None,
             };
             assert!(matches!(
                 t.authenticate(&secrets, &mut ms, &ch).unwrap(),
@@ -638,6 +643,7 @@ mod tpm {
                 profile: &SqnProfile::default(),
                 rand: &rand,
                 autn: &autn,
+                pin: None,
             };
             t.authenticate(secrets, ms, &ch)
         };

@@ -107,6 +107,10 @@ mod on_tpm {
                     .unwrap(),
             )
             .unwrap();
+            drop(t);
+            // The device maker's dictionary-attack parameters: more tries than one MCIM's
+            // PIN and PUK counters allow together (3 + 10).
+            tpm.set_dictionary_attack(32, 600, 86_400);
             Self {
                 tpm,
                 state: tempfile::tempdir().unwrap(),
@@ -139,18 +143,19 @@ mod on_tpm {
         })
         .unwrap();
     }
-    /// What an MCIM's record gives someone who can read the state directory and use the TPM,
-    /// as docs/architecture.md §7 says: the PIN's tag is an HMAC by the integrity key, which
-    /// has an empty authValue and no dictionary-attack protection (TPMA_OBJECT_NO_DA), so
-    /// every candidate PIN can be tried against the tag through TPM2_HMAC without a try
-    /// counted anywhere. This pins the gap until the PIN is checked by a DA-protected TPM
-    /// object (the TRE-enforcement issue, item 3).
+    /// An MCIM with a PIN on a TPM keeps no PIN or PUK tag in its record (a tag could be
+    /// searched through the integrity key, which has no dictionary-attack protection): the
+    /// PIN and PUK are the authValues of its objects, and the TPM compares them.
     #[test]
-    fn a_pins_tag_can_be_searched_through_the_integrity_key_as_documented() {
+    fn a_pin_bound_mcims_record_holds_no_pin_tag_to_search() {
         let dev = Device::new();
         {
             let mut reg = dev.open();
             install(&mut reg, IMSI_A, Some(("1234", "12345678")));
+            let rec = reg.get(IMSI_A).unwrap();
+            assert!(rec.secrets.as_ref().unwrap().pin_bound());
+            let pin = rec.pin.as_ref().unwrap();
+            assert!(pin.in_tre, "{pin:?}");
         }
         let record = std::fs::read_dir(dev.dir().join("mcims"))
             .unwrap()
@@ -159,44 +164,56 @@ mod on_tpm {
             .unwrap();
         let record: serde_json::Value =
             serde_json::from_slice(&std::fs::read(record.path()).unwrap()).unwrap();
-        let tag = record["pin"]["pin_tag"].as_str().unwrap().to_string();
-        let mut t = TpmTre::open(&TpmConfig {
-            tcti: dev.tpm.tcti(),
-        })
-        .unwrap();
-        let found = (0..10_000u32).map(|n| format!("{n:04}")).find(|pin| {
-            let d = mcim_core::tpm::kdf::sha256(&[
-                b"mcim-pin-v1",
-                b"pin",
-                &[0],
-                IMSI_A.as_bytes(),
-                &[0],
-                pin.as_bytes(),
-            ]);
-            hex::encode(t.integrity_mac(&d).unwrap()) == tag
-        });
-        assert_eq!(found.as_deref(), Some("1234"));
-        drop(t);
-        let reg = dev.open();
-        assert_eq!(
-            reg.get(IMSI_A)
-                .unwrap()
-                .pin
-                .as_ref()
-                .unwrap()
-                .pin_tries_left,
-            3,
-            "no try was counted"
-        );
+        assert_eq!(record["pin"]["pin_tag"], "", "{record}");
+        assert_eq!(record["pin"]["puk_tag"], "", "{record}");
+        assert_eq!(record["pin"]["in_tre"], true, "{record}");
     }
 
-    /// What an old copy of an MCIM's record can still do after the MCIM was deleted, as
-    /// docs/architecture.md §7 says: its blobs still load under the unchanged storage key, and
-    /// with tpm2-tools alone, without the MCIM's PIN, OPc unseals and K encrypts. The TPM
-    /// enforces neither the delete nor the PIN today; this pins that gap until the PIN is the
-    /// objects' authValue and a revocable policy exists (the TRE-enforcement issue, item 3).
+    /// Writes an at-rest object (TPM2B_PUBLIC then TPM2B_PRIVATE) as the files tpm2_load reads
+    /// and loads it under the storage key with tpm2-tools; returns the context file.
+    fn tool_load(dev: &Device, dir: &Path, at_rest: &[u8], name: &str) -> String {
+        let path = |n: &str| dir.join(n).to_str().unwrap().to_string();
+        let n = usize::from(u16::from_be_bytes([at_rest[0], at_rest[1]]));
+        let (public, rest) = at_rest.split_at(2 + n);
+        let m = usize::from(u16::from_be_bytes([rest[0], rest[1]]));
+        std::fs::write(path(&format!("{name}.pub")), public).unwrap();
+        std::fs::write(path(&format!("{name}.priv")), &rest[..2 + m]).unwrap();
+        let ctx = path(&format!("{name}.ctx"));
+        // swtpm has no resource manager: free the object slots earlier clients left.
+        let out = dev.tpm.tpm2("tpm2_flushcontext", &["--transient-object"]);
+        assert!(out.status.success(), "{}", output_text(&out));
+        let out = dev.tpm.tpm2(
+            "tpm2_load",
+            &[
+                "-C",
+                "0x81000100",
+                "-u",
+                &path(&format!("{name}.pub")),
+                "-r",
+                &path(&format!("{name}.priv")),
+                "-c",
+                &ctx,
+            ],
+        );
+        assert!(out.status.success(), "{}", output_text(&out));
+        ctx
+    }
+
+    fn output_text(o: &std::process::Output) -> String {
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        )
+    }
+
+    /// A copy of a PIN-bound MCIM's blobs, checked with tpm2-tools alone, after the MCIM was
+    /// deleted: without the PIN neither OPc unseals nor K encrypts; wrong PINs run into the
+    /// TPM's dictionary-attack lockout, where even the right one is refused; with the PIN
+    /// (and, from the PUK copies, with the PUK) both work: what docs/architecture.md §7 says
+    /// an old copy can still do.
     #[test]
-    fn an_old_copy_of_a_deleted_mcims_blobs_still_works_as_documented() {
+    fn a_copy_of_a_pin_bound_mcims_blobs_needs_the_pin_and_wrong_ones_run_into_lockout() {
         use mcim_core::aka::Kernel;
         let dev = Device::new();
         let saved = {
@@ -207,79 +224,242 @@ mod on_tpm {
             assert!(matches!(reg.get(IMSI_A), Err(RegistryError::NotFound(_))));
             saved
         };
+        assert!(saved.pin_bound());
         // The registry is closed: tpm2-tools may talk to the TPM.
         let dir = tempfile::tempdir().unwrap();
         let path = |n: &str| dir.path().join(n).to_str().unwrap().to_string();
-        let load = |at_rest: &[u8], name: &str| -> String {
-            // The at-rest form is TPM2B_PUBLIC then TPM2B_PRIVATE, what tpm2_load reads.
-            let n = usize::from(u16::from_be_bytes([at_rest[0], at_rest[1]]));
-            let (public, rest) = at_rest.split_at(2 + n);
-            let m = usize::from(u16::from_be_bytes([rest[0], rest[1]]));
-            std::fs::write(path(&format!("{name}.pub")), public).unwrap();
-            std::fs::write(path(&format!("{name}.priv")), &rest[..2 + m]).unwrap();
-            let ctx = path(&format!("{name}.ctx"));
-            // swtpm has no resource manager: free the object slots earlier clients left.
-            let out = dev.tpm.tpm2("tpm2_flushcontext", &["--transient-object"]);
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            let out = dev.tpm.tpm2(
-                "tpm2_load",
-                &[
-                    "-C",
-                    "0x81000100",
-                    "-u",
-                    &path(&format!("{name}.pub")),
-                    "-r",
-                    &path(&format!("{name}.priv")),
-                    "-c",
-                    &ctx,
-                ],
-            );
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            ctx
-        };
         let (k, opc) = secrets(IMSI_A);
-        let opc_ctx = load(&saved.opc, "opc");
-        let out = dev.tpm.tpm2("tpm2_unseal", &["-c", &opc_ctx]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert_eq!(out.stdout, opc.expose().to_vec(), "OPc, without the PIN");
-        let k_ctx = load(&saved.k, "k");
+        let unseal = |blob: &[u8], auth: Option<&str>| {
+            let ctx = tool_load(&dev, dir.path(), blob, "opc");
+            let mut args = vec!["-c", ctx.as_str()];
+            let p;
+            if let Some(a) = auth {
+                p = format!("str:{a}");
+                args.extend(["-p", p.as_str()]);
+            }
+            dev.tpm.tpm2("tpm2_unseal", &args)
+        };
+        let out = unseal(&saved.opc, None);
+        assert!(!out.status.success(), "OPc without the PIN");
+        assert!(!out.stdout.windows(16).any(|w| w == opc.expose()));
         std::fs::write(path("block"), [0x5a; 16]).unwrap();
-        let out = dev.tpm.tpm2(
-            "tpm2_encryptdecrypt",
-            &[
-                "-c",
-                &k_ctx,
-                "-G",
-                "ecb",
-                "-o",
-                &path("out"),
-                &path("block"),
-            ],
-        );
+        let encrypt = |auth: Option<&str>| {
+            let _ = std::fs::remove_file(path("out"));
+            let ctx = tool_load(&dev, dir.path(), &saved.k, "k");
+            let mut args = vec!["-c", ctx.as_str(), "-G", "ecb"];
+            let p;
+            if let Some(a) = auth {
+                p = format!("str:{a}");
+                args.extend(["-p", p.as_str()]);
+            }
+            let (o, b) = (path("out"), path("block"));
+            args.extend(["-o", o.as_str(), b.as_str()]);
+            dev.tpm.tpm2("tpm2_encryptdecrypt", &args)
+        };
+        assert!(!encrypt(None).status.success(), "E_K without the PIN");
         assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
+            std::fs::read(path("out")).map_or(true, |b| b.is_empty()),
+            "and no output was written"
         );
+        // With the PIN (the control), K encrypts and OPc unseals; so does the PUK's copy.
         let mut want = [[0x5au8; 16]];
         SoftKernel::new(&k).encrypt_blocks(&mut want).unwrap();
-        assert_eq!(
-            std::fs::read(path("out")).unwrap(),
-            want[0].to_vec(),
-            "E_K, without the PIN"
+        let out = encrypt(Some("1234"));
+        assert!(out.status.success(), "{}", output_text(&out));
+        assert_eq!(std::fs::read(path("out")).unwrap(), want[0].to_vec());
+        let out = unseal(&saved.opc, Some("1234"));
+        assert!(out.status.success(), "{}", output_text(&out));
+        assert_eq!(out.stdout, opc.expose().to_vec());
+        let out = unseal(&saved.opc_puk, Some("24681357"));
+        assert!(out.status.success(), "{}", output_text(&out));
+        assert_eq!(out.stdout, opc.expose().to_vec());
+        assert!(
+            !unseal(&saved.opc_puk, Some("1234")).status.success(),
+            "the PUK copy does not open with the PIN"
         );
+        // Wrong PINs: with the device's limit lowered to 3 (swtpm's default), the third wrong
+        // one (the PUK copy's refusal above was the first) locks the TPM, and then the right
+        // PIN is refused too.
+        dev.tpm.set_dictionary_attack(3, 1000, 1000);
+        for wrong in ["0000", "1111"] {
+            let out = unseal(&saved.opc, Some(wrong));
+            assert!(!out.status.success(), "{wrong}");
+        }
+        let out = unseal(&saved.opc, Some("1234"));
+        assert!(!out.status.success(), "the right PIN in lockout");
+        assert!(
+            output_text(&out).to_lowercase().contains("lockout"),
+            "{}",
+            output_text(&out)
+        );
+        let out = dev.tpm.tpm2("tpm2_getcap", &["properties-variable"]);
+        assert!(
+            output_text(&out).contains("inLockout:                 1"),
+            "{}",
+            output_text(&out)
+        );
+    }
+
+    /// AKA with a PIN-bound MCIM's objects needs the PIN in the challenge (the registry's
+    /// selected session supplies it): without it, or with a wrong one, the TRE refuses, and
+    /// the SQN state does not move.
+    #[test]
+    fn aka_with_pin_bound_objects_needs_the_pin() {
+        let dev = Device::new();
+        let (k, opc) = secrets(IMSI_A);
+        let mut t = TpmTre::open(&TpmConfig {
+            tcti: dev.tpm.tcti(),
+        })
+        .unwrap();
+        let public = t.device_public().unwrap();
+        let plain = t
+            .import_mcim_secrets(&tpm_wrap(&public, &k, &opc, KForm::Key))
+            .unwrap();
+        let bound = t.bind_pin(&plain, b"1234", b"24681357").unwrap().unwrap();
+        assert!(bound.pin_bound() && !plain.pin_bound());
+        let profile = SqnProfile::default();
+        let constants = Constants::default();
+        let v = av(IMSI_A, 1);
+        let mut sqn = mcim_core::aka::MsSqnState::new(&profile);
+        let before = sqn.clone();
+        let ch = |pin| mcim_tre::tre::AkaChallenge {
+            constants: &constants,
+            profile: &profile,
+            rand: &v.rand,
+            autn: &v.autn,
+            pin,
+        };
+        use mcim_tre::tre::Authority;
+        for pin in [
+            None,
+            Some(Authority::Puk(b"24681357")),
+            Some(Authority::Pin(b"9999")),
+        ] {
+            assert!(
+                t.authenticate(&bound, &mut sqn, &ch(pin)).is_err(),
+                "{pin:?}"
+            );
+            assert_eq!(sqn, before, "{pin:?}: the SQN state did not move");
+        }
+        assert!(t.check_pin(&bound, Authority::Pin(b"1234")).unwrap());
+        assert!(!t.check_pin(&bound, Authority::Pin(b"4321")).unwrap());
+        assert!(t.check_pin(&bound, Authority::Puk(b"24681357")).unwrap());
+        assert!(matches!(
+            t.authenticate(&bound, &mut sqn, &ch(Some(Authority::Pin(b"1234"))))
+                .unwrap(),
+            DeviceResponse::Success { .. }
+        ));
+        // Unblocking from the PUK copies: the new PIN opens, the old one no longer does.
+        let rebound = t
+            .rebind_pin(&bound, Authority::Puk(b"24681357"), b"5678")
+            .unwrap()
+            .unwrap();
+        assert!(t.check_pin(&rebound, Authority::Pin(b"5678")).unwrap());
+        assert!(!t.check_pin(&rebound, Authority::Pin(b"1234")).unwrap());
+        assert!(
+            t.rebind_pin(&bound, Authority::Puk(b"00000000"), b"5678")
+                .unwrap()
+                .is_none(),
+            "a wrong PUK rebinds nothing"
+        );
+    }
+
+    /// An MCIM installed without a PIN (as every MCIM provisioned over the air) is given one:
+    /// its objects are bound to the PIN and PUK, selecting needs the PIN, and AKA runs with
+    /// the session's PIN. Enabling again, or with a malformed PIN, or while selected, is
+    /// refused and changes nothing.
+    #[test]
+    fn enabling_a_pin_binds_the_objects_and_selecting_then_needs_it() {
+        let dev = Device::new();
+        let mut reg = dev.open();
+        install(&mut reg, IMSI_A, None);
+        reg.apply(IMSI_A, Op::Activate).unwrap();
+        assert!(
+            !reg.get(IMSI_A)
+                .unwrap()
+                .secrets
+                .as_ref()
+                .unwrap()
+                .pin_bound()
+        );
+        let before = snapshot(dev.dir());
+        for (pin, puk) in [("12", "12345678"), ("1234", "1234"), ("12a4", "12345678")] {
+            assert!(
+                matches!(
+                    reg.enable_pin(IMSI_A, pin, puk),
+                    Err(RegistryError::BadRequest(_))
+                ),
+                "{pin} {puk}"
+            );
+        }
+        assert_eq!(snapshot(dev.dir()), before, "refusals write nothing");
+        reg.enable_pin(IMSI_A, "1234", "12345678").unwrap();
+        let rec = reg.get(IMSI_A).unwrap();
+        assert!(rec.secrets.as_ref().unwrap().pin_bound());
+        assert!(rec.pin.as_ref().unwrap().in_tre);
+        let before = snapshot(dev.dir());
+        assert!(matches!(
+            reg.enable_pin(IMSI_A, "5678", "87654321"),
+            Err(RegistryError::BadRequest(_))
+        ));
+        assert_eq!(
+            snapshot(dev.dir()),
+            before,
+            "a second enable writes nothing"
+        );
+        assert!(matches!(
+            reg.select(IMSI_A, None),
+            Err(RegistryError::BadRequest(_))
+        ));
+        reg.select(IMSI_A, Some("1234")).unwrap();
+        let v = av(IMSI_A, 1);
+        assert!(matches!(
+            reg.authenticate(IMSI_A, &v.rand, &v.autn).unwrap(),
+            DeviceResponse::Success { .. }
+        ));
+        // The session's PIN follows a change.
+        reg.change_pin(IMSI_A, "1234", "4321").unwrap();
+        let v = av(IMSI_A, 2);
+        assert!(matches!(
+            reg.authenticate(IMSI_A, &v.rand, &v.autn).unwrap(),
+            DeviceResponse::Success { .. }
+        ));
+        reg.apply(IMSI_A, Op::EndSession).unwrap();
+        drop(reg);
+        let mut reg = dev.open();
+        assert!(matches!(
+            reg.select(IMSI_A, Some("1234")),
+            Err(RegistryError::WrongPin { .. })
+        ));
+        reg.select(IMSI_A, Some("4321")).unwrap();
+        let v = av(IMSI_A, 3);
+        assert!(matches!(
+            reg.authenticate(IMSI_A, &v.rand, &v.autn).unwrap(),
+            DeviceResponse::Success { .. }
+        ));
+    }
+
+    /// A TPM in dictionary-attack lockout cannot evaluate a PIN: the try is not counted
+    /// against the MCIM, the record is as before the try, and the error says what happened.
+    #[test]
+    fn a_pin_try_the_tpm_cannot_evaluate_is_not_counted() {
+        let dev = Device::new();
+        {
+            let mut reg = dev.open();
+            install(&mut reg, IMSI_A, Some(("1234", "12345678")));
+            reg.apply(IMSI_A, Op::Activate).unwrap();
+        }
+        dev.tpm.set_dictionary_attack(1, 1000, 1000);
+        let mut reg = dev.open();
+        assert!(matches!(
+            reg.verify_pin(IMSI_A, "0000"),
+            Err(RegistryError::WrongPin { tries_left: 2 })
+        ));
+        let err = reg.verify_pin(IMSI_A, "1234").unwrap_err();
+        assert!(err.to_string().contains("lockout"), "{err}");
+        let rec = reg.get(IMSI_A).unwrap();
+        assert_eq!(rec.pin.as_ref().unwrap().pin_tries_left, 2, "{rec:?}");
+        assert_eq!(rec.state, McimState::Activated);
     }
 
     /// NV writes per operation, counted by the TPM backend (NV_DefineSpace, NV_Increment of

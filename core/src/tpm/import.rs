@@ -123,13 +123,18 @@ impl ObjectPolicy {
         })
     }
 
+    /// The object's attributes besides `usage`. Without a policy, the USER and ADMIN roles
+    /// both use the authValue (empty as the SHO wraps it) and the object is subject to the
+    /// TPM's dictionary-attack protection: the device makes the MCIM's PIN the authValue with
+    /// TPM2_ObjectChangeAuth (TR 33.812 5.1.1.1 "PIN-protected"), so the TPM checks the PIN
+    /// and counts wrong ones. Duplication stays impossible (the DUP role always needs a policy,
+    /// and the authPolicy is empty). With a PCR policy every use needs the policy, ADMIN too,
+    /// and the authValue is never used (NO_DA).
     fn attributes(&self, usage: u32) -> u32 {
-        let auth = if self.auth_policy.is_some() {
-            0
-        } else {
-            attrs::USER_WITH_AUTH
-        };
-        usage | auth | attrs::ADMIN_WITH_POLICY | attrs::NO_DA
+        match self.auth_policy {
+            Some(_) => usage | attrs::ADMIN_WITH_POLICY | attrs::NO_DA,
+            None => usage | attrs::USER_WITH_AUTH,
+        }
     }
 }
 
@@ -320,7 +325,13 @@ mod tests {
         assert_ne!(without & attrs::USER_WITH_AUTH, 0);
         for a in [with, without] {
             assert_eq!(a & (attrs::FIXED_TPM | attrs::FIXED_PARENT), 0);
-            assert_ne!(a & attrs::ADMIN_WITH_POLICY, 0);
         }
+        // Without a policy the PIN can become the authValue (ObjectChangeAuth in the ADMIN
+        // role) and the TPM's dictionary-attack protection counts wrong ones.
+        assert_eq!(without & (attrs::ADMIN_WITH_POLICY | attrs::NO_DA), 0);
+        assert_eq!(
+            with & (attrs::ADMIN_WITH_POLICY | attrs::NO_DA),
+            attrs::ADMIN_WITH_POLICY | attrs::NO_DA
+        );
     }
 }

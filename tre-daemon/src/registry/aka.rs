@@ -28,11 +28,17 @@ impl Registry {
             .to_constants()
             .map_err(RegistryError::BadRequest)?;
         let mut sqn = rec.sqn.clone();
+        let pin = self
+            .session_pin
+            .as_ref()
+            .filter(|(sid, _)| sid == id)
+            .map(|(_, p)| p.clone());
         let ch = AkaChallenge {
             constants: &constants,
             profile: &rec.sqn_profile,
             rand,
             autn,
+            pin: pin.as_ref().map(|p| crate::tre::Authority::Pin(p)),
         };
         match self.tre.authenticate(&secrets, &mut sqn, &ch) {
             Ok(resp @ DeviceResponse::Success { .. }) => {

@@ -204,6 +204,10 @@ pub struct Registry {
     /// The TRE has a hybrid counter (read at load): AKA commits advance it, not the
     /// rollback counter, and move no anchor.
     hybrid: bool,
+    /// The selected MCIM's PIN while its session lasts, when its objects open only with it
+    /// (`PinRecord::in_tre`): what the AKA's loads need. Dropped (zeroized) when the MCIM
+    /// leaves Selected.
+    session_pin: Option<(String, zeroize::Zeroizing<Vec<u8>>)>,
     lockdown: Option<String>,
     startup: Vec<String>,
 }
@@ -244,6 +248,7 @@ impl Registry {
             anchor_pending: false,
             hybrid_sync_pending: false,
             hybrid: false,
+            session_pin: None,
             lockdown: None,
             startup: Vec::new(),
         };

@@ -1,7 +1,11 @@
-//! An MCIM's PIN and PUK (5.1.1.1 "PIN-protected"): kept as TRE MACs, tries counted and
-//! committed before the comparison, Blocked when the PIN runs out, unblocked with the PUK.
+//! An MCIM's PIN and PUK (5.1.1.1 "PIN-protected"): tries counted and committed before the
+//! comparison, Blocked when the PIN runs out, unblocked with the PUK. Where the TRE can
+//! (`Tre::bind_pin`: a TPM), the PIN and PUK are the authValues of the MCIM's objects and the
+//! TRE itself compares them and counts wrong ones (`PinRecord::in_tre`); elsewhere they are
+//! kept as TRE MACs and compared here.
 
 use super::*;
+use crate::tre::Authority;
 
 impl Registry {
     /// Changes the PIN: the old one is verified like [`Registry::verify_pin`] (and counts
@@ -10,15 +14,72 @@ impl Registry {
         check_digits("PIN", new, 4, 8)?;
         self.verify_pin(id, old)?;
         let mut next = self.record(id)?.clone();
-        let tag = hex::encode(self.pin_tag(id, "pin", new)?);
-        if let Some(p) = next.pin.as_mut() {
-            p.pin_tag = tag;
+        if next.pin.as_ref().is_some_and(|p| p.in_tre) {
+            let secrets = next.secrets.as_ref().ok_or_else(no_secrets)?;
+            let rebound = self
+                .tre
+                .rebind_pin(secrets, Authority::Pin(old.as_bytes()), new.as_bytes())?
+                .ok_or_else(|| {
+                    TreError::Mismatch("the TRE refused the PIN it had just accepted".into())
+                })?;
+            next.secrets = Some(rebound);
+        } else {
+            let tag = hex::encode(self.pin_tag(id, "pin", new)?);
+            if let Some(p) = next.pin.as_mut() {
+                p.pin_tag = tag;
+            }
         }
         self.commit(
             vec![Change::Put(Box::new(next))],
             "pin",
             Some(id),
             "PIN changed".into(),
+        )?;
+        if let Some((sid, pin)) = self.session_pin.as_mut()
+            && sid == id
+        {
+            *pin = zeroize::Zeroizing::new(new.as_bytes().to_vec());
+        }
+        Ok(())
+    }
+
+    /// Gives an MCIM without a PIN a PIN and a PUK (ETSI TS 102 221 ENABLE PIN). Where the
+    /// TRE can, they become the authValues of the MCIM's objects ([`Tre::bind_pin`]) and the
+    /// unbound objects leave the record; elsewhere they are kept as TRE MACs. Refused for an
+    /// MCIM that has a PIN, is selected, or has no credentials; nothing changes then.
+    pub fn enable_pin(&mut self, id: &str, pin: &str, puk: &str) -> Result<(), RegistryError> {
+        check_digits("PIN", pin, 4, 8)?;
+        check_digits("PUK", puk, 8, 8)?;
+        let rec = self.record(id)?.clone();
+        if rec.pin.is_some() {
+            return Err(RegistryError::BadRequest(format!(
+                "MCIM {id} has a PIN already: change it, or unblock it with the PUK"
+            )));
+        }
+        if rec.state == McimState::Selected {
+            return Err(RegistryError::BadRequest(format!(
+                "MCIM {id} is selected: end its session first"
+            )));
+        }
+        let secrets = rec.secrets.as_ref().ok_or_else(no_secrets)?;
+        let mut next = rec.clone();
+        match self.tre.bind_pin(secrets, pin.as_bytes(), puk.as_bytes())? {
+            Some(bound) => {
+                next.secrets = Some(bound);
+                next.pin = Some(PinRecord::in_tre());
+            }
+            None => next.pin = Some(self.new_pin_record(id, pin, puk)?),
+        }
+        let checked_by = if next.pin.as_ref().is_some_and(|p| p.in_tre) {
+            "the TRE"
+        } else {
+            "tred"
+        };
+        self.commit(
+            vec![Change::Put(Box::new(next))],
+            "pin",
+            Some(id),
+            format!("PIN enabled (checked by {checked_by})"),
         )
     }
 
@@ -47,6 +108,7 @@ impl Registry {
         check_digits("PIN", pin, 4, 8)?;
         check_digits("PUK", puk, 8, 8)?;
         Ok(PinRecord {
+            in_tre: false,
             pin_tag: hex::encode(self.pin_tag(id, "pin", pin)?),
             pin_tries_left: PIN_TRIES,
             puk_tag: hex::encode(self.pin_tag(id, "puk", puk)?),
@@ -94,8 +156,17 @@ impl Registry {
             Some(id),
             format!("PIN attempt ({tries_left} left if wrong)"),
         )?;
-        let tag = self.pin_tag(id, "pin", pin)?;
-        if bool::from(hex::encode(tag).as_bytes().ct_eq(p.pin_tag.as_bytes())) {
+        let right = if p.in_tre {
+            let secrets = rec.secrets.as_ref().ok_or_else(no_secrets)?;
+            match self.tre.check_pin(secrets, Authority::Pin(pin.as_bytes())) {
+                Ok(right) => right,
+                Err(e) => return Err(self.untried(rec, e)),
+            }
+        } else {
+            let tag = self.pin_tag(id, "pin", pin)?;
+            bool::from(hex::encode(tag).as_bytes().ct_eq(p.pin_tag.as_bytes()))
+        };
+        if right {
             let mut ok = rec;
             if let Some(op) = ok.pin.as_mut() {
                 op.pin_tries_left = PIN_TRIES;
@@ -142,17 +213,35 @@ impl Registry {
             Some(id),
             format!("PUK attempt ({tries_left} left if wrong)"),
         )?;
-        let tag = self.pin_tag(id, "puk", puk)?;
-        if !bool::from(hex::encode(tag).as_bytes().ct_eq(p.puk_tag.as_bytes())) {
-            return Err(RegistryError::WrongPuk { tries_left });
-        }
         let mut ok = rec.clone();
-        ok.pin = Some(PinRecord {
-            pin_tag: hex::encode(self.pin_tag(id, "pin", new_pin)?),
-            pin_tries_left: PIN_TRIES,
-            puk_tag: p.puk_tag,
-            puk_tries_left: PUK_TRIES,
-        });
+        if p.in_tre {
+            // The PUK copies open only with the PUK: the TRE compares it, and the new PIN
+            // copies come from them.
+            let secrets = rec.secrets.as_ref().ok_or_else(no_secrets)?;
+            let rebound = match self.tre.rebind_pin(
+                secrets,
+                Authority::Puk(puk.as_bytes()),
+                new_pin.as_bytes(),
+            ) {
+                Ok(Some(s)) => s,
+                Ok(None) => return Err(RegistryError::WrongPuk { tries_left }),
+                Err(e) => return Err(self.untried(rec, e)),
+            };
+            ok.secrets = Some(rebound);
+            ok.pin = Some(PinRecord::in_tre());
+        } else {
+            let tag = self.pin_tag(id, "puk", puk)?;
+            if !bool::from(hex::encode(tag).as_bytes().ct_eq(p.puk_tag.as_bytes())) {
+                return Err(RegistryError::WrongPuk { tries_left });
+            }
+            ok.pin = Some(PinRecord {
+                in_tre: false,
+                pin_tag: hex::encode(self.pin_tag(id, "pin", new_pin)?),
+                pin_tries_left: PIN_TRIES,
+                puk_tag: p.puk_tag,
+                puk_tries_left: PUK_TRIES,
+            });
+        }
         if rec.blocked == Some(BlockReason::PinBlocked) {
             ok.state = lifecycle::transition(rec.state, rec.blocked, LifecycleOp::Unblock)?;
             ok.blocked = None;
@@ -164,6 +253,28 @@ impl Registry {
             "PIN unblocked with the PUK".into(),
         )
     }
+}
+
+impl Registry {
+    /// A try the TRE could not evaluate (it failed, or refuses every try for now: a TPM in
+    /// dictionary-attack lockout): the record goes back to what it was before the try was
+    /// counted, and the TRE's error is the answer.
+    fn untried(&mut self, before: McimRecord, e: TreError) -> RegistryError {
+        let id = before.id.clone();
+        match self.commit(
+            vec![Change::Put(Box::new(before))],
+            "pin",
+            Some(&id),
+            format!("the TRE could not check the try, not counted: {e}"),
+        ) {
+            Ok(()) => e.into(),
+            Err(commit) => commit,
+        }
+    }
+}
+
+fn no_secrets() -> RegistryError {
+    RegistryError::BadRequest("the MCIM has no credentials".into())
 }
 
 pub(super) fn check_digits(

@@ -83,7 +83,12 @@ impl ConstantsRecord {
 /// the retry counters.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PinRecord {
-    /// TRE MAC of the PIN (hex).
+    /// The TRE checks the PIN and PUK itself: they are the authValues of the MCIM's objects
+    /// (`ProtectedSecrets::pin_bound`), and `pin_tag`/`puk_tag` are empty (a tag could be
+    /// searched through the integrity key without the TRE counting a try).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub in_tre: bool,
+    /// TRE MAC of the PIN (hex); empty when `in_tre`.
     pub pin_tag: String,
     /// Tries left before the MCIM is Blocked.
     pub pin_tries_left: u8,
@@ -91,6 +96,19 @@ pub struct PinRecord {
     pub puk_tag: String,
     /// PUK tries left; at 0 the PIN can never be reset.
     pub puk_tries_left: u8,
+}
+
+impl PinRecord {
+    /// A new PIN and PUK the TRE checks itself (`in_tre`), all tries left.
+    pub fn in_tre() -> Self {
+        Self {
+            in_tre: true,
+            pin_tag: String::new(),
+            pin_tries_left: PIN_TRIES,
+            puk_tag: String::new(),
+            puk_tries_left: PUK_TRIES,
+        }
+    }
 }
 
 /// Attempts allowed (TS 31.102 / ETSI TS 102 221 defaults).

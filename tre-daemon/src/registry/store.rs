@@ -502,6 +502,12 @@ impl Registry {
                 Change::Connectivity(_) | Change::Doom(_) => {}
             }
         }
+        // A session's PIN lives exactly as long as its MCIM stays Selected.
+        if let Some((id, _)) = &self.session_pin
+            && self.records.get(id).map(|r| r.state) != Some(McimState::Selected)
+        {
+            self.session_pin = None;
+        }
         self.remove_stale_files();
         if frequent {
             self.hybrid_sync_pending = true;

@@ -15,11 +15,26 @@ impl Registry {
         }
         req.sqn_profile.validate().map_err(TreError::from)?;
         check_sho_id(&req.sho)?;
+        if let Some((pin, puk)) = &req.pin {
+            pin::check_digits("PIN", pin, 4, 8)?;
+            pin::check_digits("PUK", puk, 8, 8)?;
+        }
+        let mut secrets = self.tre.import_mcim_secrets(&req.wrapped)?;
+        // TR 33.812 5.1.1.1 "PIN-protected": where the TRE can, the PIN and PUK become the
+        // authValues of the MCIM's objects, and the unbound ones are never stored.
         let pin = match &req.pin {
-            Some((pin, puk)) => Some(self.new_pin_record(&id, pin, puk)?),
+            Some((pin, puk)) => match self
+                .tre
+                .bind_pin(&secrets, pin.as_bytes(), puk.as_bytes())?
+            {
+                Some(bound) => {
+                    secrets = bound;
+                    Some(PinRecord::in_tre())
+                }
+                None => Some(self.new_pin_record(&id, pin, puk)?),
+            },
             None => None,
         };
-        let secrets = self.tre.import_mcim_secrets(&req.wrapped)?;
         let mode = secrets.aka_execution;
         let rec = McimRecord {
             id: id.clone(),
@@ -55,6 +70,11 @@ impl Registry {
     ) -> Result<(), RegistryError> {
         self.live()?;
         let rec = self.record(id)?.clone();
+        if rec.pin.as_ref().is_some_and(|p| p.in_tre) {
+            return Err(RegistryError::BadRequest(format!(
+                "MCIM {id}'s keys open only with its PIN: a credential with a PIN is replaced, not renewed"
+            )));
+        }
         if !matches!(rec.state, McimState::Installed | McimState::Activated) {
             return Err(RegistryError::BadRequest(format!(
                 "MCIM {id} is {:?}: only an installed or activated credential is renewed",
@@ -166,10 +186,14 @@ impl Registry {
                 "MCIM {c} is the one chosen for connectivity; choose {id} first"
             )));
         }
-        if rec.pin.is_some() {
+        let mut session_pin = None;
+        if let Some(p) = &rec.pin {
             let pin =
                 pin.ok_or_else(|| RegistryError::BadRequest("this MCIM needs its PIN".into()))?;
             self.verify_pin(id, pin)?;
+            if p.in_tre {
+                session_pin = Some(zeroize::Zeroizing::new(pin.as_bytes().to_vec()));
+            }
         }
         let mut next = self.record(id)?.clone();
         next.state = McimState::Selected;
@@ -178,7 +202,9 @@ impl Registry {
             "lifecycle",
             Some(id),
             "Activated -> Selected".into(),
-        )
+        )?;
+        self.session_pin = session_pin.map(|p| (id.to_string(), p));
+        Ok(())
     }
 
     /// The MCIM the owner chose for connectivity, if any.

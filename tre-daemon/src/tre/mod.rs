@@ -126,6 +126,40 @@ pub struct ProtectedSecrets {
     /// OPc, in the backend's at-rest form.
     #[serde(with = "hex_bytes")]
     pub opc: Vec<u8>,
+    /// K usable with the MCIM's PUK (a TPM object whose authValue is the PUK), present when
+    /// `k` and `opc` are bound to the PIN ([`Tre::bind_pin`]); empty otherwise.
+    #[serde(default, with = "hex_bytes", skip_serializing_if = "Vec::is_empty")]
+    pub k_puk: Vec<u8>,
+    /// OPc usable with the PUK, as `k_puk`.
+    #[serde(default, with = "hex_bytes", skip_serializing_if = "Vec::is_empty")]
+    pub opc_puk: Vec<u8>,
+}
+
+impl ProtectedSecrets {
+    /// The TRE checks the MCIM's PIN and PUK itself: `k` and `opc` open only with the PIN,
+    /// `k_puk` and `opc_puk` only with the PUK ([`Tre::bind_pin`]).
+    pub fn pin_bound(&self) -> bool {
+        !self.opc_puk.is_empty()
+    }
+}
+
+/// An MCIM's PIN or PUK as the authorisation the TRE checks (TR 33.812 5.1.1.1
+/// "PIN-protected"). Never printed.
+#[derive(Clone, Copy)]
+pub enum Authority<'a> {
+    /// The PIN: opens the PIN-bound objects.
+    Pin(&'a [u8]),
+    /// The PUK: opens the PUK copies.
+    Puk(&'a [u8]),
+}
+
+impl std::fmt::Debug for Authority<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Authority::Pin(_) => "Pin(..)",
+            Authority::Puk(_) => "Puk(..)",
+        })
+    }
 }
 
 impl std::fmt::Debug for ProtectedSecrets {
@@ -134,6 +168,7 @@ impl std::fmt::Debug for ProtectedSecrets {
             .field("aka_execution", &self.aka_execution)
             .field("k_len", &self.k.len())
             .field("opc_len", &self.opc.len())
+            .field("pin_bound", &self.pin_bound())
             .finish()
     }
 }
@@ -241,6 +276,8 @@ pub struct AkaChallenge<'a> {
     pub rand: &'a Rand,
     /// AUTN from the network.
     pub autn: &'a Autn,
+    /// The PIN of a selected MCIM whose objects are bound to it ([`Tre::bind_pin`]).
+    pub pin: Option<Authority<'a>>,
 }
 
 /// What can go wrong in a TRE, in the caller's terms. Never carries secret bytes.
@@ -351,6 +388,47 @@ pub trait Tre {
     ) -> Result<ProtectedSecrets, TreError> {
         let _ = wrapped;
         Err(self.not_supported("import_mcim_secrets"))
+    }
+
+    /// Binds an MCIM's imported objects to its PIN and PUK (TR 33.812 5.1.1.1 "PIN-protected"):
+    /// returns at-rest objects usable only with the PIN (`k`, `opc`) or only with the PUK
+    /// (`k_puk`, `opc_puk`), the TRE counting wrong ones (a TPM's dictionary-attack
+    /// protection). The unbound objects are not returned and must not be kept. `None`: these
+    /// objects cannot be bound (the backend, or a template that forbids it: a PCR policy,
+    /// TPMA_OBJECT_ADMIN_WITH_POLICY, TPMA_OBJECT_NO_DA), and the PIN stays `tred`'s to check.
+    fn bind_pin(
+        &mut self,
+        secrets: &ProtectedSecrets,
+        pin: &[u8],
+        puk: &[u8],
+    ) -> Result<Option<ProtectedSecrets>, TreError> {
+        let _ = (secrets, pin, puk);
+        Ok(None)
+    }
+
+    /// Whether `auth` opens PIN-bound objects ([`ProtectedSecrets::pin_bound`]): the PIN the
+    /// PIN copies, the PUK the PUK copies. A wrong one is counted by the TRE; a TRE that
+    /// refuses every try for now (dictionary-attack lockout) is [`TreError::Login`].
+    fn check_pin(
+        &mut self,
+        secrets: &ProtectedSecrets,
+        auth: Authority<'_>,
+    ) -> Result<bool, TreError> {
+        let _ = (secrets, auth);
+        Err(self.not_supported("check_pin"))
+    }
+
+    /// Binds the PIN copies to `new_pin`, authorised by the old PIN (from the PIN copies) or by
+    /// the PUK (from the PUK copies; UNBLOCK PIN). `None`: `auth` was wrong (counted by the
+    /// TRE), nothing changed.
+    fn rebind_pin(
+        &mut self,
+        secrets: &ProtectedSecrets,
+        auth: Authority<'_>,
+        new_pin: &[u8],
+    ) -> Result<Option<ProtectedSecrets>, TreError> {
+        let _ = (secrets, auth, new_pin);
+        Err(self.not_supported("rebind_pin"))
     }
 
     /// Whether the TRE still holds what `secrets` refers to (start-up reconciliation: a token

@@ -178,6 +178,8 @@ impl Pkcs11Tre {
             aka_execution: AkaExecution::InTre,
             k: id.to_vec(),
             opc: id.to_vec(),
+            k_puk: Vec::new(),
+            opc_puk: Vec::new(),
         })
     }
 

@@ -16,9 +16,18 @@
 //! command: TPM2_EncryptDecrypt2 (RAND xor OPc, TEMP xor OPc xor c_i in; TEMP, OUT_i back:
 //! `decrypt` and `encrypt`), TPM2_Unseal (OPc, a sealed K: `encrypt`), TPM2_Import (`decrypt`
 //! on the inner key, `encrypt` on the returned private; the duplicate itself travels under the
-//! SHO's outer wrapper, which only the storage key opens). The session's HMAC also protects
-//! those commands and answers from being altered on the bus. Loads and flushes carry nothing
-//! secret (a TPM2B_PRIVATE is encrypted under the storage key).
+//! SHO's outer wrapper, which only the storage key opens), TPM2_ObjectChangeAuth (`decrypt` on
+//! the new authValue). The session's HMAC also protects those commands and answers from being
+//! altered on the bus. Loads and flushes carry nothing secret (a TPM2B_PRIVATE is encrypted
+//! under the storage key).
+//!
+//! **The PIN is the TPM's** (TR 33.812 5.1.1.1 "PIN-protected"): an MCIM with a PIN keeps K
+//! and OPc as objects whose authValue is the PIN, and copies whose authValue is the PUK
+//! ([`TpmTre::bind_pin_to`]: TPM2_ObjectChangeAuth from the imported, empty-auth objects, which
+//! are not kept). The TPM compares the PIN (an HMAC authorisation in the bus session: the PIN
+//! itself never crosses the bus) and counts wrong ones in its dictionary-attack logic; a
+//! copy of the blobs is useless without the PIN. An AKA with such an MCIM costs no extra
+//! command (`Esys_TR_SetAuth` is local).
 
 use std::cell::{Cell, RefCell};
 
@@ -27,6 +36,7 @@ use mcim_core::aka::{DeviceResponse, K, Kernel, Milenage, MsSqnState, Opc, SoftK
 use mcim_core::tpm::alg;
 use mcim_core::tpm::import::ImportBlob;
 use mcim_core::tpm::policy::PcrSelection;
+use mcim_core::tpm::public::attrs as public_attrs;
 use mcim_core::tpm::wire::{Reader, Writer};
 use tss_esapi::Context;
 use tss_esapi::attributes::SessionAttributesBuilder;
@@ -35,14 +45,16 @@ use tss_esapi::handles::{KeyHandle, ObjectHandle, SessionHandle};
 use tss_esapi::interface_types::algorithm::{HashingAlgorithm, SymmetricMode};
 use tss_esapi::interface_types::session_handles::{AuthSession, PolicySession};
 use tss_esapi::structures::{
-    Digest, EncryptedSecret, InitialValue, MaxBuffer, Private, Public, SymmetricDefinition,
+    Auth, Digest, EncryptedSecret, InitialValue, MaxBuffer, Private, Public, SymmetricDefinition,
     SymmetricDefinitionObject,
 };
 use tss_esapi::traits::UnMarshall;
 use zeroize::Zeroizing;
 
 use super::{TpmTre, cmd};
-use crate::tre::{AkaChallenge, AkaExecution, ProtectedSecrets, TreError, WrappedSecrets};
+use crate::tre::{
+    AkaChallenge, AkaExecution, Authority, ProtectedSecrets, TreError, WrappedSecrets,
+};
 
 /// One imported object at rest: its public area and the private blob TPM2_Import returned
 /// (encrypted and HMACed by the TPM under the storage key).
@@ -89,6 +101,51 @@ impl AtRest {
     fn object_type(&self) -> Result<u16, TreError> {
         Reader::new("TPMT_PUBLIC", &self.public).u16().map_err(bad)
     }
+
+    /// Whether its authValue can become the MCIM's PIN and be checked by the TPM: no policy,
+    /// the USER and ADMIN roles authorised by the authValue (TPM2_ObjectChangeAuth needs
+    /// ADMIN), and dictionary-attack protection.
+    fn pin_bindable(&self) -> Result<bool, TreError> {
+        let mut r = Reader::new("TPMT_PUBLIC", &self.public);
+        let (_type, _name_alg) = (r.u16().map_err(bad)?, r.u16().map_err(bad)?);
+        let a = r.u32().map_err(bad)?;
+        Ok(self.policy_pcrs.is_none()
+            && a & public_attrs::USER_WITH_AUTH != 0
+            && a & (public_attrs::ADMIN_WITH_POLICY | public_attrs::NO_DA) == 0)
+    }
+}
+
+/// What an authorisation refusal means: `Ok(())` a wrong PIN or PUK (counted by the TPM's
+/// dictionary-attack logic); an error when the TPM refuses every try for now (lockout), or
+/// for any other failure.
+fn wrong_auth(e: tss_esapi::Error, command: &'static str) -> Result<(), TreError> {
+    use tss_esapi::constants::response_code::Tss2ResponseCodeKind as Kind;
+    match e {
+        tss_esapi::Error::Tss2Error(rc) => match rc.kind() {
+            Some(Kind::AuthFail | Kind::BadAuth) => Ok(()),
+            Some(Kind::Lockout) => Err(TreError::Login(
+                "the TPM is in dictionary-attack lockout: wrong PINs or PUKs ran out its tries; \
+                 it recovers after its recovery time, or with TPM2_DictionaryAttackLockReset by \
+                 the lockout hierarchy's owner"
+                    .into(),
+            )),
+            _ => Err(cmd(command)(e)),
+        },
+        other => Err(cmd(command)(other)),
+    }
+}
+
+/// A command's failure as a [`TreError`]: an authorisation refused (a wrong PIN: not to be
+/// retried, the TPM counted it) is [`TreError::Login`], like the lockout.
+fn refused(command: &'static str, e: tss_esapi::Error) -> TreError {
+    match wrong_auth(e, command) {
+        Ok(()) => TreError::Login(format!("{command}: the TPM refused the MCIM's PIN")),
+        Err(e) => e,
+    }
+}
+
+fn tpm_auth(value: &[u8]) -> Result<Auth, TreError> {
+    Auth::try_from(value.to_vec()).map_err(|_| TreError::BadRequest("PIN or PUK too long".into()))
 }
 
 fn bad(e: impl std::fmt::Display) -> TreError {
@@ -142,17 +199,36 @@ impl TpmTre {
         })
     }
 
-    /// TPM2_Load of an at-rest object under the storage key.
-    fn load(&mut self, obj: &AtRest) -> Result<KeyHandle, TreError> {
+    /// TPM2_Load of an at-rest object under the storage key, and the authValue ESYS uses for the loaded object's HMAC authorisations
+    /// (the PIN or PUK of a PIN-bound object; it never crosses the bus: the bus session is
+    /// an HMAC session).
+    fn load_authorized(
+        &mut self,
+        obj: &AtRest,
+        auth: Option<&[u8]>,
+    ) -> Result<KeyHandle, TreError> {
         let public = tpm_public(&obj.public)?;
         let private = Private::try_from(obj.private.clone()).map_err(bad)?;
         let parent = self.storage_key()?;
         self.count(1);
-        self.ctx
+        let handle = self
+            .ctx
             .execute_with_session(Some(AuthSession::Password), |c| {
                 c.load(parent, private, public)
             })
-            .map_err(cmd("TPM2_Load"))
+            .map_err(cmd("TPM2_Load"))?;
+        if let Some(auth) = auth {
+            let set = tpm_auth(auth).and_then(|a| {
+                self.ctx
+                    .tr_set_auth(handle.into(), a)
+                    .map_err(cmd("Esys_TR_SetAuth"))
+            });
+            if let Err(e) = set {
+                let _ = self.flush(handle);
+                return Err(e);
+            }
+        }
+        Ok(handle)
     }
 
     fn flush(&mut self, h: impl Into<ObjectHandle>) -> Result<(), TreError> {
@@ -164,8 +240,12 @@ impl TpmTre {
 
     /// Loads a sealed data object, unseals it through a session salted to the storage key
     /// (the response is encrypted on the bus), flushes both. The bytes come back zeroizing.
-    fn unseal(&mut self, obj: &AtRest) -> Result<Zeroizing<Vec<u8>>, TreError> {
-        let handle = self.load(obj)?;
+    fn unseal(
+        &mut self,
+        obj: &AtRest,
+        auth: Option<&[u8]>,
+    ) -> Result<Zeroizing<Vec<u8>>, TreError> {
+        let handle = self.load_authorized(obj, auth)?;
         let out = match &obj.policy_pcrs {
             None => self.unseal_loaded(handle),
             Some(sel) => self.unseal_under_pcr_policy(handle, sel),
@@ -250,7 +330,7 @@ impl TpmTre {
         let result = self
             .ctx
             .execute_with_session(Some(session), |c| c.unseal(handle.into()))
-            .map_err(cmd("TPM2_Unseal"));
+            .map_err(|e| refused("TPM2_Unseal", e));
         if result.is_err() {
             self.drop_bus_session();
         }
@@ -288,10 +368,151 @@ impl TpmTre {
         result
     }
 
-    fn unseal_opc(&mut self, secrets: &ProtectedSecrets) -> Result<Opc, TreError> {
+    fn unseal_opc(
+        &mut self,
+        secrets: &ProtectedSecrets,
+        pin: Option<&[u8]>,
+    ) -> Result<Opc, TreError> {
         let obj = AtRest::decode(&secrets.opc)?;
-        let bytes = self.unseal(&obj)?;
+        let bytes = self.unseal(&obj, pin)?;
         Opc::from_slice(&bytes).ok_or_else(|| bad("sealed OPc is not 16 octets"))
+    }
+
+    /// TPM2_ObjectChangeAuth: a new private blob of `obj` whose authValue is `new`,
+    /// authorised (ADMIN role) by `old`, both carried in the bus session (`new` encrypted,
+    /// `old` only in the HMAC). `None`: `old` was wrong (counted by the TPM). The blob `obj`
+    /// itself stays valid with `old`: the caller keeps only the new one.
+    fn change_auth(
+        &mut self,
+        obj: &AtRest,
+        old: &[u8],
+        new: &[u8],
+    ) -> Result<Option<AtRest>, TreError> {
+        let new_auth = tpm_auth(new)?;
+        let parent = self.storage_key()?;
+        let handle = self.load_authorized(obj, Some(old))?;
+        let result = match self.bus_session(Carry::InAndOut) {
+            Ok(session) => {
+                self.count(1);
+                self.ctx.execute_with_session(Some(session), |c| {
+                    c.object_change_auth(handle.into(), parent.into(), new_auth)
+                })
+            }
+            Err(e) => {
+                let _ = self.flush(handle);
+                return Err(e);
+            }
+        };
+        let flushed = self.flush(handle);
+        let private = match result {
+            Ok(p) => p,
+            Err(e) => {
+                self.drop_bus_session();
+                wrong_auth(e, "TPM2_ObjectChangeAuth")?;
+                return Ok(None);
+            }
+        };
+        flushed?;
+        Ok(Some(AtRest {
+            public: obj.public.clone(),
+            private: private.value().to_vec(),
+            policy_pcrs: None,
+        }))
+    }
+
+    /// [`crate::tre::Tre::bind_pin`] on a TPM: four TPM2_ObjectChangeAuth from the imported
+    /// (empty authValue) objects: K and OPc with the PIN, K and OPc with the PUK.
+    pub(super) fn bind_pin_to(
+        &mut self,
+        secrets: &ProtectedSecrets,
+        pin: &[u8],
+        puk: &[u8],
+    ) -> Result<Option<ProtectedSecrets>, TreError> {
+        if secrets.pin_bound() {
+            return Err(TreError::BadRequest(
+                "the MCIM's objects are already bound to a PIN".into(),
+            ));
+        }
+        let (k, opc) = (AtRest::decode(&secrets.k)?, AtRest::decode(&secrets.opc)?);
+        if !k.pin_bindable()? || !opc.pin_bindable()? {
+            return Ok(None);
+        }
+        let mut bound = Vec::with_capacity(4);
+        for (obj, auth) in [(&k, pin), (&opc, pin), (&k, puk), (&opc, puk)] {
+            let b = self.change_auth(obj, &[], auth)?.ok_or_else(|| {
+                TreError::Mismatch("an imported object refused its empty authValue".into())
+            })?;
+            bound.push(b.encode()?);
+        }
+        let mut it = bound.into_iter();
+        let mut next = || it.next().unwrap_or_default();
+        Ok(Some(ProtectedSecrets {
+            aka_execution: secrets.aka_execution,
+            k: next(),
+            opc: next(),
+            k_puk: next(),
+            opc_puk: next(),
+        }))
+    }
+
+    /// [`crate::tre::Tre::check_pin`] on a TPM: TPM2_Unseal of OPc's PIN or PUK copy with the
+    /// value as its authValue, through the bus session.
+    pub(super) fn check_pin_with(
+        &mut self,
+        secrets: &ProtectedSecrets,
+        auth: Authority<'_>,
+    ) -> Result<bool, TreError> {
+        let ((_, opc), value) = pin_copy(secrets, auth)?;
+        let obj = AtRest::decode(opc)?;
+        let handle = self.load_authorized(&obj, Some(value))?;
+        let result = match self.bus_session(Carry::Out) {
+            Ok(session) => {
+                self.count(1);
+                self.ctx
+                    .execute_with_session(Some(session), |c| c.unseal(handle.into()))
+            }
+            Err(e) => {
+                let _ = self.flush(handle);
+                return Err(e);
+            }
+        };
+        let flushed = self.flush(handle);
+        match result {
+            Ok(data) => {
+                drop(Zeroizing::new(data.value().to_vec()));
+                flushed?;
+                Ok(true)
+            }
+            Err(e) => {
+                self.drop_bus_session();
+                wrong_auth(e, "TPM2_Unseal")?;
+                Ok(false)
+            }
+        }
+    }
+
+    /// [`crate::tre::Tre::rebind_pin`] on a TPM: TPM2_ObjectChangeAuth of K and OPc, from the
+    /// PIN copies with the old PIN or from the PUK copies with the PUK, to `new_pin`.
+    pub(super) fn rebind_pin_to(
+        &mut self,
+        secrets: &ProtectedSecrets,
+        auth: Authority<'_>,
+        new_pin: &[u8],
+    ) -> Result<Option<ProtectedSecrets>, TreError> {
+        let ((k, opc), value) = pin_copy(secrets, auth)?;
+        let Some(k) = self.change_auth(&AtRest::decode(k)?, value, new_pin)? else {
+            return Ok(None);
+        };
+        let Some(opc) = self.change_auth(&AtRest::decode(opc)?, value, new_pin)? else {
+            return Ok(None);
+        };
+        Ok(Some(ProtectedSecrets {
+            aka_execution: secrets.aka_execution,
+            k: k.encode()?,
+            opc: opc.encode()?,
+            k_puk: secrets.k_puk.clone(),
+            opc_puk: secrets.opc_puk.clone(),
+        }))
     }
 
     pub(super) fn import_secrets(
@@ -335,6 +556,8 @@ impl TpmTre {
             aka_execution,
             k,
             opc,
+            k_puk: Vec::new(),
+            opc_puk: Vec::new(),
         })
     }
 
@@ -365,10 +588,19 @@ impl TpmTre {
     ) -> Result<DeviceResponse, TreError> {
         let k_obj = AtRest::decode(&secrets.k)?;
         let k_type = k_obj.object_type()?;
+        let pin = match (secrets.pin_bound(), ch.pin) {
+            (false, _) => None,
+            (true, Some(Authority::Pin(pin))) => Some(pin),
+            (true, _) => {
+                return Err(TreError::Login(
+                    "this MCIM's keys open only with its PIN: select it with the PIN".into(),
+                ));
+            }
+        };
         match (secrets.aka_execution, k_type) {
             (AkaExecution::InTre, alg::SYMCIPHER) => {
-                let opc = self.unseal_opc(secrets)?;
-                let key = self.load(&k_obj)?;
+                let opc = self.unseal_opc(secrets, pin)?;
+                let key = self.load_authorized(&k_obj, pin)?;
                 let session = match self.bus_session(Carry::InAndOut) {
                     Ok(session) => session,
                     Err(e) => {
@@ -394,8 +626,8 @@ impl TpmTre {
                 Ok(out)
             }
             (AkaExecution::UnsealedInHost, alg::KEYEDHASH) => {
-                let opc = self.unseal_opc(secrets)?;
-                let k_bytes = self.unseal(&k_obj)?;
+                let opc = self.unseal_opc(secrets, pin)?;
+                let k_bytes = self.unseal(&k_obj, pin)?;
                 let k = K::from_slice(&k_bytes).ok_or_else(|| bad("sealed K is not 16 octets"))?;
                 drop(k_bytes);
                 let m = Milenage::with_opc(SoftKernel::new(&k), opc, ch.constants.clone());
@@ -472,4 +704,21 @@ impl Kernel for TpmKernel<'_> {
         }
         Ok(())
     }
+}
+
+/// The PIN or PUK copies of K and OPc a value opens, with the value.
+#[allow(clippy::type_complexity)]
+fn pin_copy<'s, 'a>(
+    secrets: &'s ProtectedSecrets,
+    auth: Authority<'a>,
+) -> Result<((&'s [u8], &'s [u8]), &'a [u8]), TreError> {
+    if !secrets.pin_bound() {
+        return Err(TreError::BadRequest(
+            "the MCIM's objects are not bound to its PIN".into(),
+        ));
+    }
+    Ok(match auth {
+        Authority::Pin(v) => ((&secrets.k, &secrets.opc), v),
+        Authority::Puk(v) => ((&secrets.k_puk, &secrets.opc_puk), v),
+    })
 }

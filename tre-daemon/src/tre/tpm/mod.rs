@@ -381,6 +381,32 @@ impl Tre for TpmTre {
         self.import_secrets(wrapped)
     }
 
+    fn bind_pin(
+        &mut self,
+        secrets: &ProtectedSecrets,
+        pin: &[u8],
+        puk: &[u8],
+    ) -> Result<Option<ProtectedSecrets>, TreError> {
+        self.bind_pin_to(secrets, pin, puk)
+    }
+
+    fn check_pin(
+        &mut self,
+        secrets: &ProtectedSecrets,
+        auth: crate::tre::Authority<'_>,
+    ) -> Result<bool, TreError> {
+        self.check_pin_with(secrets, auth)
+    }
+
+    fn rebind_pin(
+        &mut self,
+        secrets: &ProtectedSecrets,
+        auth: crate::tre::Authority<'_>,
+        new_pin: &[u8],
+    ) -> Result<Option<ProtectedSecrets>, TreError> {
+        self.rebind_pin_to(secrets, auth, new_pin)
+    }
+
     fn authenticate(
         &mut self,
         secrets: &ProtectedSecrets,
