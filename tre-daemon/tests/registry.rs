@@ -225,7 +225,18 @@ mod on_tpm {
             saved
         };
         assert!(saved.pin_bound());
-        // The registry is closed: tpm2-tools may talk to the TPM.
+        // The registry is closed: tpm2-tools may talk to the TPM. The TPM holds nothing of
+        // the deleted MCIM: no persistent object besides the device's three keys, no loaded
+        // object.
+        for (what, want) in [("handles-persistent", 3), ("handles-transient", 0)] {
+            let out = dev.tpm.tpm2("tpm2_getcap", &[what]);
+            assert!(out.status.success(), "{}", output_text(&out));
+            let handles = String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .filter(|l| l.trim_start().starts_with("- 0x"))
+                .count();
+            assert_eq!(handles, want, "{what}: {}", output_text(&out));
+        }
         let dir = tempfile::tempdir().unwrap();
         let path = |n: &str| dir.path().join(n).to_str().unwrap().to_string();
         let (k, opc) = secrets(IMSI_A);
