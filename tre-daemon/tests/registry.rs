@@ -403,6 +403,10 @@ mod on_tpm {
                 "{pin} {puk}"
             );
         }
+        let long = "9".repeat(1 << 20);
+        let err = reg.enable_pin(&long, "1234", "12345678").unwrap_err();
+        assert!(matches!(err, RegistryError::NotFound(_)), "{err}");
+        assert!(err.to_string().len() < 200, "a long id is not echoed whole");
         assert_eq!(snapshot(dev.dir()), before, "refusals write nothing");
         reg.enable_pin(IMSI_A, "1234", "12345678").unwrap();
         let rec = reg.get(IMSI_A).unwrap();
@@ -519,26 +523,17 @@ mod on_tpm {
         reg.apply(IMSI_A, Op::Delete).unwrap();
         step(&mut reg, "delete", 2);
         drop(reg);
-        // The TPM's own account (tpm2-tools): the AKA counter is an orderly (hybrid) counter,
-        // the reset marker an orderly index cleared at every TPM reset.
+        // The TPM's own account (tpm2-tools): the AKA counter is an orderly (hybrid) counter.
         let out = dev.tpm.tpm2("tpm2_nvreadpublic", &[]);
         let text = String::from_utf8_lossy(&out.stdout).to_string();
         assert!(out.status.success(), "{text}");
-        let section = |index: &str| {
-            text.split("\n0x")
-                .find(|s| s.starts_with(index))
-                .unwrap_or_else(|| panic!("{index} in {text}"))
-                .to_string()
-        };
-        let counter = section("1500103");
+        let counter = text
+            .split("\n0x")
+            .find(|s| s.starts_with("1500103"))
+            .unwrap_or_else(|| panic!("0x1500103 in {text}"));
         assert!(
             counter.contains("orderly") && counter.contains("nt=0x1"),
             "{counter}"
-        );
-        let marker = section("1500104");
-        assert!(
-            marker.contains("orderly") && marker.contains("clear_stclear"),
-            "{marker}"
         );
     }
 
@@ -991,8 +986,8 @@ mod on_tpm {
 
     /// While the TPM runs, the hybrid counter must match exactly: a copy from the same block
     /// of MAX_ORDERLY_COUNT + 1 values is refused even when the live counter sits where a
-    /// jump would have put it (its low bits all set). Only a TPM reset (the reset marker's
-    /// TPMA_NV_WRITTEN cleared) lets a jump be accepted.
+    /// jump would have put it (its low bits all set). Only a TPM reset (its resetCount moved,
+    /// as a verified quote reports it) lets a jump be accepted.
     #[test]
     fn a_copy_a_jump_would_explain_is_refused_while_the_tpm_ran() {
         let dev = Device::new();
@@ -1017,10 +1012,52 @@ mod on_tpm {
             aka(&mut reg);
             let h = hybrid(&mut reg);
             assert_eq!(h.value & h.orderly_mask, h.orderly_mask, "{h:?}");
-            assert!(!h.reset_since_checked, "{h:?}");
         }
         std::fs::remove_dir_all(dev.dir()).unwrap();
         copy_dir(old.path(), dev.dir());
+        let reg = dev.open();
+        let why = reg.status().lockdown.expect("lockdown");
+        assert!(why.contains("rollback") && why.contains("hybrid"), "{why}");
+        assert_eq!(
+            snapshot(dev.dir()),
+            snapshot(old.path()),
+            "lockdown writes nothing"
+        );
+    }
+
+    /// The outside attack that beat an NV reset marker (session 9): with the owner's empty
+    /// authorisation, tpm2-tools pushes the hybrid counter up to where a jump from an older
+    /// copy would have put it, and undefines and defines indices at will; without a TPM
+    /// reset the copy is still a rollback, because the reset epoch is the TPM's resetCount
+    /// from a verified quote, which software cannot move.
+    #[test]
+    fn a_counter_pushed_by_tpm2_tools_is_no_jump_without_a_reset() {
+        let dev = Device::new();
+        let old = tempfile::tempdir().unwrap();
+        let (a1, a2) = (av(IMSI_A, 1), av(IMSI_A, 2));
+        let (committed, mask) = {
+            let mut reg = selected(&dev);
+            reg.authenticate(IMSI_A, &a1.rand, &a1.autn).unwrap();
+            let h = hybrid(&mut reg);
+            copy_dir(dev.dir(), old.path());
+            reg.authenticate(IMSI_A, &a2.rand, &a2.autn).unwrap();
+            (h.value, h.orderly_mask)
+        };
+        std::fs::remove_dir_all(dev.dir()).unwrap();
+        copy_dir(old.path(), dev.dir());
+        let target = committed | mask;
+        let read = || {
+            let out = dev.tpm.tpm2("tpm2_nvread", &["-C", "o", "0x1500103"]);
+            assert!(out.status.success(), "{}", output_text(&out));
+            u64::from_be_bytes(out.stdout[..8].try_into().unwrap())
+        };
+        let mut now = read();
+        while now < target {
+            let out = dev.tpm.tpm2("tpm2_nvincrement", &["-C", "o", "0x1500103"]);
+            assert!(out.status.success(), "{}", output_text(&out));
+            now += 1;
+        }
+        assert_eq!(read(), target);
         let reg = dev.open();
         let why = reg.status().lockdown.expect("lockdown");
         assert!(why.contains("rollback") && why.contains("hybrid"), "{why}");
@@ -1060,7 +1097,10 @@ mod on_tpm {
             h.value > before.value && h.value & h.orderly_mask == h.orderly_mask,
             "{before:?} -> {h:?}"
         );
-        assert!(!h.reset_since_checked, "the registry marked its check");
+        assert_ne!(
+            h.reset_epoch, before.reset_epoch,
+            "the TPM's resetCount moved"
+        );
         let audit = reg.audit().unwrap();
         assert!(
             audit
@@ -1366,9 +1406,6 @@ mod on_tpm {
             }
             self.inner.advance_hybrid_counter()
         }
-        fn mark_hybrid_checked(&mut self) -> Result<(), mcim_tre::tre::TreError> {
-            self.inner.mark_hybrid_checked()
-        }
         fn authenticate(
             &mut self,
             s: &mcim_tre::tre::ProtectedSecrets,
@@ -1555,6 +1592,14 @@ mod on_tpm {
                     st.startup.iter().any(|s| s.contains("did not commit")),
                     "{st:?}"
                 );
+                // The entry that did not commit stays in the file (the chain runs through
+                // it) but is not part of the record the owner reads.
+                let lines = std::fs::read_to_string(dev.dir().join("audit.log"))
+                    .unwrap()
+                    .lines()
+                    .count();
+                let listed = reg.audit().unwrap();
+                assert_eq!(listed.len() + 1, lines, "{listed:?}");
             }
             // Left-over record files of the cut transaction are gone.
             let files: Vec<_> = std::fs::read_dir(dev.dir().join("mcims"))

@@ -4,9 +4,22 @@
 use super::*;
 
 impl Registry {
-    /// The whole audit record, verified entry by entry.
+    /// The committed audit record, verified entry by entry. Entries past the header's last
+    /// committed one belong to a transaction that did not commit (a cut before its commit
+    /// point; reported at start): they stay in the file, where the chain runs through them,
+    /// but are not part of the record. In lockdown the header is not trusted, and every entry
+    /// is shown.
     pub fn audit(&mut self) -> Result<Vec<AuditEntry>, RegistryError> {
-        Ok(self.audit_chain()?.into_iter().map(|s| s.entry).collect())
+        let committed = match self.lockdown {
+            None => self.header.audit_seq,
+            Some(_) => u64::MAX,
+        };
+        Ok(self
+            .audit_chain()?
+            .into_iter()
+            .map(|s| s.entry)
+            .filter(|e| e.seq <= committed)
+            .collect())
     }
 
     /// The audit record with each entry's hash, verified entry by entry.
@@ -55,7 +68,14 @@ impl Registry {
                 ok: true,
                 entries: n,
                 first_bad_seq: 0,
-                detail: format!("{n} entries; entry {} is anchored in the TRE", anchor.seq),
+                detail: if anchor.seq == self.header.audit_seq || self.lockdown.is_some() {
+                    format!("{n} entries; entry {} is anchored in the TRE", anchor.seq)
+                } else {
+                    format!(
+                        "{n} entries; entry {} is anchored in the TRE, and the AKA entries after it up to {} are committed by the registry header and the TRE's hybrid counter",
+                        anchor.seq, self.header.audit_seq
+                    )
+                },
             }
         } else {
             AuditVerdict {

@@ -204,6 +204,8 @@ pub struct Registry {
     /// The TRE has a hybrid counter (read at load): AKA commits advance it, not the
     /// rollback counter, and move no anchor.
     hybrid: bool,
+    /// The TRE's reset epoch read at load, written into every header.
+    reset_epoch: Option<u64>,
     /// The selected MCIM's PIN while its session lasts, when its objects open only with it
     /// (`PinRecord::in_tre`): what the AKA's loads need. Dropped (zeroized) when the MCIM
     /// leaves Selected.
@@ -228,6 +230,16 @@ fn now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
+/// An id as an error names it: a caller's megabyte-long id is not echoed back whole.
+fn shown_id(id: &str) -> String {
+    const MAX: usize = 64;
+    if id.chars().count() <= MAX {
+        return id.to_string();
+    }
+    let head: String = id.chars().take(MAX).collect();
+    format!("{head}... ({} octets)", id.len())
+}
+
 fn record_file(id: &str, version: u64) -> String {
     format!("{id}.{version}.json")
 }
@@ -248,13 +260,13 @@ impl Registry {
             anchor_pending: false,
             hybrid_sync_pending: false,
             hybrid: false,
+            reset_epoch: None,
             session_pin: None,
             lockdown: None,
             startup: Vec::new(),
         };
-        match reg.load()? {
-            store::Checked::Untrusted(reason) => reg.lockdown = Some(reason),
-            store::Checked::Intact(()) => reg.hybrid_checked()?,
+        if let store::Checked::Untrusted(reason) = reg.load()? {
+            reg.lockdown = Some(reason);
         }
         Ok(reg)
     }
@@ -270,7 +282,7 @@ impl Registry {
         self.live()?;
         self.records
             .get(id)
-            .ok_or_else(|| RegistryError::NotFound(id.to_string()))
+            .ok_or_else(|| RegistryError::NotFound(shown_id(id)))
     }
 
     /// Status; answers even in lockdown.

@@ -136,6 +136,10 @@ pub struct Header {
     /// (`Tre::hybrid_counter`): AKA commits advance it instead of `counter`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hybrid_counter: Option<u64>,
+    /// The TRE's reset epoch (`HybridCount::reset_epoch`) when this header was committed: a
+    /// jump of the hybrid counter is accepted only across a reset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reset_epoch: Option<u64>,
     /// Last committed audit entry: sequence number.
     pub audit_seq: u64,
     /// Last committed audit entry: hash (hex).

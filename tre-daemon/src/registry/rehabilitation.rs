@@ -89,9 +89,7 @@ impl Registry {
             "rehabilitated from lockdown ({reason}); {kept} of {} MCIMs kept, the others blocked; previous audit record kept as {kept_as}",
             ids.len()
         );
-        let done = self
-            .commit(changes, "rehabilitation", None, detail)
-            .and_then(|()| self.hybrid_checked());
+        let done = self.commit(changes, "rehabilitation", None, detail);
         if let Err(e) = &done {
             self.lockdown = Some(format!("rehabilitation did not complete: {e}"));
         }

@@ -41,6 +41,7 @@ impl Registry {
         let counter = self.tre.rollback_counter()?;
         let hybrid = self.tre.hybrid_counter()?;
         self.hybrid = hybrid.is_some();
+        self.reset_epoch = hybrid.map(|h| h.reset_epoch);
         let Some(header_bytes) = header_bytes else {
             if audit_bytes.is_some() || anchor.seq > 0 {
                 return Ok(Checked::Untrusted("the registry header is missing".into()));
@@ -90,7 +91,7 @@ impl Registry {
             }
             (Some(h), Some(a)) if a == h.value => {}
             (Some(h), Some(a)) if a == h.value + 1 => self.hybrid_sync_pending = true,
-            (Some(h), Some(a)) if h.jumped_from(a) => {
+            (Some(h), Some(a)) if h.jumped_from(a, header.reset_epoch) => {
                 hybrid_note = Some(format!(
                     "the TPM restarted without TPM2_Shutdown: its hybrid counter jumped from {a} to {}; \
                      a state directory up to {} AKAs older could not have been told from this one",
@@ -344,15 +345,6 @@ impl Registry {
         self.set_anchor()
     }
 
-    /// After the state directory was found current: from here until the TPM's next reset,
-    /// the hybrid counter must match the header exactly (no jump is accepted).
-    pub(super) fn hybrid_checked(&mut self) -> Result<(), RegistryError> {
-        if self.hybrid {
-            self.tre.mark_hybrid_checked()?;
-        }
-        Ok(())
-    }
-
     /// Advances the TRE's hybrid counter to the committed header (an AKA's commit).
     fn sync_hybrid(&mut self) -> Result<(), RegistryError> {
         let now = self.tre.advance_hybrid_counter()?;
@@ -479,6 +471,7 @@ impl Registry {
         } else {
             header.counter = self.header.counter + 1;
         }
+        header.reset_epoch = self.reset_epoch;
         header.audit_seq = entry.seq;
         header.audit_head = hex::encode(hash);
         let mut body = serde_json::to_vec_pretty(&header)

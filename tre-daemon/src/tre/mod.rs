@@ -249,17 +249,20 @@ pub struct HybridCount {
     /// MAX_ORDERLY_COUNT (TPM_PT_ORDERLY_COUNT): 2^N - 1; NV is written on the increment
     /// that clears these bits.
     pub orderly_mask: u64,
-    /// The TRE was reset (TPM2_Startup(CLEAR)) since [`Tre::mark_hybrid_checked`] was last
-    /// called: only then can the counter have jumped.
-    pub reset_since_checked: bool,
+    /// A value that changes at every reset of the TRE and at nothing else: a TPM's
+    /// TPMS_CLOCK_INFO.resetCount, as a quote by the attestation key reports it (obfuscated
+    /// by a constant per key when the key is outside the endorsement hierarchy). Software
+    /// cannot set it back short of TPM2_Clear, which takes every key with it.
+    pub reset_epoch: u64,
 }
 
 impl HybridCount {
-    /// Whether a value `committed` with this counter before a restart without orderly
-    /// shutdown can have become `self.value`: the TRE set the low bits of a value saved at
-    /// or before `committed`, in the same block.
-    pub fn jumped_from(&self, committed: u64) -> bool {
-        self.reset_since_checked
+    /// Whether a value `committed` with this counter, in the TRE's reset epoch
+    /// `committed_epoch`, can have become `self.value` by a restart without orderly shutdown:
+    /// the TRE was reset since, and it set the low bits of a value saved at or before
+    /// `committed`, in the same block.
+    pub fn jumped_from(&self, committed: u64, committed_epoch: Option<u64>) -> bool {
+        committed_epoch.is_some_and(|e| e != self.reset_epoch)
             && committed < self.value
             && (committed | self.orderly_mask) == self.value
     }
@@ -519,12 +522,6 @@ pub trait Tre {
     /// Advances the hybrid counter by one; returns the new value.
     fn advance_hybrid_counter(&mut self) -> Result<u64, TreError> {
         Err(self.not_supported("advance_hybrid_counter"))
-    }
-
-    /// Records in the TRE's RAM that the registry checked the hybrid counter against its
-    /// header since the TRE's last reset ([`HybridCount::reset_since_checked`]).
-    fn mark_hybrid_checked(&mut self) -> Result<(), TreError> {
-        Err(self.not_supported("mark_hybrid_checked"))
     }
 
     /// The audit chain's anchor in the TRE (5.1.2.2 audit record).

@@ -36,10 +36,6 @@ const ANCHOR_SIZE: usize = 40;
 /// NV index of the hybrid counter (TPM_NT_COUNTER, TPMA_NV_ORDERLY) that the frequent
 /// commits (the SQN state after each AKA) advance without an NV write per increment.
 pub const NV_HYBRID_COUNTER: u32 = 0x0150_0103;
-/// NV index that says whether the TPM was reset since the registry last checked the hybrid
-/// counter: TPMA_NV_CLEAR_STCLEAR (TPMA_NV_WRITTEN clears at every TPM Reset and Restart) and
-/// TPMA_NV_ORDERLY (written in the TPM's RAM, no NV wear).
-pub const NV_RESET_MARKER: u32 = 0x0150_0104;
 
 fn hmac_template() -> Result<Public, TreError> {
     let attrs = super::keys::device_key_attributes()
@@ -170,7 +166,6 @@ impl TpmTre {
     pub(super) fn ensure_anchors(&mut self) -> Result<(), TreError> {
         self.ensure_counter(NV_COUNTER, false)?;
         self.ensure_counter(NV_HYBRID_COUNTER, true)?;
-        self.ensure_reset_marker()?;
         if let Some(h) = self.open_nv(NV_AUDIT_ANCHOR)? {
             self.close_nv(h)?;
         } else {
@@ -242,72 +237,6 @@ impl TpmTre {
         self.read_counter()
     }
 
-    /// Defines the reset marker if missing (one NV write, once).
-    fn ensure_reset_marker(&mut self) -> Result<(), TreError> {
-        if let Some(h) = self.open_nv(NV_RESET_MARKER)? {
-            return self.close_nv(h);
-        }
-        let public = NvPublicBuilder::new()
-            .with_nv_index(nv_handle(NV_RESET_MARKER)?)
-            .with_index_name_algorithm(HashingAlgorithm::Sha256)
-            .with_index_attributes(
-                NvIndexAttributesBuilder::new()
-                    .with_orderly(true)
-                    .with_clear_stclear(true)
-                    .with_owner_write(true)
-                    .with_owner_read(true)
-                    .with_no_da(true)
-                    .build()
-                    .map_err(cmd("NV attributes"))?,
-            )
-            .with_data_area_size(1)
-            .build()
-            .map_err(cmd("NV public"))?;
-        self.count(1);
-        self.count_nv_write(1);
-        let h = self
-            .ctx
-            .execute_with_session(Some(AuthSession::Password), |c| {
-                c.nv_define_space(Provision::Owner, None, public)
-            })
-            .map_err(cmd("TPM2_NV_DefineSpace(reset marker)"))?;
-        self.nv.insert(NV_RESET_MARKER, h);
-        self.close_nv(h)
-    }
-
-    /// Whether the reset marker is unwritten: the TPM was reset since it was last written.
-    fn reset_since_marked(&mut self) -> Result<bool, TreError> {
-        self.ensure_reset_marker()?;
-        let h = self.open_nv(NV_RESET_MARKER)?.ok_or_else(|| {
-            TreError::Mismatch("the reset marker is missing (TPM cleared?)".into())
-        })?;
-        self.count(1);
-        let (public, _) = self
-            .ctx
-            .execute_without_session(|c| c.nv_read_public(h))
-            .map_err(cmd("TPM2_NV_ReadPublic(reset marker)"))?;
-        self.close_nv(h)?;
-        Ok(!public.attributes().written())
-    }
-
-    /// Writes the reset marker (in the TPM's RAM: the index is orderly).
-    pub(super) fn mark_reset_marker(&mut self) -> Result<(), TreError> {
-        self.ensure_reset_marker()?;
-        let h = self.open_nv(NV_RESET_MARKER)?.ok_or_else(|| {
-            TreError::Mismatch("the reset marker is missing (TPM cleared?)".into())
-        })?;
-        let data = MaxNvBuffer::try_from(vec![1u8]).map_err(cmd("TPM2_NV_Write"))?;
-        self.count(1);
-        let r = self
-            .ctx
-            .execute_with_session(Some(AuthSession::Password), |c| {
-                c.nv_write(NvAuth::Owner, h, data, 0)
-            })
-            .map_err(cmd("TPM2_NV_Write(reset marker)"));
-        self.close_nv(h)?;
-        r
-    }
-
     /// The hybrid counter and the TPM's MAX_ORDERLY_COUNT; the counter is defined here when
     /// missing (a TPM supplied by a `tred` that predates it).
     pub(super) fn read_hybrid_counter(&mut self) -> Result<HybridCount, TreError> {
@@ -331,12 +260,28 @@ impl TpmTre {
         let value = Reader::new("NV hybrid counter", &b)
             .u64()
             .map_err(|e| TreError::Mismatch(e.to_string()))?;
-        let reset_since_checked = self.reset_since_marked()?;
+        let reset_epoch = self.reset_epoch()?;
         Ok(HybridCount {
             value,
             orderly_mask,
-            reset_since_checked,
+            reset_epoch,
         })
+    }
+
+    /// The TPM's reset count, from a quote by the attestation key over PCR 0 with a fresh
+    /// nonce, verified with the key's public area (an altered answer on the bus fails). Not an
+    /// NV index: an NV marker would be undefined and defined again by anyone with the owner
+    /// hierarchy's (empty) authorisation, which looks exactly like a reset.
+    fn reset_epoch(&mut self) -> Result<u64, TreError> {
+        let mut nonce = [0u8; 16];
+        rand::Rng::fill_bytes(&mut rand::rng(), &mut nonce);
+        let selection = mcim_core::tpm::policy::PcrSelection::sha256(&[0])
+            .map_err(|e| TreError::Mismatch(e.to_string()))?;
+        let quote = self.quote_pcrs(&nonce, &selection)?;
+        let ak = crate::tre::Tre::device_public(self)?.attestation_public;
+        let verified = mcim_core::tpm::attest::verify_quote(&ak, &quote, &nonce)
+            .map_err(|e| TreError::Mismatch(format!("the TPM's own quote does not verify: {e}")))?;
+        Ok(u64::from(verified.clock.reset_count))
     }
 
     /// Increments the hybrid counter. NV is written only when the increment clears the low

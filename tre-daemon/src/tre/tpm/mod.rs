@@ -444,10 +444,6 @@ impl Tre for TpmTre {
         self.increment_hybrid_counter()
     }
 
-    fn mark_hybrid_checked(&mut self) -> Result<(), TreError> {
-        self.mark_reset_marker()
-    }
-
     fn audit_anchor(&mut self) -> Result<AuditAnchor, TreError> {
         self.read_anchor()
     }
