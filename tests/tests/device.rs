@@ -87,6 +87,13 @@ fn owner_sho_and_pva_drive_a_device_through_tred() {
     ];
     assert_eq!(json(mcimctl(&tred, &init))["created"], true);
     assert_eq!(json(mcimctl(&tred, &init))["created"], false);
+    // A successful supply logs no tss2-esys ERROR or WARNING (tred asks the TPM's handle list
+    // before opening a handle that may be absent, instead of probing it).
+    let log = tred.log();
+    assert!(
+        !log.contains("ERROR:esys") && !log.contains("WARNING:esys"),
+        "{log}"
+    );
     assert_eq!(
         json(mcimctl(&tred, &["device", "--json", "status"]))["pcid"],
         "001010000000042"

@@ -100,6 +100,10 @@ impl TpmTre {
         if let Some(h) = self.nv.get(&index) {
             return Ok(Some(*h));
         }
+        self.count(1);
+        if !super::handle_present(&mut self.ctx, index)? {
+            return Ok(None);
+        }
         let h = TpmHandle::NvIndex(nv_handle(index)?);
         self.count(1);
         match self

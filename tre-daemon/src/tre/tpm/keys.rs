@@ -85,6 +85,18 @@ fn persistent(handle: u32) -> Result<PersistentTpmHandle, TreError> {
     PersistentTpmHandle::new(handle).map_err(cmd("persistent handle"))
 }
 
+/// [`open_persistent`] where the object may well be absent (a device before supply): asks
+/// the TPM's handle list first, so ESYS does not log an ERROR for the expected absence.
+pub(super) fn probe_persistent(
+    ctx: &mut Context,
+    handle: u32,
+) -> Result<Option<ObjectHandle>, TreError> {
+    if !super::handle_present(ctx, handle)? {
+        return Ok(None);
+    }
+    open_persistent(ctx, handle)
+}
+
 /// The ESYS handle of a persistent object, `None` if the handle is empty.
 pub(super) fn open_persistent(
     ctx: &mut Context,
@@ -100,7 +112,7 @@ pub(super) fn open_persistent(
 
 /// The storage key's name (nameAlg || digest of its public area), if the key exists.
 pub(super) fn storage_name_if_present(ctx: &mut Context) -> Result<Option<Vec<u8>>, TreError> {
-    let Some(mut h) = open_persistent(ctx, STORAGE_HANDLE)? else {
+    let Some(mut h) = probe_persistent(ctx, STORAGE_HANDLE)? else {
         return Ok(None);
     };
     let (_, name, _) = ctx
@@ -114,7 +126,7 @@ pub(super) fn storage_name_if_present(ctx: &mut Context) -> Result<Option<Vec<u8
 /// created (each one TPM2_EvictControl, an NV write). An existing key is never replaced.
 pub(super) fn ensure_all(ctx: &mut Context) -> Result<u64, TreError> {
     let mut created = 0;
-    let storage = match open_persistent(ctx, STORAGE_HANDLE)? {
+    let storage = match probe_persistent(ctx, STORAGE_HANDLE)? {
         Some(h) => h,
         None => {
             let primary = ctx.execute_with_nullauth_session(|c| {
@@ -134,7 +146,7 @@ pub(super) fn ensure_all(ctx: &mut Context) -> Result<u64, TreError> {
         }
     };
     for (handle, restricted) in [(AK_HANDLE, true), (TLS_HANDLE, false)] {
-        if let Some(mut h) = open_persistent(ctx, handle)? {
+        if let Some(mut h) = probe_persistent(ctx, handle)? {
             ctx.tr_close(&mut h).map_err(cmd("Esys_TR_Close"))?;
             continue;
         }

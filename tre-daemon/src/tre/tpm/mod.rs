@@ -239,6 +239,19 @@ impl TpmTre {
     }
 }
 
+/// Whether a persistent object or an NV index is at `raw` (TPM2_GetCapability(TPM_CAP_HANDLES)).
+/// Asking before opening keeps ESYS from logging an ERROR for every handle that is, as
+/// expected, absent (a device before supply, an index not defined yet).
+pub(crate) fn handle_present(ctx: &mut Context, raw: u32) -> Result<bool, TreError> {
+    let (data, _) = ctx
+        .get_capability(CapabilityType::Handles, raw, 1)
+        .map_err(cmd("TPM2_GetCapability(handles)"))?;
+    Ok(match data {
+        CapabilityData::Handles(list) => list.iter().any(|h| u32::from(*h) == raw),
+        _ => false,
+    })
+}
+
 /// The SHA-256 PCR selection as tss-esapi wants it: the slots and the selection list.
 pub(crate) fn pcr_selection_list(
     sel: &mcim_core::tpm::policy::PcrSelection,
