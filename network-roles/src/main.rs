@@ -111,10 +111,12 @@ enum RoleCmd {
         #[arg(long, env = "MCIM_SHO2_PLMN", default_value = "00103")]
         sho2_plmn: String,
     },
-    /// The equipment supplier (certifies devices' attestation and TLS keys).
+    /// The equipment supplier (certifies devices' attestation and TLS keys). It keeps no
+    /// database, so it takes no `--db`.
     Supplier {
-        #[command(flatten)]
-        common: Common,
+        /// PKI directory (`mcimctl pki init`).
+        #[arg(long, env = "MCIM_PKI")]
+        pki: PathBuf,
         /// Address to listen on.
         #[arg(long, env = "MCIM_LISTEN", default_value = "127.0.0.1:7401")]
         listen: SocketAddr,
@@ -258,13 +260,12 @@ async fn serve(cmd: RoleCmd) -> Result<(), String> {
     let e = |e: mcim_roles::error::RoleError| e.to_string();
     match cmd {
         RoleCmd::Supplier {
-            common,
+            pki,
             listen,
             ro_url,
         } => {
-            let s =
-                Service::Supplier(Supplier::new(common.pki.clone(), ro_url.as_deref()).map_err(e)?);
-            serve_role(Role::Supplier, "supplier", common.pki, listen, s).await
+            let s = Service::Supplier(Supplier::new(pki.clone(), ro_url.as_deref()).map_err(e)?);
+            serve_role(Role::Supplier, "supplier", pki, listen, s).await
         }
         RoleCmd::Pva { common, listen } => {
             let pool = open(&common.db).await?;

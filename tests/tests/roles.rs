@@ -720,6 +720,18 @@ fn a_toml_file_configures_the_roles_and_the_environment_wins_over_it() {
             "not on {not}"
         );
     }
+    // The supplier keeps no database: a `--db` for it is a mistake, refused (exit 2, naming
+    // it) rather than silently ignored.
+    let out = Command::new(workspace_bin("mcim-roles"))
+        .args(["supplier", "--pki", "pki", "--db", "sqlite://supplier.db"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--db"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // A typo is refused before anything starts.
     std::fs::write(&file, "base_prot = 1\n").unwrap();
     let out = Command::new(workspace_bin("mcim-roles"))
