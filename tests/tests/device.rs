@@ -458,6 +458,32 @@ fn shipped_config_and_unit_agree() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(err.contains("cannot open the TRE"), "{err}");
+    // Every key the shipped file shows (set or commented out) is one `tred --config-keys`
+    // lists, with its variable.
+    let keys = Command::new(workspace_bin("tred"))
+        .arg("--config-keys")
+        .output()
+        .unwrap();
+    assert!(keys.status.success());
+    let listed = String::from_utf8_lossy(&keys.stdout).to_string();
+    for line in toml.lines() {
+        let line = line.trim_start_matches('#').trim();
+        let Some((key, _)) = line.split_once(" = ") else {
+            continue;
+        };
+        if key
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c == '_' || c.is_ascii_digit())
+        {
+            let var = format!("MCIM_{}", key.to_ascii_uppercase());
+            assert!(
+                listed
+                    .lines()
+                    .any(|l| l.starts_with(&format!("{key} ")) && l.contains(&var)),
+                "{key} ({var}) in {listed}"
+            );
+        }
+    }
     let unit = std::fs::read_to_string(root.join("tred.service")).unwrap();
     assert!(unit.contains("ExecStart=/usr/local/bin/tred --config /etc/mcim/tred.toml"));
     assert!(unit.contains("KillSignal=SIGTERM"));

@@ -1,4 +1,6 @@
-//! `tred`'s configuration: a TOML file, then `MCIM_*` environment variables over it.
+//! `tred`'s configuration: a TOML file, then `MCIM_*` environment variables over it: every key
+//! `k` has the variable `MCIM_K` (`tred --config-keys` lists them with their defaults, taken
+//! from the type itself).
 //!
 //! ```toml
 //! backend = "tpm"                      # MCIM_BACKEND: "tpm" or "pkcs11"
@@ -39,7 +41,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 /// The daemon's settings.
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// Which TRE: "tpm" or "pkcs11".
@@ -212,74 +214,69 @@ impl Config {
         Ok(text.lines().next().unwrap_or_default().to_string().into())
     }
 
-    /// Applies `MCIM_*` overrides from `get`.
+    /// Every key of the file, in the type's order: taken from the type itself (serde's
+    /// refusal of an unknown field lists them), so the list cannot drift from it.
+    pub fn keys() -> Vec<String> {
+        let refusal = match toml::from_str::<Config>("__not_a_key__ = 0") {
+            Err(e) => e.to_string(),
+            Ok(_) => String::new(),
+        };
+        let listed = refusal.split("expected one of").nth(1).unwrap_or_default();
+        listed
+            .split('`')
+            .skip(1)
+            .step_by(2)
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// The environment variable of a key: `MCIM_` and the key in capitals.
+    pub fn env_var(key: &str) -> String {
+        format!("MCIM_{}", key.to_ascii_uppercase())
+    }
+
+    /// Applies `MCIM_*` overrides from `get`, one per key ([`Config::env_var`]): a list
+    /// (`quote_pcrs`) as comma-separated numbers, anything else as the string it is. Each
+    /// goes through the same deserialisation as the file, so a bad value is the same error.
     pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
-        if let Some(v) = get("MCIM_BACKEND") {
-            self.backend = v;
-        }
-        if let Some(v) = get("MCIM_TCTI") {
-            self.tcti = v;
-        }
-        if let Some(v) = get("MCIM_PKCS11_MODULE") {
-            self.pkcs11_module = v.into();
-        }
-        if let Some(v) = get("MCIM_PKCS11_TOKEN") {
-            self.pkcs11_token = v;
-        }
-        if let Some(v) = get("MCIM_PKCS11_UNWRAP") {
-            self.pkcs11_unwrap = v;
-        }
-        if let Some(v) = get("MCIM_TPM_AKA") {
-            self.tpm_aka = v;
-        }
-        if let Some(v) = get("MCIM_STATE_DIR") {
-            self.state_dir = v.into();
-        }
-        if let Some(v) = get("MCIM_SOCKET") {
-            self.socket = v.into();
-        }
-        if let Some(v) = get("MCIM_SOCKET_MODE") {
-            self.socket_mode = v;
-        }
-        if let Some(v) = get("MCIM_LOG") {
-            self.log = v;
-        }
-        if let Some(v) = get("MCIM_CA_FILE") {
-            self.ca_file = Some(v.into());
-        }
-        if let Some(v) = get("MCIM_OWNER_GROUP") {
-            self.owner_group = Some(v);
-        }
-        if let Some(v) = get("MCIM_MODEM_GROUP") {
-            self.modem_group = Some(v);
-        }
-        if let Some(v) = get("MCIM_AUDIT_GROUP") {
-            self.audit_group = Some(v);
-        }
-        if let Some(v) = get("MCIM_CA_DIR") {
-            self.ca_dir = Some(v.into());
-        }
-        if let Some(v) = get("MCIM_SHO_CA_FILE") {
-            self.sho_ca_file = Some(v.into());
-        }
-        if let Some(v) = get("MCIM_RO_URL") {
-            self.ro_url = Some(v);
-        }
-        if let Some(v) = get("MCIM_VNO_URL") {
-            self.vno_url = Some(v);
-        }
-        if let Some(v) = get("MCIM_REHABILITATION_KEY") {
-            self.rehabilitation_key = Some(v);
-        }
-        if let Some(v) = get("MCIM_QUOTE_PCRS") {
-            self.quote_pcrs = v
-                .split(',')
-                .filter(|s| !s.trim().is_empty())
-                .map(|s| s.trim().parse::<u8>())
-                .collect::<Result<_, _>>()
-                .map_err(|e| ConfigError::Invalid(format!("MCIM_QUOTE_PCRS: {e}")))?;
+        for key in Self::keys() {
+            let var = Self::env_var(&key);
+            let Some(v) = get(&var) else { continue };
+            let value = if key == "quote_pcrs" {
+                let list = v
+                    .split(',')
+                    .filter(|s| !s.trim().is_empty())
+                    .map(|s| s.trim().parse::<i64>().map(toml::Value::Integer))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| ConfigError::Invalid(format!("{var}: {e}")))?;
+                toml::Value::Array(list)
+            } else {
+                toml::Value::String(v)
+            };
+            let mut table = toml::Table::try_from(&*self)
+                .map_err(|e| ConfigError::Invalid(format!("{var}: {e}")))?;
+            table.insert(key.clone(), value);
+            *self = table
+                .try_into()
+                .map_err(|e| ConfigError::Invalid(format!("{var}: {e}")))?;
         }
         Ok(())
+    }
+
+    /// `tred --config-keys`: every key, its variable and its default, one per line.
+    pub fn key_table() -> String {
+        let defaults = toml::Table::try_from(Config::default()).unwrap_or_default();
+        let mut out = String::from("key                  variable                  default\n");
+        for key in Self::keys() {
+            let default = defaults
+                .get(&key)
+                .map_or_else(|| "(none)".to_string(), shown);
+            out.push_str(&format!(
+                "{key:<20} {:<25} {default}\n",
+                Self::env_var(&key)
+            ));
+        }
+        out
     }
 
     /// The supplier's rehabilitation key, parsed.
@@ -305,6 +302,20 @@ impl Config {
     }
 }
 
+/// A default as `--config-keys` shows it (TOML's own notation).
+fn shown(v: &toml::Value) -> String {
+    match v {
+        toml::Value::String(s) => format!("{s:?}"),
+        toml::Value::Integer(n) => n.to_string(),
+        toml::Value::Boolean(b) => b.to_string(),
+        toml::Value::Array(a) => {
+            let items: Vec<String> = a.iter().map(shown).collect();
+            format!("[{}]", items.join(", "))
+        }
+        other => format!("{other:?}"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -325,6 +336,36 @@ mod tests {
         assert_eq!(c.tcti, "device:/dev/tpm0");
         assert_eq!(c.quote_pcrs, [1, 2]);
         assert_eq!(c.socket_mode().ok(), Some(0o660));
+    }
+
+    /// Every key of the type has its variable, and the variable reaches the key: the list
+    /// `tred --config-keys` prints is the type's, and it cannot drift.
+    #[test]
+    fn every_key_has_its_variable() {
+        let refusal = toml::from_str::<Config>("__not_a_key__ = 0")
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(refusal.contains("`vno_url`"), "{refusal}");
+        // The parse of serde's message finds every field (21 today).
+        assert_eq!(Config::keys().len(), 21, "{:?}", Config::keys());
+        for key in Config::keys() {
+            let var = Config::env_var(&key);
+            let value = if key == "quote_pcrs" { "3,4" } else { "/x" };
+            let mut c = Config::default();
+            c.apply_env(|k| (k == var).then(|| value.to_string()))
+                .unwrap_or_else(|e| panic!("{var}: {e}"));
+            assert_ne!(c, Config::default(), "{var} changes {key}");
+        }
+        let table = Config::key_table();
+        assert!(
+            table.contains("ca_file              MCIM_CA_FILE"),
+            "{table}"
+        );
+        assert!(
+            table.contains("MCIM_PKCS11_UNWRAP        \"auto\""),
+            "{table}"
+        );
     }
 
     #[test]

@@ -29,10 +29,17 @@ struct Args {
     /// TOML configuration file (see tre-daemon/tred.toml).
     #[arg(long)]
     config: Option<PathBuf>,
+    /// Lists every configuration key, its MCIM_* variable and its default, and exits.
+    #[arg(long)]
+    config_keys: bool,
 }
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
+    if args.config_keys {
+        print!("{}", Config::key_table());
+        return std::process::ExitCode::SUCCESS;
+    }
     let config = match Config::load(args.config.as_deref()) {
         Ok(c) => c,
         Err(e) => {
