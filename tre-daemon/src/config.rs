@@ -173,7 +173,20 @@ impl Config {
             }
             None => Config::default(),
         };
-        c.apply_env(|k| std::env::var(k).ok())?;
+        c.apply_env(|k| match std::env::var(k) {
+            Ok(v) => Some(Ok(v)),
+            Err(std::env::VarError::NotPresent) => None,
+            Err(std::env::VarError::NotUnicode(_)) => Some(Err(())),
+        })?;
+        if c.quote_pcrs.is_empty()
+            || c.quote_pcrs.iter().any(|p| *p > 23)
+            || (1..c.quote_pcrs.len()).any(|i| c.quote_pcrs[..i].contains(&c.quote_pcrs[i]))
+        {
+            return Err(ConfigError::Invalid(format!(
+                "quote_pcrs {:?}: one to 24 distinct PCRs, 0 to 23",
+                c.quote_pcrs
+            )));
+        }
         c.socket_mode()?;
         c.rehabilitation_key()?;
         if c.pkcs11_unwrap != "auto" && c.pkcs11_unwrap != "rsa-oaep" {
@@ -238,14 +251,29 @@ impl Config {
     /// Applies `MCIM_*` overrides from `get`, one per key ([`Config::env_var`]): a list
     /// (`quote_pcrs`) as comma-separated numbers, anything else as the string it is. Each
     /// goes through the same deserialisation as the file, so a bad value is the same error.
-    pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+    /// A variable that is set but empty, or not UTF-8 (`get` gives `Err`), is refused: it
+    /// must not quietly stand for the default (a state directory, an owner group).
+    pub fn apply_env(
+        &mut self,
+        get: impl Fn(&str) -> Option<Result<String, ()>>,
+    ) -> Result<(), ConfigError> {
         for key in Self::keys() {
             let var = Self::env_var(&key);
-            let Some(v) = get(&var) else { continue };
+            let v = match get(&var) {
+                None => continue,
+                Some(Err(())) => {
+                    return Err(ConfigError::Invalid(format!("{var} is not UTF-8")));
+                }
+                Some(Ok(v)) if v.trim().is_empty() => {
+                    return Err(ConfigError::Invalid(format!(
+                        "{var} is set but empty: unset it for the default"
+                    )));
+                }
+                Some(Ok(v)) => v,
+            };
             let value = if key == "quote_pcrs" {
                 let list = v
                     .split(',')
-                    .filter(|s| !s.trim().is_empty())
                     .map(|s| s.trim().parse::<i64>().map(toml::Value::Integer))
                     .collect::<Result<Vec<_>, _>>()
                     .map_err(|e| ConfigError::Invalid(format!("{var}: {e}")))?;
@@ -328,8 +356,8 @@ mod tests {
         assert_eq!(c.quote_pcrs, [0, 7]);
         assert_eq!(c.socket_mode, "0660");
         c.apply_env(|k| match k {
-            "MCIM_TCTI" => Some("device:/dev/tpm0".into()),
-            "MCIM_QUOTE_PCRS" => Some("1, 2".into()),
+            "MCIM_TCTI" => Some(Ok("device:/dev/tpm0".into())),
+            "MCIM_QUOTE_PCRS" => Some(Ok("1, 2".into())),
             _ => None,
         })
         .unwrap_or_default();
@@ -353,7 +381,7 @@ mod tests {
             let var = Config::env_var(&key);
             let value = if key == "quote_pcrs" { "3,4" } else { "/x" };
             let mut c = Config::default();
-            c.apply_env(|k| (k == var).then(|| value.to_string()))
+            c.apply_env(|k| (k == var).then(|| Ok(value.to_string())))
                 .unwrap_or_else(|e| panic!("{var}: {e}"));
             assert_ne!(c, Config::default(), "{var} changes {key}");
         }
@@ -369,14 +397,42 @@ mod tests {
     }
 
     #[test]
+    fn quote_pcrs_are_one_to_24_distinct_pcrs() {
+        let dir = std::env::temp_dir().join(format!("tred-config-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        for (list, ok) in [
+            ("[0, 7, 23]", true),
+            ("[24]", false),
+            ("[1, 1]", false),
+            ("[]", false),
+        ] {
+            let file = dir.join("tred.toml");
+            let _ = std::fs::write(&file, format!("quote_pcrs = {list}\n"));
+            assert_eq!(Config::load(Some(&file)).is_ok(), ok, "{list}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn bad_input_is_a_clear_error() {
         assert!(toml::from_str::<Config>("tcti = 5").is_err());
         assert!(toml::from_str::<Config>("unknown = 1").is_err());
         let mut c = Config::default();
         assert!(
-            c.apply_env(|k| (k == "MCIM_QUOTE_PCRS").then(|| "a".into()))
+            c.apply_env(|k| (k == "MCIM_QUOTE_PCRS").then(|| Ok("a".into())))
                 .is_err()
         );
+        for (var, bad) in [
+            ("MCIM_QUOTE_PCRS", Ok("1,,2".to_string())),
+            ("MCIM_STATE_DIR", Ok(String::new())),
+            ("MCIM_OWNER_GROUP", Ok(" ".to_string())),
+            ("MCIM_TCTI", Err(())),
+        ] {
+            let mut c = Config::default();
+            let err = c.apply_env(|k| (k == var).then(|| bad.clone()));
+            assert!(err.is_err(), "{var} {bad:?}");
+            assert_eq!(c, Config::default(), "{var}: nothing changed");
+        }
         c.socket_mode = "999".into();
         assert!(c.socket_mode().is_err());
     }

@@ -1025,11 +1025,12 @@ mod on_tpm {
         );
     }
 
-    /// The outside attack that beat an NV reset marker (session 9): with the owner's empty
-    /// authorisation, tpm2-tools pushes the hybrid counter up to where a jump from an older
-    /// copy would have put it, and undefines and defines indices at will; without a TPM
-    /// reset the copy is still a rollback, because the reset epoch is the TPM's resetCount
-    /// from a verified quote, which software cannot move.
+    /// The outside attacks that beat an NV reset marker and then the plain resetCount
+    /// (session 9): with the owner's empty authorisation, tpm2-tools pushes the hybrid counter
+    /// up to where a jump from an older copy would have put it, and swaps the key at the
+    /// attestation key's handle; without a TPM reset the copy is still a rollback, because
+    /// the reset epoch is the TPM's resetCount under the same attestation key, from a
+    /// verified quote.
     #[test]
     fn a_counter_pushed_by_tpm2_tools_is_no_jump_without_a_reset() {
         let dev = Device::new();
@@ -1060,6 +1061,55 @@ mod on_tpm {
         assert_eq!(read(), target);
         let reg = dev.open();
         let why = reg.status().lockdown.expect("lockdown");
+        assert!(why.contains("rollback") && why.contains("hybrid"), "{why}");
+        drop(reg);
+        // The second outside attack: another restricted signing key at the attestation
+        // key's handle changes the obfuscated resetCount without a reset. The epoch names
+        // its key, so that is no reset either.
+        let dir = tempfile::tempdir().unwrap();
+        let f = |n: &str| dir.path().join(n).to_str().unwrap().to_string();
+        for args in [
+            vec!["tpm2_evictcontrol", "-C", "o", "-c", "0x81000101"],
+            vec![
+                "tpm2_create",
+                "-C",
+                "0x81000100",
+                "-G",
+                "ecc256:ecdsa-sha256:null",
+                "-a",
+                "fixedtpm|fixedparent|sensitivedataorigin|userwithauth|noda|restricted|sign",
+                "-u",
+                &f("ak.pub"),
+                "-r",
+                &f("ak.priv"),
+            ],
+            vec!["tpm2_flushcontext", "--transient-object"],
+            vec![
+                "tpm2_load",
+                "-C",
+                "0x81000100",
+                "-u",
+                &f("ak.pub"),
+                "-r",
+                &f("ak.priv"),
+                "-c",
+                &f("ak.ctx"),
+            ],
+            vec![
+                "tpm2_evictcontrol",
+                "-C",
+                "o",
+                "-c",
+                &f("ak.ctx"),
+                "0x81000101",
+            ],
+            vec!["tpm2_flushcontext", "--transient-object"],
+        ] {
+            let out = dev.tpm.tpm2(args[0], &args[1..]);
+            assert!(out.status.success(), "{args:?}: {}", output_text(&out));
+        }
+        let reg = dev.open();
+        let why = reg.status().lockdown.expect("lockdown after the key swap");
         assert!(why.contains("rollback") && why.contains("hybrid"), "{why}");
         assert_eq!(
             snapshot(dev.dir()),

@@ -205,7 +205,7 @@ pub struct Registry {
     /// rollback counter, and move no anchor.
     hybrid: bool,
     /// The TRE's reset epoch read at load, written into every header.
-    reset_epoch: Option<u64>,
+    reset_epoch: Option<crate::tre::ResetEpoch>,
     /// The selected MCIM's PIN while its session lasts, when its objects open only with it
     /// (`PinRecord::in_tre`): what the AKA's loads need. Dropped (zeroized) when the MCIM
     /// leaves Selected.

@@ -139,7 +139,7 @@ pub struct Header {
     /// The TRE's reset epoch (`HybridCount::reset_epoch`) when this header was committed: a
     /// jump of the hybrid counter is accepted only across a reset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub reset_epoch: Option<u64>,
+    pub tpm_epoch: Option<crate::tre::ResetEpoch>,
     /// Last committed audit entry: sequence number.
     pub audit_seq: u64,
     /// Last committed audit entry: hash (hex).

@@ -91,7 +91,7 @@ impl Registry {
             }
             (Some(h), Some(a)) if a == h.value => {}
             (Some(h), Some(a)) if a == h.value + 1 => self.hybrid_sync_pending = true,
-            (Some(h), Some(a)) if h.jumped_from(a, header.reset_epoch) => {
+            (Some(h), Some(a)) if h.jumped_from(a, header.tpm_epoch.as_ref()) => {
                 hybrid_note = Some(format!(
                     "the TPM restarted without TPM2_Shutdown: its hybrid counter jumped from {a} to {}; \
                      a state directory up to {} AKAs older could not have been told from this one",
@@ -471,7 +471,7 @@ impl Registry {
         } else {
             header.counter = self.header.counter + 1;
         }
-        header.reset_epoch = self.reset_epoch;
+        header.tpm_epoch = self.reset_epoch;
         header.audit_seq = entry.seq;
         header.audit_head = hex::encode(hash);
         let mut body = serde_json::to_vec_pretty(&header)

@@ -249,20 +249,44 @@ pub struct HybridCount {
     /// MAX_ORDERLY_COUNT (TPM_PT_ORDERLY_COUNT): 2^N - 1; NV is written on the increment
     /// that clears these bits.
     pub orderly_mask: u64,
-    /// A value that changes at every reset of the TRE and at nothing else: a TPM's
-    /// TPMS_CLOCK_INFO.resetCount, as a quote by the attestation key reports it (obfuscated
-    /// by a constant per key when the key is outside the endorsement hierarchy). Software
-    /// cannot set it back short of TPM2_Clear, which takes every key with it.
-    pub reset_epoch: u64,
+    /// Which reset of the TRE this is ([`ResetEpoch`]).
+    pub reset_epoch: ResetEpoch,
+}
+
+/// A value that changes at every reset of the TRE and at nothing else: a TPM's
+/// TPMS_CLOCK_INFO.resetCount, as a quote by the attestation key reports it, with that key.
+/// Outside the endorsement hierarchy the count is obfuscated by a constant per key, so it is
+/// compared only under the same key: another key at the attestation key's handle (a swap by
+/// whoever has the owner's authorisation) changes the count without a reset.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ResetEpoch {
+    /// SHA-256 of the attestation key's TPM2B_PUBLIC.
+    #[serde(with = "hex_array")]
+    pub key: [u8; 32],
+    /// The (obfuscated) resetCount under that key.
+    pub count: u64,
+}
+
+mod hex_array {
+    pub fn serialize<S: serde::Serializer>(v: &[u8; 32], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&hex::encode(v))
+    }
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<[u8; 32], D::Error> {
+        let text = <String as serde::Deserialize>::deserialize(d)?;
+        let mut out = [0u8; 32];
+        hex::decode_to_slice(&text, &mut out).map_err(serde::de::Error::custom)?;
+        Ok(out)
+    }
 }
 
 impl HybridCount {
     /// Whether a value `committed` with this counter, in the TRE's reset epoch
     /// `committed_epoch`, can have become `self.value` by a restart without orderly shutdown:
-    /// the TRE was reset since, and it set the low bits of a value saved at or before
-    /// `committed`, in the same block.
-    pub fn jumped_from(&self, committed: u64, committed_epoch: Option<u64>) -> bool {
-        committed_epoch.is_some_and(|e| e != self.reset_epoch)
+    /// the TRE was reset since (same attestation key, another count), and it set the low bits
+    /// of a value saved at or before `committed`, in the same block.
+    pub fn jumped_from(&self, committed: u64, committed_epoch: Option<&ResetEpoch>) -> bool {
+        committed_epoch
+            .is_some_and(|e| e.key == self.reset_epoch.key && e.count != self.reset_epoch.count)
             && committed < self.value
             && (committed | self.orderly_mask) == self.value
     }

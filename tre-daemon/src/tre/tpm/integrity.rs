@@ -26,7 +26,7 @@ use tss_esapi::structures::{
 };
 
 use super::{TpmTre, cmd};
-use crate::tre::{AuditAnchor, HybridCount, TreError};
+use crate::tre::{AuditAnchor, HybridCount, ResetEpoch, TreError};
 
 /// NV index of the rollback counter (TPM_NT_COUNTER).
 pub const NV_COUNTER: u32 = 0x0150_0101;
@@ -276,7 +276,7 @@ impl TpmTre {
     /// nonce, verified with the key's public area (an altered answer on the bus fails). Not an
     /// NV index: an NV marker would be undefined and defined again by anyone with the owner
     /// hierarchy's (empty) authorisation, which looks exactly like a reset.
-    fn reset_epoch(&mut self) -> Result<u64, TreError> {
+    fn reset_epoch(&mut self) -> Result<ResetEpoch, TreError> {
         let mut nonce = [0u8; 16];
         rand::Rng::fill_bytes(&mut rand::rng(), &mut nonce);
         let selection = mcim_core::tpm::policy::PcrSelection::sha256(&[0])
@@ -285,7 +285,10 @@ impl TpmTre {
         let ak = crate::tre::Tre::device_public(self)?.attestation_public;
         let verified = mcim_core::tpm::attest::verify_quote(&ak, &quote, &nonce)
             .map_err(|e| TreError::Mismatch(format!("the TPM's own quote does not verify: {e}")))?;
-        Ok(u64::from(verified.clock.reset_count))
+        Ok(ResetEpoch {
+            key: mcim_core::tpm::kdf::sha256(&[&ak]),
+            count: u64::from(verified.clock.reset_count),
+        })
     }
 
     /// Increments the hybrid counter. NV is written only when the increment clears the low
