@@ -954,6 +954,20 @@ mod on_tpm {
         reg.tre().hybrid_counter().unwrap().expect("a TPM has one")
     }
 
+    /// Opens the registry over the copy `old` put back in place, and checks that it is a
+    /// rollback of the hybrid counter: lockdown, and nothing written.
+    fn open_as_hybrid_rollback(dev: &Device, old: &Path) -> Registry {
+        let reg = dev.open();
+        let why = reg.status().lockdown.expect("lockdown");
+        assert!(why.contains("rollback") && why.contains("hybrid"), "{why}");
+        assert_eq!(
+            snapshot(dev.dir()),
+            snapshot(old),
+            "lockdown writes nothing"
+        );
+        reg
+    }
+
     /// An AKA commits on the hybrid counter alone; a copy of the state directory from between
     /// two AKAs is still a rollback (the attacker wants AUTN 2 accepted again), refused the
     /// same way, and lockdown writes nothing.
@@ -970,9 +984,7 @@ mod on_tpm {
         }
         std::fs::remove_dir_all(dev.dir()).unwrap();
         copy_dir(old.path(), dev.dir());
-        let mut reg = dev.open();
-        let why = reg.status().lockdown.expect("lockdown");
-        assert!(why.contains("rollback") && why.contains("hybrid"), "{why}");
+        let mut reg = open_as_hybrid_rollback(&dev, old.path());
         assert!(matches!(
             reg.authenticate(IMSI_A, &a2.rand, &a2.autn),
             Err(RegistryError::Lockdown(_))
@@ -1015,14 +1027,7 @@ mod on_tpm {
         }
         std::fs::remove_dir_all(dev.dir()).unwrap();
         copy_dir(old.path(), dev.dir());
-        let reg = dev.open();
-        let why = reg.status().lockdown.expect("lockdown");
-        assert!(why.contains("rollback") && why.contains("hybrid"), "{why}");
-        assert_eq!(
-            snapshot(dev.dir()),
-            snapshot(old.path()),
-            "lockdown writes nothing"
-        );
+        open_as_hybrid_rollback(&dev, old.path());
     }
 
     /// The outside attacks that beat an NV reset marker and then the plain resetCount
@@ -1059,10 +1064,7 @@ mod on_tpm {
             now += 1;
         }
         assert_eq!(read(), target);
-        let reg = dev.open();
-        let why = reg.status().lockdown.expect("lockdown");
-        assert!(why.contains("rollback") && why.contains("hybrid"), "{why}");
-        drop(reg);
+        drop(open_as_hybrid_rollback(&dev, old.path()));
         // The second outside attack: another restricted signing key at the attestation
         // key's handle changes the obfuscated resetCount without a reset. The epoch names
         // its key, so that is no reset either.
@@ -1108,14 +1110,7 @@ mod on_tpm {
             let out = dev.tpm.tpm2(args[0], &args[1..]);
             assert!(out.status.success(), "{args:?}: {}", output_text(&out));
         }
-        let reg = dev.open();
-        let why = reg.status().lockdown.expect("lockdown after the key swap");
-        assert!(why.contains("rollback") && why.contains("hybrid"), "{why}");
-        assert_eq!(
-            snapshot(dev.dir()),
-            snapshot(old.path()),
-            "lockdown writes nothing"
-        );
+        open_as_hybrid_rollback(&dev, old.path());
     }
 
     /// A TPM reset without TPM2_Shutdown (power lost: swtpm killed) advances the hybrid

@@ -217,19 +217,20 @@ impl TpmTre {
         out
     }
 
-    pub(super) fn read_counter(&mut self) -> Result<u64, TreError> {
-        let b = self.read_nv(NV_COUNTER, 8)?;
-        Reader::new("NV counter", &b)
+    /// The value of one of our 8-octet counters.
+    fn read_u64(&mut self, index: u32, what: &'static str) -> Result<u64, TreError> {
+        let b = self.read_nv(index, 8)?;
+        Reader::new(what, &b)
             .u64()
             .map_err(|e| TreError::Mismatch(e.to_string()))
     }
 
-    pub(super) fn increment_counter(&mut self) -> Result<u64, TreError> {
-        let h = self.open_nv(NV_COUNTER)?.ok_or_else(|| {
-            TreError::Mismatch("the rollback counter is missing (TPM cleared?)".into())
-        })?;
+    /// TPM2_NV_Increment of one of our counters; its new value.
+    fn increment(&mut self, index: u32, what: &'static str) -> Result<u64, TreError> {
+        let h = self
+            .open_nv(index)?
+            .ok_or_else(|| TreError::Mismatch(format!("the {what} is missing (TPM cleared?)")))?;
         self.count(1);
-        self.count_nv_write(1);
         let r = self
             .ctx
             .execute_with_session(Some(AuthSession::Password), |c| {
@@ -238,7 +239,16 @@ impl TpmTre {
             .map_err(cmd("TPM2_NV_Increment"));
         self.close_nv(h)?;
         r?;
-        self.read_counter()
+        self.read_u64(index, what)
+    }
+
+    pub(super) fn read_counter(&mut self) -> Result<u64, TreError> {
+        self.read_u64(NV_COUNTER, "rollback counter")
+    }
+
+    pub(super) fn increment_counter(&mut self) -> Result<u64, TreError> {
+        self.count_nv_write(1);
+        self.increment(NV_COUNTER, "rollback counter")
     }
 
     /// The hybrid counter and the TPM's MAX_ORDERLY_COUNT; the counter is defined here when
@@ -260,10 +270,7 @@ impl TpmTre {
             }
         };
         self.ensure_counter(NV_HYBRID_COUNTER, true)?;
-        let b = self.read_nv(NV_HYBRID_COUNTER, 8)?;
-        let value = Reader::new("NV hybrid counter", &b)
-            .u64()
-            .map_err(|e| TreError::Mismatch(e.to_string()))?;
+        let value = self.read_u64(NV_HYBRID_COUNTER, "hybrid counter")?;
         let reset_epoch = self.reset_epoch()?;
         Ok(HybridCount {
             value,
@@ -275,8 +282,12 @@ impl TpmTre {
     /// The TPM's reset count, from a quote by the attestation key over PCR 0 with a fresh
     /// nonce, verified with the key's public area (an altered answer on the bus fails). Not an
     /// NV index: an NV marker would be undefined and defined again by anyone with the owner
-    /// hierarchy's (empty) authorisation, which looks exactly like a reset.
+    /// hierarchy's (empty) authorisation, which looks exactly like a reset. Read once per
+    /// context: a reset of the TPM ends every context opened before it.
     fn reset_epoch(&mut self) -> Result<ResetEpoch, TreError> {
+        if let Some(e) = self.reset_epoch {
+            return Ok(e);
+        }
         let mut nonce = [0u8; 16];
         rand::Rng::fill_bytes(&mut rand::rng(), &mut nonce);
         let selection = mcim_core::tpm::policy::PcrSelection::sha256(&[0])
@@ -285,29 +296,18 @@ impl TpmTre {
         let ak = crate::tre::Tre::device_public(self)?.attestation_public;
         let verified = mcim_core::tpm::attest::verify_quote(&ak, &quote, &nonce)
             .map_err(|e| TreError::Mismatch(format!("the TPM's own quote does not verify: {e}")))?;
-        Ok(ResetEpoch {
+        let epoch = ResetEpoch {
             key: mcim_core::tpm::kdf::sha256(&[&ak]),
             count: u64::from(verified.clock.reset_count),
-        })
+        };
+        self.reset_epoch = Some(epoch);
+        Ok(epoch)
     }
 
     /// Increments the hybrid counter. NV is written only when the increment clears the low
     /// bits (once every MAX_ORDERLY_COUNT + 1), and that is what is counted as an NV write.
     pub(super) fn increment_hybrid_counter(&mut self) -> Result<u64, TreError> {
-        let h = self.open_nv(NV_HYBRID_COUNTER)?.ok_or_else(|| {
-            TreError::Mismatch("the hybrid counter is missing (TPM cleared?)".into())
-        })?;
-        self.count(1);
-        self.ctx
-            .execute_with_session(Some(AuthSession::Password), |c| {
-                c.nv_increment(NvAuth::Owner, h)
-            })
-            .map_err(cmd("TPM2_NV_Increment(hybrid)"))?;
-        self.close_nv(h)?;
-        let b = self.read_nv(NV_HYBRID_COUNTER, 8)?;
-        let value = Reader::new("NV hybrid counter", &b)
-            .u64()
-            .map_err(|e| TreError::Mismatch(e.to_string()))?;
+        let value = self.increment(NV_HYBRID_COUNTER, "hybrid counter")?;
         if self.orderly_mask.is_some_and(|m| value & m == 0) {
             self.count_nv_write(1);
         }

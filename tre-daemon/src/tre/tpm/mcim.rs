@@ -325,16 +325,27 @@ impl TpmTre {
     }
 
     fn unseal_loaded(&mut self, handle: KeyHandle) -> Result<Zeroizing<Vec<u8>>, TreError> {
+        self.unseal_in_session(handle)?
+            .map_err(|e| refused("TPM2_Unseal", e))
+    }
+
+    /// TPM2_Unseal of a loaded object in the bus session. The inner result is the TPM's
+    /// answer as it is, for the caller to read (a wrong authValue is an answer to a PIN
+    /// check); the session is dropped after a refusal. The outer error: no session.
+    fn unseal_in_session(
+        &mut self,
+        handle: KeyHandle,
+    ) -> Result<Result<Zeroizing<Vec<u8>>, tss_esapi::Error>, TreError> {
         let session = self.bus_session(Carry::Out)?;
         self.count(1);
         let result = self
             .ctx
             .execute_with_session(Some(session), |c| c.unseal(handle.into()))
-            .map_err(|e| refused("TPM2_Unseal", e));
+            .map(|data| Zeroizing::new(data.value().to_vec()));
         if result.is_err() {
             self.drop_bus_session();
         }
-        result.map(|data| Zeroizing::new(data.value().to_vec()))
+        Ok(result)
     }
 
     /// Unseals an object bound to PCRs: a policy session (salted, response-encrypted) that
@@ -465,26 +476,14 @@ impl TpmTre {
         let ((_, opc), value) = pin_copy(secrets, auth)?;
         let obj = AtRest::decode(opc)?;
         let handle = self.load_authorized(&obj, Some(value))?;
-        let result = match self.bus_session(Carry::Out) {
-            Ok(session) => {
-                self.count(1);
-                self.ctx
-                    .execute_with_session(Some(session), |c| c.unseal(handle.into()))
-            }
-            Err(e) => {
-                let _ = self.flush(handle);
-                return Err(e);
-            }
-        };
+        let result = self.unseal_in_session(handle);
         let flushed = self.flush(handle);
-        match result {
-            Ok(data) => {
-                drop(Zeroizing::new(data.value().to_vec()));
+        match result? {
+            Ok(_opc) => {
                 flushed?;
                 Ok(true)
             }
             Err(e) => {
-                self.drop_bus_session();
                 wrong_auth(e, "TPM2_Unseal")?;
                 Ok(false)
             }

@@ -77,6 +77,8 @@ pub struct TpmTre {
     nv_writes: Cell<u64>,
     /// MAX_ORDERLY_COUNT, read on first use of the hybrid counter.
     orderly_mask: Option<u64>,
+    /// The TPM's reset epoch, read on first use (`integrity.rs`).
+    reset_epoch: Option<crate::tre::ResetEpoch>,
 }
 
 impl std::fmt::Debug for TpmTre {
@@ -118,6 +120,7 @@ impl TpmTre {
             commands: Cell::new(0),
             nv_writes: Cell::new(0),
             orderly_mask: None,
+            reset_epoch: None,
         })
     }
 }
