@@ -18,6 +18,7 @@ PACKAGES=(
   tpm2-tools                          # independent witness of what the TPM holds
   softhsm2 opensc                     # PKCS#11 token for tests, and pkcs11-tool as witness
   procps                              # kill(1): tests and `mcimctl lab` stop tred with SIGTERM
+  dpkg-dev man-db                     # ci/packages.sh: cargo-deb's dpkg-shlibdeps; `man mcimctl`
   ca-certificates
 )
 
@@ -46,4 +47,10 @@ if [ ! -x .tools/buf/node_modules/.bin/buf ] || \
 fi
 
 command -v cargo >/dev/null || { echo "ci/install-deps: cargo not found (install Rust with rustup)" >&2; exit 1; }
-echo "ci/install-deps: ok ($(protoc --version), buf $(.tools/buf/node_modules/.bin/buf --version), $(swtpm --version | head -1))"
+
+# cargo-deb, pinned, for the Debian packages (ci/packages.sh), into .tools/ (not global).
+CARGO_DEB_VERSION=3.8.0
+if [ "$(.tools/cargo-deb/bin/cargo-deb --version 2>/dev/null)" != "cargo-deb $CARGO_DEB_VERSION" ]; then
+  cargo install --quiet --locked --root .tools/cargo-deb "cargo-deb@$CARGO_DEB_VERSION"
+fi
+echo "ci/install-deps: ok ($(protoc --version), buf $(.tools/buf/node_modules/.bin/buf --version), $(swtpm --version | head -1), $(.tools/cargo-deb/bin/cargo-deb --version))"

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every check CI runs: format, clippy with warnings denied, buf lint of the wire contract,
-# and all tests (unit, integration, end-to-end, doc). Run ci/install-deps.sh once first.
+# all tests (unit, integration, end-to-end, doc), and the Debian packages (ci/packages.sh).
+# Run ci/install-deps.sh once first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -34,3 +35,6 @@ if cargo nextest --version >/dev/null 2>&1; then
 else
   cargo test --workspace --locked --no-fail-fast
 fi
+
+echo "== Debian packages: build, dpkg -i, the installed commands, remove, purge"
+bash ci/packages.sh

@@ -8,6 +8,8 @@
 //! - `mcimctl pki init`: the roles' development PKI.
 //! - `mcimctl subscriber register|status`: the subscriber contracting with an SHO.
 //! - `mcimctl lab run`: the whole system on this machine.
+//! - `mcimctl completions bash|zsh|fish`, `mcimctl man --out-dir DIR`: shell completion and man
+//!   pages, generated from these commands.
 #![forbid(unsafe_code)]
 
 mod aka;
@@ -25,7 +27,7 @@ mod subscriber;
 mod supply;
 mod tred;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use std::process::ExitCode;
 
 /// mcim: remote provisioning of MCIMs (downloadable USIMs) into a TPM or PKCS#11 TRE.
@@ -68,6 +70,19 @@ enum Command {
     /// Registration Operator tools: push a renewal of a PCID's initial credential.
     #[command(subcommand)]
     Ro(ro::RoCommand),
+    /// Prints a shell's completion script for mcimctl (bash: `source <(mcimctl completions
+    /// bash)`; the Debian package installs all three).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Writes mcimctl's man pages (mcimctl.1 and one per subcommand, `mcimctl-device.1`, ...)
+    /// into a folder.
+    Man {
+        /// The folder (created if absent).
+        #[arg(long)]
+        out_dir: std::path::PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -83,6 +98,16 @@ fn main() -> ExitCode {
         Command::Supplier(c) => operator::run_supplier(c).map_err(|e| e.to_string()),
         Command::Subscriber(c) => subscriber::run(c).map_err(|e| e.to_string()),
         Command::Ro(c) => ro::run(c).map_err(|e| e.to_string()),
+        Command::Completions { shell } => {
+            // Into memory first: clap_complete panics on a failed write (a closed pipe).
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "mcimctl", &mut script);
+            std::io::Write::write_all(&mut std::io::stdout(), &script)
+                .map_err(|e| format!("standard output: {e}"))
+        }
+        Command::Man { out_dir } => std::fs::create_dir_all(&out_dir)
+            .and_then(|()| clap_mangen::generate_to(Cli::command(), &out_dir))
+            .map_err(|e| format!("{}: {e}", out_dir.display())),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

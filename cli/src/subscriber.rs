@@ -207,10 +207,18 @@ pub enum SubscriberCommand {
         #[command(flatten)]
         ro: RoAccess,
     },
-    /// The SHO's view of a device registration (5.1.3.6.2 steps 7-14).
+    /// The SHO's view of a device registration (5.1.3.6.2 steps 7-14): by the subscription
+    /// `register` printed (its latest registration), or by a registration id.
     Status {
         /// The registration id (the device reports it from step 7).
-        registration: String,
+        #[arg(
+            required_unless_present = "subscription",
+            conflicts_with = "subscription"
+        )]
+        registration: Option<String>,
+        /// The subscription id `register` printed, instead of a registration id.
+        #[arg(long)]
+        subscription: Option<String>,
         #[command(flatten)]
         sho: ShoAccess,
     },
@@ -272,6 +280,10 @@ pub fn run(cmd: SubscriberCommand) -> Result<(), CliError> {
                     println!("subscription  {}", r.subscription_id);
                     println!("imsi          {}", r.imsi);
                     println!("pcid          {}", params.pcid);
+                    println!(
+                        "follow it:    mcimctl subscriber status --subscription {}",
+                        r.subscription_id
+                    );
                 }
             }
             SubscriberCommand::RegisterPcid {
@@ -297,19 +309,25 @@ pub fn run(cmd: SubscriberCommand) -> Result<(), CliError> {
                 activate_pcid(&mut icf, &pcid).await?;
                 println!("PCID {pcid} activated");
             }
-            SubscriberCommand::Status { registration, sho } => {
+            SubscriberCommand::Status {
+                registration,
+                subscription,
+                sho,
+            } => {
                 let mut c = sho_client(&sho.pki, &sho.sho_url).await?;
                 let r = c
                     .get_registration(sho::GetRegistrationRequest {
-                        registration_id: registration.clone(),
+                        registration_id: registration.unwrap_or_default(),
+                        subscription_id: subscription.unwrap_or_default(),
                     })
                     .await?
                     .into_inner();
                 let state = registration_state(r.state);
+                let registration = &r.registration_id;
                 if sho.json {
                     println!(
                         "{}",
-                        serde_json::json!({"registration": registration, "state": state, "detail": r.detail})
+                        serde_json::json!({"registration": registration, "state": state, "detail": r.detail, "imsi": r.imsi})
                     );
                 } else {
                     println!("registration  {registration}");

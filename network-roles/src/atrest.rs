@@ -1,10 +1,8 @@
 //! Secrets at rest in a role's database (K and OPc at the ICF and the SHO) are wrapped with
 //! AES-256-KWP (RFC 5649) under the role's data key, a 32-octet file `<role>.dbkey` (mode
-//! 0600) next to its TLS key in the PKI directory, made on first use. A copy of the database
+//! 0600) next to its TLS key in the PKI directory, made by `mcimctl pki init` or on first use. A copy of the database
 //! alone yields no subscriber key.
 
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use aes_kw::KwpAes256;
@@ -29,22 +27,11 @@ pub struct AtRestError(String);
 impl DataKey {
     /// Loads `<pki>/<role>.dbkey`, making it if it does not exist.
     pub fn load_or_create(pki: &Path, role: &str) -> Result<Self, PkiError> {
-        let path = pki.join(format!("{role}.dbkey"));
+        let path = mcim_pki::dev::data_key_file(pki, role)?;
         let err = |e: std::io::Error| PkiError::File {
             path: path.clone(),
             detail: e.to_string(),
         };
-        if !path.exists() {
-            let mut k = Zeroizing::new([0u8; 32]);
-            rand::Rng::fill_bytes(&mut rand::rng(), &mut k[..]);
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&path)
-                .map_err(err)?;
-            f.write_all(&k[..]).map_err(err)?;
-        }
         let bytes = Zeroizing::new(std::fs::read(&path).map_err(err)?);
         let key: [u8; 32] = bytes.as_slice().try_into().map_err(|_| PkiError::File {
             path: path.clone(),

@@ -163,6 +163,14 @@ enum RoleCmd {
         #[arg(long, env = "MCIM_LISTEN", default_value = "127.0.0.1:7404")]
         listen: SocketAddr,
     },
+    /// Writes the man pages (mcim-roles.8 and one per role, mcim-roles-sho.8, ...) into a
+    /// folder: what the Debian package installs.
+    #[command(hide = true)]
+    Man {
+        /// The folder (created if absent).
+        #[arg(long)]
+        out_dir: PathBuf,
+    },
     /// The Platform Validation Authority (validates devices; signs results).
     Pva {
         #[command(flatten)]
@@ -186,6 +194,15 @@ fn main() -> std::process::ExitCode {
         };
     }
     let args = Args::parse_from(argv);
+    if let RoleCmd::Man { out_dir } = &args.role {
+        return match write_man_pages(out_dir) {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("mcim-roles: {}: {e}", out_dir.display());
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
     // Logs (MCIM_LOG), and OTLP traces when OTEL_EXPORTER_OTLP_ENDPOINT is set.
     let filter = std::env::var("MCIM_LOG").unwrap_or_else(|_| "info".into());
     let (runtime, telemetry) = match mcim_telemetry::runtime("mcim-roles", &filter) {
@@ -216,6 +233,21 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// mcim-roles.8, and a page per role (section 8: daemons).
+fn write_man_pages(dir: &std::path::Path) -> std::io::Result<()> {
+    use clap::CommandFactory;
+    std::fs::create_dir_all(dir)?;
+    let mut cmd = Args::command().disable_help_subcommand(true);
+    cmd.build();
+    for role in cmd.get_subcommands().filter(|c| !c.is_hide_set()) {
+        clap_mangen::Man::new(role.clone())
+            .section("8")
+            .generate_to(dir)?;
+    }
+    clap_mangen::Man::new(cmd).section("8").generate_to(dir)?;
+    Ok(())
 }
 
 /// A role's services, built.
@@ -258,19 +290,20 @@ fn second_sho_db(db: &str) -> String {
 
 async fn serve(cmd: RoleCmd) -> Result<(), String> {
     let e = |e: mcim_roles::error::RoleError| e.to_string();
-    match cmd {
+    let roles: Vec<(Role, String, PathBuf, SocketAddr, Service)> = match cmd {
         RoleCmd::Supplier {
             pki,
             listen,
             ro_url,
         } => {
             let s = Service::Supplier(Supplier::new(pki.clone(), ro_url.as_deref()).map_err(e)?);
-            serve_role(Role::Supplier, "supplier", pki, listen, s).await
+            vec![(Role::Supplier, "supplier".into(), pki, listen, s)]
         }
+        RoleCmd::Man { .. } => return Err("man is not a role".into()),
         RoleCmd::Pva { common, listen } => {
             let pool = open(&common.db).await?;
             let s = Service::Pva(Pva::new(common.pki.clone(), pool).map_err(|x| x.to_string())?);
-            serve_role(Role::Pva, "pva", common.pki, listen, s).await
+            vec![(Role::Pva, "pva".into(), common.pki, listen, s)]
         }
         RoleCmd::Ro {
             common,
@@ -279,7 +312,7 @@ async fn serve(cmd: RoleCmd) -> Result<(), String> {
         } => {
             let pool = open(&common.db).await?;
             let s = Service::Ro(Ro::new(common.pki.clone(), pool, ro_url).map_err(e)?);
-            serve_role(Role::Ro, "ro", common.pki, listen, s).await
+            vec![(Role::Ro, "ro".into(), common.pki, listen, s)]
         }
         RoleCmd::Vno {
             common,
@@ -288,7 +321,7 @@ async fn serve(cmd: RoleCmd) -> Result<(), String> {
         } => {
             let pool = open(&common.db).await?;
             let s = Service::Vno(Vno::new(common.pki.clone(), pool, routes).map_err(e)?);
-            serve_role(Role::Vno, "vno", common.pki, listen, s).await
+            vec![(Role::Vno, "vno".into(), common.pki, listen, s)]
         }
         RoleCmd::Sho {
             common,
@@ -301,7 +334,7 @@ async fn serve(cmd: RoleCmd) -> Result<(), String> {
             let party = cfg.party.clone();
             let s = Sho::new(common.pki.clone(), pool, cfg).map_err(e)?;
             s.resume().await.map_err(e)?;
-            serve_role(Role::Sho, &party, common.pki, listen, Service::Sho(s)).await
+            vec![(Role::Sho, party, common.pki, listen, Service::Sho(s))]
         }
         RoleCmd::All {
             common,
@@ -353,37 +386,63 @@ async fn serve(cmd: RoleCmd) -> Result<(), String> {
                 Sho::new(pki.clone(), pool.clone(), sho_config(url(3), &peers, sho)).map_err(e)?;
             sho.resume().await.map_err(e)?;
             let pva = Service::Pva(Pva::new(pki.clone(), pool).map_err(|x| x.to_string())?);
-            let second = async {
-                match sho2 {
-                    Some(s) => {
-                        serve_role(Role::Sho, sho2_file, pki.clone(), addr(5), Service::Sho(s))
-                            .await
-                    }
-                    None => Ok(()),
-                }
-            };
-            tokio::try_join!(
-                serve_role(Role::Supplier, "supplier", pki.clone(), addr(0), supplier),
-                serve_role(Role::Ro, "ro", pki.clone(), addr(1), ro),
-                serve_role(Role::Vno, "vno", pki.clone(), addr(2), vno),
-                serve_role(Role::Sho, "sho", pki.clone(), addr(3), Service::Sho(sho)),
-                serve_role(Role::Pva, "pva", pki.clone(), addr(4), pva),
-                second,
-            )
-            .map(|_| ())
+            let mut roles = vec![
+                (
+                    Role::Supplier,
+                    "supplier".into(),
+                    pki.clone(),
+                    addr(0),
+                    supplier,
+                ),
+                (Role::Ro, "ro".into(), pki.clone(), addr(1), ro),
+                (Role::Vno, "vno".into(), pki.clone(), addr(2), vno),
+                (
+                    Role::Sho,
+                    "sho".into(),
+                    pki.clone(),
+                    addr(3),
+                    Service::Sho(sho),
+                ),
+                (Role::Pva, "pva".into(), pki.clone(), addr(4), pva),
+            ];
+            if let Some(s) = sho2 {
+                roles.push((Role::Sho, sho2_file.into(), pki, addr(5), Service::Sho(s)));
+            }
+            roles
         }
+    };
+    // Every port is bound before systemd hears "ready" (Type=notify): a unit ordered after
+    // this one finds the roles listening.
+    let mut servers = tokio::task::JoinSet::new();
+    let mut bound = Vec::with_capacity(roles.len());
+    for (role, party, pki, listen, service) in roles {
+        let incoming = tonic::transport::server::TcpIncoming::bind(listen)
+            .map_err(|e| format!("{role} on {listen}: {e}"))?
+            .with_nodelay(Some(true));
+        bound.push((role, party, pki, listen, incoming, service));
+    }
+    for (role, party, pki, listen, incoming, service) in bound {
+        servers.spawn(serve_role(role, party, pki, listen, incoming, service));
+    }
+    mcim_telemetry::notify_ready();
+    // The first role to stop (an error, or SIGTERM's drain) ends the process.
+    match servers.join_next().await {
+        Some(Ok(r)) => r,
+        Some(Err(join)) => Err(format!("a role's server ended: {join}")),
+        None => Ok(()),
     }
 }
 
 /// Serves one role over mutual TLS, with gRPC health and reflection.
 async fn serve_role(
     role: Role,
-    party: &str,
+    party: String,
     pki: PathBuf,
     listen: SocketAddr,
+    incoming: tonic::transport::server::TcpIncoming,
     service: Service,
 ) -> Result<(), String> {
-    let tls = server_tls(&pki, party).map_err(|e| e.to_string())?;
+    let tls = server_tls(&pki, &party).map_err(|e| e.to_string())?;
     // Each call is a span whose parent is the caller's (trace context in the metadata).
     let mut builder = tonic::transport::Server::builder()
         .trace_fn(mcim_telemetry::server_span)
@@ -459,7 +518,7 @@ async fn serve_role(
     };
     tracing::info!(%listen, %role, party, "serving (mutual TLS)");
     router
-        .serve_with_shutdown(listen, async move {
+        .serve_with_incoming_shutdown(incoming, async move {
             shutdown().await;
             if let Some(ro) = ro_streams {
                 ro.stop_streams();

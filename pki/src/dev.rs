@@ -51,6 +51,32 @@ fn write(path: &Path, text: &str, secret: bool) -> Result<(), PkiError> {
     f.write_all(text.as_bytes()).map_err(err)
 }
 
+/// A role's data key for the secrets at rest in its database (`<party>.dbkey`: 32 random
+/// octets, mode 0600), made unless it exists; returns its path. `init` makes the RO's and the
+/// SHOs' with their certificates, so that a role whose PKI folder it may only read (as under
+/// its systemd unit) finds it; the role reads it (`mcim_roles::atrest`).
+pub fn data_key_file(dir: &Path, party: &str) -> Result<std::path::PathBuf, PkiError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = dir.join(format!("{party}.dbkey"));
+    if !path.exists() {
+        let err = |e: std::io::Error| PkiError::File {
+            path: path.clone(),
+            detail: e.to_string(),
+        };
+        let mut k = zeroize::Zeroizing::new([0u8; 32]);
+        rand::Rng::fill_bytes(&mut rand::rng(), &mut k[..]);
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(err)?;
+        f.write_all(&k[..]).map_err(err)?;
+    }
+    Ok(path)
+}
+
 /// The parties of a development PKI, one per role with its server name (`mcimctl pki init`,
 /// the lab).
 pub const LAB_PARTIES: [(Role, &str); 6] = [
@@ -99,9 +125,14 @@ pub fn init(dir: &Path, parties: &[(Role, &str)]) -> Result<Vec<Role>, PkiError>
         if init_party_file(dir, role.as_str(), *role, name)? {
             made.push(*role);
         }
+        // The roles that keep subscriber secrets at rest: the RO (its ICF) and the SHO.
+        if matches!(role, Role::Ro | Role::Sho) {
+            data_key_file(dir, role.as_str())?;
+        }
     }
     if parties.iter().any(|(r, _)| *r == Role::Sho) {
         init_party_file(dir, SECOND_SHO.0, Role::Sho, SECOND_SHO.1)?;
+        data_key_file(dir, SECOND_SHO.0)?;
     }
     Ok(made)
 }
@@ -423,7 +454,15 @@ mod tests {
         let made = init(dir.path(), &parties).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(made, [Role::Sho, Role::Pva]);
         let ca = std::fs::read(dir.path().join("ca.pem")).unwrap_or_default();
+        // The SHOs' data keys are made with their certificates (the PVA keeps no secrets at
+        // rest), and a second init keeps them.
+        let dbkey = |f: &str| std::fs::read(dir.path().join(f)).unwrap_or_default();
+        let (sho_key, sho2_key) = (dbkey("sho.dbkey"), dbkey("sho2.dbkey"));
+        assert_eq!((sho_key.len(), sho2_key.len()), (32, 32));
+        assert_ne!(sho_key, sho2_key);
+        assert!(!dir.path().join("pva.dbkey").exists());
         assert!(init(dir.path(), &parties).unwrap_or_default().is_empty());
+        assert_eq!(dbkey("sho.dbkey"), sho_key, "a data key is never replaced");
         assert_eq!(
             std::fs::read(dir.path().join("ca.pem")).unwrap_or_default(),
             ca,
@@ -431,6 +470,10 @@ mod tests {
         );
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(dir.path().join("sho.key"))
+            .map(|m| m.permissions().mode() & 0o777)
+            .unwrap_or(0);
+        assert_eq!(mode, 0o600);
+        let mode = std::fs::metadata(dir.path().join("sho.dbkey"))
             .map(|m| m.permissions().mode() & 0o777)
             .unwrap_or(0);
         assert_eq!(mode, 0o600);

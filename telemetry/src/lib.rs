@@ -11,6 +11,8 @@
 //!   whose parent is that context. So a call from the device to the RO, the RO's call to the
 //!   SHO, and the SHO's to the PVA all belong to the device's provisioning trace.
 //!
+//! - [`notify_ready`]: systemd's readiness notification (`Type=notify` units).
+//!
 //! Nothing secret is ever a span field: spans carry RPC names, PCIDs, registration ids.
 
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
@@ -164,4 +166,27 @@ pub fn runtime(
         init(service, filter)
     };
     Ok((runtime, telemetry))
+}
+
+/// Tells systemd (`Type=notify`) that the daemon serves, when it runs under one (tred once its
+/// socket listens, mcim-roles once every role's port does): the datagram `READY=1` to
+/// `$NOTIFY_SOCKET` (a path, or `@name` in the abstract namespace).
+pub fn notify_ready() {
+    let Some(target) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let sent = std::os::unix::net::UnixDatagram::unbound().and_then(|s| {
+        match target.as_encoded_bytes().strip_prefix(b"@") {
+            Some(name) => {
+                use std::os::linux::net::SocketAddrExt;
+                let addr = std::os::unix::net::SocketAddr::from_abstract_name(name)?;
+                s.send_to_addr(b"READY=1", &addr)
+            }
+            None => s.send_to(b"READY=1", &target),
+        }
+    });
+    match sent {
+        Ok(_) => tracing::info!("told systemd: ready"),
+        Err(e) => tracing::warn!("NOTIFY_SOCKET {}: {e}", target.to_string_lossy()),
+    }
 }

@@ -764,6 +764,32 @@ async fn every_owned_object_refuses_another_owner_and_changes_nothing() {
             ShoServiceClient::new(mallory_sho.clone())
                 .get_registration(sho::GetRegistrationRequest {
                     registration_id: reg.registration_id.clone(),
+                    ..Default::default()
+                })
+                .await,
+        ),
+    ));
+    // Neither id, or both: refused as malformed, whoever asks.
+    for request in [
+        sho::GetRegistrationRequest::default(),
+        sho::GetRegistrationRequest {
+            registration_id: reg.registration_id.clone(),
+            subscription_id: ME.into(),
+        },
+    ] {
+        let got = ShoServiceClient::new(mallory_sho.clone())
+            .get_registration(request)
+            .await;
+        assert_eq!(got.map(|_| ()).unwrap_err().code(), Code::InvalidArgument);
+    }
+    // The same registration by its subscription (the PCID) is no more another's to read.
+    tried.push((
+        "/mcim.sho.v1.ShoService/GetRegistration",
+        unit(
+            ShoServiceClient::new(mallory_sho.clone())
+                .get_registration(sho::GetRegistrationRequest {
+                    subscription_id: ME.into(),
+                    ..Default::default()
                 })
                 .await,
         ),
@@ -849,6 +875,7 @@ async fn every_owned_object_refuses_another_owner_and_changes_nothing() {
         .collect();
     let mut covered: Vec<&str> = tried.iter().map(|(m, _)| *m).collect();
     covered.sort_unstable();
+    covered.dedup();
     let mut want = owned.clone();
     want.sort_unstable();
     assert_eq!(covered, want, "owned rules without a wrong-owner case");

@@ -103,11 +103,26 @@ fn a_device_is_supplied_contracted_provisioned_and_attached_from_the_command_lin
         &pki,
         "--json",
     ]);
-    let imsi = serde_json::from_str::<serde_json::Value>(contracted.lines().next().unwrap())
-        .unwrap()["imsi"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let contract: serde_json::Value =
+        serde_json::from_str(contracted.lines().next().unwrap()).unwrap();
+    let imsi = contract["imsi"].as_str().unwrap().to_string();
+    let subscription = contract["subscription_id"].as_str().unwrap().to_string();
+    // Before the device registers (step 7), the subscription has no registration to show.
+    let early = mcimctl(&[
+        "subscriber",
+        "status",
+        "--subscription",
+        &subscription,
+        "--sho-url",
+        &url("sho"),
+        "--pki",
+        &pki,
+    ]);
+    assert!(!early.status.success());
+    assert!(
+        String::from_utf8_lossy(&early.stderr).contains("has not registered"),
+        "{early:?}"
+    );
 
     let provisioned = run(&[
         "device",
@@ -150,4 +165,21 @@ fn a_device_is_supplied_contracted_provisioned_and_attached_from_the_command_lin
         &pki,
     ]);
     assert!(status.contains("provisioned"), "{status}");
+    // The subscriber needs only what `register` printed: the subscription's latest
+    // registration is the device's.
+    let by_subscription = run(&[
+        "subscriber",
+        "status",
+        "--subscription",
+        &subscription,
+        "--sho-url",
+        &url("sho"),
+        "--pki",
+        &pki,
+        "--json",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(by_subscription.trim()).unwrap();
+    assert_eq!(v["registration"], registration.as_str(), "{v}");
+    assert_eq!(v["state"], "provisioned", "{v}");
+    assert_eq!(v["imsi"], imsi.as_str(), "{v}");
 }

@@ -192,6 +192,7 @@ async fn only_the_devices_own_notice_is_acknowledged_once_and_only_the_old_shos_
     let r = ShoServiceClient::new(roles.sho2_channel(Role::Subscriber).await)
         .get_registration(sho::GetRegistrationRequest {
             registration_id: reg.registration_id.clone(),
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -745,3 +745,92 @@ fn a_toml_file_configures_the_roles_and_the_environment_wins_over_it() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// `Type=notify`: `mcim-roles` says READY=1 only once every port of every role it serves
+/// listens; a port it cannot bind stops it with the role and address named, and no READY.
+/// The shipped configuration (what the Debian package installs as /etc/mcim/mcim-roles.toml)
+/// starts a role as its unit would.
+#[test]
+fn mcim_roles_tells_systemd_it_is_ready_once_every_port_listens() {
+    let work = tempfile::tempdir().unwrap();
+    let pki = mcim_e2e::pki_init(work.path());
+    let notify = |name: &str| {
+        let path = work.path().join(name);
+        let sock = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+        sock.set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        (path, sock)
+    };
+    let base = mcim_e2e::free_ports(mcim_e2e::ROLE_PORTS);
+    let (path, sock) = notify("notify-all");
+    let _all = Server(
+        Command::new(workspace_bin("mcim-roles"))
+            .args(["all", "--pki", pki.to_str().unwrap()])
+            .args(["--base-port", &base.to_string()])
+            .env(
+                "MCIM_DB",
+                format!("sqlite://{}", work.path().join("all.db").display()),
+            )
+            .env("NOTIFY_SOCKET", &path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let mut buf = [0u8; 64];
+    let n = sock.recv(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"READY=1");
+    // At READY, every role's port (the second SHO's too) already accepts connections.
+    for port in base..base + mcim_e2e::ROLE_PORTS {
+        assert!(
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok(),
+            "port {port} not listening at READY"
+        );
+    }
+
+    // The port is taken (by the process above): an error naming the role, no READY.
+    let (path, sock) = notify("notify-taken");
+    sock.set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let out = Command::new(workspace_bin("mcim-roles"))
+        .args(["pva", "--pki", pki.to_str().unwrap()])
+        .args(["--listen", &format!("127.0.0.1:{}", base + 4)])
+        .env(
+            "MCIM_DB",
+            format!("sqlite://{}", work.path().join("pva.db").display()),
+        )
+        .env("NOTIFY_SOCKET", &path)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("pva on 127.0.0.1:"), "{err}");
+    assert!(
+        sock.recv(&mut buf).is_err(),
+        "READY from a role that did not start"
+    );
+
+    // The shipped file, with this test's PKI, database folder and port, as the unit runs it.
+    let shipped =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../network-roles/mcim-roles.toml");
+    let port = mcim_e2e::free_ports(1);
+    let (path, sock) = notify("notify-shipped");
+    let _sho = Server(
+        Command::new(workspace_bin("mcim-roles"))
+            .args(["--config", shipped.to_str().unwrap(), "sho"])
+            .env("MCIM_PKI", &pki)
+            .env(
+                "MCIM_DB",
+                format!("sqlite://{}", work.path().join("sho.db").display()),
+            )
+            .env("MCIM_LISTEN", format!("127.0.0.1:{port}"))
+            .env("NOTIFY_SOCKET", &path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let n = sock.recv(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"READY=1");
+    assert!(work.path().join("sho.db").exists());
+}

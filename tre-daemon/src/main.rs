@@ -22,9 +22,10 @@ use mcim_tre::tre::tpm::{TpmConfig, TpmTre};
 use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
 
-/// The mcim TRE daemon.
+/// The mcim TRE daemon: the device's MCIM registry, AKA inside its TPM or PKCS#11 token, and
+/// the device's side of provisioning (TR 33.812 Alternative 1a).
 #[derive(Parser)]
-#[command(version, about)]
+#[command(name = "tred", version)]
 struct Args {
     /// TOML configuration file (see tre-daemon/tred.toml).
     #[arg(long)]
@@ -32,10 +33,22 @@ struct Args {
     /// Lists every configuration key, its MCIM_* variable and its default, and exits.
     #[arg(long)]
     config_keys: bool,
+    /// Writes the man page tred.8 into a folder (what the Debian package installs), and exits.
+    #[arg(long, hide = true, value_name = "DIR")]
+    generate_man: Option<PathBuf>,
 }
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
+    if let Some(dir) = &args.generate_man {
+        return match write_man_page(dir) {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("tred: {}: {e}", dir.display());
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
     if args.config_keys {
         print!("{}", Config::key_table());
         return std::process::ExitCode::SUCCESS;
@@ -107,6 +120,37 @@ fn lock_state_dir(dir: &std::path::Path) -> Result<std::fs::File, String> {
         )),
         Err(std::fs::TryLockError::Error(e)) => Err(format!("{}: {e}", path.display())),
     }
+}
+
+/// tred.8: the flags, then every configuration key with its variable and default, and the
+/// files.
+fn write_man_page(dir: &std::path::Path) -> std::io::Result<()> {
+    use clap::CommandFactory;
+    use std::io::Write;
+    std::fs::create_dir_all(dir)?;
+    let man = clap_mangen::Man::new(Args::command()).section("8");
+    let mut page = std::fs::File::create(dir.join(man.get_filename()))?;
+    man.render_title(&mut page)?;
+    man.render_name_section(&mut page)?;
+    man.render_synopsis_section(&mut page)?;
+    man.render_description_section(&mut page)?;
+    man.render_options_section(&mut page)?;
+    writeln!(
+        page,
+        ".SH CONFIGURATION\nThe TOML file's keys; each key's variable overrides the file.\n.PP\n.nf"
+    )?;
+    for line in Config::key_table().lines() {
+        // A line starting with a dot or a quote would be a roff request.
+        writeln!(page, "\\&{}", line.replace('\\', "\\e"))?;
+    }
+    writeln!(
+        page,
+        ".fi\n.SH FILES\n.TP\n/etc/mcim/tred.toml\nthe configuration (--config)\n.TP\n\
+         /var/lib/mcim/tred\nthe MCIM registry and audit record (state_dir)\n.TP\n\
+         /run/mcim/tred.sock\nthe local API (socket)"
+    )?;
+    man.render_version_section(&mut page)?;
+    page.flush()
 }
 
 type Opener = Box<dyn FnOnce() -> Result<Box<dyn Tre>, String> + Send>;
@@ -181,7 +225,7 @@ async fn serve(config: &Config, engine: EngineHandle) -> Result<(), String> {
         mcim_tre::provision::Provisioner::start(device.clone(), config.state_dir.clone(), net)?;
     let api = TreApi::new(device, Some(provisioner));
     let policy = config.access_policy().map_err(|e| e.to_string())?;
-    notify_ready();
+    mcim_telemetry::notify_ready();
     if policy.enforced() {
         tracing::info!(?policy, "local API: callers admitted by group");
     } else {
@@ -219,28 +263,6 @@ fn measurement(config: &Config) -> [u8; 32] {
         &mcim_core::tpm::kdf::sha256(&[&exe]),
         &mcim_core::tpm::kdf::sha256(&[conf.as_bytes()]),
     ])
-}
-
-/// Tells systemd (`Type=notify`) that the socket is listening, when it runs under one: the
-/// datagram `READY=1` to `$NOTIFY_SOCKET` (a path, or `@name` in the abstract namespace).
-fn notify_ready() {
-    let Some(target) = std::env::var_os("NOTIFY_SOCKET") else {
-        return;
-    };
-    let sent = std::os::unix::net::UnixDatagram::unbound().and_then(|s| {
-        match target.as_encoded_bytes().strip_prefix(b"@") {
-            Some(name) => {
-                use std::os::linux::net::SocketAddrExt;
-                let addr = std::os::unix::net::SocketAddr::from_abstract_name(name)?;
-                s.send_to_addr(b"READY=1", &addr)
-            }
-            None => s.send_to(b"READY=1", &target),
-        }
-    });
-    match sent {
-        Ok(_) => tracing::info!("told systemd: ready"),
-        Err(e) => tracing::warn!("NOTIFY_SOCKET {}: {e}", target.to_string_lossy()),
-    }
 }
 
 /// How long a stopping `tred` drains its calls in flight.

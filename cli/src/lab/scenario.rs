@@ -426,6 +426,7 @@ pub(super) fn lab_inner(
                 let r = sho
                     .get_registration(sho::GetRegistrationRequest {
                         registration_id: registration.clone(),
+                        ..Default::default()
                     })
                     .await?
                     .into_inner();
@@ -712,6 +713,7 @@ async fn change_sho(
         let r = ShoServiceClient::new(rig.role(Role::Subscriber, Role::Sho, sho2_p).await?)
             .get_registration(sho::GetRegistrationRequest {
                 registration_id: registration.clone(),
+                ..Default::default()
             })
             .await?
             .into_inner();

@@ -92,10 +92,16 @@ impl ShoService for ShoApi {
     ) -> Result<Response<pb::GetRegistrationResponse>, Status> {
         role(async move {
             let auth = authorized(&req)?;
-            let (reg, sub) = self
-                .0
-                .registration_status(&req.get_ref().registration_id)
-                .await?;
+            let r = req.get_ref();
+            let (reg, sub) = match (r.registration_id.is_empty(), r.subscription_id.is_empty()) {
+                (false, true) => self.0.registration_status(&r.registration_id).await?,
+                (true, false) => self.0.subscription_status(&r.subscription_id).await?,
+                _ => {
+                    return Err(RoleError::invalid(
+                        "give either registration_id or subscription_id",
+                    ));
+                }
+            };
             // A subscriber follows its own contracts only.
             auth.owns(&sub.subscriber)?;
             let imsi = sub.imsi;
@@ -104,6 +110,7 @@ impl ShoService for ShoApi {
                 detail: reg.detail,
                 imsi,
                 discard_ack: reg.discard_ack.unwrap_or_default(),
+                registration_id: reg.id,
             }))
         })
         .await
