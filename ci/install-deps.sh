@@ -19,6 +19,7 @@ PACKAGES=(
   softhsm2 opensc                     # PKCS#11 token for tests, and pkcs11-tool as witness
   procps                              # kill(1): tests and `mcimctl lab` stop tred with SIGTERM
   dpkg-dev man-db                     # ci/packages.sh: cargo-deb's dpkg-shlibdeps; `man mcimctl`
+  qemu-system-x86 qemu-utils debootstrap e2fsprogs  # ci/guest.sh: the device as a Linux guest
   ca-certificates
 )
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every check CI runs: format, clippy with warnings denied, buf lint of the wire contract,
-# all tests (unit, integration, end-to-end, doc), and the Debian packages (ci/packages.sh).
+# all tests (unit, integration, end-to-end, doc), the Debian packages (ci/packages.sh) and
+# the guest that installs and runs them (ci/guest.sh).
 # Run ci/install-deps.sh once first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -38,3 +39,6 @@ fi
 
 echo "== Debian packages: build, dpkg -i, the installed commands, remove, purge"
 bash ci/packages.sh
+
+echo "== the device for real: a qemu guest with a kernel TPM, the packages and their units"
+if [ "$(id -u)" -eq 0 ]; then bash ci/guest.sh; else sudo bash ci/guest.sh; fi
