@@ -20,6 +20,7 @@ PACKAGES=(
   procps                              # kill(1): tests and `mcimctl lab` stop tred with SIGTERM
   dpkg-dev man-db                     # ci/packages.sh: cargo-deb's dpkg-shlibdeps; `man mcimctl`
   qemu-system-x86 qemu-utils debootstrap e2fsprogs  # ci/guest.sh: the device as a Linux guest
+  libosmocore-utils                   # osmo-auc-gen: AKA vectors the USIM tests check against
   ca-certificates
 )
 

@@ -97,5 +97,31 @@ errors=$(journalctl --no-pager -q -p err -u tred -u 'mcim-roles@*' || true)
 errors=$(journalctl --no-pager -q -u tred -u 'mcim-roles@*' | grep -E 'ERROR' || true)
 [ -z "$errors" ] || fail "ERROR lines in the units' journals: $errors"
 step "tred's journal: $(journalctl --no-pager -q -u tred | wc -l) lines, none an error"
+step "kill -9: systemd restarts tred and the roles (Restart=on-failure), nothing is lost"
+before=$(systemctl show -p MainPID --value tred)
+run systemctl kill -s KILL tred
+run systemctl kill -s KILL mcim-roles@all
+for _ in $(seq 100); do
+    now=$(systemctl show -p MainPID --value tred)
+    if [ "$(systemctl is-active tred)" = active ] && [ "$(systemctl is-active mcim-roles@all)" = active ] &&
+        [ "$now" != 0 ] && [ "$now" != "$before" ]; then
+        break
+    fi
+    sleep 0.2
+done
+[ "$(systemctl is-active tred)" = active ] || fail "tred not restarted after SIGKILL"
+[ "$(systemctl is-active mcim-roles@all)" = active ] || fail "mcim-roles@all not restarted after SIGKILL"
+last="attach after restart"
+mcimctl device attach | tee /root/attach2.log
+grep -q "attached with IMSI 00102" /root/attach2.log || fail "no attach after the restart"
+run mcimctl audit verify
+run systemctl stop tred
+[ "$(systemctl show -p Result --value tred)" = success ] || fail "tred did not stop cleanly"
+[ ! -e /run/mcim/tred.sock ] || fail "tred left its socket behind"
+run systemctl start tred
+# After the kills: systemd rightly logged them; the daemons themselves logged no error.
+errors=$(journalctl --no-pager -q _SYSTEMD_UNIT=tred.service + _SYSTEMD_UNIT=mcim-roles@all.service |
+    grep -E 'ERROR' || true)
+[ -z "$errors" ] || fail "ERROR lines from the daemons after their restart: $errors"
 trap - EXIT
 echo "MCIM-GUEST-RESULT: ok"

@@ -210,14 +210,15 @@ pub enum SubscriberCommand {
     /// The SHO's view of a device registration (5.1.3.6.2 steps 7-14): by the subscription
     /// `register` printed (its latest registration), or by a registration id.
     Status {
-        /// The registration id (the device reports it from step 7).
+        /// The registration id (the device reports it from step 7); or --subscription.
         #[arg(
             required_unless_present = "subscription",
-            conflicts_with = "subscription"
+            conflicts_with = "subscription",
+            value_parser = clap::builder::NonEmptyStringValueParser::new()
         )]
         registration: Option<String>,
         /// The subscription id `register` printed, instead of a registration id.
-        #[arg(long)]
+        #[arg(long, value_parser = clap::builder::NonEmptyStringValueParser::new())]
         subscription: Option<String>,
         #[command(flatten)]
         sho: ShoAccess,
@@ -281,8 +282,10 @@ pub fn run(cmd: SubscriberCommand) -> Result<(), CliError> {
                     println!("imsi          {}", r.imsi);
                     println!("pcid          {}", params.pcid);
                     println!(
-                        "follow it:    mcimctl subscriber status --subscription {}",
-                        r.subscription_id
+                        "follow it:    mcimctl subscriber status --subscription {} --sho-url {} --pki {}",
+                        r.subscription_id,
+                        sho.sho_url,
+                        sho.pki.display()
                     );
                 }
             }

@@ -417,7 +417,7 @@ async fn serve(cmd: RoleCmd) -> Result<(), String> {
     let mut bound = Vec::with_capacity(roles.len());
     for (role, party, pki, listen, service) in roles {
         let incoming = tonic::transport::server::TcpIncoming::bind(listen)
-            .map_err(|e| format!("{role} on {listen}: {e}"))?
+            .map_err(|e| format!("{role} ({party}) on {listen}: {e}"))?
             .with_nodelay(Some(true));
         bound.push((role, party, pki, listen, incoming, service));
     }

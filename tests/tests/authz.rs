@@ -782,18 +782,20 @@ async fn every_owned_object_refuses_another_owner_and_changes_nothing() {
             .await;
         assert_eq!(got.map(|_| ()).unwrap_err().code(), Code::InvalidArgument);
     }
-    // The same registration by its subscription (the PCID) is no more another's to read.
-    tried.push((
-        "/mcim.sho.v1.ShoService/GetRegistration",
-        unit(
-            ShoServiceClient::new(mallory_sho.clone())
-                .get_registration(sho::GetRegistrationRequest {
-                    subscription_id: ME.into(),
-                    ..Default::default()
-                })
-                .await,
-        ),
-    ));
+    // The same registration by its subscription (the PCID, guessable) is no more another's
+    // to read, and another's is answered as one nobody holds: no PCID enumeration.
+    for pcid in [ME, "001019999999999"] {
+        let got = ShoServiceClient::new(mallory_sho.clone())
+            .get_registration(sho::GetRegistrationRequest {
+                subscription_id: pcid.into(),
+                ..Default::default()
+            })
+            .await
+            .map(|_| ())
+            .unwrap_err();
+        assert_eq!(got.code(), Code::NotFound, "{pcid}: {got:?}");
+        assert_eq!(got.message(), "no such subscription of yours", "{pcid}");
+    }
     tried.push((
         "/mcim.sho.v1.ShoService/CreateSubscription",
         unit(
@@ -875,7 +877,6 @@ async fn every_owned_object_refuses_another_owner_and_changes_nothing() {
         .collect();
     let mut covered: Vec<&str> = tried.iter().map(|(m, _)| *m).collect();
     covered.sort_unstable();
-    covered.dedup();
     let mut want = owned.clone();
     want.sort_unstable();
     assert_eq!(covered, want, "owned rules without a wrong-owner case");

@@ -804,7 +804,7 @@ fn mcim_roles_tells_systemd_it_is_ready_once_every_port_listens() {
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("pva on 127.0.0.1:"), "{err}");
+    assert!(err.contains("pva (pva) on 127.0.0.1:"), "{err}");
     assert!(
         sock.recv(&mut buf).is_err(),
         "READY from a role that did not start"

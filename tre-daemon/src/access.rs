@@ -163,6 +163,11 @@ pub fn gid(group: &str) -> Result<u32, String> {
 /// process (from `/proc/<pid>/status`).
 fn peer_of<B>(req: &http::Request<B>) -> Option<Peer> {
     let cred = req.extensions().get::<UdsConnectInfo>()?.peer_cred?;
+    Some(peer_from(cred))
+}
+
+/// A Unix peer's uid, primary gid, and the supplementary groups of its process.
+pub fn peer_from(cred: tokio::net::unix::UCred) -> Peer {
     let mut groups = vec![cred.gid()];
     // The supplementary groups of the process behind the pid, only while that process is
     // still the caller's (same effective uid): a pid reused by another user's process lends
@@ -185,10 +190,10 @@ fn peer_of<B>(req: &http::Request<B>) -> Option<Peer> {
                 .filter_map(|g| g.parse::<u32>().ok()),
         );
     }
-    Some(Peer {
+    Peer {
         uid: cred.uid(),
         groups,
-    })
+    }
 }
 
 /// The layer in front of the local API.

@@ -91,6 +91,9 @@ pub struct Config {
     pub ro_url: Option<String>,
     /// The VNO, `https://host:port` (3GPP access).
     pub vno_url: Option<String>,
+    /// The USIM as raw APDUs for modem bridges (`mcim_tre::usim`): a Unix socket, mode
+    /// `socket_mode`, for the modem and owner classes; none by default.
+    pub usim_socket: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -117,6 +120,7 @@ impl Default for Config {
             sho_ca_file: None,
             ro_url: None,
             vno_url: None,
+            usim_socket: None,
         }
     }
 }

@@ -67,6 +67,8 @@ pub struct McimView {
     pub blocked: Option<BlockReason>,
     /// PIN tries left (0 when it has no PIN).
     pub pin_tries_left: u32,
+    /// It has a PIN (and a PUK).
+    pub has_pin: bool,
     /// It is the one the owner chose for connectivity.
     pub connectivity: bool,
     /// When it stops being valid (seconds since the epoch), if it has a lifetime.
@@ -81,6 +83,7 @@ impl McimView {
             state: r.state,
             blocked: r.blocked,
             pin_tries_left: r.pin.as_ref().map_or(0, |p| u32::from(p.pin_tries_left)),
+            has_pin: r.pin.is_some(),
             connectivity: connectivity == Some(r.id.as_str()),
             expires_at: r.expires_at,
         }

@@ -37,4 +37,5 @@ pub mod registry;
 pub mod service;
 pub mod tls;
 pub mod tre;
+pub mod usim;
 pub mod wire;

@@ -223,8 +223,22 @@ async fn serve(config: &Config, engine: EngineHandle) -> Result<(), String> {
     };
     let provisioner =
         mcim_tre::provision::Provisioner::start(device.clone(), config.state_dir.clone(), net)?;
-    let api = TreApi::new(device, Some(provisioner));
     let policy = config.access_policy().map_err(|e| e.to_string())?;
+    // The USIM for modem bridges (raw APDUs), when configured.
+    let usim = match &config.usim_socket {
+        Some(p) => {
+            let listener = mcim_tre::usim::socket::bind(p, mode)
+                .map_err(|e| format!("usim_socket {}: {e}", p.display()))?;
+            Some(tokio::spawn(mcim_tre::usim::socket::serve(
+                listener,
+                p.clone(),
+                device.clone(),
+                std::sync::Arc::new(policy.clone()),
+            )))
+        }
+        None => None,
+    };
+    let api = TreApi::new(device, Some(provisioner));
     mcim_telemetry::notify_ready();
     if policy.enforced() {
         tracing::info!(?policy, "local API: callers admitted by group");
@@ -248,6 +262,10 @@ async fn serve(config: &Config, engine: EngineHandle) -> Result<(), String> {
         }
     };
     let _ = std::fs::remove_file(path);
+    if let (Some(task), Some(p)) = (usim, &config.usim_socket) {
+        task.abort();
+        let _ = std::fs::remove_file(p);
+    }
     tracing::info!("tred stopped");
     result
 }

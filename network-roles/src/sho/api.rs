@@ -94,16 +94,40 @@ impl ShoService for ShoApi {
             let auth = authorized(&req)?;
             let r = req.get_ref();
             let (reg, sub) = match (r.registration_id.is_empty(), r.subscription_id.is_empty()) {
-                (false, true) => self.0.registration_status(&r.registration_id).await?,
-                (true, false) => self.0.subscription_status(&r.subscription_id).await?,
+                (false, true) => {
+                    let (reg, sub) = self.0.registration_status(&r.registration_id).await?;
+                    // A subscriber follows its own contracts only.
+                    auth.owns(&sub.subscriber)?;
+                    (reg, sub)
+                }
+                (true, false) => {
+                    // A subscription id is the device's PCID, which can be guessed: one that
+                    // another subscriber holds is answered as one nobody holds, so that which
+                    // PCIDs have a contract here is not the caller's to learn.
+                    let sub = self
+                        .0
+                        .subscription(&r.subscription_id)
+                        .await?
+                        .filter(|s| auth.owns(&s.subscriber).is_ok())
+                        .ok_or_else(|| RoleError::not_found("no such subscription of yours"))?;
+                    let reg = self
+                        .0
+                        .latest_registration(&sub.pcid)
+                        .await?
+                        .ok_or_else(|| {
+                            RoleError::not_found(
+                                "the device has not registered for this subscription yet \
+                             (5.1.3.6.2 step 7)",
+                            )
+                        })?;
+                    (reg, sub)
+                }
                 _ => {
                     return Err(RoleError::invalid(
                         "give either registration_id or subscription_id",
                     ));
                 }
             };
-            // A subscriber follows its own contracts only.
-            auth.owns(&sub.subscriber)?;
             let imsi = sub.imsi;
             Ok(Response::new(pb::GetRegistrationResponse {
                 state: i32::try_from(reg.state).unwrap_or(0),

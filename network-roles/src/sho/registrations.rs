@@ -155,32 +155,21 @@ impl Sho {
         Ok((reg, sub))
     }
 
-    /// The latest registration of a subscription (its id is the device's PCID) and the
-    /// subscription: what the subscriber, who holds only the subscription id, follows.
-    pub(super) async fn subscription_status(
+    /// The latest registration of a device (its PCID), if it registered.
+    pub(super) async fn latest_registration(
         &self,
-        subscription_id: &str,
-    ) -> Result<(Registration, super::subscriptions::Subscription), RoleError> {
-        let sub = self
-            .subscription(subscription_id)
-            .await?
-            .ok_or_else(|| RoleError::not_found("no such subscription"))?;
+        pcid: &str,
+    ) -> Result<Option<Registration>, RoleError> {
         // The latest: SQLite's rowid grows with each insert.
-        let reg = sqlx::query_as::<_, Registration>(
+        sqlx::query_as::<_, Registration>(
             "SELECT id, pcid, nonce, dpf_url, validation_id, validation_nonce, state, detail, \
              package, discard_ack FROM sho_registration WHERE pcid = ? \
              ORDER BY rowid DESC LIMIT 1",
         )
-        .bind(&sub.pcid)
+        .bind(pcid)
         .fetch_optional(&self.db)
         .await
-        .map_err(db_err)?;
-        match reg {
-            Some(reg) => Ok((reg, sub)),
-            None => Err(RoleError::not_found(
-                "the device has not registered for this subscription yet (5.1.3.6.2 step 7)",
-            )),
-        }
+        .map_err(db_err)
     }
 
     /// Step 14: the DPF's report of the device's install, for an authorised registration

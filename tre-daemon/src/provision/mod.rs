@@ -1050,17 +1050,30 @@ impl Provisioner {
             ),
             Err(why) => (common::ProvisioningStatus::Failed, why, String::new()),
         };
-        dpf.report_provisioning_status(ro::ReportProvisioningStatusRequest {
-            registration_id: registration.id.clone(),
-            status: status as i32,
-            detail: detail.clone(),
-            mcim_id: mcim_id.clone(),
-        })
-        .await
-        .map_err(stop(13))?;
+        let reported = dpf
+            .report_provisioning_status(ro::ReportProvisioningStatusRequest {
+                registration_id: registration.id.clone(),
+                status: status as i32,
+                detail: detail.clone(),
+                mcim_id: mcim_id.clone(),
+            })
+            .await;
         if status == common::ProvisioningStatus::Failed {
-            return Err(Stop::Fail(13, detail));
+            // The device's refusal is the outcome whether or not the DPF took the report: a
+            // DPF that served a package before the SHO authorised one (a compromised RO) gets
+            // the report refused by the SHO, and that must not replace the reason.
+            return Err(Stop::Fail(
+                13,
+                match reported {
+                    Ok(_) => detail,
+                    Err(e) => format!(
+                        "{detail} (the DPF did not take the report: {})",
+                        e.message()
+                    ),
+                },
+            ));
         }
+        reported.map_err(stop(13))?;
         run.record(
             13,
             true,

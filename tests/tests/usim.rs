@@ -1,0 +1,288 @@
+//! The MCIM as a USIM over raw APDUs (`usim_socket`), on swtpm: ETSI TS 102 221 / 3GPP
+//! TS 31.102 commands against the real `tred`, with the authentication vectors computed
+//! independently by osmocom's `osmo-auc-gen` (Debian libosmocore-utils) from the same K and
+//! OPc.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::process::Command;
+
+use mcim_e2e::{Swtpm, Tred, mcimctl, output_text};
+
+/// TS 35.208 test set 1.
+const K: &str = "465b5ce8b199b49faa5f0a2ee238a6bc";
+const OPC: &str = "cd63cb71954a9f4e48a5994e37a02baf";
+const RAND: &str = "23553cbe9637a89d218ae64dae47bf35";
+const IMSI: &str = "001010123456789";
+const USIM_AID: &str = "a0000000871002ffffffff8907090000";
+
+/// One card on the socket.
+struct Reader(UnixStream);
+
+impl Reader {
+    fn message(&mut self, m: &[u8]) -> Option<Vec<u8>> {
+        let len = u16::try_from(m.len()).unwrap().to_be_bytes();
+        self.0.write_all(&len).unwrap();
+        self.0.write_all(m).unwrap();
+        if m.len() == 1 && m[0] != 4 {
+            return None;
+        }
+        let mut len = [0u8; 2];
+        self.0.read_exact(&mut len).unwrap();
+        let mut answer = vec![0u8; usize::from(u16::from_be_bytes(len))];
+        self.0.read_exact(&mut answer).unwrap();
+        Some(answer)
+    }
+
+    /// Sends a command APDU (hex); the response data and SW1SW2.
+    fn apdu(&mut self, hex_apdu: &str) -> (Vec<u8>, u16) {
+        let r = self.message(&hex::decode(hex_apdu).unwrap()).unwrap();
+        let (data, sw) = r.split_at(r.len() - 2);
+        (data.to_vec(), u16::from_be_bytes([sw[0], sw[1]]))
+    }
+}
+
+/// A PIN field: the digits, FF-padded to 8 octets.
+fn pin(p: &str) -> String {
+    let mut b = p.as_bytes().to_vec();
+    b.resize(8, 0xff);
+    hex::encode(b)
+}
+
+/// `osmo-auc-gen`'s answer, as `name: value` pairs.
+fn osmo_auc_gen(args: &[&str]) -> Vec<(String, String)> {
+    let out = Command::new("osmo-auc-gen")
+        .args(["-3", "-a", "milenage", "-k", K, "-o", OPC])
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("osmo-auc-gen (Debian libosmocore-utils; ci/install-deps.sh): {e}")
+        });
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect()
+}
+
+fn field<'a>(pairs: &'a [(String, String)], name: &str) -> &'a str {
+    pairs
+        .iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
+        .unwrap_or_else(|| panic!("osmo-auc-gen printed no {name}: {pairs:?}"))
+}
+
+/// A device with one MCIM (test set 1, PIN 1234) chosen for connectivity, and its USIM
+/// socket.
+fn device(tpm: &Swtpm, work: &std::path::Path) -> (Tred, std::path::PathBuf) {
+    // The device maker's lockout setting: the MCIM's own counters (3 PIN tries) decide.
+    tpm.set_dictionary_attack(32, 600, 86400);
+    let usim = work.join("usim.sock");
+    let tred = Tred::start_with(&tpm.tcti(), &[("MCIM_USIM_SOCKET", usim.to_str().unwrap())]);
+    let socket = tred.socket();
+    let s = socket.to_str().unwrap();
+    let dir = |d: &str| work.join(d).to_str().unwrap().to_string();
+    let run = |args: &[&str]| {
+        let out = mcimctl(&[&["device", "--socket", s], args].concat());
+        assert!(out.status.success(), "{args:?}: {}", output_text(&out));
+    };
+    let (keys, blobs) = (dir("keys"), dir("blobs"));
+    run(&[
+        "init",
+        "--device-id",
+        "SN-U",
+        "--pcid",
+        "001010000000001",
+        "--model",
+        "m",
+        "--out-dir",
+        &keys,
+    ]);
+    let out = mcimctl(&[
+        "sho",
+        "wrap",
+        "--storage-public",
+        &format!("{keys}/storage.pub"),
+        "--k",
+        K,
+        "--opc",
+        OPC,
+        "--out-dir",
+        &blobs,
+    ]);
+    assert!(out.status.success(), "{}", output_text(&out));
+    run(&[
+        "install",
+        "--imsi",
+        IMSI,
+        "--sho",
+        "sho.example",
+        "--k-blob",
+        &format!("{blobs}/k.blob"),
+        "--opc-blob",
+        &format!("{blobs}/opc.blob"),
+        "--pin",
+        "1234",
+        "--puk",
+        "12345678",
+    ]);
+    run(&["activate", IMSI]);
+    run(&["connectivity", IMSI]);
+    (tred, usim)
+}
+
+#[test]
+fn the_usim_answers_a_modem_with_the_trusted_environments_aka() {
+    let tpm = Swtpm::start();
+    let work = tempfile::tempdir().unwrap();
+    let (tred, usim) = device(&tpm, work.path());
+    let mut card = Reader(UnixStream::connect(&usim).unwrap());
+
+    // The ATR; a command before power-on is refused (6985); power on.
+    assert_eq!(card.message(&[4]).unwrap()[0], 0x3b);
+    assert_eq!(card.apdu("80f2000000").1, 0x6985);
+    card.message(&[1]);
+
+    // ADF.USIM by its AID: the FCP says PIN 01 is enabled.
+    let (fcp, sw) = card.apdu(&format!("00a4040410{USIM_AID}"));
+    assert_eq!(sw, 0x9000);
+    assert!(
+        hex::encode(&fcp).contains("c60690018083"),
+        "{}",
+        hex::encode(&fcp)
+    );
+    // EF_IMSI is behind the PIN.
+    assert_eq!(card.apdu("00a40004026f07").1, 0x9000);
+    assert_eq!(card.apdu("00b0000009").1, 0x6982);
+    assert_eq!(
+        card.apdu(&format!("008800812210{RAND}10{}", "00".repeat(16)))
+            .1,
+        0x6982
+    );
+    // A wrong PIN: 63C2 (two tries left); VERIFY without data says the same.
+    assert_eq!(card.apdu(&format!("0020000108{}", pin("9999"))).1, 0x63c2);
+    assert_eq!(card.apdu("0020000100").1, 0x63c2);
+    assert_eq!(card.apdu(&format!("0020000108{}", pin("1234"))).1, 0x9000);
+    let (ef, sw) = card.apdu("00b0000009");
+    assert_eq!(sw, 0x9000);
+    assert_eq!(hex::encode(&ef), "080910101032547698");
+    // EF_ICCID, under the MF, by path.
+    let (iccid, sw) = card.apdu("00a408040100"); // malformed path: one octet
+    assert_eq!((iccid.len(), sw), (0, 0x6a80));
+    assert_eq!(card.apdu("00a4080c022fe2").1, 0x9000);
+    let (iccid, sw) = card.apdu("00b000000a");
+    assert_eq!((iccid.len(), sw), (10, 0x9000));
+
+    // AUTHENTICATE against osmo-auc-gen's vector for SQN 33.
+    let v = osmo_auc_gen(&["-f", "b9b9", "-s", "33", "-r", RAND]);
+    let autn = field(&v, "AUTN").to_string();
+    let (r, sw) = card.apdu(&format!("0088008122 10{RAND}10{autn}").replace(' ', ""));
+    assert_eq!(sw, 0x9000);
+    let want = format!(
+        "db08{}10{}10{}08{}",
+        field(&v, "RES"),
+        field(&v, "CK"),
+        field(&v, "IK"),
+        field(&v, "Kc")
+    );
+    assert_eq!(
+        hex::encode(&r),
+        want,
+        "RES, CK, IK and Kc as osmo-auc-gen computes them"
+    );
+
+    // The same AUTN again: a synchronisation failure whose AUTS osmo-auc-gen accepts.
+    let (r, sw) = card.apdu(&format!("008800812210{RAND}10{autn}"));
+    assert_eq!(sw, 0x9000);
+    assert_eq!(&r[..2], &[0xdc, 14], "{}", hex::encode(&r));
+    let auts = hex::encode(&r[2..]);
+    // osmo-auc-gen recovers SQN_MS from the AUTS (and refuses a wrong one): the card's last
+    // accepted SQN, 33.
+    let resync = osmo_auc_gen(&["-A", &auts, "-r", RAND]);
+    assert_eq!(field(&resync, "SQN.MS"), "33", "{resync:?}");
+
+    // A forged AUTN (MAC-A altered): 9862, and nothing was counted.
+    let mut forged = hex::decode(&autn).unwrap();
+    forged[15] ^= 1;
+    let v2 = osmo_auc_gen(&["-f", "b9b9", "-s", "65", "-r", RAND]);
+    assert_eq!(
+        card.apdu(&format!("008800812210{RAND}10{}", hex::encode(&forged)))
+            .1,
+        0x9862
+    );
+    // The card's AKA is tred's: the vector for SQN 65 answers over gRPC too, once; on the
+    // card afterwards it is a replay.
+    let out = mcimctl(&[
+        "device",
+        "--socket",
+        tred.socket().to_str().unwrap(),
+        "aka",
+        IMSI,
+        "--rand",
+        RAND,
+        "--autn",
+        field(&v2, "AUTN"),
+    ]);
+    assert!(
+        output_text(&out).contains(field(&v2, "RES")),
+        "{}",
+        output_text(&out)
+    );
+    let (r, _) = card.apdu(&format!("008800812210{RAND}10{}", field(&v2, "AUTN")));
+    assert_eq!(r[0], 0xdc, "a vector tred used is a replay on the card");
+
+    // UE-written files: EF_LOCI accepts an update of its length, nothing longer.
+    // (The current DF is the MF since EF_ICCID: the path from the MF names ADF.USIM's EF.)
+    assert_eq!(card.apdu("00a4080c047fff6f7e").1, 0x9000);
+    assert_eq!(card.apdu("00d600000b0102030405060708090a0b").1, 0x9000);
+    assert_eq!(
+        card.apdu("00b000000b").0,
+        hex::decode("0102030405060708090a0b").unwrap()
+    );
+    assert_eq!(card.apdu("00d600000c0102030405060708090a0b0c").1, 0x6700);
+    // EF_IMSI is the SHO's, not the UE's to write.
+    assert_eq!(card.apdu("00a40004026f07").1, 0x9000);
+    assert_eq!(card.apdu("00d6000001ff").1, 0x6982);
+    // Unknown files, instructions and classes.
+    assert_eq!(card.apdu("00a40004026f99").1, 0x6a82);
+    assert_eq!(card.apdu("00ca000000").1, 0x6d00);
+    assert_eq!(card.apdu("f0a40004026f07").1, 0x6e00);
+}
+
+#[test]
+fn three_wrong_pins_block_the_application_until_the_puk() {
+    let tpm = Swtpm::start();
+    let work = tempfile::tempdir().unwrap();
+    let (tred, usim) = device(&tpm, work.path());
+    let mut card = Reader(UnixStream::connect(&usim).unwrap());
+    card.message(&[1]);
+    assert_eq!(card.apdu(&format!("00a4040c10{USIM_AID}")).1, 0x9000);
+    assert_eq!(card.apdu(&format!("0020000108{}", pin("0000"))).1, 0x63c2);
+    assert_eq!(card.apdu(&format!("0020000108{}", pin("0001"))).1, 0x63c1);
+    assert_eq!(card.apdu(&format!("0020000108{}", pin("0002"))).1, 0x6983);
+    // Blocked: even the right PIN is refused, and tred says the MCIM is PIN-blocked.
+    assert_eq!(card.apdu(&format!("0020000108{}", pin("1234"))).1, 0x6983);
+    let status = mcimctl(&[
+        "device",
+        "--socket",
+        tred.socket().to_str().unwrap(),
+        "get",
+        IMSI,
+    ]);
+    assert!(
+        output_text(&status).contains("(pin_blocked)"),
+        "{}",
+        output_text(&status)
+    );
+    // A wrong PUK is counted; the right one unblocks with a new PIN, which then verifies.
+    let (_, sw) = card.apdu(&format!("002c000110{}{}", pin("00000000"), pin("4321")));
+    assert_eq!(sw & 0xfff0, 0x63c0, "{sw:04x}");
+    assert_eq!(
+        card.apdu(&format!("002c000110{}{}", pin("12345678"), pin("4321")))
+            .1,
+        0x9000
+    );
+    assert_eq!(card.apdu(&format!("0020000108{}", pin("4321"))).1, 0x9000);
+}

@@ -1,0 +1,285 @@
+//! The USIM's files (ETSI TS 102 221 clause 13, 3GPP TS 31.102 clause 4): the MF with EF_ICCID
+//! and EF_DIR, and ADF.USIM with the EFs a UE reads at attach and writes while it is attached.
+//! Contents come from the MCIM (the IMSI, the SHO's name); the rest are the defaults a test
+//! network's USIM carries.
+
+/// ADF.USIM's AID: the 3GPP RID A000000087, application 1002 (USIM, TS 101 220 annex E), then
+/// country and provider fields left open (FF) and an application provider code.
+pub const USIM_AID: [u8; 16] = [
+    0xa0, 0x00, 0x00, 0x00, 0x87, 0x10, 0x02, 0xff, 0xff, 0xff, 0xff, 0x89, 0x07, 0x09, 0x00, 0x00,
+];
+
+/// The MF.
+pub const MF: u16 = 0x3f00;
+/// ADF.USIM's file id when a path names it (TS 102 221 8.4.2: 7FFF is the current ADF).
+pub const ADF: u16 = 0x7fff;
+
+/// How an EF is structured.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Structure {
+    /// Read and written by offset (READ/UPDATE BINARY).
+    Transparent,
+    /// Records of one length (READ/UPDATE RECORD).
+    LinearFixed(usize),
+}
+
+/// An elementary file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Ef {
+    /// Its file id.
+    pub fid: u16,
+    /// Its structure.
+    pub structure: Structure,
+    /// Its contents (all records, one after another, for a linear fixed EF).
+    pub body: Vec<u8>,
+    /// Readable only after the PIN (when the MCIM has one).
+    pub pin_to_read: bool,
+    /// The UE may write it (UPDATE), after the PIN.
+    pub writable: bool,
+}
+
+/// What the files are made from.
+#[derive(Clone, Debug)]
+pub struct Profile {
+    /// The MCIM's IMSI (15 digits at most).
+    pub imsi: String,
+    /// The SHO's name, shown as the service provider name.
+    pub sho: String,
+    /// The MNC's length in digits (EF_AD), 2 or 3.
+    pub mnc_len: u8,
+}
+
+/// The files under the MF (ICCID, DIR) and under ADF.USIM.
+#[derive(Clone, Debug)]
+pub struct Files {
+    /// EFs directly under the MF.
+    pub mf: Vec<Ef>,
+    /// EFs under ADF.USIM.
+    pub usim: Vec<Ef>,
+}
+
+impl Files {
+    /// The files of a USIM holding `p`.
+    pub fn for_profile(p: &Profile) -> Self {
+        let ro = |fid, body| Ef {
+            fid,
+            structure: Structure::Transparent,
+            body,
+            pin_to_read: false,
+            writable: false,
+        };
+        let pin = |fid, body| Ef {
+            pin_to_read: true,
+            ..ro(fid, body)
+        };
+        let rw = |fid, body| Ef {
+            writable: true,
+            ..pin(fid, body)
+        };
+        let mut dir_record = vec![0x61, 0x1a, 0x4f, 0x10];
+        dir_record.extend_from_slice(&USIM_AID);
+        dir_record.extend_from_slice(&[0x50, 0x06]);
+        dir_record.extend_from_slice(b"USIM-1");
+        dir_record.resize(38, 0xff);
+        Self {
+            mf: vec![
+                ro(0x2fe2, iccid(&p.imsi)),
+                Ef {
+                    structure: Structure::LinearFixed(38),
+                    ..ro(0x2f00, dir_record)
+                },
+            ],
+            usim: vec![
+                pin(0x6f07, imsi(&p.imsi)),
+                // EF_AD: normal operation, no OFM; the MNC's length.
+                ro(0x6fad, vec![0x00, 0x00, 0x00, p.mnc_len]),
+                // EF_UST: GSM access (27), GSM security context (38), EPS mobility
+                // management information (85); nothing that needs files absent here.
+                pin(0x6f38, service_table(&[27, 38, 85])),
+                pin(0x6f56, vec![0x00]),
+                pin(0x6f78, access_class(&p.imsi)),
+                rw(0x6f7b, vec![0xff; 12]),
+                pin(0x6f31, vec![0x05]),
+                ro(0x6f46, spn(&p.sho)),
+                // Location information, not updated (TS 31.102 4.2.17, 4.2.23, 4.2.91).
+                rw(
+                    0x6f7e,
+                    vec![
+                        0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x00, 0x00, 0xff, 0x01,
+                    ],
+                ),
+                rw(0x6f73, {
+                    let mut b = vec![0xff; 7];
+                    b.extend_from_slice(&[0xff, 0xff, 0xff, 0x00, 0x00, 0xff, 0x01]);
+                    b
+                }),
+                rw(0x6fe3, {
+                    let mut b = vec![0xff; 12];
+                    b.extend_from_slice(&[0xff, 0xff, 0xff, 0x00, 0x00, 0x01]);
+                    b
+                }),
+                // Ciphering and integrity keys, no key set (KSI 7).
+                rw(0x6f08, key_set()),
+                rw(0x6f09, key_set()),
+            ],
+        }
+    }
+}
+
+/// BCD with nibbles swapped, F-padded (TS 102 221 13.2 for the ICCID).
+fn swapped_bcd(digits: &str, len: usize) -> Vec<u8> {
+    let nibbles: Vec<u8> = digits
+        .bytes()
+        .filter(u8::is_ascii_digit)
+        .map(|d| d - b'0')
+        .collect();
+    let mut out: Vec<u8> = nibbles
+        .chunks(2)
+        .map(|c| c[0] | (c.get(1).copied().unwrap_or(0x0f) << 4))
+        .collect();
+    out.resize(len, 0xff);
+    out
+}
+
+/// EF_ICCID: "89" (telecom), a test-network issuer "882", the IMSI's digits, a Luhn check
+/// digit: 20 digits, one per MCIM.
+pub fn iccid(imsi: &str) -> Vec<u8> {
+    let mut digits = format!("89882{imsi}");
+    digits.truncate(19);
+    let sum: u32 = digits
+        .bytes()
+        .rev()
+        .enumerate()
+        .map(|(i, d)| {
+            let d = u32::from(d - b'0');
+            if i % 2 == 0 {
+                let x = d * 2;
+                if x > 9 { x - 9 } else { x }
+            } else {
+                d
+            }
+        })
+        .sum();
+    digits.push(char::from(
+        b'0' + u8::try_from((10 - sum % 10) % 10).unwrap_or(0),
+    ));
+    swapped_bcd(&digits, 10)
+}
+
+/// EF_IMSI (TS 31.102 4.2.2; TS 24.008 10.5.1.4): length, then the digits in BCD after the
+/// identity type "IMSI" and the odd/even flag.
+pub fn imsi(imsi: &str) -> Vec<u8> {
+    let digits: Vec<u8> = imsi.bytes().map(|d| d.wrapping_sub(b'0') & 0x0f).collect();
+    let odd = !digits.len().is_multiple_of(2);
+    let mut nibbles = vec![if odd { 0x9 } else { 0x1 }];
+    nibbles.extend_from_slice(&digits);
+    let mut body: Vec<u8> = nibbles
+        .chunks(2)
+        .map(|c| c[0] | (c.get(1).copied().unwrap_or(0x0f) << 4))
+        .collect();
+    let len = u8::try_from(body.len()).unwrap_or(8);
+    body.insert(0, len);
+    body.resize(9, 0xff);
+    body
+}
+
+/// The IMSI an EF_IMSI holds, back.
+pub fn imsi_of(ef: &[u8]) -> Option<String> {
+    let (len, rest) = ef.split_first()?;
+    let body = rest.get(..usize::from(*len))?;
+    let mut digits = String::new();
+    for (i, b) in body.iter().enumerate() {
+        for (j, n) in [b & 0x0f, b >> 4].into_iter().enumerate() {
+            if i == 0 && j == 0 {
+                continue; // identity type and parity
+            }
+            if n < 10 {
+                digits.push(char::from(b'0' + n));
+            }
+        }
+    }
+    Some(digits)
+}
+
+/// A service table with `services` (numbered from 1) available.
+fn service_table(services: &[usize]) -> Vec<u8> {
+    let mut t = vec![0u8; 14];
+    for s in services {
+        if let Some(b) = t.get_mut((s - 1) / 8) {
+            *b |= 1 << ((s - 1) % 8);
+        }
+    }
+    t
+}
+
+/// EF_ACC: the access class the IMSI's last digit gives (TS 22.011 4.2).
+fn access_class(imsi: &str) -> Vec<u8> {
+    let class = imsi
+        .bytes()
+        .last()
+        .map_or(0, |d| u16::from(d.wrapping_sub(b'0') % 10));
+    (1u16 << class).to_be_bytes().to_vec()
+}
+
+/// EF_SPN: display condition, then the name in the GSM default alphabet's ASCII subset,
+/// F-padded to 16 octets.
+fn spn(name: &str) -> Vec<u8> {
+    let mut b = vec![0x01];
+    b.extend(
+        name.bytes()
+            .filter(|c| c.is_ascii_graphic() || *c == b' ')
+            .take(16),
+    );
+    b.resize(17, 0xff);
+    b
+}
+
+/// EF_KEYS / EF_KEYSPS: KSI 7 (no key), CK and IK unset.
+fn key_set() -> Vec<u8> {
+    let mut b = vec![0x07];
+    b.extend_from_slice(&[0xff; 32]);
+    b
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ef_imsi_encodes_as_ts_31_102_says_and_decodes_back() {
+        // TS 31.102 4.2.2's layout for a 15-digit IMSI: 08 then 0x9 | d1 ...
+        assert_eq!(hex::encode(imsi("001010123456789")), "080910101032547698");
+        assert_eq!(
+            imsi_of(&imsi("001010123456789")).unwrap(),
+            "001010123456789"
+        );
+        assert_eq!(imsi_of(&imsi("00101012345678")).unwrap(), "00101012345678");
+    }
+
+    #[test]
+    fn the_iccid_has_a_valid_luhn_digit() {
+        let ef = iccid("001010123456789");
+        let digits: String = ef
+            .iter()
+            .flat_map(|b| [b & 0x0f, b >> 4])
+            .map(|n| char::from(b'0' + n))
+            .collect();
+        assert_eq!(digits.len(), 20);
+        assert!(digits.starts_with("89882001010123456"));
+        let sum: u32 = digits
+            .bytes()
+            .rev()
+            .enumerate()
+            .map(|(i, d)| {
+                let d = u32::from(d - b'0');
+                if i % 2 == 1 {
+                    let x = d * 2;
+                    if x > 9 { x - 9 } else { x }
+                } else {
+                    d
+                }
+            })
+            .sum();
+        assert_eq!(sum % 10, 0, "{digits}");
+    }
+}
