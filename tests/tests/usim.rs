@@ -249,6 +249,59 @@ fn the_usim_answers_a_modem_with_the_trusted_environments_aka() {
     assert_eq!(card.apdu("00a40004026f99").1, 0x6a82);
     assert_eq!(card.apdu("00ca000000").1, 0x6d00);
     assert_eq!(card.apdu("f0a40004026f07").1, 0x6e00);
+
+    // VERIFY opened the MCIM's session in the TRE; the card going away ends it.
+    let get = || {
+        output_text(&mcimctl(&[
+            "device",
+            "--socket",
+            tred.socket().to_str().unwrap(),
+            "get",
+            IMSI,
+        ]))
+    };
+    assert!(get().contains("selected"), "{}", get());
+    drop(card);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !get().contains("activated") && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(get().contains("activated"), "{}", get());
+}
+
+/// Connections beyond the cap are closed at once, and tred's own API keeps answering.
+#[test]
+fn idle_connections_cannot_exhaust_tred() {
+    let tpm = Swtpm::start();
+    let work = tempfile::tempdir().unwrap();
+    let (tred, usim) = device(&tpm, work.path());
+    let held: Vec<UnixStream> = (0..8)
+        .map(|_| UnixStream::connect(&usim).unwrap())
+        .collect();
+    // The ninth: closed without a word (EOF), even for the ATR.
+    let mut ninth = UnixStream::connect(&usim).unwrap();
+    ninth
+        .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .unwrap();
+    let _ = ninth.write_all(&[0, 1, 4]);
+    let mut b = [0u8; 1];
+    assert_eq!(
+        ninth.read(&mut b).unwrap_or(0),
+        0,
+        "the ninth session was served"
+    );
+    let status = mcimctl(&[
+        "device",
+        "--socket",
+        tred.socket().to_str().unwrap(),
+        "status",
+    ]);
+    assert!(status.status.success(), "{}", output_text(&status));
+    // A slot freed is a slot served.
+    drop(held);
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let mut card = Reader(UnixStream::connect(&usim).unwrap());
+    assert_eq!(card.message(&[4]).unwrap()[0], 0x3b);
 }
 
 #[test]

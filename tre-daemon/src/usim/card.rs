@@ -5,7 +5,7 @@
 
 use mcim_core::aka::device::DeviceResponse;
 use mcim_core::aka::{Autn, Rand};
-use mcim_core::lifecycle::McimState;
+use mcim_core::lifecycle::{LifecycleOp, McimState};
 
 use super::apdu::*;
 use super::files::{ADF, Ef, Files, MF, Profile, Structure, USIM_AID};
@@ -42,12 +42,17 @@ struct Session {
     pin_verified: bool,
     /// ADF.USIM is the current application (selecting files of the MF keeps it so).
     app: bool,
+    /// This card opened the MCIM's session in the TRE (VERIFY, or AUTHENTICATE without a
+    /// PIN): it ends it when the card is reset, powered off or disconnected.
+    opened: bool,
 }
 
 /// One card: powered on by its reader (or socket), reset, answering APDUs.
 pub struct Card {
     device: Device,
     session: Option<Session>,
+    /// The caller may change and unblock the PIN (the owner class; as on the local API).
+    pin_admin: bool,
 }
 
 /// TS 102 221 instruction codes.
@@ -65,19 +70,31 @@ mod ins {
 }
 
 impl Card {
-    /// A card over `device`'s registry and TRE.
-    pub fn new(device: Device) -> Self {
+    /// A card over `device`'s registry and TRE; `pin_admin`: its caller may change and
+    /// unblock the PIN.
+    pub fn new(device: Device, pin_admin: bool) -> Self {
         Self {
             device,
             session: None,
+            pin_admin,
         }
     }
 
-    /// Reset (or power on): the application is closed, the PIN no longer verified; the
-    /// answer to reset.
-    pub fn reset(&mut self) -> Vec<u8> {
-        self.session = None;
+    /// Reset (or power on or off): the application is closed, the PIN no longer verified, the
+    /// MCIM's session this card opened in the TRE ended; the answer to reset.
+    pub async fn reset(&mut self) -> Vec<u8> {
+        self.close().await;
         atr()
+    }
+
+    /// The card goes away: the MCIM's session it opened ends (5.1.1.1 Selected -> Activated),
+    /// so that no session outlives the card that verified its PIN.
+    pub async fn close(&mut self) {
+        if let Some(s) = self.session.take()
+            && s.opened
+        {
+            let _ = self.device.apply(&s.mcim, LifecycleOp::EndSession).await;
+        }
     }
 
     /// Answers one command APDU (malformed bytes too, with the status word that says why).
@@ -96,11 +113,8 @@ impl Card {
         if !matches!(c.cla, 0x00 | 0x80 | 0xa0) {
             return Response::status(SW_CLA_NOT_SUPPORTED);
         }
-        if self.session.is_none() {
-            match self.open().await {
-                Ok(s) => self.session = s,
-                Err(sw) => return Response::status(sw),
-            }
+        if let Err(sw) = self.refresh().await {
+            return Response::status(sw);
         }
         match c.ins {
             ins::SELECT => self.select(c),
@@ -115,6 +129,28 @@ impl Card {
             ins::AUTHENTICATE => self.authenticate(c).await,
             _ => Response::status(SW_INS_NOT_SUPPORTED),
         }
+    }
+
+    /// Opens the application on first use; afterwards follows the owner: another MCIM
+    /// chosen for connectivity is another card (this one's session ends), a PIN enabled
+    /// since must be verified.
+    async fn refresh(&mut self) -> Result<(), u16> {
+        let Some(s) = self.session.as_mut() else {
+            self.session = self.open().await?;
+            return Ok(());
+        };
+        let status = self.device.status().await.map_err(|_| SW_TECHNICAL)?;
+        if status.connectivity.as_deref() != Some(s.mcim.as_str()) {
+            self.close().await;
+            self.session = self.open().await?;
+            return Ok(());
+        }
+        let view = self.device.get(&s.mcim).await.map_err(|_| SW_TECHNICAL)?;
+        if view.has_pin != s.has_pin {
+            s.has_pin = view.has_pin;
+            s.pin_verified = false;
+        }
+        Ok(())
     }
 
     /// The connectivity MCIM's files, or no application (`None`) when there is none.
@@ -136,6 +172,7 @@ impl Card {
             has_pin: view.has_pin,
             pin_verified: false,
             app: false,
+            opened: false,
         }))
     }
 
@@ -331,14 +368,18 @@ impl Card {
             Ok(v) => v.state,
             Err(_) => return Response::status(SW_TECHNICAL),
         };
-        let checked = if state == McimState::Selected {
-            self.device.verify_pin(&id, pin).await.map(|_| ())
-        } else {
+        let opens = state != McimState::Selected;
+        let checked = if opens {
             self.device.select(&id, Some(pin)).await.map(|_| ())
+        } else {
+            self.device.verify_pin(&id, pin).await.map(|_| ())
         };
         match checked {
             Ok(()) => {
                 self.mark_verified();
+                if opens && let Some(s) = self.session.as_mut() {
+                    s.opened = true;
+                }
                 Response::ok(Vec::new())
             }
             Err(e) => match self.device.get(&id).await {
@@ -359,6 +400,9 @@ impl Card {
     async fn change_pin(&mut self, c: &Command) -> Response {
         if c.p1 != 0x00 || c.p2 != 0x01 {
             return Response::status(SW_NO_REFERENCE);
+        }
+        if !self.pin_admin {
+            return Response::status(SW_SECURITY_NOT_SATISFIED);
         }
         let id = match self.application() {
             Ok(s) if !s.has_pin => return Response::status(SW_CONDITIONS),
@@ -381,6 +425,9 @@ impl Card {
     async fn unblock_pin(&mut self, c: &Command) -> Response {
         if c.p1 != 0x00 || c.p2 != 0x01 {
             return Response::status(SW_NO_REFERENCE);
+        }
+        if !self.pin_admin {
+            return Response::status(SW_SECURITY_NOT_SATISFIED);
         }
         let id = match self.application() {
             Ok(s) if !s.has_pin => return Response::status(SW_CONDITIONS),
@@ -421,6 +468,9 @@ impl Card {
             Ok(v) if v.state == McimState::Activated && !has_pin => {
                 if let Err(e) = self.device.select(&id, None).await {
                     return Response::status(pin_refusal(&e));
+                }
+                if let Some(s) = self.session.as_mut() {
+                    s.opened = true;
                 }
             }
             Ok(_) => {}
@@ -587,7 +637,7 @@ fn pin_refusal(e: &DeviceError) -> u16 {
         }
         DeviceError::Registry(RegistryError::Lifecycle(_)) => SW_INVALIDATED,
         DeviceError::Registry(RegistryError::AnotherSelected(_)) => SW_CONDITIONS,
-        DeviceError::Registry(RegistryError::BadRequest(_)) => SW_WRONG_DATA,
+        DeviceError::Registry(RegistryError::BadRequest(_)) => SW_CONDITIONS,
         DeviceError::Registry(RegistryError::Lockdown(_)) => SW_INVALIDATED,
         _ => SW_TECHNICAL,
     }

@@ -141,11 +141,13 @@ fn swapped_bcd(digits: &str, len: usize) -> Vec<u8> {
     out
 }
 
-/// EF_ICCID: "89" (telecom), a test-network issuer "882", the IMSI's digits, a Luhn check
-/// digit: 20 digits, one per MCIM.
+/// EF_ICCID: "89" (telecom), a test-network issuer "882", 14 digits of SHA-256 over the
+/// IMSI, a Luhn check digit: 20 digits, one per MCIM, readable without the PIN and so
+/// telling nothing of the IMSI.
 pub fn iccid(imsi: &str) -> Vec<u8> {
-    let mut digits = format!("89882{imsi}");
-    digits.truncate(19);
+    let hash = mcim_core::tpm::kdf::sha256(&[b"mcim iccid", imsi.as_bytes()]);
+    let mut digits = String::from("89882");
+    digits.extend(hash.iter().take(14).map(|b| char::from(b'0' + b % 10)));
     let sum: u32 = digits
         .bytes()
         .rev()
@@ -265,7 +267,9 @@ mod tests {
             .map(|n| char::from(b'0' + n))
             .collect();
         assert_eq!(digits.len(), 20);
-        assert!(digits.starts_with("89882001010123456"));
+        assert!(digits.starts_with("89882"));
+        assert!(!digits.contains("0101012345"), "no IMSI digits: {digits}");
+        assert_ne!(iccid("001010123456789"), iccid("001010123456788"));
         let sum: u32 = digits
             .bytes()
             .rev()

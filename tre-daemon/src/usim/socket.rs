@@ -18,6 +18,14 @@ use crate::device::Device;
 
 /// The longest message accepted: a short APDU is 261 octets at most.
 const MAX_MESSAGE: usize = 512;
+/// Card sessions at once: a device has a modem or two, not thousands; past this, a connection
+/// is closed at once (so that idle connections cannot exhaust `tred`'s descriptors).
+const MAX_SESSIONS: usize = 8;
+/// A message whose length has arrived must arrive whole within this.
+const FRAME_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// A session with no message for this long is closed (a modem polls its card with STATUS
+/// every 30 s or so while it is attached).
+const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15 * 60);
 
 /// Binds `path` (a stale socket is replaced), mode `mode`.
 pub fn bind(path: &Path, mode: u32) -> std::io::Result<UnixListener> {
@@ -37,65 +45,91 @@ pub fn bind(path: &Path, mode: u32) -> std::io::Result<UnixListener> {
 /// Serves cards on `listener` until the task is dropped.
 pub async fn serve(listener: UnixListener, path: PathBuf, device: Device, policy: Arc<Policy>) {
     tracing::info!(socket = %path.display(), "USIM: raw APDUs");
+    let sessions = Arc::new(tokio::sync::Semaphore::new(MAX_SESSIONS));
+    let mut last_warning: Option<std::time::Instant> = None;
+    // At most one warning a second, whatever a flood of connections does.
+    let mut warn = |what: String| {
+        if last_warning.is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(1)) {
+            tracing::warn!("USIM socket: {what}");
+            last_warning = Some(std::time::Instant::now());
+        }
+    };
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(s) => s,
             Err(e) => {
-                tracing::warn!("USIM socket: {e}");
+                // Out of descriptors, say: wait rather than spin.
+                warn(e.to_string());
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                 continue;
             }
         };
         let peer = stream.peer_cred().ok().map(peer_from);
-        let admitted = match &peer {
-            _ if !policy.enforced() => true,
-            Some(p) => policy.class_of(p).is_some_and(|c| c >= Class::Modem),
-            None => false,
+        let class = match &peer {
+            _ if !policy.enforced() => Some(Class::Owner),
+            Some(p) => policy.class_of(p),
+            None => None,
         };
-        if !admitted {
-            tracing::warn!(
-                ?peer,
-                "USIM socket: refused (needs the modem or owner class)"
-            );
+        if class.is_none_or(|c| c < Class::Modem) {
+            warn(format!("refused {peer:?}: needs the modem or owner class"));
             continue;
         }
-        tracing::info!(?peer, "USIM socket: a card session");
-        let card = Card::new(device.clone());
+        let Ok(permit) = sessions.clone().try_acquire_owned() else {
+            warn(format!(
+                "refused {peer:?}: {MAX_SESSIONS} card sessions are open"
+            ));
+            continue;
+        };
+        tracing::info!(?peer, ?class, "USIM socket: a card session");
+        // Changing or unblocking the PIN is the owner's, as on the local API; the modem
+        // class verifies it and authenticates.
+        let mut card = Card::new(device.clone(), class == Some(Class::Owner));
         tokio::spawn(async move {
-            if let Err(e) = session(stream, card).await {
+            let _permit = permit;
+            if let Err(e) = session(stream, &mut card).await {
                 tracing::info!("USIM socket: session ended: {e}");
             }
+            card.close().await;
         });
     }
 }
 
+/// Reads one framed message: `None` when the peer closed between messages.
+async fn message(stream: &mut UnixStream) -> std::io::Result<Option<Vec<u8>>> {
+    let mut len = [0u8; 2];
+    match tokio::time::timeout(IDLE_TIMEOUT, stream.read_exact(&mut len)).await {
+        Err(_) => return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "idle")),
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Ok(Err(e)) => return Err(e),
+        Ok(Ok(_)) => {}
+    }
+    let len = usize::from(u16::from_be_bytes(len));
+    if len == 0 || len > MAX_MESSAGE {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("a message of {len} octets"),
+        ));
+    }
+    let mut msg = vec![0u8; len];
+    tokio::time::timeout(FRAME_TIMEOUT, stream.read_exact(&mut msg))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "a partial message"))??;
+    Ok(Some(msg))
+}
+
 /// One connection: messages in, answers out, until the peer closes.
-async fn session(mut stream: UnixStream, mut card: Card) -> std::io::Result<()> {
+async fn session(mut stream: UnixStream, card: &mut Card) -> std::io::Result<()> {
     let mut powered = false;
-    loop {
-        let mut len = [0u8; 2];
-        match stream.read_exact(&mut len).await {
-            Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
-            Err(e) => return Err(e),
-        }
-        let len = usize::from(u16::from_be_bytes(len));
-        if len == 0 || len > MAX_MESSAGE {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                format!("a message of {len} octets"),
-            ));
-        }
-        let mut msg = vec![0u8; len];
-        stream.read_exact(&mut msg).await?;
+    while let Some(msg) = message(&mut stream).await? {
         let answer = match msg.as_slice() {
             [0] => {
                 powered = false;
-                card.reset();
+                card.reset().await;
                 None
             }
             [1] | [2] => {
                 powered = true;
-                card.reset();
+                card.reset().await;
                 None
             }
             [4] => Some(super::card::atr()),
@@ -110,4 +144,5 @@ async fn session(mut stream: UnixStream, mut card: Card) -> std::io::Result<()> 
             stream.write_all(&a).await?;
         }
     }
+    Ok(())
 }
