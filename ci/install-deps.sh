@@ -21,6 +21,7 @@ PACKAGES=(
   dpkg-dev man-db                     # ci/packages.sh: cargo-deb's dpkg-shlibdeps; `man mcimctl`
   qemu-system-x86 qemu-utils debootstrap e2fsprogs  # ci/guest.sh: the device as a Linux guest
   libosmocore-utils                   # osmo-auc-gen: AKA vectors the USIM tests check against
+  python3                             # /usr/bin/python3: the USIM tests' client run as other uids
   ca-certificates
 )
 

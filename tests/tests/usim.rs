@@ -77,10 +77,21 @@ fn field<'a>(pairs: &'a [(String, String)], name: &str) -> &'a str {
 /// A device with one MCIM (test set 1, PIN 1234) chosen for connectivity, and its USIM
 /// socket.
 fn device(tpm: &Swtpm, work: &std::path::Path) -> (Tred, std::path::PathBuf) {
+    device_with(tpm, work, &[])
+}
+
+/// [`device`] with more of tred's environment (the local API's groups).
+fn device_with(
+    tpm: &Swtpm,
+    work: &std::path::Path,
+    env: &[(&str, &str)],
+) -> (Tred, std::path::PathBuf) {
     // The device maker's lockout setting: the MCIM's own counters (3 PIN tries) decide.
     tpm.set_dictionary_attack(32, 600, 86400);
     let usim = work.join("usim.sock");
-    let tred = Tred::start_with(&tpm.tcti(), &[("MCIM_USIM_SOCKET", usim.to_str().unwrap())]);
+    let mut env = env.to_vec();
+    env.push(("MCIM_USIM_SOCKET", usim.to_str().unwrap()));
+    let tred = Tred::start_with(&tpm.tcti(), &env);
     let socket = tred.socket();
     let s = socket.to_str().unwrap();
     let dir = |d: &str| work.join(d).to_str().unwrap().to_string();
@@ -338,4 +349,93 @@ fn three_wrong_pins_block_the_application_until_the_puk() {
         0x9000
     );
     assert_eq!(card.apdu(&format!("0020000108{}", pin("4321"))).1, 0x9000);
+}
+
+/// The card socket admits the local API's classes: the modem class verifies the PIN and
+/// authenticates but may not change or unblock the PIN (the owner's, as on the local API);
+/// the audit class and callers in no group are not served at all. Real processes run as
+/// other uids and gids (`setpriv`), the client a few lines of Python.
+#[test]
+fn the_card_socket_serves_each_class_what_the_local_api_does() {
+    use std::os::unix::fs::PermissionsExt;
+    let tpm = Swtpm::start();
+    let work = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(work.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (_tred, usim) = device_with(
+        &tpm,
+        work.path(),
+        &[
+            ("MCIM_OWNER_GROUP", "4201"),
+            ("MCIM_MODEM_GROUP", "4202"),
+            ("MCIM_AUDIT_GROUP", "4203"),
+            ("MCIM_SOCKET_MODE", "0666"),
+        ],
+    );
+    let v = osmo_auc_gen(&["-f", "b9b9", "-s", "97", "-r", RAND]);
+    // Power on, select ADF.USIM, then each APDU; prints each SW (or "closed").
+    let client = r#"
+import socket, struct, sys
+s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])
+def msg(b):
+    s.sendall(struct.pack(">H", len(b)) + b)
+    if len(b) == 1 and b[0] != 4: return None
+    h = s.recv(2)
+    if len(h) < 2: print("closed"); sys.exit(0)
+    n = struct.unpack(">H", h)[0]; d = b""
+    while len(d) < n: d += s.recv(n - len(d))
+    return d
+try:
+    msg(b"\x04"); msg(b"\x01")
+    for a in sys.argv[2:]:
+        print(msg(bytes.fromhex(a))[-2:].hex())
+except ConnectionError:
+    print("closed")
+"#;
+    let run = |uid: u32, gid: u32, apdus: &[String]| -> String {
+        let out = Command::new("setpriv")
+            .args([format!("--reuid={uid}"), format!("--regid={gid}")])
+            .arg("--clear-groups")
+            .args(["/usr/bin/python3", "-c", client, usim.to_str().unwrap()])
+            .args(apdus)
+            .output()
+            .expect("setpriv (util-linux) and python3");
+        output_text(&out)
+    };
+    let select = format!("00a4040c10{USIM_AID}");
+    let verify = format!("0020000108{}", pin("1234"));
+    let change = format!("0024000110{}{}", pin("1234"), pin("4321"));
+    let unblock = format!("002c000110{}{}", pin("12345678"), pin("4321"));
+    let auth = format!("008800812210{RAND}10{}", field(&v, "AUTN"));
+    let all = [
+        select.clone(),
+        verify.clone(),
+        change.clone(),
+        unblock.clone(),
+        auth,
+    ];
+    // The modem class: select, VERIFY and AUTHENTICATE yes; CHANGE and UNBLOCK no (6982).
+    let modem = run(4302, 4202, &all);
+    assert_eq!(
+        modem.split_whitespace().collect::<Vec<_>>(),
+        ["9000", "9000", "6982", "6982", "9000"],
+        "{modem}"
+    );
+    // The audit class and a caller in no group: closed at once, not a word.
+    for (uid, gid) in [(4303, 4203), (4304, 4204)] {
+        let out = run(uid, gid, &all);
+        assert_eq!(out.trim(), "closed", "uid {uid}: {out}");
+    }
+    // The owner class changes the PIN; the old one no longer verifies, the new one does.
+    let owner = run(4301, 4201, &[select.clone(), verify.clone(), change]);
+    assert_eq!(owner.split_whitespace().last(), Some("9000"), "{owner}");
+    let after = run(
+        4302,
+        4202,
+        &[select, verify, format!("0020000108{}", pin("4321"))],
+    );
+    assert_eq!(
+        after.split_whitespace().collect::<Vec<_>>(),
+        ["9000", "63c2", "9000"],
+        "{after}"
+    );
 }
