@@ -47,7 +47,7 @@ impl ActionArg {
 #[derive(Args, Clone)]
 pub struct ShoSelf {
     /// The SHO, `https://host:port`.
-    #[arg(long, env = "MCIM_SHO_URL")]
+    #[arg(long, env = "MCIM_SHO_URL", value_parser = crate::net::role_url)]
     sho_url: String,
     /// The PKI directory holding the SHO's certificate and the roles' CAs.
     #[arg(long, env = "MCIM_PKI")]

@@ -19,6 +19,23 @@ pub async fn role_channel(
     party_channel(pki, me.as_str(), peer, url).await
 }
 
+/// A role's address as every `--*-url` takes it: `https://host:port` (the roles speak only
+/// mutual TLS). Checked when the command line is read, so that a wrong one is a usage error
+/// naming the form, not a transport error later.
+pub fn role_url(s: &str) -> Result<String, String> {
+    let bad = || format!("a role's URL is https://host:port (mutual TLS), not {s:?}");
+    let rest = s.strip_prefix("https://").ok_or_else(bad)?;
+    let rest = rest.strip_suffix('/').unwrap_or(rest);
+    let (host, port) = rest.rsplit_once(':').ok_or_else(bad)?;
+    let host_ok = !host.is_empty()
+        && !host.contains(['/', '@', '?', '#', ' '])
+        && (host.starts_with('[') == host.ends_with(']'));
+    match port.parse::<u16>() {
+        Ok(p) if p != 0 && host_ok => Ok(s.to_string()),
+        _ => Err(bad()),
+    }
+}
+
 /// The party whose files in `pki` are `<file>.pem`/`.key` (a second SHO: `sho2`) calling
 /// the role `peer` at `url`.
 pub async fn party_channel(
@@ -64,4 +81,34 @@ async fn connect(
         .connect()
         .await
         .map_err(|e| fail(format!("the {peer} at {url}: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::role_url;
+
+    #[test]
+    fn a_role_url_is_https_host_port() {
+        for ok in [
+            "https://127.0.0.1:7402",
+            "https://ro.example:7402/",
+            "https://[::1]:7402",
+        ] {
+            assert_eq!(role_url(ok).as_deref(), Ok(ok), "{ok}");
+        }
+        for bad in [
+            "notaurl",
+            "http://127.0.0.1:7402",
+            "https://127.0.0.1",
+            "https://:7402",
+            "https://127.0.0.1:0",
+            "https://127.0.0.1:70000",
+            "https://user@host:7402",
+            "https://host:7402/path",
+            "",
+        ] {
+            let e = role_url(bad).unwrap_err();
+            assert!(e.contains("https://host:port"), "{bad}: {e}");
+        }
+    }
 }

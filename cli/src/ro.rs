@@ -17,7 +17,7 @@ pub enum RoCommand {
     /// Ask a device to renew its PCID's initial credential now (or before its next change).
     OfferRenewal {
         /// The RO, `https://host:port`.
-        #[arg(long, env = "MCIM_RO_URL")]
+        #[arg(long, env = "MCIM_RO_URL", value_parser = crate::net::role_url)]
         ro_url: String,
         /// The PKI directory with the RO's certificate (ro.pem, ro.key) and the CAs.
         #[arg(long, env = "MCIM_PKI")]

@@ -24,7 +24,7 @@ use crate::parameters::DeviceParameters;
 #[derive(Args, Clone)]
 pub struct ShoAccess {
     /// The SHO, `https://host:port`.
-    #[arg(long, env = "MCIM_SHO_URL")]
+    #[arg(long, env = "MCIM_SHO_URL", value_parser = crate::net::role_url)]
     sho_url: String,
     /// The PKI directory holding the subscriber's certificate (subscriber.pem, subscriber.key)
     /// and the roles' CA (ca.pem).
@@ -39,7 +39,7 @@ pub struct ShoAccess {
 #[derive(Args, Clone)]
 pub struct RoAccess {
     /// The RO, `https://host:port`.
-    #[arg(long, env = "MCIM_RO_URL")]
+    #[arg(long, env = "MCIM_RO_URL", value_parser = crate::net::role_url)]
     ro_url: String,
     /// The PKI directory (subscriber.pem, subscriber.key, ca.pem).
     #[arg(long, env = "MCIM_PKI")]

@@ -267,10 +267,10 @@ pub struct SupplyArgs {
     #[arg(long, env = "MCIM_SOCKET", default_value = "/run/mcim/tred.sock")]
     socket: PathBuf,
     /// The supplier's server (CertifyDevice, the CCIF), `https://host:port`.
-    #[arg(long, env = "MCIM_SUPPLIER_URL")]
+    #[arg(long, env = "MCIM_SUPPLIER_URL", value_parser = crate::net::role_url)]
     supplier_url: String,
     /// The PVA, to register this model's reference values from this device (a golden unit).
-    #[arg(long, env = "MCIM_PVA_URL")]
+    #[arg(long, env = "MCIM_PVA_URL", value_parser = crate::net::role_url)]
     pva_url: Option<String>,
     /// The PKI directory with the supplier's certificate (supplier.pem, supplier.key, ca.pem).
     #[arg(long, env = "MCIM_PKI")]

@@ -146,3 +146,27 @@ fn man_pages_cover_every_command_and_every_tred_setting() {
         output_text(&out)
     );
 }
+
+/// A role's URL that is not `https://host:port` is a usage error naming the form, before any
+/// connection (exit 2), not a transport error later.
+#[test]
+fn a_wrong_role_url_is_a_usage_error() {
+    for url in ["notaurl", "http://127.0.0.1:7404", "https://127.0.0.1"] {
+        let out = mcimctl(&[
+            "subscriber",
+            "status",
+            "--subscription",
+            "001010000000001",
+            "--sho-url",
+            url,
+            "--pki",
+            "pki",
+        ]);
+        assert_eq!(out.status.code(), Some(2), "{url}: {}", output_text(&out));
+        assert!(
+            output_text(&out).contains("https://host:port"),
+            "{url}: {}",
+            output_text(&out)
+        );
+    }
+}
