@@ -413,15 +413,12 @@ async fn serve(cmd: RoleCmd) -> Result<(), String> {
     };
     // Every port is bound before systemd hears "ready" (Type=notify): a unit ordered after
     // this one finds the roles listening.
+    // (A port that cannot be bound ends `serve`; dropping the set aborts the roles started.)
     let mut servers = tokio::task::JoinSet::new();
-    let mut bound = Vec::with_capacity(roles.len());
     for (role, party, pki, listen, service) in roles {
         let incoming = tonic::transport::server::TcpIncoming::bind(listen)
             .map_err(|e| format!("{role} ({party}) on {listen}: {e}"))?
             .with_nodelay(Some(true));
-        bound.push((role, party, pki, listen, incoming, service));
-    }
-    for (role, party, pki, listen, incoming, service) in bound {
         servers.spawn(serve_role(role, party, pki, listen, incoming, service));
     }
     mcim_telemetry::notify_ready();

@@ -196,6 +196,27 @@ pub fn peer_from(cred: tokio::net::unix::UCred) -> Peer {
     }
 }
 
+/// Binds one of `tred`'s local sockets (the API, the USIM) at `path`, mode `mode`: its
+/// folder made if absent, a stale socket of an earlier run replaced. Who may connect is the
+/// mode's and the socket's group's; what a caller may do, the policy's.
+pub fn bind_local_socket(
+    path: &std::path::Path,
+    mode: u32,
+) -> std::io::Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => tracing::info!(socket = %path.display(), "removed a stale socket"),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let listener = tokio::net::UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+    Ok(listener)
+}
+
 /// The layer in front of the local API.
 #[derive(Clone, Debug)]
 pub struct Access {

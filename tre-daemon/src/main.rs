@@ -5,7 +5,6 @@
 //! ```text
 //! tred [--config /etc/mcim/tred.toml]      # MCIM_* variables override the file
 //! ```
-use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 
 use clap::Parser;
@@ -19,7 +18,6 @@ use mcim_tre::tre::Tre;
 use mcim_tre::tre::pkcs11::{Pkcs11Config, Pkcs11Tre};
 #[cfg(feature = "tpm")]
 use mcim_tre::tre::tpm::{TpmConfig, TpmTre};
-use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
 
 /// The mcim TRE daemon: the device's MCIM registry, AKA inside its TPM or PKCS#11 token, and
@@ -190,17 +188,8 @@ fn opener(config: &Config) -> Result<Opener, String> {
 
 async fn serve(config: &Config, engine: EngineHandle) -> Result<(), String> {
     let path = &config.socket;
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    }
-    match std::fs::remove_file(path) {
-        Ok(()) => tracing::info!(socket = %path.display(), "removed a stale socket"),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(format!("{}: {e}", path.display())),
-    }
-    let listener = UnixListener::bind(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let mode = config.socket_mode().map_err(|e| e.to_string())?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+    let listener = mcim_tre::access::bind_local_socket(path, mode)
         .map_err(|e| format!("{}: {e}", path.display()))?;
     tracing::info!(socket = %path.display(), mode = format!("{mode:o}"), backend = %config.backend, state = %config.state_dir.display(), "tred serving");
 
@@ -227,7 +216,7 @@ async fn serve(config: &Config, engine: EngineHandle) -> Result<(), String> {
     // The USIM for modem bridges (raw APDUs), when configured.
     let usim = match &config.usim_socket {
         Some(p) => {
-            let listener = mcim_tre::usim::socket::bind(p, mode)
+            let listener = mcim_tre::access::bind_local_socket(p, mode)
                 .map_err(|e| format!("usim_socket {}: {e}", p.display()))?;
             Some(tokio::spawn(mcim_tre::usim::socket::serve(
                 listener,

@@ -396,21 +396,30 @@ impl Card {
         }
     }
 
-    /// CHANGE PIN: the old PIN and the new one, 8 octets each.
-    async fn change_pin(&mut self, c: &Command) -> Response {
+    /// What CHANGE and UNBLOCK PIN both need: PIN 01, the owner class, an application whose
+    /// MCIM has a PIN, and two 8-octet PIN fields; the MCIM and the two fields.
+    fn pin_management(&self, c: &Command) -> Result<(String, String, String), u16> {
         if c.p1 != 0x00 || c.p2 != 0x01 {
-            return Response::status(SW_NO_REFERENCE);
+            return Err(SW_NO_REFERENCE);
         }
         if !self.pin_admin {
-            return Response::status(SW_SECURITY_NOT_SATISFIED);
+            return Err(SW_SECURITY_NOT_SATISFIED);
         }
-        let id = match self.application() {
-            Ok(s) if !s.has_pin => return Response::status(SW_CONDITIONS),
-            Ok(s) => s.mcim.clone(),
-            Err(sw) => return Response::status(sw),
+        let id = match self.application()? {
+            s if !s.has_pin => return Err(SW_CONDITIONS),
+            s => s.mcim.clone(),
         };
-        let (Some(old), Some(new)) = (pins(&c.data, 0), pins(&c.data, 8)) else {
-            return Response::status(SW_WRONG_LENGTH);
+        match (pins(&c.data, 0), pins(&c.data, 8)) {
+            (Some(first), Some(second)) => Ok((id, first, second)),
+            _ => Err(SW_WRONG_LENGTH),
+        }
+    }
+
+    /// CHANGE PIN: the old PIN and the new one, 8 octets each.
+    async fn change_pin(&mut self, c: &Command) -> Response {
+        let (id, old, new) = match self.pin_management(c) {
+            Ok(t) => t,
+            Err(sw) => return Response::status(sw),
         };
         match self.device.change_pin(&id, old, new).await {
             Ok(()) => {
@@ -423,19 +432,9 @@ impl Card {
 
     /// UNBLOCK PIN: the PUK and the new PIN, 8 octets each.
     async fn unblock_pin(&mut self, c: &Command) -> Response {
-        if c.p1 != 0x00 || c.p2 != 0x01 {
-            return Response::status(SW_NO_REFERENCE);
-        }
-        if !self.pin_admin {
-            return Response::status(SW_SECURITY_NOT_SATISFIED);
-        }
-        let id = match self.application() {
-            Ok(s) if !s.has_pin => return Response::status(SW_CONDITIONS),
-            Ok(s) => s.mcim.clone(),
+        let (id, puk, new) = match self.pin_management(c) {
+            Ok(t) => t,
             Err(sw) => return Response::status(sw),
-        };
-        let (Some(puk), Some(new)) = (pins(&c.data, 0), pins(&c.data, 8)) else {
-            return Response::status(SW_WRONG_LENGTH);
         };
         match self.device.unblock_pin(&id, puk, new).await {
             Ok(_) => Response::ok(Vec::new()),

@@ -126,6 +126,14 @@ impl Files {
     }
 }
 
+/// Nibbles two to an octet, the first in the low half; an odd last one padded with F.
+fn pack_nibbles(nibbles: &[u8]) -> Vec<u8> {
+    nibbles
+        .chunks(2)
+        .map(|c| c[0] | (c.get(1).copied().unwrap_or(0x0f) << 4))
+        .collect()
+}
+
 /// BCD with nibbles swapped, F-padded (TS 102 221 13.2 for the ICCID).
 fn swapped_bcd(digits: &str, len: usize) -> Vec<u8> {
     let nibbles: Vec<u8> = digits
@@ -133,10 +141,7 @@ fn swapped_bcd(digits: &str, len: usize) -> Vec<u8> {
         .filter(u8::is_ascii_digit)
         .map(|d| d - b'0')
         .collect();
-    let mut out: Vec<u8> = nibbles
-        .chunks(2)
-        .map(|c| c[0] | (c.get(1).copied().unwrap_or(0x0f) << 4))
-        .collect();
+    let mut out = pack_nibbles(&nibbles);
     out.resize(len, 0xff);
     out
 }
@@ -175,10 +180,7 @@ pub fn imsi(imsi: &str) -> Vec<u8> {
     let odd = !digits.len().is_multiple_of(2);
     let mut nibbles = vec![if odd { 0x9 } else { 0x1 }];
     nibbles.extend_from_slice(&digits);
-    let mut body: Vec<u8> = nibbles
-        .chunks(2)
-        .map(|c| c[0] | (c.get(1).copied().unwrap_or(0x0f) << 4))
-        .collect();
+    let mut body = pack_nibbles(&nibbles);
     let len = u8::try_from(body.len()).unwrap_or(8);
     body.insert(0, len);
     body.resize(9, 0xff);

@@ -5,8 +5,7 @@
 //! is a command APDU, answered with its response APDU. Callers are admitted by the local API's
 //! policy: the modem and owner classes.
 
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -26,21 +25,6 @@ const FRAME_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 /// A session with no message for this long is closed (a modem polls its card with STATUS
 /// every 30 s or so while it is attached).
 const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15 * 60);
-
-/// Binds `path` (a stale socket is replaced), mode `mode`.
-pub fn bind(path: &Path, mode: u32) -> std::io::Result<UnixListener> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    match std::fs::remove_file(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
-    }
-    let listener = UnixListener::bind(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
-    Ok(listener)
-}
 
 /// Serves cards on `listener` until the task is dropped.
 pub async fn serve(listener: UnixListener, path: PathBuf, device: Device, policy: Arc<Policy>) {
