@@ -19,8 +19,15 @@ pub const DOMAIN: &str = "mcim-package-v1";
 pub struct UsimData {
     /// EF_HPLMN: the SHO's PLMN, "MCC-MNC".
     pub home_plmn: String,
-    /// EF_SPN: the service provider name.
+    /// EF_SPN: the service provider name (empty: the SHO's id).
     pub service_provider_name: String,
+    /// EF_FPLMN: forbidden PLMNs, "MCC-MNC" each (TS 31.102 4.2.16; the card keeps 4).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub forbidden_plmns: Vec<String>,
+    /// EF_HPPLMN: the higher-priority PLMN search period in steps of 6 minutes (TS 31.102
+    /// 4.2.6); none: 5 (30 minutes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hpplmn_period: Option<u8>,
 }
 
 /// What the SHO allows the device to do with this MCIM.
@@ -210,6 +217,8 @@ mod tests {
             usim: UsimData {
                 home_plmn: "001-02".into(),
                 service_provider_name: "lab".into(),
+                forbidden_plmns: Vec::new(),
+                hpplmn_period: None,
             },
             policy: McimPolicy {
                 use_for_connectivity: true,

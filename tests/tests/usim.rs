@@ -157,15 +157,16 @@ fn the_usim_answers_a_modem_with_the_trusted_environments_aka() {
     card.message(&[1]);
 
     // ADF.USIM by its AID: the FCP says PIN 01 is enabled.
-    let (fcp, sw) = card.apdu(&format!("00a4040410{USIM_AID}"));
+    // (A case 4 command with Le: the FCP at once.)
+    let (fcp, sw) = card.apdu(&format!("00a4040410{USIM_AID}00"));
     assert_eq!(sw, 0x9000);
     assert!(
         hex::encode(&fcp).contains("c60690018083"),
         "{}",
         hex::encode(&fcp)
     );
-    // EF_IMSI is behind the PIN.
-    assert_eq!(card.apdu("00a40004026f07").1, 0x9000);
+    // EF_IMSI is behind the PIN. (Its FCP asked for without Le: 61xx, as on T=0.)
+    assert_eq!(card.apdu("00a40004026f07").1 & 0xff00, 0x6100);
     assert_eq!(card.apdu("00b0000009").1, 0x6982);
     assert_eq!(
         card.apdu(&format!("008800812210{RAND}10{}", "00".repeat(16)))
@@ -189,8 +190,13 @@ fn the_usim_answers_a_modem_with_the_trusted_environments_aka() {
     // AUTHENTICATE against osmo-auc-gen's vector for SQN 33.
     let v = osmo_auc_gen(&["-f", "b9b9", "-s", "33", "-r", RAND]);
     let autn = field(&v, "AUTN").to_string();
+    // As T=0 carries it (no Le): 61 35, then GET RESPONSE; a second GET RESPONSE has
+    // nothing left.
     let (r, sw) = card.apdu(&format!("0088008122 10{RAND}10{autn}").replace(' ', ""));
+    assert_eq!((r.len(), sw), (0, 0x6135));
+    let (r, sw) = card.apdu("00c0000035");
     assert_eq!(sw, 0x9000);
+    assert_eq!(card.apdu("00c0000035").1, 0x6985);
     let want = format!(
         "db08{}10{}10{}08{}",
         field(&v, "RES"),
@@ -205,7 +211,7 @@ fn the_usim_answers_a_modem_with_the_trusted_environments_aka() {
     );
 
     // The same AUTN again: a synchronisation failure whose AUTS osmo-auc-gen accepts.
-    let (r, sw) = card.apdu(&format!("008800812210{RAND}10{autn}"));
+    let (r, sw) = card.apdu(&format!("008800812210{RAND}10{autn}00"));
     assert_eq!(sw, 0x9000);
     assert_eq!(&r[..2], &[0xdc, 14], "{}", hex::encode(&r));
     let auts = hex::encode(&r[2..]);
@@ -241,7 +247,7 @@ fn the_usim_answers_a_modem_with_the_trusted_environments_aka() {
         "{}",
         output_text(&out)
     );
-    let (r, _) = card.apdu(&format!("008800812210{RAND}10{}", field(&v2, "AUTN")));
+    let (r, _) = card.apdu(&format!("008800812210{RAND}10{}00", field(&v2, "AUTN")));
     assert_eq!(r[0], 0xdc, "a vector tred used is a replay on the card");
 
     // UE-written files: EF_LOCI accepts an update of its length, nothing longer.
@@ -254,7 +260,7 @@ fn the_usim_answers_a_modem_with_the_trusted_environments_aka() {
     );
     assert_eq!(card.apdu("00d600000c0102030405060708090a0b0c").1, 0x6700);
     // EF_IMSI is the SHO's, not the UE's to write.
-    assert_eq!(card.apdu("00a40004026f07").1, 0x9000);
+    assert_eq!(card.apdu("00a4000c026f07").1, 0x9000);
     assert_eq!(card.apdu("00d6000001ff").1, 0x6982);
     // Unknown files, instructions and classes.
     assert_eq!(card.apdu("00a40004026f99").1, 0x6a82);
@@ -405,7 +411,7 @@ except ConnectionError:
     let verify = format!("0020000108{}", pin("1234"));
     let change = format!("0024000110{}{}", pin("1234"), pin("4321"));
     let unblock = format!("002c000110{}{}", pin("12345678"), pin("4321"));
-    let auth = format!("008800812210{RAND}10{}", field(&v, "AUTN"));
+    let auth = format!("008800812210{RAND}10{}00", field(&v, "AUTN"));
     let all = [
         select.clone(),
         verify.clone(),
@@ -438,4 +444,66 @@ except ConnectionError:
         ["9000", "63c2", "9000"],
         "{after}"
     );
+}
+
+/// The UE's location updates outlive the card session and a crash of `tred` (kept in the
+/// MCIM's registry record); its key sets do not (CK and IK never reach a file: after a reset
+/// the UE finds KSI 7, no key); a write of the wrong size changes nothing.
+#[test]
+fn the_ues_location_outlives_resets_and_crashes_its_keys_do_not() {
+    let tpm = Swtpm::start();
+    let work = tempfile::tempdir().unwrap();
+    let (mut tred, usim) = device(&tpm, work.path());
+    let open = || {
+        let mut card = Reader(UnixStream::connect(&usim).unwrap());
+        card.message(&[1]);
+        assert_eq!(card.apdu(&format!("00a4040c10{USIM_AID}")).1, 0x9000);
+        assert_eq!(card.apdu(&format!("0020000108{}", pin("1234"))).1, 0x9000);
+        card
+    };
+    let loci = "13001122334400f11012340001";
+    let loci = &loci[..22]; // 11 octets: TMSI, LAI, TMSI TIME, status
+    let keys = format!("01{}", "ab".repeat(32));
+    let mut card = open();
+    assert_eq!(card.apdu("00a4000c026f7e").1, 0x9000);
+    assert_eq!(card.apdu(&format!("00d600000b{loci}")).1, 0x9000);
+    // A record-sized write into a transparent EF, and one too long: refused, nothing kept.
+    assert_eq!(card.apdu("00d600000c0102030405060708090a0b0c").1, 0x6700);
+    assert_eq!(card.apdu("00a4000c026f08").1, 0x9000);
+    assert_eq!(card.apdu(&format!("00d6000021{keys}")).1, 0x9000);
+    assert_eq!(hex::encode(card.apdu("00b0000021").0), keys);
+    // Power cycle: EF_LOCI as the UE left it, EF_KEYS back to "no key".
+    card.message(&[0]);
+    drop(card);
+    let mut card = open();
+    assert_eq!(card.apdu("00a4000c026f7e").1, 0x9000);
+    assert_eq!(hex::encode(card.apdu("00b000000b").0), loci);
+    assert_eq!(card.apdu("00a4000c026f08").1, 0x9000);
+    assert_eq!(card.apdu("00b0000001").0, [0x07]);
+    drop(card);
+    // kill -9 and a fresh tred on the same state: the location is still there, and the
+    // registry's file holds no CK or IK.
+    tred.kill_and_restart();
+    let mut card = open();
+    assert_eq!(card.apdu("00a4000c026f7e").1, 0x9000);
+    assert_eq!(hex::encode(card.apdu("00b000000b").0), loci);
+    let mut found = String::new();
+    for f in walk(&tred.state_dir()) {
+        found.push_str(&String::from_utf8_lossy(&std::fs::read(f).unwrap()).to_lowercase());
+    }
+    assert!(found.contains(loci), "the location is in the registry");
+    assert!(!found.contains(&"ab".repeat(16)), "CK/IK reached a file");
+}
+
+fn walk(d: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(d).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
 }

@@ -324,6 +324,7 @@ fn main() {
         sqn_profile: profile,
         pin: None,
         expires_at: None,
+        usim: Default::default(),
     })
     .unwrap();
     reg.apply(imsi, LifecycleOp::Activate).unwrap();

@@ -144,19 +144,29 @@ impl Policy {
 
 /// A group given by name (looked up in `/etc/group`) or as a number.
 pub fn gid(group: &str) -> Result<u32, String> {
-    if let Ok(n) = group.parse::<u32>() {
+    id_in("/etc/group", "group", group)
+}
+
+/// A user's uid: a number, or a name looked up in `/etc/passwd`.
+pub fn uid(user: &str) -> Result<u32, String> {
+    id_in("/etc/passwd", "user", user)
+}
+
+/// A number, or the id (third field) of the line that names `name` in `file`.
+fn id_in(file: &str, what: &str, name: &str) -> Result<u32, String> {
+    if let Ok(n) = name.parse::<u32>() {
         return Ok(n);
     }
-    let text = std::fs::read_to_string("/etc/group").map_err(|e| format!("/etc/group: {e}"))?;
+    let text = std::fs::read_to_string(file).map_err(|e| format!("{file}: {e}"))?;
     text.lines()
         .filter_map(|l| {
             let mut f = l.split(':');
-            let name = f.next()?;
-            let gid = f.nth(1)?;
-            (name == group).then(|| gid.parse::<u32>().ok()).flatten()
+            let n = f.next()?;
+            let id = f.nth(1)?;
+            (n == name).then(|| id.parse::<u32>().ok()).flatten()
         })
         .next()
-        .ok_or_else(|| format!("no group {group:?} in /etc/group"))
+        .ok_or_else(|| format!("no {what} {name:?} in {file}"))
 }
 
 /// The peer of a Unix-socket call: uid, primary gid, and the supplementary groups of its

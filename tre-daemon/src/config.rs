@@ -34,6 +34,13 @@
 //!                                      # theirs (default: ca_file)
 //! ro_url = "https://ro.example:7402"   # MCIM_RO_URL: the RO's DRF and DPF
 //! vno_url = "https://vno.example:7403" # MCIM_VNO_URL: the VNO (3GPP access)
+//! usim_socket = "/run/mcim/usim.sock"  # MCIM_USIM_SOCKET: the USIM as raw APDUs (modem
+//!                                      # bridges), for the modem and owner classes
+//! usim_vpcd = "127.0.0.1:35963"        # MCIM_USIM_VPCD: the USIM as a PC/SC card, through
+//!                                      # vsmartcard's vpcd (loopback only)
+//! usim_vpcd_user = "root"              # MCIM_USIM_VPCD_USER: who must own vpcd's end (pcscd)
+//! usim_vpcd_class = "modem"            # MCIM_USIM_VPCD_CLASS: "modem", or "owner" (PC/SC
+//!                                      # applications may also change and unblock the PIN)
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -94,6 +101,16 @@ pub struct Config {
     /// The USIM as raw APDUs for modem bridges (`mcim_tre::usim`): a Unix socket, mode
     /// `socket_mode`, for the modem and owner classes; none by default.
     pub usim_socket: Option<PathBuf>,
+    /// The USIM as a PC/SC card (`mcim_tre::usim::vpcd`): the address of vsmartcard's vpcd
+    /// (the pcscd driver of Debian's vsmartcard-vpcd), which `tred` connects to as the
+    /// virtual ICC; on this machine only (a loopback address). None by default.
+    pub usim_vpcd: Option<String>,
+    /// The user that must own vpcd's end of that connection (pcscd's: root on Debian), a
+    /// name or uid: another local program listening on the port is not served.
+    pub usim_vpcd_user: String,
+    /// What PC/SC applications may do with the card: "modem" (read, VERIFY, AUTHENTICATE)
+    /// or "owner" (also CHANGE and UNBLOCK PIN). pcscd admits its own clients.
+    pub usim_vpcd_class: String,
 }
 
 impl Default for Config {
@@ -121,6 +138,9 @@ impl Default for Config {
             ro_url: None,
             vno_url: None,
             usim_socket: None,
+            usim_vpcd: None,
+            usim_vpcd_user: "root".into(),
+            usim_vpcd_class: "modem".into(),
         }
     }
 }
@@ -205,6 +225,7 @@ impl Config {
                 c.tpm_aka
             )));
         }
+        c.usim_vpcd()?;
         if c.backend != "tpm" && c.backend != "pkcs11" {
             return Err(ConfigError::Invalid(format!(
                 "backend {:?}: \"tpm\" or \"pkcs11\"",
@@ -311,6 +332,37 @@ impl Config {
         out
     }
 
+    /// The PC/SC card's settings, checked: vpcd's address (loopback), the uid that must own
+    /// its end, and whether PC/SC applications may change and unblock the PIN.
+    pub fn usim_vpcd(&self) -> Result<Option<(std::net::SocketAddr, u32, bool)>, ConfigError> {
+        let Some(a) = &self.usim_vpcd else {
+            return Ok(None);
+        };
+        let addr: std::net::SocketAddr = a.parse().map_err(|_| {
+            ConfigError::Invalid(format!(
+                "usim_vpcd {a:?}: an address and port, as 127.0.0.1:35963"
+            ))
+        })?;
+        if !addr.ip().is_loopback() {
+            return Err(ConfigError::Invalid(format!(
+                "usim_vpcd {a:?}: vpcd on this machine only (a loopback address): what \
+                 answers elsewhere could not be checked"
+            )));
+        }
+        let uid = crate::access::uid(&self.usim_vpcd_user)
+            .map_err(|e| ConfigError::Invalid(format!("usim_vpcd_user: {e}")))?;
+        let pin_admin = match self.usim_vpcd_class.as_str() {
+            "modem" => false,
+            "owner" => true,
+            other => {
+                return Err(ConfigError::Invalid(format!(
+                    "usim_vpcd_class {other:?}: \"modem\" or \"owner\""
+                )));
+            }
+        };
+        Ok(Some((addr, uid, pin_admin)))
+    }
+
     /// The supplier's rehabilitation key, parsed.
     pub fn rehabilitation_key(&self) -> Result<Option<p256::ecdsa::VerifyingKey>, ConfigError> {
         let Some(h) = &self.rehabilitation_key else {
@@ -379,8 +431,8 @@ mod tests {
             .map(|e| e.to_string())
             .unwrap_or_default();
         assert!(refusal.contains("`vno_url`"), "{refusal}");
-        // The parse of serde's message finds every field (22 today).
-        assert_eq!(Config::keys().len(), 22, "{:?}", Config::keys());
+        // The parse of serde's message finds every field (25 today).
+        assert_eq!(Config::keys().len(), 25, "{:?}", Config::keys());
         for key in Config::keys() {
             let var = Config::env_var(&key);
             let value = if key == "quote_pcrs" { "3,4" } else { "/x" };

@@ -24,7 +24,7 @@ use mcim_core::tpm::policy::PcrSelection;
 use crate::certificates::{Certificates, DeviceCertificates};
 use crate::engine::{Engine, EngineGone, EngineHandle, TreTime};
 use crate::registry::audit::StoredEntry;
-use crate::registry::record::McimRecord;
+use crate::registry::record::{McimRecord, UsimRecord};
 use crate::registry::{AuditVerdict, InstallRequest, RegistryError};
 use crate::tre::{AkaExecution, Capabilities, DevicePublic, InitOutcome, TreError, WrappedSecrets};
 
@@ -73,6 +73,8 @@ pub struct McimView {
     pub connectivity: bool,
     /// When it stops being valid (seconds since the epoch), if it has a lifetime.
     pub expires_at: Option<u64>,
+    /// Its USIM data: the package's and the UE's updates.
+    pub usim: UsimRecord,
 }
 
 impl McimView {
@@ -86,6 +88,7 @@ impl McimView {
             has_pin: r.pin.is_some(),
             connectivity: connectivity == Some(r.id.as_str()),
             expires_at: r.expires_at,
+            usim: r.usim.clone(),
         }
     }
 }
@@ -199,6 +202,8 @@ pub struct NewMcim {
     pub pin: Option<(String, String)>,
     /// When it stops being valid (the PCID's initial credential), if it has a lifetime.
     pub expires_at: Option<u64>,
+    /// The USIM's data (the package's data part).
+    pub usim: UsimRecord,
 }
 
 impl NewMcim {
@@ -223,8 +228,37 @@ impl NewMcim {
             constants,
             pin: None,
             expires_at: None,
+            usim: usim_of(p)?,
         })
     }
+}
+
+/// The USIM data a package's data part gives (TS 31.102): the MNC's length from the home
+/// PLMN, which the IMSI must begin with; the name, forbidden PLMNs and search period as given.
+fn usim_of(p: &McimPackagePayload) -> Result<UsimRecord, DeviceError> {
+    let bad = |e: String| DeviceError::BadRequest(format!("package usim: {e}"));
+    let u = &p.usim;
+    let mnc_len = match crate::registry::record::plmn(&u.home_plmn) {
+        Some((mcc, mnc)) if p.imsi.starts_with(&format!("{mcc}{mnc}")) => {
+            u8::try_from(mnc.len()).ok()
+        }
+        Some(_) => {
+            return Err(bad(format!(
+                "the IMSI does not begin with the home PLMN {:?}",
+                u.home_plmn
+            )));
+        }
+        None => return Err(bad(format!("home PLMN {:?} is not MCC-MNC", u.home_plmn))),
+    };
+    let usim = UsimRecord {
+        mnc_len,
+        spn: u.service_provider_name.clone(),
+        forbidden_plmns: u.forbidden_plmns.clone(),
+        hpplmn_period: u.hpplmn_period,
+        ue_files: Default::default(),
+    };
+    usim.check().map_err(bad)?;
+    Ok(usim)
 }
 
 /// A 16-octet block, or a refusal naming `what`.
@@ -562,6 +596,7 @@ impl Device {
             sqn_profile: SqnProfile::default(),
             pin: m.pin,
             expires_at: m.expires_at,
+            usim: m.usim,
         };
         self.run(move |e| {
             let reg = e.registry()?;
@@ -666,6 +701,19 @@ impl Device {
             }
         })
         .await
+    }
+
+    /// Keeps the UE's update of one of the MCIM's USIM files (`record::UE_PERSISTED`)
+    /// across card sessions and restarts.
+    pub async fn update_usim_file(
+        &self,
+        id: &str,
+        fid: u16,
+        body: Vec<u8>,
+    ) -> Result<(), DeviceError> {
+        let id = id.to_string();
+        self.run(move |e| e.registry()?.update_usim_file(&id, fid, &body))
+            .await
     }
 
     /// Checks an MCIM's PIN; the tries left.

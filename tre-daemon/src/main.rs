@@ -227,6 +227,18 @@ async fn serve(config: &Config, engine: EngineHandle) -> Result<(), String> {
         }
         None => None,
     };
+    // The USIM as a PC/SC card, when configured.
+    let vpcd = config
+        .usim_vpcd()
+        .map_err(|e| e.to_string())?
+        .map(|(addr, owner, pin_admin)| {
+            tokio::spawn(mcim_tre::usim::vpcd::serve(
+                addr,
+                owner,
+                pin_admin,
+                device.clone(),
+            ))
+        });
     let api = TreApi::new(device, Some(provisioner));
     mcim_telemetry::notify_ready();
     if policy.enforced() {
@@ -254,6 +266,9 @@ async fn serve(config: &Config, engine: EngineHandle) -> Result<(), String> {
     if let (Some(task), Some(p)) = (usim, &config.usim_socket) {
         task.abort();
         let _ = std::fs::remove_file(p);
+    }
+    if let Some(task) = vpcd {
+        task.abort();
     }
     tracing::info!("tred stopped");
     result

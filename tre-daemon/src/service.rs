@@ -356,6 +356,7 @@ impl TreService for TreApi {
                 constants,
                 pin,
                 expires_at,
+                usim: Default::default(),
             })
             .await
             .map_err(status)?;

@@ -140,6 +140,7 @@ mod on_tpm {
             sqn_profile: SqnProfile::default(),
             pin: pin.map(|(a, b)| (a.to_string(), b.to_string())),
             expires_at: None,
+            usim: Default::default(),
         })
         .unwrap();
     }
@@ -765,6 +766,7 @@ mod on_tpm {
                 sqn_profile: SqnProfile::default(),
                 pin: None,
                 expires_at: None,
+                usim: Default::default(),
             });
             assert!(matches!(r, Err(RegistryError::BadRequest(_))), "{sho:?}");
             assert!(matches!(reg.get(IMSI_B), Err(RegistryError::NotFound(_))));
@@ -1368,6 +1370,7 @@ mod on_tpm {
                     sqn_profile: SqnProfile::default(),
                     pin: Some(("12".into(), "12345678".into())),
                     expires_at: None,
+                    usim: Default::default(),
                 }),
                 Err(RegistryError::BadRequest(_))
             ),
@@ -1829,6 +1832,7 @@ mod on_token {
             sqn_profile: SqnProfile::default(),
             pin: None,
             expires_at: None,
+            usim: Default::default(),
         })
         .unwrap();
     }

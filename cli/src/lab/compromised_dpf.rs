@@ -81,6 +81,8 @@ pub fn forge(
         usim: UsimData {
             home_plmn: format!("{mcc}-{mnc}"),
             service_provider_name: "mcim lab SHO".into(),
+            forbidden_plmns: Vec::new(),
+            hpplmn_period: None,
         },
         policy: McimPolicy {
             use_for_connectivity: true,

@@ -115,6 +115,8 @@ impl Ro {
             usim: UsimData {
                 home_plmn: format!("{mcc}-{}", &mnc[..2.min(mnc.len())]),
                 service_provider_name: String::new(),
+                forbidden_plmns: Vec::new(),
+                hpplmn_period: None,
             },
             policy: McimPolicy {
                 use_for_connectivity: false,

@@ -65,6 +65,8 @@ impl Sho {
             usim: UsimData {
                 home_plmn: format!("{mcc}-{mnc}"),
                 service_provider_name: self.cfg.name.clone(),
+                forbidden_plmns: Vec::new(),
+                hpplmn_period: None,
             },
             policy: McimPolicy {
                 use_for_connectivity: true,

@@ -44,6 +44,7 @@ pub mod record;
 mod rehabilitation;
 mod store;
 mod transitions;
+mod usim;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -151,6 +152,8 @@ pub struct InstallRequest {
     pub pin: Option<(String, String)>,
     /// When the credential stops being valid, if it has a lifetime.
     pub expires_at: Option<u64>,
+    /// The USIM's data from the package (TS 31.102); default: the card's defaults.
+    pub usim: record::UsimRecord,
 }
 
 /// The registry's answer to "status" (always available, even in lockdown).

@@ -43,8 +43,85 @@ pub struct McimRecord {
     /// Never destroyed while another record refers to them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub left_in_tre: Vec<String>,
+    /// What its USIM's files hold beyond the IMSI: the package's data part and the UE's
+    /// writes (`mcim_tre::usim`), under the registry's integrity protection.
+    #[serde(default, skip_serializing_if = "UsimRecord::is_empty")]
+    pub usim: UsimRecord,
     /// Bumped at every change; the header records it (per-record rollback).
     pub version: u64,
+}
+
+/// The MCIM's USIM data (TS 31.102): what the package's data part set, and the EFs the UE
+/// updated (kept across resets and restarts). Empty: the card's defaults.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UsimRecord {
+    /// The MNC's length in digits (EF_AD), from the package's home PLMN; none: 2.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mnc_len: Option<u8>,
+    /// EF_SPN's name; empty: the SHO's id.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub spn: String,
+    /// EF_FPLMN's initial contents, "MCC-MNC" each.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub forbidden_plmns: Vec<String>,
+    /// EF_HPPLMN, in steps of 6 minutes; none: 5.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hpplmn_period: Option<u8>,
+    /// The EFs the UE updated: file id (4 hex digits) to contents (hex). Only
+    /// [`UE_PERSISTED`] files; never EF_KEYS or EF_KEYSPS (CK and IK stay off the disk).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub ue_files: BTreeMap<String, String>,
+}
+
+/// The EFs whose UE updates outlive the card session (TS 31.102 4.2.16 EF_FPLMN, 4.2.17
+/// EF_LOCI, 4.2.23 EF_PSLOCI, 4.2.91 EF_EPSLOCI), with their sizes. EF_KEYS and EF_KEYSPS
+/// are writable but kept for the session only: after a reset the UE finds no key set
+/// (KSI 7) and the network runs AKA again (TS 33.102 6.4.4), so CK and IK never reach a file.
+pub const UE_PERSISTED: [(u16, usize); 4] =
+    [(0x6f7b, 12), (0x6f7e, 11), (0x6f73, 14), (0x6fe3, 18)];
+
+impl UsimRecord {
+    /// Nothing set: the card's defaults.
+    pub fn is_empty(&self) -> bool {
+        self == &Self::default()
+    }
+
+    /// Refuses values no card could hold: an MNC length other than 2 or 3, a name of more
+    /// than 16 printable ASCII characters, a PLMN not "MCC-MNC", more than 4 of them, a
+    /// search period past 80 (8 hours).
+    pub fn check(&self) -> Result<(), String> {
+        if self.mnc_len.is_some_and(|n| !(2..=3).contains(&n)) {
+            return Err("the MNC has 2 or 3 digits".into());
+        }
+        if self.spn.len() > 16 || !self.spn.bytes().all(|c| c.is_ascii_graphic() || c == b' ') {
+            return Err(
+                "the service provider name is 16 printable ASCII characters at most".into(),
+            );
+        }
+        if self.forbidden_plmns.len() > 4 {
+            return Err("4 forbidden PLMNs at most (EF_FPLMN)".into());
+        }
+        if let Some(bad) = self.forbidden_plmns.iter().find(|p| plmn(p).is_none()) {
+            return Err(format!("forbidden PLMN {bad:?} is not MCC-MNC"));
+        }
+        if self.hpplmn_period.is_some_and(|n| n > 80) {
+            return Err("the higher-priority PLMN search period is 80 (8 hours) at most".into());
+        }
+        Ok(())
+    }
+
+    /// What the UE wrote into EF `fid`, if it did.
+    pub fn ue_file(&self, fid: u16) -> Option<Vec<u8>> {
+        hex::decode(self.ue_files.get(&format!("{fid:04X}"))?).ok()
+    }
+}
+
+/// "MCC-MNC" as its digits: 3 and 2 or 3.
+pub fn plmn(s: &str) -> Option<(&str, &str)> {
+    let (mcc, mnc) = s.split_once('-')?;
+    let digits = |x: &str| x.bytes().all(|c| c.is_ascii_digit());
+    (mcc.len() == 3 && (2..=3).contains(&mnc.len()) && digits(mcc) && digits(mnc))
+        .then_some((mcc, mnc))
 }
 
 /// MILENAGE c1..c5 (hex) and r1..r5.

@@ -557,6 +557,7 @@ pub(super) fn tampered_stub(id: &str, version: u64) -> McimRecord {
         pin: None,
         expires_at: None,
         left_in_tre: Vec::new(),
+        usim: Default::default(),
         version,
     }
 }

@@ -15,6 +15,14 @@ impl Registry {
         }
         req.sqn_profile.validate().map_err(TreError::from)?;
         check_sho_id(&req.sho)?;
+        req.usim
+            .check()
+            .map_err(|e| RegistryError::BadRequest(format!("USIM data: {e}")))?;
+        if !req.usim.ue_files.is_empty() {
+            return Err(RegistryError::BadRequest(
+                "USIM data: a new MCIM has no UE writes".into(),
+            ));
+        }
         if let Some((pin, puk)) = &req.pin {
             pin::check_digits("PIN", pin, 4, 8)?;
             pin::check_digits("PUK", puk, 8, 8)?;
@@ -48,6 +56,7 @@ impl Registry {
             pin,
             expires_at: req.expires_at,
             left_in_tre: Vec::new(),
+            usim: req.usim,
             version: 0,
         };
         self.commit(

@@ -131,6 +131,10 @@ pub const SW_CLA_NOT_SUPPORTED: u16 = 0x6e00;
 pub const SW_TECHNICAL: u16 = 0x6f00;
 /// AUTHENTICATE: MAC failure (TS 102 221 10.2.1.4, TS 31.102 7.1.2.1).
 pub const SW_AUTH_MAC_FAILURE: u16 = 0x9862;
+/// Normal ending, `n` octets waiting for GET RESPONSE: 61 xx (00 for 256 or more).
+pub fn sw_bytes_available(n: usize) -> u16 {
+    0x6100 | u16::try_from(n).ok().filter(|n| *n < 256).unwrap_or(0)
+}
 /// A wrong PIN with `n` tries left: 63 Cn.
 pub fn sw_tries_left(n: u32) -> u16 {
     0x63c0 | u16::try_from(n.min(15)).unwrap_or(15)

@@ -11,6 +11,7 @@ use super::apdu::*;
 use super::files::{ADF, Ef, Files, MF, Profile, Structure, USIM_AID};
 use crate::device::{Credential, Device, DeviceError};
 use crate::registry::RegistryError;
+use crate::registry::record::UE_PERSISTED;
 use crate::tre::TreError;
 
 /// The answer to reset: T=1 direct convention, historical bytes naming a UICC
@@ -53,6 +54,8 @@ pub struct Card {
     session: Option<Session>,
     /// The caller may change and unblock the PIN (the owner class; as on the local API).
     pin_admin: bool,
+    /// A case 4 command's data waiting for GET RESPONSE.
+    pending: Option<Vec<u8>>,
 }
 
 /// TS 102 221 instruction codes.
@@ -67,6 +70,7 @@ mod ins {
     pub const CHANGE_PIN: u8 = 0x24;
     pub const UNBLOCK_PIN: u8 = 0x2c;
     pub const AUTHENTICATE: u8 = 0x88;
+    pub const GET_RESPONSE: u8 = 0xc0;
 }
 
 impl Card {
@@ -77,6 +81,7 @@ impl Card {
             device,
             session: None,
             pin_admin,
+            pending: None,
         }
     }
 
@@ -90,6 +95,7 @@ impl Card {
     /// The card goes away: the MCIM's session it opened ends (5.1.1.1 Selected -> Activated),
     /// so that no session outlives the card that verified its PIN.
     pub async fn close(&mut self) {
+        self.pending = None;
         if let Some(s) = self.session.take()
             && s.opened
         {
@@ -98,13 +104,48 @@ impl Card {
     }
 
     /// Answers one command APDU (malformed bytes too, with the status word that says why).
+    /// A command with data and without Le (case 4 as T=0 carries it, TS 102 221 7.3.1.1.4)
+    /// is answered 61xx: its data waits for GET RESPONSE. With Le, the data comes at once.
     pub async fn transmit(&mut self, apdu: &[u8]) -> Vec<u8> {
         let response = match Command::parse(apdu) {
-            Ok(c) => self.command(&c).await,
+            Ok(c) if c.ins == ins::GET_RESPONSE => self.get_response(&c),
+            Ok(c) => {
+                self.pending = None;
+                let r = self.command(&c).await;
+                if !c.data.is_empty() && c.le.is_none() && !r.data.is_empty() && r.sw == SW_OK {
+                    let sw = sw_bytes_available(r.data.len());
+                    self.pending = Some(r.data);
+                    Response::status(sw)
+                } else {
+                    r
+                }
+            }
             Err(ApduError::TooShort) => Response::status(SW_WRONG_LENGTH),
             Err(ApduError::WrongLength) => Response::status(SW_WRONG_LENGTH),
         };
         response.to_bytes()
+    }
+
+    /// GET RESPONSE (TS 102 221 11.1.13): the waiting data, Le octets of it at a time (the
+    /// rest announced with 61xx again).
+    fn get_response(&mut self, c: &Command) -> Response {
+        if c.p1 != 0x00 || c.p2 != 0x00 {
+            return Response::status(SW_WRONG_P1P2);
+        }
+        let Some(mut data) = self.pending.take() else {
+            return Response::status(SW_CONDITIONS);
+        };
+        let le = c.le.unwrap_or(256);
+        if le >= data.len() {
+            return Response::ok(data);
+        }
+        let rest = data.split_off(le);
+        let r = Response {
+            data,
+            sw: sw_bytes_available(rest.len()),
+        };
+        self.pending = Some(rest);
+        r
     }
 
     async fn command(&mut self, c: &Command) -> Response {
@@ -120,9 +161,9 @@ impl Card {
             ins::SELECT => self.select(c),
             ins::STATUS => self.status(c),
             ins::READ_BINARY => self.read_binary(c),
-            ins::UPDATE_BINARY => self.update_binary(c),
+            ins::UPDATE_BINARY => self.update_binary(c).await,
             ins::READ_RECORD => self.read_record(c),
-            ins::UPDATE_RECORD => self.update_record(c),
+            ins::UPDATE_RECORD => self.update_record(c).await,
             ins::VERIFY => self.verify(c).await,
             ins::CHANGE_PIN => self.change_pin(c).await,
             ins::UNBLOCK_PIN => self.unblock_pin(c).await,
@@ -161,11 +202,7 @@ impl Card {
         };
         let view = self.device.get(&id).await.map_err(|_| SW_TECHNICAL)?;
         Ok(Some(Session {
-            files: Files::for_profile(&Profile {
-                imsi: view.id.clone(),
-                sho: view.sho.clone(),
-                mnc_len: 2,
-            }),
+            files: Files::for_profile(&Profile::of(&view.id, &view.sho, &view.usim)),
             mcim: view.id,
             df: Df::Mf,
             ef: None,
@@ -272,7 +309,7 @@ impl Card {
         Response::ok(ef.body[offset..end].to_vec())
     }
 
-    fn update_binary(&mut self, c: &Command) -> Response {
+    async fn update_binary(&mut self, c: &Command) -> Response {
         if c.p1 & 0x80 != 0 {
             return Response::status(SW_WRONG_P1P2);
         }
@@ -287,7 +324,36 @@ impl Card {
         if c.data.is_empty() || end > ef.body.len() {
             return Response::status(SW_WRONG_LENGTH);
         }
-        ef.body[offset..end].copy_from_slice(&c.data);
+        let mut body = ef.body.clone();
+        body[offset..end].copy_from_slice(&c.data);
+        self.store(body).await
+    }
+
+    /// The selected EF's new contents: kept in the registry first when the UE's updates of
+    /// it outlive the session (`record::UE_PERSISTED`), then on the card. A write the
+    /// registry refuses changes nothing and answers "memory problem".
+    async fn store(&mut self, body: Vec<u8>) -> Response {
+        let Some((mcim, fid)) = self.session.as_ref().and_then(|s| {
+            let (df, i) = s.ef?;
+            Some((s.mcim.clone(), files_of(s, df).get(i)?.fid))
+        }) else {
+            return Response::status(SW_NO_EF);
+        };
+        if UE_PERSISTED.iter().any(|(f, _)| *f == fid)
+            && let Err(e) = self.device.update_usim_file(&mcim, fid, body.clone()).await
+        {
+            tracing::warn!("USIM: EF {fid:04X} not kept: {e}");
+            return Response::status(SW_MEMORY_PROBLEM);
+        }
+        if let Some(s) = self.session.as_mut()
+            && let Some((df, i)) = s.ef
+            && let Some(ef) = match df {
+                Df::Mf => s.files.mf.get_mut(i),
+                Df::Usim => s.files.usim.get_mut(i),
+            }
+        {
+            ef.body = body;
+        }
         Response::ok(Vec::new())
     }
 
@@ -314,16 +380,17 @@ impl Card {
         }
     }
 
-    fn update_record(&mut self, c: &Command) -> Response {
-        let data = c.data.clone();
-        match self.record(c, true) {
-            Ok((_, _, len)) if data.len() != len => Response::status(SW_WRONG_LENGTH),
+    async fn update_record(&mut self, c: &Command) -> Response {
+        let body = match self.record(c, true) {
+            Ok((_, _, len)) if c.data.len() != len => return Response::status(SW_WRONG_LENGTH),
             Ok((ef, start, len)) => {
-                ef.body[start..start + len].copy_from_slice(&data);
-                Response::ok(Vec::new())
+                let mut body = ef.body.clone();
+                body[start..start + len].copy_from_slice(&c.data);
+                body
             }
-            Err(sw) => Response::status(sw),
-        }
+            Err(sw) => return Response::status(sw),
+        };
+        self.store(body).await
     }
 
     /// The application's MCIM, once ADF.USIM is selected.

@@ -43,10 +43,40 @@ pub struct Ef {
 pub struct Profile {
     /// The MCIM's IMSI (15 digits at most).
     pub imsi: String,
-    /// The SHO's name, shown as the service provider name.
-    pub sho: String,
+    /// The service provider name (EF_SPN).
+    pub spn: String,
     /// The MNC's length in digits (EF_AD), 2 or 3.
     pub mnc_len: u8,
+    /// EF_FPLMN's contents before the UE writes it, "MCC-MNC" each.
+    pub forbidden_plmns: Vec<String>,
+    /// EF_HPPLMN, in steps of 6 minutes.
+    pub hpplmn_period: u8,
+    /// The UE's updates kept from earlier card sessions, by file id: they replace the
+    /// defaults (only files the UE may write, of their exact size).
+    pub ue_files: Vec<(u16, Vec<u8>)>,
+}
+
+impl Profile {
+    /// The profile an MCIM's record gives: the package's data part over the defaults (MNC
+    /// of 2 digits, the SHO's id as the name, no forbidden PLMN, 30 minutes), then the UE's
+    /// updates.
+    pub fn of(imsi: &str, sho: &str, u: &crate::registry::record::UsimRecord) -> Self {
+        Self {
+            imsi: imsi.to_string(),
+            spn: if u.spn.is_empty() {
+                sho.to_string()
+            } else {
+                u.spn.clone()
+            },
+            mnc_len: u.mnc_len.unwrap_or(2),
+            forbidden_plmns: u.forbidden_plmns.clone(),
+            hpplmn_period: u.hpplmn_period.unwrap_or(5),
+            ue_files: crate::registry::record::UE_PERSISTED
+                .iter()
+                .filter_map(|(fid, _)| Some((*fid, u.ue_file(*fid)?)))
+                .collect(),
+        }
+    }
 }
 
 /// The files under the MF (ICCID, DIR) and under ADF.USIM.
@@ -81,7 +111,7 @@ impl Files {
         dir_record.extend_from_slice(&[0x50, 0x06]);
         dir_record.extend_from_slice(b"USIM-1");
         dir_record.resize(38, 0xff);
-        Self {
+        let mut files = Self {
             mf: vec![
                 ro(0x2fe2, iccid(&p.imsi)),
                 Ef {
@@ -98,9 +128,9 @@ impl Files {
                 pin(0x6f38, service_table(&[27, 38, 85])),
                 pin(0x6f56, vec![0x00]),
                 pin(0x6f78, access_class(&p.imsi)),
-                rw(0x6f7b, vec![0xff; 12]),
-                pin(0x6f31, vec![0x05]),
-                ro(0x6f46, spn(&p.sho)),
+                rw(0x6f7b, fplmn(&p.forbidden_plmns)),
+                pin(0x6f31, vec![p.hpplmn_period]),
+                ro(0x6f46, spn(&p.spn)),
                 // Location information, not updated (TS 31.102 4.2.17, 4.2.23, 4.2.91).
                 rw(
                     0x6f7e,
@@ -122,8 +152,42 @@ impl Files {
                 rw(0x6f08, key_set()),
                 rw(0x6f09, key_set()),
             ],
+        };
+        for (fid, body) in &p.ue_files {
+            if let Some(ef) = files
+                .usim
+                .iter_mut()
+                .find(|e| e.fid == *fid && e.writable && e.body.len() == body.len())
+            {
+                ef.body.clone_from(body);
+            }
         }
+        files
     }
+}
+
+/// A PLMN as three octets (TS 24.008 10.5.1.3): MCC digit 2 and 1, MNC digit 3 (F for two
+/// digits) and MCC digit 3, MNC digit 2 and 1.
+fn plmn_octets(plmn: &str) -> Option<[u8; 3]> {
+    let (mcc, mnc) = crate::registry::record::plmn(plmn)?;
+    let d = |s: &str, i: usize| s.as_bytes().get(i).map_or(0x0f, |c| c - b'0');
+    Some([
+        d(mcc, 1) << 4 | d(mcc, 0),
+        d(mnc, 2) << 4 | d(mcc, 2),
+        d(mnc, 1) << 4 | d(mnc, 0),
+    ])
+}
+
+/// EF_FPLMN: four PLMNs of three octets, unused ones FF.
+fn fplmn(plmns: &[String]) -> Vec<u8> {
+    let mut b: Vec<u8> = plmns
+        .iter()
+        .filter_map(|p| plmn_octets(p))
+        .take(4)
+        .flatten()
+        .collect();
+    b.resize(12, 0xff);
+    b
 }
 
 /// Nibbles two to an octet, the first in the low half; an odd last one padded with F.
@@ -258,6 +322,34 @@ mod tests {
             "001010123456789"
         );
         assert_eq!(imsi_of(&imsi("00101012345678")).unwrap(), "00101012345678");
+    }
+
+    #[test]
+    fn package_data_and_ue_updates_replace_the_defaults() {
+        let u = crate::registry::record::UsimRecord {
+            mnc_len: Some(3),
+            spn: "Meters Ltd".into(),
+            forbidden_plmns: vec!["262-01".into(), "310-410".into()],
+            hpplmn_period: Some(2),
+            ue_files: [("6F7E".to_string(), "0102030405060708090a0b".to_string())].into(),
+        };
+        let f = Files::for_profile(&Profile::of("310410123456789", "sho.example", &u));
+        let ef = |fid| &f.usim.iter().find(|e| e.fid == fid).unwrap().body;
+        assert_eq!(ef(0x6fad), &[0, 0, 0, 3]);
+        assert_eq!(&ef(0x6f46)[1..11], b"Meters Ltd");
+        assert_eq!(hex::encode(ef(0x6f7b)), "62f210130014ffffffffffff");
+        assert_eq!(ef(0x6f31), &[2]);
+        assert_eq!(hex::encode(ef(0x6f7e)), "0102030405060708090a0b");
+        let d = Files::for_profile(&Profile::of(
+            "001010123456789",
+            "sho.example",
+            &Default::default(),
+        ));
+        let ef = |fid| &d.usim.iter().find(|e| e.fid == fid).unwrap().body;
+        assert_eq!(ef(0x6fad), &[0, 0, 0, 2]);
+        assert_eq!(&ef(0x6f46)[1..12], b"sho.example");
+        assert_eq!(ef(0x6f7b), &[0xff; 12]);
+        assert_eq!(ef(0x6f31), &[5]);
     }
 
     #[test]

@@ -8,12 +8,15 @@
 //! - [`card`]: the card's state machine (SELECT, READ/UPDATE BINARY and RECORD, STATUS,
 //!   VERIFY / CHANGE / UNBLOCK PIN, AUTHENTICATE).
 //! - [`socket`]: raw APDUs on a Unix socket for modem bridges (`usim_socket`).
+//! - [`vpcd`]: the PC/SC card, `tred` being the virtual ICC of vsmartcard's vpcd
+//!   (`usim_vpcd`).
 //!
-//! Not yet (issue 17's notes): the PC/SC virtual card through vpcd, the UE's writes
-//! (EF_LOCI, EF_KEYS, ...) kept across resets (they live for the card session), the package's
-//! data part overriding the defaults.
+//! The package's data part (home PLMN, name, forbidden PLMNs, search period) sets the files'
+//! contents over the defaults; the UE's updates of EF_FPLMN, EF_LOCI, EF_PSLOCI and EF_EPSLOCI
+//! are kept in the MCIM's registry record (`registry::record::UE_PERSISTED`).
 
 pub mod apdu;
 pub mod card;
 pub mod files;
 pub mod socket;
+pub mod vpcd;

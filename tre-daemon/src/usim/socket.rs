@@ -8,8 +8,8 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{UnixListener, UnixStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::UnixListener;
 
 use super::card::Card;
 use crate::access::{Class, Policy, peer_from};
@@ -70,7 +70,7 @@ pub async fn serve(listener: UnixListener, path: PathBuf, device: Device, policy
         let mut card = Card::new(device.clone(), class == Some(Class::Owner));
         tokio::spawn(async move {
             let _permit = permit;
-            if let Err(e) = session(stream, &mut card).await {
+            if let Err(e) = session(stream, &mut card, Some(IDLE_TIMEOUT)).await {
                 tracing::info!("USIM socket: session ended: {e}");
             }
             card.close().await;
@@ -78,14 +78,24 @@ pub async fn serve(listener: UnixListener, path: PathBuf, device: Device, policy
     }
 }
 
-/// Reads one framed message: `None` when the peer closed between messages.
-async fn message(stream: &mut UnixStream) -> std::io::Result<Option<Vec<u8>>> {
+/// Reads one framed message: `None` when the peer closed between messages; an error after
+/// `idle` without one.
+async fn message<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    idle: Option<std::time::Duration>,
+) -> std::io::Result<Option<Vec<u8>>> {
     let mut len = [0u8; 2];
-    match tokio::time::timeout(IDLE_TIMEOUT, stream.read_exact(&mut len)).await {
-        Err(_) => return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "idle")),
-        Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
-        Ok(Err(e)) => return Err(e),
-        Ok(Ok(_)) => {}
+    let read = stream.read_exact(&mut len);
+    let got = match idle {
+        Some(t) => tokio::time::timeout(t, read)
+            .await
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "idle"))?,
+        None => read.await,
+    };
+    match got {
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+        Ok(_) => {}
     }
     let len = usize::from(u16::from_be_bytes(len));
     if len == 0 || len > MAX_MESSAGE {
@@ -101,10 +111,15 @@ async fn message(stream: &mut UnixStream) -> std::io::Result<Option<Vec<u8>>> {
     Ok(Some(msg))
 }
 
-/// One connection: messages in, answers out, until the peer closes.
-async fn session(mut stream: UnixStream, card: &mut Card) -> std::io::Result<()> {
+/// One connection in vpcd's framing: messages in, answers out, until the peer closes (or,
+/// with `idle`, stays silent that long).
+pub(super) async fn session<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
+    card: &mut Card,
+    idle: Option<std::time::Duration>,
+) -> std::io::Result<()> {
     let mut powered = false;
-    while let Some(msg) = message(&mut stream).await? {
+    while let Some(msg) = message(&mut stream, idle).await? {
         let answer = match msg.as_slice() {
             [0] => {
                 powered = false;
@@ -123,9 +138,11 @@ async fn session(mut stream: UnixStream, card: &mut Card) -> std::io::Result<()>
             _ => Some(0x6985u16.to_be_bytes().to_vec()),
         };
         if let Some(a) = answer {
+            // One write: length and answer in one segment on TCP.
             let n = u16::try_from(a.len()).unwrap_or(u16::MAX);
-            stream.write_all(&n.to_be_bytes()).await?;
-            stream.write_all(&a).await?;
+            let mut out = n.to_be_bytes().to_vec();
+            out.extend_from_slice(&a);
+            stream.write_all(&out).await?;
         }
     }
     Ok(())
