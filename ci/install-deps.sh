@@ -22,6 +22,10 @@ PACKAGES=(
   qemu-system-x86 qemu-utils debootstrap e2fsprogs  # ci/guest.sh: the device as a Linux guest
   libosmocore-utils                   # osmo-auc-gen: AKA vectors the USIM tests check against
   python3                             # /usr/bin/python3: the USIM tests' client run as other uids
+  pcscd vsmartcard-vpcd python3-pyscard pcsc-tools  # the USIM as a PC/SC card: pcscd with vpcd
+                                      # (tests and the lab start private ones), pyscard clients
+  libpcsclite-dev                     # the pcsc crate (mcimctl card) links libpcsclite
+  util-linux                          # unshare: a private pcscd in a mount namespace; setpriv
   ca-certificates
 )
 

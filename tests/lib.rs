@@ -285,6 +285,16 @@ impl Tred {
         self.launch();
     }
 
+    /// Stops tred and starts it again on the same state with `env` set over its environment.
+    pub fn restart_with_env(&mut self, env: &[(&str, &str)]) {
+        self.stop();
+        for (k, v) in env {
+            self.env.retain(|(x, _)| x != k);
+            self.env.push((k.to_string(), v.to_string()));
+        }
+        self.launch();
+    }
+
     /// Stops tred, lets `change` alter its state directory, and starts it again on it (an
     /// upgrade or a repair between two runs of the daemon).
     pub fn restart_after(&mut self, change: impl FnOnce(&Path)) {
@@ -1186,5 +1196,80 @@ impl CliDevice {
             .entries
             .len();
         (mcims, audit)
+    }
+}
+
+/// A private pcscd with vsmartcard's vpcd driver (`mcimctl lab pcscd`: its own mount
+/// namespace, so that many run at once and the machine's pcscd is left alone), vpcd waiting
+/// for the virtual ICC on `port` and `port + 1`; killed when dropped.
+pub struct Pcscd {
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+    /// vpcd's port for the virtual ICC (`usim_vpcd`).
+    pub port: u16,
+}
+
+impl Pcscd {
+    /// Starts one and waits until it serves PC/SC clients and vpcd listens.
+    pub fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_ports(2);
+        let log = std::fs::File::create(dir.path().join("pcscd.log")).unwrap();
+        let child = Command::new(workspace_bin("mcimctl"))
+            .args(["lab", "pcscd", "--dir"])
+            .arg(dir.path().join("pcscd"))
+            .args(["--port", &port.to_string()])
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let p = Pcscd {
+            child: Some(child),
+            dir,
+            port,
+        };
+        assert!(
+            listening(port, 2),
+            "pcscd with vpcd did not start (pcscd, vsmartcard-vpcd: ci/install-deps.sh): {}",
+            p.log()
+        );
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !p.socket().exists() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        p
+    }
+
+    /// Its PC/SC socket (`PCSCLITE_CSOCK_NAME`).
+    pub fn socket(&self) -> PathBuf {
+        self.dir.path().join("pcscd").join("run").join("pcscd.comm")
+    }
+
+    /// vpcd's address for `tred` (`MCIM_USIM_VPCD`).
+    pub fn vpcd(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// A PC/SC client (`program` and `args`) of this pcscd.
+    pub fn client(&self, program: &str, args: &[&str]) -> std::process::Output {
+        Command::new(program)
+            .args(args)
+            .env("PCSCLITE_CSOCK_NAME", self.socket())
+            .output()
+            .unwrap_or_else(|e| panic!("{program}: {e}"))
+    }
+
+    /// What pcscd printed.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("pcscd.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Pcscd {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 }

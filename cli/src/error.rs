@@ -27,6 +27,14 @@ pub enum CliError {
     /// Bad input.
     #[error("{0}")]
     Input(String),
+    /// A card refused a command (its status word, TS 102 221 10.2).
+    #[error("the card answered {sw:04X} to INS {ins:02X}")]
+    Card {
+        /// the instruction
+        ins: u8,
+        /// SW1 SW2
+        sw: u16,
+    },
     /// The audit record does not verify.
     #[error("the audit record does not verify: {0}")]
     AuditBroken(String),

@@ -13,6 +13,7 @@
 #![forbid(unsafe_code)]
 
 mod aka;
+mod card;
 mod device;
 mod error;
 mod hexarg;
@@ -70,6 +71,10 @@ enum Command {
     /// Registration Operator tools: push a renewal of a PCID's initial credential.
     #[command(subcommand)]
     Ro(ro::RoCommand),
+    /// A USIM in a PC/SC reader (tred's MCIM through vpcd, or any other): read it, run
+    /// AUTHENTICATE.
+    #[command(subcommand)]
+    Card(card::CardCommand),
     /// Prints a shell's completion script for mcimctl (bash: `source <(mcimctl completions
     /// bash)`; the Debian package installs all three).
     Completions {
@@ -94,6 +99,7 @@ fn main() -> ExitCode {
         Command::Sho(c) => operator::run_sho(c).map_err(|e| e.to_string()),
         Command::Pva(c) => operator::run_pva(c).map_err(|e| e.to_string()),
         Command::Lab(c) => lab::run(c).map_err(|e| e.to_string()),
+        Command::Card(c) => card::run(c).map_err(|e| e.to_string()),
         Command::Pki(c) => pki::run(c),
         Command::Supplier(c) => operator::run_supplier(c).map_err(|e| e.to_string()),
         Command::Subscriber(c) => subscriber::run(c).map_err(|e| e.to_string()),

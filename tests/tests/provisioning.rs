@@ -32,6 +32,7 @@ fn assert_provisioned(r: &Value, first_step: u64) {
     assert_eq!(r["mcim"]["state"], "selected");
     assert_eq!(r["operational_attach"]["ok"], true);
     assert_eq!(r["operational_attach"]["imsi"], imsi);
+    assert_eq!(r["operational_attach"]["via"], "tred");
     assert_eq!(r["impostor_attach"]["refused"], true);
     assert_eq!(r["sho_registration"]["state"], "provisioned");
     assert_eq!(r["audit"]["ok"], true);

@@ -507,3 +507,239 @@ fn walk(d: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+/// pyscard (Debian python3-pyscard): connects to the first vpcd reader's card (waiting for
+/// it), then sends each APDU (following 61xx with GET RESPONSE); prints the ATR, then
+/// "SW data" per APDU.
+const PYSCARD: &str = r#"
+import sys, time
+from smartcard.System import readers
+r = [x for x in readers() if str(x).endswith(" 00 00")][0]
+deadline = time.time() + 20
+while True:
+    try:
+        c = r.createConnection(); c.connect(); break
+    except Exception as e:
+        if time.time() > deadline: print("no card:", e); sys.exit(1)
+        time.sleep(0.2)
+print("atr", bytes(c.getATR()).hex())
+for a in sys.argv[1:]:
+    d, sw1, sw2 = c.transmit(list(bytes.fromhex(a)))
+    if sw1 == 0x61:
+        d, sw1, sw2 = c.transmit([0x00, 0xc0, 0x00, 0x00, sw2])
+    print("%02x%02x" % (sw1, sw2), bytes(d).hex())
+"#;
+
+/// Runs [`PYSCARD`] against `pcscd`; the (SW, data) of each APDU after the ATR.
+fn pyscard(pcscd: &mcim_e2e::Pcscd, apdus: &[String]) -> Vec<(String, String)> {
+    let mut args = vec!["-c", PYSCARD];
+    args.extend(apdus.iter().map(String::as_str));
+    let out = pcscd.client("/usr/bin/python3", &args);
+    let text = output_text(&out);
+    assert!(
+        out.status.success(),
+        "pyscard: {text}\npcscd: {}",
+        pcscd.log()
+    );
+    let mut lines = text.lines();
+    assert!(
+        lines.next().is_some_and(|l| l.starts_with("atr 3b")),
+        "{text}"
+    );
+    lines
+        .map(|l| {
+            let (sw, d) = l.split_once(' ').unwrap_or((l, ""));
+            (sw.to_string(), d.trim().to_string())
+        })
+        .collect()
+}
+
+/// The MCIM as a card in a PC/SC reader: pcscd with vsmartcard's vpcd, tred the virtual ICC,
+/// pyscard (and `mcimctl card`, through libpcsclite) the applications: EF_IMSI equals the
+/// MCIM's IMSI, AUTHENTICATE equals osmo-auc-gen's vector, a replay's AUTS resynchronises in
+/// osmo-auc-gen, three wrong PINs block the application until the PUK (the PC/SC side in the
+/// owner class here).
+#[test]
+fn pcsc_applications_see_the_mcim_as_a_usim() {
+    let tpm = Swtpm::start();
+    let pcscd = mcim_e2e::Pcscd::start();
+    let work = tempfile::tempdir().unwrap();
+    let vpcd = pcscd.vpcd();
+    let (_tred, _) = device_with(
+        &tpm,
+        work.path(),
+        &[
+            ("MCIM_USIM_VPCD", vpcd.as_str()),
+            ("MCIM_USIM_VPCD_CLASS", "owner"),
+        ],
+    );
+    let v = osmo_auc_gen(&["-f", "b9b9", "-s", "33", "-r", RAND]);
+    let autn = field(&v, "AUTN");
+    let apdus = [
+        "00a4040c07a0000000871002".to_string(), // ADF.USIM by its AID's prefix
+        "00a4000c026f07".into(),
+        "00b0000009".into(),
+        format!("0020000108{}", pin("9999")),
+        format!("0020000108{}", pin("1234")),
+        "00b0000009".into(),
+        format!("008800812210{RAND}10{autn}"),
+        format!("008800812210{RAND}10{autn}"),
+    ];
+    let r = pyscard(&pcscd, &apdus);
+    let sws: Vec<&str> = r.iter().map(|(sw, _)| sw.as_str()).collect();
+    assert_eq!(
+        sws,
+        [
+            "9000", "9000", "6982", "63c2", "9000", "9000", "9000", "9000"
+        ],
+        "{r:?}"
+    );
+    assert_eq!(
+        files_imsi(&r[5].1),
+        IMSI,
+        "EF_IMSI through PC/SC is the MCIM's IMSI"
+    );
+    let want = format!(
+        "db08{}10{}10{}08{}",
+        field(&v, "RES"),
+        field(&v, "CK"),
+        field(&v, "IK"),
+        field(&v, "Kc")
+    );
+    assert_eq!(
+        r[6].1, want,
+        "RES, CK, IK and Kc as osmo-auc-gen computes them"
+    );
+    assert!(r[7].1.starts_with("dc0e"), "{:?}", r[7]);
+    let resync = osmo_auc_gen(&["-A", &r[7].1[4..], "-r", RAND]);
+    assert_eq!(field(&resync, "SQN.MS"), "33", "{resync:?}");
+
+    // mcimctl's own PC/SC client (libpcsclite): the same card.
+    let out = pcscd.client(
+        mcim_e2e::workspace_bin("mcimctl").to_str().unwrap(),
+        &["card", "read", "--pin", "1234", "--json"],
+    );
+    assert!(out.status.success(), "{}", output_text(&out));
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(j["imsi"], IMSI);
+    assert_eq!(j["service_provider_name"], "sho.example");
+    assert!(j["iccid"].as_str().unwrap().starts_with("89882"), "{j}");
+
+    // Three wrong PINs block the application; the PUK unblocks it with a new PIN.
+    let r = pyscard(
+        &pcscd,
+        &[
+            "00a4040c07a0000000871002".to_string(),
+            format!("0020000108{}", pin("0000")),
+            format!("0020000108{}", pin("0001")),
+            format!("0020000108{}", pin("0002")),
+            format!("0020000108{}", pin("1234")),
+            format!("002c000110{}{}", pin("12345678"), pin("4321")),
+            format!("0020000108{}", pin("4321")),
+        ],
+    );
+    let sws: Vec<&str> = r.iter().map(|(sw, _)| sw.as_str()).collect();
+    assert_eq!(
+        sws,
+        ["9000", "63c2", "63c1", "6983", "6983", "9000", "9000"],
+        "{r:?}"
+    );
+}
+
+/// The IMSI in an EF_IMSI given in hex.
+fn files_imsi(hex_ef: &str) -> String {
+    let ef = hex::decode(hex_ef).unwrap();
+    ef[1..=usize::from(ef[0])]
+        .iter()
+        .flat_map(|x| [x & 0x0f, x >> 4])
+        .skip(1)
+        .filter(|n| *n < 10)
+        .map(|n| char::from(b'0' + n))
+        .collect()
+}
+
+/// By default PC/SC applications get the modem class (no CHANGE or UNBLOCK PIN); and a
+/// program of another user listening on vpcd's port is not served: tred reads who owns the
+/// far end of its connection and answers nothing.
+#[test]
+fn pcsc_is_the_modem_class_and_an_impostor_vpcd_gets_no_answer() {
+    let tpm = Swtpm::start();
+    let pcscd = mcim_e2e::Pcscd::start();
+    let work = tempfile::tempdir().unwrap();
+    let vpcd = pcscd.vpcd();
+    let (mut tred, _) = device_with(&tpm, work.path(), &[("MCIM_USIM_VPCD", vpcd.as_str())]);
+    let r = pyscard(
+        &pcscd,
+        &[
+            "00a4040c07a0000000871002".to_string(),
+            format!("0020000108{}", pin("1234")),
+            format!("0024000110{}{}", pin("1234"), pin("4321")),
+            format!("002c000110{}{}", pin("12345678"), pin("4321")),
+        ],
+    );
+    let sws: Vec<&str> = r.iter().map(|(sw, _)| sw.as_str()).collect();
+    assert_eq!(sws, ["9000", "9000", "6982", "6982"], "{r:?}");
+    drop(pcscd);
+
+    // An impostor (uid 4305) listens where vpcd would and plays vpcd: power on, SELECT.
+    let port = mcim_e2e::free_ports(1);
+    let impostor = r#"
+import socket, struct, sys
+l = socket.socket(); l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+l.bind(("127.0.0.1", int(sys.argv[1]))); l.listen(1); l.settimeout(30)
+print("listening", flush=True)
+c, _ = l.accept(); c.settimeout(4)
+c.sendall(b"\x00\x01\x01" + struct.pack(">H", 5) + bytes.fromhex("00a4000c02"))
+try:
+    print("answered" if c.recv(16) else "closed")
+except socket.timeout:
+    print("silent")
+except ConnectionError:
+    print("closed")
+"#;
+    let mut child = Command::new("setpriv")
+        .args(["--reuid=4305", "--regid=4305", "--clear-groups"])
+        .args(["/usr/bin/python3", "-c", impostor, &port.to_string()])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("setpriv and python3");
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.as_mut().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line.trim(), "listening");
+    tred.restart_with_env(&[("MCIM_USIM_VPCD", &format!("127.0.0.1:{port}"))]);
+    let out = child.wait_with_output().unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains("closed") || said.contains("silent"),
+        "the impostor was served: {said}"
+    );
+    assert!(!said.contains("answered"), "{said}");
+    assert!(tred.log().contains("belongs to uid 4305"), "{}", tred.log());
+}
+
+/// `mcimctl lab run --usim pcsc`: the operational attach goes through the card (the VNO's
+/// challenge as AUTHENTICATE over PC/SC), on swtpm.
+#[test]
+fn the_lab_attaches_through_the_card_over_pcsc() {
+    let (ok, r, err) = mcim_e2e::lab_run(&["--usim", "pcsc"]);
+    assert!(ok, "{err}");
+    assert_eq!(r["operational_attach"]["ok"], true, "{r:#}");
+    assert_eq!(r["operational_attach"]["via"], "usim-pcsc", "{r:#}");
+    assert_eq!(r["operational_attach"]["imsi"], r["mcim"]["imsi"], "{r:#}");
+    assert!(err.contains("AUTHENTICATE over PC/SC"), "{err}");
+}
+
+/// The same on SoftHSM2, after a change of SHO: the card presents the new SHO's MCIM.
+#[test]
+fn the_lab_attaches_through_the_card_after_a_change_on_a_token() {
+    let (ok, r, err) =
+        mcim_e2e::lab_run(&["--usim", "pcsc", "--tre", "pkcs11", "--flow", "change-sho"]);
+    assert!(ok, "{err}");
+    assert_eq!(r["operational_attach"]["via"], "usim-pcsc", "{r:#}");
+    let imsi = r["operational_attach"]["imsi"].as_str().unwrap();
+    assert!(imsi.starts_with("00103"), "the second SHO's IMSI: {r:#}");
+}

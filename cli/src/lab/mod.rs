@@ -39,6 +39,7 @@ use crate::tred::connect;
 
 mod compromised_dpf;
 mod crash;
+pub mod pcsc;
 mod processes;
 mod report;
 mod scenario;
@@ -63,6 +64,17 @@ const LAB_SHO2_PLMN: &str = "00103";
 pub enum LabCommand {
     /// Run the lab once and report each step.
     Run(RunArgs),
+    /// Run a private pcscd with vsmartcard's vpcd on PORT (and PORT+1), its socket in
+    /// DIR/run/pcscd.comm (for PCSCLITE_CSOCK_NAME); the machine's pcscd is left alone.
+    #[command(hide = true)]
+    Pcscd {
+        /// Its folder.
+        #[arg(long)]
+        dir: PathBuf,
+        /// vpcd's port for the virtual ICC.
+        #[arg(long)]
+        port: u16,
+    },
 }
 
 /// The device's TRE in the lab.
@@ -164,10 +176,22 @@ pub struct RunArgs {
     /// so and the SHO wraps K accordingly.
     #[arg(long, value_enum, default_value = "auto")]
     tpm_aka: TpmAka,
+    /// The operational attach through the MCIM as a USIM: "pcsc" starts a private pcscd with
+    /// vsmartcard's vpcd, `tred` is the card in its reader, and the VNO's challenge goes to
+    /// the card as an AUTHENTICATE APDU over PC/SC (`mcimctl card authenticate`).
+    #[arg(long, value_enum)]
+    usim: Option<UsimChoice>,
     /// The subscription requires AKA inside the TRE: the SHO refuses a device that runs it
     /// with K unsealed in the host (step 10), and the device hears it.
     #[arg(long)]
     require_aka_in_tre: bool,
+}
+
+/// How the lab's UE reaches the USIM (`--usim`).
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum UsimChoice {
+    /// PC/SC: pcscd with vsmartcard's vpcd, `tred` the virtual card.
+    Pcsc,
 }
 
 /// tred's `tpm_aka`.
@@ -185,7 +209,10 @@ async fn role_client(pki: &Path, me: Role, peer: Role, port: u16) -> Result<Chan
 
 /// Runs `mcimctl lab ...`.
 pub fn run(cmd: LabCommand) -> Result<(), CliError> {
-    let LabCommand::Run(a) = cmd;
+    let a = match cmd {
+        LabCommand::Run(a) => a,
+        LabCommand::Pcscd { dir, port } => return pcsc::exec(&dir, port),
+    };
     let tmp;
     let dir: PathBuf = match &a.dir {
         Some(d) => {

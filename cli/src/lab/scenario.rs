@@ -7,6 +7,9 @@
 
 use super::*;
 
+/// The lab device's PCID.
+const LAB_PCID: &str = "001010000000001";
+
 /// The processes of a lab run and the device's local API.
 struct Rig<'a> {
     a: &'a RunArgs,
@@ -276,13 +279,39 @@ pub(super) fn lab_inner(
         .env("MCIM_RO_URL", format!("https://127.0.0.1:{ro_p}"))
         .env("MCIM_VNO_URL", format!("https://127.0.0.1:{vno_p}"));
     let (_swtpm, tpm_port) = tre::start(a, dir, &mut tred, say)?;
+    // The USIM in a PC/SC reader: a private pcscd with vpcd, tred its virtual card.
+    let pcscd_dir = dir.join("pcscd");
+    let _pcscd = match a.usim {
+        Some(super::UsimChoice::Pcsc) => {
+            let (p, port) = start_on_free_ports(2, "pcscd with vpcd", |port| {
+                spawn(
+                    &mut super::pcsc::pcscd(&pcscd_dir, port)?,
+                    "pcscd (unshare)",
+                    &dir.join("pcscd.log"),
+                )
+            })?;
+            wait_until("pcscd", || super::pcsc::socket(&pcscd_dir).exists())?;
+            // The private pcscd runs as this user (root in its user namespace otherwise).
+            let uid = std::fs::metadata("/proc/self")
+                .map(|m| std::os::unix::fs::MetadataExt::uid(&m))
+                .map_err(fail)?;
+            tred.env("MCIM_USIM_VPCD", format!("127.0.0.1:{port}"))
+                .env("MCIM_USIM_VPCD_USER", uid.to_string());
+            say.line(&format!(
+                "[lab] pcscd with vpcd: PCSCLITE_CSOCK_NAME={}; tred is the card in reader \"mcim vpcd 00 00\"",
+                super::pcsc::socket(&pcscd_dir).display()
+            ));
+            Some(p)
+        }
+        None => None,
+    };
     let tred_proc = spawn(&mut tred, "tred", &dir.join("tred.log"))?;
     wait_until("tred", || {
         std::os::unix::net::UnixStream::connect(&socket).is_ok()
     })?;
     say.line(&format!("[lab] tred on {}", socket.display()));
 
-    let pcid = "001010000000001";
+    let pcid = LAB_PCID;
     runtime()?.block_on(async {
         let dev = connect(&socket).await?;
         let mut rig = Rig {
@@ -527,18 +556,12 @@ pub(super) fn lab_inner(
             m.imsi
         ));
 
-        // 4. Operational attach with the new MCIM.
-        let g = rig
-            .dev
-            .network_attach(pb::NetworkAttachRequest {
-                mcim_id: m.mcim_id.clone(),
-            })
-            .await
-            .map_err(|s| fail(format!("operational attach failed: {}", s.message())))?
-            .into_inner();
+        // 4. Operational attach with the new MCIM: tred attaches, or the UE through the
+        // card.
+        let (imsi, grant, via) = rig.operational_attach(&m.mcim_id, &m.imsi).await?;
         say.line(&format!(
-            "[lab] operational attach with IMSI {}: AKA in the TRE against the SHO's vectors, grant {}",
-            g.imsi, g.grant_id
+            "[lab] operational attach with IMSI {imsi}: {}, grant {grant}",
+            attach_how(via)
         ));
         let m = rig
             .dev
@@ -548,7 +571,7 @@ pub(super) fn lab_inner(
             .mcim
             .unwrap_or_default();
         report["mcim"] = mcim_report(&m);
-        report["operational_attach"] = json!({"ok": true, "imsi": g.imsi});
+        report["operational_attach"] = json!({"ok": true, "imsi": imsi, "via": via});
         report["provisioning_ms"] = json!(provisioning_ms);
         if a.flow != FlowChoice::Initial {
             // The lab's SHOs: the device goes to the second, and (--changes 2 and more) back
@@ -810,14 +833,17 @@ async fn change_sho(
         ));
     }
     // Operational attach with the new MCIM.
-    let g = rig
+    let new_imsi = rig
         .dev
-        .network_attach(pb::NetworkAttachRequest {
+        .get_mcim(pb::GetMcimRequest {
             mcim_id: mcim_id.clone(),
         })
-        .await
-        .map_err(|s| fail(format!("operational attach failed: {}", s.message())))?
-        .into_inner();
+        .await?
+        .into_inner()
+        .mcim
+        .unwrap_or_default()
+        .imsi;
+    let (imsi, grant, via) = rig.operational_attach(&mcim_id, &new_imsi).await?;
     let m = rig
         .dev
         .get_mcim(pb::GetMcimRequest { mcim_id })
@@ -826,10 +852,11 @@ async fn change_sho(
         .mcim
         .unwrap_or_default();
     rig.say.line(&format!(
-        "[lab] changed in {change_ms} ms; operational attach with IMSI {} of {}: grant {}",
-        g.imsi, m.sho_id, g.grant_id
+        "[lab] changed in {change_ms} ms; operational attach with IMSI {imsi} of {}: {}, grant {grant}",
+        m.sho_id,
+        attach_how(via)
     ));
-    report["operational_attach"] = json!({"ok": true, "imsi": g.imsi});
+    report["operational_attach"] = json!({"ok": true, "imsi": imsi, "via": via});
     let m = if dual {
         // The new one cannot attach? The owner switches back (one audited transition), the
         // old one attaches, and forth again: the new one provides connectivity at the end.
@@ -917,4 +944,112 @@ fn mcims_report(held: &[pb::Mcim]) -> serde_json::Value {
             .map(|m| json!({"imsi": m.imsi, "sho": m.sho_id, "state": mcim_report(m)["state"]}))
             .collect::<Vec<_>>()
     )
+}
+
+impl Rig<'_> {
+    /// The operational attach with MCIM `mcim_id` (IMSI `imsi`): `tred` attaches
+    /// (`NetworkAttach`), or with `--usim pcsc` the UE through the card. The IMSI, the grant
+    /// and how ("tred" or "usim-pcsc").
+    async fn operational_attach(
+        &mut self,
+        mcim_id: &str,
+        imsi: &str,
+    ) -> Result<(String, String, &'static str), CliError> {
+        if self.a.usim == Some(super::UsimChoice::Pcsc) {
+            let grant =
+                attach_through_the_card(&self.pki, self.base + 2, LAB_PCID, imsi, self.dir).await?;
+            return Ok((imsi.to_string(), grant, "usim-pcsc"));
+        }
+        let g = self
+            .dev
+            .network_attach(pb::NetworkAttachRequest {
+                mcim_id: mcim_id.to_string(),
+            })
+            .await
+            .map_err(|s| fail(format!("operational attach failed: {}", s.message())))?
+            .into_inner();
+        Ok((g.imsi, g.grant_id, "tred"))
+    }
+}
+
+/// How an operational attach went, for the lab's lines.
+fn attach_how(via: &str) -> &'static str {
+    if via == "usim-pcsc" {
+        "the VNO's challenge as AUTHENTICATE over PC/SC, answered by the card in the TRE"
+    } else {
+        "AKA in the TRE against the SHO's vectors"
+    }
+}
+
+/// The UE's operational attach through the USIM in the PC/SC reader: the VNO's challenge for
+/// `imsi` goes to the card as AUTHENTICATE (`mcimctl card authenticate`, a PC/SC client of the
+/// lab's pcscd), its RES back to the VNO; the grant.
+async fn attach_through_the_card(
+    pki: &Path,
+    vno_p: u16,
+    pcid: &str,
+    imsi: &str,
+    dir: &Path,
+) -> Result<String, CliError> {
+    let mut vno = VnoServiceClient::new(
+        crate::net::software_device_channel(
+            pki,
+            pcid,
+            Role::Vno,
+            &format!("https://127.0.0.1:{vno_p}"),
+        )
+        .await?,
+    );
+    let ch = vno
+        .attach(vno::AttachRequest {
+            identity: imsi.to_string(),
+        })
+        .await?
+        .into_inner();
+    let c = ch
+        .challenge
+        .ok_or_else(|| fail("the VNO sent no challenge"))?;
+    let exe = std::env::current_exe().map_err(fail)?;
+    let out = Command::new(exe)
+        .args([
+            "card",
+            "authenticate",
+            "--json",
+            "--reader",
+            "mcim vpcd 00 00",
+        ])
+        .args([
+            "--rand",
+            &hex::encode(&c.rand),
+            "--autn",
+            &hex::encode(&c.autn),
+        ])
+        .env(
+            "PCSCLITE_CSOCK_NAME",
+            super::pcsc::socket(&dir.join("pcscd")),
+        )
+        .output()
+        .map_err(fail)?;
+    if !out.status.success() {
+        return Err(fail(format!(
+            "AUTHENTICATE over PC/SC: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(fail)?;
+    let res = v["res"]
+        .as_str()
+        .and_then(|r| hex::decode(r).ok())
+        .ok_or_else(|| fail(format!("the card did not authenticate the network: {v}")))?;
+    let done = vno
+        .complete_attach(vno::CompleteAttachRequest {
+            attach_id: ch.attach_id,
+            answer: Some(vno::complete_attach_request::Answer::Res(res)),
+        })
+        .await?
+        .into_inner();
+    match done.result {
+        Some(vno::complete_attach_response::Result::Grant(g)) => Ok(g.grant_id),
+        _ => Err(fail("the VNO granted nothing for the card's RES")),
+    }
 }
