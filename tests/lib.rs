@@ -1273,3 +1273,18 @@ impl Drop for Pcscd {
         }
     }
 }
+
+/// The first `sh` block after the line `<!-- walked: NAME` in README.md: the README's
+/// commands, for tests that run them as written.
+pub fn readme_block(name: &str) -> String {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"))
+        .expect("README.md");
+    let marker = format!("<!-- walked: {name}");
+    let at = readme
+        .find(&marker)
+        .unwrap_or_else(|| panic!("README.md has no block marked {marker}"));
+    let rest = &readme[at..];
+    let start = rest.find("```sh\n").expect("a sh block after the marker") + "```sh\n".len();
+    let end = rest[start..].find("```").expect("the block ends");
+    rest[start..start + end].to_string()
+}

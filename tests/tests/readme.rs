@@ -12,16 +12,7 @@ use mcim_e2e::{Roles, Swtpm, output_text, workspace_bin};
 
 /// The block after `<!-- walked: NAME` in README.md.
 fn walked(name: &str) -> String {
-    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"))
-        .expect("README.md");
-    let marker = format!("<!-- walked: {name}");
-    let at = readme
-        .find(&marker)
-        .unwrap_or_else(|| panic!("README.md has no block marked {marker}"));
-    let rest = &readme[at..];
-    let start = rest.find("```sh\n").expect("a sh block after the marker") + "```sh\n".len();
-    let end = rest[start..].find("```").expect("the block ends");
-    rest[start..start + end].to_string()
+    mcim_e2e::readme_block(name)
 }
 
 /// Runs `script` with bash in `dir`, the workspace's binaries first on PATH; `prelude` comes

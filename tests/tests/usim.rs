@@ -743,3 +743,48 @@ fn the_lab_attaches_through_the_card_after_a_change_on_a_token() {
     let imsi = r["operational_attach"]["imsi"].as_str().unwrap();
     assert!(imsi.starts_with("00103"), "the second SHO's IMSI: {r:#}");
 }
+
+/// The README's USIM block, run as written against a tred that is the card of a private
+/// pcscd: pcsc_scan sees the card, `mcimctl card` reads it and authenticates test set 1's
+/// challenge, the pyscard snippet reads EF_IMSI.
+#[test]
+fn the_readme_usim_block_runs_as_written() {
+    let tpm = Swtpm::start();
+    let pcscd = mcim_e2e::Pcscd::start();
+    let work = tempfile::tempdir().unwrap();
+    let vpcd = pcscd.vpcd();
+    let (_tred, _) = device_with(&tpm, work.path(), &[("MCIM_USIM_VPCD", vpcd.as_str())]);
+    let bin = mcim_e2e::workspace_bin("mcimctl");
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "set -euo pipefail\n{}",
+            mcim_e2e::readme_block("usim")
+        ))
+        .current_dir(work.path())
+        .env("PCSCLITE_CSOCK_NAME", pcscd.socket())
+        .env(
+            "PATH",
+            // Debian's python3 (with python3-pyscard) before any other on this machine.
+            format!(
+                "{}:/usr/bin:{}",
+                bin.parent().unwrap().display(),
+                std::env::var("PATH").unwrap_or_default()
+            ),
+        )
+        .output()
+        .unwrap();
+    let text = output_text(&out);
+    assert!(
+        out.status.success(),
+        "the README's usim block failed:\n{text}"
+    );
+    assert!(text.contains("Card inserted"), "pcsc_scan: {text}");
+    assert!(
+        text.contains("3B 9F 96 80"),
+        "pcsc_scan shows the ATR: {text}"
+    );
+    assert!(text.contains("imsi: 001010123456789"), "{text}");
+    assert!(text.contains("res: a54211d5e3ba50bf"), "{text}");
+    assert!(text.contains("00b00000 9000 080910101032547698"), "{text}");
+}

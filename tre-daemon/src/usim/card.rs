@@ -426,7 +426,12 @@ impl Card {
             };
         }
         let Some(pin) = pin_value(&c.data) else {
-            return Response::status(SW_WRONG_LENGTH);
+            // Eight octets that are not a PIN field: wrong data; any other length: wrong length.
+            return Response::status(if c.data.len() == 8 {
+                SW_WRONG_DATA
+            } else {
+                SW_WRONG_LENGTH
+            });
         };
         // The PIN opens the MCIM's session (5.1.1.1 Selected), or is checked in one.
         let state = match self.device.get(&id).await {
@@ -671,7 +676,10 @@ fn pin_value(b: &[u8]) -> Option<String> {
         return None;
     }
     let digits: Vec<u8> = b.iter().copied().take_while(|&x| x != 0xff).collect();
-    if digits.len() < 4 || b[digits.len()..].iter().any(|&x| x != 0xff) {
+    if digits.len() < 4
+        || !digits.iter().all(u8::is_ascii_digit)
+        || b[digits.len()..].iter().any(|&x| x != 0xff)
+    {
         return None;
     }
     String::from_utf8(digits).ok()
@@ -690,8 +698,9 @@ fn pin_blocked(v: &crate::device::McimView) -> bool {
     v.state == McimState::Blocked || (v.has_pin && v.pin_tries_left == 0)
 }
 
-/// The status word for a PIN, PUK or session refusal.
+/// The status word for a PIN, PUK or session refusal (logged: the refusal names no secret).
 fn pin_refusal(e: &DeviceError) -> u16 {
+    tracing::info!("USIM: refused: {e}");
     match e {
         DeviceError::Registry(RegistryError::WrongPin { tries_left })
         | DeviceError::Registry(RegistryError::WrongPuk { tries_left }) => {
@@ -730,5 +739,9 @@ mod tests {
             None
         );
         assert_eq!(pin_value(b"1234"), None);
+        assert_eq!(
+            pin_value(&[b'1', b'2', b'3', b'4', 0x00, 0xff, 0xff, 0xff]),
+            None
+        );
     }
 }
