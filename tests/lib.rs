@@ -1288,3 +1288,82 @@ pub fn readme_block(name: &str) -> String {
     let end = rest[start..].find("```").expect("the block ends");
     rest[start..start + end].to_string()
 }
+
+/// TS 35.208 test set 1, and the IMSI the USIM tests and benches install it under.
+pub mod test_set_1 {
+    /// K.
+    pub const K: &str = "465b5ce8b199b49faa5f0a2ee238a6bc";
+    /// OPc.
+    pub const OPC: &str = "cd63cb71954a9f4e48a5994e37a02baf";
+    /// RAND.
+    pub const RAND: &str = "23553cbe9637a89d218ae64dae47bf35";
+    /// The IMSI.
+    pub const IMSI: &str = "001010123456789";
+}
+
+/// A device for the USIM tests and benches: tred on `tpm` with one MCIM (test set 1, IMSI
+/// [`test_set_1::IMSI`], PIN 1234, PUK 12345678) activated and chosen for connectivity, its
+/// raw APDU socket at `work/usim.sock`, `env` over tred's environment. Tred and the socket.
+pub fn usim_device(
+    tpm: &Swtpm,
+    work: &std::path::Path,
+    env: &[(&str, &str)],
+) -> (Tred, std::path::PathBuf) {
+    // The device maker's lockout setting: the MCIM's own counters (3 PIN tries) decide.
+    tpm.set_dictionary_attack(32, 600, 86400);
+    let usim = work.join("usim.sock");
+    let mut env = env.to_vec();
+    env.push(("MCIM_USIM_SOCKET", usim.to_str().unwrap()));
+    let tred = Tred::start_with(&tpm.tcti(), &env);
+    use test_set_1::{IMSI, K, OPC};
+    let socket = tred.socket();
+    let s = socket.to_str().unwrap();
+    let dir = |d: &str| work.join(d).to_str().unwrap().to_string();
+    let run = |args: &[&str]| {
+        let out = mcimctl(&[&["device", "--socket", s], args].concat());
+        assert!(out.status.success(), "{args:?}: {}", output_text(&out));
+    };
+    let (keys, blobs) = (dir("keys"), dir("blobs"));
+    run(&[
+        "init",
+        "--device-id",
+        "SN-U",
+        "--pcid",
+        "001010000000001",
+        "--model",
+        "m",
+        "--out-dir",
+        &keys,
+    ]);
+    let out = mcimctl(&[
+        "sho",
+        "wrap",
+        "--storage-public",
+        &format!("{keys}/storage.pub"),
+        "--k",
+        K,
+        "--opc",
+        OPC,
+        "--out-dir",
+        &blobs,
+    ]);
+    assert!(out.status.success(), "{}", output_text(&out));
+    run(&[
+        "install",
+        "--imsi",
+        IMSI,
+        "--sho",
+        "sho.example",
+        "--k-blob",
+        &format!("{blobs}/k.blob"),
+        "--opc-blob",
+        &format!("{blobs}/opc.blob"),
+        "--pin",
+        "1234",
+        "--puk",
+        "12345678",
+    ]);
+    run(&["activate", IMSI]);
+    run(&["connectivity", IMSI]);
+    (tred, usim)
+}

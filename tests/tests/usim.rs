@@ -10,11 +10,7 @@ use std::process::Command;
 
 use mcim_e2e::{Swtpm, Tred, mcimctl, output_text};
 
-/// TS 35.208 test set 1.
-const K: &str = "465b5ce8b199b49faa5f0a2ee238a6bc";
-const OPC: &str = "cd63cb71954a9f4e48a5994e37a02baf";
-const RAND: &str = "23553cbe9637a89d218ae64dae47bf35";
-const IMSI: &str = "001010123456789";
+use mcim_e2e::test_set_1::{IMSI, K, OPC, RAND};
 const USIM_AID: &str = "a0000000871002ffffffff8907090000";
 
 /// One card on the socket.
@@ -80,69 +76,7 @@ fn device(tpm: &Swtpm, work: &std::path::Path) -> (Tred, std::path::PathBuf) {
     device_with(tpm, work, &[])
 }
 
-/// [`device`] with more of tred's environment (the local API's groups).
-fn device_with(
-    tpm: &Swtpm,
-    work: &std::path::Path,
-    env: &[(&str, &str)],
-) -> (Tred, std::path::PathBuf) {
-    // The device maker's lockout setting: the MCIM's own counters (3 PIN tries) decide.
-    tpm.set_dictionary_attack(32, 600, 86400);
-    let usim = work.join("usim.sock");
-    let mut env = env.to_vec();
-    env.push(("MCIM_USIM_SOCKET", usim.to_str().unwrap()));
-    let tred = Tred::start_with(&tpm.tcti(), &env);
-    let socket = tred.socket();
-    let s = socket.to_str().unwrap();
-    let dir = |d: &str| work.join(d).to_str().unwrap().to_string();
-    let run = |args: &[&str]| {
-        let out = mcimctl(&[&["device", "--socket", s], args].concat());
-        assert!(out.status.success(), "{args:?}: {}", output_text(&out));
-    };
-    let (keys, blobs) = (dir("keys"), dir("blobs"));
-    run(&[
-        "init",
-        "--device-id",
-        "SN-U",
-        "--pcid",
-        "001010000000001",
-        "--model",
-        "m",
-        "--out-dir",
-        &keys,
-    ]);
-    let out = mcimctl(&[
-        "sho",
-        "wrap",
-        "--storage-public",
-        &format!("{keys}/storage.pub"),
-        "--k",
-        K,
-        "--opc",
-        OPC,
-        "--out-dir",
-        &blobs,
-    ]);
-    assert!(out.status.success(), "{}", output_text(&out));
-    run(&[
-        "install",
-        "--imsi",
-        IMSI,
-        "--sho",
-        "sho.example",
-        "--k-blob",
-        &format!("{blobs}/k.blob"),
-        "--opc-blob",
-        &format!("{blobs}/opc.blob"),
-        "--pin",
-        "1234",
-        "--puk",
-        "12345678",
-    ]);
-    run(&["activate", IMSI]);
-    run(&["connectivity", IMSI]);
-    (tred, usim)
-}
+use mcim_e2e::usim_device as device_with;
 
 #[test]
 fn the_usim_answers_a_modem_with_the_trusted_environments_aka() {

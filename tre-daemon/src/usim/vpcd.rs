@@ -35,11 +35,12 @@ pub async fn serve(addr: SocketAddr, owner: u32, pin_admin: bool, device: Device
             Ok(stream) => match checked(&stream, owner) {
                 Ok(()) => {
                     let _ = stream.set_nodelay(true);
+                    let _ = stream.set_quickack(true);
                     tracing::info!(%addr, "USIM: the card is in vpcd's reader");
                     said = None;
                     wait = RETRY_MIN;
                     let mut card = Card::new(device.clone(), pin_admin);
-                    let ended = session(stream, &mut card, None).await;
+                    let ended = session(QuickAck(stream), &mut card, None).await;
                     card.close().await;
                     match ended {
                         Ok(()) => "vpcd closed the card's connection".to_string(),
@@ -57,6 +58,49 @@ pub async fn serve(addr: SocketAddr, owner: u32, pin_admin: bool, device: Device
         }
         tokio::time::sleep(wait).await;
         wait = (wait * 2).min(RETRY_MAX);
+    }
+}
+
+/// A TCP stream that acknowledges at once whatever it reads. vpcd sends each message as two
+/// segments (the length, then the APDU), holding the second until the first is acknowledged
+/// (Nagle); with the usual delayed ACK every message would wait some 40 ms.
+struct QuickAck(TcpStream);
+
+impl tokio::io::AsyncRead for QuickAck {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let r = std::pin::Pin::new(&mut self.0).poll_read(cx, buf);
+        if r.is_ready() {
+            let _ = self.0.set_quickack(true);
+        }
+        r
+    }
+}
+
+impl tokio::io::AsyncWrite for QuickAck {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_shutdown(cx)
     }
 }
 
