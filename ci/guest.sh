@@ -25,7 +25,7 @@ ACCEL="${MCIM_GUEST_ACCEL:-tcg}"
 TIMEOUT="${MCIM_GUEST_TIMEOUT:-1500}"
 # What the packages depend on (dpkg -i installs no dependencies), and tpm2-tools as witness.
 INCLUDE=systemd-sysv,udev,linux-image-amd64,initramfs-tools,tpm-udev,adduser,passwd,\
-libtss2-esys-3.0.2-0,libtss2-tctildr0,libtss2-mu0,tpm2-tools,iproute2,procps,util-linux
+libtss2-esys-3.0.2-0,libtss2-tctildr0,libtss2-mu0,libpcsclite1,tpm2-tools,iproute2,procps,util-linux
 
 fail() { echo "ci/guest: FAIL: $*" >&2; exit 1; }
 for tool in qemu-system-x86_64 qemu-img debootstrap swtpm mkfs.ext4; do

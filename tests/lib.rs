@@ -1289,6 +1289,26 @@ pub fn readme_block(name: &str) -> String {
     rest[start..start + end].to_string()
 }
 
+/// The TRE of a [`usim_device`]: a swtpm or a SoftHSM2 token.
+pub enum UsimTre<'a> {
+    /// A software TPM.
+    Tpm(&'a Swtpm),
+    /// A SoftHSM2 token.
+    Token(&'a SoftHsm),
+}
+
+impl<'a> From<&'a Swtpm> for UsimTre<'a> {
+    fn from(t: &'a Swtpm) -> Self {
+        UsimTre::Tpm(t)
+    }
+}
+
+impl<'a> From<&'a SoftHsm> for UsimTre<'a> {
+    fn from(h: &'a SoftHsm) -> Self {
+        UsimTre::Token(h)
+    }
+}
+
 /// TS 35.208 test set 1, and the IMSI the USIM tests and benches install it under.
 pub mod test_set_1 {
     /// K.
@@ -1304,17 +1324,34 @@ pub mod test_set_1 {
 /// A device for the USIM tests and benches: tred on `tpm` with one MCIM (test set 1, IMSI
 /// [`test_set_1::IMSI`], PIN 1234, PUK 12345678) activated and chosen for connectivity, its
 /// raw APDU socket at `work/usim.sock`, `env` over tred's environment. Tred and the socket.
-pub fn usim_device(
-    tpm: &Swtpm,
+pub fn usim_device<'a>(
+    tre: impl Into<UsimTre<'a>>,
     work: &std::path::Path,
     env: &[(&str, &str)],
 ) -> (Tred, std::path::PathBuf) {
-    // The device maker's lockout setting: the MCIM's own counters (3 PIN tries) decide.
-    tpm.set_dictionary_attack(32, 600, 86400);
     let usim = work.join("usim.sock");
     let mut env = env.to_vec();
     env.push(("MCIM_USIM_SOCKET", usim.to_str().unwrap()));
-    let tred = Tred::start_with(&tpm.tcti(), &env);
+    let conf;
+    let tcti = match tre.into() {
+        UsimTre::Tpm(tpm) => {
+            // The device maker's lockout setting: the MCIM's own counters (3 PIN tries) decide.
+            tpm.set_dictionary_attack(32, 600, 86400);
+            tpm.tcti()
+        }
+        UsimTre::Token(hsm) => {
+            conf = hsm.conf().to_str().unwrap().to_string();
+            env.extend([
+                ("MCIM_BACKEND", "pkcs11"),
+                ("SOFTHSM2_CONF", conf.as_str()),
+                ("MCIM_PKCS11_MODULE", SOFTHSM2_MODULE),
+                ("MCIM_PKCS11_TOKEN", SOFTHSM2_LABEL),
+                ("MCIM_PKCS11_PIN", SOFTHSM2_PIN),
+            ]);
+            "unused".to_string()
+        }
+    };
+    let tred = Tred::start_with(&tcti, &env);
     use test_set_1::{IMSI, K, OPC};
     let socket = tred.socket();
     let s = socket.to_str().unwrap();

@@ -492,15 +492,26 @@ fn pyscard(pcscd: &mcim_e2e::Pcscd, apdus: &[String]) -> Vec<(String, String)> {
 /// pyscard (and `mcimctl card`, through libpcsclite) the applications: EF_IMSI equals the
 /// MCIM's IMSI, AUTHENTICATE equals osmo-auc-gen's vector, a replay's AUTS resynchronises in
 /// osmo-auc-gen, three wrong PINs block the application until the PUK (the PC/SC side in the
-/// owner class here).
+/// owner class here). On swtpm.
 #[test]
 fn pcsc_applications_see_the_mcim_as_a_usim() {
     let tpm = Swtpm::start();
+    pcsc_card_on(mcim_e2e::UsimTre::Tpm(&tpm));
+}
+
+/// The same on a SoftHSM2 token.
+#[test]
+fn pcsc_applications_see_the_mcim_on_a_token_as_a_usim() {
+    let hsm = mcim_e2e::SoftHsm::new();
+    pcsc_card_on(mcim_e2e::UsimTre::Token(&hsm));
+}
+
+fn pcsc_card_on(tre: mcim_e2e::UsimTre<'_>) {
     let pcscd = mcim_e2e::Pcscd::start();
     let work = tempfile::tempdir().unwrap();
     let vpcd = pcscd.vpcd();
     let (_tred, _) = device_with(
-        &tpm,
+        tre,
         work.path(),
         &[
             ("MCIM_USIM_VPCD", vpcd.as_str()),
@@ -665,6 +676,11 @@ fn the_lab_attaches_through_the_card_over_pcsc() {
     assert_eq!(r["operational_attach"]["via"], "usim-pcsc", "{r:#}");
     assert_eq!(r["operational_attach"]["imsi"], r["mcim"]["imsi"], "{r:#}");
     assert!(err.contains("AUTHENTICATE over PC/SC"), "{err}");
+    // The card's files from the SHO's package: its IMSI, the MNC's length of its home PLMN
+    // (001-02), its service provider name.
+    assert_eq!(r["usim"]["imsi"], r["mcim"]["imsi"], "{r:#}");
+    assert_eq!(r["usim"]["mnc_length"], 2, "{r:#}");
+    assert_eq!(r["usim"]["service_provider_name"], "mcim lab SHO", "{r:#}");
 }
 
 /// The same on SoftHSM2, after a change of SHO: the card presents the new SHO's MCIM.
@@ -676,6 +692,14 @@ fn the_lab_attaches_through_the_card_after_a_change_on_a_token() {
     assert_eq!(r["operational_attach"]["via"], "usim-pcsc", "{r:#}");
     let imsi = r["operational_attach"]["imsi"].as_str().unwrap();
     assert!(imsi.starts_with("00103"), "the second SHO's IMSI: {r:#}");
+    assert_eq!(
+        r["usim"]["imsi"], imsi,
+        "the card presents the new MCIM: {r:#}"
+    );
+    assert_eq!(
+        r["usim"]["service_provider_name"], "mcim lab SHO 2",
+        "{r:#}"
+    );
 }
 
 /// The README's USIM block, run as written against a tred that is the card of a private
@@ -721,4 +745,104 @@ fn the_readme_usim_block_runs_as_written() {
     assert!(text.contains("imsi: 001010123456789"), "{text}");
     assert!(text.contains("res: a54211d5e3ba50bf"), "{text}");
     assert!(text.contains("00b00000 9000 080910101032547698"), "{text}");
+}
+
+/// kill -9 while the card runs AUTHENTICATE or VERIFY, at several points of the call: after
+/// each restart the registry is whole (no lockdown, the audit record verifies), the vector in
+/// flight was either used (a replay now: AUTS) or not (it answers now), the next fresh vector
+/// answers, and a wrong PIN in flight was counted at most once.
+#[test]
+fn killing_tred_mid_authenticate_or_verify_loses_nothing() {
+    use mcim_core::aka::{Amf, Constants, HeSqnState, Milenage, Opc, Rand, SoftKernel, SqnProfile};
+    let tpm = Swtpm::start();
+    let work = tempfile::tempdir().unwrap();
+    let (mut tred, usim) = device(&tpm, work.path());
+    let k = mcim_core::aka::K::from_slice(&hex::decode(K).unwrap()).unwrap();
+    let m = Milenage::with_opc(
+        SoftKernel::new(&k),
+        Opc::from_slice(&hex::decode(OPC).unwrap()).unwrap(),
+        Constants::default(),
+    );
+    let profile = SqnProfile::default();
+    let mut he = HeSqnState::default();
+    let rands: Vec<Rand> = (0..16).map(|i| Rand([i as u8 + 1; 16])).collect();
+    let avs =
+        mcim_core::aka::generate_avs(&m, &mut he, &profile, Amf([0xb9, 0xb9]), &rands).unwrap();
+    let mut next = avs.iter();
+    let open = || {
+        let mut card = Reader(UnixStream::connect(&usim).unwrap());
+        card.message(&[1]);
+        assert_eq!(card.apdu(&format!("00a4040c10{USIM_AID}")).1, 0x9000);
+        card
+    };
+    let auth = |v: &mcim_core::aka::AuthVector| {
+        format!(
+            "008800812210{}10{}00",
+            hex::encode(v.rand.0),
+            hex::encode(v.autn.0)
+        )
+    };
+    let tries = |s: &str| -> u32 {
+        let out = output_text(&mcimctl(&["device", "--socket", s, "--json", "get", IMSI]));
+        let v: serde_json::Value =
+            serde_json::from_str(out.trim()).unwrap_or_else(|_| panic!("{out}"));
+        v["pin_retries_left"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{v}")) as u32
+    };
+    for delay_ms in [0u64, 3, 8, 15, 25] {
+        // AUTHENTICATE in flight.
+        let mut card = open();
+        assert_eq!(card.apdu(&format!("0020000108{}", pin("1234"))).1, 0x9000);
+        let v = next.next().unwrap();
+        let a = hex::decode(auth(v)).unwrap();
+        card.0
+            .write_all(&u16::try_from(a.len()).unwrap().to_be_bytes())
+            .unwrap();
+        card.0.write_all(&a).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+        tred.kill_and_restart();
+        drop(card);
+        let s = tred.socket().to_str().unwrap().to_string();
+        let audit = mcimctl(&["audit", "--socket", &s, "verify"]);
+        assert!(audit.status.success(), "{}", output_text(&audit));
+        let mut card = open();
+        assert_eq!(card.apdu(&format!("0020000108{}", pin("1234"))).1, 0x9000);
+        let (r, sw) = card.apdu(&auth(v));
+        assert_eq!(sw, 0x9000);
+        assert!(
+            (r[0] == 0xdb && r[2..10] == v.xres.0[..]) || r[0] == 0xdc,
+            "the vector in flight: {}",
+            hex::encode(&r)
+        );
+        eprintln!("delay {delay_ms}: in flight {:02x}", r[0]);
+        let w = next.next().unwrap();
+        let (r, sw) = card.apdu(&auth(w));
+        assert_eq!((sw, r[0]), (0x9000, 0xdb), "the next fresh vector answers");
+        assert_eq!(&r[2..10], &w.xres.0[..]);
+        drop(card);
+
+        // A wrong PIN in flight: counted once or not at all, never reset, never twice.
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let before = tries(&s);
+        let mut card = open();
+        let a = hex::decode(format!("0020000108{}", pin("9999"))).unwrap();
+        card.0
+            .write_all(&u16::try_from(a.len()).unwrap().to_be_bytes())
+            .unwrap();
+        card.0.write_all(&a).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+        tred.kill_and_restart();
+        drop(card);
+        let after = tries(tred.socket().to_str().unwrap());
+        assert!(
+            after == before || after + 1 == before,
+            "tries {before} -> {after}"
+        );
+        eprintln!("delay {delay_ms}: tries {before} -> {after}");
+        // The right PIN resets the counter for the next round.
+        let mut card = open();
+        assert_eq!(card.apdu(&format!("0020000108{}", pin("1234"))).1, 0x9000);
+        drop(card);
+    }
 }

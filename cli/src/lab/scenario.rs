@@ -572,6 +572,9 @@ pub(super) fn lab_inner(
             .unwrap_or_default();
         report["mcim"] = mcim_report(&m);
         report["operational_attach"] = json!({"ok": true, "imsi": imsi, "via": via});
+        if via == "usim-pcsc" {
+            report["usim"] = card_contents(dir)?;
+        }
         report["provisioning_ms"] = json!(provisioning_ms);
         if a.flow != FlowChoice::Initial {
             // The lab's SHOs: the device goes to the second, and (--changes 2 and more) back
@@ -857,6 +860,9 @@ async fn change_sho(
         attach_how(via)
     ));
     report["operational_attach"] = json!({"ok": true, "imsi": imsi, "via": via});
+    if via == "usim-pcsc" {
+        report["usim"] = card_contents(rig.dir)?;
+    }
     let m = if dual {
         // The new one cannot attach? The owner switches back (one audited transition), the
         // old one attaches, and forth again: the new one provides connectivity at the end.
@@ -1052,4 +1058,25 @@ async fn attach_through_the_card(
         Some(vno::complete_attach_response::Result::Grant(g)) => Ok(g.grant_id),
         _ => Err(fail("the VNO granted nothing for the card's RES")),
     }
+}
+
+/// What the card in the lab's reader shows (`mcimctl card read --json`): its ICCID, IMSI,
+/// MNC length and service provider name, from the MCIM's package.
+fn card_contents(dir: &Path) -> Result<serde_json::Value, CliError> {
+    let exe = std::env::current_exe().map_err(fail)?;
+    let out = Command::new(exe)
+        .args(["card", "read", "--json", "--reader", "mcim vpcd 00 00"])
+        .env(
+            "PCSCLITE_CSOCK_NAME",
+            super::pcsc::socket(&dir.join("pcscd")),
+        )
+        .output()
+        .map_err(fail)?;
+    if !out.status.success() {
+        return Err(fail(format!(
+            "reading the card over PC/SC: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    serde_json::from_slice(&out.stdout).map_err(fail)
 }
