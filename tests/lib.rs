@@ -279,6 +279,17 @@ impl Tred {
         t
     }
 
+    /// tred's Prometheus metrics, when it was started with `MCIM_METRICS_LISTEN`.
+    pub fn metrics(&self) -> String {
+        let addr = self
+            .env
+            .iter()
+            .find(|(k, _)| k == "MCIM_METRICS_LISTEN")
+            .map(|(_, v)| v.clone())
+            .expect("tred started without MCIM_METRICS_LISTEN");
+        scrape(&addr)
+    }
+
     /// Starts tred again on the same state directory (after [`Tred::stop`]).
     pub fn restart(&mut self) {
         self.stop();
@@ -603,6 +614,8 @@ pub struct Roles {
     pub pki: PathBuf,
     /// The SQLite file.
     pub db: PathBuf,
+    /// More arguments for `mcim-roles all`.
+    args: Vec<String>,
 }
 
 /// Ports `mcim-roles all` listens on.
@@ -611,17 +624,24 @@ pub const ROLE_PORTS: u16 = 6;
 impl Roles {
     /// Starts the roles in `work` and waits until every port listens.
     pub fn start(work: &std::path::Path) -> Self {
+        Self::start_with(work, &[])
+    }
+
+    /// [`Roles::start`] with more arguments for `mcim-roles all` (`--max-concurrent-calls 1`).
+    pub fn start_with(work: &std::path::Path, args: &[&str]) -> Self {
         let pki = pki_init(work);
         let mut r = Roles {
             child: None,
             base: 0,
             pki,
             db: work.join("roles.db"),
+            args: args.iter().map(|a| a.to_string()).collect(),
         };
         // Ports found free can be taken by another test (or an outgoing connection's
         // ephemeral port) before mcim-roles binds them: then it exits, and we try new ones.
         for _attempt in 0..5 {
-            r.base = free_ports(ROLE_PORTS);
+            // The roles' ports, then their metrics listener.
+            r.base = free_ports(ROLE_PORTS + 1);
             if r.launch() {
                 return r;
             }
@@ -635,6 +655,11 @@ impl Roles {
             .args(["all", "--pki", self.pki.to_str().unwrap(), "--db"])
             .arg(format!("sqlite://{}", self.db.display()))
             .args(["--base-port", &self.base.to_string()])
+            .args([
+                "--metrics-listen",
+                &format!("127.0.0.1:{}", self.base + ROLE_PORTS),
+            ])
+            .args(&self.args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -673,6 +698,11 @@ impl Roles {
         }
     }
 
+    /// The roles' Prometheus metrics (`GET /metrics` on the port after theirs).
+    pub fn metrics(&self) -> String {
+        scrape(&format!("127.0.0.1:{}", self.base + ROLE_PORTS))
+    }
+
     /// The address of a role ("supplier", "ro", "vno", "sho", "pva"), `https://127.0.0.1:port`.
     pub fn url(&self, role: &str) -> String {
         format!("https://127.0.0.1:{}", self.port(role))
@@ -689,7 +719,9 @@ impl Roles {
         let ca = self.pki.join("ca.pem");
         let sho_ca = self.pki.join("ca-sho.pem");
         let (ro, vno) = (self.url("ro"), self.url("vno"));
+        let metrics = format!("127.0.0.1:{}", free_ports(1));
         let mut env = vec![
+            ("MCIM_METRICS_LISTEN", metrics.as_str()),
             ("MCIM_CA_FILE", ca.to_str().unwrap()),
             ("MCIM_SHO_CA_FILE", sho_ca.to_str().unwrap()),
             ("MCIM_CA_DIR", self.pki.to_str().unwrap()),
@@ -1097,29 +1129,8 @@ impl CliDevice {
             pcid: pcid.to_string(),
             imsi: String::new(),
         };
-        let pki = d.roles.pki.to_str().unwrap().to_string();
-        let (supplier, pva) = (d.roles.url("supplier"), d.roles.url("pva"));
         let socket = d.socket();
-        let mut supply: Vec<&str> = vec![
-            "supplier",
-            "supply",
-            "--socket",
-            &socket,
-            "--supplier-url",
-            &supplier,
-            "--pva-url",
-            &pva,
-            "--pki",
-            &pki,
-            "--device-id",
-            "CLI-DEVICE",
-            "--pcid",
-            pcid,
-            "--model",
-            "cli-model",
-        ];
-        supply.extend_from_slice(supply_args);
-        mcimctl_ok(&supply);
+        supply_device(&d.roles, &socket, pcid, supply_args);
         d.imsi = d.contract("sho");
         let provisioned = mcimctl_ok(&[
             "device",
@@ -1141,40 +1152,7 @@ impl CliDevice {
     /// The subscriber contracts the device at the SHO `sho` ("sho" or "sho2") with a fresh
     /// proof of ownership for it; returns the IMSI the SHO reserved.
     pub fn contract(&self, sho: &str) -> String {
-        let sho_id = if sho == "sho2" {
-            "sho2.mcim.local"
-        } else {
-            "sho.mcim.local"
-        };
-        let params = self.work.path().join(format!("device-{sho}.json"));
-        mcimctl_ok(&[
-            "device",
-            "--socket",
-            &self.socket(),
-            "parameters",
-            "--out",
-            params.to_str().unwrap(),
-            "--for-subscriber",
-            "subscriber.mcim.local",
-            "--sho-id",
-            sho_id,
-        ]);
-        let contracted = mcimctl_ok(&[
-            "subscriber",
-            "register",
-            "--device",
-            params.to_str().unwrap(),
-            "--sho-url",
-            &self.roles.url(sho),
-            "--pki",
-            self.roles.pki.to_str().unwrap(),
-            "--json",
-        ]);
-        serde_json::from_str::<serde_json::Value>(contracted.lines().next().unwrap()).unwrap()
-            ["imsi"]
-            .as_str()
-            .unwrap()
-            .to_string()
+        contract_device(&self.roles, self.work.path(), &self.socket(), sho)
     }
 
     /// The device's MCIMs (sorted by id) and its audit log's length, from its local API.
@@ -1403,4 +1381,87 @@ pub fn usim_device<'a>(
     run(&["activate", IMSI]);
     run(&["connectivity", IMSI]);
     (tred, usim)
+}
+
+/// `GET /metrics` at `addr` (plain HTTP/1.1): the body, after checking the answer is 200.
+pub fn scrape(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = TcpStream::connect(addr).unwrap_or_else(|e| panic!("metrics at {addr}: {e}"));
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).unwrap();
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    body.to_string()
+}
+
+/// The supplier supplies the device behind tred's `socket` as `pcid` (CCIF mode 2, with
+/// `supply_args` added) under `roles`.
+pub fn supply_device(roles: &Roles, socket: &str, pcid: &str, supply_args: &[&str]) {
+    let pki = roles.pki.to_str().unwrap().to_string();
+    let (supplier, pva) = (roles.url("supplier"), roles.url("pva"));
+    let mut supply: Vec<&str> = vec![
+        "supplier",
+        "supply",
+        "--socket",
+        socket,
+        "--supplier-url",
+        &supplier,
+        "--pva-url",
+        &pva,
+        "--pki",
+        &pki,
+        "--device-id",
+        "CLI-DEVICE",
+        "--pcid",
+        pcid,
+        "--model",
+        "cli-model",
+    ];
+    supply.extend_from_slice(supply_args);
+    mcimctl_ok(&supply);
+}
+
+/// The subscriber contracts the device behind tred's `socket` at the SHO `sho` ("sho" or
+/// "sho2") of `roles` with a fresh proof of ownership (files in `work`); the IMSI the SHO
+/// reserved.
+pub fn contract_device(roles: &Roles, work: &Path, socket: &str, sho: &str) -> String {
+    let sho_id = if sho == "sho2" {
+        "sho2.mcim.local"
+    } else {
+        "sho.mcim.local"
+    };
+    let params = work.join(format!("device-{sho}.json"));
+    mcimctl_ok(&[
+        "device",
+        "--socket",
+        socket,
+        "parameters",
+        "--out",
+        params.to_str().unwrap(),
+        "--for-subscriber",
+        "subscriber.mcim.local",
+        "--sho-id",
+        sho_id,
+    ]);
+    let contracted = mcimctl_ok(&[
+        "subscriber",
+        "register",
+        "--device",
+        params.to_str().unwrap(),
+        "--sho-url",
+        &roles.url(sho),
+        "--pki",
+        roles.pki.to_str().unwrap(),
+        "--json",
+    ]);
+    serde_json::from_str::<serde_json::Value>(contracted.lines().next().unwrap()).unwrap()["imsi"]
+        .as_str()
+        .unwrap()
+        .to_string()
 }

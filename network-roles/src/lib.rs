@@ -30,6 +30,7 @@ pub mod gate;
 pub mod peers;
 pub mod pva;
 pub mod ro;
+pub mod shed;
 pub mod sho;
 pub mod store;
 pub mod supplier;

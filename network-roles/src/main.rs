@@ -45,6 +45,18 @@ struct Args {
     /// over it.
     #[arg(long, env = "MCIM_CONFIG", global = true)]
     config: Option<PathBuf>,
+    /// Serve Prometheus metrics (text format, `GET /metrics`, plain HTTP) on this address:
+    /// calls by RPC and status, latency, provisionings by outcome, the RO's task queue, the
+    /// database pools. Bind it where only the scraper reaches. Off unless set.
+    #[arg(long, env = "MCIM_METRICS_LISTEN", global = true)]
+    metrics_listen: Option<SocketAddr>,
+    /// At most this many calls from devices and subscribers in flight per role server; past
+    /// it a call is answered at once with RESOURCE_EXHAUSTED and a retry hint
+    /// (`grpc-retry-pushback-ms`), which tred honours with jittered exponential backoff.
+    /// Calls between roles are not limited.
+    #[arg(long, env = "MCIM_MAX_CONCURRENT_CALLS", global = true, default_value_t = 256,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    max_concurrent_calls: u32,
     #[command(subcommand)]
     role: RoleCmd,
 }
@@ -185,7 +197,10 @@ fn main() -> std::process::ExitCode {
     let mut argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
     if let Some(file) = mcim_roles::config::config_path(&argv) {
         use clap::CommandFactory;
-        argv = match mcim_roles::config::with_file(&Args::command(), argv, file.as_ref()) {
+        // Built, so that every role's command carries the global settings (metrics, limits).
+        let mut cmd = Args::command();
+        cmd.build();
+        argv = match mcim_roles::config::with_file(&cmd, argv, file.as_ref()) {
             Ok(a) => a,
             Err(e) => {
                 eprintln!("mcim-roles: {e}");
@@ -216,7 +231,7 @@ fn main() -> std::process::ExitCode {
     // (clients that keep idle connections or streams open would hold a drain forever).
     let served = runtime.block_on(async {
         tokio::select! {
-            r = serve(args.role) => r,
+            r = serve(args.role, args.metrics_listen, args.max_concurrent_calls) => r,
             _ = async { shutdown().await; tokio::time::sleep(DRAIN).await } => {
                 tracing::warn!("calls still open {} s after the signal: stopping", DRAIN.as_secs());
                 Ok(())
@@ -259,8 +274,60 @@ enum Service {
     Pva(Pva),
 }
 
+/// Opens a role's database; its pool's connections are metrics (by the database's name).
 async fn open(db: &str) -> Result<SqlitePool, String> {
-    mcim_roles::store::open(db).await.map_err(|e| e.to_string())
+    let pool = mcim_roles::store::open(db)
+        .await
+        .map_err(|e| e.to_string())?;
+    let metrics = mcim_telemetry::metrics::init("mcim_roles");
+    let size = metrics.gauges(
+        "db_pool_connections",
+        "connections a database pool holds, by database",
+    );
+    let idle = metrics.gauges(
+        "db_pool_idle_connections",
+        "idle connections of a database pool, by database",
+    );
+    // The database's name, never its URL (which may carry a password).
+    let name = db
+        .split('?')
+        .next()
+        .and_then(|p| p.rsplit('/').next())
+        .unwrap_or("db")
+        .to_string();
+    let p = pool.clone();
+    metrics.on_scrape(move || {
+        let label = mcim_telemetry::metrics::NameLabels { name: name.clone() };
+        size.get_or_create(&label).set(i64::from(p.size()));
+        idle.get_or_create(&label)
+            .set(i64::try_from(p.num_idle()).unwrap_or(i64::MAX));
+    });
+    Ok(pool)
+}
+
+/// Keeps the gauge of tasks queued for devices and not yet sent (the RO's `ro_task` beyond
+/// each device's last sent one) up to date, every 5 s.
+async fn task_queue_depth(pool: SqlitePool) {
+    let metrics = mcim_telemetry::metrics::init("mcim_roles");
+    let depth = metrics.gauges(
+        "task_queue_depth",
+        "tasks queued for devices and not yet sent, by queue (refreshed every 5 s)",
+    );
+    let label = mcim_telemetry::metrics::NameLabels {
+        name: "ro_task".into(),
+    };
+    loop {
+        let n: Result<(i64,), _> = sqlx::query_as(
+            "SELECT COUNT(*) FROM ro_task t LEFT JOIN ro_task_sent s ON s.pcid = t.pcid \
+             WHERE s.last_seq IS NULL OR t.seq > s.last_seq",
+        )
+        .fetch_one(&pool)
+        .await;
+        if let Ok((n,)) = n {
+            depth.get_or_create(&label).set(n);
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+    }
 }
 
 fn sho_config(url: String, peers: &Peers, sho: ShoArgs) -> ShoConfig {
@@ -288,8 +355,23 @@ fn second_sho_db(db: &str) -> String {
     }
 }
 
-async fn serve(cmd: RoleCmd) -> Result<(), String> {
+async fn serve(
+    cmd: RoleCmd,
+    metrics_listen: Option<SocketAddr>,
+    max_calls: u32,
+) -> Result<(), String> {
     let e = |e: mcim_roles::error::RoleError| e.to_string();
+    let metrics = mcim_telemetry::metrics::init("mcim_roles");
+    let mut servers = tokio::task::JoinSet::new();
+    if let Some(addr) = metrics_listen {
+        let listener = mcim_telemetry::metrics::bind(addr).await?;
+        tracing::info!(%addr, "metrics: GET /metrics");
+        let m = metrics.clone();
+        servers.spawn(async move {
+            mcim_telemetry::metrics::serve(listener, m).await;
+            Ok::<(), String>(())
+        });
+    }
     let roles: Vec<(Role, String, PathBuf, SocketAddr, Service)> = match cmd {
         RoleCmd::Supplier {
             pki,
@@ -414,12 +496,31 @@ async fn serve(cmd: RoleCmd) -> Result<(), String> {
     // Every port is bound before systemd hears "ready" (Type=notify): a unit ordered after
     // this one finds the roles listening.
     // (A port that cannot be bound ends `serve`; dropping the set aborts the roles started.)
-    let mut servers = tokio::task::JoinSet::new();
     for (role, party, pki, listen, service) in roles {
+        if let Service::Ro(ro) = &service {
+            servers.spawn({
+                let pool = ro.pool();
+                async move {
+                    task_queue_depth(pool).await;
+                    Ok(())
+                }
+            });
+        }
         let incoming = tonic::transport::server::TcpIncoming::bind(listen)
             .map_err(|e| format!("{role} ({party}) on {listen}: {e}"))?
             .with_nodelay(Some(true));
-        servers.spawn(serve_role(role, party, pki, listen, incoming, service));
+        servers.spawn(serve_role(
+            role,
+            party,
+            pki,
+            listen,
+            incoming,
+            service,
+            CallLayers {
+                metrics: metrics.clone(),
+                shed: mcim_roles::shed::Shed::new(usize::try_from(max_calls).unwrap_or(usize::MAX)),
+            },
+        ));
     }
     mcim_telemetry::notify_ready();
     // The first role to stop (an error, or SIGTERM's drain) ends the process.
@@ -430,6 +531,12 @@ async fn serve(cmd: RoleCmd) -> Result<(), String> {
     }
 }
 
+/// What every call to a role server passes besides the gate: its metrics, the overload limit.
+struct CallLayers {
+    metrics: std::sync::Arc<mcim_telemetry::metrics::Metrics>,
+    shed: mcim_roles::shed::Shed,
+}
+
 /// Serves one role over mutual TLS, with gRPC health and reflection.
 async fn serve_role(
     role: Role,
@@ -438,17 +545,23 @@ async fn serve_role(
     listen: SocketAddr,
     incoming: tonic::transport::server::TcpIncoming,
     service: Service,
+    layers: CallLayers,
 ) -> Result<(), String> {
+    let CallLayers { metrics, shed } = layers;
     let tls = server_tls(&pki, &party).map_err(|e| e.to_string())?;
     // Each call is a span whose parent is the caller's (trace context in the metadata).
     let mut builder = tonic::transport::Server::builder()
         .trace_fn(mcim_telemetry::server_span)
         .tls_config(tls)
         .map_err(|e| e.to_string())?
+        // Every call counted and timed, refusals included.
+        .layer(mcim_telemetry::metrics::MetricsLayer(metrics))
         // The authorization table decides every call before any handler runs.
         .layer(mcim_roles::gate::Gate::new(
             mcim_pki::dev::trust_anchors(&pki).map_err(|e| e.to_string())?,
-        ));
+        ))
+        // Past its capacity, a device's call is refused at once with a retry hint.
+        .layer(shed);
     // gRPC health and reflection (v1 and v1alpha) on every server, authenticated by mutual
     // TLS like the rest; reflection lists only this port's services.
     use tonic::server::NamedService;

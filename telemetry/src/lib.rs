@@ -15,6 +15,8 @@
 //!
 //! Nothing secret is ever a span field: spans carry RPC names, PCIDs, registration ids.
 
+pub mod metrics;
+
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::propagation::TraceContextPropagator;

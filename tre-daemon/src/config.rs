@@ -41,6 +41,7 @@
 //! usim_vpcd_user = "root"              # MCIM_USIM_VPCD_USER: who must own vpcd's end (pcscd)
 //! usim_vpcd_class = "modem"            # MCIM_USIM_VPCD_CLASS: "modem", or "owner" (PC/SC
 //!                                      # applications may also change and unblock the PIN)
+//! metrics_listen = "127.0.0.1:9464"    # MCIM_METRICS_LISTEN: Prometheus metrics, /metrics
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -111,6 +112,10 @@ pub struct Config {
     /// What PC/SC applications may do with the card: "modem" (read, VERIFY, AUTHENTICATE)
     /// or "owner" (also CHANGE and UNBLOCK PIN). pcscd admits its own clients.
     pub usim_vpcd_class: String,
+    /// Prometheus metrics (text format, `GET /metrics`, plain HTTP) on this address, as
+    /// 127.0.0.1:9464: local API calls by RPC and status, provisioning runs and AKA runs by
+    /// outcome. Off by default.
+    pub metrics_listen: Option<String>,
 }
 
 impl Default for Config {
@@ -141,6 +146,7 @@ impl Default for Config {
             usim_vpcd: None,
             usim_vpcd_user: "root".into(),
             usim_vpcd_class: "modem".into(),
+            metrics_listen: None,
         }
     }
 }
@@ -226,6 +232,7 @@ impl Config {
             )));
         }
         c.usim_vpcd()?;
+        c.metrics_listen()?;
         if c.backend != "tpm" && c.backend != "pkcs11" {
             return Err(ConfigError::Invalid(format!(
                 "backend {:?}: \"tpm\" or \"pkcs11\"",
@@ -363,6 +370,20 @@ impl Config {
         Ok(Some((addr, uid, pin_admin)))
     }
 
+    /// The metrics listener's address, checked.
+    pub fn metrics_listen(&self) -> Result<Option<std::net::SocketAddr>, ConfigError> {
+        self.metrics_listen
+            .as_deref()
+            .map(|a| {
+                a.parse().map_err(|_| {
+                    ConfigError::Invalid(format!(
+                        "metrics_listen {a:?}: an address and port, as 127.0.0.1:9464"
+                    ))
+                })
+            })
+            .transpose()
+    }
+
     /// The supplier's rehabilitation key, parsed.
     pub fn rehabilitation_key(&self) -> Result<Option<p256::ecdsa::VerifyingKey>, ConfigError> {
         let Some(h) = &self.rehabilitation_key else {
@@ -431,8 +452,8 @@ mod tests {
             .map(|e| e.to_string())
             .unwrap_or_default();
         assert!(refusal.contains("`vno_url`"), "{refusal}");
-        // The parse of serde's message finds every field (25 today).
-        assert_eq!(Config::keys().len(), 25, "{:?}", Config::keys());
+        // The parse of serde's message finds every field (26 today).
+        assert_eq!(Config::keys().len(), 26, "{:?}", Config::keys());
         for key in Config::keys() {
             let var = Config::env_var(&key);
             let value = if key == "quote_pcrs" { "3,4" } else { "/x" };

@@ -683,24 +683,38 @@ impl Device {
         rand: Rand,
         autn: Autn,
     ) -> Result<DeviceResponse, DeviceError> {
-        self.run(move |e| match credential {
-            Credential::Mcim(id) => e.registry()?.authenticate(&id, &rand, &autn),
-            Credential::Initial => {
-                let pcid = e.tre()?.identity()?.ok_or(TreError::NotInitialised)?.pcid;
-                let id = pcid.as_str().to_string();
-                let r = e.registry()?;
-                r.get(&id).map_err(|_| {
-                    RegistryError::BadRequest(
-                        "no initial connectivity credential is installed for the PCID".into(),
-                    )
-                })?;
-                r.select(&id, None)?;
-                let answered = r.authenticate(&id, &rand, &autn);
-                r.apply(&id, LifecycleOp::EndSession)?;
-                answered
-            }
-        })
-        .await
+        let answered = self
+            .run(move |e| match credential {
+                Credential::Mcim(id) => e.registry()?.authenticate(&id, &rand, &autn),
+                Credential::Initial => {
+                    let pcid = e.tre()?.identity()?.ok_or(TreError::NotInitialised)?.pcid;
+                    let id = pcid.as_str().to_string();
+                    let r = e.registry()?;
+                    r.get(&id).map_err(|_| {
+                        RegistryError::BadRequest(
+                            "no initial connectivity credential is installed for the PCID".into(),
+                        )
+                    })?;
+                    r.select(&id, None)?;
+                    let answered = r.authenticate(&id, &rand, &autn);
+                    r.apply(&id, LifecycleOp::EndSession)?;
+                    answered
+                }
+            })
+            .await;
+        mcim_telemetry::metrics::count(
+            "aka_runs",
+            "AKA runs in the TRE (tred's own and the USIM's), by outcome",
+            match &answered {
+                Ok(DeviceResponse::Success { .. }) => "success",
+                Ok(DeviceResponse::SyncFailure { .. }) => "sync_failure",
+                Err(DeviceError::Registry(RegistryError::Tre(TreError::MacFailure))) => {
+                    "mac_failure"
+                }
+                Err(_) => "refused",
+            },
+        );
+        answered
     }
 
     /// Keeps the UE's update of one of the MCIM's USIM files (`record::UE_PERSISTED`)

@@ -210,6 +210,8 @@ async fn serve(config: &Config, engine: EngineHandle) -> Result<(), String> {
         )?),
         _ => None,
     };
+    // The process's metrics, named before anything counts (a resumed run, say).
+    let metrics = mcim_telemetry::metrics::init("tred");
     let provisioner =
         mcim_tre::provision::Provisioner::start(device.clone(), config.state_dir.clone(), net)?;
     let policy = config.access_policy().map_err(|e| e.to_string())?;
@@ -239,6 +241,18 @@ async fn serve(config: &Config, engine: EngineHandle) -> Result<(), String> {
                 device.clone(),
             ))
         });
+    // Prometheus metrics, when configured.
+    let metrics_task = match config.metrics_listen().map_err(|e| e.to_string())? {
+        Some(addr) => {
+            let listener = mcim_telemetry::metrics::bind(addr).await?;
+            tracing::info!(%addr, "metrics: GET /metrics");
+            Some(tokio::spawn(mcim_telemetry::metrics::serve(
+                listener,
+                metrics.clone(),
+            )))
+        }
+        None => None,
+    };
     let api = TreApi::new(device, Some(provisioner));
     mcim_telemetry::notify_ready();
     if policy.enforced() {
@@ -249,6 +263,7 @@ async fn serve(config: &Config, engine: EngineHandle) -> Result<(), String> {
         );
     }
     let server = tonic::transport::Server::builder()
+        .layer(mcim_telemetry::metrics::MetricsLayer(metrics))
         .layer(mcim_tre::access::Access::new(policy))
         .add_service(TreServiceServer::new(api))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown());
@@ -267,7 +282,7 @@ async fn serve(config: &Config, engine: EngineHandle) -> Result<(), String> {
         task.abort();
         let _ = std::fs::remove_file(p);
     }
-    if let Some(task) = vpcd {
+    for task in [vpcd, metrics_task].into_iter().flatten() {
         task.abort();
     }
     tracing::info!("tred stopped");

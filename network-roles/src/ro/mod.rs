@@ -54,6 +54,11 @@ impl std::fmt::Debug for Ro {
 }
 
 impl Ro {
+    /// Its database (for gauges read beside the role).
+    pub fn pool(&self) -> SqlitePool {
+        self.db.clone()
+    }
+
     /// The RO shuts down (SIGTERM): the devices' task streams end at once.
     pub fn stop_streams(&self) {
         self.stopping

@@ -173,6 +173,15 @@ impl ShoService for ShoApi {
                 _ => return Err(RoleError::invalid("status is installed or failed")),
             };
             self.0.report(&r.registration_id, st, &r.detail).await?;
+            mcim_telemetry::metrics::count(
+                "provisionings",
+                "MCIM provisionings the SHO was told of (step 14), by outcome",
+                if st == St::Provisioned {
+                    "provisioned"
+                } else {
+                    "failed"
+                },
+            );
             // Step 14 (5.1.3.7.4.2): registered at the DRF for future discovery.
             if st == St::Provisioned
                 && let Some(reg) = self.0.registration(&r.registration_id).await?

@@ -45,8 +45,28 @@ pub use run::{
     step_name,
 };
 
-/// How many times a step is retried when a role is unreachable (about a second apart).
-const RETRIES: u32 = 120;
+/// How long a step is retried while a role is unreachable or busy before the run fails.
+const RETRY_FOR: Duration = Duration::from_secs(120);
+
+/// The pause before retry `tries` (from 1): doubling from 250 ms to 5 s, each drawn at random
+/// between half and all of it, and never shorter than what a busy role asked for (its
+/// pushback, jittered likewise), so that a fleet refused together does not come back together.
+fn retry_wait(tries: u32, pushback: Option<Duration>) -> Duration {
+    let ceiling = 250u64
+        .saturating_mul(1 << tries.saturating_sub(1).min(5))
+        .min(5_000);
+    let ms = ceiling / 2 + rand::random::<u64>() % (ceiling / 2 + 1);
+    let backoff = Duration::from_millis(ms);
+    match pushback {
+        Some(p) => {
+            let p = u64::try_from(p.as_millis()).unwrap_or(u64::MAX);
+            backoff.max(Duration::from_millis(
+                p + rand::random::<u64>() % (p / 2 + 1),
+            ))
+        }
+        None => backoff,
+    }
+}
 /// How many times a change of SHO tries to install the kept package before it gives up.
 const INSTALL_ATTEMPTS: u32 = 3;
 
@@ -152,8 +172,8 @@ pub struct Attached {
 
 /// Why a step did not complete.
 enum Stop {
-    /// A role is unreachable or busy: try again.
-    Retry(String),
+    /// A role is unreachable or busy: try again (after the pause it asked for, if any).
+    Retry(String, Option<Duration>),
     /// Refused: the run fails at this step.
     Fail(u32, String),
 }
@@ -162,18 +182,35 @@ impl Stop {
     /// Why, for a caller outside a run (the outbox, the listener, a renewal).
     fn reason(self) -> String {
         match self {
-            Stop::Retry(w) | Stop::Fail(_, w) => w,
+            Stop::Retry(w, _) | Stop::Fail(_, w) => w,
         }
     }
 }
 
 fn stop(step: u32) -> impl Fn(Status) -> Stop {
     move |s: Status| match s.code() {
-        Code::Unavailable | Code::DeadlineExceeded | Code::Unknown | Code::Cancelled => {
-            Stop::Retry(format!("step {step}: {}", s.message()))
+        Code::Unavailable
+        | Code::DeadlineExceeded
+        | Code::Unknown
+        | Code::Cancelled
+        | Code::ResourceExhausted => {
+            Stop::Retry(format!("step {step}: {}", s.message()), pushback(&s))
         }
         _ => Stop::Fail(step, s.message().to_string()),
     }
+}
+
+/// The pause a busy role asked for (gRPC's server pushback, `grpc-retry-pushback-ms`), at
+/// most a minute.
+fn pushback(s: &Status) -> Option<Duration> {
+    let ms: u64 = s
+        .metadata()
+        .get("grpc-retry-pushback-ms")?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()?;
+    Some(Duration::from_millis(ms.min(60_000)))
 }
 
 /// The registration's package from the DPF (5.1.3.6.2 step 12; 5.1.3.7.4.2 step 7).
@@ -498,6 +535,7 @@ impl Provisioner {
 
     async fn drive_run(self: &Arc<Self>, mut run: Run) {
         let mut tries = 0;
+        let mut retrying_since: Option<std::time::Instant> = None;
         while !run.finished() {
             let result = match &run.state {
                 RunState::Reverting => {
@@ -535,11 +573,13 @@ impl Provisioner {
             let failed = match result {
                 Ok(()) => {
                     tries = 0;
+                    retrying_since = None;
                     None
                 }
-                Err(Stop::Retry(why)) => {
+                Err(Stop::Retry(why, asked)) => {
                     tries += 1;
-                    if tries > RETRIES {
+                    let since = *retrying_since.get_or_insert_with(std::time::Instant::now);
+                    if since.elapsed() > RETRY_FOR {
                         let step = run
                             .steps
                             .last()
@@ -548,11 +588,9 @@ impl Provisioner {
                             .min(14);
                         Some((step, format!("gave up: {why}")))
                     } else {
-                        tracing::info!("provisioning: {why}; retrying");
-                        // About a second, jittered: devices that lost the same role do not
-                        // come back in step.
-                        let ms = 750 + rand::random::<u64>() % 500;
-                        tokio::time::sleep(Duration::from_millis(ms)).await;
+                        let wait = retry_wait(tries, asked);
+                        tracing::info!("provisioning: {why}; retrying in {} ms", wait.as_millis());
+                        tokio::time::sleep(wait).await;
                         None
                     }
                 }
@@ -627,7 +665,7 @@ impl Provisioner {
 
     async fn pcid(&self, step: u32) -> Result<String, Stop> {
         self.device.pcid().await.map_err(|e| match e {
-            DeviceError::EngineGone(_) => Stop::Retry(e.to_string()),
+            DeviceError::EngineGone(_) => Stop::Retry(e.to_string(), None),
             _ => Stop::Fail(step, format!("the device has no identity: {e}")),
         })
     }
@@ -754,7 +792,7 @@ impl Provisioner {
             .await
             .map_err(|s| {
                 ProvisionError::Network(match s {
-                    Stop::Retry(w) => Status::unavailable(w),
+                    Stop::Retry(w, _) => Status::unavailable(w),
                     Stop::Fail(_, w) => Status::failed_precondition(w),
                 })
             })?;
@@ -889,7 +927,7 @@ impl Provisioner {
         loop {
             let task = match stream.message().await {
                 Ok(Some(t)) => t,
-                Ok(None) => return Err(Stop::Retry("the task stream ended".into())),
+                Ok(None) => return Err(Stop::Retry("the task stream ended".into(), None)),
                 Err(s) => return Err(stop(8)(s)),
             };
             match task.task {
@@ -943,7 +981,7 @@ impl Provisioner {
                 // Not acknowledged when it could not be handled now: it comes again.
                 Some(ro::watch_device_tasks_response::Task::Instruction(t)) => {
                     self.instruction(&t).await.then_some(()).ok_or_else(|| {
-                        Stop::Retry("an instruction could not be handled now".into())
+                        Stop::Retry("an instruction could not be handled now".into(), None)
                     })?
                 }
                 // Not in the middle of a run (it may be using the PCID): before the next change.
@@ -1203,7 +1241,7 @@ impl Provisioner {
         step: u32,
     ) -> Result<(), Stop> {
         let gone = |e: DeviceError| match e {
-            DeviceError::EngineGone(_) => Stop::Retry(e.to_string()),
+            DeviceError::EngineGone(_) => Stop::Retry(e.to_string(), None),
             e => Stop::Fail(step, format!("the TRE did not discard {}: {e}", old.id)),
         };
         self.device.discard(&old.id).await.map_err(gone)?;
@@ -1377,7 +1415,7 @@ impl Provisioner {
                     "install from the kept package failed: {why}"
                 );
                 apply(run, installed, Event::InstallFailed)?;
-                return Err(Stop::Retry(format!("step {installed}: {why}")));
+                return Err(Stop::Retry(format!("step {installed}: {why}"), None));
             }
             Err(why) => (common::ProvisioningStatus::Failed, why, String::new()),
         };

@@ -480,7 +480,15 @@ impl Run {
             },
             _ => return Err(invalid),
         };
+        let was_finished = self.finished();
         self.state = next;
+        if !was_finished && self.finished() {
+            mcim_telemetry::metrics::count(
+                "provisioning_runs",
+                "provisioning runs that ended (initial, change of SHO, pristine), by outcome",
+                self.state.name(),
+            );
+        }
         Ok(())
     }
 

@@ -1,0 +1,72 @@
+//! Prometheus metrics (issue 16 item 6): `mcim-roles --metrics-listen` and tred's
+//! `metrics_listen` serve the text format at `/metrics`; a provisioning end to end shows up in
+//! both, a refused call under its status code.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use mcim_e2e::CliDevice;
+
+/// The value of the sample `line_start` (the metric with its labels), if present.
+fn sample(text: &str, line_start: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(line_start))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[test]
+fn a_provisioning_shows_in_the_roles_and_treds_metrics() {
+    let d = CliDevice::provisioned(false, "001010000000061", &[], "3gpp");
+    let m = d.roles.metrics();
+    assert!(m.ends_with("# EOF\n"), "OpenMetrics text: {m}");
+    // The SHO was told of one provisioning (step 14).
+    assert_eq!(
+        sample(
+            &m,
+            r#"mcim_roles_provisionings_total{outcome="provisioned"}"#
+        ),
+        Some(1.0),
+        "{m}"
+    );
+    // Calls by method and status, and their latency.
+    let report = r#"mcim_roles_grpc_server_calls_total{method="/mcim.sho.v1.ShoService/ReportProvisioningStatus",code="OK"}"#;
+    assert!(sample(&m, report).is_some_and(|n| n >= 1.0), "{m}");
+    assert!(
+        sample(
+            &m,
+            r#"mcim_roles_grpc_server_call_duration_seconds_count{method="/mcim.sho.v1.ShoService/ReportProvisioningStatus"}"#
+        )
+        .is_some_and(|n| n >= 1.0),
+        "{m}"
+    );
+    // The database pool and the RO's task queue (nothing left to send).
+    assert!(
+        sample(&m, r#"mcim_roles_db_pool_connections{name="roles.db"}"#).is_some_and(|n| n >= 1.0),
+        "{m}"
+    );
+    // tred: the provisioning run and the AKA runs (initial attach and operational attach).
+    let t = d.tred.metrics();
+    assert_eq!(
+        sample(&t, r#"tred_provisioning_runs_total{outcome="provisioned"}"#),
+        Some(1.0),
+        "{t}"
+    );
+    assert!(
+        sample(&t, r#"tred_aka_runs_total{outcome="success"}"#).is_some_and(|n| n >= 1.0),
+        "{t}"
+    );
+    assert!(
+        t.contains("tred_grpc_server_calls_total{method=\"/mcim.tre.v1.TreService/"),
+        "{t}"
+    );
+}
+
+/// A refused call is counted under its code; the count moves by exactly one.
+#[test]
+fn a_refused_call_is_counted_under_its_status_code() {
+    let d = CliDevice::provisioned(false, "001010000000062", &[], "3gpp");
+    let key = r#"tred_grpc_server_calls_total{method="/mcim.tre.v1.TreService/GetMcim",code="NOT_FOUND"}"#;
+    let before = sample(&d.tred.metrics(), key).unwrap_or(0.0);
+    let out = mcim_e2e::mcimctl(&["device", "--socket", &d.socket(), "get", "999999999999999"]);
+    assert!(!out.status.success());
+    assert_eq!(sample(&d.tred.metrics(), key), Some(before + 1.0));
+}
