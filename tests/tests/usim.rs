@@ -248,6 +248,20 @@ fn idle_connections_cannot_exhaust_tred() {
         "status",
     ]);
     assert!(status.status.success(), "{}", output_text(&status));
+    // Half a length header is a partial message: closed within seconds, not held as idle.
+    drop(ninth);
+    let mut held = held;
+    let mut half = held.pop().unwrap();
+    half.set_read_timeout(Some(std::time::Duration::from_secs(15)))
+        .unwrap();
+    half.write_all(&[0]).unwrap();
+    let t = std::time::Instant::now();
+    assert_eq!(half.read(&mut b).unwrap_or(0), 0, "closed");
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(12),
+        "{:?}",
+        t.elapsed()
+    );
     // A slot freed is a slot served.
     drop(held);
     std::thread::sleep(std::time::Duration::from_millis(200));
@@ -415,12 +429,37 @@ fn the_ues_location_outlives_resets_and_crashes_its_keys_do_not() {
     assert_eq!(card.apdu("00a4000c026f08").1, 0x9000);
     assert_eq!(card.apdu("00b0000001").0, [0x07]);
     drop(card);
-    // kill -9 and a fresh tred on the same state: the location is still there, and the
-    // registry's file holds no CK or IK.
-    tred.kill_and_restart();
+    // Two more updates, the session still open, then kill -9 (found by an outside attack:
+    // the start-up check once took a second frequent commit past the anchor for tampering).
+    let loci2 = "2100112233440102030000";
+    let loci3 = "3100112233440102030000";
     let mut card = open();
     assert_eq!(card.apdu("00a4000c026f7e").1, 0x9000);
-    assert_eq!(hex::encode(card.apdu("00b000000b").0), loci);
+    assert_eq!(card.apdu(&format!("00d600000b{loci2}")).1, 0x9000);
+    assert_eq!(card.apdu(&format!("00d600000b{loci3}")).1, 0x9000);
+    // kill -9 and a fresh tred on the same state: not in lockdown, the last update is there,
+    // and the registry's file holds no CK or IK.
+    tred.kill_and_restart();
+    drop(card);
+    let status = output_text(&mcimctl(&[
+        "device",
+        "--socket",
+        tred.socket().to_str().unwrap(),
+        "--json",
+        "status",
+    ]));
+    assert!(!status.contains("\"lockdown\":true"), "{status}");
+    let audit = mcimctl(&[
+        "audit",
+        "--socket",
+        tred.socket().to_str().unwrap(),
+        "verify",
+    ]);
+    assert!(audit.status.success(), "{}", output_text(&audit));
+    let mut card = open();
+    assert_eq!(card.apdu("00a4000c026f7e").1, 0x9000);
+    assert_eq!(hex::encode(card.apdu("00b000000b").0), loci3);
+    let loci = loci3;
     let mut found = String::new();
     for f in walk(&tred.state_dir()) {
         found.push_str(&String::from_utf8_lossy(&std::fs::read(f).unwrap()).to_lowercase());
@@ -845,4 +884,40 @@ fn killing_tred_mid_authenticate_or_verify_loses_nothing() {
         assert_eq!(card.apdu(&format!("0020000108{}", pin("1234"))).1, 0x9000);
         drop(card);
     }
+}
+
+/// A PC/SC application sending an "APDU" of one octet: vpcd frames it like a control and
+/// waits for an answer; tred answers one that is no control with 6700, and for one that is
+/// (00, 01, 02) notices vpcd's silence, closes the connection and comes back: the reader is
+/// not wedged, the next application is served (found by an outside attack).
+#[test]
+fn a_one_octet_apdu_through_pcsc_does_not_wedge_the_reader() {
+    let tpm = Swtpm::start();
+    let pcscd = mcim_e2e::Pcscd::start();
+    let work = tempfile::tempdir().unwrap();
+    let vpcd = pcscd.vpcd();
+    let (_tred, _) = device_with(&tpm, work.path(), &[("MCIM_USIM_VPCD", vpcd.as_str())]);
+    let r = pyscard(&pcscd, &["ff".to_string()]);
+    assert_eq!(r[0].0, "6700", "{r:?}");
+    // 00: the transmit fails after a few seconds instead of hanging.
+    let script = r#"
+import sys, time
+from smartcard.System import readers
+r = [x for x in readers() if str(x).endswith(" 00 00")][0]
+c = r.createConnection(); c.connect()
+t = time.time()
+try:
+    c.transmit([0x00]); print("answered")
+except Exception as e:
+    print("failed after %.1f s" % (time.time() - t))
+"#;
+    let out = pcscd.client(
+        "/usr/bin/timeout",
+        &["60", "/usr/bin/python3", "-c", script],
+    );
+    let text = output_text(&out);
+    assert!(text.contains("failed after"), "{text}");
+    // The card is back for the next application.
+    let r = pyscard(&pcscd, &["00a4040c07a0000000871002".to_string()]);
+    assert_eq!(r[0].0, "9000", "{r:?}");
 }

@@ -350,6 +350,11 @@ impl Config {
                 "usim_vpcd {a:?}: an address and port, as 127.0.0.1:35963"
             ))
         })?;
+        if addr.port() == 0 {
+            return Err(ConfigError::Invalid(format!(
+                "usim_vpcd {a:?}: vpcd's port (35963 as Debian configures it), not 0"
+            )));
+        }
         if !addr.ip().is_loopback() {
             return Err(ConfigError::Invalid(format!(
                 "usim_vpcd {a:?}: vpcd on this machine only (a loopback address): what \

@@ -127,9 +127,17 @@ pub(crate) enum Commit {
     Frequent,
 }
 
-/// The audit event of an AKA: the only entries that may lie past the TRE's audit anchor
-/// (a [`Commit::Frequent`] moves no anchor).
+/// The audit event of an AKA.
 const AKA_EVENT: &str = "aka";
+/// The audit event of a UE's update of a USIM file (`usim.rs`).
+const USIM_EVENT: &str = "usim";
+
+/// The events committed with [`Commit::Frequent`] (an AKA's SQN, a UE's file update): the
+/// only entries that may lie past the TRE's audit anchor, which a frequent commit does not
+/// move.
+fn frequent_event(event: &str) -> bool {
+    event == AKA_EVENT || event == USIM_EVENT
+}
 
 fn io(e: std::io::Error) -> RegistryError {
     RegistryError::Io(e.to_string())

@@ -133,8 +133,8 @@ impl Registry {
         }
         let anchor_ok =
             anchor.seq == header.audit_seq && hex::encode(anchor.head) == header.audit_head;
-        // The anchor may lag behind the committed head by AKA entries (a frequent commit moves
-        // no anchor), and by one more entry of any kind: a commit cut after its commit point,
+        // The anchor may lag behind the committed head by AKA and UE-update entries (a frequent
+        // commit moves no anchor), and by one more entry of any kind: a commit cut after its commit point,
         // before the TRE counter advanced or between the counter and the anchor.
         let lag: Option<Vec<&audit::StoredEntry>> = entries
             .iter()
@@ -149,15 +149,16 @@ impl Registry {
             lag.split_last().is_some_and(|(_, before)| {
                 before
                     .iter()
-                    .all(|s| self.hybrid && s.entry.event == AKA_EVENT)
+                    .all(|s| self.hybrid && frequent_event(&s.entry.event))
             })
         });
-        // The last entry past the anchor is not an AKA's: its commit was cut before its anchor.
+        // The last entry past the anchor is not a frequent one: its commit was cut before its
+        // anchor.
         let anchor_cut = anchor_behind
             && lag
                 .as_ref()
                 .and_then(|l| l.last())
-                .is_some_and(|s| !(self.hybrid && s.entry.event == AKA_EVENT));
+                .is_some_and(|s| !(self.hybrid && frequent_event(&s.entry.event)));
         if !anchor_ok && !anchor_behind {
             return Ok(Checked::Untrusted(format!(
                 "the audit record disagrees with the TRE's anchor (record {}, TRE {})",

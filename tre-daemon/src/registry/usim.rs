@@ -5,9 +5,6 @@
 use super::*;
 use record::UE_PERSISTED;
 
-/// The registry event of a UE's update.
-const USIM_EVENT: &str = "usim";
-
 impl Registry {
     /// Keeps the UE's new contents of EF `fid` for the MCIM `id`: one of
     /// [`record::UE_PERSISTED`], whole (its exact size). Unchanged contents commit nothing.

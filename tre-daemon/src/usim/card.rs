@@ -300,7 +300,7 @@ impl Card {
             Err(sw) => return Response::status(sw),
         };
         let offset = usize::from(u16::from_be_bytes([c.p1, c.p2]));
-        if offset > ef.body.len() {
+        if offset >= ef.body.len() {
             return Response::status(SW_WRONG_OFFSET);
         }
         let end = offset
@@ -453,6 +453,10 @@ impl Card {
                     s.opened = true;
                 }
                 Response::ok(Vec::new())
+            }
+            // The refusal's own count (another session's tries since do not change it).
+            Err(e @ DeviceError::Registry(RegistryError::WrongPin { .. })) => {
+                Response::status(pin_refusal(&e))
             }
             Err(e) => match self.device.get(&id).await {
                 // The last try blocked it.

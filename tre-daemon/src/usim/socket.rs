@@ -22,9 +22,9 @@ const MAX_MESSAGE: usize = 512;
 const MAX_SESSIONS: usize = 8;
 /// A message whose length has arrived must arrive whole within this.
 const FRAME_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
-/// A session with no message for this long is closed (a modem polls its card with STATUS
-/// every 30 s or so while it is attached).
-const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15 * 60);
+/// A session with no message for this long is closed, freeing its slot (a modem polls its
+/// card with STATUS every 30 s or so while it is attached, TS 102 221 14.5.2).
+const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
 
 /// Serves cards on `listener` until the task is dropped.
 pub async fn serve(listener: UnixListener, path: PathBuf, device: Device, policy: Arc<Policy>) {
@@ -70,7 +70,11 @@ pub async fn serve(listener: UnixListener, path: PathBuf, device: Device, policy
         let mut card = Card::new(device.clone(), class == Some(Class::Owner));
         tokio::spawn(async move {
             let _permit = permit;
-            if let Err(e) = session(stream, &mut card, Some(IDLE_TIMEOUT)).await {
+            let watch = Watch {
+                idle: Some(IDLE_TIMEOUT),
+                after_control: None,
+            };
+            if let Err(e) = session(stream, &mut card, watch).await {
                 tracing::info!("USIM socket: session ended: {e}");
             }
             card.close().await;
@@ -84,8 +88,10 @@ async fn message<S: AsyncRead + Unpin>(
     stream: &mut S,
     idle: Option<std::time::Duration>,
 ) -> std::io::Result<Option<Vec<u8>>> {
+    // The first octet may be long in coming (an idle card); the second, like the rest of a
+    // message, must follow at once.
     let mut len = [0u8; 2];
-    let read = stream.read_exact(&mut len);
+    let read = stream.read_exact(&mut len[..1]);
     let got = match idle {
         Some(t) => tokio::time::timeout(t, read)
             .await
@@ -97,6 +103,9 @@ async fn message<S: AsyncRead + Unpin>(
         Err(e) => return Err(e),
         Ok(_) => {}
     }
+    tokio::time::timeout(FRAME_TIMEOUT, stream.read_exact(&mut len[1..]))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "a partial length"))??;
     let len = usize::from(u16::from_be_bytes(len));
     if len == 0 || len > MAX_MESSAGE {
         return Err(std::io::Error::new(
@@ -111,15 +120,52 @@ async fn message<S: AsyncRead + Unpin>(
     Ok(Some(msg))
 }
 
-/// One connection in vpcd's framing: messages in, answers out, until the peer closes (or,
-/// with `idle`, stays silent that long).
+/// How a session's peer is watched.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Watch {
+    /// A peer silent this long between messages is gone (none: wait for ever).
+    pub idle: Option<std::time::Duration>,
+    /// vpcd only: silence this long after a one-octet message that needs no answer (power
+    /// off, on, reset) means it was an APDU of one octet that vpcd framed like a control and
+    /// now waits an answer for, holding the reader (pcscd otherwise asks for the ATR every
+    /// 400 ms); the connection is closed, vpcd ejects the card, and `tred` connects again.
+    pub after_control: Option<std::time::Duration>,
+}
+
+/// One connection in vpcd's framing: messages in, answers out, until the peer closes (or
+/// goes silent as `watch` says).
 pub(super) async fn session<S: AsyncRead + AsyncWrite + Unpin>(
     mut stream: S,
     card: &mut Card,
-    idle: Option<std::time::Duration>,
+    watch: Watch,
 ) -> std::io::Result<()> {
     let mut powered = false;
-    while let Some(msg) = message(&mut stream, idle).await? {
+    let mut unanswered = false;
+    loop {
+        let wait = match (unanswered, watch.after_control) {
+            (true, Some(t)) => Some(t),
+            _ => watch.idle,
+        };
+        let msg = match message(&mut stream, wait).await {
+            Ok(Some(m)) => m,
+            Ok(None) => break,
+            Err(e)
+                if e.kind() == std::io::ErrorKind::TimedOut
+                    && unanswered
+                    && watch.after_control.is_some() =>
+            {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "vpcd went silent after a one-octet message: an APDU of one octet waits for an answer; reconnecting",
+                ));
+            }
+            Err(e) => return Err(e),
+        };
+        tracing::trace!(
+            len = msg.len(),
+            first = msg.first().copied().unwrap_or(0),
+            "USIM: message"
+        );
         let answer = match msg.as_slice() {
             [0] => {
                 powered = false;
@@ -132,11 +178,13 @@ pub(super) async fn session<S: AsyncRead + AsyncWrite + Unpin>(
                 None
             }
             [4] => Some(super::card::atr()),
-            [_] => None,
+            // No control: an APDU of one octet, which is no APDU.
+            [_] => Some(0x6700u16.to_be_bytes().to_vec()),
             apdu if powered => Some(card.transmit(apdu).await),
             // Not powered: no answer but the status "conditions of use".
             _ => Some(0x6985u16.to_be_bytes().to_vec()),
         };
+        unanswered = answer.is_none();
         if let Some(a) = answer {
             // One write: length and answer in one segment on TCP.
             let n = u16::try_from(a.len()).unwrap_or(u16::MAX);

@@ -15,7 +15,7 @@ use std::time::Duration;
 use tokio::net::TcpStream;
 
 use super::card::Card;
-use super::socket::session;
+use super::socket::{Watch, session};
 use crate::device::Device;
 
 /// The first wait before connecting again; doubled up to [`RETRY_MAX`].
@@ -40,7 +40,11 @@ pub async fn serve(addr: SocketAddr, owner: u32, pin_admin: bool, device: Device
                     said = None;
                     wait = RETRY_MIN;
                     let mut card = Card::new(device.clone(), pin_admin);
-                    let ended = session(QuickAck(stream), &mut card, None).await;
+                    let watch = Watch {
+                        idle: None,
+                        after_control: Some(Duration::from_secs(3)),
+                    };
+                    let ended = session(QuickAck(stream), &mut card, watch).await;
                     card.close().await;
                     match ended {
                         Ok(()) => "vpcd closed the card's connection".to_string(),
