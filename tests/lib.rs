@@ -363,8 +363,13 @@ impl Tred {
         &self,
     ) -> mcim_proto::mcim::tre::v1::tre_service_client::TreServiceClient<tonic::transport::Channel>
     {
+        mcim_proto::mcim::tre::v1::tre_service_client::TreServiceClient::new(self.channel().await)
+    }
+
+    /// A gRPC channel to the local API (for calls no generated client makes).
+    pub async fn channel(&self) -> tonic::transport::Channel {
         let path = self.socket();
-        let ch = tonic::transport::Endpoint::try_from("http://tred.local")
+        tonic::transport::Endpoint::try_from("http://tred.local")
             .unwrap()
             .connect_with_connector(tower::service_fn(move |_: tonic::codegen::http::Uri| {
                 let path = path.clone();
@@ -375,8 +380,7 @@ impl Tred {
                 }
             }))
             .await
-            .unwrap();
-        mcim_proto::mcim::tre::v1::tre_service_client::TreServiceClient::new(ch)
+            .unwrap()
     }
 
     /// Everything tred logged so far.

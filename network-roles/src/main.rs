@@ -555,7 +555,10 @@ async fn serve_role(
         .tls_config(tls)
         .map_err(|e| e.to_string())?
         // Every call counted and timed, refusals included.
-        .layer(mcim_telemetry::metrics::MetricsLayer(metrics))
+        .layer(mcim_telemetry::metrics::MetricsLayer::new(metrics, |m| {
+            mcim_roles::authz::RULES.iter().any(|r| r.method == m)
+                || mcim_telemetry::metrics::standard_method(m)
+        }))
         // The authorization table decides every call before any handler runs.
         .layer(mcim_roles::gate::Gate::new(
             mcim_pki::dev::trust_anchors(&pki).map_err(|e| e.to_string())?,

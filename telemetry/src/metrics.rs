@@ -213,9 +213,39 @@ fn grpc_code(h: &http::HeaderMap) -> Option<tonic::Code> {
     Some(tonic::Code::from(v))
 }
 
-/// A tower layer counting and timing every gRPC call into [`Metrics`].
-#[derive(Clone, Debug)]
-pub struct MetricsLayer(pub Arc<Metrics>);
+/// A tower layer counting and timing every gRPC call into [`Metrics`]. A call is labelled
+/// with its method only when `known` says the server has that method; any other path counts
+/// as `other`, so that callers (before any authentication) cannot mint label values without
+/// end.
+#[derive(Clone)]
+pub struct MetricsLayer {
+    metrics: Arc<Metrics>,
+    known: fn(&str) -> bool,
+}
+
+impl std::fmt::Debug for MetricsLayer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MetricsLayer").finish_non_exhaustive()
+    }
+}
+
+impl MetricsLayer {
+    /// Counts into `metrics`; `known`: the server has this method (`/package.Service/Method`).
+    pub fn new(metrics: Arc<Metrics>, known: fn(&str) -> bool) -> Self {
+        Self { metrics, known }
+    }
+}
+
+/// The gRPC health and reflection methods every server here has.
+pub fn standard_method(path: &str) -> bool {
+    matches!(
+        path,
+        "/grpc.health.v1.Health/Check"
+            | "/grpc.health.v1.Health/Watch"
+            | "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"
+            | "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
+    )
+}
 
 impl<S> tower::Layer<S> for MetricsLayer {
     type Service = MetricsService<S>;
@@ -223,16 +253,24 @@ impl<S> tower::Layer<S> for MetricsLayer {
     fn layer(&self, inner: S) -> Self::Service {
         MetricsService {
             inner,
-            metrics: self.0.clone(),
+            metrics: self.metrics.clone(),
+            known: self.known,
         }
     }
 }
 
 /// The service [`MetricsLayer`] makes.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct MetricsService<S> {
     inner: S,
     metrics: Arc<Metrics>,
+    known: fn(&str) -> bool,
+}
+
+impl<S> std::fmt::Debug for MetricsService<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MetricsService").finish_non_exhaustive()
+    }
 }
 
 impl<S, B, RB> tower::Service<http::Request<B>> for MetricsService<S>
@@ -252,7 +290,12 @@ where
     }
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        let method = req.uri().path().to_string();
+        let path = req.uri().path();
+        let method = if (self.known)(path) {
+            path.to_string()
+        } else {
+            "other".to_string()
+        };
         let metrics = self.metrics.clone();
         let started = Instant::now();
         let fut = self.inner.call(req);

@@ -70,3 +70,37 @@ fn a_refused_call_is_counted_under_its_status_code() {
     assert!(!out.status.success());
     assert_eq!(sample(&d.tred.metrics(), key), Some(before + 1.0));
 }
+
+/// Methods the server does not have are counted as `other`: callers cannot mint label values
+/// (and memory) without end by calling made-up paths.
+#[test]
+fn made_up_methods_are_counted_as_other() {
+    let d = CliDevice::provisioned(false, "001010000000063", &[], "3gpp");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut g = tonic::client::Grpc::new(d.tred.channel().await);
+        for i in 0..20 {
+            g.ready().await.unwrap();
+            let path = tonic::codegen::http::uri::PathAndQuery::try_from(format!(
+                "/mcim.tre.v1.TreService/MadeUp{i}"
+            ))
+            .unwrap();
+            let r: Result<tonic::Response<()>, tonic::Status> = g
+                .unary(
+                    tonic::Request::new(()),
+                    path,
+                    tonic_prost::ProstCodec::default(),
+                )
+                .await;
+            assert!(r.is_err(), "a made-up method answered");
+        }
+    });
+    let t = d.tred.metrics();
+    assert!(!t.contains("MadeUp"), "{t}");
+    let other: f64 = t
+        .lines()
+        .filter(|l| l.starts_with("tred_grpc_server_calls_total{method=\"other\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(other, 20.0, "{t}");
+}

@@ -263,7 +263,9 @@ async fn serve(config: &Config, engine: EngineHandle) -> Result<(), String> {
         );
     }
     let server = tonic::transport::Server::builder()
-        .layer(mcim_telemetry::metrics::MetricsLayer(metrics))
+        .layer(mcim_telemetry::metrics::MetricsLayer::new(metrics, |m| {
+            mcim_tre::access::needed(m).is_some()
+        }))
         .layer(mcim_tre::access::Access::new(policy))
         .add_service(TreServiceServer::new(api))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown());
