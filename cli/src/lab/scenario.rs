@@ -1015,34 +1015,12 @@ async fn attach_through_the_card(
     let c = ch
         .challenge
         .ok_or_else(|| fail("the VNO sent no challenge"))?;
-    let exe = std::env::current_exe().map_err(fail)?;
-    let out = Command::new(exe)
-        .args([
-            "card",
-            "authenticate",
-            "--json",
-            "--reader",
-            "mcim vpcd 00 00",
-        ])
-        .args([
-            "--rand",
-            &hex::encode(&c.rand),
-            "--autn",
-            &hex::encode(&c.autn),
-        ])
-        .env(
-            "PCSCLITE_CSOCK_NAME",
-            super::pcsc::socket(&dir.join("pcscd")),
-        )
-        .output()
-        .map_err(fail)?;
-    if !out.status.success() {
-        return Err(fail(format!(
-            "AUTHENTICATE over PC/SC: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        )));
-    }
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(fail)?;
+    let (rand, autn) = (hex::encode(&c.rand), hex::encode(&c.autn));
+    let v = card_json(
+        dir,
+        &["authenticate", "--rand", &rand, "--autn", &autn],
+        "AUTHENTICATE over PC/SC",
+    )?;
     let res = v["res"]
         .as_str()
         .and_then(|r| hex::decode(r).ok())
@@ -1063,9 +1041,17 @@ async fn attach_through_the_card(
 /// What the card in the lab's reader shows (`mcimctl card read --json`): its ICCID, IMSI,
 /// MNC length and service provider name, from the MCIM's package.
 fn card_contents(dir: &Path) -> Result<serde_json::Value, CliError> {
+    card_json(dir, &["read"], "reading the card over PC/SC")
+}
+
+/// `mcimctl card ARGS --json` on the card in the lab's reader, a client of the lab's pcscd
+/// (the UE's side): its JSON answer, or `what` failed with mcimctl's words.
+fn card_json(dir: &Path, args: &[&str], what: &str) -> Result<serde_json::Value, CliError> {
     let exe = std::env::current_exe().map_err(fail)?;
     let out = Command::new(exe)
-        .args(["card", "read", "--json", "--reader", "mcim vpcd 00 00"])
+        .arg("card")
+        .args(args)
+        .args(["--json", "--reader", "mcim vpcd 00 00"])
         .env(
             "PCSCLITE_CSOCK_NAME",
             super::pcsc::socket(&dir.join("pcscd")),
@@ -1074,7 +1060,7 @@ fn card_contents(dir: &Path) -> Result<serde_json::Value, CliError> {
         .map_err(fail)?;
     if !out.status.success() {
         return Err(fail(format!(
-            "reading the card over PC/SC: {}",
+            "{what}: {}",
             String::from_utf8_lossy(&out.stderr).trim()
         )));
     }
