@@ -7,7 +7,9 @@
 //! Calls between roles (an SHO asking the PVA, the RO asking an SHO) are not shed: they are
 //! few, each serves a device's call already admitted, and refusing them would fail work half
 //! done. A long-lived stream (the RO's task stream) holds its slot only until its headers go
-//! out.
+//! out. One caller (a device or subscriber certificate) holds at most a quarter of the slots,
+//! and no call holds one longer than 30 s (found by an outside attack: calls opened and never
+//! sent held every slot).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -24,11 +26,20 @@ use mcim_pki::Role;
 /// the longer the queue of refusals it is in.
 const PUSHBACK_MS: (u64, u64) = (100, 300);
 
-/// The layer: at most `max_calls` device and subscriber calls in flight.
+/// The longest a device's or subscriber's call may hold its slot (a caller that opens a call
+/// and never sends its request would hold it for ever); past it the call ends with
+/// DEADLINE_EXCEEDED and the slot is free.
+const HOLD_MAX: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// The layer: at most `max_calls` device and subscriber calls in flight, and at most a
+/// quarter of them (one at least) from any one caller, so that one device or subscriber
+/// cannot take every slot.
 #[derive(Clone, Debug)]
 pub struct Shed {
     slots: Arc<Semaphore>,
     max_calls: usize,
+    per_caller: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
+    per_caller_max: usize,
 }
 
 impl Shed {
@@ -38,6 +49,41 @@ impl Shed {
         Self {
             slots: Arc::new(Semaphore::new(max_calls)),
             max_calls,
+            per_caller: Default::default(),
+            per_caller_max: (max_calls / 4).max(1),
+        }
+    }
+
+    /// A call of `caller` counted, or `None` when the caller holds its share already.
+    fn enter(&self, caller: String) -> Option<CallerSlot> {
+        let mut m = self.per_caller.lock().ok()?;
+        let n = m.entry(caller.clone()).or_insert(0);
+        if *n >= self.per_caller_max {
+            return None;
+        }
+        *n += 1;
+        Some(CallerSlot {
+            caller,
+            map: self.per_caller.clone(),
+        })
+    }
+}
+
+/// One call of a caller, given back when dropped.
+struct CallerSlot {
+    caller: String,
+    map: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
+}
+
+impl Drop for CallerSlot {
+    fn drop(&mut self) {
+        if let Ok(mut m) = self.map.lock()
+            && let Some(n) = m.get_mut(&self.caller)
+        {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                m.remove(&self.caller);
+            }
         }
     }
 }
@@ -79,6 +125,22 @@ fn refusal<RB: Default>(max_calls: usize) -> http::Response<RB> {
     r
 }
 
+/// The answer to a call that held its slot past [`HOLD_MAX`]: DEADLINE_EXCEEDED.
+fn too_slow<RB: Default>() -> http::Response<RB> {
+    let mut r = http::Response::new(RB::default());
+    let h = r.headers_mut();
+    h.insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/grpc"),
+    );
+    h.insert("grpc-status", http::HeaderValue::from_static("4"));
+    h.insert(
+        "grpc-message",
+        http::HeaderValue::from_static("the call took longer than the role allows"),
+    );
+    r
+}
+
 impl<S, B, RB> tower::Service<http::Request<B>> for ShedService<S>
 where
     S: tower::Service<http::Request<B>, Response = http::Response<RB>>,
@@ -94,22 +156,52 @@ where
     }
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        let from_the_field = req
+        let caller = req
             .extensions()
             .get::<Authorized>()
-            .is_some_and(|a| matches!(a.caller.role, Role::Device | Role::Subscriber));
-        if !from_the_field {
+            .filter(|a| matches!(a.caller.role, Role::Device | Role::Subscriber))
+            .map(|a| format!("{}:{}", a.caller.role, a.caller.name));
+        let Some(caller) = caller else {
             return Box::pin(self.inner.call(req));
-        }
+        };
+        let max = self.shed.max_calls;
+        let Some(mine) = self.shed.enter(caller) else {
+            return Box::pin(async move { Ok(refusal(max)) });
+        };
         let Ok(slot) = self.shed.slots.clone().try_acquire_owned() else {
-            let max = self.shed.max_calls;
             return Box::pin(async move { Ok(refusal(max)) });
         };
         let fut = self.inner.call(req);
         Box::pin(async move {
-            let r = fut.await;
-            drop(slot);
-            r
+            let r = tokio::time::timeout(HOLD_MAX, fut).await;
+            drop((slot, mine));
+            match r {
+                Ok(r) => r,
+                Err(_) => Ok(too_slow()),
+            }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_caller_holds_a_quarter_of_the_slots_and_gives_them_back() {
+        let s = Shed::new(8);
+        let a: Vec<_> = (0..2).filter_map(|_| s.enter("device:a".into())).collect();
+        assert_eq!(a.len(), 2);
+        assert!(
+            s.enter("device:a".into()).is_none(),
+            "a third for one caller"
+        );
+        assert!(
+            s.enter("device:b".into()).is_some(),
+            "another caller is served"
+        );
+        drop(a);
+        assert!(s.enter("device:a".into()).is_some(), "given back");
+        assert_eq!(Shed::new(1).per_caller_max, 1);
     }
 }

@@ -54,6 +54,8 @@ pub struct Metrics {
     registry: std::sync::Mutex<Registry>,
     calls: Family<CallLabels, Counter>,
     latency: Family<MethodLabels, Histogram>,
+    /// Gauge families by name, registered on first use.
+    gauges: std::sync::Mutex<std::collections::HashMap<String, Family<NameLabels, Gauge>>>,
     /// Outcome counters by name, registered on first use.
     outcomes: std::sync::Mutex<std::collections::HashMap<String, Family<OutcomeLabels, Counter>>>,
     /// Run before each exposition: gauges read at scrape time (a pool's connections).
@@ -108,6 +110,7 @@ impl Metrics {
             registry: std::sync::Mutex::new(registry),
             calls,
             latency,
+            gauges: Default::default(),
             outcomes: Default::default(),
             on_scrape: Default::default(),
         })
@@ -145,13 +148,22 @@ impl Metrics {
         f
     }
 
-    /// A gauge family labelled by name, registered as `name`.
+    /// The gauge family labelled by name registered as `name` (registered with `help` on
+    /// first use; later calls get the same family, so that each name is exposed once).
     pub fn gauges(&self, name: &str, help: &str) -> Family<NameLabels, Gauge> {
-        let f = Family::<NameLabels, Gauge>::default();
-        if let Ok(mut r) = self.registry.lock() {
-            r.register(name, help, f.clone());
-        }
-        f
+        let Ok(mut families) = self.gauges.lock() else {
+            return Family::default();
+        };
+        families
+            .entry(name.to_string())
+            .or_insert_with(|| {
+                let f = Family::<NameLabels, Gauge>::default();
+                if let Ok(mut r) = self.registry.lock() {
+                    r.register(name, help, f.clone());
+                }
+                f
+            })
+            .clone()
     }
 
     /// The text exposition (OpenMetrics, which Prometheus reads).
@@ -368,15 +380,11 @@ impl<B: http_body::Body> http_body::Body for Observed<B> {
                     p.finish(code);
                 }
             }
-            Poll::Ready(Some(Err(_))) => {
+            // The answer broke off, or ended without a status: the call did not finish as
+            // gRPC calls finish (the client reset or went away), CANCELLED as gRPC counts it.
+            Poll::Ready(Some(Err(_))) | Poll::Ready(None) => {
                 if let Some(p) = this.pending.take() {
-                    p.finish(tonic::Code::Internal);
-                }
-            }
-            Poll::Ready(None) => {
-                // The end without a status: gRPC would call it UNKNOWN.
-                if let Some(p) = this.pending.take() {
-                    p.finish(tonic::Code::Unknown);
+                    p.finish(tonic::Code::Cancelled);
                 }
             }
             Poll::Pending => {}
@@ -396,13 +404,22 @@ impl<B: http_body::Body> http_body::Body for Observed<B> {
 /// Serves `metrics` as `GET /metrics` (any other path: 404) on `listener` until the task is
 /// dropped. Plain HTTP/1.1, as Prometheus scrapes; bind it where only the scraper reaches.
 pub async fn serve(listener: tokio::net::TcpListener, metrics: Arc<Metrics>) {
+    // A scraper needs one connection at a time; a few more are served, the rest closed at
+    // once, and each connection answers one request whose header must come within 5 s, so
+    // that idle connections cannot hold the process's descriptors.
+    let connections = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
             continue;
         };
+        let Ok(permit) = connections.clone().try_acquire_owned() else {
+            drop(stream);
+            continue;
+        };
         let metrics = metrics.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let svc =
                 hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
                     let metrics = metrics.clone();
@@ -427,12 +444,19 @@ pub async fn serve(listener: tokio::net::TcpListener, metrics: Arc<Metrics>) {
                     }
                 });
             let io = hyper_util::rt::TokioIo::new(stream);
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(io, svc)
-                .await;
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(std::time::Duration::from_secs(5))
+                .keep_alive(false)
+                .serve_connection(io, svc);
+            // A whole exchange within 30 s, whatever the client does.
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(30), conn).await;
         });
     }
 }
+
+/// Metrics connections served at once.
+const MAX_CONNECTIONS: usize = 16;
 
 /// Binds `addr` for [`serve`], naming it in the error.
 pub async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, String> {

@@ -18,6 +18,14 @@ fn a_provisioning_shows_in_the_roles_and_treds_metrics() {
     let d = CliDevice::provisioned(false, "001010000000061", &[], "3gpp");
     let m = d.roles.metrics();
     assert!(m.ends_with("# EOF\n"), "OpenMetrics text: {m}");
+    // Each family once (two databases, the second SHO's too, are two labels of one family:
+    // a family twice is text a Prometheus parser refuses; found by an outside attack).
+    let types: Vec<&str> = m.lines().filter(|l| l.starts_with("# TYPE ")).collect();
+    let mut unique = types.clone();
+    unique.sort_unstable();
+    unique.dedup();
+    assert_eq!(types.len(), unique.len(), "{m}");
+    assert!(m.contains("name=\"roles-sho2.db\""), "{m}");
     // The SHO was told of one provisioning (step 14).
     assert_eq!(
         sample(
