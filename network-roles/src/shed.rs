@@ -109,36 +109,18 @@ pub struct ShedService<S> {
 /// The answer to a shed call: trailers-only RESOURCE_EXHAUSTED with the pushback.
 fn refusal<RB: Default>(max_calls: usize) -> http::Response<RB> {
     let ms = PUSHBACK_MS.0 + rand::random::<u64>() % (PUSHBACK_MS.1 + 1);
-    let mut r = http::Response::new(RB::default());
-    let h = r.headers_mut();
-    h.insert(
-        http::header::CONTENT_TYPE,
-        http::HeaderValue::from_static("application/grpc"),
-    );
-    h.insert("grpc-status", http::HeaderValue::from_static("8"));
-    if let Ok(v) = http::HeaderValue::from_str(&format!(
+    let mut r = tonic::Status::resource_exhausted(format!(
         "overloaded: {max_calls} calls in flight; retry after {ms} ms"
-    )) {
-        h.insert("grpc-message", v);
-    }
-    h.insert("grpc-retry-pushback-ms", http::HeaderValue::from(ms));
+    ))
+    .into_http();
+    r.headers_mut()
+        .insert("grpc-retry-pushback-ms", http::HeaderValue::from(ms));
     r
 }
 
 /// The answer to a call that held its slot past [`HOLD_MAX`]: DEADLINE_EXCEEDED.
 fn too_slow<RB: Default>() -> http::Response<RB> {
-    let mut r = http::Response::new(RB::default());
-    let h = r.headers_mut();
-    h.insert(
-        http::header::CONTENT_TYPE,
-        http::HeaderValue::from_static("application/grpc"),
-    );
-    h.insert("grpc-status", http::HeaderValue::from_static("4"));
-    h.insert(
-        "grpc-message",
-        http::HeaderValue::from_static("the call took longer than the role allows"),
-    );
-    r
+    tonic::Status::deadline_exceeded("the call took longer than the role allows").into_http()
 }
 
 impl<S, B, RB> tower::Service<http::Request<B>> for ShedService<S>
