@@ -26,6 +26,7 @@ PACKAGES=(
                                       # (tests and the lab start private ones), pyscard clients
   libpcsclite-dev                     # the pcsc crate (mcimctl card) links libpcsclite
   util-linux                          # unshare: a private pcscd in a mount namespace; setpriv
+  postgresql                          # the roles on PostgreSQL: tests start throwaway clusters
   ca-certificates
 )
 

@@ -28,13 +28,26 @@ done
 echo "== build every binary (end-to-end tests start tred, mcimctl and mcim-roles)"
 cargo build --workspace --bins --locked
 
-echo "== tests"
+echo "== a throwaway PostgreSQL cluster (stopped when this script exits)"
+# shellcheck source=ci/postgres.sh
+source ci/postgres.sh
+# The tests that run the roles on PostgreSQL too: the store's unit tests and the end-to-end
+# suites that reach the database only through the roles (or through mcim_e2e's engine-neutral
+# helpers). The others read the SQLite file directly, or run the lab (SQLite).
+PG_TESTS=(-p mcim-roles -p mcim-e2e --test provisioning --test authz --test subscriber --test dpf
+  --test ccif --test discard --test metrics --test overload --test resume --test device
+  --test roles --test postgres)
+
+echo "== tests (SQLite; tests/tests/postgres.rs on the cluster above)"
 if cargo nextest --version >/dev/null 2>&1; then
-  # Doc tests first: nextest's summary is then the closing line.
   cargo test --workspace --locked --doc
-  cargo nextest run --workspace --locked --no-fail-fast
+  # Every test on SQLite, except those that are about PostgreSQL.
+  env -u MCIM_TEST_POSTGRES cargo nextest run --workspace --locked --no-fail-fast
+  echo "== the same roles tests on PostgreSQL"
+  cargo nextest run --locked --no-fail-fast "${PG_TESTS[@]}"
 else
-  cargo test --workspace --locked --no-fail-fast
+  env -u MCIM_TEST_POSTGRES cargo test --workspace --locked --no-fail-fast
+  cargo test --locked --no-fail-fast "${PG_TESTS[@]}"
 fi
 
 echo "== Debian packages: build, dpkg -i, the installed commands, remove, purge"

@@ -607,6 +607,176 @@ pub fn free_ports(n: u16) -> u16 {
     }
 }
 
+/// The environment variable naming a PostgreSQL server for the tests (`postgres://USER@HOST:PORT`,
+/// a user that may create databases). `ci/test.sh` starts a throwaway cluster and sets it; then
+/// [`Roles`] run on PostgreSQL (each on a database of its own) instead of SQLite.
+pub const POSTGRES_ENV: &str = "MCIM_TEST_POSTGRES";
+
+/// A PostgreSQL server for a test: the one [`POSTGRES_ENV`] names, else a private cluster
+/// started here (`initdb` in a temporary directory, as the `postgres` user when root, on a free
+/// port of 127.0.0.1), stopped when dropped. Without PostgreSQL installed, this panics with
+/// what to install: a test that needs PostgreSQL never passes without it.
+pub struct Postgres {
+    /// `postgres://USER@127.0.0.1:PORT` (no database).
+    pub server: String,
+    cluster: Option<(tempfile::TempDir, PathBuf)>,
+}
+
+impl Postgres {
+    /// The server of [`POSTGRES_ENV`], or a private cluster.
+    pub fn start() -> Self {
+        if let Some(server) = std::env::var(POSTGRES_ENV).ok().filter(|s| !s.is_empty()) {
+            return Postgres {
+                server: server.trim_end_matches('/').to_string(),
+                cluster: None,
+            };
+        }
+        Self::private()
+    }
+
+    /// A private cluster, whatever the environment says.
+    pub fn private() -> Self {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .ok()
+            .and_then(|d| {
+                let mut v: Vec<PathBuf> = d
+                    .filter_map(|e| e.ok())
+                    .map(|e| e.path().join("bin"))
+                    .filter(|b| b.join("initdb").exists())
+                    .collect();
+                v.sort();
+                v.pop()
+            })
+            .unwrap_or_else(|| {
+                panic!(
+                    "PostgreSQL is not installed (no /usr/lib/postgresql/*/bin/initdb): \
+                     apt-get install postgresql (ci/install-deps.sh does), or set {POSTGRES_ENV}"
+                )
+            });
+        let dir = tempfile::tempdir().unwrap();
+        let root = is_root();
+        let user = if root { "postgres" } else { "" };
+        let as_user = |program: &Path| {
+            let mut c = if root {
+                let mut c = Command::new("runuser");
+                c.args(["-u", "postgres", "--"]).arg(program);
+                c
+            } else {
+                Command::new(program)
+            };
+            c.stdout(Stdio::null());
+            c
+        };
+        if root {
+            let ok = Command::new("chown")
+                .args(["postgres:postgres", dir.path().to_str().unwrap()])
+                .status()
+                .unwrap()
+                .success();
+            assert!(ok, "chown of the cluster directory");
+        }
+        let data = dir.path().join("data");
+        let mut initdb = as_user(&bin.join("initdb"));
+        initdb
+            .arg("-D")
+            .arg(&data)
+            .args(["-A", "trust", "-E", "UTF8", "--no-sync"]);
+        if root {
+            initdb.args(["-U", "postgres"]);
+        }
+        let out = initdb.stderr(Stdio::piped()).output().unwrap();
+        assert!(out.status.success(), "initdb: {}", output_text(&out));
+        for _ in 0..5 {
+            let port = free_ports(1);
+            let out = as_user(&bin.join("pg_ctl"))
+                .arg("-D")
+                .arg(&data)
+                .arg("-l")
+                .arg(dir.path().join("log"))
+                .arg("-o")
+                .arg(format!(
+                    "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off \
+                     -c synchronous_commit=off -c full_page_writes=off -c max_connections=200",
+                    dir.path().display()
+                ))
+                .args(["-w", "-t", "20", "start"])
+                .stderr(Stdio::piped())
+                .output()
+                .unwrap();
+            if out.status.success() {
+                let who = if user.is_empty() {
+                    std::env::var("USER").unwrap_or_else(|_| "postgres".into())
+                } else {
+                    user.to_string()
+                };
+                return Postgres {
+                    server: format!("postgres://{who}@127.0.0.1:{port}"),
+                    cluster: Some((dir, bin)),
+                };
+            }
+        }
+        panic!(
+            "PostgreSQL did not start: {}",
+            std::fs::read_to_string(dir.path().join("log")).unwrap_or_default()
+        );
+    }
+
+    /// The URL of a database on this server with a fresh name (the roles create it).
+    pub fn fresh_database(&self) -> String {
+        fresh_database_on(&self.server)
+    }
+}
+
+/// A database with a fresh name on `server` (`postgres://USER@HOST:PORT`).
+fn fresh_database_on(server: &str) -> String {
+    format!(
+        "{}/mcim_t_{:016x}",
+        server.trim_end_matches('/'),
+        rand::random::<u64>()
+    )
+}
+
+/// A fresh database on the server [`POSTGRES_ENV`] names, when it names one.
+pub fn postgres_from_env() -> Option<String> {
+    std::env::var(POSTGRES_ENV)
+        .ok()
+        .filter(|s| !s.is_empty())
+        .map(|server| fresh_database_on(&server))
+}
+
+/// Whether this process runs as root (the tests start PostgreSQL as `postgres` then).
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(1).map(|u| u == "0"))
+        })
+        .unwrap_or(false)
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        if let Some((dir, bin)) = &self.cluster {
+            let mut c = if is_root() {
+                let mut c = Command::new("runuser");
+                c.args(["-u", "postgres", "--"]).arg(bin.join("pg_ctl"));
+                c
+            } else {
+                Command::new(bin.join("pg_ctl"))
+            };
+            let _ = c
+                .arg("-D")
+                .arg(dir.path().join("data"))
+                .args(["-m", "immediate", "stop"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
 /// `mcim-roles all` (every role in one process, one SQLite file; the second SHO on its own
 /// beside it) on six consecutive ports of 127.0.0.1 (supplier, RO, VNO, SHO, PVA, second SHO),
 /// with a fresh development PKI from `mcimctl pki init`; killed when dropped.
@@ -616,8 +786,11 @@ pub struct Roles {
     pub base: u16,
     /// The PKI directory.
     pub pki: PathBuf,
-    /// The SQLite file.
+    /// The SQLite file (when on SQLite).
     pub db: PathBuf,
+    /// The database's URL: `sqlite://` [`Roles::db`], or a PostgreSQL database of its own when
+    /// [`POSTGRES_ENV`] is set.
+    pub db_url: String,
     /// More arguments for `mcim-roles all`.
     args: Vec<String>,
 }
@@ -633,12 +806,20 @@ impl Roles {
 
     /// [`Roles::start`] with more arguments for `mcim-roles all` (`--max-concurrent-calls 1`).
     pub fn start_with(work: &std::path::Path, args: &[&str]) -> Self {
+        let db = work.join("roles.db");
+        let url = postgres_from_env().unwrap_or_else(|| format!("sqlite://{}", db.display()));
+        Self::start_on(work, &url, args)
+    }
+
+    /// [`Roles::start_with`] on the database at `url` (`postgres://...`: created by the roles).
+    pub fn start_on(work: &std::path::Path, url: &str, args: &[&str]) -> Self {
         let pki = pki_init(work);
         let mut r = Roles {
             child: None,
             base: 0,
             pki,
             db: work.join("roles.db"),
+            db_url: url.to_string(),
             args: args.iter().map(|a| a.to_string()).collect(),
         };
         // Ports found free can be taken by another test (or an outgoing connection's
@@ -653,11 +834,31 @@ impl Roles {
         panic!("mcim-roles all did not listen");
     }
 
+    /// Another `mcim-roles all` process on the same PKI and database, on ports of its own
+    /// (on SQLite both wait for one write lock; on PostgreSQL they are replicas).
+    pub fn beside(other: &Roles) -> Self {
+        let mut r = Roles {
+            child: None,
+            base: 0,
+            pki: other.pki.clone(),
+            db: other.db.clone(),
+            db_url: other.db_url.clone(),
+            args: other.args.clone(),
+        };
+        for _attempt in 0..5 {
+            r.base = free_ports(ROLE_PORTS + 1);
+            if r.launch() {
+                return r;
+            }
+        }
+        panic!("a second mcim-roles all did not listen");
+    }
+
     /// Starts the process on `self.base`; false when it exited before listening.
     fn launch(&mut self) -> bool {
         let child = Command::new(workspace_bin("mcim-roles"))
             .args(["all", "--pki", self.pki.to_str().unwrap(), "--db"])
-            .arg(format!("sqlite://{}", self.db.display()))
+            .arg(&self.db_url)
             .args(["--base-port", &self.base.to_string()])
             .args([
                 "--metrics-listen",
@@ -907,7 +1108,31 @@ impl Roles {
     /// Everything in the roles' database, table by table (each row quoted, in key order): two
     /// equal snapshots mean nothing was changed in between.
     pub async fn snapshot(&self) -> std::collections::BTreeMap<String, String> {
-        db_dump(&self.db).await
+        if self.db_url.starts_with("postgres") {
+            pg_dump(&self.db_url).await
+        } else {
+            db_dump(&self.db).await
+        }
+    }
+
+    /// The database's name as the roles label it in their metrics: the SQLite file's name or
+    /// the PostgreSQL database's (never the URL).
+    pub fn db_name(&self) -> String {
+        self.db_url
+            .rsplit('/')
+            .next()
+            .unwrap_or_default()
+            .to_string()
+    }
+
+    /// [`Roles::snapshot`] of the second SHO's database (`roles-sho2.db` beside the roles',
+    /// or the PostgreSQL database named like theirs with `-sho2`).
+    pub async fn sho2_snapshot(&self) -> std::collections::BTreeMap<String, String> {
+        if self.db_url.starts_with("postgres") {
+            pg_dump(&format!("{}-sho2", self.db_url)).await
+        } else {
+            db_dump(&self.db.with_file_name("roles-sho2.db")).await
+        }
     }
 }
 
@@ -951,50 +1176,120 @@ pub async fn db_dump(db: &Path) -> std::collections::BTreeMap<String, String> {
     }
 }
 
-/// A connection that writes to the SQLite file `db` while the roles run (a test standing in
-/// for a malicious or forgetful operator), waiting for their write lock.
-pub async fn db_writer(db: &Path) -> sqlx::SqliteConnection {
-    use sqlx::ConnectOptions;
-    sqlx::sqlite::SqliteConnectOptions::new()
-        .filename(db)
-        .busy_timeout(Duration::from_secs(10))
-        .connect()
+/// Every row of every table of the PostgreSQL database at `url`, one string per table (each
+/// row as PostgreSQL's text form of the record, in order): the counterpart of [`db_dump`].
+pub async fn pg_dump(url: &str) -> std::collections::BTreeMap<String, String> {
+    use sqlx::Connection;
+    let mut c = sqlx::PgConnection::connect(url).await.unwrap();
+    let tables: Vec<(String,)> = sqlx::query_as(
+        "SELECT table_name::text FROM information_schema.tables \
+         WHERE table_schema = 'public' AND table_type = 'BASE TABLE' ORDER BY 1",
+    )
+    .fetch_all(&mut c)
+    .await
+    .unwrap();
+    let mut out = std::collections::BTreeMap::new();
+    for (t,) in tables {
+        // Table names come from the database itself.
+        let all: Option<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT string_agg(r, ';' ORDER BY r) FROM (SELECT t::text AS r FROM \"{t}\" t) x"
+        )))
+        .fetch_one(&mut c)
         .await
-        .unwrap()
+        .unwrap();
+        out.insert(t, all.unwrap_or_default());
+    }
+    let _ = c.close().await;
+    out
 }
 
-/// The rows `sql` selects from the SQLite file `db` (read-only), every column read as text
-/// (select `hex(blob)` or `CAST(n AS TEXT)` for others).
-pub async fn db_rows(db: &Path, sql: &str) -> Vec<Vec<String>> {
-    use sqlx::Row;
-    let opts = sqlx::sqlite::SqliteConnectOptions::new()
-        .filename(db)
-        .read_only(true);
-    let pool = sqlx::SqlitePool::connect_with(opts).await.unwrap();
+/// Where a roles' database is, for the helpers that read or write it behind the roles' back:
+/// an SQLite file's path, or [`Roles`] (SQLite or PostgreSQL, as they run).
+pub trait DbAt {
+    /// The database's URL.
+    fn db_url(&self) -> String;
+}
+
+impl DbAt for Path {
+    fn db_url(&self) -> String {
+        format!("sqlite://{}", self.display())
+    }
+}
+
+impl DbAt for PathBuf {
+    fn db_url(&self) -> String {
+        self.as_path().db_url()
+    }
+}
+
+impl DbAt for Roles {
+    fn db_url(&self) -> String {
+        self.db_url.clone()
+    }
+}
+
+/// A connection to `db` through sqlx's `Any` driver (as the roles connect).
+async fn any_connection(url: &str) -> sqlx::AnyConnection {
+    use sqlx::Connection;
+    sqlx::any::install_default_drivers();
+    sqlx::AnyConnection::connect(url).await.unwrap()
+}
+
+/// A connection that writes to the database `db` while the roles run (a test standing in for
+/// a malicious or forgetful operator); on SQLite it waits for their write lock (5 s busy
+/// timeout). Statements take `$1`-style parameters, as the roles' own.
+pub async fn db_writer(db: &(impl DbAt + ?Sized)) -> sqlx::AnyConnection {
+    any_connection(&db.db_url()).await
+}
+
+/// The rows `sql` selects from the database `db`, every column as text: text as it is,
+/// integers in decimal, bytes in upper-case hex (as SQLite's `hex()`), NULL as `NULL`.
+pub async fn db_rows(db: &(impl DbAt + ?Sized), sql: &str) -> Vec<Vec<String>> {
+    use sqlx::{Connection, Row, ValueRef};
+    let mut c = any_connection(&db.db_url()).await;
     let rows = sqlx::query(sqlx::AssertSqlSafe(sql.to_string()))
-        .fetch_all(&pool)
+        .fetch_all(&mut c)
         .await
         .unwrap();
     let out = rows
         .iter()
         .map(|r| {
             (0..r.len())
-                .map(|i| r.try_get::<String, _>(i).unwrap())
+                .map(|i| {
+                    if r.try_get_raw(i).unwrap().is_null() {
+                        "NULL".to_string()
+                    } else if let Ok(t) = r.try_get::<String, _>(i) {
+                        t
+                    } else if let Ok(n) = r.try_get::<i64, _>(i) {
+                        n.to_string()
+                    } else {
+                        hex_upper(&r.try_get::<Vec<u8>, _>(i).unwrap())
+                    }
+                })
                 .collect()
         })
         .collect();
-    pool.close().await;
+    let _ = c.close().await;
     out
+}
+
+fn hex_upper(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02X}")).collect()
 }
 
 /// `mcimctl lab run --json ARGS`: whether it succeeded, its JSON report, its progress
 /// (stderr).
+/// With [`POSTGRES_ENV`] set (and no `--db` in `args`), the lab's roles run on a fresh
+/// PostgreSQL database there.
 pub fn lab_run(args: &[&str]) -> (bool, serde_json::Value, String) {
-    let out = Command::new(workspace_bin("mcimctl"))
-        .args(["lab", "run", "--json"])
-        .args(args)
-        .output()
-        .unwrap();
+    let mut cmd = Command::new(workspace_bin("mcimctl"));
+    cmd.args(["lab", "run", "--json"]).args(args);
+    if let Some(db) = postgres_from_env()
+        && !args.contains(&"--db")
+    {
+        cmd.arg("--db").arg(db);
+    }
+    let out = cmd.output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     let report: serde_json::Value = serde_json::from_slice(&out.stdout)
         .unwrap_or_else(|e| panic!("no JSON report ({e}); stderr:\n{stderr}"));

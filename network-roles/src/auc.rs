@@ -2,12 +2,12 @@
 //! its IMSIs, 5.1.3.3.2.2) run: K and OPc wrapped at rest ([`crate::atrest`]), SEQ_HE per
 //! subscriber, vectors and resynchronisation from `mcim_core::aka`. One place for the rule.
 
+use crate::store::Db;
 use mcim_core::aka::{
     Amf, Auts, Constants, HeSqnState, K, Milenage, Opc, Rand, SoftKernel, SqnProfile, generate_avs,
     resynchronise,
 };
 use mcim_proto::mcim::common::v1 as common;
-use sqlx::SqlitePool;
 use tokio::sync::Mutex;
 
 use crate::atrest::DataKey;
@@ -21,7 +21,7 @@ const AMF: Amf = Amf([0x80, 0x00]);
 #[derive(Debug)]
 pub struct Auc {
     owner: &'static str,
-    db: SqlitePool,
+    db: Db,
     key: DataKey,
     /// SEQ_HE is read, advanced and written back under this lock.
     sqn_lock: Mutex<()>,
@@ -38,7 +38,7 @@ pub enum Provisioned {
 
 impl Auc {
     /// The AuC of `owner`, its secrets under `key`.
-    pub fn new(owner: &'static str, db: SqlitePool, key: DataKey) -> Self {
+    pub fn new(owner: &'static str, db: Db, key: DataKey) -> Self {
         Self {
             owner,
             db,
@@ -67,7 +67,7 @@ impl Auc {
         let sqn = serde_json::to_string(&HeSqnState::default())
             .map_err(|e| RoleError::internal(e.to_string()))?;
         let done = sqlx::query(
-            "INSERT INTO auc_subscriber (owner, id, k, opc, sqn) VALUES (?, ?, ?, ?, ?) \
+            "INSERT INTO auc_subscriber (owner, id, k, opc, sqn) VALUES ($1, $2, $3, $4, $5) \
              ON CONFLICT(owner, id) DO NOTHING",
         )
         .bind(self.owner)
@@ -83,7 +83,7 @@ impl Auc {
         }
         // AES-KWP is deterministic: the same secrets wrap to the same rows.
         let row: Option<(Vec<u8>, Vec<u8>)> =
-            sqlx::query_as("SELECT k, opc FROM auc_subscriber WHERE owner = ? AND id = ?")
+            sqlx::query_as("SELECT k, opc FROM auc_subscriber WHERE owner = $1 AND id = $2")
                 .bind(self.owner)
                 .bind(id)
                 .fetch_optional(&self.db)
@@ -109,7 +109,7 @@ impl Auc {
         }
         let _guard = self.sqn_lock.lock().await;
         let row: Option<(Vec<u8>, Vec<u8>, String)> =
-            sqlx::query_as("SELECT k, opc, sqn FROM auc_subscriber WHERE owner = ? AND id = ?")
+            sqlx::query_as("SELECT k, opc, sqn FROM auc_subscriber WHERE owner = $1 AND id = $2")
                 .bind(self.owner)
                 .bind(id)
                 .fetch_optional(&self.db)
@@ -153,7 +153,7 @@ impl Auc {
         };
         let avs = generate_avs(&m, &mut state, &profile, AMF, &rands)
             .map_err(|e| RoleError::internal(e.to_string()))?;
-        sqlx::query("UPDATE auc_subscriber SET sqn = ? WHERE owner = ? AND id = ?")
+        sqlx::query("UPDATE auc_subscriber SET sqn = $1 WHERE owner = $2 AND id = $3")
             .bind(serde_json::to_string(&state).map_err(|e| RoleError::internal(e.to_string()))?)
             .bind(self.owner)
             .bind(id)
@@ -179,20 +179,20 @@ impl Auc {
     pub async fn adopt(&self, from: &str, to: &str) -> Result<(), RoleError> {
         let mut tx = crate::store::begin_write(&self.db).await?;
         let pending: Option<(String,)> =
-            sqlx::query_as("SELECT id FROM auc_subscriber WHERE owner = ? AND id = ?")
+            sqlx::query_as("SELECT id FROM auc_subscriber WHERE owner = $1 AND id = $2")
                 .bind(self.owner)
                 .bind(from)
                 .fetch_optional(&mut *tx)
                 .await
                 .map_err(db_err)?;
         if pending.is_some() {
-            sqlx::query("DELETE FROM auc_subscriber WHERE owner = ? AND id = ?")
+            sqlx::query("DELETE FROM auc_subscriber WHERE owner = $1 AND id = $2")
                 .bind(self.owner)
                 .bind(to)
                 .execute(&mut *tx)
                 .await
                 .map_err(db_err)?;
-            sqlx::query("UPDATE auc_subscriber SET id = ? WHERE owner = ? AND id = ?")
+            sqlx::query("UPDATE auc_subscriber SET id = $1 WHERE owner = $2 AND id = $3")
                 .bind(to)
                 .bind(self.owner)
                 .bind(from)
@@ -205,7 +205,7 @@ impl Auc {
 
     /// Forgets `id` (a credential that never left this role, replaced after a crash).
     pub async fn forget(&self, id: &str) -> Result<(), RoleError> {
-        sqlx::query("DELETE FROM auc_subscriber WHERE owner = ? AND id = ?")
+        sqlx::query("DELETE FROM auc_subscriber WHERE owner = $1 AND id = $2")
             .bind(self.owner)
             .bind(id)
             .execute(&self.db)

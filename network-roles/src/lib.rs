@@ -14,7 +14,7 @@
 //! - [`tls`]: mutual TLS (rustls via tonic).
 //! - [`supplier`]: the equipment supplier certifying devices' attestation and TLS keys.
 //! - [`pva`]: the Platform Validation Authority (steps 8-10).
-//! - [`store`]: the roles' SQLite database (sqlx) and its migrations.
+//! - [`store`]: the roles' database, SQLite or PostgreSQL (sqlx), and its migrations.
 //! - [`ro`] (ICF, DRF, DPF), [`vno`], [`sho`]: the provisioning flow of 5.1.3.6.2 and
 //!   5.1.3.6.3; [`auc`] the one AuC, [`atrest`] secrets at rest, [`peers`] role-to-role
 //!   channels.

@@ -9,6 +9,8 @@
 //!                     --route 00101=icf:https://127.0.0.1:7402 --route 00102=sho:https://127.0.0.1:7404
 //! mcim-roles sho      --pki DIR --db sqlite://sho.db --listen 127.0.0.1:7404
 //! mcim-roles pva      --pki DIR --db sqlite://pva.db --listen 127.0.0.1:7405
+//! mcim-roles all      --pki DIR --db postgres://mcim@db.example/mcim   # on PostgreSQL (any
+//!                                                       # number of processes on one database)
 //! ```
 //! Every flag has an `MCIM_*` environment variable, and every flag can be set in a TOML file
 //! given by `--config FILE` or `MCIM_CONFIG` (see `network-roles/mcim-roles.toml`; the
@@ -32,10 +34,10 @@ use mcim_roles::ro::dpf::Dpf;
 use mcim_roles::ro::drf::Drf;
 use mcim_roles::ro::icf::Icf;
 use mcim_roles::sho::{Sho, ShoApi, ShoConfig};
+use mcim_roles::store::Db;
 use mcim_roles::supplier::Supplier;
 use mcim_roles::tls::server_tls;
 use mcim_roles::vno::{Route, Vno};
-use sqlx::SqlitePool;
 
 /// The mcim network roles.
 #[derive(Parser)]
@@ -67,7 +69,9 @@ struct Common {
     /// PKI directory (`mcimctl pki init`).
     #[arg(long, env = "MCIM_PKI")]
     pki: PathBuf,
-    /// The database (SQLite URL).
+    /// The database: `sqlite://PATH` (created if missing) or
+    /// `postgres://USER[:PASSWORD]@HOST[:PORT]/NAME` (created if missing and the user may);
+    /// any number of processes of a role may share one PostgreSQL database.
     #[arg(long, env = "MCIM_DB", default_value = "sqlite://mcim-roles.db")]
     db: String,
 }
@@ -275,7 +279,7 @@ enum Service {
 }
 
 /// Opens a role's database; its pool's connections are metrics (by the database's name).
-async fn open(db: &str) -> Result<SqlitePool, String> {
+async fn open(db: &str) -> Result<Db, String> {
     let pool = mcim_roles::store::open(db)
         .await
         .map_err(|e| e.to_string())?;
@@ -307,7 +311,7 @@ async fn open(db: &str) -> Result<SqlitePool, String> {
 
 /// Keeps the gauge of tasks queued for devices and not yet sent (the RO's `ro_task` beyond
 /// each device's last sent one) up to date, every 5 s.
-async fn task_queue_depth(pool: SqlitePool) {
+async fn task_queue_depth(pool: Db) {
     let metrics = mcim_telemetry::metrics::init("mcim_roles");
     let depth = metrics.gauges(
         "task_queue_depth",

@@ -12,6 +12,7 @@
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use crate::store::Db;
 use mcim_core::tpm::attest::{ClockInfo, TpmQuote, verify_quote_with_key};
 use mcim_proto::mcim::common::v1 as common;
 use mcim_proto::mcim::pva::v1 as pb;
@@ -19,7 +20,6 @@ use mcim_proto::mcim::pva::v1::pva_service_server::PvaService;
 use p256::ecdsa::SigningKey;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
-use sqlx::SqlitePool;
 use tonic::{Request, Response, Status};
 
 use crate::error::{RoleError, role};
@@ -52,7 +52,7 @@ struct Validation {
 pub struct Pva {
     pki: PathBuf,
     key: SigningKey,
-    db: SqlitePool,
+    db: Db,
     /// Validations decided (wakes GetValidationResult long polls).
     decided: Changes,
 }
@@ -79,19 +79,20 @@ enum Clock {
 
 impl Pva {
     /// A PVA that signs results with its role key in `pki` (`pva.key`).
-    pub fn new(pki: PathBuf, db: SqlitePool) -> Result<Self, mcim_pki::PkiError> {
+    pub fn new(pki: PathBuf, db: Db) -> Result<Self, mcim_pki::PkiError> {
         let key = mcim_pki::dev::signing_key(&pki, "pva")?;
+        let decided = Changes::new(&db, "pva_decided");
         Ok(Self {
             pki,
             key,
             db,
-            decided: Changes::default(),
+            decided,
         })
     }
 
     async fn reference(&self, model: &str) -> Result<Option<Reference>, RoleError> {
         let row: Option<(String,)> =
-            sqlx::query_as("SELECT body FROM pva_reference WHERE model = ?")
+            sqlx::query_as("SELECT body FROM pva_reference WHERE model = $1")
                 .bind(model)
                 .fetch_optional(&self.db)
                 .await
@@ -114,7 +115,7 @@ impl Pva {
         );
         let row: Option<Row> = sqlx::query_as(
             "SELECT pcid, nonce, verdict, reason, result, expires_at, requested_by \
-             FROM pva_validation WHERE id = ?",
+             FROM pva_validation WHERE id = $1",
         )
         .bind(id)
         .fetch_optional(&self.db)
@@ -212,7 +213,7 @@ impl Pva {
     /// so order still shows. Records the new value when it moves forward.
     async fn clock_moves_forward(&self, pcid: &str, c: &ClockInfo) -> Result<Clock, RoleError> {
         let last: Option<(i64, i64, i64)> = sqlx::query_as(
-            "SELECT reset_count, restart_count, clock FROM pva_device_clock WHERE pcid = ?",
+            "SELECT reset_count, restart_count, clock FROM pva_device_clock WHERE pcid = $1",
         )
         .bind(pcid)
         .fetch_optional(&self.db)
@@ -232,7 +233,7 @@ impl Pva {
         }
         sqlx::query(
             "INSERT INTO pva_device_clock (pcid, reset_count, restart_count, clock) \
-             VALUES (?, ?, ?, ?) ON CONFLICT(pcid) DO UPDATE SET \
+             VALUES ($1, $2, $3, $4) ON CONFLICT(pcid) DO UPDATE SET \
              reset_count = excluded.reset_count, restart_count = excluded.restart_count, \
              clock = excluded.clock",
         )
@@ -317,7 +318,7 @@ impl PvaService for Pva {
             let body = serde_json::to_string(&reference)
                 .map_err(|e| RoleError::internal(e.to_string()))?;
             sqlx::query(
-                "INSERT INTO pva_reference (model, body) VALUES (?, ?) \
+                "INSERT INTO pva_reference (model, body) VALUES ($1, $2) \
              ON CONFLICT(model) DO UPDATE SET body = excluded.body",
             )
             .bind(&r.model)
@@ -349,7 +350,7 @@ impl PvaService for Pva {
             };
             sqlx::query(
                 "INSERT INTO pva_validation (id, pcid, nonce, verdict, requested_by) \
-                 VALUES (?, ?, ?, ?, ?)",
+                 VALUES ($1, $2, $3, $4, $5)",
             )
             .bind(&id)
             .bind(&r.pcid)
@@ -417,8 +418,8 @@ impl PvaService for Pva {
                 None => (None, None),
             };
             let done = sqlx::query(
-                "UPDATE pva_validation SET verdict = ?, reason = ?, result = ?, expires_at = ? \
-             WHERE id = ? AND verdict = ?",
+                "UPDATE pva_validation SET verdict = $1, reason = $2, result = $3, expires_at = $4 \
+             WHERE id = $5 AND verdict = $6",
             )
             .bind(decided.verdict as i64)
             .bind(&decided.reason)
@@ -489,14 +490,21 @@ mod tests {
         }
     }
 
+    /// On SQLite, and on PostgreSQL too where the tests have a server (`MCIM_TEST_POSTGRES`).
     #[tokio::test]
     async fn a_device_clock_never_goes_backwards() {
+        for url in crate::store::test_urls() {
+            a_device_clock_never_goes_backwards_on(&url).await;
+        }
+    }
+
+    async fn a_device_clock_never_goes_backwards_on(url: &str) {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
         mcim_pki::dev::init(dir.path(), &[(crate::authz::Role::Pva, "pva.mcim.local")])
             .unwrap_or_else(|e| panic!("{e}"));
-        let db = crate::store::open("sqlite::memory:")
+        let db = crate::store::open(url)
             .await
-            .unwrap_or_else(|e| panic!("{e}"));
+            .unwrap_or_else(|e| panic!("{url}: {e}"));
         let pva = Pva::new(dir.path().to_path_buf(), db).unwrap_or_else(|e| panic!("{e}"));
         let ok = |r: Result<Clock, RoleError>| matches!(r, Ok(Clock::Forward));
         assert!(ok(pva.clock_moves_forward("d1", &clock(5, 0, 1000)).await));

@@ -1,14 +1,23 @@
-//! The roles' database: SQLite by default (one file; `sqlite::memory:` for throwaway runs),
-//! through sqlx, with the migrations in `network-roles/migrations/` compiled in and applied at
-//! start. Queries are plain SQL strings (no compile-time query macros: they would need a
-//! database at build time).
+//! The roles' database, through sqlx's `Any` driver so that one set of queries serves both
+//! engines: SQLite by default (one file; `sqlite::memory:` for throwaway runs) and PostgreSQL
+//! (`postgres://...`), where any number of a role's processes may share one database. Queries
+//! are plain SQL strings with `$1`-style parameters, which both engines read (no compile-time
+//! query macros: they would need a database at build time). The migrations are the same
+//! versions with the same meaning in `migrations/sqlite/` and `migrations/postgres/`, compiled
+//! in and applied at start.
 
 use crate::error::RoleError;
 use std::borrow::Cow;
 
+use sqlx::SqlSafeStr;
+use sqlx::any::AnyPoolOptions;
 use sqlx::migrate::{Migration, MigrationType, Migrator};
-use sqlx::sqlite::{SqliteConnectOptions, SqlitePoolOptions};
-use sqlx::{SqlSafeStr, SqlitePool};
+
+/// A role's database: a pool of connections to SQLite or PostgreSQL.
+pub type Db = sqlx::AnyPool;
+
+/// A transaction on a [`Db`].
+pub type Tx = sqlx::Transaction<'static, sqlx::Any>;
 
 /// What can go wrong opening the database.
 #[derive(Debug, thiserror::Error)]
@@ -19,82 +28,112 @@ pub enum StoreError {
     /// A migration.
     #[error("database migration: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    /// A URL of neither engine.
+    #[error("database URL: {0}")]
+    Url(String),
+}
+
+/// The database engines a role runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Engine {
+    /// One file, one writer at a time (`sqlite://PATH`, `sqlite::memory:`).
+    Sqlite,
+    /// A server shared by any number of processes (`postgres://...`, `postgresql://...`).
+    Postgres,
+}
+
+impl Engine {
+    /// The engine a database URL names.
+    pub fn of(url: &str) -> Result<Self, StoreError> {
+        if url.starts_with("sqlite:") {
+            Ok(Self::Sqlite)
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Ok(Self::Postgres)
+        } else {
+            Err(StoreError::Url(
+                "expected sqlite://PATH, sqlite::memory: or postgres://[USER[:PASSWORD]@]HOST[:PORT]/DATABASE"
+                    .into(),
+            ))
+        }
+    }
+
+    /// The engine of an open database.
+    pub fn of_db(db: &Db) -> Self {
+        match db.connect_options().database_url.scheme() {
+            "sqlite" => Self::Sqlite,
+            _ => Self::Postgres,
+        }
+    }
+
+    /// Its name in reports: `sqlite` or `postgres`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Sqlite => "sqlite",
+            Self::Postgres => "postgres",
+        }
+    }
+}
+
+/// The migrations of each engine: (file, description), in version order, the file in
+/// `migrations/sqlite/` and in `migrations/postgres/`.
+const MIGRATIONS: &[(&str, &str)] = &[
+    ("0001_pva.sql", "pva"),
+    ("0002_pva_clock.sql", "pva clock"),
+    ("0003_flow.sql", "flow"),
+    ("0004_task_seq.sql", "task seq"),
+    ("0005_imsi_seq.sql", "imsi seq"),
+    ("0006_owners.sql", "owners"),
+    ("0007_ownership.sql", "ownership"),
+    ("0008_change.sql", "change of SHO"),
+    ("0009_instruction.sql", "remote instructions"),
+    ("0010_renewal.sql", "renewal of initial credentials"),
+    ("0011_made.sql", "registration order"),
+];
+
+/// The migrations' SQL for an engine, in order.
+fn sql(engine: Engine) -> [&'static str; MIGRATIONS.len()] {
+    macro_rules! files {
+        ($dir:literal) => {
+            [
+                include_str!(concat!("../migrations/", $dir, "/0001_pva.sql")),
+                include_str!(concat!("../migrations/", $dir, "/0002_pva_clock.sql")),
+                include_str!(concat!("../migrations/", $dir, "/0003_flow.sql")),
+                include_str!(concat!("../migrations/", $dir, "/0004_task_seq.sql")),
+                include_str!(concat!("../migrations/", $dir, "/0005_imsi_seq.sql")),
+                include_str!(concat!("../migrations/", $dir, "/0006_owners.sql")),
+                include_str!(concat!("../migrations/", $dir, "/0007_ownership.sql")),
+                include_str!(concat!("../migrations/", $dir, "/0008_change.sql")),
+                include_str!(concat!("../migrations/", $dir, "/0009_instruction.sql")),
+                include_str!(concat!("../migrations/", $dir, "/0010_renewal.sql")),
+                include_str!(concat!("../migrations/", $dir, "/0011_made.sql")),
+            ]
+        };
+    }
+    match engine {
+        Engine::Sqlite => files!("sqlite"),
+        Engine::Postgres => files!("postgres"),
+    }
 }
 
 /// The migrations, in order.
-fn migrator() -> Migrator {
-    Migrator::with_migrations(vec![
-        Migration::new(
-            1,
-            Cow::Borrowed("pva"),
-            MigrationType::Simple,
-            include_str!("../migrations/0001_pva.sql").into_sql_str(),
-            false,
-        ),
-        Migration::new(
-            2,
-            Cow::Borrowed("pva clock"),
-            MigrationType::Simple,
-            include_str!("../migrations/0002_pva_clock.sql").into_sql_str(),
-            false,
-        ),
-        Migration::new(
-            3,
-            Cow::Borrowed("flow"),
-            MigrationType::Simple,
-            include_str!("../migrations/0003_flow.sql").into_sql_str(),
-            false,
-        ),
-        Migration::new(
-            4,
-            Cow::Borrowed("task seq"),
-            MigrationType::Simple,
-            include_str!("../migrations/0004_task_seq.sql").into_sql_str(),
-            false,
-        ),
-        Migration::new(
-            5,
-            Cow::Borrowed("imsi seq"),
-            MigrationType::Simple,
-            include_str!("../migrations/0005_imsi_seq.sql").into_sql_str(),
-            false,
-        ),
-        Migration::new(
-            6,
-            Cow::Borrowed("owners"),
-            MigrationType::Simple,
-            include_str!("../migrations/0006_owners.sql").into_sql_str(),
-            false,
-        ),
-        Migration::new(
-            7,
-            Cow::Borrowed("ownership"),
-            MigrationType::Simple,
-            include_str!("../migrations/0007_ownership.sql").into_sql_str(),
-            false,
-        ),
-        Migration::new(
-            8,
-            Cow::Borrowed("change of SHO"),
-            MigrationType::Simple,
-            include_str!("../migrations/0008_change.sql").into_sql_str(),
-            false,
-        ),
-        Migration::new(
-            9,
-            Cow::Borrowed("remote instructions"),
-            MigrationType::Simple,
-            include_str!("../migrations/0009_instruction.sql").into_sql_str(),
-            false,
-        ),
-        Migration::new(
-            10,
-            Cow::Borrowed("renewal of initial credentials"),
-            MigrationType::Simple,
-            include_str!("../migrations/0010_renewal.sql").into_sql_str(),
-            false,
-        ),
-    ])
+fn migrator(engine: Engine) -> Migrator {
+    let sql = sql(engine);
+    Migrator::with_migrations(
+        MIGRATIONS
+            .iter()
+            .zip(sql)
+            .zip(1..)
+            .map(|(((_, description), sql), version)| {
+                Migration::new(
+                    version,
+                    Cow::Borrowed(*description),
+                    MigrationType::Simple,
+                    sql.into_sql_str(),
+                    false,
+                )
+            })
+            .collect(),
+    )
 }
 
 /// Seconds since the epoch.
@@ -118,87 +157,406 @@ pub fn new_id() -> String {
     hex::encode(b)
 }
 
-/// Opens (creating if needed) the database at `url` and applies the migrations.
-pub async fn open(url: &str) -> Result<SqlitePool, StoreError> {
-    let options: SqliteConnectOptions = url.parse()?;
-    let pool = SqlitePoolOptions::new()
-        .max_connections(4)
-        .connect_with(options.create_if_missing(true))
-        .await?;
-    migrator().run(&pool).await?;
+/// Opens the database at `url` and applies the migrations. An SQLite file is created if
+/// missing (unless the URL names another `mode`); a PostgreSQL database is created if missing,
+/// when the user may (`CREATE DATABASE`, through the server's `postgres` database).
+pub async fn open(url: &str) -> Result<Db, StoreError> {
+    sqlx::any::install_default_drivers();
+    let engine = Engine::of(url)?;
+    let pool = match engine {
+        Engine::Sqlite if url.contains(":memory:") || url.contains("mode=memory") => {
+            // Every new connection to `:memory:` is another database: keep exactly one.
+            AnyPoolOptions::new()
+                .max_connections(1)
+                .min_connections(1)
+                .idle_timeout(None)
+                .max_lifetime(None)
+                .connect(url)
+                .await?
+        }
+        Engine::Sqlite => {
+            let url = if url.contains("mode=") {
+                url.to_string()
+            } else if url.contains('?') {
+                format!("{url}&mode=rwc")
+            } else {
+                format!("{url}?mode=rwc")
+            };
+            AnyPoolOptions::new()
+                .max_connections(4)
+                .connect(&url)
+                .await?
+        }
+        Engine::Postgres => {
+            // One connection first: a server that is down or refuses fails at once (a pool
+            // would retry for its acquire timeout), and a missing database is created.
+            use sqlx::Connection;
+            match sqlx::AnyConnection::connect(url).await {
+                Ok(c) => {
+                    let _ = c.close().await;
+                }
+                Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("3D000") => {
+                    create_postgres_database(url).await?;
+                }
+                Err(e) => return Err(e.into()),
+            }
+            AnyPoolOptions::new()
+                .max_connections(8)
+                .connect(url)
+                .await?
+        }
+    };
+    migrator(engine).run(&pool).await?;
     Ok(pool)
 }
 
-/// A transaction that writes: `BEGIN IMMEDIATE` takes SQLite's write lock at once, waiting
-/// (busy timeout) for another writer, so a transaction that reads before it writes never fails
-/// with "database is locked" when another connection wrote in between (a deferred transaction
-/// cannot upgrade its read lock then, and SQLite refuses without waiting).
-pub async fn begin_write(
-    db: &SqlitePool,
-) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, RoleError> {
-    db.begin_with("BEGIN IMMEDIATE").await.map_err(db_err)
-}
-
-/// Wakes this process's long polls (a device's task stream, the SHO waiting for a verdict)
-/// when what they wait for is written. A waiter also re-reads every [`REREAD`], for writes by
-/// another process on the same database.
-#[derive(Debug)]
-pub struct Changes(tokio::sync::watch::Sender<u64>);
-
-/// The re-read period of a long poll.
-pub const REREAD: std::time::Duration = std::time::Duration::from_millis(250);
-
-impl Default for Changes {
-    fn default() -> Self {
-        Self(tokio::sync::watch::Sender::new(0))
+/// `CREATE DATABASE` for the database a `postgres://` URL names, through the same server's
+/// `postgres` database. Another process creating it at the same time is no failure.
+async fn create_postgres_database(url: &str) -> Result<(), StoreError> {
+    use sqlx::Connection;
+    let (admin, name) = postgres_admin_url(url)?;
+    let mut c = sqlx::AnyConnection::connect(&admin).await?;
+    let created = sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE \"{name}\"")))
+        .execute(&mut c)
+        .await;
+    let _ = c.close().await;
+    match created {
+        Ok(_) => Ok(()),
+        // 42P04: duplicate_database; 23505: two creators raced on the catalogue.
+        Err(sqlx::Error::Database(e))
+            if matches!(e.code().as_deref(), Some("42P04") | Some("23505")) =>
+        {
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
     }
 }
 
+/// The URL of the `postgres` database on the server `url` names, and the name of the database
+/// `url` names.
+fn postgres_admin_url(url: &str) -> Result<(String, String), StoreError> {
+    let bad = |why: &str| StoreError::Url(why.to_string());
+    let (scheme, rest) = url.split_once("://").ok_or_else(|| bad("no scheme"))?;
+    let (rest, query) = rest
+        .split_once('?')
+        .map_or((rest, None), |(r, q)| (r, Some(q)));
+    let (server, name) = rest
+        .split_once('/')
+        .ok_or_else(|| bad("the URL names no database (postgres://HOST/DATABASE)"))?;
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_-".contains(c))
+    {
+        return Err(bad(
+            "a database to create must be named with letters, digits, '_' and '-' only",
+        ));
+    }
+    let admin = match query {
+        Some(q) => format!("{scheme}://{server}/postgres?{q}"),
+        None => format!("{scheme}://{server}/postgres"),
+    };
+    Ok((admin, name.to_string()))
+}
+
+/// The key of the PostgreSQL advisory lock that [`begin_write`] takes ("mcim" in ASCII).
+const WRITE_LOCK: i64 = 0x6d63_696d;
+
+/// A transaction that writes, serialised with every other such transaction on the database
+/// (from this process or another), so that a transaction that reads and then writes acts on
+/// what it read:
+/// - SQLite: `BEGIN IMMEDIATE` takes the write lock at once, waiting (busy timeout) for
+///   another writer (a deferred transaction cannot upgrade its read lock when another
+///   connection wrote in between, and SQLite refuses without waiting);
+/// - PostgreSQL: the transaction first takes an advisory lock held until it ends, the same
+///   one-writer-at-a-time rule across every replica of every role on the database. Reads in it
+///   (READ COMMITTED) see everything committed before the lock was granted.
+pub async fn begin_write(db: &Db) -> Result<Tx, RoleError> {
+    match Engine::of_db(db) {
+        Engine::Sqlite => db.begin_with("BEGIN IMMEDIATE").await.map_err(db_err),
+        Engine::Postgres => {
+            let mut tx = db.begin().await.map_err(db_err)?;
+            sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                .bind(WRITE_LOCK)
+                .execute(&mut *tx)
+                .await
+                .map_err(db_err)?;
+            Ok(tx)
+        }
+    }
+}
+
+/// Wakes long polls (a device's task stream, the SHO waiting for a verdict) when what they
+/// wait for is written. In this process a write wakes them at once. On PostgreSQL a write in
+/// any process on the database wakes them too: [`Changes::bump`] sends `NOTIFY` on
+/// [`CHANNEL`] with the topic as payload, and every process `LISTEN`s (issue 16: replicas wake
+/// each other, they do not poll). A waiter also re-reads after [`REREAD`] on SQLite (another
+/// process may write the same file) and after [`REREAD_NOTIFIED`] on PostgreSQL (a safety net
+/// for notifications lost while a listener reconnects).
+#[derive(Debug)]
+pub struct Changes {
+    local: tokio::sync::watch::Sender<u64>,
+    /// PostgreSQL: topics to `NOTIFY` (a task sends them, coalesced).
+    remote: Option<tokio::sync::mpsc::UnboundedSender<()>>,
+    reread: std::time::Duration,
+}
+
+/// The re-read period of a long poll on SQLite.
+pub const REREAD: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// The re-read period of a long poll on PostgreSQL, where writes in other processes wake it.
+pub const REREAD_NOTIFIED: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The PostgreSQL notification channel of [`Changes`].
+pub const CHANNEL: &str = "mcim_changes";
+
 impl Changes {
-    /// Something was written: wake the waiters.
+    /// Changes of `topic` (a name such as `ro_task`) on `db`: in this process only on
+    /// SQLite; on PostgreSQL in every process, which starts a listener and a notifier task
+    /// (when called inside a Tokio runtime).
+    pub fn new(db: &Db, topic: &'static str) -> Self {
+        let local = tokio::sync::watch::Sender::new(0);
+        let handle = tokio::runtime::Handle::try_current().ok();
+        match (Engine::of_db(db), handle) {
+            (Engine::Postgres, Some(rt)) => {
+                let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+                rt.spawn(notify(db.clone(), topic, rx));
+                rt.spawn(listen(
+                    db.connect_options().database_url.to_string(),
+                    topic,
+                    local.clone(),
+                ));
+                Self {
+                    local,
+                    remote: Some(tx),
+                    reread: REREAD_NOTIFIED,
+                }
+            }
+            _ => Self {
+                local,
+                remote: None,
+                reread: REREAD,
+            },
+        }
+    }
+
+    /// Something was written (and committed): wake the waiters, here and elsewhere.
     pub fn bump(&self) {
-        self.0.send_modify(|n| *n = n.wrapping_add(1));
+        self.local.send_modify(|n| *n = n.wrapping_add(1));
+        if let Some(remote) = &self.remote {
+            let _ = remote.send(());
+        }
     }
 
     /// Subscribe *before* reading, then [`ChangeWatch::wait`] after a read that found nothing:
     /// a write in between is not missed.
     pub fn watch(&self) -> ChangeWatch {
-        ChangeWatch(self.0.subscribe())
+        ChangeWatch {
+            rx: self.local.subscribe(),
+            reread: self.reread,
+        }
+    }
+}
+
+/// Sends one `NOTIFY` per burst of [`Changes::bump`]s, until the [`Changes`] is dropped.
+async fn notify(db: Db, topic: &'static str, mut rx: tokio::sync::mpsc::UnboundedReceiver<()>) {
+    while rx.recv().await.is_some() {
+        while rx.try_recv().is_ok() {}
+        let sent = sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(CHANNEL)
+            .bind(topic)
+            .execute(&db)
+            .await;
+        if let Err(e) = sent {
+            // Waiters elsewhere still re-read within REREAD_NOTIFIED.
+            tracing::warn!(topic, "NOTIFY failed: {e}");
+        }
+    }
+}
+
+/// `LISTEN`s on [`CHANNEL`] and wakes this process's waiters on `topic`; reconnects when the
+/// connection is lost (waking the waiters then: a notification may have been missed).
+async fn listen(url: String, topic: &'static str, local: tokio::sync::watch::Sender<u64>) {
+    let wake = || local.send_modify(|n| *n = n.wrapping_add(1));
+    loop {
+        // The Changes is gone (only this task's sender is left, and no waiter).
+        if local.sender_count() == 1 && local.is_closed() {
+            return;
+        }
+        match sqlx::postgres::PgListener::connect(&url).await {
+            Ok(mut l) => {
+                if let Err(e) = l.listen(CHANNEL).await {
+                    tracing::warn!(topic, "LISTEN failed: {e}");
+                } else {
+                    wake();
+                    loop {
+                        match l.try_recv().await {
+                            Ok(Some(n)) if n.payload() == topic => wake(),
+                            Ok(Some(_)) => {}
+                            // Reconnected: something may have been missed.
+                            Ok(None) => wake(),
+                            Err(e) => {
+                                tracing::warn!(topic, "LISTEN connection: {e}");
+                                break;
+                            }
+                        }
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(topic, "LISTEN connection: {e}"),
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
     }
 }
 
 /// A subscription from [`Changes::watch`].
 #[derive(Debug)]
-pub struct ChangeWatch(tokio::sync::watch::Receiver<u64>);
+pub struct ChangeWatch {
+    rx: tokio::sync::watch::Receiver<u64>,
+    reread: std::time::Duration,
+}
 
 impl ChangeWatch {
-    /// Waits for a write, at most `max` (and at most [`REREAD`]).
-    pub async fn wait(&mut self, max: std::time::Duration) {
-        let _ = tokio::time::timeout(max.min(REREAD), self.0.changed()).await;
+    /// Waits for a write, at most `max` (and at most the re-read period). True when a write
+    /// woke it, false when the time ran out.
+    pub async fn wait(&mut self, max: std::time::Duration) -> bool {
+        matches!(
+            tokio::time::timeout(max.min(self.reread), self.rx.changed()).await,
+            Ok(Ok(()))
+        )
     }
+}
+
+/// The databases a unit test runs on: SQLite in memory, and a fresh PostgreSQL database when
+/// `MCIM_TEST_POSTGRES` names a server (`ci/test.sh` starts one).
+#[cfg(test)]
+pub(crate) fn test_urls() -> Vec<String> {
+    let mut urls = vec!["sqlite::memory:".to_string()];
+    if let Some(server) = std::env::var("MCIM_TEST_POSTGRES")
+        .ok()
+        .filter(|s| !s.is_empty())
+    {
+        urls.push(format!(
+            "{}/mcim_unit_{}",
+            server.trim_end_matches('/'),
+            new_id()
+        ));
+    }
+    urls
 }
 
 #[cfg(test)]
 mod tests {
-    /// Every file in `migrations/` is compiled in, in order, and applies to a new database.
+    /// Every file in each engine's `migrations/` directory is compiled in, in order, the same
+    /// files for both engines, and they apply to a new database (SQLite; PostgreSQL too with
+    /// `MCIM_TEST_POSTGRES`), and once more to the same one.
     #[tokio::test]
     async fn every_migration_file_is_listed_and_applies() {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations");
-        let mut files: Vec<String> = std::fs::read_dir(&dir)
-            .unwrap_or_else(|e| panic!("{e}"))
-            .filter_map(|e| e.ok())
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .filter(|n| n.ends_with(".sql"))
-            .collect();
-        files.sort();
-        let listed: Vec<i64> = super::migrator().iter().map(|m| m.version).collect();
-        let numbered: Vec<i64> = files
-            .iter()
-            .map(|f| f[..4].parse().unwrap_or_else(|e| panic!("{f}: {e}")))
-            .collect();
-        assert_eq!(listed, numbered, "{files:?}");
-        super::open("sqlite::memory:")
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
+        let listed: Vec<&str> = super::MIGRATIONS.iter().map(|(f, _)| *f).collect();
+        for engine in ["sqlite", "postgres"] {
+            let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("migrations")
+                .join(engine);
+            let mut files: Vec<String> = std::fs::read_dir(&dir)
+                .unwrap_or_else(|e| panic!("{e}"))
+                .filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.ends_with(".sql"))
+                .collect();
+            files.sort();
+            assert_eq!(listed, files, "{engine}");
+        }
+        for (i, (file, _)) in super::MIGRATIONS.iter().enumerate() {
+            let n: usize = file[..4].parse().unwrap_or_else(|e| panic!("{file}: {e}"));
+            assert_eq!(n, i + 1, "{file}");
+        }
+        for url in super::test_urls() {
+            let db = super::open(&url)
+                .await
+                .unwrap_or_else(|e| panic!("{url}: {e}"));
+            // Again on the same database: nothing left to apply, nothing refused.
+            if !url.contains(":memory:") {
+                db.close().await;
+                super::open(&url)
+                    .await
+                    .unwrap_or_else(|e| panic!("{url} again: {e}"));
+            }
+        }
+    }
+
+    /// A write wakes the waiters of its topic: in this process on every engine, and on
+    /// PostgreSQL in another process on the database too (here: another pool), by NOTIFY,
+    /// before the re-read period; another topic wakes no one.
+    #[tokio::test]
+    async fn a_write_wakes_its_waiters_here_and_on_postgresql_elsewhere() {
+        use std::time::Duration;
+        for url in super::test_urls() {
+            let a = super::open(&url).await.unwrap_or_else(|e| panic!("{e}"));
+            let here = super::Changes::new(&a, "t");
+            let mut w = here.watch();
+            here.bump();
+            assert!(
+                w.wait(Duration::from_secs(30)).await,
+                "{url}: in this process"
+            );
+            if super::Engine::of_db(&a) == super::Engine::Sqlite {
+                continue;
+            }
+            // The listener wakes its waiters once it listens.
+            let mut listening = false;
+            for _ in 0..6 {
+                let mut w = here.watch();
+                if w.wait(Duration::from_secs(30)).await {
+                    listening = true;
+                    break;
+                }
+            }
+            assert!(listening, "{url}: the listener never listened");
+            let b = super::open(&url).await.unwrap_or_else(|e| panic!("{e}"));
+            let there = super::Changes::new(&b, "t");
+            let other = super::Changes::new(&b, "other");
+            let mut w = here.watch();
+            other.bump();
+            assert!(
+                !w.wait(Duration::from_millis(1500)).await,
+                "{url}: another topic woke the waiter"
+            );
+            let mut w = here.watch();
+            there.bump();
+            assert!(
+                w.wait(Duration::from_secs(30)).await,
+                "{url}: not woken by the other process's write within the re-read period"
+            );
+        }
+    }
+
+    /// A database to create is named from the URL, on the same server, with its options.
+    #[test]
+    fn the_database_to_create_comes_from_the_url() {
+        let (admin, name) =
+            super::postgres_admin_url("postgres://u:p@127.0.0.1:5433/mcim-roles?sslmode=disable")
+                .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            admin,
+            "postgres://u:p@127.0.0.1:5433/postgres?sslmode=disable"
+        );
+        assert_eq!(name, "mcim-roles");
+        for bad in [
+            "postgres://h",
+            "postgres://h/",
+            "postgres://h/a\"b",
+            "postgres://h/a;b",
+        ] {
+            assert!(super::postgres_admin_url(bad).is_err(), "{bad}");
+        }
+        assert!(super::Engine::of("mysql://h/d").is_err());
+        assert_eq!(
+            super::Engine::of("postgresql://h/d").ok(),
+            Some(super::Engine::Postgres)
+        );
+        assert_eq!(
+            super::Engine::of("sqlite::memory:").ok(),
+            Some(super::Engine::Sqlite)
+        );
     }
 }

@@ -7,6 +7,7 @@
 
 use std::path::PathBuf;
 
+use crate::store::Db;
 use mcim_core::identity::Imsi;
 use mcim_proto::mcim::common::v1 as common;
 use mcim_proto::mcim::ro::v1 as ro;
@@ -16,7 +17,6 @@ use mcim_proto::mcim::sho::v1::sho_service_client::ShoServiceClient;
 use mcim_proto::mcim::vno::v1 as pb;
 use mcim_proto::mcim::vno::v1::vno_service_server::VnoService;
 use mcim_telemetry::Channel;
-use sqlx::SqlitePool;
 use subtle::ConstantTimeEq;
 use tonic::{Request, Response, Status};
 
@@ -78,7 +78,7 @@ impl std::str::FromStr for Route {
 /// The VNO's service.
 pub struct Vno {
     pki: PathBuf,
-    db: SqlitePool,
+    db: Db,
     routes: Vec<(Route, Channel)>,
 }
 
@@ -92,7 +92,7 @@ impl std::fmt::Debug for Vno {
 
 impl Vno {
     /// A VNO routing by `routes` (the longest matching prefix wins).
-    pub fn new(pki: PathBuf, db: SqlitePool, routes: Vec<Route>) -> Result<Self, RoleError> {
+    pub fn new(pki: PathBuf, db: Db, routes: Vec<Route>) -> Result<Self, RoleError> {
         let mut chans = Vec::new();
         for r in routes {
             let (role, url) = match &r.target {
@@ -182,13 +182,13 @@ impl VnoService for Vno {
             auth.owns(&identity)?;
         }
         // Stale attempts and grants end by themselves.
-        sqlx::query("DELETE FROM vno_attach WHERE expires_at <= ?")
+        sqlx::query("DELETE FROM vno_attach WHERE expires_at <= $1")
             .bind(now())
             .execute(&self.db)
             .await
             .map_err(db_err)?;
         let busy: Option<(String, String)> =
-            sqlx::query_as("SELECT caller, state FROM vno_attach WHERE identity = ?")
+            sqlx::query_as("SELECT caller, state FROM vno_attach WHERE identity = $1")
                 .bind(&identity)
                 .fetch_optional(&self.db)
                 .await
@@ -210,7 +210,7 @@ impl VnoService for Vno {
                     tracing::warn!(%identity, held_by = %by, "an unanswered attempt of another device gives way");
                 }
                 sqlx::query(
-                    "DELETE FROM vno_attach WHERE identity = ? AND (caller = ? OR state = 'challenged')",
+                    "DELETE FROM vno_attach WHERE identity = $1 AND (caller = $2 OR state = 'challenged')",
                 )
                 .bind(&identity)
                 .bind(&caller.name)
@@ -226,8 +226,8 @@ impl VnoService for Vno {
         // at the same instant; the UNIQUE-less table is guarded by this conditional insert.
         let done = sqlx::query(
             "INSERT INTO vno_attach (attach_id, identity, caller, operational, rand, xres, state, expires_at) \
-             SELECT ?, ?, ?, ?, ?, ?, 'challenged', ? \
-             WHERE NOT EXISTS (SELECT 1 FROM vno_attach WHERE identity = ?)",
+             SELECT $1, $2, $3, $4, $5, $6, 'challenged', $7 \
+             WHERE NOT EXISTS (SELECT 1 FROM vno_attach WHERE identity = $8)",
         )
         .bind(&id)
         .bind(&identity)
@@ -264,7 +264,7 @@ impl VnoService for Vno {
             type Row = (String, String, i64, Vec<u8>, Vec<u8>, String);
             let row: Option<Row> = sqlx::query_as(
                 "SELECT identity, caller, operational, rand, xres, state FROM vno_attach \
-             WHERE attach_id = ? AND expires_at > ?",
+             WHERE attach_id = $1 AND expires_at > $2",
             )
             .bind(&req.get_ref().attach_id)
             .bind(now())
@@ -281,7 +281,7 @@ impl VnoService for Vno {
             match r.answer {
                 Some(pb::complete_attach_request::Answer::Res(res)) => {
                     if !bool::from(res.as_slice().ct_eq(xres.as_slice())) {
-                        sqlx::query("DELETE FROM vno_attach WHERE attach_id = ?")
+                        sqlx::query("DELETE FROM vno_attach WHERE attach_id = $1")
                             .bind(&r.attach_id)
                             .execute(&self.db)
                             .await
@@ -314,8 +314,8 @@ impl VnoService for Vno {
                             .map_err(RoleError::peer(Role::Ro))?;
                     }
                     sqlx::query(
-                        "UPDATE vno_attach SET state = 'granted', grant_id = ?, expires_at = ? \
-                     WHERE attach_id = ?",
+                        "UPDATE vno_attach SET state = 'granted', grant_id = $1, expires_at = $2 \
+                     WHERE attach_id = $3",
                     )
                     .bind(&grant)
                     .bind(expires)
@@ -337,7 +337,7 @@ impl VnoService for Vno {
                         .vector(&identity, Some(common::ResyncInfo { rand, auts }))
                         .await?;
                     sqlx::query(
-                    "UPDATE vno_attach SET rand = ?, xres = ?, expires_at = ? WHERE attach_id = ?",
+                    "UPDATE vno_attach SET rand = $1, xres = $2, expires_at = $3 WHERE attach_id = $4",
                 )
                 .bind(&av.rand)
                 .bind(&av.xres)
@@ -368,14 +368,14 @@ impl VnoService for Vno {
         role(async move {
             let auth = authorized(&req)?;
             let row: Option<(String,)> =
-                sqlx::query_as("SELECT caller FROM vno_attach WHERE grant_id = ?")
+                sqlx::query_as("SELECT caller FROM vno_attach WHERE grant_id = $1")
                     .bind(&req.get_ref().grant_id)
                     .fetch_optional(&self.db)
                     .await
                     .map_err(db_err)?;
             let (attached_by,) = row.ok_or_else(|| RoleError::not_found("no such grant"))?;
             auth.owns(&attached_by)?;
-            sqlx::query("DELETE FROM vno_attach WHERE grant_id = ?")
+            sqlx::query("DELETE FROM vno_attach WHERE grant_id = $1")
                 .bind(&req.get_ref().grant_id)
                 .execute(&self.db)
                 .await

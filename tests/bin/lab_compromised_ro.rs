@@ -1,4 +1,4 @@
-//! `mcim-lab-compromised-ro --db ROLES.db --package FILE`: makes a lab's Registration Operator
+//! `mcim-lab-compromised-ro --db URL --package FILE`: makes a lab's Registration Operator
 //! misbehave the way an attacker in control of its database would (`mcimctl lab run
 //! --dpf-serves ...`). A trigger swaps the package the SHO authorises (TR 33.812 5.1.3.6.2
 //! step 11) for the genuine, SHO-signed package in FILE that is not this device's for this
@@ -10,44 +10,52 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use sqlx::sqlite::{SqliteConnectOptions, SqlitePool};
+use sqlx::Connection;
 
-fn args() -> Result<(PathBuf, PathBuf), String> {
+fn args() -> Result<(String, PathBuf), String> {
     let mut db = None;
     let mut package = None;
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         match a.as_str() {
-            "--db" => db = it.next().map(PathBuf::from),
+            "--db" => db = it.next(),
             "--package" => package = it.next().map(PathBuf::from),
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
     Ok((
-        db.ok_or("--db ROLES.db is required")?,
+        db.ok_or("--db URL (sqlite://... or postgres://...) is required")?,
         package.ok_or("--package FILE is required")?,
     ))
 }
 
-async fn install(db: PathBuf, forged: Vec<u8>) -> Result<(), String> {
-    let pool = SqlitePool::connect_with(SqliteConnectOptions::new().filename(&db))
+async fn install(db: String, forged: Vec<u8>) -> Result<(), String> {
+    sqlx::any::install_default_drivers();
+    let mut c = sqlx::AnyConnection::connect(&db)
         .await
-        .map_err(|e| format!("{}: {e}", db.display()))?;
-    // The package is bytes we read, hex-encoded into a blob literal.
-    let sql = format!(
-        "CREATE TRIGGER lab_compromised_dpf AFTER UPDATE OF package ON ro_registration \
-         WHEN NEW.package IS NOT NULL \
-         BEGIN UPDATE ro_registration SET package = X'{}' WHERE id = NEW.id; END",
-        forged
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<String>()
-    );
-    sqlx::query(sqlx::AssertSqlSafe(sql))
-        .execute(&pool)
+        .map_err(|e| format!("{db}: {e}"))?;
+    // The package is bytes we read, hex-encoded into a literal.
+    let hex: String = forged.iter().map(|b| format!("{b:02x}")).collect();
+    let sql = if db.starts_with("sqlite:") {
+        format!(
+            "CREATE TRIGGER lab_compromised_dpf AFTER UPDATE OF package ON ro_registration \
+             WHEN NEW.package IS NOT NULL \
+             BEGIN UPDATE ro_registration SET package = X'{hex}' WHERE id = NEW.id; END"
+        )
+    } else {
+        format!(
+            "CREATE FUNCTION lab_compromised_dpf() RETURNS trigger LANGUAGE plpgsql AS $$ \
+             BEGIN IF NEW.package IS NOT NULL THEN NEW.package := '\\x{hex}'::bytea; END IF; \
+             RETURN NEW; END $$; \
+             CREATE TRIGGER lab_compromised_dpf BEFORE UPDATE OF package ON ro_registration \
+             FOR EACH ROW EXECUTE FUNCTION lab_compromised_dpf();"
+        )
+    };
+    sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+        .execute(&mut c)
         .await
         .map_err(|e| e.to_string())?;
-    pool.close().await;
+    let _ = c.close().await;
     Ok(())
 }
 

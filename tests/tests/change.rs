@@ -105,7 +105,7 @@ fn assert_changed(dir: &Path, r: &Value) {
     let roles = dir.join("roles.db");
     let rows = block(db_rows(
         &roles,
-        "SELECT imsi, pcid, hex(notice), hex(ack) FROM sho_discard",
+        "SELECT imsi, pcid, notice, ack FROM sho_discard",
     ));
     assert_eq!(rows.len(), 1, "{rows:?}");
     assert_eq!(rows[0][0], old_imsi);
@@ -162,7 +162,7 @@ fn assert_changed(dir: &Path, r: &Value) {
     );
     let filtered = block(db_rows(
         &dir.join("roles-sho2.db"),
-        "SELECT hex(discard_ack) FROM sho_registration WHERE discard_ack IS NOT NULL",
+        "SELECT discard_ack FROM sho_registration WHERE discard_ack IS NOT NULL",
     ));
     if pristine {
         assert!(filtered.is_empty(), "nothing is relayed after a revert");

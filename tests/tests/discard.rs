@@ -117,7 +117,7 @@ async fn only_the_devices_own_notice_is_acknowledged_once_and_only_the_old_shos_
         .into_inner()
         .discard_ack;
     assert_eq!(ack2, ack, "a repeated notice gets the acknowledgment kept");
-    let kept = db_rows(&roles.db, "SELECT imsi FROM sho_discard").await;
+    let kept = db_rows(&roles, "SELECT imsi FROM sho_discard").await;
     assert_eq!(kept, vec![vec![imsi.clone()]]);
 
     // Step 1: the subscriber contracts at the second SHO, which announces itself at the DRF.
@@ -127,9 +127,9 @@ async fn only_the_devices_own_notice_is_acknowledged_once_and_only_the_old_shos_
         )
         .await
         .unwrap();
-    let offers = db_rows(&roles.db, "SELECT sho_id FROM ro_sho_offer").await;
+    let offers = db_rows(&roles, "SELECT sho_id FROM ro_sho_offer").await;
     assert_eq!(offers, vec![vec!["sho2.mcim.local".to_string()]]);
-    let served = db_rows(&roles.db, "SELECT sho_id FROM ro_subscription").await;
+    let served = db_rows(&roles, "SELECT sho_id FROM ro_subscription").await;
     assert_eq!(
         served,
         vec![vec!["sho.mcim.local".to_string()]],
@@ -213,7 +213,7 @@ async fn only_the_devices_own_notice_is_acknowledged_once_and_only_the_old_shos_
         "acknowledged_at": 2,
         "imsi": imsi,
     });
-    let before = mcim_e2e::db_dump(&work.path().join("roles-sho2.db")).await;
+    let before = roles.sho2_snapshot().await;
     let got = ShoServiceClient::new(roles.sho2_channel(Role::Ro).await)
         .receive_discard_ack(sho::ReceiveDiscardAckRequest {
             registration_id: reg.registration_id.clone(),
@@ -221,8 +221,5 @@ async fn only_the_devices_own_notice_is_acknowledged_once_and_only_the_old_shos_
         })
         .await;
     assert_eq!(got.err().map(|s| s.code()), Some(Code::InvalidArgument));
-    assert_eq!(
-        mcim_e2e::db_dump(&work.path().join("roles-sho2.db")).await,
-        before
-    );
+    assert_eq!(roles.sho2_snapshot().await, before);
 }

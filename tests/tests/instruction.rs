@@ -332,14 +332,14 @@ async fn inject(db: &std::path::Path, sho_id: &str, instruction: Vec<u8>) -> Str
     }
     .encode_to_vec();
     let (seq,): (i64,) = sqlx::query_as(
-        "INSERT INTO ro_task_seq (pcid, last_seq) VALUES (?, 1) ON CONFLICT (pcid) \
+        "INSERT INTO ro_task_seq (pcid, last_seq) VALUES ($1, 1) ON CONFLICT (pcid) \
          DO UPDATE SET last_seq = ro_task_seq.last_seq + 1 RETURNING last_seq",
     )
     .bind(PCID)
     .fetch_one(&mut c)
     .await
     .unwrap();
-    sqlx::query("INSERT INTO ro_task (pcid, seq, body) VALUES (?, ?, ?)")
+    sqlx::query("INSERT INTO ro_task (pcid, seq, body) VALUES ($1, $2, $3)")
         .bind(PCID)
         .bind(seq)
         .bind(body)
@@ -347,7 +347,7 @@ async fn inject(db: &std::path::Path, sho_id: &str, instruction: Vec<u8>) -> Str
         .await
         .unwrap();
     sqlx::query(
-        "INSERT INTO ro_instruction (id, pcid, sho_id, body, queued_at) VALUES (?, ?, ?, ?, 0) \
+        "INSERT INTO ro_instruction (id, pcid, sho_id, body, queued_at) VALUES ($1, $2, $3, $4, 0) \
          ON CONFLICT (id) DO UPDATE SET report = NULL, signature = NULL, certificate = NULL",
     )
     .bind(&id)
@@ -377,9 +377,7 @@ async fn report_of(db: &std::path::Path, id: &str) -> ins::Report {
     loop {
         let rows = db_rows(
             db,
-            &format!(
-                "SELECT hex(report) FROM ro_instruction WHERE id = '{id}' AND report IS NOT NULL"
-            ),
+            &format!("SELECT report FROM ro_instruction WHERE id = '{id}' AND report IS NOT NULL"),
         )
         .await;
         if let Some(r) = rows.first() {
@@ -405,7 +403,7 @@ fn instructions_from_another_sho_the_ro_a_replay_or_for_another_device_are_refus
     p.done("unblock");
     let legit_block: Vec<u8> = block(db_rows(
         &db,
-        "SELECT hex(body) FROM ro_instruction WHERE id = \
+        "SELECT body FROM ro_instruction WHERE id = \
          (SELECT id FROM sho_instruction ORDER BY seq LIMIT 1)",
     ))
     .first()

@@ -25,7 +25,11 @@ fn a_provisioning_shows_in_the_roles_and_treds_metrics() {
     unique.sort_unstable();
     unique.dedup();
     assert_eq!(types.len(), unique.len(), "{m}");
-    assert!(m.contains("name=\"roles-sho2.db\""), "{m}");
+    let sho2 = match d.roles.db_name().strip_suffix(".db") {
+        Some(stem) => format!("{stem}-sho2.db"),
+        None => format!("{}-sho2", d.roles.db_name()),
+    };
+    assert!(m.contains(&format!("name=\"{sho2}\"")), "{m}");
     // The SHO was told of one provisioning (step 14).
     assert_eq!(
         sample(
@@ -48,7 +52,14 @@ fn a_provisioning_shows_in_the_roles_and_treds_metrics() {
     );
     // The database pool and the RO's task queue (nothing left to send).
     assert!(
-        sample(&m, r#"mcim_roles_db_pool_connections{name="roles.db"}"#).is_some_and(|n| n >= 1.0),
+        sample(
+            &m,
+            &format!(
+                "mcim_roles_db_pool_connections{{name=\"{}\"}}",
+                d.roles.db_name()
+            )
+        )
+        .is_some_and(|n| n >= 1.0),
         "{m}"
     );
     // tred: the provisioning run and the AKA runs (initial attach and operational attach).

@@ -150,7 +150,7 @@ fn an_expired_pcid_credential_that_cannot_be_renewed_stops_the_change_and_change
     let db = d.work.path().join("roles.db");
     block(async {
         let mut c = db_writer(&db).await;
-        sqlx::query("DELETE FROM icf_pcid WHERE pcid = ?")
+        sqlx::query("DELETE FROM icf_pcid WHERE pcid = $1")
             .bind(PCID)
             .execute(&mut c)
             .await
@@ -343,7 +343,7 @@ fn set_pcid_active(d: &CliDevice, active: bool) {
     let db = d.work.path().join("roles.db");
     block(async {
         let mut c = db_writer(&db).await;
-        sqlx::query("UPDATE icf_pcid SET active = ? WHERE pcid = ?")
+        sqlx::query("UPDATE icf_pcid SET active = $1 WHERE pcid = $2")
             .bind(i64::from(active))
             .bind(PCID)
             .execute(&mut c)

@@ -676,7 +676,21 @@ async fn all_roles_in_one_process() {
         .await
         .unwrap_err();
     assert_eq!(denied.code(), tonic::Code::PermissionDenied);
-    assert!(roles.db.exists(), "one SQLite database");
+    // One database: on SQLite one file (the second SHO's beside it), on PostgreSQL one
+    // database holding every role's tables.
+    if roles.db_url.starts_with("sqlite") {
+        assert!(roles.db.exists(), "one SQLite database");
+    } else {
+        let tables = roles.snapshot().await;
+        for t in [
+            "auc_subscriber",
+            "pva_validation",
+            "ro_registration",
+            "sho_subscription",
+        ] {
+            assert!(tables.contains_key(t), "{t}: {tables:?}");
+        }
+    }
 }
 
 /// `mcim-roles --config FILE`: the file's settings apply, and an `MCIM_*` variable wins over

@@ -93,10 +93,10 @@ pub fn forge(
     package::seal(&key, &payload, &cert).map_err(fail)
 }
 
-/// Installs the swap in the roles' database `db` with the test-support binary
+/// Installs the swap in the roles' database `db` (its URL) with the test-support binary
 /// `mcim-lab-compromised-ro` (beside this `mcimctl`): whenever the DPF stores the package the
 /// SHO authorised (step 11), the stored package becomes `forged`.
-pub fn install(db: &Path, forged: &[u8], work: &Path) -> Result<(), CliError> {
+pub fn install(db: &str, forged: &[u8], work: &Path) -> Result<(), CliError> {
     let file = work.join("compromised-dpf.package");
     std::fs::write(&file, forged).map_err(fail)?;
     let out = std::process::Command::new(super::sibling("mcim-lab-compromised-ro"))

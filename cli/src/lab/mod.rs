@@ -132,6 +132,11 @@ pub struct RunArgs {
     /// The access network.
     #[arg(long, value_enum, default_value = "3gpp")]
     access: AccessChoice,
+    /// The roles' database (`mcim-roles all --db`): `sqlite://DIR/roles.db` if not given, or
+    /// a PostgreSQL database, `postgres://USER@HOST:PORT/NAME`, created if missing (the second
+    /// SHO keeps its own beside it, `NAME-sho2`).
+    #[arg(long, value_name = "URL")]
+    db: Option<String>,
     /// Print one JSON object at the end (progress goes to stderr).
     #[arg(long)]
     json: bool,

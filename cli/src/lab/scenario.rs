@@ -27,13 +27,18 @@ struct Rig<'a> {
 }
 
 /// `mcim-roles all` on the ports from `base` (six: supplier, RO, VNO, SHO, PVA, second SHO).
-fn start_roles_at(pki: &Path, dir: &Path, base: u16, log: &str) -> Result<Proc, CliError> {
+fn start_roles_at(
+    pki: &Path,
+    dir: &Path,
+    db: &str,
+    base: u16,
+    log: &str,
+) -> Result<Proc, CliError> {
     spawn(
         Command::new(sibling("mcim-roles"))
             .args(["all", "--pki"])
             .arg(pki)
-            .arg("--db")
-            .arg(format!("sqlite://{}", dir.join("roles.db").display()))
+            .args(["--db", db])
             .args(["--base-port", &base.to_string()])
             .args(["--sho-plmn", LAB_SHO_PLMN])
             .args(["--sho2-plmn", LAB_SHO2_PLMN])
@@ -41,6 +46,12 @@ fn start_roles_at(pki: &Path, dir: &Path, base: u16, log: &str) -> Result<Proc, 
         "mcim-roles",
         &dir.join(log),
     )
+}
+
+/// The roles' database: `--db`, else `roles.db` in the lab's directory.
+fn roles_db(a: &RunArgs, dir: &Path) -> String {
+    a.db.clone()
+        .unwrap_or_else(|| format!("sqlite://{}", dir.join("roles.db").display()))
 }
 
 /// Ports `mcim-roles all` listens on.
@@ -57,7 +68,8 @@ impl Rig<'_> {
         let base = self.base;
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let mut p = start_roles_at(&self.pki, self.dir, base, &log)?;
+            let mut p =
+                start_roles_at(&self.pki, self.dir, &roles_db(self.a, self.dir), base, &log)?;
             let listening = || {
                 (0..ROLE_PORTS)
                     .all(|i| std::net::TcpStream::connect(("127.0.0.1", base + i)).is_ok())
@@ -259,7 +271,7 @@ pub(super) fn lab_inner(
 
     // The network: every role in one process, the binary operators deploy.
     let (roles_proc, base) = start_on_free_ports(ROLE_PORTS, "mcim-roles", |base| {
-        start_roles_at(&pki, dir, base, "roles.log")
+        start_roles_at(&pki, dir, &roles_db(a, dir), base, "roles.log")
     })?;
     let (sup_p, ro_p, vno_p, sho_p, pva_p, sho2_p) =
         (base, base + 1, base + 2, base + 3, base + 4, base + 5);
@@ -398,7 +410,7 @@ pub(super) fn lab_inner(
                 supplied.target,
                 &supplied.storage_public,
             )?;
-            compromised_dpf::install(&dir.join("roles.db"), &forged, dir)?;
+            compromised_dpf::install(&roles_db(a, dir), &forged, dir)?;
             say.line(&format!(
                 "[lab] the RO is compromised: its DPF will serve {}",
                 match what {

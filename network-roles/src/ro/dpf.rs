@@ -58,8 +58,8 @@ impl Dpf {
     /// changes from, when the RO saw that install.
     async fn old_mcim(&self, reg: &Registration) -> Result<Option<String>, RoleError> {
         let old: Option<(String,)> = sqlx::query_as(
-            "SELECT mcim_id FROM ro_registration WHERE pcid = ? AND sho_id = ? \
-             AND state = 'installed' ORDER BY rowid DESC LIMIT 1",
+            "SELECT mcim_id FROM ro_registration WHERE pcid = $1 AND sho_id = $2 \
+             AND state = 'installed' ORDER BY made DESC LIMIT 1",
         )
         .bind(&reg.pcid)
         .bind(&reg.change_from)
@@ -135,8 +135,8 @@ impl DpfService for Dpf {
                 .0
                 .change_with_tasks(
                     sqlx::query(
-                        "UPDATE ro_registration SET package = ?, state = 'authorized' \
-                     WHERE id = ? AND package IS NULL AND state = 'validating'",
+                        "UPDATE ro_registration SET package = $1, state = 'authorized' \
+                     WHERE id = $2 AND package IS NULL AND state = 'validating'",
                     )
                     .bind(package)
                     .bind(&reg.id),
@@ -174,8 +174,8 @@ impl DpfService for Dpf {
             .0
             .change_with_task(
                 sqlx::query(
-                    "UPDATE ro_registration SET state = 'refused', detail = ? \
-                     WHERE id = ? AND state = 'validating'",
+                    "UPDATE ro_registration SET state = 'refused', detail = $1 \
+                     WHERE id = $2 AND state = 'validating'",
                 )
                 .bind(&r.reason)
                 .bind(&reg.id),
@@ -207,7 +207,7 @@ impl DpfService for Dpf {
             // A device acknowledges only tasks it was sent; anything more deletes nothing.
             if ack > 0 {
                 let sent: Option<(i64,)> =
-                    sqlx::query_as("SELECT last_seq FROM ro_task_sent WHERE pcid = ?")
+                    sqlx::query_as("SELECT last_seq FROM ro_task_sent WHERE pcid = $1")
                         .bind(&pcid)
                         .fetch_optional(&self.0.db)
                         .await
@@ -220,7 +220,7 @@ impl DpfService for Dpf {
                 }
             }
             // Acknowledged tasks are done with; the rest is replayed.
-            sqlx::query("DELETE FROM ro_task WHERE pcid = ? AND seq <= ?")
+            sqlx::query("DELETE FROM ro_task WHERE pcid = $1 AND seq <= $2")
                 .bind(&pcid)
                 .bind(ack)
                 .execute(&self.0.db)
@@ -234,7 +234,7 @@ impl DpfService for Dpf {
                 loop {
                     let mut queued = ro.tasks.watch();
                     let rows: Result<Vec<(i64, Vec<u8>)>, _> = sqlx::query_as(
-                        "SELECT seq, body FROM ro_task WHERE pcid = ? AND seq > ? ORDER BY seq",
+                        "SELECT seq, body FROM ro_task WHERE pcid = $1 AND seq > $2 ORDER BY seq",
                     )
                     .bind(&pcid)
                     .bind(sent)
@@ -260,9 +260,10 @@ impl DpfService for Dpf {
                         // Recorded before it goes out, so the device's acknowledgement can
                         // never arrive before the record.
                         if let Err(e) = sqlx::query(
-                            "INSERT INTO ro_task_sent (pcid, last_seq) VALUES (?, ?) \
+                            "INSERT INTO ro_task_sent (pcid, last_seq) VALUES ($1, $2) \
                              ON CONFLICT(pcid) DO UPDATE SET \
-                             last_seq = MAX(last_seq, excluded.last_seq)",
+                             last_seq = CASE WHEN excluded.last_seq > ro_task_sent.last_seq \
+                             THEN excluded.last_seq ELSE ro_task_sent.last_seq END",
                         )
                         .bind(&pcid)
                         .bind(seq)
@@ -305,7 +306,7 @@ impl DpfService for Dpf {
             let package = reg
                 .package
                 .ok_or_else(|| RoleError::conflict("the SHO has not authorised it yet"))?;
-            sqlx::query("UPDATE ro_registration SET downloads = downloads + 1 WHERE id = ?")
+            sqlx::query("UPDATE ro_registration SET downloads = downloads + 1 WHERE id = $1")
                 .bind(&reg.id)
                 .execute(&self.0.db)
                 .await
@@ -354,7 +355,7 @@ impl DpfService for Dpf {
         // Recorded first: the SHO, told next, registers at the DRF as the device's SHO
         // (5.1.3.7.4.2 step 14), which the DRF allows for an installed registration. A retry
         // reports again (the SHO is idempotent).
-        sqlx::query("UPDATE ro_registration SET state = ?, detail = ?, mcim_id = ? WHERE id = ?")
+        sqlx::query("UPDATE ro_registration SET state = $1, detail = $2, mcim_id = $3 WHERE id = $4")
             .bind(state)
             .bind(&r.detail)
             .bind(&r.mcim_id)
@@ -431,7 +432,7 @@ impl DpfService for Dpf {
                 })
                 .await
                 .map_err(RoleError::peer(Role::Sho))?;
-            sqlx::query("UPDATE ro_registration SET discard_relayed = 1 WHERE id = ?")
+            sqlx::query("UPDATE ro_registration SET discard_relayed = 1 WHERE id = $1")
                 .bind(&reg.id)
                 .execute(&self.0.db)
                 .await

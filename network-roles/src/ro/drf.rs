@@ -69,7 +69,7 @@ impl DrfService for Drf {
             // Step 5: only under a live grant the VNO reported for this PCID.
             common::AccessType::AccessType3gpp if !change => {
                 let grant: Option<(String, i64)> =
-                    sqlx::query_as("SELECT pcid, expires_at FROM ro_grant WHERE grant_id = ?")
+                    sqlx::query_as("SELECT pcid, expires_at FROM ro_grant WHERE grant_id = $1")
                         .bind(&r.grant_id)
                         .fetch_optional(&self.0.db)
                         .await
@@ -126,7 +126,7 @@ impl DrfService for Drf {
         // Idempotent: a registration still in progress at that SHO is the answer again.
         let open: Option<(String, Vec<u8>)> = sqlx::query_as(
             "SELECT id, nonce FROM ro_registration \
-             WHERE pcid = ? AND sho_id = ? AND state IN ('validating', 'authorized')",
+             WHERE pcid = $1 AND sho_id = $2 AND state IN ('validating', 'authorized')",
         )
         .bind(&pcid)
         .bind(&sho_id)
@@ -163,8 +163,9 @@ impl DrfService for Drf {
             .change_with_task(
                 sqlx::query(
                     "INSERT INTO ro_registration (id, pcid, access, sho_id, nonce, state, \
-                     sho_url, change_from, pristine, keep_old) \
-                     VALUES (?, ?, ?, ?, ?, 'validating', ?, ?, ?, ?)",
+                     sho_url, change_from, pristine, keep_old, made) \
+                     SELECT $1, $2, $3, $4, $5, 'validating', $6, $7, $8, $9, \
+                     COALESCE(MAX(made), 0) + 1 FROM ro_registration",
                 )
                 .bind(&id)
                 .bind(&pcid)
@@ -216,8 +217,8 @@ impl DrfService for Drf {
             // The device's latest installed MCIM must be the caller's, from a change (an SHO
             // the device has since left cannot take it back).
             let latest: Option<(String, String)> = sqlx::query_as(
-                "SELECT sho_id, change_from FROM ro_registration WHERE pcid = ? \
-                 AND state = 'installed' ORDER BY rowid DESC LIMIT 1",
+                "SELECT sho_id, change_from FROM ro_registration WHERE pcid = $1 \
+                 AND state = 'installed' ORDER BY made DESC LIMIT 1",
             )
             .bind(&r.pcid)
             .fetch_optional(&mut *tx)
@@ -225,11 +226,11 @@ impl DrfService for Drf {
             .map_err(db_err)?;
             let changed = latest.filter(|(sho, from)| *sho == r.sho_id && !from.is_empty());
             let sql = if changed.is_some() {
-                "INSERT INTO ro_subscription (pcid, sho_id, sho_url) VALUES (?, ?, ?) \
+                "INSERT INTO ro_subscription (pcid, sho_id, sho_url) VALUES ($1, $2, $3) \
                  ON CONFLICT(pcid) DO UPDATE SET sho_id = excluded.sho_id, \
                  sho_url = excluded.sho_url"
             } else {
-                "INSERT INTO ro_subscription (pcid, sho_id, sho_url) VALUES (?, ?, ?) \
+                "INSERT INTO ro_subscription (pcid, sho_id, sho_url) VALUES ($1, $2, $3) \
                  ON CONFLICT(pcid) DO UPDATE SET sho_url = excluded.sho_url \
                  WHERE ro_subscription.sho_id = excluded.sho_id"
             };
@@ -245,7 +246,7 @@ impl DrfService for Drf {
                     return Err(RoleError::denied("another SHO serves this PCID"));
                 }
                 sqlx::query(
-                    "INSERT INTO ro_sho_offer (pcid, sho_id, sho_url) VALUES (?, ?, ?) \
+                    "INSERT INTO ro_sho_offer (pcid, sho_id, sho_url) VALUES ($1, $2, $3) \
                      ON CONFLICT(pcid, sho_id) DO UPDATE SET sho_url = excluded.sho_url",
                 )
                 .bind(&r.pcid)
@@ -256,7 +257,7 @@ impl DrfService for Drf {
                 .map_err(db_err)?;
                 tracing::info!(pcid = %r.pcid, sho = %r.sho_id, "an SHO the device may change to");
             } else if changed.is_some() {
-                sqlx::query("DELETE FROM ro_sho_offer WHERE pcid = ?")
+                sqlx::query("DELETE FROM ro_sho_offer WHERE pcid = $1")
                     .bind(&r.pcid)
                     .execute(&mut *tx)
                     .await

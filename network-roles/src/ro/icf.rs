@@ -72,7 +72,7 @@ impl IcfService for Icf {
             self.0.auc.provision(p.as_str(), &r.k, &r.opc).await?;
             sqlx::query(
                 "INSERT INTO icf_pcid (pcid, mode, expires_at, active, registered_by) \
-                 VALUES (?, ?, ?, ?, ?) ON CONFLICT(pcid) DO NOTHING",
+                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT(pcid) DO NOTHING",
             )
             .bind(p.as_str())
             .bind(mode as i64)
@@ -97,7 +97,7 @@ impl IcfService for Icf {
             let r = req.into_inner();
             let p = pcid(&r.pcid)?;
             let row: Option<(Option<i64>, i64)> =
-                sqlx::query_as("SELECT expires_at, active FROM icf_pcid WHERE pcid = ?")
+                sqlx::query_as("SELECT expires_at, active FROM icf_pcid WHERE pcid = $1")
                     .bind(p.as_str())
                     .fetch_optional(&self.0.db)
                     .await
@@ -143,7 +143,7 @@ impl IcfService for Icf {
                 .unwrap_or_else(|| now() + super::GRANT_LIFETIME_SECS)
                 .min(now() + super::GRANT_LIFETIME_SECS);
             sqlx::query(
-                "INSERT INTO ro_grant (grant_id, pcid, expires_at) VALUES (?, ?, ?) \
+                "INSERT INTO ro_grant (grant_id, pcid, expires_at) VALUES ($1, $2, $3) \
              ON CONFLICT(grant_id) DO NOTHING",
             )
             .bind(&r.grant_id)
@@ -165,7 +165,7 @@ impl IcfService for Icf {
             let auth = authorized(&req)?;
             let p = pcid(&req.get_ref().pcid)?;
             let (registered_by,): (String,) =
-                sqlx::query_as("SELECT registered_by FROM icf_pcid WHERE pcid = ?")
+                sqlx::query_as("SELECT registered_by FROM icf_pcid WHERE pcid = $1")
                     .bind(p.as_str())
                     .fetch_optional(&self.0.db)
                     .await
@@ -173,7 +173,7 @@ impl IcfService for Icf {
                     .ok_or_else(|| RoleError::not_found("unknown PCID"))?;
             // Only the subscriber that registered the PCID activates it (annex x.1).
             auth.owns(&registered_by)?;
-            let done = sqlx::query("UPDATE icf_pcid SET active = 1 WHERE pcid = ?")
+            let done = sqlx::query("UPDATE icf_pcid SET active = 1 WHERE pcid = $1")
                 .bind(p.as_str())
                 .execute(&self.0.db)
                 .await

@@ -27,8 +27,8 @@ struct Carried {
     certificate: Option<Vec<u8>>,
 }
 
-impl<'r> sqlx::FromRow<'r, sqlx::sqlite::SqliteRow> for Carried {
-    fn from_row(row: &'r sqlx::sqlite::SqliteRow) -> Result<Self, sqlx::Error> {
+impl<'r> sqlx::FromRow<'r, sqlx::any::AnyRow> for Carried {
+    fn from_row(row: &'r sqlx::any::AnyRow) -> Result<Self, sqlx::Error> {
         use sqlx::Row;
         Ok(Self {
             pcid: row.try_get("pcid")?,
@@ -52,7 +52,7 @@ impl Ro {
     ) -> Result<String, RoleError> {
         // A party to the device: an SHO the device registered at (the table's owner rule).
         let parties: Vec<(String,)> =
-            sqlx::query_as("SELECT DISTINCT sho_id FROM ro_registration WHERE pcid = ?")
+            sqlx::query_as("SELECT DISTINCT sho_id FROM ro_registration WHERE pcid = $1")
                 .bind(pcid)
                 .fetch_all(&self.db)
                 .await
@@ -89,7 +89,7 @@ impl Ro {
             .change_with_task(
                 sqlx::query(
                     "INSERT INTO ro_instruction (id, pcid, sho_id, body, queued_at) \
-                     VALUES (?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
+                     VALUES ($1, $2, $3, $4, $5) ON CONFLICT (id) DO NOTHING",
                 )
                 .bind(&id)
                 .bind(pcid)
@@ -113,7 +113,7 @@ impl Ro {
     async fn carried(&self, id: &str) -> Result<Carried, RoleError> {
         sqlx::query_as::<_, Carried>(
             "SELECT pcid, sho_id, body, report, signature, certificate \
-             FROM ro_instruction WHERE id = ?",
+             FROM ro_instruction WHERE id = $1",
         )
         .bind(id)
         .fetch_optional(&self.db)
@@ -143,8 +143,8 @@ impl Ro {
         .map_err(|e| RoleError::denied(e.to_string()))?;
         let leaf = r.device_certificate.first().cloned().unwrap_or_default();
         sqlx::query(
-            "UPDATE ro_instruction SET report = ?, signature = ?, certificate = ?, \
-             reported_at = ? WHERE id = ? AND report IS NULL",
+            "UPDATE ro_instruction SET report = $1, signature = $2, certificate = $3, \
+             reported_at = $4 WHERE id = $5 AND report IS NULL",
         )
         .bind(&r.report)
         .bind(&r.signature)

@@ -15,11 +15,11 @@ mod renewal;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use crate::store::Db;
 use mcim_proto::mcim::ro::v1 as pb;
 use mcim_proto::mcim::sho::v1::sho_service_client::ShoServiceClient;
 use mcim_telemetry::Channel;
 use prost::Message;
-use sqlx::SqlitePool;
 
 use crate::atrest::DataKey;
 use crate::auc::Auc;
@@ -34,7 +34,7 @@ pub const GRANT_LIFETIME_SECS: i64 = 600;
 /// The RO's shared state.
 pub struct Ro {
     pki: PathBuf,
-    db: SqlitePool,
+    db: Db,
     auc: Auc,
     dpf_url: String,
     shos: peers::ChannelCache,
@@ -55,7 +55,7 @@ impl std::fmt::Debug for Ro {
 
 impl Ro {
     /// Its database (for gauges read beside the role).
-    pub fn pool(&self) -> SqlitePool {
+    pub fn pool(&self) -> Db {
         self.db.clone()
     }
 
@@ -72,16 +72,17 @@ impl Ro {
     }
 
     /// The RO on `db`, with its keys in `pki`; `dpf_url` is where SHOs reach its DPF.
-    pub fn new(pki: PathBuf, db: SqlitePool, dpf_url: String) -> Result<Arc<Self>, RoleError> {
+    pub fn new(pki: PathBuf, db: Db, dpf_url: String) -> Result<Arc<Self>, RoleError> {
         let key =
             DataKey::load_or_create(&pki, "ro").map_err(|e| RoleError::internal(e.to_string()))?;
+        let tasks = Changes::new(&db, "ro_task");
         Ok(Arc::new(Self {
             auc: Auc::new("icf", db.clone(), key),
             pki,
             db,
             dpf_url,
             shos: peers::ChannelCache::default(),
-            tasks: Changes::default(),
+            tasks,
             stopping: std::sync::atomic::AtomicBool::new(false),
         }))
     }
@@ -99,7 +100,7 @@ impl Ro {
     /// device's task stream wakes once it is committed. Returns whether the change applied.
     async fn change_with_task(
         &self,
-        change: sqlx::query::Query<'_, sqlx::Sqlite, sqlx::sqlite::SqliteArguments>,
+        change: sqlx::query::Query<'_, sqlx::Any, sqlx::any::AnyArguments>,
         pcid: &str,
         task: pb::watch_device_tasks_response::Task,
     ) -> Result<bool, RoleError> {
@@ -109,7 +110,7 @@ impl Ro {
     /// [`Ro::change_with_task`] with several tasks, queued in order.
     async fn change_with_tasks(
         &self,
-        change: sqlx::query::Query<'_, sqlx::Sqlite, sqlx::sqlite::SqliteArguments>,
+        change: sqlx::query::Query<'_, sqlx::Any, sqlx::any::AnyArguments>,
         pcid: &str,
         tasks: Vec<pb::watch_device_tasks_response::Task>,
     ) -> Result<bool, RoleError> {
@@ -131,7 +132,7 @@ impl Ro {
             .encode_to_vec();
             // Above every number this device was ever given (acknowledged tasks are deleted).
             let (seq,): (i64,) = sqlx::query_as(
-                "INSERT INTO ro_task_seq (pcid, last_seq) VALUES (?, 1) \
+                "INSERT INTO ro_task_seq (pcid, last_seq) VALUES ($1, 1) \
                  ON CONFLICT (pcid) DO UPDATE SET last_seq = ro_task_seq.last_seq + 1 \
                  RETURNING last_seq",
             )
@@ -139,7 +140,7 @@ impl Ro {
             .fetch_one(&mut *tx)
             .await
             .map_err(db_err)?;
-            sqlx::query("INSERT INTO ro_task (pcid, seq, body) VALUES (?, ?, ?)")
+            sqlx::query("INSERT INTO ro_task (pcid, seq, body) VALUES ($1, $2, $3)")
                 .bind(pcid)
                 .bind(seq)
                 .bind(body)
@@ -173,8 +174,8 @@ pub(crate) struct Registration {
     pub keep_old: bool,
 }
 
-impl<'r> sqlx::FromRow<'r, sqlx::sqlite::SqliteRow> for Registration {
-    fn from_row(row: &'r sqlx::sqlite::SqliteRow) -> Result<Self, sqlx::Error> {
+impl<'r> sqlx::FromRow<'r, sqlx::any::AnyRow> for Registration {
+    fn from_row(row: &'r sqlx::any::AnyRow) -> Result<Self, sqlx::Error> {
         use sqlx::Row;
         Ok(Self {
             id: row.try_get("id")?,
@@ -203,7 +204,7 @@ impl Ro {
     pub(crate) async fn registration(&self, id: &str) -> Result<Registration, RoleError> {
         sqlx::query_as::<_, Registration>(
             "SELECT id, pcid, sho_id, state, package, sho_url, change_from, discard_relayed, \
-             pristine, keep_old FROM ro_registration WHERE id = ?",
+             pristine, keep_old FROM ro_registration WHERE id = $1",
         )
         .bind(id)
         .fetch_optional(&self.db)
@@ -234,7 +235,7 @@ impl Ro {
         sho_id: &str,
     ) -> Result<Option<String>, RoleError> {
         let row: Option<(String,)> =
-            sqlx::query_as("SELECT sho_url FROM ro_sho_offer WHERE pcid = ? AND sho_id = ?")
+            sqlx::query_as("SELECT sho_url FROM ro_sho_offer WHERE pcid = $1 AND sho_id = $2")
                 .bind(pcid)
                 .bind(sho_id)
                 .fetch_optional(&self.db)
@@ -244,7 +245,7 @@ impl Ro {
     }
 
     pub(crate) async fn sho_url(&self, pcid: &str) -> Result<Option<(String, String)>, RoleError> {
-        sqlx::query_as("SELECT sho_id, sho_url FROM ro_subscription WHERE pcid = ?")
+        sqlx::query_as("SELECT sho_id, sho_url FROM ro_subscription WHERE pcid = $1")
             .bind(pcid)
             .fetch_optional(&self.db)
             .await

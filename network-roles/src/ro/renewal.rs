@@ -33,7 +33,7 @@ impl Ro {
     ) -> Result<pb::RenewInitialCredentialsResponse, RoleError> {
         // The device's own PCID only (the table's owner rule).
         auth.owns(&r.pcid)?;
-        let known: Option<(i64,)> = sqlx::query_as("SELECT active FROM icf_pcid WHERE pcid = ?")
+        let known: Option<(i64,)> = sqlx::query_as("SELECT active FROM icf_pcid WHERE pcid = $1")
             .bind(&r.pcid)
             .fetch_optional(&self.db)
             .await
@@ -81,7 +81,7 @@ impl Ro {
             }),
         };
         let pending: Option<(Vec<u8>, Vec<u8>, i64, i64)> = sqlx::query_as(
-            "SELECT nonce, package, expires_at, confirmed FROM icf_renewal WHERE pcid = ?",
+            "SELECT nonce, package, expires_at, confirmed FROM icf_renewal WHERE pcid = $1",
         )
         .bind(&r.pcid)
         .fetch_optional(&self.db)
@@ -133,7 +133,7 @@ impl Ro {
         self.auc.provision(&pending, &k[..], &opc[..]).await?;
         sqlx::query(
             "INSERT INTO icf_renewal (pcid, nonce, package, expires_at, confirmed) \
-             VALUES (?, ?, ?, ?, 0) ON CONFLICT (pcid) DO UPDATE SET nonce = excluded.nonce, \
+             VALUES ($1, $2, $3, $4, 0) ON CONFLICT (pcid) DO UPDATE SET nonce = excluded.nonce, \
              package = excluded.package, expires_at = excluded.expires_at, confirmed = 0",
         )
         .bind(&r.pcid)
@@ -151,7 +151,7 @@ impl Ro {
     pub(crate) async fn offer_renewal(&self, pcid: &str) -> Result<(), RoleError> {
         let queued = self
             .change_with_task(
-                sqlx::query("UPDATE icf_pcid SET active = active WHERE pcid = ? AND active = 1")
+                sqlx::query("UPDATE icf_pcid SET active = active WHERE pcid = $1 AND active = 1")
                     .bind(pcid),
                 pcid,
                 pb::watch_device_tasks_response::Task::Renewal(pb::RenewalTask {}),
@@ -175,7 +175,7 @@ impl Ro {
     ) -> Result<(), RoleError> {
         auth.owns(pcid)?;
         let pending: Option<(Vec<u8>, i64, i64)> =
-            sqlx::query_as("SELECT nonce, expires_at, confirmed FROM icf_renewal WHERE pcid = ?")
+            sqlx::query_as("SELECT nonce, expires_at, confirmed FROM icf_renewal WHERE pcid = $1")
                 .bind(pcid)
                 .fetch_optional(&self.db)
                 .await
@@ -191,13 +191,13 @@ impl Ro {
         }
         self.auc.adopt(&pending_id(pcid), pcid).await?;
         let mut tx = crate::store::begin_write(&self.db).await?;
-        sqlx::query("UPDATE icf_pcid SET expires_at = ? WHERE pcid = ?")
+        sqlx::query("UPDATE icf_pcid SET expires_at = $1 WHERE pcid = $2")
             .bind(expires_at)
             .bind(pcid)
             .execute(&mut *tx)
             .await
             .map_err(db_err)?;
-        sqlx::query("UPDATE icf_renewal SET confirmed = 1 WHERE pcid = ?")
+        sqlx::query("UPDATE icf_renewal SET confirmed = 1 WHERE pcid = $1")
             .bind(pcid)
             .execute(&mut *tx)
             .await

@@ -40,7 +40,7 @@ impl Sho {
         n: DiscardNotice,
     ) -> Result<(Vec<u8>, i64), RoleError> {
         let pcid: Option<(String,)> =
-            sqlx::query_as("SELECT pcid FROM sho_subscription WHERE imsi = ?")
+            sqlx::query_as("SELECT pcid FROM sho_subscription WHERE imsi = $1")
                 .bind(&n.imsi)
                 .fetch_optional(&self.db)
                 .await
@@ -50,7 +50,7 @@ impl Sho {
         // Only the device the MCIM was provisioned to speaks for it (the table's owner rule).
         auth.owns(&pcid)?;
         let kept: Option<(Vec<u8>, i64)> =
-            sqlx::query_as("SELECT ack, acknowledged_at FROM sho_discard WHERE imsi = ?")
+            sqlx::query_as("SELECT ack, acknowledged_at FROM sho_discard WHERE imsi = $1")
                 .bind(&n.imsi)
                 .fetch_optional(&self.db)
                 .await
@@ -91,7 +91,7 @@ impl Sho {
         // Two notices at once: the first one's acknowledgment is kept and answered to both.
         sqlx::query(
             "INSERT INTO sho_discard (imsi, pcid, notice, ack, acknowledged_at) \
-             VALUES (?, ?, ?, ?, ?) ON CONFLICT(imsi) DO NOTHING",
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT(imsi) DO NOTHING",
         )
         .bind(&n.imsi)
         .bind(&pcid)
@@ -103,7 +103,7 @@ impl Sho {
         .map_err(db_err)?;
         tracing::info!(%pcid, imsi = %n.imsi, "the device discarded this SHO's MCIM; acknowledged");
         let (ack, at): (Vec<u8>, i64) =
-            sqlx::query_as("SELECT ack, acknowledged_at FROM sho_discard WHERE imsi = ?")
+            sqlx::query_as("SELECT ack, acknowledged_at FROM sho_discard WHERE imsi = $1")
                 .bind(&n.imsi)
                 .fetch_one(&self.db)
                 .await
@@ -128,7 +128,7 @@ impl Sho {
         }
         // Kept in the filtered form only, whatever else the bytes held.
         let filtered = serde_json::to_vec(&f).map_err(|e| RoleError::internal(e.to_string()))?;
-        let done = sqlx::query("UPDATE sho_registration SET discard_ack = ? WHERE id = ?")
+        let done = sqlx::query("UPDATE sho_registration SET discard_ack = $1 WHERE id = $2")
             .bind(&filtered)
             .bind(registration_id)
             .execute(&self.db)

@@ -31,8 +31,8 @@ struct Kept {
     reported_at: Option<i64>,
 }
 
-impl<'r> sqlx::FromRow<'r, sqlx::sqlite::SqliteRow> for Kept {
-    fn from_row(row: &'r sqlx::sqlite::SqliteRow) -> Result<Self, sqlx::Error> {
+impl<'r> sqlx::FromRow<'r, sqlx::any::AnyRow> for Kept {
+    fn from_row(row: &'r sqlx::any::AnyRow) -> Result<Self, sqlx::Error> {
         use sqlx::Row;
         Ok(Self {
             pcid: row.try_get("pcid")?,
@@ -91,8 +91,8 @@ impl Sho {
         // The MCIM this SHO provisioned on the device, not since discarded by it.
         let mcim: Option<(String, String)> = sqlx::query_as(
             "SELECT s.imsi, r.dpf_url FROM sho_subscription s JOIN sho_registration r \
-             ON r.pcid = s.pcid WHERE s.pcid = ? AND r.state = ? \
-             AND (r.imsi = s.imsi OR r.imsi = '') ORDER BY r.rowid DESC LIMIT 1",
+             ON r.pcid = s.pcid WHERE s.pcid = $1 AND r.state = $2 \
+             AND (r.imsi = s.imsi OR r.imsi = '') ORDER BY r.made DESC LIMIT 1",
         )
         .bind(pcid)
         .bind(St::Provisioned as i64)
@@ -103,7 +103,7 @@ impl Sho {
             RoleError::conflict("this SHO has provisioned no MCIM on that device")
         })?;
         let discarded: Option<(i64,)> =
-            sqlx::query_as("SELECT acknowledged_at FROM sho_discard WHERE imsi = ?")
+            sqlx::query_as("SELECT acknowledged_at FROM sho_discard WHERE imsi = $1")
                 .bind(&imsi)
                 .fetch_optional(&self.db)
                 .await
@@ -116,7 +116,7 @@ impl Sho {
         // Numbered and kept in one transaction: a sequence number is never given twice.
         let mut tx = crate::store::begin_write(&self.db).await?;
         let (last,): (i64,) =
-            sqlx::query_as("SELECT COALESCE(MAX(seq), 0) FROM sho_instruction WHERE pcid = ?")
+            sqlx::query_as("SELECT COALESCE(MAX(seq), 0) FROM sho_instruction WHERE pcid = $1")
                 .bind(pcid)
                 .fetch_one(&mut *tx)
                 .await
@@ -145,7 +145,7 @@ impl Sho {
         let id = instruction_id(&body);
         sqlx::query(
             "INSERT INTO sho_instruction (id, pcid, imsi, dpf_url, seq, action, body, created_at) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
         )
         .bind(&id)
         .bind(pcid)
@@ -187,7 +187,7 @@ impl Sho {
         auth.owns(&self.id)?;
         let mut k = sqlx::query_as::<_, Kept>(
             "SELECT pcid, imsi, dpf_url, seq, action, body, outcome, mcim_state, reason, \
-             reported_at FROM sho_instruction WHERE id = ?",
+             reported_at FROM sho_instruction WHERE id = $1",
         )
         .bind(id)
         .fetch_optional(&self.db)
@@ -254,8 +254,8 @@ impl Sho {
         }
         let at = i64::try_from(report.at).unwrap_or(0);
         sqlx::query(
-            "UPDATE sho_instruction SET outcome = ?, mcim_state = ?, reason = ?, \
-             reported_at = ? WHERE id = ? AND outcome IS NULL",
+            "UPDATE sho_instruction SET outcome = $1, mcim_state = $2, reason = $3, \
+             reported_at = $4 WHERE id = $5 AND outcome IS NULL",
         )
         .bind(&report.outcome)
         .bind(&report.state)

@@ -28,10 +28,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::store::Db;
 use mcim_proto::mcim::sho::v1::RegistrationState as St;
 use mcim_telemetry::Channel;
 use p256::ecdsa::SigningKey;
-use sqlx::SqlitePool;
 
 use crate::atrest::DataKey;
 use crate::auc::Auc;
@@ -68,7 +68,7 @@ pub struct ShoConfig {
 /// The SHO's state.
 pub struct Sho {
     pki: PathBuf,
-    db: SqlitePool,
+    db: Db,
     auc: Auc,
     key: SigningKey,
     cert: Vec<u8>,
@@ -89,7 +89,7 @@ impl std::fmt::Debug for Sho {
 
 impl Sho {
     /// The SHO on `db` with its keys in `pki`.
-    pub fn new(pki: PathBuf, db: SqlitePool, cfg: ShoConfig) -> Result<Arc<Self>, RoleError> {
+    pub fn new(pki: PathBuf, db: Db, cfg: ShoConfig) -> Result<Arc<Self>, RoleError> {
         let internal = |e: &dyn std::fmt::Display| RoleError::internal(e.to_string());
         if cfg.plmn.len() < 5 || cfg.plmn.len() > 6 || !cfg.plmn.bytes().all(|b| b.is_ascii_digit())
         {
@@ -119,7 +119,7 @@ impl Sho {
     /// Follows again every registration that was in flight when the SHO stopped.
     pub async fn resume(self: &Arc<Self>) -> Result<(), RoleError> {
         let rows: Vec<(String,)> =
-            sqlx::query_as("SELECT id FROM sho_registration WHERE state IN (?, ?)")
+            sqlx::query_as("SELECT id FROM sho_registration WHERE state IN ($1, $2)")
                 .bind(St::Validating as i64)
                 .bind(St::Registered as i64)
                 .fetch_all(&self.db)

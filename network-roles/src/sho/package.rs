@@ -76,7 +76,7 @@ impl Sho {
         };
         let signed = package::seal(&self.key, &payload, &self.cert)
             .map_err(|e| RoleError::internal(e.to_string()))?;
-        sqlx::query("UPDATE sho_registration SET package = ? WHERE id = ? AND package IS NULL")
+        sqlx::query("UPDATE sho_registration SET package = $1 WHERE id = $2 AND package IS NULL")
             .bind(&signed)
             .bind(id)
             .execute(&self.db)
@@ -84,7 +84,7 @@ impl Sho {
             .map_err(db_err)?;
         // Whatever is stored now is the one package of this registration.
         let (stored,): (Option<Vec<u8>>,) =
-            sqlx::query_as("SELECT package FROM sho_registration WHERE id = ?")
+            sqlx::query_as("SELECT package FROM sho_registration WHERE id = $1")
                 .bind(id)
                 .fetch_one(&self.db)
                 .await

@@ -4,7 +4,7 @@
 use mcim_proto::mcim::pva::v1 as pva;
 use mcim_proto::mcim::pva::v1::pva_service_client::PvaServiceClient;
 use sqlx::Row;
-use sqlx::sqlite::SqliteRow;
+use sqlx::any::AnyRow;
 
 use super::{Sho, St};
 use crate::authz::Role;
@@ -36,8 +36,8 @@ pub(super) struct Registration {
     pub discard_ack: Option<Vec<u8>>,
 }
 
-impl<'r> sqlx::FromRow<'r, SqliteRow> for Registration {
-    fn from_row(row: &'r SqliteRow) -> Result<Self, sqlx::Error> {
+impl<'r> sqlx::FromRow<'r, AnyRow> for Registration {
+    fn from_row(row: &'r AnyRow) -> Result<Self, sqlx::Error> {
         Ok(Self {
             id: row.try_get("id")?,
             pcid: row.try_get("pcid")?,
@@ -70,7 +70,7 @@ impl Sho {
     pub(super) async fn registration(&self, id: &str) -> Result<Option<Registration>, RoleError> {
         sqlx::query_as::<_, Registration>(
             "SELECT id, pcid, nonce, dpf_url, validation_id, validation_nonce, state, detail, \
-             package, discard_ack FROM sho_registration WHERE id = ?",
+             package, discard_ack FROM sho_registration WHERE id = $1",
         )
         .bind(id)
         .fetch_optional(&self.db)
@@ -117,9 +117,12 @@ impl Sho {
             .await
             .map_err(RoleError::peer(Role::Pva))?
             .into_inner();
+        // Numbered (`made`) under the write lock: two at once never get the same number.
+        let mut tx = crate::store::begin_write(&self.db).await?;
         sqlx::query(
             "INSERT INTO sho_registration (id, pcid, nonce, dpf_url, validation_id, \
-             validation_nonce, state, imsi) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+             validation_nonce, state, imsi, made) SELECT $1, $2, $3, $4, $5, $6, $7, $8, \
+             COALESCE(MAX(made), 0) + 1 FROM sho_registration",
         )
         .bind(&n.id)
         .bind(&n.pcid)
@@ -129,9 +132,10 @@ impl Sho {
         .bind(&v.nonce)
         .bind(St::Validating as i64)
         .bind(&sub.imsi)
-        .execute(&self.db)
+        .execute(&mut *tx)
         .await
         .map_err(db_err)?;
+        tx.commit().await.map_err(db_err)?;
         self.clone().follow(n.id.clone());
         tracing::info!(pcid = %n.pcid, registration = %n.id, "registered; validation requested");
         self.registration(&n.id)
@@ -160,11 +164,11 @@ impl Sho {
         &self,
         pcid: &str,
     ) -> Result<Option<Registration>, RoleError> {
-        // The latest: SQLite's rowid grows with each insert.
+        // The latest: `made` grows with each insert.
         sqlx::query_as::<_, Registration>(
             "SELECT id, pcid, nonce, dpf_url, validation_id, validation_nonce, state, detail, \
-             package, discard_ack FROM sho_registration WHERE pcid = ? \
-             ORDER BY rowid DESC LIMIT 1",
+             package, discard_ack FROM sho_registration WHERE pcid = $1 \
+             ORDER BY made DESC LIMIT 1",
         )
         .bind(pcid)
         .fetch_optional(&self.db)
@@ -176,7 +180,7 @@ impl Sho {
     /// (a repeated report of the same outcome is accepted).
     pub(super) async fn report(&self, id: &str, st: St, detail: &str) -> Result<(), RoleError> {
         let done = sqlx::query(
-            "UPDATE sho_registration SET state = ?, detail = ? WHERE id = ? AND state IN (?, ?, ?)",
+            "UPDATE sho_registration SET state = $1, detail = $2 WHERE id = $3 AND state IN ($4, $5, $6)",
         )
         .bind(st as i64)
         .bind(detail)
@@ -198,7 +202,7 @@ impl Sho {
 
     /// Moves a registration to `st`, saying why.
     pub(super) async fn set_state(&self, id: &str, st: St, detail: &str) -> Result<(), RoleError> {
-        sqlx::query("UPDATE sho_registration SET state = ?, detail = ? WHERE id = ?")
+        sqlx::query("UPDATE sho_registration SET state = $1, detail = $2 WHERE id = $3")
             .bind(st as i64)
             .bind(detail)
             .bind(id)

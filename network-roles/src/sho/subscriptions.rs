@@ -8,7 +8,7 @@ use mcim_proto::mcim::common::v1 as common;
 use mcim_proto::mcim::ro::v1 as ro;
 use mcim_proto::mcim::ro::v1::drf_service_client::DrfServiceClient;
 use sqlx::Row;
-use sqlx::sqlite::SqliteRow;
+use sqlx::any::AnyRow;
 
 use super::Sho;
 use crate::authz::Role;
@@ -32,8 +32,8 @@ pub(super) struct Subscription {
     pub require_aka_in_tre: bool,
 }
 
-impl<'r> sqlx::FromRow<'r, SqliteRow> for Subscription {
-    fn from_row(row: &'r SqliteRow) -> Result<Self, sqlx::Error> {
+impl<'r> sqlx::FromRow<'r, AnyRow> for Subscription {
+    fn from_row(row: &'r AnyRow) -> Result<Self, sqlx::Error> {
         Ok(Self {
             pcid: row.try_get("pcid")?,
             subscriber: row.try_get("subscriber")?,
@@ -70,7 +70,7 @@ impl Sho {
     pub(super) async fn subscription(&self, pcid: &str) -> Result<Option<Subscription>, RoleError> {
         sqlx::query_as::<_, Subscription>(
             "SELECT pcid, subscriber, tre_kind, storage_public, imsi, require_aka_in_tre \
-             FROM sho_subscription WHERE pcid = ?",
+             FROM sho_subscription WHERE pcid = $1",
         )
         .bind(pcid)
         .fetch_optional(&self.db)
@@ -137,7 +137,7 @@ impl Sho {
         // A proof is used once (a refusal below drops the transaction: nothing changes).
         let mut tx = crate::store::begin_write(&self.db).await?;
         let fresh = sqlx::query(
-            "INSERT INTO sho_ownership_proof (nonce, pcid, subscriber) VALUES (?, ?, ?) \
+            "INSERT INTO sho_ownership_proof (nonce, pcid, subscriber) VALUES ($1, $2, $3) \
              ON CONFLICT(nonce) DO NOTHING",
         )
         .bind(&statement.nonce)
@@ -162,7 +162,7 @@ impl Sho {
             // coming back is a new MCIM, with a new IMSI (the old one stays dead).
             Some(existing) => {
                 let discarded: Option<(String,)> =
-                    sqlx::query_as("SELECT imsi FROM sho_discard WHERE imsi = ?")
+                    sqlx::query_as("SELECT imsi FROM sho_discard WHERE imsi = $1")
                         .bind(&existing.imsi)
                         .fetch_optional(&mut *tx)
                         .await
@@ -170,8 +170,8 @@ impl Sho {
                 if discarded.is_some() {
                     let imsi = self.next_imsi(&mut tx).await?;
                     sqlx::query(
-                        "UPDATE sho_subscription SET imsi = ?, tre_kind = ?, storage_public = ?, \
-                         require_aka_in_tre = ? WHERE pcid = ?",
+                        "UPDATE sho_subscription SET imsi = $1, tre_kind = $2, storage_public = $3, \
+                         require_aka_in_tre = $4 WHERE pcid = $5",
                     )
                     .bind(&imsi)
                     .bind(n.tre_kind as i64)
@@ -190,7 +190,7 @@ impl Sho {
                 sqlx::query(
                     "INSERT INTO sho_subscription (id, pcid, subscriber, device_id, model, \
                      tre_kind, storage_public, imsi, require_aka_in_tre) \
-                     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
                 )
                 .bind(new_id())
                 .bind(n.pcid.as_str())
@@ -230,7 +230,7 @@ impl Sho {
     /// range is RESOURCE_EXHAUSTED (dropping `tx` leaves the counter as it was).
     async fn next_imsi(
         &self,
-        tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+        tx: &mut sqlx::Transaction<'_, sqlx::Any>,
     ) -> Result<String, RoleError> {
         let (n,): (i64,) =
             sqlx::query_as("UPDATE sho_imsi_seq SET last = last + 1 WHERE id = 1 RETURNING last")
@@ -254,7 +254,7 @@ impl Sho {
     pub(super) async fn imsi_live(&self, imsi: &str) -> Result<bool, RoleError> {
         let live: Option<(String,)> = sqlx::query_as(
             "SELECT s.imsi FROM sho_subscription s JOIN sho_registration r ON r.pcid = s.pcid \
-             WHERE s.imsi = ? AND r.state = ? AND (r.imsi = s.imsi OR r.imsi = '') \
+             WHERE s.imsi = $1 AND r.state = $2 AND (r.imsi = s.imsi OR r.imsi = '') \
              AND NOT EXISTS (SELECT 1 FROM sho_discard d WHERE d.imsi = s.imsi) \
              AND NOT EXISTS (SELECT 1 FROM sho_instruction i WHERE i.imsi = s.imsi \
              AND i.outcome = 'done' AND i.action IN ('retire', 'delete'))",

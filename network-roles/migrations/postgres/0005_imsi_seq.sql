@@ -1,0 +1,8 @@
+-- The SHO's IMSI numbers only ever grow: numbering from COUNT(*) would hand out a number
+-- again once a subscription is deleted.
+CREATE TABLE sho_imsi_seq (
+    id BIGINT PRIMARY KEY CHECK (id = 1),
+    last BIGINT NOT NULL
+);
+
+INSERT INTO sho_imsi_seq (id, last) SELECT 1, COUNT(*) FROM sho_subscription;
