@@ -896,7 +896,8 @@ impl Roles {
         assert!(self.launch(), "mcim-roles all did not start again");
     }
 
-    fn kill(&mut self) {
+    /// Kills the process (SIGKILL) and waits for it; [`Roles::restart`] starts it again.
+    pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();

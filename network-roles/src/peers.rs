@@ -5,31 +5,28 @@
 use std::path::Path;
 
 use mcim_telemetry::Channel;
-use tonic::transport::Endpoint;
 
 use crate::authz::Role;
 use crate::error::RoleError;
-use crate::tls::client_tls_as;
+use crate::tls::client_config_as;
 
-/// A lazily connected channel from `me` to the `peer` role at `url` (`https://host:port`);
-/// its requests carry the caller's trace context.
+/// A lazily connected channel from `me` to the `peer` role at `url` (`https://host:port`, or
+/// several, comma-separated: replicas, spread and failed over by
+/// [`mcim_telemetry::channel`]); its requests carry the caller's trace context.
 pub fn channel(pki: &Path, me: Role, peer: Role, url: &str) -> Result<Channel, RoleError> {
     channel_as(pki, me.as_str(), peer, url)
 }
 
 /// [`channel`] as the party whose certificate is `<party>.pem` (a second SHO: `sho2`).
 pub fn channel_as(pki: &Path, party: &str, peer: Role, url: &str) -> Result<Channel, RoleError> {
-    let tls = client_tls_as(pki, party, peer)
+    let tls = client_config_as(pki, party, peer)
         .map_err(|e| RoleError::internal(format!("TLS to {peer}: {e}")))?;
-    Ok(mcim_telemetry::traced(
-        Endpoint::from_shared(url.to_string())
-            .map_err(|e| RoleError::invalid(format!("{peer} address {url:?}: {e}")))?
-            .tls_config(tls)
-            .map_err(|e| RoleError::internal(format!("TLS to {peer}: {e}")))?
-            .connect_timeout(std::time::Duration::from_secs(5))
-            .timeout(std::time::Duration::from_secs(30))
-            .connect_lazy(),
-    ))
+    mcim_telemetry::channel::channel(
+        std::sync::Arc::new(tls),
+        url,
+        &mcim_pki::party::server_name(peer),
+    )
+    .map_err(|e| RoleError::invalid(format!("{peer} address: {e}")))
 }
 
 /// The key a role signs statements with, from its certificate in the PKI directory (for

@@ -88,6 +88,7 @@ const MIGRATIONS: &[(&str, &str)] = &[
     ("0009_instruction.sql", "remote instructions"),
     ("0010_renewal.sql", "renewal of initial credentials"),
     ("0011_made.sql", "registration order"),
+    ("0012_follow.sql", "registration followers"),
 ];
 
 /// The migrations' SQL for an engine, in order.
@@ -106,6 +107,7 @@ fn sql(engine: Engine) -> [&'static str; MIGRATIONS.len()] {
                 include_str!(concat!("../migrations/", $dir, "/0009_instruction.sql")),
                 include_str!(concat!("../migrations/", $dir, "/0010_renewal.sql")),
                 include_str!(concat!("../migrations/", $dir, "/0011_made.sql")),
+                include_str!(concat!("../migrations/", $dir, "/0012_follow.sql")),
             ]
         };
     }

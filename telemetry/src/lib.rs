@@ -15,6 +15,7 @@
 //!
 //! Nothing secret is ever a span field: spans carry RPC names, PCIDs, registration ids.
 
+pub mod channel;
 pub mod metrics;
 
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};

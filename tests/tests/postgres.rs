@@ -127,3 +127,59 @@ fn a_bad_database_url_stops_the_roles_with_a_clear_error() {
         assert!(text.contains(says), "{db}: {text}");
     }
 }
+
+/// A device given several addresses of the RO and of the VNO (replicas on one database, and an
+/// address where nothing listens) provisions and attaches although one replica is killed
+/// (SIGKILL) while it runs: its calls and its task stream fail over to the replica left, the
+/// run completes once, and no MCIM is duplicated. (Each channel starts at an address drawn at
+/// random, so a run meets the dead address or the killed replica with 8 chances in 9; the
+/// outcome asserted is the same either way.)
+#[test]
+fn a_device_fails_over_to_another_replica_when_one_is_killed() {
+    let pg = Postgres::start();
+    let db = pg.fresh_database();
+    let work = tempfile::tempdir().unwrap();
+    let a = Roles::start_on(work.path(), &db, &[]);
+    let mut b = Roles::beside(&a);
+    let dead = format!("https://127.0.0.1:{}", mcim_e2e::free_ports(1));
+    let ro = format!("{dead},{},{}", b.url("ro"), a.url("ro"));
+    let vno = format!("{},{dead},{}", b.url("vno"), a.url("vno"));
+    let tpm = Swtpm::start();
+    let tred = a.tred_with(&tpm.tcti(), &[("MCIM_RO_URL", &ro), ("MCIM_VNO_URL", &vno)]);
+    let socket = tred.socket().to_str().unwrap().to_string();
+    mcim_e2e::supply_device(&a, &socket, "001010000000181", &[]);
+    let imsi = contract_device(&a, work.path(), &socket, "sho");
+    // The replica dies while the run is under way (its steps take a few seconds).
+    let killer = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(700));
+        b.kill();
+        b
+    });
+    let out = std::process::Command::new(workspace_bin("mcimctl"))
+        .args([
+            "device",
+            "--socket",
+            &socket,
+            "provision",
+            "--access",
+            "3gpp",
+        ])
+        .output()
+        .unwrap();
+    let _b = killer.join().unwrap();
+    let text = output_text(&out);
+    assert!(out.status.success() && !text.contains("FAILED"), "{text}");
+    let attach = mcimctl_ok(&["device", "--socket", &socket, "attach"]);
+    assert!(
+        attach.contains(&format!("attached with IMSI {imsi}")),
+        "{attach}"
+    );
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let installed = rt.block_on(db_rows(
+        &a,
+        "SELECT COUNT(*), COUNT(DISTINCT mcim_id) FROM ro_registration WHERE state = 'installed'",
+    ));
+    assert_eq!(installed, vec![vec!["1".to_string(), "1".to_string()]]);
+    let subs = rt.block_on(db_rows(&a, "SELECT imsi FROM sho_subscription"));
+    assert_eq!(subs, vec![vec![imsi]]);
+}

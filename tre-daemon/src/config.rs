@@ -32,8 +32,9 @@
 //! sho_ca_file = "/etc/mcim/ca-sho.pem" # MCIM_SHO_CA_FILE: the CA(s) that issue SHO
 //!                                      # certificates; a package's signer must be one of
 //!                                      # theirs (default: ca_file)
-//! ro_url = "https://ro.example:7402"   # MCIM_RO_URL: the RO's DRF and DPF
-//! vno_url = "https://vno.example:7403" # MCIM_VNO_URL: the VNO (3GPP access)
+//! ro_url = "https://ro.example:7402"   # MCIM_RO_URL: the RO's DRF and DPF (replicas:
+//!                                      # "https://ro-a:7402,https://ro-b:7402")
+//! vno_url = "https://vno.example:7403" # MCIM_VNO_URL: the VNO (3GPP access; likewise)
 //! usim_socket = "/run/mcim/usim.sock"  # MCIM_USIM_SOCKET: the USIM as raw APDUs (modem
 //!                                      # bridges), for the modem and owner classes
 //! usim_vpcd = "127.0.0.1:35963"        # MCIM_USIM_VPCD: the USIM as a PC/SC card, through
@@ -95,9 +96,10 @@ pub struct Config {
     /// only from a signer they issued (another operator's CA cannot vouch for an SHO).
     /// Default: `ca_file`.
     pub sho_ca_file: Option<PathBuf>,
-    /// The RO (DRF and DPF), `https://host:port`.
+    /// The RO (DRF and DPF), `https://host:port`, or its replicas' addresses separated by
+    /// commas (spread and failed over).
     pub ro_url: Option<String>,
-    /// The VNO, `https://host:port` (3GPP access).
+    /// The VNO, `https://host:port` (3GPP access), or several, comma-separated.
     pub vno_url: Option<String>,
     /// The USIM as raw APDUs for modem bridges (`mcim_tre::usim`): a Unix socket, mode
     /// `socket_mode`, for the modem and owner classes; none by default.
@@ -233,6 +235,12 @@ impl Config {
         }
         c.usim_vpcd()?;
         c.metrics_listen()?;
+        for (key, urls) in [("ro_url", &c.ro_url), ("vno_url", &c.vno_url)] {
+            if let Some(urls) = urls {
+                mcim_telemetry::channel::authorities(urls)
+                    .map_err(|e| ConfigError::Invalid(format!("{key}: {e}")))?;
+            }
+        }
         if c.backend != "tpm" && c.backend != "pkcs11" {
             return Err(ConfigError::Invalid(format!(
                 "backend {:?}: \"tpm\" or \"pkcs11\"",
@@ -491,6 +499,38 @@ mod tests {
             let file = dir.join("tred.toml");
             let _ = std::fs::write(&file, format!("quote_pcrs = {list}\n"));
             assert_eq!(Config::load(Some(&file)).is_ok(), ok, "{list}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// `ro_url` and `vno_url` are one `https://host:port` or several, comma-separated (the
+    /// role's replicas); anything else stops tred at start with the key named.
+    #[test]
+    fn role_addresses_are_one_or_several_https_addresses() {
+        let dir = std::env::temp_dir().join(format!("tred-urls-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        for (line, ok) in [
+            ("ro_url = \"https://ro:7402\"", true),
+            ("ro_url = \"https://ro-a:7402,https://ro-b:7402\"", true),
+            ("vno_url = \"https://v:1, https://w:2\"", true),
+            ("ro_url = \"http://ro:7402\"", false),
+            ("ro_url = \"https://ro:7402,\"", true),
+            ("ro_url = \",\"", false),
+            ("vno_url = \"https://a:1,ftp://b\"", false),
+        ] {
+            let file = dir.join("tred.toml");
+            let _ = std::fs::write(&file, format!("{line}\n"));
+            let got = Config::load(Some(&file));
+            assert_eq!(
+                got.is_ok(),
+                ok,
+                "{line}: {:?}",
+                got.err().map(|e| e.to_string())
+            );
+            if let Err(e) = got {
+                let key = line.split(' ').next().unwrap_or_default();
+                assert!(e.to_string().contains(key), "{e}");
+            }
         }
         let _ = std::fs::remove_dir_all(&dir);
     }

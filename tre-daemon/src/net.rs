@@ -8,44 +8,17 @@ use std::sync::Arc;
 use mcim_pki::Role;
 use mcim_pki::party::identity_uri;
 use mcim_telemetry::Channel;
-use tonic::transport::Endpoint;
 
 /// A lazily connected channel to the role whose certificate names `server_name`
-/// (`<role>.mcim.local`) at `url` (`https://host:port`); its requests carry the caller's
-/// trace context.
+/// (`<role>.mcim.local`) at `url` (`https://host:port`, or several comma-separated: the role's
+/// replicas, spread and failed over by [`mcim_telemetry::channel`]); its requests carry the
+/// caller's trace context.
 pub fn channel(
     config: Arc<rustls::ClientConfig>,
     url: &str,
     server_name: &str,
 ) -> Result<Channel, String> {
-    let authority = url
-        .strip_prefix("https://")
-        .ok_or_else(|| format!("{url:?}: an https:// address is required"))?
-        .trim_end_matches('/')
-        .to_string();
-    let name = rustls::pki_types::ServerName::try_from(server_name.to_string())
-        .map_err(|e| format!("{server_name}: {e}"))?;
-    let connector = tokio_rustls::TlsConnector::from(config);
-    let endpoint = Endpoint::from_shared(format!("http://{authority}"))
-        .map_err(|e| format!("{url}: {e}"))?
-        .connect_timeout(std::time::Duration::from_secs(5));
-    Ok(mcim_telemetry::traced(
-        endpoint.connect_with_connector_lazy(tower::service_fn(
-            move |_: tonic::codegen::http::Uri| {
-                let connector = connector.clone();
-                let name = name.clone();
-                let authority = authority.clone();
-                async move {
-                    let tcp = tokio::net::TcpStream::connect(authority.as_str()).await?;
-                    // gRPC writes small frames and waits for answers: without this, Nagle's
-                    // algorithm and the peer's delayed ACK hold a request back ~40 ms.
-                    tcp.set_nodelay(true)?;
-                    let tls = connector.connect(name, tcp).await?;
-                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
-                }
-            },
-        )),
-    ))
+    mcim_telemetry::channel::channel(config, url, server_name)
 }
 
 /// Checks that `cert_der` is signed by a CA in `ca_pem`, is valid now, and carries the URI SAN

@@ -23,40 +23,65 @@ use crate::store::now;
 impl Sho {
     /// Follows one registration through steps 10-11 in the background, in the trace of the
     /// call that started it.
+    /// Each step first renews this process's lease ([`Sho::claim`]); when another process has
+    /// taken the registration over, or it is done, this follower stops. A registration this
+    /// process follows already is not followed twice.
     pub(super) fn follow(self: Arc<Self>, id: String) {
+        {
+            let mut following = self.following.lock().unwrap_or_else(|p| p.into_inner());
+            if !following.insert(id.clone()) {
+                return;
+            }
+        }
         let span = tracing::info_span!("follow_validation", registration = %id);
         tokio::spawn(tracing::Instrument::instrument(
             async move {
-                let deadline = tokio::time::Instant::now() + VALIDATION_WAIT;
-                loop {
-                    match self.step(&id).await {
-                        Ok(true) => return,
-                        // Still pending after a long poll: ask again at once.
-                        Ok(false) => {}
-                        Err(e) if e.retryable() => {
-                            tracing::warn!(registration = %id, "will retry: {e}");
-                            tokio::time::sleep(RETRY_PAUSE).await;
-                        }
-                        Err(e) => {
-                            tracing::warn!(registration = %id, "failed: {e}");
-                            let _ = self.set_state(&id, St::Failed, &e.to_string()).await;
-                            return;
-                        }
-                    }
-                    if tokio::time::Instant::now() > deadline {
-                        let _ = self
-                            .set_state(
-                                &id,
-                                St::ValidationFailed,
-                                "no evidence from the device in time",
-                            )
-                            .await;
-                        return;
-                    }
-                }
+                self.follow_steps(&id).await;
+                self.following
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&id);
             },
             span,
         ));
+    }
+
+    /// The steps of [`Sho::follow`], until the registration is done, another process follows
+    /// it, or [`VALIDATION_WAIT`] passes.
+    async fn follow_steps(&self, id: &str) {
+        let deadline = tokio::time::Instant::now() + VALIDATION_WAIT;
+        loop {
+            let looked = match self.claim(id, false).await {
+                // Done, or followed by another process now.
+                Ok(false) => return,
+                Ok(true) => self.step(id).await,
+                Err(e) => Err(e),
+            };
+            match looked {
+                Ok(true) => return,
+                // Still pending after a long poll: ask again at once.
+                Ok(false) => {}
+                Err(e) if e.retryable() => {
+                    tracing::warn!(registration = %id, "will retry: {e}");
+                    tokio::time::sleep(RETRY_PAUSE).await;
+                }
+                Err(e) => {
+                    tracing::warn!(registration = %id, "failed: {e}");
+                    let _ = self.set_state(id, St::Failed, &e.to_string()).await;
+                    return;
+                }
+            }
+            if tokio::time::Instant::now() > deadline {
+                let _ = self
+                    .set_state(
+                        id,
+                        St::ValidationFailed,
+                        "no evidence from the device in time",
+                    )
+                    .await;
+                return;
+            }
+        }
     }
 
     /// One look at a registration; `Ok(true)` when there is nothing more to do.

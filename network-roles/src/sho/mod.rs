@@ -77,6 +77,10 @@ pub struct Sho {
     pva: Channel,
     drf: Channel,
     dpfs: peers::ChannelCache,
+    /// This process's name as a registration's follower (`sho_registration.follower`).
+    instance: String,
+    /// The registrations this process follows now.
+    following: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 impl std::fmt::Debug for Sho {
@@ -113,22 +117,174 @@ impl Sho {
             id,
             cfg,
             dpfs: peers::ChannelCache::default(),
+            instance: crate::store::new_id(),
+            following: std::sync::Mutex::default(),
         }))
     }
 
-    /// Follows again every registration that was in flight when the SHO stopped.
+    /// Follows again every registration that was in flight when the SHO stopped (taking them
+    /// over from whichever process followed them), then, every [`SWEEP`], those whose
+    /// follower stopped renewing its lease: another process on the database died.
     pub async fn resume(self: &Arc<Self>) -> Result<(), RoleError> {
-        let rows: Vec<(String,)> =
-            sqlx::query_as("SELECT id FROM sho_registration WHERE state IN ($1, $2)")
-                .bind(St::Validating as i64)
-                .bind(St::Registered as i64)
-                .fetch_all(&self.db)
-                .await
-                .map_err(db_err)?;
-        for (id,) in rows {
+        for id in self.in_flight(true).await? {
             tracing::info!(registration = %id, "resuming");
-            self.clone().follow(id);
+            if self.claim(&id, true).await? {
+                self.clone().follow(id);
+            }
         }
+        let me = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                let pause = SWEEP.mul_f64(0.5 + rand::random::<f64>());
+                tokio::time::sleep(pause).await;
+                let Some(sho) = me.upgrade() else { return };
+                match sho.in_flight(false).await {
+                    Ok(ids) => {
+                        for id in ids {
+                            tracing::info!(registration = %id, "taking over (its follower stopped)");
+                            sho.clone().follow(id);
+                        }
+                    }
+                    Err(e) => tracing::warn!("sweep: {e}"),
+                }
+            }
+        });
         Ok(())
+    }
+
+    /// Registrations in steps 10-11: all of them, or those whose follower's lease ran out.
+    async fn in_flight(&self, all: bool) -> Result<Vec<String>, RoleError> {
+        let rows: Vec<(String,)> = sqlx::query_as(
+            "SELECT id FROM sho_registration WHERE state IN ($1, $2) \
+             AND ($3 = 1 OR follow_until < $4)",
+        )
+        .bind(St::Validating as i64)
+        .bind(St::Registered as i64)
+        .bind(i64::from(all))
+        .bind(crate::store::now())
+        .fetch_all(&self.db)
+        .await
+        .map_err(db_err)?;
+        Ok(rows.into_iter().map(|(id,)| id).collect())
+    }
+
+    /// Takes or renews the lease on following registration `id` (for [`LEASE`]): true when
+    /// this process is its follower now. Another process's lease that has not run out is
+    /// taken only with `take_over`.
+    pub(super) async fn claim(&self, id: &str, take_over: bool) -> Result<bool, RoleError> {
+        let now = crate::store::now();
+        let until = now.saturating_add(i64::try_from(LEASE.as_secs()).unwrap_or(60));
+        let r = sqlx::query(
+            "UPDATE sho_registration SET follower = $1, follow_until = $2 \
+             WHERE id = $3 AND state IN ($4, $5) \
+             AND (follower = $1 OR follow_until < $6 OR $7 = 1)",
+        )
+        .bind(&self.instance)
+        .bind(until)
+        .bind(id)
+        .bind(St::Validating as i64)
+        .bind(St::Registered as i64)
+        .bind(now)
+        .bind(i64::from(take_over))
+        .execute(&self.db)
+        .await
+        .map_err(db_err)?;
+        Ok(r.rows_affected() == 1)
+    }
+}
+
+/// How long a follower's lease on a registration lasts; renewed at every step (one step is a
+/// PVA long poll of [`VALIDATION_LONG_POLL_MS`] and a DPF call of at most 30 s).
+pub(super) const LEASE: Duration = Duration::from_secs(60);
+
+/// How often (on average, jittered by ±50 %) an SHO process looks for registrations whose
+/// follower stopped renewing.
+const SWEEP: Duration = Duration::from_secs(10);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sho(pki: &std::path::Path, db: Db) -> Arc<Sho> {
+        let cfg = ShoConfig {
+            url: "https://127.0.0.1:1".into(),
+            ro_url: "https://127.0.0.1:1".into(),
+            pva_url: "https://127.0.0.1:1".into(),
+            plmn: "00102".into(),
+            name: "test SHO".into(),
+            party: "sho".into(),
+        };
+        Sho::new(pki.to_path_buf(), db, cfg).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Two SHO processes on one database (two instances here): a registration in flight has
+    /// one follower at a time; the other takes it over only when the lease ran out, or when
+    /// it starts (`take_over`); a finished registration is nobody's. On SQLite, and on
+    /// PostgreSQL where the tests have a server.
+    #[tokio::test]
+    async fn a_registration_has_one_follower_and_a_lapsed_lease_is_taken_over() {
+        for url in crate::store::test_urls() {
+            let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+            mcim_pki::dev::init(dir.path(), &mcim_pki::dev::LAB_PARTIES)
+                .unwrap_or_else(|e| panic!("{e}"));
+            let db = crate::store::open(&url)
+                .await
+                .unwrap_or_else(|e| panic!("{url}: {e}"));
+            let (a, b) = (sho(dir.path(), db.clone()), sho(dir.path(), db.clone()));
+            let insert = |id: &'static str, state: St, until: i64| {
+                sqlx::query(
+                    "INSERT INTO sho_registration (id, pcid, nonce, dpf_url, validation_id, \
+                     validation_nonce, state, follower, follow_until) \
+                     VALUES ($1, 'p', $2, 'https://x', 'v', $2, $3, 'gone', $4)",
+                )
+                .bind(id)
+                .bind(vec![0u8; 4])
+                .bind(state as i64)
+                .bind(until)
+            };
+            let now = crate::store::now();
+            for (id, state, until) in [
+                ("lapsed", St::Validating, now - 1),
+                ("held", St::Registered, now + 3600),
+                ("done", St::Provisioned, 0),
+            ] {
+                insert(id, state, until)
+                    .execute(&db)
+                    .await
+                    .unwrap_or_else(|e| panic!("{url}: {e}"));
+            }
+            // The sweep sees only the lapsed one; a start sees both in flight.
+            assert_eq!(
+                a.in_flight(false).await.ok(),
+                Some(vec!["lapsed".to_string()]),
+                "{url}"
+            );
+            let mut all = a.in_flight(true).await.unwrap_or_default();
+            all.sort();
+            assert_eq!(all, vec!["held".to_string(), "lapsed".to_string()], "{url}");
+            let claim = |s: &Arc<Sho>, id: &'static str, take: bool| {
+                let s = s.clone();
+                async move { s.claim(id, take).await.unwrap_or_else(|e| panic!("{e}")) }
+            };
+            assert!(
+                claim(&a, "lapsed", false).await,
+                "{url}: a lapsed lease is taken"
+            );
+            assert!(!claim(&b, "lapsed", false).await, "{url}: a's lease holds");
+            assert!(
+                claim(&a, "lapsed", false).await,
+                "{url}: the follower renews"
+            );
+            assert!(
+                !claim(&a, "held", false).await,
+                "{url}: another's live lease"
+            );
+            assert!(claim(&b, "held", true).await, "{url}: taken over at start");
+            assert!(!claim(&b, "done", true).await, "{url}: nothing to follow");
+            assert!(
+                a.in_flight(false).await.unwrap_or_default().is_empty(),
+                "{url}"
+            );
+        }
     }
 }

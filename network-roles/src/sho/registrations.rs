@@ -9,7 +9,7 @@ use sqlx::any::AnyRow;
 use super::{Sho, St};
 use crate::authz::Role;
 use crate::error::RoleError;
-use crate::store::db_err;
+use crate::store::{db_err, now};
 
 /// A registration as stored (`sho_registration`).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -121,8 +121,9 @@ impl Sho {
         let mut tx = crate::store::begin_write(&self.db).await?;
         sqlx::query(
             "INSERT INTO sho_registration (id, pcid, nonce, dpf_url, validation_id, \
-             validation_nonce, state, imsi, made) SELECT $1, $2, $3, $4, $5, $6, $7, $8, \
-             COALESCE(MAX(made), 0) + 1 FROM sho_registration",
+             validation_nonce, state, imsi, made, follower, follow_until) \
+             SELECT $1, $2, $3, $4, $5, $6, $7, $8, COALESCE(MAX(made), 0) + 1, $9, $10 \
+             FROM sho_registration",
         )
         .bind(&n.id)
         .bind(&n.pcid)
@@ -132,6 +133,8 @@ impl Sho {
         .bind(&v.nonce)
         .bind(St::Validating as i64)
         .bind(&sub.imsi)
+        .bind(&self.instance)
+        .bind(now().saturating_add(i64::try_from(super::LEASE.as_secs()).unwrap_or(60)))
         .execute(&mut *tx)
         .await
         .map_err(db_err)?;
