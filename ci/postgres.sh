@@ -22,7 +22,7 @@ pg_port=""
 for _ in 1 2 3 4 5; do
   p=$((20000 + RANDOM % 20000))
   if pg_as "$pg_bin/pg_ctl" -D "$pg_dir/data" -l "$pg_dir/log" -w -t 30 \
-       -o "-p $p -k $pg_dir -c listen_addresses=127.0.0.1 -c max_connections=400 -c fsync=off -c synchronous_commit=off -c full_page_writes=off" \
+       -o "-p $p -k $pg_dir -c listen_addresses=127.0.0.1 -c max_connections=400 -c fsync=off -c full_page_writes=off" \
        start >/dev/null; then
     pg_port=$p
     break

@@ -619,7 +619,8 @@ pub const POSTGRES_ENV: &str = "MCIM_TEST_POSTGRES";
 pub struct Postgres {
     /// `postgres://USER@127.0.0.1:PORT` (no database).
     pub server: String,
-    cluster: Option<(tempfile::TempDir, PathBuf)>,
+    /// A private cluster: its directory, the server's binaries, its port.
+    cluster: Option<(tempfile::TempDir, PathBuf, u16)>,
 }
 
 impl Postgres {
@@ -656,17 +657,6 @@ impl Postgres {
         let dir = tempfile::tempdir().unwrap();
         let root = is_root();
         let user = if root { "postgres" } else { "" };
-        let as_user = |program: &Path| {
-            let mut c = if root {
-                let mut c = Command::new("runuser");
-                c.args(["-u", "postgres", "--"]).arg(program);
-                c
-            } else {
-                Command::new(program)
-            };
-            c.stdout(Stdio::null());
-            c
-        };
         if root {
             let ok = Command::new("chown")
                 .args(["postgres:postgres", dir.path().to_str().unwrap()])
@@ -676,7 +666,7 @@ impl Postgres {
             assert!(ok, "chown of the cluster directory");
         }
         let data = dir.path().join("data");
-        let mut initdb = as_user(&bin.join("initdb"));
+        let mut initdb = pg_as(&bin.join("initdb"));
         initdb
             .arg("-D")
             .arg(&data)
@@ -686,39 +676,74 @@ impl Postgres {
         }
         let out = initdb.stderr(Stdio::piped()).output().unwrap();
         assert!(out.status.success(), "initdb: {}", output_text(&out));
+        let who = if user.is_empty() {
+            std::env::var("USER").unwrap_or_else(|_| "postgres".into())
+        } else {
+            user.to_string()
+        };
+        let mut pg = Postgres {
+            server: String::new(),
+            cluster: Some((dir, bin, 0)),
+        };
         for _ in 0..5 {
             let port = free_ports(1);
-            let out = as_user(&bin.join("pg_ctl"))
-                .arg("-D")
-                .arg(&data)
-                .arg("-l")
-                .arg(dir.path().join("log"))
-                .arg("-o")
-                .arg(format!(
-                    "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off \
-                     -c synchronous_commit=off -c full_page_writes=off -c max_connections=200",
-                    dir.path().display()
-                ))
-                .args(["-w", "-t", "20", "start"])
-                .stderr(Stdio::piped())
-                .output()
-                .unwrap();
-            if out.status.success() {
-                let who = if user.is_empty() {
-                    std::env::var("USER").unwrap_or_else(|_| "postgres".into())
-                } else {
-                    user.to_string()
-                };
-                return Postgres {
-                    server: format!("postgres://{who}@127.0.0.1:{port}"),
-                    cluster: Some((dir, bin)),
-                };
+            if let Some(c) = pg.cluster.as_mut() {
+                c.2 = port;
+            }
+            if pg.pg_ctl_start() {
+                pg.server = format!("postgres://{who}@127.0.0.1:{port}");
+                return pg;
             }
         }
-        panic!(
-            "PostgreSQL did not start: {}",
-            std::fs::read_to_string(dir.path().join("log")).unwrap_or_default()
+        let log = pg
+            .cluster
+            .as_ref()
+            .map(|(d, _, _)| std::fs::read_to_string(d.path().join("log")).unwrap_or_default());
+        panic!("PostgreSQL did not start: {log:?}");
+    }
+
+    /// `pg_ctl start` of the private cluster on its port; whether it started.
+    fn pg_ctl_start(&self) -> bool {
+        let Some((dir, bin, port)) = &self.cluster else {
+            return false;
+        };
+        pg_as(&bin.join("pg_ctl"))
+            .arg("-D")
+            .arg(dir.path().join("data"))
+            .arg("-l")
+            .arg(dir.path().join("log"))
+            .arg("-o")
+            .arg(format!(
+                "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off \
+                 -c full_page_writes=off -c max_connections=200",
+                dir.path().display()
+            ))
+            .args(["-w", "-t", "20", "start"])
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+
+    /// Stops the private cluster (`pg_ctl stop -m immediate`: connections cut, as in a crash
+    /// of the server); [`Postgres::start_again`] starts it on the same port and data.
+    pub fn stop(&self) {
+        if let Some((dir, bin, _)) = &self.cluster {
+            let _ = pg_as(&bin.join("pg_ctl"))
+                .arg("-D")
+                .arg(dir.path().join("data"))
+                .args(["-m", "immediate", "stop"])
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+
+    /// Starts a stopped private cluster again.
+    pub fn start_again(&self) {
+        assert!(
+            self.cluster.is_some(),
+            "only a private cluster stops and starts"
         );
+        assert!(self.pg_ctl_start(), "PostgreSQL did not start again");
     }
 
     /// The URL of a database on this server with a fresh name (the roles create it).
@@ -758,23 +783,21 @@ fn is_root() -> bool {
 
 impl Drop for Postgres {
     fn drop(&mut self) {
-        if let Some((dir, bin)) = &self.cluster {
-            let mut c = if is_root() {
-                let mut c = Command::new("runuser");
-                c.args(["-u", "postgres", "--"]).arg(bin.join("pg_ctl"));
-                c
-            } else {
-                Command::new(bin.join("pg_ctl"))
-            };
-            let _ = c
-                .arg("-D")
-                .arg(dir.path().join("data"))
-                .args(["-m", "immediate", "stop"])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status();
-        }
+        self.stop();
     }
+}
+
+/// A server program of PostgreSQL, run as the `postgres` user when this process is root.
+fn pg_as(program: &Path) -> Command {
+    let mut c = if is_root() {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(program);
+        c
+    } else {
+        Command::new(program)
+    };
+    c.stdout(Stdio::null());
+    c
 }
 
 /// `mcim-roles all` (every role in one process, one SQLite file; the second SHO on its own
@@ -832,6 +855,40 @@ impl Roles {
             }
         }
         panic!("mcim-roles all did not listen");
+    }
+
+    /// `n` replicas of `mcim-roles all` on one PKI and the database at `url`, each told the
+    /// others' ports (`--replica-base-ports`), so that the addresses they give each other list
+    /// every replica.
+    pub fn start_replicas(work: &std::path::Path, url: &str, n: usize) -> Vec<Roles> {
+        let pki = pki_init(work);
+        let mut bases: Vec<u16> = Vec::new();
+        while bases.len() < n {
+            let b = free_ports(ROLE_PORTS + 1);
+            if bases.iter().all(|o| b.abs_diff(*o) > ROLE_PORTS + 1) {
+                bases.push(b);
+            }
+        }
+        let list = bases
+            .iter()
+            .map(|b| b.to_string())
+            .collect::<Vec<_>>()
+            .join(",");
+        bases
+            .into_iter()
+            .map(|base| {
+                let mut r = Roles {
+                    child: None,
+                    base,
+                    pki: pki.clone(),
+                    db: work.join("roles.db"),
+                    db_url: url.to_string(),
+                    args: vec!["--replica-base-ports".into(), list.clone()],
+                };
+                assert!(r.launch(), "a replica did not listen on {base}");
+                r
+            })
+            .collect()
     }
 
     /// Another `mcim-roles all` process on the same PKI and database, on ports of its own

@@ -132,7 +132,7 @@ impl From<RoleError> for Status {
             RoleError::NotBuilt(m) => Status::unimplemented(m),
             RoleError::Database(e) => {
                 tracing::error!("database: {e}");
-                Status::unavailable("database error")
+                retry_later(Status::unavailable("database error"))
             }
             RoleError::Pki(e) => {
                 tracing::error!("PKI: {e}");
@@ -142,7 +142,7 @@ impl From<RoleError> for Status {
             // at the SHO is step 6's refusal); an unreachable peer is this role unavailable.
             RoleError::Peer { peer, status } => match status.code() {
                 Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown => {
-                    Status::unavailable(format!("{peer}: {}", status.message()))
+                    retry_later(Status::unavailable(format!("{peer}: {}", status.message())))
                 }
                 _ => Status::new(status.code(), format!("{peer}: {}", status.message())),
             },
@@ -150,12 +150,57 @@ impl From<RoleError> for Status {
                 tracing::error!("internal: {m}");
                 Status::internal(m)
             }
-            RoleError::Unavailable(m) => Status::unavailable(m),
+            RoleError::Unavailable(m) => retry_later(Status::unavailable(m)),
         }
     }
+}
+
+/// UNAVAILABLE with gRPC's server pushback (`grpc-retry-pushback-ms`, gRPC A6), 500-1500 ms
+/// drawn at random: a database or a peer that is down for a moment is not hammered by every
+/// caller at once, and callers that honour the hint (tred does) come back spread out.
+fn retry_later(mut s: Status) -> Status {
+    let ms = 500 + rand::random::<u32>() % 1000;
+    s.metadata_mut().insert(
+        "grpc-retry-pushback-ms",
+        tonic::metadata::MetadataValue::from(ms),
+    );
+    s
 }
 
 /// Runs a handler's body and answers its error as a gRPC status (the one place).
 pub async fn role<T>(body: impl Future<Output = Result<T, RoleError>>) -> Result<T, Status> {
     body.await.map_err(Status::from)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A role that cannot serve for a moment (its database, a peer) says UNAVAILABLE with a
+    /// retry hint of 500-1500 ms; a refusal carries none.
+    #[test]
+    fn unavailable_carries_a_retry_hint_and_a_refusal_none() {
+        let hint = |s: &Status| {
+            s.metadata()
+                .get("grpc-retry-pushback-ms")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u32>().ok())
+        };
+        for e in [
+            RoleError::Database(sqlx::Error::PoolTimedOut),
+            RoleError::Unavailable("stopping".into()),
+            RoleError::Peer {
+                peer: Role::Pva,
+                status: Status::unavailable("down"),
+            },
+        ] {
+            let s = Status::from(e);
+            assert_eq!(s.code(), Code::Unavailable);
+            assert!(
+                hint(&s).is_some_and(|ms| (500..1500).contains(&ms)),
+                "{s:?}"
+            );
+        }
+        assert_eq!(hint(&Status::from(RoleError::invalid("no"))), None);
+    }
 }

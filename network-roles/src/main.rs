@@ -126,6 +126,12 @@ enum RoleCmd {
         /// when the PKI directory holds `sho2.pem`, on its own database beside `--db`).
         #[arg(long, env = "MCIM_SHO2_PLMN", default_value = "00103")]
         sho2_plmn: String,
+        /// The base ports of every replica of this process on `--host` (this one's included),
+        /// all on one PostgreSQL `--db`: the addresses the roles give each other (the SHO's to
+        /// the RO, the DPF's to the SHO) and call each other at list them all, so that work a
+        /// replica began goes on when it dies.
+        #[arg(long, env = "MCIM_REPLICA_BASE_PORTS", value_delimiter = ',')]
+        replica_base_ports: Vec<u16>,
     },
     /// The equipment supplier (certifies devices' attestation and TLS keys). It keeps no
     /// database, so it takes no `--db`.
@@ -282,7 +288,7 @@ enum Service {
 async fn open(db: &str) -> Result<Db, String> {
     let pool = mcim_roles::store::open(db)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| format!("database {}: {e}", db_name(db)))?;
     let metrics = mcim_telemetry::metrics::init("mcim_roles");
     let size = metrics.gauges(
         "db_pool_connections",
@@ -292,13 +298,7 @@ async fn open(db: &str) -> Result<Db, String> {
         "db_pool_idle_connections",
         "idle connections of a database pool, by database",
     );
-    // The database's name, never its URL (which may carry a password).
-    let name = db
-        .split('?')
-        .next()
-        .and_then(|p| p.rsplit('/').next())
-        .unwrap_or("db")
-        .to_string();
+    let name = db_name(db);
     let p = pool.clone();
     metrics.on_scrape(move || {
         let label = mcim_telemetry::metrics::NameLabels { name: name.clone() };
@@ -307,6 +307,15 @@ async fn open(db: &str) -> Result<Db, String> {
             .set(i64::try_from(p.num_idle()).unwrap_or(i64::MAX));
     });
     Ok(pool)
+}
+
+/// A database's name for messages and metrics, never its URL (which may carry a password).
+fn db_name(db: &str) -> String {
+    db.split('?')
+        .next()
+        .and_then(|p| p.rsplit('/').next())
+        .unwrap_or("db")
+        .to_string()
 }
 
 /// Keeps the gauge of tasks queued for devices and not yet sent (the RO's `ro_task` beyond
@@ -429,12 +438,27 @@ async fn serve(
             host,
             base_port,
             sho2_plmn,
+            replica_base_ports,
         } => {
             let pki = common.pki;
+            // Both databases' URLs are checked before either is opened.
+            let sho2_db = second_sho_db(&common.db);
+            for db in [&common.db, &sho2_db] {
+                mcim_roles::store::check_url(db).map_err(|e| e.to_string())?;
+            }
             let pool = open(&common.db).await?;
             let port = |i: u16| base_port.saturating_add(i);
             let addr = |i: u16| SocketAddr::new(host, port(i));
-            let url = |i: u16| format!("https://{}", addr(i));
+            // The role at offset i: this process's, or every replica's.
+            let mut bases = vec![base_port];
+            bases.extend(replica_base_ports.iter().filter(|p| **p != base_port));
+            let url = |i: u16| {
+                bases
+                    .iter()
+                    .map(|b| format!("https://{}", SocketAddr::new(host, b.saturating_add(i))))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            };
             let peers = Peers {
                 ro_url: url(1),
                 sho_url: url(3),
@@ -457,7 +481,7 @@ async fn serve(
                         sho_party: sho2_file.into(),
                     },
                 );
-                let pool2 = open(&second_sho_db(&common.db)).await?;
+                let pool2 = open(&sho2_db).await?;
                 let s = Sho::new(pki.clone(), pool2, cfg).map_err(e)?;
                 s.resume().await.map_err(e)?;
                 Some(s)

@@ -164,7 +164,7 @@ pub fn new_id() -> String {
 /// when the user may (`CREATE DATABASE`, through the server's `postgres` database).
 pub async fn open(url: &str) -> Result<Db, StoreError> {
     sqlx::any::install_default_drivers();
-    let engine = Engine::of(url)?;
+    let engine = check_url(url)?;
     let pool = match engine {
         Engine::Sqlite if url.contains(":memory:") || url.contains("mode=memory") => {
             // Every new connection to `:memory:` is another database: keep exactly one.
@@ -193,7 +193,15 @@ pub async fn open(url: &str) -> Result<Db, StoreError> {
             // One connection first: a server that is down or refuses fails at once (a pool
             // would retry for its acquire timeout), and a missing database is created.
             use sqlx::Connection;
-            match sqlx::AnyConnection::connect(url).await {
+            let first = tokio::time::timeout(CONNECT_TIMEOUT, sqlx::AnyConnection::connect(url))
+                .await
+                .map_err(|_| {
+                    StoreError::Url(format!(
+                        "no answer from the PostgreSQL server within {} s",
+                        CONNECT_TIMEOUT.as_secs()
+                    ))
+                })?;
+            match first {
                 Ok(c) => {
                     let _ = c.close().await;
                 }
@@ -202,8 +210,17 @@ pub async fn open(url: &str) -> Result<Db, StoreError> {
                 }
                 Err(e) => return Err(e.into()),
             }
+            // A server that goes away is answered UNAVAILABLE (with a retry hint) within
+            // 5 s, not after sqlx's default 30 s of reconnecting.
             AnyPoolOptions::new()
                 .max_connections(8)
+                .acquire_timeout(std::time::Duration::from_secs(5))
+                .after_connect(|c, _| {
+                    Box::pin(async move {
+                        sqlx::raw_sql(SESSION_LIMITS).execute(c).await?;
+                        Ok(())
+                    })
+                })
                 .connect(url)
                 .await?
         }
@@ -212,11 +229,55 @@ pub async fn open(url: &str) -> Result<Db, StoreError> {
     Ok(pool)
 }
 
+/// How long opening a PostgreSQL database waits for the server's first answer.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Every PostgreSQL session of the roles bounds how long it waits and how long it may hold
+/// what it took: a transaction waits at most 10 s for a lock (then the call is answered
+/// UNAVAILABLE with a retry hint, and its session stops waiting), a statement runs at most
+/// 30 s, and a session idle inside a transaction for 30 s is ended by the server, which frees
+/// its locks. So a replica that freezes while it holds [`begin_write`]'s lock (a stopped
+/// process, a paused VM, a cut network) holds up the others for at most 30 s. Transactions
+/// here never wait on the network (no call to another role inside one).
+const SESSION_LIMITS: &str = "SET lock_timeout = '10s'; SET statement_timeout = '30s'; \
+     SET idle_in_transaction_session_timeout = '30s'";
+
+/// PostgreSQL cuts names longer than this many bytes without a word (two long names would be
+/// one database).
+const MAX_NAME: usize = 63;
+
+/// The engine of a database URL, and for PostgreSQL that the database's name is not longer
+/// than PostgreSQL keeps (`mcim-roles all` checks its second SHO's `NAME-sho2` too, before it
+/// opens either).
+pub fn check_url(url: &str) -> Result<Engine, StoreError> {
+    let engine = Engine::of(url)?;
+    if engine == Engine::Postgres {
+        let (_, name) = postgres_parts(url)?;
+        if name.len() > MAX_NAME {
+            return Err(StoreError::Url(format!(
+                "the database name is {} bytes; PostgreSQL keeps {MAX_NAME} (mcim-roles all adds \
+                 \"-sho2\" for its second SHO)",
+                name.len()
+            )));
+        }
+    }
+    Ok(engine)
+}
+
 /// `CREATE DATABASE` for the database a `postgres://` URL names, through the same server's
 /// `postgres` database. Another process creating it at the same time is no failure.
 async fn create_postgres_database(url: &str) -> Result<(), StoreError> {
     use sqlx::Connection;
-    let (admin, name) = postgres_admin_url(url)?;
+    let (admin, name) = postgres_parts(url)?;
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || "_-".contains(c))
+    {
+        return Err(StoreError::Url(
+            "a database to create must be named with ASCII letters, digits, '_' and '-' only"
+                .into(),
+        ));
+    }
     let mut c = sqlx::AnyConnection::connect(&admin).await?;
     let created = sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE \"{name}\"")))
         .execute(&mut c)
@@ -235,8 +296,8 @@ async fn create_postgres_database(url: &str) -> Result<(), StoreError> {
 }
 
 /// The URL of the `postgres` database on the server `url` names, and the name of the database
-/// `url` names.
-fn postgres_admin_url(url: &str) -> Result<(String, String), StoreError> {
+/// `url` names (as written: percent-encoding aside).
+fn postgres_parts(url: &str) -> Result<(String, String), StoreError> {
     let bad = |why: &str| StoreError::Url(why.to_string());
     let (scheme, rest) = url.split_once("://").ok_or_else(|| bad("no scheme"))?;
     let (rest, query) = rest
@@ -245,14 +306,8 @@ fn postgres_admin_url(url: &str) -> Result<(String, String), StoreError> {
     let (server, name) = rest
         .split_once('/')
         .ok_or_else(|| bad("the URL names no database (postgres://HOST/DATABASE)"))?;
-    if name.is_empty()
-        || !name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "_-".contains(c))
-    {
-        return Err(bad(
-            "a database to create must be named with letters, digits, '_' and '-' only",
-        ));
+    if name.is_empty() {
+        return Err(bad("the URL names no database (postgres://HOST/DATABASE)"));
     }
     let admin = match query {
         Some(q) => format!("{scheme}://{server}/postgres?{q}"),
@@ -536,21 +591,20 @@ mod tests {
     #[test]
     fn the_database_to_create_comes_from_the_url() {
         let (admin, name) =
-            super::postgres_admin_url("postgres://u:p@127.0.0.1:5433/mcim-roles?sslmode=disable")
+            super::postgres_parts("postgres://u:p@127.0.0.1:5433/mcim-roles?sslmode=disable")
                 .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(
             admin,
             "postgres://u:p@127.0.0.1:5433/postgres?sslmode=disable"
         );
         assert_eq!(name, "mcim-roles");
-        for bad in [
-            "postgres://h",
-            "postgres://h/",
-            "postgres://h/a\"b",
-            "postgres://h/a;b",
-        ] {
-            assert!(super::postgres_admin_url(bad).is_err(), "{bad}");
+        for bad in ["postgres://h", "postgres://h/"] {
+            assert!(super::postgres_parts(bad).is_err(), "{bad}");
         }
+        // PostgreSQL would cut a longer name: two names would be one database.
+        let long = format!("postgres://h/{}", "n".repeat(64));
+        assert!(super::check_url(&long).is_err());
+        assert!(super::check_url(&long[..long.len() - 1]).is_ok());
         assert!(super::Engine::of("mysql://h/d").is_err());
         assert_eq!(
             super::Engine::of("postgresql://h/d").ok(),

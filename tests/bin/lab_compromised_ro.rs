@@ -1,4 +1,4 @@
-//! `mcim-lab-compromised-ro --db URL --package FILE`: makes a lab's Registration Operator
+//! `mcim-lab-compromised-ro --db URL --package FILE` (or `MCIM_DB=URL`): makes a lab's Registration Operator
 //! misbehave the way an attacker in control of its database would (`mcimctl lab run
 //! --dpf-serves ...`). A trigger swaps the package the SHO authorises (TR 33.812 5.1.3.6.2
 //! step 11) for the genuine, SHO-signed package in FILE that is not this device's for this
@@ -24,7 +24,8 @@ fn args() -> Result<(String, PathBuf), String> {
         }
     }
     Ok((
-        db.ok_or("--db URL (sqlite://... or postgres://...) is required")?,
+        db.or_else(|| std::env::var("MCIM_DB").ok())
+            .ok_or("--db URL or MCIM_DB (sqlite://... or postgres://...) is required")?,
         package.ok_or("--package FILE is required")?,
     ))
 }

@@ -128,34 +128,31 @@ fn a_bad_database_url_stops_the_roles_with_a_clear_error() {
     }
 }
 
-/// A device given several addresses of the RO and of the VNO (replicas on one database, and an
-/// address where nothing listens) provisions and attaches although one replica is killed
-/// (SIGKILL) while it runs: its calls and its task stream fail over to the replica left, the
-/// run completes once, and no MCIM is duplicated. (Each channel starts at an address drawn at
-/// random, so a run meets the dead address or the killed replica with 8 chances in 9; the
-/// outcome asserted is the same either way.)
+/// Two replicas of the roles, each told the other's ports: a device given several addresses of
+/// the RO and of the VNO (both replicas, and an address where nothing listens) and contracted
+/// at replica A's SHO provisions and attaches although A is killed (SIGKILL) while the run is
+/// under way: its calls and its task stream fail over to B, B's SHO takes over A's
+/// registration when A's lease lapses, the addresses the roles gave each other list both
+/// replicas, and the run completes once, with one MCIM.
 #[test]
 fn a_device_fails_over_to_another_replica_when_one_is_killed() {
     let pg = Postgres::start();
     let db = pg.fresh_database();
     let work = tempfile::tempdir().unwrap();
-    let a = Roles::start_on(work.path(), &db, &[]);
-    let mut b = Roles::beside(&a);
+    let mut replicas = Roles::start_replicas(work.path(), &db, 2);
+    let b = replicas.pop().unwrap();
+    let mut a = replicas.pop().unwrap();
     let dead = format!("https://127.0.0.1:{}", mcim_e2e::free_ports(1));
-    let ro = format!("{dead},{},{}", b.url("ro"), a.url("ro"));
-    let vno = format!("{},{dead},{}", b.url("vno"), a.url("vno"));
+    let ro = format!("{dead},{},{}", a.url("ro"), b.url("ro"));
+    let vno = format!("{},{dead},{}", a.url("vno"), b.url("vno"));
     let tpm = Swtpm::start();
-    let tred = a.tred_with(&tpm.tcti(), &[("MCIM_RO_URL", &ro), ("MCIM_VNO_URL", &vno)]);
+    let tred = b.tred_with(&tpm.tcti(), &[("MCIM_RO_URL", &ro), ("MCIM_VNO_URL", &vno)]);
     let socket = tred.socket().to_str().unwrap().to_string();
     mcim_e2e::supply_device(&a, &socket, "001010000000181", &[]);
     let imsi = contract_device(&a, work.path(), &socket, "sho");
-    // The replica dies while the run is under way (its steps take a few seconds).
-    let killer = std::thread::spawn(move || {
-        std::thread::sleep(std::time::Duration::from_millis(700));
-        b.kill();
-        b
-    });
-    let out = std::process::Command::new(workspace_bin("mcimctl"))
+    // A dies once the device has registered at A's SHO (step 7): the validation that A's SHO
+    // follows, the device's task stream and the rest of its calls must go on at B.
+    let mut run = std::process::Command::new(workspace_bin("mcimctl"))
         .args([
             "device",
             "--socket",
@@ -164,10 +161,31 @@ fn a_device_fails_over_to_another_replica_when_one_is_killed() {
             "--access",
             "3gpp",
         ])
-        .output()
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .unwrap();
-    let _b = killer.join().unwrap();
-    let text = output_text(&out);
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(run.stdout.take().unwrap()));
+    let mut seen = String::new();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        seen.push_str(&line);
+        seen.push('\n');
+        if line.trim_start().starts_with("step  7") {
+            a.kill();
+            break;
+        }
+    }
+    assert!(
+        seen.contains("step  7"),
+        "the run never reached step 7:\n{seen}"
+    );
+    for line in lines {
+        seen.push_str(&line.unwrap());
+        seen.push('\n');
+    }
+    let out = run.wait_with_output().unwrap();
+    let text = format!("{seen}{}", output_text(&out));
     assert!(out.status.success() && !text.contains("FAILED"), "{text}");
     let attach = mcimctl_ok(&["device", "--socket", &socket, "attach"]);
     assert!(
@@ -176,10 +194,84 @@ fn a_device_fails_over_to_another_replica_when_one_is_killed() {
     );
     let rt = tokio::runtime::Runtime::new().unwrap();
     let installed = rt.block_on(db_rows(
-        &a,
+        &b,
         "SELECT COUNT(*), COUNT(DISTINCT mcim_id) FROM ro_registration WHERE state = 'installed'",
     ));
     assert_eq!(installed, vec![vec!["1".to_string(), "1".to_string()]]);
-    let subs = rt.block_on(db_rows(&a, "SELECT imsi FROM sho_subscription"));
-    assert_eq!(subs, vec![vec![imsi]]);
+    let subs = rt.block_on(db_rows(
+        &b,
+        "SELECT imsi, sho_url FROM ro_subscription r JOIN sho_subscription s ON s.pcid = r.pcid",
+    ));
+    assert_eq!(subs.len(), 1, "{subs:?}");
+    assert_eq!(subs[0][0], imsi);
+    assert_eq!(
+        subs[0][1].split(',').count(),
+        2,
+        "the SHO's address lists both replicas"
+    );
+}
+
+/// The database server goes down in the middle of a device's run and comes back: the roles
+/// answer UNAVAILABLE with a retry hint meanwhile (counted in their metrics), the device
+/// waits and retries, and the run completes once, nothing lost.
+#[test]
+fn a_database_outage_mid_run_is_waited_out_and_nothing_is_lost() {
+    // A cluster of this test's own: it is stopped and started.
+    let pg = Postgres::private();
+    let db = pg.fresh_database();
+    let work = tempfile::tempdir().unwrap();
+    let roles = Roles::start_on(work.path(), &db, &[]);
+    let tpm = Swtpm::start();
+    let tred = roles.tred(&tpm.tcti());
+    let socket = tred.socket().to_str().unwrap().to_string();
+    mcim_e2e::supply_device(&roles, &socket, "001010000000191", &[]);
+    let imsi = contract_device(&roles, work.path(), &socket, "sho");
+    pg.stop();
+    let run = {
+        let socket = socket.clone();
+        std::thread::spawn(move || {
+            std::process::Command::new(workspace_bin("mcimctl"))
+                .args([
+                    "device",
+                    "--socket",
+                    &socket,
+                    "provision",
+                    "--access",
+                    "3gpp",
+                ])
+                .output()
+                .unwrap()
+        })
+    };
+    // Long enough for calls to be answered (the roles give up on the database after 5 s).
+    std::thread::sleep(std::time::Duration::from_secs(8));
+    let unavailable = |m: &str| {
+        m.lines()
+            .filter(|l| {
+                l.starts_with("mcim_roles_grpc_server_calls_total")
+                    && l.contains("code=\"UNAVAILABLE\"")
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>()
+    };
+    let during = unavailable(&roles.metrics());
+    pg.start_again();
+    let out = run.join().unwrap();
+    let text = output_text(&out);
+    assert!(out.status.success() && !text.contains("FAILED"), "{text}");
+    assert!(
+        during >= 1.0,
+        "the roles said UNAVAILABLE while the database was down"
+    );
+    let attach = mcimctl_ok(&["device", "--socket", &socket, "attach"]);
+    assert!(
+        attach.contains(&format!("attached with IMSI {imsi}")),
+        "{attach}"
+    );
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let installed = rt.block_on(db_rows(
+        &roles,
+        "SELECT COUNT(*) FROM ro_registration WHERE state = 'installed'",
+    ));
+    assert_eq!(installed, vec![vec!["1".to_string()]]);
 }

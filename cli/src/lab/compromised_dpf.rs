@@ -100,8 +100,8 @@ pub fn install(db: &str, forged: &[u8], work: &Path) -> Result<(), CliError> {
     let file = work.join("compromised-dpf.package");
     std::fs::write(&file, forged).map_err(fail)?;
     let out = std::process::Command::new(super::sibling("mcim-lab-compromised-ro"))
-        .arg("--db")
-        .arg(db)
+        // In the environment, not on the command line (a URL's password stays out of ps).
+        .env("MCIM_DB", db)
         .arg("--package")
         .arg(&file)
         .output()

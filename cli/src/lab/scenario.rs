@@ -38,7 +38,8 @@ fn start_roles_at(
         Command::new(sibling("mcim-roles"))
             .args(["all", "--pki"])
             .arg(pki)
-            .args(["--db", db])
+            // In the environment, not on the command line: a URL's password stays out of ps.
+            .env("MCIM_DB", db)
             .args(["--base-port", &base.to_string()])
             .args(["--sho-plmn", LAB_SHO_PLMN])
             .args(["--sho2-plmn", LAB_SHO2_PLMN])

@@ -193,13 +193,15 @@ impl Sho {
     }
 }
 
-/// How long a follower's lease on a registration lasts; renewed at every step (one step is a
-/// PVA long poll of [`VALIDATION_LONG_POLL_MS`] and a DPF call of at most 30 s).
-pub(super) const LEASE: Duration = Duration::from_secs(60);
+/// How long a follower's lease on a registration lasts; renewed at every step. A step (a PVA
+/// long poll of [`VALIDATION_LONG_POLL_MS`], a DPF call of at most 30 s) can outlast it; then
+/// another process may take the registration over mid-step, which costs a repeated call (the
+/// steps are idempotent), and the first follower stops at its next renewal.
+pub(super) const LEASE: Duration = Duration::from_secs(30);
 
 /// How often (on average, jittered by ±50 %) an SHO process looks for registrations whose
 /// follower stopped renewing.
-const SWEEP: Duration = Duration::from_secs(10);
+const SWEEP: Duration = Duration::from_secs(5);
 
 #[cfg(test)]
 mod tests {
