@@ -34,9 +34,13 @@ source ci/postgres.sh
 # The tests that run the roles on PostgreSQL too: the store's unit tests and the end-to-end
 # suites that reach the database only through the roles (or through mcim_e2e's engine-neutral
 # helpers). The others read the SQLite file directly, or run the lab (SQLite).
-PG_TESTS=(-p mcim-roles -p mcim-e2e --test provisioning --test authz --test subscriber --test dpf
-  --test ccif --test discard --test metrics --test overload --test resume --test device
-  --test roles --test postgres)
+PG_SUITES=(provisioning authz subscriber dpf ccif discard metrics overload resume device roles postgres)
+PG_TESTS=(-p mcim-roles -p mcim-e2e)
+PG_FILTER="package(mcim-roles)"
+for t in "${PG_SUITES[@]}"; do
+  PG_TESTS+=(--test "$t")
+  PG_FILTER+=" | (package(mcim-e2e) & binary($t))"
+done
 
 echo "== tests (SQLite; tests/tests/postgres.rs on the cluster above)"
 if cargo nextest --version >/dev/null 2>&1; then
@@ -44,7 +48,9 @@ if cargo nextest --version >/dev/null 2>&1; then
   # Every test on SQLite, except those that are about PostgreSQL.
   env -u MCIM_TEST_POSTGRES cargo nextest run --workspace --locked --no-fail-fast
   echo "== the same roles tests on PostgreSQL"
-  cargo nextest run --locked --no-fail-fast "${PG_TESTS[@]}"
+  # --workspace with a filter: the same build as above (a -p selection would rebuild with
+  # other features).
+  cargo nextest run --workspace --locked --no-fail-fast -E "$PG_FILTER"
 else
   env -u MCIM_TEST_POSTGRES cargo test --workspace --locked --no-fail-fast
   cargo test --locked --no-fail-fast "${PG_TESTS[@]}"

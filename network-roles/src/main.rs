@@ -164,14 +164,10 @@ enum RoleCmd {
         /// Address to listen on.
         #[arg(long, env = "MCIM_LISTEN", default_value = "127.0.0.1:7403")]
         listen: SocketAddr,
-        /// Roaming routes, MCCMNC=icf:URL or MCCMNC=sho:URL (repeatable).
-        #[arg(
-            long = "route",
-            env = "MCIM_ROUTES",
-            value_delimiter = ',',
-            required = true
-        )]
-        routes: Vec<Route>,
+        /// Roaming routes, MCCMNC=icf:URL or MCCMNC=sho:URL (repeatable, or several in one
+        /// value separated by commas; a URL may list the role's replicas, comma-separated).
+        #[arg(long = "route", env = "MCIM_ROUTES", required = true)]
+        routes: Vec<String>,
     },
     /// The Selected Home Operator.
     Sho {
@@ -414,6 +410,7 @@ async fn serve(
             listen,
             routes,
         } => {
+            let routes = mcim_roles::vno::parse_routes(&routes)?;
             let pool = open(&common.db).await?;
             let s = Service::Vno(Vno::new(common.pki.clone(), pool, routes).map_err(e)?);
             vec![(Role::Vno, "vno".into(), common.pki, listen, s)]

@@ -75,6 +75,32 @@ impl std::str::FromStr for Route {
     }
 }
 
+/// Routes from the command line, the environment (`MCIM_ROUTES`) or a file: each value holds
+/// one route or several separated by commas, and a route's URL may itself list replicas
+/// separated by commas (`00101=icf:https://ro-a:7402,https://ro-b:7402,00102=sho:...`): a
+/// comma starts a new route only where `MCCMNC=` follows it.
+pub fn parse_routes(values: &[String]) -> Result<Vec<Route>, String> {
+    let mut routes: Vec<String> = Vec::new();
+    for value in values {
+        for part in value.split(',') {
+            let starts_route = part
+                .split_once('=')
+                .is_some_and(|(p, _)| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
+            match routes.last_mut() {
+                Some(last) if !starts_route => {
+                    last.push(',');
+                    last.push_str(part);
+                }
+                _ => routes.push(part.to_string()),
+            }
+        }
+    }
+    if routes.is_empty() {
+        return Err("at least one route: MCCMNC=icf:URL or MCCMNC=sho:URL".into());
+    }
+    routes.iter().map(|r| r.parse()).collect()
+}
+
 /// The VNO's service.
 pub struct Vno {
     pki: PathBuf,
@@ -389,6 +415,32 @@ impl VnoService for Vno {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// One value or several, with routes whose URLs list replicas.
+    #[test]
+    fn routes_split_at_commas_that_start_a_route() {
+        let got = super::parse_routes(&[
+            "00101=icf:https://a:1,https://b:2,00102=sho:https://c:3".to_string(),
+            "00103=sho:https://d:4".to_string(),
+        ])
+        .unwrap_or_else(|e| panic!("{e}"));
+        let urls: Vec<(String, String)> = got
+            .iter()
+            .map(|r| match &r.target {
+                super::Target::Icf(u) | super::Target::Sho(u) => (r.prefix.clone(), u.clone()),
+            })
+            .collect();
+        assert_eq!(
+            urls,
+            vec![
+                ("00101".into(), "https://a:1,https://b:2".into()),
+                ("00102".into(), "https://c:3".into()),
+                ("00103".into(), "https://d:4".into()),
+            ]
+        );
+        assert!(super::parse_routes(&[]).is_err());
+        assert!(super::parse_routes(&["https://a:1".to_string()]).is_err());
+    }
 
     #[test]
     fn routes_parse_and_bad_ones_are_refused() {

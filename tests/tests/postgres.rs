@@ -187,17 +187,8 @@ fn a_device_fails_over_to_another_replica_when_one_is_killed() {
     let out = run.wait_with_output().unwrap();
     let text = format!("{seen}{}", output_text(&out));
     assert!(out.status.success() && !text.contains("FAILED"), "{text}");
-    let attach = mcimctl_ok(&["device", "--socket", &socket, "attach"]);
-    assert!(
-        attach.contains(&format!("attached with IMSI {imsi}")),
-        "{attach}"
-    );
+    attached_once(&b, &socket, &imsi);
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let installed = rt.block_on(db_rows(
-        &b,
-        "SELECT COUNT(*), COUNT(DISTINCT mcim_id) FROM ro_registration WHERE state = 'installed'",
-    ));
-    assert_eq!(installed, vec![vec!["1".to_string(), "1".to_string()]]);
     let subs = rt.block_on(db_rows(
         &b,
         "SELECT imsi, sho_url FROM ro_subscription r JOIN sho_subscription s ON s.pcid = r.pcid",
@@ -263,15 +254,20 @@ fn a_database_outage_mid_run_is_waited_out_and_nothing_is_lost() {
         during >= 1.0,
         "the roles said UNAVAILABLE while the database was down"
     );
-    let attach = mcimctl_ok(&["device", "--socket", &socket, "attach"]);
+    attached_once(&roles, &socket, &imsi);
+}
+
+/// The device behind `socket` attaches with `imsi`, and the roles' database holds exactly one
+/// installed registration, with one MCIM.
+fn attached_once(roles: &Roles, socket: &str, imsi: &str) {
+    let attach = mcimctl_ok(&["device", "--socket", socket, "attach"]);
     assert!(
         attach.contains(&format!("attached with IMSI {imsi}")),
         "{attach}"
     );
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let installed = rt.block_on(db_rows(
-        &roles,
-        "SELECT COUNT(*) FROM ro_registration WHERE state = 'installed'",
+    let installed = tokio::runtime::Runtime::new().unwrap().block_on(db_rows(
+        roles,
+        "SELECT COUNT(*), COUNT(DISTINCT mcim_id) FROM ro_registration WHERE state = 'installed'",
     ));
-    assert_eq!(installed, vec![vec!["1".to_string()]]);
+    assert_eq!(installed, vec![vec!["1".to_string(), "1".to_string()]]);
 }
