@@ -587,6 +587,33 @@ mod tests {
         }
     }
 
+    /// Every PostgreSQL session of the roles bounds its lock waits, statements and idle
+    /// transactions (a frozen replica cannot hold the write lock for long).
+    #[tokio::test]
+    async fn postgresql_sessions_bound_lock_waits_and_idle_transactions() {
+        for url in super::test_urls() {
+            let db = super::open(&url)
+                .await
+                .unwrap_or_else(|e| panic!("{url}: {e}"));
+            if super::Engine::of_db(&db) != super::Engine::Postgres {
+                continue;
+            }
+            for (setting, want) in [
+                ("lock_timeout", "10s"),
+                ("statement_timeout", "30s"),
+                ("idle_in_transaction_session_timeout", "30s"),
+            ] {
+                let (got,): (String,) = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                    "SELECT current_setting('{setting}')"
+                )))
+                .fetch_one(&db)
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+                assert_eq!(got, want, "{setting}");
+            }
+        }
+    }
+
     /// A database to create is named from the URL, on the same server, with its options.
     #[test]
     fn the_database_to_create_comes_from_the_url() {
