@@ -64,14 +64,6 @@ impl Engine {
             _ => Self::Postgres,
         }
     }
-
-    /// Its name in reports: `sqlite` or `postgres`.
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Sqlite => "sqlite",
-            Self::Postgres => "postgres",
-        }
-    }
 }
 
 /// The migrations of each engine: (file, description), in version order, the file in
