@@ -16,6 +16,7 @@ mod aka;
 mod card;
 mod device;
 mod error;
+mod fleet;
 mod hexarg;
 mod instruct;
 mod lab;
@@ -56,6 +57,10 @@ enum Command {
     /// device end to end (with refusals and crash recovery to show on demand).
     #[command(subcommand)]
     Lab(lab::LabCommand),
+    /// A benchmark: a fleet of simulated devices (software keys, not a TRE) provisioned by the
+    /// roles, embedded or running; the rate, latency and CPU per provisioning.
+    #[command(subcommand)]
+    Fleet(fleet::FleetCommand),
     /// The roles' development PKI: CA, role certificates, device certificates.
     #[command(subcommand)]
     Pki(pki::PkiCommand),
@@ -99,6 +104,7 @@ fn main() -> ExitCode {
         Command::Sho(c) => operator::run_sho(c).map_err(|e| e.to_string()),
         Command::Pva(c) => operator::run_pva(c).map_err(|e| e.to_string()),
         Command::Lab(c) => lab::run(c).map_err(|e| e.to_string()),
+        Command::Fleet(c) => fleet::run(c).map_err(|e| e.to_string()),
         Command::Card(c) => card::run(c).map_err(|e| e.to_string()),
         Command::Pki(c) => pki::run(c),
         Command::Supplier(c) => operator::run_supplier(c).map_err(|e| e.to_string()),

@@ -36,6 +36,15 @@ pub fn role_url(s: &str) -> Result<String, String> {
     }
 }
 
+/// One role address or several, comma-separated (a role's replicas, spread and failed over by
+/// `mcim_telemetry::channel`), each as [`role_url`] checks it.
+pub fn role_urls(s: &str) -> Result<String, String> {
+    for u in s.split(',') {
+        role_url(u.trim())?;
+    }
+    Ok(s.to_string())
+}
+
 /// The party whose files in `pki` are `<file>.pem`/`.key` (a second SHO: `sho2`) calling
 /// the role `peer` at `url`.
 pub async fn party_channel(

@@ -90,6 +90,34 @@ pub enum PackageError {
     /// Algorithm this TRE does not run.
     #[error("the MCIM package's algorithm {0:?} is not supported")]
     Algorithm(String),
+    /// MILENAGE constants that are not five c of 16 octets and five r below 128 (or none).
+    #[error("the MCIM package's MILENAGE constants: {0}")]
+    Constants(String),
+}
+
+impl McimPackagePayload {
+    /// The MILENAGE constants (TS 35.206 4.1) the package carries: five c (hex, 16 octets
+    /// each) and five r, or none for the defaults.
+    pub fn constants(&self) -> Result<crate::aka::Constants, PackageError> {
+        let bad = |w: String| PackageError::Constants(w);
+        match (self.milenage_c.len(), self.milenage_r.len()) {
+            (0, 0) => Ok(crate::aka::Constants::default()),
+            (5, 5) => {
+                let mut c = [[0u8; 16]; 5];
+                for (out, v) in c.iter_mut().zip(&self.milenage_c) {
+                    let v = hex::decode(v).map_err(|e| bad(format!("c: {e}")))?;
+                    *out = v
+                        .as_slice()
+                        .try_into()
+                        .map_err(|_| bad(format!("c is {} octets, not 16", v.len())))?;
+                }
+                let mut r = [0u32; 5];
+                r.copy_from_slice(&self.milenage_r);
+                crate::aka::Constants::new(c, r).map_err(|e| bad(e.to_string()))
+            }
+            _ => Err(bad("give all five c and r values, or none".into())),
+        }
+    }
 }
 
 /// Signs a package (the SHO's side); `cert` is the SHO's certificate (DER) for the receiver.

@@ -149,24 +149,36 @@ pub fn wrap_for_token_rsa<R: CryptoRng + ?Sized>(
         .map_err(|_| TokenWrapError::BadLength)
 }
 
+/// What a token does with a [`TokenBlob`] (C_DeriveKey with CKM_ECDH1_DERIVE, then
+/// C_UnwrapKey with CKM_AES_KEY_WRAP_PAD), in software, with the unwrap key in process memory:
+/// for the fleet benchmark's simulated devices (`mcimctl fleet run`) and tests, never for a
+/// device, whose key stays in its token.
+pub fn unwrap_in_software(
+    unwrap_key: &p256::SecretKey,
+    blob: &TokenBlob,
+) -> Result<Zeroizing<Vec<u8>>, TokenWrapError> {
+    let q = p256::PublicKey::from_sec1_bytes(&blob.ephemeral_point)
+        .map_err(|_| TokenWrapError::Malformed)?;
+    let z = p256::ecdh::diffie_hellman(unwrap_key.to_nonzero_scalar(), q.as_affine());
+    let kw = <KwpAes256 as aes_kw::KeyInit>::new_from_slice(z.raw_secret_bytes().as_slice())
+        .map_err(|_| TokenWrapError::Malformed)?;
+    let mut out = Zeroizing::new(vec![0u8; blob.wrapped.len()]);
+    let n = kw
+        .unwrap_key(&blob.wrapped, &mut out)
+        .map_err(|_| TokenWrapError::Malformed)?
+        .len();
+    out.truncate(n);
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// What the token does, in software: ECDH with the static key, KWP unwrap.
     fn unwrap(sk: &p256::SecretKey, b: &TokenBlob) -> Vec<u8> {
-        let q =
-            p256::PublicKey::from_sec1_bytes(&b.ephemeral_point).unwrap_or_else(|e| panic!("{e}"));
-        let z = p256::ecdh::diffie_hellman(sk.to_nonzero_scalar(), q.as_affine());
-        let kw = <KwpAes256 as aes_kw::KeyInit>::new_from_slice(z.raw_secret_bytes().as_slice())
-            .unwrap_or_else(|e| panic!("{e}"));
-        let mut out = vec![0u8; b.wrapped.len()];
-        let n = kw
-            .unwrap_key(&b.wrapped, &mut out)
-            .map(|s| s.len())
-            .unwrap_or(0);
-        out.truncate(n);
-        out
+        unwrap_in_software(sk, b)
+            .map(|v| v.to_vec())
+            .unwrap_or_default()
     }
 
     #[test]

@@ -309,6 +309,49 @@ impl TrustAnchors {
     }
 }
 
+/// Checks that `cert_der` is signed by a CA in `ca_pem`, is valid now, and carries the URI SAN
+/// `urn:mcim:<role>:<name>`; returns its P-256 key.
+pub fn verify_party(
+    ca_pem: &[u8],
+    cert_der: &[u8],
+    role: Role,
+    name: &str,
+) -> Result<p256::ecdsa::VerifyingKey, String> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+    let (_, cert) = X509Certificate::from_der(cert_der).map_err(|e| e.to_string())?;
+    let signed = CertificateDer::pem_slice_iter(ca_pem).flatten().any(|ca| {
+        X509Certificate::from_der(&ca)
+            .map(|(_, ca)| cert.verify_signature(Some(ca.public_key())).is_ok())
+            .unwrap_or(false)
+    });
+    if !signed {
+        return Err(format!(
+            "the {role} certificate is not signed by the roles' CA"
+        ));
+    }
+    if !cert.validity().is_valid() {
+        return Err(format!("the {role} certificate is not valid now"));
+    }
+    let want = identity_uri(role, name);
+    let named = cert
+        .subject_alternative_name()
+        .ok()
+        .flatten()
+        .is_some_and(|san| {
+            san.value
+                .general_names
+                .iter()
+                .any(|g| matches!(g, GeneralName::URI(u) if *u == want))
+        });
+    if !named {
+        return Err(format!("the certificate does not name {want}"));
+    }
+    p256::ecdsa::VerifyingKey::from_sec1_bytes(&cert.public_key().subject_public_key.data)
+        .map_err(|_| format!("the {role} key is not P-256"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

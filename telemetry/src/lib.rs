@@ -17,6 +17,7 @@
 
 pub mod channel;
 pub mod metrics;
+pub mod retry;
 
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
 use opentelemetry::trace::TracerProvider as _;

@@ -212,12 +212,9 @@ impl NewMcim {
         let hexd = |what: &str, s: &str| {
             hex::decode(s).map_err(|e| DeviceError::BadRequest(format!("package {what}: {e}")))
         };
-        let c: Vec<Vec<u8>> = p
-            .milenage_c
-            .iter()
-            .map(|c| hexd("milenage_c", c))
-            .collect::<Result<_, _>>()?;
-        let constants = constants(&c, &p.milenage_r)?;
+        let constants = p
+            .constants()
+            .map_err(|e| DeviceError::BadRequest(e.to_string()))?;
         Ok(Self {
             imsi: Imsi::new(p.imsi.clone()).map_err(|e| DeviceError::BadRequest(e.to_string()))?,
             sho: p.sho_id.clone(),

@@ -40,7 +40,7 @@ use crate::tred::connect;
 mod compromised_dpf;
 mod crash;
 pub mod pcsc;
-mod processes;
+pub(crate) mod processes;
 mod report;
 mod scenario;
 mod tre;

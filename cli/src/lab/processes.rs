@@ -15,18 +15,18 @@ use crate::error::{CliError, fail};
 use crate::tred::connect;
 
 /// A child process stopped (SIGTERM, then SIGKILL) when dropped.
-pub(super) struct Proc(pub(super) Option<Child>);
+pub(crate) struct Proc(pub(crate) Option<Child>);
 
 impl Proc {
     /// Whether the process has ended.
-    pub(super) fn exited(&mut self) -> bool {
+    pub(crate) fn exited(&mut self) -> bool {
         self.0
             .as_mut()
             .is_none_or(|c| c.try_wait().ok().flatten().is_some())
     }
 
     /// SIGKILL, no clean shutdown: what a crash or a power cut looks like to the others.
-    pub(super) fn crash(&mut self) {
+    pub(crate) fn crash(&mut self) {
         if let Some(mut c) = self.0.take() {
             let _ = c.kill();
             let _ = c.wait();
@@ -35,7 +35,7 @@ impl Proc {
 
     /// Stops the process as `signal` says: SIGKILL at once, or SIGTERM (a clean shutdown:
     /// the process drains its calls) and SIGKILL only after 15 s.
-    pub(super) fn stop_with(&mut self, signal: super::crash::Signal) {
+    pub(crate) fn stop_with(&mut self, signal: super::crash::Signal) {
         match signal {
             super::crash::Signal::Kill => self.crash(),
             super::crash::Signal::Term => self.terminate(),
@@ -69,7 +69,7 @@ impl Drop for Proc {
 }
 
 /// `n` consecutive free ports on 127.0.0.1.
-pub(super) fn free_ports(n: u16) -> Result<u16, CliError> {
+pub(crate) fn free_ports(n: u16) -> Result<u16, CliError> {
     // Below the kernel's ephemeral range: no outgoing connection on this machine takes a local
     // port there, so a server restarted on its ports (after --crash) finds them free.
     let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
@@ -93,7 +93,7 @@ pub(super) fn free_ports(n: u16) -> Result<u16, CliError> {
 /// Starts a server on `n` fresh consecutive ports (`start(first port)`) and waits until all
 /// of them accept connections. Ports found free can be taken by another process before the
 /// server binds them; the server then exits, and this tries new ports (five times).
-pub(super) fn start_on_free_ports(
+pub(crate) fn start_on_free_ports(
     n: u16,
     what: &str,
     mut start: impl FnMut(u16) -> Result<Proc, CliError>,
@@ -121,7 +121,7 @@ pub(super) fn start_on_free_ports(
 }
 
 /// Waits (30 s at most) until `ready`.
-pub(super) fn wait_until(what: &str, mut ready: impl FnMut() -> bool) -> Result<(), CliError> {
+pub(crate) fn wait_until(what: &str, mut ready: impl FnMut() -> bool) -> Result<(), CliError> {
     let deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < deadline {
         if ready() {
@@ -133,7 +133,7 @@ pub(super) fn wait_until(what: &str, mut ready: impl FnMut() -> bool) -> Result<
 }
 
 /// A binary next to this `mcimctl`, else on PATH.
-pub(super) fn sibling(name: &str) -> PathBuf {
+pub(crate) fn sibling(name: &str) -> PathBuf {
     std::env::current_exe()
         .ok()
         .and_then(|p| p.parent().map(|d| d.join(name)))
@@ -142,7 +142,7 @@ pub(super) fn sibling(name: &str) -> PathBuf {
 }
 
 /// Starts `cmd` with its standard error into `log`.
-pub(super) fn spawn(cmd: &mut Command, what: &str, log: &Path) -> Result<Proc, CliError> {
+pub(crate) fn spawn(cmd: &mut Command, what: &str, log: &Path) -> Result<Proc, CliError> {
     let log = std::fs::File::create(log).map_err(fail)?;
     cmd.stdout(Stdio::null())
         .stderr(log)
@@ -157,7 +157,7 @@ pub(super) fn spawn(cmd: &mut Command, what: &str, log: &Path) -> Result<Proc, C
 
 /// Starts `tred` again on the same state and socket (after it stopped or was killed) and
 /// connects to it.
-pub(super) async fn restart_tred(
+pub(crate) async fn restart_tred(
     tred: &mut Command,
     socket: &Path,
     log: &Path,
@@ -171,7 +171,7 @@ pub(super) async fn restart_tred(
 }
 
 /// A temporary directory removed on drop (no extra dependency for one directory).
-pub(super) struct TempDir(pub(super) PathBuf);
+pub(crate) struct TempDir(pub(crate) PathBuf);
 
 impl Drop for TempDir {
     fn drop(&mut self) {
@@ -180,7 +180,7 @@ impl Drop for TempDir {
 }
 
 /// A fresh directory under the system's temporary directory.
-pub(super) fn tempdir() -> Result<TempDir, CliError> {
+pub(crate) fn tempdir() -> Result<TempDir, CliError> {
     let mut n = [0u8; 8];
     rand::rng().fill_bytes(&mut n);
     let p = std::env::temp_dir().join(format!("mcim-lab-{}", hex::encode(n)));

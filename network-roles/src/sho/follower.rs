@@ -161,7 +161,7 @@ impl Sho {
             })
             .await
             .map_err(RoleError::peer(Role::Ro))?;
-        self.set_state(id, St::Authorized, "").await?;
+        self.authorized(id).await?;
         tracing::info!(%pcid, registration = %id, "package handed to the DPF");
         Ok(true)
     }

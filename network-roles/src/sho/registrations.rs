@@ -180,10 +180,14 @@ impl Sho {
     }
 
     /// Step 14: the DPF's report of the device's install, for an authorised registration
-    /// (a repeated report of the same outcome is accepted).
+    /// (a repeated report of the same outcome is accepted). Authorised means: the SHO built
+    /// this registration's package and handed it to the DPF, which may have served it, and
+    /// the device reported, before the SHO recorded the DPF's answer (the follower's
+    /// [`Sho::authorized`] then leaves the report's outcome alone).
     pub(super) async fn report(&self, id: &str, st: St, detail: &str) -> Result<(), RoleError> {
         let done = sqlx::query(
-            "UPDATE sho_registration SET state = $1, detail = $2 WHERE id = $3 AND state IN ($4, $5, $6)",
+            "UPDATE sho_registration SET state = $1, detail = $2 WHERE id = $3 \
+             AND (state IN ($4, $5, $6) OR (state IN ($7, $8) AND package IS NOT NULL))",
         )
         .bind(st as i64)
         .bind(detail)
@@ -191,6 +195,8 @@ impl Sho {
         .bind(St::Authorized as i64)
         .bind(St::Provisioned as i64)
         .bind(St::Failed as i64)
+        .bind(St::Validating as i64)
+        .bind(St::Registered as i64)
         .execute(&self.db)
         .await
         .map_err(db_err)?;
@@ -200,6 +206,22 @@ impl Sho {
             ));
         }
         tracing::info!(registration = %id, state = ?st, "provisioning result");
+        Ok(())
+    }
+
+    /// Step 11 done: the DPF holds the package. Only from the states before it: a report the
+    /// DPF relayed meanwhile (step 14) stays.
+    pub(super) async fn authorized(&self, id: &str) -> Result<(), RoleError> {
+        sqlx::query(
+            "UPDATE sho_registration SET state = $1, detail = '' WHERE id = $2 AND state IN ($3, $4)",
+        )
+        .bind(St::Authorized as i64)
+        .bind(id)
+        .bind(St::Validating as i64)
+        .bind(St::Registered as i64)
+        .execute(&self.db)
+        .await
+        .map_err(db_err)?;
         Ok(())
     }
 

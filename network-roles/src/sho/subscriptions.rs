@@ -65,17 +65,18 @@ pub(super) struct NewSubscription {
     pub ownership_proof: Option<common::OwnershipProof>,
 }
 
+/// A device's subscription, by PCID.
+const SUBSCRIPTION_OF_PCID: &str = "SELECT pcid, subscriber, tre_kind, storage_public, imsi, require_aka_in_tre \
+     FROM sho_subscription WHERE pcid = $1";
+
 impl Sho {
     /// The subscription of `pcid`, if any.
     pub(super) async fn subscription(&self, pcid: &str) -> Result<Option<Subscription>, RoleError> {
-        sqlx::query_as::<_, Subscription>(
-            "SELECT pcid, subscriber, tre_kind, storage_public, imsi, require_aka_in_tre \
-             FROM sho_subscription WHERE pcid = $1",
-        )
-        .bind(pcid)
-        .fetch_optional(&self.db)
-        .await
-        .map_err(db_err)
+        sqlx::query_as::<_, Subscription>(SUBSCRIPTION_OF_PCID)
+            .bind(pcid)
+            .fetch_optional(&self.db)
+            .await
+            .map_err(db_err)
     }
 
     /// Contracts `n` (idempotent for the same subscriber), reserves its IMSI and tells the
@@ -151,7 +152,14 @@ impl Sho {
                 "this proof of ownership was used before: ask the device for a new one",
             ));
         }
-        match self.subscription(n.pcid.as_str()).await? {
+        // Read in the transaction: a second connection while holding the write lock could
+        // wait for one that waits for the lock (SQLite's pool is small).
+        let existing = sqlx::query_as::<_, Subscription>(SUBSCRIPTION_OF_PCID)
+            .bind(n.pcid.as_str())
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        match existing {
             Some(existing) if existing.subscriber != n.subscriber => {
                 return Err(RoleError::exists(
                     "this device has a subscription of another subscriber",

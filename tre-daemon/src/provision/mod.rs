@@ -48,25 +48,6 @@ pub use run::{
 /// How long a step is retried while a role is unreachable or busy before the run fails.
 const RETRY_FOR: Duration = Duration::from_secs(120);
 
-/// The pause before retry `tries` (from 1): doubling from 250 ms to 5 s, each drawn at random
-/// between half and all of it, and never shorter than what a busy role asked for (its
-/// pushback, jittered likewise), so that a fleet refused together does not come back together.
-fn retry_wait(tries: u32, pushback: Option<Duration>) -> Duration {
-    let ceiling = 250u64
-        .saturating_mul(1 << tries.saturating_sub(1).min(5))
-        .min(5_000);
-    let ms = ceiling / 2 + rand::random::<u64>() % (ceiling / 2 + 1);
-    let backoff = Duration::from_millis(ms);
-    match pushback {
-        Some(p) => {
-            let p = u64::try_from(p.as_millis()).unwrap_or(u64::MAX);
-            backoff.max(Duration::from_millis(
-                p + rand::random::<u64>() % (p / 2 + 1),
-            ))
-        }
-        None => backoff,
-    }
-}
 /// How many times a change of SHO tries to install the kept package before it gives up.
 const INSTALL_ATTEMPTS: u32 = 3;
 
@@ -188,29 +169,16 @@ impl Stop {
 }
 
 fn stop(step: u32) -> impl Fn(Status) -> Stop {
-    move |s: Status| match s.code() {
-        Code::Unavailable
-        | Code::DeadlineExceeded
-        | Code::Unknown
-        | Code::Cancelled
-        | Code::ResourceExhausted => {
-            Stop::Retry(format!("step {step}: {}", s.message()), pushback(&s))
+    move |s: Status| {
+        if mcim_telemetry::retry::transient(&s) {
+            Stop::Retry(
+                format!("step {step}: {}", s.message()),
+                mcim_telemetry::retry::pushback(&s),
+            )
+        } else {
+            Stop::Fail(step, s.message().to_string())
         }
-        _ => Stop::Fail(step, s.message().to_string()),
     }
-}
-
-/// The pause a busy role asked for (gRPC's server pushback, `grpc-retry-pushback-ms`), at
-/// most a minute.
-fn pushback(s: &Status) -> Option<Duration> {
-    let ms: u64 = s
-        .metadata()
-        .get("grpc-retry-pushback-ms")?
-        .to_str()
-        .ok()?
-        .parse()
-        .ok()?;
-    Some(Duration::from_millis(ms.min(60_000)))
 }
 
 /// The registration's package from the DPF (5.1.3.6.2 step 12; 5.1.3.7.4.2 step 7).
@@ -588,7 +556,7 @@ impl Provisioner {
                             .min(14);
                         Some((step, format!("gave up: {why}")))
                     } else {
-                        let wait = retry_wait(tries, asked);
+                        let wait = mcim_telemetry::retry::wait(tries, asked);
                         tracing::info!("provisioning: {why}; retrying in {} ms", wait.as_millis());
                         tokio::time::sleep(wait).await;
                         None
