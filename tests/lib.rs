@@ -621,6 +621,9 @@ pub struct Postgres {
     pub server: String,
     /// A private cluster: its directory, the server's binaries, its port.
     cluster: Option<(tempfile::TempDir, PathBuf, u16)>,
+    /// The private cluster syncs its writes to disk (`fsync`, full page writes), as a
+    /// production server: for benchmarks beside SQLite. Tests run without.
+    durable: bool,
 }
 
 impl Postgres {
@@ -630,6 +633,7 @@ impl Postgres {
             return Postgres {
                 server: server.trim_end_matches('/').to_string(),
                 cluster: None,
+                durable: false,
             };
         }
         Self::private()
@@ -637,6 +641,16 @@ impl Postgres {
 
     /// A private cluster, whatever the environment says.
     pub fn private() -> Self {
+        Self::private_cluster(false)
+    }
+
+    /// A private cluster that syncs its commits to disk as a production server does
+    /// (benchmarks beside SQLite, which does too).
+    pub fn private_durable() -> Self {
+        Self::private_cluster(true)
+    }
+
+    fn private_cluster(durable: bool) -> Self {
         let bin = std::fs::read_dir("/usr/lib/postgresql")
             .ok()
             .and_then(|d| {
@@ -684,6 +698,7 @@ impl Postgres {
         let mut pg = Postgres {
             server: String::new(),
             cluster: Some((dir, bin, 0)),
+            durable,
         };
         for _ in 0..5 {
             let port = free_ports(1);
@@ -714,9 +729,13 @@ impl Postgres {
             .arg(dir.path().join("log"))
             .arg("-o")
             .arg(format!(
-                "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off \
-                 -c full_page_writes=off -c max_connections=200",
-                dir.path().display()
+                "-p {port} -k {} -c listen_addresses=127.0.0.1 -c max_connections=200 {}",
+                dir.path().display(),
+                if self.durable {
+                    "-c fsync=on -c full_page_writes=on -c synchronous_commit=on"
+                } else {
+                    "-c fsync=off -c full_page_writes=off"
+                }
             ))
             .args(["-w", "-t", "20", "start"])
             .stderr(Stdio::null())

@@ -23,7 +23,7 @@ pub struct Auc {
     owner: &'static str,
     db: Db,
     key: DataKey,
-    /// SEQ_HE is read, advanced and written back under this lock.
+    /// On SQLite, this process's queue for the database's write lock when making vectors.
     sqn_lock: Mutex<()>,
 }
 
@@ -107,14 +107,29 @@ impl Auc {
         if !(1..=5).contains(&count) {
             return Err(RoleError::invalid("1 to 5 vectors"));
         }
-        let _guard = self.sqn_lock.lock().await;
-        let row: Option<(Vec<u8>, Vec<u8>, String)> =
-            sqlx::query_as("SELECT k, opc, sqn FROM auc_subscriber WHERE owner = $1 AND id = $2")
-                .bind(self.owner)
-                .bind(id)
-                .fetch_optional(&self.db)
-                .await
-                .map_err(db_err)?;
+        // SEQ_HE is read, advanced and written in one transaction, so that no two vectors get
+        // one SQN, whichever process of the role makes them (replicas, issue 16 item 2): on
+        // PostgreSQL the subscriber's row is locked (other subscribers go on), on SQLite the
+        // write lock is taken, after this process's own queue (fairer than busy waits).
+        let engine = crate::store::Engine::of_db(&self.db);
+        let _queued = match engine {
+            crate::store::Engine::Sqlite => Some(self.sqn_lock.lock().await),
+            crate::store::Engine::Postgres => None,
+        };
+        let mut tx = crate::store::begin_row_write(&self.db).await?;
+        let row: Option<(Vec<u8>, Vec<u8>, String)> = sqlx::query_as(match engine {
+            crate::store::Engine::Sqlite => {
+                "SELECT k, opc, sqn FROM auc_subscriber WHERE owner = $1 AND id = $2"
+            }
+            crate::store::Engine::Postgres => {
+                "SELECT k, opc, sqn FROM auc_subscriber WHERE owner = $1 AND id = $2 FOR UPDATE"
+            }
+        })
+        .bind(self.owner)
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(db_err)?;
         let (wk, wopc, sqn) = row.ok_or_else(|| RoleError::not_found(format!("unknown {id}")))?;
         let open = |w: &[u8]| -> Result<[u8; 16], RoleError> {
             let v = self
@@ -157,9 +172,10 @@ impl Auc {
             .bind(serde_json::to_string(&state).map_err(|e| RoleError::internal(e.to_string()))?)
             .bind(self.owner)
             .bind(id)
-            .execute(&self.db)
+            .execute(&mut *tx)
             .await
             .map_err(db_err)?;
+        tx.commit().await.map_err(db_err)?;
         Ok(avs
             .into_iter()
             .map(|av| common::AuthVector {
@@ -212,5 +228,59 @@ impl Auc {
             .await
             .map_err(db_err)?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two processes of a role on one database (two pools here) making vectors for one
+    /// subscriber at once never hand out one SQN twice: SEQ_HE ends advanced by exactly the
+    /// number of vectors made. On an SQLite file, and on PostgreSQL where the tests have a
+    /// server (`MCIM_TEST_POSTGRES`).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn replicas_never_hand_out_one_sqn_twice() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let mut urls = vec![format!("sqlite://{}", dir.path().join("auc.db").display())];
+        urls.extend(
+            crate::store::test_urls()
+                .into_iter()
+                .filter(|u| u.starts_with("postgres")),
+        );
+        for url in urls {
+            let key =
+                || DataKey::load_or_create(dir.path(), "icf").unwrap_or_else(|e| panic!("{e}"));
+            let open = || async {
+                crate::store::open(&url)
+                    .await
+                    .unwrap_or_else(|e| panic!("{url}: {e}"))
+            };
+            let a = std::sync::Arc::new(Auc::new("icf", open().await, key()));
+            let b = std::sync::Arc::new(Auc::new("icf", open().await, key()));
+            a.provision("001010000000001", &[1; 16], &[2; 16])
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+            let mut calls = tokio::task::JoinSet::new();
+            for i in 0..40 {
+                let auc = if i % 2 == 0 { a.clone() } else { b.clone() };
+                calls.spawn(async move { auc.vectors("001010000000001", 1, None).await });
+            }
+            let mut autns = std::collections::HashSet::new();
+            while let Some(r) = calls.join_next().await {
+                let v = r
+                    .unwrap_or_else(|e| panic!("{e}"))
+                    .unwrap_or_else(|e| panic!("{url}: {e}"));
+                autns.insert(v[0].autn.clone());
+            }
+            assert_eq!(autns.len(), 40, "{url}");
+            let (sqn,): (String,) =
+                sqlx::query_as("SELECT sqn FROM auc_subscriber WHERE id = '001010000000001'")
+                    .fetch_one(&a.db)
+                    .await
+                    .unwrap_or_else(|e| panic!("{e}"));
+            let state: HeSqnState = serde_json::from_str(&sqn).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(state.seq_he, 40, "{url}: one SQN per vector");
+        }
     }
 }
