@@ -27,6 +27,7 @@ PACKAGES=(
   libpcsclite-dev                     # the pcsc crate (mcimctl card) links libpcsclite
   util-linux                          # unshare: a private pcscd in a mount namespace; setpriv
   postgresql                          # the roles on PostgreSQL: tests start throwaway clusters
+  iproute2                            # ip netns, veth, bridge: tests/tests/netns.rs's hosts
   ca-certificates
 )
 

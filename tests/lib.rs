@@ -651,23 +651,7 @@ impl Postgres {
     }
 
     fn private_cluster(durable: bool) -> Self {
-        let bin = std::fs::read_dir("/usr/lib/postgresql")
-            .ok()
-            .and_then(|d| {
-                let mut v: Vec<PathBuf> = d
-                    .filter_map(|e| e.ok())
-                    .map(|e| e.path().join("bin"))
-                    .filter(|b| b.join("initdb").exists())
-                    .collect();
-                v.sort();
-                v.pop()
-            })
-            .unwrap_or_else(|| {
-                panic!(
-                    "PostgreSQL is not installed (no /usr/lib/postgresql/*/bin/initdb): \
-                     apt-get install postgresql (ci/install-deps.sh does), or set {POSTGRES_ENV}"
-                )
-            });
+        let bin = postgres_bin();
         let dir = tempfile::tempdir().unwrap();
         let root = is_root();
         let user = if root { "postgres" } else { "" };
@@ -771,6 +755,27 @@ impl Postgres {
     }
 }
 
+/// The newest installed PostgreSQL server's binaries (`/usr/lib/postgresql/*/bin`).
+pub fn postgres_bin() -> PathBuf {
+    std::fs::read_dir("/usr/lib/postgresql")
+        .ok()
+        .and_then(|d| {
+            let mut v: Vec<PathBuf> = d
+                .filter_map(|e| e.ok())
+                .map(|e| e.path().join("bin"))
+                .filter(|b| b.join("initdb").exists())
+                .collect();
+            v.sort();
+            v.pop()
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "PostgreSQL is not installed (no /usr/lib/postgresql/*/bin/initdb): \
+                 apt-get install postgresql (ci/install-deps.sh does), or set {POSTGRES_ENV}"
+            )
+        })
+}
+
 /// A database with a fresh name on `server` (`postgres://USER@HOST:PORT`).
 fn fresh_database_on(server: &str) -> String {
     format!(
@@ -789,7 +794,8 @@ pub fn postgres_from_env() -> Option<String> {
 }
 
 /// Whether this process runs as root (the tests start PostgreSQL as `postgres` then).
-fn is_root() -> bool {
+/// Whether this process runs as root.
+pub fn is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {

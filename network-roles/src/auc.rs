@@ -47,6 +47,47 @@ impl Auc {
         }
     }
 
+    /// Replaces whatever is kept for `id` with a new K and OPc (SEQ_HE from zero), inside the
+    /// caller's transaction: a credential that never left this role (the SHO's package for it
+    /// is stored in the same transaction, so the K in the package and the AuC's are one).
+    pub async fn replace_in(
+        &self,
+        tx: &mut crate::store::Tx,
+        id: &str,
+        k: &[u8],
+        opc: &[u8],
+    ) -> Result<(), RoleError> {
+        if k.len() != 16 || opc.len() != 16 {
+            return Err(RoleError::invalid("K and OPc are 16 octets each"));
+        }
+        let seal = |s: &[u8]| {
+            self.key
+                .seal(s)
+                .map_err(|e| RoleError::internal(e.to_string()))
+        };
+        let (wk, wopc) = (seal(k)?, seal(opc)?);
+        let sqn = serde_json::to_string(&HeSqnState::default())
+            .map_err(|e| RoleError::internal(e.to_string()))?;
+        sqlx::query("DELETE FROM auc_subscriber WHERE owner = $1 AND id = $2")
+            .bind(self.owner)
+            .bind(id)
+            .execute(&mut **tx)
+            .await
+            .map_err(db_err)?;
+        sqlx::query(
+            "INSERT INTO auc_subscriber (owner, id, k, opc, sqn) VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(self.owner)
+        .bind(id)
+        .bind(&wk)
+        .bind(&wopc)
+        .bind(sqn)
+        .execute(&mut **tx)
+        .await
+        .map_err(db_err)?;
+        Ok(())
+    }
+
     /// Stores K and OPc for `id`. The same credential again is fine; a different one for an
     /// existing id is ALREADY_EXISTS and changes nothing.
     pub async fn provision(

@@ -104,6 +104,32 @@ struct ShoArgs {
     sho_party: String,
 }
 
+/// Where a replica of `mcim-roles all` listens (`--replica-base-ports`): its base port, on this
+/// process's `--host` or on a host of its own.
+#[derive(Clone, Copy, Debug)]
+struct ReplicaAt {
+    host: Option<std::net::IpAddr>,
+    port: u16,
+}
+
+impl std::str::FromStr for ReplicaAt {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim();
+        if let Ok(port) = s.parse::<u16>() {
+            return Ok(Self { host: None, port });
+        }
+        let a: SocketAddr = s
+            .parse()
+            .map_err(|_| format!("{s:?}: a base port, or HOST:PORT with HOST an IP address"))?;
+        Ok(Self {
+            host: Some(a.ip()),
+            port: a.port(),
+        })
+    }
+}
+
 #[derive(Subcommand)]
 enum RoleCmd {
     /// Every role in one process, on one database, each on its own port with its own identity.
@@ -126,12 +152,13 @@ enum RoleCmd {
         /// when the PKI directory holds `sho2.pem`, on its own database beside `--db`).
         #[arg(long, env = "MCIM_SHO2_PLMN", default_value = "00103")]
         sho2_plmn: String,
-        /// The base ports of every replica of this process on `--host` (this one's included),
-        /// all on one PostgreSQL `--db`: the addresses the roles give each other (the SHO's to
-        /// the RO, the DPF's to the SHO) and call each other at list them all, so that work a
-        /// replica began goes on when it dies.
+        /// The base ports of every replica of this process (this one's included), all on one
+        /// PostgreSQL `--db`: `PORT` on `--host`, or `HOST:PORT` (`[V6]:PORT`) for a replica on
+        /// another host. The addresses the roles give each other (the SHO's to the RO, the
+        /// DPF's to the SHO) and call each other at list them all, so that work a replica began
+        /// goes on when it dies.
         #[arg(long, env = "MCIM_REPLICA_BASE_PORTS", value_delimiter = ',')]
-        replica_base_ports: Vec<u16>,
+        replica_base_ports: Vec<ReplicaAt>,
     },
     /// The equipment supplier (certifies devices' attestation and TLS keys). It keeps no
     /// database, so it takes no `--db`.
@@ -447,12 +474,23 @@ async fn serve(
             let port = |i: u16| base_port.saturating_add(i);
             let addr = |i: u16| SocketAddr::new(host, port(i));
             // The role at offset i: this process's, or every replica's.
-            let mut bases = vec![base_port];
-            bases.extend(replica_base_ports.iter().filter(|p| **p != base_port));
+            let me = SocketAddr::new(host, base_port);
+            let mut bases = vec![me];
+            bases.extend(
+                replica_base_ports
+                    .iter()
+                    .map(|r| SocketAddr::new(r.host.unwrap_or(host), r.port))
+                    .filter(|a| *a != me),
+            );
             let url = |i: u16| {
                 bases
                     .iter()
-                    .map(|b| format!("https://{}", SocketAddr::new(host, b.saturating_add(i))))
+                    .map(|b| {
+                        format!(
+                            "https://{}",
+                            SocketAddr::new(b.ip(), b.port().saturating_add(i))
+                        )
+                    })
                     .collect::<Vec<_>>()
                     .join(",")
             };

@@ -39,16 +39,15 @@ impl Sho {
             .map_err(as_state)?;
         let (k, opc, wrapped) =
             crate::supplier::fresh_wrapped(target, &sub.storage_public).map_err(as_state)?;
-        // No package was stored, so no earlier K ever left: replace whatever a crash left. Never
-        // the K of an MCIM a device holds and uses (another registration's, provisioned).
+        // No package was stored, so no earlier K ever left: whatever a crash left is replaced
+        // below. Never the K of an MCIM a device holds and uses (another registration's,
+        // provisioned).
         if self.imsi_live(&sub.imsi).await? {
             return Err(RoleError::conflict(format!(
                 "IMSI {} is provisioned on the device already: its K stays",
                 sub.imsi
             )));
         }
-        self.auc.forget(&sub.imsi).await?;
-        self.auc.provision(&sub.imsi, &k[..], &opc[..]).await?;
         let (mcc, mnc) = self.cfg.plmn.split_at(3);
         let payload = McimPackagePayload {
             domain: package::DOMAIN.into(),
@@ -76,19 +75,29 @@ impl Sho {
         };
         let signed = package::seal(&self.key, &payload, &self.cert)
             .map_err(|e| RoleError::internal(e.to_string()))?;
-        sqlx::query("UPDATE sho_registration SET package = $1 WHERE id = $2 AND package IS NULL")
-            .bind(&signed)
-            .bind(id)
-            .execute(&self.db)
-            .await
-            .map_err(db_err)?;
-        // Whatever is stored now is the one package of this registration.
+        // The AuC's K and the package's are one: both written in one transaction, and only by
+        // the first builder. Another process following this registration too (a replica that
+        // took it over, 5.1.3.6.2 step 11 running twice) finds the package stored and keeps it.
+        let mut tx = crate::store::begin_write(&self.db).await?;
         let (stored,): (Option<Vec<u8>>,) =
             sqlx::query_as("SELECT package FROM sho_registration WHERE id = $1")
                 .bind(id)
-                .fetch_one(&self.db)
+                .fetch_one(&mut *tx)
                 .await
                 .map_err(db_err)?;
-        stored.ok_or_else(|| RoleError::internal("package not stored"))
+        if let Some(stored) = stored {
+            return Ok(stored);
+        }
+        self.auc
+            .replace_in(&mut tx, &sub.imsi, &k[..], &opc[..])
+            .await?;
+        sqlx::query("UPDATE sho_registration SET package = $1 WHERE id = $2")
+            .bind(&signed)
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        tx.commit().await.map_err(db_err)?;
+        Ok(signed)
     }
 }

@@ -225,12 +225,18 @@ impl Sho {
         Ok(())
     }
 
-    /// Moves a registration to `st`, saying why.
+    /// Ends a registration still in steps 8-11 in `st`, saying why. A registration past them
+    /// (authorised, provisioned, failed at the device) keeps its outcome: a second follower
+    /// (a replica that took it over while the first still ran) failing late changes nothing.
     pub(super) async fn set_state(&self, id: &str, st: St, detail: &str) -> Result<(), RoleError> {
-        sqlx::query("UPDATE sho_registration SET state = $1, detail = $2 WHERE id = $3")
-            .bind(st as i64)
-            .bind(detail)
-            .bind(id)
+        sqlx::query(
+            "UPDATE sho_registration SET state = $1, detail = $2 WHERE id = $3 AND state IN ($4, $5)",
+        )
+        .bind(st as i64)
+        .bind(detail)
+        .bind(id)
+        .bind(St::Validating as i64)
+        .bind(St::Registered as i64)
             .execute(&self.db)
             .await
             .map_err(db_err)?;
