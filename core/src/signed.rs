@@ -29,6 +29,23 @@ pub fn sign<T: Serialize>(
     payload: &T,
     cert: Option<&[u8]>,
 ) -> Result<Vec<u8>, SignedError> {
+    sign_with(
+        |m| {
+            let s: Signature = key.sign(m);
+            Ok(s.to_bytes().to_vec())
+        },
+        payload,
+        cert,
+    )
+}
+
+/// [`sign`] with a signer of its own: `signer` returns ES256's r || s (64 octets) over the
+/// message it is given (a key held elsewhere, or a faster implementation).
+pub fn sign_with<T: Serialize>(
+    signer: impl FnOnce(&[u8]) -> Result<Vec<u8>, SignedError>,
+    payload: &T,
+    cert: Option<&[u8]>,
+) -> Result<Vec<u8>, SignedError> {
     let body = serde_json::to_vec(payload).map_err(|e| SignedError::Malformed(e.to_string()))?;
     let mut header = HeaderBuilder::new().algorithm(iana::Algorithm::ES256);
     if let Some(c) = cert {
@@ -37,10 +54,7 @@ pub fn sign<T: Serialize>(
     CoseSign1Builder::new()
         .protected(header.build())
         .payload(body)
-        .create_signature(&[], |m| {
-            let s: Signature = key.sign(m);
-            s.to_bytes().to_vec()
-        })
+        .try_create_signature(&[], signer)?
         .build()
         .to_vec()
         .map_err(|e| SignedError::Malformed(e.to_string()))

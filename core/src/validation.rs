@@ -61,6 +61,14 @@ pub fn sign(key: &SigningKey, r: &ValidationResult) -> Result<Vec<u8>, Validatio
     Ok(signed::sign(key, r, None)?)
 }
 
+/// [`sign`] with a signer of its own (r || s over the message it is given).
+pub fn sign_with(
+    signer: impl FnOnce(&[u8]) -> Result<Vec<u8>, signed::SignedError>,
+    r: &ValidationResult,
+) -> Result<Vec<u8>, ValidationError> {
+    Ok(signed::sign_with(signer, r, None)?)
+}
+
 /// Verifies a result with the PVA's key and checks it is positive, for `pcid`, and not
 /// expired at `now` (seconds since the epoch).
 pub fn verify(

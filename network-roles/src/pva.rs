@@ -17,7 +17,6 @@ use mcim_core::tpm::attest::{ClockInfo, TpmQuote, verify_quote_with_key};
 use mcim_proto::mcim::common::v1 as common;
 use mcim_proto::mcim::pva::v1 as pb;
 use mcim_proto::mcim::pva::v1::pva_service_server::PvaService;
-use p256::ecdsa::SigningKey;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 use tonic::{Request, Response, Status};
@@ -51,7 +50,9 @@ struct Validation {
 /// The PVA's service.
 pub struct Pva {
     pki: PathBuf,
-    key: SigningKey,
+    /// The PVA's key (`pva.key`) as ring holds it: results are signed on the hot path.
+    key: Box<ring::signature::EcdsaKeyPair>,
+    rng: ring::rand::SystemRandom,
     db: Db,
     /// Validations decided (wakes GetValidationResult long polls).
     decided: Changes,
@@ -81,10 +82,25 @@ impl Pva {
     /// A PVA that signs results with its role key in `pki` (`pva.key`).
     pub fn new(pki: PathBuf, db: Db) -> Result<Self, mcim_pki::PkiError> {
         let key = mcim_pki::dev::signing_key(&pki, "pva")?;
+        let unusable = |e: String| mcim_pki::PkiError::File {
+            path: pki.join("pva.key"),
+            detail: e,
+        };
+        let pkcs8 = p256::pkcs8::EncodePrivateKey::to_pkcs8_der(&key)
+            .map_err(|e| unusable(e.to_string()))?;
+        let rng = ring::rand::SystemRandom::new();
+        let key = ring::signature::EcdsaKeyPair::from_pkcs8(
+            &ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+            pkcs8.as_bytes(),
+            &rng,
+        )
+        .map(Box::new)
+        .map_err(|e| unusable(e.to_string()))?;
         let decided = Changes::new(&db, "pva_decided");
         Ok(Self {
             pki,
             key,
+            rng,
             db,
             decided,
         })
@@ -140,6 +156,39 @@ impl Pva {
                 }),
             }),
         })
+    }
+
+    /// The whole check of one piece of evidence, without the database (what SubmitEvidence
+    /// does between reading the validation and recording the verdict; the PVA benchmark
+    /// measures it): the platform credential's chain to the supplier root (read from the PKI
+    /// directory, as each SubmitEvidence does), the evidence against `nonce` and the model's
+    /// reference PCRs (SHA-256 values, hex), and the signed result. `Err(reason)`: untrusted.
+    /// The device clock's monotonicity, which needs the database, is not checked.
+    pub fn validate_offline(
+        &self,
+        validation_id: &str,
+        pcid: &str,
+        nonce: [u8; 32],
+        ev: &common::Evidence,
+        reference_pcrs: &[(u32, String)],
+    ) -> Result<common::SignedValidationResult, String> {
+        let v = Validation {
+            pcid: pcid.to_string(),
+            requested_by: String::new(),
+            nonce,
+            verdict: pb::Verdict::Pending,
+            reason: String::new(),
+            result: None,
+        };
+        let reference = Reference {
+            pcrs: reference_pcrs.to_vec(),
+            allow_pkcs11: false,
+            pkcs11_measurement: String::new(),
+        };
+        let cred = mcim_pki::dev::verify_platform_credential(&self.pki, &ev.platform_credential);
+        self.judge(&v, cred, Some(&reference), ev)?;
+        self.sign_result(validation_id, &v, ev.aka_execution())
+            .map_err(|e| e.to_string())
     }
 
     /// Judges evidence; `Err(reason)` means untrusted. A quote's clock comes back for the
@@ -258,8 +307,16 @@ impl Pva {
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0);
-        let cose = mcim_core::validation::sign(
-            &self.key,
+        let sign = |m: &[u8]| {
+            self.key
+                .sign(&self.rng, m)
+                .map(|s| s.as_ref().to_vec())
+                .map_err(|_| {
+                    mcim_core::signed::SignedError::Malformed("ECDSA signing failed".into())
+                })
+        };
+        let cose = mcim_core::validation::sign_with(
+            sign,
             &mcim_core::validation::ValidationResult {
                 validation_id: id.to_string(),
                 pcid: v.pcid.clone(),

@@ -9,12 +9,10 @@
 //! reported PCR values hash to the quoted digest. What the PCR values should be is policy, and
 //! belongs to the caller (the PVA's reference values).
 
-use p256::ecdsa::signature::hazmat::PrehashVerifier;
-use p256::ecdsa::{Signature, VerifyingKey};
+use p256::ecdsa::Signature;
 use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq;
 
-use super::kdf::sha256;
 use super::policy::{PcrSelection, pcr_digest};
 use super::public::{EccPublic, attrs};
 use super::wire::Reader;
@@ -112,10 +110,15 @@ pub fn verify_quote_with_key(
     quote: &TpmQuote,
     nonce: &[u8],
 ) -> Result<VerifiedQuote, QuoteError> {
-    let key = VerifyingKey::from(*ak);
+    // ring's P-256 (what rustls verifies TLS with): the PVA's hot path, ~3x the p256 crate.
     let signature = parse_ecdsa_signature(&quote.signature)?;
-    key.verify_prehash(&sha256(&[&quote.attest]), &signature)
-        .map_err(|_| QuoteError::BadSignature)?;
+    let point = p256::elliptic_curve::sec1::ToSec1Point::to_sec1_point(ak, false);
+    ring::signature::UnparsedPublicKey::new(
+        &ring::signature::ECDSA_P256_SHA256_FIXED,
+        point.as_bytes(),
+    )
+    .verify(&quote.attest, &signature.to_bytes())
+    .map_err(|_| QuoteError::BadSignature)?;
 
     let QuoteInfo {
         extra_data,
