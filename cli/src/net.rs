@@ -39,6 +39,12 @@ pub fn role_url(s: &str) -> Result<String, String> {
 /// One role address or several, comma-separated (a role's replicas, spread and failed over by
 /// `mcim_telemetry::channel`), each as [`role_url`] checks it.
 pub fn role_urls(s: &str) -> Result<String, String> {
+    if s.split(',').count() > mcim_telemetry::channel::MAX_ADDRESSES {
+        return Err(format!(
+            "at most {} addresses for one role",
+            mcim_telemetry::channel::MAX_ADDRESSES
+        ));
+    }
     for u in s.split(',') {
         role_url(u.trim())?;
     }

@@ -464,6 +464,22 @@ async fn serve(
             sho2_plmn,
             replica_base_ports,
         } => {
+            // Six ports from each base (the second SHO's last): none may wrap or be port 0.
+            for p in std::iter::once(base_port).chain(replica_base_ports.iter().map(|r| r.port)) {
+                if p == 0 || p > u16::MAX - 5 {
+                    return Err(format!(
+                        "base port {p}: the roles listen on it and the five ports after it \
+                         (1 to {})",
+                        u16::MAX - 5
+                    ));
+                }
+            }
+            if replica_base_ports.len() > mcim_telemetry::channel::MAX_ADDRESSES {
+                return Err(format!(
+                    "--replica-base-ports: at most {} replicas",
+                    mcim_telemetry::channel::MAX_ADDRESSES
+                ));
+            }
             let pki = common.pki;
             // Both databases' URLs are checked before either is opened.
             let sho2_db = second_sho_db(&common.db);

@@ -81,6 +81,7 @@ const MIGRATIONS: &[(&str, &str)] = &[
     ("0010_renewal.sql", "renewal of initial credentials"),
     ("0011_made.sql", "registration order"),
     ("0012_follow.sql", "registration followers"),
+    ("0013_indexes.sql", "indexes"),
 ];
 
 /// The migrations' SQL for an engine, in order.
@@ -100,6 +101,7 @@ fn sql(engine: Engine) -> [&'static str; MIGRATIONS.len()] {
                 include_str!(concat!("../migrations/", $dir, "/0010_renewal.sql")),
                 include_str!(concat!("../migrations/", $dir, "/0011_made.sql")),
                 include_str!(concat!("../migrations/", $dir, "/0012_follow.sql")),
+                include_str!(concat!("../migrations/", $dir, "/0013_indexes.sql")),
             ]
         };
     }

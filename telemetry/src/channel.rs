@@ -15,7 +15,11 @@ use tonic::transport::Endpoint;
 
 use crate::Channel;
 
-/// The `host:port` of each `https://` address in `urls` (comma-separated), in order.
+/// The most addresses one role may be given (a channel tries them in turn when connecting).
+pub const MAX_ADDRESSES: usize = 64;
+
+/// The `host:port` of each `https://` address in `urls` (comma-separated), in order; at most
+/// [`MAX_ADDRESSES`].
 pub fn authorities(urls: &str) -> Result<Vec<String>, String> {
     let list: Vec<String> = urls
         .split(',')
@@ -34,6 +38,12 @@ pub fn authorities(urls: &str) -> Result<Vec<String>, String> {
         .collect::<Result<_, _>>()?;
     if list.is_empty() {
         return Err("no address given".into());
+    }
+    if list.len() > MAX_ADDRESSES {
+        return Err(format!(
+            "{} addresses: at most {MAX_ADDRESSES} for one role",
+            list.len()
+        ));
     }
     Ok(list)
 }

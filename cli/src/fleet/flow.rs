@@ -38,12 +38,16 @@ pub struct Failure {
     pub reason: String,
     /// The whole message of the first one.
     pub detail: String,
+    /// The roles kept answering "not now" (or not at all) for the whole retry time: the
+    /// fleet stops starting devices.
+    pub gave_up: bool,
 }
 
 fn failure(step: &str, s: &Status) -> Failure {
     Failure {
         reason: format!("{step}: {:?}", s.code()),
         detail: s.message().to_string(),
+        gave_up: mcim_telemetry::retry::transient(s),
     }
 }
 
@@ -51,6 +55,7 @@ fn refused(step: &str, why: impl Into<String>) -> Failure {
     Failure {
         reason: format!("{step}: refused by the device"),
         detail: why.into(),
+        gave_up: false,
     }
 }
 
@@ -375,6 +380,7 @@ pub async fn provision(
                                 return Err(Failure {
                                     reason: "step 9: the PVA refused the device".into(),
                                     detail: v.reason,
+                                    gave_up: false,
                                 });
                             }
                         }
@@ -446,6 +452,7 @@ pub async fn provision(
                     return Err(Failure {
                         reason: "step 10: the SHO refused the device".into(),
                         detail: t.reason,
+                        gave_up: false,
                     });
                 }
                 _ => {}

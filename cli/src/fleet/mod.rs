@@ -64,7 +64,7 @@ pub struct RunArgs {
     db: Option<String>,
     /// The embedded roles' `--max-concurrent-calls` (device calls served at once per role;
     /// beyond them a role answers RESOURCE_EXHAUSTED with a retry hint).
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     roles_max_concurrent_calls: Option<u32>,
     /// Running roles instead of embedded ones: the supplier's address (`https://host:port`,
     /// or several comma-separated for replicas, as every `--*-url` here).
@@ -182,20 +182,21 @@ fn roles(a: &RunArgs, dir: &Path) -> Result<RolesAt, CliError> {
     let db =
         a.db.clone()
             .unwrap_or_else(|| format!("sqlite://{}", dir.join("roles.db").display()));
-    let (proc, base) = start_on_free_ports(5, "mcim-roles", |base| {
-        let mut c = Command::new(sibling("mcim-roles"));
-        c.args(["all", "--pki"])
-            .arg(&pki)
-            // In the environment: a URL's password stays out of ps.
-            .env("MCIM_DB", &db)
-            .args(["--base-port", &base.to_string()])
-            .args(["--pcid-plmn", &a.pcid_plmn])
-            .env("MCIM_LOG", "warn");
-        if let Some(n) = a.roles_max_concurrent_calls {
-            c.args(["--max-concurrent-calls", &n.to_string()]);
-        }
-        spawn(&mut c, "mcim-roles", &dir.join("roles.log"))
-    })?;
+    let (proc, base) =
+        start_on_free_ports(5, "mcim-roles", Some(&dir.join("roles.log")), |base| {
+            let mut c = Command::new(sibling("mcim-roles"));
+            c.args(["all", "--pki"])
+                .arg(&pki)
+                // In the environment: a URL's password stays out of ps.
+                .env("MCIM_DB", &db)
+                .args(["--base-port", &base.to_string()])
+                .args(["--pcid-plmn", &a.pcid_plmn])
+                .env("MCIM_LOG", "warn");
+            if let Some(n) = a.roles_max_concurrent_calls {
+                c.args(["--max-concurrent-calls", &n.to_string()]);
+            }
+            spawn(&mut c, "mcim-roles", &dir.join("roles.log"))
+        })?;
     let pid = proc.0.as_ref().map(std::process::Child::id).unwrap_or(0);
     let url = |i: u16| format!("https://127.0.0.1:{}", base + i);
     let net = network(&pki, [url(0), url(1), url(2), url(3), url(4)])?;
@@ -297,8 +298,11 @@ where
     let mut set = tokio::task::JoinSet::new();
     let mut out = Vec::with_capacity(items.len());
     let mut items = items.into_iter();
+    // A device that gave up on unreachable roles (two minutes of retries) stops the fleet:
+    // the devices not started yet are counted as not provisioned, for that reason.
+    let mut stopped = false;
     loop {
-        while (set.len() as u64) < concurrency {
+        while !stopped && (set.len() as u64) < concurrency {
             match items.next() {
                 Some(d) => {
                     set.spawn(job(d));
@@ -309,6 +313,23 @@ where
         match set.join_next().await {
             Some(Ok(done)) => {
                 bar.inc(1);
+                if done.failure.as_ref().is_some_and(|f| f.gave_up) && !stopped {
+                    stopped = true;
+                    for _ in items.by_ref() {
+                        out.push(Done {
+                            latency: None,
+                            failure: Some(Failure {
+                                reason: "not started: the roles stopped answering".into(),
+                                detail: "another device gave up after two minutes of retries"
+                                    .into(),
+                                gave_up: false,
+                            }),
+                            retries: 0,
+                            device: None,
+                        });
+                        bar.inc(1);
+                    }
+                }
                 out.push(done);
             }
             Some(Err(e)) => {
@@ -318,6 +339,7 @@ where
                     failure: Some(Failure {
                         reason: "simulator: a device's task ended".into(),
                         detail: e.to_string(),
+                        gave_up: false,
                     }),
                     retries: 0,
                     device: None,

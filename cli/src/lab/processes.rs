@@ -48,6 +48,7 @@ impl Proc {
             let _ = Command::new("kill")
                 .arg("-TERM")
                 .arg(c.id().to_string())
+                .stderr(Stdio::null())
                 .status();
             let deadline = Instant::now() + Duration::from_secs(15);
             while Instant::now() < deadline {
@@ -96,6 +97,7 @@ pub(crate) fn free_ports(n: u16) -> Result<u16, CliError> {
 pub(crate) fn start_on_free_ports(
     n: u16,
     what: &str,
+    log: Option<&Path>,
     mut start: impl FnMut(u16) -> Result<Proc, CliError>,
 ) -> Result<(Proc, u16), CliError> {
     for _attempt in 0..5 {
@@ -107,7 +109,18 @@ pub(crate) fn start_on_free_ports(
                 return Ok((p, base));
             }
             if p.exited() {
-                break;
+                // Another process took a port: try others. With its log at hand (a program
+                // that says so when a port is taken), anything else is the error.
+                let Some(log) = log else { break };
+                let said = std::fs::read_to_string(log).unwrap_or_default();
+                if said.to_lowercase().contains("in use") {
+                    break;
+                }
+                let last: Vec<&str> = said.lines().filter(|l| !l.trim().is_empty()).collect();
+                return Err(fail(format!(
+                    "{what} stopped at start: {}",
+                    last[last.len().saturating_sub(3)..].join(" / ")
+                )));
             }
             if Instant::now() > deadline {
                 return Err(fail(format!("{what} did not start")));

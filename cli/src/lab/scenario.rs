@@ -271,9 +271,12 @@ pub(super) fn lab_inner(
     mcim_pki::dev::init(&pki, &mcim_pki::dev::LAB_PARTIES).map_err(fail)?;
 
     // The network: every role in one process, the binary operators deploy.
-    let (roles_proc, base) = start_on_free_ports(ROLE_PORTS, "mcim-roles", |base| {
-        start_roles_at(&pki, dir, &roles_db(a, dir), base, "roles.log")
-    })?;
+    let (roles_proc, base) = start_on_free_ports(
+        ROLE_PORTS,
+        "mcim-roles",
+        Some(&dir.join("roles.log")),
+        |base| start_roles_at(&pki, dir, &roles_db(a, dir), base, "roles.log"),
+    )?;
     let (sup_p, ro_p, vno_p, sho_p, pva_p, sho2_p) =
         (base, base + 1, base + 2, base + 3, base + 4, base + 5);
     say.line(&format!(
@@ -296,7 +299,7 @@ pub(super) fn lab_inner(
     let pcscd_dir = dir.join("pcscd");
     let _pcscd = match a.usim {
         Some(super::UsimChoice::Pcsc) => {
-            let (p, port) = start_on_free_ports(2, "pcscd with vpcd", |port| {
+            let (p, port) = start_on_free_ports(2, "pcscd with vpcd", None, |port| {
                 spawn(
                     &mut super::pcsc::pcscd(&pcscd_dir, port)?,
                     "pcscd (unshare)",

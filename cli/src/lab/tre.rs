@@ -21,7 +21,7 @@ pub(super) fn start(
         TreChoice::Tpm => {
             let tpm_dir = dir.join("tpm");
             std::fs::create_dir_all(&tpm_dir).map_err(fail)?;
-            let (proc, port) = start_on_free_ports(2, "swtpm", |port| {
+            let (proc, port) = start_on_free_ports(2, "swtpm", None, |port| {
                 spawn(
                     Command::new("swtpm")
                         .args(["socket", "--tpm2", "--tpmstate"])

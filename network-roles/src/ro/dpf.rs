@@ -355,14 +355,31 @@ impl DpfService for Dpf {
         // Recorded first: the SHO, told next, registers at the DRF as the device's SHO
         // (5.1.3.7.4.2 step 14), which the DRF allows for an installed registration. A retry
         // reports again (the SHO is idempotent).
-        sqlx::query("UPDATE ro_registration SET state = $1, detail = $2, mcim_id = $3 WHERE id = $4")
-            .bind(state)
-            .bind(&r.detail)
-            .bind(&r.mcim_id)
-            .bind(&reg.id)
-            .execute(&self.0.db)
-            .await
-            .map_err(db_err)?;
+        // Forward only (from authorised, or the same outcome again): an installed MCIM is never
+        // turned into a failure by a later report, nor the reverse.
+        let detail: String = r
+            .detail
+            .chars()
+            .take(crate::sho::MAX_REPORT_DETAIL)
+            .collect();
+        let done = sqlx::query(
+            "UPDATE ro_registration SET state = $1, detail = $2, mcim_id = $3 WHERE id = $4 \
+             AND state NOT IN ('installed', 'failed') OR (id = $5 AND state = $6)",
+        )
+        .bind(state)
+        .bind(&detail)
+        .bind(&r.mcim_id)
+        .bind(&reg.id)
+        .bind(&reg.id)
+        .bind(state)
+        .execute(&self.0.db)
+        .await
+        .map_err(db_err)?;
+        if done.rows_affected() != 1 {
+            return Err(RoleError::conflict(
+                "this registration's outcome was reported already",
+            ));
+        }
         // Step 14 (5.1.3.6.2) / 13 (5.1.3.7.4.2): the SHO hears it.
         self.0
             .sho(&sho_url)
@@ -370,7 +387,7 @@ impl DpfService for Dpf {
             .report_provisioning_status(sho::ReportProvisioningStatusRequest {
                 registration_id: reg.id.clone(),
                 status: st as i32,
-                detail: r.detail.clone(),
+                detail,
             })
             .await
             .map_err(RoleError::peer(Role::Sho))?;

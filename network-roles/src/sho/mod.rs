@@ -23,6 +23,7 @@ mod registrations;
 mod subscriptions;
 
 pub use api::ShoApi;
+pub use registrations::MAX_REPORT_DETAIL;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -217,6 +218,84 @@ mod tests {
             party: "sho".into(),
         };
         Sho::new(pki.to_path_buf(), db, cfg).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Step 14's report moves a registration forward only: from authorised (or in flight with
+    /// its package built) to an outcome, or the same outcome again; never provisioned to
+    /// failed or back (a late or forged report would cut a working MCIM off its vectors), and
+    /// never for a registration whose package was not built. The detail is cut to 1 KiB.
+    #[tokio::test]
+    async fn a_report_moves_a_registration_forward_only() {
+        for url in crate::store::test_urls() {
+            let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+            mcim_pki::dev::init(dir.path(), &mcim_pki::dev::LAB_PARTIES)
+                .unwrap_or_else(|e| panic!("{e}"));
+            let db = crate::store::open(&url)
+                .await
+                .unwrap_or_else(|e| panic!("{url}: {e}"));
+            let s = sho(dir.path(), db.clone());
+            for (id, state, package) in [
+                ("authorized", St::Authorized, Some(vec![1u8])),
+                ("building", St::Validating, Some(vec![1u8])),
+                ("unbuilt", St::Validating, None),
+                ("provisioned", St::Provisioned, Some(vec![1u8])),
+            ] {
+                sqlx::query(
+                    "INSERT INTO sho_registration (id, pcid, nonce, dpf_url, validation_id, \
+                     validation_nonce, state, package) VALUES ($1, 'p', $2, 'https://x', 'v', $2, $3, $4)",
+                )
+                .bind(id)
+                .bind(vec![0u8; 4])
+                .bind(state as i64)
+                .bind(package)
+                .execute(&db)
+                .await
+                .unwrap_or_else(|e| panic!("{url}: {e}"));
+            }
+            let state = |id: &'static str| {
+                let db = db.clone();
+                async move {
+                    let (st, detail): (i64, String) =
+                        sqlx::query_as("SELECT state, detail FROM sho_registration WHERE id = $1")
+                            .bind(id)
+                            .fetch_one(&db)
+                            .await
+                            .unwrap_or_else(|e| panic!("{e}"));
+                    (st, detail.len())
+                }
+            };
+            let long = "x".repeat(5000);
+            assert!(
+                s.report("authorized", St::Provisioned, &long).await.is_ok(),
+                "{url}"
+            );
+            assert_eq!(
+                state("authorized").await,
+                (St::Provisioned as i64, 1024),
+                "{url}"
+            );
+            assert!(
+                s.report("building", St::Provisioned, "").await.is_ok(),
+                "{url}"
+            );
+            assert!(
+                s.report("provisioned", St::Provisioned, "").await.is_ok(),
+                "{url}: again"
+            );
+            for (id, st) in [
+                ("provisioned", St::Failed),
+                ("authorized", St::Failed),
+                ("unbuilt", St::Provisioned),
+                ("unbuilt", St::Failed),
+            ] {
+                let before = state(id).await;
+                assert!(
+                    s.report(id, st, "late").await.is_err(),
+                    "{url}: {id} {st:?}"
+                );
+                assert_eq!(state(id).await, before, "{url}: {id} unchanged");
+            }
+        }
     }
 
     /// Two SHO processes on one database (two instances here): a registration in flight has

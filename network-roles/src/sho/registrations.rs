@@ -185,16 +185,19 @@ impl Sho {
     /// the device reported, before the SHO recorded the DPF's answer (the follower's
     /// [`Sho::authorized`] then leaves the report's outcome alone).
     pub(super) async fn report(&self, id: &str, st: St, detail: &str) -> Result<(), RoleError> {
+        // Forward only: from authorised to the outcome, or the same outcome again. A provisioned
+        // registration never becomes failed (nor the reverse) by a late or forged report: the
+        // device's MCIM would lose its vectors.
+        let detail: String = detail.chars().take(MAX_REPORT_DETAIL).collect();
         let done = sqlx::query(
             "UPDATE sho_registration SET state = $1, detail = $2 WHERE id = $3 \
-             AND (state IN ($4, $5, $6) OR (state IN ($7, $8) AND package IS NOT NULL))",
+             AND (state IN ($4, $5) OR (state IN ($6, $7) AND package IS NOT NULL))",
         )
         .bind(st as i64)
-        .bind(detail)
+        .bind(&detail)
         .bind(id)
+        .bind(st as i64)
         .bind(St::Authorized as i64)
-        .bind(St::Provisioned as i64)
-        .bind(St::Failed as i64)
         .bind(St::Validating as i64)
         .bind(St::Registered as i64)
         .execute(&self.db)
@@ -202,7 +205,7 @@ impl Sho {
         .map_err(db_err)?;
         if done.rows_affected() != 1 {
             return Err(RoleError::conflict(
-                "no authorised registration with this id",
+                "no authorised registration with this id (or its outcome was reported already)",
             ));
         }
         tracing::info!(registration = %id, state = ?st, "provisioning result");
@@ -243,3 +246,6 @@ impl Sho {
         Ok(())
     }
 }
+
+/// The longest reason a provisioning report keeps (characters; the rest is cut).
+pub const MAX_REPORT_DETAIL: usize = 1024;
