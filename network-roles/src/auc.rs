@@ -47,6 +47,22 @@ impl Auc {
         }
     }
 
+    /// A new subscriber row's values: K and OPc (16 octets each) sealed under the data key, and
+    /// SEQ_HE from zero.
+    fn new_row(&self, k: &[u8], opc: &[u8]) -> Result<(Vec<u8>, Vec<u8>, String), RoleError> {
+        if k.len() != 16 || opc.len() != 16 {
+            return Err(RoleError::invalid("K and OPc are 16 octets each"));
+        }
+        let seal = |s: &[u8]| {
+            self.key
+                .seal(s)
+                .map_err(|e| RoleError::internal(e.to_string()))
+        };
+        let sqn = serde_json::to_string(&HeSqnState::default())
+            .map_err(|e| RoleError::internal(e.to_string()))?;
+        Ok((seal(k)?, seal(opc)?, sqn))
+    }
+
     /// Replaces whatever is kept for `id` with a new K and OPc (SEQ_HE from zero), inside the
     /// caller's transaction: a credential that never left this role (the SHO's package for it
     /// is stored in the same transaction, so the K in the package and the AuC's are one).
@@ -57,17 +73,7 @@ impl Auc {
         k: &[u8],
         opc: &[u8],
     ) -> Result<(), RoleError> {
-        if k.len() != 16 || opc.len() != 16 {
-            return Err(RoleError::invalid("K and OPc are 16 octets each"));
-        }
-        let seal = |s: &[u8]| {
-            self.key
-                .seal(s)
-                .map_err(|e| RoleError::internal(e.to_string()))
-        };
-        let (wk, wopc) = (seal(k)?, seal(opc)?);
-        let sqn = serde_json::to_string(&HeSqnState::default())
-            .map_err(|e| RoleError::internal(e.to_string()))?;
+        let (wk, wopc, sqn) = self.new_row(k, opc)?;
         sqlx::query("DELETE FROM auc_subscriber WHERE owner = $1 AND id = $2")
             .bind(self.owner)
             .bind(id)
@@ -96,17 +102,7 @@ impl Auc {
         k: &[u8],
         opc: &[u8],
     ) -> Result<Provisioned, RoleError> {
-        if k.len() != 16 || opc.len() != 16 {
-            return Err(RoleError::invalid("K and OPc are 16 octets each"));
-        }
-        let seal = |s: &[u8]| {
-            self.key
-                .seal(s)
-                .map_err(|e| RoleError::internal(e.to_string()))
-        };
-        let (wk, wopc) = (seal(k)?, seal(opc)?);
-        let sqn = serde_json::to_string(&HeSqnState::default())
-            .map_err(|e| RoleError::internal(e.to_string()))?;
+        let (wk, wopc, sqn) = self.new_row(k, opc)?;
         let done = sqlx::query(
             "INSERT INTO auc_subscriber (owner, id, k, opc, sqn) VALUES ($1, $2, $3, $4, $5) \
              ON CONFLICT(owner, id) DO NOTHING",
