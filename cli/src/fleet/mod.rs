@@ -30,7 +30,7 @@ use mcim_proto::mcim::pva::v1::pva_service_client::PvaServiceClient;
 use serde_json::json;
 
 use crate::error::{CliError, fail};
-use crate::lab::processes::{Proc, sibling, spawn, start_on_free_ports, tempdir};
+use crate::lab::processes::{Proc, sibling, spawn, start_on_free_ports, working_dir};
 
 mod device;
 mod flow;
@@ -116,17 +116,7 @@ pub fn run(cmd: FleetCommand) -> Result<(), CliError> {
             a.pcid_plmn.len()
         )));
     }
-    let tmp;
-    let dir: PathBuf = match &a.dir {
-        Some(d) => {
-            std::fs::create_dir_all(d).map_err(fail)?;
-            d.clone()
-        }
-        None => {
-            tmp = tempdir()?;
-            tmp.0.clone()
-        }
-    };
+    let (dir, _tmp) = working_dir(a.dir.as_deref(), false)?;
     let (net, pki, roles) = roles(&a, &dir)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

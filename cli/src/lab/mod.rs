@@ -45,7 +45,7 @@ mod report;
 mod scenario;
 mod tre;
 
-use processes::{Proc, restart_tred, sibling, spawn, start_on_free_ports, tempdir, wait_until};
+use processes::{Proc, restart_tred, sibling, spawn, start_on_free_ports, wait_until};
 use report::{Say, lab};
 use scenario::lab_inner;
 
@@ -218,23 +218,7 @@ pub fn run(cmd: LabCommand) -> Result<(), CliError> {
         LabCommand::Run(a) => a,
         LabCommand::Pcscd { dir, port } => return pcsc::exec(&dir, port),
     };
-    let tmp;
-    let dir: PathBuf = match &a.dir {
-        Some(d) => {
-            std::fs::create_dir_all(d).map_err(fail)?;
-            d.clone()
-        }
-        None => {
-            tmp = tempdir()?;
-            if a.keep {
-                let p = tmp.0.clone();
-                std::mem::forget(tmp);
-                p
-            } else {
-                tmp.0.clone()
-            }
-        }
-    };
+    let (dir, _tmp) = processes::working_dir(a.dir.as_deref(), a.keep)?;
     let say = Say(a.json);
     let outcome = lab(&a, &dir, &say);
     if a.keep || a.dir.is_some() {

@@ -192,6 +192,25 @@ impl Drop for TempDir {
     }
 }
 
+/// The working directory of a lab or fleet run: `dir` (created if missing), else a fresh
+/// temporary one, removed when the returned guard drops unless `keep`.
+pub(crate) fn working_dir(
+    dir: Option<&Path>,
+    keep: bool,
+) -> Result<(PathBuf, Option<TempDir>), CliError> {
+    if let Some(d) = dir {
+        std::fs::create_dir_all(d).map_err(fail)?;
+        return Ok((d.to_path_buf(), None));
+    }
+    let tmp = tempdir()?;
+    let p = tmp.0.clone();
+    if keep {
+        std::mem::forget(tmp);
+        return Ok((p, None));
+    }
+    Ok((p, Some(tmp)))
+}
+
 /// A fresh directory under the system's temporary directory.
 pub(crate) fn tempdir() -> Result<TempDir, CliError> {
     let mut n = [0u8; 8];
