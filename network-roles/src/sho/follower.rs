@@ -161,7 +161,8 @@ impl Sho {
             })
             .await
             .map_err(RoleError::peer(Role::Ro))?;
-        self.authorized(id).await?;
+        // Step 11 done: the DPF holds the package (a report relayed meanwhile stays).
+        self.set_state(id, St::Authorized, "").await?;
         tracing::info!(%pcid, registration = %id, "package handed to the DPF");
         Ok(true)
     }

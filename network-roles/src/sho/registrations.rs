@@ -183,7 +183,7 @@ impl Sho {
     /// (a repeated report of the same outcome is accepted). Authorised means: the SHO built
     /// this registration's package and handed it to the DPF, which may have served it, and
     /// the device reported, before the SHO recorded the DPF's answer (the follower's
-    /// [`Sho::authorized`] then leaves the report's outcome alone).
+    /// [`Sho::set_state`] then leaves the report's outcome alone).
     pub(super) async fn report(&self, id: &str, st: St, detail: &str) -> Result<(), RoleError> {
         // Forward only: from authorised to the outcome, or the same outcome again. A provisioned
         // registration never becomes failed (nor the reverse) by a late or forged report: the
@@ -209,22 +209,6 @@ impl Sho {
             ));
         }
         tracing::info!(registration = %id, state = ?st, "provisioning result");
-        Ok(())
-    }
-
-    /// Step 11 done: the DPF holds the package. Only from the states before it: a report the
-    /// DPF relayed meanwhile (step 14) stays.
-    pub(super) async fn authorized(&self, id: &str) -> Result<(), RoleError> {
-        sqlx::query(
-            "UPDATE sho_registration SET state = $1, detail = '' WHERE id = $2 AND state IN ($3, $4)",
-        )
-        .bind(St::Authorized as i64)
-        .bind(id)
-        .bind(St::Validating as i64)
-        .bind(St::Registered as i64)
-        .execute(&self.db)
-        .await
-        .map_err(db_err)?;
         Ok(())
     }
 
