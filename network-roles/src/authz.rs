@@ -36,6 +36,9 @@ pub enum Owner {
     Sho,
     /// A subscriber's: the contract must be the calling subscriber's.
     Subscriber,
+    /// An RO's: the registration at the SHO must be one the calling RO registered (5.1.3.6.2
+    /// step 7); another RO's certificate under the same CA may not report on it.
+    Ro,
 }
 
 impl Owner {
@@ -47,6 +50,7 @@ impl Owner {
             Owner::Device => Some(Role::Device),
             Owner::Sho => Some(Role::Sho),
             Owner::Subscriber => Some(Role::Subscriber),
+            Owner::Ro => Some(Role::Ro),
         }
     }
 }
@@ -77,7 +81,7 @@ const fn own(method: &'static str) -> Rule {
     rule(method, &[D], Owner::Device)
 }
 
-use Owner::{Nobody, Sho as ShoOwns, Subscriber as SubscriberOwns, TheCaller};
+use Owner::{Nobody, Ro as RoOwns, Sho as ShoOwns, Subscriber as SubscriberOwns, TheCaller};
 
 /// The table (annex x.3; the seed's step for each edge is in the proto comment of the RPC).
 pub const RULES: &[Rule] = &[
@@ -141,15 +145,16 @@ pub const RULES: &[Rule] = &[
     own("/mcim.ro.v1.DpfService/ReportInstruction"),
     rule("/mcim.ro.v1.DpfService/GetInstructionReport", &[S], ShoOwns),
     // VNO: a device attaches with its own PCID (the one its certificate names); an
-    // operational IMSI is not in the certificate, so AKA decides there (and an unanswered
-    // attempt of another device gives way). Completing and detaching are for the device that
-    // attached.
+    // operational IMSI is not in the certificate, so the VNO hands the caller's PCID to the
+    // SHO, which answers only for the device it provisioned the IMSI to (and AKA decides).
+    // Completing and detaching are for the device that attached.
     own("/mcim.vno.v1.VnoService/Attach"),
     own("/mcim.vno.v1.VnoService/CompleteAttach"),
     own("/mcim.vno.v1.VnoService/Detach"),
-    // SHO: subscribers contract; the RO registers devices, reports and relays the filtered
-    // discard acknowledgment; the VNO fetches AVs for the SHO's IMSIs; the device the MCIM
-    // was provisioned to tells its old SHO it discarded it (5.1.3.7.4.2 step 9).
+    // SHO: subscribers contract; the RO registers devices, and reports and relays the
+    // filtered discard acknowledgment on the registrations it made; the VNO fetches AVs for
+    // the SHO's IMSIs (for the device each was provisioned to); the device the MCIM was
+    // provisioned to tells its old SHO it discarded it (5.1.3.7.4.2 step 9).
     rule(
         "/mcim.sho.v1.ShoService/CreateSubscription",
         &[U],
@@ -165,10 +170,10 @@ pub const RULES: &[Rule] = &[
     rule(
         "/mcim.sho.v1.ShoService/ReportProvisioningStatus",
         &[R],
-        Nobody,
+        RoOwns,
     ),
     own("/mcim.sho.v1.ShoService/NotifyDiscard"),
-    rule("/mcim.sho.v1.ShoService/ReceiveDiscardAck", &[R], Nobody),
+    rule("/mcim.sho.v1.ShoService/ReceiveDiscardAck", &[R], RoOwns),
     // The SHO's own operator (its own certificate) instructs devices about its MCIMs.
     rule("/mcim.sho.v1.ShoService/InstructDevice", &[S], ShoOwns),
     rule("/mcim.sho.v1.ShoService/GetInstruction", &[S], ShoOwns),

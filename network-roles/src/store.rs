@@ -82,6 +82,7 @@ const MIGRATIONS: &[(&str, &str)] = &[
     ("0011_made.sql", "registration order"),
     ("0012_follow.sql", "registration followers"),
     ("0013_indexes.sql", "indexes"),
+    ("0014_registering_ro.sql", "the RO of each SHO registration"),
 ];
 
 /// The migrations' SQL for an engine, in order.
@@ -102,6 +103,7 @@ fn sql(engine: Engine) -> [&'static str; MIGRATIONS.len()] {
                 include_str!(concat!("../migrations/", $dir, "/0011_made.sql")),
                 include_str!(concat!("../migrations/", $dir, "/0012_follow.sql")),
                 include_str!(concat!("../migrations/", $dir, "/0013_indexes.sql")),
+                include_str!(concat!("../migrations/", $dir, "/0014_registering_ro.sql")),
             ]
         };
     }

@@ -143,10 +143,12 @@ impl Vno {
             .ok_or_else(|| RoleError::not_found("no roaming agreement for this identity's PLMN"))
     }
 
-    /// One vector from the home of `identity` (steps 2-3), after `resync` if given.
+    /// One vector from the home of `identity` for the device `device` (the caller's PCID),
+    /// (steps 2-3), after `resync` if given.
     async fn vector(
         &self,
         identity: &str,
+        device: &str,
         resync: Option<common::ResyncInfo>,
     ) -> Result<(bool, common::AuthVector), RoleError> {
         let (route, chan) = self.route(identity)?;
@@ -173,6 +175,7 @@ impl Vno {
                         count: 1,
                         resync,
                         serving_network: SERVING_NETWORK.into(),
+                        pcid: device.to_string(),
                     })
                     .await
                     .map_err(RoleError::peer(Role::Sho))?
@@ -201,55 +204,32 @@ impl VnoService for Vno {
         let identity = identity.as_str().to_string();
         // A PCID (routed to an RO's ICF) is the device's own: the one its certificate names
         // (the supplier certified it for that PCID). An operational IMSI is not in the
-        // certificate: AKA decides, and an unanswered attempt of another device gives way
-        // below, so nobody can hold a device's identity without its K.
+        // certificate: the SHO answers only for an IMSI it provisioned to the caller's PCID
+        // (and as for an unknown IMSI otherwise), so no device gets a challenge, an SQN or a
+        // say in the attach of another device's identity.
         let pcid_attach = matches!(self.route(&identity)?.0.target, Target::Icf(_));
         if pcid_attach {
             auth.owns(&identity)?;
         }
+        let (operational, av) = self.vector(&identity, &caller.name, None).await?;
         // Stale attempts and grants end by themselves.
         sqlx::query("DELETE FROM vno_attach WHERE expires_at <= $1")
             .bind(now())
             .execute(&self.db)
             .await
             .map_err(db_err)?;
-        let busy: Option<(String, String)> =
-            sqlx::query_as("SELECT caller, state FROM vno_attach WHERE identity = $1")
-                .bind(&identity)
-                .fetch_optional(&self.db)
-                .await
-                .map_err(db_err)?;
-        match busy {
-            // Another device holds a grant for this identity (it answered the challenge, so
-            // it holds K): one attach at a time.
-            Some((by, state)) if by != caller.name && state == "granted" => {
-                return Err(RoleError::exists(
-                    "this identity is already attached (detach first)",
-                ));
-            }
-            // The same device attaching again (it restarted, or lost its answer) starts over:
-            // its earlier attempt or grant ends, as a UE's new attach replaces its old context.
-            // Another device's unanswered attempt gives way too: without K it cannot answer,
-            // and holding it must not lock the identity's device out.
-            Some((by, _)) => {
-                if by != caller.name {
-                    tracing::warn!(%identity, held_by = %by, "an unanswered attempt of another device gives way");
-                }
-                sqlx::query(
-                    "DELETE FROM vno_attach WHERE identity = $1 AND (caller = $2 OR state = 'challenged')",
-                )
-                .bind(&identity)
-                .bind(&caller.name)
-                .execute(&self.db)
-                .await
-                .map_err(db_err)?;
-            }
-            None => {}
-        }
-        let (operational, av) = self.vector(&identity, None).await?;
+        // The same device attaching again (it restarted, or lost its answer) starts over: its
+        // earlier attempt or grant ends, as a UE's new attach replaces its old context.
+        sqlx::query("DELETE FROM vno_attach WHERE identity = $1 AND caller = $2")
+            .bind(&identity)
+            .bind(&caller.name)
+            .execute(&self.db)
+            .await
+            .map_err(db_err)?;
         let id = new_id();
-        // The unique check and the insert race only between two attaches of one identity
-        // at the same instant; the UNIQUE-less table is guarded by this conditional insert.
+        // One attach per identity: another device's row (possible only where the home
+        // network gave it a vector for this identity too) is never displaced; the
+        // UNIQUE-less table is guarded by this conditional insert.
         let done = sqlx::query(
             "INSERT INTO vno_attach (attach_id, identity, caller, operational, rand, xres, state, expires_at) \
              SELECT $1, $2, $3, $4, $5, $6, 'challenged', $7 \
@@ -360,7 +340,7 @@ impl VnoService for Vno {
                 }
                 Some(pb::complete_attach_request::Answer::Auts(auts)) => {
                     let (_, av) = self
-                        .vector(&identity, Some(common::ResyncInfo { rand, auts }))
+                        .vector(&identity, &attached_by, Some(common::ResyncInfo { rand, auts }))
                         .await?;
                     sqlx::query(
                     "UPDATE vno_attach SET rand = $1, xres = $2, expires_at = $3 WHERE attach_id = $4",

@@ -97,6 +97,7 @@ fn main() {
     };
     let rt = tokio::runtime::Runtime::new().unwrap();
     let (pcid, imsi) = (d.pcid.clone(), d.imsi.clone());
+    let sho_pcid = pcid.clone();
     let mut icf = Vec::new();
     let mut shos = Vec::new();
     for _ in 0..c {
@@ -127,6 +128,7 @@ fn main() {
     let (sho_rate, sho_p50) = rt.block_on(over_grpc(c, seconds, move |i| {
         let mut client = shos[i].clone();
         let imsi = imsi.clone();
+        let pcid = sho_pcid.clone();
         async move {
             let r = client
                 .get_auth_vectors(sho::GetAuthVectorsRequest {
@@ -134,6 +136,7 @@ fn main() {
                     count: 5,
                     resync: None,
                     serving_network: "001-01".into(),
+                    pcid,
                 })
                 .await
                 .unwrap();

@@ -681,6 +681,51 @@ async fn every_owned_object_refuses_another_owner_and_changes_nothing() {
         Some(Code::PermissionDenied),
         "a second SHO took over the PCID"
     );
+    // Another RO (its own certificate under the same RO CA) can neither report on the
+    // registration the lab's RO made at the SHO, nor relay a discard acknowledgment to it,
+    // nor learn it by registering under its id.
+    let mut ro2_at_sho = ShoServiceClient::new(
+        roles
+            .party_channel(Role::Ro, "ro2.mcim.local", Role::Sho)
+            .await,
+    );
+    tried.push((
+        "/mcim.sho.v1.ShoService/ReportProvisioningStatus",
+        unit(
+            ro2_at_sho
+                .report_provisioning_status(sho::ReportProvisioningStatusRequest {
+                    registration_id: reg.registration_id.clone(),
+                    status: common::ProvisioningStatus::Failed as i32,
+                    detail: "not mine".into(),
+                })
+                .await,
+        ),
+    ));
+    tried.push((
+        "/mcim.sho.v1.ShoService/ReceiveDiscardAck",
+        unit(
+            ro2_at_sho
+                .receive_discard_ack(sho::ReceiveDiscardAckRequest {
+                    registration_id: reg.registration_id.clone(),
+                    filtered_ack: format!(
+                        r#"{{"registration_id":"{}","discarded_at":1,"acknowledged_at":2}}"#,
+                        reg.registration_id
+                    )
+                    .into_bytes(),
+                })
+                .await,
+        ),
+    ));
+    let taken = ro2_at_sho
+        .register_device(sho::RegisterDeviceRequest {
+            registration_id: reg.registration_id.clone(),
+            pcid: ME.into(),
+            registration_nonce: vec![9; 16],
+            dpf_url: "https://127.0.0.1:1".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(taken.code(), Code::AlreadyExists, "{taken:?}");
     // The device's attempt becomes a grant; another device cannot end it.
     let after_attempts = roles.snapshot().await;
     assert_eq!(after_attempts, before, "a wrong owner changed state");
@@ -1141,4 +1186,84 @@ fn dev_sign(dev: &mcim_e2e::SoftwareDevice, m: &[u8]) -> Vec<u8> {
     use p256::ecdsa::signature::Signer;
     let s: p256::ecdsa::Signature = dev.tls_key.sign(m);
     s.to_der().as_bytes().to_vec()
+}
+
+/// An operational IMSI answers only on the device its MCIM was provisioned to (TR 33.812
+/// 5.1.3.3.2.2; the VNO hands the caller's PCID to the SHO): another certified device
+/// attaching with it is answered exactly as for an IMSI nobody holds (NOT_FOUND, the same
+/// message: no liveness oracle), gets no challenge, and changes nothing (no SQN handed out,
+/// the owner's grant kept). The SHO asked directly as the VNO answers for the owner's PCID
+/// only; the owner still attaches. The device is a real one (swtpm, `tred`).
+#[test]
+fn an_imsi_attaches_only_on_the_device_it_was_provisioned_to() {
+    use mcim_proto::mcim::sho::v1 as sho;
+    use mcim_proto::mcim::sho::v1::sho_service_client::ShoServiceClient;
+
+    let d = mcim_e2e::CliDevice::provisioned(false, "001010000000071", &[], "3gpp");
+    let attach_as_owner = || {
+        let out = mcim_e2e::mcimctl(&["device", "--socket", &d.socket(), "attach"]);
+        assert!(
+            out.status.success(),
+            "the owner's attach: {}",
+            mcim_e2e::output_text(&out)
+        );
+    };
+    attach_as_owner();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let before = d.roles.snapshot().await;
+        assert!(
+            before["vno_attach"].contains(&d.imsi),
+            "the owner's operational grant is there: {}",
+            before["vno_attach"]
+        );
+        let mut other = VnoServiceClient::new(d.roles.device_channel(OTHER, Role::Vno).await);
+        let attach = |identity: String| vno::AttachRequest { identity };
+        let stolen = other.attach(attach(d.imsi.clone())).await.unwrap_err();
+        // An IMSI of the same SHO's range that nobody holds.
+        let nobody = format!("{}99999", &d.imsi[..d.imsi.len() - 5]);
+        assert_ne!(nobody, d.imsi);
+        let unknown = other.attach(attach(nobody)).await.unwrap_err();
+        assert_eq!(stolen.code(), Code::NotFound, "{stolen:?}");
+        assert_eq!(unknown.code(), Code::NotFound, "{unknown:?}");
+        assert_eq!(stolen.message(), unknown.message(), "a liveness oracle");
+        assert_eq!(
+            d.roles.snapshot().await,
+            before,
+            "another device changed state"
+        );
+
+        // The SHO, asked as the VNO: for another PCID, or none, as for an unknown IMSI.
+        let mut sho = ShoServiceClient::new(d.roles.channel(Role::Vno, Role::Sho).await);
+        let ask = |pcid: &str| sho::GetAuthVectorsRequest {
+            imsi: d.imsi.clone(),
+            count: 1,
+            pcid: pcid.into(),
+            ..Default::default()
+        };
+        for pcid in [OTHER, ""] {
+            let got = sho.get_auth_vectors(ask(pcid)).await.unwrap_err();
+            assert_eq!(got.code(), Code::NotFound, "{pcid:?}: {got:?}");
+            // The VNO relays the SHO's answer under the SHO's name.
+            assert_eq!(
+                format!("sho: {}", got.message()),
+                unknown.message(),
+                "{pcid:?}"
+            );
+        }
+        assert_eq!(
+            d.roles.snapshot().await,
+            before,
+            "a refused ask changed state"
+        );
+        let vectors = sho
+            .get_auth_vectors(ask(&d.pcid))
+            .await
+            .unwrap()
+            .into_inner()
+            .vectors;
+        assert_eq!(vectors.len(), 1, "the owner's PCID gets its vector");
+    });
+    // The owner attaches with it again (the SQN used above is behind it: no resync needed).
+    attach_as_owner();
 }

@@ -290,6 +290,7 @@ fn lifecycle_by_instructions(token: bool) {
         .get_auth_vectors(sho::GetAuthVectorsRequest {
             imsi: imsi.clone(),
             count: 1,
+            pcid: PCID.into(),
             ..Default::default()
         })
         .await

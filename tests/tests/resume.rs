@@ -305,8 +305,9 @@ async fn a_run_saved_by_the_previous_tred_resumes_after_an_upgrade() {
 }
 
 /// Nobody holds a device's operational IMSI without its K: another (certified) device that
-/// attaches with the IMSI and never answers no longer locks the device out; the device's own
-/// attach supersedes the unanswered attempt and completes (AKA in its TRE).
+/// attaches with the IMSI gets no challenge at all (NOT_FOUND: the SHO answers only for the
+/// device it provisioned the IMSI to), so it can neither lock the device out nor displace its
+/// attempt; the device attaches (AKA in its TRE).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unanswered_attempt_of_another_device_does_not_lock_the_device_out() {
     let pcid = "001010000000064";
@@ -318,8 +319,8 @@ async fn an_unanswered_attempt_of_another_device_does_not_lock_the_device_out() 
         .map(|l| l.trim().to_string())
         .unwrap();
     assert_eq!(imsi.len(), 15, "{out}");
-    // Another device holds an unanswered attempt for the IMSI.
-    VnoServiceClient::new(
+    // Another device cannot start an attempt for the IMSI.
+    let refused = VnoServiceClient::new(
         setup
             .roles
             .device_channel("001010000000065", Role::Vno)
@@ -329,7 +330,8 @@ async fn an_unanswered_attempt_of_another_device_does_not_lock_the_device_out() 
         identity: imsi.clone(),
     })
     .await
-    .unwrap();
+    .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::NotFound, "{refused:?}");
     // The device attaches all the same.
     let attached = setup.device(&["attach"]);
     assert!(attached.contains(&imsi), "{attached}");

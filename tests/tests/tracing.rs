@@ -127,7 +127,7 @@ async fn one_provisioning_is_one_trace_across_the_device_and_the_roles() {
     // The impostor's attach and the lab's own calls are not part of it.
     assert!(
         seen.iter()
-            .any(|s| &s.1 != trace && s.4 == "/mcim.vno.v1.VnoService/CompleteAttach"),
+            .any(|s| &s.1 != trace && s.4 == "/mcim.vno.v1.VnoService/Attach"),
         "other calls make traces of their own"
     );
 }

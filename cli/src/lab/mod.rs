@@ -30,7 +30,6 @@ use mcim_proto::mcim::tre::v1 as pb;
 use mcim_proto::mcim::tre::v1::tre_service_client::TreServiceClient;
 use mcim_proto::mcim::vno::v1 as vno;
 use mcim_proto::mcim::vno::v1::vno_service_client::VnoServiceClient;
-use rand::Rng;
 use serde_json::json;
 use tonic::transport::Channel;
 

@@ -533,8 +533,9 @@ pub(super) fn lab_inner(
             m.imsi
         ));
 
-        // An impostor (a certified device without this MCIM's K) answers the IMSI's
-        // challenge: the VNO refuses it, and the refusal leaves nothing behind.
+        // An impostor (a certified device, another PCID, without this MCIM) attaches with the
+        // IMSI: the SHO answers only for the device it provisioned the IMSI to, so the VNO
+        // refuses it as for an IMSI nobody holds, with no challenge and nothing left behind.
         let mut impostor = VnoServiceClient::new(
             crate::net::software_device_channel(
                 &pki,
@@ -544,31 +545,22 @@ pub(super) fn lab_inner(
             )
             .await?,
         );
-        let ch = impostor
+        let refused = impostor
             .attach(vno::AttachRequest {
                 identity: m.imsi.clone(),
             })
-            .await?
-            .into_inner();
-        let mut wrong = [0u8; 8];
-        rand::rng().fill_bytes(&mut wrong);
-        let refused = impostor
-            .complete_attach(vno::CompleteAttachRequest {
-                attach_id: ch.attach_id,
-                answer: Some(vno::complete_attach_request::Answer::Res(wrong.to_vec())),
-            })
             .await;
         match refused {
-            Err(s) if s.code() == tonic::Code::Unauthenticated => {}
+            Err(s) if s.code() == tonic::Code::NotFound => {}
             other => {
                 return Err(fail(format!(
-                    "an impostor's wrong RES was not refused: {other:?}"
+                    "an impostor's attach with the device's IMSI was not refused: {other:?}"
                 )));
             }
         }
-        report["impostor_attach"] = json!({"refused": true});
+        report["impostor_attach"] = json!({"refused": true, "code": "NOT_FOUND"});
         say.line(&format!(
-            "[lab] an impostor answering IMSI {}'s challenge with a wrong RES: refused (UNAUTHENTICATED)",
+            "[lab] an impostor (another certified device) attaching with IMSI {}: refused, no challenge (NOT_FOUND)",
             m.imsi
         ));
 
@@ -924,13 +916,14 @@ async fn change_sho(
     Ok(m)
 }
 
-/// Whether the SHO whose port is `sho_p` refuses vectors for `imsi` (NOT_FOUND), asked as the
-/// VNO asks it.
+/// Whether the SHO whose port is `sho_p` refuses vectors for `imsi` on the lab device
+/// (NOT_FOUND), asked as the VNO asks it.
 async fn old_imsi_refused(rig: &Rig<'_>, imsi: &str, sho_p: u16) -> Result<bool, CliError> {
     let got = ShoServiceClient::new(rig.role(Role::Vno, Role::Sho, sho_p).await?)
         .get_auth_vectors(sho::GetAuthVectorsRequest {
             imsi: imsi.to_string(),
             count: 1,
+            pcid: LAB_PCID.into(),
             ..Default::default()
         })
         .await;

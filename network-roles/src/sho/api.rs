@@ -66,7 +66,7 @@ impl ShoService for ShoApi {
         req: Request<pb::RegisterDeviceRequest>,
     ) -> Result<Response<pb::RegisterDeviceResponse>, Status> {
         role(async move {
-            authorized(&req)?;
+            let auth = authorized(&req)?;
             let r = req.into_inner();
             let reg = self
                 .0
@@ -75,6 +75,7 @@ impl ShoService for ShoApi {
                     pcid: r.pcid,
                     nonce: r.registration_nonce,
                     dpf_url: r.dpf_url,
+                    ro: auth.caller.name.clone(),
                 })
                 .await?;
             Ok(Response::new(pb::RegisterDeviceResponse {
@@ -147,8 +148,12 @@ impl ShoService for ShoApi {
         role(async move {
             authorized(&req)?;
             let r = req.into_inner();
-            if !self.0.imsi_live(&r.imsi).await? {
-                return Err(RoleError::not_found("no provisioned MCIM with this IMSI"));
+            // Only for the device the MCIM was provisioned to; another device's IMSI is
+            // answered as an unknown one.
+            if !self.0.imsi_live_on(&r.imsi, &r.pcid).await? {
+                return Err(RoleError::not_found(
+                    "no provisioned MCIM with this IMSI on this device",
+                ));
             }
             let vectors = self
                 .0
@@ -165,13 +170,19 @@ impl ShoService for ShoApi {
         req: Request<pb::ReportProvisioningStatusRequest>,
     ) -> Result<Response<pb::ReportProvisioningStatusResponse>, Status> {
         role(async move {
-            authorized(&req)?;
+            let auth = authorized(&req)?;
             let r = req.into_inner();
             let st = match common::ProvisioningStatus::try_from(r.status) {
                 Ok(common::ProvisioningStatus::Installed) => St::Provisioned,
                 Ok(common::ProvisioningStatus::Failed) => St::Failed,
                 _ => return Err(RoleError::invalid("status is installed or failed")),
             };
+            let reg = self
+                .0
+                .registration(&r.registration_id)
+                .await?
+                .ok_or_else(|| RoleError::not_found("no such registration"))?;
+            reg.check_ro(&auth)?;
             self.0.report(&r.registration_id, st, &r.detail).await?;
             mcim_telemetry::metrics::count(
                 "provisionings",
@@ -183,9 +194,7 @@ impl ShoService for ShoApi {
                 },
             );
             // Step 14 (5.1.3.7.4.2): registered at the DRF for future discovery.
-            if st == St::Provisioned
-                && let Some(reg) = self.0.registration(&r.registration_id).await?
-            {
+            if st == St::Provisioned {
                 self.0.serve_at_drf(&reg.pcid).await?;
             }
             Ok(Response::new(pb::ReportProvisioningStatusResponse {}))
@@ -228,8 +237,13 @@ impl ShoService for ShoApi {
         req: Request<pb::ReceiveDiscardAckRequest>,
     ) -> Result<Response<pb::ReceiveDiscardAckResponse>, Status> {
         role(async move {
-            authorized(&req)?;
+            let auth = authorized(&req)?;
             let r = req.into_inner();
+            self.0
+                .registration(&r.registration_id)
+                .await?
+                .ok_or_else(|| RoleError::not_found("no such registration"))?
+                .check_ro(&auth)?;
             self.0
                 .relayed_ack(&r.registration_id, r.filtered_ack)
                 .await?;

@@ -34,6 +34,10 @@ pub(super) struct Registration {
     pub package: Option<Vec<u8>>,
     /// A change of SHO: the privacy-filtered acknowledgment relayed (5.1.3.7.4.2 step 11).
     pub discard_ack: Option<Vec<u8>>,
+    /// The RO that registered the device (its certificate's name; '' for a registration
+    /// stored before the SHO recorded it): the owner of the registration in the
+    /// authorization table ([`crate::authz::Owner::Ro`]).
+    pub ro: String,
 }
 
 impl<'r> sqlx::FromRow<'r, AnyRow> for Registration {
@@ -49,6 +53,7 @@ impl<'r> sqlx::FromRow<'r, AnyRow> for Registration {
             detail: row.try_get("detail")?,
             package: row.try_get("package")?,
             discard_ack: row.try_get("discard_ack")?,
+            ro: row.try_get("ro")?,
         })
     }
 }
@@ -63,6 +68,19 @@ pub(super) struct NewRegistration {
     pub nonce: Vec<u8>,
     /// The DPF that serves the device.
     pub dpf_url: String,
+    /// The RO registering it (the caller's certificate name).
+    pub ro: String,
+}
+
+impl Registration {
+    /// The caller may act for the RO on this registration: it is the RO that registered it
+    /// (a registration stored before the SHO recorded its RO is open to any RO, as it was).
+    pub(super) fn check_ro(&self, auth: &crate::gate::Authorized) -> Result<(), RoleError> {
+        if self.ro.is_empty() {
+            return Ok(());
+        }
+        auth.owns(&self.ro)
+    }
 }
 
 impl Sho {
@@ -70,7 +88,7 @@ impl Sho {
     pub(super) async fn registration(&self, id: &str) -> Result<Option<Registration>, RoleError> {
         sqlx::query_as::<_, Registration>(
             "SELECT id, pcid, nonce, dpf_url, validation_id, validation_nonce, state, detail, \
-             package, discard_ack FROM sho_registration WHERE id = $1",
+             package, discard_ack, ro FROM sho_registration WHERE id = $1",
         )
         .bind(id)
         .fetch_optional(&self.db)
@@ -98,7 +116,12 @@ impl Sho {
             .await?
             .ok_or_else(|| RoleError::not_found("no subscription for this PCID"))?;
         if let Some(existing) = self.registration(&n.id).await? {
-            return Ok(existing);
+            // The same RO asking again gets the same answer; another RO's id is not its to
+            // learn about or take over.
+            if existing.ro == n.ro || existing.ro.is_empty() {
+                return Ok(existing);
+            }
+            return Err(RoleError::exists("this registration id is taken"));
         }
         // The device holds this SHO's MCIM already (provisioned, not discarded): a second
         // package for the same IMSI would replace its K at the AuC under a working device.
@@ -121,8 +144,8 @@ impl Sho {
         let mut tx = crate::store::begin_write(&self.db).await?;
         sqlx::query(
             "INSERT INTO sho_registration (id, pcid, nonce, dpf_url, validation_id, \
-             validation_nonce, state, imsi, made, follower, follow_until) \
-             SELECT $1, $2, $3, $4, $5, $6, $7, $8, COALESCE(MAX(made), 0) + 1, $9, $10 \
+             validation_nonce, state, imsi, made, follower, follow_until, ro) \
+             SELECT $1, $2, $3, $4, $5, $6, $7, $8, COALESCE(MAX(made), 0) + 1, $9, $10, $11 \
              FROM sho_registration",
         )
         .bind(&n.id)
@@ -135,6 +158,7 @@ impl Sho {
         .bind(&sub.imsi)
         .bind(&self.instance)
         .bind(now().saturating_add(i64::try_from(super::LEASE.as_secs()).unwrap_or(60)))
+        .bind(&n.ro)
         .execute(&mut *tx)
         .await
         .map_err(db_err)?;
@@ -170,7 +194,7 @@ impl Sho {
         // The latest: `made` grows with each insert.
         sqlx::query_as::<_, Registration>(
             "SELECT id, pcid, nonce, dpf_url, validation_id, validation_nonce, state, detail, \
-             package, discard_ack FROM sho_registration WHERE pcid = $1 \
+             package, discard_ack, ro FROM sho_registration WHERE pcid = $1 \
              ORDER BY made DESC LIMIT 1",
         )
         .bind(pcid)

@@ -258,20 +258,39 @@ impl Sho {
 
     /// Whether `imsi` is the IMSI of an MCIM the device reported installed (5.1.3.6.2 step
     /// 14) and has not discarded (5.1.3.7.4.2 step 9), nor retired or deleted on this SHO's
-    /// instruction (5.1.1.3): only those get vectors.
+    /// instruction (5.1.1.3).
     pub(super) async fn imsi_live(&self, imsi: &str) -> Result<bool, RoleError> {
-        let live: Option<(String,)> = sqlx::query_as(
-            "SELECT s.imsi FROM sho_subscription s JOIN sho_registration r ON r.pcid = s.pcid \
-             WHERE s.imsi = $1 AND r.state = $2 AND (r.imsi = s.imsi OR r.imsi = '') \
-             AND NOT EXISTS (SELECT 1 FROM sho_discard d WHERE d.imsi = s.imsi) \
-             AND NOT EXISTS (SELECT 1 FROM sho_instruction i WHERE i.imsi = s.imsi \
-             AND i.outcome = 'done' AND i.action IN ('retire', 'delete'))",
-        )
+        self.live(imsi, None).await
+    }
+
+    /// [`Self::imsi_live`], and on the device `pcid` (the one the MCIM was provisioned to):
+    /// only those get vectors (5.1.3.3.2.2).
+    pub(super) async fn imsi_live_on(&self, imsi: &str, pcid: &str) -> Result<bool, RoleError> {
+        self.live(imsi, Some(pcid)).await
+    }
+
+    async fn live(&self, imsi: &str, pcid: Option<&str>) -> Result<bool, RoleError> {
+        macro_rules! live {
+            () => {
+                "SELECT s.imsi FROM sho_subscription s \
+                 JOIN sho_registration r ON r.pcid = s.pcid \
+                 WHERE s.imsi = $1 AND r.state = $2 AND (r.imsi = s.imsi OR r.imsi = '') \
+                 AND NOT EXISTS (SELECT 1 FROM sho_discard d WHERE d.imsi = s.imsi) \
+                 AND NOT EXISTS (SELECT 1 FROM sho_instruction i WHERE i.imsi = s.imsi \
+                 AND i.outcome = 'done' AND i.action IN ('retire', 'delete'))"
+            };
+        }
+        let q = match pcid {
+            None => sqlx::query_as::<_, (String,)>(live!()),
+            Some(_) => sqlx::query_as::<_, (String,)>(concat!(live!(), " AND s.pcid = $3")),
+        }
         .bind(imsi)
-        .bind(super::St::Provisioned as i64)
-        .fetch_optional(&self.db)
-        .await
-        .map_err(db_err)?;
+        .bind(super::St::Provisioned as i64);
+        let q = match pcid {
+            Some(pcid) => q.bind(pcid),
+            None => q,
+        };
+        let live = q.fetch_optional(&self.db).await.map_err(db_err)?;
         Ok(live.is_some())
     }
 }
