@@ -624,6 +624,82 @@ pub struct Postgres {
     /// The private cluster syncs its writes to disk (`fsync`, full page writes), as a
     /// production server: for benchmarks beside SQLite. Tests run without.
     durable: bool,
+    /// The private cluster speaks TLS only and admits clients by certificate.
+    pub tls: Option<PgTls>,
+}
+
+/// The certificates of a PostgreSQL cluster that admits only TLS clients with a certificate
+/// ([`Postgres::private_tls`]): PEM files in the cluster's directory.
+#[derive(Debug, Clone)]
+pub struct PgTls {
+    /// The CA that issued the server's certificate (127.0.0.1, localhost) and the client's.
+    pub ca: PathBuf,
+    /// A CA that issued neither.
+    pub other_ca: PathBuf,
+    /// The client's certificate (its common name is the database user) and key.
+    pub client_cert: PathBuf,
+    /// The client's key.
+    pub client_key: PathBuf,
+    /// The server's certificate and key, and the CA it checks clients against.
+    server: (PathBuf, PathBuf),
+}
+
+impl PgTls {
+    /// Writes a CA, a server certificate and a client certificate for `user` into `dir`.
+    fn make(dir: &Path, user: &str) -> Self {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+        let ca = |name: &str, file: &str| {
+            let key = KeyPair::generate().unwrap();
+            let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+            p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            p.distinguished_name.push(DnType::CommonName, name);
+            let cert = p.self_signed(&key).unwrap();
+            let path = dir.join(file);
+            std::fs::write(&path, cert.pem()).unwrap();
+            (path, Issuer::new(p, key))
+        };
+        let (ca_path, issuer) = ca("mcim test PostgreSQL CA", "pg-ca.pem");
+        let (other_ca, _) = ca("another CA", "pg-other-ca.pem");
+        let leaf = |sans: Vec<String>, cn: &str, file: &str| {
+            let key = KeyPair::generate().unwrap();
+            let mut p = CertificateParams::new(sans).unwrap();
+            p.distinguished_name.push(DnType::CommonName, cn);
+            let cert = p.signed_by(&key, &issuer).unwrap();
+            let (c, k) = (
+                dir.join(format!("{file}.pem")),
+                dir.join(format!("{file}.key")),
+            );
+            std::fs::write(&c, cert.pem()).unwrap();
+            std::fs::write(&k, key.serialize_pem()).unwrap();
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&k, std::fs::Permissions::from_mode(0o600)).unwrap();
+            (c, k)
+        };
+        let server = leaf(
+            vec!["127.0.0.1".into(), "localhost".into()],
+            "127.0.0.1",
+            "pg-server",
+        );
+        let (client_cert, client_key) = leaf(Vec::new(), user, "pg-client");
+        PgTls {
+            ca: ca_path,
+            other_ca,
+            client_cert,
+            client_key,
+            server,
+        }
+    }
+
+    /// The query string for a client that checks the server against `ca` and shows the
+    /// client certificate.
+    pub fn query(&self, ca: &Path) -> String {
+        format!(
+            "sslmode=verify-full&sslrootcert={}&sslcert={}&sslkey={}",
+            ca.display(),
+            self.client_cert.display(),
+            self.client_key.display()
+        )
+    }
 }
 
 impl Postgres {
@@ -634,6 +710,7 @@ impl Postgres {
                 server: server.trim_end_matches('/').to_string(),
                 cluster: None,
                 durable: false,
+                tls: None,
             };
         }
         Self::private()
@@ -641,16 +718,24 @@ impl Postgres {
 
     /// A private cluster, whatever the environment says.
     pub fn private() -> Self {
-        Self::private_cluster(false)
+        Self::private_cluster(false, false)
     }
 
     /// A private cluster that syncs its commits to disk as a production server does
     /// (benchmarks beside SQLite, which does too).
     pub fn private_durable() -> Self {
-        Self::private_cluster(true)
+        Self::private_cluster(true, false)
     }
 
-    fn private_cluster(durable: bool) -> Self {
+    /// A private cluster that speaks TLS only (`hostssl` in its pg_hba.conf, nothing else on
+    /// TCP) and admits a client only with a certificate of [`PgTls::ca`] naming the user
+    /// (`cert` authentication): [`Postgres::tls`] holds the files. Its [`Postgres::server`]
+    /// has no TLS parameters: add [`PgTls::query`] to a database URL.
+    pub fn private_tls() -> Self {
+        Self::private_cluster(false, true)
+    }
+
+    fn private_cluster(durable: bool, tls: bool) -> Self {
         let bin = postgres_bin();
         let dir = tempfile::tempdir().unwrap();
         let root = is_root();
@@ -679,10 +764,28 @@ impl Postgres {
         } else {
             user.to_string()
         };
+        let tls = tls.then(|| {
+            let files = PgTls::make(dir.path(), &who);
+            std::fs::write(
+                data.join("pg_hba.conf"),
+                "local all all trust\nhostssl all all 127.0.0.1/32 cert\n",
+            )
+            .unwrap();
+            if root {
+                let ok = Command::new("chown")
+                    .args(["-R", "postgres:postgres", dir.path().to_str().unwrap()])
+                    .status()
+                    .unwrap()
+                    .success();
+                assert!(ok, "chown of the cluster's certificates");
+            }
+            files
+        });
         let mut pg = Postgres {
             server: String::new(),
             cluster: Some((dir, bin, 0)),
             durable,
+            tls,
         };
         for _ in 0..5 {
             let port = free_ports(1);
@@ -713,13 +816,19 @@ impl Postgres {
             .arg(dir.path().join("log"))
             .arg("-o")
             .arg(format!(
-                "-p {port} -k {} -c listen_addresses=127.0.0.1 -c max_connections=200 {}",
+                "-p {port} -k {} -c listen_addresses=127.0.0.1 -c max_connections=200 {} {}",
                 dir.path().display(),
                 if self.durable {
                     "-c fsync=on -c full_page_writes=on -c synchronous_commit=on"
                 } else {
                     "-c fsync=off -c full_page_writes=off"
-                }
+                },
+                self.tls.as_ref().map_or(String::new(), |t| format!(
+                    "-c ssl=on -c ssl_cert_file={} -c ssl_key_file={} -c ssl_ca_file={}",
+                    t.server.0.display(),
+                    t.server.1.display(),
+                    t.ca.display()
+                ))
             ))
             .args(["-w", "-t", "20", "start"])
             .stderr(Stdio::null())

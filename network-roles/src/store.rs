@@ -180,12 +180,28 @@ pub async fn open(url: &str) -> Result<Db, StoreError> {
             } else {
                 format!("{url}?mode=rwc")
             };
-            AnyPoolOptions::new()
+            let pool = AnyPoolOptions::new()
                 .max_connections(4)
+                .after_connect(|c, _| {
+                    Box::pin(async move {
+                        sqlx::raw_sql(SQLITE_SESSION).execute(c).await?;
+                        Ok(())
+                    })
+                })
                 .connect(&url)
-                .await?
+                .await?;
+            // Write-ahead logging (kept in the file): a commit is one append and one fsync
+            // of the log instead of the rollback journal's two or three, and readers never
+            // wait for the writer.
+            sqlx::raw_sql("PRAGMA journal_mode = WAL")
+                .execute(&pool)
+                .await?;
+            pool
         }
         Engine::Postgres => {
+            if let Some(why) = unauthenticated_database(url) {
+                tracing::warn!("{why}");
+            }
             // One connection first: a server that is down or refuses fails at once (a pool
             // would retry for its acquire timeout), and a missing database is created.
             use sqlx::Connection;
@@ -224,6 +240,12 @@ pub async fn open(url: &str) -> Result<Db, StoreError> {
     migrator(engine).run(&pool).await?;
     Ok(pool)
 }
+
+/// Every SQLite connection of the roles: each commit is on disk before the call that made it
+/// is answered (FULL: the log is synced at every commit, so a power cut loses no answered
+/// write, as with PostgreSQL's default), and a connection waits up to 5 s for another
+/// writer.
+const SQLITE_SESSION: &str = "PRAGMA synchronous = FULL; PRAGMA busy_timeout = 5000";
 
 /// How long opening a PostgreSQL database waits for the server's first answer.
 const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
@@ -289,6 +311,52 @@ async fn create_postgres_database(url: &str) -> Result<(), StoreError> {
         }
         Err(e) => Err(e.into()),
     }
+}
+
+/// Why the connection a `postgres://` URL makes is not authenticated, when it is not: a
+/// server on another host reached without TLS that checks the server's certificate
+/// (`sslmode=verify-full`, or `verify-ca`, with `sslrootcert=` the operator's CA; libpq's and
+/// sqlx's default `prefer` falls back to plain text and checks nothing). A loopback address or
+/// a Unix socket stays on the machine. The roles say it when they open the database.
+pub fn unauthenticated_database(url: &str) -> Option<String> {
+    let rest = url
+        .strip_prefix("postgres://")
+        .or_else(|| url.strip_prefix("postgresql://"))?;
+    let (rest, query) = rest.split_once('?').unwrap_or((rest, ""));
+    let param = |name: &str| {
+        query
+            .split('&')
+            .filter_map(|kv| kv.split_once('='))
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.to_ascii_lowercase())
+    };
+    let mode = param("sslmode")
+        .or_else(|| param("ssl-mode"))
+        .unwrap_or_else(|| "prefer".into());
+    if matches!(mode.as_str(), "verify-full" | "verify-ca") {
+        return None;
+    }
+    let authority = rest.split('/').next().unwrap_or_default();
+    let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let host = if let Some(v6) = host_port.strip_prefix('[') {
+        v6.split(']').next().unwrap_or_default().to_string()
+    } else {
+        host_port.split(':').next().unwrap_or_default().to_string()
+    };
+    let host = param("host").unwrap_or(host);
+    let local = host.is_empty()
+        || host.starts_with('/')
+        || host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    (!local).then(|| {
+        format!(
+            "the connection to PostgreSQL at {host} is not authenticated (sslmode={mode}): give \
+             sslmode=verify-full&sslrootcert=CA.pem (and sslcert=, sslkey= where the server \
+             asks for a client certificate) in the database URL"
+        )
+    })
 }
 
 /// The URL of the `postgres` database on the server `url` names, and the name of the database
@@ -511,6 +579,33 @@ pub(crate) fn test_urls() -> Vec<String> {
 
 #[cfg(test)]
 mod tests {
+
+    /// A server elsewhere without verified TLS is named; verified TLS, loopback and Unix
+    /// sockets are not; SQLite is never.
+    #[test]
+    fn an_unauthenticated_database_connection_is_named() {
+        for url in [
+            "postgres://u@db.example:5432/x",
+            "postgres://u:pw@10.0.0.5/x?sslmode=require",
+            "postgresql://u@[2001:db8::1]:5432/x?sslmode=prefer",
+            "postgres://u@127.0.0.1/x?host=db.example",
+        ] {
+            let why = super::unauthenticated_database(url).unwrap_or_default();
+            assert!(why.contains("not authenticated"), "{url}: {why:?}");
+            assert!(!why.contains("pw"), "{url}: the password leaked: {why}");
+        }
+        for url in [
+            "postgres://u@db.example/x?sslmode=verify-full&sslrootcert=/ca.pem",
+            "postgres://u@db.example/x?sslrootcert=/ca.pem&sslmode=verify-ca",
+            "postgres://u@127.0.0.1:5432/x",
+            "postgres://u@localhost/x?sslmode=disable",
+            "postgres://u@[::1]:5432/x",
+            "postgres:///x?host=/var/run/postgresql",
+            "sqlite:///tmp/x.db",
+        ] {
+            assert_eq!(super::unauthenticated_database(url), None, "{url}");
+        }
+    }
     /// Every file in each engine's `migrations/` directory is compiled in, in order, the same
     /// files for both engines, and they apply to a new database (SQLite; PostgreSQL too with
     /// `MCIM_TEST_POSTGRES`), and once more to the same one.

@@ -212,20 +212,18 @@ impl VnoService for Vno {
             auth.owns(&identity)?;
         }
         let (operational, av) = self.vector(&identity, &caller.name, None).await?;
-        // Stale attempts and grants end by themselves.
-        sqlx::query("DELETE FROM vno_attach WHERE expires_at <= $1")
-            .bind(now())
-            .execute(&self.db)
-            .await
-            .map_err(db_err)?;
         // The same device attaching again (it restarted, or lost its answer) starts over: its
-        // earlier attempt or grant ends, as a UE's new attach replaces its old context.
-        sqlx::query("DELETE FROM vno_attach WHERE identity = $1 AND caller = $2")
-            .bind(&identity)
-            .bind(&caller.name)
-            .execute(&self.db)
-            .await
-            .map_err(db_err)?;
+        // earlier attempt or grant ends, as a UE's new attach replaces its old context. Stale
+        // attempts and grants of anyone end by themselves (in the same statement: one commit).
+        sqlx::query(
+            "DELETE FROM vno_attach WHERE (identity = $1 AND caller = $2) OR expires_at <= $3",
+        )
+        .bind(&identity)
+        .bind(&caller.name)
+        .bind(now())
+        .execute(&self.db)
+        .await
+        .map_err(db_err)?;
         let id = new_id();
         // One attach per identity: another device's row (possible only where the home
         // network gave it a vector for this identity too) is never displaced; the

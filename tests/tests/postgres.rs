@@ -271,3 +271,81 @@ fn attached_once(roles: &Roles, socket: &str, imsi: &str) {
     ));
     assert_eq!(installed, vec![vec!["1".to_string(), "1".to_string()]]);
 }
+
+/// The roles reach PostgreSQL over TLS they verify (`sslmode=verify-full`, `sslrootcert` the
+/// operator's CA) with a client certificate (`sslcert`, `sslkey`), on a server that admits
+/// nothing else over TCP (`hostssl ... cert`): they serve, the server's own view
+/// (`pg_stat_ssl`) shows every connection of theirs encrypted under that certificate, and the
+/// lab provisions and changes SHO through it. Without TLS, with a server certificate the given
+/// CA did not issue, or without a client certificate, the roles stop with a clear error before
+/// they listen, and create no database.
+#[test]
+fn the_roles_reach_postgresql_over_verified_tls_with_a_client_certificate() {
+    let pg = Postgres::private_tls();
+    let tls = pg.tls.clone().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let pki = mcim_e2e::pki_init(work.path());
+    let db = pg.fresh_database();
+    let name = db.rsplit('/').next().unwrap().to_string();
+    let admin = Db(format!("{}/postgres?{}", pg.server, tls.query(&tls.ca)));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let databases = || rt.block_on(db_rows(&admin, "SELECT datname::text FROM pg_database"));
+    for (query, says) in [
+        ("sslmode=disable".to_string(), "no encryption"),
+        (tls.query(&tls.other_ca), "certificate"),
+        (
+            format!("sslmode=verify-full&sslrootcert={}", tls.ca.display()),
+            "certificate",
+        ),
+    ] {
+        let out = std::process::Command::new(workspace_bin("mcim-roles"))
+            .args(["pva", "--pki", pki.to_str().unwrap()])
+            .args(["--db", &format!("{db}?{query}")])
+            .args(["--listen", "127.0.0.1:0"])
+            .output()
+            .unwrap();
+        let text = output_text(&out);
+        assert!(!out.status.success(), "{query}: {text}");
+        assert!(text.contains(says), "{query}: {text}");
+        assert!(
+            !databases().iter().any(|r| r[0] == name),
+            "{query}: a database was created"
+        );
+    }
+    let url = format!("{db}?{}", tls.query(&tls.ca));
+    {
+        let roles = Roles::start_on(work.path(), &url, &[]);
+        let seen = rt.block_on(db_rows(
+            &admin,
+            &format!(
+                "SELECT CASE WHEN s.ssl THEN 'tls' ELSE 'plain' END, s.client_dn \
+                 FROM pg_stat_ssl s JOIN pg_stat_activity a ON a.pid = s.pid \
+                 WHERE a.datname = '{name}'"
+            ),
+        ));
+        assert!(!seen.is_empty(), "the roles hold connections to {name}");
+        let cn = x509_parser::pem::parse_x509_pem(&std::fs::read(&tls.client_cert).unwrap())
+            .unwrap()
+            .1
+            .parse_x509()
+            .unwrap()
+            .subject()
+            .iter_common_name()
+            .next()
+            .unwrap()
+            .as_str()
+            .unwrap()
+            .to_string();
+        for row in &seen {
+            assert_eq!(
+                row,
+                &vec!["tls".to_string(), format!("/CN={cn}")],
+                "{seen:?}"
+            );
+        }
+        drop(roles);
+    }
+    let (ok, r, stderr) = lab_run(&["--flow", "change-sho", "--db", &url]);
+    assert!(ok, "{stderr}\n{r:#}");
+    assert_eq!(r["operational_attach"]["ok"], true, "{r:#}");
+}

@@ -181,7 +181,12 @@ fn roles(a: &RunArgs, dir: &Path) -> Result<RolesAt, CliError> {
                 .env("MCIM_DB", &db)
                 .args(["--base-port", &base.to_string()])
                 .args(["--pcid-plmn", &a.pcid_plmn])
-                .env("MCIM_LOG", "warn");
+                // Warnings only (the log is in the working directory), unless MCIM_LOG
+                // asks for more (e.g. `sqlx::query=debug` to count the statements).
+                .env(
+                    "MCIM_LOG",
+                    std::env::var("MCIM_LOG").unwrap_or_else(|_| "warn".into()),
+                );
             if let Some(n) = a.roles_max_concurrent_calls {
                 c.args(["--max-concurrent-calls", &n.to_string()]);
             }
