@@ -8,7 +8,6 @@ use mcim_core::aka::{
     resynchronise,
 };
 use mcim_proto::mcim::common::v1 as common;
-use tokio::sync::Mutex;
 
 use crate::atrest::DataKey;
 use crate::error::RoleError;
@@ -17,14 +16,17 @@ use crate::store::db_err;
 /// AMF of the vectors: the separation bit set (TS 33.102 annex H).
 const AMF: Amf = Amf([0x80, 0x00]);
 
+/// How many times [`Auc::vectors`] reads SEQ_HE again when another call advanced it first
+/// (each such call made its vectors: a contended subscriber still gets its vectors, this
+/// many calls at once being far beyond what one device asks).
+const SQN_ATTEMPTS: usize = 64;
+
 /// One owner's subscribers ("icf" or "sho") in the roles' database.
 #[derive(Debug)]
 pub struct Auc {
     owner: &'static str,
     db: Db,
     key: DataKey,
-    /// On SQLite, this process's queue for the database's write lock when making vectors.
-    sqn_lock: Mutex<()>,
 }
 
 /// What a new subscriber's credential meets.
@@ -39,12 +41,7 @@ pub enum Provisioned {
 impl Auc {
     /// The AuC of `owner`, its secrets under `key`.
     pub fn new(owner: &'static str, db: Db, key: DataKey) -> Self {
-        Self {
-            owner,
-            db,
-            key,
-            sqn_lock: Mutex::new(()),
-        }
+        Self { owner, db, key }
     }
 
     /// A new subscriber row's values: K and OPc (16 octets each) sealed under the data key, and
@@ -144,30 +141,53 @@ impl Auc {
         if !(1..=5).contains(&count) {
             return Err(RoleError::invalid("1 to 5 vectors"));
         }
-        // SEQ_HE is read, advanced and written in one transaction, so that no two vectors get
-        // one SQN, whichever process of the role makes them (replicas, issue 16 item 2): on
-        // PostgreSQL the subscriber's row is locked (other subscribers go on), on SQLite the
-        // write lock is taken, after this process's own queue (fairer than busy waits).
-        let engine = crate::store::Engine::of_db(&self.db);
-        let _queued = match engine {
-            crate::store::Engine::Sqlite => Some(self.sqn_lock.lock().await),
-            crate::store::Engine::Postgres => None,
-        };
-        let mut tx = crate::store::begin_row_write(&self.db).await?;
-        let row: Option<(Vec<u8>, Vec<u8>, String)> = sqlx::query_as(match engine {
-            crate::store::Engine::Sqlite => {
-                "SELECT k, opc, sqn FROM auc_subscriber WHERE owner = $1 AND id = $2"
+        // SEQ_HE is read, advanced, and written back only if nobody wrote it in between (a
+        // compare-and-swap on the stored state), else read again: no two vectors get one SQN,
+        // whichever process of the role makes them (replicas, issue 16 item 2), and no lock is
+        // held while K and OPc are opened and MILENAGE runs (one short write per call, not a
+        // transaction across the work: on SQLite the database's one write lock is the
+        // bottleneck of a fleet).
+        for _ in 0..SQN_ATTEMPTS {
+            let row: Option<(Vec<u8>, Vec<u8>, String)> = sqlx::query_as(
+                "SELECT k, opc, sqn FROM auc_subscriber WHERE owner = $1 AND id = $2",
+            )
+            .bind(self.owner)
+            .bind(id)
+            .fetch_optional(&self.db)
+            .await
+            .map_err(db_err)?;
+            let (wk, wopc, sqn) =
+                row.ok_or_else(|| RoleError::not_found(format!("unknown {id}")))?;
+            let (avs, next) = self.make(&wk, &wopc, &sqn, count, resync)?;
+            let done = sqlx::query(
+                "UPDATE auc_subscriber SET sqn = $1 WHERE owner = $2 AND id = $3 AND sqn = $4",
+            )
+            .bind(next)
+            .bind(self.owner)
+            .bind(id)
+            .bind(&sqn)
+            .execute(&self.db)
+            .await
+            .map_err(db_err)?;
+            if done.rows_affected() == 1 {
+                return Ok(avs);
             }
-            crate::store::Engine::Postgres => {
-                "SELECT k, opc, sqn FROM auc_subscriber WHERE owner = $1 AND id = $2 FOR UPDATE"
-            }
-        })
-        .bind(self.owner)
-        .bind(id)
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(db_err)?;
-        let (wk, wopc, sqn) = row.ok_or_else(|| RoleError::not_found(format!("unknown {id}")))?;
+        }
+        Err(RoleError::unavailable(
+            "the subscriber's SQN kept changing under this call: try again",
+        ))
+    }
+
+    /// `count` vectors from the stored K, OPc (sealed) and SQN state `sqn` (JSON), after
+    /// `resync` if given, and the SQN state to store.
+    fn make(
+        &self,
+        wk: &[u8],
+        wopc: &[u8],
+        sqn: &str,
+        count: u32,
+        resync: Option<&common::ResyncInfo>,
+    ) -> Result<(Vec<common::AuthVector>, String), RoleError> {
         let open = |w: &[u8]| -> Result<[u8; 16], RoleError> {
             let v = self
                 .key
@@ -177,11 +197,11 @@ impl Auc {
                 .try_into()
                 .map_err(|_| RoleError::internal("stored secret length"))
         };
-        let k = K::new(open(&wk)?);
-        let opc = Opc::new(open(&wopc)?);
+        let k = K::new(open(wk)?);
+        let opc = Opc::new(open(wopc)?);
         let m = Milenage::with_opc(SoftKernel::new(&k), opc, Constants::default());
         let mut state: HeSqnState =
-            serde_json::from_str(&sqn).map_err(|e| RoleError::internal(e.to_string()))?;
+            serde_json::from_str(sqn).map_err(|e| RoleError::internal(e.to_string()))?;
         let profile = SqnProfile::default();
         if let Some(r) = resync {
             let rand = Rand(
@@ -205,15 +225,8 @@ impl Auc {
         };
         let avs = generate_avs(&m, &mut state, &profile, AMF, &rands)
             .map_err(|e| RoleError::internal(e.to_string()))?;
-        sqlx::query("UPDATE auc_subscriber SET sqn = $1 WHERE owner = $2 AND id = $3")
-            .bind(serde_json::to_string(&state).map_err(|e| RoleError::internal(e.to_string()))?)
-            .bind(self.owner)
-            .bind(id)
-            .execute(&mut *tx)
-            .await
-            .map_err(db_err)?;
-        tx.commit().await.map_err(db_err)?;
-        Ok(avs
+        let next = serde_json::to_string(&state).map_err(|e| RoleError::internal(e.to_string()))?;
+        let avs = avs
             .into_iter()
             .map(|av| common::AuthVector {
                 rand: av.rand.0.to_vec(),
@@ -222,7 +235,8 @@ impl Auc {
                 ik: av.ik.expose().to_vec(),
                 autn: av.autn.0.to_vec(),
             })
-            .collect())
+            .collect();
+        Ok((avs, next))
     }
 }
 

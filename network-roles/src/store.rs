@@ -407,17 +407,6 @@ pub async fn begin_write(db: &Db) -> Result<Tx, RoleError> {
     }
 }
 
-/// A transaction for a read-then-write of one row that writers elsewhere may race (an
-/// AuC's SQN): on SQLite [`begin_write`] (one writer at a time); on PostgreSQL a plain
-/// transaction in which the caller reads the row `FOR UPDATE`: a lock on that row only, held to the commit, so that writers of other rows, in this process or another
-/// replica's, go on at once.
-pub async fn begin_row_write(db: &Db) -> Result<Tx, RoleError> {
-    match Engine::of_db(db) {
-        Engine::Sqlite => begin_write(db).await,
-        Engine::Postgres => db.begin().await.map_err(db_err),
-    }
-}
-
 /// Wakes long polls (a device's task stream, the SHO waiting for a verdict) when what they
 /// wait for is written. In this process a write wakes them at once. On PostgreSQL a write in
 /// any process on the database wakes them too: [`Changes::bump`] sends `NOTIFY` on

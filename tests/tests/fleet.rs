@@ -148,6 +148,19 @@ fn ten_times_the_roles_capacity_ends_with_every_device_provisioned_after_retries
     assert_eq!(r["provisioned"], 10, "{r:#}");
     assert_eq!(r["failures"], serde_json::json!({}), "{r:#}");
     assert!(r["retries"].as_u64().unwrap() > 0, "{r:#}");
+    // Each retry is counted by step and code; here the roles' load shedding.
+    let reasons = r["retry_reasons"].as_object().unwrap();
+    assert_eq!(
+        reasons.values().map(|v| v.as_u64().unwrap()).sum::<u64>(),
+        r["retries"].as_u64().unwrap(),
+        "{r:#}"
+    );
+    assert!(
+        reasons
+            .keys()
+            .all(|k| k.ends_with("ResourceExhausted") || k.ends_with("Unavailable")),
+        "{r:#}"
+    );
     assert_eq!(
         one_number(
             &db,

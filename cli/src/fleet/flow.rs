@@ -61,7 +61,32 @@ fn refused(step: &str, why: impl Into<String>) -> Failure {
 
 /// Retries of one device (the report sums them).
 #[derive(Default)]
-pub struct Tries(pub u64);
+pub struct Tries {
+    /// How many.
+    pub n: u64,
+    /// How many by step and status code ("step 7 (RegisterDevice): Unavailable"), as the
+    /// failures are counted.
+    pub why: std::collections::BTreeMap<String, u64>,
+}
+
+impl Tries {
+    /// One more retry of `step` after `s`.
+    fn note(&mut self, step: &str, s: &Status) {
+        self.n += 1;
+        *self
+            .why
+            .entry(format!("{step}: {:?}", s.code()))
+            .or_default() += 1;
+    }
+
+    /// Adds `other`'s counts to these.
+    pub fn add(&mut self, other: Tries) {
+        self.n += other.n;
+        for (k, v) in other.why {
+            *self.why.entry(k).or_default() += v;
+        }
+    }
+}
 
 /// `$call` (an expression making a gRPC call, evaluated again for each try) until it answers
 /// something other than "not now", or [`RETRY_FOR`] has passed; counts the retries in
@@ -75,7 +100,7 @@ macro_rules! retry {
                 Ok(r) => break Ok(r.into_inner()),
                 Err(s) if mcim_telemetry::retry::transient(&s) && Instant::now() < until => {
                     n += 1;
-                    $tries.0 += 1;
+                    $tries.note($step, &s);
                     let p = mcim_telemetry::retry::pushback(&s);
                     tokio::time::sleep(mcim_telemetry::retry::wait(n, p)).await;
                 }
@@ -236,7 +261,7 @@ async fn attach(
             Ok(g) => return Ok(g),
             Err(s) if Instant::now() < until => {
                 again += 1;
-                tries.0 += 1;
+                tries.note(step, &s);
                 let p = mcim_telemetry::retry::pushback(&s);
                 tokio::time::sleep(mcim_telemetry::retry::wait(again, p)).await;
             }
@@ -346,7 +371,7 @@ pub async fn provision(
                 // The stream ended or broke: watch again from the last task handled.
                 Ok(None) => break,
                 Err(s) if mcim_telemetry::retry::transient(&s) && Instant::now() < until => {
-                    tries.0 += 1;
+                    tries.note("step 8 (task stream)", &s);
                     tokio::time::sleep(mcim_telemetry::retry::wait(1, None)).await;
                     break;
                 }

@@ -11,7 +11,8 @@
 //! (5.1.3.6.2 steps 1-14, 5.1.3.3.2.2), `--concurrency` devices at a time.
 //!
 //! The report (`--json`: one object on stdout) counts devices, provisioned, failed (reasons
-//! counted), retries, wall seconds and rate, latency percentiles, and the CPU time the roles'
+//! counted), retries (counted by step and status code), wall seconds and rate, latency
+//! percentiles, and the CPU time the roles'
 //! processes and this simulator spent per provisioning (from `/proc/PID/stat`), and the whole
 //! machine (`/proc/stat`: a database server here counts there). The exit
 //! status is 0 only if every device ended provisioned.
@@ -260,7 +261,7 @@ fn machine_cpu_ms() -> Option<f64> {
 struct Done {
     latency: Option<Duration>,
     failure: Option<Failure>,
-    retries: u64,
+    retries: Tries,
     device: Option<SimulatedDevice>,
 }
 
@@ -319,7 +320,7 @@ where
                                     .into(),
                                 gave_up: false,
                             }),
-                            retries: 0,
+                            retries: Tries::default(),
                             device: None,
                         });
                         bar.inc(1);
@@ -336,7 +337,7 @@ where
                         detail: e.to_string(),
                         gave_up: false,
                     }),
-                    retries: 0,
+                    retries: Tries::default(),
                     device: None,
                 });
             }
@@ -416,7 +417,7 @@ async fn fleet(
 
     let net = Arc::new(net);
     let mut failures: BTreeMap<String, (u64, String)> = BTreeMap::new();
-    let mut retries = 0u64;
+    let mut retries = Tries::default();
     let count = |f: Failure, failures: &mut BTreeMap<String, (u64, String)>| {
         let e = failures.entry(f.reason).or_insert((0, f.detail));
         e.0 += 1;
@@ -433,7 +434,7 @@ async fn fleet(
             Done {
                 latency: None,
                 failure: r.err(),
-                retries: tries.0,
+                retries: tries,
                 device: Some(d),
             }
         }
@@ -443,7 +444,7 @@ async fn fleet(
     let mut ready = Vec::with_capacity(setup.len());
     let mut setup_failed = 0u64;
     for d in setup {
-        retries += d.retries;
+        retries.add(d.retries);
         match (d.failure, d.device) {
             (None, Some(dev)) => ready.push(dev),
             (Some(f), _) => {
@@ -474,7 +475,7 @@ async fn fleet(
             Done {
                 latency: r.is_ok().then(|| t.elapsed()),
                 failure: r.err(),
-                retries: tries.0,
+                retries: tries,
                 device: None,
             }
         }
@@ -486,7 +487,7 @@ async fn fleet(
 
     let mut latencies = Vec::with_capacity(done.len());
     for d in done {
-        retries += d.retries;
+        retries.add(d.retries);
         if let Some(l) = d.latency {
             latencies.push(l);
         }
@@ -518,7 +519,8 @@ async fn fleet(
         "failed": a.devices - provisioned,
         "failures": failures.iter().map(|(k, (n, _))| (k.clone(), json!(n))).collect::<serde_json::Map<_, _>>(),
         "failure_examples": failures.iter().map(|(k, (_, d))| (k.clone(), json!(d))).collect::<serde_json::Map<_, _>>(),
-        "retries": retries,
+        "retries": retries.n,
+        "retry_reasons": retries.why,
         "concurrency": a.concurrency,
         "seconds": (seconds * 1000.0).round() / 1000.0,
         "per_second": if seconds > 0.0 { ((provisioned as f64 / seconds) * 10.0).round() / 10.0 } else { 0.0 },

@@ -205,6 +205,8 @@ impl DpfService for Dpf {
             let pcid = auth.caller.name;
             let ack = i64::try_from(req.get_ref().ack_seq).unwrap_or(i64::MAX);
             // A device acknowledges only tasks it was sent; anything more deletes nothing.
+            // Acknowledged tasks are done with; the rest is replayed (nothing to delete for a
+            // device that acknowledges none).
             if ack > 0 {
                 let sent: Option<(i64,)> =
                     sqlx::query_as("SELECT last_seq FROM ro_task_sent WHERE pcid = $1")
@@ -218,14 +220,13 @@ impl DpfService for Dpf {
                         "ack_seq {ack} acknowledges tasks this device was not sent (last sent: {sent})"
                     )));
                 }
+                sqlx::query("DELETE FROM ro_task WHERE pcid = $1 AND seq <= $2")
+                    .bind(&pcid)
+                    .bind(ack)
+                    .execute(&self.0.db)
+                    .await
+                    .map_err(db_err)?;
             }
-            // Acknowledged tasks are done with; the rest is replayed.
-            sqlx::query("DELETE FROM ro_task WHERE pcid = $1 AND seq <= $2")
-                .bind(&pcid)
-                .bind(ack)
-                .execute(&self.0.db)
-                .await
-                .map_err(db_err)?;
             let (tx, rx) = tokio::sync::mpsc::channel(16);
             let ro = self.0.clone();
             tokio::spawn(async move {

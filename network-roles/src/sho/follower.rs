@@ -23,10 +23,12 @@ use crate::store::now;
 impl Sho {
     /// Follows one registration through steps 10-11 in the background, in the trace of the
     /// call that started it.
-    /// Each step first renews this process's lease ([`Sho::claim`]); when another process has
-    /// taken the registration over, or it is done, this follower stops. A registration this
-    /// process follows already is not followed twice.
-    pub(super) fn follow(self: Arc<Self>, id: String) {
+    /// Each step first renews this process's lease ([`Sho::claim`]), except the first when
+    /// `leased` (the registration was stored with a fresh lease of this process a moment
+    /// ago: one write less per registration); when another process has taken the
+    /// registration over, or it is done, this follower stops. A registration this process
+    /// follows already is not followed twice.
+    pub(super) fn follow(self: Arc<Self>, id: String, leased: bool) {
         {
             let mut following = self.following.lock().unwrap_or_else(|p| p.into_inner());
             if !following.insert(id.clone()) {
@@ -36,7 +38,7 @@ impl Sho {
         let span = tracing::info_span!("follow_validation", registration = %id);
         tokio::spawn(tracing::Instrument::instrument(
             async move {
-                self.follow_steps(&id).await;
+                self.follow_steps(&id, leased).await;
                 self.following
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
@@ -48,10 +50,15 @@ impl Sho {
 
     /// The steps of [`Sho::follow`], until the registration is done, another process follows
     /// it, or [`VALIDATION_WAIT`] passes.
-    async fn follow_steps(&self, id: &str) {
+    async fn follow_steps(&self, id: &str, mut leased: bool) {
         let deadline = tokio::time::Instant::now() + VALIDATION_WAIT;
         loop {
-            let looked = match self.claim(id, false).await {
+            let claimed = if std::mem::take(&mut leased) {
+                Ok(true)
+            } else {
+                self.claim(id, false).await
+            };
+            let looked = match claimed {
                 // Done, or followed by another process now.
                 Ok(false) => return,
                 Ok(true) => self.step(id).await,

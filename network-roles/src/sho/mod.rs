@@ -130,7 +130,7 @@ impl Sho {
         for id in self.in_flight(true).await? {
             tracing::info!(registration = %id, "resuming");
             if self.claim(&id, true).await? {
-                self.clone().follow(id);
+                self.clone().follow(id, true);
             }
         }
         let me = Arc::downgrade(self);
@@ -143,7 +143,7 @@ impl Sho {
                     Ok(ids) => {
                         for id in ids {
                             tracing::info!(registration = %id, "taking over (its follower stopped)");
-                            sho.clone().follow(id);
+                            sho.clone().follow(id, false);
                         }
                     }
                     Err(e) => tracing::warn!("sweep: {e}"),

@@ -163,7 +163,7 @@ impl Sho {
         .await
         .map_err(db_err)?;
         tx.commit().await.map_err(db_err)?;
-        self.clone().follow(n.id.clone());
+        self.clone().follow(n.id.clone(), true);
         tracing::info!(pcid = %n.pcid, registration = %n.id, "registered; validation requested");
         self.registration(&n.id)
             .await?
