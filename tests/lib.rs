@@ -640,13 +640,14 @@ pub struct PgTls {
     pub client_cert: PathBuf,
     /// The client's key.
     pub client_key: PathBuf,
-    /// The server's certificate and key, and the CA it checks clients against.
-    server: (PathBuf, PathBuf),
+    /// The server's certificate and key (it checks clients against [`PgTls::ca`]).
+    pub server: (PathBuf, PathBuf),
 }
 
 impl PgTls {
-    /// Writes a CA, a server certificate and a client certificate for `user` into `dir`.
-    fn make(dir: &Path, user: &str) -> Self {
+    /// Writes into `dir` a CA, a certificate for the server at `server_names` (IP addresses
+    /// or DNS names; the first is its common name) and a client certificate for `user`.
+    pub fn make(dir: &Path, user: &str, server_names: &[&str]) -> Self {
         use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
         let ca = |name: &str, file: &str| {
             let key = KeyPair::generate().unwrap();
@@ -676,8 +677,8 @@ impl PgTls {
             (c, k)
         };
         let server = leaf(
-            vec!["127.0.0.1".into(), "localhost".into()],
-            "127.0.0.1",
+            server_names.iter().map(|n| n.to_string()).collect(),
+            server_names.first().copied().unwrap_or("localhost"),
             "pg-server",
         );
         let (client_cert, client_key) = leaf(Vec::new(), user, "pg-client");
@@ -765,7 +766,7 @@ impl Postgres {
             user.to_string()
         };
         let tls = tls.then(|| {
-            let files = PgTls::make(dir.path(), &who);
+            let files = PgTls::make(dir.path(), &who, &["127.0.0.1", "localhost"]);
             std::fs::write(
                 data.join("pg_hba.conf"),
                 "local all all trust\nhostssl all all 127.0.0.1/32 cert\n",

@@ -1,6 +1,7 @@
 //! The roles on separate hosts (issue 16 item 3): network namespaces this test makes itself
 //! (iproute2 `ip netns`, veth pairs to a bridge in a namespace of its own, addresses that exist
-//! only inside them): PostgreSQL on one host, two replicas of every role (`mcim-roles all`)
+//! only inside them): PostgreSQL on one host (reached only over verified TLS with a client
+//! certificate, as across real hosts), two replicas of every role (`mcim-roles all`)
 //! on two others, the fleet's simulated devices on a fourth, given both replicas' addresses of
 //! each role. While the fleet provisions, one replica (one of each role) is killed with SIGKILL
 //! and started again. Every device ends provisioned exactly once, each with an MCIM of its own,
@@ -23,6 +24,9 @@ struct Hosts {
     names: Vec<String>,
     children: Vec<Child>,
     postgres: Option<(PathBuf, tempfile::TempDir)>,
+    /// What a client adds to a database URL to reach it: verified TLS with a client
+    /// certificate.
+    pg_query: String,
 }
 
 /// The address of host `n` on the test's network.
@@ -51,6 +55,7 @@ impl Hosts {
             names: Vec::new(),
             children: Vec::new(),
             postgres: None,
+            pg_query: String::new(),
         };
         let sw = h.ns("sw");
         run(Command::new("ip").args(["netns", "add", &sw]))?;
@@ -107,8 +112,9 @@ impl Hosts {
             .is_ok_and(|s| s.success())
     }
 
-    /// PostgreSQL on host `name`, listening on its address only, trusting the test's network;
-    /// its server URL.
+    /// PostgreSQL on host `name`, listening on its address only, admitting clients of the
+    /// test's network over TLS with a client certificate only (`hostssl ... cert`), as across
+    /// real hosts; its server URL (and [`Hosts::pg_query`] set).
     fn postgres(&mut self, name: &str, n: u8) -> String {
         let bin = postgres_bin();
         let dir = tempfile::tempdir().unwrap();
@@ -124,12 +130,20 @@ impl Hosts {
         .unwrap();
         let hba = data.join("pg_hba.conf");
         let mut rules = std::fs::read_to_string(&hba).unwrap();
-        rules.push_str("\nhost all all 10.231.0.0/24 trust\n");
+        rules.push_str("\nhostssl all all 10.231.0.0/24 cert\n");
         std::fs::write(&hba, rules).unwrap();
+        let tls = mcim_e2e::PgTls::make(dir.path(), "postgres", &[&ip(n)]);
+        run(Command::new("chown").args(["-R", "postgres:postgres", dir.path().to_str().unwrap()]))
+            .unwrap();
+        self.pg_query = tls.query(&tls.ca);
         let opts = format!(
-            "-p 5432 -k {} -c listen_addresses={} -c fsync=off -c max_connections=200",
+            "-p 5432 -k {} -c listen_addresses={} -c fsync=off -c max_connections=200 \
+             -c ssl=on -c ssl_cert_file={} -c ssl_key_file={} -c ssl_ca_file={}",
             dir.path().display(),
-            ip(n)
+            ip(n),
+            tls.server.0.display(),
+            tls.server.1.display(),
+            tls.ca.display()
         );
         run(self
             .on(name, Path::new("runuser"))
@@ -149,7 +163,7 @@ impl Hosts {
     fn query(&self, name: &str, server: &str, db: &str, sql: &str) -> String {
         let out = self
             .on(name, Path::new("psql"))
-            .arg(format!("{server}/{db}"))
+            .arg(format!("{server}/{db}?{}", self.pg_query))
             .args(["-tAc", sql])
             .output()
             .unwrap();
@@ -225,13 +239,25 @@ fn a_fleet_across_hosts_survives_a_killed_replica_of_every_role_each_device_prov
         let _ = std::fs::remove_file(pki.join(f));
     }
     let server = h.postgres("db", 1);
-    let db = format!("{server}/fleet");
+    let db = format!("{server}/fleet?{}", h.pg_query);
     // The database exists before two replicas race to create it.
     run(h
         .on("db", Path::new("psql"))
-        .arg(format!("{server}/postgres"))
+        .arg(format!("{server}/postgres?{}", h.pg_query))
         .args(["-c", "CREATE DATABASE fleet"]))
     .unwrap();
+    // Across hosts the server admits nobody without TLS and a client certificate.
+    let plain = h
+        .on("r1", Path::new("psql"))
+        .arg(format!("{server}/postgres?sslmode=disable"))
+        .args(["-c", "SELECT 1"])
+        .output()
+        .unwrap();
+    assert!(
+        !plain.status.success() && output_text(&plain).contains("no encryption"),
+        "a plain connection: {}",
+        output_text(&plain)
+    );
     let replicas = format!("{}:7401,{}:7401", ip(11), ip(12));
     for (name, n) in [("r1", 11), ("r2", 12)] {
         let c = replica(&h, name, n, &pki, &db, &replicas);
@@ -338,6 +364,15 @@ fn a_fleet_across_hosts_survives_a_killed_replica_of_every_role_each_device_prov
     // Exactly once: one installed registration per device, an MCIM of its own each, one IMSI
     // per subscription, the SHO's registrations provisioned, the validations trusted.
     let q = |sql: &str| h.query("db", &server, "fleet", sql);
+    // Every connection the replicas hold is TLS under the client certificate.
+    assert_eq!(
+        q(
+            "SELECT COUNT(*) FROM pg_stat_ssl s JOIN pg_stat_activity a ON a.pid = s.pid \
+           WHERE a.datname = 'fleet' AND a.backend_type = 'client backend' \
+           AND NOT (s.ssl AND s.client_dn = '/CN=postgres')"
+        ),
+        "0"
+    );
     assert_eq!(
         q("SELECT COUNT(*) FROM ro_registration WHERE state = 'installed'"),
         N.to_string()
