@@ -582,24 +582,33 @@ async fn every_owned_object_refuses_another_owner_and_changes_nothing() {
                 .await,
         ),
     ));
-    // Another device cannot tell the SHO that ME discarded ME's MCIM (the SHO's first IMSI).
+    // Another device cannot tell the SHO that ME discarded ME's MCIM (the SHO's first IMSI),
+    // nor learn that the IMSI is given: it is answered exactly as an IMSI nobody holds.
     let me_imsi = "001020000000001";
     assert!(
         before["sho_subscription"].contains(me_imsi),
         "ME's subscription holds {me_imsi}"
     );
-    tried.push((
-        "/mcim.sho.v1.ShoService/NotifyDiscard",
-        unit(
-            ShoServiceClient::new(roles.device_channel(OTHER, Role::Sho).await)
-                .notify_discard(sho::NotifyDiscardRequest {
-                    imsi: me_imsi.into(),
-                    discard_statement: b"mcim-discard-v1".to_vec(),
-                    ..Default::default()
-                })
-                .await,
-        ),
-    ));
+    let other_sho = ShoServiceClient::new(roles.device_channel(OTHER, Role::Sho).await);
+    let discard = |imsi: &str| {
+        let mut c = other_sho.clone();
+        let req = sho::NotifyDiscardRequest {
+            imsi: imsi.into(),
+            discard_statement: b"mcim-discard-v1".to_vec(),
+            ..Default::default()
+        };
+        async move { c.notify_discard(req).await }
+    };
+    let mine = unit(discard(me_imsi).await);
+    let nobodys = unit(discard("001029999999999").await);
+    let (mine, nobodys) = (mine.unwrap_err(), nobodys.unwrap_err());
+    assert_eq!(mine.code(), Code::NotFound, "{mine:?}");
+    assert_eq!(
+        (mine.code(), mine.message()),
+        (nobodys.code(), nobodys.message()),
+        "an IMSI oracle"
+    );
+    let mut answered_as_unknown = vec!["/mcim.sho.v1.ShoService/NotifyDiscard"];
     tried.push((
         "/mcim.ro.v1.DpfService/RelayDiscardAck",
         unit(
@@ -921,6 +930,7 @@ async fn every_owned_object_refuses_another_owner_and_changes_nothing() {
         .map(|r| r.method)
         .collect();
     let mut covered: Vec<&str> = tried.iter().map(|(m, _)| *m).collect();
+    covered.append(&mut answered_as_unknown);
     covered.sort_unstable();
     let mut want = owned.clone();
     want.sort_unstable();
@@ -1266,4 +1276,49 @@ fn an_imsi_attaches_only_on_the_device_it_was_provisioned_to() {
     });
     // The owner attaches with it again (the SQN used above is behind it: no resync needed).
     attach_as_owner();
+}
+
+/// Two ROs registering the same new registration id at the SHO at the same moment (step 7):
+/// one registration, the first RO's; the other RO is told ALREADY_EXISTS, as it is when it
+/// comes second (found by an outside attack: the loser got UNAVAILABLE "database error").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_ros_registering_one_new_id_at_once_make_one_registration() {
+    use mcim_proto::mcim::sho::v1 as sho;
+    use mcim_proto::mcim::sho::v1::sho_service_client::ShoServiceClient;
+
+    let work = tempfile::tempdir().unwrap();
+    let roles = Roles::start(work.path());
+    roles.contract_software_device(ME, "OWN-1").await;
+    let ro1 = ShoServiceClient::new(roles.channel(Role::Ro, Role::Sho).await);
+    let ro2 = ShoServiceClient::new(
+        roles
+            .party_channel(Role::Ro, "ro2.mcim.local", Role::Sho)
+            .await,
+    );
+    let register = |mut c: ShoServiceClient<Channel>, id: String| async move {
+        c.register_device(sho::RegisterDeviceRequest {
+            registration_id: id,
+            pcid: ME.into(),
+            registration_nonce: vec![7; 16],
+            dpf_url: "https://127.0.0.1:1".into(),
+        })
+        .await
+    };
+    for round in 0..6 {
+        let id = format!("race-{round}");
+        let (a, b) = tokio::join!(
+            register(ro1.clone(), id.clone()),
+            register(ro2.clone(), id.clone())
+        );
+        let codes = [&a, &b].map(|r| r.as_ref().err().map(Status::code));
+        assert!(
+            codes == [None, Some(Code::AlreadyExists)]
+                || codes == [Some(Code::AlreadyExists), None],
+            "round {round}: {a:?} / {b:?}"
+        );
+        let rows = roles.snapshot().await["sho_registration"]
+            .matches(id.as_str())
+            .count();
+        assert_eq!(rows, 1, "round {round}: registrations with the id");
+    }
 }

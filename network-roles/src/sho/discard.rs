@@ -45,10 +45,12 @@ impl Sho {
                 .fetch_optional(&self.db)
                 .await
                 .map_err(db_err)?;
-        let (pcid,) =
-            pcid.ok_or_else(|| RoleError::not_found("no MCIM of this SHO has this IMSI"))?;
-        // Only the device the MCIM was provisioned to speaks for it (the table's owner rule).
-        auth.owns(&pcid)?;
+        // Only the device the MCIM was provisioned to speaks for it (the table's owner rule);
+        // another device's IMSI is answered as one nobody holds, so that no device learns
+        // which IMSIs this SHO gave (they are numbered in order).
+        let (pcid,) = pcid
+            .filter(|(p,)| auth.owns(p).is_ok())
+            .ok_or_else(|| RoleError::not_found("no MCIM of this SHO has this IMSI"))?;
         let kept: Option<(Vec<u8>, i64)> =
             sqlx::query_as("SELECT ack, acknowledged_at FROM sho_discard WHERE imsi = $1")
                 .bind(&n.imsi)

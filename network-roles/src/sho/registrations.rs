@@ -125,11 +125,11 @@ impl Sho {
         }
         // The device holds this SHO's MCIM already (provisioned, not discarded): a second
         // package for the same IMSI would replace its K at the AuC under a working device.
+        // (The IMSI is not the RO's to learn: not in the message.)
         if self.imsi_live(&sub.imsi).await? {
-            return Err(RoleError::conflict(format!(
-                "the device already holds this SHO's MCIM (IMSI {}): nothing to provision",
-                sub.imsi
-            )));
+            return Err(RoleError::conflict(
+                "the device already holds this SHO's MCIM: nothing to provision",
+            ));
         }
         // Step 8: ask the PVA to validate the device.
         let v = PvaServiceClient::new(self.pva.clone())
@@ -142,6 +142,24 @@ impl Sho {
             .into_inner();
         // Numbered (`made`) under the write lock: two at once never get the same number.
         let mut tx = crate::store::begin_write(&self.db).await?;
+        // The same id registered meanwhile (two calls at once, by one RO or two): the rule
+        // above, now under the lock.
+        let taken: Option<(String,)> =
+            sqlx::query_as("SELECT ro FROM sho_registration WHERE id = $1")
+                .bind(&n.id)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(db_err)?;
+        if let Some((ro,)) = taken {
+            drop(tx);
+            if ro != n.ro && !ro.is_empty() {
+                return Err(RoleError::exists("this registration id is taken"));
+            }
+            return self
+                .registration(&n.id)
+                .await?
+                .ok_or_else(|| RoleError::internal("registration not stored"));
+        }
         sqlx::query(
             "INSERT INTO sho_registration (id, pcid, nonce, dpf_url, validation_id, \
              validation_nonce, state, imsi, made, follower, follow_until, ro) \
