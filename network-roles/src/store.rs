@@ -314,42 +314,42 @@ async fn create_postgres_database(url: &str) -> Result<(), StoreError> {
 }
 
 /// Why the connection a `postgres://` URL makes is not authenticated, when it is not: a
-/// server on another host reached without TLS that checks the server's certificate
-/// (`sslmode=verify-full`, or `verify-ca`, with `sslrootcert=` the operator's CA; libpq's and
-/// sqlx's default `prefer` falls back to plain text and checks nothing). A loopback address or
-/// a Unix socket stays on the machine. The roles say it when they open the database.
+/// server on another host reached without TLS that checks the server's certificate and name
+/// (`sslmode=verify-full` with `sslrootcert=` the operator's CA; libpq's and sqlx's default
+/// `prefer` falls back to plain text and checks nothing, `verify-ca` does not check the name).
+/// A loopback address or a Unix socket stays on the machine. The URL is read by sqlx's own
+/// parser (with its environment defaults, `PGHOST` and the like), so that what is judged is
+/// what sqlx will connect to. The roles say it when they open the database.
 pub fn unauthenticated_database(url: &str) -> Option<String> {
-    let rest = url
-        .strip_prefix("postgres://")
-        .or_else(|| url.strip_prefix("postgresql://"))?;
-    let (rest, query) = rest.split_once('?').unwrap_or((rest, ""));
-    let param = |name: &str| {
-        query
-            .split('&')
-            .filter_map(|kv| kv.split_once('='))
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.to_ascii_lowercase())
-    };
-    let mode = param("sslmode")
-        .or_else(|| param("ssl-mode"))
-        .unwrap_or_else(|| "prefer".into());
-    if matches!(mode.as_str(), "verify-full" | "verify-ca") {
+    use sqlx::postgres::{PgConnectOptions, PgSslMode};
+    if Engine::of(url).ok()? != Engine::Postgres {
         return None;
     }
-    let authority = rest.split('/').next().unwrap_or_default();
-    let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
-    let host = if let Some(v6) = host_port.strip_prefix('[') {
-        v6.split(']').next().unwrap_or_default().to_string()
-    } else {
-        host_port.split(':').next().unwrap_or_default().to_string()
+    let opts: PgConnectOptions = match url.parse() {
+        Ok(o) => o,
+        // Opening it fails with sqlx's own error.
+        Err(_) => return None,
     };
-    let host = param("host").unwrap_or(host);
-    let local = host.is_empty()
+    let mode = opts.get_ssl_mode();
+    if matches!(mode, PgSslMode::VerifyFull) {
+        return None;
+    }
+    let host = opts.get_host();
+    let local = opts.get_socket().is_some()
         || host.starts_with('/')
         || host.eq_ignore_ascii_case("localhost")
         || host
+            .trim_matches(|c| c == '[' || c == ']')
             .parse::<std::net::IpAddr>()
             .is_ok_and(|ip| ip.is_loopback());
+    let mode = match mode {
+        PgSslMode::Disable => "disable",
+        PgSslMode::Allow => "allow",
+        PgSslMode::Prefer => "prefer",
+        PgSslMode::Require => "require",
+        PgSslMode::VerifyCa => "verify-ca",
+        PgSslMode::VerifyFull => "verify-full",
+    };
     (!local).then(|| {
         format!(
             "the connection to PostgreSQL at {host} is not authenticated (sslmode={mode}): give \
@@ -392,7 +392,23 @@ const WRITE_LOCK: i64 = 0x6d63_696d;
 /// - PostgreSQL: the transaction first takes an advisory lock held until it ends, the same
 ///   one-writer-at-a-time rule across every replica of every role on the database. Reads in it
 ///   (READ COMMITTED) see everything committed before the lock was granted.
+///
+/// The transaction is begun in a task of its own, so that a caller that goes away meanwhile
+/// (tonic drops a handler's future when its gRPC caller hangs up or is killed) cannot stop it
+/// between sending BEGIN and reading the answer: sqlx 0.9 then forgets the BEGIN it sent and
+/// puts the connection back in the pool inside a transaction, where the autocommit writes of
+/// later calls are seen by no other session until that session ends (found by the netns
+/// fleet test; `tests::a_transaction_dropped_while_it_begins_leaves_no_connection_inside_one`).
+/// A transaction begun for a caller that went away is rolled back when the task's result is
+/// dropped.
 pub async fn begin_write(db: &Db) -> Result<Tx, RoleError> {
+    let db = db.clone();
+    tokio::spawn(async move { begin_write_here(&db).await })
+        .await
+        .map_err(|e| RoleError::internal(format!("beginning a transaction: {e}")))?
+}
+
+async fn begin_write_here(db: &Db) -> Result<Tx, RoleError> {
     match Engine::of_db(db) {
         Engine::Sqlite => db.begin_with("BEGIN IMMEDIATE").await.map_err(db_err),
         Engine::Postgres => {
@@ -578,6 +594,16 @@ mod tests {
             "postgres://u:pw@10.0.0.5/x?sslmode=require",
             "postgresql://u@[2001:db8::1]:5432/x?sslmode=prefer",
             "postgres://u@127.0.0.1/x?host=db.example",
+            // What the outside attack found the first reading let through: the last of two
+            // values counts, hostaddr is the address, a fragment is no query, keys are
+            // case-sensitive, verify-ca checks no name.
+            "postgres://u@db.example/x?sslmode=verify-full&sslmode=disable",
+            "postgres://u@db.example/x?ssl-mode=verify-full&sslmode=disable",
+            "postgres://u@localhost/x?hostaddr=192.0.2.2&sslmode=disable",
+            "postgres://u@db.example/x?host=localhost&host=192.0.2.2",
+            "postgres://u@192.0.2.2/x?sslmode=disable#&host=localhost",
+            "postgres://u@db.example/x?SSLMODE=verify-full",
+            "postgres://u@db.example/x?sslmode=verify-ca&sslrootcert=/ca.pem",
         ] {
             let why = super::unauthenticated_database(url).unwrap_or_default();
             assert!(why.contains("not authenticated"), "{url}: {why:?}");
@@ -585,7 +611,7 @@ mod tests {
         }
         for url in [
             "postgres://u@db.example/x?sslmode=verify-full&sslrootcert=/ca.pem",
-            "postgres://u@db.example/x?sslrootcert=/ca.pem&sslmode=verify-ca",
+            "postgres://u@db.example/x?sslmode=disable&sslmode=verify-full",
             "postgres://u@127.0.0.1:5432/x",
             "postgres://u@localhost/x?sslmode=disable",
             "postgres://u@[::1]:5432/x",
@@ -702,6 +728,98 @@ mod tests {
                 .unwrap_or_else(|e| panic!("{e}"));
                 assert_eq!(got, want, "{setting}");
             }
+        }
+    }
+
+    /// A write transaction whose caller goes away while it begins (a gRPC caller that hangs
+    /// up, a peer replica killed mid-call: tonic drops the handler's future) leaves no pooled
+    /// connection inside a transaction. Found by the netns fleet test: sqlx 0.9 sends BEGIN
+    /// and, dropped while it waits for the answer, forgets it did; the connection went back
+    /// to the pool inside a transaction, and the autocommit writes of later calls on it were
+    /// seen by nobody else (an attach attempt, a grant, a report "lost") until the session
+    /// ended. Checked from outside: the server's own view of its sessions, and a write on
+    /// every pooled connection read back from another session.
+    #[tokio::test]
+    async fn a_transaction_dropped_while_it_begins_leaves_no_connection_inside_one() {
+        for url in super::test_urls() {
+            let db = super::open(&url)
+                .await
+                .unwrap_or_else(|e| panic!("{url}: {e}"));
+            if super::Engine::of_db(&db) != super::Engine::Postgres {
+                continue;
+            }
+            sqlx::query("CREATE TABLE t_seen (n BIGINT NOT NULL)")
+                .execute(&db)
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+            let other = super::open(&url)
+                .await
+                .unwrap_or_else(|e| panic!("{url}: {e}"));
+            let in_transaction = || async {
+                let (n,): (i64,) = sqlx::query_as(
+                    "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database() \
+                     AND state LIKE 'idle in transaction%'",
+                )
+                .fetch_one(&other)
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+                n
+            };
+            // Dropped at every point from before the BEGIN is sent to after it is answered
+            // (after its first, second, ... wait: where a future can be dropped), each looked
+            // at before another transaction could use (and so mend) the connection.
+            let (mut dropped, mut left_open) = (0, 0);
+            for i in 0..240usize {
+                let mut begin = Box::pin(super::begin_write(&db));
+                let mut waits = 0;
+                let done = std::future::poll_fn(|cx| match begin.as_mut().poll(cx) {
+                    std::task::Poll::Ready(_) => std::task::Poll::Ready(true),
+                    std::task::Poll::Pending => {
+                        waits += 1;
+                        if waits > i % 12 {
+                            std::task::Poll::Ready(false)
+                        } else {
+                            std::task::Poll::Pending
+                        }
+                    }
+                })
+                .await;
+                drop(begin);
+                if !done {
+                    dropped += 1;
+                    // A returned connection is checked (and a dropped transaction rolled
+                    // back) by a task of sqlx's pool.
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                    left_open += in_transaction().await;
+                }
+            }
+            assert!(dropped > 0, "no transaction was dropped while it began");
+            assert_eq!(
+                left_open, 0,
+                "pooled connections left inside a transaction ({dropped} dropped)"
+            );
+            // Every connection of the pool at once, each writing one row by itself.
+            let size = usize::try_from(db.size()).unwrap_or(1);
+            let mut held = Vec::new();
+            for _ in 0..size {
+                held.push(db.acquire().await.unwrap_or_else(|e| panic!("{e}")));
+            }
+            for (n, c) in held.iter_mut().enumerate() {
+                sqlx::query("INSERT INTO t_seen (n) VALUES ($1)")
+                    .bind(i64::try_from(n).unwrap_or(0))
+                    .execute(&mut **c)
+                    .await
+                    .unwrap_or_else(|e| panic!("{e}"));
+            }
+            let (seen,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM t_seen")
+                .fetch_one(&other)
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(
+                seen,
+                i64::try_from(size).unwrap_or(0),
+                "writes another session does not see"
+            );
         }
     }
 

@@ -195,8 +195,21 @@ impl Drop for Hosts {
     }
 }
 
-/// `mcim-roles all` replica on host `name` (address `n`), one of `replicas`.
-fn replica(h: &Hosts, name: &str, n: u8, pki: &Path, db: &str, replicas: &str) -> Child {
+/// `mcim-roles all` replica on host `name` (address `n`), one of `replicas`; its warnings
+/// appended to `log`.
+fn replica(
+    h: &Hosts,
+    (name, n): (&str, u8),
+    pki: &Path,
+    db: &str,
+    replicas: &str,
+    log: &Path,
+) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
     h.on(name, &workspace_bin("mcim-roles"))
         .args(["all", "--pki"])
         .arg(pki)
@@ -205,9 +218,25 @@ fn replica(h: &Hosts, name: &str, n: u8, pki: &Path, db: &str, replicas: &str) -
         .args(["--host", &ip(n), "--base-port", "7401"])
         .args(["--replica-base-ports", replicas])
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(log)
         .spawn()
         .unwrap()
+}
+
+/// The last lines the replicas logged (for a failure's message).
+fn replica_logs(work: &Path) -> String {
+    ["r1", "r2"]
+        .iter()
+        .map(|r| {
+            let text = std::fs::read_to_string(work.join(format!("{r}.log"))).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            format!(
+                "--- {r} (last 30 lines)\n{}",
+                lines[lines.len().saturating_sub(30)..].join("\n")
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 #[test]
@@ -259,8 +288,9 @@ fn a_fleet_across_hosts_survives_a_killed_replica_of_every_role_each_device_prov
         output_text(&plain)
     );
     let replicas = format!("{}:7401,{}:7401", ip(11), ip(12));
+    let log = |name: &str| work.path().join(format!("{name}.log"));
     for (name, n) in [("r1", 11), ("r2", 12)] {
-        let c = replica(&h, name, n, &pki, &db, &replicas);
+        let c = replica(&h, (name, n), &pki, &db, &replicas, &log(name));
         h.children.push(c);
     }
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -334,7 +364,7 @@ fn a_fleet_across_hosts_survives_a_killed_replica_of_every_role_each_device_prov
     first.kill().unwrap();
     first.wait().unwrap();
     std::thread::sleep(Duration::from_secs(1));
-    let again = replica(&h, "r1", 11, &pki, &db, &replicas);
+    let again = replica(&h, ("r1", 11), &pki, &db, &replicas, &log("r1"));
     h.children.push(again);
     let deadline = Instant::now() + Duration::from_secs(30);
     while !(0..5).all(|i| h.listening("devices", &ip(11), 7401 + i)) {
@@ -350,7 +380,11 @@ fn a_fleet_across_hosts_survives_a_killed_replica_of_every_role_each_device_prov
     let stderr = String::from_utf8_lossy(&out.stderr);
     let r: serde_json::Value =
         serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {stderr}"));
-    assert!(out.status.success(), "{stderr}\n{r:#}");
+    assert!(
+        out.status.success(),
+        "{stderr}\n{r:#}\n{}",
+        replica_logs(work.path())
+    );
     assert!(
         at_kill < N,
         "the replica was killed mid-run ({at_kill} of {N} installed)"
