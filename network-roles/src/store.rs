@@ -393,26 +393,26 @@ const WRITE_LOCK: i64 = 0x6d63_696d;
 ///   one-writer-at-a-time rule across every replica of every role on the database. Reads in it
 ///   (READ COMMITTED) see everything committed before the lock was granted.
 ///
-/// The transaction is begun in a task of its own, so that a caller that goes away meanwhile
-/// (tonic drops a handler's future when its gRPC caller hangs up or is killed) cannot stop it
-/// between sending BEGIN and reading the answer: sqlx 0.9 then forgets the BEGIN it sent and
-/// puts the connection back in the pool inside a transaction, where the autocommit writes of
-/// later calls are seen by no other session until that session ends (found by the netns
-/// fleet test; `tests::a_transaction_dropped_while_it_begins_leaves_no_connection_inside_one`).
-/// A transaction begun for a caller that went away is rolled back when the task's result is
-/// dropped.
+/// On PostgreSQL the BEGIN is sent from a task of its own, so that a caller that goes away
+/// meanwhile (tonic drops a handler's future when its gRPC caller hangs up or is killed)
+/// cannot stop it between sending BEGIN and reading the answer: sqlx 0.9 then forgets the
+/// BEGIN it sent and puts the connection back in the pool inside a transaction, where the
+/// autocommit writes of later calls are seen by no other session until that session ends
+/// (found by the netns fleet test;
+/// `tests::a_transaction_dropped_while_it_begins_leaves_no_connection_inside_one`). A
+/// transaction begun for a caller that went away is rolled back when the task's result is
+/// dropped. The lock is taken back in the caller's task: no task hop while it is held.
+/// (SQLite's worker thread keeps the transaction depth itself and rolls a dropped BEGIN
+/// back.)
 pub async fn begin_write(db: &Db) -> Result<Tx, RoleError> {
-    let db = db.clone();
-    tokio::spawn(async move { begin_write_here(&db).await })
-        .await
-        .map_err(|e| RoleError::internal(format!("beginning a transaction: {e}")))?
-}
-
-async fn begin_write_here(db: &Db) -> Result<Tx, RoleError> {
     match Engine::of_db(db) {
         Engine::Sqlite => db.begin_with("BEGIN IMMEDIATE").await.map_err(db_err),
         Engine::Postgres => {
-            let mut tx = db.begin().await.map_err(db_err)?;
+            let pool = db.clone();
+            let mut tx = tokio::spawn(async move { pool.begin().await })
+                .await
+                .map_err(|e| RoleError::internal(format!("beginning a transaction: {e}")))?
+                .map_err(db_err)?;
             sqlx::query("SELECT pg_advisory_xact_lock($1)")
                 .bind(WRITE_LOCK)
                 .execute(&mut *tx)
@@ -734,28 +734,36 @@ mod tests {
     /// A write transaction whose caller goes away while it begins (a gRPC caller that hangs
     /// up, a peer replica killed mid-call: tonic drops the handler's future) leaves no pooled
     /// connection inside a transaction. Found by the netns fleet test: sqlx 0.9 sends BEGIN
-    /// and, dropped while it waits for the answer, forgets it did; the connection went back
-    /// to the pool inside a transaction, and the autocommit writes of later calls on it were
-    /// seen by nobody else (an attach attempt, a grant, a report "lost") until the session
-    /// ended. Checked from outside: the server's own view of its sessions, and a write on
-    /// every pooled connection read back from another session.
+    /// to PostgreSQL and, dropped while it waits for the answer, forgets it did; the
+    /// connection went back to the pool inside a transaction, and the autocommit writes of
+    /// later calls on it were seen by nobody else (an attach attempt, a grant, a report
+    /// "lost") until the session ended. Checked from outside, by another session: on
+    /// PostgreSQL the server's own view of its sessions after each drop, on both engines a
+    /// write on every pooled connection read back. (SQLite on a file: another session.)
     #[tokio::test]
     async fn a_transaction_dropped_while_it_begins_leaves_no_connection_inside_one() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
         for url in super::test_urls() {
+            let url = if url.starts_with("sqlite") {
+                format!("sqlite://{}", dir.path().join("dropped.db").display())
+            } else {
+                url
+            };
             let db = super::open(&url)
                 .await
                 .unwrap_or_else(|e| panic!("{url}: {e}"));
-            if super::Engine::of_db(&db) != super::Engine::Postgres {
-                continue;
-            }
+            let other = super::open(&url)
+                .await
+                .unwrap_or_else(|e| panic!("{url}: {e}"));
+            let postgres = super::Engine::of_db(&db) == super::Engine::Postgres;
             sqlx::query("CREATE TABLE t_seen (n BIGINT NOT NULL)")
                 .execute(&db)
                 .await
                 .unwrap_or_else(|e| panic!("{e}"));
-            let other = super::open(&url)
-                .await
-                .unwrap_or_else(|e| panic!("{url}: {e}"));
             let in_transaction = || async {
+                if !postgres {
+                    return 0;
+                }
                 let (n,): (i64,) = sqlx::query_as(
                     "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database() \
                      AND state LIKE 'idle in transaction%'",
@@ -793,10 +801,13 @@ mod tests {
                     left_open += in_transaction().await;
                 }
             }
-            assert!(dropped > 0, "no transaction was dropped while it began");
+            assert!(
+                dropped > 0,
+                "{url}: no transaction was dropped while it began"
+            );
             assert_eq!(
                 left_open, 0,
-                "pooled connections left inside a transaction ({dropped} dropped)"
+                "{url}: pooled connections left inside a transaction ({dropped} dropped)"
             );
             // Every connection of the pool at once, each writing one row by itself.
             let size = usize::try_from(db.size()).unwrap_or(1);
@@ -809,7 +820,7 @@ mod tests {
                     .bind(i64::try_from(n).unwrap_or(0))
                     .execute(&mut **c)
                     .await
-                    .unwrap_or_else(|e| panic!("{e}"));
+                    .unwrap_or_else(|e| panic!("{url}: {e}"));
             }
             let (seen,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM t_seen")
                 .fetch_one(&other)
@@ -818,7 +829,7 @@ mod tests {
             assert_eq!(
                 seen,
                 i64::try_from(size).unwrap_or(0),
-                "writes another session does not see"
+                "{url}: writes another session does not see"
             );
         }
     }
