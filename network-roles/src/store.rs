@@ -409,9 +409,12 @@ pub async fn begin_write(db: &Db) -> Result<Tx, RoleError> {
         Engine::Sqlite => db.begin_with("BEGIN IMMEDIATE").await.map_err(db_err),
         Engine::Postgres => {
             let pool = db.clone();
+            // The task fails only when it is cancelled: the runtime is stopping (the process
+            // ends). UNAVAILABLE, as for a database that cannot be reached: whoever asked may
+            // try again (the SHO's follower must not mark a registration failed for it).
             let mut tx = tokio::spawn(async move { pool.begin().await })
                 .await
-                .map_err(|e| RoleError::internal(format!("beginning a transaction: {e}")))?
+                .map_err(|e| RoleError::unavailable(format!("beginning a transaction: {e}")))?
                 .map_err(db_err)?;
             sqlx::query("SELECT pg_advisory_xact_lock($1)")
                 .bind(WRITE_LOCK)

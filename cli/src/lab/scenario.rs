@@ -134,6 +134,33 @@ impl Rig<'_> {
     }
 }
 
+/// The last lines of each log in the lab's directory (the roles', tred's, each restart's),
+/// for an error that a stalled run ends with.
+fn log_tails(dir: &Path) -> String {
+    let mut logs: Vec<_> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "log"))
+        .collect();
+    logs.sort();
+    logs.iter()
+        .map(|p| {
+            let text = std::fs::read_to_string(p).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            format!(
+                "--- {} (last 15 lines)\n{}",
+                p.file_name()
+                    .map(|n| n.to_string_lossy())
+                    .unwrap_or_default(),
+                lines[lines.len().saturating_sub(15)..].join("\n")
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 /// What following a run found.
 #[derive(Default)]
 struct Followed {
@@ -182,9 +209,10 @@ async fn follow(
                 .await
                 .map_err(|_| {
                     fail(format!(
-                        "no progress for {} s after step {}",
+                        "no progress for {} s after step {}\n{}",
                         STEP_TIMEOUT.as_secs(),
-                        reported.last().copied().unwrap_or(0)
+                        reported.last().copied().unwrap_or(0),
+                        log_tails(rig.dir)
                     ))
                 })??;
             let Some(s) = next else { break };
