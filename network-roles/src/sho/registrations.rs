@@ -81,6 +81,16 @@ impl Registration {
         }
         auth.owns(&self.ro)
     }
+
+    /// This registration, for the RO `ro` registering its id again (step 7 retried): the same
+    /// RO gets the same answer (any RO, for a registration stored before the SHO recorded its
+    /// RO); another RO's id is not its to learn about or take over.
+    fn asked_again_by(self, ro: &str) -> Result<Self, RoleError> {
+        if self.ro == ro || self.ro.is_empty() {
+            return Ok(self);
+        }
+        Err(RoleError::exists("this registration id is taken"))
+    }
 }
 
 impl Sho {
@@ -116,12 +126,7 @@ impl Sho {
             .await?
             .ok_or_else(|| RoleError::not_found("no subscription for this PCID"))?;
         if let Some(existing) = self.registration(&n.id).await? {
-            // The same RO asking again gets the same answer; another RO's id is not its to
-            // learn about or take over.
-            if existing.ro == n.ro || existing.ro.is_empty() {
-                return Ok(existing);
-            }
-            return Err(RoleError::exists("this registration id is taken"));
+            return existing.asked_again_by(&n.ro);
         }
         // The device holds this SHO's MCIM already (provisioned, not discarded): a second
         // package for the same IMSI would replace its K at the AuC under a working device.
@@ -145,20 +150,18 @@ impl Sho {
         // The same id registered meanwhile (two calls at once, by one RO or two): the rule
         // above, now under the lock.
         let taken: Option<(String,)> =
-            sqlx::query_as("SELECT ro FROM sho_registration WHERE id = $1")
+            sqlx::query_as("SELECT id FROM sho_registration WHERE id = $1")
                 .bind(&n.id)
                 .fetch_optional(&mut *tx)
                 .await
                 .map_err(db_err)?;
-        if let Some((ro,)) = taken {
+        if taken.is_some() {
             drop(tx);
-            if ro != n.ro && !ro.is_empty() {
-                return Err(RoleError::exists("this registration id is taken"));
-            }
             return self
                 .registration(&n.id)
                 .await?
-                .ok_or_else(|| RoleError::internal("registration not stored"));
+                .ok_or_else(|| RoleError::internal("registration not stored"))?
+                .asked_again_by(&n.ro);
         }
         sqlx::query(
             "INSERT INTO sho_registration (id, pcid, nonce, dpf_url, validation_id, \

@@ -270,27 +270,21 @@ impl Sho {
     }
 
     async fn live(&self, imsi: &str, pcid: Option<&str>) -> Result<bool, RoleError> {
-        macro_rules! live {
-            () => {
-                "SELECT s.imsi FROM sho_subscription s \
-                 JOIN sho_registration r ON r.pcid = s.pcid \
-                 WHERE s.imsi = $1 AND r.state = $2 AND (r.imsi = s.imsi OR r.imsi = '') \
-                 AND NOT EXISTS (SELECT 1 FROM sho_discard d WHERE d.imsi = s.imsi) \
-                 AND NOT EXISTS (SELECT 1 FROM sho_instruction i WHERE i.imsi = s.imsi \
-                 AND i.outcome = 'done' AND i.action IN ('retire', 'delete'))"
-            };
-        }
-        let q = match pcid {
-            None => sqlx::query_as::<_, (String,)>(live!()),
-            Some(_) => sqlx::query_as::<_, (String,)>(concat!(live!(), " AND s.pcid = $3")),
-        }
+        // `pcid` NULL: on any device.
+        let live: Option<(String,)> = sqlx::query_as(
+            "SELECT s.imsi FROM sho_subscription s JOIN sho_registration r ON r.pcid = s.pcid \
+             WHERE s.imsi = $1 AND r.state = $2 AND (r.imsi = s.imsi OR r.imsi = '') \
+             AND ($3 IS NULL OR s.pcid = $3) \
+             AND NOT EXISTS (SELECT 1 FROM sho_discard d WHERE d.imsi = s.imsi) \
+             AND NOT EXISTS (SELECT 1 FROM sho_instruction i WHERE i.imsi = s.imsi \
+             AND i.outcome = 'done' AND i.action IN ('retire', 'delete'))",
+        )
         .bind(imsi)
-        .bind(super::St::Provisioned as i64);
-        let q = match pcid {
-            Some(pcid) => q.bind(pcid),
-            None => q,
-        };
-        let live = q.fetch_optional(&self.db).await.map_err(db_err)?;
+        .bind(super::St::Provisioned as i64)
+        .bind(pcid)
+        .fetch_optional(&self.db)
+        .await
+        .map_err(db_err)?;
         Ok(live.is_some())
     }
 }
