@@ -196,12 +196,12 @@ pub fn run_sho(cmd: ShoCommand) -> Result<(), OperatorError> {
                     .into(),
             ));
         }
-        let wrap = |s: &[u8], rng: &mut rand::rngs::ThreadRng| {
-            mcim_core::token_wrap::wrap_for_token(&storage, s, rng)
+        let wrap = |s: &[u8]| {
+            mcim_core::token_wrap::wrap_for_token(&storage, s)
                 .map(|b| b.to_bytes())
                 .map_err(|e| OperatorError::Refused(e.to_string()))
         };
-        let (kb, ob) = (wrap(k.expose(), &mut rng)?, wrap(opc.expose(), &mut rng)?);
+        let (kb, ob) = (wrap(k.expose())?, wrap(opc.expose())?);
         std::fs::create_dir_all(&a.out_dir).map_err(|e| OperatorError::File {
             path: a.out_dir.display().to_string(),
             detail: e.to_string(),

@@ -8,6 +8,7 @@
 //!   the device side, and resynchronisation (TS 33.102 6.3.5).
 //! - [`identity`]: PCID and IMSI (IMSI format, routed by MCC/MNC, annex x.2.1) and the
 //!   supplier's device identity.
+//! - [`es256`]: ES256 signing and verification through ring (the hot paths).
 //! - [`secret`]: fixed-size secret byte strings (K, OP, OPc, CK, IK) that wipe themselves and
 //!   never print.
 //!
@@ -24,6 +25,7 @@
 #![forbid(unsafe_code)]
 
 pub mod aka;
+pub mod es256;
 pub mod identity;
 pub mod lifecycle;
 pub mod package;

@@ -6,7 +6,7 @@
 //! PKCS#11 wrap). The device accepts a package only for itself and for the registration it is
 //! in, and a TRE installs an IMSI once: a replayed or redirected package changes nothing.
 
-use p256::ecdsa::{SigningKey, VerifyingKey};
+use p256::ecdsa::VerifyingKey;
 use serde::{Deserialize, Serialize};
 
 use crate::signed::{self, SignedError};
@@ -121,8 +121,8 @@ impl McimPackagePayload {
 }
 
 /// Signs a package (the SHO's side); `cert` is the SHO's certificate (DER) for the receiver.
-pub fn seal(
-    key: &SigningKey,
+pub fn seal<K: crate::es256::Es256Key + ?Sized>(
+    key: &K,
     payload: &McimPackagePayload,
     cert: &[u8],
 ) -> Result<Vec<u8>, PackageError> {
@@ -214,10 +214,10 @@ pub fn wrap_secrets<R: rand::CryptoRng + ?Sized>(
                 .0,
         )),
         TreTarget::Pkcs11 => Ok((
-            wrap_for_token(storage_public, k.expose(), rng)
+            wrap_for_token(storage_public, k.expose())
                 .map_err(|x| e(&x))?
                 .to_bytes(),
-            wrap_for_token(storage_public, opc.expose(), rng)
+            wrap_for_token(storage_public, opc.expose())
                 .map_err(|x| e(&x))?
                 .to_bytes(),
         )),
@@ -227,6 +227,7 @@ pub fn wrap_secrets<R: rand::CryptoRng + ?Sized>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use p256::ecdsa::SigningKey;
     use p256::elliptic_curve::Generate;
 
     fn payload() -> McimPackagePayload {

@@ -4,8 +4,9 @@
 //! package (annex x.2.3) and the PVA's validation result (5.1.3.6.2 step 10) are both this.
 
 use coset::{CborSerializable, CoseSign1, CoseSign1Builder, HeaderBuilder, Label, iana};
-use p256::ecdsa::signature::{Signer, Verifier};
-use p256::ecdsa::{Signature, SigningKey, VerifyingKey};
+use p256::ecdsa::VerifyingKey;
+
+use crate::es256::{self, Es256Key};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -23,16 +24,17 @@ pub enum SignedError {
     BadSignature,
 }
 
-/// Signs `payload` as JSON with `key`; `cert` (DER) goes into the protected header.
-pub fn sign<T: Serialize>(
-    key: &SigningKey,
+/// Signs `payload` as JSON with `key` (an [`es256::Signer`] or a `p256` key); `cert` (DER)
+/// goes into the protected header.
+pub fn sign<T: Serialize, K: Es256Key + ?Sized>(
+    key: &K,
     payload: &T,
     cert: Option<&[u8]>,
 ) -> Result<Vec<u8>, SignedError> {
     sign_with(
         |m| {
-            let s: Signature = key.sign(m);
-            Ok(s.to_bytes().to_vec())
+            key.sign_es256(m)
+                .map_err(|e| SignedError::Malformed(e.to_string()))
         },
         payload,
         cert,
@@ -95,8 +97,7 @@ pub fn signer_certificate(bytes: &[u8]) -> Result<Vec<u8>, SignedError> {
 pub fn open<T: DeserializeOwned>(bytes: &[u8], key: &VerifyingKey) -> Result<T, SignedError> {
     let s = parse(bytes)?;
     s.verify_signature(&[], |sig, m| {
-        let sig = Signature::from_slice(sig).map_err(|_| SignedError::BadSignature)?;
-        key.verify(m, &sig).map_err(|_| SignedError::BadSignature)
+        es256::verify(key, m, sig).map_err(|_| SignedError::BadSignature)
     })?;
     let payload = s
         .payload
@@ -108,6 +109,7 @@ pub fn open<T: DeserializeOwned>(bytes: &[u8], key: &VerifyingKey) -> Result<T, 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use p256::ecdsa::SigningKey;
     use p256::elliptic_curve::Generate;
 
     #[derive(Serialize, serde::Deserialize, PartialEq, Debug)]

@@ -4,13 +4,10 @@
 //! a TPM quote: nothing below the daemon (boot chain, kernel) is measured, and the
 //! measurement is the daemon's own word. The PVA's policy decides whether that is enough.
 
-use p256::ecdsa::signature::hazmat::PrehashVerifier;
-use p256::ecdsa::{Signature, VerifyingKey};
 use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq;
 
 use crate::token_wrap::spki_point;
-use crate::tpm::kdf::sha256;
 
 /// The payload's domain string.
 pub const DOMAIN: &str = "mcim-pkcs11-evidence-v1";
@@ -69,9 +66,10 @@ pub fn verify(
     signature: &[u8],
     nonce: &[u8],
 ) -> Result<EvidencePayload, EvidenceError> {
-    let key = VerifyingKey::from(spki_point(ak_spki).map_err(|_| EvidenceError::BadKey)?);
-    let sig = Signature::from_slice(signature).map_err(|_| EvidenceError::BadSignature)?;
-    key.verify_prehash(&sha256(&[payload]), &sig)
+    // The token signed SHA-256(payload) (CKM_ECDSA over the digest): ES256 of the payload.
+    let key = spki_point(ak_spki).map_err(|_| EvidenceError::BadKey)?;
+    let point = p256::elliptic_curve::sec1::ToSec1Point::to_sec1_point(&key, false);
+    crate::es256::verify_point(point.as_bytes(), payload, signature)
         .map_err(|_| EvidenceError::BadSignature)?;
     let p: EvidencePayload =
         serde_json::from_slice(payload).map_err(|_| EvidenceError::Malformed)?;
@@ -88,8 +86,9 @@ pub fn verify(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use p256::ecdsa::SigningKey;
+    use crate::tpm::kdf::sha256;
     use p256::ecdsa::signature::hazmat::PrehashSigner;
+    use p256::ecdsa::{Signature, SigningKey, VerifyingKey};
     use p256::elliptic_curve::Generate;
 
     #[test]

@@ -17,9 +17,6 @@
 //! SHA-1's collision resistance. The blob is then the bare OAEP ciphertext ([`RsaBlob`]).
 
 use aes_kw::KwpAes256;
-use p256::ecdh::EphemeralSecret;
-use p256::elliptic_curve::Generate;
-use p256::elliptic_curve::sec1::ToSec1Point;
 use rand::CryptoRng;
 use zeroize::Zeroizing;
 
@@ -84,27 +81,34 @@ pub fn spki_point(spki: &[u8]) -> Result<p256::PublicKey, TokenWrapError> {
 }
 
 /// Wraps `secret` (K, OPc) for the token whose unwrap key is `token_spki`: ECDH + AES-KWP for
-/// a P-256 key (an RSA key needs [`wrap_for_token_rsa`]).
-pub fn wrap_for_token<R: CryptoRng + ?Sized>(
-    token_spki: &[u8],
-    secret: &[u8],
-    rng: &mut R,
-) -> Result<TokenBlob, TokenWrapError> {
+/// a P-256 key (an RSA key needs [`wrap_for_token_rsa`]). The ephemeral key comes from the
+/// system's random source and is used once (ring's ECDH, the SHO's hot path: two wraps per
+/// MCIM).
+pub fn wrap_for_token(token_spki: &[u8], secret: &[u8]) -> Result<TokenBlob, TokenWrapError> {
+    use ring::agreement::{ECDH_P256, EphemeralPrivateKey, UnparsedPublicKey, agree_ephemeral};
     if secret.is_empty() || secret.len() > 64 {
         return Err(TokenWrapError::BadLength);
     }
-    if !token_spki.starts_with(&P256_SPKI_PREFIX) {
+    let q = token_spki
+        .strip_prefix(&P256_SPKI_PREFIX[..])
+        .filter(|p| p.len() == 65)
+        .ok_or(TokenWrapError::BadPublicKey)?;
+    let rng = ring::rand::SystemRandom::new();
+    let eph = EphemeralPrivateKey::generate(&ECDH_P256, &rng)
+        .map_err(|_| TokenWrapError::BadPublicKey)?;
+    let mut ephemeral_point = [0u8; 65];
+    let public = eph
+        .compute_public_key()
+        .map_err(|_| TokenWrapError::BadPublicKey)?;
+    if public.as_ref().len() != 65 {
         return Err(TokenWrapError::BadPublicKey);
     }
-    let q = spki_point(token_spki)?;
-    let eph = EphemeralSecret::generate_from_rng(rng);
-    let point = eph.public_key().to_sec1_point(false);
-    let mut ephemeral_point = [0u8; 65];
-    ephemeral_point.copy_from_slice(point.as_bytes());
-    let shared = eph.diffie_hellman(&q);
-    let kek = Zeroizing::new(*shared.raw_secret_bytes());
-    let kw = <KwpAes256 as aes_kw::KeyInit>::new_from_slice(&kek[..])
-        .map_err(|_| TokenWrapError::BadPublicKey)?;
+    ephemeral_point.copy_from_slice(public.as_ref());
+    // Z = x(d_e · Q_token), 32 octets: the KEK (CKD_NULL). ring refuses a point off the curve.
+    let kw = agree_ephemeral(eph, &UnparsedPublicKey::new(&ECDH_P256, q), |z| {
+        <KwpAes256 as aes_kw::KeyInit>::new_from_slice(z).map_err(|_| TokenWrapError::BadPublicKey)
+    })
+    .map_err(|_| TokenWrapError::BadPublicKey)??;
     let mut buf = vec![0u8; secret.len() + 16];
     let n = kw
         .wrap_key(secret, &mut buf)
@@ -174,6 +178,8 @@ pub fn unwrap_in_software(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use p256::elliptic_curve::Generate;
+    use p256::elliptic_curve::sec1::ToSec1Point;
 
     fn unwrap(sk: &p256::SecretKey, b: &TokenBlob) -> Vec<u8> {
         unwrap_in_software(sk, b)
@@ -187,12 +193,31 @@ mod tests {
         let sk = p256::SecretKey::generate_from_rng(&mut rng);
         let mut spki = P256_SPKI_PREFIX.to_vec();
         spki.extend_from_slice(sk.public_key().to_sec1_point(false).as_bytes());
-        let b = wrap_for_token(&spki, &[7u8; 16], &mut rng).unwrap_or_else(|e| panic!("{e}"));
+        let b = wrap_for_token(&spki, &[7u8; 16]).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(b.wrapped.len(), 24);
         assert_eq!(TokenBlob::from_bytes(&b.to_bytes()), Ok(b.clone()));
         assert_eq!(unwrap(&sk, &b), vec![7u8; 16]);
-        assert!(wrap_for_token(&spki[1..], &[1], &mut rng).is_err());
-        assert!(wrap_for_token(&spki, &[], &mut rng).is_err());
+        // A fresh ephemeral key each time.
+        let again = wrap_for_token(&spki, &[7u8; 16]).unwrap_or_else(|e| panic!("{e}"));
+        assert_ne!(again.ephemeral_point, b.ephemeral_point);
+        assert_eq!(unwrap(&sk, &again), vec![7u8; 16]);
+        assert_eq!(
+            wrap_for_token(&spki[1..], &[1]),
+            Err(TokenWrapError::BadPublicKey)
+        );
+        assert_eq!(wrap_for_token(&spki, &[]), Err(TokenWrapError::BadLength));
+        assert_eq!(
+            wrap_for_token(&spki, &[1; 65]),
+            Err(TokenWrapError::BadLength)
+        );
+        // A point off the curve (y changed) is refused, not used.
+        let mut off = spki.clone();
+        let last = off.len() - 1;
+        off[last] ^= 1;
+        assert_eq!(
+            wrap_for_token(&off, &[1]),
+            Err(TokenWrapError::BadPublicKey)
+        );
         assert!(TokenBlob::from_bytes(&[4; 70]).is_err());
     }
 }

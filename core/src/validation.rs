@@ -2,7 +2,7 @@
 //! (PCID), one validation and its nonce, and short-lived. The SHO relies on it before it builds
 //! a package (step 11) and the RO's DPF checks it again before it lets a device download one.
 
-use p256::ecdsa::{SigningKey, VerifyingKey};
+use p256::ecdsa::VerifyingKey;
 use serde::{Deserialize, Serialize};
 
 use crate::signed::{self, SignedError};
@@ -57,16 +57,11 @@ pub enum ValidationError {
 }
 
 /// Signs a positive result (the PVA's side).
-pub fn sign(key: &SigningKey, r: &ValidationResult) -> Result<Vec<u8>, ValidationError> {
-    Ok(signed::sign(key, r, None)?)
-}
-
-/// [`sign`] with a signer of its own (r || s over the message it is given).
-pub fn sign_with(
-    signer: impl FnOnce(&[u8]) -> Result<Vec<u8>, signed::SignedError>,
+pub fn sign<K: crate::es256::Es256Key + ?Sized>(
+    key: &K,
     r: &ValidationResult,
 ) -> Result<Vec<u8>, ValidationError> {
-    Ok(signed::sign_with(signer, r, None)?)
+    Ok(signed::sign(key, r, None)?)
 }
 
 /// Verifies a result with the PVA's key and checks it is positive, for `pcid`, and not
@@ -96,6 +91,7 @@ pub fn verify(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use p256::ecdsa::SigningKey;
     use p256::elliptic_curve::Generate;
 
     #[test]

@@ -52,26 +52,13 @@ pub fn authorized<T>(req: &Request<T>) -> Result<Authorized, RoleError> {
 }
 
 /// The caller and rule for an HTTP/2 request of a gRPC call, or the refusal.
-fn decide<B>(req: &http::Request<B>, anchors: &TrustAnchors) -> Result<Authorized, Status> {
+fn decide<B>(req: &http::Request<B>, known: &Vouched) -> Result<Authorized, Status> {
     let chain = req
         .extensions()
         .get::<TlsConnectInfo<TcpConnectInfo>>()
         .and_then(|i| i.peer_certs())
         .ok_or_else(|| Status::unauthenticated("no client certificate"))?;
-    let leaf = chain
-        .first()
-        .ok_or_else(|| Status::unauthenticated("no client certificate"))?;
-    let caller = mcim_pki::party::caller_from_cert(leaf)
-        .map_err(|e| Status::unauthenticated(e.to_string()))?;
-    // Each anchor vouches only for the roles it may issue: the supplier root for devices,
-    // each operator's CA for that operator's roles (annex x.3).
-    if !anchors.vouches(&chain, caller.role) {
-        tracing::warn!(role = %caller.role, name = %caller.name, "refused: the certificate's issuer may not issue {} certificates", caller.role);
-        return Err(Status::unauthenticated(format!(
-            "the certificate's issuer may not issue {} certificates",
-            caller.role
-        )));
-    }
+    let caller = known.caller(&chain)?;
     let method = req.uri().path();
     match authz::decide(&caller, method) {
         Ok(rule) => {
@@ -82,6 +69,107 @@ fn decide<B>(req: &http::Request<B>, anchors: &TrustAnchors) -> Result<Authorize
             tracing::warn!(role = %caller.role, name = %caller.name, method, "denied: {d}");
             Err(Status::permission_denied(d.to_string()))
         }
+    }
+}
+
+/// The gate's judgments of certificate chains. The TLS handshake verified each chain to some
+/// trusted root; the gate then checks that the root may issue the role the leaf claims
+/// ([`TrustAnchors::vouches`]: parsing the chain and the anchors and ECDSA verifications, 12 %
+/// of the roles' CPU in a fleet run when it was done for every call). The answer depends on
+/// the chain's bytes and the anchors alone, so it is remembered under the chain's SHA-256 for
+/// the next calls on that connection and the next connections of that caller: the callers of
+/// chains that passed, and, apart (so that refused chains never push out good ones), the
+/// refusals, so that a peer repeating a refused chain's calls costs a hash each. Bounded:
+/// each map starts over when full.
+#[derive(Debug)]
+struct Vouched {
+    anchors: TrustAnchors,
+    known: std::sync::Mutex<Judged>,
+}
+
+/// What [`Vouched`] remembers.
+#[derive(Debug, Default)]
+struct Judged {
+    passed: std::collections::HashMap<[u8; 32], Caller>,
+    refused: std::collections::HashMap<[u8; 32], String>,
+}
+
+/// How many chains that passed [`Vouched`] remembers (a few MB at most).
+const VOUCHED_CAPACITY: usize = 16_384;
+
+/// How many refused chains [`Vouched`] remembers.
+const REFUSED_CAPACITY: usize = 4_096;
+
+impl Vouched {
+    fn new(anchors: TrustAnchors) -> Self {
+        Self {
+            anchors,
+            known: std::sync::Mutex::default(),
+        }
+    }
+
+    /// The caller the leaf of `chain` names, if its issuer may vouch for that role.
+    fn caller<C: AsRef<[u8]>>(&self, chain: &[C]) -> Result<Caller, Status> {
+        let mut h = ring::digest::Context::new(&ring::digest::SHA256);
+        for c in chain {
+            let c = c.as_ref();
+            h.update(&u64::try_from(c.len()).unwrap_or(u64::MAX).to_be_bytes());
+            h.update(c);
+        }
+        let mut key = [0u8; 32];
+        key.copy_from_slice(h.finish().as_ref());
+        {
+            let known = self.lock();
+            if let Some(c) = known.passed.get(&key) {
+                return Ok(c.clone());
+            }
+            if let Some(why) = known.refused.get(&key) {
+                return Err(Status::unauthenticated(why.clone()));
+            }
+        }
+        match self.judge(chain) {
+            Ok(caller) => {
+                let mut known = self.lock();
+                if known.passed.len() >= VOUCHED_CAPACITY {
+                    known.passed.clear();
+                }
+                known.passed.insert(key, caller.clone());
+                Ok(caller)
+            }
+            Err(why) => {
+                let mut known = self.lock();
+                if known.refused.len() >= REFUSED_CAPACITY {
+                    known.refused.clear();
+                }
+                known.refused.insert(key, why.clone());
+                Err(Status::unauthenticated(why))
+            }
+        }
+    }
+
+    /// The caller of `chain`, or why it is refused.
+    fn judge<C: AsRef<[u8]>>(&self, chain: &[C]) -> Result<Caller, String> {
+        let leaf = chain
+            .first()
+            .ok_or_else(|| "no client certificate".to_string())?;
+        let caller = mcim_pki::party::caller_from_cert(leaf.as_ref()).map_err(|e| e.to_string())?;
+        // Each anchor vouches only for the roles it may issue: the supplier root for devices,
+        // each operator's CA for that operator's roles (annex x.3).
+        if !self.anchors.vouches(chain, caller.role) {
+            tracing::warn!(role = %caller.role, name = %caller.name, certificates = chain.len(), "refused: the certificate's issuer may not issue {} certificates", caller.role);
+            return Err(format!(
+                "the certificate's issuer may not issue {} certificates",
+                caller.role
+            ));
+        }
+        Ok(caller)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Judged> {
+        // A panic while holding it left maps of complete entries: still usable.
+        self.known
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -117,14 +205,14 @@ fn undecodable_is_invalid_argument(
 /// The layer: `Server::builder().layer(Gate::new(anchors))`.
 #[derive(Clone, Debug)]
 pub struct Gate {
-    anchors: Arc<TrustAnchors>,
+    known: Arc<Vouched>,
 }
 
 impl Gate {
     /// The gate, trusting each of `anchors` for its roles only.
     pub fn new(anchors: TrustAnchors) -> Self {
         Self {
-            anchors: Arc::new(anchors),
+            known: Arc::new(Vouched::new(anchors)),
         }
     }
 }
@@ -135,7 +223,7 @@ impl<S> tower::Layer<S> for Gate {
     fn layer(&self, inner: S) -> Gated<S> {
         Gated {
             inner,
-            anchors: self.anchors.clone(),
+            known: self.known.clone(),
         }
     }
 }
@@ -144,7 +232,7 @@ impl<S> tower::Layer<S> for Gate {
 #[derive(Clone, Debug)]
 pub struct Gated<S> {
     inner: S,
-    anchors: Arc<TrustAnchors>,
+    known: Arc<Vouched>,
 }
 
 type BoxFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send>>;
@@ -164,7 +252,7 @@ where
     }
 
     fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
-        match decide(&req, &self.anchors) {
+        match decide(&req, &self.known) {
             Ok(a) => {
                 req.extensions_mut().insert(a.clone());
                 let answer = self.inner.call(req);
@@ -176,5 +264,112 @@ where
             }
             Err(status) => Box::pin(async move { Ok(status.into_http()) }),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mcim_pki::Role;
+
+    fn der(pem: &str) -> Vec<u8> {
+        use rustls::pki_types::pem::PemObject;
+        rustls::pki_types::CertificateDer::from_pem_slice(pem.as_bytes())
+            .map(|c| c.to_vec())
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn known_len(v: &Vouched) -> usize {
+        v.lock().passed.len()
+    }
+
+    fn refused_len(v: &Vouched) -> usize {
+        v.lock().refused.len()
+    }
+
+    /// A chain that passed is remembered and answered the same; a chain whose issuer may not
+    /// issue its role is refused every time, and remembered apart as refused; a chain that
+    /// differs in one octet is judged afresh.
+    #[test]
+    fn only_vouched_chains_are_remembered_and_each_is_judged_by_its_own_bytes() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        mcim_pki::dev::init(dir.path(), &mcim_pki::dev::LAB_PARTIES)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let anchors = mcim_pki::dev::trust_anchors(dir.path()).unwrap_or_else(|e| panic!("{e}"));
+        let v = Vouched::new(anchors);
+        let sho = mcim_pki::dev::ca_der(dir.path(), "sho").unwrap_or_else(|e| panic!("{e}"));
+        let first = v
+            .caller(std::slice::from_ref(&sho))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(first.role, Role::Sho);
+        assert_eq!(known_len(&v), 1);
+        let again = v
+            .caller(std::slice::from_ref(&sho))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((again.role, again.name), (first.role, first.name));
+        assert_eq!(known_len(&v), 1);
+
+        // An SHO certificate from the VNO's CA: refused, twice, and not remembered as passed.
+        let (forged, _) =
+            mcim_pki::dev::issue_party_under(dir.path(), "ca-vno", Role::Sho, "sho.mcim.local")
+                .unwrap_or_else(|e| panic!("{e}"));
+        let forged = der(&forged);
+        for _ in 0..2 {
+            let e = v.caller(std::slice::from_ref(&forged)).err();
+            assert_eq!(e.map(|s| s.code()), Some(tonic::Code::Unauthenticated));
+        }
+        assert_eq!(refused_len(&v), 1);
+        // Nor does the genuine certificate appended to it make it pass.
+        let e = v.caller(&[forged.clone(), sho.clone()]).err();
+        assert_eq!(e.map(|s| s.code()), Some(tonic::Code::Unauthenticated));
+        assert_eq!(known_len(&v), 1);
+        assert_eq!(refused_len(&v), 2);
+
+        // The genuine certificate with one octet of its signature changed is another chain.
+        let mut bent = sho.clone();
+        let last = bent.len() - 1;
+        bent[last] ^= 1;
+        assert!(v.caller(std::slice::from_ref(&bent)).is_err());
+        assert_eq!(known_len(&v), 1);
+        assert!(v.caller(&[] as &[Vec<u8>]).is_err());
+    }
+
+    #[test]
+    fn a_full_memory_starts_over_and_refusals_never_push_out_passed_chains() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        mcim_pki::dev::init(dir.path(), &mcim_pki::dev::LAB_PARTIES)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let anchors = mcim_pki::dev::trust_anchors(dir.path()).unwrap_or_else(|e| panic!("{e}"));
+        let v = Vouched::new(anchors);
+        {
+            let mut known = v.lock();
+            for i in 0..REFUSED_CAPACITY {
+                let mut k = [0u8; 32];
+                k[..8].copy_from_slice(&(i as u64).to_be_bytes());
+                known.refused.insert(k, "no".into());
+            }
+            let known = &mut known.passed;
+            for i in 0..VOUCHED_CAPACITY {
+                let mut k = [0u8; 32];
+                k[..8].copy_from_slice(&(i as u64).to_be_bytes());
+                known.insert(
+                    k,
+                    Caller {
+                        role: Role::Device,
+                        name: format!("{i}"),
+                    },
+                );
+            }
+        }
+        let sho = mcim_pki::dev::ca_der(dir.path(), "sho").unwrap_or_else(|e| panic!("{e}"));
+        assert!(v.caller(std::slice::from_ref(&sho)).is_ok());
+        assert_eq!(known_len(&v), 1);
+        // A refusal when the refusals are full: they start over; the passed chain stays.
+        let (forged, _) =
+            mcim_pki::dev::issue_party_under(dir.path(), "ca-vno", Role::Sho, "sho.mcim.local")
+                .unwrap_or_else(|e| panic!("{e}"));
+        assert!(v.caller(&[der(&forged)]).is_err());
+        assert_eq!(refused_len(&v), 1);
+        assert_eq!(known_len(&v), 1);
     }
 }

@@ -575,7 +575,20 @@ async fn serve(
     // Every port is bound before systemd hears "ready" (Type=notify): a unit ordered after
     // this one finds the roles listening.
     // (A port that cannot be bound ends `serve`; dropping the set aborts the roles started.)
+    // One gate per PKI directory (all of them share one in `mcim-roles all`): a device's
+    // certificate chain vouched for by one role is known to the others.
+    let mut gates: Vec<(PathBuf, mcim_roles::gate::Gate)> = Vec::new();
     for (role, party, pki, listen, service) in roles {
+        let gate = match gates.iter().find(|(p, _)| *p == pki) {
+            Some((_, g)) => g.clone(),
+            None => {
+                let g = mcim_roles::gate::Gate::new(
+                    mcim_pki::dev::trust_anchors(&pki).map_err(|e| e.to_string())?,
+                );
+                gates.push((pki.clone(), g.clone()));
+                g
+            }
+        };
         if let Service::Ro(ro) = &service {
             servers.spawn({
                 let pool = ro.pool();
@@ -597,6 +610,7 @@ async fn serve(
             service,
             CallLayers {
                 metrics: metrics.clone(),
+                gate,
                 shed: mcim_roles::shed::Shed::new(usize::try_from(max_calls).unwrap_or(usize::MAX)),
             },
         ));
@@ -610,9 +624,10 @@ async fn serve(
     }
 }
 
-/// What every call to a role server passes besides the gate: its metrics, the overload limit.
+/// What every call to a role server passes: its metrics, the gate, the overload limit.
 struct CallLayers {
     metrics: std::sync::Arc<mcim_telemetry::metrics::Metrics>,
+    gate: mcim_roles::gate::Gate,
     shed: mcim_roles::shed::Shed,
 }
 
@@ -626,7 +641,11 @@ async fn serve_role(
     service: Service,
     layers: CallLayers,
 ) -> Result<(), String> {
-    let CallLayers { metrics, shed } = layers;
+    let CallLayers {
+        metrics,
+        gate,
+        shed,
+    } = layers;
     let tls = server_tls(&pki, &party).map_err(|e| e.to_string())?;
     // Each call is a span whose parent is the caller's (trace context in the metadata).
     let mut builder = tonic::transport::Server::builder()
@@ -639,9 +658,7 @@ async fn serve_role(
                 || mcim_telemetry::metrics::standard_method(m)
         }))
         // The authorization table decides every call before any handler runs.
-        .layer(mcim_roles::gate::Gate::new(
-            mcim_pki::dev::trust_anchors(&pki).map_err(|e| e.to_string())?,
-        ))
+        .layer(gate)
         // Past its capacity, a device's call is refused at once with a retry hint.
         .layer(shed);
     // gRPC health and reflection (v1 and v1alpha) on every server, authenticated by mutual

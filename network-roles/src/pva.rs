@@ -51,8 +51,7 @@ struct Validation {
 pub struct Pva {
     pki: PathBuf,
     /// The PVA's key (`pva.key`) as ring holds it: results are signed on the hot path.
-    key: Box<ring::signature::EcdsaKeyPair>,
-    rng: ring::rand::SystemRandom,
+    key: mcim_core::es256::Signer,
     db: Db,
     /// Validations decided (wakes GetValidationResult long polls).
     decided: Changes,
@@ -86,21 +85,11 @@ impl Pva {
             path: pki.join("pva.key"),
             detail: e,
         };
-        let pkcs8 = p256::pkcs8::EncodePrivateKey::to_pkcs8_der(&key)
-            .map_err(|e| unusable(e.to_string()))?;
-        let rng = ring::rand::SystemRandom::new();
-        let key = ring::signature::EcdsaKeyPair::from_pkcs8(
-            &ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING,
-            pkcs8.as_bytes(),
-            &rng,
-        )
-        .map(Box::new)
-        .map_err(|e| unusable(e.to_string()))?;
+        let key = mcim_core::es256::Signer::new(&key).map_err(|e| unusable(e.to_string()))?;
         let decided = Changes::new(&db, "pva_decided");
         Ok(Self {
             pki,
             key,
-            rng,
             db,
             decided,
         })
@@ -247,6 +236,10 @@ impl Pva {
                     &v.nonce,
                 )
                 .map_err(|e| e.to_string())?;
+                // The payload names the device it speaks for: this one.
+                if p.pcid != v.pcid {
+                    return Err("the evidence names another device".into());
+                }
                 if p.measurement != reference.pkcs11_measurement {
                     return Err("the daemon's measurement differs from the reference".into());
                 }
@@ -307,16 +300,8 @@ impl Pva {
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0);
-        let sign = |m: &[u8]| {
-            self.key
-                .sign(&self.rng, m)
-                .map(|s| s.as_ref().to_vec())
-                .map_err(|_| {
-                    mcim_core::signed::SignedError::Malformed("ECDSA signing failed".into())
-                })
-        };
-        let cose = mcim_core::validation::sign_with(
-            sign,
+        let cose = mcim_core::validation::sign(
+            &self.key,
             &mcim_core::validation::ValidationResult {
                 validation_id: id.to_string(),
                 pcid: v.pcid.clone(),
@@ -589,5 +574,66 @@ mod tests {
         );
         // A refused clock is not recorded: the genuine next one still passes.
         assert!(ok(pva.clock_moves_forward("d1", &clock(6, 0, 11)).await));
+    }
+
+    /// A token's evidence is trusted only when signed by the credential's attestation key,
+    /// over this validation's nonce, with the reference measurement, and naming this device
+    /// (found by an outside attack: a payload naming another PCID was trusted).
+    #[tokio::test]
+    async fn token_evidence_must_name_the_device_it_speaks_for() {
+        use mcim_core::token_evidence::EvidencePayload;
+        use p256::elliptic_curve::Generate;
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        mcim_pki::dev::init(dir.path(), &[(crate::authz::Role::Pva, "pva.mcim.local")])
+            .unwrap_or_else(|e| panic!("{e}"));
+        let db = crate::store::open("sqlite::memory:")
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let pva = Pva::new(dir.path().to_path_buf(), db).unwrap_or_else(|e| panic!("{e}"));
+        let ak = mcim_core::es256::Signer::new(&p256::ecdsa::SigningKey::generate_from_rng(
+            &mut rand::rng(),
+        ))
+        .unwrap_or_else(|e| panic!("{e}"));
+        let mut ak_point = [0u8; 65];
+        ak_point.copy_from_slice(ak.public_point());
+        let pcid = "001010000000001";
+        let v = Validation {
+            pcid: pcid.into(),
+            requested_by: String::new(),
+            nonce: [7; 32],
+            verdict: pb::Verdict::Pending,
+            reason: String::new(),
+            result: None,
+        };
+        let measurement = [9u8; 32];
+        let reference = Reference {
+            pcrs: Vec::new(),
+            allow_pkcs11: true,
+            pkcs11_measurement: hex::encode(measurement),
+        };
+        let judge = |named: &str, nonce: &[u8]| {
+            let payload = EvidencePayload::new(named, nonce, &measurement).to_bytes();
+            let signature = ak.sign(&payload).unwrap_or_else(|e| panic!("{e}"));
+            let ev = common::Evidence {
+                kind: Some(common::evidence::Kind::Pkcs11Signature(
+                    common::Pkcs11Signature { payload, signature },
+                )),
+                ..Default::default()
+            };
+            let cred = Ok(mcim_pki::party::PlatformCredential {
+                pcid: pcid.into(),
+                model: "m".into(),
+                ak_point,
+                storage_key_uri: None,
+            });
+            pva.judge(&v, cred, Some(&reference), &ev)
+        };
+        let trusted = judge(pcid, &[7; 32]);
+        assert!(matches!(trusted, Ok(None)), "{:?}", trusted.err());
+        assert_eq!(
+            judge("001010000000002", &[7; 32]).err().as_deref(),
+            Some("the evidence names another device")
+        );
+        assert!(judge(pcid, &[8; 32]).is_err(), "another nonce");
     }
 }

@@ -180,8 +180,13 @@ pub async fn open(url: &str) -> Result<Db, StoreError> {
             } else {
                 format!("{url}?mode=rwc")
             };
+            // No ping before each use: an SQLite connection is a file handle that does not go
+            // stale (sqlx would otherwise add a round trip to the connection's worker thread
+            // to every statement run on the pool; it still pings when a connection is given
+            // back, which also rolls back what a dropped call left open).
             let pool = AnyPoolOptions::new()
                 .max_connections(4)
+                .test_before_acquire(false)
                 .after_connect(|c, _| {
                     Box::pin(async move {
                         sqlx::raw_sql(SQLITE_SESSION).execute(c).await?;

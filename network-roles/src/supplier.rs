@@ -132,6 +132,12 @@ impl SupplierService for Supplier {
                 .ok_or_else(|| RoleError::invalid("identity is required"))?;
             let pcid = Pcid::new(identity.pcid).map_err(|e| RoleError::invalid(e.to_string()))?;
             let ak = attestation_point(r.tre_kind, &r.attestation_public)?;
+            // The platform credential certifies the storage key: it must be one K and OPc can
+            // be wrapped to, as the SHO will wrap them (5.1.3.6.2 step 12).
+            fresh_wrapped(
+                tre_target(r.tre_kind, common::AkaExecution::InTre)?,
+                &r.storage_public,
+            )?;
             let root = mcim_pki::dev::ca_der(&self.pki, "supplier-root").map_err(internal)?;
             let ak_cert = mcim_pki::dev::issue_attestation_der(
                 &self.pki,

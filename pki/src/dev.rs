@@ -290,10 +290,10 @@ fn device_cert(
     pcid: &str,
     tls_spki: &[u8],
 ) -> Result<rcgen::Certificate, PkiError> {
-    let point = tls_spki
-        .strip_prefix(&mcim_core::token_wrap::P256_SPKI_PREFIX[..])
-        .filter(|p| p.len() == 65)
-        .ok_or_else(|| PkiError::Cert("the device TLS key is not a P-256 SPKI".into()))?;
+    // A P-256 SPKI whose point is on the curve: the supplier root certifies no other.
+    mcim_core::token_wrap::spki_point(tls_spki)
+        .map_err(|_| PkiError::Cert("the device TLS key is not a P-256 SPKI".into()))?;
+    let point = &tls_spki[mcim_core::token_wrap::P256_SPKI_PREFIX.len()..];
     party_params(Role::Device, pcid)?
         .signed_by(&P256Point(point.to_vec()), &issuer(dir, ca)?)
         .map_err(cert_err)

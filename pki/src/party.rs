@@ -268,8 +268,18 @@ impl TrustAnchors {
     /// by link through the certificates presented, from a CA that may vouch for `role`. A
     /// certificate merely presented alongside (a genuine one of that role, appended) proves
     /// nothing: each link must sign the one before it.
+    ///
+    /// Bounded for a hostile chain (found by an outside attack: a leaf followed by ~150
+    /// self-signed certificates named like its issuer cost ~N² signature checks, seconds of
+    /// CPU per call): at most [`MAX_CHAIN`] certificates are looked at (a longer chain is
+    /// refused unread), a certificate is a link at most once (no cycles: a self-signed
+    /// certificate that is no anchor ends the walk), and each (issuer, certificate) pair's
+    /// signature is checked at most once.
     pub fn vouches<C: AsRef<[u8]>>(&self, chain: &[C], role: Role) -> bool {
         use x509_parser::prelude::{FromDer, X509Certificate};
+        if chain.is_empty() || chain.len() > MAX_CHAIN {
+            return false;
+        }
         let certs: Vec<X509Certificate<'_>> = chain
             .iter()
             .filter_map(|c| X509Certificate::from_der(c.as_ref()).ok().map(|(_, c)| c))
@@ -286,28 +296,44 @@ impl TrustAnchors {
         let signs = |issuer: &X509Certificate<'_>, c: &X509Certificate<'_>| {
             c.issuer() == issuer.subject() && c.verify_signature(Some(issuer.public_key())).is_ok()
         };
-        let Some(mut cur) = certs.first() else {
-            return false;
+        let is_ca = |c: &X509Certificate<'_>| {
+            c.basic_constraints()
+                .ok()
+                .flatten()
+                .is_some_and(|b| b.value.ca)
         };
+        // tried[i][j]: whether certs[i]'s signature on certs[j] was checked already.
+        let mut tried = [[false; MAX_CHAIN]; MAX_CHAIN];
+        let mut on_path = [false; MAX_CHAIN];
+        let mut cur = 0usize;
+        on_path[0] = true;
         // At most as many links as certificates presented.
         for _ in 0..certs.len() {
-            if anchors.iter().any(|a| signs(a, cur)) {
+            if anchors.iter().any(|a| signs(a, &certs[cur])) {
                 return true;
             }
-            let is_ca = |c: &X509Certificate<'_>| {
-                c.basic_constraints()
-                    .ok()
-                    .flatten()
-                    .is_some_and(|b| b.value.ca)
-            };
-            match certs.iter().find(|c| is_ca(c) && signs(c, cur)) {
-                Some(next) => cur = next,
+            let next = (0..certs.len()).find(|&i| {
+                if on_path[i] || tried[i][cur] || !is_ca(&certs[i]) {
+                    return false;
+                }
+                tried[i][cur] = true;
+                signs(&certs[i], &certs[cur])
+            });
+            match next {
+                Some(i) => {
+                    on_path[i] = true;
+                    cur = i;
+                }
                 None => return false,
             }
         }
         false
     }
 }
+
+/// The most certificates a peer's chain may hold for [`TrustAnchors::vouches`] (leaf and
+/// intermediates; the lab's chains have one or two).
+pub const MAX_CHAIN: usize = 4;
 
 /// Checks that `cert_der` is signed by a CA in `ca_pem`, is valid now, and carries the URI SAN
 /// `urn:mcim:<role>:<name>`; returns its P-256 key.
@@ -383,5 +409,59 @@ mod tests {
         let (vno, _) = crate::dev::issue_party_under(dir.path(), "ca-vno", Role::Vno, "v").unwrap();
         assert!(anchors.vouches(&[der(&vno)], Role::Vno));
         assert!(!anchors.vouches(&[der(&vno)], Role::Sho));
+    }
+
+    /// A hostile chain (found by an outside attack): a leaf from the wrong CA followed by
+    /// self-signed CAs named like its issuer and the issuer itself. Refused, and a chain
+    /// longer than [`MAX_CHAIN`] is refused unread, even behind a genuine leaf; a genuine leaf
+    /// with such junk behind it (within the bound) still passes.
+    #[test]
+    fn a_hostile_chain_is_refused_within_bounds() {
+        use x509_parser::prelude::{FromDer, X509Certificate};
+        let dir = tempfile::tempdir().unwrap();
+        crate::dev::init(dir.path(), &crate::dev::LAB_PARTIES).unwrap();
+        let anchors = crate::dev::trust_anchors(dir.path()).unwrap();
+        let ca_vno = crate::dev::ca_der(dir.path(), "ca-vno").unwrap();
+        let cn = {
+            let (_, c) = X509Certificate::from_der(&ca_vno).unwrap();
+            c.subject()
+                .iter_common_name()
+                .next()
+                .and_then(|n| n.as_str().ok())
+                .unwrap()
+                .to_string()
+        };
+        let junk = || {
+            let key = rcgen::KeyPair::generate().unwrap();
+            let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+            let mut dn = rcgen::DistinguishedName::new();
+            dn.push(rcgen::DnType::CommonName, cn.as_str());
+            params.distinguished_name = dn;
+            params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            params.self_signed(&key).unwrap().der().to_vec()
+        };
+        let (forged, _) =
+            crate::dev::issue_party_under(dir.path(), "ca-vno", Role::Sho, "sho.mcim.local")
+                .unwrap();
+        let forged = der(&forged);
+        let hostile = vec![forged.clone(), junk(), junk(), ca_vno.clone()];
+        assert_eq!(hostile.len(), MAX_CHAIN);
+        assert!(!anchors.vouches(&hostile, Role::Sho));
+        let cycle = vec![
+            forged.clone(),
+            ca_vno.clone(),
+            ca_vno.clone(),
+            ca_vno.clone(),
+        ];
+        assert!(!anchors.vouches(&cycle, Role::Sho));
+        let genuine = crate::dev::ca_der(dir.path(), "sho").unwrap();
+        let mut behind = vec![genuine.clone(), junk(), junk(), ca_vno.clone()];
+        assert!(anchors.vouches(&behind, Role::Sho));
+        behind.push(junk());
+        assert!(
+            !anchors.vouches(&behind, Role::Sho),
+            "longer than MAX_CHAIN"
+        );
+        assert!(!anchors.vouches(&[] as &[Vec<u8>], Role::Sho));
     }
 }

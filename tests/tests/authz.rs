@@ -1278,6 +1278,44 @@ fn an_imsi_attaches_only_on_the_device_it_was_provisioned_to() {
     attach_as_owner();
 }
 
+/// A device that reports its install again (a retry, or on purpose with other words) is
+/// answered OK, and neither the DPF's nor the SHO's record of the first report changes: the
+/// detail and MCIM id stay the first ones (found by an outside attack: a repeated report
+/// overwrote the stored detail). The device is a real one (swtpm, `tred`).
+#[test]
+fn a_repeated_install_report_keeps_the_first_record() {
+    use mcim_proto::mcim::common::v1 as common;
+    use mcim_proto::mcim::ro::v1::dpf_service_client::DpfServiceClient;
+
+    let d = mcim_e2e::CliDevice::provisioned(false, "001010000000072", &[], "3gpp");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let before = d.roles.snapshot().await;
+        // The registration's id: the one 32-hex-digit word of the DPF's only registration.
+        let rows = &before["ro_registration"];
+        let id = rows
+            .split(|c: char| !c.is_ascii_hexdigit())
+            .find(|w| w.len() == 32)
+            .unwrap_or_else(|| panic!("no registration id in {rows}"))
+            .to_string();
+        assert!(rows.contains("installed"), "installed first: {rows}");
+        let mut dpf = DpfServiceClient::new(d.roles.device_channel(&d.pcid, Role::Ro).await);
+        dpf.report_provisioning_status(ro::ReportProvisioningStatusRequest {
+            registration_id: id.clone(),
+            status: common::ProvisioningStatus::Installed as i32,
+            detail: "rewritten by the device".into(),
+            mcim_id: "another-mcim".into(),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("the same outcome again is accepted: {e:?}"));
+        let after = d.roles.snapshot().await;
+        for table in ["ro_registration", "sho_registration"] {
+            assert_eq!(after[table], before[table], "{table} changed");
+        }
+        assert!(!after["ro_registration"].contains("rewritten"));
+    });
+}
+
 /// Two ROs registering the same new registration id at the SHO at the same moment (step 7):
 /// one registration, the first RO's; the other RO is told ALREADY_EXISTS, as it is when it
 /// comes second (found by an outside attack: the loser got UNAVAILABLE "database error").
@@ -1321,4 +1359,26 @@ async fn two_ros_registering_one_new_id_at_once_make_one_registration() {
             .count();
         assert_eq!(rows, 1, "round {round}: registrations with the id");
     }
+    // The winner asking again is a retry only with the same request: the same id with another
+    // nonce is ALREADY_EXISTS (it was answered OK, the new nonce dropped), and changes nothing.
+    let mut ro1 = ro1;
+    let again = |nonce: u8| sho::RegisterDeviceRequest {
+        registration_id: "again".into(),
+        pcid: ME.into(),
+        registration_nonce: vec![nonce; 16],
+        dpf_url: "https://127.0.0.1:1".into(),
+    };
+    let first = ro1.register_device(again(7)).await.unwrap().into_inner();
+    let before = roles.snapshot().await;
+    let retry = ro1.register_device(again(7)).await.unwrap().into_inner();
+    assert_eq!(
+        retry.validation_id, first.validation_id,
+        "a retry, the same answer"
+    );
+    let other = ro1.register_device(again(8)).await.unwrap_err();
+    assert_eq!(other.code(), Code::AlreadyExists, "{other:?}");
+    assert_eq!(
+        roles.snapshot().await["sho_registration"],
+        before["sho_registration"]
+    );
 }

@@ -126,6 +126,19 @@ async fn supplier_certifies_a_real_device_and_the_table_decides_who_may_ask() {
         .await
         .unwrap_err();
     assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused}");
+    // Nor is a storage key nothing can be wrapped to, nor a TLS key off the curve (found by
+    // an outside attack: both were certified under the supplier root).
+    let mut bad_storage = request(public.attestation_public.clone());
+    bad_storage.storage_public = vec![1, 2, 3];
+    let refused = supplier.certify_device(bad_storage).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused}");
+    assert!(refused.message().contains("storage key"), "{refused}");
+    let mut off_curve = request(public.attestation_public.clone());
+    let last = off_curve.tls_public_spki.len() - 1;
+    off_curve.tls_public_spki[last] ^= 1;
+    let refused = supplier.certify_device(off_curve).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused}");
+    assert!(refused.message().contains("TLS key"), "{refused}");
 
     // gRPC health and reflection answer (over the same mutual TLS).
     let tls = mcim_roles::tls::client_tls(&pki, Role::Sho, Role::Supplier).unwrap();

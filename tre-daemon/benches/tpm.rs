@@ -83,7 +83,7 @@ fn token_child(n: usize) {
     let k = K::new([0x46; 16]);
     let opc = Opc::new([0xcd; 16]);
     let w = |s: &[u8]| {
-        mcim_core::token_wrap::wrap_for_token(&public.storage_public, s, &mut rand::rng())
+        mcim_core::token_wrap::wrap_for_token(&public.storage_public, s)
             .unwrap()
             .to_bytes()
     };

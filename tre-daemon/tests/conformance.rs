@@ -957,7 +957,7 @@ mod pkcs11 {
         assert_eq!(form, KForm::Key, "a token always holds K as a key");
         let mut rng = rand::rng();
         let w = |s: &[u8]| {
-            mcim_core::token_wrap::wrap_for_token(&public.storage_public, s, &mut rand::rng())
+            mcim_core::token_wrap::wrap_for_token(&public.storage_public, s)
                 .unwrap()
                 .to_bytes()
         };

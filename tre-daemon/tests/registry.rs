@@ -1817,7 +1817,7 @@ mod on_token {
         let (k, opc) = secrets(imsi);
         let public = reg.tre().device_public().unwrap();
         let w = |s: &[u8]| {
-            mcim_core::token_wrap::wrap_for_token(&public.storage_public, s, &mut rand::rng())
+            mcim_core::token_wrap::wrap_for_token(&public.storage_public, s)
                 .unwrap()
                 .to_bytes()
         };
@@ -2186,7 +2186,7 @@ mod on_token {
             let public = t.device_public().unwrap();
             let (k, opc) = secrets(IMSI_B);
             let w = |s: &[u8]| {
-                mcim_core::token_wrap::wrap_for_token(&public.storage_public, s, &mut rand::rng())
+                mcim_core::token_wrap::wrap_for_token(&public.storage_public, s)
                     .unwrap()
                     .to_bytes()
             };

@@ -89,8 +89,12 @@ pub struct SimulatedDevice {
     /// Its identity (the PCID among it).
     pub identity: common::DeviceIdentity,
     storage: p256::SecretKey,
-    attestation: SigningKey,
+    /// Signs the evidence on the timed path: held by ring, as the roles hold theirs.
+    attestation: mcim_core::es256::Signer,
     tls: SigningKey,
+    /// The TLS key as PKCS#8, made once: the `p256` crate recomputes the public key for each
+    /// encoding (a scalar multiplication per connection, 12 % of the simulator's CPU).
+    tls_pkcs8: zeroize::Zeroizing<Vec<u8>>,
     /// The supplier's platform credential (chain, DER).
     pub platform_credential: Vec<Vec<u8>>,
     /// The supplier's certificate of the TLS key (chain, DER).
@@ -107,18 +111,29 @@ fn spki(point: &[u8]) -> Vec<u8> {
 }
 
 impl SimulatedDevice {
-    /// A new device with fresh keys.
-    pub fn new(identity: common::DeviceIdentity) -> Self {
+    /// A new device with fresh keys (`Err` if ring will not take a P-256 key the `p256`
+    /// crate made: a bug of one of them).
+    pub fn new(identity: common::DeviceIdentity) -> Result<Self, mcim_core::es256::Es256Error> {
+        use p256::pkcs8::EncodePrivateKey;
         let mut rng = rand::rng();
-        Self {
+        let attestation = mcim_core::es256::Signer::new(&SigningKey::generate_from_rng(&mut rng))?;
+        let tls = SigningKey::generate_from_rng(&mut rng);
+        let tls_pkcs8 = zeroize::Zeroizing::new(
+            tls.to_pkcs8_der()
+                .map_err(|_| mcim_core::es256::Es256Error::BadKey)?
+                .as_bytes()
+                .to_vec(),
+        );
+        Ok(Self {
             identity,
             storage: p256::SecretKey::generate_from_rng(&mut rng),
-            attestation: SigningKey::generate_from_rng(&mut rng),
-            tls: SigningKey::generate_from_rng(&mut rng),
+            attestation,
+            tls,
+            tls_pkcs8,
             platform_credential: Vec::new(),
             tls_certificate: Vec::new(),
             pcid_credential: None,
-        }
+        })
     }
 
     /// The storage (unwrap) key's SPKI: what the SHO wraps the MCIM's secrets to.
@@ -128,12 +143,7 @@ impl SimulatedDevice {
 
     /// The attestation key's SPKI.
     pub fn attestation_public(&self) -> Vec<u8> {
-        spki(
-            self.attestation
-                .verifying_key()
-                .to_sec1_point(false)
-                .as_bytes(),
-        )
+        spki(self.attestation.public_point())
     }
 
     /// The TLS key's SPKI.
@@ -156,13 +166,13 @@ impl SimulatedDevice {
             &measurement(),
         )
         .to_bytes();
-        let s: Signature = self.attestation.sign(&payload);
+        // ES256 of the payload: what a token's CKM_ECDSA over SHA-256(payload) gives. Ring
+        // fails only when the system's random source does: then the PVA refuses the
+        // evidence, and the device is counted failed with that reason.
+        let signature = self.attestation.sign(&payload).unwrap_or_default();
         common::Evidence {
             kind: Some(common::evidence::Kind::Pkcs11Signature(
-                common::Pkcs11Signature {
-                    payload,
-                    signature: s.to_bytes().to_vec(),
-                },
+                common::Pkcs11Signature { payload, signature },
             )),
             aka_execution: common::AkaExecution::InTre as i32,
             platform_credential: self.platform_credential.clone(),
@@ -171,7 +181,6 @@ impl SimulatedDevice {
 
     /// The device's mutual-TLS configuration towards a role whose certificates `ca_pem` issues.
     pub fn tls_config(&self, ca_pem: &[u8]) -> Result<Arc<rustls::ClientConfig>, String> {
-        use p256::pkcs8::EncodePrivateKey;
         use rustls::pki_types::pem::PemObject;
         let mut roots = rustls::RootCertStore::empty();
         for c in CertificateDer::pem_slice_iter(ca_pem) {
@@ -179,8 +188,7 @@ impl SimulatedDevice {
                 .add(c.map_err(|e| e.to_string())?)
                 .map_err(|e| e.to_string())?;
         }
-        let key = self.tls.to_pkcs8_der().map_err(|e| e.to_string())?;
-        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.as_bytes().to_vec()));
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.tls_pkcs8.to_vec()));
         let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
         ))

@@ -412,8 +412,9 @@ async fn fleet(
                 pcid: format!("{}{run:03}{i:0msin_digits$}", a.pcid_plmn),
                 model: MODEL.into(),
             })
+            .map_err(|e| CliError::Input(format!("a simulated device's key: {e}")))
         })
-        .collect();
+        .collect::<Result<_, _>>()?;
 
     let net = Arc::new(net);
     let mut failures: BTreeMap<String, (u64, String)> = BTreeMap::new();

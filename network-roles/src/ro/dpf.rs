@@ -363,8 +363,11 @@ impl DpfService for Dpf {
             .chars()
             .take(crate::sho::MAX_REPORT_DETAIL)
             .collect();
+        // The same outcome again (a retry) keeps the first report's detail and MCIM id.
         let done = sqlx::query(
-            "UPDATE ro_registration SET state = $1, detail = $2, mcim_id = $3 WHERE id = $4 \
+            "UPDATE ro_registration SET state = $1, \
+             detail = CASE WHEN state = $1 THEN detail ELSE $2 END, \
+             mcim_id = CASE WHEN state = $1 THEN mcim_id ELSE $3 END WHERE id = $4 \
              AND state NOT IN ('installed', 'failed') OR (id = $5 AND state = $6)",
         )
         .bind(state)

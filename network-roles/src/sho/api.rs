@@ -151,6 +151,12 @@ impl ShoService for ShoApi {
             // Only for the device the MCIM was provisioned to; another device's IMSI is
             // answered as an unknown one.
             if !self.0.imsi_live_on(&r.imsi, &r.pcid).await? {
+                // The caller hears what it would for an IMSI nobody holds; the operator's
+                // log says when a live IMSI was presented by another device (a cloned or
+                // stolen identity).
+                if self.0.imsi_live(&r.imsi).await? {
+                    tracing::warn!(imsi = %r.imsi, pcid = %r.pcid, "refused: vectors asked for a live IMSI from a device it was not provisioned to");
+                }
                 return Err(RoleError::not_found(
                     "no provisioned MCIM with this IMSI on this device",
                 ));

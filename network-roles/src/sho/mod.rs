@@ -32,7 +32,6 @@ use std::time::Duration;
 use crate::store::Db;
 use mcim_proto::mcim::sho::v1::RegistrationState as St;
 use mcim_telemetry::Channel;
-use p256::ecdsa::SigningKey;
 
 use crate::atrest::DataKey;
 use crate::auc::Auc;
@@ -71,7 +70,8 @@ pub struct Sho {
     pki: PathBuf,
     db: Db,
     auc: Auc,
-    key: SigningKey,
+    /// Its statement key (packages, acknowledgments, instructions), as ring holds it.
+    key: mcim_core::es256::Signer,
     cert: Vec<u8>,
     id: String,
     cfg: ShoConfig,
@@ -102,6 +102,7 @@ impl Sho {
         }
         let party = cfg.party.as_str();
         let key = mcim_pki::dev::signing_key(&pki, party).map_err(|e| internal(&e))?;
+        let key = mcim_core::es256::Signer::new(&key).map_err(|e| internal(&e))?;
         let cert = mcim_pki::dev::ca_der(&pki, party).map_err(|e| internal(&e))?;
         let id = mcim_pki::party::caller_from_cert(&cert)
             .map_err(|e| internal(&e))?
@@ -223,7 +224,8 @@ mod tests {
     /// Step 14's report moves a registration forward only: from authorised (or in flight with
     /// its package built) to an outcome, or the same outcome again; never provisioned to
     /// failed or back (a late or forged report would cut a working MCIM off its vectors), and
-    /// never for a registration whose package was not built. The detail is cut to 1 KiB.
+    /// never for a registration whose package was not built. The detail is cut to 1 KiB, and
+    /// a repeated report keeps the first one's.
     #[tokio::test]
     async fn a_report_moves_a_registration_forward_only() {
         for url in crate::store::test_urls() {
@@ -273,6 +275,18 @@ mod tests {
                 state("authorized").await,
                 (St::Provisioned as i64, 1024),
                 "{url}"
+            );
+            // The same outcome again is accepted and keeps the first report's detail.
+            assert!(
+                s.report("authorized", St::Provisioned, "rewritten")
+                    .await
+                    .is_ok(),
+                "{url}: again"
+            );
+            assert_eq!(
+                state("authorized").await,
+                (St::Provisioned as i64, 1024),
+                "{url}: the first detail kept"
             );
             assert!(
                 s.report("building", St::Provisioned, "").await.is_ok(),

@@ -82,14 +82,22 @@ impl Registration {
         auth.owns(&self.ro)
     }
 
-    /// This registration, for the RO `ro` registering its id again (step 7 retried): the same
-    /// RO gets the same answer (any RO, for a registration stored before the SHO recorded its
-    /// RO); another RO's id is not its to learn about or take over.
-    fn asked_again_by(self, ro: &str) -> Result<Self, RoleError> {
-        if self.ro == ro || self.ro.is_empty() {
-            return Ok(self);
+    /// This registration, for `n` registering its id again (step 7 retried): the same RO
+    /// asking the same (device, nonce, DPF) gets the same answer (any RO, for a registration
+    /// stored before the SHO recorded its RO); another RO's id is not its to learn about or
+    /// take over, and the same id with another device, nonce or DPF is another request, not
+    /// a retry (found by an outside attack: it was answered OK with the first registration,
+    /// the new nonce silently dropped).
+    fn asked_again_by(self, n: &NewRegistration) -> Result<Self, RoleError> {
+        if self.ro != n.ro && !self.ro.is_empty() {
+            return Err(RoleError::exists("this registration id is taken"));
         }
-        Err(RoleError::exists("this registration id is taken"))
+        if self.pcid != n.pcid || self.nonce != n.nonce || self.dpf_url != n.dpf_url {
+            return Err(RoleError::exists(
+                "this registration id is taken by another request (device, nonce or DPF)",
+            ));
+        }
+        Ok(self)
     }
 }
 
@@ -126,7 +134,7 @@ impl Sho {
             .await?
             .ok_or_else(|| RoleError::not_found("no subscription for this PCID"))?;
         if let Some(existing) = self.registration(&n.id).await? {
-            return existing.asked_again_by(&n.ro);
+            return existing.asked_again_by(&n);
         }
         // The device holds this SHO's MCIM already (provisioned, not discarded): a second
         // package for the same IMSI would replace its K at the AuC under a working device.
@@ -161,7 +169,7 @@ impl Sho {
                 .registration(&n.id)
                 .await?
                 .ok_or_else(|| RoleError::internal("registration not stored"))?
-                .asked_again_by(&n.ro);
+                .asked_again_by(&n);
         }
         sqlx::query(
             "INSERT INTO sho_registration (id, pcid, nonce, dpf_url, validation_id, \
@@ -234,8 +242,11 @@ impl Sho {
         // registration never becomes failed (nor the reverse) by a late or forged report: the
         // device's MCIM would lose its vectors.
         let detail: String = detail.chars().take(MAX_REPORT_DETAIL).collect();
+        // The same outcome again (a retry) keeps the first report's detail: a device cannot
+        // rewrite what the SHO recorded of its install.
         let done = sqlx::query(
-            "UPDATE sho_registration SET state = $1, detail = $2 WHERE id = $3 \
+            "UPDATE sho_registration SET state = $1, \
+             detail = CASE WHEN state = $1 THEN detail ELSE $2 END WHERE id = $3 \
              AND (state IN ($4, $5) OR (state IN ($6, $7) AND package IS NOT NULL))",
         )
         .bind(st as i64)
