@@ -33,8 +33,10 @@ echo "== a throwaway PostgreSQL cluster (stopped when this script exits)"
 source ci/postgres.sh
 # The tests that run the roles on PostgreSQL too: the store's unit tests and the end-to-end
 # suites that reach the database only through the roles (or through mcim_e2e's engine-neutral
-# helpers). The others read the SQLite file directly, or run the lab (SQLite).
-PG_SUITES=(provisioning authz subscriber dpf ccif discard metrics overload resume device roles postgres fleet)
+# helpers: `Roles`, `LabDbs`, `db_rows`, `dump`). The others need no database of their own
+# choosing (docs, readme, local_api, tracing), exercise the USIM's card path (usim), or start
+# a PostgreSQL of their own (netns).
+PG_SUITES=(provisioning authz subscriber dpf ccif discard metrics overload resume device roles postgres fleet change instruction renewal cli_flow)
 PG_TESTS=(-p mcim-roles -p mcim-e2e)
 PG_FILTER="package(mcim-roles)"
 for t in "${PG_SUITES[@]}"; do

@@ -1403,6 +1403,12 @@ pub trait DbAt {
     fn db_url(&self) -> String;
 }
 
+impl<T: DbAt + ?Sized> DbAt for &T {
+    fn db_url(&self) -> String {
+        (**self).db_url()
+    }
+}
+
 impl DbAt for Path {
     fn db_url(&self) -> String {
         format!("sqlite://{}", self.display())
@@ -1418,6 +1424,58 @@ impl DbAt for PathBuf {
 impl DbAt for Roles {
     fn db_url(&self) -> String {
         self.db_url.clone()
+    }
+}
+
+/// A database by its URL (`sqlite://PATH` or `postgres://...`).
+#[derive(Clone, Debug)]
+pub struct DbUrl(pub String);
+
+impl DbAt for DbUrl {
+    fn db_url(&self) -> String {
+        self.0.clone()
+    }
+}
+
+/// The file in a lab's directory naming the PostgreSQL database [`lab_run`] gave it.
+const LAB_DB_URL_FILE: &str = "test-db-url";
+
+/// The roles' databases of a lab run in `dir` (`mcimctl lab run --dir`): the SQLite files
+/// there (`roles.db`, the second SHO's `roles-sho2.db`), or, when [`lab_run`] ran the lab on
+/// PostgreSQL, its database and the second SHO's beside it (`NAME-sho2`).
+#[derive(Clone, Debug)]
+pub struct LabDbs {
+    /// The roles' database.
+    pub roles: DbUrl,
+    /// The second SHO's.
+    pub sho2: DbUrl,
+}
+
+impl LabDbs {
+    /// The databases of the lab in `dir`.
+    pub fn of(dir: &Path) -> Self {
+        match std::fs::read_to_string(dir.join(LAB_DB_URL_FILE)) {
+            Ok(url) => Self {
+                sho2: DbUrl(format!("{url}-sho2")),
+                roles: DbUrl(url),
+            },
+            Err(_) => Self {
+                roles: DbUrl(dir.join("roles.db").db_url()),
+                sho2: DbUrl(dir.join("roles-sho2.db").db_url()),
+            },
+        }
+    }
+}
+
+/// Every row of every table of `db`, one string per table ([`db_dump`] on SQLite,
+/// [`pg_dump`] on PostgreSQL: blobs as hex, upper-case X'..' there, `\x..` here).
+pub async fn dump(db: &(impl DbAt + ?Sized)) -> std::collections::BTreeMap<String, String> {
+    let url = db.db_url();
+    if url.starts_with("postgres") {
+        pg_dump(&url).await
+    } else {
+        let path = url.trim_start_matches("sqlite://");
+        db_dump(Path::new(path.split('?').next().unwrap_or(path))).await
     }
 }
 
@@ -1480,6 +1538,15 @@ pub fn lab_run(args: &[&str]) -> (bool, serde_json::Value, String) {
     if let Some(db) = postgres_from_env()
         && !args.contains(&"--db")
     {
+        // Where [`LabDbs::of`] finds it.
+        if let Some(dir) = args
+            .iter()
+            .position(|a| *a == "--dir")
+            .and_then(|i| args.get(i + 1))
+        {
+            std::fs::create_dir_all(dir).unwrap();
+            std::fs::write(Path::new(dir).join(LAB_DB_URL_FILE), &db).unwrap();
+        }
         cmd.arg("--db").arg(db);
     }
     let out = cmd.output().unwrap();

@@ -10,7 +10,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use mcim_e2e::{db_dump, db_rows, lab_run};
+use mcim_e2e::{LabDbs, db_rows, dump, lab_run};
 use serde_json::Value;
 
 const OLD_SHO: &str = "sho.mcim.local";
@@ -102,7 +102,7 @@ fn assert_changed(dir: &Path, r: &Value) {
     assert!(notices[0]["ack"].is_string(), "acknowledged: {outbox:#}");
     // The old SHO: one notice for the old IMSI, from this device, with the acknowledgment it
     // signed (checked here with its certificate).
-    let roles = dir.join("roles.db");
+    let roles = LabDbs::of(dir).roles;
     let rows = block(db_rows(
         &roles,
         "SELECT imsi, pcid, notice, ack FROM sho_discard",
@@ -141,27 +141,28 @@ fn assert_changed(dir: &Path, r: &Value) {
     // The new SHO's whole database: the filtered acknowledgment, and neither the old IMSI nor
     // the old SHO's identity or certificate anywhere (as text or as blob hex). (Its own
     // certificate names the role's server name, "sho.mcim.local", as every SHO's does.)
-    let new_db = block(db_dump(&dir.join("roles-sho2.db")));
-    let everything: String = new_db.values().cloned().collect();
-    let upper_hex = |s: &[u8]| hex::encode_upper(s);
+    let new_db = block(dump(&LabDbs::of(dir).sho2));
+    // Lower-cased: blobs are upper-case hex in SQLite's dump, lower-case in PostgreSQL's.
+    let everything: String = new_db.values().cloned().collect::<String>().to_lowercase();
+    let lower_hex = |s: &[u8]| hex::encode(s);
     let old_identity = format!("urn:mcim:sho:{OLD_SHO}");
     let old_cert = mcim_pki::dev::ca_der(&dir.join("pki"), "sho").unwrap();
     for (what, secret) in [
         ("the old IMSI", old_imsi.as_bytes()),
         ("the old SHO's identity", old_identity.as_bytes()),
     ] {
-        let text = String::from_utf8_lossy(secret);
+        let text = String::from_utf8_lossy(secret).to_lowercase();
         assert!(
-            !everything.contains(text.as_ref()) && !everything.contains(&upper_hex(secret)),
+            !everything.contains(text.as_str()) && !everything.contains(&lower_hex(secret)),
             "the new SHO learnt {what}"
         );
     }
     assert!(
-        !everything.contains(&upper_hex(&old_cert[..64])),
+        !everything.contains(&lower_hex(&old_cert[..64])),
         "the new SHO holds the old SHO's certificate"
     );
     let filtered = block(db_rows(
-        &dir.join("roles-sho2.db"),
+        &LabDbs::of(dir).sho2,
         "SELECT discard_ack FROM sho_registration WHERE discard_ack IS NOT NULL",
     ));
     if pristine {
@@ -378,12 +379,12 @@ fn a_device_moved_to_a_new_sho_and_back_gets_a_new_imsi_from_its_first_sho() {
     assert_eq!(mcims.len(), 2, "{mcims:?}");
     assert_eq!(token_objects(dir.path(), "mcim.k"), 2);
     // Each SHO holds the notice of its own discarded IMSI; the RO routes to the first again.
-    let roles = dir.path().join("roles.db");
+    let roles = LabDbs::of(dir.path()).roles;
     let first_discarded = block(db_rows(&roles, "SELECT imsi FROM sho_discard"));
     assert_eq!(first_discarded, vec![vec![first.to_string()]]);
     let second = r["before"]["imsi"].as_str().unwrap();
     let second_discarded = block(db_rows(
-        &dir.path().join("roles-sho2.db"),
+        &LabDbs::of(dir.path()).sho2,
         "SELECT imsi FROM sho_discard",
     ));
     assert_eq!(second_discarded, vec![vec![second.to_string()]]);
@@ -394,7 +395,7 @@ fn a_device_moved_to_a_new_sho_and_back_gets_a_new_imsi_from_its_first_sho() {
     assert_eq!(sub, vec![vec![OLD_SHO.to_string()]]);
     // The SHO the device left cannot take it back at the DRF (its change registration is no
     // longer the device's latest install): refused, nothing changes.
-    let roles = mcim_e2e::Roles::start(dir.path());
+    let roles = mcim_e2e::Roles::start_on(dir.path(), &LabDbs::of(dir.path()).roles.0, &[]);
     let before = block(roles.snapshot());
     let got = block(async {
         use mcim_proto::mcim::ro::v1 as ro;
@@ -450,18 +451,16 @@ fn assert_both_present(dir: &Path, r: &Value) {
     assert_eq!(mcims.len(), 3, "the PCID's, the old and the new: {mcims:?}");
     assert_eq!(mcims.iter().filter(|m| m["sho"] == OLD_SHO).count(), 1);
     assert_eq!(mcims.iter().filter(|m| m["sho"] == NEW_SHO).count(), 1);
-    let roles = dir.join("roles.db");
+    let roles = LabDbs::of(dir).roles;
     assert!(block(db_rows(&roles, "SELECT imsi FROM sho_discard")).is_empty());
     // Strictly apart: the new SHO's database has nothing of the old MCIM, and the old SHO's
     // tables nothing of the new one (the RO, which delivered both, knows both).
-    let new_db: String = block(db_dump(&dir.join("roles-sho2.db")))
-        .into_values()
-        .collect();
+    let new_db: String = block(dump(&LabDbs::of(dir).sho2)).into_values().collect();
     assert!(
         !new_db.contains(&old_imsi),
         "the new SHO holds the old IMSI"
     );
-    let old_sho: String = block(db_dump(&roles))
+    let old_sho: String = block(dump(&roles))
         .into_iter()
         .filter(|(t, _)| t.starts_with("sho_") || t.starts_with("auc_"))
         .map(|(_, rows)| rows)
@@ -529,7 +528,7 @@ fn a_kept_package_that_keeps_failing_ends_the_change_at_step_12_without_a_second
         r["sho_registration"]["state"], "failed",
         "the new SHO was told"
     );
-    let roles = dir.path().join("roles.db");
+    let roles = LabDbs::of(dir.path()).roles;
     let reg = block(db_rows(
         &roles,
         &format!(
@@ -569,7 +568,7 @@ fn with_both_mcims_present_a_change_back_to_the_first_sho_is_refused_by_the_devi
     // The first change happened; the second never reached the first SHO.
     assert_eq!(r["changes"], 1);
     let regs = block(db_rows(
-        &dir.path().join("roles.db"),
+        &LabDbs::of(dir.path()).roles,
         &format!("SELECT id FROM sho_registration WHERE pcid = '{PCID}'"),
     ));
     assert_eq!(

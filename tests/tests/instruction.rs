@@ -298,7 +298,7 @@ fn lifecycle_by_instructions(token: bool) {
     assert_eq!(got.unwrap_err().code(), Code::NotFound);
     // The SHO kept six verified reports, numbered in order.
     let rows = block(db_rows(
-        &p.work.path().join("roles.db"),
+        &p.roles,
         "SELECT action, outcome FROM sho_instruction ORDER BY seq",
     ));
     assert_eq!(
@@ -319,7 +319,7 @@ fn lifecycle_by_instructions(token: bool) {
 /// Puts `instruction` on the device's task stream as a malicious RO would (straight into the
 /// DPF's queue), with a row that keeps the device's report (a replayed one's earlier report
 /// is cleared first). Returns its id.
-async fn inject(db: &std::path::Path, sho_id: &str, instruction: Vec<u8>) -> String {
+async fn inject(db: &mcim_e2e::Roles, sho_id: &str, instruction: Vec<u8>) -> String {
     let mut c = db_writer(db).await;
     let id = ins::instruction_id(&instruction);
     let body = ro::WatchDeviceTasksResponse {
@@ -373,7 +373,7 @@ fn signed(pki: &std::path::Path, party: &str, i: &Instruction) -> Vec<u8> {
 
 /// The device's report on `id` as the DPF keeps it (parsed; its signature is checked by the
 /// SHO in the other test), waiting for it.
-async fn report_of(db: &std::path::Path, id: &str) -> ins::Report {
+async fn report_of(db: &mcim_e2e::Roles, id: &str) -> ins::Report {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let rows = db_rows(
@@ -399,7 +399,7 @@ fn instructions_from_another_sho_the_ro_a_replay_or_for_another_device_are_refus
  {
     let p = provisioned(false);
     let pki = p.roles.pki.clone();
-    let db = p.work.path().join("roles.db");
+    let db = &p.roles;
     p.done("block");
     p.done("unblock");
     let legit_block: Vec<u8> = block(db_rows(
@@ -496,10 +496,10 @@ fn instructions_from_another_sho_the_ro_a_replay_or_for_another_device_are_refus
     ];
     let ids: Vec<String> = cases
         .iter()
-        .map(|(_, sho_id, body, _)| block(inject(&db, sho_id, body.clone())))
+        .map(|(_, sho_id, body, _)| block(inject(db, sho_id, body.clone())))
         .collect();
     for ((what, _, _, reason), id) in cases.iter().zip(&ids) {
-        let r = block(report_of(&db, id));
+        let r = block(report_of(db, id));
         assert_eq!(
             (r.outcome.as_str(), r.reason.as_str()),
             (ins::REFUSED, *reason),

@@ -99,7 +99,7 @@ fn renewed_before_a_change(token: bool) {
         !d.tred.state_dir().join("pcid-renewal.json").exists(),
         "no renewal left pending"
     );
-    let db = d.work.path().join("roles.db");
+    let db = &d.roles;
     let icf = block(db_rows(
         &db,
         &format!(
@@ -147,7 +147,7 @@ fn an_expired_pcid_credential_on_a_token_is_renewed_before_a_change_and_the_new_
 #[test]
 fn an_expired_pcid_credential_that_cannot_be_renewed_stops_the_change_and_changes_nothing() {
     let d = expired(false, 3);
-    let db = d.work.path().join("roles.db");
+    let db = &d.roles;
     block(async {
         let mut c = db_writer(&db).await;
         sqlx::query("DELETE FROM icf_pcid WHERE pcid = $1")
@@ -212,7 +212,7 @@ fn a_renewal_the_ro_pushes_is_done_by_the_device_between_runs() {
     let after = pcid_expiry(&d);
     assert!(after > now() + 300 * 24 * 3600, "{after}");
     let icf = block(db_rows(
-        &d.work.path().join("roles.db"),
+        &d.roles,
         &format!("SELECT CAST(expires_at AS TEXT) FROM icf_pcid WHERE pcid = '{PCID}'"),
     ));
     assert_eq!(icf, vec![vec![after.to_string()]], "the ICF switched");
@@ -340,7 +340,7 @@ fn a_renewal_is_wrapped_only_to_the_storage_key_the_supplier_certified_and_never
 
 /// Sets the PCID's `active` flag at the ICF (0: it awaits activation and gets no vectors).
 fn set_pcid_active(d: &CliDevice, active: bool) {
-    let db = d.work.path().join("roles.db");
+    let db = &d.roles;
     block(async {
         let mut c = db_writer(&db).await;
         sqlx::query("UPDATE icf_pcid SET active = $1 WHERE pcid = $2")
@@ -390,10 +390,7 @@ fn a_revert_to_the_pristine_state_that_failed_after_its_discard_is_tried_again_a
     // The old SHO holds the device's notice for the old IMSI.
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
-        let rows = block(db_rows(
-            &d.work.path().join("roles.db"),
-            "SELECT imsi FROM sho_discard",
-        ));
+        let rows = block(db_rows(&d.roles, "SELECT imsi FROM sho_discard"));
         if rows == vec![vec![d.imsi.clone()]] {
             break;
         }
