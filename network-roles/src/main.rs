@@ -36,7 +36,7 @@ use mcim_roles::ro::icf::Icf;
 use mcim_roles::sho::{Sho, ShoApi, ShoConfig};
 use mcim_roles::store::Db;
 use mcim_roles::supplier::Supplier;
-use mcim_roles::tls::server_tls;
+use mcim_roles::tls::{server_config, tls_incoming};
 use mcim_roles::vno::{Route, Vno};
 
 /// The mcim network roles.
@@ -646,12 +646,10 @@ async fn serve_role(
         gate,
         shed,
     } = layers;
-    let tls = server_tls(&pki, &party).map_err(|e| e.to_string())?;
+    let tls = server_config(&pki, &party).map_err(|e| e.to_string())?;
     // Each call is a span whose parent is the caller's (trace context in the metadata).
     let mut builder = tonic::transport::Server::builder()
         .trace_fn(mcim_telemetry::server_span)
-        .tls_config(tls)
-        .map_err(|e| e.to_string())?
         // Every call counted and timed, refusals included.
         .layer(mcim_telemetry::metrics::MetricsLayer::new(metrics, |m| {
             mcim_roles::authz::RULES.iter().any(|r| r.method == m)
@@ -727,7 +725,8 @@ async fn serve_role(
     };
     tracing::info!(%listen, %role, party, "serving (mutual TLS)");
     router
-        .serve_with_incoming_shutdown(incoming, async move {
+        // Mutual TLS on our own acceptor: the client verifier bounds the chain it will build.
+        .serve_with_incoming_shutdown(tls_incoming(incoming, tls), async move {
             shutdown().await;
             if let Some(ro) = ro_streams {
                 ro.stop_streams();

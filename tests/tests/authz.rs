@@ -1278,6 +1278,74 @@ fn an_imsi_attaches_only_on_the_device_it_was_provisioned_to() {
     attach_as_owner();
 }
 
+/// A client chain with more intermediates than the gate reads (`MAX_CHAIN`) is refused in
+/// the TLS handshake, before webpki builds paths through them (found by an outside attack: a
+/// client without any valid certificate made each handshake cost ~12 ms of CPU with junk
+/// intermediates named like a trusted CA). A genuine leaf with fewer such certificates
+/// behind it still connects and is answered; nothing changes either way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_chain_with_too_many_intermediates_is_refused_at_the_handshake() {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_client::HealthClient;
+    let work = tempfile::tempdir().unwrap();
+    let roles = Roles::start(work.path());
+    let root = mcim_pki::dev::ca_der(&roles.pki, "supplier-root").unwrap();
+    let cn = {
+        use x509_parser::prelude::{FromDer, X509Certificate};
+        let (_, c) = X509Certificate::from_der(&root).unwrap();
+        c.subject()
+            .iter_common_name()
+            .next()
+            .and_then(|n| n.as_str().ok())
+            .unwrap()
+            .to_string()
+    };
+    // Self-signed CAs named like the supplier root: junk a path builder must try.
+    let junk = || {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        let mut dn = rcgen::DistinguishedName::new();
+        dn.push(rcgen::DnType::CommonName, cn.as_str());
+        params.distinguished_name = dn;
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.self_signed(&key).unwrap().pem()
+    };
+    let (leaf, key) = mcim_pki::dev::issue_software_device(&roles.pki, ME).unwrap();
+    let before = roles.snapshot().await;
+    let health = |n: usize| {
+        let chain: String = std::iter::once(leaf.clone())
+            .chain((0..n).map(|_| junk()))
+            .collect();
+        let (roles, key) = (&roles, key.clone());
+        async move {
+            let ch = roles.channel_as(chain, key, Role::Ro).await;
+            HealthClient::new(ch)
+                .check(HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await
+        }
+    };
+    // Within the bound: connected, through the gate, answered.
+    for n in [0, 2] {
+        assert!(
+            health(n).await.is_ok(),
+            "{n} junk certificates behind a genuine leaf"
+        );
+    }
+    // Beyond it: the handshake fails (a transport error, not the gate's UNAUTHENTICATED,
+    // which the gate would answer such a chain if it got that far).
+    let refused = health(mcim_pki::party::MAX_CHAIN).await.unwrap_err();
+    assert!(
+        matches!(
+            refused.code(),
+            Code::Unavailable | Code::Unknown | Code::Cancelled
+        ),
+        "{refused:?}"
+    );
+    assert_eq!(roles.snapshot().await, before);
+}
+
 /// A device that reports its install again (a retry, or on purpose with other words) is
 /// answered OK, and neither the DPF's nor the SHO's record of the first report changes: the
 /// detail and MCIM id stay the first ones (found by an outside attack: a repeated report
