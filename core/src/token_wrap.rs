@@ -32,6 +32,10 @@ pub enum TokenWrapError {
     /// The token's public key is not a P-256 SPKI with a point on the curve.
     #[error("the token's unwrap key is not a P-256 public key")]
     BadPublicKey,
+    /// The token's RSA unwrap key's modulus is outside
+    /// [`RSA_MODULUS_BITS`] (or the key does not parse).
+    #[error("the token's RSA unwrap key must have a modulus of 2048 to 4096 bits")]
+    BadRsaKey,
     /// The secret's length is not 1..=64 octets.
     #[error("a wrapped secret must be 1 to 64 octets")]
     BadLength,
@@ -121,6 +125,11 @@ pub fn wrap_for_token(token_spki: &[u8], secret: &[u8]) -> Result<TokenBlob, Tok
     })
 }
 
+/// The RSA unwrap key sizes accepted, in bits of the modulus: 2048 at least (NIST SP 800-57's
+/// floor for 112-bit security; what `tred` makes), 4096 at most (the largest key tokens
+/// commonly make; a larger one only makes each wrap cost the SHO more).
+pub const RSA_MODULUS_BITS: std::ops::RangeInclusive<u32> = 2048..=4096;
+
 /// A secret RSA-OAEP-encrypted to a token's RSA unwrap key (the fallback for tokens
 /// without ECDH).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -143,10 +152,11 @@ pub fn wrap_for_token_rsa<R: CryptoRng + ?Sized>(
     if secret.is_empty() || secret.len() > 64 {
         return Err(TokenWrapError::BadLength);
     }
-    let key = rsa::PublicKey::from_public_key_der(token_spki)
-        .map_err(|_| TokenWrapError::BadPublicKey)?;
-    if key.size() < 256 {
-        return Err(TokenWrapError::BadPublicKey);
+    let key =
+        rsa::PublicKey::from_public_key_der(token_spki).map_err(|_| TokenWrapError::BadRsaKey)?;
+    // The modulus's own bit length: `size()` rounds up to octets, so 2041 bits would pass.
+    if !RSA_MODULUS_BITS.contains(&key.n().bit_width()) {
+        return Err(TokenWrapError::BadRsaKey);
     }
     key.encrypt(rng, rsa::Oaep::<sha1::Sha1>::new(), secret)
         .map(RsaBlob)
@@ -185,6 +195,56 @@ mod tests {
         unwrap_in_software(sk, b)
             .map(|v| v.to_vec())
             .unwrap_or_default()
+    }
+
+    /// The SPKI of an RSA public key whose modulus has exactly `bits` bits (2^(bits-1) + 1:
+    /// odd, not a product of two primes, which encryption does not care about).
+    fn rsa_spki_of_bits(bits: u32) -> Vec<u8> {
+        use rsa::pkcs8::EncodePublicKey;
+        let mut n = vec![0u8; bits.div_ceil(8) as usize];
+        n[0] = 1 << ((bits - 1) % 8);
+        if let Some(last) = n.last_mut() {
+            *last |= 1;
+        }
+        let key = rsa::PublicKey::new_with_size_limits(
+            rsa::BoxedUint::from_be_slice_vartime(&n),
+            rsa::BoxedUint::from(65537u32),
+            1024..=16384,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        key.to_public_key_der()
+            .unwrap_or_else(|e| panic!("{e}"))
+            .as_bytes()
+            .to_vec()
+    }
+
+    #[test]
+    fn an_rsa_unwrap_key_must_have_2048_to_4096_bits() {
+        let mut rng = rand::rng();
+        for bits in [2048, 3072, 4096] {
+            let spki = rsa_spki_of_bits(bits);
+            assert!(is_rsa_spki(&spki), "{bits}");
+            let blob = wrap_for_token_rsa(&spki, &[7u8; 16], &mut rng);
+            assert_eq!(blob.map(|b| b.0.len()), Ok(bits as usize / 8), "{bits}");
+        }
+        // 2041 bits is 256 octets: counting octets let it through.
+        for bits in [1024, 2041, 2047, 4097, 8192] {
+            let spki = rsa_spki_of_bits(bits);
+            assert_eq!(
+                wrap_for_token_rsa(&spki, &[7u8; 16], &mut rng),
+                Err(TokenWrapError::BadRsaKey),
+                "{bits}"
+            );
+        }
+        // Not RSA at all: the RSA error, not the P-256 one.
+        assert_eq!(
+            wrap_for_token_rsa(&[0x30, 0x00], &[7u8; 16], &mut rng),
+            Err(TokenWrapError::BadRsaKey)
+        );
+        assert!(
+            TokenWrapError::BadRsaKey.to_string().contains("RSA"),
+            "the message names the key's kind"
+        );
     }
 
     #[test]

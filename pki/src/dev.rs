@@ -242,6 +242,24 @@ pub fn ca_der(dir: &Path, file: &str) -> Result<Vec<u8>, PkiError> {
     .map_err(cert_err)
 }
 
+/// A self-signed CA certificate named like the CA `<file>` (its common name, its own
+/// fresh key): the junk a hostile client puts in its chain so that a path builder tries it.
+/// For tests of the chain bounds (`party::MAX_CHAIN`, the roles' TLS verifier).
+pub fn impostor_ca(dir: &Path, file: &str) -> Result<rcgen::Certificate, PkiError> {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let real = ca_der(dir, file)?;
+    let (_, c) = X509Certificate::from_der(&real).map_err(cert_err)?;
+    let mut dn = DistinguishedName::new();
+    for cn in c.subject().iter_common_name() {
+        dn.push(DnType::CommonName, cn.as_str().map_err(cert_err)?);
+    }
+    let mut params = CertificateParams::new(Vec::<String>::new()).map_err(cert_err)?;
+    params.distinguished_name = dn;
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let key = KeyPair::generate().map_err(cert_err)?;
+    params.self_signed(&key).map_err(cert_err)
+}
+
 fn party_params(role: Role, name: &str) -> Result<CertificateParams, PkiError> {
     let mut params = CertificateParams::new(Vec::<String>::new()).map_err(cert_err)?;
     let mut dn = DistinguishedName::new();

@@ -417,28 +417,15 @@ mod tests {
     /// with such junk behind it (within the bound) still passes.
     #[test]
     fn a_hostile_chain_is_refused_within_bounds() {
-        use x509_parser::prelude::{FromDer, X509Certificate};
         let dir = tempfile::tempdir().unwrap();
         crate::dev::init(dir.path(), &crate::dev::LAB_PARTIES).unwrap();
         let anchors = crate::dev::trust_anchors(dir.path()).unwrap();
         let ca_vno = crate::dev::ca_der(dir.path(), "ca-vno").unwrap();
-        let cn = {
-            let (_, c) = X509Certificate::from_der(&ca_vno).unwrap();
-            c.subject()
-                .iter_common_name()
-                .next()
-                .and_then(|n| n.as_str().ok())
-                .unwrap()
-                .to_string()
-        };
         let junk = || {
-            let key = rcgen::KeyPair::generate().unwrap();
-            let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-            let mut dn = rcgen::DistinguishedName::new();
-            dn.push(rcgen::DnType::CommonName, cn.as_str());
-            params.distinguished_name = dn;
-            params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-            params.self_signed(&key).unwrap().der().to_vec()
+            crate::dev::impostor_ca(dir.path(), "ca-vno")
+                .unwrap()
+                .der()
+                .to_vec()
         };
         let (forged, _) =
             crate::dev::issue_party_under(dir.path(), "ca-vno", Role::Sho, "sho.mcim.local")

@@ -1289,26 +1289,11 @@ async fn a_client_chain_with_too_many_intermediates_is_refused_at_the_handshake(
     use tonic_health::pb::health_client::HealthClient;
     let work = tempfile::tempdir().unwrap();
     let roles = Roles::start(work.path());
-    let root = mcim_pki::dev::ca_der(&roles.pki, "supplier-root").unwrap();
-    let cn = {
-        use x509_parser::prelude::{FromDer, X509Certificate};
-        let (_, c) = X509Certificate::from_der(&root).unwrap();
-        c.subject()
-            .iter_common_name()
-            .next()
-            .and_then(|n| n.as_str().ok())
-            .unwrap()
-            .to_string()
-    };
     // Self-signed CAs named like the supplier root: junk a path builder must try.
     let junk = || {
-        let key = rcgen::KeyPair::generate().unwrap();
-        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        let mut dn = rcgen::DistinguishedName::new();
-        dn.push(rcgen::DnType::CommonName, cn.as_str());
-        params.distinguished_name = dn;
-        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        params.self_signed(&key).unwrap().pem()
+        mcim_pki::dev::impostor_ca(&roles.pki, "supplier-root")
+            .unwrap()
+            .pem()
     };
     let (leaf, key) = mcim_pki::dev::issue_software_device(&roles.pki, ME).unwrap();
     let before = roles.snapshot().await;
