@@ -29,6 +29,11 @@ mod subscriber;
 mod supply;
 mod tred;
 
+/// mimalloc: the fleet simulator allocates per call what glibc's malloc serves slower
+/// (BENCHMARKS.md, "Where the roles' CPU goes").
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use clap::{CommandFactory, Parser, Subcommand};
 use std::process::ExitCode;
 

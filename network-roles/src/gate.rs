@@ -215,6 +215,19 @@ impl Gate {
             known: Arc::new(Vouched::new(anchors)),
         }
     }
+
+    /// Whether `chain` (a connection's client certificates) is an operator role's: the
+    /// supplier, an RO, a VNO, a SHO or a PVA, vouched for by an anchor that may issue it
+    /// (remembered like every judgment of the gate; the connection's first call finds it).
+    /// The acceptor keeps places for these beyond the devices' and subscribers' limit
+    /// ([`crate::tls::ConnectionLimits`]).
+    pub fn is_operator<C: AsRef<[u8]>>(&self, chain: &[C]) -> bool {
+        use authz::Role;
+        matches!(
+            self.known.caller(chain).map(|c| c.role),
+            Ok(Role::Supplier | Role::Ro | Role::Vno | Role::Sho | Role::Pva)
+        )
+    }
 }
 
 impl<S> tower::Layer<S> for Gate {

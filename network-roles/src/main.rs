@@ -16,6 +16,11 @@
 //! given by `--config FILE` or `MCIM_CONFIG` (see `network-roles/mcim-roles.toml`; the
 //! command line and the environment win over the file). Roles reach each other at
 //! `https://` URLs and know each other by their certificates (`<role>.mcim.local`).
+/// mimalloc: ~11 % of the roles' CPU was glibc's malloc and free; mimalloc cut the roles'
+/// CPU per provisioning by ~15 % (BENCHMARKS.md, "Where the roles' CPU goes").
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -59,6 +64,22 @@ struct Args {
     #[arg(long, env = "MCIM_MAX_CONCURRENT_CALLS", global = true, default_value_t = 256,
           value_parser = clap::value_parser!(u32).range(1..))]
     max_concurrent_calls: u32,
+    /// At most this many established client connections of devices and subscribers held by
+    /// the whole process, over all its roles (the operators' roles have 128 more of their
+    /// own); past it a new connection is closed at once (the client retries). Default: the
+    /// open-files limit (raised to its hard limit at start) less 640, at most 10,000.
+    #[arg(long, env = "MCIM_MAX_CONNECTIONS", global = true,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    max_connections: Option<u32>,
+    /// At most this many client connections from one IP address (0: no limit but the total).
+    /// Set it where devices do not share addresses (behind NAT they do).
+    #[arg(
+        long,
+        env = "MCIM_MAX_CONNECTIONS_PER_PEER",
+        global = true,
+        default_value_t = 0
+    )]
+    max_connections_per_peer: u32,
     #[command(subcommand)]
     role: RoleCmd,
 }
@@ -252,7 +273,8 @@ fn main() -> std::process::ExitCode {
         };
     }
     // Logs (MCIM_LOG), and OTLP traces when OTEL_EXPORTER_OTLP_ENDPOINT is set.
-    let filter = std::env::var("MCIM_LOG").unwrap_or_else(|_| "info".into());
+    // rustls's own warnings are about what peers send (anyone can make them): errors only.
+    let filter = std::env::var("MCIM_LOG").unwrap_or_else(|_| "info,rustls=error".into());
     let (runtime, telemetry) = match mcim_telemetry::runtime("mcim-roles", &filter) {
         Ok(r) => r,
         Err(e) => {
@@ -260,11 +282,22 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
+    let fd_limit = mcim_roles::tls::raise_fd_limit();
+    let limits = Limits {
+        max_calls: args.max_concurrent_calls,
+        connections: mcim_roles::tls::ConnectionLimits::new(
+            args.max_connections.map_or_else(
+                || mcim_roles::tls::ConnectionLimits::default_total(fd_limit),
+                |n| usize::try_from(n).unwrap_or(usize::MAX),
+            ),
+            usize::try_from(args.max_connections_per_peer).unwrap_or(usize::MAX),
+        ),
+    };
     // SIGTERM: the servers stop accepting and drain the calls in flight, for DRAIN at most
     // (clients that keep idle connections or streams open would hold a drain forever).
     let served = runtime.block_on(async {
         tokio::select! {
-            r = serve(args.role, args.metrics_listen, args.max_concurrent_calls) => r,
+            r = serve(args.role, args.metrics_listen, limits) => r,
             _ = async { shutdown().await; tokio::time::sleep(DRAIN).await } => {
                 tracing::warn!("calls still open {} s after the signal: stopping", DRAIN.as_secs());
                 Ok(())
@@ -391,13 +424,43 @@ fn second_sho_db(db: &str) -> String {
     }
 }
 
+/// What bounds the work a process takes: calls in flight per role, connections in all.
+struct Limits {
+    max_calls: u32,
+    connections: mcim_roles::tls::ConnectionLimits,
+}
+
 async fn serve(
     cmd: RoleCmd,
     metrics_listen: Option<SocketAddr>,
-    max_calls: u32,
+    limits: Limits,
 ) -> Result<(), String> {
+    let Limits {
+        max_calls,
+        connections,
+    } = limits;
     let e = |e: mcim_roles::error::RoleError| e.to_string();
     let metrics = mcim_telemetry::metrics::init("mcim_roles");
+    {
+        let open = metrics.gauges(
+            "tls_connections_open",
+            "Client connections the process holds (all roles; `open` established, `max` the most \
+             for others than the operators' roles, `handshaking` in their TLS handshake)",
+        );
+        let c = connections.clone();
+        metrics.on_scrape(move || {
+            open.get_or_create(&mcim_telemetry::metrics::NameLabels {
+                name: "open".into(),
+            })
+            .set(i64::try_from(c.open()).unwrap_or(i64::MAX));
+            open.get_or_create(&mcim_telemetry::metrics::NameLabels { name: "max".into() })
+                .set(i64::try_from(c.max_total()).unwrap_or(i64::MAX));
+            open.get_or_create(&mcim_telemetry::metrics::NameLabels {
+                name: "handshaking".into(),
+            })
+            .set(i64::try_from(c.handshakes()).unwrap_or(i64::MAX));
+        });
+    }
     let mut servers = tokio::task::JoinSet::new();
     if let Some(addr) = metrics_listen {
         let listener = mcim_telemetry::metrics::bind(addr).await?;
@@ -612,6 +675,7 @@ async fn serve(
                 metrics: metrics.clone(),
                 gate,
                 shed: mcim_roles::shed::Shed::new(usize::try_from(max_calls).unwrap_or(usize::MAX)),
+                connections: connections.clone(),
             },
         ));
     }
@@ -629,6 +693,7 @@ struct CallLayers {
     metrics: std::sync::Arc<mcim_telemetry::metrics::Metrics>,
     gate: mcim_roles::gate::Gate,
     shed: mcim_roles::shed::Shed,
+    connections: mcim_roles::tls::ConnectionLimits,
 }
 
 /// Serves one role over mutual TLS, with gRPC health and reflection.
@@ -645,10 +710,19 @@ async fn serve_role(
         metrics,
         gate,
         shed,
+        connections,
     } = layers;
     let tls = server_config(&pki, &party).map_err(|e| e.to_string())?;
+    // The operators' connections have places of their own (`tls::ConnectionLimits`).
+    let is_operator: mcim_roles::tls::IsOperator = {
+        let gate = gate.clone();
+        std::sync::Arc::new(move |chain| gate.is_operator(chain))
+    };
     // Each call is a span whose parent is the caller's (trace context in the metadata).
     let mut builder = tonic::transport::Server::builder()
+        // A quiet connection is pinged; one that does not answer is closed (and one that sends
+        // nothing at all is closed by the acceptor: `tls::Guarded`).
+        .http2_keepalive_interval(Some(mcim_roles::tls::KEEPALIVE))
         .trace_fn(mcim_telemetry::server_span)
         // Every call counted and timed, refusals included.
         .layer(mcim_telemetry::metrics::MetricsLayer::new(metrics, |m| {
@@ -726,12 +800,15 @@ async fn serve_role(
     tracing::info!(%listen, %role, party, "serving (mutual TLS)");
     router
         // Mutual TLS on our own acceptor: the client verifier bounds the chain it will build.
-        .serve_with_incoming_shutdown(tls_incoming(incoming, tls), async move {
-            shutdown().await;
-            if let Some(ro) = ro_streams {
-                ro.stop_streams();
-            }
-        })
+        .serve_with_incoming_shutdown(
+            tls_incoming(incoming, tls, connections, is_operator),
+            async move {
+                shutdown().await;
+                if let Some(ro) = ro_streams {
+                    ro.stop_streams();
+                }
+            },
+        )
         .await
         .map_err(|e| e.to_string())
 }

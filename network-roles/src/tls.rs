@@ -5,8 +5,16 @@
 //! client presents its role certificate (through tonic). Who a caller is and what it may do is
 //! decided from its certificate by [`crate::gate`] and [`crate::authz`].
 
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
-use std::sync::Arc;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use tonic::transport::{Certificate, ClientTlsConfig, Identity};
 
@@ -76,7 +84,10 @@ impl rustls::server::danger::ClientCertVerifier for BoundedClientChain {
         now: rustls::pki_types::UnixTime,
     ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
         if intermediates.len() >= mcim_pki::party::MAX_CHAIN {
-            tracing::warn!(
+            // Debug, as every other refused handshake: a client without any valid
+            // certificate must not be able to fill the log (counted in the
+            // `tls_connections_refused` metric as a failed handshake).
+            tracing::debug!(
                 intermediates = intermediates.len(),
                 "refused: a client certificate chain longer than {}",
                 mcim_pki::party::MAX_CHAIN
@@ -119,24 +130,388 @@ impl rustls::server::danger::ClientCertVerifier for BoundedClientChain {
     }
 }
 
-/// How long a client has to complete its TLS handshake.
-pub const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long a client has to complete its TLS handshake, and then to send its first bytes
+/// (the HTTP/2 preface).
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long an established connection may send nothing before it is closed. A live client is
+/// never that quiet: the server pings a quiet connection every [`KEEPALIVE`] and the client's
+/// HTTP/2 stack answers (a device waiting on the RO's task stream included).
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// The interval of the HTTP/2 pings a role's server sends on a connection it hears nothing
+/// on (`Server::http2_keepalive_interval`); an unanswered ping closes the connection.
+pub const KEEPALIVE: Duration = Duration::from_secs(30);
+
+/// The connections one process's acceptors hold at most, over all its roles (they share the
+/// process's file descriptors). Found by outside attacks: with no limit, anyone with a
+/// certificate the verifier accepts (a subscriber's) held idle connections until the process
+/// ran out of file descriptors, and every role stopped accepting; with the limit counted from
+/// the TCP accept, anyone without any certificate filled it with handshakes that never end.
+///
+/// - **Handshakes in progress**: at most [`MAX_HANDSHAKES`]; past it the oldest is dropped
+///   for the newcomer (outcome `evicted`), so a flood of connections that never finish their
+///   handshake cannot keep a genuine client (whose handshake takes a few round trips) out:
+///   it would have to open [`MAX_HANDSHAKES`] connections within one genuine handshake.
+/// - **Established connections** (counted from a handshake that succeeded): at most `total`
+///   from devices, subscribers and anyone else, at most `per_peer` of them from one address
+///   (outcomes `limit`, `peer_limit`); past that the connection is closed at once. The
+///   operators' roles (the supplier, ROs, VNOs, SHOs, PVAs, by the gate's judgment of their
+///   certificates) have [`OPERATOR_RESERVE`] places of their own beyond `total`, so that a
+///   crowd of devices cannot cut the roles off from each other.
+///
+/// Refusals are counted in the `tls_connections_refused` metric; a limit refusal is logged as
+/// a warning at most every 10 s, the others at debug level.
+#[derive(Clone, Debug)]
+pub struct ConnectionLimits {
+    total: Arc<tokio::sync::Semaphore>,
+    max_total: usize,
+    operators: Arc<tokio::sync::Semaphore>,
+    per_peer: usize,
+    peers: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    handshakes: Arc<Mutex<Handshakes>>,
+    warned: Arc<Mutex<Option<Instant>>>,
+}
+
+/// The handshakes in progress, oldest first.
+#[derive(Debug, Default)]
+struct Handshakes {
+    next: u64,
+    pending: std::collections::VecDeque<(u64, tokio::task::AbortHandle)>,
+}
+
+/// Handshakes in progress at once, over all the roles of a process.
+pub const MAX_HANDSHAKES: usize = 256;
+
+/// Established connections kept for the operators' roles beyond the limit of the others.
+pub const OPERATOR_RESERVE: usize = 128;
+
+/// What [`ConnectionLimits::default_total`] leaves of the file-descriptor limit for the rest
+/// of the process (database connections and files, outbound channels, logs, metrics), beyond
+/// [`MAX_HANDSHAKES`] and [`OPERATOR_RESERVE`].
+pub const FD_RESERVE: u64 = 256;
+
+impl ConnectionLimits {
+    /// At most `total` established connections (at least 1) from others than the operators'
+    /// roles, at most `per_peer` from one address (0: no limit per address beyond the total).
+    pub fn new(total: usize, per_peer: usize) -> Self {
+        let total = total.max(1);
+        Self {
+            total: Arc::new(tokio::sync::Semaphore::new(total)),
+            max_total: total,
+            operators: Arc::new(tokio::sync::Semaphore::new(OPERATOR_RESERVE)),
+            per_peer,
+            peers: Arc::default(),
+            handshakes: Arc::default(),
+            warned: Arc::default(),
+        }
+    }
+
+    /// The total a process with `fd_limit` file descriptors holds by default: what
+    /// [`FD_RESERVE`], [`MAX_HANDSHAKES`] and [`OPERATOR_RESERVE`] leave, at most 10,000 (each
+    /// held connection costs 25-40 KB of memory), at least 16.
+    pub fn default_total(fd_limit: u64) -> usize {
+        let others = FD_RESERVE + (MAX_HANDSHAKES + OPERATOR_RESERVE) as u64;
+        usize::try_from(fd_limit.saturating_sub(others).clamp(16, 10_000)).unwrap_or(16)
+    }
+
+    /// The most established connections held at once from others than the operators.
+    pub fn max_total(&self) -> usize {
+        self.max_total
+    }
+
+    /// The established connections held now (the operators' included).
+    pub fn open(&self) -> usize {
+        self.max_total
+            .saturating_sub(self.total.available_permits())
+            .saturating_add(OPERATOR_RESERVE.saturating_sub(self.operators.available_permits()))
+    }
+
+    /// The handshakes in progress now.
+    pub fn handshakes(&self) -> usize {
+        self.handshakes.lock().map_or(0, |h| h.pending.len())
+    }
+
+    /// Starts a handshake: `spawn` starts its task (given its number, for
+    /// [`ConnectionLimits::end_handshake`]); past [`MAX_HANDSHAKES`] the oldest in progress is
+    /// dropped first.
+    fn begin_handshake(&self, spawn: impl FnOnce(u64) -> tokio::task::AbortHandle) {
+        let Ok(mut h) = self.handshakes.lock() else {
+            return;
+        };
+        let mut evicted = false;
+        while h.pending.len() >= MAX_HANDSHAKES {
+            if let Some((_, oldest)) = h.pending.pop_front() {
+                oldest.abort();
+                evicted = true;
+            }
+        }
+        let id = h.next;
+        h.next = h.next.wrapping_add(1);
+        // Under the lock: the task cannot end (and look for itself) before it is listed.
+        let task = spawn(id);
+        h.pending.push_back((id, task));
+        drop(h);
+        if evicted {
+            self.refused("evicted", None);
+        }
+    }
+
+    /// The handshake `id` ended (either way).
+    fn end_handshake(&self, id: u64) {
+        if let Ok(mut h) = self.handshakes.lock()
+            && let Some(i) = h.pending.iter().position(|(n, _)| *n == id)
+        {
+            h.pending.remove(i);
+        }
+    }
+
+    /// A place for an established connection from `peer` (an operator's role or not), or why
+    /// there is none.
+    fn admit(&self, peer: Option<IpAddr>, operator: bool) -> Result<Admission, &'static str> {
+        if operator && let Ok(place) = self.operators.clone().try_acquire_owned() {
+            return Ok(Admission {
+                _place: place,
+                _peer: None,
+            });
+        }
+        let place = self
+            .total
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| "limit")?;
+        let peer = match (peer, self.per_peer) {
+            (Some(ip), n) if n > 0 && !operator => {
+                let mut peers = self.peers.lock().map_err(|_| "limit")?;
+                let held = peers.entry(ip).or_insert(0);
+                if *held >= n {
+                    return Err("peer_limit");
+                }
+                *held += 1;
+                Some(PeerSlot {
+                    ip,
+                    peers: self.peers.clone(),
+                })
+            }
+            _ => None,
+        };
+        Ok(Admission {
+            _place: place,
+            _peer: peer,
+        })
+    }
+
+    /// Counts a refused connection; a limit refusal is a warning at most every 10 s.
+    fn refused(&self, reason: &'static str, peer: Option<SocketAddr>) {
+        mcim_telemetry::metrics::count(
+            "tls_connections_refused",
+            "Connections closed by the acceptor (past a limit, a failed or evicted handshake, \
+             silent or idle), by reason",
+            reason,
+        );
+        if matches!(reason, "limit" | "peer_limit") && self.warn_due() {
+            tracing::warn!(
+                ?peer,
+                reason,
+                open = self.open(),
+                "connection refused: the acceptor holds as many connections as allowed \
+                 (--max-connections, --max-connections-per-peer); further refusals in the \
+                 next 10 s are only counted"
+            );
+        } else {
+            tracing::debug!(?peer, reason, "connection refused");
+        }
+    }
+
+    /// Whether 10 s passed since the last warning (and then the time starts again).
+    fn warn_due(&self) -> bool {
+        match self.warned.lock() {
+            Ok(mut last) => {
+                let due = last.is_none_or(|t| t.elapsed() >= Duration::from_secs(10));
+                if due {
+                    *last = Some(Instant::now());
+                }
+                due
+            }
+            Err(_) => false,
+        }
+    }
+}
+
+/// A connection's place under [`ConnectionLimits`], given back when the connection ends.
+#[derive(Debug)]
+struct Admission {
+    _place: tokio::sync::OwnedSemaphorePermit,
+    _peer: Option<PeerSlot>,
+}
+
+/// One connection counted against its peer address.
+#[derive(Debug)]
+struct PeerSlot {
+    ip: IpAddr,
+    peers: Arc<Mutex<HashMap<IpAddr, usize>>>,
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        if let Ok(mut peers) = self.peers.lock()
+            && let Some(n) = peers.get_mut(&self.ip)
+        {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                peers.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// An accepted connection as the server reads it: its place under the limits, held until it
+/// is dropped, and a quiet timer: the first bytes must come within [`HANDSHAKE_TIMEOUT`],
+/// then no silence longer than [`IDLE_TIMEOUT`] (a read then fails with `TimedOut`, and the
+/// server closes the connection).
+#[derive(Debug)]
+pub struct Guarded<S> {
+    inner: S,
+    _admission: Admission,
+    last_read: tokio::time::Instant,
+    quiet: Duration,
+    idle: Duration,
+    timer: Pin<Box<tokio::time::Sleep>>,
+    limits: ConnectionLimits,
+}
+
+impl<S> Guarded<S> {
+    /// `inner` in its place under the limits: its first bytes due within `first`, then
+    /// silences of at most `idle` ([`HANDSHAKE_TIMEOUT`] and [`IDLE_TIMEOUT`] on the
+    /// roles' ports).
+    fn new(
+        inner: S,
+        admission: Admission,
+        limits: ConnectionLimits,
+        (first, idle): (Duration, Duration),
+    ) -> Self {
+        let now = tokio::time::Instant::now();
+        Self {
+            inner,
+            _admission: admission,
+            last_read: now,
+            quiet: first,
+            idle,
+            timer: Box::pin(tokio::time::sleep_until(now + first)),
+            limits,
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Guarded<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        match Pin::new(&mut self.inner).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                if buf.filled().len() > before {
+                    // Heard from: the quiet time starts again (the timer is moved only when
+                    // it fires, not on every read).
+                    self.last_read = tokio::time::Instant::now();
+                    self.quiet = self.idle;
+                }
+                Poll::Ready(Ok(()))
+            }
+            Poll::Pending => loop {
+                if self.timer.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                let due = self.last_read + self.quiet;
+                if due <= tokio::time::Instant::now() {
+                    let reason = if self.quiet == self.idle {
+                        "idle"
+                    } else {
+                        "silent"
+                    };
+                    self.limits.refused(reason, None);
+                    return Poll::Ready(Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("nothing heard for {:?}", self.quiet),
+                    )));
+                }
+                self.timer.as_mut().reset(due);
+            },
+            other => other,
+        }
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Guarded<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// tonic reads the peer's certificates (`TlsConnectInfo`, which the gate reads) through this.
+impl<S: tonic::transport::server::Connected> tonic::transport::server::Connected for Guarded<S> {
+    type ConnectInfo = S::ConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.inner.connect_info()
+    }
+}
+
+/// A pause after a failed `accept` that is not the client's doing (out of file descriptors or
+/// memory): retrying at once would spin a core and starve the connections being served.
+const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
+
+/// Whether a connection's client certificates are an operator role's
+/// ([`crate::gate::Gate::is_operator`]).
+pub type IsOperator =
+    Arc<dyn Fn(&[rustls::pki_types::CertificateDer<'static>]) -> bool + Send + Sync>;
 
 /// The mutual-TLS connections accepted on `tcp` with `config`, for
 /// `Server::serve_with_incoming` (tonic reads the peer's certificates from them for the
-/// gate, as from its own TLS). Each handshake runs in a task of its own, bounded by
-/// [`HANDSHAKE_TIMEOUT`]: a slow or silent client holds up no other. A failed handshake is
-/// logged at debug level and dropped; accepting stops when the server stops reading.
+/// gate, as from its own TLS), within `limits` ([`ConnectionLimits`]; `is_operator` tells
+/// the operators' connections). Each handshake runs in a task of its own, bounded by
+/// [`HANDSHAKE_TIMEOUT`]: a slow or silent client holds up no other; an established
+/// connection is closed when quiet ([`Guarded`]). A failed handshake is counted and logged at
+/// debug level; accepting stops when the server stops reading.
 pub fn tls_incoming(
     mut tcp: tonic::transport::server::TcpIncoming,
     config: Arc<rustls::ServerConfig>,
+    limits: ConnectionLimits,
+    is_operator: IsOperator,
 ) -> impl tokio_stream::Stream<
-    Item = Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>, std::io::Error>,
+    Item = Result<Guarded<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>, std::io::Error>,
 > {
     use tokio_stream::StreamExt;
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
     tokio::spawn(async move {
+        let mut accept_warned: Option<Instant> = None;
         loop {
             let next = tokio::select! {
                 _ = tx.closed() => break,
@@ -145,26 +520,98 @@ pub fn tls_incoming(
             let stream = match next {
                 Some(Ok(s)) => s,
                 Some(Err(e)) => {
-                    tracing::debug!("accept: {e}");
+                    // ECONNABORTED and the like are one client's; running out of descriptors
+                    // or memory is the process's: wait before accepting again (and say so
+                    // at most every 10 s).
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::ConnectionAborted
+                            | std::io::ErrorKind::ConnectionReset
+                            | std::io::ErrorKind::Interrupted
+                    ) {
+                        tracing::debug!("accept: {e}");
+                    } else {
+                        if accept_warned.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+                            accept_warned = Some(Instant::now());
+                            tracing::warn!(
+                                "accept: {e}; pausing {ACCEPT_PAUSE:?} after each such error \
+                                 (said at most every 10 s)"
+                            );
+                        }
+                        tokio::time::sleep(ACCEPT_PAUSE).await;
+                    }
                     continue;
                 }
                 None => break,
             };
-            let (acceptor, tx) = (acceptor.clone(), tx.clone());
-            tokio::spawn(async move {
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                    Ok(Ok(tls)) => {
-                        let _ = tx.send(Ok(tls)).await;
+            let peer = stream.peer_addr().ok();
+            let (acceptor, tx, task_limits, is_operator) = (
+                acceptor.clone(),
+                tx.clone(),
+                limits.clone(),
+                is_operator.clone(),
+            );
+            limits.begin_handshake(move |id| {
+                tokio::spawn(async move {
+                    let limits = task_limits;
+                    let handshake =
+                        tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await;
+                    limits.end_handshake(id);
+                    let tls = match handshake {
+                        Ok(Ok(tls)) => tls,
+                        Ok(Err(e)) => {
+                            tracing::debug!(?peer, "TLS handshake: {e}");
+                            return limits.refused("handshake", peer);
+                        }
+                        Err(_) => {
+                            tracing::debug!(
+                                ?peer,
+                                "TLS handshake: no answer within {HANDSHAKE_TIMEOUT:?}"
+                            );
+                            return limits.refused("handshake_timeout", peer);
+                        }
+                    };
+                    let operator = tls
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .is_some_and(|chain| is_operator(chain));
+                    match limits.admit(peer.map(|p| p.ip()), operator) {
+                        Ok(admission) => {
+                            let _ = tx
+                                .send(Ok(Guarded::new(
+                                    tls,
+                                    admission,
+                                    limits,
+                                    (HANDSHAKE_TIMEOUT, IDLE_TIMEOUT),
+                                )))
+                                .await;
+                        }
+                        Err(reason) => limits.refused(reason, peer),
                     }
-                    Ok(Err(e)) => tracing::debug!("TLS handshake: {e}"),
-                    Err(_) => {
-                        tracing::debug!("TLS handshake: no answer within {HANDSHAKE_TIMEOUT:?}")
-                    }
-                }
+                })
+                .abort_handle()
             });
         }
     });
     tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+/// Raises this process's soft limit on open files to its hard limit (as servers do: the soft
+/// limit is often 1,024) and returns the limit now in force.
+pub fn raise_fd_limit() -> u64 {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut l = getrlimit(Resource::Nofile);
+    if l.current != l.maximum {
+        let raised = rustix::process::Rlimit {
+            current: l.maximum,
+            maximum: l.maximum,
+        };
+        if setrlimit(Resource::Nofile, raised).is_ok() {
+            l = raised;
+        }
+    }
+    l.current.unwrap_or(u64::MAX)
 }
 
 /// Client side: present `role`'s certificate to the server of `peer`, trusting only the CA
@@ -214,4 +661,151 @@ pub fn client_config_as(
     .map_err(|e| e.to_string())?;
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(config)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    const FIRST: Duration = Duration::from_millis(200);
+    const IDLE: Duration = Duration::from_millis(500);
+    /// Far beyond either timeout: a read still pending then is a connection never closed.
+    const NEVER: Duration = Duration::from_secs(10);
+
+    fn guarded(
+        limits: &ConnectionLimits,
+    ) -> (Guarded<tokio::io::DuplexStream>, tokio::io::DuplexStream) {
+        let (server, client) = tokio::io::duplex(64);
+        let admission = limits.admit(None, false).unwrap();
+        (
+            Guarded::new(server, admission, limits.clone(), (FIRST, IDLE)),
+            client,
+        )
+    }
+
+    async fn read_fails_timed_out(server: &mut Guarded<tokio::io::DuplexStream>) {
+        let mut b = [0u8; 8];
+        let r = tokio::time::timeout(NEVER, server.read(&mut b)).await;
+        let e = r.expect("closed well before NEVER").unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::TimedOut);
+    }
+
+    /// Nothing within the first timeout: the read fails with TimedOut; the connection's place
+    /// is held until it is dropped.
+    #[tokio::test]
+    async fn a_connection_that_says_nothing_is_closed() {
+        let limits = ConnectionLimits::new(4, 0);
+        let (mut server, _client) = guarded(&limits);
+        let started = tokio::time::Instant::now();
+        read_fails_timed_out(&mut server).await;
+        assert!(started.elapsed() >= FIRST, "{:?}", started.elapsed());
+        assert_eq!(limits.open(), 1);
+        drop(server);
+        assert_eq!(limits.open(), 0);
+    }
+
+    /// Once heard from, a connection may be quiet for the idle timeout, counted from the last
+    /// bytes read: a client that speaks more often than that is never closed.
+    #[tokio::test]
+    async fn a_quiet_connection_is_closed_after_the_idle_timeout() {
+        let limits = ConnectionLimits::new(4, 0);
+        let (mut server, mut client) = guarded(&limits);
+        let mut b = [0u8; 8];
+        client.write_all(b"PRI").await.unwrap();
+        assert_eq!(server.read(&mut b).await.unwrap(), 3);
+        // Speaking every IDLE/3 for 4 idle timeouts: each read answered, never closed.
+        for _ in 0..12 {
+            tokio::time::sleep(IDLE / 3).await;
+            client.write_all(b"x").await.unwrap();
+            assert_eq!(server.read(&mut b).await.unwrap(), 1);
+        }
+        let heard = tokio::time::Instant::now();
+        read_fails_timed_out(&mut server).await;
+        assert!(heard.elapsed() >= IDLE, "{:?}", heard.elapsed());
+        // The server's writes were never timed: they still reach the client.
+        server.write_all(b"bye").await.unwrap();
+        assert_eq!(client.read(&mut b).await.unwrap(), 3);
+    }
+
+    /// The limits: the total, the per-address share, each place given back when its
+    /// connection ends (an address with none left is forgotten); the operators' reserve
+    /// beyond the total.
+    #[test]
+    fn connections_are_admitted_within_the_limits_and_given_back() {
+        let ip = |n: u8| Some(IpAddr::from([192, 0, 2, n]));
+        let limits = ConnectionLimits::new(3, 2);
+        let a = limits.admit(ip(1), false).unwrap();
+        let b = limits.admit(ip(1), false).unwrap();
+        assert_eq!(limits.admit(ip(1), false).unwrap_err(), "peer_limit");
+        assert_eq!(limits.open(), 2, "a refusal holds nothing");
+        let c = limits.admit(ip(2), false).unwrap();
+        assert_eq!(limits.admit(ip(3), false).unwrap_err(), "limit");
+        assert_eq!(limits.admit(None, false).unwrap_err(), "limit");
+        // The others' places are all taken: an operator's role still gets one of its own,
+        // per-address limit or not.
+        let ops: Vec<_> = (0..OPERATOR_RESERVE)
+            .map(|_| limits.admit(ip(1), true).unwrap())
+            .collect();
+        assert_eq!(limits.open(), 3 + OPERATOR_RESERVE);
+        assert_eq!(limits.admit(ip(1), true).unwrap_err(), "limit");
+        drop(ops);
+        drop(a);
+        assert_eq!(limits.open(), 2);
+        let d = limits.admit(ip(1), false).unwrap();
+        drop((b, c, d));
+        assert_eq!(limits.open(), 0);
+        assert!(limits.peers.lock().unwrap().is_empty());
+        // No per-address limit: the total only.
+        let total = ConnectionLimits::new(2, 0);
+        let held: Vec<_> = (0..2).map(|_| total.admit(ip(1), false).unwrap()).collect();
+        assert_eq!(total.admit(ip(1), false).unwrap_err(), "limit");
+        assert!(total.peers.lock().unwrap().is_empty());
+        drop(held);
+        assert_eq!(ConnectionLimits::default_total(1024), 384);
+        assert_eq!(ConnectionLimits::default_total(1 << 20), 10_000);
+        assert_eq!(ConnectionLimits::default_total(100), 16);
+    }
+
+    /// Past MAX_HANDSHAKES in progress, the oldest is dropped for the newcomer; one that
+    /// ended is no longer counted.
+    #[tokio::test]
+    async fn the_oldest_handshake_makes_way_for_a_new_one() {
+        let limits = ConnectionLimits::new(4, 0);
+        let mut tasks = Vec::new();
+        let mut start = |limits: &ConnectionLimits| {
+            let mut handle = None;
+            limits.begin_handshake(|_| {
+                let t = tokio::spawn(std::future::pending::<()>());
+                let a = t.abort_handle();
+                handle = Some(t);
+                a
+            });
+            tasks.extend(handle);
+        };
+        for _ in 0..MAX_HANDSHAKES {
+            start(&limits);
+        }
+        assert_eq!(limits.handshakes(), MAX_HANDSHAKES);
+        start(&limits);
+        assert_eq!(limits.handshakes(), MAX_HANDSHAKES);
+        let first = tasks.remove(0).await.unwrap_err();
+        assert!(first.is_cancelled(), "the oldest was dropped");
+        for t in &tasks {
+            assert!(!t.is_finished(), "only the oldest");
+        }
+        // A handshake that ends is no longer in progress.
+        limits.begin_handshake(|id| {
+            let l = limits.clone();
+            tokio::spawn(async move { l.end_handshake(id) }).abort_handle()
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(limits.handshakes(), MAX_HANDSHAKES - 1);
+        for t in tasks.iter().skip(1) {
+            assert!(
+                !t.is_finished(),
+                "room was made by the ended one, not by dropping"
+            );
+        }
+    }
 }

@@ -93,3 +93,212 @@ fn devices_past_the_roles_capacity_are_told_to_retry_and_all_end_provisioned() {
         "no device was told to retry"
     );
 }
+
+/// The sample `metric{label}`'s value in `text`, 0 if absent.
+fn sample(text: &str, metric_and_label: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(metric_and_label))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Waits (10 s at most) until the roles hold `n` connections.
+async fn until_open(roles: &Roles, n: f64) {
+    let key = r#"mcim_roles_tls_connections_open{name="open"}"#;
+    for _ in 0..200 {
+        if sample(&roles.metrics(), key) == n {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!(
+        "the roles do not hold {n} connections:\n{}",
+        roles.metrics()
+    );
+}
+
+/// A client connection to `port` as the RO: connected (TLS and HTTP/2), or the error.
+async fn connect(
+    roles: &Roles,
+    port: u16,
+    peer: Role,
+) -> Result<tonic::transport::Channel, tonic::transport::Error> {
+    let tls = mcim_roles::tls::client_tls(&roles.pki, Role::Ro, peer).unwrap();
+    tonic::transport::Endpoint::from_shared(format!("https://127.0.0.1:{port}"))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+}
+
+/// A client connection to `port` as a subscriber named `name` (no operator), or the error.
+async fn connect_subscriber(
+    roles: &Roles,
+    name: &str,
+    port: u16,
+    peer: Role,
+) -> Result<tonic::transport::Channel, tonic::transport::Error> {
+    use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+    let (cert, key) = mcim_pki::dev::issue_party(&roles.pki, Role::Subscriber, name).unwrap();
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(
+            mcim_pki::dev::role_ca_pem(&roles.pki, peer).unwrap(),
+        ))
+        .identity(Identity::from_pem(cert, key))
+        .domain_name(mcim_pki::party::server_name(peer));
+    tonic::transport::Endpoint::from_shared(format!("https://127.0.0.1:{port}"))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+}
+
+async fn health(ch: tonic::transport::Channel) -> Result<(), tonic::Status> {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_client::HealthClient;
+    HealthClient::new(ch)
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .map(|_| ())
+}
+
+use mcim_roles::authz::Role;
+
+/// Past `--max-connections` (over all the roles of a process) a new connection from a
+/// device or subscriber is closed at once after its handshake: the client hears a refusal,
+/// not a timeout, and nothing is stored. The operators' roles keep places of their own (the
+/// roles still reach each other), and when the connections held end, a client is served again.
+/// (Found by outside attacks: with no limit, idle connections from anyone with an accepted
+/// certificate filled the process's file descriptors and every role stopped accepting; with
+/// the limit counted from the TCP accept, role-to-role connections were refused with the
+/// devices'.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_past_the_limit_are_refused_at_once_and_served_again_after() {
+    let work = tempfile::tempdir().unwrap();
+    let roles = Roles::start_with(work.path(), &["--max-connections", "2"]);
+    until_open(&roles, 0.0).await;
+    let before = roles.snapshot().await;
+    let refused = r#"mcim_roles_tls_connections_refused_total{outcome="limit"}"#;
+    let refused_before = sample(&roles.metrics(), refused);
+    // Two subscribers' connections to the RO's port hold both places.
+    let mut held = Vec::new();
+    for name in ["s1", "s2"] {
+        let ch = connect_subscriber(&roles, name, roles.port("ro"), Role::Ro)
+            .await
+            .unwrap();
+        health(ch.clone()).await.unwrap();
+        held.push(ch);
+    }
+    until_open(&roles, 2.0).await;
+    // A third subscriber on another role's port: refused at once (the limit is the
+    // process's).
+    // (The client's HTTP/2 set-up may finish before it reads the server's close: then its
+    // first call fails.)
+    let served = tokio::time::timeout(std::time::Duration::from_secs(8), async {
+        match connect_subscriber(&roles, "s3", roles.port("sho"), Role::Sho).await {
+            Ok(ch) => health(ch).await.is_ok(),
+            Err(_) => false,
+        }
+    })
+    .await
+    .expect("refused at once, not left to time out");
+    assert!(!served, "a third connection was served");
+    assert!(sample(&roles.metrics(), refused) >= refused_before + 1.0);
+    // An operator's role is served all the same, from its own places.
+    let ro = connect(&roles, roles.port("sho"), Role::Sho)
+        .await
+        .expect("the RO reaches the SHO past the others' limit");
+    health(ro.clone()).await.unwrap();
+    until_open(&roles, 3.0).await;
+    drop(ro);
+    // The places come back when the connections end.
+    drop(held);
+    until_open(&roles, 0.0).await;
+    let ch = connect_subscriber(&roles, "s3", roles.port("sho"), Role::Sho)
+        .await
+        .expect("served once the held connections ended");
+    health(ch).await.unwrap();
+    assert_eq!(roles.snapshot().await, before, "nothing stored");
+}
+
+/// Connections that never finish (nor even start) their TLS handshake cannot keep a genuine
+/// client out: past `tls::MAX_HANDSHAKES` in progress the oldest is dropped for the newcomer.
+/// (Found by an outside attack: counted against the connection limit from the TCP accept,
+/// silent connections from anyone, without a certificate, filled it.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_connections_cannot_keep_a_genuine_client_out() {
+    let work = tempfile::tempdir().unwrap();
+    let roles = Roles::start_with(work.path(), &["--max-connections", "4"]);
+    until_open(&roles, 0.0).await;
+    let evicted = r#"mcim_roles_tls_connections_refused_total{outcome="evicted"}"#;
+    let mut silent = Vec::new();
+    for _ in 0..mcim_roles::tls::MAX_HANDSHAKES + 20 {
+        silent.push(
+            tokio::net::TcpStream::connect(("127.0.0.1", roles.port("sho")))
+                .await
+                .unwrap(),
+        );
+    }
+    // Each newcomer past the limit made way: none is established, the oldest were dropped.
+    for _ in 0..200 {
+        if sample(&roles.metrics(), evicted) >= 20.0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(sample(&roles.metrics(), evicted) >= 20.0);
+    let handshaking = r#"mcim_roles_tls_connections_open{name="handshaking"}"#;
+    assert_eq!(
+        sample(&roles.metrics(), handshaking),
+        mcim_roles::tls::MAX_HANDSHAKES as f64
+    );
+    // A genuine subscriber, behind all of them, is served.
+    let ch = connect_subscriber(&roles, "s1", roles.port("sho"), Role::Sho)
+        .await
+        .expect("a genuine client served past the silent crowd");
+    health(ch).await.unwrap();
+    drop(silent);
+}
+
+/// A client that completes the TLS handshake and then sends nothing (not even HTTP/2's
+/// preface) is closed after `tls::HANDSHAKE_TIMEOUT` and its place given back; before the fix
+/// such connections were held for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_silent_after_its_handshake_is_closed() {
+    use tokio::io::AsyncReadExt;
+    let work = tempfile::tempdir().unwrap();
+    let roles = Roles::start(work.path());
+    until_open(&roles, 0.0).await;
+    let config = mcim_roles::tls::client_config_as(&roles.pki, "ro", Role::Sho).unwrap();
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", roles.port("sho")))
+        .await
+        .unwrap();
+    let name =
+        rustls::pki_types::ServerName::try_from(mcim_pki::party::server_name(Role::Sho)).unwrap();
+    let started = std::time::Instant::now();
+    let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .expect("a genuine handshake");
+    until_open(&roles, 1.0).await;
+    // Say nothing; the server closes (a TLS close or EOF: a read of 0 or an error).
+    let mut b = [0u8; 64];
+    let closed = tokio::time::timeout(mcim_roles::tls::HANDSHAKE_TIMEOUT * 3, async {
+        loop {
+            match tls.read(&mut b).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {} // the server's HTTP/2 settings
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "a silent connection was held open");
+    assert!(started.elapsed() >= mcim_roles::tls::HANDSHAKE_TIMEOUT);
+    until_open(&roles, 0.0).await;
+    let silent = r#"mcim_roles_tls_connections_refused_total{outcome="silent"}"#;
+    assert_eq!(sample(&roles.metrics(), silent), 1.0);
+}
