@@ -149,10 +149,11 @@ pub const KEEPALIVE: Duration = Duration::from_secs(30);
 /// ran out of file descriptors, and every role stopped accepting; with the limit counted from
 /// the TCP accept, anyone without any certificate filled it with handshakes that never end.
 ///
-/// - **Handshakes in progress**: at most [`MAX_HANDSHAKES`]; past it the oldest is dropped
-///   for the newcomer (outcome `evicted`), so a flood of connections that never finish their
-///   handshake cannot keep a genuine client (whose handshake takes a few round trips) out:
-///   it would have to open [`MAX_HANDSHAKES`] connections within one genuine handshake.
+/// - **Handshakes in progress**: at most [`MAX_HANDSHAKES`]; past it the oldest of the source
+///   with the most in progress is dropped for the newcomer (outcome `evicted`), so a flood of
+///   connections that never finish their handshake cannot keep a genuine client (whose
+///   handshake takes a few round trips, hundreds of ms on a cellular link) out: it makes way
+///   at its own expense ([`ConnectionLimits::begin_handshake`]).
 /// - **Established connections** (counted from a handshake that succeeded): at most `total`
 ///   from devices, subscribers and anyone else, at most `per_peer` of them from one address
 ///   (outcomes `limit`, `peer_limit`); past that the connection is closed at once. The
@@ -173,11 +174,40 @@ pub struct ConnectionLimits {
     warned: Arc<Mutex<Option<Instant>>>,
 }
 
-/// The handshakes in progress, oldest first.
+/// The handshakes in progress, oldest first, and how many each source has.
 #[derive(Debug, Default)]
 struct Handshakes {
     next: u64,
-    pending: std::collections::VecDeque<(u64, tokio::task::AbortHandle)>,
+    pending: std::collections::VecDeque<(u64, Option<IpAddr>, tokio::task::AbortHandle)>,
+    by_source: HashMap<Option<IpAddr>, usize>,
+}
+
+impl Handshakes {
+    /// Drops the handshake at `i` from the lists (its task is the caller's to abort).
+    fn remove(&mut self, i: usize) -> Option<tokio::task::AbortHandle> {
+        let (_, source, task) = self.pending.remove(i)?;
+        if let Some(n) = self.by_source.get_mut(&source) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.by_source.remove(&source);
+            }
+        }
+        Some(task)
+    }
+}
+
+/// Whose handshakes compete with each other for [`MAX_HANDSHAKES`]: an IPv4 address, or an
+/// IPv6 /64 (one subscriber's network: an attacker has all of its addresses).
+fn source_of(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(std::net::Ipv6Addr::from(
+                u128::from(v6) & !u128::from(u64::MAX),
+            )),
+        },
+        v4 => v4,
+    }
 }
 
 /// Handshakes in progress at once, over all the roles of a process.
@@ -232,17 +262,32 @@ impl ConnectionLimits {
         self.handshakes.lock().map_or(0, |h| h.pending.len())
     }
 
-    /// Starts a handshake: `spawn` starts its task (given its number, for
-    /// [`ConnectionLimits::end_handshake`]); past [`MAX_HANDSHAKES`] the oldest in progress is
-    /// dropped first.
-    fn begin_handshake(&self, spawn: impl FnOnce(u64) -> tokio::task::AbortHandle) {
+    /// Starts a handshake from `peer`: `spawn` starts its task (given its number, for
+    /// [`ConnectionLimits::end_handshake`]). Past [`MAX_HANDSHAKES`] the oldest handshake of
+    /// the source with the most in progress is dropped first: a flood from one address (or
+    /// one IPv6 /64) makes way only at its own expense, so a genuine client on a slow link
+    /// (a device on a cellular network, hundreds of ms a round trip) is not pushed out by
+    /// it (found by an outside attack: dropping the oldest of all, ~256/RTT connections/s
+    /// from one address without any certificate evicted every client with that round trip).
+    fn begin_handshake(
+        &self,
+        peer: Option<IpAddr>,
+        spawn: impl FnOnce(u64) -> tokio::task::AbortHandle,
+    ) {
         let Ok(mut h) = self.handshakes.lock() else {
             return;
         };
+        let source = peer.map(source_of);
         let mut evicted = false;
         while h.pending.len() >= MAX_HANDSHAKES {
-            if let Some((_, oldest)) = h.pending.pop_front() {
-                oldest.abort();
+            let heaviest = h.by_source.iter().max_by_key(|(_, n)| **n).map(|(s, _)| *s);
+            let i = h
+                .pending
+                .iter()
+                .position(|(_, s, _)| Some(*s) == heaviest)
+                .unwrap_or(0);
+            if let Some(task) = h.remove(i) {
+                task.abort();
                 evicted = true;
             }
         }
@@ -250,7 +295,8 @@ impl ConnectionLimits {
         h.next = h.next.wrapping_add(1);
         // Under the lock: the task cannot end (and look for itself) before it is listed.
         let task = spawn(id);
-        h.pending.push_back((id, task));
+        h.pending.push_back((id, source, task));
+        *h.by_source.entry(source).or_insert(0) += 1;
         drop(h);
         if evicted {
             self.refused("evicted", None);
@@ -260,9 +306,9 @@ impl ConnectionLimits {
     /// The handshake `id` ended (either way).
     fn end_handshake(&self, id: u64) {
         if let Ok(mut h) = self.handshakes.lock()
-            && let Some(i) = h.pending.iter().position(|(n, _)| *n == id)
+            && let Some(i) = h.pending.iter().position(|(n, _, _)| *n == id)
         {
-            h.pending.remove(i);
+            h.remove(i);
         }
     }
 
@@ -551,7 +597,7 @@ pub fn tls_incoming(
                 limits.clone(),
                 is_operator.clone(),
             );
-            limits.begin_handshake(move |id| {
+            limits.begin_handshake(peer.map(|p| p.ip()), move |id| {
                 tokio::spawn(async move {
                     let limits = task_limits;
                     let handshake =
@@ -767,6 +813,49 @@ mod tests {
         assert_eq!(ConnectionLimits::default_total(100), 16);
     }
 
+    /// A flood from one source makes way at its own expense: a genuine client's handshake
+    /// from another address, older than all of the flood's, is never the one dropped; an
+    /// IPv6 /64 is one source.
+    #[tokio::test]
+    async fn a_flood_from_one_source_evicts_only_its_own_handshakes() {
+        let limits = ConnectionLimits::new(4, 0);
+        let start = |peer: IpAddr| {
+            let mut handle = None;
+            limits.begin_handshake(Some(peer), |_| {
+                let t = tokio::spawn(std::future::pending::<()>());
+                let a = t.abort_handle();
+                handle = Some(t);
+                a
+            });
+            handle.unwrap()
+        };
+        let genuine = start(IpAddr::from([192, 0, 2, 1]));
+        let other = start(IpAddr::from([198, 51, 100, 7]));
+        // The flood, from addresses of one IPv6 /64.
+        let flood: Vec<_> = (0..MAX_HANDSHAKES * 2)
+            .map(|i| {
+                let mut a = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0];
+                a[14] = (i >> 8) as u8;
+                a[15] = i as u8;
+                start(IpAddr::from(a))
+            })
+            .collect();
+        assert_eq!(limits.handshakes(), MAX_HANDSHAKES);
+        // (An aborted task ends when the runtime next polls it.)
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(
+            !genuine.is_finished() && !other.is_finished(),
+            "the others kept"
+        );
+        let dropped = flood.iter().filter(|t| t.is_finished()).count();
+        assert_eq!(dropped, MAX_HANDSHAKES + 2, "the flood made way for itself");
+        // IPv4-mapped IPv6 is its IPv4 address.
+        assert_eq!(
+            source_of("::ffff:192.0.2.1".parse().unwrap()),
+            IpAddr::from([192, 0, 2, 1])
+        );
+    }
+
     /// Past MAX_HANDSHAKES in progress, the oldest is dropped for the newcomer; one that
     /// ended is no longer counted.
     #[tokio::test]
@@ -775,7 +864,7 @@ mod tests {
         let mut tasks = Vec::new();
         let mut start = |limits: &ConnectionLimits| {
             let mut handle = None;
-            limits.begin_handshake(|_| {
+            limits.begin_handshake(None, |_| {
                 let t = tokio::spawn(std::future::pending::<()>());
                 let a = t.abort_handle();
                 handle = Some(t);
@@ -795,7 +884,7 @@ mod tests {
             assert!(!t.is_finished(), "only the oldest");
         }
         // A handshake that ends is no longer in progress.
-        limits.begin_handshake(|id| {
+        limits.begin_handshake(None, |id| {
             let l = limits.clone();
             tokio::spawn(async move { l.end_handshake(id) }).abort_handle()
         });
