@@ -1281,13 +1281,22 @@ impl Roles {
         port: u16,
         tls: tonic::transport::ClientTlsConfig,
     ) -> tonic::transport::Channel {
+        self.try_connect_to(port, tls).await.unwrap()
+    }
+
+    /// A mutual-TLS channel to the roles' `port` with `tls`, or the transport's error (for
+    /// tests of connections the roles refuse).
+    pub async fn try_connect_to(
+        &self,
+        port: u16,
+        tls: tonic::transport::ClientTlsConfig,
+    ) -> Result<tonic::transport::Channel, tonic::transport::Error> {
         tonic::transport::Endpoint::from_shared(format!("https://127.0.0.1:{port}"))
             .unwrap()
             .tls_config(tls)
             .unwrap()
             .connect()
             .await
-            .unwrap()
     }
 }
 

@@ -77,13 +77,8 @@ struct CallerSlot {
 
 impl Drop for CallerSlot {
     fn drop(&mut self) {
-        if let Ok(mut m) = self.map.lock()
-            && let Some(n) = m.get_mut(&self.caller)
-        {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                m.remove(&self.caller);
-            }
+        if let Ok(mut m) = self.map.lock() {
+            give_back(&mut m, &self.caller);
         }
     }
 }
@@ -162,6 +157,21 @@ where
                 Err(_) => Ok(too_slow()),
             }
         })
+    }
+}
+
+/// Gives back one of `key`'s places in a count of places held per key (a caller's calls here,
+/// a peer's connections and a source's handshakes in [`crate::tls`]); a key holding none is
+/// forgotten, so that the map holds only the keys in use.
+pub(crate) fn give_back<K: std::hash::Hash + Eq>(
+    counts: &mut std::collections::HashMap<K, usize>,
+    key: &K,
+) {
+    if let Some(n) = counts.get_mut(key) {
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            counts.remove(key);
+        }
     }
 }
 

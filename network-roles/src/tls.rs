@@ -186,12 +186,7 @@ impl Handshakes {
     /// Drops the handshake at `i` from the lists (its task is the caller's to abort).
     fn remove(&mut self, i: usize) -> Option<tokio::task::AbortHandle> {
         let (_, source, task) = self.pending.remove(i)?;
-        if let Some(n) = self.by_source.get_mut(&source) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                self.by_source.remove(&source);
-            }
-        }
+        crate::shed::give_back(&mut self.by_source, &source);
         Some(task)
     }
 }
@@ -400,13 +395,8 @@ struct PeerSlot {
 
 impl Drop for PeerSlot {
     fn drop(&mut self) {
-        if let Ok(mut peers) = self.peers.lock()
-            && let Some(n) = peers.get_mut(&self.ip)
-        {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                peers.remove(&self.ip);
-            }
+        if let Ok(mut peers) = self.peers.lock() {
+            crate::shed::give_back(&mut peers, &self.ip);
         }
     }
 }

@@ -124,12 +124,7 @@ async fn connect(
     peer: Role,
 ) -> Result<tonic::transport::Channel, tonic::transport::Error> {
     let tls = mcim_roles::tls::client_tls(&roles.pki, Role::Ro, peer).unwrap();
-    tonic::transport::Endpoint::from_shared(format!("https://127.0.0.1:{port}"))
-        .unwrap()
-        .tls_config(tls)
-        .unwrap()
-        .connect()
-        .await
+    roles.try_connect_to(port, tls).await
 }
 
 /// A client connection to `port` as a subscriber named `name` (no operator), or the error.
@@ -147,12 +142,7 @@ async fn connect_subscriber(
         ))
         .identity(Identity::from_pem(cert, key))
         .domain_name(mcim_pki::party::server_name(peer));
-    tonic::transport::Endpoint::from_shared(format!("https://127.0.0.1:{port}"))
-        .unwrap()
-        .tls_config(tls)
-        .unwrap()
-        .connect()
-        .await
+    roles.try_connect_to(port, tls).await
 }
 
 async fn health(ch: tonic::transport::Channel) -> Result<(), tonic::Status> {
