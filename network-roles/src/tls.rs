@@ -10,8 +10,9 @@ use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -160,6 +161,13 @@ pub const KEEPALIVE: Duration = Duration::from_secs(30);
 ///   operators' roles (the supplier, ROs, VNOs, SHOs, PVAs, by the gate's judgment of their
 ///   certificates) have [`OPERATOR_RESERVE`] places of their own beyond `total`, so that a
 ///   crowd of devices cannot cut the roles off from each other.
+/// - **A full acceptor makes room**: when `total` is reached, a newcomer displaces the
+///   established connection (not an operator's) that has sent nothing for longest, at least
+///   [`DISPLACE_QUIET`], of the source with the most connections (outcome `displaced`), as web
+///   servers close idle keep-alive connections; it is refused only when every connection is
+///   busy. Found by an outside attack: a provisioning device holds two or three connections
+///   (its VNO connection stays open, quiet, while it registers), so with a small limit the
+///   devices held every place and each waited for one more until they gave up.
 ///
 /// Refusals are counted in the `tls_connections_refused` metric; a limit refusal is logged as
 /// a warning at most every 10 s, the others at debug level.
@@ -171,7 +179,46 @@ pub struct ConnectionLimits {
     per_peer: usize,
     peers: Arc<Mutex<HashMap<IpAddr, usize>>>,
     handshakes: Arc<Mutex<Handshakes>>,
+    established: Arc<Mutex<Established>>,
+    epoch: tokio::time::Instant,
     warned: Arc<Mutex<Option<Instant>>>,
+}
+
+/// The established connections a newcomer may displace (those counted against the total),
+/// and how many each source has.
+#[derive(Debug, Default)]
+struct Established {
+    next: u64,
+    conns: HashMap<u64, (Option<IpAddr>, Arc<Liveness>)>,
+    by_source: HashMap<Option<IpAddr>, usize>,
+}
+
+/// What [`Guarded`] and the limits share about one connection: when it was last heard from
+/// (milliseconds after [`ConnectionLimits`]'s epoch), and whether it was displaced (with the
+/// waker of its reader, so that it learns at once).
+#[derive(Debug, Default)]
+struct Liveness {
+    heard_ms: AtomicU64,
+    displaced: AtomicBool,
+    reader: Mutex<Option<Waker>>,
+}
+
+/// A connection's entry in [`Established`], removed when the connection ends.
+#[derive(Debug)]
+struct LiveSlot {
+    id: u64,
+    liveness: Arc<Liveness>,
+    established: Arc<Mutex<Established>>,
+}
+
+impl Drop for LiveSlot {
+    fn drop(&mut self) {
+        if let Ok(mut e) = self.established.lock()
+            && let Some((source, _)) = e.conns.remove(&self.id)
+        {
+            crate::shed::give_back(&mut e.by_source, &source);
+        }
+    }
 }
 
 /// The handshakes in progress, oldest first, and how many each source has.
@@ -211,6 +258,13 @@ pub const MAX_HANDSHAKES: usize = 256;
 /// Established connections kept for the operators' roles beyond the limit of the others.
 pub const OPERATOR_RESERVE: usize = 128;
 
+/// How long an established connection must have sent nothing before a newcomer may displace
+/// it from a full acceptor: longer than the pauses between a busy client's calls.
+pub const DISPLACE_QUIET: Duration = Duration::from_secs(5);
+
+/// How long a newcomer waits for the place of the connection it displaced.
+const DISPLACE_WAIT: Duration = Duration::from_secs(2);
+
 /// What [`ConnectionLimits::default_total`] leaves of the file-descriptor limit for the rest
 /// of the process (database connections and files, outbound channels, logs, metrics), beyond
 /// [`MAX_HANDSHAKES`] and [`OPERATOR_RESERVE`].
@@ -228,8 +282,15 @@ impl ConnectionLimits {
             per_peer,
             peers: Arc::default(),
             handshakes: Arc::default(),
+            established: Arc::default(),
+            epoch: tokio::time::Instant::now(),
             warned: Arc::default(),
         }
+    }
+
+    /// Milliseconds since this process's limits were made (the clock of [`Liveness`]).
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
     /// The total a process with `fd_limit` file descriptors holds by default: what
@@ -308,12 +369,29 @@ impl ConnectionLimits {
     }
 
     /// A place for an established connection from `peer` (an operator's role or not), or why
-    /// there is none.
-    fn admit(&self, peer: Option<IpAddr>, operator: bool) -> Result<Admission, &'static str> {
+    /// there is none. Past the total, the quietest connection of the source with the most
+    /// is displaced ([`ConnectionLimits::displace_quietest`]) and its place awaited.
+    async fn admit(&self, peer: Option<IpAddr>, operator: bool) -> Result<Admission, &'static str> {
+        match self.try_admit(peer, operator) {
+            Err("limit") if self.peer_has_room(peer, operator) && self.displace_quietest() => {
+                let place = tokio::time::timeout(DISPLACE_WAIT, self.total.clone().acquire_owned())
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+                    .ok_or("limit")?;
+                self.seat(place, peer, operator)
+            }
+            other => other,
+        }
+    }
+
+    /// [`ConnectionLimits::admit`] without displacing anyone.
+    fn try_admit(&self, peer: Option<IpAddr>, operator: bool) -> Result<Admission, &'static str> {
         if operator && let Ok(place) = self.operators.clone().try_acquire_owned() {
             return Ok(Admission {
                 _place: place,
                 _peer: None,
+                live: None,
             });
         }
         let place = self
@@ -321,7 +399,30 @@ impl ConnectionLimits {
             .clone()
             .try_acquire_owned()
             .map_err(|_| "limit")?;
-        let peer = match (peer, self.per_peer) {
+        self.seat(place, peer, operator)
+    }
+
+    /// Whether `peer` may hold one more connection under the per-address limit.
+    fn peer_has_room(&self, peer: Option<IpAddr>, operator: bool) -> bool {
+        match (peer, self.per_peer) {
+            (Some(ip), n) if n > 0 && !operator => self
+                .peers
+                .lock()
+                .is_ok_and(|peers| peers.get(&ip).copied().unwrap_or(0) < n),
+            _ => true,
+        }
+    }
+
+    /// A connection from `peer` in `place` (one of the total's): counted against its address
+    /// (if there is a per-address limit), and, unless it is an operator's, listed among those
+    /// a newcomer may displace.
+    fn seat(
+        &self,
+        place: tokio::sync::OwnedSemaphorePermit,
+        peer: Option<IpAddr>,
+        operator: bool,
+    ) -> Result<Admission, &'static str> {
+        let peer_slot = match (peer, self.per_peer) {
             (Some(ip), n) if n > 0 && !operator => {
                 let mut peers = self.peers.lock().map_err(|_| "limit")?;
                 let held = peers.entry(ip).or_insert(0);
@@ -336,10 +437,63 @@ impl ConnectionLimits {
             }
             _ => None,
         };
+        let live = if operator {
+            None
+        } else {
+            let liveness = Arc::new(Liveness::default());
+            liveness.heard_ms.store(self.now_ms(), Ordering::Relaxed);
+            let mut e = self.established.lock().map_err(|_| "limit")?;
+            let id = e.next;
+            e.next = e.next.wrapping_add(1);
+            let source = peer.map(source_of);
+            e.conns.insert(id, (source, liveness.clone()));
+            *e.by_source.entry(source).or_insert(0) += 1;
+            Some(LiveSlot {
+                id,
+                liveness,
+                established: self.established.clone(),
+            })
+        };
         Ok(Admission {
             _place: place,
-            _peer: peer,
+            _peer: peer_slot,
+            live,
         })
+    }
+
+    /// Closes, for a newcomer, the established connection that has sent nothing for longest
+    /// (at least [`DISPLACE_QUIET`]) among those of the source with the most connections;
+    /// whether there was one. A client that keeps calling is never displaced; one flooding
+    /// from one address displaces its own connections first.
+    fn displace_quietest(&self) -> bool {
+        let now = self.now_ms();
+        let quiet = u64::try_from(DISPLACE_QUIET.as_millis()).unwrap_or(u64::MAX);
+        let Ok(e) = self.established.lock() else {
+            return false;
+        };
+        let victim = e
+            .conns
+            .values()
+            .filter(|(_, l)| !l.displaced.load(Ordering::Relaxed))
+            .map(|(source, l)| {
+                let silent = now.saturating_sub(l.heard_ms.load(Ordering::Relaxed));
+                let held = e.by_source.get(source).copied().unwrap_or(0);
+                (held, silent, l)
+            })
+            .filter(|(_, silent, _)| *silent >= quiet)
+            .max_by_key(|(held, silent, _)| (*held, *silent));
+        let Some((_, _, liveness)) = victim else {
+            return false;
+        };
+        liveness.displaced.store(true, Ordering::Relaxed);
+        if let Ok(mut reader) = liveness.reader.lock()
+            && let Some(waker) = reader.take()
+        {
+            waker.wake();
+        }
+        drop(e);
+        self.refused("displaced", None);
+        true
     }
 
     /// Counts a refused connection; a limit refusal is a warning at most every 10 s.
@@ -347,7 +501,7 @@ impl ConnectionLimits {
         mcim_telemetry::metrics::count(
             "tls_connections_refused",
             "Connections closed by the acceptor (past a limit, a failed or evicted handshake, \
-             silent or idle), by reason",
+             silent, idle or displaced for a newcomer), by reason",
             reason,
         );
         if matches!(reason, "limit" | "peer_limit") && self.warn_due() {
@@ -384,6 +538,8 @@ impl ConnectionLimits {
 struct Admission {
     _place: tokio::sync::OwnedSemaphorePermit,
     _peer: Option<PeerSlot>,
+    /// Its entry among the connections a newcomer may displace (none for an operator's).
+    live: Option<LiveSlot>,
 }
 
 /// One connection counted against its peer address.
@@ -408,7 +564,7 @@ impl Drop for PeerSlot {
 #[derive(Debug)]
 pub struct Guarded<S> {
     inner: S,
-    _admission: Admission,
+    admission: Admission,
     last_read: tokio::time::Instant,
     quiet: Duration,
     idle: Duration,
@@ -429,7 +585,7 @@ impl<S> Guarded<S> {
         let now = tokio::time::Instant::now();
         Self {
             inner,
-            _admission: admission,
+            admission,
             last_read: now,
             quiet: first,
             idle,
@@ -445,38 +601,79 @@ impl<S: AsyncRead + Unpin> AsyncRead for Guarded<S> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
+        if self.displaced() {
+            return Poll::Ready(Err(displaced()));
+        }
         let before = buf.filled().len();
         match Pin::new(&mut self.inner).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
                 if buf.filled().len() > before {
                     // Heard from: the quiet time starts again (the timer is moved only when
                     // it fires, not on every read).
-                    self.last_read = tokio::time::Instant::now();
+                    let now = tokio::time::Instant::now();
+                    self.last_read = now;
                     self.quiet = self.idle;
+                    if let Some(live) = &self.admission.live {
+                        let ms = now.saturating_duration_since(self.limits.epoch).as_millis();
+                        live.liveness
+                            .heard_ms
+                            .store(u64::try_from(ms).unwrap_or(u64::MAX), Ordering::Relaxed);
+                    }
                 }
                 Poll::Ready(Ok(()))
             }
-            Poll::Pending => loop {
-                if self.timer.as_mut().poll(cx).is_pending() {
-                    return Poll::Pending;
+            Poll::Pending => {
+                // A newcomer that displaces this connection wakes this reader.
+                if let Some(live) = &self.admission.live {
+                    if let Ok(mut reader) = live.liveness.reader.lock()
+                        && !reader.as_ref().is_some_and(|w| w.will_wake(cx.waker()))
+                    {
+                        *reader = Some(cx.waker().clone());
+                    }
+                    if self.displaced() {
+                        return Poll::Ready(Err(displaced()));
+                    }
                 }
-                let due = self.last_read + self.quiet;
-                if due <= tokio::time::Instant::now() {
-                    let reason = if self.quiet == self.idle {
-                        "idle"
-                    } else {
-                        "silent"
-                    };
-                    self.limits.refused(reason, None);
-                    return Poll::Ready(Err(std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
-                        format!("nothing heard for {:?}", self.quiet),
-                    )));
+                loop {
+                    if self.timer.as_mut().poll(cx).is_pending() {
+                        return Poll::Pending;
+                    }
+                    let due = self.last_read + self.quiet;
+                    if due <= tokio::time::Instant::now() {
+                        let reason = if self.quiet == self.idle {
+                            "idle"
+                        } else {
+                            "silent"
+                        };
+                        self.limits.refused(reason, None);
+                        return Poll::Ready(Err(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            format!("nothing heard for {:?}", self.quiet),
+                        )));
+                    }
+                    self.timer.as_mut().reset(due);
                 }
-                self.timer.as_mut().reset(due);
-            },
+            }
             other => other,
         }
+    }
+}
+
+/// The error a displaced connection's reads fail with (the server then closes it).
+fn displaced() -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::ConnectionAborted,
+        "displaced by a newer connection: the acceptor is full and this one was the quietest",
+    )
+}
+
+impl<S> Guarded<S> {
+    /// Whether a newcomer displaced this connection ([`ConnectionLimits::displace_quietest`]).
+    fn displaced(&self) -> bool {
+        self.admission
+            .live
+            .as_ref()
+            .is_some_and(|l| l.liveness.displaced.load(Ordering::Relaxed))
     }
 }
 
@@ -612,7 +809,7 @@ pub fn tls_incoming(
                         .1
                         .peer_certificates()
                         .is_some_and(|chain| is_operator(chain));
-                    match limits.admit(peer.map(|p| p.ip()), operator) {
+                    match limits.admit(peer.map(|p| p.ip()), operator).await {
                         Ok(admission) => {
                             let _ = tx
                                 .send(Ok(Guarded::new(
@@ -713,7 +910,7 @@ mod tests {
         limits: &ConnectionLimits,
     ) -> (Guarded<tokio::io::DuplexStream>, tokio::io::DuplexStream) {
         let (server, client) = tokio::io::duplex(64);
-        let admission = limits.admit(None, false).unwrap();
+        let admission = limits.try_admit(None, false).unwrap();
         (
             Guarded::new(server, admission, limits.clone(), (FIRST, IDLE)),
             client,
@@ -771,36 +968,89 @@ mod tests {
     fn connections_are_admitted_within_the_limits_and_given_back() {
         let ip = |n: u8| Some(IpAddr::from([192, 0, 2, n]));
         let limits = ConnectionLimits::new(3, 2);
-        let a = limits.admit(ip(1), false).unwrap();
-        let b = limits.admit(ip(1), false).unwrap();
-        assert_eq!(limits.admit(ip(1), false).unwrap_err(), "peer_limit");
+        let a = limits.try_admit(ip(1), false).unwrap();
+        let b = limits.try_admit(ip(1), false).unwrap();
+        assert_eq!(limits.try_admit(ip(1), false).unwrap_err(), "peer_limit");
         assert_eq!(limits.open(), 2, "a refusal holds nothing");
-        let c = limits.admit(ip(2), false).unwrap();
-        assert_eq!(limits.admit(ip(3), false).unwrap_err(), "limit");
-        assert_eq!(limits.admit(None, false).unwrap_err(), "limit");
+        let c = limits.try_admit(ip(2), false).unwrap();
+        assert_eq!(limits.try_admit(ip(3), false).unwrap_err(), "limit");
+        assert_eq!(limits.try_admit(None, false).unwrap_err(), "limit");
         // The others' places are all taken: an operator's role still gets one of its own,
         // per-address limit or not.
         let ops: Vec<_> = (0..OPERATOR_RESERVE)
-            .map(|_| limits.admit(ip(1), true).unwrap())
+            .map(|_| limits.try_admit(ip(1), true).unwrap())
             .collect();
         assert_eq!(limits.open(), 3 + OPERATOR_RESERVE);
-        assert_eq!(limits.admit(ip(1), true).unwrap_err(), "limit");
+        assert_eq!(limits.try_admit(ip(1), true).unwrap_err(), "limit");
         drop(ops);
         drop(a);
         assert_eq!(limits.open(), 2);
-        let d = limits.admit(ip(1), false).unwrap();
+        let d = limits.try_admit(ip(1), false).unwrap();
         drop((b, c, d));
         assert_eq!(limits.open(), 0);
         assert!(limits.peers.lock().unwrap().is_empty());
         // No per-address limit: the total only.
         let total = ConnectionLimits::new(2, 0);
-        let held: Vec<_> = (0..2).map(|_| total.admit(ip(1), false).unwrap()).collect();
-        assert_eq!(total.admit(ip(1), false).unwrap_err(), "limit");
+        let held: Vec<_> = (0..2)
+            .map(|_| total.try_admit(ip(1), false).unwrap())
+            .collect();
+        assert_eq!(total.try_admit(ip(1), false).unwrap_err(), "limit");
         assert!(total.peers.lock().unwrap().is_empty());
         drop(held);
         assert_eq!(ConnectionLimits::default_total(1024), 384);
         assert_eq!(ConnectionLimits::default_total(1 << 20), 10_000);
         assert_eq!(ConnectionLimits::default_total(100), 16);
+    }
+
+    /// A full acceptor makes room: nobody is displaced while every connection is busy (the
+    /// newcomer is refused); once some are quiet, the quietest of the source with the most
+    /// connections is closed (its reader, waiting, wakes with an error) and the newcomer gets
+    /// its place; the others are untouched.
+    #[tokio::test]
+    async fn a_full_acceptor_displaces_the_quietest_connection_of_the_busiest_source() {
+        let mut limits = ConnectionLimits::new(3, 0);
+        limits.epoch = tokio::time::Instant::now()
+            .checked_sub(Duration::from_secs(60))
+            .unwrap();
+        let connect = |ip: [u8; 4]| {
+            let (server, client) = tokio::io::duplex(64);
+            let admission = limits.try_admit(Some(IpAddr::from(ip)), false).unwrap();
+            let live = admission.live.as_ref().unwrap().liveness.clone();
+            let mut server = Guarded::new(server, admission, limits.clone(), (NEVER, NEVER));
+            let reader = tokio::spawn(async move {
+                let mut b = [0u8; 8];
+                let r = server.read(&mut b).await.map_err(|e| e.kind());
+                drop(server);
+                r
+            });
+            (reader, live, client)
+        };
+        let (a, a_live, _a) = connect([192, 0, 2, 1]);
+        let (b, b_live, _b) = connect([192, 0, 2, 1]);
+        let (c, c_live, _c) = connect([198, 51, 100, 7]);
+        // All just heard from: none may be displaced, the newcomer is refused.
+        let newcomer = Some(IpAddr::from([203, 0, 113, 9]));
+        assert_eq!(limits.admit(newcomer, false).await.unwrap_err(), "limit");
+        assert_eq!(limits.open(), 3);
+        // c is the quietest of all, but a is the quietest of the source with two.
+        let now = limits.now_ms();
+        a_live.heard_ms.store(now - 10_000, Ordering::Relaxed);
+        b_live.heard_ms.store(now - 6_000, Ordering::Relaxed);
+        c_live.heard_ms.store(0, Ordering::Relaxed);
+        let admitted = tokio::time::timeout(NEVER, limits.admit(newcomer, false))
+            .await
+            .expect("the newcomer did not wait for the displaced place");
+        assert!(admitted.is_ok());
+        assert_eq!(
+            a.await.unwrap(),
+            Err(std::io::ErrorKind::ConnectionAborted),
+            "the displaced connection's read fails"
+        );
+        assert_eq!(limits.open(), 3);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!b.is_finished() && !c.is_finished(), "only one displaced");
+        // Operators' connections are never listed for displacement.
+        assert!(limits.try_admit(None, true).unwrap().live.is_none());
     }
 
     /// A flood from one source makes way at its own expense: a genuine client's handshake

@@ -170,6 +170,40 @@ fn ten_times_the_roles_capacity_ends_with_every_device_provisioned_after_retries
     );
 }
 
+/// More devices at once than the roles' connection limit holds: each provisioning device
+/// holds two or three connections (its VNO connection stays open, quiet, while it
+/// registers), so they fill the limit and each needs one more. A newcomer displaces the
+/// quietest connection, whose device retries, and every device ends provisioned. (Found by an
+/// outside attack: refused newcomers left every device waiting until it gave up after two
+/// minutes, 27 of 60 provisioned in this test's set-up.)
+#[test]
+fn a_fleet_larger_than_the_connection_limit_ends_with_every_device_provisioned() {
+    let dir = tempfile::tempdir().unwrap();
+    let (db, db_args, _) = embedded_db(dir.path());
+    let mut args = vec![
+        "--devices",
+        "60",
+        "--concurrency",
+        "30",
+        "--roles-max-connections",
+        "24",
+        "--dir",
+    ];
+    args.push(dir.path().to_str().unwrap());
+    args.extend(db_args.iter().map(String::as_str));
+    let (ok, r, stderr) = fleet(&args);
+    assert!(ok, "{stderr}\n{r:#}");
+    assert_eq!(r["provisioned"], 60, "{r:#}");
+    assert_eq!(r["failures"], serde_json::json!({}), "{r:#}");
+    assert_eq!(
+        one_number(
+            &db,
+            "SELECT COUNT(DISTINCT mcim_id) FROM ro_registration WHERE state = 'installed'"
+        ),
+        60
+    );
+}
+
 /// Against running roles (`--ro-url` and the others): a fleet whose PCIDs the VNO routes
 /// nowhere is refused at the attach. The run exits non-zero, counts the one reason for every
 /// device, and nothing was registered or installed; the supply and contract did happen.

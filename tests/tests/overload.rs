@@ -161,7 +161,8 @@ use mcim_roles::authz::Role;
 /// Past `--max-connections` (over all the roles of a process) a new connection from a
 /// device or subscriber is closed at once after its handshake: the client hears a refusal,
 /// not a timeout, and nothing is stored. The operators' roles keep places of their own (the
-/// roles still reach each other), and when the connections held end, a client is served again.
+/// roles still reach each other); once the held connections are quiet, a newcomer displaces
+/// one of them; and when the connections held end, a client is served again.
 /// (Found by outside attacks: with no limit, idle connections from anyone with an accepted
 /// certificate filled the process's file descriptors and every role stopped accepting; with
 /// the limit counted from the TCP accept, role-to-role connections were refused with the
@@ -205,6 +206,18 @@ async fn connections_past_the_limit_are_refused_at_once_and_served_again_after()
     health(ro.clone()).await.unwrap();
     until_open(&roles, 3.0).await;
     drop(ro);
+    // Once the held connections have been quiet for a while, a newcomer displaces one of
+    // them instead of being refused: a full acceptor makes room.
+    let displaced = r#"mcim_roles_tls_connections_refused_total{outcome="displaced"}"#;
+    assert_eq!(sample(&roles.metrics(), displaced), 0.0);
+    tokio::time::sleep(mcim_roles::tls::DISPLACE_QUIET + std::time::Duration::from_secs(1)).await;
+    let s4 = connect_subscriber(&roles, "s4", roles.port("sho"), Role::Sho)
+        .await
+        .expect("served in the place of a quiet connection");
+    health(s4.clone()).await.unwrap();
+    assert_eq!(sample(&roles.metrics(), displaced), 1.0);
+    until_open(&roles, 2.0).await;
+    drop(s4);
     // The places come back when the connections end.
     drop(held);
     until_open(&roles, 0.0).await;

@@ -67,6 +67,11 @@ pub struct RunArgs {
     /// beyond them a role answers RESOURCE_EXHAUSTED with a retry hint).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     roles_max_concurrent_calls: Option<u32>,
+    /// The embedded roles' `--max-connections` (connections from devices held at once; a
+    /// provisioning device holds two or three, and past the limit a newcomer displaces the
+    /// quietest).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    roles_max_connections: Option<u32>,
     /// Running roles instead of embedded ones: the supplier's address (`https://host:port`,
     /// or several comma-separated for replicas, as every `--*-url` here).
     #[arg(long, value_parser = crate::net::role_urls, requires_all = ["ro_url", "vno_url", "sho_url", "pva_url", "pki"])]
@@ -190,6 +195,9 @@ fn roles(a: &RunArgs, dir: &Path) -> Result<RolesAt, CliError> {
                 );
             if let Some(n) = a.roles_max_concurrent_calls {
                 c.args(["--max-concurrent-calls", &n.to_string()]);
+            }
+            if let Some(n) = a.roles_max_connections {
+                c.args(["--max-connections", &n.to_string()]);
             }
             spawn(&mut c, "mcim-roles", &dir.join("roles.log"))
         })?;
