@@ -13,7 +13,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
@@ -181,7 +181,7 @@ pub struct ConnectionLimits {
     handshakes: Arc<Mutex<Handshakes>>,
     established: Arc<Mutex<Established>>,
     epoch: tokio::time::Instant,
-    warned: Arc<Mutex<Option<Instant>>>,
+    warned: Arc<mcim_telemetry::Throttle>,
 }
 
 /// The established connections a newcomer may displace (those counted against the total),
@@ -284,7 +284,7 @@ impl ConnectionLimits {
             handshakes: Arc::default(),
             established: Arc::default(),
             epoch: tokio::time::Instant::now(),
-            warned: Arc::default(),
+            warned: Arc::new(mcim_telemetry::Throttle::new(Duration::from_secs(10))),
         }
     }
 
@@ -504,31 +504,21 @@ impl ConnectionLimits {
              silent, idle or displaced for a newcomer), by reason",
             reason,
         );
-        if matches!(reason, "limit" | "peer_limit") && self.warn_due() {
+        let warn = matches!(reason, "limit" | "peer_limit")
+            .then(|| self.warned.due())
+            .flatten();
+        if let Some(held_back) = warn {
             tracing::warn!(
                 ?peer,
                 reason,
                 open = self.open(),
+                held_back,
                 "connection refused: the acceptor holds as many connections as allowed \
-                 (--max-connections, --max-connections-per-peer); further refusals in the \
-                 next 10 s are only counted"
+                 (--max-connections, --max-connections-per-peer) and all are busy; further \
+                 refusals in the next 10 s are only counted"
             );
         } else {
             tracing::debug!(?peer, reason, "connection refused");
-        }
-    }
-
-    /// Whether 10 s passed since the last warning (and then the time starts again).
-    fn warn_due(&self) -> bool {
-        match self.warned.lock() {
-            Ok(mut last) => {
-                let due = last.is_none_or(|t| t.elapsed() >= Duration::from_secs(10));
-                if due {
-                    *last = Some(Instant::now());
-                }
-                due
-            }
-            Err(_) => false,
         }
     }
 }
@@ -744,7 +734,7 @@ pub fn tls_incoming(
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
     tokio::spawn(async move {
-        let mut accept_warned: Option<Instant> = None;
+        let accept_warned = mcim_telemetry::Throttle::new(Duration::from_secs(10));
         loop {
             let next = tokio::select! {
                 _ = tx.closed() => break,
@@ -764,9 +754,9 @@ pub fn tls_incoming(
                     ) {
                         tracing::debug!("accept: {e}");
                     } else {
-                        if accept_warned.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
-                            accept_warned = Some(Instant::now());
+                        if let Some(held_back) = accept_warned.due() {
                             tracing::warn!(
+                                held_back,
                                 "accept: {e}; pausing {ACCEPT_PAUSE:?} after each such error \
                                  (said at most every 10 s)"
                             );

@@ -18,6 +18,9 @@
 pub mod channel;
 pub mod metrics;
 pub mod retry;
+pub mod throttle;
+
+pub use throttle::Throttle;
 
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
 use opentelemetry::trace::TracerProvider as _;

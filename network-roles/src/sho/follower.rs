@@ -20,6 +20,10 @@ use crate::error::RoleError;
 use crate::peers::role_verifying_key;
 use crate::store::now;
 
+/// The followers' "will retry" warnings, for all of a process's registrations.
+static RETRY_WARNING: mcim_telemetry::Throttle =
+    mcim_telemetry::Throttle::new(std::time::Duration::from_secs(10));
+
 impl Sho {
     /// Follows one registration through steps 10-11 in the background, in the trace of the
     /// call that started it.
@@ -69,7 +73,17 @@ impl Sho {
                 // Still pending after a long poll: ask again at once.
                 Ok(false) => {}
                 Err(e) if e.retryable() => {
-                    tracing::warn!(registration = %id, "will retry: {e}");
+                    // A role that is down fails every follower at once: one warning every
+                    // 10 s for all of them (the rest at debug level).
+                    if let Some(held_back) = RETRY_WARNING.due() {
+                        tracing::warn!(
+                            registration = %id,
+                            held_back,
+                            "will retry: {e} (said at most every 10 s for all registrations)"
+                        );
+                    } else {
+                        tracing::debug!(registration = %id, "will retry: {e}");
+                    }
                     tokio::time::sleep(RETRY_PAUSE).await;
                 }
                 Err(e) => {

@@ -30,12 +30,11 @@ const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
 pub async fn serve(listener: UnixListener, path: PathBuf, device: Device, policy: Arc<Policy>) {
     tracing::info!(socket = %path.display(), "USIM: raw APDUs");
     let sessions = Arc::new(tokio::sync::Semaphore::new(MAX_SESSIONS));
-    let mut last_warning: Option<std::time::Instant> = None;
     // At most one warning a second, whatever a flood of connections does.
-    let mut warn = |what: String| {
-        if last_warning.is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(1)) {
-            tracing::warn!("USIM socket: {what}");
-            last_warning = Some(std::time::Instant::now());
+    let throttle = mcim_telemetry::Throttle::new(std::time::Duration::from_secs(1));
+    let warn = |what: String| {
+        if let Some(held_back) = throttle.due() {
+            tracing::warn!(held_back, "USIM socket: {what}");
         }
     };
     loop {
