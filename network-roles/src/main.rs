@@ -68,7 +68,7 @@ struct Args {
     /// the whole process, over all its roles (the operators' roles have 128 more of their
     /// own); past it a newcomer displaces the connection quiet for longest (at least 5 s;
     /// its client retries), or is closed at once when every connection is busy. Default: the
-    /// open-files limit (raised to its hard limit at start) less 640, at most 10,000.
+    /// open-files limit (raised to its hard limit at start) less 896, at most 10,000.
     #[arg(long, env = "MCIM_MAX_CONNECTIONS", global = true,
           value_parser = clap::value_parser!(u32).range(1..))]
     max_connections: Option<u32>,

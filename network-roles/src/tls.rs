@@ -165,11 +165,14 @@ pub const KEEPALIVE: Duration = Duration::from_secs(30);
 ///   crowd of devices cannot cut the roles off from each other.
 /// - **A full acceptor makes room**: when `total` is reached, a newcomer displaces the
 ///   established connection (not an operator's) that has sent nothing for longest, at least
-///   [`DISPLACE_QUIET`], of the source with the most connections (outcome `displaced`), as web
-///   servers close idle keep-alive connections; it is refused only when every connection is
-///   busy. Found by an outside attack: a provisioning device holds two or three connections
-///   (its VNO connection stays open, quiet, while it registers), so with a small limit the
-///   devices held every place and each waited for one more until they gave up.
+///   [`DISPLACE_QUIET`], of the client (by certificate, [`CertId`]) holding the most, among the
+///   clients holding at least as many as the newcomer's (outcome `displaced`), as web servers
+///   close idle keep-alive connections; it is refused when there is none. Found by outside
+///   attacks: a provisioning device holds two or three connections (its VNO connection stays
+///   open, quiet, while it registers), so with a small limit the devices held every place and
+///   each waited for one more until they gave up; and without the "at least as many", one
+///   subscriber certificate holding the limit with busy connections displaced every quiet
+///   device.
 ///
 /// Refusals are counted in the `tls_connections_refused` metric; a limit refusal is logged as
 /// a warning at most every 10 s, the others at debug level.
@@ -187,12 +190,24 @@ pub struct ConnectionLimits {
 }
 
 /// The established connections a newcomer may displace (those counted against the total),
-/// and how many each source has.
+/// and how many each client (by certificate) holds.
 #[derive(Debug, Default)]
 struct Established {
     next: u64,
-    conns: HashMap<u64, (Option<IpAddr>, Arc<Liveness>)>,
-    by_source: HashMap<Option<IpAddr>, usize>,
+    conns: HashMap<u64, (Option<CertId>, Arc<Liveness>)>,
+    by_client: HashMap<Option<CertId>, usize>,
+}
+
+/// A client as displacement counts it: the SHA-256 of its end-entity certificate (one device,
+/// one subscriber, whatever its addresses; devices behind one NAT are not lumped together).
+pub type CertId = [u8; 32];
+
+/// The [`CertId`] of a connection's client certificates.
+fn cert_id(chain: &[rustls::pki_types::CertificateDer<'_>]) -> Option<CertId> {
+    use sha2::Digest;
+    chain
+        .first()
+        .map(|c| sha2::Sha256::digest(c.as_ref()).into())
 }
 
 /// What [`Guarded`] and the limits share about one connection: when it was last heard from
@@ -216,9 +231,9 @@ struct LiveSlot {
 impl Drop for LiveSlot {
     fn drop(&mut self) {
         if let Ok(mut e) = self.established.lock()
-            && let Some((source, _)) = e.conns.remove(&self.id)
+            && let Some((client, _)) = e.conns.remove(&self.id)
         {
-            crate::shed::give_back(&mut e.by_source, &source);
+            crate::shed::give_back(&mut e.by_client, &client);
         }
     }
 }
@@ -230,13 +245,29 @@ struct Handshakes {
     pending: std::collections::VecDeque<Pending>,
 }
 
-/// One handshake in progress: from whom, whether its whole ClientHello came, its task.
+/// One handshake in progress: from whom, whether its whole ClientHello came, its task, and a
+/// second descriptor of its socket to look at what waits there unread.
 #[derive(Debug)]
 struct Pending {
     id: u64,
     peer: Option<IpAddr>,
     hello: bool,
     task: tokio::task::AbortHandle,
+    probe: Option<std::net::TcpStream>,
+}
+
+impl Pending {
+    /// Whether it is silent: its ClientHello not read and nothing waiting to be read (a
+    /// genuine client's ClientHello may wait a moment for its task to run: the fifth outside
+    /// attack showed that, under a flood of ClientHellos, treating it as silent dropped
+    /// genuine handshakes first).
+    fn silent(&self) -> bool {
+        !self.hello
+            && !self
+                .probe
+                .as_ref()
+                .is_some_and(|s| s.peek(&mut [0u8; 1]).is_ok_and(|n| n > 0))
+    }
 }
 
 impl Handshakes {
@@ -246,7 +277,7 @@ impl Handshakes {
     /// prefix holding the most, then the narrower prefixes within it ([`prefix`]: IPv4 /16,
     /// /24, /32; IPv6 /48, /56, /64), ties going to the group with the oldest.
     fn victim(&self) -> Option<usize> {
-        if let Some(i) = self.pending.iter().position(|p| !p.hello) {
+        if let Some(i) = self.pending.iter().position(Pending::silent) {
             return Some(i);
         }
         let mut group: Vec<usize> = (0..self.pending.len()).collect();
@@ -297,12 +328,6 @@ fn prefix(ip: IpAddr, level: u8) -> IpAddr {
     }
 }
 
-/// Whose established connections count together for displacement: an IPv4 address, an IPv6
-/// /64.
-fn source_of(ip: IpAddr) -> IpAddr {
-    prefix(ip, PREFIX_LEVELS - 1)
-}
-
 /// Handshakes in progress at once, over all the roles of a process.
 pub const MAX_HANDSHAKES: usize = 256;
 
@@ -345,10 +370,11 @@ impl ConnectionLimits {
     }
 
     /// The total a process with `fd_limit` file descriptors holds by default: what
-    /// [`FD_RESERVE`], [`MAX_HANDSHAKES`] and [`OPERATOR_RESERVE`] leave, at most 10,000 (each
+    /// [`FD_RESERVE`], twice [`MAX_HANDSHAKES`] and [`OPERATOR_RESERVE`] leave, at most 10,000 (each
     /// held connection costs 25-40 KB of memory), at least 16.
     pub fn default_total(fd_limit: u64) -> usize {
-        let others = FD_RESERVE + (MAX_HANDSHAKES + OPERATOR_RESERVE) as u64;
+        // A handshake in progress holds two descriptors (`Pending::probe`).
+        let others = FD_RESERVE + (2 * MAX_HANDSHAKES + OPERATOR_RESERVE) as u64;
         usize::try_from(fd_limit.saturating_sub(others).clamp(16, 10_000)).unwrap_or(16)
     }
 
@@ -383,6 +409,7 @@ impl ConnectionLimits {
     fn begin_handshake(
         &self,
         peer: Option<IpAddr>,
+        probe: Option<std::net::TcpStream>,
         spawn: impl FnOnce(u64) -> tokio::task::AbortHandle,
     ) {
         let Ok(mut h) = self.handshakes.lock() else {
@@ -405,6 +432,7 @@ impl ConnectionLimits {
             peer,
             hello: false,
             task,
+            probe,
         });
         drop(h);
         if evicted {
@@ -430,25 +458,38 @@ impl ConnectionLimits {
         }
     }
 
-    /// A place for an established connection from `peer` (an operator's role or not), or why
-    /// there is none. Past the total, the quietest connection of the source with the most
-    /// is displaced ([`ConnectionLimits::displace_quietest`]) and its place awaited.
-    async fn admit(&self, peer: Option<IpAddr>, operator: bool) -> Result<Admission, &'static str> {
-        match self.try_admit(peer, operator) {
-            Err("limit") if self.peer_has_room(peer, operator) && self.displace_quietest() => {
+    /// A place for an established connection from `peer` with certificate `client` (an
+    /// operator's role or not), or why there is none. Past the total, a quiet connection of a
+    /// client holding at least as many is displaced ([`ConnectionLimits::displace_quietest`])
+    /// and its place awaited.
+    async fn admit(
+        &self,
+        peer: Option<IpAddr>,
+        client: Option<CertId>,
+        operator: bool,
+    ) -> Result<Admission, &'static str> {
+        match self.try_admit(peer, client, operator) {
+            Err("limit")
+                if self.peer_has_room(peer, operator) && self.displace_quietest(client) =>
+            {
                 let place = tokio::time::timeout(DISPLACE_WAIT, self.total.clone().acquire_owned())
                     .await
                     .ok()
                     .and_then(Result::ok)
                     .ok_or("limit")?;
-                self.seat(place, peer, operator)
+                self.seat(place, peer, client, operator)
             }
             other => other,
         }
     }
 
     /// [`ConnectionLimits::admit`] without displacing anyone.
-    fn try_admit(&self, peer: Option<IpAddr>, operator: bool) -> Result<Admission, &'static str> {
+    fn try_admit(
+        &self,
+        peer: Option<IpAddr>,
+        client: Option<CertId>,
+        operator: bool,
+    ) -> Result<Admission, &'static str> {
         if operator && let Ok(place) = self.operators.clone().try_acquire_owned() {
             return Ok(Admission {
                 _place: place,
@@ -461,7 +502,7 @@ impl ConnectionLimits {
             .clone()
             .try_acquire_owned()
             .map_err(|_| "limit")?;
-        self.seat(place, peer, operator)
+        self.seat(place, peer, client, operator)
     }
 
     /// Whether `peer` may hold one more connection under the per-address limit.
@@ -475,13 +516,14 @@ impl ConnectionLimits {
         }
     }
 
-    /// A connection from `peer` in `place` (one of the total's): counted against its address
-    /// (if there is a per-address limit), and, unless it is an operator's, listed among those
-    /// a newcomer may displace.
+    /// A connection from `peer` with certificate `client` in `place` (one of the total's):
+    /// counted against its address (if there is a per-address limit), and, unless it is an
+    /// operator's, listed among those a newcomer may displace.
     fn seat(
         &self,
         place: tokio::sync::OwnedSemaphorePermit,
         peer: Option<IpAddr>,
+        client: Option<CertId>,
         operator: bool,
     ) -> Result<Admission, &'static str> {
         let peer_slot = match (peer, self.per_peer) {
@@ -507,9 +549,8 @@ impl ConnectionLimits {
             let mut e = self.established.lock().map_err(|_| "limit")?;
             let id = e.next;
             e.next = e.next.wrapping_add(1);
-            let source = peer.map(source_of);
-            e.conns.insert(id, (source, liveness.clone()));
-            *e.by_source.entry(source).or_insert(0) += 1;
+            e.conns.insert(id, (client, liveness.clone()));
+            *e.by_client.entry(client).or_insert(0) += 1;
             Some(LiveSlot {
                 id,
                 liveness,
@@ -523,26 +564,30 @@ impl ConnectionLimits {
         })
     }
 
-    /// Closes, for a newcomer, the established connection that has sent nothing for longest
-    /// (at least [`DISPLACE_QUIET`]) among those of the source with the most connections;
-    /// whether there was one. A client that keeps calling is never displaced; one flooding
-    /// from one address displaces its own connections first.
-    fn displace_quietest(&self) -> bool {
+    /// Closes, for a newcomer with certificate `newcomer`, the established connection that has
+    /// sent nothing for longest (at least [`DISPLACE_QUIET`]) of the client holding the most,
+    /// among the clients holding at least as many as the newcomer (itself included); whether
+    /// there was one. A client that keeps calling is never displaced, and one that holds more
+    /// than the others cannot displace them: found by an outside attack, a subscriber
+    /// certificate holding the whole limit with busy connections otherwise displaced every
+    /// device waiting quietly on a long poll or stream, one new connection at a time.
+    fn displace_quietest(&self, newcomer: Option<CertId>) -> bool {
         let now = self.now_ms();
         let quiet = u64::try_from(DISPLACE_QUIET.as_millis()).unwrap_or(u64::MAX);
         let Ok(e) = self.established.lock() else {
             return false;
         };
+        let holds = |c: &Option<CertId>| e.by_client.get(c).copied().unwrap_or(0);
+        let newcomer_holds = holds(&newcomer);
         let victim = e
             .conns
             .values()
             .filter(|(_, l)| !l.displaced.load(Ordering::Relaxed))
-            .map(|(source, l)| {
+            .map(|(client, l)| {
                 let silent = now.saturating_sub(l.heard_ms.load(Ordering::Relaxed));
-                let held = e.by_source.get(source).copied().unwrap_or(0);
-                (held, silent, l)
+                (holds(client), silent, l)
             })
-            .filter(|(_, silent, _)| *silent >= quiet)
+            .filter(|(held, silent, _)| *silent >= quiet && *held >= newcomer_holds)
             .max_by_key(|(held, silent, _)| (*held, *silent));
         let Some((_, _, liveness)) = victim else {
             return false;
@@ -835,7 +880,13 @@ pub fn tls_incoming(
                 limits.clone(),
                 is_operator.clone(),
             );
-            limits.begin_handshake(peer.map(|p| p.ip()), move |id| {
+            // A second descriptor of the socket, to tell a silent handshake from one whose
+            // ClientHello waits for its task (`Pending::silent`).
+            let probe = std::os::fd::AsFd::as_fd(&stream)
+                .try_clone_to_owned()
+                .ok()
+                .map(std::net::TcpStream::from);
+            limits.begin_handshake(peer.map(|p| p.ip()), probe, move |id| {
                 tokio::spawn(async move {
                     let limits = task_limits;
                     // The ClientHello first (a handshake that has not sent it is the first
@@ -865,12 +916,10 @@ pub fn tls_incoming(
                             return limits.refused("handshake_timeout", peer);
                         }
                     };
-                    let operator = tls
-                        .get_ref()
-                        .1
-                        .peer_certificates()
-                        .is_some_and(|chain| is_operator(chain));
-                    match limits.admit(peer.map(|p| p.ip()), operator).await {
+                    let chain = tls.get_ref().1.peer_certificates();
+                    let operator = chain.is_some_and(|chain| is_operator(chain));
+                    let client = chain.and_then(cert_id);
+                    match limits.admit(peer.map(|p| p.ip()), client, operator).await {
                         Ok(admission) => {
                             let _ = tx
                                 .send(Ok(Guarded::new(
@@ -971,7 +1020,7 @@ mod tests {
         limits: &ConnectionLimits,
     ) -> (Guarded<tokio::io::DuplexStream>, tokio::io::DuplexStream) {
         let (server, client) = tokio::io::duplex(64);
-        let admission = limits.try_admit(None, false).unwrap();
+        let admission = limits.try_admit(None, None, false).unwrap();
         (
             Guarded::new(server, admission, limits.clone(), (FIRST, IDLE)),
             client,
@@ -1029,53 +1078,59 @@ mod tests {
     fn connections_are_admitted_within_the_limits_and_given_back() {
         let ip = |n: u8| Some(IpAddr::from([192, 0, 2, n]));
         let limits = ConnectionLimits::new(3, 2);
-        let a = limits.try_admit(ip(1), false).unwrap();
-        let b = limits.try_admit(ip(1), false).unwrap();
-        assert_eq!(limits.try_admit(ip(1), false).unwrap_err(), "peer_limit");
+        let a = limits.try_admit(ip(1), None, false).unwrap();
+        let b = limits.try_admit(ip(1), None, false).unwrap();
+        assert_eq!(
+            limits.try_admit(ip(1), None, false).unwrap_err(),
+            "peer_limit"
+        );
         assert_eq!(limits.open(), 2, "a refusal holds nothing");
-        let c = limits.try_admit(ip(2), false).unwrap();
-        assert_eq!(limits.try_admit(ip(3), false).unwrap_err(), "limit");
-        assert_eq!(limits.try_admit(None, false).unwrap_err(), "limit");
+        let c = limits.try_admit(ip(2), None, false).unwrap();
+        assert_eq!(limits.try_admit(ip(3), None, false).unwrap_err(), "limit");
+        assert_eq!(limits.try_admit(None, None, false).unwrap_err(), "limit");
         // The others' places are all taken: an operator's role still gets one of its own,
         // per-address limit or not.
         let ops: Vec<_> = (0..OPERATOR_RESERVE)
-            .map(|_| limits.try_admit(ip(1), true).unwrap())
+            .map(|_| limits.try_admit(ip(1), None, true).unwrap())
             .collect();
         assert_eq!(limits.open(), 3 + OPERATOR_RESERVE);
-        assert_eq!(limits.try_admit(ip(1), true).unwrap_err(), "limit");
+        assert_eq!(limits.try_admit(ip(1), None, true).unwrap_err(), "limit");
         drop(ops);
         drop(a);
         assert_eq!(limits.open(), 2);
-        let d = limits.try_admit(ip(1), false).unwrap();
+        let d = limits.try_admit(ip(1), None, false).unwrap();
         drop((b, c, d));
         assert_eq!(limits.open(), 0);
         assert!(limits.peers.lock().unwrap().is_empty());
         // No per-address limit: the total only.
         let total = ConnectionLimits::new(2, 0);
         let held: Vec<_> = (0..2)
-            .map(|_| total.try_admit(ip(1), false).unwrap())
+            .map(|_| total.try_admit(ip(1), None, false).unwrap())
             .collect();
-        assert_eq!(total.try_admit(ip(1), false).unwrap_err(), "limit");
+        assert_eq!(total.try_admit(ip(1), None, false).unwrap_err(), "limit");
         assert!(total.peers.lock().unwrap().is_empty());
         drop(held);
-        assert_eq!(ConnectionLimits::default_total(1024), 384);
+        assert_eq!(ConnectionLimits::default_total(1024), 128);
         assert_eq!(ConnectionLimits::default_total(1 << 20), 10_000);
         assert_eq!(ConnectionLimits::default_total(100), 16);
     }
 
     /// A full acceptor makes room: nobody is displaced while every connection is busy (the
-    /// newcomer is refused); once some are quiet, the quietest of the source with the most
-    /// connections is closed (its reader, waiting, wakes with an error) and the newcomer gets
-    /// its place; the others are untouched.
+    /// newcomer is refused); once some are quiet, the quietest of the client (certificate)
+    /// holding the most is closed (its reader, waiting, wakes with an error) and the newcomer
+    /// gets its place; the others are untouched. A client holding more than the others
+    /// displaces only its own connections, and is refused when they are busy (the fifth
+    /// outside attack: busy connections of one subscriber certificate filling the limit, then
+    /// a new one at a time, displaced every quiet device).
     #[tokio::test]
-    async fn a_full_acceptor_displaces_the_quietest_connection_of_the_busiest_source() {
-        let mut limits = ConnectionLimits::new(3, 0);
+    async fn a_full_acceptor_displaces_the_quietest_connection_of_the_busiest_client() {
+        let mut limits = ConnectionLimits::new(4, 0);
         limits.epoch = tokio::time::Instant::now()
             .checked_sub(Duration::from_secs(60))
             .unwrap();
-        let connect = |ip: [u8; 4]| {
-            let (server, client) = tokio::io::duplex(64);
-            let admission = limits.try_admit(Some(IpAddr::from(ip)), false).unwrap();
+        let connect = |client: u8| {
+            let (server, peer) = tokio::io::duplex(64);
+            let admission = limits.try_admit(None, Some([client; 32]), false).unwrap();
             let live = admission.live.as_ref().unwrap().liveness.clone();
             let mut server = Guarded::new(server, admission, limits.clone(), (NEVER, NEVER));
             let reader = tokio::spawn(async move {
@@ -1084,21 +1139,25 @@ mod tests {
                 drop(server);
                 r
             });
-            (reader, live, client)
+            (reader, live, peer)
         };
-        let (a, a_live, _a) = connect([192, 0, 2, 1]);
-        let (b, b_live, _b) = connect([192, 0, 2, 1]);
-        let (c, c_live, _c) = connect([198, 51, 100, 7]);
+        let (a, a_live, _a) = connect(1);
+        let (b, b_live, _b) = connect(1);
+        let (c, c_live, _c) = connect(3);
+        let (d, _d_live, _d) = connect(4);
         // All just heard from: none may be displaced, the newcomer is refused.
-        let newcomer = Some(IpAddr::from([203, 0, 113, 9]));
-        assert_eq!(limits.admit(newcomer, false).await.unwrap_err(), "limit");
-        assert_eq!(limits.open(), 3);
-        // c is the quietest of all, but a is the quietest of the source with two.
+        let newcomer = Some([9; 32]);
+        assert_eq!(
+            limits.admit(None, newcomer, false).await.unwrap_err(),
+            "limit"
+        );
+        assert_eq!(limits.open(), 4);
+        // c is the quietest of all, but a is the quietest of the client holding two.
         let now = limits.now_ms();
         a_live.heard_ms.store(now - 10_000, Ordering::Relaxed);
         b_live.heard_ms.store(now - 6_000, Ordering::Relaxed);
         c_live.heard_ms.store(0, Ordering::Relaxed);
-        let admitted = tokio::time::timeout(NEVER, limits.admit(newcomer, false))
+        let admitted = tokio::time::timeout(NEVER, limits.admit(None, newcomer, false))
             .await
             .expect("the newcomer did not wait for the displaced place");
         assert!(admitted.is_ok());
@@ -1107,11 +1166,28 @@ mod tests {
             Err(std::io::ErrorKind::ConnectionAborted),
             "the displaced connection's read fails"
         );
-        assert_eq!(limits.open(), 3);
+        assert_eq!(limits.open(), 4);
+        // Client 9 now holds one more place (its newcomer's, busy): two with another; client
+        // 1 holds one (b, quiet), 3 one (c, quietest), 4 one (d, busy).
+        let held = admitted.unwrap();
+        // A newcomer of client 9 (holding one) may displace only a client holding at least
+        // one: b or c; the quietest of those of the most (all hold one): c.
+        let again = tokio::time::timeout(NEVER, limits.admit(None, newcomer, false))
+            .await
+            .unwrap();
+        assert!(again.is_ok());
+        assert_eq!(c.await.unwrap(), Err(std::io::ErrorKind::ConnectionAborted));
+        // Client 9 now holds two, everyone else at most one: its next newcomer may displace
+        // none of theirs (b is quiet), and its own are busy: refused.
+        assert_eq!(
+            limits.admit(None, newcomer, false).await.unwrap_err(),
+            "limit"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
-        assert!(!b.is_finished() && !c.is_finished(), "only one displaced");
+        assert!(!b.is_finished() && !d.is_finished(), "b and d kept");
+        drop((held, again));
         // Operators' connections are never listed for displacement.
-        assert!(limits.try_admit(None, true).unwrap().live.is_none());
+        assert!(limits.try_admit(None, None, true).unwrap().live.is_none());
     }
 
     /// Starts a pretend handshake from `peer` that never ends by itself (its task is
@@ -1121,8 +1197,18 @@ mod tests {
         peer: IpAddr,
         hello: bool,
     ) -> tokio::task::JoinHandle<()> {
+        pending_with(limits, peer, hello, None)
+    }
+
+    /// [`pending`] with a probe of a real socket.
+    fn pending_with(
+        limits: &ConnectionLimits,
+        peer: IpAddr,
+        hello: bool,
+        probe: Option<std::net::TcpStream>,
+    ) -> tokio::task::JoinHandle<()> {
         let mut handle = None;
-        limits.begin_handshake(Some(peer), |id| {
+        limits.begin_handshake(Some(peer), probe, |id| {
             let t = tokio::spawn(std::future::pending::<()>());
             let a = t.abort_handle();
             handle = Some((t, id));
@@ -1133,6 +1219,42 @@ mod tests {
             limits.hello(id);
         }
         t
+    }
+
+    /// A handshake whose ClientHello waits unread (its task has not run yet) is not taken for
+    /// a silent one; a real socket with nothing waiting is (the fifth outside attack: under a
+    /// flood of ClientHellos the oldest unread handshake, dropped first, was usually a genuine
+    /// client's accepted a few ms earlier).
+    #[tokio::test]
+    async fn a_client_hello_waiting_unread_is_not_taken_for_silence() {
+        use std::io::Write;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let connect = |bytes: &[u8]| {
+            let mut client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+            let (server, _) = listener.accept().unwrap();
+            server.set_nonblocking(true).unwrap();
+            client.write_all(bytes).unwrap();
+            (client, server)
+        };
+        let (_quiet_client, quiet) = connect(b"");
+        let (_genuine_client, genuine) = connect(b"\x16\x03\x01\x02\x00");
+        while !genuine.peek(&mut [0u8; 1]).is_ok_and(|n| n > 0) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let limits = ConnectionLimits::new(4, 0);
+        let quiet = pending_with(&limits, IpAddr::from([192, 0, 2, 9]), false, Some(quiet));
+        let genuine = pending_with(&limits, IpAddr::from([192, 0, 2, 1]), false, Some(genuine));
+        // Then whole ClientHellos, read, from one /16: the flood makes way for itself.
+        let flood: Vec<_> = (0..MAX_HANDSHAKES)
+            .map(|i| pending(&limits, IpAddr::from([10, 1, 0, i as u8]), true))
+            .collect();
+        assert_eq!(
+            dropped(std::slice::from_ref(&quiet)).await,
+            1,
+            "silent: dropped first"
+        );
+        assert_eq!(dropped(&[genuine]).await, 0, "its ClientHello waits: kept");
+        assert_eq!(dropped(&flood).await, 1);
     }
 
     /// How many of `tasks` were dropped (an aborted task ends when the runtime next polls it).
@@ -1205,7 +1327,7 @@ mod tests {
         assert!(v6_left.abs_diff(v4_left) <= 2, "{v6_left} {v4_left}");
         // IPv4-mapped IPv6 is its IPv4 address; the prefixes.
         assert_eq!(
-            source_of("::ffff:192.0.2.1".parse().unwrap()),
+            prefix("::ffff:192.0.2.1".parse().unwrap(), 2),
             IpAddr::from([192, 0, 2, 1])
         );
         assert_eq!(
@@ -1230,7 +1352,7 @@ mod tests {
         let mut tasks = Vec::new();
         let mut start = |limits: &ConnectionLimits| {
             let mut handle = None;
-            limits.begin_handshake(None, |_| {
+            limits.begin_handshake(None, None, |_| {
                 let t = tokio::spawn(std::future::pending::<()>());
                 let a = t.abort_handle();
                 handle = Some(t);
@@ -1250,7 +1372,7 @@ mod tests {
             assert!(!t.is_finished(), "only the oldest");
         }
         // A handshake that ends is no longer in progress.
-        limits.begin_handshake(None, |id| {
+        limits.begin_handshake(None, None, |id| {
             let l = limits.clone();
             tokio::spawn(async move { l.end_handshake(id) }).abort_handle()
         });
