@@ -151,15 +151,17 @@ pub const KEEPALIVE: Duration = Duration::from_secs(30);
 /// the TCP accept, anyone without any certificate filled it with handshakes that never end.
 ///
 /// - **Handshakes in progress**: at most [`MAX_HANDSHAKES`]; past it one is dropped for the
-///   newcomer (outcome `evicted`): the oldest that has not sent a whole ClientHello, else the
-///   oldest of the address prefix with the most in progress ([`Handshakes::victim`]), so a
+///   newcomer (outcome `evicted`): the oldest silent (no whole ClientHello) for over
+///   [`SILENT_GRACE`], else the oldest of the address prefix with the most in progress, ties
+///   to the silent ([`Handshakes::victim`]), so a
 ///   flood of connections that never finish their handshake cannot keep a genuine client
 ///   (whose handshake takes a few round trips, hundreds of ms on a cellular link) out: a
 ///   silent or dribbling flood makes way first, a flood of ClientHellos at its own prefixes'
 ///   expense ([`ConnectionLimits::begin_handshake`]).
 /// - **Established connections** (counted from a handshake that succeeded): at most `total`
 ///   from devices, subscribers and anyone else, at most `per_peer` of them from one address
-///   (outcomes `limit`, `peer_limit`); past that the connection is closed at once. The
+///   and at most an eighth of `total` (at least 4) from one client certificate's key
+///   ([`CertId`]) (outcomes `limit`, `peer_limit`, `client_limit`); past that the connection is closed at once. The
 ///   operators' roles (the supplier, ROs, VNOs, SHOs, PVAs, by the gate's judgment of their
 ///   certificates) have [`OPERATOR_RESERVE`] places of their own beyond `total`, so that a
 ///   crowd of devices cannot cut the roles off from each other.
@@ -182,6 +184,7 @@ pub struct ConnectionLimits {
     max_total: usize,
     operators: Arc<tokio::sync::Semaphore>,
     per_peer: usize,
+    per_client: usize,
     peers: Arc<Mutex<HashMap<IpAddr, usize>>>,
     handshakes: Arc<Mutex<Handshakes>>,
     established: Arc<Mutex<Established>>,
@@ -198,17 +201,28 @@ struct Established {
     by_client: HashMap<Option<CertId>, usize>,
 }
 
-/// A client as displacement counts it: the SHA-256 of its end-entity certificate (one device,
-/// one subscriber, whatever its addresses; devices behind one NAT are not lumped together).
+/// A client as the limits count it: the SHA-256 of its end-entity certificate's public key
+/// (SubjectPublicKeyInfo): one device, one subscriber, whatever its addresses (devices behind
+/// one NAT are not lumped together) and however its certificate is encoded (found by an
+/// outside attack: a hash of the whole certificate made two clients of one, its signature's
+/// `s` replaced by `n - s`).
 pub type CertId = [u8; 32];
 
 /// The [`CertId`] of a connection's client certificates.
 fn cert_id(chain: &[rustls::pki_types::CertificateDer<'_>]) -> Option<CertId> {
     use sha2::Digest;
-    chain
-        .first()
-        .map(|c| sha2::Sha256::digest(c.as_ref()).into())
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let (_, cert) = X509Certificate::from_der(chain.first()?.as_ref()).ok()?;
+    Some(sha2::Sha256::digest(cert.tbs_certificate.subject_pki.raw).into())
 }
+
+/// The share of `--max-connections` one client ([`CertId`]) holds at most: an eighth, at
+/// least [`MIN_PER_CLIENT`] (a provisioning device holds two or three). Found by an outside
+/// attack: one subscriber certificate held the whole limit.
+const PER_CLIENT_SHARE: usize = 8;
+
+/// The fewest connections one client may hold, however small the total.
+const MIN_PER_CLIENT: usize = 4;
 
 /// What [`Guarded`] and the limits share about one connection: when it was last heard from
 /// (milliseconds after [`ConnectionLimits`]'s epoch), and whether it was displaced (with the
@@ -254,13 +268,12 @@ struct Pending {
     hello: bool,
     task: tokio::task::AbortHandle,
     probe: Option<std::net::TcpStream>,
+    started: std::time::Instant,
 }
 
 impl Pending {
     /// Whether it is silent: its ClientHello not read and nothing waiting to be read (a
-    /// genuine client's ClientHello may wait a moment for its task to run: the fifth outside
-    /// attack showed that, under a flood of ClientHellos, treating it as silent dropped
-    /// genuine handshakes first).
+    /// genuine client's ClientHello may wait a moment for its task to run).
     fn silent(&self) -> bool {
         !self.hello
             && !self
@@ -271,14 +284,22 @@ impl Pending {
 }
 
 impl Handshakes {
-    /// Which handshake makes way for a newcomer: the oldest that has not sent a whole
-    /// ClientHello (a genuine client sends it at once, so only a connection that says
-    /// nothing or dribbles is that old); if all have, the oldest of the widest address
-    /// prefix holding the most, then the narrower prefixes within it ([`prefix`]: IPv4 /16,
-    /// /24, /32; IPv6 /48, /56, /64), ties going to the group with the oldest.
-    fn victim(&self) -> Option<usize> {
-        if let Some(i) = self.pending.iter().position(Pending::silent) {
-            return Some(i);
+    /// Which handshake makes way for a newcomer: the oldest that has been silent
+    /// ([`Pending::silent`]) for [`SILENT_GRACE`]; else the oldest of the address prefix
+    /// holding the most, widest first ([`prefix`]: IPv4 /16, /24, /32; IPv6 /48, /56, /64),
+    /// ties at each level going to the group with the oldest silent handshake, then to the
+    /// group with the oldest. Found by outside attacks: dropping any silent one first dropped
+    /// genuine clients whose ClientHello comes a few ms after the connection (all of them
+    /// under a flood of ClientHellos from one address); without the tie rule a silent flood
+    /// from many addresses dropped genuine ones.
+    fn victim(&self, now: std::time::Instant) -> Option<usize> {
+        let aged = self
+            .pending
+            .iter()
+            .take_while(|p| now.saturating_duration_since(p.started) >= SILENT_GRACE)
+            .position(Pending::silent);
+        if aged.is_some() {
+            return aged;
         }
         let mut group: Vec<usize> = (0..self.pending.len()).collect();
         for level in 0..PREFIX_LEVELS {
@@ -293,16 +314,28 @@ impl Handshakes {
                 *counts.entry(key(i)).or_insert(0) += 1;
             }
             let most = counts.values().copied().max()?;
-            // `group` is oldest first: the first of a heaviest prefix is the oldest's.
-            let heaviest = group
+            let heaviest = |i: &&usize| counts.get(&key(i)) == Some(&most);
+            // `group` is oldest first.
+            let silent = |i: &&usize| self.pending.get(**i).is_some_and(Pending::silent);
+            let chosen = group
                 .iter()
-                .map(key)
-                .find(|k| counts.get(k) == Some(&most))?;
-            group.retain(|i| key(i) == heaviest);
+                .filter(heaviest)
+                .find(silent)
+                .or_else(|| group.iter().find(heaviest))
+                .map(key)?;
+            group.retain(|i| key(i) == chosen);
         }
-        group.first().copied()
+        group
+            .iter()
+            .find(|i| self.pending.get(**i).is_some_and(Pending::silent))
+            .or(group.first())
+            .copied()
     }
 }
+
+/// How long a handshake may have sent nothing (no whole ClientHello) before it is the first
+/// to make way: longer than a slow client stack or a lost segment takes.
+pub const SILENT_GRACE: Duration = Duration::from_secs(1);
 
 /// How many prefix lengths [`prefix`] knows.
 const PREFIX_LEVELS: u8 = 3;
@@ -356,6 +389,7 @@ impl ConnectionLimits {
             max_total: total,
             operators: Arc::new(tokio::sync::Semaphore::new(OPERATOR_RESERVE)),
             per_peer,
+            per_client: (total / PER_CLIENT_SHARE).max(MIN_PER_CLIENT),
             peers: Arc::default(),
             handshakes: Arc::default(),
             established: Arc::default(),
@@ -397,9 +431,9 @@ impl ConnectionLimits {
 
     /// Starts a handshake from `peer`: `spawn` starts its task (given its number, for
     /// [`ConnectionLimits::hello`] and [`ConnectionLimits::end_handshake`]). Past
-    /// [`MAX_HANDSHAKES`] one in progress is dropped first ([`Handshakes::victim`]): one that
-    /// has not sent its whole ClientHello, else the oldest of the address prefix holding the
-    /// most. Found by outside attacks: dropping the oldest of all, ~256/RTT connections/s
+    /// [`MAX_HANDSHAKES`] one in progress is dropped first ([`Handshakes::victim`]): one
+    /// silent for over [`SILENT_GRACE`], else the oldest of the address prefix holding the
+    /// most, ties to the silent. Found by outside attacks: dropping the oldest of all, ~256/RTT connections/s
     /// from one address without any certificate evicted every client with that round trip;
     /// dropping the oldest of the address holding the most, the same flood spread over ~300
     /// addresses (ties broken in hash-table order) failed 60-90 % of genuine calls, local
@@ -417,7 +451,7 @@ impl ConnectionLimits {
         };
         let mut evicted = false;
         while h.pending.len() >= MAX_HANDSHAKES {
-            let i = h.victim().unwrap_or(0);
+            let i = h.victim(std::time::Instant::now()).unwrap_or(0);
             if let Some(p) = h.pending.remove(i) {
                 p.task.abort();
                 evicted = true;
@@ -433,6 +467,7 @@ impl ConnectionLimits {
             hello: false,
             task,
             probe,
+            started: std::time::Instant::now(),
         });
         drop(h);
         if evicted {
@@ -470,7 +505,9 @@ impl ConnectionLimits {
     ) -> Result<Admission, &'static str> {
         match self.try_admit(peer, client, operator) {
             Err("limit")
-                if self.peer_has_room(peer, operator) && self.displace_quietest(client) =>
+                if self.peer_has_room(peer, operator)
+                    && self.client_has_room(client)
+                    && self.displace_quietest(client) =>
             {
                 let place = tokio::time::timeout(DISPLACE_WAIT, self.total.clone().acquire_owned())
                     .await
@@ -516,6 +553,15 @@ impl ConnectionLimits {
         }
     }
 
+    /// Whether `client` may hold one more connection ([`PER_CLIENT_SHARE`]).
+    fn client_has_room(&self, client: Option<CertId>) -> bool {
+        client.is_none()
+            || self
+                .established
+                .lock()
+                .is_ok_and(|e| e.by_client.get(&client).copied().unwrap_or(0) < self.per_client)
+    }
+
     /// A connection from `peer` with certificate `client` in `place` (one of the total's):
     /// counted against its address (if there is a per-address limit), and, unless it is an
     /// operator's, listed among those a newcomer may displace.
@@ -547,6 +593,10 @@ impl ConnectionLimits {
             let liveness = Arc::new(Liveness::default());
             liveness.heard_ms.store(self.now_ms(), Ordering::Relaxed);
             let mut e = self.established.lock().map_err(|_| "limit")?;
+            if client.is_some() && e.by_client.get(&client).copied().unwrap_or(0) >= self.per_client
+            {
+                return Err("client_limit");
+            }
             let id = e.next;
             e.next = e.next.wrapping_add(1);
             e.conns.insert(id, (client, liveness.clone()));
@@ -611,7 +661,7 @@ impl ConnectionLimits {
              silent, idle or displaced for a newcomer), by reason",
             reason,
         );
-        let warn = matches!(reason, "limit" | "peer_limit")
+        let warn = matches!(reason, "limit" | "peer_limit" | "client_limit")
             .then(|| self.warned.due())
             .flatten();
         if let Some(held_back) = warn {
@@ -1110,6 +1160,21 @@ mod tests {
         assert_eq!(total.try_admit(ip(1), None, false).unwrap_err(), "limit");
         assert!(total.peers.lock().unwrap().is_empty());
         drop(held);
+        // One client (certificate) holds at most an eighth of the total, at least four.
+        let shared = ConnectionLimits::new(64, 0);
+        let one = Some([7u8; 32]);
+        let held: Vec<_> = (0..8)
+            .map(|_| shared.try_admit(ip(1), one, false).unwrap())
+            .collect();
+        assert_eq!(
+            shared.try_admit(ip(2), one, false).unwrap_err(),
+            "client_limit"
+        );
+        let other = shared.try_admit(ip(1), Some([8u8; 32]), false).unwrap();
+        drop(held);
+        let again = shared.try_admit(ip(2), one, false).unwrap();
+        drop((other, again));
+        assert_eq!(ConnectionLimits::new(2, 0).per_client, MIN_PER_CLIENT);
         assert_eq!(ConnectionLimits::default_total(1024), 128);
         assert_eq!(ConnectionLimits::default_total(1 << 20), 10_000);
         assert_eq!(ConnectionLimits::default_total(100), 16);
@@ -1190,6 +1255,25 @@ mod tests {
         assert!(limits.try_admit(None, None, true).unwrap().live.is_none());
     }
 
+    /// A client is its certificate's public key: another encoding of one certificate (here
+    /// its signature changed, which no parser checks) is the same client (the sixth outside
+    /// attack: `s` replaced by `n - s` made a second client of one certificate), another
+    /// key another client.
+    #[test]
+    fn a_client_is_its_public_key_not_its_certificates_encoding() {
+        let a = rcgen::generate_simple_self_signed(vec!["a".into()]).unwrap();
+        let b = rcgen::generate_simple_self_signed(vec!["a".into()]).unwrap();
+        let der = a.cert.der().to_vec();
+        let mut twin = der.clone();
+        let last = twin.len() - 1;
+        twin[last] ^= 1;
+        let id = |d: &[u8]| cert_id(&[rustls::pki_types::CertificateDer::from(d.to_vec())]);
+        assert!(id(&der).is_some());
+        assert_eq!(id(&der), id(&twin));
+        assert_ne!(id(&der), id(b.cert.der()));
+        assert_eq!(id(b"not a certificate"), None);
+    }
+
     /// Starts a pretend handshake from `peer` that never ends by itself (its task is
     /// returned, to see whether it was dropped); `hello`: its ClientHello came.
     fn pending(
@@ -1221,12 +1305,18 @@ mod tests {
         t
     }
 
-    /// A handshake whose ClientHello waits unread (its task has not run yet) is not taken for
-    /// a silent one; a real socket with nothing waiting is (the fifth outside attack: under a
-    /// flood of ClientHellos the oldest unread handshake, dropped first, was usually a genuine
-    /// client's accepted a few ms earlier).
+    /// Makes every handshake in progress look older than [`SILENT_GRACE`].
+    fn age_all(limits: &ConnectionLimits) {
+        let mut h = limits.handshakes.lock().unwrap();
+        for p in h.pending.iter_mut() {
+            p.started = p.started.checked_sub(SILENT_GRACE * 2).unwrap();
+        }
+    }
+
+    /// A handshake silent for longer than the grace makes way first, before any prefix's; one
+    /// whose ClientHello waits unread (its task has not run yet) is not taken for silent.
     #[tokio::test]
-    async fn a_client_hello_waiting_unread_is_not_taken_for_silence() {
+    async fn a_handshake_silent_past_the_grace_makes_way_first_and_unread_bytes_are_not_silence() {
         use std::io::Write;
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let connect = |bytes: &[u8]| {
@@ -1244,7 +1334,9 @@ mod tests {
         let limits = ConnectionLimits::new(4, 0);
         let quiet = pending_with(&limits, IpAddr::from([192, 0, 2, 9]), false, Some(quiet));
         let genuine = pending_with(&limits, IpAddr::from([192, 0, 2, 1]), false, Some(genuine));
-        // Then whole ClientHellos, read, from one /16: the flood makes way for itself.
+        age_all(&limits);
+        // Then whole ClientHellos, read, from one /16: after the silent one, the flood makes
+        // way for itself.
         let flood: Vec<_> = (0..MAX_HANDSHAKES)
             .map(|i| pending(&limits, IpAddr::from([10, 1, 0, i as u8]), true))
             .collect();
@@ -1255,6 +1347,21 @@ mod tests {
         );
         assert_eq!(dropped(&[genuine]).await, 0, "its ClientHello waits: kept");
         assert_eq!(dropped(&flood).await, 1);
+    }
+
+    /// A genuine client whose ClientHello comes a while after its connection (a slow stack, a
+    /// lost segment) is not dropped for a flood of ClientHellos from one address (the fifth
+    /// and sixth outside attacks: with every silent handshake dropped first, 100 % of such
+    /// clients lost at 300 ClientHellos/s).
+    #[tokio::test]
+    async fn a_slow_client_hello_is_not_dropped_for_a_flood_of_client_hellos() {
+        let limits = ConnectionLimits::new(4, 0);
+        let slow = pending(&limits, IpAddr::from([192, 0, 2, 1]), false);
+        let flood: Vec<_> = (0..MAX_HANDSHAKES * 2)
+            .map(|_| pending(&limits, IpAddr::from([10, 1, 0, 1]), true))
+            .collect();
+        assert_eq!(dropped(&[slow]).await, 0);
+        assert_eq!(dropped(&flood).await, MAX_HANDSHAKES + 1);
     }
 
     /// How many of `tasks` were dropped (an aborted task ends when the runtime next polls it).
