@@ -968,7 +968,9 @@ pub fn tls_incoming(
                     };
                     let chain = tls.get_ref().1.peer_certificates();
                     let operator = chain.is_some_and(|chain| is_operator(chain));
-                    let client = chain.and_then(cert_id);
+                    // A certificate webpki took but x509-parser cannot read counts as one
+                    // client with all such: never as none (fail closed under the limits).
+                    let client = Some(chain.and_then(cert_id).unwrap_or([0; 32]));
                     match limits.admit(peer.map(|p| p.ip()), client, operator).await {
                         Ok(admission) => {
                             let _ = tx
