@@ -153,15 +153,16 @@ pub const KEEPALIVE: Duration = Duration::from_secs(30);
 /// - **Handshakes in progress**: at most [`MAX_HANDSHAKES`]; past it one is dropped for the
 ///   newcomer (outcome `evicted`): the oldest silent (no whole ClientHello) for over
 ///   [`SILENT_GRACE`], else the oldest of the address prefix with the most in progress, ties
-///   to the silent ([`Handshakes::victim`]), so a
-///   flood of connections that never finish their handshake cannot keep a genuine client
+///   to the silent ([`Handshakes::victim`]), so a flood of connections that never finish
+///   their handshake cannot keep a genuine client
 ///   (whose handshake takes a few round trips, hundreds of ms on a cellular link) out: a
 ///   silent or dribbling flood makes way first, a flood of ClientHellos at its own prefixes'
 ///   expense ([`ConnectionLimits::begin_handshake`]).
 /// - **Established connections** (counted from a handshake that succeeded): at most `total`
 ///   from devices, subscribers and anyone else, at most `per_peer` of them from one address
 ///   and at most an eighth of `total` (at least 4) from one client certificate's key
-///   ([`CertId`]) (outcomes `limit`, `peer_limit`, `client_limit`); past that the connection is closed at once. The
+///   ([`CertId`]) (outcomes `limit`, `peer_limit`, `client_limit`); past that the connection
+///   is closed at once. The
 ///   operators' roles (the supplier, ROs, VNOs, SHOs, PVAs, by the gate's judgment of their
 ///   certificates) have [`OPERATOR_RESERVE`] places of their own beyond `total`, so that a
 ///   crowd of devices cannot cut the roles off from each other.
@@ -240,6 +241,13 @@ struct LiveSlot {
     id: u64,
     liveness: Arc<Liveness>,
     established: Arc<Mutex<Established>>,
+}
+
+impl Established {
+    /// How many established connections `client` holds.
+    fn holds(&self, client: &Option<CertId>) -> usize {
+        self.by_client.get(client).copied().unwrap_or(0)
+    }
 }
 
 impl Drop for LiveSlot {
@@ -400,12 +408,17 @@ impl ConnectionLimits {
 
     /// Milliseconds since this process's limits were made (the clock of [`Liveness`]).
     fn now_ms(&self) -> u64 {
-        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+        self.ms_at(tokio::time::Instant::now())
+    }
+
+    /// [`ConnectionLimits::now_ms`] at `t`.
+    fn ms_at(&self, t: tokio::time::Instant) -> u64 {
+        u64::try_from(t.saturating_duration_since(self.epoch).as_millis()).unwrap_or(u64::MAX)
     }
 
     /// The total a process with `fd_limit` file descriptors holds by default: what
-    /// [`FD_RESERVE`], twice [`MAX_HANDSHAKES`] and [`OPERATOR_RESERVE`] leave, at most 10,000 (each
-    /// held connection costs 25-40 KB of memory), at least 16.
+    /// [`FD_RESERVE`], twice [`MAX_HANDSHAKES`] and [`OPERATOR_RESERVE`] leave, at most 10,000
+    /// (each held connection costs 25-40 KB of memory), at least 16.
     pub fn default_total(fd_limit: u64) -> usize {
         // A handshake in progress holds two descriptors (`Pending::probe`).
         let others = FD_RESERVE + (2 * MAX_HANDSHAKES + OPERATOR_RESERVE) as u64;
@@ -433,9 +446,9 @@ impl ConnectionLimits {
     /// [`ConnectionLimits::hello`] and [`ConnectionLimits::end_handshake`]). Past
     /// [`MAX_HANDSHAKES`] one in progress is dropped first ([`Handshakes::victim`]): one
     /// silent for over [`SILENT_GRACE`], else the oldest of the address prefix holding the
-    /// most, ties to the silent. Found by outside attacks: dropping the oldest of all, ~256/RTT connections/s
-    /// from one address without any certificate evicted every client with that round trip;
-    /// dropping the oldest of the address holding the most, the same flood spread over ~300
+    /// most, ties to the silent. Found by outside attacks: dropping the oldest of all,
+    /// ~256/RTT connections/s from one address without any certificate evicted every client
+    /// with that round trip; dropping the oldest of the address holding the most, the same flood spread over ~300
     /// addresses (ties broken in hash-table order) failed 60-90 % of genuine calls, local
     /// clients included. Now a flood that sends nothing makes way first, whatever its
     /// addresses; one that sends whole ClientHellos (and costs the server a key exchange and a
@@ -559,7 +572,7 @@ impl ConnectionLimits {
             || self
                 .established
                 .lock()
-                .is_ok_and(|e| e.by_client.get(&client).copied().unwrap_or(0) < self.per_client)
+                .is_ok_and(|e| e.holds(&client) < self.per_client)
     }
 
     /// A connection from `peer` with certificate `client` in `place` (one of the total's):
@@ -593,8 +606,7 @@ impl ConnectionLimits {
             let liveness = Arc::new(Liveness::default());
             liveness.heard_ms.store(self.now_ms(), Ordering::Relaxed);
             let mut e = self.established.lock().map_err(|_| "limit")?;
-            if client.is_some() && e.by_client.get(&client).copied().unwrap_or(0) >= self.per_client
-            {
+            if client.is_some() && e.holds(&client) >= self.per_client {
                 return Err("client_limit");
             }
             let id = e.next;
@@ -627,15 +639,14 @@ impl ConnectionLimits {
         let Ok(e) = self.established.lock() else {
             return false;
         };
-        let holds = |c: &Option<CertId>| e.by_client.get(c).copied().unwrap_or(0);
-        let newcomer_holds = holds(&newcomer);
+        let newcomer_holds = e.holds(&newcomer);
         let victim = e
             .conns
             .values()
             .filter(|(_, l)| !l.displaced.load(Ordering::Relaxed))
             .map(|(client, l)| {
                 let silent = now.saturating_sub(l.heard_ms.load(Ordering::Relaxed));
-                (holds(client), silent, l)
+                (e.holds(client), silent, l)
             })
             .filter(|(held, silent, _)| *silent >= quiet && *held >= newcomer_holds)
             .max_by_key(|(held, silent, _)| (*held, *silent));
@@ -671,8 +682,8 @@ impl ConnectionLimits {
                 open = self.open(),
                 held_back,
                 "connection refused: the acceptor holds as many connections as allowed \
-                 (--max-connections, --max-connections-per-peer) and all are busy; further \
-                 refusals in the next 10 s are only counted"
+                 (--max-connections, --max-connections-per-peer, a client's share) and none \
+                 may make way; further refusals in the next 10 s are only counted"
             );
         } else {
             tracing::debug!(?peer, reason, "connection refused");
@@ -761,10 +772,8 @@ impl<S: AsyncRead + Unpin> AsyncRead for Guarded<S> {
                     self.last_read = now;
                     self.quiet = self.idle;
                     if let Some(live) = &self.admission.live {
-                        let ms = now.saturating_duration_since(self.limits.epoch).as_millis();
-                        live.liveness
-                            .heard_ms
-                            .store(u64::try_from(ms).unwrap_or(u64::MAX), Ordering::Relaxed);
+                        let ms = self.limits.ms_at(now);
+                        live.liveness.heard_ms.store(ms, Ordering::Relaxed);
                     }
                 }
                 Poll::Ready(Ok(()))
