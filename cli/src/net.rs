@@ -63,6 +63,25 @@ pub async fn party_channel(
     connect(peer, url, cert, key, pki).await
 }
 
+/// A lazily connected channel as the party `me` to `peer` at `urls` (one address or several,
+/// comma-separated: a role's replicas, spread and failed over by [`mcim_telemetry::channel`]).
+/// Nothing is connected until the first call, so an unreachable role is a call's transient
+/// error, retried by the caller, not a failure to start.
+pub fn lazy_role_channel(
+    pki: &Path,
+    me: Role,
+    peer: Role,
+    urls: &str,
+) -> Result<mcim_telemetry::Channel, CliError> {
+    let config = mcim_pki::dev::party_client_config(pki, me.as_str(), peer).map_err(fail)?;
+    mcim_telemetry::channel::channel(
+        std::sync::Arc::new(config),
+        urls,
+        &mcim_pki::party::server_name(peer),
+    )
+    .map_err(|e| CliError::Input(format!("the {peer}'s address: {e}")))
+}
+
 /// A software device `pcid` (a fresh certificate under the supplier root in `pki`) calling
 /// `peer` at `url`.
 pub async fn software_device_channel(

@@ -1040,31 +1040,7 @@ pub fn client_config_as(
     party: &str,
     peer: Role,
 ) -> Result<rustls::ClientConfig, String> {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    let (cert, key) = dev::party_file_pem(pki, party).map_err(|e| e.to_string())?;
-    let mut roots = rustls::RootCertStore::empty();
-    for ca in
-        CertificateDer::pem_slice_iter(&dev::role_ca_pem(pki, peer).map_err(|e| e.to_string())?)
-    {
-        roots
-            .add(ca.map_err(|e| e.to_string())?)
-            .map_err(|e| e.to_string())?;
-    }
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&cert)
-        .collect::<Result<_, _>>()
-        .map_err(|e| e.to_string())?;
-    let key = PrivateKeyDer::from_pem_slice(&key).map_err(|e| e.to_string())?;
-    let mut config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| e.to_string())?
-    .with_root_certificates(roots)
-    .with_client_auth_cert(chain, key)
-    .map_err(|e| e.to_string())?;
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    Ok(config)
+    dev::party_client_config(pki, party, peer).map_err(|e| e.to_string())
 }
 
 #[cfg(test)]

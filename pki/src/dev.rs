@@ -449,6 +449,40 @@ pub fn party_file_pem(dir: &Path, file: &str) -> Result<(Vec<u8>, Vec<u8>), PkiE
     ))
 }
 
+/// The client side of mutual TLS as the party whose files are `<file>.pem`, `<file>.key`,
+/// calling `peer`: that party's certificate, trusting only the CA that issues `peer`'s
+/// certificates (another operator's CA cannot stand in for it), HTTP/2 by ALPN. For channels
+/// that pick among several addresses of a role themselves (`mcim_telemetry::channel`).
+pub fn party_client_config(
+    dir: &Path,
+    file: &str,
+    peer: Role,
+) -> Result<rustls::ClientConfig, PkiError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let bad = |what: &str, e: &dyn std::fmt::Display| PkiError::Cert(format!("{what}: {e}"));
+    let (cert, key) = party_file_pem(dir, file)?;
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in CertificateDer::pem_slice_iter(&role_ca_pem(dir, peer)?) {
+        let ca = ca.map_err(|e| bad(&ca_file(peer), &e))?;
+        roots.add(ca).map_err(|e| bad(&ca_file(peer), &e))?;
+    }
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&cert)
+        .collect::<Result<_, _>>()
+        .map_err(|e| bad(&format!("{file}.pem"), &e))?;
+    let key = PrivateKeyDer::from_pem_slice(&key).map_err(|e| bad(&format!("{file}.key"), &e))?;
+    let mut config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| bad("TLS versions", &e))?
+    .with_root_certificates(roots)
+    .with_client_auth_cert(chain, key)
+    .map_err(|e| bad(&format!("{file}.pem"), &e))?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(config)
+}
+
 /// The equipment supplier's root, PEM (`supplier-root.pem`).
 pub fn supplier_root_pem(dir: &Path) -> Result<Vec<u8>, PkiError> {
     Ok(read(&dir.join("supplier-root.pem"))?.into_bytes())

@@ -259,3 +259,63 @@ fn a_fleet_the_network_refuses_exits_non_zero_with_the_reasons_counted_and_nothi
     );
     assert_eq!(one_number(&db, "SELECT COUNT(*) FROM sho_subscription"), 3);
 }
+
+/// Against running roles that are not up yet when the fleet starts (a benchmark started beside
+/// a deployment that is still coming up, or a replica restarting): the fleet's own set-up (the
+/// model's reference values at the PVA, the supplier's and subscriber's calls) is retried like
+/// every device's step, not given up at the first refused connection, and every device ends
+/// provisioned once.
+#[test]
+fn a_fleet_started_before_the_running_roles_are_up_waits_for_them_and_provisions_every_device() {
+    let work = tempfile::tempdir().unwrap();
+    let mut roles = Roles::start(work.path());
+    roles.kill();
+    let url = |r: &str| roles.url(r);
+    let child = Command::new(workspace_bin("mcimctl"))
+        .args([
+            "fleet",
+            "run",
+            "--json",
+            "--devices",
+            "4",
+            "--concurrency",
+            "4",
+        ])
+        .args(["--supplier-url", &url("supplier"), "--ro-url", &url("ro")])
+        .args(["--vno-url", &url("vno"), "--sho-url", &url("sho")])
+        .args([
+            "--pva-url",
+            &url("pva"),
+            "--pki",
+            roles.pki.to_str().unwrap(),
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The fleet meets closed ports for a while (its first calls are refused), then the roles.
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    roles.restart();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}\n{stderr}", String::from_utf8_lossy(&out.stdout)));
+    assert!(out.status.success(), "{stderr}\n{r:#}");
+    assert_eq!(r["provisioned"], 4, "{r:#}");
+    assert_eq!(r["failures"], serde_json::json!({}), "{r:#}");
+    // The set-up call met the closed port and was retried (not a device's step).
+    let reasons = r["retry_reasons"].as_object().unwrap();
+    assert!(
+        reasons
+            .keys()
+            .any(|k| k.starts_with("set-up (RegisterReferenceValues): Unavailable")),
+        "{r:#}"
+    );
+    assert_eq!(
+        one_number(
+            &Db(roles.db_url()),
+            "SELECT COUNT(DISTINCT mcim_id) FROM ro_registration WHERE state = 'installed'"
+        ),
+        4
+    );
+}

@@ -142,9 +142,34 @@ impl Network {
 #[derive(Clone)]
 pub struct Parties {
     /// As the supplier, to itself (CertifyDevice, the CCIF).
-    pub supplier: tonic::transport::Channel,
+    pub supplier: Channel,
     /// As the subscriber, to the SHO.
-    pub subscriber: tonic::transport::Channel,
+    pub subscriber: Channel,
+    /// As the supplier, to the PVA (the model's reference values).
+    pub reference: Channel,
+}
+
+/// The supplier registers `model`'s reference values at the PVA (a token's measurement; a
+/// supplier's part, 5.1.3.5.8), once per fleet, before any device.
+pub async fn register_model(
+    parties: &Parties,
+    model: &str,
+    tries: &mut Tries,
+) -> Result<(), Failure> {
+    let mut pva = PvaServiceClient::new(parties.reference.clone());
+    let req = pva::RegisterReferenceValuesRequest {
+        model: model.into(),
+        pcr_bank: "sha256".into(),
+        allow_pkcs11: true,
+        pkcs11_measurement: super::device::measurement().to_vec(),
+        ..Default::default()
+    };
+    retry!(
+        tries,
+        "set-up (RegisterReferenceValues)",
+        pva.register_reference_values(req.clone())
+    )?;
+    Ok(())
 }
 
 /// Supply time and the contract for one device (not timed as provisioning): its keys

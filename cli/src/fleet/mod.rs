@@ -26,8 +26,6 @@ use std::time::{Duration, Instant};
 use clap::{Args, Subcommand};
 use mcim_pki::Role;
 use mcim_proto::mcim::common::v1 as common;
-use mcim_proto::mcim::pva::v1 as pva;
-use mcim_proto::mcim::pva::v1::pva_service_client::PvaServiceClient;
 use serde_json::json;
 
 use crate::error::{CliError, fail};
@@ -382,33 +380,21 @@ async fn fleet(
     embedded_pid: Option<u32>,
 ) -> Result<serde_json::Value, CliError> {
     let parties = Parties {
-        supplier: crate::net::role_channel(
+        supplier: crate::net::lazy_role_channel(
             pki,
             Role::Supplier,
             Role::Supplier,
-            &first(&net.supplier_url),
-        )
-        .await?,
-        subscriber: crate::net::role_channel(
-            pki,
-            Role::Subscriber,
-            Role::Sho,
-            &first(&net.sho_url),
-        )
-        .await?,
+            &net.supplier_url,
+        )?,
+        subscriber: crate::net::lazy_role_channel(pki, Role::Subscriber, Role::Sho, &net.sho_url)?,
+        reference: crate::net::lazy_role_channel(pki, Role::Supplier, Role::Pva, &net.pva_url)?,
     };
-    // The model's reference values (a token's measurement), once, as the supplier.
-    let mut pva = PvaServiceClient::new(
-        crate::net::role_channel(pki, Role::Supplier, Role::Pva, &first(&net.pva_url)).await?,
-    );
-    pva.register_reference_values(pva::RegisterReferenceValuesRequest {
-        model: MODEL.into(),
-        pcr_bank: "sha256".into(),
-        allow_pkcs11: true,
-        pkcs11_measurement: device::measurement().to_vec(),
-        ..Default::default()
-    })
-    .await?;
+    // The model's reference values (a token's measurement), once, as the supplier; retried
+    // like every device's step while the roles are busy or not yet reachable.
+    let mut retries = Tries::default();
+    flow::register_model(&parties, MODEL, &mut retries)
+        .await
+        .map_err(|f| crate::error::fail(format!("{}: {}", f.reason, f.detail)))?;
 
     // PCIDs of this run: the PLMN, three random digits, the device's number.
     let run: u32 = rand::random::<u32>() % 1000;
@@ -426,7 +412,6 @@ async fn fleet(
 
     let net = Arc::new(net);
     let mut failures: BTreeMap<String, (u64, String)> = BTreeMap::new();
-    let mut retries = Tries::default();
     let count = |f: Failure, failures: &mut BTreeMap<String, (u64, String)>| {
         let e = failures.entry(f.reason).or_insert((0, f.detail));
         e.0 += 1;
@@ -546,15 +531,6 @@ async fn fleet(
         "setup_seconds": (setup_seconds * 1000.0).round() / 1000.0,
         "setup_failed": setup_failed,
     }))
-}
-
-/// The first address of a list (the parties' own calls need one connection only).
-fn first(urls: &str) -> String {
-    urls.split(',')
-        .next()
-        .unwrap_or_default()
-        .trim()
-        .to_string()
 }
 
 fn print_summary(r: &serde_json::Value) {
