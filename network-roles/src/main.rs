@@ -66,8 +66,9 @@ struct Args {
     max_concurrent_calls: u32,
     /// At most this many established client connections of devices and subscribers held by
     /// the whole process, over all its roles (the operators' roles have 128 more of their
-    /// own); past it a newcomer displaces the connection quiet for longest (at least 5 s;
-    /// its client retries), or is closed at once when every connection is busy. Default: the
+    /// own); past it a newcomer displaces a connection of a client holding more than a fair
+    /// share, else the connection quiet for longest (at least 5 s; its client retries), or is
+    /// closed at once when there is none. Default: the
     /// open-files limit (raised to its hard limit at start) less 896, at most 10,000.
     #[arg(long, env = "MCIM_MAX_CONNECTIONS", global = true,
           value_parser = clap::value_parser!(u32).range(1..))]

@@ -168,11 +168,13 @@ pub const KEEPALIVE: Duration = Duration::from_secs(30);
 ///   operators' roles (the supplier, ROs, VNOs, SHOs, PVAs, by the gate's judgment of their
 ///   certificates) have [`OPERATOR_RESERVE`] places of their own beyond `total`, so that a
 ///   crowd of devices cannot cut the roles off from each other.
-/// - **A full acceptor makes room**: when `total` is reached, a newcomer displaces the
-///   established connection (not an operator's) that has sent nothing for longest, at least
-///   [`DISPLACE_QUIET`], of the client (by certificate, [`CertId`]) holding the most, among the
-///   clients holding at least as many as the newcomer's (outcome `displaced`), as web servers
-///   close idle keep-alive connections; it is refused when there is none. Found by outside
+/// - **A full acceptor makes room**: when `total` is reached, a newcomer holding less than a
+///   fair share displaces a connection of the client holding the most beyond it, busy or
+///   not; otherwise the established connection (not an operator's) that has sent nothing for
+///   longest, at least [`DISPLACE_QUIET`], of the client (by certificate, [`CertId`]) holding
+///   the most, among the clients holding at least as many as the newcomer's (outcome
+///   `displaced`, [`ConnectionLimits::displace_quietest`]), as web servers close idle
+///   keep-alive connections; it is refused when there is none. Found by outside
 ///   attacks: a provisioning device holds two or three connections (its VNO connection stays
 ///   open, quiet, while it registers), so with a small limit the devices held every place and
 ///   each waited for one more until they gave up; and without the "at least as many", one
@@ -680,13 +682,21 @@ impl ConnectionLimits {
         })
     }
 
-    /// Closes, for a newcomer with certificate `newcomer`, the established connection that has
-    /// sent nothing for longest (at least [`DISPLACE_QUIET`]) of the client holding the most,
-    /// among the clients holding at least as many as the newcomer (itself included); whether
-    /// there was one. A client that keeps calling is never displaced, and one that holds more
-    /// than the others cannot displace them: found by an outside attack, a subscriber
-    /// certificate holding the whole limit with busy connections otherwise displaced every
-    /// device waiting quietly on a long poll or stream, one new connection at a time.
+    /// Closes, for a newcomer with certificate `newcomer`, one established connection;
+    /// whether there was one to close:
+    /// - when the newcomer holds less than a fair share ([`ConnectionLimits::fair_share`]:
+    ///   the limit over the clients holding any, the newcomer counted, at least
+    ///   [`MIN_PER_CLIENT`]), the connection that has sent nothing for longest of the client
+    ///   holding the most beyond that share, busy or not;
+    /// - else the one that has sent nothing for longest (at least [`DISPLACE_QUIET`]) of the
+    ///   client holding the most, among the clients holding at least as many as the newcomer
+    ///   (itself included).
+    ///
+    /// Found by outside attacks: a subscriber certificate holding the whole limit with busy
+    /// connections otherwise displaced every device waiting quietly on a long poll or stream,
+    /// one new connection at a time; eight certificates, each within its eighth, did the same
+    /// until the fair share. A client within its share that keeps calling is never displaced
+    /// (a device holds two or three).
     fn displace_quietest(&self, newcomer: Option<CertId>) -> bool {
         let now = self.now_ms();
         let quiet = u64::try_from(DISPLACE_QUIET.as_millis()).unwrap_or(u64::MAX);
@@ -694,16 +704,22 @@ impl ConnectionLimits {
             return false;
         };
         let newcomer_holds = e.holds(&newcomer);
+        let share = self.fair_share(&e, newcomer_holds == 0);
+        let fair = newcomer_holds < share;
         let victim = e
             .conns
             .values()
             .filter(|(_, l)| !l.displaced.load(Ordering::Relaxed))
             .map(|(client, l)| {
                 let silent = now.saturating_sub(l.heard_ms.load(Ordering::Relaxed));
-                (e.holds(client), silent, l)
+                let held = e.holds(client);
+                (fair && held > share, held, silent, l)
             })
-            .filter(|(held, silent, _)| *silent >= quiet && *held >= newcomer_holds)
-            .max_by_key(|(held, silent, _)| (*held, *silent));
+            .filter(|(over, held, silent, _)| {
+                *over || (*silent >= quiet && *held >= newcomer_holds)
+            })
+            .max_by_key(|(over, held, silent, _)| (*over, *held, *silent))
+            .map(|(_, held, silent, l)| (held, silent, l));
         let Some((_, _, liveness)) = victim else {
             return false;
         };
@@ -716,6 +732,14 @@ impl ConnectionLimits {
         drop(e);
         self.refused("displaced", None);
         true
+    }
+
+    /// A client's fair share of the established connections: `--max-connections` over the
+    /// clients holding any (and one more for a newcomer holding none), at least
+    /// [`MIN_PER_CLIENT`].
+    fn fair_share(&self, e: &Established, newcomer: bool) -> usize {
+        let clients = e.by_client.len() + usize::from(newcomer);
+        (self.max_total / clients.max(1)).max(MIN_PER_CLIENT)
     }
 
     /// Counts a refused connection; a limit refusal is a warning at most every 10 s.
@@ -1294,6 +1318,70 @@ mod tests {
         drop((held, again));
         // Operators' connections are never listed for displacement.
         assert!(limits.try_admit(None, None, true).unwrap().live.is_none());
+    }
+
+    /// Several certificates, each within its eighth, filling the limit with busy connections
+    /// do not push quiet devices out: a newcomer holding less than a fair share (the limit
+    /// over the clients) displaces a connection of the client holding the most beyond it,
+    /// busy or not, never a quiet device's holding one (the seventh outside attack: eight
+    /// subscriber certificates filled a limit of 64, and every quiet watch stream was
+    /// displaced by a ninth).
+    #[tokio::test]
+    async fn certificates_over_their_fair_share_make_way_before_quiet_devices() {
+        let mut limits = ConnectionLimits::new(64, 0);
+        limits.epoch = tokio::time::Instant::now()
+            .checked_sub(Duration::from_secs(60))
+            .unwrap();
+        let connect = |client: u8| {
+            let (server, peer) = tokio::io::duplex(64);
+            let admission = limits.try_admit(None, Some([client; 32]), false).unwrap();
+            let live = admission.live.as_ref().unwrap().liveness.clone();
+            let mut server = Guarded::new(server, admission, limits.clone(), (NEVER, NEVER));
+            let reader = tokio::spawn(async move {
+                let mut b = [0u8; 8];
+                let r = server.read(&mut b).await.map_err(|e| e.kind());
+                drop(server);
+                r
+            });
+            (reader, live, peer)
+        };
+        // Seven certificates hold eight busy connections each, eight devices one quiet each.
+        let attack: Vec<_> = (1..=7)
+            .flat_map(|k| (0..8).map(move |_| k))
+            .map(connect)
+            .collect();
+        let devices: Vec<_> = (100..108).map(connect).collect();
+        let now = limits.now_ms();
+        for (_, live, _) in &devices {
+            live.heard_ms.store(now - 60_000, Ordering::Relaxed);
+        }
+        assert_eq!(limits.open(), 64);
+        let finished = |v: &[(tokio::task::JoinHandle<_>, Arc<Liveness>, _)]| {
+            v.iter().filter(|(r, _, _)| r.is_finished()).count()
+        };
+        // An eighth certificate, then a new device: each displaces a busy connection of a
+        // certificate over its share (16 clients: 4), not a quiet device.
+        let eighth = limits.admit(None, Some([8; 32]), false).await.unwrap();
+        let device = limits.admit(None, Some([108; 32]), false).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(finished(&attack), 2);
+        assert_eq!(finished(&devices), 0, "no device displaced");
+        // A certificate holding seven, over its share, may not displace: its newcomer is
+        // refused (the others' are busy), and nothing else is closed.
+        let holds = |k: u8| limits.established.lock().unwrap().holds(&Some([k; 32]));
+        let over = (1..=7u8).find(|k| holds(*k) == 7).unwrap();
+        assert_eq!(
+            limits
+                .admit(None, Some([over; 32]), false)
+                .await
+                .unwrap_err(),
+            "limit"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(finished(&attack), 2);
+        assert_eq!(finished(&devices), 0);
+        assert_eq!(limits.open(), 64);
+        drop((eighth, device));
     }
 
     /// A client is its certificate's public key: another encoding of one certificate (here
