@@ -73,8 +73,9 @@ struct Args {
     #[arg(long, env = "MCIM_MAX_CONNECTIONS", global = true,
           value_parser = clap::value_parser!(u32).range(1..))]
     max_connections: Option<u32>,
-    /// At most this many client connections from one IP address (0: no limit but the total).
-    /// Set it where devices do not share addresses (behind NAT they do).
+    /// At most this many client connections from one IP address, an IPv6 /64 counted as one
+    /// (0: no limit but the total). Set it where devices do not share addresses (behind NAT
+    /// they do).
     #[arg(
         long,
         env = "MCIM_MAX_CONNECTIONS_PER_PEER",

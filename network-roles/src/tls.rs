@@ -428,6 +428,13 @@ fn prefix(ip: IpAddr, level: u8) -> IpAddr {
     }
 }
 
+/// What `--max-connections-per-peer` counts as one peer: an IPv4 address, an IPv6 /64 (one
+/// host's network: an IPv6 host may use any address of its /64, so counting addresses let
+/// one host hold the limit times 2^64).
+fn peer_key(ip: IpAddr) -> IpAddr {
+    prefix(ip, PREFIX_LEVELS - 1)
+}
+
 /// Handshakes in progress at once, over all the roles of a process.
 pub const MAX_HANDSHAKES: usize = 256;
 
@@ -613,7 +620,7 @@ impl ConnectionLimits {
 
     /// Whether `peer` may hold one more connection under the per-address limit.
     fn peer_has_room(&self, peer: Option<IpAddr>, operator: bool) -> bool {
-        match (peer, self.per_peer) {
+        match (peer.map(peer_key), self.per_peer) {
             (Some(ip), n) if n > 0 && !operator => self
                 .peers
                 .lock()
@@ -641,7 +648,7 @@ impl ConnectionLimits {
         client: Option<CertId>,
         operator: bool,
     ) -> Result<Admission, &'static str> {
-        let peer_slot = match (peer, self.per_peer) {
+        let peer_slot = match (peer.map(peer_key), self.per_peer) {
             (Some(ip), n) if n > 0 && !operator => {
                 let mut peers = self.peers.lock().map_err(|_| "limit")?;
                 let held = peers.entry(ip).or_insert(0);
@@ -778,7 +785,7 @@ struct Admission {
     live: Option<LiveSlot>,
 }
 
-/// One connection counted against its peer address.
+/// One connection counted against its peer address ([`peer_key`]).
 #[derive(Debug)]
 struct PeerSlot {
     ip: IpAddr,
@@ -1225,6 +1232,26 @@ mod tests {
         assert_eq!(total.try_admit(ip(1), None, false).unwrap_err(), "limit");
         assert!(total.peers.lock().unwrap().is_empty());
         drop(held);
+        // An IPv6 /64 is one peer (a host may use any of its addresses), an IPv4-mapped
+        // address its IPv4 address.
+        let v6 = ConnectionLimits::new(8, 1);
+        let a = |s: &str| Some(s.parse::<IpAddr>().unwrap());
+        let first = v6.try_admit(a("2001:db8:1:2::1"), None, false).unwrap();
+        assert_eq!(
+            v6.try_admit(a("2001:db8:1:2:ffff::9"), None, false)
+                .unwrap_err(),
+            "peer_limit"
+        );
+        let next = v6.try_admit(a("2001:db8:1:3::1"), None, false).unwrap();
+        let v4 = v6.try_admit(ip(1), None, false).unwrap();
+        assert_eq!(
+            v6.try_admit(a("::ffff:192.0.2.1"), None, false)
+                .unwrap_err(),
+            "peer_limit"
+        );
+        assert_eq!(v6.open(), 3);
+        drop((first, next, v4));
+        assert!(v6.peers.lock().unwrap().is_empty());
         // One client (certificate) holds at most an eighth of the total, at least four.
         let shared = ConnectionLimits::new(64, 0);
         let one = Some([7u8; 32]);
