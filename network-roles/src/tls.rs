@@ -1512,8 +1512,8 @@ mod tests {
     /// Genuine clients of one network (an office, a carrier's NAT) handshaking a few at once
     /// are not taken for a flood when a flood is spread over a few hundred /16s holding one
     /// each (the seventh outside attack: their /16, holding two or three, was the heaviest
-    /// and lost 20-80 %); a prefix holding more than [`HEAVY_MIN`] and its share still makes
-    /// way first, waiting or not.
+    /// and lost 20-80 %); a prefix holding more than [`FEW_HANDSHAKES`] still makes way
+    /// first, waiting or not.
     #[tokio::test]
     async fn clients_sharing_a_network_are_kept_in_a_flood_spread_over_many_networks() {
         let limits = ConnectionLimits::new(4, 0);
