@@ -220,7 +220,21 @@ pub async fn supply_and_contract(
         mcim_core::aka::Opc::new(*opc),
         mcim_core::aka::Constants::default(),
     ));
-    // 5.1.3.5.2 with annex x.2.3: the owner's proof, the subscriber's contract.
+    // 5.1.3.5.2 with annex x.2.3: the owner's proof, the subscriber's contract; a proof is
+    // used once, so each try carries a new one (a try the SHO recorded before a crash or a
+    // lost answer is then answered as the same contract, not refused as a replay).
+    let mut sho = ShoServiceClient::new(parties.subscriber.clone());
+    retry!(
+        tries,
+        "contract (CreateSubscription)",
+        sho.create_subscription(contract(d, net)?)
+    )?;
+    Ok(())
+}
+
+/// The subscriber's contract for `d` at the SHO, with a new proof of ownership the device
+/// signed (5.1.3.5.2, annex x.2.3).
+fn contract(d: &SimulatedDevice, net: &Network) -> Result<sho::CreateSubscriptionRequest, Failure> {
     let mut nonce = [0u8; 16];
     rand::rng().fill_bytes(&mut nonce);
     let payload = mcim_pki::ownership::Statement {
@@ -235,7 +249,7 @@ pub async fn supply_and_contract(
     }
     .to_bytes()
     .map_err(|e| refused("contract", e.to_string()))?;
-    let req = sho::CreateSubscriptionRequest {
+    Ok(sho::CreateSubscriptionRequest {
         subscriber: String::new(),
         device: Some(d.identity.clone()),
         tre_kind: common::TreKind::Pkcs11 as i32,
@@ -247,14 +261,7 @@ pub async fn supply_and_contract(
             payload,
             tls_certificate: d.tls_certificate.clone(),
         }),
-    };
-    let mut sho = ShoServiceClient::new(parties.subscriber.clone());
-    retry!(
-        tries,
-        "contract (CreateSubscription)",
-        sho.create_subscription(req.clone())
-    )?;
-    Ok(())
+    })
 }
 
 /// A device's channels to the roles it calls, over its own mutual TLS (made once, used for
