@@ -152,14 +152,14 @@ pub const KEEPALIVE: Duration = Duration::from_secs(30);
 ///
 /// - **Handshakes in progress**: at most [`MAX_HANDSHAKES`]; past it one is dropped for the
 ///   newcomer (outcome `evicted`): one silent (no whole ClientHello) for over
-///   [`SILENT_GRACE`]; else, within an address prefix holding more than its share, if any,
-///   the one that has waited longest on its client, a moment without a ClientHello counting
-///   five of one after it ([`Handshakes::victim`]), so a flood of connections that never
-///   finish their handshake cannot keep a genuine client (whose handshake takes a few round
-///   trips, hundreds of ms on a cellular link) out: a silent or dribbling flood makes way
-///   first, a flood of ClientHellos from few networks at its own prefixes' expense, one from
-///   many as long as its handshakes wait longer than a genuine one's
-///   ([`ConnectionLimits::begin_handshake`]).
+///   [`SILENT_GRACE`]; else, within the address prefix holding the most if it holds more
+///   than three, the one that has waited longest on its client, a moment without a
+///   ClientHello counting five of one after it ([`Handshakes::victim`]), so a flood of
+///   connections that never finish their handshake cannot keep a genuine client (whose
+///   handshake takes a few round trips, hundreds of ms on a cellular link) out: a silent or
+///   dribbling flood makes way first, a flood of ClientHellos from few networks at its own
+///   prefixes' expense, one from many as long as its handshakes wait longer than a genuine
+///   one's ([`ConnectionLimits::begin_handshake`]).
 /// - **Established connections** (counted from a handshake that succeeded): at most `total`
 ///   from devices, subscribers and anyone else, at most `per_peer` of them from one address
 ///   and at most an eighth of `total` (at least 4) from one client certificate's key
