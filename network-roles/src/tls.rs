@@ -1274,6 +1274,39 @@ mod tests {
         assert_eq!(ConnectionLimits::default_total(100), 16);
     }
 
+    /// Limits of `total` whose clock started a minute ago (so that a connection can be made
+    /// to look quiet for longer than [`DISPLACE_QUIET`]).
+    fn displacing_limits(total: usize) -> ConnectionLimits {
+        let mut limits = ConnectionLimits::new(total, 0);
+        limits.epoch = tokio::time::Instant::now()
+            .checked_sub(Duration::from_secs(60))
+            .unwrap();
+        limits
+    }
+
+    /// An established connection of `client` under `limits`: its reader (waiting, it ends
+    /// with the error its read fails with when displaced), its liveness, and the peer's end.
+    fn established(
+        limits: &ConnectionLimits,
+        client: u8,
+    ) -> (
+        tokio::task::JoinHandle<Result<usize, std::io::ErrorKind>>,
+        Arc<Liveness>,
+        tokio::io::DuplexStream,
+    ) {
+        let (server, peer) = tokio::io::duplex(64);
+        let admission = limits.try_admit(None, Some([client; 32]), false).unwrap();
+        let live = admission.live.as_ref().unwrap().liveness.clone();
+        let mut server = Guarded::new(server, admission, limits.clone(), (NEVER, NEVER));
+        let reader = tokio::spawn(async move {
+            let mut b = [0u8; 8];
+            let r = server.read(&mut b).await.map_err(|e| e.kind());
+            drop(server);
+            r
+        });
+        (reader, live, peer)
+    }
+
     /// A full acceptor makes room: nobody is displaced while every connection is busy (the
     /// newcomer is refused); once some are quiet, the quietest of the client (certificate)
     /// holding the most is closed (its reader, waiting, wakes with an error) and the newcomer
@@ -1283,23 +1316,8 @@ mod tests {
     /// a new one at a time, displaced every quiet device).
     #[tokio::test]
     async fn a_full_acceptor_displaces_the_quietest_connection_of_the_busiest_client() {
-        let mut limits = ConnectionLimits::new(4, 0);
-        limits.epoch = tokio::time::Instant::now()
-            .checked_sub(Duration::from_secs(60))
-            .unwrap();
-        let connect = |client: u8| {
-            let (server, peer) = tokio::io::duplex(64);
-            let admission = limits.try_admit(None, Some([client; 32]), false).unwrap();
-            let live = admission.live.as_ref().unwrap().liveness.clone();
-            let mut server = Guarded::new(server, admission, limits.clone(), (NEVER, NEVER));
-            let reader = tokio::spawn(async move {
-                let mut b = [0u8; 8];
-                let r = server.read(&mut b).await.map_err(|e| e.kind());
-                drop(server);
-                r
-            });
-            (reader, live, peer)
-        };
+        let limits = displacing_limits(4);
+        let connect = |client: u8| established(&limits, client);
         let (a, a_live, _a) = connect(1);
         let (b, b_live, _b) = connect(1);
         let (c, c_live, _c) = connect(3);
@@ -1357,23 +1375,8 @@ mod tests {
     /// displaced by a ninth).
     #[tokio::test]
     async fn certificates_over_their_fair_share_make_way_before_quiet_devices() {
-        let mut limits = ConnectionLimits::new(64, 0);
-        limits.epoch = tokio::time::Instant::now()
-            .checked_sub(Duration::from_secs(60))
-            .unwrap();
-        let connect = |client: u8| {
-            let (server, peer) = tokio::io::duplex(64);
-            let admission = limits.try_admit(None, Some([client; 32]), false).unwrap();
-            let live = admission.live.as_ref().unwrap().liveness.clone();
-            let mut server = Guarded::new(server, admission, limits.clone(), (NEVER, NEVER));
-            let reader = tokio::spawn(async move {
-                let mut b = [0u8; 8];
-                let r = server.read(&mut b).await.map_err(|e| e.kind());
-                drop(server);
-                r
-            });
-            (reader, live, peer)
-        };
+        let limits = displacing_limits(64);
+        let connect = |client: u8| established(&limits, client);
         // Seven certificates hold eight busy connections each, eight devices one quiet each.
         let attack: Vec<_> = (1..=7)
             .flat_map(|k| (0..8).map(move |_| k))
