@@ -460,25 +460,39 @@ pub fn party_client_config(
 ) -> Result<rustls::ClientConfig, PkiError> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    let bad = |what: &str, e: &dyn std::fmt::Display| PkiError::Cert(format!("{what}: {e}"));
+    let bad = |what: String, e: &dyn std::fmt::Display| PkiError::Cert(format!("{what}: {e}"));
     let (cert, key) = party_file_pem(dir, file)?;
-    let mut roots = rustls::RootCertStore::empty();
-    for ca in CertificateDer::pem_slice_iter(&role_ca_pem(dir, peer)?) {
-        let ca = ca.map_err(|e| bad(&ca_file(peer), &e))?;
-        roots.add(ca).map_err(|e| bad(&ca_file(peer), &e))?;
-    }
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&cert)
         .collect::<Result<_, _>>()
-        .map_err(|e| bad(&format!("{file}.pem"), &e))?;
-    let key = PrivateKeyDer::from_pem_slice(&key).map_err(|e| bad(&format!("{file}.key"), &e))?;
+        .map_err(|e| bad(format!("{file}.pem"), &e))?;
+    let key = PrivateKeyDer::from_pem_slice(&key).map_err(|e| bad(format!("{file}.key"), &e))?;
+    client_config(&role_ca_pem(dir, peer)?, chain, key)
+        .map_err(|e| bad(format!("{} or {file}.pem", ca_file(peer)), &e))
+}
+
+/// The client side of mutual TLS with `chain` and `key`, trusting only the CAs in `ca_pem`,
+/// HTTP/2 by ALPN (ring's provider, rustls's safe protocol versions).
+pub fn client_config(
+    ca_pem: &[u8],
+    chain: Vec<rustls::pki_types::CertificateDer<'static>>,
+    key: rustls::pki_types::PrivateKeyDer<'static>,
+) -> Result<rustls::ClientConfig, String> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in CertificateDer::pem_slice_iter(ca_pem) {
+        roots
+            .add(ca.map_err(|e| e.to_string())?)
+            .map_err(|e| e.to_string())?;
+    }
     let mut config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
     .with_safe_default_protocol_versions()
-    .map_err(|e| bad("TLS versions", &e))?
+    .map_err(|e| e.to_string())?
     .with_root_certificates(roots)
     .with_client_auth_cert(chain, key)
-    .map_err(|e| bad(&format!("{file}.pem"), &e))?;
+    .map_err(|e| e.to_string())?;
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(config)
 }

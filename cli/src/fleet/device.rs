@@ -181,30 +181,13 @@ impl SimulatedDevice {
 
     /// The device's mutual-TLS configuration towards a role whose certificates `ca_pem` issues.
     pub fn tls_config(&self, ca_pem: &[u8]) -> Result<Arc<rustls::ClientConfig>, String> {
-        use rustls::pki_types::pem::PemObject;
-        let mut roots = rustls::RootCertStore::empty();
-        for c in CertificateDer::pem_slice_iter(ca_pem) {
-            roots
-                .add(c.map_err(|e| e.to_string())?)
-                .map_err(|e| e.to_string())?;
-        }
         let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.tls_pkcs8.to_vec()));
-        let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
-        .with_client_auth_cert(
-            self.tls_certificate
-                .iter()
-                .map(|c| CertificateDer::from(c.clone()))
-                .collect(),
-            key,
-        )
-        .map_err(|e| e.to_string())?;
-        config.alpn_protocols = vec![b"h2".to_vec()];
-        Ok(Arc::new(config))
+        let chain = self
+            .tls_certificate
+            .iter()
+            .map(|c| CertificateDer::from(c.clone()))
+            .collect();
+        mcim_pki::dev::client_config(ca_pem, chain, key).map(Arc::new)
     }
 
     /// Opens a package (5.1.3.6.2 steps 12-13): signed by the SHO `sho_id` (its certificate
