@@ -71,14 +71,10 @@ impl Auc {
         opc: &[u8],
     ) -> Result<(), RoleError> {
         let (wk, wopc, sqn) = self.new_row(k, opc)?;
-        sqlx::query("DELETE FROM auc_subscriber WHERE owner = $1 AND id = $2")
-            .bind(self.owner)
-            .bind(id)
-            .execute(&mut **tx)
-            .await
-            .map_err(db_err)?;
         sqlx::query(
-            "INSERT INTO auc_subscriber (owner, id, k, opc, sqn) VALUES ($1, $2, $3, $4, $5)",
+            "INSERT INTO auc_subscriber (owner, id, k, opc, sqn) VALUES ($1, $2, $3, $4, $5) \
+             ON CONFLICT(owner, id) DO UPDATE SET k = excluded.k, opc = excluded.opc, \
+             sqn = excluded.sqn",
         )
         .bind(self.owner)
         .bind(id)

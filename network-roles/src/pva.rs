@@ -491,23 +491,24 @@ impl PvaService for Pva {
         role(async move {
             let auth = authorized(&req)?;
             let id = &req.get_ref().validation_id;
-            // Only the SHO that asked reads the result (a validation asked before the PVA
-            // recorded who asked has no owner to check).
-            let asked_by = self.validation(id).await?.requested_by;
-            if !asked_by.is_empty() {
-                auth.owns(&asked_by)?;
-            }
             let deadline = tokio::time::Instant::now()
                 + Duration::from_millis(u64::from(req.get_ref().wait_ms)).min(MAX_WAIT);
+            // Subscribed before reading: a decision after the read wakes the wait below.
+            let mut decided = self.decided.watch();
+            let mut v = self.validation(id).await?;
+            // Only the SHO that asked reads the result (a validation asked before the PVA
+            // recorded who asked has no owner to check).
+            if !v.requested_by.is_empty() {
+                auth.owns(&v.requested_by)?;
+            }
             let v = loop {
-                // Subscribed before reading: a decision after the read wakes the wait below.
-                let mut decided = self.decided.watch();
-                let v = self.validation(id).await?;
                 let now = tokio::time::Instant::now();
                 if v.verdict != pb::Verdict::Pending || now >= deadline {
                     break v;
                 }
                 decided.wait(deadline - now).await;
+                decided = self.decided.watch();
+                v = self.validation(id).await?;
             };
             Ok(Response::new(pb::GetValidationResultResponse {
                 verdict: v.verdict as i32,

@@ -33,6 +33,16 @@ impl Sho {
     /// registration over, or it is done, this follower stops. A registration this process
     /// follows already is not followed twice.
     pub(super) fn follow(self: Arc<Self>, id: String, leased: bool) {
+        self.follow_from(id, leased, None);
+    }
+
+    /// [`Sho::follow`] a registration just stored by this process (and leased to it): the
+    /// first step looks at `reg` as written instead of reading it back.
+    pub(super) fn follow_stored(self: Arc<Self>, reg: Registration) {
+        self.follow_from(reg.id.clone(), true, Some(reg));
+    }
+
+    fn follow_from(self: Arc<Self>, id: String, leased: bool, first: Option<Registration>) {
         {
             let mut following = self.following.lock().unwrap_or_else(|p| p.into_inner());
             if !following.insert(id.clone()) {
@@ -42,7 +52,7 @@ impl Sho {
         let span = tracing::info_span!("follow_validation", registration = %id);
         tokio::spawn(tracing::Instrument::instrument(
             async move {
-                self.follow_steps(&id, leased).await;
+                self.follow_steps(&id, leased, first).await;
                 self.following
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
@@ -54,7 +64,7 @@ impl Sho {
 
     /// The steps of [`Sho::follow`], until the registration is done, another process follows
     /// it, or [`VALIDATION_WAIT`] passes.
-    async fn follow_steps(&self, id: &str, mut leased: bool) {
+    async fn follow_steps(&self, id: &str, mut leased: bool, mut first: Option<Registration>) {
         let deadline = tokio::time::Instant::now() + VALIDATION_WAIT;
         loop {
             let claimed = if std::mem::take(&mut leased) {
@@ -65,7 +75,7 @@ impl Sho {
             let looked = match claimed {
                 // Done, or followed by another process now.
                 Ok(false) => return,
-                Ok(true) => self.step(id).await,
+                Ok(true) => self.step(id, first.take()).await,
                 Err(e) => Err(e),
             };
             match looked {
@@ -105,10 +115,15 @@ impl Sho {
         }
     }
 
-    /// One look at a registration; `Ok(true)` when there is nothing more to do.
-    async fn step(&self, id: &str) -> Result<bool, RoleError> {
-        let Some(reg) = self.registration(id).await? else {
-            return Ok(true);
+    /// One look at a registration (`known`: as this process just stored it; else read);
+    /// `Ok(true)` when there is nothing more to do.
+    async fn step(&self, id: &str, known: Option<Registration>) -> Result<bool, RoleError> {
+        let reg = match known {
+            Some(reg) => reg,
+            None => match self.registration(id).await? {
+                Some(reg) => reg,
+                None => return Ok(true),
+            },
         };
         let Registration {
             pcid,

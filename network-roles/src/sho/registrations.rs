@@ -153,17 +153,45 @@ impl Sho {
             .await
             .map_err(RoleError::peer(Role::Pva))?
             .into_inner();
-        // Numbered (`made`) under the write lock: two at once never get the same number.
+        let reg = Registration {
+            id: n.id.clone(),
+            pcid: n.pcid.clone(),
+            nonce: n.nonce.clone(),
+            dpf_url: n.dpf_url.clone(),
+            validation_id: v.validation_id,
+            validation_nonce: v.nonce,
+            state: St::Validating as i64,
+            detail: String::new(),
+            package: None,
+            discard_ack: None,
+            ro: n.ro.clone(),
+        };
+        // Numbered (`made`) under the write lock: two at once never get the same number. The
+        // same id registered meanwhile (two calls at once, by one RO or two) is not inserted
+        // again, in the same statement: then the rule above, now under the lock.
         let mut tx = crate::store::begin_write(&self.db).await?;
-        // The same id registered meanwhile (two calls at once, by one RO or two): the rule
-        // above, now under the lock.
-        let taken: Option<(String,)> =
-            sqlx::query_as("SELECT id FROM sho_registration WHERE id = $1")
-                .bind(&n.id)
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(db_err)?;
-        if taken.is_some() {
+        let inserted = sqlx::query(
+            "INSERT INTO sho_registration (id, pcid, nonce, dpf_url, validation_id, \
+             validation_nonce, state, imsi, made, follower, follow_until, ro) \
+             SELECT $1, $2, $3, $4, $5, $6, $7, $8, next.made, $9, $10, $11 \
+             FROM (SELECT COALESCE(MAX(made), 0) + 1 AS made FROM sho_registration) AS next \
+             WHERE NOT EXISTS (SELECT 1 FROM sho_registration WHERE id = $1)",
+        )
+        .bind(&reg.id)
+        .bind(&reg.pcid)
+        .bind(&reg.nonce)
+        .bind(&reg.dpf_url)
+        .bind(&reg.validation_id)
+        .bind(&reg.validation_nonce)
+        .bind(reg.state)
+        .bind(&sub.imsi)
+        .bind(&self.instance)
+        .bind(now().saturating_add(i64::try_from(super::LEASE.as_secs()).unwrap_or(60)))
+        .bind(&reg.ro)
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err)?;
+        if inserted.rows_affected() != 1 {
             drop(tx);
             return self
                 .registration(&n.id)
@@ -171,32 +199,12 @@ impl Sho {
                 .ok_or_else(|| RoleError::internal("registration not stored"))?
                 .asked_again_by(&n);
         }
-        sqlx::query(
-            "INSERT INTO sho_registration (id, pcid, nonce, dpf_url, validation_id, \
-             validation_nonce, state, imsi, made, follower, follow_until, ro) \
-             SELECT $1, $2, $3, $4, $5, $6, $7, $8, COALESCE(MAX(made), 0) + 1, $9, $10, $11 \
-             FROM sho_registration",
-        )
-        .bind(&n.id)
-        .bind(&n.pcid)
-        .bind(&n.nonce)
-        .bind(&n.dpf_url)
-        .bind(&v.validation_id)
-        .bind(&v.nonce)
-        .bind(St::Validating as i64)
-        .bind(&sub.imsi)
-        .bind(&self.instance)
-        .bind(now().saturating_add(i64::try_from(super::LEASE.as_secs()).unwrap_or(60)))
-        .bind(&n.ro)
-        .execute(&mut *tx)
-        .await
-        .map_err(db_err)?;
         tx.commit().await.map_err(db_err)?;
-        self.clone().follow(n.id.clone(), true);
+        // What was stored is what the follower looks at first and what the RO hears (no
+        // read back: the row is this call's, as written).
+        self.clone().follow_stored(reg.clone());
         tracing::info!(pcid = %n.pcid, registration = %n.id, "registered; validation requested");
-        self.registration(&n.id)
-            .await?
-            .ok_or_else(|| RoleError::internal("registration not stored"))
+        Ok(reg)
     }
 
     /// A registration and the subscription it is for (for the subscriber).
