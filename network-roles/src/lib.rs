@@ -11,7 +11,8 @@
 //!
 //! - [`gate`]: the layer in front of every role's server that applies the table to each call
 //!   (caller from the certificate, rule from the method) before any handler runs.
-//! - [`tls`]: mutual TLS (rustls via tonic).
+//! - [`tls`]: mutual TLS (rustls via tonic), with the acceptor's connection limits; [`calls`]
+//!   counts the calls in flight on each connection for them.
 //! - [`supplier`]: the equipment supplier certifying devices' attestation and TLS keys.
 //! - [`pva`]: the Platform Validation Authority (steps 8-10).
 //! - [`store`]: the roles' database, SQLite or PostgreSQL (sqlx), and its migrations.
@@ -24,6 +25,7 @@
 pub mod atrest;
 pub mod auc;
 pub mod authz;
+pub mod calls;
 pub mod config;
 pub mod error;
 pub mod gate;

@@ -67,7 +67,8 @@ struct Args {
     /// At most this many established client connections of devices and subscribers held by
     /// the whole process, over all its roles (the operators' roles have 128 more of their
     /// own); past it a newcomer displaces a connection of a client holding more than a fair
-    /// share, else the connection quiet for longest (at least 5 s; its client retries), or is
+    /// share, else the idle connection (no call in flight) quiet for longest (at least 5 s;
+    /// its client retries), or is
     /// closed at once when there is none. Default: the
     /// open-files limit (raised to its hard limit at start) less 896, at most 10,000.
     #[arg(long, env = "MCIM_MAX_CONNECTIONS", global = true,
@@ -727,6 +728,9 @@ async fn serve_role(
         // nothing at all is closed by the acceptor: `tls::Guarded`).
         .http2_keepalive_interval(Some(mcim_roles::tls::KEEPALIVE))
         .trace_fn(mcim_telemetry::server_span)
+        // Each call in flight counted on its connection: a full acceptor makes room from idle
+        // connections, not from those the server owes an answer (`tls::ConnectionLimits`).
+        .layer(mcim_roles::calls::Calls::new(connections.clone()))
         // Every call counted and timed, refusals included.
         .layer(mcim_telemetry::metrics::MetricsLayer::new(metrics, |m| {
             mcim_roles::authz::RULES.iter().any(|r| r.method == m)

@@ -10,7 +10,7 @@ use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
@@ -169,8 +169,9 @@ pub const KEEPALIVE: Duration = Duration::from_secs(30);
 ///   certificates) have [`OPERATOR_RESERVE`] places of their own beyond `total`, so that a
 ///   crowd of devices cannot cut the roles off from each other.
 /// - **A full acceptor makes room**: when `total` is reached, a newcomer holding less than a
-///   fair share displaces a connection of the client holding the most beyond it, busy or
-///   not; otherwise the established connection (not an operator's) that has sent nothing for
+///   fair share displaces a connection of the client holding the most beyond it, an idle one
+///   first, else busy or not; otherwise the established connection (not an operator's) with
+///   no call in flight ([`ConnectionLimits::call_started`]) that has sent nothing for
 ///   longest, at least [`DISPLACE_QUIET`], of the client (by certificate, [`CertId`]) holding
 ///   the most, among the clients holding at least as many as the newcomer's (outcome
 ///   `displaced`, [`ConnectionLimits::displace_quietest`]), as web servers close idle
@@ -204,7 +205,13 @@ struct Established {
     next: u64,
     conns: HashMap<u64, (Option<CertId>, Arc<Liveness>)>,
     by_client: HashMap<Option<CertId>, usize>,
+    /// The connections by their addresses, for [`ConnectionLimits::call_started`].
+    by_addr: HashMap<ConnAddr, Arc<Liveness>>,
 }
+
+/// A TCP connection's local and remote address: what tonic tells a call of its connection
+/// (`TcpConnectInfo`), unique among the connections open at once.
+pub type ConnAddr = (SocketAddr, SocketAddr);
 
 /// A client as the limits count it: the SHA-256 of its end-entity certificate's public key
 /// (SubjectPublicKeyInfo): one device, one subscriber, whatever its addresses (devices behind
@@ -230,13 +237,15 @@ const PER_CLIENT_SHARE: usize = 8;
 const MIN_PER_CLIENT: usize = 4;
 
 /// What [`Guarded`] and the limits share about one connection: when it was last heard from
-/// (milliseconds after [`ConnectionLimits`]'s epoch), and whether it was displaced (with the
-/// waker of its reader, so that it learns at once).
+/// (milliseconds after [`ConnectionLimits`]'s epoch), whether it was displaced (with the
+/// waker of its reader, so that it learns at once), and how many calls are in flight on it
+/// ([`ConnectionLimits::call_started`]).
 #[derive(Debug, Default)]
 struct Liveness {
     heard_ms: AtomicU64,
     displaced: AtomicBool,
     reader: Mutex<Option<Waker>>,
+    calls: AtomicUsize,
 }
 
 /// A connection's entry in [`Established`], removed when the connection ends.
@@ -245,6 +254,18 @@ struct LiveSlot {
     id: u64,
     liveness: Arc<Liveness>,
     established: Arc<Mutex<Established>>,
+    /// Its addresses, once known ([`Admission::at`]).
+    addr: Option<ConnAddr>,
+}
+
+/// One call in flight on a connection ([`ConnectionLimits::call_started`]), until dropped.
+#[derive(Debug)]
+pub struct CallInFlight(Arc<Liveness>);
+
+impl Drop for CallInFlight {
+    fn drop(&mut self) {
+        self.0.calls.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Established {
@@ -256,10 +277,19 @@ impl Established {
 
 impl Drop for LiveSlot {
     fn drop(&mut self) {
-        if let Ok(mut e) = self.established.lock()
-            && let Some((client, _)) = e.conns.remove(&self.id)
-        {
-            crate::shed::give_back(&mut e.by_client, &client);
+        if let Ok(mut e) = self.established.lock() {
+            if let Some((client, _)) = e.conns.remove(&self.id) {
+                crate::shed::give_back(&mut e.by_client, &client);
+            }
+            // Another connection's entry now, should the addresses have been taken again
+            // before this one was dropped, stays.
+            if let Some(addr) = self.addr
+                && e.by_addr
+                    .get(&addr)
+                    .is_some_and(|l| Arc::ptr_eq(l, &self.liveness))
+            {
+                e.by_addr.remove(&addr);
+            }
         }
     }
 }
@@ -682,6 +712,7 @@ impl ConnectionLimits {
                 id,
                 liveness,
                 established: self.established.clone(),
+                addr: None,
             })
         };
         Ok(Admission {
@@ -695,17 +726,23 @@ impl ConnectionLimits {
     /// whether there was one to close:
     /// - when the newcomer holds less than a fair share ([`ConnectionLimits::fair_share`]:
     ///   the limit over the clients holding any, the newcomer counted, at least
-    ///   [`MIN_PER_CLIENT`]), the connection that has sent nothing for longest of the client
-    ///   holding the most beyond that share, busy or not;
-    /// - else the one that has sent nothing for longest (at least [`DISPLACE_QUIET`]) of the
-    ///   client holding the most, among the clients holding at least as many as the newcomer
+    ///   [`MIN_PER_CLIENT`]), a connection of the client holding the most beyond that share,
+    ///   busy or not: one with no call in flight first, then the one that has sent nothing
+    ///   for longest;
+    /// - else the idle connection (no call in flight: [`ConnectionLimits::call_started`])
+    ///   that has sent nothing for longest, at least [`DISPLACE_QUIET`], of the client
+    ///   holding the most, among the clients holding at least as many as the newcomer
     ///   (itself included).
     ///
     /// Found by outside attacks: a subscriber certificate holding the whole limit with busy
     /// connections otherwise displaced every device waiting quietly on a long poll or stream,
     /// one new connection at a time; eight certificates, each within its eighth, did the same
-    /// until the fair share. A client within its share that keeps calling is never displaced
-    /// (a device holds two or three).
+    /// until the fair share; and many certificates, each holding no more than the floor of
+    /// the share, still did (every quiet connection was fair game, a watcher's stream
+    /// included) until only idle connections could be taken: a call in flight (a device's
+    /// task stream, a subscriber's long poll) is work the server owes an answer, an idle
+    /// connection is a keep-alive the client can open again. A client within its share that
+    /// keeps calling is never displaced (a device holds two or three).
     fn displace_quietest(&self, newcomer: Option<CertId>) -> bool {
         let now = self.now_ms();
         let quiet = u64::try_from(DISPLACE_QUIET.as_millis()).unwrap_or(u64::MAX);
@@ -721,15 +758,16 @@ impl ConnectionLimits {
             .filter(|(_, l)| !l.displaced.load(Ordering::Relaxed))
             .map(|(client, l)| {
                 let silent = now.saturating_sub(l.heard_ms.load(Ordering::Relaxed));
+                let idle = l.calls.load(Ordering::Relaxed) == 0;
                 let held = e.holds(client);
-                (fair && held > share, held, silent, l)
+                (fair && held > share, held, idle, silent, l)
             })
-            .filter(|(over, held, silent, _)| {
-                *over || (*silent >= quiet && *held >= newcomer_holds)
+            .filter(|(over, held, idle, silent, _)| {
+                *over || (*idle && *silent >= quiet && *held >= newcomer_holds)
             })
-            .max_by_key(|(over, held, silent, _)| (*over, *held, *silent))
-            .map(|(_, held, silent, l)| (held, silent, l));
-        let Some((_, _, liveness)) = victim else {
+            .max_by_key(|(over, held, idle, silent, _)| (*over, *held, *idle, *silent))
+            .map(|(_, _, _, _, l)| l);
+        let Some(liveness) = victim else {
             return false;
         };
         liveness.displaced.store(true, Ordering::Relaxed);
@@ -749,6 +787,17 @@ impl ConnectionLimits {
     fn fair_share(&self, e: &Established, newcomer: bool) -> usize {
         let clients = e.by_client.len() + usize::from(newcomer);
         (self.max_total / clients.max(1)).max(MIN_PER_CLIENT)
+    }
+
+    /// A call starts on the connection at `addr`: it counts as in flight until the guard is
+    /// dropped (the call's answer ended, or the call was dropped). None for a connection the
+    /// limits do not list (an operator's).
+    pub fn call_started(&self, addr: ConnAddr) -> Option<CallInFlight> {
+        let e = self.established.lock().ok()?;
+        let liveness = e.by_addr.get(&addr)?.clone();
+        drop(e);
+        liveness.calls.fetch_add(1, Ordering::Relaxed);
+        Some(CallInFlight(liveness))
     }
 
     /// Counts a refused connection; a limit refusal is a warning at most every 10 s.
@@ -785,6 +834,19 @@ struct Admission {
     _peer: Option<PeerSlot>,
     /// Its entry among the connections a newcomer may displace (none for an operator's).
     live: Option<LiveSlot>,
+}
+
+impl Admission {
+    /// The connection holding this place is at `addr`: calls on it are counted
+    /// ([`ConnectionLimits::call_started`]).
+    fn at(&mut self, addr: ConnAddr) {
+        if let Some(live) = &mut self.live
+            && let Ok(mut e) = live.established.lock()
+        {
+            e.by_addr.insert(addr, live.liveness.clone());
+            live.addr = Some(addr);
+        }
+    }
 }
 
 /// One connection counted against its peer address ([`peer_key`]).
@@ -1020,6 +1082,7 @@ pub fn tls_incoming(
                 None => break,
             };
             let peer = stream.peer_addr().ok();
+            let addr = stream.local_addr().ok().zip(peer);
             let (config, tx, task_limits, is_operator) = (
                 config.clone(),
                 tx.clone(),
@@ -1068,7 +1131,10 @@ pub fn tls_incoming(
                     // client with all such: never as none (fail closed under the limits).
                     let client = Some(chain.and_then(cert_id).unwrap_or([0; 32]));
                     match limits.admit(peer.map(|p| p.ip()), client, operator).await {
-                        Ok(admission) => {
+                        Ok(mut admission) => {
+                            if let Some(addr) = addr {
+                                admission.at(addr);
+                            }
                             let _ = tx
                                 .send(Ok(Guarded::new(
                                     tls,
@@ -1294,8 +1360,24 @@ mod tests {
         Arc<Liveness>,
         tokio::io::DuplexStream,
     ) {
+        established_at(limits, client, None)
+    }
+
+    /// [`established`], its addresses `addr` (for [`ConnectionLimits::call_started`]).
+    fn established_at(
+        limits: &ConnectionLimits,
+        client: u8,
+        addr: Option<ConnAddr>,
+    ) -> (
+        tokio::task::JoinHandle<Result<usize, std::io::ErrorKind>>,
+        Arc<Liveness>,
+        tokio::io::DuplexStream,
+    ) {
         let (server, peer) = tokio::io::duplex(64);
-        let admission = limits.try_admit(None, Some([client; 32]), false).unwrap();
+        let mut admission = limits.try_admit(None, Some([client; 32]), false).unwrap();
+        if let Some(addr) = addr {
+            admission.at(addr);
+        }
         let live = admission.live.as_ref().unwrap().liveness.clone();
         let mut server = Guarded::new(server, admission, limits.clone(), (NEVER, NEVER));
         let reader = tokio::spawn(async move {
@@ -1414,6 +1496,69 @@ mod tests {
         assert_eq!(finished(&devices), 0);
         assert_eq!(limits.open(), 64);
         drop((eighth, device));
+    }
+
+    /// Only a connection without a call in flight makes way under the quiet rule. Many
+    /// certificates each holding four busy connections (within their share, never over it)
+    /// fill the limit beside quiet devices, each waiting on a call (a task stream, a long
+    /// poll): a newcomer is refused rather than cut a device's call (round 8's C2: such
+    /// watchers were displaced one per newcomer); once a device's call has ended its idle
+    /// connection makes way, and only that one.
+    #[tokio::test]
+    async fn a_full_acceptor_takes_an_idle_connection_never_one_with_a_call_in_flight() {
+        let limits = displacing_limits(64);
+        let local: SocketAddr = "127.0.0.1:8443".parse().unwrap();
+        let addr = |i: u16| (local, SocketAddr::from(([10, 0, 0, 1], 40_000 + i)));
+        let busy: Vec<_> = (1..=14u8)
+            .flat_map(|k| (0..4).map(move |_| k))
+            .map(|k| established(&limits, k))
+            .collect();
+        let devices: Vec<_> = (0..8u16)
+            .map(|i| established_at(&limits, 100 + i as u8, Some(addr(i))))
+            .collect();
+        let mut calls: Vec<_> = (0..8u16)
+            .map(|i| Some(limits.call_started(addr(i)).unwrap()))
+            .collect();
+        let now = limits.now_ms();
+        for (_, live, _) in &devices {
+            live.heard_ms.store(now - 60_000, Ordering::Relaxed);
+        }
+        assert_eq!(limits.open(), 64);
+        assert!(
+            limits.call_started(addr(99)).is_none(),
+            "an unknown connection"
+        );
+        let finished = |v: &[(tokio::task::JoinHandle<_>, Arc<Liveness>, _)]| {
+            v.iter().filter(|(r, _, _)| r.is_finished()).count()
+        };
+        for newcomer in [200u8, 201, 202] {
+            assert_eq!(
+                limits
+                    .admit(None, Some([newcomer; 32]), false)
+                    .await
+                    .unwrap_err(),
+                "limit"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(finished(&devices), 0, "no call in flight cut");
+        assert_eq!(finished(&busy), 0);
+        // Device 3's call ends: its connection, idle and quiet, makes way, and only it.
+        calls[3].take();
+        assert_eq!(devices[3].1.calls.load(Ordering::Relaxed), 0);
+        let newcomer = limits.admit(None, Some([200; 32]), false).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(devices[3].0.is_finished());
+        assert_eq!(finished(&devices), 1);
+        assert_eq!(finished(&busy), 0);
+        assert_eq!(
+            limits
+                .admit(None, Some([201; 32]), false)
+                .await
+                .unwrap_err(),
+            "limit"
+        );
+        drop((newcomer, calls));
     }
 
     /// A client is its certificate's public key: another encoding of one certificate (here

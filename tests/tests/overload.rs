@@ -228,6 +228,76 @@ async fn connections_past_the_limit_are_refused_at_once_and_served_again_after()
     assert_eq!(roles.snapshot().await, before, "nothing stored");
 }
 
+/// Whether the server stream `watch` is still in flight: nothing (no message, no end, no
+/// error) comes within half a second.
+async fn still_in_flight<T>(watch: &mut tonic::Streaming<T>) -> bool {
+    tokio::time::timeout(std::time::Duration::from_millis(500), watch.message())
+        .await
+        .is_err()
+}
+
+/// A full acceptor makes room from idle connections only: a connection with a call in flight
+/// (here a health watch, as a device's task stream or a subscriber's long poll) is not
+/// displaced for a newcomer, however long it has been quiet; an idle one is, and with none,
+/// the newcomer is refused. (Found by an outside attack, round 8's C2: certificates each
+/// holding a few busy connections filled the limit, and every newcomer displaced a device
+/// waiting on its call.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_with_a_call_in_flight_is_not_displaced_for_a_newcomer() {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_client::HealthClient;
+    let work = tempfile::tempdir().unwrap();
+    let roles = Roles::start_with(work.path(), &["--max-connections", "2"]);
+    until_open(&roles, 0.0).await;
+    // s1 watches the RO's health: a call that stays in flight.
+    let s1 = connect_subscriber(&roles, "s1", roles.port("ro"), Role::Ro)
+        .await
+        .unwrap();
+    let mut watch = HealthClient::new(s1.clone())
+        .watch(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(watch.message().await.unwrap().is_some(), "the status now");
+    // s2 makes one call and stays connected, idle.
+    let s2 = connect_subscriber(&roles, "s2", roles.port("ro"), Role::Ro)
+        .await
+        .unwrap();
+    health(s2.clone()).await.unwrap();
+    until_open(&roles, 2.0).await;
+    let displaced = r#"mcim_roles_tls_connections_refused_total{outcome="displaced"}"#;
+    let refused = r#"mcim_roles_tls_connections_refused_total{outcome="limit"}"#;
+    let refused_before = sample(&roles.metrics(), refused);
+    tokio::time::sleep(mcim_roles::tls::DISPLACE_QUIET + std::time::Duration::from_secs(1)).await;
+    // s1's connection is the quieter (the older), but its call is in flight: s2's makes way.
+    let s3 = connect_subscriber(&roles, "s3", roles.port("sho"), Role::Sho)
+        .await
+        .expect("served in the place of the idle connection");
+    health(s3.clone()).await.unwrap();
+    assert_eq!(sample(&roles.metrics(), displaced), 1.0);
+    assert!(still_in_flight(&mut watch).await, "the watch was cut");
+    // s4: s3 was just heard from, s1's call is in flight: refused, and the watch goes on.
+    let served = tokio::time::timeout(std::time::Duration::from_secs(8), async {
+        match connect_subscriber(&roles, "s4", roles.port("sho"), Role::Sho).await {
+            Ok(ch) => health(ch).await.is_ok(),
+            Err(_) => false,
+        }
+    })
+    .await
+    .expect("refused at once, not left to time out");
+    assert!(!served, "a newcomer was served past the limit");
+    assert!(sample(&roles.metrics(), refused) >= refused_before + 1.0);
+    assert_eq!(
+        sample(&roles.metrics(), displaced),
+        1.0,
+        "nobody else displaced"
+    );
+    assert!(still_in_flight(&mut watch).await, "the watch was cut");
+    drop((s1, s2, s3));
+}
+
 /// Connections that never finish (nor even start) their TLS handshake cannot keep a genuine
 /// client out, from however many addresses: past `tls::MAX_HANDSHAKES` in progress, one that
 /// has not sent its ClientHello is dropped for the newcomer. (Found by outside attacks:
