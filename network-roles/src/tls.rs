@@ -170,10 +170,11 @@ pub const KEEPALIVE: Duration = Duration::from_secs(30);
 ///   crowd of devices cannot cut the roles off from each other.
 /// - **A full acceptor makes room**: when `total` is reached, a newcomer holding less than a
 ///   fair share displaces a connection of the client holding the most beyond it, an idle one
-///   first, else busy or not; otherwise the established connection (not an operator's) with
-///   no call in flight ([`ConnectionLimits::call_started`]) that has sent nothing for
-///   longest, at least [`DISPLACE_QUIET`], of the client (by certificate, [`CertId`]) holding
-///   the most, among the clients holding at least as many as the newcomer's (outcome
+///   first, else busy or not; otherwise an established connection (not an operator's) that
+///   has sent nothing for at least [`DISPLACE_QUIET`], one with no call in flight
+///   ([`ConnectionLimits::call_started`]) first, a call cut only from a client holding two
+///   or more: of the client (by certificate, [`CertId`]) holding the most, the one silent
+///   longest, among the clients holding at least as many as the newcomer's (outcome
 ///   `displaced`, [`ConnectionLimits::displace_quietest`]), as web servers close idle
 ///   keep-alive connections; it is refused when there is none. Found by outside
 ///   attacks: a provisioning device holds two or three connections (its VNO connection stays
@@ -235,6 +236,12 @@ const PER_CLIENT_SHARE: usize = 8;
 
 /// The fewest connections one client may hold, however small the total.
 const MIN_PER_CLIENT: usize = 4;
+
+/// A full acceptor with no idle quiet connection to take cuts a call in flight only from a
+/// client holding at least this many connections ([`ConnectionLimits::displace_quietest`]):
+/// never a watcher's only connection, but not every newcomer refused either when
+/// certificates hold the limit with quiet streams.
+const CUT_A_CALL_FROM: usize = 2;
 
 /// What [`Guarded`] and the limits share about one connection: when it was last heard from
 /// (milliseconds after [`ConnectionLimits`]'s epoch), whether it was displaced (with the
@@ -729,20 +736,24 @@ impl ConnectionLimits {
     ///   [`MIN_PER_CLIENT`]), a connection of the client holding the most beyond that share,
     ///   busy or not: one with no call in flight first, then the one that has sent nothing
     ///   for longest;
-    /// - else the idle connection (no call in flight: [`ConnectionLimits::call_started`])
-    ///   that has sent nothing for longest, at least [`DISPLACE_QUIET`], of the client
-    ///   holding the most, among the clients holding at least as many as the newcomer
-    ///   (itself included).
+    /// - else, among the clients holding at least as many as the newcomer (itself included),
+    ///   a connection that has sent nothing for at least [`DISPLACE_QUIET`]: an idle one (no
+    ///   call in flight: [`ConnectionLimits::call_started`]) first, then one with a call in
+    ///   flight of a client holding at least [`CUT_A_CALL_FROM`]; of the client holding the
+    ///   most, the one silent longest.
     ///
     /// Found by outside attacks: a subscriber certificate holding the whole limit with busy
     /// connections otherwise displaced every device waiting quietly on a long poll or stream,
     /// one new connection at a time; eight certificates, each within its eighth, did the same
     /// until the fair share; and many certificates, each holding no more than the floor of
     /// the share, still did (every quiet connection was fair game, a watcher's stream
-    /// included) until only idle connections could be taken: a call in flight (a device's
-    /// task stream, a subscriber's long poll) is work the server owes an answer, an idle
-    /// connection is a keep-alive the client can open again. A client within its share that
-    /// keeps calling is never displaced (a device holds two or three).
+    /// included) until idle connections went first: a call in flight (a device's task
+    /// stream, a subscriber's long poll) is work the server owes an answer, an idle
+    /// connection is a keep-alive the client can open again. A call in flight is cut only
+    /// from a client holding several connections, so that certificates holding their
+    /// connections with quiet streams cannot keep every newcomer out, and never a watcher's
+    /// only one. A client within its share that keeps calling is never displaced (a device
+    /// holds two or three).
     fn displace_quietest(&self, newcomer: Option<CertId>) -> bool {
         let now = self.now_ms();
         let quiet = u64::try_from(DISPLACE_QUIET.as_millis()).unwrap_or(u64::MAX);
@@ -763,9 +774,12 @@ impl ConnectionLimits {
                 (fair && held > share, held, idle, silent, l)
             })
             .filter(|(over, held, idle, silent, _)| {
-                *over || (*idle && *silent >= quiet && *held >= newcomer_holds)
+                *over
+                    || (*silent >= quiet
+                        && *held >= newcomer_holds
+                        && (*idle || *held >= CUT_A_CALL_FROM))
             })
-            .max_by_key(|(over, held, idle, silent, _)| (*over, *held, *idle, *silent))
+            .max_by_key(|(over, held, idle, silent, _)| (*over, *idle, *held, *silent))
             .map(|(_, _, _, _, l)| l);
         let Some(liveness) = victim else {
             return false;
@@ -1503,7 +1517,8 @@ mod tests {
     /// fill the limit beside quiet devices, each waiting on a call (a task stream, a long
     /// poll): a newcomer is refused rather than cut a device's call (round 8's C2: such
     /// watchers were displaced one per newcomer); once a device's call has ended its idle
-    /// connection makes way, and only that one.
+    /// connection makes way, and only that one; once the certificates' connections are quiet
+    /// with calls in flight too, one of theirs makes way, still no device's.
     #[tokio::test]
     async fn a_full_acceptor_takes_an_idle_connection_never_one_with_a_call_in_flight() {
         let limits = displacing_limits(64);
@@ -1558,7 +1573,26 @@ mod tests {
                 .unwrap_err(),
             "limit"
         );
-        drop((newcomer, calls));
+        // The certificates now hold theirs quiet, each with a call in flight (a stream that
+        // says nothing): with no idle connection left, a call is cut from a client holding
+        // four, never a device's only one.
+        let mut held_calls = Vec::new();
+        for (i, (_, live, _)) in busy.iter().enumerate() {
+            live.heard_ms.store(now - 30_000, Ordering::Relaxed);
+            let a = addr(1000 + i as u16);
+            limits
+                .established
+                .lock()
+                .unwrap()
+                .by_addr
+                .insert(a, live.clone());
+            held_calls.push(limits.call_started(a).unwrap());
+        }
+        let second = limits.admit(None, Some([201; 32]), false).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(finished(&busy), 1, "a certificate's quiet call cut");
+        assert_eq!(finished(&devices), 1, "no other device displaced");
+        drop((newcomer, second, calls, held_calls));
     }
 
     /// A client is its certificate's public key: another encoding of one certificate (here
