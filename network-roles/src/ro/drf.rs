@@ -209,6 +209,13 @@ impl DrfService for Drf {
             if !r.sho_url.starts_with("https://") {
                 return Err(RoleError::invalid("sho_url must be https://host:port"));
             }
+            // The row names the caller at this address already (every report of an initial
+            // provisioning, 5.1.3.7.4.2 step 14 repeated): nothing to change, no write.
+            if self.0.sho_url(&r.pcid).await?.as_ref()
+                == Some(&(r.sho_id.clone(), r.sho_url.clone()))
+            {
+                return Ok(Response::new(pb::SetSubscriptionResponse {}));
+            }
             // A PCID another SHO serves stays that SHO's: the update applies only to the
             // caller's own row, or to a device that re-provisioned at the caller in a change
             // of SHO (5.1.3.7.4.2 step 14). Otherwise the caller is, at most, the SHO the
