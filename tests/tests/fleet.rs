@@ -204,6 +204,40 @@ fn a_fleet_larger_than_the_connection_limit_ends_with_every_device_provisioned()
     );
 }
 
+/// Twice as many devices at once as there is room for at one connection each: each holds its
+/// RO task stream (a call in flight) while it opens its next connection (the PVA's), so a
+/// full acceptor must let a device in the middle of its flow cut another's quiet call.
+/// (Found by round 9's outside attack: with calls in flight cut for nobody holding a single
+/// connection, 400 devices at 200 under a limit of 64 stalled with 201-240 provisioned; this
+/// set-up provisioned 39 of 120 in 135 s, then gave up.)
+#[test]
+fn devices_waiting_on_their_task_streams_in_a_full_acceptor_still_reach_the_next_role() {
+    let dir = tempfile::tempdir().unwrap();
+    let (db, db_args, _) = embedded_db(dir.path());
+    let mut args = vec![
+        "--devices",
+        "120",
+        "--concurrency",
+        "60",
+        "--roles-max-connections",
+        "20",
+        "--dir",
+    ];
+    args.push(dir.path().to_str().unwrap());
+    args.extend(db_args.iter().map(String::as_str));
+    let (ok, r, stderr) = fleet(&args);
+    assert!(ok, "{stderr}\n{r:#}");
+    assert_eq!(r["provisioned"], 120, "{r:#}");
+    assert_eq!(r["failures"], serde_json::json!({}), "{r:#}");
+    assert_eq!(
+        one_number(
+            &db,
+            "SELECT COUNT(DISTINCT mcim_id) FROM ro_registration WHERE state = 'installed'"
+        ),
+        120
+    );
+}
+
 /// Against running roles (`--ro-url` and the others): a fleet whose PCIDs the VNO routes
 /// nowhere is refused at the attach. The run exits non-zero, counts the one reason for every
 /// device, and nothing was registered or installed; the supply and contract did happen.
