@@ -178,30 +178,7 @@ fn ten_times_the_roles_capacity_ends_with_every_device_provisioned_after_retries
 /// minutes, 27 of 60 provisioned in this test's set-up.)
 #[test]
 fn a_fleet_larger_than_the_connection_limit_ends_with_every_device_provisioned() {
-    let dir = tempfile::tempdir().unwrap();
-    let (db, db_args, _) = embedded_db(dir.path());
-    let mut args = vec![
-        "--devices",
-        "60",
-        "--concurrency",
-        "30",
-        "--roles-max-connections",
-        "24",
-        "--dir",
-    ];
-    args.push(dir.path().to_str().unwrap());
-    args.extend(db_args.iter().map(String::as_str));
-    let (ok, r, stderr) = fleet(&args);
-    assert!(ok, "{stderr}\n{r:#}");
-    assert_eq!(r["provisioned"], 60, "{r:#}");
-    assert_eq!(r["failures"], serde_json::json!({}), "{r:#}");
-    assert_eq!(
-        one_number(
-            &db,
-            "SELECT COUNT(DISTINCT mcim_id) FROM ro_registration WHERE state = 'installed'"
-        ),
-        60
-    );
+    every_device_provisioned_past_the_connection_limit(60, 30, 24);
 }
 
 /// Twice as many devices at once as there is room for at one connection each: each holds its
@@ -212,29 +189,40 @@ fn a_fleet_larger_than_the_connection_limit_ends_with_every_device_provisioned()
 /// set-up provisioned 39 of 120 in 135 s, then gave up.)
 #[test]
 fn devices_waiting_on_their_task_streams_in_a_full_acceptor_still_reach_the_next_role() {
+    every_device_provisioned_past_the_connection_limit(120, 60, 20);
+}
+
+/// `devices` at `concurrency` on embedded roles holding at most `limit` connections: every
+/// device ends provisioned, once (the run's report and the RO's installed MCIMs).
+fn every_device_provisioned_past_the_connection_limit(devices: u32, concurrency: u32, limit: u32) {
     let dir = tempfile::tempdir().unwrap();
     let (db, db_args, _) = embedded_db(dir.path());
+    let (devices_s, concurrency_s, limit_s) = (
+        devices.to_string(),
+        concurrency.to_string(),
+        limit.to_string(),
+    );
     let mut args = vec![
         "--devices",
-        "120",
+        &devices_s,
         "--concurrency",
-        "60",
+        &concurrency_s,
         "--roles-max-connections",
-        "20",
+        &limit_s,
         "--dir",
     ];
     args.push(dir.path().to_str().unwrap());
     args.extend(db_args.iter().map(String::as_str));
     let (ok, r, stderr) = fleet(&args);
     assert!(ok, "{stderr}\n{r:#}");
-    assert_eq!(r["provisioned"], 120, "{r:#}");
+    assert_eq!(r["provisioned"], devices, "{r:#}");
     assert_eq!(r["failures"], serde_json::json!({}), "{r:#}");
     assert_eq!(
         one_number(
             &db,
             "SELECT COUNT(DISTINCT mcim_id) FROM ro_registration WHERE state = 'installed'"
         ),
-        120
+        u64::from(devices)
     );
 }
 
