@@ -1532,7 +1532,8 @@ mod tests {
         let addr = |i: u16| (local, SocketAddr::from(([10, 0, 0, 1], 40_000 + i)));
         let busy: Vec<_> = (1..=14u8)
             .flat_map(|k| (0..4).map(move |_| k))
-            .map(|k| established(&limits, k))
+            .enumerate()
+            .map(|(i, k)| established_at(&limits, k, Some(addr(1000 + i as u16))))
             .collect();
         let devices: Vec<_> = (0..8u16)
             .map(|i| established_at(&limits, 100 + i as u8, Some(addr(i))))
@@ -1585,14 +1586,7 @@ mod tests {
         let mut held_calls = Vec::new();
         for (i, (_, live, _)) in busy.iter().enumerate() {
             live.heard_ms.store(now - 30_000, Ordering::Relaxed);
-            let a = addr(1000 + i as u16);
-            limits
-                .established
-                .lock()
-                .unwrap()
-                .by_addr
-                .insert(a, live.clone());
-            held_calls.push(limits.call_started(a).unwrap());
+            held_calls.push(limits.call_started(addr(1000 + i as u16)).unwrap());
         }
         let second = limits.admit(None, Some([201; 32]), false).await.unwrap();
         tokio::time::sleep(Duration::from_millis(100)).await;

@@ -145,6 +145,20 @@ async fn connect_subscriber(
     roles.try_connect_to(port, tls).await
 }
 
+/// Whether a new subscriber `name` is served at the SHO's port (connected and answered), or
+/// refused at once: never left to time out (8 s at most). The client's HTTP/2 set-up may
+/// finish before it reads the server's close: then its first call fails.
+async fn served_at_the_sho(roles: &Roles, name: &str) -> bool {
+    tokio::time::timeout(std::time::Duration::from_secs(8), async {
+        match connect_subscriber(roles, name, roles.port("sho"), Role::Sho).await {
+            Ok(ch) => health(ch).await.is_ok(),
+            Err(_) => false,
+        }
+    })
+    .await
+    .expect("refused at once, not left to time out")
+}
+
 async fn health(ch: tonic::transport::Channel) -> Result<(), tonic::Status> {
     use tonic_health::pb::HealthCheckRequest;
     use tonic_health::pb::health_client::HealthClient;
@@ -187,16 +201,7 @@ async fn connections_past_the_limit_are_refused_at_once_and_served_again_after()
     until_open(&roles, 2.0).await;
     // A third subscriber on another role's port: refused at once (the limit is the
     // process's).
-    // (The client's HTTP/2 set-up may finish before it reads the server's close: then its
-    // first call fails.)
-    let served = tokio::time::timeout(std::time::Duration::from_secs(8), async {
-        match connect_subscriber(&roles, "s3", roles.port("sho"), Role::Sho).await {
-            Ok(ch) => health(ch).await.is_ok(),
-            Err(_) => false,
-        }
-    })
-    .await
-    .expect("refused at once, not left to time out");
+    let served = served_at_the_sho(&roles, "s3").await;
     assert!(!served, "a third connection was served");
     assert!(sample(&roles.metrics(), refused) >= refused_before + 1.0);
     // An operator's role is served all the same, from its own places.
@@ -279,14 +284,7 @@ async fn a_connection_with_a_call_in_flight_is_not_displaced_for_a_newcomer() {
     assert_eq!(sample(&roles.metrics(), displaced), 1.0);
     assert!(still_in_flight(&mut watch).await, "the watch was cut");
     // s4: s3 was just heard from, s1's call is in flight: refused, and the watch goes on.
-    let served = tokio::time::timeout(std::time::Duration::from_secs(8), async {
-        match connect_subscriber(&roles, "s4", roles.port("sho"), Role::Sho).await {
-            Ok(ch) => health(ch).await.is_ok(),
-            Err(_) => false,
-        }
-    })
-    .await
-    .expect("refused at once, not left to time out");
+    let served = served_at_the_sho(&roles, "s4").await;
     assert!(!served, "a newcomer was served past the limit");
     assert!(sample(&roles.metrics(), refused) >= refused_before + 1.0);
     assert_eq!(

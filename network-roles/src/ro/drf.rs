@@ -211,8 +211,11 @@ impl DrfService for Drf {
             }
             // The row names the caller at this address already (every report of an initial
             // provisioning, 5.1.3.7.4.2 step 14 repeated): nothing to change, no write.
-            if self.0.sho_url(&r.pcid).await?.as_ref()
-                == Some(&(r.sho_id.clone(), r.sho_url.clone()))
+            if self
+                .0
+                .sho_url(&r.pcid)
+                .await?
+                .is_some_and(|(sho, url)| sho == r.sho_id && url == r.sho_url)
             {
                 return Ok(Response::new(pb::SetSubscriptionResponse {}));
             }
