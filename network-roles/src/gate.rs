@@ -216,17 +216,22 @@ impl Gate {
         }
     }
 
-    /// Whether `chain` (a connection's client certificates) is an operator role's: the
-    /// supplier, an RO, a VNO, a SHO or a PVA, vouched for by an anchor that may issue it
-    /// (remembered like every judgment of the gate; the connection's first call finds it).
-    /// The acceptor keeps places for these beyond the devices' and subscribers' limit
-    /// ([`crate::tls::ConnectionLimits`]).
-    pub fn is_operator<C: AsRef<[u8]>>(&self, chain: &[C]) -> bool {
+    /// Who `chain` (a connection's client certificates) is for the acceptor's limits: an
+    /// operator role's (the supplier, an RO, a VNO, a SHO or a PVA), a device's, each vouched
+    /// for by an anchor that may issue it, or anyone else's (remembered like every judgment
+    /// of the gate; the connection's first call finds it). The acceptor keeps places for the
+    /// operators beyond the devices' and subscribers' limit, and lets a device in the middle
+    /// of its flow cut a quiet call ([`crate::tls::ConnectionLimits`]).
+    pub fn client_kind<C: AsRef<[u8]>>(&self, chain: &[C]) -> crate::tls::ClientKind {
+        use crate::tls::ClientKind;
         use authz::Role;
-        matches!(
-            self.known.caller(chain).map(|c| c.role),
-            Ok(Role::Supplier | Role::Ro | Role::Vno | Role::Sho | Role::Pva)
-        )
+        match self.known.caller(chain).map(|c| c.role) {
+            Ok(Role::Supplier | Role::Ro | Role::Vno | Role::Sho | Role::Pva) => {
+                ClientKind::Operator
+            }
+            Ok(Role::Device) => ClientKind::Device,
+            Ok(Role::Subscriber) | Err(_) => ClientKind::Other,
+        }
     }
 }
 
@@ -292,6 +297,15 @@ mod tests {
             .unwrap_or_else(|e| panic!("{e}"))
     }
 
+    /// A lab PKI directory (every party's CA, the supplier root) and its trust anchors.
+    fn lab_pki() -> (tempfile::TempDir, TrustAnchors) {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        mcim_pki::dev::init(dir.path(), &mcim_pki::dev::LAB_PARTIES)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let anchors = mcim_pki::dev::trust_anchors(dir.path()).unwrap_or_else(|e| panic!("{e}"));
+        (dir, anchors)
+    }
+
     fn known_len(v: &Vouched) -> usize {
         v.lock().passed.len()
     }
@@ -305,10 +319,7 @@ mod tests {
     /// differs in one octet is judged afresh.
     #[test]
     fn only_vouched_chains_are_remembered_and_each_is_judged_by_its_own_bytes() {
-        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-        mcim_pki::dev::init(dir.path(), &mcim_pki::dev::LAB_PARTIES)
-            .unwrap_or_else(|e| panic!("{e}"));
-        let anchors = mcim_pki::dev::trust_anchors(dir.path()).unwrap_or_else(|e| panic!("{e}"));
+        let (dir, anchors) = lab_pki();
         let v = Vouched::new(anchors);
         let sho = mcim_pki::dev::ca_der(dir.path(), "sho").unwrap_or_else(|e| panic!("{e}"));
         let first = v
@@ -347,12 +358,39 @@ mod tests {
         assert!(v.caller(&[] as &[Vec<u8>]).is_err());
     }
 
+    /// The acceptor's classification follows the gate's judgment, not the leaf's claim: an
+    /// operator role's chain is an operator's, a supplier-certified device's a device's; a
+    /// subscriber's, and a device or SHO certificate from an issuer that may not issue it
+    /// (here the subscribers' CA), are neither.
+    #[test]
+    fn a_chains_kind_is_the_role_its_issuer_may_vouch_for() {
+        use crate::tls::ClientKind;
+        let (dir, anchors) = lab_pki();
+        let gate = Gate::new(anchors);
+        let kind = |pem: &str| gate.client_kind(&[der(pem)]);
+        let (sho, _) = mcim_pki::dev::issue_party(dir.path(), Role::Sho, "sho.mcim.local")
+            .unwrap_or_else(|e| panic!("{e}"));
+        let (device, _) = mcim_pki::dev::issue_software_device(dir.path(), "pcid-1")
+            .unwrap_or_else(|e| panic!("{e}"));
+        let (subscriber, _) =
+            mcim_pki::dev::issue_party(dir.path(), Role::Subscriber, "alice.example")
+                .unwrap_or_else(|e| panic!("{e}"));
+        let forge = |role| {
+            mcim_pki::dev::issue_party_under(dir.path(), "ca-subscriber", role, "pcid-2")
+                .map(|(cert, _)| cert)
+                .unwrap_or_else(|e| panic!("{e}"))
+        };
+        assert_eq!(kind(&sho), ClientKind::Operator);
+        assert_eq!(kind(&device), ClientKind::Device);
+        assert_eq!(kind(&subscriber), ClientKind::Other);
+        assert_eq!(kind(&forge(Role::Device)), ClientKind::Other);
+        assert_eq!(kind(&forge(Role::Sho)), ClientKind::Other);
+        assert_eq!(gate.client_kind(&[] as &[Vec<u8>]), ClientKind::Other);
+    }
+
     #[test]
     fn a_full_memory_starts_over_and_refusals_never_push_out_passed_chains() {
-        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-        mcim_pki::dev::init(dir.path(), &mcim_pki::dev::LAB_PARTIES)
-            .unwrap_or_else(|e| panic!("{e}"));
-        let anchors = mcim_pki::dev::trust_anchors(dir.path()).unwrap_or_else(|e| panic!("{e}"));
+        let (dir, anchors) = lab_pki();
         let v = Vouched::new(anchors);
         {
             let mut known = v.lock();

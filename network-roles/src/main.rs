@@ -717,10 +717,11 @@ async fn serve_role(
         connections,
     } = layers;
     let tls = server_config(&pki, &party).map_err(|e| e.to_string())?;
-    // The operators' connections have places of their own (`tls::ConnectionLimits`).
-    let is_operator: mcim_roles::tls::IsOperator = {
+    // The operators' connections have places of their own, a device's may cut a quiet call
+    // in the middle of its flow (`tls::ConnectionLimits`).
+    let classify: mcim_roles::tls::Classify = {
         let gate = gate.clone();
-        std::sync::Arc::new(move |chain| gate.is_operator(chain))
+        std::sync::Arc::new(move |chain| gate.client_kind(chain))
     };
     // Each call is a span whose parent is the caller's (trace context in the metadata).
     let mut builder = tonic::transport::Server::builder()
@@ -808,7 +809,7 @@ async fn serve_role(
     router
         // Mutual TLS on our own acceptor: the client verifier bounds the chain it will build.
         .serve_with_incoming_shutdown(
-            tls_incoming(incoming, tls, connections, is_operator),
+            tls_incoming(incoming, tls, connections, classify),
             async move {
                 shutdown().await;
                 if let Some(ro) = ro_streams {

@@ -172,8 +172,8 @@ pub const KEEPALIVE: Duration = Duration::from_secs(30);
 ///   fair share displaces a connection of the client holding the most beyond it, an idle one
 ///   first, else busy or not; otherwise an established connection (not an operator's) that
 ///   has sent nothing for at least [`DISPLACE_QUIET`], one with no call in flight
-///   ([`ConnectionLimits::call_started`]) first, a call cut for a newcomer holding none only
-///   from a client holding two or more: of the client (by certificate, [`CertId`]) holding the most, the one silent
+///   ([`ConnectionLimits::call_started`]) first, a call cut only from a client holding two
+///   or more, or for a device in the middle of its flow (holding one already) from another: of the client (by certificate, [`CertId`]) holding the most, the one silent
 ///   longest, among the clients holding at least as many as the newcomer's (outcome
 ///   `displaced`, [`ConnectionLimits::displace_quietest`]), as web servers close idle
 ///   keep-alive connections; it is refused when there is none. Found by outside
@@ -240,11 +240,13 @@ const MIN_PER_CLIENT: usize = 4;
 /// A full acceptor with no idle quiet connection to take cuts a call in flight, for a newcomer
 /// holding no connection, only from a client holding at least this many
 /// ([`ConnectionLimits::displace_quietest`]): never a watcher's only connection, but not every
-/// newcomer refused either when certificates hold the limit with quiet streams. A newcomer
-/// already holding one (a device opening its next role's connection while its RO task
-/// stream waits) may cut any quiet call: otherwise devices each holding their task stream
+/// newcomer refused either when certificates hold the limit with quiet streams. A device
+/// already holding one (opening its next role's connection while its RO task stream waits)
+/// may cut any other client's quiet call: otherwise devices each holding their task stream
 /// fill the limit and none can reach the PVA (round 9: 400 devices at 200 under a limit of 64
-/// stalled with 201-240 provisioned).
+/// stalled with 201-240 provisioned). Only a device ([`ClientKind::Device`], certified at its
+/// supply): a subscriber key holding one connection and cycling a second cut a watcher's only
+/// call with each handshake (round 9's case (b): 3 of 10 watchers cut).
 const CUT_A_CALL_FROM: usize = 2;
 
 /// What [`Guarded`] and the limits share about one connection: when it was last heard from
@@ -620,13 +622,14 @@ impl ConnectionLimits {
         &self,
         peer: Option<IpAddr>,
         client: Option<CertId>,
-        operator: bool,
+        kind: ClientKind,
     ) -> Result<Admission, &'static str> {
-        match self.try_admit(peer, client, operator) {
+        let operator = kind == ClientKind::Operator;
+        match self.try_admit(peer, client, kind) {
             Err("limit")
                 if self.peer_has_room(peer, operator)
                     && self.client_has_room(client)
-                    && self.displace_quietest(client) =>
+                    && self.displace_quietest(client, kind) =>
             {
                 let place = tokio::time::timeout(DISPLACE_WAIT, self.total.clone().acquire_owned())
                     .await
@@ -644,8 +647,9 @@ impl ConnectionLimits {
         &self,
         peer: Option<IpAddr>,
         client: Option<CertId>,
-        operator: bool,
+        kind: ClientKind,
     ) -> Result<Admission, &'static str> {
+        let operator = kind == ClientKind::Operator;
         if operator && let Ok(place) = self.operators.clone().try_acquire_owned() {
             return Ok(Admission {
                 _place: place,
@@ -743,8 +747,9 @@ impl ConnectionLimits {
     /// - else, among the clients holding at least as many as the newcomer (itself included),
     ///   a connection that has sent nothing for at least [`DISPLACE_QUIET`]: an idle one (no
     ///   call in flight: [`ConnectionLimits::call_started`]) first, then one with a call in
-    ///   flight (for a newcomer holding none, only of a client holding at least
-    ///   [`CUT_A_CALL_FROM`]); of the client holding the most, the one silent longest.
+    ///   flight (only of a client holding at least [`CUT_A_CALL_FROM`], or, for a device
+    ///   newcomer (`kind`) holding one already, of any other client); of the client holding
+    ///   the most, the one silent longest.
     ///
     /// Found by outside attacks: a subscriber certificate holding the whole limit with busy
     /// connections otherwise displaced every device waiting quietly on a long poll or stream,
@@ -756,11 +761,12 @@ impl ConnectionLimits {
     /// connection is a keep-alive the client can open again. For a fresh newcomer a call in
     /// flight is cut only from a client holding several connections, so that certificates
     /// holding their connections with quiet streams cannot keep every newcomer out, and never
-    /// a watcher's only one; a newcomer in the middle of a flow (holding one already) may cut
-    /// any quiet call, as devices waiting on their task streams must reach the next role. A
+    /// a watcher's only one; a device in the middle of its flow (holding one already) may cut
+    /// another client's quiet call, as devices waiting on their task streams must reach the
+    /// next role (a subscriber's key may not: it would cut a watcher per handshake). A
     /// client within its share that keeps calling is never displaced (a device holds two or
     /// three).
-    fn displace_quietest(&self, newcomer: Option<CertId>) -> bool {
+    fn displace_quietest(&self, newcomer: Option<CertId>, kind: ClientKind) -> bool {
         let now = self.now_ms();
         let quiet = u64::try_from(DISPLACE_QUIET.as_millis()).unwrap_or(u64::MAX);
         let Ok(e) = self.established.lock() else {
@@ -778,10 +784,10 @@ impl ConnectionLimits {
                 let idle = l.calls.load(Ordering::Relaxed) == 0;
                 let held = e.holds(client);
                 let over = fair && held > share;
-                // A call may be cut from a client's only connection for a newcomer in the
-                // middle of a flow, another client's ([`CUT_A_CALL_FROM`]).
-                let call_cut =
-                    held >= CUT_A_CALL_FROM || (newcomer_holds > 0 && *client != newcomer);
+                // A call may be cut from a client's only connection for a device in the
+                // middle of its flow, another client's ([`CUT_A_CALL_FROM`]).
+                let call_cut = held >= CUT_A_CALL_FROM
+                    || (kind == ClientKind::Device && newcomer_holds > 0 && *client != newcomer);
                 let quiet_rule = silent >= quiet && held >= newcomer_holds && (idle || call_cut);
                 (over || quiet_rule).then_some(((over, idle, held, silent), l))
             })
@@ -1045,15 +1051,29 @@ impl<S: tonic::transport::server::Connected> tonic::transport::server::Connected
 /// memory): retrying at once would spin a core and starve the connections being served.
 const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 
-/// Whether a connection's client certificates are an operator role's
-/// ([`crate::gate::Gate::is_operator`]).
-pub type IsOperator =
-    Arc<dyn Fn(&[rustls::pki_types::CertificateDer<'static>]) -> bool + Send + Sync>;
+/// Who a connection's client certificates are, as far as the limits care
+/// ([`crate::gate::Gate::client_kind`]).
+pub type Classify =
+    Arc<dyn Fn(&[rustls::pki_types::CertificateDer<'static>]) -> ClientKind + Send + Sync>;
+
+/// What the acceptor knows of a connection's client from its certificates, as the gate
+/// judges them (the issuer may issue the role the leaf claims: annex x.3).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClientKind {
+    /// An operator's role (supplier, RO, VNO, SHO, PVA): places of its own beyond the limit
+    /// ([`OPERATOR_RESERVE`]), never displaced.
+    Operator,
+    /// A device, certified at its supply: in the middle of its flow it may cut another
+    /// client's quiet call to open its next role's connection ([`CUT_A_CALL_FROM`]).
+    Device,
+    /// A subscriber, or a chain the gate will refuse at the first call.
+    Other,
+}
 
 /// The mutual-TLS connections accepted on `tcp` with `config`, for
 /// `Server::serve_with_incoming` (tonic reads the peer's certificates from them for the
-/// gate, as from its own TLS), within `limits` ([`ConnectionLimits`]; `is_operator` tells
-/// the operators' connections). Each handshake runs in a task of its own, bounded by
+/// gate, as from its own TLS), within `limits` ([`ConnectionLimits`]; `classify` tells the
+/// operators' and the devices' connections). Each handshake runs in a task of its own, bounded by
 /// [`HANDSHAKE_TIMEOUT`]: a slow or silent client holds up no other; an established
 /// connection is closed when quiet ([`Guarded`]). A failed handshake is counted and logged at
 /// debug level; accepting stops when the server stops reading.
@@ -1061,7 +1081,7 @@ pub fn tls_incoming(
     mut tcp: tonic::transport::server::TcpIncoming,
     config: Arc<rustls::ServerConfig>,
     limits: ConnectionLimits,
-    is_operator: IsOperator,
+    classify: Classify,
 ) -> impl tokio_stream::Stream<
     Item = Result<Guarded<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>, std::io::Error>,
 > {
@@ -1103,12 +1123,8 @@ pub fn tls_incoming(
             };
             let peer = stream.peer_addr().ok();
             let addr = stream.local_addr().ok().zip(peer);
-            let (config, tx, task_limits, is_operator) = (
-                config.clone(),
-                tx.clone(),
-                limits.clone(),
-                is_operator.clone(),
-            );
+            let (config, tx, task_limits, classify) =
+                (config.clone(), tx.clone(), limits.clone(), classify.clone());
             // A second descriptor of the socket, to tell a silent handshake from one whose
             // ClientHello waits for its task (`Pending::unread`).
             let probe = std::os::fd::AsFd::as_fd(&stream)
@@ -1146,11 +1162,11 @@ pub fn tls_incoming(
                         }
                     };
                     let chain = tls.get_ref().1.peer_certificates();
-                    let operator = chain.is_some_and(|chain| is_operator(chain));
+                    let kind = chain.map_or(ClientKind::Other, |chain| classify(chain));
                     // A certificate webpki took but x509-parser cannot read counts as one
                     // client with all such: never as none (fail closed under the limits).
                     let client = Some(chain.and_then(cert_id).unwrap_or([0; 32]));
-                    match limits.admit(peer.map(|p| p.ip()), client, operator).await {
+                    match limits.admit(peer.map(|p| p.ip()), client, kind).await {
                         Ok(mut admission) => {
                             if let Some(addr) = addr {
                                 admission.at(addr);
@@ -1230,7 +1246,7 @@ mod tests {
         limits: &ConnectionLimits,
     ) -> (Guarded<tokio::io::DuplexStream>, tokio::io::DuplexStream) {
         let (server, client) = tokio::io::duplex(64);
-        let admission = limits.try_admit(None, None, false).unwrap();
+        let admission = limits.try_admit(None, None, ClientKind::Other).unwrap();
         (
             Guarded::new(server, admission, limits.clone(), (FIRST, IDLE)),
             client,
@@ -1288,52 +1304,74 @@ mod tests {
     fn connections_are_admitted_within_the_limits_and_given_back() {
         let ip = |n: u8| Some(IpAddr::from([192, 0, 2, n]));
         let limits = ConnectionLimits::new(3, 2);
-        let a = limits.try_admit(ip(1), None, false).unwrap();
-        let b = limits.try_admit(ip(1), None, false).unwrap();
+        let a = limits.try_admit(ip(1), None, ClientKind::Other).unwrap();
+        let b = limits.try_admit(ip(1), None, ClientKind::Other).unwrap();
         assert_eq!(
-            limits.try_admit(ip(1), None, false).unwrap_err(),
+            limits
+                .try_admit(ip(1), None, ClientKind::Other)
+                .unwrap_err(),
             "peer_limit"
         );
         assert_eq!(limits.open(), 2, "a refusal holds nothing");
-        let c = limits.try_admit(ip(2), None, false).unwrap();
-        assert_eq!(limits.try_admit(ip(3), None, false).unwrap_err(), "limit");
-        assert_eq!(limits.try_admit(None, None, false).unwrap_err(), "limit");
+        let c = limits.try_admit(ip(2), None, ClientKind::Other).unwrap();
+        assert_eq!(
+            limits
+                .try_admit(ip(3), None, ClientKind::Other)
+                .unwrap_err(),
+            "limit"
+        );
+        assert_eq!(
+            limits.try_admit(None, None, ClientKind::Other).unwrap_err(),
+            "limit"
+        );
         // The others' places are all taken: an operator's role still gets one of its own,
         // per-address limit or not.
         let ops: Vec<_> = (0..OPERATOR_RESERVE)
-            .map(|_| limits.try_admit(ip(1), None, true).unwrap())
+            .map(|_| limits.try_admit(ip(1), None, ClientKind::Operator).unwrap())
             .collect();
         assert_eq!(limits.open(), 3 + OPERATOR_RESERVE);
-        assert_eq!(limits.try_admit(ip(1), None, true).unwrap_err(), "limit");
+        assert_eq!(
+            limits
+                .try_admit(ip(1), None, ClientKind::Operator)
+                .unwrap_err(),
+            "limit"
+        );
         drop(ops);
         drop(a);
         assert_eq!(limits.open(), 2);
-        let d = limits.try_admit(ip(1), None, false).unwrap();
+        let d = limits.try_admit(ip(1), None, ClientKind::Other).unwrap();
         drop((b, c, d));
         assert_eq!(limits.open(), 0);
         assert!(limits.peers.lock().unwrap().is_empty());
         // No per-address limit: the total only.
         let total = ConnectionLimits::new(2, 0);
         let held: Vec<_> = (0..2)
-            .map(|_| total.try_admit(ip(1), None, false).unwrap())
+            .map(|_| total.try_admit(ip(1), None, ClientKind::Other).unwrap())
             .collect();
-        assert_eq!(total.try_admit(ip(1), None, false).unwrap_err(), "limit");
+        assert_eq!(
+            total.try_admit(ip(1), None, ClientKind::Other).unwrap_err(),
+            "limit"
+        );
         assert!(total.peers.lock().unwrap().is_empty());
         drop(held);
         // An IPv6 /64 is one peer (a host may use any of its addresses), an IPv4-mapped
         // address its IPv4 address.
         let v6 = ConnectionLimits::new(8, 1);
         let a = |s: &str| Some(s.parse::<IpAddr>().unwrap());
-        let first = v6.try_admit(a("2001:db8:1:2::1"), None, false).unwrap();
+        let first = v6
+            .try_admit(a("2001:db8:1:2::1"), None, ClientKind::Other)
+            .unwrap();
         assert_eq!(
-            v6.try_admit(a("2001:db8:1:2:ffff::9"), None, false)
+            v6.try_admit(a("2001:db8:1:2:ffff::9"), None, ClientKind::Other)
                 .unwrap_err(),
             "peer_limit"
         );
-        let next = v6.try_admit(a("2001:db8:1:3::1"), None, false).unwrap();
-        let v4 = v6.try_admit(ip(1), None, false).unwrap();
+        let next = v6
+            .try_admit(a("2001:db8:1:3::1"), None, ClientKind::Other)
+            .unwrap();
+        let v4 = v6.try_admit(ip(1), None, ClientKind::Other).unwrap();
         assert_eq!(
-            v6.try_admit(a("::ffff:192.0.2.1"), None, false)
+            v6.try_admit(a("::ffff:192.0.2.1"), None, ClientKind::Other)
                 .unwrap_err(),
             "peer_limit"
         );
@@ -1344,15 +1382,17 @@ mod tests {
         let shared = ConnectionLimits::new(64, 0);
         let one = Some([7u8; 32]);
         let held: Vec<_> = (0..8)
-            .map(|_| shared.try_admit(ip(1), one, false).unwrap())
+            .map(|_| shared.try_admit(ip(1), one, ClientKind::Other).unwrap())
             .collect();
         assert_eq!(
-            shared.try_admit(ip(2), one, false).unwrap_err(),
+            shared.try_admit(ip(2), one, ClientKind::Other).unwrap_err(),
             "client_limit"
         );
-        let other = shared.try_admit(ip(1), Some([8u8; 32]), false).unwrap();
+        let other = shared
+            .try_admit(ip(1), Some([8u8; 32]), ClientKind::Other)
+            .unwrap();
         drop(held);
-        let again = shared.try_admit(ip(2), one, false).unwrap();
+        let again = shared.try_admit(ip(2), one, ClientKind::Other).unwrap();
         drop((other, again));
         assert_eq!(ConnectionLimits::new(2, 0).per_client, MIN_PER_CLIENT);
         assert_eq!(ConnectionLimits::default_total(1024), 128);
@@ -1394,7 +1434,9 @@ mod tests {
         tokio::io::DuplexStream,
     ) {
         let (server, peer) = tokio::io::duplex(64);
-        let mut admission = limits.try_admit(None, Some([client; 32]), false).unwrap();
+        let mut admission = limits
+            .try_admit(None, Some([client; 32]), ClientKind::Other)
+            .unwrap();
         if let Some(addr) = addr {
             admission.at(addr);
         }
@@ -1427,7 +1469,10 @@ mod tests {
         // All just heard from: none may be displaced, the newcomer is refused.
         let newcomer = Some([9; 32]);
         assert_eq!(
-            limits.admit(None, newcomer, false).await.unwrap_err(),
+            limits
+                .admit(None, newcomer, ClientKind::Other)
+                .await
+                .unwrap_err(),
             "limit"
         );
         assert_eq!(limits.open(), 4);
@@ -1436,7 +1481,7 @@ mod tests {
         a_live.heard_ms.store(now - 10_000, Ordering::Relaxed);
         b_live.heard_ms.store(now - 6_000, Ordering::Relaxed);
         c_live.heard_ms.store(0, Ordering::Relaxed);
-        let admitted = tokio::time::timeout(NEVER, limits.admit(None, newcomer, false))
+        let admitted = tokio::time::timeout(NEVER, limits.admit(None, newcomer, ClientKind::Other))
             .await
             .expect("the newcomer did not wait for the displaced place");
         assert!(admitted.is_ok());
@@ -1451,7 +1496,7 @@ mod tests {
         let held = admitted.unwrap();
         // A newcomer of client 9 (holding one) may displace only a client holding at least
         // one: b or c; the quietest of those of the most (all hold one): c.
-        let again = tokio::time::timeout(NEVER, limits.admit(None, newcomer, false))
+        let again = tokio::time::timeout(NEVER, limits.admit(None, newcomer, ClientKind::Other))
             .await
             .unwrap();
         assert!(again.is_ok());
@@ -1459,14 +1504,23 @@ mod tests {
         // Client 9 now holds two, everyone else at most one: its next newcomer may displace
         // none of theirs (b is quiet), and its own are busy: refused.
         assert_eq!(
-            limits.admit(None, newcomer, false).await.unwrap_err(),
+            limits
+                .admit(None, newcomer, ClientKind::Other)
+                .await
+                .unwrap_err(),
             "limit"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert!(!b.is_finished() && !d.is_finished(), "b and d kept");
         drop((held, again));
         // Operators' connections are never listed for displacement.
-        assert!(limits.try_admit(None, None, true).unwrap().live.is_none());
+        assert!(
+            limits
+                .try_admit(None, None, ClientKind::Operator)
+                .unwrap()
+                .live
+                .is_none()
+        );
     }
 
     /// Several certificates, each within its eighth, filling the limit with busy connections
@@ -1495,8 +1549,14 @@ mod tests {
         };
         // An eighth certificate, then a new device: each displaces a busy connection of a
         // certificate over its share (16 clients: 4), not a quiet device.
-        let eighth = limits.admit(None, Some([8; 32]), false).await.unwrap();
-        let device = limits.admit(None, Some([108; 32]), false).await.unwrap();
+        let eighth = limits
+            .admit(None, Some([8; 32]), ClientKind::Other)
+            .await
+            .unwrap();
+        let device = limits
+            .admit(None, Some([108; 32]), ClientKind::Other)
+            .await
+            .unwrap();
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert_eq!(finished(&attack), 2);
         assert_eq!(finished(&devices), 0, "no device displaced");
@@ -1506,7 +1566,7 @@ mod tests {
         let over = (1..=7u8).find(|k| holds(*k) == 7).unwrap();
         assert_eq!(
             limits
-                .admit(None, Some([over; 32]), false)
+                .admit(None, Some([over; 32]), ClientKind::Other)
                 .await
                 .unwrap_err(),
             "limit"
@@ -1556,7 +1616,7 @@ mod tests {
         for newcomer in [200u8, 201, 202] {
             assert_eq!(
                 limits
-                    .admit(None, Some([newcomer; 32]), false)
+                    .admit(None, Some([newcomer; 32]), ClientKind::Other)
                     .await
                     .unwrap_err(),
                 "limit"
@@ -1568,14 +1628,17 @@ mod tests {
         // Device 3's call ends: its connection, idle and quiet, makes way, and only it.
         calls[3].take();
         assert_eq!(devices[3].1.calls.load(Ordering::Relaxed), 0);
-        let newcomer = limits.admit(None, Some([200; 32]), false).await.unwrap();
+        let newcomer = limits
+            .admit(None, Some([200; 32]), ClientKind::Other)
+            .await
+            .unwrap();
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert!(devices[3].0.is_finished());
         assert_eq!(finished(&devices), 1);
         assert_eq!(finished(&busy), 0);
         assert_eq!(
             limits
-                .admit(None, Some([201; 32]), false)
+                .admit(None, Some([201; 32]), ClientKind::Other)
                 .await
                 .unwrap_err(),
             "limit"
@@ -1588,7 +1651,10 @@ mod tests {
             live.heard_ms.store(now - 30_000, Ordering::Relaxed);
             held_calls.push(limits.call_started(addr(1000 + i as u16)).unwrap());
         }
-        let second = limits.admit(None, Some([201; 32]), false).await.unwrap();
+        let second = limits
+            .admit(None, Some([201; 32]), ClientKind::Other)
+            .await
+            .unwrap();
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert_eq!(finished(&busy), 1, "a certificate's quiet call cut");
         assert_eq!(finished(&devices), 1, "no other device displaced");
@@ -1597,9 +1663,11 @@ mod tests {
 
     /// A device in the middle of its flow (holding its RO task stream, a call in flight) may
     /// cut another client's quiet call to open its next connection, where a fresh newcomer
-    /// may not; never its own. (Round 9: with only fresh newcomers allowed, devices each
-    /// holding their task stream filled a limit of 64 and none could reach the PVA: 201-240
-    /// of 400 provisioned.)
+    /// may not; never its own; and a subscriber's key holding one may not. (Round 9: with
+    /// only fresh newcomers allowed, devices each holding their task stream filled a limit of
+    /// 64 and none could reach the PVA: 201-240 of 400 provisioned; with any newcomer holding
+    /// one allowed, a subscriber key cycling a second connection cut a watcher's only call
+    /// with each handshake.)
     #[tokio::test]
     async fn a_device_in_the_middle_of_its_flow_may_cut_a_quiet_call_but_not_its_own() {
         let limits = displacing_limits(4);
@@ -1610,29 +1678,40 @@ mod tests {
                 SocketAddr::from(([10, 0, 0, 2], 40_000 + u16::from(i))),
             )
         };
-        let devices: Vec<_> = (1..=4u8)
-            .map(|d| established_at(&limits, d, Some(addr(d))))
+        // Devices 1, 2 and 3 and subscriber 4, each with one connection and a call in flight.
+        let held: Vec<_> = (1..=4u8)
+            .map(|c| established_at(&limits, c, Some(addr(c))))
             .collect();
         let calls: Vec<_> = (1..=4u8)
-            .map(|d| limits.call_started(addr(d)).unwrap())
+            .map(|c| limits.call_started(addr(c)).unwrap())
             .collect();
         let now = limits.now_ms();
         // Device 1's own is the quietest, then device 2's.
-        for (d, ago) in [(0, 50_000), (1, 40_000), (2, 30_000), (3, 30_000)] {
-            devices[d].1.heard_ms.store(now - ago, Ordering::Relaxed);
+        for (c, ago) in [(0, 50_000), (1, 40_000), (2, 30_000), (3, 30_000)] {
+            held[c].1.heard_ms.store(now - ago, Ordering::Relaxed);
         }
-        let finished = || devices.iter().filter(|(r, _, _)| r.is_finished()).count();
+        let finished = || held.iter().filter(|(r, _, _)| r.is_finished()).count();
+        let (device, subscriber) = (ClientKind::Device, ClientKind::Other);
         assert_eq!(
-            limits.admit(None, Some([9; 32]), false).await.unwrap_err(),
+            limits.admit(None, Some([9; 32]), device).await.unwrap_err(),
             "limit",
-            "a fresh newcomer cuts no device's only call"
+            "a fresh newcomer cuts no client's only call"
+        );
+        assert_eq!(
+            limits
+                .admit(None, Some([4; 32]), subscriber)
+                .await
+                .unwrap_err(),
+            "limit",
+            "a subscriber holding one cuts no client's only call"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert_eq!(finished(), 0);
-        let next = limits.admit(None, Some([1; 32]), false).await.unwrap();
+        assert_eq!(limits.open(), 4);
+        let next = limits.admit(None, Some([1; 32]), device).await.unwrap();
         tokio::time::sleep(Duration::from_millis(100)).await;
-        assert!(devices[1].0.is_finished(), "device 2's quiet call cut");
-        assert!(!devices[0].0.is_finished(), "not the newcomer's own");
+        assert!(held[1].0.is_finished(), "device 2's quiet call cut");
+        assert!(!held[0].0.is_finished(), "not the newcomer's own");
         assert_eq!(finished(), 1);
         drop((next, calls));
     }
