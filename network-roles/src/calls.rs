@@ -2,7 +2,10 @@
 //! call from its request until its answer ends (a unary answer, or a stream such as a
 //! device's task stream or a long poll) against the connection it came on
 //! ([`crate::tls::ConnectionLimits::call_started`]), so that a full acceptor making room for a
-//! newcomer tells a connection the server owes an answer from an idle keep-alive one.
+//! newcomer tells a connection the server owes an answer from an idle keep-alive one. A call
+//! on a connection a newcomer displaced is refused at once with UNAVAILABLE and a retry hint
+//! (the connection breaks once its calls in flight end: [`crate::tls`]'s drain), as HTTP/2's
+//! GOAWAY would: the client retries on a new connection, the call never reached a handler.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -11,7 +14,7 @@ use std::task::{Context, Poll};
 use tonic::codegen::http;
 use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 
-use crate::tls::{CallInFlight, ConnectionLimits};
+use crate::tls::{CallInFlight, ConnectionLimits, Displaced};
 
 /// The layer: `Server::builder().layer(Calls::new(limits))`, first (outermost), so that a
 /// call refused by a later layer is counted too while it is answered.
@@ -63,25 +66,54 @@ where
     }
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        let call = req
+        let call = match req
             .extensions()
             .get::<TlsConnectInfo<TcpConnectInfo>>()
             .and_then(|i| i.get_ref().local_addr().zip(i.get_ref().remote_addr()))
-            .and_then(|addr| self.limits.call_started(addr));
+            .map(|addr| self.limits.call_started(addr))
+        {
+            Some(Err(Displaced)) => {
+                mcim_telemetry::metrics::count(
+                    "calls_refused",
+                    "Calls refused before any handler, by why (displaced: on a connection \
+                     displaced for a newcomer, while its calls in flight end)",
+                    "displaced",
+                );
+                let answer = crate::shed::told_to_retry::<()>(|ms| {
+                    tonic::Status::unavailable(format!(
+                        "this connection was displaced for a newcomer (the server holds as \
+                         many connections as allowed): retry after {ms} ms on a new one"
+                    ))
+                });
+                // Trailers-only: the status is in the headers, the body is empty.
+                return Box::pin(async move {
+                    Ok(answer.map(|()| InFlightBody {
+                        inner: None,
+                        call: None,
+                    }))
+                });
+            }
+            Some(Ok(call)) => call,
+            None => None,
+        };
         let answer = self.inner.call(req);
         Box::pin(async move {
             // Dropped with the call when the handler fails or the client goes away first.
             let response = answer.await?;
-            Ok(response.map(|inner| InFlightBody { inner, call }))
+            Ok(response.map(|inner| InFlightBody {
+                inner: Some(inner),
+                call,
+            }))
         })
     }
 }
 
 pin_project_lite::pin_project! {
-    /// An answer's body: its call is in flight until the body ends or is dropped.
+    /// An answer's body: its call is in flight until the body ends or is dropped. None: the
+    /// empty body of a refusal before any handler.
     pub struct InFlightBody<B> {
         #[pin]
-        inner: B,
+        inner: Option<B>,
         call: Option<CallInFlight>,
     }
 }
@@ -95,7 +127,10 @@ impl<B: http_body::Body> http_body::Body for InFlightBody<B> {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
         let this = self.project();
-        let frame = this.inner.poll_frame(cx);
+        let Some(inner) = this.inner.as_pin_mut() else {
+            return Poll::Ready(None);
+        };
+        let frame = inner.poll_frame(cx);
         // The trailers (gRPC's status), the end or a break: the call is over.
         if let Poll::Ready(Some(Ok(f))) = &frame
             && !f.is_trailers()
@@ -109,10 +144,12 @@ impl<B: http_body::Body> http_body::Body for InFlightBody<B> {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.inner.as_ref().is_none_or(B::is_end_stream)
     }
 
     fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
+        self.inner
+            .as_ref()
+            .map_or_else(|| http_body::SizeHint::with_exact(0), B::size_hint)
     }
 }

@@ -103,11 +103,21 @@ pub struct ShedService<S> {
 
 /// The answer to a shed call: trailers-only RESOURCE_EXHAUSTED with the pushback.
 fn refusal<RB: Default>(max_calls: usize) -> http::Response<RB> {
+    told_to_retry(|ms| {
+        tonic::Status::resource_exhausted(format!(
+            "overloaded: {max_calls} calls in flight; retry after {ms} ms"
+        ))
+    })
+}
+
+/// A refusal before any handler: trailers-only, the status `status` makes of the pause in
+/// milliseconds, with gRPC's retry pushback (`grpc-retry-pushback-ms`), jittered over
+/// [`PUSHBACK_MS`].
+pub(crate) fn told_to_retry<RB: Default>(
+    status: impl FnOnce(u64) -> tonic::Status,
+) -> http::Response<RB> {
     let ms = PUSHBACK_MS.0 + rand::random::<u64>() % (PUSHBACK_MS.1 + 1);
-    let mut r = tonic::Status::resource_exhausted(format!(
-        "overloaded: {max_calls} calls in flight; retry after {ms} ms"
-    ))
-    .into_http();
+    let mut r = status(ms).into_http();
     r.headers_mut()
         .insert("grpc-retry-pushback-ms", http::HeaderValue::from(ms));
     r

@@ -173,10 +173,13 @@ pub const KEEPALIVE: Duration = Duration::from_secs(30);
 ///   first, else busy or not; otherwise an established connection (not an operator's) that
 ///   has sent nothing for at least [`DISPLACE_QUIET`], one with no call in flight
 ///   ([`ConnectionLimits::call_started`]) first, a call cut only from a client holding two
-///   or more, or for a device in the middle of its flow (holding one already) from another: of the client (by certificate, [`CertId`]) holding the most, the one silent
-///   longest, among the clients holding at least as many as the newcomer's (outcome
-///   `displaced`, [`ConnectionLimits::displace_quietest`]), as web servers close idle
-///   keep-alive connections; it is refused when there is none. Found by outside
+///   or more, or for a device in the middle of its flow (holding one already) from another:
+///   of the client (by certificate, [`CertId`]) holding the most, the one silent longest,
+///   among the clients holding at least as many as the newcomer's (outcome `displaced`,
+///   [`ConnectionLimits::displace_quietest`]), as web servers close idle keep-alive
+///   connections; it is refused when there is none. A displaced connection with calls in
+///   flight breaks once they end, or after [`DRAIN`], new calls on it refused meanwhile
+///   ([`Displaced`]). Found by outside
 ///   attacks: a provisioning device holds two or three connections (its VNO connection stays
 ///   open, quiet, while it registers), so with a small limit the devices held every place and
 ///   each waited for one more until they gave up; and without the "at least as many", one
@@ -250,15 +253,48 @@ const MIN_PER_CLIENT: usize = 4;
 const CUT_A_CALL_FROM: usize = 2;
 
 /// What [`Guarded`] and the limits share about one connection: when it was last heard from
-/// (milliseconds after [`ConnectionLimits`]'s epoch), whether it was displaced (with the
-/// waker of its reader, so that it learns at once), and how many calls are in flight on it
-/// ([`ConnectionLimits::call_started`]).
+/// (milliseconds after [`ConnectionLimits`]'s epoch), whether it was displaced and when its
+/// reads fail then ([`DRAIN`]; with the waker of its reader, so that it learns at once), and
+/// how many calls are in flight on it ([`ConnectionLimits::call_started`]).
 #[derive(Debug, Default)]
 struct Liveness {
     heard_ms: AtomicU64,
     displaced: AtomicBool,
+    /// Once displaced: when its reads fail (milliseconds after the epoch).
+    cut_at_ms: AtomicU64,
     reader: Mutex<Option<Waker>>,
     calls: AtomicUsize,
+}
+
+/// How long a displaced connection's calls in flight are given to end before its reads fail
+/// (the server then closes it, and whatever is still in flight on it breaks); new calls on it
+/// are refused with UNAVAILABLE and a retry hint meanwhile (`crate::calls`), as HTTP/2's
+/// GOAWAY would. Shorter than [`DISPLACE_WAIT`]: the newcomer waits for this place. (Round
+/// 8's C1: a client over its fair share lost its calls in flight when the acceptor was full,
+/// their answers cut mid-way, and a call that had done its work was answered with a broken
+/// connection.)
+const DRAIN: Duration = Duration::from_secs(1);
+
+/// How long a displaced connection is still read from after its last call ended (or at
+/// once, when it had none): the call's last frames reach the client before the connection
+/// breaks.
+const SETTLE: Duration = Duration::from_millis(50);
+
+/// Milliseconds of a duration, for [`Liveness`]'s clock.
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+impl Liveness {
+    /// Its reads fail at `ms` or before (the earliest of what is asked stays).
+    fn cut_by(&self, ms: u64) {
+        self.cut_at_ms.fetch_min(ms, Ordering::AcqRel);
+        if let Ok(mut reader) = self.reader.lock()
+            && let Some(waker) = reader.take()
+        {
+            waker.wake();
+        }
+    }
 }
 
 /// A connection's entry in [`Established`], removed when the connection ends.
@@ -273,13 +309,26 @@ struct LiveSlot {
 
 /// One call in flight on a connection ([`ConnectionLimits::call_started`]), until dropped.
 #[derive(Debug)]
-pub struct CallInFlight(Arc<Liveness>);
+pub struct CallInFlight {
+    liveness: Arc<Liveness>,
+    epoch: tokio::time::Instant,
+}
 
 impl Drop for CallInFlight {
     fn drop(&mut self) {
-        self.0.calls.fetch_sub(1, Ordering::Relaxed);
+        let l = &self.liveness;
+        // The last call of a displaced connection: it breaks once the answer is out.
+        if l.calls.fetch_sub(1, Ordering::AcqRel) == 1 && l.displaced.load(Ordering::Acquire) {
+            let now = ms(self.epoch.elapsed());
+            l.cut_by(now.saturating_add(ms(SETTLE)));
+        }
     }
 }
+
+/// A call on a connection a newcomer displaced ([`ConnectionLimits::call_started`]): the
+/// caller is told to retry (on another connection).
+#[derive(Debug)]
+pub struct Displaced;
 
 impl Established {
     /// How many established connections `client` holds.
@@ -796,12 +845,17 @@ impl ConnectionLimits {
         let Some(liveness) = victim else {
             return false;
         };
-        liveness.displaced.store(true, Ordering::Relaxed);
-        if let Ok(mut reader) = liveness.reader.lock()
-            && let Some(waker) = reader.take()
-        {
-            waker.wake();
-        }
+        // Its calls in flight are given [`DRAIN`] to end; with none, it breaks at once.
+        liveness
+            .cut_at_ms
+            .store(now.saturating_add(ms(DRAIN)), Ordering::Release);
+        liveness.displaced.store(true, Ordering::Release);
+        let wait = if liveness.calls.load(Ordering::Acquire) == 0 {
+            SETTLE
+        } else {
+            DRAIN
+        };
+        liveness.cut_by(now.saturating_add(ms(wait)));
         drop(e);
         self.refused("displaced", None);
         true
@@ -817,13 +871,27 @@ impl ConnectionLimits {
 
     /// A call starts on the connection at `addr`: it counts as in flight until the guard is
     /// dropped (the call's answer ended, or the call was dropped). None for a connection the
-    /// limits do not list (an operator's).
-    pub fn call_started(&self, addr: ConnAddr) -> Option<CallInFlight> {
-        let e = self.established.lock().ok()?;
-        let liveness = e.by_addr.get(&addr)?.clone();
-        drop(e);
-        liveness.calls.fetch_add(1, Ordering::Relaxed);
-        Some(CallInFlight(liveness))
+    /// limits do not list (an operator's); [`Displaced`] when a newcomer displaced the
+    /// connection: the call is refused while the calls in flight end ([`DRAIN`]).
+    pub fn call_started(&self, addr: ConnAddr) -> Result<Option<CallInFlight>, Displaced> {
+        let Some(liveness) = self
+            .established
+            .lock()
+            .ok()
+            .and_then(|e| e.by_addr.get(&addr).cloned())
+        else {
+            return Ok(None);
+        };
+        // Counted first, then looked at: a displacement in between sees it in flight.
+        liveness.calls.fetch_add(1, Ordering::AcqRel);
+        let call = CallInFlight {
+            liveness,
+            epoch: self.epoch,
+        };
+        if call.liveness.displaced.load(Ordering::Acquire) {
+            return Err(Displaced);
+        }
+        Ok(Some(call))
     }
 
     /// Counts a refused connection; a limit refusal is a warning at most every 10 s.
@@ -934,7 +1002,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Guarded<S> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        if self.displaced() {
+        if self.cut_due() {
             return Poll::Ready(Err(displaced()));
         }
         let before = buf.filled().len();
@@ -961,13 +1029,22 @@ impl<S: AsyncRead + Unpin> AsyncRead for Guarded<S> {
                     {
                         *reader = Some(cx.waker().clone());
                     }
-                    if self.displaced() {
+                    if self.cut_due() {
                         return Poll::Ready(Err(displaced()));
                     }
+                }
+                // Displaced: the timer fires at the cut, if that comes first.
+                if let Some(cut) = self.cut_at()
+                    && cut < self.timer.deadline()
+                {
+                    self.timer.as_mut().reset(cut);
                 }
                 loop {
                     if self.timer.as_mut().poll(cx).is_pending() {
                         return Poll::Pending;
+                    }
+                    if self.cut_due() {
+                        return Poll::Ready(Err(displaced()));
                     }
                     let due = self.last_read + self.quiet;
                     if due <= tokio::time::Instant::now() {
@@ -982,7 +1059,8 @@ impl<S: AsyncRead + Unpin> AsyncRead for Guarded<S> {
                             format!("nothing heard for {:?}", self.quiet),
                         )));
                     }
-                    self.timer.as_mut().reset(due);
+                    let next = self.cut_at().map_or(due, |cut| cut.min(due));
+                    self.timer.as_mut().reset(next);
                 }
             }
             other => other,
@@ -999,12 +1077,20 @@ fn displaced() -> std::io::Error {
 }
 
 impl<S> Guarded<S> {
-    /// Whether a newcomer displaced this connection ([`ConnectionLimits::displace_quietest`]).
-    fn displaced(&self) -> bool {
-        self.admission
-            .live
-            .as_ref()
-            .is_some_and(|l| l.liveness.displaced.load(Ordering::Relaxed))
+    /// When this connection's reads fail, if a newcomer displaced it
+    /// ([`ConnectionLimits::displace_quietest`], [`DRAIN`]).
+    fn cut_at(&self) -> Option<tokio::time::Instant> {
+        let l = &self.admission.live.as_ref()?.liveness;
+        l.displaced.load(Ordering::Acquire).then(|| {
+            let ms = l.cut_at_ms.load(Ordering::Acquire);
+            self.limits.epoch + Duration::from_millis(ms)
+        })
+    }
+
+    /// Whether this connection's reads fail now.
+    fn cut_due(&self) -> bool {
+        self.cut_at()
+            .is_some_and(|cut| cut <= tokio::time::Instant::now())
     }
 }
 
@@ -1599,7 +1685,7 @@ mod tests {
             .map(|i| established_at(&limits, 100 + i as u8, Some(addr(i))))
             .collect();
         let mut calls: Vec<_> = (0..8u16)
-            .map(|i| Some(limits.call_started(addr(i)).unwrap()))
+            .map(|i| limits.call_started(addr(i)).unwrap())
             .collect();
         let now = limits.now_ms();
         for (_, live, _) in &devices {
@@ -1607,7 +1693,7 @@ mod tests {
         }
         assert_eq!(limits.open(), 64);
         assert!(
-            limits.call_started(addr(99)).is_none(),
+            limits.call_started(addr(99)).unwrap().is_none(),
             "an unknown connection"
         );
         let finished = |v: &[(tokio::task::JoinHandle<_>, Arc<Liveness>, _)]| {
@@ -1714,6 +1800,89 @@ mod tests {
         assert!(!held[0].0.is_finished(), "not the newcomer's own");
         assert_eq!(finished(), 1);
         drop((next, calls));
+    }
+
+    /// A connection displaced while calls are in flight on it is not cut at once: new calls
+    /// on it are refused ([`Displaced`], not counted), and it breaks once its last call has
+    /// ended ([`SETTLE`] later), or [`DRAIN`] after its displacement when a call never ends;
+    /// the newcomer gets its place then. (Round 8's C1: a client over its fair share lost its
+    /// calls in flight, their answers cut mid-way.)
+    #[tokio::test]
+    async fn a_displaced_connection_ends_its_calls_in_flight_and_refuses_new_ones() {
+        let limits = displacing_limits(64);
+        let local: SocketAddr = "127.0.0.1:8443".parse().unwrap();
+        let addr = |i: u16| (local, SocketAddr::from(([10, 0, 0, 3], 40_000 + i)));
+        // Client 1 holds 8 (its eighth), each with a call in flight, 56 others one each: the
+        // limit. A fresh newcomer's fair share is 4: client 1 is over it.
+        let heavy: Vec<_> = (0..8u16)
+            .map(|i| established_at(&limits, 1, Some(addr(i))))
+            .collect();
+        let mut calls: Vec<_> = (0..8u16)
+            .map(|i| limits.call_started(addr(i)).unwrap())
+            .collect();
+        let others: Vec<_> = (0..56u8)
+            .map(|c| established_at(&limits, 10 + c, None))
+            .collect();
+        assert_eq!(limits.open(), 64);
+        let now = limits.now_ms();
+        // Connections 0 and 1 of client 1 the quietest: the first two to make way.
+        heavy[0].1.heard_ms.store(now - 2_000, Ordering::Relaxed);
+        heavy[1].1.heard_ms.store(now - 1_000, Ordering::Relaxed);
+        let admit = |c: u8| {
+            let limits = limits.clone();
+            tokio::spawn(async move { limits.admit(None, Some([c; 32]), ClientKind::Other).await })
+        };
+        let short = Duration::from_millis(300);
+
+        // Its call ends: it breaks then, and the newcomer is seated.
+        let first = admit(200);
+        tokio::time::sleep(short).await;
+        assert!(
+            !heavy[0].0.is_finished(),
+            "kept while its call is in flight"
+        );
+        assert!(!first.is_finished(), "the newcomer waits for the place");
+        assert!(matches!(limits.call_started(addr(0)), Err(Displaced)));
+        assert_eq!(heavy[0].1.calls.load(Ordering::Relaxed), 1, "not counted");
+        assert!(
+            limits.call_started(addr(2)).unwrap().is_some(),
+            "others served"
+        );
+        // How long until connection `i` of client 1 breaks (at most NEVER).
+        let broken_in = |i: usize| {
+            let reader = &heavy[i].0;
+            async move {
+                let a = std::time::Instant::now();
+                while !reader.is_finished() && a.elapsed() < NEVER {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                a.elapsed()
+            }
+        };
+        calls[0].take();
+        assert!(
+            broken_in(0).await < short,
+            "broken soon after its call ended"
+        );
+        let first = tokio::time::timeout(NEVER, first).await.unwrap().unwrap();
+        assert!(first.is_ok(), "the newcomer seated");
+
+        // A call that never ends: broken after the drain.
+        let second = admit(201);
+        tokio::time::sleep(short).await;
+        assert!(
+            !heavy[1].0.is_finished(),
+            "kept while its call is in flight"
+        );
+        let second = tokio::time::timeout(NEVER, second).await.unwrap().unwrap();
+        assert!(second.is_ok(), "the newcomer seated");
+        assert!(broken_in(1).await < short, "broken after the drain");
+        let finished = |v: &[(tokio::task::JoinHandle<_>, Arc<Liveness>, _)]| {
+            v.iter().filter(|(r, _, _)| r.is_finished()).count()
+        };
+        assert_eq!(finished(&heavy), 2);
+        assert_eq!(finished(&others), 0, "nobody else displaced");
+        drop((calls, first, second));
     }
 
     /// A client is its certificate's public key: another encoding of one certificate (here

@@ -134,8 +134,18 @@ async fn connect_subscriber(
     port: u16,
     peer: Role,
 ) -> Result<tonic::transport::Channel, tonic::transport::Error> {
+    let identity = mcim_pki::dev::issue_party(&roles.pki, Role::Subscriber, name).unwrap();
+    connect_as(roles, identity, port, peer).await
+}
+
+/// A connection to `port` (of the role `peer`) with the certificate and key `identity`.
+async fn connect_as(
+    roles: &Roles,
+    (cert, key): (String, String),
+    port: u16,
+    peer: Role,
+) -> Result<tonic::transport::Channel, tonic::transport::Error> {
     use tonic::transport::{Certificate, ClientTlsConfig, Identity};
-    let (cert, key) = mcim_pki::dev::issue_party(&roles.pki, Role::Subscriber, name).unwrap();
     let tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(
             mcim_pki::dev::role_ca_pem(&roles.pki, peer).unwrap(),
@@ -235,6 +245,23 @@ async fn connections_past_the_limit_are_refused_at_once_and_served_again_after()
 
 /// Whether the server stream `watch` is still in flight: nothing (no message, no end, no
 /// error) comes within half a second.
+/// A health watch on `ch` (a call that stays in flight), its first status read.
+async fn watch_health(
+    ch: tonic::transport::Channel,
+) -> tonic::Streaming<tonic_health::pb::HealthCheckResponse> {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_client::HealthClient;
+    let mut watch = HealthClient::new(ch)
+        .watch(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(watch.message().await.unwrap().is_some(), "the status now");
+    watch
+}
+
 async fn still_in_flight<T>(watch: &mut tonic::Streaming<T>) -> bool {
     tokio::time::timeout(std::time::Duration::from_millis(500), watch.message())
         .await
@@ -249,8 +276,6 @@ async fn still_in_flight<T>(watch: &mut tonic::Streaming<T>) -> bool {
 /// waiting on its call.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_with_a_call_in_flight_is_not_displaced_for_a_newcomer() {
-    use tonic_health::pb::HealthCheckRequest;
-    use tonic_health::pb::health_client::HealthClient;
     let work = tempfile::tempdir().unwrap();
     let roles = Roles::start_with(work.path(), &["--max-connections", "2"]);
     until_open(&roles, 0.0).await;
@@ -258,14 +283,7 @@ async fn a_connection_with_a_call_in_flight_is_not_displaced_for_a_newcomer() {
     let s1 = connect_subscriber(&roles, "s1", roles.port("ro"), Role::Ro)
         .await
         .unwrap();
-    let mut watch = HealthClient::new(s1.clone())
-        .watch(HealthCheckRequest {
-            service: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(watch.message().await.unwrap().is_some(), "the status now");
+    let mut watch = watch_health(s1.clone()).await;
     // s2 makes one call and stays connected, idle.
     let s2 = connect_subscriber(&roles, "s2", roles.port("ro"), Role::Ro)
         .await
@@ -294,6 +312,75 @@ async fn a_connection_with_a_call_in_flight_is_not_displaced_for_a_newcomer() {
     );
     assert!(still_in_flight(&mut watch).await, "the watch was cut");
     drop((s1, s2, s3));
+}
+
+/// A connection displaced while a call is in flight on it is not broken at once: a new call
+/// on it is refused with UNAVAILABLE and gRPC's retry pushback (it never reaches a handler;
+/// the client retries on a new connection), its call in flight is given `tls::DRAIN` to end,
+/// and the newcomer is served in its place then; the client's other connection goes on.
+/// (Round 8's C1: displaced connections lost their calls in flight mid-answer.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_displaced_connection_refuses_new_calls_while_its_call_in_flight_ends() {
+    let work = tempfile::tempdir().unwrap();
+    let roles = Roles::start_with(work.path(), &["--max-connections", "2"]);
+    until_open(&roles, 0.0).await;
+    // One subscriber, two connections, each with a watch in flight: the RO's first.
+    let s1 = mcim_pki::dev::issue_party(&roles.pki, Role::Subscriber, "s1").unwrap();
+    let mut watches = Vec::new();
+    let mut channels = Vec::new();
+    for (port, peer) in [(roles.port("ro"), Role::Ro), (roles.port("sho"), Role::Sho)] {
+        let ch = connect_as(&roles, s1.clone(), port, peer).await.unwrap();
+        watches.push(watch_health(ch.clone()).await);
+        channels.push(ch);
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    until_open(&roles, 2.0).await;
+    tokio::time::sleep(mcim_roles::tls::DISPLACE_QUIET + std::time::Duration::from_secs(1)).await;
+    // A newcomer: s1 holds two, so the quieter of its calls in flight (the RO's) makes way.
+    let displaced = r#"mcim_roles_tls_connections_refused_total{outcome="displaced"}"#;
+    let s3 = mcim_pki::dev::issue_party(&roles.pki, Role::Subscriber, "s3").unwrap();
+    let newcomer = async {
+        let ch = connect_as(&roles, s3, roles.port("vno"), Role::Vno).await;
+        health(ch.map_err(|e| tonic::Status::unavailable(e.to_string()))?).await
+    };
+    let meanwhile = async {
+        let mut waited = 0;
+        while sample(&roles.metrics(), displaced) < 1.0 && waited < 200 {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            waited += 1;
+        }
+        assert_eq!(sample(&roles.metrics(), displaced), 1.0, "one displaced");
+        // A new call on the displaced connection: refused at once, told to retry.
+        let refused = health(channels[0].clone()).await.unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+        assert!(refused.message().contains("displaced"), "{refused:?}");
+        let pushback: u64 = refused
+            .metadata()
+            .get("grpc-retry-pushback-ms")
+            .and_then(|v| v.to_str().ok()?.parse().ok())
+            .unwrap_or_else(|| panic!("no pushback: {refused:?}"));
+        assert!((100..=400).contains(&pushback), "{pushback}");
+        // The other connection is served, and its watch goes on.
+        health(channels[1].clone()).await.unwrap();
+    };
+    // The newcomer is served once the drain is over (the watch never ends).
+    let (served, ()) = tokio::join!(
+        tokio::time::timeout(std::time::Duration::from_secs(8), newcomer),
+        meanwhile
+    );
+    assert!(matches!(served, Ok(Ok(()))), "{served:?}");
+    let cut = tokio::time::timeout(std::time::Duration::from_secs(2), watches[0].message()).await;
+    assert!(
+        matches!(cut, Ok(Err(_))),
+        "the displaced watch is cut: {cut:?}"
+    );
+    assert!(
+        still_in_flight(&mut watches[1]).await,
+        "the other watch was cut"
+    );
+    let refusals = r#"mcim_roles_calls_refused_total{outcome="displaced"}"#;
+    assert_eq!(sample(&roles.metrics(), refusals), 1.0);
+    assert_eq!(sample(&roles.metrics(), displaced), 1.0, "nobody else");
 }
 
 /// Connections that never finish (nor even start) their TLS handshake cannot keep a genuine
