@@ -541,7 +541,8 @@ pub fn own_softhsm(test: &str) -> Option<SoftHsm> {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success() && stdout.contains("1 passed"),
-        "{test} on its own token failed:\n{stdout}\n{}",
+        "{test} on its own token failed ({}):\n{stdout}\n{}",
+        out.status,
         String::from_utf8_lossy(&out.stderr)
     );
     drop(hsm);

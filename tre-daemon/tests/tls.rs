@@ -29,13 +29,12 @@ impl rcgen::PublicKeyData for TrePublic {
 }
 
 /// Starts the TRE on its own thread (as tred does), initialises it, and returns the handle,
-/// the TLS key's SPKI and a signing function that calls onto that thread.
-fn tre_thread(
-    open: impl FnOnce() -> Box<dyn Tre> + Send + 'static,
-) -> (EngineHandle, Vec<u8>, Arc<TreSignFn>, tempfile::TempDir) {
+/// the TLS key's SPKI, a signing function that calls onto that thread, its state directory
+/// and the thread, which ends once every handle is dropped ([`TreThread::stop`]).
+fn tre_thread(open: impl FnOnce() -> Box<dyn Tre> + Send + 'static) -> TreThread {
     let state = tempfile::tempdir().unwrap();
     let dir = state.path().to_path_buf();
-    let (engine, _thread) =
+    let (engine, thread) =
         EngineHandle::spawn(move || Engine::new(open(), dir).map_err(|e| e.to_string())).unwrap();
     let spki = engine
         .call_blocking(|e| {
@@ -47,7 +46,33 @@ fn tre_thread(
         .unwrap()
         .unwrap();
     let sign = engine.tls_signer();
-    (engine, spki, sign, state)
+    TreThread {
+        engine,
+        spki,
+        sign,
+        _state: state,
+        thread,
+    }
+}
+
+/// The TRE on its own thread ([`tre_thread`]).
+struct TreThread {
+    engine: EngineHandle,
+    spki: Vec<u8>,
+    sign: Arc<TreSignFn>,
+    _state: tempfile::TempDir,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl TreThread {
+    /// Drops the handles and waits for the thread to close the TRE, as tred does before it
+    /// exits: a test that returned while the thread was still finalising the PKCS#11 module
+    /// raced SoftHSM2's own teardown at process exit (the test passed, then its process
+    /// exited non-zero, once in a full run).
+    fn stop(self) {
+        drop((self.engine, self.sign));
+        self.thread.join().unwrap();
+    }
 }
 
 /// A handshake: server trusts `ca`; the client presents `device_cert` with the TRE key.
@@ -152,14 +177,14 @@ mod tpm {
     async fn mutual_tls_with_the_tpm_tls_key() {
         let s = Swtpm::start();
         let tcti = s.tcti();
-        let (_engine, spki, sign, _state) =
-            tre_thread(move || Box::new(TpmTre::open(&TpmConfig { tcti }).unwrap()));
-        handshake(sign.clone(), &spki, true).await.unwrap();
-        let refused = handshake(sign, &spki, false).await;
+        let tre = tre_thread(move || Box::new(TpmTre::open(&TpmConfig { tcti }).unwrap()));
+        handshake(tre.sign.clone(), &tre.spki, true).await.unwrap();
+        let refused = handshake(tre.sign.clone(), &tre.spki, false).await;
         assert!(
             refused.is_err(),
             "a certificate for another key must not pass"
         );
+        tokio::task::spawn_blocking(|| tre.stop()).await.unwrap();
     }
 }
 
@@ -179,7 +204,7 @@ mod pkcs11 {
             .enable_all()
             .build()
             .unwrap();
-        let (_engine, spki, sign, _state) = tre_thread(|| {
+        let tre = tre_thread(|| {
             Box::new(
                 Pkcs11Tre::open(&Pkcs11Config {
                     module: SOFTHSM2_MODULE.into(),
@@ -191,8 +216,10 @@ mod pkcs11 {
             )
         });
         rt.block_on(async {
-            handshake(sign.clone(), &spki, true).await.unwrap();
-            assert!(handshake(sign, &spki, false).await.is_err());
+            handshake(tre.sign.clone(), &tre.spki, true).await.unwrap();
+            assert!(handshake(tre.sign.clone(), &tre.spki, false).await.is_err());
         });
+        drop(rt);
+        tre.stop();
     }
 }
