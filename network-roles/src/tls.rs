@@ -173,12 +173,13 @@ pub const KEEPALIVE: Duration = Duration::from_secs(30);
 ///   first, else busy or not; otherwise an established connection (not an operator's) that
 ///   has sent nothing for at least [`DISPLACE_QUIET`], one with no call in flight
 ///   ([`ConnectionLimits::call_started`]) first, a call cut only from a client holding two
-///   or more, or for a device in the middle of its flow (holding one already) from another:
+///   or more, or for a device in the middle of its flow (holding one already) from another
+///   device:
 ///   of the client (by certificate, [`CertId`]) holding the most, the one silent longest,
 ///   among the clients holding at least as many as the newcomer's (outcome `displaced`,
 ///   [`ConnectionLimits::displace_quietest`]), as web servers close idle keep-alive
-///   connections; it is refused when there is none. A displaced connection with calls in
-///   flight breaks once they end, or after [`DRAIN`], new calls on it refused meanwhile
+///   connections; it is refused when there is none. A displaced busy connection with calls
+///   in flight breaks once they end, or after [`DRAIN`], new calls on it refused meanwhile
 ///   ([`Displaced`]). Found by outside
 ///   attacks: a provisioning device holds two or three connections (its VNO connection stays
 ///   open, quiet, while it registers), so with a small limit the devices held every place and
@@ -245,11 +246,14 @@ const MIN_PER_CLIENT: usize = 4;
 /// ([`ConnectionLimits::displace_quietest`]): never a watcher's only connection, but not every
 /// newcomer refused either when certificates hold the limit with quiet streams. A device
 /// already holding one (opening its next role's connection while its RO task stream waits)
-/// may cut any other client's quiet call: otherwise devices each holding their task stream
+/// may cut another device's quiet call: otherwise devices each holding their task stream
 /// fill the limit and none can reach the PVA (round 9: 400 devices at 200 under a limit of 64
 /// stalled with 201-240 provisioned). Only a device ([`ClientKind::Device`], certified at its
 /// supply): a subscriber key holding one connection and cycling a second cut a watcher's only
-/// call with each handshake (round 9's case (b): 3 of 10 watchers cut).
+/// call with each handshake (round 9's case (b): 3 of 10 watchers cut); and only another
+/// device's call: one device certificate cycling its second connection beside subscribers'
+/// churn cut every watcher again (round 10: 10 of 10). What is left: a device's certificate
+/// (its key in its TRE) can cut other devices' quiet task streams the same way; they reconnect.
 const CUT_A_CALL_FROM: usize = 2;
 
 /// What [`Guarded`] and the limits share about one connection: when it was last heard from
@@ -264,16 +268,23 @@ struct Liveness {
     cut_at_ms: AtomicU64,
     reader: Mutex<Option<Waker>>,
     calls: AtomicUsize,
+    /// A device's ([`ClientKind::Device`]): only such a connection's call may be cut for a
+    /// device in the middle of its flow ([`CUT_A_CALL_FROM`]).
+    device: bool,
 }
 
-/// How long a displaced connection's calls in flight are given to end before its reads fail
+/// How long a displaced busy connection's calls in flight (heard from within
+/// [`DISPLACE_QUIET`]: a client over its fair share) are given to end before its reads fail
 /// (the server then closes it, and whatever is still in flight on it breaks); new calls on it
 /// are refused with UNAVAILABLE and a retry hint meanwhile (`crate::calls`), as HTTP/2's
 /// GOAWAY would. Shorter than [`DISPLACE_WAIT`]: the newcomer waits for this place. (Round
 /// 8's C1: a client over its fair share lost its calls in flight when the acceptor was full,
 /// their answers cut mid-way, and a call that had done its work was answered with a broken
-/// connection.)
-const DRAIN: Duration = Duration::from_secs(1);
+/// connection.) A quiet one's call (a stream or a long poll waiting, silent for
+/// [`DISPLACE_QUIET`]) is not drained: it would not end within the drain, and round 10 found
+/// that waiting for it let a burst of newcomers, none seated for a second, each cut another
+/// (60 newcomers at once cut 60 streams, against 19-29 when cut at once, and waited ~1 s).
+pub const DRAIN: Duration = Duration::from_secs(1);
 
 /// How long a displaced connection is still read from after its last call ended (or at
 /// once, when it had none): the call's last frames reach the client before the connection
@@ -685,7 +696,7 @@ impl ConnectionLimits {
                     .ok()
                     .and_then(Result::ok)
                     .ok_or("limit")?;
-                self.seat(place, peer, client, operator)
+                self.seat(place, peer, client, kind)
             }
             other => other,
         }
@@ -711,7 +722,7 @@ impl ConnectionLimits {
             .clone()
             .try_acquire_owned()
             .map_err(|_| "limit")?;
-        self.seat(place, peer, client, operator)
+        self.seat(place, peer, client, kind)
     }
 
     /// Whether `peer` may hold one more connection under the per-address limit.
@@ -742,8 +753,9 @@ impl ConnectionLimits {
         place: tokio::sync::OwnedSemaphorePermit,
         peer: Option<IpAddr>,
         client: Option<CertId>,
-        operator: bool,
+        kind: ClientKind,
     ) -> Result<Admission, &'static str> {
+        let operator = kind == ClientKind::Operator;
         let peer_slot = match (peer.map(peer_key), self.per_peer) {
             (Some(ip), n) if n > 0 && !operator => {
                 let mut peers = self.peers.lock().map_err(|_| "limit")?;
@@ -762,7 +774,10 @@ impl ConnectionLimits {
         let live = if operator {
             None
         } else {
-            let liveness = Arc::new(Liveness::default());
+            let liveness = Arc::new(Liveness {
+                device: kind == ClientKind::Device,
+                ..Liveness::default()
+            });
             liveness.heard_ms.store(self.now_ms(), Ordering::Relaxed);
             let mut e = self.established.lock().map_err(|_| "limit")?;
             if client.is_some() && e.holds(&client) >= self.per_client {
@@ -797,8 +812,8 @@ impl ConnectionLimits {
     ///   a connection that has sent nothing for at least [`DISPLACE_QUIET`]: an idle one (no
     ///   call in flight: [`ConnectionLimits::call_started`]) first, then one with a call in
     ///   flight (only of a client holding at least [`CUT_A_CALL_FROM`], or, for a device
-    ///   newcomer (`kind`) holding one already, of any other client); of the client holding
-    ///   the most, the one silent longest.
+    ///   newcomer (`kind`) holding one already, another device's); of the client holding the
+    ///   most, the one silent longest.
     ///
     /// Found by outside attacks: a subscriber certificate holding the whole limit with busy
     /// connections otherwise displaced every device waiting quietly on a long poll or stream,
@@ -811,8 +826,9 @@ impl ConnectionLimits {
     /// flight is cut only from a client holding several connections, so that certificates
     /// holding their connections with quiet streams cannot keep every newcomer out, and never
     /// a watcher's only one; a device in the middle of its flow (holding one already) may cut
-    /// another client's quiet call, as devices waiting on their task streams must reach the
-    /// next role (a subscriber's key may not: it would cut a watcher per handshake). A
+    /// another device's quiet call, as devices waiting on their task streams must reach the
+    /// next role (a subscriber's key may not, nor may a device cut a subscriber's call: either
+    /// would cut a watcher per handshake). A
     /// client within its share that keeps calling is never displaced (a device holds two or
     /// three).
     fn displace_quietest(&self, newcomer: Option<CertId>, kind: ClientKind) -> bool {
@@ -834,23 +850,26 @@ impl ConnectionLimits {
                 let held = e.holds(client);
                 let over = fair && held > share;
                 // A call may be cut from a client's only connection for a device in the
-                // middle of its flow, another client's ([`CUT_A_CALL_FROM`]).
+                // middle of its flow, another device's ([`CUT_A_CALL_FROM`]).
                 let call_cut = held >= CUT_A_CALL_FROM
-                    || (kind == ClientKind::Device && newcomer_holds > 0 && *client != newcomer);
+                    || (kind == ClientKind::Device
+                        && newcomer_holds > 0
+                        && *client != newcomer
+                        && l.device);
                 let quiet_rule = silent >= quiet && held >= newcomer_holds && (idle || call_cut);
                 (over || quiet_rule).then_some(((over, idle, held, silent), l))
             })
-            .max_by_key(|(rank, _)| *rank)
-            .map(|(_, l)| l);
-        let Some(liveness) = victim else {
+            .max_by_key(|(rank, _)| *rank);
+        let Some(((_, _, _, silent), liveness)) = victim else {
             return false;
         };
-        // Its calls in flight are given [`DRAIN`] to end; with none, it breaks at once.
+        // A busy one's calls in flight are given [`DRAIN`] to end; an idle or quiet one breaks
+        // at once (its last frames out first).
         liveness
             .cut_at_ms
             .store(now.saturating_add(ms(DRAIN)), Ordering::Release);
         liveness.displaced.store(true, Ordering::Release);
-        let wait = if liveness.calls.load(Ordering::Acquire) == 0 {
+        let wait = if liveness.calls.load(Ordering::Acquire) == 0 || silent >= quiet {
             SETTLE
         } else {
             DRAIN
@@ -1150,7 +1169,7 @@ pub enum ClientKind {
     /// ([`OPERATOR_RESERVE`]), never displaced.
     Operator,
     /// A device, certified at its supply: in the middle of its flow it may cut another
-    /// client's quiet call to open its next role's connection ([`CUT_A_CALL_FROM`]).
+    /// device's quiet call to open its next role's connection ([`CUT_A_CALL_FROM`]).
     Device,
     /// A subscriber, or a chain the gate will refuse at the first call.
     Other,
@@ -1519,10 +1538,22 @@ mod tests {
         Arc<Liveness>,
         tokio::io::DuplexStream,
     ) {
+        established_as(limits, client, addr, ClientKind::Other)
+    }
+
+    /// [`established_at`], a client of `kind`.
+    fn established_as(
+        limits: &ConnectionLimits,
+        client: u8,
+        addr: Option<ConnAddr>,
+        kind: ClientKind,
+    ) -> (
+        tokio::task::JoinHandle<Result<usize, std::io::ErrorKind>>,
+        Arc<Liveness>,
+        tokio::io::DuplexStream,
+    ) {
         let (server, peer) = tokio::io::duplex(64);
-        let mut admission = limits
-            .try_admit(None, Some([client; 32]), ClientKind::Other)
-            .unwrap();
+        let mut admission = limits.try_admit(None, Some([client; 32]), kind).unwrap();
         if let Some(addr) = addr {
             admission.at(addr);
         }
@@ -1748,12 +1779,13 @@ mod tests {
     }
 
     /// A device in the middle of its flow (holding its RO task stream, a call in flight) may
-    /// cut another client's quiet call to open its next connection, where a fresh newcomer
-    /// may not; never its own; and a subscriber's key holding one may not. (Round 9: with
-    /// only fresh newcomers allowed, devices each holding their task stream filled a limit of
-    /// 64 and none could reach the PVA: 201-240 of 400 provisioned; with any newcomer holding
-    /// one allowed, a subscriber key cycling a second connection cut a watcher's only call
-    /// with each handshake.)
+    /// cut another device's quiet call to open its next connection, at once (a quiet call is
+    /// not drained), where a fresh newcomer may not; never its own nor a subscriber's; and a
+    /// subscriber's key holding one may not. (Round 9: with only fresh newcomers allowed,
+    /// devices each holding their task stream filled a limit of 64 and none could reach the
+    /// PVA: 201-240 of 400 provisioned; with any newcomer holding one allowed, a subscriber
+    /// key cycling a second connection cut a watcher's only call with each handshake; round
+    /// 10: so did one device's certificate, while a device could cut a subscriber's call.)
     #[tokio::test]
     async fn a_device_in_the_middle_of_its_flow_may_cut_a_quiet_call_but_not_its_own() {
         let limits = displacing_limits(4);
@@ -1764,20 +1796,23 @@ mod tests {
                 SocketAddr::from(([10, 0, 0, 2], 40_000 + u16::from(i))),
             )
         };
+        let (device, subscriber) = (ClientKind::Device, ClientKind::Other);
         // Devices 1, 2 and 3 and subscriber 4, each with one connection and a call in flight.
         let held: Vec<_> = (1..=4u8)
-            .map(|c| established_at(&limits, c, Some(addr(c))))
+            .map(|c| {
+                let kind = if c == 4 { subscriber } else { device };
+                established_as(&limits, c, Some(addr(c)), kind)
+            })
             .collect();
         let calls: Vec<_> = (1..=4u8)
             .map(|c| limits.call_started(addr(c)).unwrap())
             .collect();
         let now = limits.now_ms();
-        // Device 1's own is the quietest, then device 2's.
-        for (c, ago) in [(0, 50_000), (1, 40_000), (2, 30_000), (3, 30_000)] {
+        // Device 1's own is the quietest, then the subscriber's, then device 2's.
+        for (c, ago) in [(0, 50_000), (3, 45_000), (1, 40_000), (2, 30_000)] {
             held[c].1.heard_ms.store(now - ago, Ordering::Relaxed);
         }
         let finished = || held.iter().filter(|(r, _, _)| r.is_finished()).count();
-        let (device, subscriber) = (ClientKind::Device, ClientKind::Other);
         assert_eq!(
             limits.admit(None, Some([9; 32]), device).await.unwrap_err(),
             "limit",
@@ -1794,10 +1829,13 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert_eq!(finished(), 0);
         assert_eq!(limits.open(), 4);
+        let started = std::time::Instant::now();
         let next = limits.admit(None, Some([1; 32]), device).await.unwrap();
+        assert!(started.elapsed() < DRAIN / 2, "a quiet call is cut at once");
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert!(held[1].0.is_finished(), "device 2's quiet call cut");
         assert!(!held[0].0.is_finished(), "not the newcomer's own");
+        assert!(!held[3].0.is_finished(), "not the subscriber's");
         assert_eq!(finished(), 1);
         drop((next, calls));
     }

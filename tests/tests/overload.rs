@@ -314,29 +314,46 @@ async fn a_connection_with_a_call_in_flight_is_not_displaced_for_a_newcomer() {
     drop((s1, s2, s3));
 }
 
-/// A connection displaced while a call is in flight on it is not broken at once: a new call
-/// on it is refused with UNAVAILABLE and gRPC's retry pushback (it never reaches a handler;
-/// the client retries on a new connection), its call in flight is given `tls::DRAIN` to end,
-/// and the newcomer is served in its place then; the client's other connection goes on.
-/// (Round 8's C1: displaced connections lost their calls in flight mid-answer.)
+/// A busy connection displaced while a call is in flight on it is not broken at once: a new
+/// call on it is refused with UNAVAILABLE and gRPC's retry pushback (it never reaches a
+/// handler; the client retries on a new connection), its call in flight is given
+/// `tls::DRAIN` to end, and the newcomer is served in its place then; the client's other
+/// connections go on. Here the client over its fair share (five connections, each with a
+/// call in flight just made, where nine others hold four or three) makes way for a fresh
+/// newcomer. (Round 8's C1: displaced connections lost their calls in flight mid-answer.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_displaced_connection_refuses_new_calls_while_its_call_in_flight_ends() {
+async fn a_displaced_busy_connection_refuses_new_calls_while_its_call_in_flight_ends() {
+    const LIMIT: usize = 40;
     let work = tempfile::tempdir().unwrap();
-    let roles = Roles::start_with(work.path(), &["--max-connections", "2"]);
+    let roles = Roles::start_with(work.path(), &["--max-connections", &LIMIT.to_string()]);
     until_open(&roles, 0.0).await;
-    // One subscriber, two connections, each with a watch in flight: the RO's first.
+    let port = roles.port("sho");
+    // Nine subscribers hold 35 connections (four each, three for the last), idle.
+    let mut others = Vec::new();
+    for i in 0..9 {
+        let me =
+            mcim_pki::dev::issue_party(&roles.pki, Role::Subscriber, &format!("o{i}")).unwrap();
+        for _ in 0..(if i < 8 { 4 } else { 3 }) {
+            let ch = connect_as(&roles, me.clone(), port, Role::Sho)
+                .await
+                .unwrap();
+            health(ch.clone()).await.unwrap();
+            others.push(ch);
+        }
+    }
+    // s1 holds five (the limit's eighth), each with a watch just started: busy.
     let s1 = mcim_pki::dev::issue_party(&roles.pki, Role::Subscriber, "s1").unwrap();
     let mut watches = Vec::new();
     let mut channels = Vec::new();
-    for (port, peer) in [(roles.port("ro"), Role::Ro), (roles.port("sho"), Role::Sho)] {
-        let ch = connect_as(&roles, s1.clone(), port, peer).await.unwrap();
+    for _ in 0..5 {
+        let ch = connect_as(&roles, s1.clone(), port, Role::Sho)
+            .await
+            .unwrap();
         watches.push(watch_health(ch.clone()).await);
         channels.push(ch);
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
-    until_open(&roles, 2.0).await;
-    tokio::time::sleep(mcim_roles::tls::DISPLACE_QUIET + std::time::Duration::from_secs(1)).await;
-    // A newcomer: s1 holds two, so the quieter of its calls in flight (the RO's) makes way.
+    until_open(&roles, LIMIT as f64).await;
+    // A fresh newcomer's fair share is 4 (40 over 11 clients, at least 4): s1 is over it.
     let displaced = r#"mcim_roles_tls_connections_refused_total{outcome="displaced"}"#;
     let s3 = mcim_pki::dev::issue_party(&roles.pki, Role::Subscriber, "s3").unwrap();
     let newcomer = async {
@@ -350,8 +367,15 @@ async fn a_displaced_connection_refuses_new_calls_while_its_call_in_flight_ends(
             waited += 1;
         }
         assert_eq!(sample(&roles.metrics(), displaced), 1.0, "one displaced");
-        // A new call on the displaced connection: refused at once, told to retry.
-        let refused = health(channels[0].clone()).await.unwrap_err();
+        // A new call on each of s1's: the displaced one's is refused at once, told to retry;
+        // the others are served.
+        let mut refused = Vec::new();
+        for (i, ch) in channels.iter().enumerate() {
+            if let Err(s) = health(ch.clone()).await {
+                refused.push((i, s));
+            }
+        }
+        let [(i, refused)] = <[_; 1]>::try_from(refused).unwrap_or_else(|r| panic!("{r:?}"));
         assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
         assert!(refused.message().contains("displaced"), "{refused:?}");
         let pushback: u64 = refused
@@ -360,27 +384,36 @@ async fn a_displaced_connection_refuses_new_calls_while_its_call_in_flight_ends(
             .and_then(|v| v.to_str().ok()?.parse().ok())
             .unwrap_or_else(|| panic!("no pushback: {refused:?}"));
         assert!((100..=400).contains(&pushback), "{pushback}");
-        // The other connection is served, and its watch goes on.
-        health(channels[1].clone()).await.unwrap();
+        // Its watch goes on for a while yet (the drain is a second).
+        let early = std::time::Duration::from_millis(300);
+        assert!(
+            tokio::time::timeout(early, watches[i].message())
+                .await
+                .is_err(),
+            "the displaced watch was cut at once"
+        );
+        i
     };
     // The newcomer is served once the drain is over (the watch never ends).
-    let (served, ()) = tokio::join!(
+    let (served, i) = tokio::join!(
         tokio::time::timeout(std::time::Duration::from_secs(8), newcomer),
         meanwhile
     );
     assert!(matches!(served, Ok(Ok(()))), "{served:?}");
-    let cut = tokio::time::timeout(std::time::Duration::from_secs(2), watches[0].message()).await;
+    let cut = tokio::time::timeout(std::time::Duration::from_secs(2), watches[i].message()).await;
     assert!(
         matches!(cut, Ok(Err(_))),
         "the displaced watch is cut: {cut:?}"
     );
-    assert!(
-        still_in_flight(&mut watches[1]).await,
-        "the other watch was cut"
-    );
+    for (j, watch) in watches.iter_mut().enumerate() {
+        if j != i {
+            assert!(still_in_flight(watch).await, "another watch was cut");
+        }
+    }
     let refusals = r#"mcim_roles_calls_refused_total{outcome="displaced"}"#;
     assert_eq!(sample(&roles.metrics(), refusals), 1.0);
     assert_eq!(sample(&roles.metrics(), displaced), 1.0, "nobody else");
+    drop(others);
 }
 
 /// Connections that never finish (nor even start) their TLS handshake cannot keep a genuine
